@@ -1,0 +1,112 @@
+"""Append throughput: EventStore.submit against raw nats-py publish_async, same payloads, same run.
+
+    python bench/append.py                 # embedded nats-server, 20k events x 3 rounds
+    python bench/append.py --events 50000 --rounds 5
+    python bench/append.py --url nats://127.0.0.1:4222   # an existing server with the ledger streams
+
+Both sides publish the same JSON bytes to the same kind of subject on the
+LEDGER stream. The store also encodes each event (msgspec), adds its
+Nats-Msg-Id, tracks a timeout and retry per append; the raw side publishes
+pre-encoded bytes with no headers. Rounds alternate (raw, store, raw, ...)
+and the median of each side is reported. Target (brief section 6): >= 0.9.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import nats  # noqa: E402
+
+from ledger import codec  # noqa: E402
+from ledger.events import Producer, SessionCreated  # noqa: E402
+from ledger.server import EmbeddedServer, ServerConfig, free_port  # noqa: E402
+from ledger.settings import Settings  # noqa: E402
+from ledger.store import EventStore  # noqa: E402
+
+PRODUCER = Producer(id="bench", instance=uuid.uuid4().hex)
+
+
+def make_events(n: int, tag: str) -> list[SessionCreated]:
+    return [SessionCreated(producer=PRODUCER, session_id=f"{tag}-{i}", pool="bench", platform="k8s",
+                           region="eu-1") for i in range(n)]
+
+
+async def raw_round(nc: nats.NATS, messages: list[tuple[str, bytes]]) -> float:
+    js = nc.jetstream()
+    started = time.perf_counter()
+    for subject, payload in messages:
+        await js.publish_async(subject, payload)
+    await js.publish_async_completed()
+    return len(messages) / (time.perf_counter() - started)
+
+
+async def store_round(store: EventStore, events: list[SessionCreated], expect: int | None = None) -> float:
+    started = time.perf_counter()
+    futures = [await store.submit(e, expect=expect) for e in events]
+    await store.flush()
+    elapsed = time.perf_counter() - started
+    failed = [f.exception() for f in futures if f.exception() is not None]
+    if failed:
+        raise SystemExit(f"{len(failed)} appends failed, first: {failed[0]}")
+    return len(events) / elapsed
+
+
+async def run(url: str, events: int, rounds: int, cas: bool) -> None:
+    settings = Settings(nats_url=url)
+    async with EventStore.connect(settings, ensure=True, name="bench-store") as store:
+        nc = await nats.connect(url, name="bench-raw")
+        try:
+            raw_rates, store_rates, cas_rates = [], [], []
+            for r in range(rounds):
+                tag = uuid.uuid4().hex[:8]
+                ours = make_events(events, f"s{tag}")
+                raw = [(codec.subject_of(e), codec.encode_payload(e)) for e in make_events(events, f"r{tag}")]
+                raw_rates.append(await raw_round(nc, raw))
+                store_rates.append(await store_round(store, ours))
+                if cas:
+                    cas_rates.append(await store_round(store, make_events(events, f"c{tag}"), expect=0))
+                print(f"round {r + 1}: raw publish_async {raw_rates[-1]:>9,.0f}/s   "
+                      f"EventStore.submit {store_rates[-1]:>9,.0f}/s"
+                      + (f"   with CAS {cas_rates[-1]:>9,.0f}/s" if cas else ""), flush=True)
+        finally:
+            await nc.close()
+    raw_med, store_med = statistics.median(raw_rates), statistics.median(store_rates)
+    print()
+    print(f"raw nats-py publish_async : {raw_med:>9,.0f} events/s (median of {rounds})")
+    print(f"EventStore.submit         : {store_med:>9,.0f} events/s (median of {rounds})")
+    if cas:
+        print(f"EventStore.submit + CAS   : {statistics.median(cas_rates):>9,.0f} events/s (create-if-absent)")
+    print(f"ratio store/raw           : {store_med / raw_med:.2f}   (target >= 0.90)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", help="use this NATS server instead of starting an embedded one")
+    parser.add_argument("--events", type=int, default=20_000, help="events per round and side (default 20000)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per side (default 3)")
+    parser.add_argument("--sync-always", action="store_true", help="embedded server fsyncs every write")
+    parser.add_argument("--no-cas", action="store_true", help="skip the compare-and-set variant")
+    args = parser.parse_args()
+    if args.url:
+        asyncio.run(run(args.url, args.events, args.rounds, not args.no_cas))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = ServerConfig(data_dir=Path(tmp), port=free_port(), sync_always=args.sync_always)
+        with EmbeddedServer(cfg) as server:
+            print(f"nats-server {'.'.join(map(str, server.version or ()))} on {server.url} "
+                  f"(sync_interval: {'always' if args.sync_always else 'default'}), "
+                  f"{args.events:,} events x {args.rounds} rounds")
+            asyncio.run(run(server.url, args.events, args.rounds, not args.no_cas))
+
+
+if __name__ == "__main__":
+    main()

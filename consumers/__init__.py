@@ -1,0 +1,1 @@
+"""Long-running consumers: liveness monitor, orphan reclaimer, drain handoff, route watchdog."""

