@@ -284,11 +284,16 @@ class RouteCreated(RouteEvent, tag="route.created"):
 
 
 class RouteTransitioned(RouteEvent, tag="route.transitioned"):
+    """A move along the route state machine (`ledger.lifecycle.ROUTE_TRANSITIONS`)."""
+
     from_state: str
     to_state: str
     reason: str = ""
     token: int | None = None
+    """The session's claim token when the session's owner writes it."""
     address: str | None = None
+    traffic: str | None = None
+    """ACTIVE or INACTIVE; RUNNING -> RUNNING with only a traffic change is allowed."""
 
 
 class RouteHealthReported(RouteEvent, tag="route.health_reported"):

@@ -1,0 +1,375 @@
+"""Lifecycle rules and per-entity folds: pure functions of an entity's events.
+
+`evolve_agent`, `evolve_session` and `evolve_route` take the current state (or
+None) and one stored event of that entity, and return the next state and,
+when the event must not be applied, an Anomaly saying why (the state is then
+returned unchanged). The SDK folds one entity's history with them to decide
+what it may write; the projections fold the whole log with the very same
+functions, so both sides agree on what every event means.
+
+Two checks need more than the entity's own history, and are passed in as
+lookups so that every caller applies them identically, as of the event's
+position in the log:
+
+* `incarnation_at(agent_id, seq)` - the agent's current incarnation just
+  before `seq` (None if it never registered). A claim or owner write made by
+  any other incarnation is flagged (superseded_incarnation), not applied.
+* `token_at(session_id, seq)` - the session's claim token just before `seq`.
+  A route transition written under another token is flagged (stale_token).
+
+Without a lookup the check is skipped (a caller that has only one history).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+import msgspec
+
+from . import events as ev
+from .codec import Recorded
+
+# --- routes -------------------------------------------------------------------
+
+PENDING, STARTING, WARMING_UP = "PENDING", "STARTING", "WARMING_UP"
+RUNNING, FAILED_TO_START = "RUNNING", "FAILED_TO_START"
+TERMINATING, TERMINATED = "TERMINATING", "TERMINATED"
+ROUTE_STATES = (PENDING, STARTING, WARMING_UP, RUNNING, FAILED_TO_START, TERMINATING, TERMINATED)
+
+ROUTE_TRANSITIONS: dict[str, frozenset[str]] = {
+    PENDING: frozenset({STARTING, TERMINATING}),
+    STARTING: frozenset({WARMING_UP, FAILED_TO_START, TERMINATING}),
+    WARMING_UP: frozenset({RUNNING, TERMINATING}),
+    RUNNING: frozenset({RUNNING, TERMINATING}),  # RUNNING -> RUNNING changes traffic only
+    FAILED_TO_START: frozenset({TERMINATING, TERMINATED}),
+    TERMINATING: frozenset({TERMINATED}),
+    TERMINATED: frozenset(),
+}
+
+TRAFFIC_ACTIVE, TRAFFIC_INACTIVE = "ACTIVE", "INACTIVE"
+
+
+def route_status(state: str) -> tuple[str, str | None]:
+    """(status, sub-status): the three provisioning steps share the status PROVISIONING."""
+    if state in (PENDING, STARTING, WARMING_UP):
+        return "PROVISIONING", state
+    return state, None
+
+
+def route_transition_error(current: str, requested: str) -> str | None:
+    """Why `current -> requested` is illegal, or None when it is allowed."""
+    if requested not in ROUTE_TRANSITIONS:
+        return f"unknown route state {requested!r} (known: {', '.join(ROUTE_STATES)})"
+    if requested not in ROUTE_TRANSITIONS.get(current, frozenset()):
+        allowed = ", ".join(sorted(ROUTE_TRANSITIONS.get(current, ()))) or "none, it is final"
+        return f"illegal route transition {current} -> {requested} (allowed from {current}: {allowed})"
+    return None
+
+
+# --- sessions -----------------------------------------------------------------
+
+S_PENDING, S_ASSIGNED, S_ORPHANED, S_RELEASED, S_TERMINATED = "pending", "assigned", "orphaned", "released", "terminated"
+SESSION_STATES = (S_PENDING, S_ASSIGNED, S_ORPHANED, S_RELEASED, S_TERMINATED)
+CLAIMABLE = frozenset({S_PENDING, S_ORPHANED, S_RELEASED})
+"""States in which a session has no owner and may be claimed."""
+CLAIM_REASONS = ("initial", "failover", "drain", "rebalance", "manual")
+
+# --- agents -------------------------------------------------------------------
+
+A_ALIVE, A_DRAINING, A_DRAINED, A_DEAD, A_GONE = "alive", "draining", "drained", "dead", "gone"
+"""Lifecycle status from events; `suspect` is derived (see projections) from a suspicion and later beats."""
+
+
+class Anomaly(msgspec.Struct, frozen=True):
+    """An event that reached the log but must not change state: flagged, never applied."""
+
+    kind: str
+    detail: str
+
+
+# Anomaly kinds
+ILLEGAL_TRANSITION = "illegal_transition"
+SUPERSEDED_INCARNATION = "superseded_incarnation"
+UNKNOWN_INCARNATION = "unknown_incarnation"
+STALE_TOKEN = "stale_token"
+OVERLAPPING_CLAIM = "overlapping_claim"
+UNKNOWN_ENTITY = "unknown_entity"
+DUPLICATE = "duplicate"
+AFTER_FINAL = "after_final"
+
+
+class AgentState(msgspec.Struct, frozen=True, kw_only=True):
+    agent_id: str
+    incarnation: int
+    """Stream sequence of the registration this state belongs to."""
+    instance_id: str
+    pool: str
+    platform: str
+    region: str
+    labels: dict[str, str]
+    capacity: int
+    heartbeat_interval: float
+    ttl: float
+    registered_at: datetime
+    status: str
+    reason: str
+    """The rule or event that set `status`, e.g. "registered", "goodbye: shutdown"."""
+    status_since: datetime
+    status_seq: int
+    suspected_at: datetime | None = None
+    suspect_reason: str | None = None
+    drain_deadline: datetime | None = None
+    unreachable_reports: int = 0
+    last_report_at: datetime | None = None
+    last_seq: int = 0
+
+
+class SessionState(msgspec.Struct, frozen=True, kw_only=True):
+    session_id: str
+    pool: str
+    platform: str
+    region: str
+    labels: dict[str, str]
+    idle_ttl: float | None
+    status: str
+    created_at: datetime
+    owner: str | None = None
+    owner_instance: str | None = None
+    owner_incarnation: int | None = None
+    token: int | None = None
+    """Stream sequence of the current claim: the fencing token every owner write must carry."""
+    claim_reason: str | None = None
+    claims: int = 0
+    reason: str | None = None
+    """Why the session is orphaned, released or terminated."""
+    platform_resource_id: str | None = None
+    status_since: datetime | None = None
+    last_owner_write_at: datetime | None = None
+    last_seq: int = 0
+
+
+class RouteState(msgspec.Struct, frozen=True, kw_only=True):
+    route_id: str
+    session_id: str
+    endpoint: str
+    deployment: str
+    probe: ev.Probe | None
+    start_timeout: float
+    state: str
+    state_since: datetime
+    state_seq: int
+    created_at: datetime
+    traffic: str = TRAFFIC_INACTIVE
+    reason: str = ""
+    address: str | None = None
+    healthy: bool | None = None
+    health_checked_at: datetime | None = None
+    health_detail: str = ""
+    last_seq: int = 0
+
+
+S = TypeVar("S")
+Evolved = tuple[S, Anomaly | None]
+IncarnationAt = Callable[[str, int], "int | None"]
+TokenAt = Callable[[str, int], "int | None"]
+
+_replace = msgspec.structs.replace
+
+
+def evolve_agent(state: AgentState | None, rec: Recorded) -> Evolved[AgentState | None]:
+    """Next state of one agent after one of its lifecycle events (heartbeats are folded apart)."""
+    e, seq, at = rec.event, rec.seq, rec.event.time
+    if isinstance(e, ev.AgentRegistered):
+        return AgentState(
+            agent_id=e.agent_id, incarnation=seq, instance_id=e.instance_id, pool=e.pool, platform=e.platform,
+            region=e.region, labels=e.labels, capacity=e.capacity, heartbeat_interval=e.heartbeat_interval,
+            ttl=e.ttl, registered_at=at, status=A_ALIVE, reason="registered", status_since=at, status_seq=seq,
+            last_seq=seq,
+        ), None
+    if state is None:
+        return state, Anomaly(UNKNOWN_ENTITY, f"{e.type_tag()} for unregistered agent {e.entity_id}")
+    incarnation = getattr(e, "incarnation", None)
+    if incarnation is not None and incarnation != state.incarnation:
+        kind = SUPERSEDED_INCARNATION if incarnation < state.incarnation else UNKNOWN_INCARNATION
+        return state, Anomaly(kind, f"{e.type_tag()} from incarnation {incarnation}; current is {state.incarnation}")
+
+    def moved(status: str, reason: str, **more: object) -> AgentState:
+        return _replace(state, status=status, reason=reason, status_since=at, status_seq=seq, last_seq=seq, **more)
+
+    status = state.status
+    match e:
+        case ev.AgentUnreachableReported():
+            return _replace(state, unreachable_reports=state.unreachable_reports + 1, last_report_at=at,
+                            last_seq=seq), None
+        case ev.AgentSuspected(reason=reason):
+            if status in (A_ALIVE, A_DRAINING):
+                return _replace(state, suspected_at=at, suspect_reason=reason, last_seq=seq), None
+        case ev.AgentDeclaredDead(reason=reason):
+            if status in (A_ALIVE, A_DRAINING):
+                return moved(A_DEAD, f"declared dead: {reason}"), None
+        case ev.AgentDraining(deadline=deadline, reason=reason):
+            if status in (A_ALIVE, A_DRAINING):
+                return moved(A_DRAINING, f"draining: {reason}" if reason else "draining",
+                             drain_deadline=deadline), None
+        case ev.AgentDrained(reason=reason):
+            if status == A_DRAINING:
+                return moved(A_DRAINED, f"drained: {reason}" if reason else "drained"), None
+        case ev.AgentGoodbye(reason=reason):
+            if status != A_GONE:
+                return moved(A_GONE, f"goodbye: {reason}"), None
+    return state, Anomaly(ILLEGAL_TRANSITION, f"{e.type_tag()} while agent is {status}")
+
+
+def evolve_session(state: SessionState | None, rec: Recorded,
+                   incarnation_at: IncarnationAt | None = None) -> Evolved[SessionState | None]:
+    """Next state of one session after one of its events."""
+    e, seq, at = rec.event, rec.seq, rec.event.time
+    if incarnation_at is not None and isinstance(e, (ev.SessionClaimed, ev.SessionReleased,
+                                                     ev.SessionResourceReported)):
+        current = incarnation_at(e.agent_id, seq)
+        if current is None:
+            return state, Anomaly(UNKNOWN_ENTITY, f"{e.type_tag()} by unregistered agent {e.agent_id}")
+        if current != e.incarnation:
+            return state, Anomaly(SUPERSEDED_INCARNATION,
+                                  f"{e.type_tag()} by {e.agent_id} incarnation {e.incarnation}; current is {current}")
+    if isinstance(e, ev.SessionCreated):
+        if state is not None:
+            return state, Anomaly(DUPLICATE, f"session {e.session_id} was already created at #{state.last_seq}")
+        return SessionState(session_id=e.session_id, pool=e.pool, platform=e.platform, region=e.region,
+                            labels=e.labels, idle_ttl=e.idle_ttl, status=S_PENDING, created_at=at,
+                            status_since=at, last_seq=seq), None
+    if state is None:
+        return state, Anomaly(UNKNOWN_ENTITY, f"{e.type_tag()} for unknown session {e.entity_id}")
+    if state.status == S_TERMINATED:
+        return state, Anomaly(AFTER_FINAL, f"{e.type_tag()} after the session was terminated")
+    match e:
+        case ev.SessionClaimed():
+            if state.status == S_ASSIGNED and e.previous_token != state.token:
+                return state, Anomaly(
+                    OVERLAPPING_CLAIM,
+                    f"{e.agent_id} claimed while {state.owner} owns it under token {state.token} "
+                    f"(claim names previous token {e.previous_token})")
+            return _replace(state, status=S_ASSIGNED, owner=e.agent_id, owner_instance=e.instance_id,
+                            owner_incarnation=e.incarnation, token=seq, claim_reason=e.reason,
+                            claims=state.claims + 1, reason=None, status_since=at, last_owner_write_at=at,
+                            last_seq=seq), None
+        case ev.SessionReleased() | ev.SessionResourceReported():
+            problem = _owner_write_problem(state, e.agent_id, e.token)
+            if problem:
+                return state, problem
+            if isinstance(e, ev.SessionReleased):
+                return _replace(state, status=S_RELEASED, owner=None, owner_instance=None, owner_incarnation=None,
+                                token=None, reason=e.reason or "released", status_since=at, last_seq=seq), None
+            return _replace(state, platform_resource_id=e.platform_resource_id, last_owner_write_at=at,
+                            last_seq=seq), None
+        case ev.SessionOrphaned():
+            if state.status != S_ASSIGNED:
+                return state, Anomaly(ILLEGAL_TRANSITION, f"session.orphaned while session is {state.status}")
+            if e.previous_token != state.token:
+                return state, Anomaly(STALE_TOKEN, f"orphaned under token {e.previous_token}; current is {state.token}")
+            return _replace(state, status=S_ORPHANED, owner=None, owner_instance=None, owner_incarnation=None,
+                            token=None, reason=e.reason, status_since=at, last_seq=seq), None
+        case ev.SessionTerminated():
+            if e.token is not None and e.token != state.token:
+                return state, Anomaly(STALE_TOKEN, f"terminated under token {e.token}; current is {state.token}")
+            return _replace(state, status=S_TERMINATED, owner=None, owner_instance=None, owner_incarnation=None,
+                            token=None, reason=e.reason or "terminated", status_since=at, last_seq=seq), None
+    return state, Anomaly(ILLEGAL_TRANSITION, f"{e.type_tag()} does not apply to a session")
+
+
+def _owner_write_problem(state: SessionState, agent_id: str, token: int) -> Anomaly | None:
+    if state.status != S_ASSIGNED or token != state.token:
+        return Anomaly(STALE_TOKEN, f"write under token {token}; current is {state.token} ({state.status})")
+    if agent_id != state.owner:
+        return Anomaly(STALE_TOKEN, f"write by {agent_id} under token {token}, which belongs to {state.owner}")
+    return None
+
+
+def evolve_route(state: RouteState | None, rec: Recorded,
+                 token_at: TokenAt | None = None) -> Evolved[RouteState | None]:
+    """Next state of one route after one of its events."""
+    e, seq, at = rec.event, rec.seq, rec.event.time
+    if isinstance(e, ev.RouteCreated):
+        if state is not None:
+            return state, Anomaly(DUPLICATE, f"route {e.route_id} was already created at #{state.last_seq}")
+        return RouteState(route_id=e.route_id, session_id=e.session_id, endpoint=e.endpoint,
+                          deployment=e.deployment, probe=e.probe, start_timeout=e.start_timeout, state=PENDING,
+                          state_since=at, state_seq=seq, created_at=at, last_seq=seq), None
+    if state is None:
+        return state, Anomaly(UNKNOWN_ENTITY, f"{e.type_tag()} for unknown route {e.entity_id}")
+    match e:
+        case ev.RouteTransitioned():
+            if e.token is not None and token_at is not None:
+                current = token_at(state.session_id, seq)
+                if current != e.token:
+                    return state, Anomaly(STALE_TOKEN, f"route transition under token {e.token}; session "
+                                                       f"{state.session_id} is claimed under {current}")
+            if e.from_state != state.state:
+                return state, Anomaly(ILLEGAL_TRANSITION,
+                                      f"transition {e.from_state} -> {e.to_state} but the route is {state.state}")
+            problem = route_transition_error(state.state, e.to_state)
+            if problem:
+                return state, Anomaly(ILLEGAL_TRANSITION, problem)
+            traffic = TRAFFIC_ACTIVE if e.to_state == RUNNING else TRAFFIC_INACTIVE
+            if e.to_state == RUNNING and e.traffic:
+                traffic = e.traffic
+            return _replace(state, state=e.to_state, traffic=traffic, reason=e.reason,
+                            address=e.address if e.address is not None else state.address,
+                            state_since=at if e.to_state != state.state else state.state_since,
+                            state_seq=seq, last_seq=seq), None
+        case ev.RouteHealthReported():
+            if state.state == TERMINATED:
+                return state, Anomaly(AFTER_FINAL, "health report after the route was terminated")
+            return _replace(state, healthy=e.healthy, health_checked_at=e.checked_at, health_detail=e.detail,
+                            last_seq=seq), None
+    return state, Anomaly(ILLEGAL_TRANSITION, f"{e.type_tag()} does not apply to a route")
+
+
+def fold(evolve: Callable[..., Evolved[Any]], records: Iterable[Recorded],
+         *lookups: Any) -> tuple[Any, list[tuple[int, Anomaly]]]:
+    """Fold one entity's records with its evolve function; returns (state, [(seq, anomaly), ...])."""
+    state = None
+    anomalies = []
+    for rec in records:
+        state, anomaly = evolve(state, rec, *lookups)
+        if anomaly is not None:
+            anomalies.append((rec.seq, anomaly))
+    return state, anomalies
+
+
+def registrations_lookup(registrations: dict[str, list[int]]) -> IncarnationAt:
+    """incarnation_at from each agent's registration sequences (ascending)."""
+    from bisect import bisect_left
+
+    def incarnation_at(agent_id: str, seq: int) -> int | None:
+        seqs = registrations.get(agent_id)
+        if not seqs:
+            return None
+        i = bisect_left(seqs, seq)
+        return seqs[i - 1] if i else None
+
+    return incarnation_at
+
+
+def claims_lookup(session_id: str, records: Iterable[Recorded],
+                  incarnation_at: IncarnationAt | None = None) -> TokenAt:
+    """token_at for one session, from its history."""
+    from bisect import bisect_left
+
+    seqs: list[int] = []
+    tokens: list[int | None] = []
+    state: SessionState | None = None
+    for rec in records:
+        state, _ = evolve_session(state, rec, incarnation_at)
+        seqs.append(rec.seq)
+        tokens.append(state.token if state else None)
+
+    def token_at(sid: str, seq: int) -> int | None:
+        if sid != session_id:
+            return None
+        i = bisect_left(seqs, seq)
+        return tokens[i - 1] if i else None
+
+    return token_at
