@@ -140,6 +140,8 @@ class AckInfo(NamedTuple):
     seq: int
     timestamp_ns: int
     pending: int
+    delivery: int = 0
+    """The consumer's delivery sequence: 1, 2, 3, ... without gaps for one consumer."""
 
 
 def parse_ack_subject(reply: str) -> AckInfo:
@@ -150,7 +152,7 @@ def parse_ack_subject(reply: str) -> AckInfo:
     """
     t = reply.split(".")
     if len(t) == 9:
-        return AckInfo(t[2], int(t[5]), int(t[7]), int(t[8]))
+        return AckInfo(t[2], int(t[5]), int(t[7]), int(t[8]), int(t[6]))
     if len(t) >= 11:
-        return AckInfo(t[4], int(t[7]), int(t[9]), int(t[10]))
+        return AckInfo(t[4], int(t[7]), int(t[9]), int(t[10]), int(t[8]))
     raise DecodeFailed(f"not a JetStream delivery: reply subject {reply!r}")

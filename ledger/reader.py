@@ -214,6 +214,8 @@ class Replay:
         self._room = asyncio.Event()
         self._room.set()
         self._finished = False
+        self._error: StoreError | None = None
+        self._delivery = 0
         self._sub = None
         self.last_seq = 0
         """Sequence of the newest message handed out so far."""
@@ -240,6 +242,14 @@ class Replay:
         if not self._room.is_set():
             await self._room.wait()
         info = codec.parse_ack_subject(msg.reply)
+        # Delivery sequences have no gaps (1 again after nats-py re-creates the ordered consumer); a gap
+        # means the client dropped messages, and a replay that skips events must fail, not go on.
+        if self._delivery and info.delivery not in (self._delivery + 1, 1):
+            self._error = StoreError(f"replay of {self._stream} lost messages after #{self.last_seq} "
+                                     f"(delivery {self._delivery} -> {info.delivery}); start it again from there")
+            self._finish()
+            return
+        self._delivery = info.delivery
         if (self._end_seq is not None and info.seq > self._end_seq) or (
             self._end_ns is not None and info.timestamp_ns > self._end_ns
         ):
@@ -266,10 +276,12 @@ class Replay:
                 return False
             self._end_seq = end
         js = self._nc.jetstream(timeout=self._timeout)
+        # No client-side limits: nats-py drops messages from a full subscription queue after counting them
+        # as delivered, so the ordered consumer never notices the gap. The server's flow-control window
+        # (32 MiB of pending bytes in nats-server 2.14) is what bounds the queue instead.
         self._sub = await js.subscribe(
             self._filters[0], stream=self._stream, cb=self._on_msg, ordered_consumer=True,
-            config=self._config(), idle_heartbeat=2.0,
-            pending_msgs_limit=4 * self._batch + 1024, pending_bytes_limit=256 * 1024 * 1024,
+            config=self._config(), idle_heartbeat=2.0, pending_msgs_limit=0, pending_bytes_limit=0,
         )
         if not self._follow:
             info = await self._sub.consumer_info()
@@ -288,6 +300,8 @@ class Replay:
                 self._room.set()
                 if batch:
                     yield batch
+                if self._error is not None:
+                    raise self._error
                 if self._finished and not self._buf:
                     return
         finally:
