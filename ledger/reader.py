@@ -219,6 +219,8 @@ class Replay:
         self._sub = None
         self.last_seq = 0
         """Sequence of the newest message handed out so far."""
+        self.pending: int | None = None
+        """Messages on the filters after the newest one received (0: at the end; None: none received yet)."""
 
     def _config(self) -> api.ConsumerConfig:
         cfg = api.ConsumerConfig(ack_policy=api.AckPolicy.NONE, inactive_threshold=30.0)
@@ -257,6 +259,7 @@ class Replay:
             return
         self._buf.append(codec.read(info.stream, info.seq, msg.subject, info.timestamp_ns, msg.data))
         self.last_seq = info.seq
+        self.pending = info.pending
         if (self._end_seq is not None and info.seq >= self._end_seq) or (not self._follow and info.pending == 0):
             self._finish()
         elif len(self._buf) >= self._batch:

@@ -1,0 +1,65 @@
+"""What was folded since the last commit, and the batch that commits it (pure: no I/O).
+
+The readers `note` every change; the writer turns the pending changes into a
+`Batch` at one instant, with no await in between, so the batch holds exactly
+the state its checkpoints name. States are immutable structs: the batch keeps
+references and is encoded later, a chunk at a time, while the readers go on.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from ledger.codec import Unreadable, to_ns
+
+from . import snapshots
+from .db import Batch
+from .state import AGENT, DEAD_LETTER, HEARTBEAT, ROUTE, SESSION, STREAMS, AnomalyRecord, Change, LedgerState, \
+    dead_letter_code
+
+
+class Pending:
+    __slots__ = ("dirty", "anomalies", "dead", "events", "since")
+
+    def __init__(self) -> None:
+        self.dirty: dict[str, set[str]] = {AGENT: set(), SESSION: set(), ROUTE: set(), HEARTBEAT: set()}
+        self.anomalies: list[AnomalyRecord] = []
+        self.dead: list[Unreadable] = []
+        self.events = 0
+        """Items folded (including ones already applied before, which change nothing)."""
+        self.since = time.monotonic()
+
+    def note(self, change: Change | None, item: Any) -> None:
+        self.events += 1
+        if change is None:
+            return
+        if change.kind == DEAD_LETTER:
+            self.dead.append(item)
+        elif change.anomaly is None:
+            self.dirty[change.kind].add(change.id)
+        else:
+            self.anomalies.append(change.anomaly)
+
+    def batch(self, state: LedgerState, plan: snapshots.Plan | None = None, now_ns: int | None = None) -> Batch:
+        """Everything to commit for these changes, as of `state` now; `plan` adds any snapshot that is due."""
+        stamp = now_ns if now_ns is not None else time.time_ns()
+        ledger, hb = state.ledger, state.heartbeats
+        last_dead: dict[tuple[str, str], Unreadable] = {}
+        for item in self.dead:
+            last_dead[(item.stream, dead_letter_code(item.reason))] = item
+        snaps, drops = plan.due(state, stamp) if plan is not None else ([], [])
+        return Batch(
+            agents={k: ledger.agents[k] for k in self.dirty[AGENT]},
+            sessions={k: ledger.sessions[k] for k in self.dirty[SESSION]},
+            routes={k: ledger.routes[k] for k in self.dirty[ROUTE]},
+            beats={k: hb.beats[k] for k in self.dirty[HEARTBEAT] if k in hb.beats},
+            anomalies=[(a.stream, a.seq, to_ns(a.stored_at), a.entity_kind, a.entity_id, a.event_type, a.producer,
+                        a.kind, a.detail) for a in self.anomalies],
+            dead_letters=[(stream, code, state.part(stream).dead_letters[code], item.seq, item.subject,
+                           item.reason[:2000]) for (stream, code), item in last_dead.items()],
+            checkpoints=[(s, state.part(s).seq, state.part(s).stored_ns, state.part(s).anomalies, stamp)
+                         for s in STREAMS],
+            snapshots=snaps,
+            drop_snapshots=drops,
+        )

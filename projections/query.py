@@ -1,0 +1,275 @@
+"""The query API: agents, sessions, routes, pools, anomalies and entity histories - now, or as of the past.
+
+    async with Query.open("ledger-data/projection.sqlite3", store) as q:
+        page = await q.agents(pool="gpu", health="alive")
+        before = await q.sessions(owner="a-17", as_of=datetime(2026, 11, 1, 14, 3, tzinfo=timezone.utc))
+        why = await q.history("session", "s-42")
+
+"Now" reads the projection's SQLite file (as of its checkpoints) and judges
+health at the current time. `as_of` (an int: a LEDGER sequence; a datetime: a
+moment) rebuilds the state from the nearest snapshot plus JetStream and judges
+health at that moment; rebuilt states are cached, so a dashboard asking for
+agents, sessions and pools of one moment pays once. Every answer is a msgspec
+Struct (`msgspec.json.encode` gives the JSON the CLI, the NATS query service
+and the HTTP API return).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter, OrderedDict
+from collections.abc import AsyncIterator, Iterable
+from datetime import datetime, timezone
+from pathlib import Path
+
+from ledger.events import utcnow
+from ledger.lifecycle import ROUTE_STATES, SESSION_STATES, AgentState, RouteState, SessionState
+from ledger.store import EventStore
+from ledger.subjects import HEARTBEAT_STREAM, LEDGER_STREAM
+
+from .beats import Beat
+from .db import DeadLetterCount, ProjectionDB
+from .errors import InvalidQuery, NeedsEventStore, UnknownEntity
+from .health import AGENT_HEALTH, DEFAULT_POLICY, HealthPolicy
+from .history import EntityHistory, entity_history
+from .state import AnomalyRecord
+from .timetravel import Rebuilt, state_as_of
+from .views import (
+    AgentView,
+    Page,
+    PoolView,
+    Position,
+    RouteView,
+    SessionView,
+    agent_view,
+    owned_counts,
+    pool_views,
+    position_time,
+    route_view,
+    session_view,
+)
+
+AsOf = int | datetime | None
+"""None: now; an int: a LEDGER stream sequence; a datetime: a moment."""
+
+ROUTE_STATUSES = ("PROVISIONING", "RUNNING", "FAILED_TO_START", "TERMINATING", "TERMINATED")
+
+
+def _check(value: str | None, allowed: Iterable[str], what: str) -> None:
+    allowed = tuple(allowed)
+    if value is not None and value not in allowed:
+        raise InvalidQuery(f"unknown {what} {value!r} (one of: {', '.join(allowed)})")
+
+
+class _Snapshot:
+    """One consistent set of states to answer from: read from SQLite, or rebuilt as of the past."""
+
+    def __init__(self, agents: dict[str, AgentState], beats: dict[str, Beat], position: Position,
+                 beats_known: bool = True, sessions: dict[str, SessionState] | None = None,
+                 routes: dict[str, RouteState] | None = None, rebuilt: Rebuilt | None = None) -> None:
+        self.agents, self.beats, self.position, self.beats_known = agents, beats, position, beats_known
+        self.sessions, self.routes, self.rebuilt = sessions, routes, rebuilt
+
+
+class Query:
+    """Answers from a projection file (`db`) and, for the past and histories, from JetStream (`store`)."""
+
+    def __init__(self, db: ProjectionDB | None, store: EventStore | None = None, *,
+                 policy: HealthPolicy = DEFAULT_POLICY, cache: int = 4) -> None:
+        self.db = db
+        self.store = store
+        self.policy = policy
+        self._cache: OrderedDict[tuple[str, int], Rebuilt] = OrderedDict()
+        self._cache_size = cache
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(cls, path: str | Path, store: EventStore | None = None, *,
+                   policy: HealthPolicy = DEFAULT_POLICY) -> AsyncIterator[Query]:
+        """Open the projection file read-only; DatabaseMissing if the projector never ran."""
+        db = await ProjectionDB.open(path, readonly=True)
+        try:
+            yield cls(db, store, policy=policy)
+        finally:
+            await db.close()
+
+    # --- where answers come from ----------------------------------------------------
+
+    async def _rebuilt(self, as_of: int | datetime) -> Rebuilt:
+        if self.store is None:
+            raise NeedsEventStore("a view of the past replays the stream: connect to NATS (--nats-url)")
+        if isinstance(as_of, bool) or not isinstance(as_of, (int, datetime)):
+            raise InvalidQuery(f"as_of is a LEDGER sequence (int) or a datetime, not {as_of!r}")
+        if isinstance(as_of, datetime) and as_of.tzinfo is None:
+            as_of = as_of.replace(tzinfo=timezone.utc)
+        key = ("seq", as_of) if isinstance(as_of, int) else ("time", int(as_of.timestamp() * 1e6))
+        found = self._cache.get(key)  # type: ignore[arg-type]
+        if found is None:
+            if isinstance(as_of, int):
+                found = await state_as_of(self.store, self.db, seq=as_of)
+            else:
+                found = await state_as_of(self.store, self.db, time=as_of)
+            self._cache[key] = found  # type: ignore[index]
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(key)  # type: ignore[arg-type]
+        return found
+
+    async def _as_of(self, as_of: AsOf, now: datetime | None) -> _Snapshot | None:
+        """The rebuilt past, or None for "now" (the caller reads SQLite)."""
+        if as_of is None:
+            return None
+        r = await self._rebuilt(as_of)
+        led, hb = r.state.ledger, r.state.heartbeats
+        source = (f"snapshot {LEDGER_STREAM} #{r.snapshots[LEDGER_STREAM]} / {HEARTBEAT_STREAM} "
+                  f"#{r.snapshots[HEARTBEAT_STREAM]} + {r.replayed} events replayed")
+        moment = now or (as_of if isinstance(as_of, datetime) else position_time(r.cut_ns)) or utcnow()
+        position = Position(ledger_seq=led.seq, ledger_time=position_time(led.stored_ns), heartbeat_seq=hb.seq,
+                            heartbeat_time=position_time(hb.stored_ns), now=moment, source=source, notes=r.notes)
+        return _Snapshot(led.agents, hb.beats, position, r.beats_known, led.sessions, led.routes, r)
+
+    def _need_db(self) -> ProjectionDB:
+        if self.db is None:
+            raise InvalidQuery("no projection file: pass as_of (answered from JetStream) or open one")
+        return self.db
+
+    async def position(self, now: datetime | None = None) -> Position:
+        """Where the projection file stands."""
+        led, hb = await self._need_db().checkpoints()
+        return Position(ledger_seq=led.seq, ledger_time=position_time(led.stored_ns), heartbeat_seq=hb.seq,
+                        heartbeat_time=position_time(hb.stored_ns), now=now or utcnow(), source="projection")
+
+    # --- the views ------------------------------------------------------------------
+
+    async def agents(self, *, pool: str | None = None, health: str | None = None, platform: str | None = None,
+                     region: str | None = None, as_of: AsOf = None, now: datetime | None = None) -> Page[AgentView]:
+        _check(health, AGENT_HEALTH, "health")
+        past = await self._as_of(as_of, now)
+        if past is not None:
+            agents = [a for a in past.agents.values() if pool is None or a.pool == pool]
+            beats, owned, position = past.beats, owned_counts(past.sessions.values()), past.position  # type: ignore[union-attr]
+        else:
+            db = self._need_db()
+            async with db.reading():
+                position = await self.position(now)
+                agents = await db.agent_states(pool=pool)
+                beats = await db.beats([a.agent_id for a in agents] if pool else None)
+                owned = Counter(await db.owned_counts())
+        views = [agent_view(a, beats.get(a.agent_id), position.now, owned.get(a.agent_id, 0), self.policy,
+                            past.beats_known if past else True)
+                 for a in sorted(agents, key=lambda a: a.agent_id)]
+        views = [v for v in views if (health is None or v.health == health) and
+                 (platform is None or v.platform == platform) and (region is None or v.region == region)]
+        return Page(position, views)
+
+    async def agent(self, agent_id: str, *, as_of: AsOf = None, now: datetime | None = None) -> AgentView:
+        page = await self.agents(as_of=as_of, now=now) if as_of is not None else None
+        if page is None:
+            db = self._need_db()
+            async with db.reading():
+                position = await self.position(now)
+                found = await db.agent_states(ids=[agent_id])
+                beats = await db.beats([agent_id])
+                owned = Counter(await db.owned_counts())
+            if found:
+                return agent_view(found[0], beats.get(agent_id), position.now, owned.get(agent_id, 0), self.policy)
+        else:
+            for view in page.items:
+                if view.agent_id == agent_id:
+                    return view
+        raise UnknownEntity(f"no agent {agent_id} in the projection")
+
+    async def sessions(self, *, pool: str | None = None, state: str | None = None, owner: str | None = None,
+                       as_of: AsOf = None, now: datetime | None = None) -> Page[SessionView]:
+        _check(state, SESSION_STATES, "session state")
+        past = await self._as_of(as_of, now)
+        if past is not None:
+            sessions = [s for s in past.sessions.values()  # type: ignore[union-attr]
+                        if (pool is None or s.pool == pool) and (state is None or s.status == state)
+                        and (owner is None or s.owner == owner)]
+            agents = {k: past.agents[k] for k in {s.owner for s in sessions if s.owner} if k in past.agents}
+            beats, position = past.beats, past.position
+        else:
+            db = self._need_db()
+            async with db.reading():
+                position = await self.position(now)
+                sessions = await db.session_states(pool=pool, state=state, owner=owner)
+                owners = sorted({s.owner for s in sessions if s.owner})
+                agents = {a.agent_id: a for a in await db.agent_states(ids=owners)}
+                beats = await db.beats(owners)
+        health = {k: agent_view(a, beats.get(k), position.now, 0, self.policy,
+                                past.beats_known if past else True).health for k, a in agents.items()}
+        views = [session_view(s, health.get(s.owner) if s.owner else None)
+                 for s in sorted(sessions, key=lambda s: s.session_id)]
+        return Page(position, views)
+
+    async def routes(self, *, session: str | None = None, status: str | None = None, state: str | None = None,
+                     as_of: AsOf = None, now: datetime | None = None) -> Page[RouteView]:
+        _check(status, ROUTE_STATUSES, "route status")
+        _check(state, ROUTE_STATES, "route state")
+        past = await self._as_of(as_of, now)
+        if past is not None:
+            routes = [r for r in past.routes.values()  # type: ignore[union-attr]
+                      if (session is None or r.session_id == session) and (state is None or r.state == state)]
+            position = past.position
+        else:
+            db = self._need_db()
+            async with db.reading():
+                position = await self.position(now)
+                routes = await db.route_states(session_id=session, state=state)
+        views = [route_view(r, position.now) for r in sorted(routes, key=lambda r: r.route_id)]
+        return Page(position, [v for v in views if status is None or v.status == status])
+
+    async def pools(self, *, as_of: AsOf = None, now: datetime | None = None) -> Page[PoolView]:
+        past = await self._as_of(as_of, now)
+        if past is not None:
+            counts: dict[str, dict[str, int]] = {}
+            for s in past.sessions.values():  # type: ignore[union-attr]
+                by_state = counts.setdefault(s.pool, {})
+                by_state[s.status] = by_state.get(s.status, 0) + 1
+            agents, beats, position = list(past.agents.values()), past.beats, past.position
+        else:
+            db = self._need_db()
+            async with db.reading():
+                position = await self.position(now)
+                agents = await db.agent_states()
+                beats = await db.beats()
+                counts = await db.session_counts()
+        views = [agent_view(a, beats.get(a.agent_id), position.now, 0, self.policy,
+                            past.beats_known if past else True) for a in agents]
+        return Page(position, pool_views(views, counts))
+
+    async def anomalies(self, *, kind: str | None = None, entity_kind: str | None = None,
+                        entity_id: str | None = None, limit: int = 100, as_of: AsOf = None) -> Page[AnomalyRecord]:
+        """Events flagged and not applied, newest first."""
+        if limit < 1:
+            raise InvalidQuery(f"limit must be at least 1, got {limit}")
+        past = await self._as_of(as_of, None)
+        db = self.db
+        if past is None:
+            position = await self.position()
+            found = await self._need_db().anomalies(kind=kind, entity_kind=entity_kind, entity_id=entity_id,
+                                                    limit=limit)
+            return Page(position, found)
+        assert past.rebuilt is not None
+        snaps = past.rebuilt.snapshots
+        # Anomalies up to the snapshots are in the table; the replayed stretch found the rest.
+        older = await db.anomalies(kind=kind, entity_kind=entity_kind, entity_id=entity_id, upto=snaps,
+                                   limit=limit) if db is not None and any(snaps.values()) else []
+        newer = [a for a in past.rebuilt.anomalies
+                 if (kind is None or a.kind == kind) and (entity_kind is None or a.entity_kind == entity_kind)
+                 and (entity_id is None or a.entity_id == entity_id)]
+        merged = sorted(newer + older, key=lambda a: (a.stored_at, a.stream, a.seq), reverse=True)
+        return Page(past.position, merged[:limit])
+
+    async def dead_letters(self) -> list[DeadLetterCount]:
+        return await self._need_db().dead_letters()
+
+    async def history(self, kind: str, entity_id: str, *, as_of: AsOf = None) -> EntityHistory:
+        """Every event of one entity with its producer, causation and effect (needs the event store)."""
+        if self.store is None:
+            raise NeedsEventStore("an entity's history is read from JetStream: connect to NATS (--nats-url)")
+        if isinstance(as_of, datetime):
+            return await entity_history(self.store, kind, entity_id, time=as_of)
+        return await entity_history(self.store, kind, entity_id, seq=as_of)

@@ -1,0 +1,104 @@
+"""State <-> SQLite rows: each entity is a JSON document, and each batch one statement per table.
+
+Why one statement: aiosqlite runs SQLite in a thread, and Python's sqlite3
+releases the GIL around every step. With `executemany`, that thread needs the
+GIL back after every row while the event loop is busy folding, and a batch
+crawls (a few hundred rows/s). Handing SQLite one JSON text per table and
+letting `json_each` expand it keeps the whole upsert in C, off the GIL, on the
+other core.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import msgspec
+
+from ledger.lifecycle import AgentState, RouteState, SessionState
+
+from .beats import Beat
+
+_encode = msgspec.json.Encoder().encode
+_agent = msgspec.json.Decoder(AgentState).decode
+_session = msgspec.json.Decoder(SessionState).decode
+_route = msgspec.json.Decoder(RouteState).decode
+_beat = msgspec.json.Decoder(Beat).decode
+
+# Each takes one JSON object {id: state, ...} (bytes, hence the CAST: SQLite >= 3.45 would read a BLOB as JSONB);
+# `WHERE true` lets SQLite parse the upsert that follows a SELECT.
+UPSERT_AGENTS = """
+INSERT INTO agents (agent_id, pool, status, incarnation, doc)
+SELECT key, json_extract(value, '$.pool'), json_extract(value, '$.status'), json_extract(value, '$.incarnation'), value
+FROM json_each(CAST(? AS TEXT)) WHERE true
+ON CONFLICT (agent_id) DO UPDATE SET pool = excluded.pool, status = excluded.status,
+    incarnation = excluded.incarnation, doc = excluded.doc
+"""
+UPSERT_SESSIONS = """
+INSERT INTO sessions (session_id, pool, status, owner, doc)
+SELECT key, json_extract(value, '$.pool'), json_extract(value, '$.status'), json_extract(value, '$.owner'), value
+FROM json_each(CAST(? AS TEXT)) WHERE true
+ON CONFLICT (session_id) DO UPDATE SET pool = excluded.pool, status = excluded.status, owner = excluded.owner,
+    doc = excluded.doc
+"""
+UPSERT_ROUTES = """
+INSERT INTO routes (route_id, session_id, state, doc)
+SELECT key, json_extract(value, '$.session_id'), json_extract(value, '$.state'), value
+FROM json_each(CAST(? AS TEXT)) WHERE true
+ON CONFLICT (route_id) DO UPDATE SET session_id = excluded.session_id, state = excluded.state, doc = excluded.doc
+"""
+UPSERT_BEATS = """
+INSERT INTO beats (agent_id, incarnation, doc)
+SELECT key, json_extract(value, '$.incarnation'), value
+FROM json_each(CAST(? AS TEXT)) WHERE true
+ON CONFLICT (agent_id) DO UPDATE SET incarnation = excluded.incarnation, doc = excluded.doc
+"""
+# One JSON array of [stream, seq, stored_ns, entity_kind, entity_id, event_type, producer, kind, detail].
+INSERT_ANOMALIES = """
+INSERT OR IGNORE INTO anomalies (stream, seq, stored_ns, entity_kind, entity_id, event_type, producer, kind, detail)
+SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]'),
+       json_extract(value, '$[3]'), json_extract(value, '$[4]'), json_extract(value, '$[5]'),
+       json_extract(value, '$[6]'), json_extract(value, '$[7]'), json_extract(value, '$[8]')
+FROM json_each(CAST(? AS TEXT))
+"""
+UPSERT_DEAD_LETTERS = """
+INSERT INTO dead_letters (stream, reason, count, last_seq, last_subject, last_detail) VALUES (?, ?, ?, ?, ?, ?)
+ON CONFLICT (stream, reason) DO UPDATE SET count = excluded.count, last_seq = excluded.last_seq,
+    last_subject = excluded.last_subject, last_detail = excluded.last_detail
+"""
+UPSERT_CHECKPOINT = """
+INSERT INTO checkpoints (stream, seq, stored_ns, anomalies, updated_ns) VALUES (?, ?, ?, ?, ?)
+ON CONFLICT (stream) DO UPDATE SET seq = excluded.seq, stored_ns = excluded.stored_ns,
+    anomalies = excluded.anomalies, updated_ns = excluded.updated_ns
+"""
+
+
+CHUNK = 2000
+"""Documents per statement: large enough to stay off the GIL, small enough to keep memory flat."""
+
+
+def chunks(picked: Mapping[str, Any], size: int = CHUNK) -> Iterator[bytes]:
+    """{id: state} as JSON objects of at most `size` entities each."""
+    items = list(picked.items())
+    for start in range(0, len(items), size):
+        yield _encode(dict(items[start:start + size]))
+
+
+def anomalies(rows: list[tuple[Any, ...]]) -> bytes | None:
+    return _encode(rows) if rows else None
+
+
+def agent_of(doc: str) -> AgentState:
+    return _agent(doc)
+
+
+def session_of(doc: str) -> SessionState:
+    return _session(doc)
+
+
+def route_of(doc: str) -> RouteState:
+    return _route(doc)
+
+
+def beat_of(doc: str) -> Beat:
+    return _beat(doc)

@@ -1,0 +1,106 @@
+"""The projection's SQLite schema and its version.
+
+Each entity is one row: its whole state as a JSON document (`doc`), so loading
+it back gives exactly the folded state and ad-hoc SQL can use json_extract, and
+a few columns derived from it to filter on. A projection file of another
+schema version is dropped and rebuilt from zero: it is a cache of the log,
+never the truth.
+"""
+
+from __future__ import annotations
+
+PROJECTION_SCHEMA_VERSION = 1
+"""Bump whenever the tables, the row encoding or the meaning of a fold change."""
+
+TABLES = ("meta", "checkpoints", "agents", "beats", "sessions", "routes", "anomalies", "dead_letters", "snapshots")
+
+DDL = """
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID;
+
+-- One row per stream: the last sequence whose effects are in this file. It is
+-- written in the same transaction as the rows, so a crash never splits them.
+CREATE TABLE checkpoints (
+    stream     TEXT PRIMARY KEY,
+    seq        INTEGER NOT NULL,
+    stored_ns  INTEGER NOT NULL,
+    anomalies  INTEGER NOT NULL,
+    updated_ns INTEGER NOT NULL
+) WITHOUT ROWID;
+
+CREATE TABLE agents (
+    agent_id    TEXT PRIMARY KEY,
+    pool        TEXT NOT NULL,
+    status      TEXT NOT NULL,
+    incarnation INTEGER NOT NULL,
+    doc         TEXT NOT NULL
+);
+CREATE INDEX agents_by_pool ON agents (pool);
+
+-- The newest beat per agent, of any incarnation: the join happens at query time.
+CREATE TABLE beats (
+    agent_id    TEXT PRIMARY KEY,
+    incarnation INTEGER NOT NULL,
+    doc         TEXT NOT NULL
+);
+
+CREATE TABLE sessions (
+    session_id TEXT PRIMARY KEY,
+    pool       TEXT NOT NULL,
+    status     TEXT NOT NULL,
+    owner      TEXT,
+    doc        TEXT NOT NULL
+);
+CREATE INDEX sessions_by_pool ON sessions (pool, status);
+CREATE INDEX sessions_by_owner ON sessions (owner) WHERE owner IS NOT NULL;
+
+CREATE TABLE routes (
+    route_id   TEXT PRIMARY KEY,
+    session_id TEXT NOT NULL,
+    state      TEXT NOT NULL,
+    doc        TEXT NOT NULL
+);
+CREATE INDEX routes_by_session ON routes (session_id);
+
+CREATE TABLE anomalies (
+    stream      TEXT NOT NULL,
+    seq         INTEGER NOT NULL,
+    stored_ns   INTEGER NOT NULL,
+    entity_kind TEXT NOT NULL,
+    entity_id   TEXT NOT NULL,
+    event_type  TEXT NOT NULL,
+    producer    TEXT NOT NULL,
+    kind        TEXT NOT NULL,
+    detail      TEXT NOT NULL,
+    PRIMARY KEY (stream, seq)
+);
+CREATE INDEX anomalies_by_entity ON anomalies (entity_kind, entity_id);
+
+CREATE TABLE dead_letters (
+    stream       TEXT NOT NULL,
+    reason       TEXT NOT NULL,
+    count        INTEGER NOT NULL,
+    last_seq     INTEGER NOT NULL,
+    last_subject TEXT NOT NULL,
+    last_detail  TEXT NOT NULL,
+    PRIMARY KEY (stream, reason)
+) WITHOUT ROWID;
+
+-- Serialised fold state of one stream at `seq` (zlib-compressed msgpack), so a
+-- view "as of" the past replays only from the nearest snapshot.
+CREATE TABLE snapshots (
+    stream     TEXT NOT NULL,
+    seq        INTEGER NOT NULL,
+    stored_ns  INTEGER NOT NULL,
+    created_ns INTEGER NOT NULL,
+    data       BLOB NOT NULL,
+    PRIMARY KEY (stream, seq)
+);
+"""
+
+
+def statements() -> list[str]:
+    """The DDL one statement at a time (no comment in it contains a semicolon)."""
+    return [s.strip() for s in DDL.split(";") if s.strip()]

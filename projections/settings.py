@@ -1,0 +1,71 @@
+"""ProjectionSettings: one frozen object, from defaults, the environment and flags (in that order)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import msgspec
+
+from ledger.errors import ConfigError
+
+DEFAULT_DB = os.path.join("ledger-data", "projection.sqlite3")
+ENV_PREFIX = "LEDGER_PROJECTION_"
+DB_ENV = "LEDGER_DB"
+
+
+class ProjectionSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """How the projector reads, batches, checkpoints and snapshots.
+
+    Every field can be set as LEDGER_PROJECTION_<FIELD>; the file also as LEDGER_DB.
+    """
+
+    db: str = DEFAULT_DB
+    """The SQLite file of the projection."""
+    batch: int = 4000
+    """Messages handed over by the ordered consumer at a time."""
+    commit_every: int = 50_000
+    """While catching up, commit once this many events are folded (at the live edge: at once)."""
+    commit_interval: float = 1.0
+    """While catching up, commit at least this often (seconds)."""
+    max_pending: int = 200_000
+    """Folded but uncommitted events before the readers wait for the writer (bounds memory)."""
+    snapshot_every: int = 25_000
+    """Take a snapshot of a stream's fold every this many sequences (0: never)."""
+    snapshot_recent: int = 8
+    """Snapshots kept at full density; older ones thin out (projections.snapshots)."""
+    cache_mb: int = 8
+    """SQLite page cache of the projector's connection (the OS caches the file too; this bounds our RSS)."""
+    suspect_after_missed: int = 3
+
+    def __post_init__(self) -> None:
+        if self.commit_interval <= 0:
+            raise ConfigError(f"commit_interval must be positive, got {self.commit_interval}")
+        for name in ("batch", "commit_every", "max_pending", "snapshot_recent", "cache_mb", "suspect_after_missed"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.snapshot_every < 0:
+            raise ConfigError(f"snapshot_every must be 0 (never) or positive, got {self.snapshot_every}")
+        if not self.db:
+            raise ConfigError("the projection's database path is empty")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> ProjectionSettings:
+        """Defaults, then LEDGER_DB and LEDGER_PROJECTION_* variables, then `overrides` (None ignored)."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        if env.get(DB_ENV):
+            values["db"] = env[DB_ENV]
+        for name in cls.__struct_fields__:
+            raw = env.get(ENV_PREFIX + name.upper())
+            if raw:
+                values[name] = raw
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return msgspec.convert(values, cls, strict=False)
+        except msgspec.ValidationError as e:
+            raise ConfigError(f"invalid projection setting: {e}") from None
+
+    def replace(self, **changes: Any) -> ProjectionSettings:
+        return msgspec.structs.replace(self, **changes)
