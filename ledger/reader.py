@@ -288,8 +288,10 @@ class Replay:
         )
         if not self._follow:
             info = await self._sub.consumer_info()
-            if info.num_pending == 0 and info.delivered.stream_seq == 0:
-                return False  # nothing on these filters
+            # Nothing on these filters. Not `delivered.stream_seq`: the server moves that past messages
+            # the filter skips, so it may be non-zero although nothing was (or will be) delivered.
+            if info.num_pending == 0 and info.delivered.consumer_seq == 0:
+                return False
         return True
 
     async def __aiter__(self) -> AsyncIterator[list[Item]]:
