@@ -122,8 +122,9 @@ class Query:
             return None
         r = await self._rebuilt(as_of)
         led, hb = r.state.ledger, r.state.heartbeats
-        source = (f"snapshot {LEDGER_STREAM} #{r.snapshots[LEDGER_STREAM]} / {HEARTBEAT_STREAM} "
-                  f"#{r.snapshots[HEARTBEAT_STREAM]} + {r.replayed} events replayed")
+        starts = [f"{s} #{r.snapshots[s]}" for s in (LEDGER_STREAM, HEARTBEAT_STREAM) if r.snapshots[s]]
+        source = (f"snapshots {', '.join(starts)} + {r.replayed} events replayed" if starts
+                  else f"a replay of {r.replayed} events from the start")
         moment = now or (as_of if isinstance(as_of, datetime) else position_time(r.cut_ns)) or utcnow()
         position = Position(ledger_seq=led.seq, ledger_time=position_time(led.stored_ns), heartbeat_seq=hb.seq,
                             heartbeat_time=position_time(hb.stored_ns), now=moment, source=source, notes=r.notes)

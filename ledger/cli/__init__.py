@@ -6,7 +6,9 @@ import click
 
 from .. import __version__
 from .common import setup_logging
+from .project import PROJECTOR_COMMANDS
 from .server import init_command, server_command
+from .views import VIEW_COMMANDS
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -23,6 +25,8 @@ def cli(verbose: int) -> None:
 
 cli.add_command(server_command)
 cli.add_command(init_command)
+for command in (*VIEW_COMMANDS, *PROJECTOR_COMMANDS):
+    cli.add_command(command)
 
 
 def main() -> None:

@@ -1,0 +1,173 @@
+"""`ledger agents | sessions | routes | pools | anomalies | history`: the projection's views, now or as of the past."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import click
+import msgspec
+
+from projections.errors import InvalidQuery
+from projections.health import AGENT_HEALTH, HealthPolicy
+from projections.history import KINDS
+from projections.query import ROUTE_STATUSES, AsOf, Query
+from projections.settings import DB_ENV, DEFAULT_DB
+from projections.timespec import EXAMPLES, parse_time
+
+from ..lifecycle import ROUTE_STATES, SESSION_STATES
+from ..store import EventStore
+from . import tables
+from .common import async_command, echo, nats_url_option, settings_from
+
+
+def db_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--db", envvar=DB_ENV, default=DEFAULT_DB, show_default=True, show_envvar=True,
+                        type=click.Path(dir_okay=False, path_type=Path), help="The projection's SQLite file.")(f)
+
+
+def view_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed([
+        db_option,
+        nats_url_option,
+        click.option("--as-of", "as_of", metavar="TIME", help=f"View the past at TIME: {EXAMPLES}. Needs NATS."),
+        click.option("--at-seq", type=click.IntRange(min=0), metavar="N",
+                     help="View the past just after LEDGER stream sequence N. Needs NATS."),
+        click.option("--json", "as_json", is_flag=True, help="Print JSON (for scripts) instead of a table."),
+    ]):
+        f = option(f)
+    return f
+
+
+def as_of_from(as_of: str | None, at_seq: int | None) -> AsOf:
+    if as_of is not None and at_seq is not None:
+        raise InvalidQuery("use --as-of or --at-seq, not both")
+    if at_seq is not None:
+        return at_seq
+    return parse_time(as_of) if as_of is not None else None
+
+
+@contextlib.asynccontextmanager
+async def open_query(db: Path, nats_url: str, as_of: AsOf, *, suspect_after: int = 3,
+                     needs_db: bool = True) -> AsyncIterator[Query]:
+    """A Query on the file; with a NATS connection only when the answer needs the stream."""
+    policy = HealthPolicy(suspect_after_missed=suspect_after)
+    if as_of is None and needs_db:
+        async with Query.open(db, policy=policy) as q:
+            yield q
+        return
+    async with EventStore.connect(settings_from(nats_url), name="ledger-query") as store:
+        if db.exists() and needs_db:
+            async with Query.open(db, store, policy=policy) as q:
+                yield q
+        else:  # no projection file: the past is replayed from the start of the stream
+            yield Query(None, store, policy=policy)
+
+
+def emit(result: Any, as_json: bool, render: Callable[[Any], Any]) -> None:
+    if as_json:
+        echo(msgspec.json.encode(result).decode())
+    else:
+        tables.show(result, render(result))
+
+
+@click.command("agents")
+@view_options
+@click.option("--pool", help="Only this pool.")
+@click.option("--health", type=click.Choice(AGENT_HEALTH), help="Only agents of this health.")
+@click.option("--platform", help="Only this platform.")
+@click.option("--region", help="Only this region.")
+@click.option("--suspect-after", default=3, show_default=True, type=click.IntRange(min=1),
+              help="Missed heartbeats that make an agent suspect.")
+@async_command
+async def agents_command(db: Path, nats_url: str, as_of: str | None, at_seq: int | None, as_json: bool,
+                         pool: str | None, health: str | None, platform: str | None, region: str | None,
+                         suspect_after: int) -> None:
+    """Agents with their health and the rule that made it so."""
+    when = as_of_from(as_of, at_seq)
+    async with open_query(db, nats_url, when, suspect_after=suspect_after) as q:
+        page = await q.agents(pool=pool, health=health, platform=platform, region=region, as_of=when)
+    emit(page, as_json, tables.agents)
+
+
+@click.command("sessions")
+@view_options
+@click.option("--pool", help="Only this pool.")
+@click.option("--state", type=click.Choice(SESSION_STATES), help="Only sessions in this state.")
+@click.option("--owner", metavar="AGENT", help="Only sessions this agent owns.")
+@async_command
+async def sessions_command(db: Path, nats_url: str, as_of: str | None, at_seq: int | None, as_json: bool,
+                           pool: str | None, state: str | None, owner: str | None) -> None:
+    """Sessions: owner, claim token, state, and why they are orphaned or released."""
+    when = as_of_from(as_of, at_seq)
+    async with open_query(db, nats_url, when) as q:
+        page = await q.sessions(pool=pool, state=state, owner=owner, as_of=when)
+    emit(page, as_json, tables.sessions)
+
+
+@click.command("routes")
+@view_options
+@click.option("--session", metavar="ID", help="Only routes of this session.")
+@click.option("--status", type=click.Choice(ROUTE_STATUSES), help="Only routes with this status.")
+@click.option("--state", type=click.Choice(ROUTE_STATES), help="Only routes in this state.")
+@async_command
+async def routes_command(db: Path, nats_url: str, as_of: str | None, at_seq: int | None, as_json: bool,
+                         session: str | None, status: str | None, state: str | None) -> None:
+    """Routes: status, sub-status, traffic, and health with its staleness."""
+    when = as_of_from(as_of, at_seq)
+    async with open_query(db, nats_url, when) as q:
+        page = await q.routes(session=session, status=status, state=state, as_of=when)
+    emit(page, as_json, tables.routes)
+
+
+@click.command("pools")
+@view_options
+@async_command
+async def pools_command(db: Path, nats_url: str, as_of: str | None, at_seq: int | None, as_json: bool) -> None:
+    """Pools: agents by health, sessions by state, free capacity."""
+    when = as_of_from(as_of, at_seq)
+    async with open_query(db, nats_url, when) as q:
+        page = await q.pools(as_of=when)
+    emit(page, as_json, tables.pools)
+
+
+@click.command("anomalies")
+@view_options
+@click.option("--kind", help="Only this kind (illegal_transition, superseded_incarnation, stale_token, ...).")
+@click.option("--entity", metavar="KIND:ID", help="Only this entity, e.g. session:s-42.")
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(min=1))
+@async_command
+async def anomalies_command(db: Path, nats_url: str, as_of: str | None, at_seq: int | None, as_json: bool,
+                            kind: str | None, entity: str | None, limit: int) -> None:
+    """Events that reached the log but were flagged and not applied, newest first."""
+    when = as_of_from(as_of, at_seq)
+    entity_kind, _, entity_id = (entity or "").partition(":")
+    if entity and (entity_kind not in KINDS or not entity_id):
+        raise InvalidQuery(f"--entity is KIND:ID with KIND one of {', '.join(KINDS)}, e.g. session:s-42")
+    async with open_query(db, nats_url, when) as q:
+        page = await q.anomalies(kind=kind, entity_kind=entity_kind or None, entity_id=entity_id or None,
+                                 limit=limit, as_of=when)
+    emit(page, as_json, tables.anomalies)
+
+
+@click.command("history")
+@click.argument("kind", type=click.Choice(KINDS))
+@click.argument("entity_id", metavar="ID")
+@view_options
+@async_command
+async def history_command(kind: str, entity_id: str, db: Path, nats_url: str, as_of: str | None,
+                          at_seq: int | None, as_json: bool) -> None:
+    """Every event of one agent, session or route: who wrote it, its causation, what it changed or why it was flagged."""
+    when = as_of_from(as_of, at_seq)
+    async with open_query(db, nats_url, when, needs_db=False) as q:
+        found = await q.history(kind, entity_id, as_of=when)
+    if as_json:
+        echo(msgspec.json.encode(found).decode())
+    else:
+        tables.history(found)
+
+
+VIEW_COMMANDS = (agents_command, sessions_command, routes_command, pools_command, anomalies_command,
+                 history_command)
