@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import time
 from collections.abc import AsyncIterator, Sequence
 from datetime import datetime, timezone
 
@@ -278,14 +279,7 @@ class Replay:
             if end == 0 or (self._start_seq or 0) > end:
                 return False
             self._end_seq = end
-        js = self._nc.jetstream(timeout=self._timeout)
-        # No client-side limits: nats-py drops messages from a full subscription queue after counting them
-        # as delivered, so the ordered consumer never notices the gap. The server's flow-control window
-        # (32 MiB of pending bytes in nats-server 2.14) is what bounds the queue instead.
-        self._sub = await js.subscribe(
-            self._filters[0], stream=self._stream, cb=self._on_msg, ordered_consumer=True,
-            config=self._config(), idle_heartbeat=2.0, pending_msgs_limit=0, pending_bytes_limit=0,
-        )
+        self._sub = await self._subscribe()
         if not self._follow:
             info = await self._sub.consumer_info()
             # Nothing on these filters. Not `delivered.stream_seq`: the server moves that past messages
@@ -293,6 +287,24 @@ class Replay:
             if info.num_pending == 0 and info.delivered.consumer_seq == 0:
                 return False
         return True
+
+    async def _subscribe(self):  # type: ignore[no-untyped-def]
+        """Create the ordered consumer, retrying while JetStream cannot answer (e.g. a leader election)."""
+        js = self._nc.jetstream(timeout=self._timeout)
+        give_up = time.monotonic() + max(30.0, 3 * self._timeout)
+        while True:
+            try:
+                # No client-side limits: nats-py drops messages from a full subscription queue after counting
+                # them as delivered, so the ordered consumer never notices the gap. The server's flow-control
+                # window (32 MiB of pending bytes in nats-server 2.14) is what bounds the queue instead.
+                return await js.subscribe(
+                    self._filters[0], stream=self._stream, cb=self._on_msg, ordered_consumer=True,
+                    config=self._config(), idle_heartbeat=2.0, pending_msgs_limit=0, pending_bytes_limit=0,
+                )
+            except (NatsTimeout, NoRespondersError) as e:
+                if time.monotonic() > give_up:
+                    raise Unavailable(f"could not start reading {self._stream}: {type(e).__name__}") from None
+                await asyncio.sleep(0.25)
 
     async def __aiter__(self) -> AsyncIterator[list[Item]]:
         try:
