@@ -16,6 +16,7 @@ import contextlib
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -31,6 +32,10 @@ from .beats import Beat
 from .errors import DatabaseMissing, ProjectionError
 from .schema import PROJECTION_SCHEMA_VERSION, TABLES, statements
 from .state import AnomalyRecord, LedgerState
+
+
+_compressor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="projection-snapshots")
+"""One thread for zlib (which releases the GIL): one malloc arena, not one per default-executor thread."""
 
 
 class Batch(NamedTuple):
@@ -179,7 +184,9 @@ class ProjectionDB:
 
     async def commit(self, b: Batch) -> None:
         """Write one batch, atomically. Encoding and compression happen here, a piece at a time."""
-        packed = [(*row[:4], await asyncio.to_thread(snapshots.compress, row[4])) for row in b.snapshots]
+        loop = asyncio.get_running_loop()
+        packed = [(*row[:4], await loop.run_in_executor(_compressor, snapshots.compress, row[4]))
+                  for row in b.snapshots]
         c = self.conn
         async with self.transaction():
             for sql, table in ((rows.UPSERT_AGENTS, b.agents), (rows.UPSERT_SESSIONS, b.sessions),

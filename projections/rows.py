@@ -73,8 +73,8 @@ ON CONFLICT (stream) DO UPDATE SET seq = excluded.seq, stored_ns = excluded.stor
 """
 
 
-CHUNK = 2000
-"""Documents per statement: large enough to stay off the GIL, small enough to keep memory flat."""
+CHUNK = 500
+"""Documents per statement: enough to stay off the GIL, few enough that SQLite's JSON parse stays small."""
 
 
 def chunks(picked: Mapping[str, Any], size: int = CHUNK) -> Iterator[bytes]:

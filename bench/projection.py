@@ -1,0 +1,215 @@
+"""Projection benchmark: catch-up rate vs the raw ordered-consumer decode rate, rebuild time, projector RSS.
+
+    python bench/projection.py                   # embedded nats-server, 1,000,000 events
+    python bench/projection.py --events 200000   # smaller
+    python bench/projection.py --url nats://127.0.0.1:4222   # an existing server with the ledger streams
+
+It publishes a fixed-population workload (bench/workload.py: 1,000 agents,
+20,000 sessions, 5,000 routes; heartbeats on LEDGER_HB) with pipelined
+EventStore.submit, then measures, on the same data:
+
+(a) raw: an ordered consumer per stream with a callback that only decodes
+    (msgspec, the ledger's event union) - the fastest way nats-py reads;
+(b) the projector catching up into a new SQLite file (rows, anomalies,
+    checkpoints and snapshots committed per batch), reported as b / a
+    (target >= 0.7, brief section 6);
+(c) `projections.rebuild` of all events (target: 1 M in < 30 s);
+(d) the projector's peak RSS (VmHWM) in a subprocess after 100 k and 300 k
+    events and at the end (target: flat within 20 %).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import msgspec  # noqa: E402
+import nats  # noqa: E402
+
+from ledger.codec import parse_ack_subject  # noqa: E402
+from ledger.events import AnyEvent  # noqa: E402
+from ledger.server import EmbeddedServer, ServerConfig, free_port  # noqa: E402
+from ledger.settings import Settings  # noqa: E402
+from ledger.store import EventStore  # noqa: E402
+from ledger.subjects import HEARTBEAT_STREAM, LEDGER_STREAM  # noqa: E402
+from projections.process import tune_gc  # noqa: E402
+from projections.projector import FILTERS, Progress, Projector  # noqa: E402
+from projections.rebuild import rebuild  # noqa: E402
+from projections.settings import ProjectionSettings  # noqa: E402
+from workload import Workload  # noqa: E402
+
+STREAMS = (LEDGER_STREAM, HEARTBEAT_STREAM)
+
+
+def peak_rss_kb() -> int:
+    """VmHWM (peak resident set) of this process, in KiB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+async def publish(store: EventStore, total: int) -> tuple[int, int, float]:
+    first = await store.last_seq(LEDGER_STREAM) + 1
+    workload = Workload(first_seq=first)
+    started = time.perf_counter()
+    checks = []
+    for n, event in enumerate(workload.events(total)):
+        future = await store.submit(event)
+        if n % 997 == 0 and type(event).family != "hb":
+            checks.append((future, workload.seq - 1))
+    await store.flush()
+    elapsed = time.perf_counter() - started
+    wrong = sum(1 for f, predicted in checks if f.result() != predicted)
+    if wrong:
+        print(f"warning: {wrong} of {len(checks)} sampled sequences differ from the prediction "
+              "(another writer?); the projection will flag more anomalies", flush=True)
+    return workload.ledger_events, workload.heartbeats, total / elapsed
+
+
+async def raw_rate(url: str, ends: dict[str, int]) -> tuple[float, int]:
+    """Both streams through ordered consumers whose callback only decodes."""
+    # One connection per stream, like the projector (two ordered consumers can overflow one connection).
+    conns = {s: await nats.connect(url, name=f"bench-raw-{s}") for s in STREAMS}
+    decode = msgspec.json.Decoder(AnyEvent).decode
+    counts = {s: 0 for s in STREAMS}
+    done = {s: asyncio.Event() for s in STREAMS}
+    subs = []
+    try:
+        started = time.perf_counter()
+        for stream in STREAMS:
+            js = conns[stream].jetstream()
+            if not ends[stream]:
+                done[stream].set()
+                continue
+
+            def callback(stream: str):  # type: ignore[no-untyped-def]
+                async def cb(msg) -> None:  # type: ignore[no-untyped-def]
+                    decode(msg.data)
+                    counts[stream] += 1
+                    if parse_ack_subject(msg.reply).seq >= ends[stream]:
+                        done[stream].set()
+                return cb
+
+            # The same subscription settings as ledger.reader.Replay (a bounded queue drops messages).
+            subs.append(await js.subscribe(FILTERS[stream], stream=stream, cb=callback(stream), ordered_consumer=True,
+                                           idle_heartbeat=2.0, pending_msgs_limit=0, pending_bytes_limit=0))
+        for event in done.values():
+            await event.wait()
+        elapsed = time.perf_counter() - started
+    finally:
+        for sub in subs:
+            await sub.unsubscribe()
+        for nc in conns.values():
+            await nc.close()
+    total = sum(counts.values())
+    return total / elapsed, total
+
+
+async def catch_up_rate(store: EventStore, db: Path) -> tuple[float, int, Projector]:
+    projector = Projector(store, ProjectionSettings(db=str(db)), name="bench")
+    await projector.open()
+    try:
+        started = time.perf_counter()
+        await projector.catch_up()
+        elapsed = time.perf_counter() - started
+    finally:
+        await projector.close()
+    return projector.events / elapsed, projector.events, projector
+
+
+MARKS = (100_000, 300_000)
+
+
+def child_rss(url: str, db: Path) -> dict[str, list[int]]:
+    """Run the projector in a subprocess; it reports its peak RSS after 100 k, 300 k and all events."""
+    out = subprocess.run([sys.executable, __file__, "--child-rss", "--url", url, "--db", str(db)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+async def child_main(url: str, db: Path) -> None:
+    marks: dict[str, list[int]] = {}
+
+    def progress(p: Progress) -> None:  # called after each commit: the first one past each mark
+        for mark in MARKS:
+            if p.events >= mark and str(mark) not in marks:
+                marks[str(mark)] = [p.events, peak_rss_kb()]
+
+    async with EventStore.connect(Settings(nats_url=url), name="bench-child") as store:
+        projector = Projector(store, ProjectionSettings(db=str(db)), name="bench-child", on_progress=progress)
+        await projector.open()
+        try:
+            await projector.catch_up()
+        finally:
+            await projector.close()
+    marks["final"] = [projector.events, peak_rss_kb()]
+    print(json.dumps(marks))
+
+
+async def run(url: str, events: int, work: Path) -> None:
+    settings = Settings(nats_url=url)
+    async with EventStore.connect(settings, ensure=True, name="bench-store") as store:
+        print(f"publishing {events:,} events (pipelined EventStore.submit) ...", flush=True)
+        ledger_n, hb_n, rate = await publish(store, events)
+        print(f"  {ledger_n:,} lifecycle events on {LEDGER_STREAM}, {hb_n:,} heartbeats on {HEARTBEAT_STREAM} "
+              f"at {rate:,.0f}/s", flush=True)
+        ends = {s: await store.last_seq(s) for s in STREAMS}
+
+        raw, raw_n = await raw_rate(url, ends)
+        print(f"(a) raw ordered consumer + decode : {raw:>9,.0f} events/s  ({raw_n:,} events)", flush=True)
+        proj, proj_n, projector = await catch_up_rate(store, work / "catchup.sqlite3")
+        print(f"(b) projector catch-up -> SQLite  : {proj:>9,.0f} events/s  ({proj_n:,} events, "
+              f"{projector.commits:,} commits, {projector.state.ledger.anomalies:,} anomalies flagged)", flush=True)
+        print(f"    ratio b/a                     : {proj / raw:.2f}   (target >= 0.70)", flush=True)
+        result = await rebuild(store, ProjectionSettings(db=str(work / "rebuilt.sqlite3")))
+        scale = 1_000_000 / result.events if result.events else 0
+        print(f"(c) rebuild from zero             : {result.seconds:.1f} s for {result.events:,} events "
+              f"(~{result.seconds * scale:.1f} s per 1 M; target < 30 s)", flush=True)
+    rss = child_rss(url, work / "child.sqlite3")
+    final_events, final_kb = rss["final"]
+    print(f"(d) projector peak RSS            : {final_kb / 1024:.0f} MiB after {final_events:,} events (subprocess)")
+    for mark in MARKS:
+        if str(mark) in rss:
+            n, kb = rss[str(mark)]
+            print(f"    after {n:>9,} events           : {kb / 1024:.0f} MiB  ({final_kb / kb - 1:+.0%} to the end; "
+                  "target within 20 % from 100 k)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", help="use this NATS server instead of starting an embedded one")
+    parser.add_argument("--events", type=int, default=1_000_000, help="events to publish (default 1000000)")
+    parser.add_argument("--child-rss", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--db", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    tune_gc()  # what `ledger project` does; the raw baseline runs in this process too, under the same setting
+    if args.child_rss:
+        asyncio.run(child_main(args.url, Path(args.db)))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        if args.url:
+            asyncio.run(run(args.url, args.events, work))
+            return
+        cfg = ServerConfig(data_dir=work / "nats", port=free_port(), sync_always=False)
+        with EmbeddedServer(cfg) as server:
+            print(f"nats-server {'.'.join(map(str, server.version or ()))} on {server.url}", flush=True)
+            asyncio.run(run(server.url, args.events, work))
+
+
+if __name__ == "__main__":
+    main()
