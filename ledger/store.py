@@ -179,6 +179,11 @@ class EventStore:
         return await reader.history(self.nc, stream, subjects.entity_filter(family, entity_id), after=after,
                                     min_last_seq=min_last_seq, timeout=self.settings.request_timeout)
 
+    async def read(self, subject_filter: str, *, after: int = 0, min_last_seq: int | None = None) -> list[Item]:
+        """Every message on a subject filter after sequence `after` (for short filtered histories)."""
+        return await reader.history(self.nc, subjects.stream_for_filter(subject_filter), subject_filter,
+                                    after=after, min_last_seq=min_last_seq, timeout=self.settings.request_timeout)
+
     async def last(self, family: str, entity_id: str) -> Item | None:
         """The entity's newest event, read from the stream leader (never stale)."""
         check_token(entity_id, f"{family} id")

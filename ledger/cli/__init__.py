@@ -6,6 +6,9 @@ import click
 
 from .. import __version__
 from .common import setup_logging
+from .agent import agent_command
+from .entities import route_group, session_group, unreachable_command
+from .replay import replay_command
 from .server import init_command, server_command
 
 
@@ -21,8 +24,9 @@ def cli(verbose: int) -> None:
     setup_logging(verbose)
 
 
-cli.add_command(server_command)
-cli.add_command(init_command)
+for command in (server_command, init_command, agent_command, session_group, route_group, unreachable_command,
+                replay_command):
+    cli.add_command(command)
 
 
 def main() -> None:
