@@ -14,7 +14,8 @@ from ledger import lifecycle as lc
 from ledger.agent import Agent
 from ledger.client import Ledger
 from ledger.codec import Recorded
-from ledger.errors import (CapacityExhausted, Draining, Fenced, NotClaimable, NotFound, StaleToken,
+from ledger.errors import (CapacityExhausted, Draining, Fenced, IllegalTransition, NotClaimable, NotFound,
+                           StaleToken,
                            Superseded)
 from ledger.ids import new_id
 from ledger.server import EmbeddedServer
@@ -256,3 +257,27 @@ async def test_no_acknowledged_beat_within_ttl_fences_then_a_new_incarnation(
                          what="a new incarnation after the broker came back")
         registrations = await ledger.registrations("a1")
         assert registrations[-1] == a.incarnation and first in registrations
+
+
+async def test_route_transitions_by_the_owner_carry_its_token(ledger: Ledger, uid: str):
+    sid, _ = await ledger.create_session("p", session_id=f"{uid}-s")
+    rid = f"{uid}-r"
+    async with agent_of(ledger, f"{uid}-a") as a, agent_of(ledger, f"{uid}-b") as b:
+        held = await a.claim(sid)
+        await ledger.create_route(rid, session_id=sid, endpoint="chat")
+        await a.transition_route(rid, lc.STARTING, reason="session starting")
+        route, _ = await ledger.route(rid)
+        assert route.state == lc.STARTING
+        last = [r.event for r in await ledger.store.history("route", rid)][-1]
+        assert last.token == held.token
+        with pytest.raises(IllegalTransition) as e:
+            await a.transition_route(rid, lc.RUNNING)
+        assert (e.value.current, e.value.requested) == (lc.STARTING, lc.RUNNING)
+        await b.claim(sid, reason="drain", previous_token=held.token)
+        with pytest.raises((StaleToken, NotFound)):
+            await a.transition_route(rid, lc.WARMING_UP, address="10.0.0.7:8000")
+        route, _ = await ledger.route(rid)
+        assert route.state == lc.STARTING
+        await b.transition_route(rid, lc.WARMING_UP, address="10.0.0.7:8000")
+        route, _ = await ledger.route(rid)
+        assert (route.state, route.address) == (lc.WARMING_UP, "10.0.0.7:8000")
