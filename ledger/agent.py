@@ -113,6 +113,7 @@ class Agent:
         self._session_seq: dict[str, int] = {}
         """Newest sequence we know of per session we touched, so a lagging watch never undoes our writes."""
         self._waiting = False
+        self._fence_record: ev.AgentFenced | None = None
 
     @property
     def ref(self) -> decide.AgentRef:
@@ -265,6 +266,10 @@ class Agent:
             return
         self.fenced = reason
         self.superseded = self.superseded or superseded
+        if not superseded:
+            self._fence_record = ev.AgentFenced(producer=self.producer, agent_id=self.agent_id,
+                                                incarnation=self.incarnation, reason=reason,
+                                                fenced_at=ev.utcnow(), ttl=self.ttl)
         lost = list(self.owned)
         self.owned.clear()
         log.warning("%s: fenced (incarnation %d): %s; dropped %d session(s)",
@@ -280,6 +285,10 @@ class Agent:
         if self._pending_registration is None:
             started = time.monotonic()
             try:
+                if self._fence_record is not None:
+                    # Write down the decision we took alone, then come back as a new incarnation.
+                    await self.store.submit(self._fence_record)
+                    self._fence_record = None
                 future = await self.store.submit(self._registration())
             except LedgerError as e:
                 log.debug("%s: cannot register yet: %s", self.agent_id, e)

@@ -79,6 +79,7 @@ CLAIM_REASONS = ("initial", "failover", "drain", "rebalance", "manual")
 # --- agents -------------------------------------------------------------------
 
 A_ALIVE, A_DRAINING, A_DRAINED, A_DEAD, A_GONE = "alive", "draining", "drained", "dead", "gone"
+A_FENCED = "fenced"
 """Lifecycle status from events; `suspect` is derived (see projections) from a suspicion and later beats."""
 
 
@@ -219,6 +220,9 @@ def evolve_agent(state: AgentState | None, rec: Recorded) -> Evolved[AgentState 
         case ev.AgentGoodbye(reason=reason):
             if status != A_GONE:
                 return moved(A_GONE, f"goodbye: {reason}"), None
+        case ev.AgentFenced(reason=reason):
+            if status in (A_ALIVE, A_DRAINING, A_DEAD):
+                return moved(A_FENCED, f"fenced itself: {reason}"), None
     return state, Anomaly(ILLEGAL_TRANSITION, f"{e.type_tag()} while agent is {status}")
 
 
@@ -325,6 +329,29 @@ def evolve_route(state: RouteState | None, rec: Recorded,
             return _replace(state, healthy=e.healthy, health_checked_at=e.checked_at, health_detail=e.detail,
                             last_seq=seq), None
     return state, Anomaly(ILLEGAL_TRANSITION, f"{e.type_tag()} does not apply to a route")
+
+
+class PoolState(msgspec.Struct, frozen=True, kw_only=True):
+    pool: str
+    breaker_open: bool = False
+    since: datetime | None = None
+    reason: str = ""
+    trips: int = 0
+    last_seq: int = 0
+
+
+def evolve_pool(state: PoolState | None, rec: Recorded) -> Evolved[PoolState | None]:
+    """A pool's mass-failure breaker: open (orphaning stopped) or closed."""
+    e, seq, at = rec.event, rec.seq, rec.event.time
+    current = state or PoolState(pool=e.entity_id)
+    match e:
+        case ev.PoolBreakerTripped(reason=reason) if not current.breaker_open:
+            return _replace(current, breaker_open=True, since=at, reason=reason, trips=current.trips + 1,
+                            last_seq=seq), None
+        case ev.PoolBreakerReset(reason=reason) if current.breaker_open:
+            return _replace(current, breaker_open=False, since=at, reason=reason, last_seq=seq), None
+    return state, Anomaly(ILLEGAL_TRANSITION, f"{e.type_tag()} while the breaker is "
+                                              f"{'open' if current.breaker_open else 'closed'}")
 
 
 def fold(evolve: Callable[..., Evolved[Any]], records: Iterable[Recorded],

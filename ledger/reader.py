@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import time
 from collections.abc import AsyncIterator, Sequence
 from datetime import datetime, timezone
 
@@ -23,6 +24,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.errors import NoRespondersError, TimeoutError as NatsTimeout
 from nats.js import api
+from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
 
 from . import codec
 from .codec import Recorded, Unreadable
@@ -31,6 +33,8 @@ from .errors import StoreError, StreamMissing, Unavailable
 Item = Recorded | Unreadable
 
 API_PREFIX = "$JS.API"
+CONSUMER_CREATE_PATIENCE = 3
+"""Request timeouts to keep retrying consumer creation through a leader election."""
 
 
 def parse_stamp(text: str) -> int:
@@ -266,16 +270,29 @@ class Replay:
                 return False
             self._end_seq = end
         js = self._nc.jetstream(timeout=self._timeout)
-        self._sub = await js.subscribe(
-            self._filters[0], stream=self._stream, cb=self._on_msg, ordered_consumer=True,
-            config=self._config(), idle_heartbeat=2.0,
-            pending_msgs_limit=4 * self._batch + 1024, pending_bytes_limit=256 * 1024 * 1024,
-        )
-        if not self._follow:
-            info = await self._sub.consumer_info()
-            if info.num_pending == 0 and info.delivered.stream_seq == 0:
-                return False  # nothing on these filters
-        return True
+        deadline = time.monotonic() + CONSUMER_CREATE_PATIENCE * self._timeout
+        while True:
+            try:
+                self._sub = await js.subscribe(
+                    self._filters[0], stream=self._stream, cb=self._on_msg, ordered_consumer=True,
+                    config=self._config(), idle_heartbeat=2.0,
+                    pending_msgs_limit=4 * self._batch + 1024, pending_bytes_limit=256 * 1024 * 1024,
+                )
+                if not self._follow:
+                    info = await self._sub.consumer_info()
+                    if info.num_pending == 0 and info.delivered.stream_seq == 0:
+                        return False  # nothing on these filters
+                return True
+            except (NatsTimeout, NoRespondersError, ServiceUnavailableError) as e:
+                # Creating a consumer needs the meta leader: wait out an election, briefly.
+                await self.close_subscription()
+                if time.monotonic() > deadline:
+                    raise Unavailable(f"cannot start reading {self._stream}: {e or type(e).__name__}") from None
+                await asyncio.sleep(0.25)
+            except NotFoundError:
+                raise StreamMissing(f"stream {self._stream} does not exist: run `ledger init`") from None
+            except APIError as e:
+                raise StoreError(f"cannot read {self._stream}: {e.description} (error {e.err_code})") from None
 
     async def __aiter__(self) -> AsyncIterator[list[Item]]:
         try:
@@ -296,6 +313,9 @@ class Replay:
     async def close(self) -> None:
         self._finished = True
         self._room.set()
+        await self.close_subscription()
+
+    async def close_subscription(self) -> None:
         if self._sub is not None:
             sub, self._sub = self._sub, None
             with contextlib.suppress(Exception):

@@ -257,6 +257,10 @@ async def test_no_acknowledged_beat_within_ttl_fences_then_a_new_incarnation(
                          what="a new incarnation after the broker came back")
         registrations = await ledger.registrations("a1")
         assert registrations[-1] == a.incarnation and first in registrations
+        history = [r.event for r in await ledger.store.history("agent", "a1")]
+        fenced_events = [e for e in history if isinstance(e, ev.AgentFenced)]
+        assert [(f.incarnation, f.ttl) for f in fenced_events] == [(first, 1.0)]
+        assert "no heartbeat acknowledged" in fenced_events[0].reason
 
 
 async def test_route_transitions_by_the_owner_carry_its_token(ledger: Ledger, uid: str):
