@@ -33,8 +33,8 @@ from .errors import StoreError, StreamMissing, Unavailable
 Item = Recorded | Unreadable
 
 API_PREFIX = "$JS.API"
-CONSUMER_CREATE_PATIENCE = 3
-"""Request timeouts to keep retrying consumer creation through a leader election."""
+CONSUMER_CREATE_PATIENCE = 30.0
+"""Seconds to keep retrying consumer creation through a (meta) leader election."""
 
 
 def parse_stamp(text: str) -> int:
@@ -270,7 +270,7 @@ class Replay:
                 return False
             self._end_seq = end
         js = self._nc.jetstream(timeout=self._timeout)
-        deadline = time.monotonic() + CONSUMER_CREATE_PATIENCE * self._timeout
+        deadline = time.monotonic() + max(CONSUMER_CREATE_PATIENCE, self._timeout)
         while True:
             try:
                 self._sub = await js.subscribe(
