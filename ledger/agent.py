@@ -416,11 +416,12 @@ class Agent:
         self._lose(session_id, "released")
         return seq
 
-    async def report_resource(self, session_id: str, platform_resource_id: str, *, token: int | None = None) -> int:
-        """Record the platform resource (container id, pod name ...) that runs the session."""
+    async def report_resource(self, session_id: str, platform_resource_id: str, *, address: str | None = None,
+                              token: int | None = None) -> int:
+        """Record the platform resource (container id, pod name ...) that runs the session, and its address."""
         return await self._owner_write(session_id, lambda t: ev.SessionResourceReported(
             producer=self.producer, session_id=session_id, agent_id=self.agent_id, incarnation=self.incarnation,
-            token=t, platform_resource_id=platform_resource_id), token)
+            token=t, platform_resource_id=platform_resource_id, address=address), token)
 
     async def terminate(self, session_id: str, *, reason: str = "", token: int | None = None) -> int:
         """End a session this agent owns."""

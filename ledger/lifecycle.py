@@ -146,6 +146,8 @@ class SessionState(msgspec.Struct, frozen=True, kw_only=True):
     reason: str | None = None
     """Why the session is orphaned, released or terminated."""
     platform_resource_id: str | None = None
+    address: str | None = None
+    """host:port where the session serves, as its owner reported it."""
     status_since: datetime | None = None
     last_owner_write_at: datetime | None = None
     last_seq: int = 0
@@ -158,6 +160,7 @@ class RouteState(msgspec.Struct, frozen=True, kw_only=True):
     deployment: str
     probe: ev.Probe | None
     start_timeout: float
+    stop_timeout: float
     state: str
     state_since: datetime
     state_seq: int
@@ -258,7 +261,7 @@ def evolve_session(state: SessionState | None, rec: Recorded,
             return _replace(state, status=S_ASSIGNED, owner=e.agent_id, owner_instance=e.instance_id,
                             owner_incarnation=e.incarnation, token=seq, claim_reason=e.reason,
                             claims=state.claims + 1, reason=None, status_since=at, last_owner_write_at=at,
-                            last_seq=seq), None
+                            platform_resource_id=None, address=None, last_seq=seq), None
         case ev.SessionReleased() | ev.SessionResourceReported():
             problem = _owner_write_problem(state, e.agent_id, e.token)
             if problem:
@@ -266,8 +269,9 @@ def evolve_session(state: SessionState | None, rec: Recorded,
             if isinstance(e, ev.SessionReleased):
                 return _replace(state, status=S_RELEASED, owner=None, owner_instance=None, owner_incarnation=None,
                                 token=None, reason=e.reason or "released", status_since=at, last_seq=seq), None
-            return _replace(state, platform_resource_id=e.platform_resource_id, last_owner_write_at=at,
-                            last_seq=seq), None
+            return _replace(state, platform_resource_id=e.platform_resource_id,
+                            address=e.address if e.address is not None else state.address,
+                            last_owner_write_at=at, last_seq=seq), None
         case ev.SessionOrphaned():
             if state.status != S_ASSIGNED:
                 return state, Anomaly(ILLEGAL_TRANSITION, f"session.orphaned while session is {state.status}")
@@ -299,7 +303,8 @@ def evolve_route(state: RouteState | None, rec: Recorded,
         if state is not None:
             return state, Anomaly(DUPLICATE, f"route {e.route_id} was already created at #{state.last_seq}")
         return RouteState(route_id=e.route_id, session_id=e.session_id, endpoint=e.endpoint,
-                          deployment=e.deployment, probe=e.probe, start_timeout=e.start_timeout, state=PENDING,
+                          deployment=e.deployment, probe=e.probe, start_timeout=e.start_timeout,
+                          stop_timeout=e.stop_timeout, state=PENDING,
                           state_since=at, state_seq=seq, created_at=at, last_seq=seq), None
     if state is None:
         return state, Anomaly(UNKNOWN_ENTITY, f"{e.type_tag()} for unknown route {e.entity_id}")
