@@ -280,7 +280,8 @@ class Replay:
                 )
                 if not self._follow:
                     info = await self._sub.consumer_info()
-                    if info.num_pending == 0 and info.delivered.stream_seq == 0:
+                    # consumer_seq counts deliveries; stream_seq may jump ahead past non-matching messages.
+                    if info.num_pending == 0 and info.delivered.consumer_seq == 0:
                         return False  # nothing on these filters
                 return True
             except (NatsTimeout, NoRespondersError, ServiceUnavailableError) as e:

@@ -141,7 +141,7 @@ async def test_writes_under_a_stale_token_are_refused(ledger: Ledger, uid: str):
         await eventually(lambda: lost, what="a noticing it lost the session")
         assert lost[0][0] == sid and "taken over" in lost[0][1]
         state, _ = await ledger.session(sid)
-        assert (state.owner, state.platform_resource_id) == (b.agent_id, "pod/1")
+        assert (state.owner, state.platform_resource_id) == (b.agent_id, None)  # the new owner runs it anew
         await b.release(sid, reason="idle")
         state, _ = await ledger.session(sid)
         assert (state.status, state.reason) == (lc.S_RELEASED, "idle")
