@@ -28,7 +28,7 @@ import logging
 import signal
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from types import TracebackType
@@ -53,6 +53,14 @@ class Claim(msgspec.Struct, frozen=True):
     session_id: str
     token: int
     reason: str
+
+
+class Activity(msgspec.Struct, frozen=True):
+    """How long one owned session has been idle, whether work is in flight, and its idle TTL."""
+
+    idle_for: float
+    in_flight: int
+    idle_ttl: float | None
 
 
 @dataclass
@@ -114,6 +122,10 @@ class Agent:
         """Newest sequence we know of per session we touched, so a lagging watch never undoes our writes."""
         self._waiting = False
         self._fence_record: ev.AgentFenced | None = None
+        self._last_active: dict[str, float] = {}
+        self._in_flight: dict[str, int] = {}
+        self._idle_ttl: dict[str, float | None] = {}
+        self._releasing: set[str] = set()
 
     @property
     def ref(self) -> decide.AgentRef:
@@ -351,6 +363,8 @@ class Agent:
         return held is not None and held.token == token
 
     def _lose(self, session_id: str, why: str) -> None:
+        for bookkeeping in (self._last_active, self._in_flight, self._idle_ttl):
+            bookkeeping.pop(session_id, None)
         if self.owned.pop(session_id, None) is not None:
             log.info("%s: lost session %s: %s", self.agent_id, session_id, why)
             if self._on_lost is not None:
@@ -382,8 +396,17 @@ class Agent:
         if self.load >= self.capacity and session_id not in self.owned:
             raise CapacityExhausted(f"agent {self.agent_id} owns {self.load} of {self.capacity} session(s)")
         await self._check_current_incarnation()
-        token = await self.ledger.claim_session(session_id, self.ref, reason=reason, previous_token=previous_token)
+        seen: list[lc.SessionState | None] = []
+
+        def decide_claim(state: lc.SessionState | None) -> ev.Event:
+            seen.append(state)
+            return decide.decide_claim(state, session_id, self.ref, producer=self.producer, reason=reason,
+                                       previous_token=previous_token)
+
+        token, _ = await self.ledger.cas(lambda m: self.ledger.session(session_id, min_last_seq=m), decide_claim)
         self._check_may_act()  # fenced while the claim was in flight: it is not ours to act on
+        self._idle_ttl[session_id] = seen[-1].idle_ttl if seen and seen[-1] else None
+        self.touch(session_id)
         claim = Claim(session_id, token, reason)
         self.owned[session_id] = claim
         self._session_seq[session_id] = max(token, self._session_seq.get(session_id, 0))
@@ -466,3 +489,53 @@ class Agent:
             with contextlib.suppress(LedgerError):
                 await self.store.append(ev.AgentDrained(producer=self.producer, agent_id=self.agent_id,
                                                         incarnation=self.incarnation, reason="no sessions left"))
+
+    # --- activity and idleness ---------------------------------------------------------------
+
+    def touch(self, session_id: str) -> None:
+        """Note activity on a session (it is not idle now)."""
+        self._last_active[session_id] = time.monotonic()
+
+    @contextlib.asynccontextmanager
+    async def busy(self, session_id: str) -> AsyncIterator[Claim]:
+        """Mark work in flight on an owned session: a busy session is never released as idle."""
+        claim = self.owned.get(session_id)
+        if claim is None or session_id in self._releasing:
+            raise NotFound(f"agent {self.agent_id} does not own session {session_id}")
+        self._in_flight[session_id] = self._in_flight.get(session_id, 0) + 1
+        self.touch(session_id)
+        try:
+            yield claim
+        finally:
+            if session_id in self._in_flight:
+                self._in_flight[session_id] -= 1
+                self.touch(session_id)
+
+    def activity(self) -> dict[str, Activity]:
+        """Idleness of every owned session (idle TTLs unknown so far are None; see `learn_idle_ttl`)."""
+        now = time.monotonic()
+        return {sid: Activity(idle_for=now - self._last_active.get(sid, now), in_flight=self._in_flight.get(sid, 0),
+                              idle_ttl=self._idle_ttl.get(sid)) for sid in self.owned}
+
+    def needs_idle_ttl(self) -> list[str]:
+        return [sid for sid in self.owned if sid not in self._idle_ttl]
+
+    def learn_idle_ttl(self, session_id: str, idle_ttl: float | None) -> None:
+        if session_id in self.owned:
+            self._idle_ttl[session_id] = idle_ttl
+            self._last_active.setdefault(session_id, time.monotonic())
+
+    async def release_if_idle(self, session_id: str) -> bool:
+        """Release the session if it is still idle past its TTL and nothing is in flight."""
+        info = self.activity().get(session_id)
+        if info is None or info.idle_ttl is None or info.in_flight or info.idle_for < info.idle_ttl:
+            return False
+        self._releasing.add(session_id)  # from here on busy() refuses it: no work starts on it
+        try:
+            await self.release(session_id, reason=f"idle for {info.idle_for:.0f}s (idle TTL {info.idle_ttl:g}s)")
+        except LedgerError as e:
+            log.info("%s: idle release of %s not written: %s", self.agent_id, session_id, e)
+            return False
+        finally:
+            self._releasing.discard(session_id)
+        return True
