@@ -201,7 +201,8 @@ class Replay:
 
     def __init__(self, nc: NATS, stream: str, filters: Sequence[str], *, start_seq: int | None = None,
                  start_time: datetime | None = None, end_seq: int | None = None, end_time: datetime | None = None,
-                 follow: bool = False, batch: int = 2000, timeout: float = 5.0) -> None:
+                 follow: bool = False, last_per_subject: bool = False, batch: int = 2000,
+                 timeout: float = 5.0) -> None:
         self._nc = nc
         self._stream = stream
         self._filters = list(filters)
@@ -211,6 +212,7 @@ class Replay:
         # datetimes stop at microseconds, stream times do not: end_time covers its whole microsecond.
         self._end_ns = codec.to_ns(end_time) + 999 if end_time else None
         self._follow = follow
+        self._last_per_subject = last_per_subject
         self._batch = batch
         self._timeout = timeout
         self._buf: list[Item] = []
@@ -228,7 +230,9 @@ class Replay:
             cfg.filter_subject = self._filters[0]
         else:
             cfg.filter_subjects = self._filters
-        if self._start_seq and self._start_seq > 1:
+        if self._last_per_subject:
+            cfg.deliver_policy = api.DeliverPolicy.LAST_PER_SUBJECT
+        elif self._start_seq and self._start_seq > 1:
             cfg.deliver_policy = api.DeliverPolicy.BY_START_SEQUENCE
             cfg.opt_start_seq = self._start_seq
         elif self._start_time is not None:
