@@ -110,14 +110,17 @@ class BreakerCall(msgspec.Struct, frozen=True, kw_only=True):
     reason: str = ""
 
 
-def breaker_before_death(pool_agents: Iterable[lc.AgentState], deaths: Sequence[tuple[str, datetime]], dying: str,
-                         now: datetime, settings: LivenessSettings) -> BreakerCall:
-    """Would declaring `dying` dead make too much of its pool die at once? (The breaker is closed.)
+def breaker_before_death(pool_agents: Iterable[lc.AgentState], deaths: Sequence[tuple[str, datetime]],
+                         dying: Iterable[str], now: datetime, settings: LivenessSettings) -> BreakerCall:
+    """Would these deaths make too much of the pool die at once? (Asked while the breaker is closed.)
 
-    `deaths` are the pool's recent death declarations (agent id, time).
+    `deaths` are the pool's recent death declarations (agent id, time);
+    `dying` the agents about to be declared dead now, and those overdue with
+    them (missed heartbeats) - a pool failing together is caught at its first
+    death, before any of its sessions move.
     """
     start = now - timedelta(seconds=settings.breaker_window)
-    recent = {agent for agent, at in deaths if _aware(at) >= start} | {dying}
+    recent = {agent for agent, at in deaths if _aware(at) >= start} | set(dying)
     alive = {a.agent_id for a in pool_agents if a.status in (lc.A_ALIVE, lc.A_DRAINING)}
     population = len(alive | recent)
     share = len(recent) / population if population else 0.0

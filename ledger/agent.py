@@ -39,6 +39,7 @@ from . import decide, lifecycle as lc, subjects
 from . import events as ev
 from .client import Ledger
 from .codec import Recorded
+from .reader import Replay
 from .errors import CapacityExhausted, Draining, Fenced, InvalidInput, LedgerError, NotFound, Superseded
 from .ids import check_token, new_id
 
@@ -322,17 +323,30 @@ class Agent:
     async def _watch_loop(self) -> None:
         filters = [subjects.entity_filter("agent", self.agent_id), subjects.family_filter("session")]
         start = self.incarnation
-        while not self._closing:
-            replay = self.store.replay(filters, start_seq=start, follow=True)
-            try:
-                async for batch in replay:
-                    for item in batch:
-                        start = item.seq + 1
-                        if isinstance(item, Recorded):
-                            self._observe(item)
-            except (LedgerError, asyncio.TimeoutError) as e:
-                log.debug("%s: watch interrupted (%s); resuming at #%d", self.agent_id, e, start)
-                await asyncio.sleep(0.5)
+        current: list[Replay] = []
+
+        def on_connection(kind: str) -> None:
+            # After a reconnect (the server may have restarted and lost our consumer) start again at once.
+            if kind == "reconnected":
+                for replay in current:
+                    replay.interrupt()
+
+        self.store.add_connection_listener(on_connection)
+        try:
+            while not self._closing:
+                replay = self.store.replay(filters, start_seq=start, follow=True)
+                current[:] = [replay]
+                try:
+                    async for batch in replay:
+                        for item in batch:
+                            start = item.seq + 1
+                            if isinstance(item, Recorded):
+                                self._observe(item)
+                except (LedgerError, asyncio.TimeoutError) as e:
+                    log.debug("%s: watch interrupted (%s); resuming at #%d", self.agent_id, e, start)
+                    await asyncio.sleep(0.5)
+        finally:
+            self.store.remove_connection_listener(on_connection)
 
     def _observe(self, rec: Recorded) -> None:
         e = rec.event

@@ -166,14 +166,20 @@ class Ledger:
         return seq
 
     async def create_route(self, route_id: str, *, session_id: str, endpoint: str, deployment: str = "",
-                           probe: ev.Probe | None = None, start_timeout: float = 300.0) -> int:
+                           probe: ev.Probe | None = None, start_timeout: float = 300.0,
+                           stop_timeout: float = 300.0) -> int:
         check_token(route_id, "route id")
         check_token(session_id, "session id")
+        if start_timeout <= 0 or stop_timeout <= 0:
+            raise InvalidInput("start and stop timeouts must be positive")
+        if probe is not None and probe.on_stale not in ("ignore", "deactivate", "terminate"):
+            raise InvalidInput(f"probe.on_stale must be ignore, deactivate or terminate, got {probe.on_stale!r}")
         state, _ = await self.session(session_id)
         if state is None:
             raise NotFound(f"session {session_id} does not exist")
         event = ev.RouteCreated(producer=self.producer, route_id=route_id, session_id=session_id,
-                                endpoint=endpoint, deployment=deployment, probe=probe, start_timeout=start_timeout)
+                                endpoint=endpoint, deployment=deployment, probe=probe, start_timeout=start_timeout,
+                                stop_timeout=stop_timeout)
         try:
             return await self.store.append(event, expect=0)
         except Conflict:

@@ -265,6 +265,10 @@ class Replay:
         self._finished = True
         self._ready.set()
 
+    def interrupt(self) -> None:
+        """End the iteration after what was already delivered (a follower then starts a new one)."""
+        self._finish()
+
     async def _start(self) -> bool:
         """Subscribe; False when there is nothing to deliver."""
         if not self._follow:

@@ -89,6 +89,10 @@ class EventStore:
         """Call `listener("disconnected" | "reconnected")` when the connection drops or comes back."""
         self._listeners.append(listener)
 
+    def remove_connection_listener(self, listener: Callable[[str], None]) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
     def connection_event(self, kind: str) -> None:
         for listener in self._listeners:
             listener(kind)

@@ -78,13 +78,17 @@ def test_decided_agents_are_left_alone():
 def test_the_breaker_trips_when_most_of_a_pool_dies_together():
     pool = [agent("a1"), agent("a2"), agent("a3", status=lc.A_DEAD), agent("a4", status=lc.A_DEAD)]
     deaths = [("a3", at(90)), ("a4", at(95))]
-    call = lr.breaker_before_death(pool, deaths, "a2", at(100), SETTINGS)
+    call = lr.breaker_before_death(pool, deaths, {"a2"}, at(100), SETTINGS)
     assert call.trip and call.dead == ("a2", "a3", "a4") and call.agents == 4
     assert "3 of 4 agents died" in call.reason
     # One death in four is business as usual; so are old deaths.
-    assert not lr.breaker_before_death(pool, [("a3", at(10))], "a2", at(100), SETTINGS).trip
+    assert not lr.breaker_before_death(pool, [("a3", at(10))], {"a2"}, at(100), SETTINGS).trip
     # Tiny pools never trip.
-    assert not lr.breaker_before_death([agent("a1"), agent("a2")], [], "a1", at(100), SETTINGS).trip
+    assert not lr.breaker_before_death([agent("a1"), agent("a2")], [], {"a1"}, at(100), SETTINGS).trip
+    # Agents overdue together trip it at the first death, before any session moves.
+    everyone = [agent(f"a{i}") for i in range(1, 5)]
+    first = lr.breaker_before_death(everyone, [], {"a1", "a2", "a3"}, at(100), SETTINGS)
+    assert first.trip and first.dead == ("a1", "a2", "a3")
 
 
 def test_the_breaker_resets_once_the_pool_recovered():

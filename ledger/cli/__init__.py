@@ -7,6 +7,7 @@ import click
 from .. import __version__
 from .common import setup_logging
 from .agent import agent_command
+from .consumers import consumers_command, pool_group
 from .entities import route_group, session_group, unreachable_command
 from .replay import replay_command
 from .server import init_command, server_command
@@ -25,7 +26,7 @@ def cli(verbose: int) -> None:
 
 
 for command in (server_command, init_command, agent_command, session_group, route_group, unreachable_command,
-                replay_command):
+                replay_command, consumers_command, pool_group):
     cli.add_command(command)
 
 

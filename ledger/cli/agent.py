@@ -6,7 +6,6 @@ from datetime import datetime
 
 import click
 
-from .. import reference_agent
 from ..client import Ledger
 from .common import async_command, echo, nats_url_option, settings_from
 
@@ -38,5 +37,7 @@ async def agent_command(agent_id: str, pool: str, platform: str, region: str, ca
         echo(f"{datetime.now().strftime('%H:%M:%S.%f')[:-3]} {agent_id}: {line}")
 
     async with Ledger.connect(settings_from(nats_url), producer_id=agent_id, name=f"ledger-agent-{agent_id}") as ledger:
-        await reference_agent.run(ledger, agent_id=agent_id, pool=pool, platform=platform, region=region,
+        from consumers import agent_process  # the CLI is where the packages meet
+
+        await agent_process.run(ledger, agent_id=agent_id, pool=pool, platform=platform, region=region,
                                   capacity=capacity, heartbeat=heartbeat, ttl=ttl, say=say)

@@ -100,19 +100,23 @@ def route_group() -> None:
               help="Seconds a WARMING_UP route has to pass its first probe.")
 @click.option("--stale-after", type=float, default=30.0, show_default=True,
               help="Seconds after which a health report counts as stale.")
-@click.option("--start-timeout", type=float, default=300.0, show_default=True,
+@click.option("--start-timeout", type=click.FloatRange(min=0, min_open=True), default=300.0, show_default=True,
               help="Seconds a STARTING route may take.")
+@click.option("--stop-timeout", type=click.FloatRange(min=0, min_open=True), default=300.0, show_default=True,
+              help="Seconds a TERMINATING route may take.")
+@click.option("--on-stale", type=click.Choice(["ignore", "deactivate", "terminate"]), default="deactivate",
+              show_default=True, help="What the watchdog does with a RUNNING route whose health went stale.")
 @nats_url_option
 @producer_id_option
 @async_command
 async def route_create(route_id: str, session_id: str, endpoint: str, deployment: str, probe: bool,
-                       initial_delay: float, stale_after: float, start_timeout: float, nats_url: str,
-                       producer_id: str) -> None:
+                       initial_delay: float, stale_after: float, start_timeout: float, stop_timeout: float,
+                       on_stale: str, nats_url: str, producer_id: str) -> None:
     """Create a route in PENDING for a session."""
-    spec = Probe(initial_delay=initial_delay, stale_after=stale_after) if probe else None
+    spec = Probe(initial_delay=initial_delay, stale_after=stale_after, on_stale=on_stale) if probe else None
     async with Ledger.connect(settings_from(nats_url), producer_id=producer_id) as ledger:
         seq = await ledger.create_route(route_id, session_id=session_id, endpoint=endpoint, deployment=deployment,
-                                        probe=spec, start_timeout=start_timeout)
+                                        probe=spec, start_timeout=start_timeout, stop_timeout=stop_timeout)
     echo(f"created route {route_id} for session {session_id} in PENDING (#{seq})")
 
 

@@ -1,11 +1,15 @@
 """The reference agent process behind `ledger agent`: an Agent that claims its pool's sessions itself.
 
-It folds agent and session events into a FleetView, and whenever something
-changes (or every heartbeat interval) claims sessions of its pool, platform
-and region that need an owner, up to its capacity. Claims race with other
-agents' claims; the compare-and-set picks one winner, the losers move on. A
-more loaded agent waits a moment before claiming, so the least loaded tends
-to win.
+It follows the lifecycle stream into a LedgerState and, whenever something
+changes (or every heartbeat interval), asks the reclaimer's own rules what
+needs an owner - with itself as the only eligible agent - and claims it, up to
+its capacity. So it takes exactly what the reclaimer would give it: pending and
+orphaned sessions, those of agents that said goodbye, were declared dead
+(unless the pool's breaker is open) or were replaced, and drain hand-offs.
+Claims race with other agents and reclaimers; the compare-and-set picks one
+winner, the losers move on. A more loaded agent waits a moment before
+claiming, so the least loaded tends to win; the order is shuffled so agents
+do not all reach for the same session first.
 """
 
 from __future__ import annotations
@@ -16,12 +20,13 @@ import logging
 import random
 from collections.abc import Callable
 
-from . import subjects
-from .agent import Agent
-from .client import Ledger
-from .codec import Recorded
-from .errors import CapacityExhausted, Conflict, Draining, Fenced, LedgerError, NotClaimable, NotFound
-from .fleet import FleetView
+from ledger.agent import Agent
+from ledger.client import Ledger
+from ledger.errors import CapacityExhausted, Conflict, Draining, Fenced, LedgerError, NotClaimable, NotFound
+
+from . import reclaim_rules as rules
+from .follow import Follower, Item
+from .idle import IdleReaper
 
 log = logging.getLogger(__name__)
 
@@ -32,41 +37,42 @@ STAGGER_PER_SESSION = 0.01
 class SelfClaimer:
     def __init__(self, agent: Agent, say: Callable[[str], None]) -> None:
         self.agent = agent
-        self.view = FleetView()
         self.say = say
+        self.follower = Follower(agent.store, heartbeats=False)
+        self.follower.listen(self._heard)
         self._changed = asyncio.Event()
 
-    async def follow(self) -> None:
-        """Keep the view current (from the start of the log, then live)."""
-        filters = [subjects.family_filter("agent"), subjects.family_filter("session")]
-        start = 1
-        while True:
-            try:
-                async for batch in self.agent.store.replay(filters, start_seq=start, follow=True):
-                    for item in batch:
-                        start = item.seq + 1
-                        if isinstance(item, Recorded):
-                            self.view.apply(item)
-                    self._changed.set()
-            except LedgerError as e:
-                log.debug("fleet view interrupted (%s); resuming at #%d", e, start)
-                await asyncio.sleep(0.5)
+    def _heard(self, stream: str, batch: list[Item], changes: list[object]) -> None:
+        self._changed.set()
 
-    async def claim_loop(self) -> None:
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self.follower.run())
+            tasks.create_task(self._claim_loop())
+
+    async def _claim_loop(self) -> None:
+        await self.follower.caught_up.wait()
         while True:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), self.agent.heartbeat)
             self._changed.clear()
             await self.claim_what_needs_an_owner()
 
+    def wanted(self) -> list[rules.ClaimFor]:
+        """What the reclaimer's rules would give this agent now."""
+        agent, state = self.agent, self.follower.state.ledger
+        me = rules.Capacity(agent=agent.ref, load=agent.load, capacity=agent.capacity)
+        plan = rules.plan(state.sessions.values(), state.agents, {(agent.pool, agent.platform, agent.region): [me]},
+                          state.pools, skip=set(agent.owned))
+        return [a for a in plan if isinstance(a, rules.ClaimFor)]
+
     async def claim_what_needs_an_owner(self) -> None:
         agent = self.agent
         if agent.fenced or agent.draining:
             return
-        candidates = [c for c in self.view.candidates(agent.pool, agent.platform, agent.region)
-                      if c.session_id not in agent.owned]
-        random.shuffle(candidates)
-        for c in candidates:
+        wanted = self.wanted()
+        random.shuffle(wanted)
+        for c in wanted:
             if agent.load >= agent.capacity:
                 return
             if agent.load:
@@ -95,8 +101,8 @@ async def run(ledger: Ledger, *, agent_id: str, pool: str, platform: str, region
     async with agent:
         say(f"registered {agent_id} (incarnation {agent.incarnation}) in pool {pool}/{platform}/{region}, "
             f"capacity {capacity}, heartbeat {heartbeat:g} s, ttl {ttl:g} s")
-        claimer = SelfClaimer(agent, say)
-        tasks = [asyncio.create_task(claimer.follow()), asyncio.create_task(claimer.claim_loop())]
+        tasks = [asyncio.create_task(SelfClaimer(agent, say).run()),
+                 asyncio.create_task(IdleReaper(agent).run())]
         try:
             await agent.wait_stopped()
         finally:

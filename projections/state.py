@@ -1,0 +1,253 @@
+"""LedgerState: the whole log folded in memory - pure, deterministic, serialisable.
+
+    state = LedgerState()
+    for item in batch:                  # Recorded | Unreadable, from either stream
+        change = state.apply(item)      # None when the item was already applied
+        if change and change.anomaly:
+            ...                         # flagged, not applied
+
+Each stream has its own fold and its own position: LEDGER (agents, sessions,
+routes, via the per-entity rules of `ledger.lifecycle`) and LEDGER_HB (the
+newest beat per agent, `projections.beats`). The two never read each other, so
+they may be consumed independently and still give the same state.
+
+An item at or below its stream's position is ignored, which makes redelivery
+harmless. Nothing here does I/O: the SQLite projector, time travel and the
+long-running consumers of `consumers/` all keep this same state.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any, NamedTuple
+
+import msgspec
+
+from ledger.codec import Recorded, Unreadable, from_ns, reason_code
+from ledger.lifecycle import (
+    ILLEGAL_TRANSITION,
+    AgentState,
+    Anomaly,
+    PoolState,
+    RouteState,
+    SessionState,
+    evolve_agent,
+    evolve_pool,
+    evolve_route,
+    evolve_session,
+)
+from ledger.subjects import HEARTBEAT_STREAM, LEDGER_STREAM
+
+from .beats import Beat, evolve_beat
+
+AGENT, SESSION, ROUTE, POOL, HEARTBEAT, DEAD_LETTER = "agent", "session", "route", "pool", "heartbeat", "dead_letter"
+"""What a Change touched: an entity kind, the heartbeat of an agent, or a dead letter."""
+
+
+class AnomalyRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """An event that reached the log but was flagged and not applied, with where and why."""
+
+    stream: str
+    seq: int
+    stored_at: datetime
+    entity_kind: str
+    entity_id: str
+    event_type: str
+    producer: str
+    kind: str
+    detail: str
+
+
+class Change(NamedTuple):
+    """What one applied item did: the entity it concerned and, if it was refused, why."""
+
+    kind: str
+    """agent, session, route, heartbeat (the agent's beat) or dead_letter."""
+    id: str
+    """The entity id (the agent id for a heartbeat), or the reason code of a dead letter."""
+    before: Any
+    """The entity's state before the item (None if it did not exist); the new one is in the state."""
+    anomaly: AnomalyRecord | None
+
+    @property
+    def applied(self) -> bool:
+        return self.anomaly is None and self.kind != DEAD_LETTER
+
+
+_CODE = re.compile(r"^[a-z][a-z0-9-]{0,40}$")
+
+
+def dead_letter_code(reason: str) -> str:
+    """The short code of an Unreadable's reason, usable as a subject token (`other` if it has none)."""
+    code = reason_code(reason)
+    return code if _CODE.match(code) else "other"
+
+
+def _flag(item: Recorded, kind: str, entity_id: str, anomaly: Anomaly) -> AnomalyRecord:
+    e = item.event
+    return AnomalyRecord(stream=item.stream, seq=item.seq, stored_at=from_ns(item.timestamp_ns), entity_kind=kind,
+                         entity_id=entity_id, event_type=e.type_tag(), producer=e.producer.id, kind=anomaly.kind,
+                         detail=anomaly.detail)
+
+
+class LifecycleState(msgspec.Struct, kw_only=True):
+    """The LEDGER stream folded: every agent, session and route, as of `seq`."""
+
+    seq: int = 0
+    """The last stream sequence applied."""
+    stored_ns: int = 0
+    """When the server stored that message."""
+    agents: dict[str, AgentState] = {}
+    sessions: dict[str, SessionState] = {}
+    routes: dict[str, RouteState] = {}
+    pools: dict[str, PoolState] = {}
+    """Pools with a breaker history (a pool never tripped has no entry: its breaker is closed)."""
+    dead_letters: dict[str, int] = {}
+    """Reason code -> messages of this stream that were not events."""
+    anomalies: int = 0
+
+    def incarnation_at(self, agent_id: str, seq: int) -> int | None:
+        # Items are applied in log order, so "as of seq" is simply "now".
+        agent = self.agents.get(agent_id)
+        return agent.incarnation if agent is not None else None
+
+    def token_at(self, session_id: str, seq: int) -> int | None:
+        session = self.sessions.get(session_id)
+        return session.token if session is not None else None
+
+    def apply(self, item: Recorded | Unreadable) -> Change | None:
+        seq = item.seq
+        if seq <= self.seq:
+            return None
+        self.seq = seq
+        self.stored_ns = item.timestamp_ns
+        if type(item) is Unreadable:
+            code = dead_letter_code(item.reason)
+            self.dead_letters[code] = self.dead_letters.get(code, 0) + 1
+            return Change(DEAD_LETTER, code, None, None)
+        e = item.event
+        family = e.family
+        table: dict[str, Any]
+        if family == SESSION:
+            table, key = self.sessions, e.session_id
+            before = table.get(key)
+            after, anomaly = evolve_session(before, item, self.incarnation_at)
+        elif family == ROUTE:
+            table, key = self.routes, e.route_id
+            before = table.get(key)
+            after, anomaly = evolve_route(before, item, self.token_at)
+        elif family == AGENT:
+            table, key = self.agents, e.agent_id
+            before = table.get(key)
+            after, anomaly = evolve_agent(before, item)
+        elif family == POOL:
+            table, key = self.pools, e.pool
+            before = table.get(key)
+            after, anomaly = evolve_pool(before, item)
+        else:  # a heartbeat payload on a LEDGER subject fails decoding first; this is defence in depth
+            key, before = e.entity_id, None
+            family, after = AGENT, None
+            anomaly = Anomaly(ILLEGAL_TRANSITION, f"{e.type_tag()} does not belong in the {item.stream} stream")
+        if anomaly is None:
+            table[key] = after
+            return Change(family, key, before, None)
+        self.anomalies += 1
+        return Change(family, key, before, _flag(item, family, key, anomaly))
+
+
+class HeartbeatState(msgspec.Struct, kw_only=True):
+    """The LEDGER_HB stream folded: the newest beat per agent, as of `seq`."""
+
+    seq: int = 0
+    stored_ns: int = 0
+    beats: dict[str, Beat] = {}
+    dead_letters: dict[str, int] = {}
+    anomalies: int = 0
+
+    def apply(self, item: Recorded | Unreadable) -> Change | None:
+        seq = item.seq
+        if seq <= self.seq:
+            return None
+        self.seq = seq
+        self.stored_ns = item.timestamp_ns
+        if type(item) is Unreadable:
+            code = dead_letter_code(item.reason)
+            self.dead_letters[code] = self.dead_letters.get(code, 0) + 1
+            return Change(DEAD_LETTER, code, None, None)
+        key = item.event.entity_id
+        before = self.beats.get(key)
+        after, anomaly = evolve_beat(before, item)
+        if anomaly is None:
+            if after is not before:
+                self.beats[key] = after  # type: ignore[assignment]
+            return Change(HEARTBEAT, key, before, None)
+        self.anomalies += 1
+        return Change(HEARTBEAT, key, before, _flag(item, AGENT, key, anomaly))
+
+
+class LedgerState(msgspec.Struct, kw_only=True):
+    """Both streams folded; `apply` routes each item to its stream's fold."""
+
+    ledger: LifecycleState = msgspec.field(default_factory=LifecycleState)
+    heartbeats: HeartbeatState = msgspec.field(default_factory=HeartbeatState)
+
+    def apply(self, item: Recorded | Unreadable) -> Change | None:
+        """Fold one stored item; None if its stream's position is already past it."""
+        if item.stream == HEARTBEAT_STREAM:
+            return self.heartbeats.apply(item)
+        return self.ledger.apply(item)
+
+    def apply_all(self, items: Iterable[Recorded | Unreadable]) -> list[Change]:
+        apply = self.apply
+        return [c for c in map(apply, items) if c is not None]
+
+    def position(self, stream: str) -> int:
+        return self.heartbeats.seq if stream == HEARTBEAT_STREAM else self.ledger.seq
+
+    def part(self, stream: str) -> LifecycleState | HeartbeatState:
+        return self.heartbeats if stream == HEARTBEAT_STREAM else self.ledger
+
+    @property
+    def agents(self) -> dict[str, AgentState]:
+        return self.ledger.agents
+
+    @property
+    def sessions(self) -> dict[str, SessionState]:
+        return self.ledger.sessions
+
+    @property
+    def routes(self) -> dict[str, RouteState]:
+        return self.ledger.routes
+
+    @property
+    def beats(self) -> dict[str, Beat]:
+        return self.heartbeats.beats
+
+    def current_beat(self, agent_id: str) -> Beat | None:
+        """The agent's newest beat if it belongs to the agent's current incarnation."""
+        agent = self.ledger.agents.get(agent_id)
+        beat = self.heartbeats.beats.get(agent_id)
+        if agent is None or beat is None or beat.incarnation != agent.incarnation:
+            return None
+        return beat
+
+
+STREAMS = (LEDGER_STREAM, HEARTBEAT_STREAM)
+
+_encoder = msgspec.msgpack.Encoder()
+_decoders = {
+    LedgerState: msgspec.msgpack.Decoder(LedgerState),
+    LifecycleState: msgspec.msgpack.Decoder(LifecycleState),
+    HeartbeatState: msgspec.msgpack.Decoder(HeartbeatState),
+}
+
+
+def encode(state: LedgerState | LifecycleState | HeartbeatState) -> bytes:
+    """The state as msgpack bytes (snapshots, hand-over between processes)."""
+    return _encoder.encode(state)
+
+
+def decode(data: bytes, kind: type[Any] = LedgerState) -> Any:
+    return _decoders[kind].decode(data)
