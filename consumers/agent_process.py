@@ -20,6 +20,7 @@ import logging
 import random
 from collections.abc import Callable
 
+from ledger import tasks
 from ledger.agent import Agent
 from ledger.client import Ledger
 from ledger.errors import CapacityExhausted, Conflict, Draining, Fenced, LedgerError, NotClaimable, NotFound
@@ -101,15 +102,11 @@ async def run(ledger: Ledger, *, agent_id: str, pool: str, platform: str, region
     async with agent:
         say(f"registered {agent_id} (incarnation {agent.incarnation}) in pool {pool}/{platform}/{region}, "
             f"capacity {capacity}, heartbeat {heartbeat:g} s, ttl {ttl:g} s")
-        tasks = [asyncio.create_task(SelfClaimer(agent, say).run()),
-                 asyncio.create_task(IdleReaper(agent).run())]
+        running = [asyncio.create_task(SelfClaimer(agent, say).run()),
+                   asyncio.create_task(IdleReaper(agent).run())]
         try:
             await agent.wait_stopped()
         finally:
-            for task in tasks:
-                task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await tasks.stop(running)
         say(f"stopping: saying goodbye (owned {agent.load} session(s))")
     say("goodbye written; bye")

@@ -103,6 +103,14 @@ def judge(agent: lc.AgentState, beat: LastBeat | None, reports: Sequence[tuple[i
     return None
 
 
+def overdue(agent: lc.AgentState, beat: LastBeat | None, now: datetime, settings: LivenessSettings) -> bool:
+    """Has a live agent missed `suspect_after_missed` heartbeats (whether or not it was suspected yet)?"""
+    if agent.status not in (lc.A_ALIVE, lc.A_DRAINING) or agent.heartbeat_interval <= 0:
+        return False
+    age = (now - _aware(beat.stored_at if beat else agent.registered_at)).total_seconds()
+    return age >= settings.suspect_after_missed * agent.heartbeat_interval
+
+
 class BreakerCall(msgspec.Struct, frozen=True, kw_only=True):
     trip: bool
     dead: tuple[str, ...] = ()

@@ -114,18 +114,18 @@ class LivenessMonitor:
         state = self.follower.state
         written: list[ev.Event] = []
         verdicts = []
+        overdue: dict[str, set[str]] = defaultdict(set)
+        """Per pool, the agents that missed their beats: dying together trips the breaker at the first death."""
         for agent in list(state.ledger.agents.values()):
             beat = state.heartbeats.beats.get(agent.agent_id)
             last = rules.LastBeat(beat.seq, from_ns(beat.stored_ns)) if beat and beat.incarnation == agent.incarnation \
                 else None
+            if rules.overdue(agent, last, now, self.settings):
+                overdue[agent.pool].add(agent.agent_id)
             reports = list(self._reports.get((agent.agent_id, agent.incarnation), ()))
             verdict = rules.judge(agent, last, reports, now, self.settings, self.ledger.producer.id)
             if verdict is not None:
                 verdicts.append((agent, last, verdict))
-        overdue: dict[str, set[str]] = defaultdict(set)
-        for agent, _, verdict in verdicts:
-            if verdict.reason == rules.MISSED_HEARTBEATS:
-                overdue[agent.pool].add(agent.agent_id)
         for agent, last, verdict in verdicts:
             if verdict.event_id in self._written:
                 continue

@@ -35,7 +35,7 @@ from types import TracebackType
 
 import msgspec
 
-from . import decide, lifecycle as lc, subjects
+from . import decide, lifecycle as lc, subjects, tasks
 from . import events as ev
 from .client import Ledger
 from .codec import Recorded
@@ -158,11 +158,7 @@ class Agent:
             await asyncio.shield(self.goodbye("shutdown" if self._signalled is None
                                               else f"signal {signal.Signals(self._signalled).name}"))
         finally:
-            for task in self._tasks:
-                task.cancel()
-            for task in self._tasks:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            await tasks.stop(self._tasks)
             if self._handle_signals:
                 loop = asyncio.get_running_loop()
                 for sig in (signal.SIGTERM, signal.SIGINT):

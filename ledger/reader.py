@@ -26,7 +26,7 @@ from nats.errors import NoRespondersError, TimeoutError as NatsTimeout
 from nats.js import api
 from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
 
-from . import codec
+from . import codec, tasks
 from .codec import Recorded, Unreadable
 from .errors import StoreError, StreamMissing, Unavailable
 
@@ -305,7 +305,9 @@ class Replay:
 
     async def __aiter__(self) -> AsyncIterator[list[Item]]:
         try:
-            if not await self._start():
+            started = await self._start()
+            tasks.raise_if_cancelled()  # nats-py's wait_for may have swallowed our cancellation
+            if not started:
                 return
             while True:
                 await self._ready.wait()

@@ -69,6 +69,13 @@ def test_failure_reports_make_an_agent_suspect_before_its_beats_lapse():
     assert (verdict.kind, verdict.reason, verdict.evidence.reports) == (lr.SUSPECT, lr.UNREACHABLE_REPORTS, 3)
 
 
+def test_overdue_counts_missed_beats_whether_or_not_suspected():
+    beat = lr.LastBeat(40, at(100))
+    assert not lr.overdue(agent(), beat, at(114), SETTINGS)
+    assert lr.overdue(agent(suspected_at=at(116)), beat, at(116), SETTINGS)
+    assert not lr.overdue(agent(status=lc.A_DEAD), beat, at(200), SETTINGS)
+
+
 def test_decided_agents_are_left_alone():
     for status in (lc.A_DEAD, lc.A_GONE, lc.A_DRAINED, lc.A_FENCED):
         assert lr.judge(agent(status=status), None, [], at(999), SETTINGS) is None
