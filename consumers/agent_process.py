@@ -79,7 +79,8 @@ class SelfClaimer:
             if agent.load:
                 await asyncio.sleep(min(0.2, STAGGER_PER_SESSION * agent.load))
             try:
-                claim = await agent.claim(c.session_id, reason=c.reason, previous_token=c.previous_token)
+                claim = await agent.claim(c.session_id, reason=c.reason, previous_token=c.previous_token,
+                                          causation_id=c.cause_id)
             except (NotClaimable, Conflict, NotFound):
                 continue  # another claimer was faster, or the session moved on
             except (Fenced, Draining, CapacityExhausted):

@@ -398,7 +398,8 @@ class Agent:
             self._fence(f"superseded by incarnation {regs[-1]}", superseded=True)
             self._check_may_act()
 
-    async def claim(self, session_id: str, *, reason: str = "initial", previous_token: int | None = None) -> Claim:
+    async def claim(self, session_id: str, *, reason: str = "initial", previous_token: int | None = None,
+                    causation_id: str | None = None) -> Claim:
         """Claim a session for this agent (compare-and-set); its sequence is the fencing token."""
         self._check_may_act()
         if self.draining:
@@ -411,7 +412,7 @@ class Agent:
         def decide_claim(state: lc.SessionState | None) -> ev.Event:
             seen.append(state)
             return decide.decide_claim(state, session_id, self.ref, producer=self.producer, reason=reason,
-                                       previous_token=previous_token)
+                                       previous_token=previous_token, causation_id=causation_id)
 
         token, _ = await self.ledger.cas(lambda m: self.ledger.session(session_id, min_last_seq=m), decide_claim)
         self._check_may_act()  # fenced while the claim was in flight: it is not ours to act on

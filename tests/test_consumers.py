@@ -56,36 +56,41 @@ async def test_kill_9_one_of_three_agents_moves_its_sessions_within_ttl_plus_a_b
                 now = await owners(ledger, lost)
                 return all(o not in (None, victim) for o in now.values())
 
-            await eventually(moved, timeout=TTL + HEARTBEAT + 5, interval=0.05, what="failover of the lost sessions")
-            took = time.monotonic() - killed_at
-            print(f"\n{len(lost)} sessions of {victim} re-owned {took:.2f}s after kill -9 "
+            await eventually(moved, timeout=TTL + HEARTBEAT + 10, interval=0.05, what="failover of the lost sessions")
+            print(f"\n{len(lost)} sessions of {victim} re-owned {time.monotonic() - killed_at:.2f}s after kill -9 "
                   f"(ttl {TTL}s + heartbeat {HEARTBEAT}s)")
-            assert took <= TTL + HEARTBEAT + 1.0  # detection within TTL + one beat; the rest is milliseconds
         history = await events(ledger.store, "agent", victim)
         [dead] = [e for e in history if isinstance(e, ev.AgentDeclaredDead)]
         assert dead.reason == "missed_heartbeats" and dead.evidence.dead_after == TTL
         assert dead.evidence.last_heartbeat_seq is not None and dead.producer.id == "monitor"
+        last_beat = dead.evidence.last_heartbeat_at
         for sid in lost:
-            claim = [e for e in await events(ledger.store, "session", sid) if isinstance(e, ev.SessionClaimed)][-1]
-            assert claim.previous_owner == victim and claim.reason == "failover"
-            assert claim.causation_id == dead.event_id or claim.producer.id != "reclaimer"
+            final = [r for r in await ledger.store.history("session", sid) if isinstance(r.event, ev.SessionClaimed)][-1]
+            claim = final.event
+            assert claim.previous_owner == victim and claim.reason == "failover" and claim.causation_id == dead.event_id
+            # On the log's own clock: re-owned within TTL + one heartbeat interval of the last beat
+            # (plus the monitor's 0.2 s tick and the write itself).
+            assert (final.stored_at - last_beat).total_seconds() <= TTL + HEARTBEAT + 0.5
 
 
 async def test_sigterm_moves_sessions_at_once_without_waiting_for_the_ttl(server: EmbeddedServer):
     async with ledger_on(server.url) as ledger, agents(server.url, "gpu", ["a1", "a2"], ttl=30.0) as procs:
         sessions = [(await ledger.create_session("gpu", session_id=f"s{i}"))[0] for i in range(6)]
         await eventually(lambda: _all(owners(ledger, sessions)), what="every session claimed")
-        async with consumers(server.url, watchdog=False):
+        # No liveness monitor: with a 30 s ttl nothing but the goodbye itself can move them.
+        async with consumers(server.url, watchdog=False, monitor=False):
             placed = await owners(ledger, sessions)
             lost = [s for s, o in placed.items() if o == "a1"]
-            started = time.monotonic()
             assert await procs["a1"].terminate() == 0
 
             async def with_a2() -> bool:
                 return set((await owners(ledger, lost)).values()) <= {"a2"}
 
-            await eventually(with_a2, timeout=10, interval=0.02, what="a1's sessions moving after its goodbye")
-            assert time.monotonic() - started < 5  # far below the 30 s ttl: the goodbye fast path
+            await eventually(with_a2, timeout=20, interval=0.02, what="a1's sessions moving after its goodbye")
+        [goodbye] = [e for e in await events(ledger.store, "agent", "a1") if isinstance(e, ev.AgentGoodbye)]
+        for sid in lost:
+            claim = [e for e in await events(ledger.store, "session", sid) if isinstance(e, ev.SessionClaimed)][-1]
+            assert (claim.previous_owner, claim.causation_id) == ("a1", goodbye.event_id)
 
 
 async def _all(result) -> bool:  # type: ignore[no-untyped-def]
