@@ -17,31 +17,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
-import statistics
-import sys
-import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import pct, run_against_server, server_options
 
 import nats  # noqa: E402
 
 from ledger.agent import Agent  # noqa: E402
 from ledger.client import Ledger  # noqa: E402
 from ledger.errors import NotClaimable  # noqa: E402
-from ledger.server import EmbeddedServer, ServerConfig, free_port  # noqa: E402
 from ledger.settings import Settings  # noqa: E402
 from ledger.store import EventStore  # noqa: E402
 
 
-def pct(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))] * 1000
-
-
 def line(name: str, values: list[float]) -> str:
-    return (f"{name:<28} p50 {pct(values, 50):7.2f} ms   p99 {pct(values, 99):7.2f} ms   "
+    return (f"{name:<28} p50 {pct(values, 50) * 1000:7.2f} ms   p99 {pct(values, 99) * 1000:7.2f} ms   "
             f"max {max(values) * 1000:7.2f} ms   (n={len(values)})")
 
 
@@ -115,20 +105,11 @@ async def run(url: str, sessions: int, racers: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--url")
+    server_options(parser)
     parser.add_argument("--sessions", type=int, default=500)
     parser.add_argument("--racers", type=int, default=10)
-    parser.add_argument("--sync-always", action="store_true")
     args = parser.parse_args()
-    if args.url:
-        asyncio.run(run(args.url, args.sessions, args.racers))
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = ServerConfig(data_dir=Path(tmp), port=free_port(), sync_always=args.sync_always)
-        with EmbeddedServer(cfg) as server:
-            print(f"nats-server {'.'.join(map(str, server.version or ()))} on {server.url} "
-                  f"(sync_interval: {'always' if args.sync_always else 'default'})")
-            asyncio.run(run(server.url, args.sessions, args.racers))
+    run_against_server(args, lambda url: run(url, args.sessions, args.racers))
 
 
 if __name__ == "__main__":

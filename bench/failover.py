@@ -24,11 +24,10 @@ import os
 import random
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import pct, run_against_server, server_options
 
 from consumers.follow import Follower  # noqa: E402
 from ledger import decide  # noqa: E402
@@ -39,14 +38,8 @@ from ledger.client import Ledger  # noqa: E402
 from ledger.codec import Recorded  # noqa: E402
 from ledger.errors import Conflict, NotClaimable  # noqa: E402
 from ledger.ids import new_id  # noqa: E402
-from ledger.server import EmbeddedServer, ServerConfig, free_port  # noqa: E402
 from ledger.settings import Settings  # noqa: E402
 from ledger.store import EventStore  # noqa: E402
-
-
-def pct(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
 
 
 async def create_sessions(store: EventStore, producer: ev.Producer, pool: str, n: int, tag: str) -> list[str]:
@@ -213,22 +206,13 @@ async def run(url: str, sessions: int, rounds: int, claimers: int, orphans: int)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--url")
+    server_options(parser)
     parser.add_argument("--sessions", type=int, default=1000, help="sessions of the failing agent (default 1000)")
     parser.add_argument("--rounds", type=int, default=3, help="failovers of each kind (default 3)")
     parser.add_argument("--claimers", type=int, default=50)
     parser.add_argument("--orphans", type=int, default=10_000)
-    parser.add_argument("--sync-always", action="store_true")
     args = parser.parse_args()
-    if args.url:
-        asyncio.run(run(args.url, args.sessions, args.rounds, args.claimers, args.orphans))
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = ServerConfig(data_dir=Path(tmp), port=free_port(), sync_always=args.sync_always)
-        with EmbeddedServer(cfg) as server:
-            print(f"nats-server {'.'.join(map(str, server.version or ()))} on {server.url} "
-                  f"(sync_interval: {'always' if args.sync_always else 'default'})")
-            asyncio.run(run(server.url, args.sessions, args.rounds, args.claimers, args.orphans))
+    run_against_server(args, lambda url: run(url, args.sessions, args.rounds, args.claimers, args.orphans))
 
 
 if __name__ == "__main__":

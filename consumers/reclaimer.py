@@ -23,10 +23,11 @@ from ledger import lifecycle as lc
 from ledger.client import Ledger
 from ledger.errors import Conflict, LedgerError, NotClaimable, NotFound
 from projections.health import ALIVE, agent_health
-from projections.state import AGENT, POOL, SESSION, Change
+from projections.state import AGENT, POOL, SESSION
 
 from . import reclaim_rules as rules
-from .follow import Follower, Item
+from .follow import Follower
+from .reactor import Reactor
 
 log = logging.getLogger(__name__)
 
@@ -34,33 +35,15 @@ INFLIGHT_PATIENCE = 10.0
 """Seconds a session stays out of planning while our write for it is not yet seen in the log."""
 
 
-class Reclaimer:
+class Reclaimer(Reactor):
+    kinds = (AGENT, SESSION, POOL)
+
     def __init__(self, ledger: Ledger, follower: Follower, *, tick: float = 0.5) -> None:
+        super().__init__(follower, tick=tick)
         self.ledger = ledger
-        self.follower = follower
-        self.tick = tick
-        self._wake = asyncio.Event()
         self._inflight: dict[str, tuple[int, float]] = {}
         """session id -> (its last sequence when we wrote, when) until the log shows it moved."""
         self.written: list[ev.Event] = []
-        follower.listen(self._heard)
-
-    def _heard(self, stream: str, batch: list[Item], changes: list[Change]) -> None:
-        if any(c.kind in (AGENT, SESSION, POOL) for c in changes):
-            self._wake.set()
-
-    async def run(self) -> None:
-        await self.follower.caught_up.wait()
-        while True:
-            try:
-                await asyncio.wait_for(self._wake.wait(), self.tick)
-            except asyncio.TimeoutError:
-                pass
-            self._wake.clear()
-            try:
-                await self.step(ev.utcnow())
-            except LedgerError as e:
-                log.warning("reclaim step failed: %s", e)
 
     def eligible(self, now: datetime) -> dict[tuple[str, str, str], list[rules.Capacity]]:
         """Agents that may take sessions now, with their load, by (pool, platform, region)."""
@@ -120,22 +103,15 @@ class Reclaimer:
             return decide.decide_claim(state, action.session_id, action.agent, producer=producer,
                                        reason=action.reason, previous_token=action.previous_token,
                                        causation_id=action.cause_id)
+        if state is None or state.status != lc.S_ASSIGNED or state.token != action.previous_token:
+            raise Conflict(action.session_id, action.previous_token)  # the session moved on: nothing to orphan
         return ev.SessionOrphaned(producer=producer, session_id=action.session_id, reason=action.reason,
                                   previous_owner=action.previous_owner,
-                                  previous_incarnation=state.owner_incarnation if state else None,
+                                  previous_incarnation=state.owner_incarnation,
                                   previous_token=action.previous_token, causation_id=action.cause_id)
 
     async def _decide_again(self, action: rules.ClaimFor | rules.Orphan) -> ev.Event:
         """The session moved since our view of it: decide from its history instead."""
-        if isinstance(action, rules.ClaimFor):
-            seq, event = await self.ledger.cas(
-                lambda m: self.ledger.session(action.session_id, min_last_seq=m),
-                lambda state: decide.decide_claim(state, action.session_id, action.agent,
-                                                  producer=self.ledger.producer, reason=action.reason,
-                                                  previous_token=action.previous_token,
-                                                  causation_id=action.cause_id))
-            return event
-        seq = await self.ledger.orphan_session(action.session_id, reason=action.reason,
-                                               previous_token=action.previous_token, causation_id=action.cause_id)
-        return ev.SessionOrphaned(producer=self.ledger.producer, session_id=action.session_id,
-                                  reason=action.reason, previous_token=action.previous_token)
+        read = lambda m: self.ledger.session(action.session_id, min_last_seq=m)  # noqa: E731
+        _, event = await self.ledger.cas(read, lambda state: self._event(action, state))
+        return event

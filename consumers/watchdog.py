@@ -18,9 +18,10 @@ from ledger import events as ev
 from ledger import lifecycle as lc
 from ledger.client import Ledger
 from ledger.errors import Conflict, IllegalTransition, LedgerError, NotFound
-from projections.state import ROUTE, SESSION, Change
+from projections.state import ROUTE, SESSION
 
-from .follow import Follower, Item
+from .follow import Follower
+from .reactor import Reactor
 from .route_rules import Step, next_step
 
 log = logging.getLogger(__name__)
@@ -28,32 +29,14 @@ log = logging.getLogger(__name__)
 FINAL = (lc.FAILED_TO_START, lc.TERMINATED)
 
 
-class RouteWatchdog:
+class RouteWatchdog(Reactor):
+    kinds = (ROUTE, SESSION)
+
     def __init__(self, ledger: Ledger, follower: Follower, *, tick: float = 0.5) -> None:
+        super().__init__(follower, tick=tick)
         self.ledger = ledger
-        self.follower = follower
-        self.tick = tick
-        self._wake = asyncio.Event()
         self._inflight: dict[str, tuple[int, float]] = {}
         self.written: list[tuple[str, Step]] = []
-        follower.listen(self._heard)
-
-    def _heard(self, stream: str, batch: list[Item], changes: list[Change]) -> None:
-        if any(c.kind in (ROUTE, SESSION) for c in changes):
-            self._wake.set()
-
-    async def run(self) -> None:
-        await self.follower.caught_up.wait()
-        while True:
-            try:
-                await asyncio.wait_for(self._wake.wait(), self.tick)
-            except asyncio.TimeoutError:
-                pass
-            self._wake.clear()
-            try:
-                await self.step(ev.utcnow())
-            except LedgerError as e:
-                log.warning("route watchdog step failed: %s", e)
 
     async def step(self, now: datetime) -> list[tuple[str, Step]]:
         state = self.follower.state.ledger

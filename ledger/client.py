@@ -148,23 +148,6 @@ class Ledger:
                                               previous_token=previous_token, causation_id=causation_id))
         return seq
 
-    async def orphan_session(self, session_id: str, *, reason: str, previous_token: int,
-                             evidence: ev.Evidence | None = None, causation_id: str | None = None) -> int:
-        """Record that the session lost its owner (only while the claim `previous_token` is current)."""
-
-        def decide_orphan(state: lc.SessionState | None) -> ev.Event:
-            if state is None:
-                raise NotFound(f"session {session_id} does not exist")
-            if state.status != lc.S_ASSIGNED or state.token != previous_token:
-                raise Conflict(subjects.entity_filter("session", session_id), previous_token, state.token)
-            return ev.SessionOrphaned(producer=self.producer, session_id=session_id, reason=reason,
-                                      previous_owner=state.owner, previous_incarnation=state.owner_incarnation,
-                                      previous_token=state.token, evidence=evidence or ev.Evidence(),
-                                      causation_id=causation_id)
-
-        seq, _ = await self.cas(lambda m: self.session(session_id, min_last_seq=m), decide_orphan)
-        return seq
-
     async def create_route(self, route_id: str, *, session_id: str, endpoint: str, deployment: str = "",
                            probe: ev.Probe | None = None, start_timeout: float = 300.0,
                            stop_timeout: float = 300.0) -> int:
