@@ -99,7 +99,9 @@ async def run(ledger: Ledger, *, agent_id: str, pool: str, platform: str, region
     agent = Agent(ledger, agent_id=agent_id, pool=pool, platform=platform, region=region, capacity=capacity,
                   heartbeat=heartbeat, ttl=ttl, handle_signals=True,
                   on_fenced=lambda why: say(f"fenced: {why}"),
-                  on_lost=lambda sid, why: say(f"lost {sid}: {why}"))
+                  on_lost=lambda sid, why: say(f"lost {sid}: {why}"),
+                  on_gained=lambda claim, by: say(f"now owns {claim.session_id} (token {claim.token}, "
+                                                  f"{claim.reason}, claimed by {by})"))
     async with agent:
         say(f"registered {agent_id} (incarnation {agent.incarnation}) in pool {pool}/{platform}/{region}, "
             f"capacity {capacity}, heartbeat {heartbeat:g} s, ttl {ttl:g} s")

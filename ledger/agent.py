@@ -79,7 +79,8 @@ class Agent:
                  region: str = "default", labels: dict[str, str] | None = None, capacity: int = 1,
                  heartbeat: float = 5.0, ttl: float = 30.0, handle_signals: bool = False,
                  on_fenced: Callable[[str], None] | None = None,
-                 on_lost: Callable[[str, str], None] | None = None) -> None:
+                 on_lost: Callable[[str, str], None] | None = None,
+                 on_gained: Callable[[Claim, str], None] | None = None) -> None:
         for value, what in ((agent_id, "agent id"), (pool, "pool"), (platform, "platform"), (region, "region")):
             check_token(value, what)
         if capacity < 1:
@@ -102,6 +103,7 @@ class Agent:
         self._handle_signals = handle_signals
         self._on_fenced = on_fenced
         self._on_lost = on_lost
+        self._on_gained = on_gained
         self.incarnation = 0
         self.owned: dict[str, Claim] = {}
         self.fenced: str | None = None
@@ -358,7 +360,11 @@ class Agent:
                 mine = e.agent_id == self.agent_id and e.incarnation == self.incarnation
                 held = self.owned.get(e.session_id)
                 if mine and self.fenced is None:
-                    self.owned[e.session_id] = Claim(e.session_id, rec.seq, e.reason)
+                    gained = e.session_id not in self.owned
+                    claim = self.owned[e.session_id] = Claim(e.session_id, rec.seq, e.reason)
+                    self.touch(e.session_id)
+                    if gained and self._on_gained is not None and e.producer.id != self.agent_id:
+                        self._on_gained(claim, e.producer.id)  # the reclaimer gave it to us
                 elif held is not None and not mine and e.previous_token == held.token:
                     self._lose(e.session_id, f"taken over by {e.agent_id} ({e.reason})")
             case ev.SessionReleased() | ev.SessionResourceReported():
