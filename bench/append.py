@@ -14,21 +14,16 @@ and the median of each side is reported. Target (brief section 6): >= 0.9.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import statistics
-import sys
-import tempfile
 import time
 import uuid
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import run_against_server, server_options
 
 import nats  # noqa: E402
 
 from ledger import codec  # noqa: E402
 from ledger.events import Producer, SessionCreated  # noqa: E402
-from ledger.server import EmbeddedServer, ServerConfig, free_port  # noqa: E402
 from ledger.settings import Settings  # noqa: E402
 from ledger.store import EventStore  # noqa: E402
 
@@ -90,22 +85,13 @@ async def run(url: str, events: int, rounds: int, cas: bool) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--url", help="use this NATS server instead of starting an embedded one")
+    server_options(parser)
     parser.add_argument("--events", type=int, default=20_000, help="events per round and side (default 20000)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per side (default 3)")
-    parser.add_argument("--sync-always", action="store_true", help="embedded server fsyncs every write")
     parser.add_argument("--no-cas", action="store_true", help="skip the compare-and-set variant")
     args = parser.parse_args()
-    if args.url:
-        asyncio.run(run(args.url, args.events, args.rounds, not args.no_cas))
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = ServerConfig(data_dir=Path(tmp), port=free_port(), sync_always=args.sync_always)
-        with EmbeddedServer(cfg) as server:
-            print(f"nats-server {'.'.join(map(str, server.version or ()))} on {server.url} "
-                  f"(sync_interval: {'always' if args.sync_always else 'default'}), "
-                  f"{args.events:,} events x {args.rounds} rounds")
-            asyncio.run(run(server.url, args.events, args.rounds, not args.no_cas))
+    print(f"{args.events:,} events x {args.rounds} rounds")
+    run_against_server(args, lambda url: run(url, args.events, args.rounds, not args.no_cas))
 
 
 if __name__ == "__main__":

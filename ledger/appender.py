@@ -224,7 +224,10 @@ class Appender:
             await asyncio.sleep(SWEEP_INTERVAL)
             now = time.monotonic()
             for token, p in list(self._pending.items()):
-                if p.due > now or p.future.done():
+                if p.future.done():  # the caller gave up waiting (cancelled): stop re-sending it
+                    self._settle(token)
+                    continue
+                if p.due > now:
                     continue
                 if now >= p.deadline:
                     self._settle(token, error=AppendTimeout(

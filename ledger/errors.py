@@ -94,3 +94,53 @@ class DecodeFailed(StoreError):
         self.seq = seq
         where = f"{subject} #{seq}" if seq is not None else subject
         super().__init__(f"{where}: {reason}" if where else reason)
+
+
+# --- the SDK's refusals -------------------------------------------------------
+
+
+class NotFound(LedgerError, LookupError):
+    """The session, route or agent has no events in the ledger."""
+
+
+class IllegalTransition(InvalidInput):
+    """The requested state change is not allowed from the entity's current state."""
+
+    def __init__(self, message: str, *, current: str | None = None, requested: str | None = None) -> None:
+        self.current = current
+        self.requested = requested
+        super().__init__(message)
+
+
+class NotClaimable(LedgerError):
+    """The session cannot be claimed now: it is terminated or owned by a live agent."""
+
+
+class Fenced(LedgerError):
+    """The agent may not act as an owner: it could not renew its lease, or it was replaced."""
+
+
+class StaleToken(Fenced):
+    """An owner write carried a claim token that is no longer the session's current claim."""
+
+    def __init__(self, session_id: str, held: int | None, current: int | None, owner: str | None) -> None:
+        self.session_id = session_id
+        self.held = held
+        self.current = current
+        self.owner = owner
+        super().__init__(
+            f"session {session_id}: token {held} is stale; the current claim is "
+            f"{current if current is not None else 'none'}" + (f" (owner {owner})" if owner else "")
+        )
+
+
+class Superseded(Fenced):
+    """A newer process registered with this agent id: this incarnation must stop acting."""
+
+
+class Draining(LedgerError):
+    """The agent is draining and takes no new claims."""
+
+
+class CapacityExhausted(LedgerError):
+    """The agent already owns as many sessions as its capacity allows."""

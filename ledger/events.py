@@ -44,6 +44,7 @@ __all__ = [
     "AgentSuspected",
     "AgentDeclaredDead",
     "AgentUnreachableReported",
+    "AgentFenced",
     "SessionEvent",
     "SessionCreated",
     "SessionClaimed",
@@ -56,6 +57,9 @@ __all__ = [
     "RouteCreated",
     "RouteTransitioned",
     "RouteHealthReported",
+    "PoolEvent",
+    "PoolBreakerTripped",
+    "PoolBreakerReset",
     "AnyEvent",
     "EVENT_TYPES",
     "BY_TAG",
@@ -193,6 +197,19 @@ class AgentUnreachableReported(AgentEvent, tag="agent.unreachable_reported"):
     error: str = ""
 
 
+class AgentFenced(AgentEvent, tag="agent.fenced"):
+    """The agent stopped acting as owner on its own (its lease ran out).
+
+    Decided while it could not reach the broker, so it is written afterwards,
+    just before the agent registers again as a new incarnation.
+    """
+
+    incarnation: int
+    reason: str
+    fenced_at: datetime
+    ttl: float | None = None
+
+
 # --- sessions -----------------------------------------------------------------
 
 
@@ -238,6 +255,8 @@ class SessionResourceReported(SessionEvent, tag="session.resource_reported"):
     incarnation: int
     token: int
     platform_resource_id: str
+    address: str | None = None
+    """host:port where the session serves, once it runs (routes move to WARMING_UP with it)."""
 
 
 class SessionOrphaned(SessionEvent, tag="session.orphaned"):
@@ -273,6 +292,8 @@ class Probe(msgspec.Struct, frozen=True, kw_only=True):
     initial_delay: float = 60.0
     period: float = 10.0
     stale_after: float = 30.0
+    on_stale: str = "deactivate"
+    """What the watchdog does with a RUNNING route whose health is stale: ignore, deactivate or terminate."""
 
 
 class RouteCreated(RouteEvent, tag="route.created"):
@@ -281,6 +302,8 @@ class RouteCreated(RouteEvent, tag="route.created"):
     deployment: str = ""
     probe: Probe | None = None
     start_timeout: float = 300.0
+    stop_timeout: float = 300.0
+    """Seconds a TERMINATING route may take before the watchdog ends it."""
 
 
 class RouteTransitioned(RouteEvent, tag="route.transitioned"):
@@ -302,6 +325,36 @@ class RouteHealthReported(RouteEvent, tag="route.health_reported"):
     detail: str = ""
 
 
+# --- pools -------------------------------------------------------------------
+
+
+class PoolEvent(Event):
+    family: ClassVar[str] = "pool"
+    pool: Token
+
+    @property
+    def entity_id(self) -> str:
+        return self.pool
+
+
+class PoolBreakerTripped(PoolEvent, tag="pool.breaker_tripped"):
+    """Too many of the pool's agents died together: stop orphaning their sessions."""
+
+    reason: str
+    dead: tuple[str, ...] = ()
+    """Agents declared dead inside the window, this one included."""
+    agents: int = 0
+    """Agents of the pool that were alive when the window began."""
+    window: float = 60.0
+    threshold: float = 0.5
+
+
+class PoolBreakerReset(PoolEvent, tag="pool.breaker_reset"):
+    """Orphaning resumes: the pool recovered, or an operator said so."""
+
+    reason: str
+
+
 AnyEvent = (
     AgentRegistered
     | AgentHeartbeat
@@ -320,6 +373,9 @@ AnyEvent = (
     | RouteCreated
     | RouteTransitioned
     | RouteHealthReported
+    | AgentFenced
+    | PoolBreakerTripped
+    | PoolBreakerReset
 )
 """Every event type the ledger knows: the closed union the codec decodes."""
 

@@ -79,6 +79,7 @@ CLAIM_REASONS = ("initial", "failover", "drain", "rebalance", "manual")
 # --- agents -------------------------------------------------------------------
 
 A_ALIVE, A_DRAINING, A_DRAINED, A_DEAD, A_GONE = "alive", "draining", "drained", "dead", "gone"
+A_FENCED = "fenced"
 """Lifecycle status from events; `suspect` is derived (see projections) from a suspicion and later beats."""
 
 
@@ -118,6 +119,8 @@ class AgentState(msgspec.Struct, frozen=True, kw_only=True):
     """The rule or event that set `status`, e.g. "registered", "goodbye: shutdown"."""
     status_since: datetime
     status_seq: int
+    cause_id: str | None = None
+    """Event id of the event that set `status` (what a decision taken on it names as its cause)."""
     suspected_at: datetime | None = None
     suspect_reason: str | None = None
     drain_deadline: datetime | None = None
@@ -144,7 +147,11 @@ class SessionState(msgspec.Struct, frozen=True, kw_only=True):
     claims: int = 0
     reason: str | None = None
     """Why the session is orphaned, released or terminated."""
+    cause_id: str | None = None
+    """Event id of the event that set `status`."""
     platform_resource_id: str | None = None
+    address: str | None = None
+    """host:port where the session serves, as its owner reported it."""
     status_since: datetime | None = None
     last_owner_write_at: datetime | None = None
     last_seq: int = 0
@@ -157,6 +164,7 @@ class RouteState(msgspec.Struct, frozen=True, kw_only=True):
     deployment: str
     probe: ev.Probe | None
     start_timeout: float
+    stop_timeout: float
     state: str
     state_since: datetime
     state_seq: int
@@ -186,7 +194,7 @@ def evolve_agent(state: AgentState | None, rec: Recorded) -> Evolved[AgentState 
             agent_id=e.agent_id, incarnation=seq, instance_id=e.instance_id, pool=e.pool, platform=e.platform,
             region=e.region, labels=e.labels, capacity=e.capacity, heartbeat_interval=e.heartbeat_interval,
             ttl=e.ttl, registered_at=at, status=A_ALIVE, reason="registered", status_since=at, status_seq=seq,
-            last_seq=seq,
+            cause_id=e.event_id, last_seq=seq,
         ), None
     if state is None:
         return state, Anomaly(UNKNOWN_ENTITY, f"{e.type_tag()} for unregistered agent {e.entity_id}")
@@ -196,7 +204,8 @@ def evolve_agent(state: AgentState | None, rec: Recorded) -> Evolved[AgentState 
         return state, Anomaly(kind, f"{e.type_tag()} from incarnation {incarnation}; current is {state.incarnation}")
 
     def moved(status: str, reason: str, **more: object) -> AgentState:
-        return _replace(state, status=status, reason=reason, status_since=at, status_seq=seq, last_seq=seq, **more)
+        return _replace(state, status=status, reason=reason, status_since=at, status_seq=seq, cause_id=e.event_id,
+                        last_seq=seq, **more)
 
     status = state.status
     match e:
@@ -219,6 +228,9 @@ def evolve_agent(state: AgentState | None, rec: Recorded) -> Evolved[AgentState 
         case ev.AgentGoodbye(reason=reason):
             if status != A_GONE:
                 return moved(A_GONE, f"goodbye: {reason}"), None
+        case ev.AgentFenced(reason=reason):
+            if status in (A_ALIVE, A_DRAINING, A_DEAD):
+                return moved(A_FENCED, f"fenced itself: {reason}"), None
     return state, Anomaly(ILLEGAL_TRANSITION, f"{e.type_tag()} while agent is {status}")
 
 
@@ -239,7 +251,7 @@ def evolve_session(state: SessionState | None, rec: Recorded,
             return state, Anomaly(DUPLICATE, f"session {e.session_id} was already created at #{state.last_seq}")
         return SessionState(session_id=e.session_id, pool=e.pool, platform=e.platform, region=e.region,
                             labels=e.labels, idle_ttl=e.idle_ttl, status=S_PENDING, created_at=at,
-                            status_since=at, last_seq=seq), None
+                            status_since=at, cause_id=e.event_id, last_seq=seq), None
     if state is None:
         return state, Anomaly(UNKNOWN_ENTITY, f"{e.type_tag()} for unknown session {e.entity_id}")
     if state.status == S_TERMINATED:
@@ -254,28 +266,31 @@ def evolve_session(state: SessionState | None, rec: Recorded,
             return _replace(state, status=S_ASSIGNED, owner=e.agent_id, owner_instance=e.instance_id,
                             owner_incarnation=e.incarnation, token=seq, claim_reason=e.reason,
                             claims=state.claims + 1, reason=None, status_since=at, last_owner_write_at=at,
-                            last_seq=seq), None
+                            platform_resource_id=None, address=None, cause_id=e.event_id, last_seq=seq), None
         case ev.SessionReleased() | ev.SessionResourceReported():
             problem = _owner_write_problem(state, e.agent_id, e.token)
             if problem:
                 return state, problem
             if isinstance(e, ev.SessionReleased):
                 return _replace(state, status=S_RELEASED, owner=None, owner_instance=None, owner_incarnation=None,
-                                token=None, reason=e.reason or "released", status_since=at, last_seq=seq), None
-            return _replace(state, platform_resource_id=e.platform_resource_id, last_owner_write_at=at,
-                            last_seq=seq), None
+                                token=None, reason=e.reason or "released", status_since=at, cause_id=e.event_id,
+                                last_seq=seq), None
+            return _replace(state, platform_resource_id=e.platform_resource_id,
+                            address=e.address if e.address is not None else state.address,
+                            last_owner_write_at=at, last_seq=seq), None
         case ev.SessionOrphaned():
             if state.status != S_ASSIGNED:
                 return state, Anomaly(ILLEGAL_TRANSITION, f"session.orphaned while session is {state.status}")
             if e.previous_token != state.token:
                 return state, Anomaly(STALE_TOKEN, f"orphaned under token {e.previous_token}; current is {state.token}")
             return _replace(state, status=S_ORPHANED, owner=None, owner_instance=None, owner_incarnation=None,
-                            token=None, reason=e.reason, status_since=at, last_seq=seq), None
+                            token=None, reason=e.reason, status_since=at, cause_id=e.event_id, last_seq=seq), None
         case ev.SessionTerminated():
             if e.token is not None and e.token != state.token:
                 return state, Anomaly(STALE_TOKEN, f"terminated under token {e.token}; current is {state.token}")
             return _replace(state, status=S_TERMINATED, owner=None, owner_instance=None, owner_incarnation=None,
-                            token=None, reason=e.reason or "terminated", status_since=at, last_seq=seq), None
+                            token=None, reason=e.reason or "terminated", status_since=at, cause_id=e.event_id,
+                            last_seq=seq), None
     return state, Anomaly(ILLEGAL_TRANSITION, f"{e.type_tag()} does not apply to a session")
 
 
@@ -295,7 +310,8 @@ def evolve_route(state: RouteState | None, rec: Recorded,
         if state is not None:
             return state, Anomaly(DUPLICATE, f"route {e.route_id} was already created at #{state.last_seq}")
         return RouteState(route_id=e.route_id, session_id=e.session_id, endpoint=e.endpoint,
-                          deployment=e.deployment, probe=e.probe, start_timeout=e.start_timeout, state=PENDING,
+                          deployment=e.deployment, probe=e.probe, start_timeout=e.start_timeout,
+                          stop_timeout=e.stop_timeout, state=PENDING,
                           state_since=at, state_seq=seq, created_at=at, last_seq=seq), None
     if state is None:
         return state, Anomaly(UNKNOWN_ENTITY, f"{e.type_tag()} for unknown route {e.entity_id}")
@@ -325,6 +341,31 @@ def evolve_route(state: RouteState | None, rec: Recorded,
             return _replace(state, healthy=e.healthy, health_checked_at=e.checked_at, health_detail=e.detail,
                             last_seq=seq), None
     return state, Anomaly(ILLEGAL_TRANSITION, f"{e.type_tag()} does not apply to a route")
+
+
+class PoolState(msgspec.Struct, frozen=True, kw_only=True):
+    pool: str
+    breaker_open: bool = False
+    since: datetime | None = None
+    reason: str = ""
+    trips: int = 0
+    agents_at_trip: int = 0
+    """Agents the pool had when the breaker last tripped (recovery is measured against it)."""
+    last_seq: int = 0
+
+
+def evolve_pool(state: PoolState | None, rec: Recorded) -> Evolved[PoolState | None]:
+    """A pool's mass-failure breaker: open (orphaning stopped) or closed."""
+    e, seq, at = rec.event, rec.seq, rec.event.time
+    current = state or PoolState(pool=e.entity_id)
+    match e:
+        case ev.PoolBreakerTripped(reason=reason, agents=agents) if not current.breaker_open:
+            return _replace(current, breaker_open=True, since=at, reason=reason, trips=current.trips + 1,
+                            agents_at_trip=agents, last_seq=seq), None
+        case ev.PoolBreakerReset(reason=reason) if current.breaker_open:
+            return _replace(current, breaker_open=False, since=at, reason=reason, last_seq=seq), None
+    return state, Anomaly(ILLEGAL_TRANSITION, f"{e.type_tag()} while the breaker is "
+                                              f"{'open' if current.breaker_open else 'closed'}")
 
 
 def fold(evolve: Callable[..., Evolved[Any]], records: Iterable[Recorded],

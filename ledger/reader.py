@@ -24,14 +24,17 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.errors import NoRespondersError, TimeoutError as NatsTimeout
 from nats.js import api
+from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
 
-from . import codec
+from . import codec, tasks
 from .codec import Recorded, Unreadable
 from .errors import StoreError, StreamMissing, Unavailable
 
 Item = Recorded | Unreadable
 
 API_PREFIX = "$JS.API"
+CONSUMER_CREATE_PATIENCE = 30.0
+"""Seconds to keep retrying consumer creation through a (meta) leader election."""
 
 
 def parse_stamp(text: str) -> int:
@@ -198,7 +201,8 @@ class Replay:
 
     def __init__(self, nc: NATS, stream: str, filters: Sequence[str], *, start_seq: int | None = None,
                  start_time: datetime | None = None, end_seq: int | None = None, end_time: datetime | None = None,
-                 follow: bool = False, batch: int = 2000, timeout: float = 5.0) -> None:
+                 follow: bool = False, last_per_subject: bool = False, batch: int = 2000,
+                 timeout: float = 5.0) -> None:
         self._nc = nc
         self._stream = stream
         self._filters = list(filters)
@@ -208,6 +212,7 @@ class Replay:
         # datetimes stop at microseconds, stream times do not: end_time covers its whole microsecond.
         self._end_ns = codec.to_ns(end_time) + 999 if end_time else None
         self._follow = follow
+        self._last_per_subject = last_per_subject
         self._batch = batch
         self._timeout = timeout
         self._buf: list[Item] = []
@@ -229,7 +234,9 @@ class Replay:
             cfg.filter_subject = self._filters[0]
         else:
             cfg.filter_subjects = self._filters
-        if self._start_seq and self._start_seq > 1:
+        if self._last_per_subject:
+            cfg.deliver_policy = api.DeliverPolicy.LAST_PER_SUBJECT
+        elif self._start_seq and self._start_seq > 1:
             cfg.deliver_policy = api.DeliverPolicy.BY_START_SEQUENCE
             cfg.opt_start_seq = self._start_seq
         elif self._start_time is not None:
@@ -271,6 +278,10 @@ class Replay:
         self._finished = True
         self._ready.set()
 
+    def interrupt(self) -> None:
+        """End the iteration after what was already delivered (a follower then starts a new one)."""
+        self._finish()
+
     async def _start(self) -> bool:
         """Subscribe; False when there is nothing to deliver."""
         if not self._follow:
@@ -279,36 +290,49 @@ class Replay:
             if end == 0 or (self._start_seq or 0) > end:
                 return False
             self._end_seq = end
-        self._sub = await self._subscribe()
-        if not self._follow:
-            info = await self._sub.consumer_info()
-            # Nothing on these filters. Not `delivered.stream_seq`: the server moves that past messages
-            # the filter skips, so it may be non-zero although nothing was (or will be) delivered.
-            if info.num_pending == 0 and info.delivered.consumer_seq == 0:
-                return False
-        return True
-
-    async def _subscribe(self):  # type: ignore[no-untyped-def]
-        """Create the ordered consumer, retrying while JetStream cannot answer (e.g. a leader election)."""
         js = self._nc.jetstream(timeout=self._timeout)
-        give_up = time.monotonic() + max(30.0, 3 * self._timeout)
+        deadline = time.monotonic() + max(CONSUMER_CREATE_PATIENCE, self._timeout)
         while True:
             try:
                 # No client-side limits: nats-py drops messages from a full subscription queue after counting
                 # them as delivered, so the ordered consumer never notices the gap. The server's flow-control
                 # window (32 MiB of pending bytes in nats-server 2.14) is what bounds the queue instead.
-                return await js.subscribe(
+                self._sub = await js.subscribe(
                     self._filters[0], stream=self._stream, cb=self._on_msg, ordered_consumer=True,
                     config=self._config(), idle_heartbeat=2.0, pending_msgs_limit=0, pending_bytes_limit=0,
                 )
-            except (NatsTimeout, NoRespondersError) as e:
-                if time.monotonic() > give_up:
-                    raise Unavailable(f"could not start reading {self._stream}: {type(e).__name__}") from None
+                if not self._follow:
+                    info = await self._sub.consumer_info()
+                    # consumer_seq counts deliveries; stream_seq may jump ahead past non-matching messages.
+                    if info.num_pending == 0 and info.delivered.consumer_seq == 0:
+                        return False  # nothing on these filters
+                return True
+            except (NatsTimeout, NoRespondersError, ServiceUnavailableError) as e:
+                # Creating a consumer needs the meta leader: wait out an election, briefly.
+                await self.close_subscription()
+                self._restart_delivery()
+                if time.monotonic() > deadline:
+                    raise Unavailable(f"cannot start reading {self._stream}: {e or type(e).__name__}") from None
                 await asyncio.sleep(0.25)
+            except NotFoundError:
+                raise StreamMissing(f"stream {self._stream} does not exist: run `ledger init`") from None
+            except APIError as e:
+                raise StoreError(f"cannot read {self._stream}: {e.description} (error {e.err_code})") from None
+
+    def _restart_delivery(self) -> None:
+        """Forget what a failed attempt delivered: the next consumer starts from the same place."""
+        self._buf.clear()
+        self._delivery = 0
+        self._finished = False
+        self._error = None
+        self._ready.clear()
+        self._room.set()
 
     async def __aiter__(self) -> AsyncIterator[list[Item]]:
         try:
-            if not await self._start():
+            started = await self._start()
+            tasks.raise_if_cancelled()  # nats-py's wait_for may have swallowed our cancellation
+            if not started:
                 return
             while True:
                 await self._ready.wait()
@@ -327,6 +351,9 @@ class Replay:
     async def close(self) -> None:
         self._finished = True
         self._room.set()
+        await self.close_subscription()
+
+    async def close_subscription(self) -> None:
         if self._sub is not None:
             sub, self._sub = self._sub, None
             with contextlib.suppress(Exception):

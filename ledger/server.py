@@ -117,6 +117,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def check_port_free(host: str, port: int, what: str = "client") -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # As nats-server's own listener does: connections of a previous run in TIME_WAIT don't count.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:

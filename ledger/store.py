@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime
 from types import TracebackType
 
@@ -38,22 +38,24 @@ Item = Recorded | Unreadable
 
 
 async def open_connection(settings: Settings, name: str = "session-ledger",
-                          on_reconnect: Callable[[], Awaitable[None]] | None = None,
-                          on_disconnect: Callable[[], Awaitable[None]] | None = None) -> NATS:
-    """Connect to NATS (reconnecting forever afterwards); Unavailable if the first connect fails."""
+                          on_event: Callable[[str], None] | None = None) -> NATS:
+    """Connect to NATS (reconnecting forever afterwards); Unavailable if the first connect fails.
+
+    `on_event` hears "disconnected" and "reconnected".
+    """
 
     async def error_cb(e: Exception) -> None:
         log.debug("nats: %s", e)
 
     async def disconnected_cb() -> None:
         log.info("nats: disconnected")
-        if on_disconnect:
-            await on_disconnect()
+        if on_event:
+            on_event("disconnected")
 
     async def reconnected_cb() -> None:
         log.info("nats: reconnected")
-        if on_reconnect:
-            await on_reconnect()
+        if on_event:
+            on_event("reconnected")
 
     servers = [u.strip() for u in settings.nats_url.split(",") if u.strip()]
     try:
@@ -81,6 +83,19 @@ class EventStore:
         self._appender = Appender(nc, read_back=self._first_after, ack_timeout=settings.request_timeout,
                                   deadline=settings.append_deadline, max_pending=max_pending)
         self._started = False
+        self._listeners: list[Callable[[str], None]] = []
+
+    def add_connection_listener(self, listener: Callable[[str], None]) -> None:
+        """Call `listener("disconnected" | "reconnected")` when the connection drops or comes back."""
+        self._listeners.append(listener)
+
+    def remove_connection_listener(self, listener: Callable[[str], None]) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
+    def connection_event(self, kind: str) -> None:
+        for listener in self._listeners:
+            listener(kind)
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -93,8 +108,10 @@ class EventStore:
         StreamMissing now rather than appends that nobody answers.
         """
         settings = settings or Settings.from_env()
-        nc = await open_connection(settings, name)
+        stores: list[EventStore] = []
+        nc = await open_connection(settings, name, on_event=lambda kind: [s.connection_event(kind) for s in stores])
         store = cls(nc, settings, owns_connection=True)
+        stores.append(store)
         try:
             await store.start()
             if ensure:
@@ -118,8 +135,12 @@ class EventStore:
             await self._appender.close()
             self._started = False
         if self._owns and not self.nc.is_closed:
+            # Not drain(): it waits up to 30 s for every subscription to empty. Our appends are
+            # settled above, so flushing what is buffered and closing is all that is left.
             with contextlib.suppress(Exception):
-                await self.nc.drain()
+                await self.nc.flush(timeout=2)
+            with contextlib.suppress(Exception):
+                await self.nc.close()
 
     async def __aenter__(self) -> EventStore:
         await self.start()
@@ -179,6 +200,11 @@ class EventStore:
         return await reader.history(self.nc, stream, subjects.entity_filter(family, entity_id), after=after,
                                     min_last_seq=min_last_seq, timeout=self.settings.request_timeout)
 
+    async def read(self, subject_filter: str, *, after: int = 0, min_last_seq: int | None = None) -> list[Item]:
+        """Every message on a subject filter after sequence `after` (for short filtered histories)."""
+        return await reader.history(self.nc, subjects.stream_for_filter(subject_filter), subject_filter,
+                                    after=after, min_last_seq=min_last_seq, timeout=self.settings.request_timeout)
+
     async def last(self, family: str, entity_id: str) -> Item | None:
         """The entity's newest event, read from the stream leader (never stale)."""
         check_token(entity_id, f"{family} id")
@@ -191,11 +217,14 @@ class EventStore:
 
     def replay(self, filters: str | Sequence[str] = subjects.family_filter("*"), *, stream: str | None = None,
                start_seq: int | None = None, start_time: datetime | None = None, end_seq: int | None = None,
-               end_time: datetime | None = None, follow: bool = False, batch: int = 2000) -> reader.Replay:
+               end_time: datetime | None = None, follow: bool = False, last_per_subject: bool = False,
+               batch: int = 2000) -> reader.Replay:
         """Batches of stored messages matching the filters, oldest first: `async for batch in ...`.
 
         Ends at the stream's current end (or `end_seq` / `end_time`) unless
         `follow` is set, in which case it goes on delivering new messages.
+        `last_per_subject` starts with only the newest message of each subject
+        (e.g. each agent's latest heartbeat) instead of the whole history.
         """
         filters = [filters] if isinstance(filters, str) else list(filters)
         if not filters:
@@ -206,5 +235,6 @@ class EventStore:
                 raise InvalidInput(f"filters {filters} span several streams; replay one stream at a time")
             stream = streams.pop()
         return reader.Replay(self.nc, stream, filters, start_seq=start_seq, start_time=start_time,
-                             end_seq=end_seq, end_time=end_time, follow=follow, batch=batch,
+                             end_seq=end_seq, end_time=end_time, follow=follow,
+                             last_per_subject=last_per_subject, batch=batch,
                              timeout=self.settings.request_timeout)

@@ -24,7 +24,7 @@ import aiosqlite
 import msgspec
 
 from ledger.codec import from_ns
-from ledger.lifecycle import AgentState, RouteState, SessionState
+from ledger.lifecycle import AgentState, PoolState, RouteState, SessionState
 from ledger.subjects import HEARTBEAT_STREAM, LEDGER_STREAM
 
 from . import rows, snapshots
@@ -44,6 +44,7 @@ class Batch(NamedTuple):
     agents: dict[str, AgentState]
     sessions: dict[str, SessionState]
     routes: dict[str, RouteState]
+    pools: dict[str, PoolState]
     beats: dict[str, Beat]
     anomalies: list[tuple[Any, ...]]
     """(stream, seq, stored_ns, entity_kind, entity_id, event_type, producer, kind, detail)"""
@@ -190,7 +191,8 @@ class ProjectionDB:
         c = self.conn
         async with self.transaction():
             for sql, table in ((rows.UPSERT_AGENTS, b.agents), (rows.UPSERT_SESSIONS, b.sessions),
-                               (rows.UPSERT_ROUTES, b.routes), (rows.UPSERT_BEATS, b.beats)):
+                               (rows.UPSERT_ROUTES, b.routes), (rows.UPSERT_POOLS, b.pools),
+                               (rows.UPSERT_BEATS, b.beats)):
                 for doc in rows.chunks(table):
                     await c.execute(sql, (doc,))
             if b.anomalies:
@@ -213,6 +215,8 @@ class ProjectionDB:
                 state.ledger.sessions[key] = rows.session_of(doc)
             for key, doc in await self.conn.execute_fetchall("SELECT route_id, doc FROM routes"):
                 state.ledger.routes[key] = rows.route_of(doc)
+            for key, doc in await self.conn.execute_fetchall("SELECT pool, doc FROM pools"):
+                state.ledger.pools[key] = rows.pool_of(doc)
             for key, doc in await self.conn.execute_fetchall("SELECT agent_id, doc FROM beats"):
                 state.heartbeats.beats[key] = rows.beat_of(doc)
             for cp in await self.checkpoints():
@@ -281,6 +285,10 @@ class ProjectionDB:
         clause, more = _in("route_id", ids)
         found = await self.conn.execute_fetchall(sql + clause + " ORDER BY route_id", args + more)
         return [rows.route_of(r[0]) for r in found]
+
+    async def pool_states(self) -> dict[str, PoolState]:
+        found = await self.conn.execute_fetchall("SELECT pool, doc FROM pools")
+        return {key: rows.pool_of(doc) for key, doc in found}
 
     async def owned_counts(self) -> dict[str, int]:
         found = await self.conn.execute_fetchall(

@@ -21,19 +21,20 @@ import msgspec
 
 from ledger.codec import from_ns
 from ledger.events import Probe
-from ledger.lifecycle import A_DEAD, A_DRAINED, A_DRAINING, A_GONE, AgentState, RouteState
+from ledger.lifecycle import A_DEAD, A_DRAINED, A_DRAINING, A_FENCED, A_GONE, AgentState, RouteState
 
 from .beats import Beat
 
 ALIVE, SUSPECT, DEAD, DRAINING, DRAINED, GONE = "alive", "suspect", "dead", "draining", "drained", "gone"
+FENCED = "fenced"
 UNKNOWN = "unknown"
 """No heartbeat history exists for the moment asked about (older than the heartbeat stream keeps)."""
-AGENT_HEALTH = (ALIVE, SUSPECT, DEAD, DRAINING, DRAINED, GONE, UNKNOWN)
+AGENT_HEALTH = (ALIVE, SUSPECT, DEAD, DRAINING, DRAINED, GONE, FENCED, UNKNOWN)
 
 HEALTHY, UNHEALTHY = "healthy", "unhealthy"
 ROUTE_HEALTH = (HEALTHY, UNHEALTHY, UNKNOWN)
 
-_EXPLICIT = {A_GONE: GONE, A_DEAD: DEAD, A_DRAINED: DRAINED, A_DRAINING: DRAINING}
+_EXPLICIT = {A_GONE: GONE, A_DEAD: DEAD, A_DRAINED: DRAINED, A_DRAINING: DRAINING, A_FENCED: FENCED}
 _DEFAULT_PROBE = Probe()
 
 

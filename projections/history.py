@@ -21,6 +21,7 @@ from ledger.lifecycle import (
     IncarnationAt,
     claims_lookup,
     evolve_agent,
+    evolve_pool,
     evolve_route,
     evolve_session,
     registrations_lookup,
@@ -30,7 +31,7 @@ from ledger.subjects import LEDGER_STREAM
 
 from .errors import InvalidQuery, UnknownEntity
 
-KINDS = ("agent", "session", "route")
+KINDS = ("agent", "session", "route", "pool")
 
 
 class Flag(msgspec.Struct, frozen=True):
@@ -115,7 +116,7 @@ def _upto(items: list[Recorded | Unreadable], seq: int | None, time: datetime | 
 
 async def entity_history(store: EventStore, kind: str, entity_id: str, *, seq: int | None = None,
                          time: datetime | None = None) -> EntityHistory:
-    """Every event of one agent, session or route (up to a sequence or a time), with its effect."""
+    """Every event of one agent, session, route or pool (up to a sequence or a time), with its effect."""
     if kind not in KINDS:
         raise InvalidQuery(f"history is kept for {', '.join(KINDS)}; not {kind!r}")
     items = _upto(await store.history(kind, entity_id), seq, time)
@@ -125,6 +126,8 @@ async def entity_history(store: EventStore, kind: str, entity_id: str, *, seq: i
     notes: list[str] = []
     if kind == "agent":
         evolve, lookups = evolve_agent, ()
+    elif kind == "pool":
+        evolve, lookups = evolve_pool, ()
     elif kind == "session":
         evolve, lookups = evolve_session, (await _incarnations(store, records),)
     else:

@@ -15,15 +15,15 @@ from ledger.codec import Unreadable, to_ns
 
 from . import snapshots
 from .db import Batch
-from .state import AGENT, DEAD_LETTER, HEARTBEAT, ROUTE, SESSION, STREAMS, AnomalyRecord, Change, LedgerState, \
-    dead_letter_code
+from .state import (AGENT, DEAD_LETTER, HEARTBEAT, POOL, ROUTE, SESSION, STREAMS, AnomalyRecord, Change, LedgerState,
+                    dead_letter_code)
 
 
 class Pending:
     __slots__ = ("dirty", "anomalies", "dead", "events", "since")
 
     def __init__(self) -> None:
-        self.dirty: dict[str, set[str]] = {AGENT: set(), SESSION: set(), ROUTE: set(), HEARTBEAT: set()}
+        self.dirty: dict[str, set[str]] = {AGENT: set(), SESSION: set(), ROUTE: set(), POOL: set(), HEARTBEAT: set()}
         self.anomalies: list[AnomalyRecord] = []
         self.dead: list[Unreadable] = []
         self.events = 0
@@ -53,6 +53,7 @@ class Pending:
             agents={k: ledger.agents[k] for k in self.dirty[AGENT]},
             sessions={k: ledger.sessions[k] for k in self.dirty[SESSION]},
             routes={k: ledger.routes[k] for k in self.dirty[ROUTE]},
+            pools={k: ledger.pools[k] for k in self.dirty[POOL]},
             beats={k: hb.beats[k] for k in self.dirty[HEARTBEAT] if k in hb.beats},
             anomalies=[(a.stream, a.seq, to_ns(a.stored_at), a.entity_kind, a.entity_id, a.event_type, a.producer,
                         a.kind, a.detail) for a in self.anomalies],

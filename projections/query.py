@@ -230,6 +230,7 @@ class Query:
                 by_state = counts.setdefault(s.pool, {})
                 by_state[s.status] = by_state.get(s.status, 0) + 1
             agents, beats, position = list(past.agents.values()), past.beats, past.position
+            breakers = past.rebuilt.state.ledger.pools if past.rebuilt is not None else {}
         else:
             db = self._need_db()
             async with db.reading():
@@ -237,9 +238,10 @@ class Query:
                 agents = await db.agent_states()
                 beats = await db.beats()
                 counts = await db.session_counts()
+                breakers = await db.pool_states()
         views = [agent_view(a, beats.get(a.agent_id), position.now, 0, self.policy,
                             past.beats_known if past else True) for a in agents]
-        return Page(position, pool_views(views, counts))
+        return Page(position, pool_views(views, counts, breakers))
 
     async def anomalies(self, *, kind: str | None = None, entity_kind: str | None = None,
                         entity_id: str | None = None, limit: int = 100, as_of: AsOf = None) -> Page[AnomalyRecord]:

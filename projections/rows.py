@@ -15,7 +15,7 @@ from typing import Any
 
 import msgspec
 
-from ledger.lifecycle import AgentState, RouteState, SessionState
+from ledger.lifecycle import AgentState, PoolState, RouteState, SessionState
 
 from .beats import Beat
 
@@ -23,6 +23,7 @@ _encode = msgspec.json.Encoder().encode
 _agent = msgspec.json.Decoder(AgentState).decode
 _session = msgspec.json.Decoder(SessionState).decode
 _route = msgspec.json.Decoder(RouteState).decode
+_pool = msgspec.json.Decoder(PoolState).decode
 _beat = msgspec.json.Decoder(Beat).decode
 
 # Each takes one JSON object {id: state, ...} (bytes, hence the CAST: SQLite >= 3.45 would read a BLOB as JSONB);
@@ -46,6 +47,12 @@ INSERT INTO routes (route_id, session_id, state, doc)
 SELECT key, json_extract(value, '$.session_id'), json_extract(value, '$.state'), value
 FROM json_each(CAST(? AS TEXT)) WHERE true
 ON CONFLICT (route_id) DO UPDATE SET session_id = excluded.session_id, state = excluded.state, doc = excluded.doc
+"""
+UPSERT_POOLS = """
+INSERT INTO pools (pool, breaker_open, doc)
+SELECT key, json_extract(value, '$.breaker_open'), value
+FROM json_each(CAST(? AS TEXT)) WHERE true
+ON CONFLICT (pool) DO UPDATE SET breaker_open = excluded.breaker_open, doc = excluded.doc
 """
 UPSERT_BEATS = """
 INSERT INTO beats (agent_id, incarnation, doc)
@@ -98,6 +105,10 @@ def session_of(doc: str) -> SessionState:
 
 def route_of(doc: str) -> RouteState:
     return _route(doc)
+
+
+def pool_of(doc: str) -> PoolState:
+    return _pool(doc)
 
 
 def beat_of(doc: str) -> Beat:

@@ -12,7 +12,8 @@ from __future__ import annotations
 PROJECTION_SCHEMA_VERSION = 1
 """Bump whenever the tables, the row encoding or the meaning of a fold change."""
 
-TABLES = ("meta", "checkpoints", "agents", "beats", "sessions", "routes", "anomalies", "dead_letters", "snapshots")
+TABLES = ("meta", "checkpoints", "agents", "beats", "sessions", "routes", "pools", "anomalies", "dead_letters",
+          "snapshots")
 
 DDL = """
 CREATE TABLE meta (
@@ -63,6 +64,13 @@ CREATE TABLE routes (
     doc        TEXT NOT NULL
 );
 CREATE INDEX routes_by_session ON routes (session_id);
+
+-- Pools with a breaker history (a pool that never tripped has no row: its breaker is closed).
+CREATE TABLE pools (
+    pool         TEXT PRIMARY KEY,
+    breaker_open INTEGER NOT NULL,
+    doc          TEXT NOT NULL
+);
 
 CREATE TABLE anomalies (
     stream      TEXT NOT NULL,

@@ -30,9 +30,11 @@ from ledger.lifecycle import (
     ILLEGAL_TRANSITION,
     AgentState,
     Anomaly,
+    PoolState,
     RouteState,
     SessionState,
     evolve_agent,
+    evolve_pool,
     evolve_route,
     evolve_session,
 )
@@ -40,7 +42,7 @@ from ledger.subjects import HEARTBEAT_STREAM, LEDGER_STREAM
 
 from .beats import Beat, evolve_beat
 
-AGENT, SESSION, ROUTE, HEARTBEAT, DEAD_LETTER = "agent", "session", "route", "heartbeat", "dead_letter"
+AGENT, SESSION, ROUTE, POOL, HEARTBEAT, DEAD_LETTER = "agent", "session", "route", "pool", "heartbeat", "dead_letter"
 """What a Change touched: an entity kind, the heartbeat of an agent, or a dead letter."""
 
 
@@ -100,6 +102,8 @@ class LifecycleState(msgspec.Struct, kw_only=True):
     agents: dict[str, AgentState] = {}
     sessions: dict[str, SessionState] = {}
     routes: dict[str, RouteState] = {}
+    pools: dict[str, PoolState] = {}
+    """Pools with a breaker history (a pool never tripped has no entry: its breaker is closed)."""
     dead_letters: dict[str, int] = {}
     """Reason code -> messages of this stream that were not events."""
     anomalies: int = 0
@@ -138,6 +142,10 @@ class LifecycleState(msgspec.Struct, kw_only=True):
             table, key = self.agents, e.agent_id
             before = table.get(key)
             after, anomaly = evolve_agent(before, item)
+        elif family == POOL:
+            table, key = self.pools, e.pool
+            before = table.get(key)
+            after, anomaly = evolve_pool(before, item)
         else:  # a heartbeat payload on a LEDGER subject fails decoding first; this is defence in depth
             key, before = e.entity_id, None
             family, after = AGENT, None

@@ -14,7 +14,7 @@ from typing import Generic, TypeVar
 import msgspec
 
 from ledger.codec import from_ns
-from ledger.lifecycle import S_ASSIGNED, S_ORPHANED, AgentState, RouteState, SessionState, route_status
+from ledger.lifecycle import S_ASSIGNED, S_ORPHANED, AgentState, PoolState, RouteState, SessionState, route_status
 
 from .beats import Beat
 from .health import ALIVE, DEFAULT_POLICY, HealthPolicy, agent_health, beat_time, route_health, seconds_between
@@ -128,6 +128,11 @@ class PoolView(msgspec.Struct, frozen=True, kw_only=True):
     """Capacity of the alive agents that take work (not draining)."""
     load: int
     free_capacity: int
+    breaker_open: bool = False
+    """The mass-failure breaker: while open, the pool's sessions are not orphaned."""
+    breaker_since: datetime | None = None
+    breaker_reason: str = ""
+    breaker_trips: int = 0
 
 
 def agent_view(agent: AgentState, beat: Beat | None, now: datetime, owned: int = 0,
@@ -176,13 +181,16 @@ def owned_counts(sessions: Iterable[SessionState]) -> Counter[str]:
     return Counter(s.owner for s in sessions if s.status == S_ASSIGNED and s.owner)
 
 
-def pool_views(agents: Iterable[AgentView], session_states: Mapping[str, Mapping[str, int]]) -> list[PoolView]:
-    """Pools from agent views and {pool: {session state: count}}; free capacity counts alive agents only."""
+def pool_views(agents: Iterable[AgentView], session_states: Mapping[str, Mapping[str, int]],
+               breakers: Mapping[str, PoolState] | None = None) -> list[PoolView]:
+    """Pools from agent views, {pool: {session state: count}} and breakers; free capacity counts alive agents."""
+    breakers = breakers or {}
     by_pool: dict[str, list[AgentView]] = {}
     for a in agents:
         by_pool.setdefault(a.pool, []).append(a)
     out = []
-    for pool in sorted(set(by_pool) | set(session_states)):
+    for pool in sorted(set(by_pool) | set(session_states) | set(breakers)):
+        breaker = breakers.get(pool)
         members = by_pool.get(pool, [])
         working = [a for a in members if a.health == ALIVE]  # draining agents have their own health
         capacity = sum(a.capacity for a in working)
@@ -190,7 +198,10 @@ def pool_views(agents: Iterable[AgentView], session_states: Mapping[str, Mapping
         free = sum(max(0, a.capacity - (a.load or 0)) for a in working)
         out.append(PoolView(pool=pool, agents=dict(sorted(Counter(a.health for a in members).items())),
                             sessions=dict(sorted(session_states.get(pool, {}).items())), capacity=capacity,
-                            load=load, free_capacity=free))
+                            load=load, free_capacity=free, breaker_open=breaker.breaker_open if breaker else False,
+                            breaker_since=breaker.since if breaker else None,
+                            breaker_reason=breaker.reason if breaker else "",
+                            breaker_trips=breaker.trips if breaker else 0))
     return out
 
 

@@ -65,16 +65,24 @@ async def wait_for_jetstream(url: str, timeout: float = 30.0) -> None:
     raise TimeoutError(f"JetStream at {url} not ready after {timeout} s: {last!r}")
 
 
+async def create_streams(url: str, **settings: object) -> None:
+    async with EventStore.connect(Settings(nats_url=url, **settings), ensure=True):  # type: ignore[arg-type]
+        pass
+
+
 @pytest.fixture(scope="session")
 def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningNats]:
+    """The shared single node, with the ledger's streams (tests keep apart by unique ids)."""
     if os.environ.get("LEDGER_TEST_DOCKER") == "1" and docker_engine_reachable():
         from testcontainers.community.nats import NatsContainer
 
         with NatsContainer("nats:2.14", jetstream=True) as container:
+            asyncio.run(create_streams(container.nats_uri()))
             yield RunningNats(container.nats_uri())
         return
     server = start_binary_server(tmp_path_factory.mktemp("nats"))
     try:
+        asyncio.run(create_streams(server.url))
         yield RunningNats(server.url, server)
     finally:
         server.stop()
@@ -96,6 +104,7 @@ def nats_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedC
     cluster.start()
     try:
         asyncio.run(wait_for_jetstream(cluster.url))
+        asyncio.run(create_streams(cluster.url, replicas=3))
         yield cluster
     finally:
         cluster.stop()

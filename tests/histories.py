@@ -32,7 +32,7 @@ CLI = ev.Producer(id="cli", instance="c")
 ACTIONS = ("register", "heartbeat", "heartbeat", "heartbeat", "goodbye", "suspect", "dead", "drain", "drained",
            "unreachable", "create_session", "claim", "claim", "claim", "release", "release", "resource", "orphan",
            "orphan", "terminate", "create_route", "transition", "transition", "transition", "transition", "health",
-           "duplicate", "unreadable")
+           "duplicate", "unreadable", "trip", "reset", "fenced")
 BAD_PAYLOADS = (
     (b"{not json", "malformed: JSON is malformed"),
     (b'{"type": "agent.teleported", "agent_id": "a0"}', "unknown-type: Invalid value 'agent.teleported' - at `$.type`"),
@@ -189,6 +189,15 @@ def _step(draw: st.DrawFn, b: Builder, action: str) -> None:
         case "health":
             b.add(ev.RouteHealthReported(producer=CLI, route_id=route, healthy=draw(st.booleans()), checked_at=at,
                                          time=at))
+        case "trip":
+            b.add(ev.PoolBreakerTripped(producer=MONITOR, pool=draw(st.sampled_from(("p", "q"))), reason="mass death",
+                                        agents=draw(st.integers(0, 3)), time=at))
+        case "reset":
+            b.add(ev.PoolBreakerReset(producer=CLI, pool=draw(st.sampled_from(("p", "q"))), reason="operator",
+                                      time=at))
+        case "fenced":
+            b.add(ev.AgentFenced(producer=me, agent_id=agent, time=at, fenced_at=at,
+                                 incarnation=_incarnation(draw, b, agent), reason="lease lost"))
         case "duplicate":
             if b.events:  # the same fact stored twice (a retry after the dedupe window)
                 b.add(draw(st.sampled_from(b.events)))

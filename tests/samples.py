@@ -33,7 +33,7 @@ def sample(cls: type[ev.Event], **over: object) -> ev.Event:
                                 incarnation=7, reason="failover", previous_owner="agent-2", previous_token=11),
         ev.SessionReleased: dict(producer=AGENT, session_id="s-1", agent_id="agent-1", incarnation=7, token=12),
         ev.SessionResourceReported: dict(producer=AGENT, session_id="s-1", agent_id="agent-1", incarnation=7,
-                                         token=12, platform_resource_id="pod/abc"),
+                                         token=12, platform_resource_id="pod/abc", address="10.0.0.5:8000"),
         ev.SessionOrphaned: dict(producer=MONITOR, session_id="s-1", reason="owner_dead", previous_owner="agent-1",
                                  previous_incarnation=7, previous_token=12),
         ev.SessionTerminated: dict(producer=CLI, session_id="s-1", reason="done"),
@@ -42,6 +42,11 @@ def sample(cls: type[ev.Event], **over: object) -> ev.Event:
         ev.RouteTransitioned: dict(producer=AGENT, route_id="r-1", from_state="PENDING", to_state="STARTING",
                                    token=12),
         ev.RouteHealthReported: dict(producer=AGENT, route_id="r-1", healthy=True, checked_at=T0),
+        ev.AgentFenced: dict(producer=AGENT, agent_id="agent-1", incarnation=7, reason="lease expired",
+                             fenced_at=T0, ttl=30.0),
+        ev.PoolBreakerTripped: dict(producer=MONITOR, pool="gpu", reason="3 of 4 agents died within 60s",
+                                    dead=("agent-1", "agent-2", "agent-3"), agents=4, window=60.0, threshold=0.5),
+        ev.PoolBreakerReset: dict(producer=CLI, pool="gpu", reason="operator"),
     }
     return cls(**{**base, **fields[cls], **over})  # type: ignore[arg-type]
 

@@ -10,11 +10,15 @@ import nats
 import pytest
 
 from ledger import subjects
+from ledger.client import Ledger
 from ledger.errors import Conflict
+from ledger.events import Producer
+from ledger.ids import new_id
 from ledger.server import EmbeddedCluster
 from ledger.settings import Settings
 from ledger.store import EventStore
 from conftest import wait_for_jetstream
+from test_agent import race_agents
 from test_store import created, race
 
 pytestmark = pytest.mark.cluster
@@ -111,3 +115,13 @@ async def test_killing_the_stream_leader_mid_load_loses_no_acknowledged_event(ow
     for n, seq in acked.items():
         assert stored.get(f"{uid}-{n}") == [seq], f"acknowledged event {n} (seq {seq}) missing or doubled"
     assert all(len(v) == 1 for v in stored.values()), "an event was stored twice"
+
+
+async def test_fifty_agents_race_to_claim_one_session_on_the_cluster(cluster_store: EventStore,
+                                                                     cluster_settings: Settings, uid: str):
+    ledger = Ledger(cluster_store, Producer(id="test", instance=new_id()))
+    sid, seq = await ledger.create_session("p", session_id=f"{uid}-s")
+    await race_agents(cluster_settings, sid, f"{uid}-racer", 50)
+    claims = [r for r in await cluster_store.history("session", sid, min_last_seq=seq + 1)
+              if r.event.type_tag() == "session.claimed"]
+    assert len(claims) == 1

@@ -240,3 +240,26 @@ def test_route_writes_under_a_stale_session_token_are_flagged(log: Log):
     assert a is None and r.state == lc.STARTING
     r, a = lc.evolve_route(r, log(transition(lc.STARTING, lc.FAILED_TO_START)), token_at)  # no token: not an owner write
     assert a is None
+
+
+def test_an_agent_that_fenced_itself_is_fenced_until_it_registers_again(log: Log):
+    state, _ = lc.evolve_agent(None, log(registered()))
+    fenced, a = lc.evolve_agent(state, log(ev.AgentFenced(producer=A1, agent_id="a1", incarnation=1,
+                                                          reason="lease expired", fenced_at=at(30))))
+    assert a is None and (fenced.status, fenced.reason) == (lc.A_FENCED, "fenced itself: lease expired")
+    _, a = lc.evolve_agent(fenced, log(ev.AgentDraining(producer=A1, agent_id="a1", incarnation=1, deadline=at(99))))
+    assert a.kind == lc.ILLEGAL_TRANSITION
+    back, a = lc.evolve_agent(fenced, log(registered(instance="i1")))
+    assert a is None and back.status == lc.A_ALIVE and back.incarnation > fenced.incarnation
+
+
+def test_pool_breaker_opens_once_and_closes_once(log: Log):
+    trip = ev.PoolBreakerTripped(producer=CLI, pool="gpu", reason="3 of 4 died", dead=("a", "b", "c"), agents=4)
+    pool, a = lc.evolve_pool(None, log(trip))
+    assert a is None and pool.breaker_open and pool.trips == 1
+    same, a = lc.evolve_pool(pool, log(trip))
+    assert same is pool and a.kind == lc.ILLEGAL_TRANSITION
+    closed, a = lc.evolve_pool(pool, log(ev.PoolBreakerReset(producer=CLI, pool="gpu", reason="operator")))
+    assert a is None and not closed.breaker_open and closed.reason == "operator"
+    _, a = lc.evolve_pool(None, log(ev.PoolBreakerReset(producer=CLI, pool="gpu", reason="operator")))
+    assert a.kind == lc.ILLEGAL_TRANSITION

@@ -82,7 +82,7 @@ def test_redelivered_items_change_nothing(items: list, data: st.DataObject):
 def test_a_flagged_event_is_never_applied(items: list):
     state = LedgerState()
     tables = {AGENT: state.ledger.agents, "session": state.ledger.sessions, "route": state.ledger.routes,
-              HEARTBEAT: state.heartbeats.beats}
+              "pool": state.ledger.pools, HEARTBEAT: state.heartbeats.beats}
     flagged = 0
     for item in items:
         change = state.apply(item)

@@ -75,8 +75,8 @@ def test_a_naive_event_time_is_taken_as_utc():
 
 def test_route_health_goes_stale_after_its_probe_bound():
     r = lc.RouteState(route_id="r1", session_id="s1", endpoint="e", deployment="", probe=ev.Probe(stale_after=30.0),
-                      start_timeout=300.0, state=lc.RUNNING, state_since=T0, state_seq=1, created_at=T0,
-                      traffic=lc.TRAFFIC_ACTIVE, healthy=True, health_checked_at=T0)
+                      start_timeout=300.0, stop_timeout=60.0, state=lc.RUNNING, state_since=T0, state_seq=1,
+                      created_at=T0, traffic=lc.TRAFFIC_ACTIVE, healthy=True, health_checked_at=T0)
     assert route_health(r, at(10)).health == "healthy" and not route_health(r, at(10)).stale
     assert route_health(r, at(31)).stale
     view = route_view(r, at(31))

@@ -231,3 +231,24 @@ async def test_rebuild_equals_the_projection_maintained_live(fresh_server: Embed
             await projector.wait_for(await store.last_seq(HEARTBEAT_STREAM), HEARTBEAT_STREAM, timeout=30)
         await rebuild(store, settings_for(tmp_path, "rebuilt"))
     assert dump(tmp_path / "p.sqlite3") == dump(tmp_path / "rebuilt.sqlite3")
+
+
+async def test_a_pools_breaker_shows_in_the_pools_view_and_its_history(pstore: EventStore, tmp_path: Path, uid: str):
+    pool = f"{uid}-pool"
+    monitor = ev.Producer(id="monitor", instance="m")
+    await register(pstore, f"{uid}-a", pool)
+    tripped = await pstore.append(ev.PoolBreakerTripped(producer=monitor, pool=pool, reason="3 of 4 agents died",
+                                                        agents=4))
+    async with Projector(pstore, settings_for(tmp_path)) as projector:
+        await projector.wait_for(tripped, timeout=20)
+        async with Query.open(settings_for(tmp_path).db, pstore) as q:
+            view = next(p for p in (await q.pools()).items if p.pool == pool)
+            assert (view.breaker_open, view.breaker_reason, view.breaker_trips) == (True, "3 of 4 agents died", 1)
+        reset = await pstore.append(ev.PoolBreakerReset(producer=CLI, pool=pool, reason="operator"))
+        await projector.wait_for(reset, timeout=20)
+    async with Query.open(settings_for(tmp_path).db, pstore) as q:
+        assert not next(p for p in (await q.pools()).items if p.pool == pool).breaker_open
+        assert next(p for p in (await q.pools(as_of=tripped)).items if p.pool == pool).breaker_open
+        history = await q.history("pool", pool)
+        assert [(e.type, e.changes.get("breaker_open")) for e in history.entries] == [
+            ("pool.breaker_tripped", [None, True]), ("pool.breaker_reset", [True, False])]

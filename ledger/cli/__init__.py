@@ -6,7 +6,11 @@ import click
 
 from .. import __version__
 from .common import setup_logging
+from .agent import agent_command
+from .consumers import consumers_command, pool_group
+from .entities import route_group, session_group, unreachable_command
 from .project import PROJECTOR_COMMANDS
+from .replay import replay_command
 from .server import init_command, server_command
 from .views import VIEW_COMMANDS
 
@@ -23,9 +27,8 @@ def cli(verbose: int) -> None:
     setup_logging(verbose)
 
 
-cli.add_command(server_command)
-cli.add_command(init_command)
-for command in (*VIEW_COMMANDS, *PROJECTOR_COMMANDS):
+for command in (server_command, init_command, agent_command, session_group, route_group, unreachable_command,
+                replay_command, consumers_command, pool_group, *VIEW_COMMANDS, *PROJECTOR_COMMANDS):
     cli.add_command(command)
 
 

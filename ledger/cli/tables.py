@@ -16,7 +16,7 @@ from projections.views import Page, Position
 HEALTH_STYLE = {
     "alive": "green", "healthy": "green", "assigned": "green", "RUNNING": "green",
     "suspect": "yellow", "draining": "yellow", "orphaned": "yellow", "PROVISIONING": "cyan", "pending": "cyan",
-    "dead": "red", "unhealthy": "red", "FAILED_TO_START": "red",
+    "dead": "red", "fenced": "red", "unhealthy": "red", "FAILED_TO_START": "red",
     "gone": "dim", "drained": "dim", "released": "dim", "terminated": "dim", "TERMINATED": "dim", "unknown": "dim",
 }
 
@@ -95,9 +95,11 @@ def _counts(counts: dict[str, int]) -> Text:
 
 
 def pools(page: Page[Any]) -> Table:
-    t = Table("POOL", "AGENTS", "SESSIONS", "CAPACITY", "LOAD", "FREE", box=None)
+    t = Table("POOL", "AGENTS", "SESSIONS", "CAPACITY", "LOAD", "FREE", "BREAKER", box=None)
     for p in page.items:
-        t.add_row(p.pool, _counts(p.agents), _counts(p.sessions), str(p.capacity), str(p.load), str(p.free_capacity))
+        breaker = Text(f"OPEN: {p.breaker_reason}", style="red") if p.breaker_open else Text("closed", style="dim")
+        t.add_row(p.pool, _counts(p.agents), _counts(p.sessions), str(p.capacity), str(p.load), str(p.free_capacity),
+                  breaker)
     t.caption = f"{len(page.items)} pools"
     return t
 

@@ -159,7 +159,7 @@ async def anomalies_command(db: Path, nats_url: str, as_of: str | None, at_seq: 
 @async_command
 async def history_command(kind: str, entity_id: str, db: Path, nats_url: str, as_of: str | None,
                           at_seq: int | None, as_json: bool) -> None:
-    """Every event of one agent, session or route: who wrote it, its causation, what it changed or why it was flagged."""
+    """Every event of one agent, session, route or pool: who wrote it, its causation, its effect or its flag."""
     when = as_of_from(as_of, at_seq)
     async with open_query(db, nats_url, when, needs_db=False) as q:
         found = await q.history(kind, entity_id, as_of=when)

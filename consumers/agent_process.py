@@ -1,0 +1,115 @@
+"""The reference agent process behind `ledger agent`: an Agent that claims its pool's sessions itself.
+
+It follows the lifecycle stream into a LedgerState and, whenever something
+changes (or every heartbeat interval), asks the reclaimer's own rules what
+needs an owner - with itself as the only eligible agent - and claims it, up to
+its capacity. So it takes exactly what the reclaimer would give it: pending and
+orphaned sessions, those of agents that said goodbye, were declared dead
+(unless the pool's breaker is open) or were replaced, and drain hand-offs.
+Claims race with other agents and reclaimers; the compare-and-set picks one
+winner, the losers move on. A more loaded agent waits a moment before
+claiming, so the least loaded tends to win; the order is shuffled so agents
+do not all reach for the same session first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Callable
+
+from ledger import tasks
+from ledger.agent import Agent
+from ledger.client import Ledger
+from ledger.errors import CapacityExhausted, Conflict, Draining, Fenced, LedgerError, NotClaimable, NotFound
+
+from . import reclaim_rules as rules
+from .follow import Follower, Item
+from .idle import IdleReaper
+
+log = logging.getLogger(__name__)
+
+STAGGER_PER_SESSION = 0.01
+"""Seconds a claimer waits per session it already owns before claiming more."""
+
+
+class SelfClaimer:
+    def __init__(self, agent: Agent, say: Callable[[str], None]) -> None:
+        self.agent = agent
+        self.say = say
+        self.follower = Follower(agent.store, heartbeats=False)
+        self.follower.listen(self._heard)
+        self._changed = asyncio.Event()
+
+    def _heard(self, stream: str, batch: list[Item], changes: list[object]) -> None:
+        self._changed.set()
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self.follower.run())
+            tasks.create_task(self._claim_loop())
+
+    async def _claim_loop(self) -> None:
+        await self.follower.caught_up.wait()
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), self.agent.heartbeat)
+            self._changed.clear()
+            await self.claim_what_needs_an_owner()
+
+    def wanted(self) -> list[rules.ClaimFor]:
+        """What the reclaimer's rules would give this agent now."""
+        agent, state = self.agent, self.follower.state.ledger
+        me = rules.Capacity(agent=agent.ref, load=agent.load, capacity=agent.capacity)
+        plan = rules.plan(state.sessions.values(), state.agents, {(agent.pool, agent.platform, agent.region): [me]},
+                          state.pools, skip=set(agent.owned))
+        return [a for a in plan if isinstance(a, rules.ClaimFor)]
+
+    async def claim_what_needs_an_owner(self) -> None:
+        agent = self.agent
+        if agent.fenced or agent.draining:
+            return
+        wanted = self.wanted()
+        random.shuffle(wanted)
+        for c in wanted:
+            if agent.load >= agent.capacity:
+                return
+            if agent.load:
+                await asyncio.sleep(min(0.2, STAGGER_PER_SESSION * agent.load))
+            try:
+                claim = await agent.claim(c.session_id, reason=c.reason, previous_token=c.previous_token,
+                                          causation_id=c.cause_id)
+            except (NotClaimable, Conflict, NotFound):
+                continue  # another claimer was faster, or the session moved on
+            except (Fenced, Draining, CapacityExhausted):
+                return
+            except LedgerError as e:
+                log.warning("claim of %s failed: %s", c.session_id, e)
+                continue
+            origin = f" from {c.previous_owner}" if c.previous_owner else ""
+            self.say(f"claimed {c.session_id} (token {claim.token}, {c.reason}{origin}); "
+                     f"load {agent.load}/{agent.capacity}")
+
+
+async def run(ledger: Ledger, *, agent_id: str, pool: str, platform: str, region: str, capacity: int,
+              heartbeat: float, ttl: float, say: Callable[[str], None]) -> None:
+    """Run until SIGTERM or SIGINT, then say goodbye once."""
+    agent = Agent(ledger, agent_id=agent_id, pool=pool, platform=platform, region=region, capacity=capacity,
+                  heartbeat=heartbeat, ttl=ttl, handle_signals=True,
+                  on_fenced=lambda why: say(f"fenced: {why}"),
+                  on_lost=lambda sid, why: say(f"lost {sid}: {why}"),
+                  on_gained=lambda claim, by: say(f"now owns {claim.session_id} (token {claim.token}, "
+                                                  f"{claim.reason}, claimed by {by})"))
+    async with agent:
+        say(f"registered {agent_id} (incarnation {agent.incarnation}) in pool {pool}/{platform}/{region}, "
+            f"capacity {capacity}, heartbeat {heartbeat:g} s, ttl {ttl:g} s")
+        running = [asyncio.create_task(SelfClaimer(agent, say).run()),
+                   asyncio.create_task(IdleReaper(agent).run())]
+        try:
+            await agent.wait_stopped()
+        finally:
+            await tasks.stop(running)
+        say(f"stopping: saying goodbye (owned {agent.load} session(s))")
+    say("goodbye written; bye")

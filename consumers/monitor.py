@@ -1,0 +1,194 @@
+"""The liveness monitor: declares agents suspect and dead, as events with their evidence.
+
+Any number of replicas may run. Each judges from the same log with the same
+rules (`consumers.liveness_rules`), and a verdict's event id is derived from its
+evidence, so replicas that reach it together write one fact (JetStream drops
+the duplicates); one that comes later sees the verdict in the log first.
+
+It looks before it leaps: nothing is declared until it has caught up with
+both streams, nor within `grace` seconds of its own reconnect or of a stream
+leader change; and before declaring a death it re-reads the agent's newest
+heartbeat from the stream leader, in case its own view lags. Before a death
+that would make too much of a pool die at once, it trips the pool's breaker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import defaultdict, deque
+from datetime import datetime
+
+from ledger import events as ev
+from ledger import lifecycle as lc
+from ledger.client import Ledger
+from ledger.codec import Recorded, from_ns
+from ledger.errors import LedgerError
+from projections.state import Change
+
+from . import liveness_rules as rules
+from .follow import Follower, Item
+
+log = logging.getLogger(__name__)
+
+LEADER_ADVISORY = "$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.*"
+
+
+class LivenessMonitor:
+    def __init__(self, ledger: Ledger, follower: Follower, settings: rules.LivenessSettings | None = None, *,
+                 tick: float = 0.2) -> None:
+        self.ledger = ledger
+        self.follower = follower
+        self.settings = settings or rules.LivenessSettings()
+        self.tick = tick
+        self.grace_until = time.monotonic() + self.settings.grace
+        self.grace_reason = "starting"
+        self._reports: dict[tuple[str, int], deque[tuple[int, datetime]]] = defaultdict(deque)
+        self._deaths: dict[str, deque[tuple[str, datetime]]] = defaultdict(deque)
+        self._written: set[str] = set()
+        follower.listen(self._heard)
+        ledger.store.add_connection_listener(self._connection)
+
+    # --- what the monitor learns --------------------------------------------------------------
+
+    def _connection(self, kind: str) -> None:
+        self.start_grace(f"connection {kind}")
+
+    def start_grace(self, why: str) -> None:
+        self.grace_until = time.monotonic() + self.settings.grace
+        self.grace_reason = why
+        log.info("liveness monitor: no verdicts for %gs (%s)", self.settings.grace, why)
+
+    def _heard(self, stream: str, batch: list[Item], changes: list[Change]) -> None:
+        agents = self.follower.state.ledger.agents
+        for item in batch:
+            if not isinstance(item, Recorded):
+                continue
+            e = item.event
+            if isinstance(e, ev.AgentUnreachableReported) and e.agent_id in agents:
+                incarnation = e.incarnation or agents[e.agent_id].incarnation
+                reports = self._reports[(e.agent_id, incarnation)]
+                reports.append((item.seq, from_ns(item.timestamp_ns)))
+                while len(reports) > 4 * self.settings.report_threshold:
+                    reports.popleft()
+            elif isinstance(e, ev.AgentDeclaredDead) and e.agent_id in agents:
+                deaths = self._deaths[agents[e.agent_id].pool]
+                deaths.append((e.agent_id, from_ns(item.timestamp_ns)))
+                while len(deaths) > 1000:
+                    deaths.popleft()
+
+    async def _watch_leaders(self) -> None:
+        async def on_advisory(msg: object) -> None:
+            self.start_grace(f"stream leader change ({getattr(msg, 'subject', '?').rsplit('.', 1)[-1]})")
+
+        sub = await self.ledger.store.nc.subscribe(LEADER_ADVISORY, cb=on_advisory)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    # --- judging ------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self._watch_leaders())
+            tasks.create_task(self._loop())
+
+    async def _loop(self) -> None:
+        await self.follower.caught_up.wait()
+        await self.follower.heartbeats_caught_up.wait()
+        while True:
+            await asyncio.sleep(self.tick)
+            if time.monotonic() < self.grace_until:
+                continue
+            try:
+                await self.check(ev.utcnow())
+            except LedgerError as e:
+                log.warning("liveness check failed: %s", e)
+
+    async def check(self, now: datetime) -> list[ev.Event]:
+        """Judge every agent once; returns what was written."""
+        state = self.follower.state
+        written: list[ev.Event] = []
+        verdicts = []
+        overdue: dict[str, set[str]] = defaultdict(set)
+        """Per pool, the agents that missed their beats: dying together trips the breaker at the first death."""
+        for agent in list(state.ledger.agents.values()):
+            beat = state.heartbeats.beats.get(agent.agent_id)
+            last = rules.LastBeat(beat.seq, from_ns(beat.stored_ns)) if beat and beat.incarnation == agent.incarnation \
+                else None
+            if rules.overdue(agent, last, now, self.settings):
+                overdue[agent.pool].add(agent.agent_id)
+            reports = list(self._reports.get((agent.agent_id, agent.incarnation), ()))
+            verdict = rules.judge(agent, last, reports, now, self.settings, self.ledger.producer.id)
+            if verdict is not None:
+                verdicts.append((agent, last, verdict))
+        for agent, last, verdict in verdicts:
+            if verdict.event_id in self._written:
+                continue
+            if verdict.kind == rules.DEAD:
+                if await self._view_lags(agent, last):
+                    continue  # no death on stale evidence: wait until our view has caught up
+                written += await self._declare_dead(agent, verdict, now, overdue[agent.pool])
+            else:
+                written.append(await self._write(ev.AgentSuspected(
+                    producer=self.ledger.producer, agent_id=agent.agent_id, incarnation=agent.incarnation,
+                    reason=verdict.reason, evidence=verdict.evidence, event_id=verdict.event_id,
+                    causation_id=agent.cause_id)))
+            self._written.add(verdict.event_id)
+        written += await self._close_recovered_breakers(now)
+        return written
+
+    async def _view_lags(self, agent: lc.AgentState, last: rules.LastBeat | None) -> bool:
+        """Does the stream leader hold a newer beat or registration of this agent than our state?"""
+        newest = await self.ledger.store.last("hb", agent.agent_id)
+        if isinstance(newest, Recorded) and (last is None or newest.seq > last.seq):
+            return True  # a beat we have not seen (of this incarnation or a newer one)
+        registrations = await self.ledger.registrations(agent.agent_id)
+        return bool(registrations) and registrations[-1] > agent.incarnation
+
+    async def _declare_dead(self, agent: lc.AgentState, verdict: rules.Verdict, now: datetime,
+                            overdue: set[str]) -> list[ev.Event]:
+        state = self.follower.state.ledger
+        written: list[ev.Event] = []
+        pool = state.pools.get(agent.pool)
+        if pool is None or not pool.breaker_open:
+            members = [a for a in state.agents.values() if a.pool == agent.pool]
+            call = rules.breaker_before_death(members, list(self._deaths[agent.pool]), overdue | {agent.agent_id},
+                                              now, self.settings)
+            if call.trip:
+                trips = pool.trips if pool else 0
+                written.append(await self._write(ev.PoolBreakerTripped(
+                    producer=self.ledger.producer, pool=agent.pool, reason=call.reason, dead=call.dead,
+                    agents=call.agents, window=self.settings.breaker_window, threshold=self.settings.breaker_share,
+                    event_id=f"breaker-{agent.pool}-{trips + 1}")))
+                log.warning("pool %s: breaker tripped: %s", agent.pool, call.reason)
+        written.append(await self._write(ev.AgentDeclaredDead(
+            producer=self.ledger.producer, agent_id=agent.agent_id, incarnation=agent.incarnation,
+            reason=verdict.reason, evidence=verdict.evidence, event_id=verdict.event_id, causation_id=agent.cause_id)))
+        self._deaths[agent.pool].append((agent.agent_id, now))
+        log.warning("agent %s (incarnation %d) declared dead: %s", agent.agent_id, agent.incarnation,
+                    verdict.evidence.detail)
+        return written
+
+    async def _close_recovered_breakers(self, now: datetime) -> list[ev.Event]:
+        state = self.follower.state.ledger
+        written = []
+        for pool in list(state.pools.values()):
+            if not pool.breaker_open:
+                continue
+            members = [a for a in state.agents.values() if a.pool == pool.pool]
+            why = rules.breaker_recovered(pool, members, list(self._deaths[pool.pool]), now, self.settings)
+            event_id = f"breaker-reset-{pool.pool}-{pool.trips}"
+            if why and event_id not in self._written:
+                written.append(await self._write(ev.PoolBreakerReset(producer=self.ledger.producer, pool=pool.pool,
+                                                                     reason=why, event_id=event_id)))
+                self._written.add(event_id)
+        return written
+
+    async def _write(self, event: ev.Event) -> ev.Event:
+        await self.ledger.append(event)
+        return event

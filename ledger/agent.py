@@ -1,0 +1,558 @@
+"""The agent handle: register, heartbeat, claim and own sessions, self-fence, say goodbye once.
+
+    async with Agent(ledger, agent_id="a-1", pool="gpu", capacity=4, handle_signals=True) as agent:
+        claim = await agent.claim("s-42")
+        await agent.report_resource("s-42", "pod/abc")
+        await agent.wait_stopped()          # until SIGTERM / SIGINT, or agent.stop()
+
+* Every process start is a new incarnation: the stream sequence of its
+  registration. A newer registration of the same agent id supersedes it.
+* Heartbeats come from the agent's own task, so they keep flowing while the
+  application's work loop is blocked (on a full queue, say).
+* Lease: if no heartbeat is acknowledged within `ttl` seconds, the agent
+  fences itself - it stops acting as owner (claims and owner writes raise
+  Fenced, `owned` empties, `on_fenced` is called) - and registers again as a
+  new incarnation as soon as the broker answers. The liveness monitor declares
+  an agent dead `ttl` after the last heartbeat it *stored*, which is never
+  earlier than the send time of the last heartbeat we saw acknowledged, so the
+  agent has stopped acting before anyone may take its sessions.
+* Goodbye is written exactly once - on leaving the `async with`, on SIGTERM or
+  SIGINT (with `handle_signals`), whichever comes first, even when they race.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from types import TracebackType
+
+import msgspec
+
+from . import decide, lifecycle as lc, subjects, tasks
+from . import events as ev
+from .client import Ledger
+from .codec import Recorded
+from .reader import Replay
+from .errors import CapacityExhausted, Draining, Fenced, InvalidInput, LedgerError, NotFound, Superseded
+from .ids import check_token, new_id
+
+log = logging.getLogger(__name__)
+
+GOODBYE_TIMEOUT = 5.0
+
+
+class Claim(msgspec.Struct, frozen=True):
+    """A session this agent owns, and the fencing token its owner writes carry."""
+
+    session_id: str
+    token: int
+    reason: str
+
+
+class Activity(msgspec.Struct, frozen=True):
+    """How long one owned session has been idle, whether work is in flight, and its idle TTL."""
+
+    idle_for: float
+    in_flight: int
+    idle_ttl: float | None
+
+
+@dataclass
+class AgentStats:
+    beats_sent: int = 0
+    beats_acked: int = 0
+    ack_latencies: deque[float] = field(default_factory=lambda: deque(maxlen=1000))
+    """Seconds from sending a heartbeat to its acknowledgement, most recent last."""
+
+
+class Agent:
+    """One agent process's membership in the ledger (an async context manager)."""
+
+    def __init__(self, ledger: Ledger, *, agent_id: str, pool: str, platform: str = "default",
+                 region: str = "default", labels: dict[str, str] | None = None, capacity: int = 1,
+                 heartbeat: float = 5.0, ttl: float = 30.0, handle_signals: bool = False,
+                 on_fenced: Callable[[str], None] | None = None,
+                 on_lost: Callable[[str, str], None] | None = None,
+                 on_gained: Callable[[Claim, str], None] | None = None) -> None:
+        for value, what in ((agent_id, "agent id"), (pool, "pool"), (platform, "platform"), (region, "region")):
+            check_token(value, what)
+        if capacity < 1:
+            raise InvalidInput(f"capacity must be at least 1, got {capacity}")
+        if heartbeat <= 0 or ttl <= heartbeat:
+            raise InvalidInput(f"need 0 < heartbeat < ttl, got heartbeat {heartbeat} s and ttl {ttl} s")
+        if ledger.producer.id != agent_id:
+            # An agent writes as itself: the subject's producer token is its id (permissions bind to it).
+            ledger = Ledger(ledger.store, ev.Producer(id=agent_id, instance=ledger.producer.instance))
+        self.ledger = ledger
+        self.store = ledger.store
+        self.agent_id = agent_id
+        self.pool, self.platform, self.region = pool, platform, region
+        self.labels = labels or {}
+        self.capacity = capacity
+        self.heartbeat = heartbeat
+        self.ttl = ttl
+        self.instance_id = new_id()
+        self.producer = ev.Producer(id=agent_id, instance=self.instance_id)
+        self._handle_signals = handle_signals
+        self._on_fenced = on_fenced
+        self._on_lost = on_lost
+        self._on_gained = on_gained
+        self.incarnation = 0
+        self.owned: dict[str, Claim] = {}
+        self.fenced: str | None = None
+        """Why the agent is fenced (None while it may act as owner)."""
+        self.superseded = False
+        self.draining = False
+        self.stats = AgentStats()
+        self._lease_from = 0.0
+        self._beat = 0
+        self._stopped = asyncio.Event()
+        self._closing = False
+        self._goodbye_lock = asyncio.Lock()
+        self._said_goodbye = False
+        self._owner_task: asyncio.Task[object] | None = None
+        self._signalled: int | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._pending_registration: tuple[asyncio.Future[int], float] | None = None
+        self._session_seq: dict[str, int] = {}
+        """Newest sequence we know of per session we touched, so a lagging watch never undoes our writes."""
+        self._waiting = False
+        self._fence_record: ev.AgentFenced | None = None
+        self._last_active: dict[str, float] = {}
+        self._in_flight: dict[str, int] = {}
+        self._idle_ttl: dict[str, float | None] = {}
+        self._releasing: set[str] = set()
+
+    @property
+    def ref(self) -> decide.AgentRef:
+        return decide.AgentRef(self.agent_id, self.instance_id, self.incarnation)
+
+    @property
+    def load(self) -> int:
+        return len(self.owned)
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    async def __aenter__(self) -> Agent:
+        await self._register()
+        self._owner_task = asyncio.current_task()
+        if self._handle_signals:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self._on_signal, sig)
+        self._tasks = [
+            asyncio.create_task(self._beat_loop(), name=f"agent-{self.agent_id}-heartbeat"),
+            asyncio.create_task(self._watch_loop(), name=f"agent-{self.agent_id}-watch"),
+        ]
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> bool:
+        self._closing = True
+        try:
+            await asyncio.shield(self.goodbye("shutdown" if self._signalled is None
+                                              else f"signal {signal.Signals(self._signalled).name}"))
+        finally:
+            await tasks.stop(self._tasks)
+            if self._handle_signals:
+                loop = asyncio.get_running_loop()
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(sig)
+            self._stopped.set()
+        # A signal cancelled the body to get here: that was a clean stop, not an error.
+        if exc_type is asyncio.CancelledError and self._signalled is not None:
+            task = asyncio.current_task()
+            if task is not None and task.uncancel() == 0:
+                return True
+        return False
+
+    def _on_signal(self, sig: int) -> None:
+        if self._signalled is not None or self._closing:
+            return  # already on the way out: the goodbye is (being) said once
+        self._signalled = sig
+        log.info("%s: %s received, saying goodbye", self.agent_id, signal.Signals(sig).name)
+        self._stopped.set()
+        # A body parked in wait_stopped() returns by itself; any other body is interrupted.
+        if not self._waiting and self._owner_task is not None and not self._owner_task.done():
+            self._owner_task.cancel(f"{signal.Signals(sig).name}")
+
+    def stop(self) -> None:
+        """Ask `wait_stopped()` to return (the goodbye follows when the `async with` exits)."""
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        """Wait for SIGTERM / SIGINT (with `handle_signals`) or `stop()`."""
+        self._waiting = True
+        try:
+            await self._stopped.wait()
+        finally:
+            self._waiting = False
+
+    async def goodbye(self, reason: str = "shutdown") -> None:
+        """Say goodbye once (later calls do nothing); stop beating and claiming."""
+        async with self._goodbye_lock:
+            if self._said_goodbye:
+                return
+            self._said_goodbye = True
+            self._closing = True
+            if self.superseded or not self.incarnation:
+                return  # a replaced process's goodbye would change nothing; don't write it
+            event = ev.AgentGoodbye(producer=self.producer, agent_id=self.agent_id, instance_id=self.instance_id,
+                                    incarnation=self.incarnation, reason=reason)
+            try:
+                await asyncio.wait_for(self.store.append(event), GOODBYE_TIMEOUT)
+                log.info("%s: goodbye (incarnation %d, %s)", self.agent_id, self.incarnation, reason)
+            except (LedgerError, asyncio.TimeoutError) as e:
+                log.warning("%s: goodbye not acknowledged (%s); the liveness monitor will notice",
+                            self.agent_id, e or type(e).__name__)
+            self.owned.clear()
+
+    def _registration(self) -> ev.AgentRegistered:
+        return ev.AgentRegistered(
+            producer=self.producer, agent_id=self.agent_id, instance_id=self.instance_id, pool=self.pool,
+            platform=self.platform, region=self.region, labels=self.labels, capacity=self.capacity,
+            heartbeat_interval=self.heartbeat, ttl=self.ttl,
+        )
+
+    async def _register(self) -> None:
+        started = time.monotonic()
+        self._adopt(await self.store.append(self._registration()), started)
+
+    def _adopt(self, incarnation: int, started: float) -> None:
+        self.incarnation = incarnation
+        self._lease_from = started
+        self.fenced = None
+        self.draining = False
+        log.info("%s: registered, incarnation %d", self.agent_id, self.incarnation)
+
+    # --- heartbeats, lease and self-fencing ----------------------------------------------
+
+    async def _beat_loop(self) -> None:
+        next_beat = time.monotonic()
+        while not self._closing:
+            now = time.monotonic()
+            if self.fenced is None and now >= next_beat:
+                await self._send_beat()
+                next_beat = now + self.heartbeat
+            if self.fenced is None and now - self._lease_from > self.ttl:
+                self._fence(f"no heartbeat acknowledged for {now - self._lease_from:.1f} s (ttl {self.ttl:g} s)")
+            if self.fenced is not None and not self.superseded and not self._closing:
+                await self._try_reregister()
+                next_beat = time.monotonic()
+                continue
+            wake = min(next_beat, self._lease_from + self.ttl + 0.001)
+            await asyncio.sleep(max(0.0, wake - time.monotonic()))
+
+    async def _send_beat(self) -> None:
+        self._beat += 1
+        beat = ev.AgentHeartbeat(producer=self.producer, agent_id=self.agent_id, instance_id=self.instance_id,
+                                 incarnation=self.incarnation, beat=self._beat, load=self.load,
+                                 capacity=self.capacity, sessions=tuple(sorted(self.owned)))
+        sent, incarnation = time.monotonic(), self.incarnation
+        try:
+            future = await self.store.submit(beat)
+        except LedgerError as e:
+            log.debug("%s: heartbeat not sent: %s", self.agent_id, e)
+            return
+        self.stats.beats_sent += 1
+        future.add_done_callback(lambda f: self._on_beat_ack(f, sent, incarnation))
+
+    def _on_beat_ack(self, future: asyncio.Future[int], sent: float, incarnation: int) -> None:
+        if future.cancelled() or future.exception() is not None:
+            return
+        self.stats.beats_acked += 1
+        self.stats.ack_latencies.append(time.monotonic() - sent)
+        if incarnation == self.incarnation and self.fenced is None:
+            self._lease_from = max(self._lease_from, sent)
+
+    def _fence(self, reason: str, *, superseded: bool = False) -> None:
+        if self.fenced is not None and not superseded:
+            return
+        self.fenced = reason
+        self.superseded = self.superseded or superseded
+        if not superseded:
+            self._fence_record = ev.AgentFenced(producer=self.producer, agent_id=self.agent_id,
+                                                incarnation=self.incarnation, reason=reason,
+                                                fenced_at=ev.utcnow(), ttl=self.ttl)
+        lost = list(self.owned)
+        self.owned.clear()
+        log.warning("%s: fenced (incarnation %d): %s; dropped %d session(s)",
+                    self.agent_id, self.incarnation, reason, len(lost))
+        if self._on_fenced is not None:
+            self._on_fenced(reason)
+        for sid in lost:
+            if self._on_lost is not None:
+                self._on_lost(sid, "fenced")
+
+    async def _try_reregister(self) -> None:
+        """Register a new incarnation; an attempt in flight is never abandoned (it may still land)."""
+        if self._pending_registration is None:
+            started = time.monotonic()
+            try:
+                if self._fence_record is not None:
+                    # Write down the decision we took alone, then come back as a new incarnation.
+                    await self.store.submit(self._fence_record)
+                    self._fence_record = None
+                future = await self.store.submit(self._registration())
+            except LedgerError as e:
+                log.debug("%s: cannot register yet: %s", self.agent_id, e)
+                await asyncio.sleep(min(self.heartbeat, 1.0))
+                return
+            self._pending_registration = (future, started)
+        future, started = self._pending_registration
+        done, _ = await asyncio.wait({future}, timeout=self.heartbeat)
+        if not done:
+            return
+        self._pending_registration = None
+        if future.exception() is not None:
+            log.debug("%s: registration failed: %s", self.agent_id, future.exception())
+            return
+        self._adopt(future.result(), started)
+
+    # --- watching our own agent and the sessions we own ------------------------------------
+
+    async def _watch_loop(self) -> None:
+        filters = [subjects.entity_filter("agent", self.agent_id), subjects.family_filter("session")]
+        start = self.incarnation
+        current: list[Replay] = []
+
+        def on_connection(kind: str) -> None:
+            # After a reconnect (the server may have restarted and lost our consumer) start again at once.
+            if kind == "reconnected":
+                for replay in current:
+                    replay.interrupt()
+
+        self.store.add_connection_listener(on_connection)
+        try:
+            while not self._closing:
+                replay = self.store.replay(filters, start_seq=start, follow=True)
+                current[:] = [replay]
+                try:
+                    async for batch in replay:
+                        for item in batch:
+                            start = item.seq + 1
+                            if isinstance(item, Recorded):
+                                self._observe(item)
+                except (LedgerError, asyncio.TimeoutError) as e:
+                    log.debug("%s: watch interrupted (%s); resuming at #%d", self.agent_id, e, start)
+                    await asyncio.sleep(0.5)
+        finally:
+            self.store.remove_connection_listener(on_connection)
+
+    def _observe(self, rec: Recorded) -> None:
+        e = rec.event
+        match e:
+            case ev.AgentRegistered() if rec.seq > self.incarnation and e.instance_id != self.instance_id:
+                self._fence(f"superseded by instance {e.instance_id} (incarnation {rec.seq})", superseded=True)
+            case ev.AgentDeclaredDead() if e.incarnation == self.incarnation and self.fenced is None:
+                self._fence(f"declared dead by {e.producer.id}: {e.reason}")
+            case ev.SessionClaimed():
+                if rec.seq <= self._session_seq.get(e.session_id, 0):
+                    return  # we already know newer facts about this session
+                self._session_seq[e.session_id] = rec.seq
+                mine = e.agent_id == self.agent_id and e.incarnation == self.incarnation
+                held = self.owned.get(e.session_id)
+                if mine and self.fenced is None:
+                    gained = e.session_id not in self.owned
+                    claim = self.owned[e.session_id] = Claim(e.session_id, rec.seq, e.reason)
+                    self.touch(e.session_id)
+                    if gained and self._on_gained is not None and e.producer.id != self.agent_id:
+                        self._on_gained(claim, e.producer.id)  # the reclaimer gave it to us
+                elif held is not None and not mine and e.previous_token == held.token:
+                    self._lose(e.session_id, f"taken over by {e.agent_id} ({e.reason})")
+            case ev.SessionReleased() | ev.SessionResourceReported():
+                pass
+            case ev.SessionOrphaned() if self._holds(e.session_id, e.previous_token):
+                self._lose(e.session_id, f"orphaned: {e.reason}")
+            case ev.SessionTerminated() if e.session_id in self.owned and e.token in (None, self.owned[e.session_id].token):
+                self._lose(e.session_id, f"terminated: {e.reason}" if e.reason else "terminated")
+
+    def _holds(self, session_id: str, token: int | None) -> bool:
+        held = self.owned.get(session_id)
+        return held is not None and held.token == token
+
+    def _lose(self, session_id: str, why: str) -> None:
+        for bookkeeping in (self._last_active, self._in_flight, self._idle_ttl):
+            bookkeeping.pop(session_id, None)
+        if self.owned.pop(session_id, None) is not None:
+            log.info("%s: lost session %s: %s", self.agent_id, session_id, why)
+            if self._on_lost is not None:
+                self._on_lost(session_id, why)
+            if self.draining and not self.owned:
+                asyncio.get_running_loop().create_task(self._drained())
+
+    # --- claims and owner writes -------------------------------------------------------------
+
+    def _check_may_act(self) -> None:
+        if self.superseded:
+            raise Superseded(f"agent {self.agent_id} incarnation {self.incarnation} was superseded: {self.fenced}")
+        if self.fenced is not None:
+            raise Fenced(f"agent {self.agent_id} is fenced: {self.fenced}")
+        if self._closing:
+            raise Fenced(f"agent {self.agent_id} is shutting down")
+
+    async def _check_current_incarnation(self) -> None:
+        regs = await self.ledger.registrations(self.agent_id)
+        if regs and regs[-1] != self.incarnation:
+            self._fence(f"superseded by incarnation {regs[-1]}", superseded=True)
+            self._check_may_act()
+
+    async def claim(self, session_id: str, *, reason: str = "initial", previous_token: int | None = None,
+                    causation_id: str | None = None) -> Claim:
+        """Claim a session for this agent (compare-and-set); its sequence is the fencing token."""
+        self._check_may_act()
+        if self.draining:
+            raise Draining(f"agent {self.agent_id} is draining and takes no new claims")
+        if self.load >= self.capacity and session_id not in self.owned:
+            raise CapacityExhausted(f"agent {self.agent_id} owns {self.load} of {self.capacity} session(s)")
+        await self._check_current_incarnation()
+        seen: list[lc.SessionState | None] = []
+
+        def decide_claim(state: lc.SessionState | None) -> ev.Event:
+            seen.append(state)
+            return decide.decide_claim(state, session_id, self.ref, producer=self.producer, reason=reason,
+                                       previous_token=previous_token, causation_id=causation_id)
+
+        token, _ = await self.ledger.cas(lambda m: self.ledger.session(session_id, min_last_seq=m), decide_claim)
+        self._check_may_act()  # fenced while the claim was in flight: it is not ours to act on
+        self._idle_ttl[session_id] = seen[-1].idle_ttl if seen and seen[-1] else None
+        self.touch(session_id)
+        claim = Claim(session_id, token, reason)
+        self.owned[session_id] = claim
+        self._session_seq[session_id] = max(token, self._session_seq.get(session_id, 0))
+        return claim
+
+    async def _owner_write(self, session_id: str, make: Callable[[int], ev.Event], token: int | None) -> int:
+        self._check_may_act()
+        held = self.owned.get(session_id)
+        token = token if token is not None else (held.token if held else None)
+        if token is None:
+            raise NotFound(f"agent {self.agent_id} holds no claim on session {session_id}")
+
+        def decide_write(state: lc.SessionState | None) -> ev.Event:
+            decide.check_owner(state, session_id, self.ref, token)
+            return make(token)
+
+        try:
+            seq, _ = await self.ledger.cas(lambda m: self.ledger.session(session_id, min_last_seq=m), decide_write)
+        except Fenced:
+            self.owned.pop(session_id, None)
+            raise
+        self._session_seq[session_id] = max(seq, self._session_seq.get(session_id, 0))
+        return seq
+
+    async def release(self, session_id: str, *, reason: str = "", token: int | None = None) -> int:
+        """Give a session up (it becomes `released`: unowned, not an orphan)."""
+        seq = await self._owner_write(session_id, lambda t: ev.SessionReleased(
+            producer=self.producer, session_id=session_id, agent_id=self.agent_id, incarnation=self.incarnation,
+            token=t, reason=reason), token)
+        self._lose(session_id, "released")
+        return seq
+
+    async def report_resource(self, session_id: str, platform_resource_id: str, *, address: str | None = None,
+                              token: int | None = None) -> int:
+        """Record the platform resource (container id, pod name ...) that runs the session, and its address."""
+        return await self._owner_write(session_id, lambda t: ev.SessionResourceReported(
+            producer=self.producer, session_id=session_id, agent_id=self.agent_id, incarnation=self.incarnation,
+            token=t, platform_resource_id=platform_resource_id, address=address), token)
+
+    async def terminate(self, session_id: str, *, reason: str = "", token: int | None = None) -> int:
+        """End a session this agent owns."""
+        seq = await self._owner_write(session_id, lambda t: ev.SessionTerminated(
+            producer=self.producer, session_id=session_id, token=t, reason=reason), token)
+        self._lose(session_id, "terminated")
+        return seq
+
+    async def transition_route(self, route_id: str, to_state: str, *, reason: str = "",
+                               address: str | None = None, traffic: str | None = None) -> int:
+        """Move a route of one of our sessions; the write carries our claim token for that session."""
+        self._check_may_act()
+        route, _ = await self.ledger.route(route_id)
+        if route is None:
+            raise NotFound(f"route {route_id} does not exist")
+        held = self.owned.get(route.session_id)
+        if held is None:
+            raise NotFound(f"agent {self.agent_id} holds no claim on session {route.session_id} of route {route_id}")
+        state, _ = await self.ledger.session(route.session_id)
+        decide.check_owner(state, route.session_id, self.ref, held.token)
+        return await self.ledger.transition_route(route_id, to_state, reason=reason, token=held.token,
+                                                  address=address, traffic=traffic)
+
+    async def report_health(self, route_id: str, *, healthy: bool, detail: str = "") -> int:
+        return await self.ledger.report_health(route_id, healthy=healthy, detail=detail)
+
+    # --- drain -------------------------------------------------------------------------------
+
+    async def drain(self, *, deadline: float | datetime = 3600.0, reason: str = "") -> int:
+        """Take no new claims; the sessions are handed off before `deadline` (seconds from now, or a time)."""
+        self._check_may_act()
+        when = deadline if isinstance(deadline, datetime) else ev.utcnow() + timedelta(seconds=deadline)
+        seq = await self.store.append(ev.AgentDraining(producer=self.producer, agent_id=self.agent_id,
+                                                       incarnation=self.incarnation, deadline=when, reason=reason))
+        self.draining = True
+        if not self.owned:
+            await self._drained()
+        return seq
+
+    async def _drained(self) -> None:
+        if self.fenced is None and not self._closing:
+            with contextlib.suppress(LedgerError):
+                await self.store.append(ev.AgentDrained(producer=self.producer, agent_id=self.agent_id,
+                                                        incarnation=self.incarnation, reason="no sessions left"))
+
+    # --- activity and idleness ---------------------------------------------------------------
+
+    def touch(self, session_id: str) -> None:
+        """Note activity on a session (it is not idle now)."""
+        self._last_active[session_id] = time.monotonic()
+
+    @contextlib.asynccontextmanager
+    async def busy(self, session_id: str) -> AsyncIterator[Claim]:
+        """Mark work in flight on an owned session: a busy session is never released as idle."""
+        claim = self.owned.get(session_id)
+        if claim is None or session_id in self._releasing:
+            raise NotFound(f"agent {self.agent_id} does not own session {session_id}")
+        self._in_flight[session_id] = self._in_flight.get(session_id, 0) + 1
+        self.touch(session_id)
+        try:
+            yield claim
+        finally:
+            if session_id in self._in_flight:
+                self._in_flight[session_id] -= 1
+                self.touch(session_id)
+
+    def activity(self) -> dict[str, Activity]:
+        """Idleness of every owned session (idle TTLs unknown so far are None; see `learn_idle_ttl`)."""
+        now = time.monotonic()
+        return {sid: Activity(idle_for=now - self._last_active.get(sid, now), in_flight=self._in_flight.get(sid, 0),
+                              idle_ttl=self._idle_ttl.get(sid)) for sid in self.owned}
+
+    def needs_idle_ttl(self) -> list[str]:
+        return [sid for sid in self.owned if sid not in self._idle_ttl]
+
+    def learn_idle_ttl(self, session_id: str, idle_ttl: float | None) -> None:
+        if session_id in self.owned:
+            self._idle_ttl[session_id] = idle_ttl
+            self._last_active.setdefault(session_id, time.monotonic())
+
+    async def release_if_idle(self, session_id: str) -> bool:
+        """Release the session if it is still idle past its TTL and nothing is in flight."""
+        info = self.activity().get(session_id)
+        if info is None or info.idle_ttl is None or info.in_flight or info.idle_for < info.idle_ttl:
+            return False
+        self._releasing.add(session_id)  # from here on busy() refuses it: no work starts on it
+        try:
+            await self.release(session_id, reason=f"idle for {info.idle_for:.0f}s (idle TTL {info.idle_ttl:g}s)")
+        except LedgerError as e:
+            log.info("%s: idle release of %s not written: %s", self.agent_id, session_id, e)
+            return False
+        finally:
+            self._releasing.discard(session_id)
+        return True

@@ -1,0 +1,43 @@
+"""`ledger agent`: the reference agent process."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import click
+
+from ..client import Ledger
+from .common import async_command, echo, nats_url_option, settings_from
+
+
+@click.command("agent")
+@click.option("--agent-id", required=True, help="Stable logical name of this agent.")
+@click.option("--pool", required=True, help="Pool whose sessions this agent runs.")
+@click.option("--platform", default="default", show_default=True)
+@click.option("--region", default="default", show_default=True)
+@click.option("--capacity", default=4, show_default=True, type=click.IntRange(1), help="Sessions it can own at once.")
+@click.option("--heartbeat", default=5.0, show_default=True, type=click.FloatRange(0.05), help="Seconds between heartbeats.")
+@click.option("--ttl", default=30.0, show_default=True, type=click.FloatRange(0.1),
+              help="Lease: with no heartbeat acknowledged for this long the agent fences itself "
+                   "(and the liveness monitor may declare it dead).")
+@nats_url_option
+@async_command
+async def agent_command(agent_id: str, pool: str, platform: str, region: str, capacity: int, heartbeat: float,
+                        ttl: float, nats_url: str) -> None:
+    """Run a reference agent: register, heartbeat, claim the pool's sessions, goodbye on SIGTERM.
+
+    It claims sessions of its pool/platform/region that are pending, orphaned,
+    or owned by an agent that said goodbye, was declared dead or was replaced,
+    up to --capacity. SIGTERM or Ctrl-C writes one goodbye and exits 0.
+    """
+    if ttl <= heartbeat:
+        raise click.BadParameter(f"--ttl ({ttl:g}) must be longer than --heartbeat ({heartbeat:g})", param_hint="--ttl")
+
+    def say(line: str) -> None:
+        echo(f"{datetime.now().strftime('%H:%M:%S.%f')[:-3]} {agent_id}: {line}")
+
+    async with Ledger.connect(settings_from(nats_url), producer_id=agent_id, name=f"ledger-agent-{agent_id}") as ledger:
+        from consumers import agent_process  # the CLI is where the packages meet
+
+        await agent_process.run(ledger, agent_id=agent_id, pool=pool, platform=platform, region=region,
+                                  capacity=capacity, heartbeat=heartbeat, ttl=ttl, say=say)

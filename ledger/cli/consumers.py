@@ -1,0 +1,89 @@
+"""`ledger consumers` (liveness monitor, reclaimer, route watchdog) and `ledger pool reset-breaker`."""
+
+from __future__ import annotations
+
+import asyncio
+
+import click
+
+from .. import events as ev
+from .. import lifecycle as lc
+from ..client import Ledger
+from ..codec import Recorded
+from ..errors import InvalidInput
+from ..store import EventStore
+from .common import async_command, echo, nats_url_option, producer_id_option, settings_from, stop_signals
+
+
+@click.command("consumers")
+@click.option("--monitor/--no-monitor", default=True, show_default=True, help="The liveness monitor.")
+@click.option("--reclaimer/--no-reclaimer", default=True, show_default=True, help="The orphan reclaimer.")
+@click.option("--watchdog/--no-watchdog", default=True, show_default=True, help="The route watchdog.")
+@click.option("--name", default="", help="Replica name (producer ids become monitor-NAME ...).")
+@click.option("--suspect-after", type=click.IntRange(1), default=3, show_default=True,
+              help="Missed heartbeat intervals before an agent is suspect.")
+@click.option("--dead-after", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Seconds without a heartbeat before an agent is dead [default: each agent's ttl].")
+@click.option("--grace", type=click.FloatRange(min=0), default=10.0, show_default=True,
+              help="Seconds after a reconnect or stream leader change during which nobody is declared dead.")
+@click.option("--breaker-share", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.5,
+              show_default=True, help="Share of a pool dying within --breaker-window that trips its breaker.")
+@click.option("--breaker-window", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True)
+@nats_url_option
+@async_command
+async def consumers_command(monitor: bool, reclaimer: bool, watchdog: bool, name: str, suspect_after: int,
+                            dead_after: float | None, grace: float, breaker_share: float, breaker_window: float,
+                            nats_url: str) -> None:
+    """Run the liveness monitor, orphan reclaimer and route watchdog until Ctrl-C.
+
+    Any number of replicas may run against the same ledger: deaths are
+    declared once, and claims and transitions are compare-and-set.
+    """
+    from consumers.liveness_rules import LivenessSettings  # the CLI is where the packages meet
+    from consumers.service import Consumers
+
+    if not (monitor or reclaimer or watchdog):
+        raise click.UsageError("nothing to run: every consumer is switched off")
+    liveness = LivenessSettings(suspect_after_missed=suspect_after, dead_after=dead_after, grace=grace,
+                                breaker_share=breaker_share, breaker_window=breaker_window)
+    stop = stop_signals()
+    async with EventStore.connect(settings_from(nats_url), name=f"ledger-consumers{'-' + name if name else ''}") as store:
+        running = Consumers(store, name=name, monitor=monitor, reclaimer=reclaimer, watchdog=watchdog,
+                            liveness=liveness)
+        task = asyncio.create_task(running.run())
+        echo(f"running {', '.join(running.parts)} on {store.settings.nats_url} - Ctrl-C to stop")
+        done, _ = await asyncio.wait({task, asyncio.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            task.result()  # a consumer failed: let its error surface
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    echo("stopped")
+
+
+@click.group("pool")
+def pool_group() -> None:
+    """Pool-level operations."""
+
+
+@pool_group.command("reset-breaker")
+@click.argument("pool")
+@click.option("--reason", default="operator", show_default=True)
+@nats_url_option
+@producer_id_option
+@async_command
+async def reset_breaker(pool: str, reason: str, nats_url: str, producer_id: str) -> None:
+    """Close POOL's mass-failure breaker: orphaning of its dead agents' sessions resumes."""
+    async with Ledger.connect(settings_from(nats_url), producer_id=producer_id) as ledger:
+
+        async def read(min_seq: int | None) -> tuple[lc.PoolState | None, int]:
+            items = await ledger.store.history("pool", pool, min_last_seq=min_seq)
+            state, _ = lc.fold(lc.evolve_pool, [i for i in items if isinstance(i, Recorded)])
+            return state, items[-1].seq if items else 0
+
+        def decide(state: lc.PoolState | None) -> ev.Event:
+            if state is None or not state.breaker_open:
+                raise InvalidInput(f"pool {pool}'s breaker is not open")
+            return ev.PoolBreakerReset(producer=ledger.producer, pool=pool, reason=reason)
+
+        seq, _ = await ledger.cas(read, decide)
+    echo(f"pool {pool}: breaker closed (#{seq}); orphaning resumes")

@@ -1,0 +1,204 @@
+"""Ledger: the operations any client may perform, and reading one entity's current state.
+
+    async with Ledger.connect(Settings.from_env(), producer_id="scheduler") as ledger:
+        sid, _ = await ledger.create_session(pool="gpu")
+        await ledger.create_route("r-1", session_id=sid, endpoint="chat")
+        await ledger.transition_route("r-1", "STARTING")
+
+Every write is decided on the entity's current state (its history folded with
+`ledger.lifecycle`) and appended with a compare-and-set on that history, so
+no other writer can slip in between; a lost race is re-read and re-decided.
+Agents use `ledger.agent.Agent`, which builds on this.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime
+from typing import Any, TypeVar
+
+from . import decide, lifecycle as lc, subjects
+from . import events as ev
+from .codec import Recorded
+from .errors import Conflict, InvalidInput, NotFound
+from .events import Producer
+from .ids import check_token, new_id
+from .settings import Settings
+from .store import EventStore
+
+log = logging.getLogger(__name__)
+
+CAS_ATTEMPTS = 8
+"""Re-read and re-decide a write this many times before giving up under contention."""
+
+T = TypeVar("T")
+
+
+class Ledger:
+    """Writes and entity reads on an EventStore, as one producer."""
+
+    def __init__(self, store: EventStore, producer: Producer) -> None:
+        self.store = store
+        self.producer = producer
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def connect(cls, settings: Settings | None = None, *, producer_id: str = "cli",
+                      name: str | None = None) -> AsyncIterator[Ledger]:
+        check_token(producer_id, "producer id")
+        async with EventStore.connect(settings, name=name or f"ledger-{producer_id}") as store:
+            yield cls(store, Producer(id=producer_id, instance=new_id()))
+
+    # --- reading one entity -------------------------------------------------------
+
+    async def registrations(self, agent_id: str, *, min_last_seq: int | None = None) -> list[int]:
+        """Stream sequences of every registration of `agent_id` (its incarnations), oldest first."""
+        items = await self.store.read(subjects.event_subject("agent", agent_id, "registered", "*"),
+                                      min_last_seq=min_last_seq)
+        return [i.seq for i in items if isinstance(i, Recorded)]
+
+    async def _incarnations(self, records: list[Recorded], min_last_seq: int | None) -> lc.IncarnationAt:
+        agents = {e.agent_id for e in (r.event for r in records)
+                  if isinstance(e, (ev.SessionClaimed, ev.SessionReleased, ev.SessionResourceReported))}
+        return lc.registrations_lookup({a: await self.registrations(a, min_last_seq=min_last_seq) for a in agents})
+
+    async def session(self, session_id: str, *, min_last_seq: int | None = None
+                      ) -> tuple[lc.SessionState | None, int]:
+        """(current state, last sequence of its history); state None if it was never created."""
+        items = await self.store.history("session", session_id, min_last_seq=min_last_seq)
+        records = [i for i in items if isinstance(i, Recorded)]
+        state, _ = lc.fold(lc.evolve_session, records, await self._incarnations(records, min_last_seq))
+        return state, items[-1].seq if items else 0
+
+    async def route(self, route_id: str, *, min_last_seq: int | None = None) -> tuple[lc.RouteState | None, int]:
+        items = await self.store.history("route", route_id, min_last_seq=min_last_seq)
+        records = [i for i in items if isinstance(i, Recorded)]
+        token_at = None
+        if any(isinstance(r.event, ev.RouteTransitioned) and r.event.token is not None for r in records):
+            session_id = next(r.event.session_id for r in records if isinstance(r.event, ev.RouteCreated))
+            session_items = await self.store.history("session", session_id, min_last_seq=min_last_seq)
+            session_records = [i for i in session_items if isinstance(i, Recorded)]
+            token_at = lc.claims_lookup(session_id, session_records,
+                                        await self._incarnations(session_records, min_last_seq))
+        state, _ = lc.fold(lc.evolve_route, records, token_at)
+        return state, items[-1].seq if items else 0
+
+    async def agent(self, agent_id: str) -> tuple[lc.AgentState | None, int]:
+        items = await self.store.history("agent", agent_id)
+        state, _ = lc.fold(lc.evolve_agent, [i for i in items if isinstance(i, Recorded)])
+        return state, items[-1].seq if items else 0
+
+    # --- compare-and-set writes ---------------------------------------------------
+
+    async def cas(self, read: Callable[[int | None], Awaitable[tuple[T, int]]],
+                  decide_event: Callable[[T], ev.Event]) -> tuple[int, ev.Event]:
+        """Read, decide, append with an expectation on the read's last sequence; on a lost race, again.
+
+        `read(min_last_seq)` returns (state, last sequence); `decide_event(state)`
+        returns the event or raises why it may not be written.
+        """
+        min_seq: int | None = None
+        for _ in range(CAS_ATTEMPTS):
+            state, last = await read(min_seq)
+            event = decide_event(state)
+            try:
+                return await self.store.append(event, expect=last), event
+            except Conflict as lost:
+                # Read again from a replica that has at least what beat us (Direct Get may lag).
+                min_seq = lost.actual
+        raise Conflict(subjects.entity_filter(type(event).family, event.entity_id), last)
+
+    async def create_session(self, pool: str, *, session_id: str | None = None, platform: str = "default",
+                             region: str = "default", labels: dict[str, str] | None = None,
+                             idle_ttl: float | None = None) -> tuple[str, int]:
+        """Create a session bound to a pool (never to an agent); returns (session id, sequence)."""
+        session_id = session_id or f"s-{new_id()[:12]}"
+        for value, what in ((session_id, "session id"), (pool, "pool"), (platform, "platform"), (region, "region")):
+            check_token(value, what)
+        if idle_ttl is not None and idle_ttl <= 0:
+            raise InvalidInput(f"idle TTL must be positive, got {idle_ttl}")
+        event = ev.SessionCreated(producer=self.producer, session_id=session_id, pool=pool, platform=platform,
+                                  region=region, labels=labels or {}, idle_ttl=idle_ttl)
+        try:
+            return session_id, await self.store.append(event, expect=0)
+        except Conflict:
+            raise InvalidInput(f"session {session_id} already exists") from None
+
+    async def terminate_session(self, session_id: str, *, reason: str = "", token: int | None = None) -> int:
+        """End a session for good (as an operator; the owner passes its token)."""
+
+        def decide_terminate(state: lc.SessionState | None) -> ev.Event:
+            if state is None:
+                raise NotFound(f"session {session_id} does not exist")
+            if state.status == lc.S_TERMINATED:
+                raise InvalidInput(f"session {session_id} is already terminated")
+            return ev.SessionTerminated(producer=self.producer, session_id=session_id, token=token, reason=reason)
+
+        seq, _ = await self.cas(lambda m: self.session(session_id, min_last_seq=m), decide_terminate)
+        return seq
+
+    async def claim_session(self, session_id: str, who: decide.AgentRef, *, reason: str = "initial",
+                            previous_token: int | None = None, causation_id: str | None = None) -> int:
+        """Claim a session for `who` (also on its behalf, as a reclaimer does); returns the claim token."""
+        seq, _ = await self.cas(
+            lambda m: self.session(session_id, min_last_seq=m),
+            lambda state: decide.decide_claim(state, session_id, who, producer=self.producer, reason=reason,
+                                              previous_token=previous_token, causation_id=causation_id))
+        return seq
+
+    async def create_route(self, route_id: str, *, session_id: str, endpoint: str, deployment: str = "",
+                           probe: ev.Probe | None = None, start_timeout: float = 300.0,
+                           stop_timeout: float = 300.0) -> int:
+        check_token(route_id, "route id")
+        check_token(session_id, "session id")
+        if start_timeout <= 0 or stop_timeout <= 0:
+            raise InvalidInput("start and stop timeouts must be positive")
+        if probe is not None and probe.on_stale not in ("ignore", "deactivate", "terminate"):
+            raise InvalidInput(f"probe.on_stale must be ignore, deactivate or terminate, got {probe.on_stale!r}")
+        state, _ = await self.session(session_id)
+        if state is None:
+            raise NotFound(f"session {session_id} does not exist")
+        event = ev.RouteCreated(producer=self.producer, route_id=route_id, session_id=session_id,
+                                endpoint=endpoint, deployment=deployment, probe=probe, start_timeout=start_timeout,
+                                stop_timeout=stop_timeout)
+        try:
+            return await self.store.append(event, expect=0)
+        except Conflict:
+            raise InvalidInput(f"route {route_id} already exists") from None
+
+    async def transition_route(self, route_id: str, to_state: str, *, reason: str = "", token: int | None = None,
+                               address: str | None = None, traffic: str | None = None,
+                               causation_id: str | None = None) -> int:
+        """Move a route along its state machine; IllegalTransition names both states when it may not."""
+        check_token(route_id, "route id")
+        if traffic not in (None, lc.TRAFFIC_ACTIVE, lc.TRAFFIC_INACTIVE):
+            raise InvalidInput(f"traffic must be {lc.TRAFFIC_ACTIVE} or {lc.TRAFFIC_INACTIVE}, got {traffic!r}")
+
+        def decide_transition(state: lc.RouteState | None) -> ev.Event:
+            decide.decide_transition(state, route_id, to_state)
+            assert state is not None
+            return ev.RouteTransitioned(producer=self.producer, route_id=route_id, from_state=state.state,
+                                        to_state=to_state, reason=reason, token=token, address=address,
+                                        traffic=traffic, causation_id=causation_id)
+
+        seq, _ = await self.cas(lambda m: self.route(route_id, min_last_seq=m), decide_transition)
+        return seq
+
+    async def report_health(self, route_id: str, *, healthy: bool, detail: str = "",
+                            checked_at: datetime | None = None) -> int:
+        check_token(route_id, "route id")
+        event = ev.RouteHealthReported(producer=self.producer, route_id=route_id, healthy=healthy,
+                                       checked_at=checked_at or ev.utcnow(), detail=detail)
+        return await self.store.append(event)
+
+    async def report_unreachable(self, agent_id: str, *, error: str = "", incarnation: int | None = None) -> int:
+        """A usage-time failure report: this client could not reach the agent."""
+        check_token(agent_id, "agent id")
+        event = ev.AgentUnreachableReported(producer=self.producer, agent_id=agent_id, incarnation=incarnation,
+                                            error=error)
+        return await self.store.append(event)
+
+    async def append(self, event: ev.Event, **kwargs: Any) -> int:
+        return await self.store.append(event, **kwargs)

@@ -1,0 +1,78 @@
+"""Pure decisions: given an entity's current state, may this write happen, and as what event?
+
+Each function raises a typed LedgerError that says why a write is refused, or
+returns the event to append. The caller appends it with a compare-and-set on
+the entity's last sequence, so the decision and the write cannot be split by
+another writer.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from . import events as ev
+from . import lifecycle as lc
+from .errors import IllegalTransition, InvalidInput, NotClaimable, NotFound, StaleToken, Superseded
+
+
+class AgentRef(msgspec.Struct, frozen=True):
+    """One incarnation of an agent: who a claim is for, or who is writing as owner."""
+
+    agent_id: str
+    instance_id: str
+    incarnation: int
+
+
+def decide_claim(state: lc.SessionState | None, session_id: str, who: AgentRef, *, producer: ev.Producer,
+                 reason: str, previous_token: int | None = None, causation_id: str | None = None,
+                 correlation_id: str | None = None) -> ev.SessionClaimed:
+    """A claim of `session_id` for `who`.
+
+    An unowned session (pending, orphaned, released) can be claimed by anyone.
+    An owned one only by naming its current token in `previous_token` - a
+    deliberate take-over (failover from a dead owner, drain hand-off).
+    """
+    if reason not in lc.CLAIM_REASONS:
+        raise InvalidInput(f"claim reason must be one of {', '.join(lc.CLAIM_REASONS)}, got {reason!r}")
+    if state is None:
+        raise NotFound(f"session {session_id} does not exist")
+    if state.status == lc.S_TERMINATED:
+        raise NotClaimable(f"session {session_id} is terminated")
+    previous_owner = state.owner
+    if state.status == lc.S_ASSIGNED:
+        if state.owner == who.agent_id and state.owner_incarnation == who.incarnation:
+            raise NotClaimable(f"session {session_id} is already owned by {who.agent_id} (token {state.token})")
+        if previous_token != state.token:
+            raise NotClaimable(
+                f"session {session_id} is owned by {state.owner} under token {state.token}; "
+                "a take-over must name that token"
+            )
+    else:
+        previous_token = None
+    return ev.SessionClaimed(
+        producer=producer, session_id=session_id, agent_id=who.agent_id, instance_id=who.instance_id,
+        incarnation=who.incarnation, reason=reason, previous_owner=previous_owner, previous_token=previous_token,
+        causation_id=causation_id, correlation_id=correlation_id,
+    )
+
+
+def check_owner(state: lc.SessionState | None, session_id: str, who: AgentRef, token: int) -> None:
+    """Refuse an owner write unless `who` holds the session under `token` right now."""
+    if state is None:
+        raise NotFound(f"session {session_id} does not exist")
+    if state.status != lc.S_ASSIGNED or state.token != token or state.owner != who.agent_id:
+        raise StaleToken(session_id, token, state.token, state.owner)
+    if state.owner_incarnation != who.incarnation:
+        raise Superseded(
+            f"session {session_id} is held by incarnation {state.owner_incarnation} of {who.agent_id}, "
+            f"not {who.incarnation}"
+        )
+
+
+def decide_transition(state: lc.RouteState | None, route_id: str, to_state: str) -> None:
+    """Refuse an illegal route transition with a message naming both states."""
+    if state is None:
+        raise NotFound(f"route {route_id} does not exist")
+    problem = lc.route_transition_error(state.state, to_state)
+    if problem:
+        raise IllegalTransition(f"route {route_id}: {problem}", current=state.state, requested=to_state)

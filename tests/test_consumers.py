@@ -1,0 +1,328 @@
+"""Failover end to end: real agent processes, the liveness monitor, the reclaimer, a real server."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fleet import agents, consumers, events, ledger_on
+from helpers import eventually
+from ledger import events as ev
+from ledger import lifecycle as lc
+from ledger.codec import Recorded
+from ledger.server import EmbeddedServer
+from conftest import create_streams, start_binary_server
+
+HEARTBEAT, TTL = 0.2, 1.5
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[EmbeddedServer]:
+    s = start_binary_server(tmp_path / "nats")
+    try:
+        asyncio.run(create_streams(s.url))
+        yield s
+    finally:
+        s.stop()
+
+
+async def owners(ledger, sessions: list[str]) -> dict[str, str | None]:  # type: ignore[no-untyped-def]
+    return {sid: (await ledger.session(sid))[0].owner for sid in sessions}
+
+
+async def test_kill_9_one_of_three_agents_moves_its_sessions_within_ttl_plus_a_beat(server: EmbeddedServer):
+    async with ledger_on(server.url) as ledger, agents(server.url, "gpu", ["a1", "a2", "a3"],
+                                                        heartbeat=HEARTBEAT, ttl=TTL) as procs:
+        sessions = [(await ledger.create_session("gpu", session_id=f"s{i}"))[0] for i in range(12)]
+
+        async def all_owned() -> dict[str, str | None] | None:
+            o = await owners(ledger, sessions)
+            return o if all(o.values()) else None
+
+        placed = await eventually(all_owned, what="every session claimed")
+        async with consumers(server.url, watchdog=False):
+            victim = max(procs, key=lambda a: list(placed.values()).count(a))
+            lost = [s for s, o in placed.items() if o == victim]
+            procs[victim].kill9()
+            killed_at = time.monotonic()
+
+            async def moved() -> bool:
+                now = await owners(ledger, lost)
+                return all(o not in (None, victim) for o in now.values())
+
+            await eventually(moved, timeout=TTL + HEARTBEAT + 10, interval=0.05, what="failover of the lost sessions")
+            print(f"\n{len(lost)} sessions of {victim} re-owned {time.monotonic() - killed_at:.2f}s after kill -9 "
+                  f"(ttl {TTL}s + heartbeat {HEARTBEAT}s)")
+        history = await events(ledger.store, "agent", victim)
+        [dead] = [e for e in history if isinstance(e, ev.AgentDeclaredDead)]
+        assert dead.reason == "missed_heartbeats" and dead.evidence.dead_after == TTL
+        assert dead.evidence.last_heartbeat_seq is not None and dead.producer.id == "monitor"
+        last_beat = dead.evidence.last_heartbeat_at
+        for sid in lost:
+            final = [r for r in await ledger.store.history("session", sid) if isinstance(r.event, ev.SessionClaimed)][-1]
+            claim = final.event
+            assert claim.previous_owner == victim and claim.reason == "failover" and claim.causation_id == dead.event_id
+            # On the log's own clock: re-owned within TTL + one heartbeat interval of the last beat
+            # (plus the monitor's 0.2 s tick and the write itself).
+            assert (final.stored_at - last_beat).total_seconds() <= TTL + HEARTBEAT + 0.5
+
+
+async def test_sigterm_moves_sessions_at_once_without_waiting_for_the_ttl(server: EmbeddedServer):
+    async with ledger_on(server.url) as ledger, agents(server.url, "gpu", ["a1", "a2"], ttl=30.0) as procs:
+        sessions = [(await ledger.create_session("gpu", session_id=f"s{i}"))[0] for i in range(6)]
+        await eventually(lambda: _all(owners(ledger, sessions)), what="every session claimed")
+        # No liveness monitor: with a 30 s ttl nothing but the goodbye itself can move them.
+        async with consumers(server.url, watchdog=False, monitor=False):
+            placed = await owners(ledger, sessions)
+            lost = [s for s, o in placed.items() if o == "a1"]
+            assert await procs["a1"].terminate() == 0
+
+            async def with_a2() -> bool:
+                return set((await owners(ledger, lost)).values()) <= {"a2"}
+
+            await eventually(with_a2, timeout=20, interval=0.02, what="a1's sessions moving after its goodbye")
+        [goodbye] = [e for e in await events(ledger.store, "agent", "a1") if isinstance(e, ev.AgentGoodbye)]
+        for sid in lost:
+            claim = [e for e in await events(ledger.store, "session", sid) if isinstance(e, ev.SessionClaimed)][-1]
+            assert (claim.previous_owner, claim.causation_id) == ("a1", goodbye.event_id)
+
+
+async def _all(result) -> bool:  # type: ignore[no-untyped-def]
+    return all((await result).values())
+
+
+async def test_a_death_is_declared_once_by_three_monitor_replicas(server: EmbeddedServer):
+    async with ledger_on(server.url) as ledger, agents(server.url, "gpu", ["a1"], heartbeat=HEARTBEAT,
+                                                        ttl=TTL) as procs:
+        async with consumers(server.url, name="r1", reclaimer=False, watchdog=False), \
+                consumers(server.url, name="r2", reclaimer=False, watchdog=False), \
+                consumers(server.url, name="r3", reclaimer=False, watchdog=False):
+            procs["a1"].kill9()
+
+            async def declared() -> list[ev.Event]:
+                return [e for e in await events(ledger.store, "agent", "a1") if isinstance(e, ev.AgentDeclaredDead)]
+
+            await eventually(declared, timeout=TTL + 5, what="the death declaration")
+            await asyncio.sleep(1.0)  # give the other replicas every chance to write theirs
+        assert len(await declared()) == 1
+
+
+async def test_the_breaker_trips_when_most_of_a_pool_dies_together(server: EmbeddedServer):
+    names = ["a1", "a2", "a3", "a4"]
+    async with ledger_on(server.url) as ledger, agents(server.url, "gpu", names, heartbeat=HEARTBEAT,
+                                                        ttl=TTL, capacity=20) as procs:
+        sessions = [(await ledger.create_session("gpu", session_id=f"s{i}"))[0] for i in range(8)]
+        await eventually(lambda: _all(owners(ledger, sessions)), what="every session claimed")
+        async with consumers(server.url, watchdog=False) as running:
+            placed = await owners(ledger, sessions)
+            survivor = max(names, key=lambda a: list(placed.values()).count(a))
+            for name in names:
+                if name != survivor:
+                    procs[name].kill9()
+
+            async def tripped() -> list[ev.Event]:
+                return [e for e in await events(ledger.store, "pool", "gpu")
+                        if isinstance(e, ev.PoolBreakerTripped)]
+
+            [trip] = await eventually(tripped, timeout=TTL + 5, what="the breaker tripping")
+            assert trip.agents == 4 and len(trip.dead) == 3 and "of 4 agents died" in trip.reason
+            await eventually(lambda: all(running.follower.state.ledger.agents[n].status == lc.A_DEAD
+                                         for n in names if n != survivor), timeout=TTL + 5, what="deaths")
+            held = [s for s, o in placed.items() if o != survivor]
+            await asyncio.sleep(1.0)  # the reclaimer had its chance and must not have moved them
+            assert set((await owners(ledger, held)).values()) <= set(names) - {survivor}
+            # An operator closes the breaker: the held sessions move to the survivor.
+            result = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "ledger", "pool",
+                                                              "reset-breaker", "gpu", "--nats-url", server.url],
+                                             capture_output=True, text=True, timeout=30)
+            assert result.returncode == 0 and "breaker closed" in result.stdout, result.stderr
+
+            async def with_survivor() -> bool:
+                return set((await owners(ledger, held)).values()) == {survivor}
+
+            await eventually(with_survivor, timeout=10, what="held sessions moving once the breaker closed")
+
+
+async def test_two_reclaimers_and_self_claiming_agents_never_make_two_owners(server: EmbeddedServer):
+    async with ledger_on(server.url) as ledger, agents(server.url, "gpu", ["a1", "a2", "a3"], heartbeat=HEARTBEAT,
+                                                        ttl=TTL, capacity=100) as procs:
+        async with consumers(server.url, name="x", watchdog=False), \
+                consumers(server.url, name="y", watchdog=False, monitor=False):
+            sessions = [(await ledger.create_session("gpu", session_id=f"s{i}"))[0] for i in range(60)]
+            await eventually(lambda: _all(owners(ledger, sessions)), timeout=20, what="every session claimed")
+            procs["a2"].kill9()
+
+            async def none_with_a2() -> bool:
+                o = await owners(ledger, sessions)
+                return all(v in ("a1", "a3") for v in o.values())
+
+            await eventually(none_with_a2, timeout=TTL + 10, what="a2's sessions re-owned")
+    # The whole log, checked: every claim names the claim it replaces; no overlap, no stale write.
+    async with ledger_on(server.url) as ledger:
+        items = []
+        async for batch in ledger.store.replay("ledger.session.>"):
+            items += [i for i in batch if isinstance(i, Recorded)]
+        registrations: dict[str, list[int]] = {}
+        async for batch in ledger.store.replay("ledger.agent.*.registered.*"):
+            for r in batch:
+                registrations.setdefault(r.event.agent_id, []).append(r.seq)
+    lookup = lc.registrations_lookup(registrations)
+    by_session: dict[str, list[Recorded]] = {}
+    for r in items:
+        by_session.setdefault(r.event.session_id, []).append(r)
+    claims = 0
+    for sid, history in by_session.items():
+        state, anomalies = lc.fold(lc.evolve_session, history, lookup)
+        assert anomalies == [], (sid, anomalies)
+        claims += state.claims
+    assert claims >= 60
+
+
+async def test_a_draining_agents_sessions_are_handed_off_then_it_is_drained(server: EmbeddedServer):
+    from ledger.agent import Agent
+
+    async with ledger_on(server.url) as ledger, agents(server.url, "gpu", ["b"], heartbeat=HEARTBEAT, ttl=TTL):
+        async with Agent(ledger, agent_id="a", pool="gpu", capacity=5, heartbeat=HEARTBEAT, ttl=TTL) as a:
+            sessions = [(await ledger.create_session("gpu", session_id=f"s{i}"))[0] for i in range(3)]
+            for sid in sessions:
+                try:
+                    await a.claim(sid)
+                except Exception:  # b may be faster for some; that is fine
+                    pass
+            mine = list(a.owned)
+            async with consumers(server.url, watchdog=False, monitor=False):
+                await a.drain(deadline=600, reason="upgrade")
+                await eventually(lambda: not a.owned, timeout=10, what="hand-off of a's sessions")
+
+                async def drained() -> bool:
+                    state, _ = await ledger.agent("a")
+                    return state.status == lc.A_DRAINED
+
+                await eventually(drained, timeout=10, what="a drained")
+            for sid in mine:
+                claim = [e for e in await events(ledger.store, "session", sid)
+                         if isinstance(e, ev.SessionClaimed)][-1]
+                assert (claim.agent_id, claim.reason, claim.previous_owner) == ("b", "drain", "a")
+
+
+async def test_failure_reports_make_an_agent_suspect(server: EmbeddedServer):
+    async with ledger_on(server.url) as ledger, agents(server.url, "gpu", ["a1"], heartbeat=HEARTBEAT, ttl=5.0):
+        async with consumers(server.url, reclaimer=False, watchdog=False):
+            for _ in range(3):
+                await ledger.report_unreachable("a1", error="connection refused")
+
+            async def suspected() -> list[ev.Event]:
+                return [e for e in await events(ledger.store, "agent", "a1") if isinstance(e, ev.AgentSuspected)]
+
+            [suspicion] = await eventually(suspected, timeout=5, what="the suspicion")
+            assert suspicion.reason == "unreachable_reports" and suspicion.evidence.reports == 3
+
+
+async def test_no_death_is_declared_for_a_broker_outage(server: EmbeddedServer):
+    async with agents(server.url, "gpu", ["a1"], heartbeat=HEARTBEAT, ttl=TTL):
+        async with consumers(server.url, reclaimer=False, watchdog=False, grace=3.0) as running:
+            monitor = running.parts["monitor"]
+            server.kill()
+            await asyncio.sleep(TTL + 0.5)  # the agent cannot beat: it fences itself
+            await asyncio.to_thread(server.start)
+            await eventually(lambda: monitor.grace_reason.startswith("connection"), what="grace after reconnect")
+            # The agent comes back as a new incarnation inside the grace window.
+            await eventually(lambda: running.follower.state.ledger.agents["a1"].incarnation > 1, timeout=10,
+                             what="the agent re-registering")
+            await asyncio.sleep(3.5)
+        async with ledger_on(server.url) as ledger:
+            history = await events(ledger.store, "agent", "a1")
+        assert not [e for e in history if isinstance(e, ev.AgentDeclaredDead)]
+        assert [e for e in history if isinstance(e, ev.AgentFenced)]
+
+
+async def route_state(ledger, rid: str) -> lc.RouteState:  # type: ignore[no-untyped-def]
+    state, _ = await ledger.route(rid)
+    return state
+
+
+async def reaches(ledger, rid: str, *states: str, timeout: float = 10) -> lc.RouteState:  # type: ignore[no-untyped-def]
+    async def there() -> lc.RouteState | None:
+        st = await route_state(ledger, rid)
+        return st if st.state in states else None
+
+    return await eventually(there, timeout=timeout, what=f"route {rid} reaching {states}")
+
+
+async def test_the_route_watchdog_drives_a_route_to_running_and_handles_stale_health(server: EmbeddedServer):
+    from ledger.agent import Agent
+
+    async with ledger_on(server.url) as ledger, consumers(server.url, reclaimer=False, monitor=False):
+        async with Agent(ledger, agent_id="a1", pool="gpu", heartbeat=HEARTBEAT, ttl=TTL) as agent:
+            sid, _ = await ledger.create_session("gpu", session_id="s1")
+            await ledger.create_route("r1", session_id=sid, endpoint="chat",
+                                      probe=ev.Probe(initial_delay=30, stale_after=0.6))
+            await agent.claim(sid)
+            await reaches(ledger, "r1", lc.STARTING)
+            await agent.report_resource(sid, "pod/1", address="10.0.0.9:8000")
+            warming = await reaches(ledger, "r1", lc.WARMING_UP)
+            assert warming.address == "10.0.0.9:8000"
+            await agent.report_health("r1", healthy=True, detail="200 OK")
+            running = await reaches(ledger, "r1", lc.RUNNING)
+            assert running.traffic == lc.TRAFFIC_ACTIVE
+
+            async def traffic(expected: str) -> bool:
+                return (await route_state(ledger, "r1")).traffic == expected
+
+            await eventually(lambda: traffic(lc.TRAFFIC_INACTIVE), what="deactivation on stale health")
+            await agent.report_health("r1", healthy=True)
+            await eventually(lambda: traffic(lc.TRAFFIC_ACTIVE), what="reactivation on a fresh probe")
+            await ledger.terminate_session(sid, reason="done")
+            await reaches(ledger, "r1", lc.TERMINATED)
+        history = await events(ledger.store, "route", "r1")
+        steps = [(e.from_state, e.to_state, e.traffic) for e in history if isinstance(e, ev.RouteTransitioned)]
+        assert steps[:3] == [(lc.PENDING, lc.STARTING, None), (lc.STARTING, lc.WARMING_UP, None),
+                             (lc.WARMING_UP, lc.RUNNING, lc.TRAFFIC_ACTIVE)]
+        assert steps[-2:] == [(lc.RUNNING, lc.TERMINATING, None), (lc.TERMINATING, lc.TERMINATED, None)]
+        reasons = [e.reason for e in history if isinstance(e, ev.RouteTransitioned)]
+        assert any("health stale" in r for r in reasons) and any("terminated (done)" in r for r in reasons)
+        assert all(e.producer.id == "watchdog" for e in history if isinstance(e, ev.RouteTransitioned))
+
+
+async def test_route_failure_paths(server: EmbeddedServer):
+    from ledger.agent import Agent
+
+    async with ledger_on(server.url) as ledger, consumers(server.url, reclaimer=False, monitor=False):
+        async with Agent(ledger, agent_id="a1", pool="gpu", capacity=10, heartbeat=HEARTBEAT, ttl=TTL) as agent:
+            for i in range(4):
+                await ledger.create_session("gpu", session_id=f"s{i}")
+            # 1. STARTING, then its session ends: FAILED_TO_START.
+            await ledger.create_route("ended", session_id="s0", endpoint="e")
+            await agent.claim("s0")
+            await reaches(ledger, "ended", lc.STARTING)
+            await ledger.terminate_session("s0", reason="user")
+            failed = await reaches(ledger, "ended", lc.FAILED_TO_START)
+            assert "terminated (user)" in failed.reason
+            # 2. STARTING past its start timeout: FAILED_TO_START.
+            await ledger.create_route("slow", session_id="s1", endpoint="e", start_timeout=0.5)
+            await agent.claim("s1")
+            slow = await reaches(ledger, "slow", lc.FAILED_TO_START)
+            assert "start_timeout 0.5s" in slow.reason
+            # 3. WARMING_UP without a passing probe within its initial delay: TERMINATING, then stop timeout.
+            await ledger.create_route("sick", session_id="s2", endpoint="e", stop_timeout=0.5,
+                                      probe=ev.Probe(initial_delay=0.5))
+            await agent.claim("s2")
+            await agent.report_resource("s2", "pod/2", address="10.0.0.2:80")
+            await reaches(ledger, "sick", lc.WARMING_UP)
+            await agent.report_health("sick", healthy=False, detail="503")
+            sick = await reaches(ledger, "sick", lc.TERMINATING, lc.TERMINATED)
+            assert "initial_delay 0.5s" in sick.reason or sick.state == lc.TERMINATED
+            done = await reaches(ledger, "sick", lc.TERMINATED)
+            assert "stop_timeout 0.5s" in done.reason
+            # 4. No probe configured: straight to RUNNING once the session runs.
+            await ledger.create_route("plain", session_id="s3", endpoint="e")
+            await agent.claim("s3")
+            await agent.report_resource("s3", "pod/3", address="10.0.0.3:80")
+            plain = await reaches(ledger, "plain", lc.RUNNING)
+            assert plain.reason == "no health probe configured"
