@@ -54,8 +54,9 @@ class SelfClaimer:
     async def _claim_loop(self) -> None:
         await self.follower.caught_up.wait()
         while True:
+            tasks.raise_if_cancelled()  # a cancel that nats-py swallowed in the last claim still stops us
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), self.agent.heartbeat)
+                await tasks.wait_for(self._changed.wait(), self.agent.heartbeat)
             self._changed.clear()
             await self.claim_what_needs_an_owner()
 

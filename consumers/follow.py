@@ -12,7 +12,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from ledger import subjects
+from ledger import subjects, tasks
 from ledger.codec import Recorded, Unreadable
 from ledger.errors import LedgerError
 from ledger.reader import Replay
@@ -60,6 +60,7 @@ class Follower:
         start = self.state.position(stream) + 1
         fresh = start == 1
         while True:
+            tasks.raise_if_cancelled()
             try:
                 end = await self.store.last_seq(stream)
                 if end < start:

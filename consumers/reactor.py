@@ -6,7 +6,7 @@ import asyncio
 import logging
 from datetime import datetime
 
-from ledger import events as ev
+from ledger import events as ev, tasks
 from ledger.errors import LedgerError
 from projections.state import Change
 
@@ -37,8 +37,9 @@ class Reactor:
     async def run(self) -> None:
         await self.follower.caught_up.wait()
         while True:
+            tasks.raise_if_cancelled()  # a cancel that nats-py swallowed in the last step still stops us
             try:
-                await asyncio.wait_for(self._wake.wait(), self.tick)
+                await tasks.wait_for(self._wake.wait(), self.tick)
             except asyncio.TimeoutError:
                 pass
             self._wake.clear()

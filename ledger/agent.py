@@ -207,7 +207,7 @@ class Agent:
             event = ev.AgentGoodbye(producer=self.producer, agent_id=self.agent_id, instance_id=self.instance_id,
                                     incarnation=self.incarnation, reason=reason)
             try:
-                await asyncio.wait_for(self.store.append(event), GOODBYE_TIMEOUT)
+                await tasks.wait_for(self.store.append(event), GOODBYE_TIMEOUT)
                 log.info("%s: goodbye (incarnation %d, %s)", self.agent_id, self.incarnation, reason)
             except (LedgerError, asyncio.TimeoutError) as e:
                 log.warning("%s: goodbye not acknowledged (%s); the liveness monitor will notice",

@@ -23,7 +23,7 @@ import nats
 from nats.aio.client import Client as NATS
 from nats.errors import NoServersError
 
-from . import codec, reader, subjects
+from . import codec, reader, subjects, tasks
 from .appender import Appender
 from .codec import Recorded, Unreadable
 from .errors import InvalidInput, Unavailable
@@ -131,7 +131,7 @@ class EventStore:
     async def close(self) -> None:
         if self._started:
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._appender.drain(), self.settings.request_timeout)
+                await tasks.wait_for(self._appender.drain(), self.settings.request_timeout)
             await self._appender.close()
             self._started = False
         if self._owns and not self.nc.is_closed:

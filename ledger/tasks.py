@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 async def stop(tasks: Iterable[asyncio.Task[object]], *, patience: float = 0.5) -> None:
@@ -25,3 +28,15 @@ def raise_if_cancelled() -> None:
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
+
+
+async def wait_for(aw: Awaitable[T], timeout: float | None) -> T:
+    """asyncio.wait_for() that never swallows a cancellation (TimeoutError when the time is up).
+
+    On Python 3.11 asyncio.wait_for() returns the result when the awaited
+    thing completes just as the task is cancelled, and the cancellation is
+    lost: a loop around it then runs on while its TaskGroup waits for it
+    forever. asyncio.timeout() counts cancellations and re-raises them.
+    """
+    async with asyncio.timeout(timeout):
+        return await aw

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
+from ledger import tasks
 from ledger.codec import Unreadable
 from ledger.store import EventStore, open_connection
 from ledger.subjects import HEARTBEAT_STREAM, LEDGER_STREAM
@@ -235,7 +236,7 @@ class Projector:
             if p.events and not (self._closing or self._live_edge) and p.events < self.settings.commit_every:
                 if time.monotonic() - p.since < self.settings.commit_interval:
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), self.settings.commit_interval)
+                        await tasks.wait_for(self._wake.wait(), self.settings.commit_interval)
                     self._wake.set()  # look again
                     continue
             self._live_edge = False
@@ -307,6 +308,6 @@ class Projector:
                     raise TimeoutError(f"{stream} not projected up to #{seq} within {timeout} s "
                                        f"(at #{self.committed[stream]})")
                 try:
-                    await asyncio.wait_for(self._commit_cond.wait(), min(left, 0.5))
+                    await tasks.wait_for(self._commit_cond.wait(), min(left, 0.5))
                 except TimeoutError:
                     pass

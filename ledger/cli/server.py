@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from .. import tasks
 from ..server import EmbeddedServer, ServerConfig
 from ..store import EventStore
 from .common import async_command, echo, nats_url_option, settings_from, stop_signals
@@ -48,7 +49,7 @@ async def server_command(host: str, port: int, data_dir: Path, monitor_port: int
         echo("ready - press Ctrl-C to stop")
         while not stop.is_set() and server.running:
             try:
-                await asyncio.wait_for(stop.wait(), 0.5)
+                await tasks.wait_for(stop.wait(), 0.5)
             except asyncio.TimeoutError:
                 pass
         if not server.running and not stop.is_set():
