@@ -146,6 +146,7 @@ class AckInfo(NamedTuple):
     pending: int
     delivery: int = 0
     """The consumer's delivery sequence: 1, 2, 3, ... without gaps for one consumer."""
+    consumer: str = ""
 
 
 def parse_ack_subject(reply: str) -> AckInfo:
@@ -156,7 +157,7 @@ def parse_ack_subject(reply: str) -> AckInfo:
     """
     t = reply.split(".")
     if len(t) == 9:
-        return AckInfo(t[2], int(t[5]), int(t[7]), int(t[8]), int(t[6]))
+        return AckInfo(t[2], int(t[5]), int(t[7]), int(t[8]), int(t[6]), t[3])
     if len(t) >= 11:
-        return AckInfo(t[4], int(t[7]), int(t[9]), int(t[10]), int(t[8]))
+        return AckInfo(t[4], int(t[7]), int(t[9]), int(t[10]), int(t[8]), t[5])
     raise DecodeFailed(f"not a JetStream delivery: reply subject {reply!r}")

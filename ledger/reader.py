@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from datetime import datetime, timezone
@@ -30,9 +31,15 @@ from . import codec, tasks
 from .codec import Recorded, Unreadable
 from .errors import StoreError, StreamMissing, Unavailable
 
+log = logging.getLogger(__name__)
+
 Item = Recorded | Unreadable
 
 API_PREFIX = "$JS.API"
+PULL_EXPIRES = 30.0
+"""Seconds a following replay's pull request waits for new messages before it is renewed."""
+PULL_HEARTBEAT = 2.0
+"""Seconds between the server's idle heartbeats on a waiting pull request."""
 CONSUMER_CREATE_PATIENCE = 30.0
 """Seconds to keep retrying consumer creation through a (meta) leader election."""
 
@@ -167,7 +174,7 @@ async def direct_batch(nc: NATS, stream: str, subject_filter: str, start_seq: in
     try:
         await nc.publish(f"{API_PREFIX}.DIRECT.GET.{stream}", _json.encode(req), reply=inbox)
         try:
-            pending = await asyncio.wait_for(done, timeout)
+            pending = await tasks.wait_for(done, timeout)
         except asyncio.TimeoutError:
             raise Unavailable(f"direct get on {stream} timed out after {timeout:.1f} s") from None
     finally:
@@ -191,12 +198,22 @@ async def history(nc: NATS, stream: str, subject_filter: str, *, after: int = 0,
 
 
 class Replay:
-    """An ordered consumer handing out batches of decoded messages.
+    """Batches of decoded messages from an ephemeral pull consumer.
 
     Iterate with `async for batch in replay`. Without `follow` it ends at the
     stream's last sequence as of the start (or `end_seq` / `end_time`); with
-    `follow` it keeps delivering new messages. A full buffer pauses delivery
-    (the callback waits, and JetStream flow control holds the rest back).
+    `follow` it keeps delivering new messages.
+
+    Why a pull consumer read through a plain subscription callback: nats-py's
+    `fetch()` and `async for` create a task per message; its push consumers do
+    per-message bookkeeping, and their flow control lets a slow reader be sent
+    window after window. Here nothing arrives that was not asked for: at most
+    `batch` messages are requested ahead, and only while fewer than two
+    batches wait to be handed out - memory stays bounded however slow the
+    reader is. Deliveries are numbered by the server; a gap, a lost consumer
+    (server restart, leader change) or a silent one (no idle heartbeat) makes
+    the replay create a new consumer from the message after the last one it
+    handed out, so nothing is skipped or repeated.
     """
 
     def __init__(self, nc: NATS, stream: str, filters: Sequence[str], *, start_seq: int | None = None,
@@ -217,11 +234,17 @@ class Replay:
         self._timeout = timeout
         self._buf: list[Item] = []
         self._ready = asyncio.Event()
-        self._room = asyncio.Event()
-        self._room.set()
         self._finished = False
         self._error: StoreError | None = None
         self._delivery = 0
+        self._outstanding = 0
+        self._consumer: str | None = None
+        self._generation = 0
+        self._recreating: asyncio.Task[None] | None = None
+        self._watchdog: asyncio.Task[None] | None = None
+        self._last_heard = time.monotonic()
+        self._inbox = ""
+        self._empty_at_start = False
         self._sub = None
         self.last_seq = 0
         """Sequence of the newest message handed out so far."""
@@ -229,12 +252,16 @@ class Replay:
         """Messages on the filters after the newest one received (0: at the end; None: none received yet)."""
 
     def _config(self) -> api.ConsumerConfig:
-        cfg = api.ConsumerConfig(ack_policy=api.AckPolicy.NONE, inactive_threshold=30.0)
+        cfg = api.ConsumerConfig(ack_policy=api.AckPolicy.NONE, inactive_threshold=30.0, mem_storage=True,
+                                 num_replicas=1)
         if len(self._filters) == 1:
             cfg.filter_subject = self._filters[0]
         else:
             cfg.filter_subjects = self._filters
-        if self._last_per_subject:
+        if self.last_seq:
+            cfg.deliver_policy = api.DeliverPolicy.BY_START_SEQUENCE  # a new consumer, after the last one
+            cfg.opt_start_seq = self.last_seq + 1
+        elif self._last_per_subject:
             cfg.deliver_policy = api.DeliverPolicy.LAST_PER_SUBJECT
         elif self._start_seq and self._start_seq > 1:
             cfg.deliver_policy = api.DeliverPolicy.BY_START_SEQUENCE
@@ -246,20 +273,24 @@ class Replay:
             cfg.deliver_policy = api.DeliverPolicy.ALL
         return cfg
 
+    # --- receiving ------------------------------------------------------------------------
+
     async def _on_msg(self, msg: Msg) -> None:
+        self._last_heard = time.monotonic()
         if self._finished:
             return
-        if not self._room.is_set():
-            await self._room.wait()
+        if not msg.reply:  # a status: heartbeat, request over, or trouble
+            self._on_status(msg.headers or {})
+            return
         info = codec.parse_ack_subject(msg.reply)
-        # Delivery sequences have no gaps (1 again after nats-py re-creates the ordered consumer); a gap
-        # means the client dropped messages, and a replay that skips events must fail, not go on.
-        if self._delivery and info.delivery not in (self._delivery + 1, 1):
-            self._error = StoreError(f"replay of {self._stream} lost messages after #{self.last_seq} "
-                                     f"(delivery {self._delivery} -> {info.delivery}); start it again from there")
-            self._finish()
+        if info.consumer != self._consumer:
+            return  # a late delivery of a consumer we replaced
+        if info.delivery != self._delivery + 1:
+            # Deliveries of one consumer are numbered without gaps: a gap means a lost message.
+            self._recreate(f"delivery {self._delivery} -> {info.delivery}")
             return
         self._delivery = info.delivery
+        self._outstanding -= 1
         if (self._end_seq is not None and info.seq > self._end_seq) or (
             self._end_ns is not None and info.timestamp_ns > self._end_ns
         ):
@@ -270,9 +301,99 @@ class Replay:
         self.pending = info.pending
         if (self._end_seq is not None and info.seq >= self._end_seq) or (not self._follow and info.pending == 0):
             self._finish()
-        elif len(self._buf) >= self._batch:
-            self._room.clear()
+        else:
+            await self._top_up()
         self._ready.set()
+
+    def _on_status(self, headers: dict[str, str]) -> None:
+        status = headers.get("Status")
+        if status == "100":
+            return  # idle heartbeat: the consumer is alive
+        if status in ("404", "408"):  # no messages / request expired: what it did not deliver is not coming
+            left = int(headers.get("Nats-Pending-Messages", "0") or 0)
+            self._outstanding = max(0, self._outstanding - left) if left else 0
+            asyncio.ensure_future(self._top_up())
+            return
+        # 409 (consumer deleted, leadership change, max waiting ...) or 503 (no consumer): start over.
+        self._recreate(f"status {status} {headers.get('Description', '')}".strip())
+
+    # --- asking -----------------------------------------------------------------------------
+
+    async def _pull(self, count: int) -> None:
+        body: dict[str, object] = {"batch": count}
+        if self._follow:
+            body.update(expires=int(PULL_EXPIRES * 1e9), idle_heartbeat=int(PULL_HEARTBEAT * 1e9))
+        else:
+            body.update(expires=int(max(self._timeout, PULL_HEARTBEAT * 2) * 1e9),
+                        idle_heartbeat=int(PULL_HEARTBEAT * 1e9))
+        self._outstanding += count
+        await self._nc.publish(f"{API_PREFIX}.CONSUMER.MSG.NEXT.{self._stream}.{self._consumer}",
+                               _json.encode(body), reply=self._inbox)
+
+    async def _top_up(self) -> None:
+        """Ask for more while fewer than two batches wait and less than half a batch is on its way."""
+        if (self._finished or self._consumer is None or self._outstanding > self._batch // 2
+                or len(self._buf) >= 2 * self._batch):
+            return
+        try:
+            await self._pull(self._batch)
+        except Exception as e:  # disconnected: the follower starts again on reconnect
+            log.debug("pull on %s failed: %s", self._stream, e)
+
+    # --- the consumer ----------------------------------------------------------------------
+
+    async def _create(self) -> None:
+        """A new consumer from where we are, and the first request; retried through leader elections."""
+        jsm = self._nc.jsm(timeout=self._timeout)
+        deadline = time.monotonic() + max(CONSUMER_CREATE_PATIENCE, self._timeout)
+        while True:
+            try:
+                info = await jsm.add_consumer(self._stream, config=self._config())
+                break
+            except (NatsTimeout, NoRespondersError, ServiceUnavailableError) as e:
+                if time.monotonic() > deadline:
+                    raise Unavailable(f"cannot start reading {self._stream}: {e or type(e).__name__}") from None
+                await asyncio.sleep(0.25)
+            except NotFoundError:
+                raise StreamMissing(f"stream {self._stream} does not exist: run `ledger init`") from None
+            except APIError as e:
+                raise StoreError(f"cannot read {self._stream}: {e.description} (error {e.err_code})") from None
+        self._delivery = 0
+        self._outstanding = 0
+        self._consumer = info.name
+        self._last_heard = time.monotonic()
+        self._empty_at_start = info.num_pending == 0 and info.delivered.consumer_seq == 0
+        await self._pull(self._batch)
+
+    def _recreate(self, why: str) -> None:
+        if self._recreating is None and not self._finished:
+            log.debug("replay of %s: new consumer after #%d (%s)", self._stream, self.last_seq, why)
+            self._recreating = asyncio.ensure_future(self._do_recreate())
+
+    async def _do_recreate(self) -> None:
+        old, self._consumer = self._consumer, None  # from now on, deliveries of the old one are ignored
+        try:
+            if old:
+                with contextlib.suppress(Exception):
+                    await self._nc.jsm(timeout=self._timeout).delete_consumer(self._stream, old)
+            await self._create()
+        except StoreError as e:
+            self._error = e
+            self._finish()
+        finally:
+            self._recreating = None
+
+    async def _watch(self) -> None:
+        """A following replay whose consumer went silent (no message, no idle heartbeat) starts over."""
+        while not self._finished:
+            await asyncio.sleep(PULL_HEARTBEAT)
+            if time.monotonic() - self._last_heard > 3 * PULL_HEARTBEAT:
+                self._recreate("no idle heartbeat")
+
+    @property
+    def buffered(self) -> int:
+        """Messages received and not handed out yet, plus those asked for (never more than 3 batches)."""
+        return len(self._buf) + max(self._outstanding, 0)
 
     def _finish(self) -> None:
         self._finished = True
@@ -283,50 +404,23 @@ class Replay:
         self._finish()
 
     async def _start(self) -> bool:
-        """Subscribe; False when there is nothing to deliver."""
+        """Create the consumer and ask for the first batch; False when there is nothing to deliver."""
         if not self._follow:
             state = await stream_state(self._nc, self._stream, self._timeout)
             end = state.last_seq if self._end_seq is None else min(self._end_seq, state.last_seq)
             if end == 0 or (self._start_seq or 0) > end:
                 return False
             self._end_seq = end
-        js = self._nc.jetstream(timeout=self._timeout)
-        deadline = time.monotonic() + max(CONSUMER_CREATE_PATIENCE, self._timeout)
-        while True:
-            try:
-                # No client-side limits: nats-py drops messages from a full subscription queue after counting
-                # them as delivered, so the ordered consumer never notices the gap. The server's flow-control
-                # window (32 MiB of pending bytes in nats-server 2.14) is what bounds the queue instead.
-                self._sub = await js.subscribe(
-                    self._filters[0], stream=self._stream, cb=self._on_msg, ordered_consumer=True,
-                    config=self._config(), idle_heartbeat=2.0, pending_msgs_limit=0, pending_bytes_limit=0,
-                )
-                if not self._follow:
-                    info = await self._sub.consumer_info()
-                    # consumer_seq counts deliveries; stream_seq may jump ahead past non-matching messages.
-                    if info.num_pending == 0 and info.delivered.consumer_seq == 0:
-                        return False  # nothing on these filters
-                return True
-            except (NatsTimeout, NoRespondersError, ServiceUnavailableError) as e:
-                # Creating a consumer needs the meta leader: wait out an election, briefly.
-                await self.close_subscription()
-                self._restart_delivery()
-                if time.monotonic() > deadline:
-                    raise Unavailable(f"cannot start reading {self._stream}: {e or type(e).__name__}") from None
-                await asyncio.sleep(0.25)
-            except NotFoundError:
-                raise StreamMissing(f"stream {self._stream} does not exist: run `ledger init`") from None
-            except APIError as e:
-                raise StoreError(f"cannot read {self._stream}: {e.description} (error {e.err_code})") from None
-
-    def _restart_delivery(self) -> None:
-        """Forget what a failed attempt delivered: the next consumer starts from the same place."""
-        self._buf.clear()
-        self._delivery = 0
-        self._finished = False
-        self._error = None
-        self._ready.clear()
-        self._room.set()
+        self._inbox = self._nc.new_inbox()
+        # No client-side limits: what arrives was asked for, at most `batch` ahead.
+        self._sub = await self._nc.subscribe(self._inbox, cb=self._on_msg, pending_msgs_limit=0,
+                                             pending_bytes_limit=0)
+        await self._create()
+        # consumer_seq counts deliveries; stream_seq may jump ahead past non-matching messages.
+        if not self._follow and self._empty_at_start:
+            return False
+        self._watchdog = asyncio.ensure_future(self._watch())
+        return True
 
     async def __aiter__(self) -> AsyncIterator[list[Item]]:
         try:
@@ -338,8 +432,8 @@ class Replay:
                 await self._ready.wait()
                 self._ready.clear()
                 batch, self._buf = self._buf, []
-                self._room.set()
                 if batch:
+                    await self._top_up()
                     yield batch
                 if self._error is not None:
                     raise self._error
@@ -350,8 +444,15 @@ class Replay:
 
     async def close(self) -> None:
         self._finished = True
-        self._room.set()
+        for task in (self._watchdog, self._recreating):
+            if task is not None:
+                task.cancel()
         await self.close_subscription()
+        consumer, self._consumer = self._consumer, None
+        if consumer and not self._nc.is_closed:
+            with contextlib.suppress(Exception):
+                await tasks.wait_for(self._nc.jsm(timeout=self._timeout).delete_consumer(self._stream, consumer),
+                                       self._timeout)
 
     async def close_subscription(self) -> None:
         if self._sub is not None:

@@ -172,6 +172,6 @@ def test_read_turns_bad_messages_into_unreadable():
 
 def test_ack_subject_parsing_v1_and_v2():
     v1 = codec.parse_ack_subject("$JS.ACK.LEDGER.cons.1.42.7.1700000000000000000.3")
-    assert v1 == ("LEDGER", 42, 1700000000000000000, 3, 7)
+    assert v1 == ("LEDGER", 42, 1700000000000000000, 3, 7, "cons")
     v2 = codec.parse_ack_subject("$JS.ACK.dom.acchash.LEDGER.cons.1.42.7.1700000000000000000.3.rand")
-    assert v2 == ("LEDGER", 42, 1700000000000000000, 3, 7)
+    assert v2 == ("LEDGER", 42, 1700000000000000000, 3, 7, "cons")

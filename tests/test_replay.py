@@ -5,9 +5,14 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
 from ledger import subjects
-from ledger.events import Producer, SessionCreated
+from ledger.events import AgentHeartbeat, Producer, SessionCreated
+from ledger.server import EmbeddedServer
+from ledger.settings import Settings
 from ledger.store import EventStore
+from test_store import created
 
 
 async def test_a_slow_reader_still_gets_every_message_in_order(store: EventStore, uid: str):
@@ -35,3 +40,44 @@ async def test_a_replay_of_a_filter_with_no_messages_ends(store: EventStore, uid
 
 async def collect(replay) -> list:  # type: ignore[no-untyped-def]
     return [item async for batch in replay for item in batch]
+
+
+async def test_a_slow_reader_holds_at_most_three_batches(store: EventStore, uid: str):
+    agent = f"{uid}-slow"
+    for n in range(3000):
+        await store.submit(AgentHeartbeat(producer=Producer(id=agent, instance="i"), agent_id=agent,
+                                          instance_id="i", incarnation=1, beat=n))
+    await store.flush()
+    replay = store.replay(subjects.entity_filter("hb", agent), batch=100)
+    seen: list[int] = []
+    async for batch in replay:
+        seen += [r.event.beat for r in batch]
+        assert replay.buffered <= 300  # asked for only while fewer than two batches wait
+        await asyncio.sleep(0.002)  # a reader slower than the stream
+    assert seen == list(range(3000))
+
+
+@pytest.mark.parametrize("crash", [False, True], ids=["restart", "kill-9"])
+async def test_a_following_replay_outlives_a_server_restart(fresh_server: EmbeddedServer, uid: str, crash: bool):
+    async with EventStore.connect(Settings(nats_url=fresh_server.url, request_timeout=1.0), ensure=True) as store:
+        seen: list[int] = []
+        more = asyncio.Event()
+
+        async def follow() -> None:
+            async for batch in store.replay(subjects.family_filter("session"), follow=True, batch=50):
+                seen.extend(r.seq for r in batch)
+                if len(seen) >= 20:
+                    more.set()
+                    return
+
+        task = asyncio.create_task(follow())
+        before = [await store.append(created(f"{uid}-{n}")) for n in range(10)]
+        if crash:  # no "409 Server Shutdown" then: the missing idle heartbeats tell
+            fresh_server.kill()
+            await asyncio.to_thread(fresh_server.start)
+        else:
+            await asyncio.to_thread(fresh_server.restart)  # the replay's consumer is gone with it
+        after = [await store.append(created(f"{uid}-b{n}")) for n in range(10)]
+        await asyncio.wait_for(more.wait(), 30)
+        await task
+        assert seen == before + after  # each once, in order, across the restart
