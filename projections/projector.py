@@ -113,9 +113,7 @@ class Projector:
             self._plan = snapshots.Plan(self.settings.snapshot_every, self.settings.snapshot_recent,
                                         {s: await self.db.snapshot_seqs(s) for s in STREAMS})
             await self._check_streams()
-            # Each stream gets a connection of its own: an ordered consumer may have 32 MiB in flight
-            # (nats-server's flow-control window), and two of them fill one connection's 64 MiB limit,
-            # at which point the server cuts the connection as a slow consumer.
+            # Each stream is read on a connection of its own, so a burst on one never queues behind the other.
             nc = await open_connection(self.store.settings, name=f"{self.name}-{HEARTBEAT_STREAM}")
             self._readers = {LEDGER_STREAM: self.store,
                              HEARTBEAT_STREAM: EventStore(nc, self.store.settings, owns_connection=True)}

@@ -12,6 +12,8 @@ from .entities import route_group, session_group, unreachable_command
 from .project import PROJECTOR_COMMANDS
 from .replay import replay_command
 from .server import init_command, server_command
+from .demo import demo_command
+from .up import up_command
 from .views import VIEW_COMMANDS
 
 
@@ -21,13 +23,15 @@ from .views import VIEW_COMMANDS
 def cli(verbose: int) -> None:
     """Session ledger: who owns what in a fleet that fails, as an event log on NATS JetStream.
 
-    Start with `ledger server` (an embedded JetStream server on loopback);
-    every other command talks to it through --nats-url / LEDGER_NATS_URL.
+    Start with `ledger up` (an embedded JetStream server on loopback, the
+    projector and the consumers) or `ledger demo` (the same, plus a small
+    fleet that fails); every other command talks to it through --nats-url /
+    LEDGER_NATS_URL and reads the projection file through --db / LEDGER_DB.
     """
     setup_logging(verbose)
 
 
-for command in (server_command, init_command, agent_command, session_group, route_group, unreachable_command,
+for command in (up_command, demo_command, server_command, init_command, agent_command, session_group, route_group, unreachable_command,
                 replay_command, consumers_command, pool_group, *VIEW_COMMANDS, *PROJECTOR_COMMANDS):
     cli.add_command(command)
 

@@ -1,0 +1,271 @@
+"""`ledger demo`: `ledger up` plus a small fleet of reference agents that fails, narrated as it happens."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+
+from consumers.liveness_rules import LivenessSettings
+from projections.process import tune_gc
+from projections.query import Query
+
+from .. import events as ev
+from .. import subjects, tasks
+from ..client import Ledger
+from ..codec import Recorded
+from ..events import Producer
+from ..ids import new_id
+from ..server import free_port
+from . import tables
+from .common import async_command, echo, stop_signals
+from .up import Stack, UpSettings, env_line, running_stack
+
+POOL = "demo"
+STEP_TIMEOUT = 30.0
+"""Seconds any one step of the story may take before the demo gives up and says which."""
+
+
+class DemoFailed(click.ClickException):
+    pass
+
+
+class Fleet:
+    """The demo's `ledger agent` child processes; each writes its own log file."""
+
+    def __init__(self, url: str, log_dir: Path, *, heartbeat: float, ttl: float, capacity: int) -> None:
+        self.url, self.log_dir = url, log_dir
+        self.heartbeat, self.ttl, self.capacity = heartbeat, ttl, capacity
+        self.procs: dict[str, asyncio.subprocess.Process] = {}
+
+    async def start(self, agent_id: str) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log_dir / f"{agent_id}.log", "ab") as log:
+            self.procs[agent_id] = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "ledger", "agent", "--agent-id", agent_id, "--pool", POOL,
+                "--capacity", str(self.capacity), "--heartbeat", str(self.heartbeat), "--ttl", str(self.ttl),
+                "--nats-url", self.url, stdout=log, stderr=log, stdin=asyncio.subprocess.DEVNULL,
+                start_new_session=True)  # Ctrl-C reaches the demo, which then stops its agents one by one
+
+    def kill9(self, agent_id: str) -> None:
+        self.procs[agent_id].kill()
+
+    async def terminate(self, agent_id: str) -> int:
+        proc = self.procs[agent_id]
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            return await tasks.wait_for(proc.wait(), STEP_TIMEOUT)
+        except TimeoutError:
+            proc.kill()
+            raise DemoFailed(f"{agent_id} did not exit {STEP_TIMEOUT:g} s after SIGTERM; "
+                             f"see {self.log_dir / (agent_id + '.log')}") from None
+
+    async def stop(self) -> None:
+        """SIGTERM every agent still running (each says goodbye), then wait for them."""
+        alive = [a for a, p in self.procs.items() if p.returncode is None]
+        for agent_id in alive:
+            self.procs[agent_id].send_signal(signal.SIGTERM)
+        for agent_id in alive:
+            try:
+                await tasks.wait_for(self.procs[agent_id].wait(), STEP_TIMEOUT)
+            except TimeoutError:
+                self.procs[agent_id].kill()
+                await self.procs[agent_id].wait()
+
+
+class Feed:
+    """Follows the lifecycle stream: tells what happens, and keeps who owns which session."""
+
+    def __init__(self, stack: Stack, say: Callable[[str], None]) -> None:
+        self.stack = stack
+        self.say = say
+        self.t0 = time.time_ns()
+        self.owners: dict[str, str | None] = {}
+        self.registered: set[str] = set()
+        self.stored_ns: dict[str, int] = {}
+        """When the latest event of each kind of interest was stored (e.g. 'dead:a1', 'goodbye:a2')."""
+        self.last_seq = 0
+        self._changed = asyncio.Condition()
+
+    def at(self, ns: int) -> str:
+        return f"+{(ns - self.t0) / 1e9:6.2f}s"
+
+    async def run(self, start_seq: int) -> None:
+        replay = self.stack.store.replay(subjects.family_filter("*"), start_seq=start_seq, follow=True)
+        async for batch in replay:
+            for item in batch:
+                if isinstance(item, Recorded):
+                    self._apply(item)
+                    self.last_seq = item.seq
+            async with self._changed:
+                self._changed.notify_all()
+
+    def _apply(self, item: Recorded) -> None:
+        e, when = item.event, self.at(item.timestamp_ns)
+        line: str | None = None
+        if isinstance(e, ev.AgentRegistered):
+            self.registered.add(e.agent_id)
+            line = f"{e.agent_id} registered (incarnation {item.seq}, capacity {e.capacity})"
+        elif isinstance(e, ev.SessionCreated):
+            self.owners[e.session_id] = None
+        elif isinstance(e, ev.SessionClaimed):
+            self.owners[e.session_id] = e.agent_id
+            origin = f" from {e.previous_owner}" if e.previous_owner else ""
+            line = f"{e.session_id} claimed by {e.agent_id} ({e.reason}{origin}; fencing token {item.seq})"
+        elif isinstance(e, (ev.SessionReleased, ev.SessionOrphaned)):
+            self.owners[e.session_id] = None
+        elif isinstance(e, ev.AgentSuspected):
+            line = f"{e.agent_id} suspected by {e.producer.id}: {e.evidence.detail or e.reason}"
+        elif isinstance(e, ev.AgentDeclaredDead):
+            line = f"{e.agent_id} declared dead by {e.producer.id}: {e.evidence.detail or e.reason}"
+            self.stored_ns[f"dead:{e.agent_id}"] = item.timestamp_ns
+        elif isinstance(e, ev.AgentGoodbye):
+            line = f"{e.agent_id} said goodbye ({e.reason})"
+            self.stored_ns[f"goodbye:{e.agent_id}"] = item.timestamp_ns
+        elif isinstance(e, ev.PoolBreakerTripped):
+            line = f"pool {e.pool}: breaker tripped - {e.reason}"
+        if isinstance(e, ev.SessionClaimed):
+            self.stored_ns["claim"] = item.timestamp_ns
+        if line:
+            self.say(f"  {when}  #{item.seq:<5} {line}")
+
+    async def until(self, done: Callable[[], bool], what: str) -> None:
+        try:
+            async with self._changed:
+                await tasks.wait_for(self._changed.wait_for(done), STEP_TIMEOUT)
+        except TimeoutError:
+            raise DemoFailed(f"the demo stopped: {what} did not happen within {STEP_TIMEOUT:g} s") from None
+
+    def owned_by(self, agent_id: str) -> list[str]:
+        return sorted(s for s, o in self.owners.items() if o == agent_id)
+
+
+async def story(stack: Stack, fleet: Fleet, feed: Feed, names: list[str], sessions: int) -> int:
+    """Start the fleet, give it sessions, kill -9 one agent, SIGTERM another; check the projection.
+
+    Returns the last sequence before the kill, for a look at the past.
+    """
+    say = echo
+    say(f"\n1. A fleet of {len(names)} agents in pool {POOL!r} (heartbeat {fleet.heartbeat:g} s, ttl {fleet.ttl:g} s)")
+    for name in names:
+        await fleet.start(name)
+    await feed.until(lambda: feed.registered >= set(names), "the agents' registration")
+
+    say(f"\n2. {sessions} sessions, bound to the pool (never to an agent): the agents claim them")
+    ledger = Ledger(stack.store, Producer(id="demo", instance=new_id()))
+    ids = [f"s{i:02d}" for i in range(1, sessions + 1)]
+    for sid in ids:
+        await ledger.create_session(POOL, session_id=sid)
+    await feed.until(lambda: all(feed.owners.get(s) for s in ids), "every session claimed")
+    for name in names:
+        say(f"   {name} owns {' '.join(feed.owned_by(name)) or 'nothing'}")
+
+    victim, leaver = names[0], names[1]
+    lost = feed.owned_by(victim)
+    say(f"\n3. kill -9 {victim}: no goodbye. Its {len(lost)} sessions wait until the liveness monitor "
+        f"declares it dead ({fleet.ttl:g} s without a heartbeat)")
+    before = feed.last_seq
+    killed = time.time_ns()
+    fleet.kill9(victim)
+    await feed.until(lambda: not feed.owned_by(victim) and all(feed.owners.get(s) for s in lost),
+                     f"the re-claim of {victim}'s sessions")
+    dead = feed.stored_ns.get(f"dead:{victim}", killed)
+    say(f"   -> declared dead {(dead - killed) / 1e9:.2f} s after the kill; all {len(lost)} sessions owned again "
+        f"{(feed.stored_ns['claim'] - dead) / 1e6:.0f} ms after the declaration")
+
+    moved = feed.owned_by(leaver)
+    say(f"\n4. SIGTERM {leaver}: it says goodbye once and exits 0; its {len(moved)} sessions move at once")
+    code = await fleet.terminate(leaver)
+    await feed.until(lambda: not feed.owned_by(leaver) and all(feed.owners.get(s) for s in moved),
+                     f"the re-claim of {leaver}'s sessions")
+    bye = feed.stored_ns.get(f"goodbye:{leaver}", 0)
+    say(f"   -> exit code {code}; all {len(moved)} sessions owned again "
+        f"{(feed.stored_ns['claim'] - bye) / 1e6:.0f} ms after the goodbye")
+
+    say("\n5. The projection (SQLite), caught up with the log:")
+    await stack.projector.wait_for(feed.last_seq)
+    async with Query.open(stack.projector.path) as q:
+        page = await q.sessions(pool=POOL)
+        tables.show(page, tables.sessions(page))
+        anomalies = await q.anomalies()
+    if anomalies.items:
+        say(f"   {len(anomalies.items)} anomalies flagged (see `ledger anomalies`)")
+    else:
+        say("   no anomalies: no session ever had two owners, no write under a stale token")
+    return before
+
+
+@click.command("demo")
+@click.option("--agents", "count", default=3, show_default=True, type=click.IntRange(2, 9),
+              help="Agents in the demo fleet.")
+@click.option("--sessions", default=12, show_default=True, type=click.IntRange(1, 500))
+@click.option("--heartbeat", default=0.5, show_default=True, type=click.FloatRange(min=0.05),
+              help="The agents' heartbeat interval, seconds.")
+@click.option("--ttl", default=3.0, show_default=True, type=click.FloatRange(min=0.2),
+              help="Seconds without a heartbeat before an agent is dead.")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Keep the demo's ledger here [default: a temporary directory, removed at the end].")
+@click.option("--port", type=click.IntRange(1, 65535), default=None, help="Client port [default: a free one].")
+@click.option("--exit", "then_exit", is_flag=True, help="End after the story instead of staying up for Ctrl-C.")
+@async_command
+async def demo_command(count: int, sessions: int, heartbeat: float, ttl: float, data_dir: Path | None,
+                       port: int | None, then_exit: bool) -> None:
+    """`ledger up` on a fresh embedded server, plus a fleet that fails: watch failover happen.
+
+    Starts reference agents (`ledger agent` processes), creates sessions they
+    claim, kills one with SIGKILL (its sessions move once the liveness monitor
+    declares it dead) and stops another with SIGTERM (its goodbye moves them at
+    once), then shows the projection. Afterwards it stays up so you can look
+    around with the commands it prints, until Ctrl-C.
+    """
+    if ttl <= heartbeat:
+        raise click.BadParameter(f"--ttl ({ttl:g}) must be longer than --heartbeat ({heartbeat:g})", param_hint="--ttl")
+    temporary = data_dir is None
+    root = Path(tempfile.mkdtemp(prefix="ledger-demo-")) if data_dir is None else data_dir
+    s = UpSettings(nats_url=None, data_dir=root, port=port or free_port(),
+                   liveness=LivenessSettings(grace=min(1.0, ttl / 2)))
+    tune_gc()
+    if not logging.getLogger().isEnabledFor(logging.INFO):
+        logging.getLogger("consumers").setLevel(logging.ERROR)  # the story tells of deaths itself
+    stop = stop_signals()
+    names = [f"a{i}" for i in range(1, count + 1)]
+    try:
+        async with running_stack(s, echo, name="ledger-demo") as stack:
+            fleet = Fleet(stack.url, root / "agents", heartbeat=heartbeat, ttl=ttl, capacity=sessions)
+            feed = Feed(stack, echo)
+            following = asyncio.create_task(feed.run(await stack.store.last_seq(subjects.LEDGER_STREAM) + 1))
+            try:
+                told = asyncio.create_task(story(stack, fleet, feed, names, sessions))
+                await asyncio.wait({told, asyncio.ensure_future(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
+                if told.done():
+                    before_kill = told.result()
+                    if not then_exit:
+                        echo(f"\nThe ledger stays up with {len(names) - 2} agent(s) running. In another terminal:")
+                        if export := env_line(s, stack.url):
+                            echo(export)
+                        for command, what in [(f"ledger history session {sorted(feed.owners)[0]}",
+                                               "each change of a session, and its cause"),
+                                              (f"ledger sessions --at-seq {before_kill}", "the past: before the kill"),
+                                              ("ledger replay --type agent.declared_dead", "the log itself")]:
+                            echo(f"  {command:<42}# {what}")
+                        echo(f"agent logs in {root / 'agents'}; press Ctrl-C to stop")
+                        await stack.run_until(stop)
+                else:
+                    await tasks.stop([told])
+            finally:
+                echo("\nstopping the fleet (each agent says goodbye) ...")
+                await fleet.stop()
+                await tasks.stop([following])
+    finally:
+        if temporary:
+            shutil.rmtree(root, ignore_errors=True)
+    echo("stopped")

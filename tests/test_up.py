@@ -1,0 +1,141 @@
+"""`ledger up` (server, streams, projector, consumers in one process) and `ledger demo`, as a newcomer runs them."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ledger.agent import Agent
+from ledger.client import Ledger
+from ledger.server import free_port
+from ledger.settings import Settings
+
+from helpers import eventually
+
+LEDGER = [sys.executable, "-m", "ledger"]
+
+
+def read_until(proc: subprocess.Popen[str], prefix: str, timeout: float = 30) -> str:
+    """Lines of the child's stdout up to and including the first that starts with `prefix`."""
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()  # type: ignore[union-attr]
+        if not line:
+            raise AssertionError("".join(lines) + proc.stderr.read())  # type: ignore[union-attr]
+        lines.append(line)
+        if line.startswith(prefix):
+            return "".join(lines)
+    raise AssertionError(f"no line starting with {prefix!r} within {timeout} s: {''.join(lines)}")
+
+
+def views(db: Path, url: str, *args: str) -> object:
+    result = subprocess.run([*LEDGER, *args, "--json"], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "LEDGER_DB": str(db), "LEDGER_NATS_URL": url})
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+async def test_up_runs_server_projector_and_consumers_and_stops_on_ctrl_c(tmp_path: Path):
+    port, data = free_port(), tmp_path / "data"
+    proc = subprocess.Popen([*LEDGER, "up", "--port", str(port), "--data-dir", str(data), "--grace", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"nats://127.0.0.1:{port}"
+    try:
+        out = read_until(proc, "ready")
+        assert url in out and "LEDGER: created" in out, out
+        assert f"projector           {(data / 'projection.sqlite3').resolve()}" in out
+        assert "consumers           monitor, reclaimer, watchdog" in out
+        assert f"export LEDGER_NATS_URL={url}" in out  # not the default port: say how to reach it
+
+        # The consumers work: the reclaimer gives a new session to an agent and, once that agent says
+        # goodbye, to another one, at once.
+        async with Ledger.connect(Settings(nats_url=url), producer_id="test") as ledger:
+            async with Agent(ledger, agent_id="a", pool="gpu", heartbeat=0.2, ttl=5) as a:
+                sid, _ = await ledger.create_session("gpu", session_id="s1")
+                await eventually(lambda: sid in a.owned, what="the reclaimer giving s1 to a")
+                async with Agent(ledger, agent_id="b", pool="gpu", heartbeat=0.2, ttl=5) as b:
+                    await a.goodbye()
+                    await eventually(lambda: sid in b.owned, what="the reclaimer moving s1 to b after a's goodbye")
+                    # The projector works: the views read what happened from the file.
+                    db = data / "projection.sqlite3"
+
+                    def owned_by_b() -> bool:
+                        rows = views(db, url, "sessions")["items"]  # type: ignore[index]
+                        return [(r["session_id"], r["owner"], r["claims"]) for r in rows] == [("s1", "b", 2)]
+
+                    await eventually(owned_by_b, timeout=20, what="the projection showing s1 owned by b")
+
+        proc.send_signal(signal.SIGINT)
+        rest, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        assert "stopped" in rest and "Traceback" not in err
+        with socket.socket() as s:  # the embedded nats-server is gone too
+            s.bind(("127.0.0.1", port))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+async def test_up_on_an_existing_server_starts_none_of_its_own(settings: Settings, tmp_path: Path):
+    db = tmp_path / "p.sqlite3"
+    proc = subprocess.Popen([*LEDGER, "up", "--nats-url", settings.nats_url, "--db", str(db)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out = read_until(proc, "ready")
+        assert "nats-server" not in out and "LEDGER: ok" in out, out
+        assert f"LEDGER_DB={db.resolve()}" in out
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        assert db.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def test_up_on_a_taken_port_is_one_clear_line(tmp_path: Path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = subprocess.run([*LEDGER, "up", "--port", str(taken.getsockname()[1]), "--data-dir", str(tmp_path)],
+                                capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert [ln for ln in result.stderr.splitlines() if ln.startswith("Error")] == [
+        ln for ln in result.stderr.splitlines() if ln.strip()], result.stderr
+    assert "already in use" in result.stderr
+
+
+def test_demo_tells_a_failover_story_and_cleans_up():
+    result = subprocess.run([*LEDGER, "demo", "--exit", "--agents", "3", "--sessions", "9"],
+                            capture_output=True, text=True, timeout=120)
+    out = result.stdout
+    assert result.returncode == 0, out + result.stderr
+    assert "Traceback" not in result.stderr
+    # The SIGKILLed agent is declared dead, the SIGTERMed one says goodbye, and both lose all their sessions.
+    assert re.search(r"#\d+ +a1 declared dead by monitor", out), out
+    assert re.search(r"#\d+ +a2 said goodbye \(signal SIGTERM\)", out), out
+    assert re.search(r"-> declared dead [\d.]+ s after the kill; all \d+ sessions owned again", out), out
+    assert "-> exit code 0; all" in out
+    assert "no anomalies" in out and "9 sessions" in out
+    # At the end every session belongs to the one agent left.
+    rows = re.findall(r"^ (s\d\d) +demo +assigned +(a\d) ", out, re.M)
+    assert len(rows) == 9 and {owner for _, owner in rows} == {"a3"}, out
+    data_dir = re.search(r"data in (\S+)", out).group(1)  # type: ignore[union-attr]
+    assert not Path(data_dir).exists()  # the temporary ledger is removed
+
+
+def test_demo_refuses_a_ttl_shorter_than_the_heartbeat():
+    result = subprocess.run([*LEDGER, "demo", "--heartbeat", "2", "--ttl", "1"], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--ttl (1) must be longer than --heartbeat (2)" in result.stderr
