@@ -38,6 +38,10 @@ class PortInUse(ServerError):
     """The port the embedded server should listen on is already taken."""
 
 
+class DataDirInUse(ServerError):
+    """Another nats-server already keeps its JetStream store in the data directory."""
+
+
 class ServerStartFailed(ServerError):
     """nats-server exited or did not become ready in time."""
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import re
@@ -22,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import PortInUse, ServerBinaryNotFound, ServerStartFailed, ServerTooOld
+from .errors import DataDirInUse, PortInUse, ServerBinaryNotFound, ServerStartFailed, ServerTooOld
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,22 @@ def check_port_free(host: str, port: int, what: str = "client") -> None:
             ) from None
 
 
+def lock_data_dir(data_dir: Path) -> int:
+    """An exclusive lock on the data directory, as an fd to hand to the nats-server child.
+
+    nats-server 2.14 happily opens a JetStream store that another server is
+    using, and two servers writing one store corrupt it.
+    """
+    fd = os.open(data_dir / "nats-server.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise DataDirInUse(f"{data_dir} is in use by another nats-server: stop it or choose another --data-dir") \
+            from None
+    return fd
+
+
 def _port_open(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.settimeout(0.2)
@@ -212,6 +229,7 @@ class EmbeddedServer:
         if cfg.monitor_port is not None:
             check_port_free(cfg.host, cfg.monitor_port, "monitor")
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        lock = lock_data_dir(cfg.data_dir)
         conf = cfg.data_dir / "nats-server.conf"
         conf.write_text(cfg.render())
         log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
@@ -222,10 +240,12 @@ class EmbeddedServer:
                 stdout=logfile,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
+                pass_fds=(lock,),  # the child holds the lock for as long as it runs, even if we die first
                 start_new_session=True,  # Ctrl-C in a terminal reaches us, and we stop the child cleanly
             )
         finally:
             logfile.close()
+            os.close(lock)
         self._wait_ready(log_offset)
         return self
 

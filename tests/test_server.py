@@ -14,7 +14,7 @@ import nats
 import pytest
 
 from ledger import server as srv
-from ledger.errors import PortInUse, ServerBinaryNotFound, ServerTooOld
+from ledger.errors import DataDirInUse, PortInUse, ServerBinaryNotFound, ServerTooOld
 from ledger.server import EmbeddedServer, ServerConfig, free_port
 
 LEDGER = [sys.executable, "-m", "ledger"]
@@ -63,6 +63,17 @@ def test_taken_port_is_reported(tmp_path: Path):
         port = taken.getsockname()[1]
         with pytest.raises(PortInUse, match=f"127.0.0.1:{port} is already in use"):
             EmbeddedServer(ServerConfig(data_dir=tmp_path, port=port)).start()
+
+
+def test_a_data_dir_in_use_is_refused_while_its_server_runs(tmp_path: Path):
+    with EmbeddedServer(ServerConfig(data_dir=tmp_path, port=free_port())):
+        # Only the nats-server child holds the lock now: we closed our copy once it started.
+        with pytest.raises(DataDirInUse, match="in use by another nats-server"):
+            EmbeddedServer(ServerConfig(data_dir=tmp_path, port=free_port())).start()
+        result = run_cli("server", "--port", str(free_port()), "--data-dir", str(tmp_path))
+        assert_one_line_error(result, "in use by another nats-server")
+    with EmbeddedServer(ServerConfig(data_dir=tmp_path, port=free_port())) as again:  # free once it stopped
+        assert again.running
 
 
 def test_config_is_durable_by_default(tmp_path: Path):
