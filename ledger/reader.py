@@ -17,7 +17,8 @@ import base64
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
+from typing import Any
 from datetime import datetime, timezone
 
 import msgspec
@@ -241,6 +242,7 @@ class Replay:
         self._consumer: str | None = None
         self._generation = 0
         self._recreating: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
         self._watchdog: asyncio.Task[None] | None = None
         self._last_heard = time.monotonic()
         self._inbox = ""
@@ -301,7 +303,7 @@ class Replay:
         self.pending = info.pending
         if (self._end_seq is not None and info.seq >= self._end_seq) or (not self._follow and info.pending == 0):
             self._finish()
-        else:
+        elif self._outstanding <= self._batch // 2:  # checked here too: most messages need no request
             await self._top_up()
         self._ready.set()
 
@@ -312,10 +314,17 @@ class Replay:
         if status in ("404", "408"):  # no messages / request expired: what it did not deliver is not coming
             left = int(headers.get("Nats-Pending-Messages", "0") or 0)
             self._outstanding = max(0, self._outstanding - left) if left else 0
-            asyncio.ensure_future(self._top_up())
+            self._in_background(self._top_up())
             return
         # 409 (consumer deleted, leadership change, max waiting ...) or 503 (no consumer): start over.
         self._recreate(f"status {status} {headers.get('Description', '')}".strip())
+
+    def _in_background(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """A task the replay holds on to until it ends (the loop keeps only weak references)."""
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
 
     # --- asking -----------------------------------------------------------------------------
 
@@ -368,7 +377,7 @@ class Replay:
     def _recreate(self, why: str) -> None:
         if self._recreating is None and not self._finished:
             log.debug("replay of %s: new consumer after #%d (%s)", self._stream, self.last_seq, why)
-            self._recreating = asyncio.ensure_future(self._do_recreate())
+            self._recreating = self._in_background(self._do_recreate())
 
     async def _do_recreate(self) -> None:
         old, self._consumer = self._consumer, None  # from now on, deliveries of the old one are ignored
@@ -444,7 +453,7 @@ class Replay:
 
     async def close(self) -> None:
         self._finished = True
-        for task in (self._watchdog, self._recreating):
+        for task in (self._watchdog, *self._background):
             if task is not None:
                 task.cancel()
         await self.close_subscription()

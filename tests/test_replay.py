@@ -8,11 +8,11 @@ import time
 import pytest
 
 from ledger import subjects
-from ledger.events import AgentHeartbeat, Producer, SessionCreated
+from ledger.events import Producer, SessionCreated
 from ledger.server import EmbeddedServer
 from ledger.settings import Settings
 from ledger.store import EventStore
-from test_store import created
+from test_store import created, submit_beats
 
 
 async def test_a_slow_reader_still_gets_every_message_in_order(store: EventStore, uid: str):
@@ -44,10 +44,7 @@ async def collect(replay) -> list:  # type: ignore[no-untyped-def]
 
 async def test_a_slow_reader_holds_at_most_three_batches(store: EventStore, uid: str):
     agent = f"{uid}-slow"
-    for n in range(3000):
-        await store.submit(AgentHeartbeat(producer=Producer(id=agent, instance="i"), agent_id=agent,
-                                          instance_id="i", incarnation=1, beat=n))
-    await store.flush()
+    await submit_beats(store, agent, 3000)
     replay = store.replay(subjects.entity_filter("hb", agent), batch=100)
     seen: list[int] = []
     async for batch in replay:

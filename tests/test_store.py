@@ -193,12 +193,17 @@ async def test_heartbeats_cannot_be_compare_and_set(store: EventStore):
         await store.append(beat, expect=0)
 
 
-async def test_history_longer_than_one_batch(store: EventStore, uid: str):
-    agent = f"{uid}-a"
-    for n in range(2500):
+async def submit_beats(store: EventStore, agent: str, count: int) -> None:
+    """`count` heartbeats of `agent`, numbered from 0, pipelined and flushed."""
+    for n in range(count):
         await store.submit(AgentHeartbeat(producer=Producer(id=agent, instance="i"), agent_id=agent,
                                           instance_id="i", incarnation=1, beat=n))
     await store.flush()
+
+
+async def test_history_longer_than_one_batch(store: EventStore, uid: str):
+    agent = f"{uid}-a"
+    await submit_beats(store, agent, 2500)
     history = await store.history("hb", agent)
     assert [r.event.beat for r in history] == list(range(2500))
 
