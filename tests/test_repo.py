@@ -35,3 +35,13 @@ def test_compose_runs_a_durable_three_node_cluster():
     for node in nats_nodes:
         assert f"nats-route://{node}:6222" in conf
     assert compose["services"]["ledger-init"]["environment"]["LEDGER_REPLICAS"] == "3"
+
+
+def test_compose_runs_the_ledger_services_on_the_cluster():
+    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    assert services["ledger"]["command"][:2] == ["ledger", "up"]
+    assert services["ledger-consumers-b"]["command"][:2] == ["ledger", "consumers"]
+    for name in ("ledger", "ledger-consumers-b"):
+        # On the cluster, not on an embedded server of their own.
+        assert services[name]["environment"]["LEDGER_NATS_URL"].count("nats://") == 3
+        assert services[name]["depends_on"]["ledger-init"]["condition"] == "service_completed_successfully"
