@@ -125,3 +125,37 @@ async def test_fifty_agents_race_to_claim_one_session_on_the_cluster(cluster_sto
     claims = [r for r in await cluster_store.history("session", sid, min_last_seq=seq + 1)
               if r.event.type_tag() == "session.claimed"]
     assert len(claims) == 1
+
+
+async def test_a_projector_following_through_a_leader_kill_ends_in_the_rebuilds_state(own_cluster: EmbeddedCluster,
+                                                                                      tmp_path: Path):
+    from ledger.events import AgentHeartbeat
+    from projection_helpers import dump
+    from projections.projector import Projector
+    from projections.rebuild import rebuild
+    from projections.settings import ProjectionSettings
+
+    settings = Settings(nats_url=own_cluster.url, replicas=3, request_timeout=1.0, append_deadline=60)
+    me = Producer(id="a1", instance="i")
+    async with EventStore.connect(settings, ensure=True) as store:
+        info = await store.nc.jsm().stream_info(subjects.LEDGER_STREAM)
+        leader = next(s for s in own_cluster.servers if s.config.name == info.cluster.leader)
+        async with Projector(store, ProjectionSettings(db=str(tmp_path / "live.sqlite3"))) as projector:
+            await projector.ready(timeout=30)
+            futures = []
+            for n in range(400):
+                futures.append(await store.submit(created(f"s{n}"), expect=0))
+                futures.append(await store.submit(AgentHeartbeat(producer=me, agent_id="a1", instance_id="i",
+                                                                 incarnation=1, beat=n)))
+                if n == 150:
+                    leader.kill()  # the projector's consumers may have lived there too
+            await asyncio.gather(*futures, return_exceptions=True)
+            survivors = ",".join(s.url for s in own_cluster.servers if s is not leader)
+            await wait_for_stream(survivors, subjects.LEDGER_STREAM)
+            await projector.wait_for(await store.last_seq(subjects.LEDGER_STREAM), timeout=60)
+            await projector.wait_for(await store.last_seq(subjects.HEARTBEAT_STREAM), subjects.HEARTBEAT_STREAM,
+                                     timeout=60)
+        await rebuild(store, ProjectionSettings(db=str(tmp_path / "rebuilt.sqlite3")))
+    live = dump(tmp_path / "live.sqlite3")
+    assert live == dump(tmp_path / "rebuilt.sqlite3")
+    assert len(live["sessions"]) >= 390  # nearly every create landed; each one exactly once
