@@ -56,7 +56,8 @@ class Fleet:
                 start_new_session=True)  # Ctrl-C reaches the demo, which then stops its agents one by one
 
     def kill9(self, agent_id: str) -> None:
-        self.procs[agent_id].kill()
+        if self.procs[agent_id].returncode is None:
+            self.procs[agent_id].kill()
 
     async def terminate(self, agent_id: str) -> int:
         proc = self.procs[agent_id]
@@ -85,8 +86,9 @@ class Fleet:
 class Feed:
     """Follows the lifecycle stream: tells what happens, and keeps who owns which session."""
 
-    def __init__(self, stack: Stack, say: Callable[[str], None]) -> None:
+    def __init__(self, stack: Stack, say: Callable[[str], None], log_dir: Path) -> None:
         self.stack = stack
+        self.log_dir = log_dir
         self.say = say
         self.t0 = time.time_ns()
         self.owners: dict[str, str | None] = {}
@@ -143,10 +145,15 @@ class Feed:
             async with self._changed:
                 await tasks.wait_for(self._changed.wait_for(done), STEP_TIMEOUT)
         except TimeoutError:
-            raise DemoFailed(f"the demo stopped: {what} did not happen within {STEP_TIMEOUT:g} s") from None
+            raise DemoFailed(f"the demo stopped: {what} did not happen within {STEP_TIMEOUT:g} s "
+                             f"(agent logs: {self.log_dir})") from None
 
     def owned_by(self, agent_id: str) -> list[str]:
         return sorted(s for s, o in self.owners.items() if o == agent_id)
+
+
+def sessions_(ids: list[str]) -> str:
+    return "1 session" if len(ids) == 1 else f"{len(ids)} sessions"
 
 
 async def story(stack: Stack, fleet: Fleet, feed: Feed, names: list[str], sessions: int) -> int:
@@ -169,27 +176,30 @@ async def story(stack: Stack, fleet: Fleet, feed: Feed, names: list[str], sessio
     for name in names:
         say(f"   {name} owns {' '.join(feed.owned_by(name)) or 'nothing'}")
 
-    victim, leaver = names[0], names[1]
+    # The two busiest agents fail; the rest take over.
+    victim, leaver = sorted(names, key=lambda n: -len(feed.owned_by(n)))[:2]
     lost = feed.owned_by(victim)
-    say(f"\n3. kill -9 {victim}: no goodbye. Its {len(lost)} sessions wait until the liveness monitor "
+    say(f"\n3. kill -9 {victim}: no goodbye. Its {sessions_(lost)} wait until the liveness monitor "
         f"declares it dead ({fleet.ttl:g} s without a heartbeat)")
     before = feed.last_seq
     killed = time.time_ns()
     fleet.kill9(victim)
-    await feed.until(lambda: not feed.owned_by(victim) and all(feed.owners.get(s) for s in lost),
-                     f"the re-claim of {victim}'s sessions")
-    dead = feed.stored_ns.get(f"dead:{victim}", killed)
-    say(f"   -> declared dead {(dead - killed) / 1e9:.2f} s after the kill; all {len(lost)} sessions owned again "
-        f"{(feed.stored_ns['claim'] - dead) / 1e6:.0f} ms after the declaration")
+    await feed.until(lambda: f"dead:{victim}" in feed.stored_ns and not feed.owned_by(victim)
+                     and all(feed.owners.get(s) for s in lost), f"the death of {victim} and the re-claim of its sessions")
+    dead = feed.stored_ns[f"dead:{victim}"]
+    say(f"   -> declared dead {(dead - killed) / 1e9:.2f} s after the kill" + (
+        f"; {sessions_(lost)} owned again {(feed.stored_ns['claim'] - dead) / 1e6:.0f} ms after the declaration"
+        if lost else ""))
 
     moved = feed.owned_by(leaver)
-    say(f"\n4. SIGTERM {leaver}: it says goodbye once and exits 0; its {len(moved)} sessions move at once")
+    say(f"\n4. SIGTERM {leaver}: it says goodbye once and exits 0; its {sessions_(moved)} move at once")
     code = await fleet.terminate(leaver)
-    await feed.until(lambda: not feed.owned_by(leaver) and all(feed.owners.get(s) for s in moved),
-                     f"the re-claim of {leaver}'s sessions")
-    bye = feed.stored_ns.get(f"goodbye:{leaver}", 0)
-    say(f"   -> exit code {code}; all {len(moved)} sessions owned again "
-        f"{(feed.stored_ns['claim'] - bye) / 1e6:.0f} ms after the goodbye")
+    await feed.until(lambda: f"goodbye:{leaver}" in feed.stored_ns and not feed.owned_by(leaver)
+                     and all(feed.owners.get(s) for s in moved), f"the goodbye of {leaver} and the re-claim of its sessions")
+    bye = feed.stored_ns[f"goodbye:{leaver}"]
+    say(f"   -> exit code {code}" + (
+        f"; {sessions_(moved)} owned again {(feed.stored_ns['claim'] - bye) / 1e6:.0f} ms after the goodbye"
+        if moved else ""))
 
     say("\n5. The projection (SQLite), caught up with the log:")
     await stack.projector.wait_for(feed.last_seq)
@@ -205,8 +215,8 @@ async def story(stack: Stack, fleet: Fleet, feed: Feed, names: list[str], sessio
 
 
 @click.command("demo")
-@click.option("--agents", "count", default=3, show_default=True, type=click.IntRange(2, 9),
-              help="Agents in the demo fleet.")
+@click.option("--agents", "count", default=3, show_default=True, type=click.IntRange(3, 9),
+              help="Agents in the demo fleet (two of them fail).")
 @click.option("--sessions", default=12, show_default=True, type=click.IntRange(1, 500))
 @click.option("--heartbeat", default=0.5, show_default=True, type=click.FloatRange(min=0.05),
               help="The agents' heartbeat interval, seconds.")
@@ -229,8 +239,12 @@ async def demo_command(count: int, sessions: int, heartbeat: float, ttl: float, 
     """
     if ttl <= heartbeat:
         raise click.BadParameter(f"--ttl ({ttl:g}) must be longer than --heartbeat ({heartbeat:g})", param_hint="--ttl")
+    if data_dir is not None and data_dir.exists() and any(data_dir.iterdir()):
+        raise click.BadParameter(f"{data_dir} is not empty: the demo tells its story on a fresh ledger",
+                                 param_hint="--data-dir")
     temporary = data_dir is None
     root = Path(tempfile.mkdtemp(prefix="ledger-demo-")) if data_dir is None else data_dir
+    told_all = False
     s = UpSettings(nats_url=None, data_dir=root, port=port or free_port(),
                    liveness=LivenessSettings(grace=min(1.0, ttl / 2)))
     tune_gc()
@@ -241,7 +255,7 @@ async def demo_command(count: int, sessions: int, heartbeat: float, ttl: float, 
     try:
         async with running_stack(s, echo, name="ledger-demo") as stack:
             fleet = Fleet(stack.url, root / "agents", heartbeat=heartbeat, ttl=ttl, capacity=sessions)
-            feed = Feed(stack, echo)
+            feed = Feed(stack, echo, fleet.log_dir)
             following = asyncio.create_task(feed.run(await stack.store.last_seq(subjects.LEDGER_STREAM) + 1))
             try:
                 told = asyncio.create_task(story(stack, fleet, feed, names, sessions))
@@ -261,11 +275,14 @@ async def demo_command(count: int, sessions: int, heartbeat: float, ttl: float, 
                         await stack.run_until(stop)
                 else:
                     await tasks.stop([told])
+                told_all = True
             finally:
                 echo("\nstopping the fleet (each agent says goodbye) ...")
                 await fleet.stop()
                 await tasks.stop([following])
     finally:
-        if temporary:
+        if temporary and told_all:
             shutil.rmtree(root, ignore_errors=True)
+        elif temporary:
+            echo(f"kept {root} (server data, projection, agent logs) for a look at what went wrong")
     echo("stopped")
