@@ -22,8 +22,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """
 
     nats_url: str = DEFAULT_NATS_URL
-    replicas: int = 1
-    """Stream replicas: 1 on the embedded server, 3 on a cluster."""
+    replicas: int | None = None
+    """Stream replicas: 1 on the embedded server, 3 on a cluster. None: 1 for a new stream, and an existing
+    one keeps what it has (so a command run without it never shrinks a cluster's R3 streams)."""
     duplicate_window: float = 120.0
     """Seconds inside which a retried event id is recognised as the same fact."""
     heartbeat_max_age: float = 24 * 3600.0
@@ -38,7 +39,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     connect_timeout: float = 5.0
 
     def __post_init__(self) -> None:
-        if self.replicas not in (1, 3, 5):
+        if self.replicas not in (None, 1, 3, 5):
             raise ConfigError(f"replicas must be 1, 3 or 5, got {self.replicas}")
         for name in ("duplicate_window", "heartbeat_max_age", "dlq_max_age", "request_timeout",
                      "append_deadline", "connect_timeout"):

@@ -29,7 +29,7 @@ IMMUTABLE = ("storage", "retention", "deny_delete", "deny_purge")
 
 
 def specs(settings: Settings) -> list[StreamConfig]:
-    replicas = settings.replicas
+    replicas = settings.replicas or 1
     return [
         StreamConfig(
             name=subjects.LEDGER_STREAM,
@@ -84,6 +84,12 @@ def _wanted(spec: StreamConfig) -> dict[str, Any]:
     return wanted
 
 
+def keep_replicas(spec: StreamConfig, actual: StreamConfig, settings: Settings) -> None:
+    """Without an explicit replicas setting, an existing stream keeps its own."""
+    if settings.replicas is None:
+        spec.num_replicas = actual.num_replicas
+
+
 def differences(spec: StreamConfig, actual: StreamConfig) -> dict[str, tuple[Any, Any]]:
     """Settings of `spec` that `actual` does not match: name -> (wanted, found)."""
     have = actual.as_dict()
@@ -127,6 +133,7 @@ async def ensure_streams(jsm: JetStreamManager, settings: Settings) -> list[Stre
                 raise StreamMismatch(f"cannot create stream {spec.name}: {e.description} (error {e.err_code})") from None
             report = StreamReport(spec.name, "created")
         else:
+            keep_replicas(spec, info.config, settings)
             diff = differences(spec, info.config)
             fixed = {k: v for k, v in diff.items() if k in IMMUTABLE}
             if fixed:
@@ -160,5 +167,6 @@ async def check_streams(jsm: JetStreamManager, settings: Settings) -> dict[str, 
         except NotFoundError:
             result[spec.name] = None
         else:
+            keep_replicas(spec, info.config, settings)
             result[spec.name] = differences(spec, info.config)
     return result

@@ -159,3 +159,19 @@ async def test_a_projector_following_through_a_leader_kill_ends_in_the_rebuilds_
     live = dump(tmp_path / "live.sqlite3")
     assert live == dump(tmp_path / "rebuilt.sqlite3")
     assert len(live["sessions"]) >= 390  # nearly every create landed; each one exactly once
+
+
+async def test_without_a_replicas_setting_the_cluster_streams_keep_their_three(cluster_store: EventStore):
+    from ledger.streams import check_streams
+
+    async with EventStore.connect(Settings(nats_url=cluster_store.settings.nats_url), check=False) as plain:
+        assert plain.settings.replicas is None
+        assert await check_streams(plain.nc.jsm(), plain.settings) == {
+            subjects.LEDGER_STREAM: {}, subjects.HEARTBEAT_STREAM: {}, subjects.DLQ_STREAM: {}}
+        reports = await plain.ensure_streams()
+        assert [r.action for r in reports] == ["ok", "ok", "ok"]
+        info = await plain.nc.jsm().stream_info(subjects.LEDGER_STREAM)
+        assert info.config.num_replicas == 3
+    # Saying it explicitly still changes it: that is how a stream grows from R1 to R3.
+    async with EventStore.connect(Settings(nats_url=cluster_store.settings.nats_url, replicas=1), check=False) as one:
+        assert (await check_streams(one.nc.jsm(), one.settings))[subjects.LEDGER_STREAM] == {"num_replicas": (1, 3)}

@@ -8,7 +8,7 @@ from ledger.settings import DEFAULT_NATS_URL, Settings
 
 def test_defaults():
     s = Settings.from_env({})
-    assert s.nats_url == DEFAULT_NATS_URL and s.replicas == 1 and s.duplicate_window == 120.0
+    assert s.nats_url == DEFAULT_NATS_URL and s.replicas is None and s.duplicate_window == 120.0
 
 
 def test_environment_then_overrides():

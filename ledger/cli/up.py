@@ -127,7 +127,7 @@ def up_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      type=click.Path(dir_okay=False, path_type=Path),
                      help="The projection's SQLite file. [default: DATA_DIR/projection.sqlite3]"),
         click.option("--replicas", type=click.Choice(["1", "3", "5"]), default=None, envvar="LEDGER_REPLICAS",
-                     show_envvar=True, help="Stream replicas when creating them (3 on a cluster). [default: 1]"),
+                     show_envvar=True, help="Stream replicas (3 on a cluster). [default: 1 for a new stream; an existing one keeps its own]"),
     ]):
         f = option(f)
     return f
