@@ -13,6 +13,7 @@ from .project import PROJECTOR_COMMANDS
 from .replay import replay_command
 from .server import init_command, server_command
 from .demo import demo_command
+from .doctor import doctor_command
 from .up import up_command
 from .views import VIEW_COMMANDS
 
@@ -31,7 +32,7 @@ def cli(verbose: int) -> None:
     setup_logging(verbose)
 
 
-for command in (up_command, demo_command, server_command, init_command, agent_command, session_group, route_group, unreachable_command,
+for command in (up_command, demo_command, doctor_command, server_command, init_command, agent_command, session_group, route_group, unreachable_command,
                 replay_command, consumers_command, pool_group, *VIEW_COMMANDS, *PROJECTOR_COMMANDS):
     cli.add_command(command)
 

@@ -1,0 +1,140 @@
+"""`ledger doctor`: is the server new enough, are the streams right, is the projection keeping up, any dead letters?"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+import msgspec
+from nats.aio.client import Client as NATS
+from nats.js.errors import NotFoundError
+
+from projections.db import ProjectionDB
+from projections.settings import DB_ENV, DEFAULT_DB
+
+from .. import subjects
+from ..server import MIN_VERSION
+from ..settings import Settings
+from ..store import EventStore
+from ..streams import check_streams
+from .common import async_command, echo, nats_url_option, settings_from
+
+OK, WARN, FAIL = "ok", "warn", "FAIL"
+
+
+class Finding(msgspec.Struct, frozen=True):
+    level: str
+    area: str
+    message: str
+
+
+def _version(nc: NATS) -> tuple[int, int, int]:
+    v = nc.connected_server_version
+    return (v.major, v.minor, v.patch)
+
+
+async def server_findings(nc: NATS, url: str) -> list[Finding]:
+    version = _version(nc)
+    text, floor = ".".join(map(str, version)), ".".join(map(str, MIN_VERSION))
+    if version < MIN_VERSION:
+        return [Finding(FAIL, "server", f"nats-server {text} at {url} is older than {floor}: compare-and-set on an "
+                                        "entity's history needs a newer one")]
+    try:
+        account = await nc.jsm().account_info()
+    except Exception as e:  # noqa: BLE001 - whatever it is, JetStream does not answer
+        return [Finding(FAIL, "server", f"nats-server {text} at {url}: JetStream does not answer ({e or type(e).__name__})")]
+    return [Finding(OK, "server", f"nats-server {text} at {url} (needs >= {floor}); JetStream: {account.streams} "
+                                  f"streams, {account.storage / 2**20:,.1f} MiB on disk")]
+
+
+async def stream_findings(nc: NATS, settings: Settings) -> list[Finding]:
+    found: list[Finding] = []
+    jsm = nc.jsm()
+    for name, diff in (await check_streams(jsm, settings)).items():
+        if diff is None:
+            found.append(Finding(FAIL, "streams", f"{name} is missing: run `ledger init` (or `ledger up`)"))
+            continue
+        info = await jsm.stream_info(name)
+        state, cluster = info.state, info.cluster
+        if diff:
+            changes = ", ".join(f"{k} is {old!r}, should be {new!r}" for k, (new, old) in diff.items())
+            found.append(Finding(FAIL, "streams", f"{name}: {changes}: run `ledger init` to upgrade what can be"))
+        else:
+            found.append(Finding(OK, "streams", f"{name}: {state.messages:,} messages, #{state.first_seq}..#"
+                                                f"{state.last_seq}, {info.config.num_replicas} replica(s), settings as "
+                                                "expected"))
+        for peer in (cluster.replicas or []) if cluster else []:
+            if peer.offline or not peer.current:
+                found.append(Finding(WARN, "streams", f"{name}: replica {peer.name} is "
+                                                      f"{'offline' if peer.offline else 'behind'} (lag {peer.lag or 0})"))
+        if cluster and not cluster.leader and (info.config.num_replicas or 1) > 1:
+            found.append(Finding(FAIL, "streams", f"{name} has no leader: a majority of its replicas is down"))
+    return found
+
+
+async def dead_letter_findings(nc: NATS) -> list[Finding]:
+    try:
+        info = await nc.jsm().stream_info(subjects.DLQ_STREAM, subjects_filter=">")
+    except NotFoundError:
+        return []  # reported as a missing stream already
+    if not info.state.messages:
+        return [Finding(OK, "dead letters", "none")]
+    by_subject = sorted((info.state.subjects or {}).items(), key=lambda kv: -kv[1])
+    detail = ", ".join(f"{subject.removeprefix('ledger.dlq.')}: {n}" for subject, n in by_subject[:5])
+    return [Finding(WARN, "dead letters", f"{info.state.messages:,} in {subjects.DLQ_STREAM} ({detail})")]
+
+
+async def projection_findings(nc: NATS, db: Path, stale_after: float) -> list[Finding]:
+    if not db.exists():
+        return [Finding(WARN, "projection", f"no projection file at {db}: `ledger up` or `ledger project` makes it")]
+    found: list[Finding] = []
+    async with await ProjectionDB.open(db, readonly=True) as pdb:
+        checkpoints = await pdb.checkpoints()
+        for d in await pdb.dead_letters():
+            found.append(Finding(WARN, "dead letters", f"{d.count:,} x {d.stream} {d.reason}; the newest, #{d.last_seq} "
+                                                       f"on {d.last_subject}: {d.last_detail[:200]}"))
+    for cp in checkpoints:
+        try:
+            state = (await nc.jsm().stream_info(cp.stream)).state
+        except NotFoundError:
+            continue
+        behind = max(0, state.last_seq - max(cp.seq, state.first_seq - 1))
+        since = time.time() - cp.updated_ns / 1e9 if cp.updated_ns else None
+        ago = f"{since:,.0f} s ago" if since is not None else "never"
+        if cp.seq > state.last_seq:
+            found.append(Finding(FAIL, "projection", f"{db} is at {cp.stream} #{cp.seq}, past the stream's end "
+                                                     f"#{state.last_seq}: built from another stream; `ledger rebuild`"))
+        elif behind and (since is None or since > stale_after):
+            found.append(Finding(WARN, "projection", f"{cp.stream}: {behind:,} events behind, last commit {ago}: "
+                                                     "is `ledger up` (or `ledger project`) running?"))
+        else:
+            found.append(Finding(OK, "projection", f"{cp.stream}: at #{cp.seq} of #{state.last_seq}"
+                                                   f"{f' ({behind:,} behind)' if behind else ''}, last commit {ago}"))
+    return found
+
+
+@click.command("doctor")
+@nats_url_option
+@click.option("--db", envvar=DB_ENV, default=DEFAULT_DB, show_default=True, show_envvar=True,
+              type=click.Path(dir_okay=False, path_type=Path), help="The projection's SQLite file.")
+@click.option("--stale-after", type=click.FloatRange(min=0), default=60.0, show_default=True,
+              help="Seconds since its last commit after which a projection that is behind looks stopped.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per finding.")
+@async_command
+async def doctor_command(nats_url: str, db: Path, stale_after: float, as_json: bool) -> None:
+    """Check the server version, the streams' settings and replicas, the projection's lag and dead letters.
+
+    Exits 1 when something is wrong (FAIL), 0 otherwise (warnings included).
+    """
+    settings = settings_from(nats_url)
+    async with EventStore.connect(settings, name="ledger-doctor", check=False) as store:
+        findings = await server_findings(store.nc, settings.nats_url)
+        if findings[0].level != FAIL:
+            findings += await stream_findings(store.nc, settings)
+            findings += await dead_letter_findings(store.nc)
+            findings += await projection_findings(store.nc, db, stale_after)
+    for f in findings:
+        echo(msgspec.json.encode(f).decode() if as_json else f"{f.level:<5} {f.area:<13} {f.message}")
+    if any(f.level == FAIL for f in findings):
+        raise SystemExit(1)

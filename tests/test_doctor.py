@@ -1,0 +1,75 @@
+"""`ledger doctor` against a real server: what it says when all is well, and when it is not."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from ledger import events as ev
+from ledger.server import EmbeddedServer
+from ledger.settings import Settings
+from ledger.store import EventStore
+from projections.projector import Projector
+from projections.settings import ProjectionSettings
+
+CLI = ev.Producer(id="cli", instance="test")
+
+
+def doctor(url: str, db: Path, *args: str) -> tuple[int, list[dict[str, str]]]:
+    result = subprocess.run([sys.executable, "-m", "ledger", "doctor", "--json", "--db", str(db), *args],
+                            capture_output=True, text=True, timeout=60, env={**os.environ, "LEDGER_NATS_URL": url})
+    assert "Traceback" not in result.stderr, result.stderr
+    return result.returncode, [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def said(findings: list[dict[str, str]], level: str, area: str, *needles: str) -> bool:
+    return any(f["level"] == level and f["area"] == area and all(n in f["message"] for n in needles)
+               for f in findings)
+
+
+async def test_missing_streams_fail(fresh_server: EmbeddedServer, tmp_path: Path):
+    code, findings = doctor(fresh_server.url, tmp_path / "none.sqlite3")
+    assert code == 1
+    assert said(findings, "ok", "server", "nats-server 2.14.0", "needs >= 2.11.0")
+    assert said(findings, "FAIL", "streams", "LEDGER is missing", "ledger init")
+    assert said(findings, "warn", "projection", "no projection file")
+
+
+async def test_a_healthy_ledger_then_a_lagging_projection_and_a_dead_letter(fresh_server: EmbeddedServer,
+                                                                            tmp_path: Path):
+    db = tmp_path / "p.sqlite3"
+    async with EventStore.connect(Settings(nats_url=fresh_server.url), ensure=True) as store:
+        await store.append(ev.SessionCreated(producer=CLI, session_id="s1", pool="p"))
+        async with Projector(store, ProjectionSettings(db=str(db))) as projector:
+            await projector.ready(timeout=20)
+        code, findings = doctor(fresh_server.url, db)
+        assert code == 0, findings
+        assert said(findings, "ok", "streams", "LEDGER: 1 messages", "settings as expected")
+        assert said(findings, "ok", "dead letters", "none")
+        assert said(findings, "ok", "projection", "LEDGER: at #1 of #1")
+
+        # The projector is gone; the log moves on, and a malformed message is dead-lettered by the next one.
+        await store.append(ev.SessionCreated(producer=CLI, session_id="s2", pool="p"))
+        await store.nc.jetstream().publish("ledger.session.s3.created.cli", b"\x00garbage")
+        code, findings = doctor(fresh_server.url, db)
+        assert code == 0  # warnings only
+        assert said(findings, "ok", "projection", "LEDGER: at #1 of #3 (2 behind)")  # committed just now
+        code, findings = doctor(fresh_server.url, db, "--stale-after", "0")
+        assert said(findings, "warn", "projection", "LEDGER: 2 events behind", "is `ledger up`")
+
+        async with Projector(store, ProjectionSettings(db=str(db))) as projector:
+            await projector.ready(timeout=20)
+        code, findings = doctor(fresh_server.url, db)
+        assert said(findings, "warn", "dead letters", "1 in LEDGER_DLQ", "LEDGER.malformed")
+        assert said(findings, "warn", "dead letters", "1 x LEDGER malformed", "#3 on ledger.session.s3.created.cli")
+        assert said(findings, "ok", "projection", "LEDGER: at #3 of #3")
+
+
+async def test_on_the_cluster_the_streams_have_three_replicas(cluster_store: EventStore, tmp_path: Path):
+    code, findings = doctor(cluster_store.settings.nats_url, tmp_path / "none.sqlite3")
+    assert code == 0, findings
+    assert said(findings, "ok", "streams", "LEDGER:", "3 replica(s)", "settings as expected")
+    assert not [f for f in findings if f["area"] == "streams" and f["level"] != "ok"], findings
