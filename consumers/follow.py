@@ -19,6 +19,8 @@ from ledger.reader import Replay
 from ledger.store import EventStore
 from projections.state import Change, LedgerState
 
+from .server_clock import ServerClock
+
 log = logging.getLogger(__name__)
 
 Item = Recorded | Unreadable
@@ -34,6 +36,8 @@ class Follower:
         self.caught_up = asyncio.Event()
         """Set once the lifecycle stream was read to the end it had when following began."""
         self.heartbeats_caught_up = asyncio.Event()
+        self.clock = ServerClock()
+        """The server's time, learnt from what arrives: what every consumer judges ages against."""
         self._listeners: list[Listener] = []
         self._replays: dict[str, Replay] = {}
         # After a reconnect the server may have lost our consumers (a restart); nats-py would only
@@ -69,6 +73,7 @@ class Follower:
                                            last_per_subject=last_per_subject and fresh)
                 self._replays[stream] = replay
                 async for batch in replay:
+                    self.clock.observe(max(item.timestamp_ns for item in batch))
                     changes = self.state.apply_all(batch)
                     start = batch[-1].seq + 1
                     if batch[-1].seq >= end:

@@ -105,7 +105,7 @@ class LivenessMonitor:
             if time.monotonic() < self.grace_until:
                 continue
             try:
-                await self.check(ev.utcnow())
+                await self.check(self.follower.clock.now(ev.utcnow))
             except LedgerError as e:
                 log.warning("liveness check failed: %s", e)
 

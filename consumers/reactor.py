@@ -44,7 +44,7 @@ class Reactor:
                 pass
             self._wake.clear()
             try:
-                await self.step(ev.utcnow())
+                await self.step(self.follower.clock.now(ev.utcnow))
             except LedgerError as e:
                 log.warning("%s step failed: %s", type(self).__name__, e)
 

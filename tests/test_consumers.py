@@ -326,3 +326,30 @@ async def test_route_failure_paths(server: EmbeddedServer):
             await agent.report_resource("s3", "pod/3", address="10.0.0.3:80")
             plain = await reaches(ledger, "plain", lc.RUNNING)
             assert plain.reason == "no health probe configured"
+
+
+@pytest.mark.parametrize("skew", [60.0, -60.0])
+async def test_a_monitor_with_a_skewed_clock_judges_by_the_servers(server: EmbeddedServer,
+                                                                    monkeypatch: pytest.MonkeyPatch, skew: float):
+    from datetime import timedelta
+
+    real = ev.utcnow
+    monkeypatch.setattr(ev, "utcnow", lambda: real() + timedelta(seconds=skew))  # this machine's clock is off
+    async with ledger_on(server.url) as ledger, agents(server.url, "gpu", ["a1", "a2"], heartbeat=HEARTBEAT,
+                                                        ttl=TTL) as procs:
+        async with consumers(server.url, reclaimer=False, watchdog=False) as running:
+            monitor = running.parts["monitor"]
+            await eventually(lambda: time.monotonic() > monitor.grace_until + 3 * TTL,  # type: ignore[attr-defined]
+                             timeout=20, what="the grace window and a few ttls passing")
+            # Judged by our clock, a1 would have been dead (ahead) or never (behind) all along.
+            assert [e for e in await events(ledger.store, "agent", "a1")
+                    if isinstance(e, (ev.AgentSuspected, ev.AgentDeclaredDead))] == []
+            procs["a2"].kill9()
+
+            async def declared() -> list[ev.Event]:
+                return [e for e in await events(ledger.store, "agent", "a2") if isinstance(e, ev.AgentDeclaredDead)]
+
+            [death] = await eventually(declared, timeout=TTL + 5, what="a2's death declaration")
+            # ... and the evidence is in the server's time: the last beat is TTL old, not TTL +/- the skew.
+            seen = (death.evidence.observed_at - death.evidence.last_heartbeat_at).total_seconds()
+            assert TTL <= seen < TTL + 2
