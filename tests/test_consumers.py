@@ -163,8 +163,12 @@ async def test_two_reclaimers_and_self_claiming_agents_never_make_two_owners(ser
                 return all(v in ("a1", "a3") for v in o.values())
 
             await eventually(none_with_a2, timeout=TTL + 10, what="a2's sessions re-owned")
-    # The whole log, checked: every claim names the claim it replaces; no overlap, no stale write.
-    async with ledger_on(server.url) as ledger:
+    assert await claims_in_a_clean_log(server.url) >= 60
+
+
+async def claims_in_a_clean_log(url: str) -> int:
+    """The whole log, checked: every claim names the claim it replaces; no overlap, no stale write."""
+    async with ledger_on(url) as ledger:
         items = []
         async for batch in ledger.store.replay("ledger.session.>"):
             items += [i for i in batch if isinstance(i, Recorded)]
@@ -181,7 +185,39 @@ async def test_two_reclaimers_and_self_claiming_agents_never_make_two_owners(ser
         state, anomalies = lc.fold(lc.evolve_session, history, lookup)
         assert anomalies == [], (sid, anomalies)
         claims += state.claims
-    assert claims >= 60
+    return claims
+
+
+async def test_consumers_killed_as_they_fail_an_agent_over_and_restarted_still_make_one_owner(server: EmbeddedServer):
+    def start_consumers() -> subprocess.Popen[str]:
+        return subprocess.Popen([sys.executable, "-m", "ledger", "consumers", "--grace", "0.3", "--nats-url",
+                                 server.url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    async with ledger_on(server.url) as ledger, agents(server.url, "gpu", ["a1", "a2", "a3"], heartbeat=HEARTBEAT,
+                                                        ttl=TTL, capacity=200) as procs:
+        first = start_consumers()
+        try:
+            sessions = [(await ledger.create_session("gpu", session_id=f"s{i}"))[0] for i in range(150)]
+            await eventually(lambda: _all(owners(ledger, sessions)), timeout=30, what="every session claimed")
+            procs["a1"].kill9()
+
+            async def declared() -> bool:
+                return any(isinstance(e, ev.AgentDeclaredDead) for e in await events(ledger.store, "agent", "a1"))
+
+            await eventually(declared, timeout=TTL + 10, what="a1's death")
+        finally:
+            first.kill()  # as soon as the death is seen: the failover may be done, half done or not begun
+            first.communicate()
+        second = start_consumers()
+        try:
+            async def none_with_a1() -> bool:
+                return all(v in ("a2", "a3") for v in (await owners(ledger, sessions)).values())
+
+            await eventually(none_with_a1, timeout=TTL + 15, what="a1's sessions re-owned after the restart")
+        finally:
+            second.kill()
+            second.communicate()
+    assert await claims_in_a_clean_log(server.url) >= 150
 
 
 async def test_a_draining_agents_sessions_are_handed_off_then_it_is_drained(server: EmbeddedServer):
