@@ -148,6 +148,18 @@ class Feed:
             raise DemoFailed(f"the demo stopped: {what} did not happen within {STEP_TIMEOUT:g} s "
                              f"(agent logs: {self.log_dir})") from None
 
+    async def moved_on(self, agent_id: str, sessions: list[str], event: str, what: str) -> int:
+        """Wait for the agent's `event` ("dead" or "goodbye") and for `sessions` to be owned again; when it was stored."""
+        key = f"{event}:{agent_id}"
+        await self.until(lambda: key in self.stored_ns and not self.owned_by(agent_id)
+                         and all(self.owners.get(s) for s in sessions), what)
+        return self.stored_ns[key]
+
+    def reowned(self, sessions: list[str], since_ns: int, since: str) -> str:
+        if not sessions:
+            return ""
+        return f"; {sessions_(sessions)} owned again {(self.stored_ns['claim'] - since_ns) / 1e6:.0f} ms after {since}"
+
     def owned_by(self, agent_id: str) -> list[str]:
         return sorted(s for s, o in self.owners.items() if o == agent_id)
 
@@ -184,22 +196,14 @@ async def story(stack: Stack, fleet: Fleet, feed: Feed, names: list[str], sessio
     before = feed.last_seq
     killed = time.time_ns()
     fleet.kill9(victim)
-    await feed.until(lambda: f"dead:{victim}" in feed.stored_ns and not feed.owned_by(victim)
-                     and all(feed.owners.get(s) for s in lost), f"the death of {victim} and the re-claim of its sessions")
-    dead = feed.stored_ns[f"dead:{victim}"]
-    say(f"   -> declared dead {(dead - killed) / 1e9:.2f} s after the kill" + (
-        f"; {sessions_(lost)} owned again {(feed.stored_ns['claim'] - dead) / 1e6:.0f} ms after the declaration"
-        if lost else ""))
+    dead = await feed.moved_on(victim, lost, "dead", f"the death of {victim} and the re-claim of its sessions")
+    say(f"   -> declared dead {(dead - killed) / 1e9:.2f} s after the kill{feed.reowned(lost, dead, 'the declaration')}")
 
     moved = feed.owned_by(leaver)
     say(f"\n4. SIGTERM {leaver}: it says goodbye once and exits 0; its {sessions_(moved)} move at once")
     code = await fleet.terminate(leaver)
-    await feed.until(lambda: f"goodbye:{leaver}" in feed.stored_ns and not feed.owned_by(leaver)
-                     and all(feed.owners.get(s) for s in moved), f"the goodbye of {leaver} and the re-claim of its sessions")
-    bye = feed.stored_ns[f"goodbye:{leaver}"]
-    say(f"   -> exit code {code}" + (
-        f"; {sessions_(moved)} owned again {(feed.stored_ns['claim'] - bye) / 1e6:.0f} ms after the goodbye"
-        if moved else ""))
+    bye = await feed.moved_on(leaver, moved, "goodbye", f"the goodbye of {leaver} and the re-claim of its sessions")
+    say(f"   -> exit code {code}{feed.reowned(moved, bye, 'the goodbye')}")
 
     say("\n5. The projection (SQLite), caught up with the log:")
     await stack.projector.wait_for(feed.last_seq)
