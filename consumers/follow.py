@@ -73,7 +73,7 @@ class Follower:
                                            last_per_subject=last_per_subject and fresh)
                 self._replays[stream] = replay
                 async for batch in replay:
-                    self.clock.observe(max(item.timestamp_ns for item in batch))
+                    self.clock.observe(batch[-1].timestamp_ns)  # the newest: the smallest offset
                     changes = self.state.apply_all(batch)
                     start = batch[-1].seq + 1
                     if batch[-1].seq >= end:

@@ -14,12 +14,14 @@ from pathlib import Path
 
 import click
 
+from consumers.follow import Follower, Item
 from consumers.liveness_rules import LivenessSettings
 from projections.process import tune_gc
 from projections.query import Query
+from projections.state import Change, LifecycleState
 
 from .. import events as ev
-from .. import subjects, tasks
+from .. import tasks
 from ..client import Ledger
 from ..codec import Recorded
 from ..events import Producer
@@ -84,47 +86,40 @@ class Fleet:
 
 
 class Feed:
-    """Follows the lifecycle stream: tells what happens, and keeps who owns which session."""
+    """Follows the lifecycle stream into a LedgerState (the consumers' own Follower) and tells what happens."""
 
     def __init__(self, stack: Stack, say: Callable[[str], None], log_dir: Path) -> None:
-        self.stack = stack
+        self.follower = Follower(stack.store, heartbeats=False)
+        self.follower.listen(self._heard)
         self.log_dir = log_dir
         self.say = say
         self.t0 = time.time_ns()
-        self.owners: dict[str, str | None] = {}
-        self.registered: set[str] = set()
         self.stored_ns: dict[str, int] = {}
         """When the latest event of each kind of interest was stored (e.g. 'dead:a1', 'goodbye:a2')."""
-        self.last_seq = 0
-        self._changed = asyncio.Condition()
+        self._changed = asyncio.Event()
+
+    @property
+    def state(self) -> LifecycleState:
+        return self.follower.state.ledger
 
     def at(self, ns: int) -> str:
         return f"+{(ns - self.t0) / 1e9:6.2f}s"
 
-    async def run(self, start_seq: int) -> None:
-        replay = self.stack.store.replay(subjects.family_filter("*"), start_seq=start_seq, follow=True)
-        async for batch in replay:
-            for item in batch:
-                if isinstance(item, Recorded):
-                    self._apply(item)
-                    self.last_seq = item.seq
-            async with self._changed:
-                self._changed.notify_all()
+    def _heard(self, stream: str, batch: list[Item], changes: list[Change]) -> None:
+        for item in batch:
+            if isinstance(item, Recorded):
+                self._tell(item)
+        self._changed.set()
 
-    def _apply(self, item: Recorded) -> None:
-        e, when = item.event, self.at(item.timestamp_ns)
+    def _tell(self, item: Recorded) -> None:
+        e = item.event
         line: str | None = None
         if isinstance(e, ev.AgentRegistered):
-            self.registered.add(e.agent_id)
             line = f"{e.agent_id} registered (incarnation {item.seq}, capacity {e.capacity})"
-        elif isinstance(e, ev.SessionCreated):
-            self.owners[e.session_id] = None
         elif isinstance(e, ev.SessionClaimed):
-            self.owners[e.session_id] = e.agent_id
             origin = f" from {e.previous_owner}" if e.previous_owner else ""
             line = f"{e.session_id} claimed by {e.agent_id} ({e.reason}{origin}; fencing token {item.seq})"
-        elif isinstance(e, (ev.SessionReleased, ev.SessionOrphaned)):
-            self.owners[e.session_id] = None
+            self.stored_ns["claim"] = item.timestamp_ns
         elif isinstance(e, ev.AgentSuspected):
             line = f"{e.agent_id} suspected by {e.producer.id}: {e.evidence.detail or e.reason}"
         elif isinstance(e, ev.AgentDeclaredDead):
@@ -135,24 +130,28 @@ class Feed:
             self.stored_ns[f"goodbye:{e.agent_id}"] = item.timestamp_ns
         elif isinstance(e, ev.PoolBreakerTripped):
             line = f"pool {e.pool}: breaker tripped - {e.reason}"
-        if isinstance(e, ev.SessionClaimed):
-            self.stored_ns["claim"] = item.timestamp_ns
         if line:
-            self.say(f"  {when}  #{item.seq:<5} {line}")
+            self.say(f"  {self.at(item.timestamp_ns)}  #{item.seq:<5} {line}")
 
     async def until(self, done: Callable[[], bool], what: str) -> None:
         try:
-            async with self._changed:
-                await tasks.wait_for(self._changed.wait_for(done), STEP_TIMEOUT)
+            async with asyncio.timeout(STEP_TIMEOUT):
+                while not done():
+                    self._changed.clear()
+                    await self._changed.wait()
         except TimeoutError:
             raise DemoFailed(f"the demo stopped: {what} did not happen within {STEP_TIMEOUT:g} s "
                              f"(agent logs: {self.log_dir})") from None
+
+    def owner(self, session_id: str) -> str | None:
+        session = self.state.sessions.get(session_id)
+        return session.owner if session is not None else None
 
     async def moved_on(self, agent_id: str, sessions: list[str], event: str, what: str) -> int:
         """Wait for the agent's `event` ("dead" or "goodbye") and for `sessions` to be owned again; when it was stored."""
         key = f"{event}:{agent_id}"
         await self.until(lambda: key in self.stored_ns and not self.owned_by(agent_id)
-                         and all(self.owners.get(s) for s in sessions), what)
+                         and all(self.owner(s) for s in sessions), what)
         return self.stored_ns[key]
 
     def reowned(self, sessions: list[str], since_ns: int, since: str) -> str:
@@ -161,7 +160,7 @@ class Feed:
         return f"; {sessions_(sessions)} owned again {(self.stored_ns['claim'] - since_ns) / 1e6:.0f} ms after {since}"
 
     def owned_by(self, agent_id: str) -> list[str]:
-        return sorted(s for s, o in self.owners.items() if o == agent_id)
+        return sorted(s.session_id for s in self.state.sessions.values() if s.owner == agent_id)
 
 
 def sessions_(ids: list[str]) -> str:
@@ -177,14 +176,14 @@ async def story(stack: Stack, fleet: Fleet, feed: Feed, names: list[str], sessio
     say(f"\n1. A fleet of {len(names)} agents in pool {POOL!r} (heartbeat {fleet.heartbeat:g} s, ttl {fleet.ttl:g} s)")
     for name in names:
         await fleet.start(name)
-    await feed.until(lambda: feed.registered >= set(names), "the agents' registration")
+    await feed.until(lambda: set(names) <= feed.state.agents.keys(), "the agents' registration")
 
     say(f"\n2. {sessions} sessions, bound to the pool (never to an agent): the agents claim them")
     ledger = Ledger(stack.store, Producer(id="demo", instance=new_id()))
     ids = [f"s{i:02d}" for i in range(1, sessions + 1)]
     for sid in ids:
         await ledger.create_session(POOL, session_id=sid)
-    await feed.until(lambda: all(feed.owners.get(s) for s in ids), "every session claimed")
+    await feed.until(lambda: all(feed.owner(s) for s in ids), "every session claimed")
     for name in names:
         say(f"   {name} owns {' '.join(feed.owned_by(name)) or 'nothing'}")
 
@@ -193,7 +192,7 @@ async def story(stack: Stack, fleet: Fleet, feed: Feed, names: list[str], sessio
     lost = feed.owned_by(victim)
     say(f"\n3. kill -9 {victim}: no goodbye. Its {sessions_(lost)} wait until the liveness monitor "
         f"declares it dead ({fleet.ttl:g} s without a heartbeat)")
-    before = feed.last_seq
+    before = feed.state.seq
     killed = time.time_ns()
     fleet.kill9(victim)
     dead = await feed.moved_on(victim, lost, "dead", f"the death of {victim} and the re-claim of its sessions")
@@ -206,7 +205,7 @@ async def story(stack: Stack, fleet: Fleet, feed: Feed, names: list[str], sessio
     say(f"   -> exit code {code}{feed.reowned(moved, bye, 'the goodbye')}")
 
     say("\n5. The projection (SQLite), caught up with the log:")
-    await stack.projector.wait_for(feed.last_seq)
+    await stack.projector.wait_for(feed.state.seq)
     async with Query.open(stack.projector.path) as q:
         page = await q.sessions(pool=POOL)
         tables.show(page, tables.sessions(page))
@@ -260,7 +259,7 @@ async def demo_command(count: int, sessions: int, heartbeat: float, ttl: float, 
         async with running_stack(s, echo, name="ledger-demo") as stack:
             fleet = Fleet(stack.url, root / "agents", heartbeat=heartbeat, ttl=ttl, capacity=sessions)
             feed = Feed(stack, echo, fleet.log_dir)
-            following = asyncio.create_task(feed.run(await stack.store.last_seq(subjects.LEDGER_STREAM) + 1))
+            following = asyncio.create_task(feed.follower.run())
             try:
                 told = asyncio.create_task(story(stack, fleet, feed, names, sessions))
                 await asyncio.wait({told, asyncio.ensure_future(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
@@ -270,7 +269,7 @@ async def demo_command(count: int, sessions: int, heartbeat: float, ttl: float, 
                         echo(f"\nThe ledger stays up with {len(names) - 2} agent(s) running. In another terminal:")
                         if export := env_line(s, stack.url):
                             echo(export)
-                        for command, what in [(f"ledger history session {sorted(feed.owners)[0]}",
+                        for command, what in [(f"ledger history session {min(feed.state.sessions)}",
                                                "each change of a session, and its cause"),
                                               (f"ledger sessions --at-seq {before_kill}", "the past: before the kill"),
                                               ("ledger replay --type agent.declared_dead", "the log itself")]:
