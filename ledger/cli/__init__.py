@@ -8,12 +8,12 @@ from .. import __version__
 from .common import setup_logging
 from .agent import agent_command
 from .consumers import consumers_command, pool_group
+from .demo import demo_command
+from .doctor import doctor_command
 from .entities import route_group, session_group, unreachable_command
 from .project import PROJECTOR_COMMANDS
 from .replay import replay_command
 from .server import init_command, server_command
-from .demo import demo_command
-from .doctor import doctor_command
 from .up import up_command
 from .views import VIEW_COMMANDS
 
@@ -32,8 +32,9 @@ def cli(verbose: int) -> None:
     setup_logging(verbose)
 
 
-for command in (up_command, demo_command, doctor_command, server_command, init_command, agent_command, session_group, route_group, unreachable_command,
-                replay_command, consumers_command, pool_group, *VIEW_COMMANDS, *PROJECTOR_COMMANDS):
+for command in (up_command, demo_command, doctor_command, server_command, init_command, agent_command, session_group,
+                route_group, unreachable_command, replay_command, consumers_command, pool_group, *VIEW_COMMANDS,
+                *PROJECTOR_COMMANDS):
     cli.add_command(command)
 
 

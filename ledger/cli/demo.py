@@ -148,7 +148,7 @@ class Feed:
         return session.owner if session is not None else None
 
     async def moved_on(self, agent_id: str, sessions: list[str], event: str, what: str) -> int:
-        """Wait for the agent's `event` ("dead" or "goodbye") and for `sessions` to be owned again; when it was stored."""
+        """Wait for the agent's `event` ("dead" or "goodbye") and for `sessions` to have owners; its stored time."""
         key = f"{event}:{agent_id}"
         await self.until(lambda: key in self.stored_ns and not self.owned_by(agent_id)
                          and all(self.owner(s) for s in sessions), what)
@@ -196,7 +196,8 @@ async def story(stack: Stack, fleet: Fleet, feed: Feed, names: list[str], sessio
     killed = time.time_ns()
     fleet.kill9(victim)
     dead = await feed.moved_on(victim, lost, "dead", f"the death of {victim} and the re-claim of its sessions")
-    say(f"   -> declared dead {(dead - killed) / 1e9:.2f} s after the kill{feed.reowned(lost, dead, 'the declaration')}")
+    after = feed.reowned(lost, dead, "the declaration")
+    say(f"   -> declared dead {(dead - killed) / 1e9:.2f} s after the kill{after}")
 
     moved = feed.owned_by(leaver)
     say(f"\n4. SIGTERM {leaver}: it says goodbye once and exits 0; its {sessions_(moved)} move at once")

@@ -43,7 +43,8 @@ async def server_findings(nc: NATS, url: str) -> list[Finding]:
     try:
         account = await nc.jsm().account_info()
     except Exception as e:  # noqa: BLE001 - whatever it is, JetStream does not answer
-        return [Finding(FAIL, "server", f"nats-server {text} at {url}: JetStream does not answer ({e or type(e).__name__})")]
+        why = f"{e or type(e).__name__}"
+        return [Finding(FAIL, "server", f"nats-server {text} at {url}: JetStream does not answer ({why})")]
     return [Finding(OK, "server", f"nats-server {text} at {url} (needs >= {floor}); JetStream: {account.streams} "
                                   f"streams, {account.storage / 2**20:,.1f} MiB on disk")]
 
@@ -66,8 +67,8 @@ async def stream_findings(nc: NATS, settings: Settings) -> list[Finding]:
                                                 "expected"))
         for peer in (cluster.replicas or []) if cluster else []:
             if peer.offline or not peer.current:
-                found.append(Finding(WARN, "streams", f"{name}: replica {peer.name} is "
-                                                      f"{'offline' if peer.offline else 'behind'} (lag {peer.lag or 0})"))
+                how = "offline" if peer.offline else "behind"
+                found.append(Finding(WARN, "streams", f"{name}: replica {peer.name} is {how} (lag {peer.lag or 0})"))
         if cluster and not cluster.leader and (info.config.num_replicas or 1) > 1:
             found.append(Finding(FAIL, "streams", f"{name} has no leader: a majority of its replicas is down"))
     return found

@@ -61,7 +61,8 @@ async def server_command(host: str, port: int, data_dir: Path, monitor_port: int
 @click.command("init")
 @nats_url_option
 @click.option("--replicas", type=click.Choice(["1", "3", "5"]), default=None, envvar="LEDGER_REPLICAS",
-              show_envvar=True, help="Stream replicas (1 on a single server, 3 on a cluster). [default: 1 for a new stream; an existing one keeps its own]")
+              show_envvar=True, help="Stream replicas (1 on a single server, 3 on a cluster). "
+                                     "[default: 1 for a new stream; an existing one keeps its own]")
 @async_command
 async def init_command(nats_url: str, replicas: str | None) -> None:
     """Create the ledger's streams on a NATS server, or check and upgrade them (idempotent)."""
