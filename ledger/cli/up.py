@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,7 @@ import click
 from consumers.liveness_rules import LivenessSettings
 from consumers.service import Consumers
 from projections.process import tune_gc
-from projections.projector import Projector
+from projections.projector import Progress, Projector
 from projections.settings import DB_ENV, ProjectionSettings
 
 from .. import tasks
@@ -100,7 +101,8 @@ async def running_stack(s: UpSettings, say: Say, *, name: str = "ledger-up") -> 
         say("streams             " + "; ".join(str(r) for r in reports))
 
         reader = await stack.enter_async_context(EventStore.connect(settings, name=f"{name}-projector"))
-        projector = Projector(reader, ProjectionSettings.from_env(db=str(s.db_path)))
+        projector = Projector(reader, ProjectionSettings.from_env(db=str(s.db_path)),
+                              on_progress=catch_up_reporter(say, lambda: projector.caught_up.is_set()))
         await stack.enter_async_context(projector)
         say(f"projector           {s.db_path.resolve()}")
 
@@ -112,6 +114,21 @@ async def running_stack(s: UpSettings, say: Say, *, name: str = "ledger-up") -> 
         projector.task.set_name("projector")
         yield Stack(url=url, store=store, projector=projector, consumers=consumers, server=server,
                     running=[projector.task, consumers_task])
+
+
+def catch_up_reporter(say: Say, caught_up: Callable[[], bool], every: float = 2.0) -> Callable[[Progress], None]:
+    """Says how the projector's catch-up goes, at most every `every` seconds, until it has caught up."""
+    last = [time.monotonic()]
+
+    def report(p: Progress) -> None:
+        now = time.monotonic()
+        if caught_up() or now - last[0] < every:
+            return
+        last[0] = now
+        done = ", ".join(f"{st} #{p.committed[st]:,} of #{p.targets[st]:,}" for st in p.committed)
+        say(f"projector catching up: {done} ({p.events / p.elapsed if p.elapsed else 0:,.0f} events/s)")
+
+    return report
 
 
 def up_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -180,7 +197,7 @@ async def up_command(nats_url: str | None, data_dir: Path, port: int, db: Path |
 
         def report_caught_up(f: asyncio.Future[Any]) -> None:
             if not f.cancelled():
-                echo("projector caught up at " + ", ".join(f"{k} #{v}" for k, v in projector.committed.items()))
+                echo("projector caught up at " + ", ".join(f"{k} #{v:,}" for k, v in projector.committed.items()))
 
         caught_up = asyncio.ensure_future(projector.caught_up.wait())
         caught_up.add_done_callback(report_caught_up)
