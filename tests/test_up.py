@@ -141,3 +141,16 @@ def test_demo_refuses_a_ttl_shorter_than_the_heartbeat():
                             timeout=60)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "--ttl (1) must be longer than --heartbeat (2)" in result.stderr
+
+
+def test_catch_up_progress_is_told_until_the_projector_has_caught_up():
+    from ledger.cli.up import catch_up_reporter
+    from projections.projector import Progress
+
+    lines: list[str] = []
+    caught_up = False
+    report = catch_up_reporter(lines.append, lambda: caught_up, every=0)
+    report(Progress({"LEDGER": 5000, "LEDGER_HB": 0}, {"LEDGER": 10000, "LEDGER_HB": 0}, 5000, 2.0))
+    caught_up = True
+    report(Progress({"LEDGER": 10000, "LEDGER_HB": 0}, {"LEDGER": 10000, "LEDGER_HB": 0}, 10000, 4.0))
+    assert lines == ["projector catching up: LEDGER #5,000 of #10,000, LEDGER_HB #0 of #0 (2,500 events/s)"]
