@@ -95,8 +95,12 @@ class SelfClaimer:
 
 
 async def run(ledger: Ledger, *, agent_id: str, pool: str, platform: str, region: str, capacity: int,
-              heartbeat: float, ttl: float, say: Callable[[str], None]) -> None:
-    """Run until SIGTERM or SIGINT, then say goodbye once."""
+              heartbeat: float, ttl: float, say: Callable[[str], None], self_claim: bool = True) -> None:
+    """Run until SIGTERM or SIGINT, then say goodbye once.
+
+    Without `self_claim` the agent only runs what reclaimers give it (push mode):
+    it does not fold the whole log, so it starts at once however long the log is.
+    """
     agent = Agent(ledger, agent_id=agent_id, pool=pool, platform=platform, region=region, capacity=capacity,
                   heartbeat=heartbeat, ttl=ttl, handle_signals=True,
                   on_fenced=lambda why: say(f"fenced: {why}"),
@@ -106,8 +110,9 @@ async def run(ledger: Ledger, *, agent_id: str, pool: str, platform: str, region
     async with agent:
         say(f"registered {agent_id} (incarnation {agent.incarnation}) in pool {pool}/{platform}/{region}, "
             f"capacity {capacity}, heartbeat {heartbeat:g} s, ttl {ttl:g} s")
-        running = [asyncio.create_task(SelfClaimer(agent, say).run()),
-                   asyncio.create_task(IdleReaper(agent).run())]
+        running = [asyncio.create_task(IdleReaper(agent).run())]
+        if self_claim:
+            running.append(asyncio.create_task(SelfClaimer(agent, say).run()))
         try:
             await agent.wait_stopped()
         finally:

@@ -26,11 +26,12 @@ class AgentProcess:
     """A `ledger agent` child process."""
 
     def __init__(self, url: str, agent_id: str, pool: str, *, capacity: int = 10, heartbeat: float = 0.2,
-                 ttl: float = 1.5) -> None:
+                 ttl: float = 1.5, self_claim: bool = True) -> None:
         self.agent_id = agent_id
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "ledger", "agent", "--agent-id", agent_id, "--pool", pool, "--capacity",
-             str(capacity), "--heartbeat", str(heartbeat), "--ttl", str(ttl), "--nats-url", url],
+             str(capacity), "--heartbeat", str(heartbeat), "--ttl", str(ttl), "--nats-url", url,
+             "--self-claim" if self_claim else "--no-self-claim"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)
 
     async def registered(self) -> None:

@@ -389,3 +389,22 @@ async def test_a_monitor_with_a_skewed_clock_judges_by_the_servers(server: Embed
             # ... and the evidence is in the server's time: the last beat is TTL old, not TTL +/- the skew.
             seen = (death.evidence.observed_at - death.evidence.last_heartbeat_at).total_seconds()
             assert TTL <= seen < TTL + 2
+
+
+async def test_agents_that_do_not_claim_for_themselves_run_what_the_reclaimer_gives_them(server: EmbeddedServer):
+    async with ledger_on(server.url) as ledger, agents(server.url, "gpu", ["a1", "a2"], heartbeat=HEARTBEAT, ttl=TTL,
+                                                        self_claim=False) as procs:
+        sessions = [(await ledger.create_session("gpu", session_id=f"s{i}"))[0] for i in range(6)]
+        # Nobody claims without a reclaimer: the agents only take what they are given.
+        await asyncio.sleep(3 * HEARTBEAT)
+        assert set((await owners(ledger, sessions)).values()) == {None}
+        async with consumers(server.url, watchdog=False):
+            await eventually(lambda: _all(owners(ledger, sessions)), what="the reclaimer placing every session")
+            placed = await owners(ledger, sessions)
+            assert sorted(placed.values()) == ["a1"] * 3 + ["a2"] * 3  # least loaded first: an even spread
+            assert await procs["a1"].terminate() == 0
+
+            async def all_with_a2() -> bool:
+                return set((await owners(ledger, sessions)).values()) == {"a2"}
+
+            await eventually(all_with_a2, what="a1's sessions moving to a2 after its goodbye")

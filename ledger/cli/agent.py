@@ -20,15 +20,19 @@ from .common import async_command, echo, nats_url_option, settings_from
 @click.option("--ttl", default=30.0, show_default=True, type=click.FloatRange(0.1),
               help="Lease: with no heartbeat acknowledged for this long the agent fences itself "
                    "(and the liveness monitor may declare it dead).")
+@click.option("--self-claim/--no-self-claim", default=True, show_default=True,
+              help="Claim the pool's sessions that need an owner itself (it then follows the whole log); "
+                   "with --no-self-claim it runs only what a reclaimer (`ledger up` / `ledger consumers`) gives it.")
 @nats_url_option
 @async_command
 async def agent_command(agent_id: str, pool: str, platform: str, region: str, capacity: int, heartbeat: float,
-                        ttl: float, nats_url: str) -> None:
+                        ttl: float, self_claim: bool, nats_url: str) -> None:
     """Run a reference agent: register, heartbeat, claim the pool's sessions, goodbye on SIGTERM.
 
     It claims sessions of its pool/platform/region that are pending, orphaned,
     or owned by an agent that said goodbye, was declared dead or was replaced,
-    up to --capacity. SIGTERM or Ctrl-C writes one goodbye and exits 0.
+    up to --capacity (with --no-self-claim: only what a reclaimer gives it).
+    SIGTERM or Ctrl-C writes one goodbye and exits 0.
     """
     if ttl <= heartbeat:
         raise click.BadParameter(f"--ttl ({ttl:g}) must be longer than --heartbeat ({heartbeat:g})", param_hint="--ttl")
@@ -40,4 +44,4 @@ async def agent_command(agent_id: str, pool: str, platform: str, region: str, ca
         from consumers import agent_process  # the CLI is where the packages meet
 
         await agent_process.run(ledger, agent_id=agent_id, pool=pool, platform=platform, region=region,
-                                  capacity=capacity, heartbeat=heartbeat, ttl=ttl, say=say)
+                                  capacity=capacity, heartbeat=heartbeat, ttl=ttl, say=say, self_claim=self_claim)
