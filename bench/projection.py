@@ -15,7 +15,9 @@ EventStore.submit, then measures, on the same data:
     (target >= 0.7, brief section 6);
 (c) `projections.rebuild` of all events (target: 1 M in < 30 s);
 (d) the projector's peak RSS (VmHWM) in a subprocess after 100 k and 300 k
-    events and at the end (target: flat within 20 %).
+    events and at the end (target: flat within 20 %);
+(e) time-travel views: `Query.sessions(as_of=N)` at random sequences of the
+    rebuilt file (nearest snapshot + replay), as a dashboard would ask.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import resource
 import subprocess
 import sys
@@ -44,6 +47,7 @@ from ledger.store import EventStore  # noqa: E402
 from ledger.subjects import HEARTBEAT_STREAM, LEDGER_STREAM  # noqa: E402
 from projections.process import tune_gc  # noqa: E402
 from projections.projector import FILTERS, Progress, Projector  # noqa: E402
+from projections.query import Query  # noqa: E402
 from projections.rebuild import rebuild  # noqa: E402
 from projections.settings import ProjectionSettings  # noqa: E402
 from workload import Workload  # noqa: E402
@@ -131,6 +135,18 @@ async def catch_up_rate(store: EventStore, db: Path) -> tuple[float, int, Projec
     return projector.events / elapsed, projector.events, projector
 
 
+async def as_of_times(store: EventStore, db: Path, end: int, n: int = 9) -> list[float]:
+    """Seconds for each of `n` views of the past at random LEDGER sequences (no cache hits), sorted."""
+    rng = random.Random(1)
+    times = []
+    async with Query.open(db, store) as q:
+        for seq in rng.sample(range(1, end + 1), n):
+            started = time.perf_counter()
+            await q.sessions(as_of=seq)
+            times.append(time.perf_counter() - started)
+    return sorted(times)
+
+
 MARKS = (100_000, 300_000)
 
 
@@ -179,6 +195,9 @@ async def run(url: str, events: int, work: Path) -> None:
         scale = 1_000_000 / result.events if result.events else 0
         print(f"(c) rebuild from zero             : {result.seconds:.1f} s for {result.events:,} events "
               f"(~{result.seconds * scale:.1f} s per 1 M; target < 30 s)", flush=True)
+        times = await as_of_times(store, work / "rebuilt.sqlite3", ends[LEDGER_STREAM])
+        print(f"(e) sessions view as of a past seq : p50 {times[len(times) // 2] * 1e3:.0f} ms, "
+              f"max {times[-1] * 1e3:.0f} ms over {len(times)} random sequences (snapshot + replay)", flush=True)
     rss = child_rss(url, work / "child.sqlite3")
     final_events, final_kb = rss["final"]
     print(f"(d) projector peak RSS            : {final_kb / 1024:.0f} MiB after {final_events:,} events (subprocess)")
