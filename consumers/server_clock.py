@@ -47,10 +47,6 @@ class ServerClock:
         while len(self._mins) > 1 and self._mins[0][0] <= bucket - self._keep:
             self._mins.popleft()  # the newest bucket always stays, however quiet the stream has been
 
-    @property
-    def known(self) -> bool:
-        return bool(self._mins)
-
     def now_ns(self) -> int | None:
         """The server's time now (never ahead of it), or None before any message was observed."""
         if not self._mins:

@@ -214,7 +214,7 @@ class Replay:
     reader is. Deliveries are numbered by the server; a gap, a lost consumer
     (server restart, leader change) or a silent one (no idle heartbeat) makes
     the replay create a new consumer from the message after the last one it
-    handed out, so nothing is skipped or repeated.
+    received, so nothing is skipped or repeated.
     """
 
     def __init__(self, nc: NATS, stream: str, filters: Sequence[str], *, start_seq: int | None = None,
@@ -240,7 +240,6 @@ class Replay:
         self._delivery = 0
         self._outstanding = 0
         self._consumer: str | None = None
-        self._generation = 0
         self._recreating: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._watchdog: asyncio.Task[None] | None = None
@@ -249,7 +248,7 @@ class Replay:
         self._empty_at_start = False
         self._sub = None
         self.last_seq = 0
-        """Sequence of the newest message handed out so far."""
+        """Sequence of the newest message received so far (handed out, or waiting in the buffer)."""
         self.pending: int | None = None
         """Messages on the filters after the newest one received (0: at the end; None: none received yet)."""
 

@@ -230,22 +230,21 @@ class EmbeddedServer:
             check_port_free(cfg.host, cfg.monitor_port, "monitor")
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
         lock = lock_data_dir(cfg.data_dir)
-        conf = cfg.data_dir / "nats-server.conf"
-        conf.write_text(cfg.render())
-        log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        logfile = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         try:
-            self._proc = subprocess.Popen(
-                [path, "-c", str(conf)],
-                stdout=logfile,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                pass_fds=(lock,),  # the child holds the lock for as long as it runs, even if we die first
-                start_new_session=True,  # Ctrl-C in a terminal reaches us, and we stop the child cleanly
-            )
+            conf = cfg.data_dir / "nats-server.conf"
+            conf.write_text(cfg.render())
+            log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+            with open(self.log_path, "ab") as logfile:  # handed to the child, which keeps its own copy
+                self._proc = subprocess.Popen(
+                    [path, "-c", str(conf)],
+                    stdout=logfile,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    pass_fds=(lock,),  # the child holds the lock for as long as it runs, even if we die first
+                    start_new_session=True,  # Ctrl-C in a terminal reaches us, and we stop the child cleanly
+                )
         finally:
-            logfile.close()
-            os.close(lock)
+            os.close(lock)  # ours; the child's copy keeps the directory locked
         self._wait_ready(log_offset)
         return self
 
