@@ -135,6 +135,12 @@ async def get_first_after(nc: NATS, stream: str, subject_filter: str, seq: int,
     return None if m is None else (m.seq, _msg_id_from_headers(m.hdrs))
 
 
+async def stored_ns(nc: NATS, stream: str, seq: int, timeout: float) -> int | None:
+    """When the leader stored message `seq` (ns since the epoch), or None if there is no such message."""
+    m = await _msg_get(nc, stream, {"seq": seq}, timeout)
+    return None if m is None or not m.time else parse_stamp(m.time)
+
+
 async def get_last(nc: NATS, stream: str, subject_filter: str, timeout: float) -> Item | None:
     """The newest message on the filter, from the leader."""
     m = await _msg_get(nc, stream, {"last_by_subj": subject_filter}, timeout)

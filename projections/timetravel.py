@@ -10,9 +10,11 @@ retention; the answer says so when the moment lies beyond it.
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime
 from typing import NamedTuple
 
+from ledger import reader
 from ledger.codec import from_ns, to_ns
 from ledger.store import EventStore
 from ledger.subjects import HEARTBEAT_STREAM, LEDGER_STREAM
@@ -65,16 +67,21 @@ async def state_as_of(store: EventStore, db: ProjectionDB | None, *, seq: int | 
     ledger_facts = await stream_facts(store.nc, LEDGER_STREAM, store.settings.request_timeout)
     if seq is not None and seq > ledger_facts.last_seq:
         raise InvalidQuery(f"the {LEDGER_STREAM} stream ends at #{ledger_facts.last_seq}; there is no #{seq}")
+    # Heartbeats are cut at the moment #seq was stored: read it first, so both streams replay at once.
+    if time_ns is not None:
+        cut_ns = time_ns
+    elif seq:
+        cut_ns = await reader.stored_ns(store.nc, LEDGER_STREAM, seq, store.settings.request_timeout) or 0
+    else:
+        cut_ns = 0
     snap = await db.nearest_snapshot(LEDGER_STREAM, seq=seq, stored_ns=time_ns) if db else None
     ledger = snapshots.unpack(snap.data, LifecycleState) if snap else LifecycleState()
-    replayed, anomalies = await _replay_into(store, ledger, LEDGER_STREAM, end_seq=seq, end_time=time)
-    cut_ns = time_ns if time_ns is not None else ledger.stored_ns
-
     hb_snap = await db.nearest_snapshot(HEARTBEAT_STREAM, stored_ns=cut_ns) if db else None
     beats = snapshots.unpack(hb_snap.data, HeartbeatState) if hb_snap else HeartbeatState()
     hb_facts = await stream_facts(store.nc, HEARTBEAT_STREAM, store.settings.request_timeout)
     beats_known = True
     gap = hb_facts.messages and hb_facts.first_seq > beats.seq + 1
+    replays = [_replay_into(store, ledger, LEDGER_STREAM, end_seq=seq, end_time=time)]
     if gap and hb_facts.first_ns > cut_ns:  # the moment lies before the oldest heartbeat still kept
         if beats.seq:
             notes.append(f"heartbeats after {from_ns(beats.stored_ns).isoformat()} up to this moment are no longer "
@@ -84,12 +91,12 @@ async def state_as_of(store: EventStore, db: ProjectionDB | None, *, seq: int | 
             notes.append(f"no heartbeat history is kept for this moment (the heartbeat stream starts at "
                          f"{from_ns(hb_facts.first_ns).isoformat()}): the health of running agents is unknown")
     else:
-        if gap and ledger.agents:
-            notes.append(f"heartbeats stored before {from_ns(hb_facts.first_ns).isoformat()} are no longer kept")
-        n, more = await _replay_into(store, beats, HEARTBEAT_STREAM, end_time=from_ns(cut_ns) if cut_ns else None,
-                                     end_seq=None if cut_ns else 0)
-        replayed += n
-        anomalies += more
+        replays.append(_replay_into(store, beats, HEARTBEAT_STREAM, end_time=from_ns(cut_ns) if cut_ns else None,
+                                    end_seq=None if cut_ns else 0))
+    done = await asyncio.gather(*replays)
+    replayed, anomalies = sum(n for n, _ in done), [a for _, found in done for a in found]
+    if len(replays) == 2 and gap and ledger.agents:
+        notes.append(f"heartbeats stored before {from_ns(hb_facts.first_ns).isoformat()} are no longer kept")
     state = LedgerState(ledger=ledger, heartbeats=beats)
     return Rebuilt(state, anomalies, {LEDGER_STREAM: snap.seq if snap else 0,
                                       HEARTBEAT_STREAM: hb_snap.seq if hb_snap else 0},
