@@ -287,3 +287,13 @@ async def test_replay_from_the_last_message_of_each_subject(store: EventStore, u
     newest = await collect(store.replay([subjects.entity_filter("hb", f"{uid}-a"),
                                          subjects.entity_filter("hb", f"{uid}-b")], last_per_subject=True))
     assert sorted((r.event.agent_id, r.event.beat) for r in newest) == [(f"{uid}-a", 4), (f"{uid}-b", 4)]
+
+
+async def test_stored_time_of_a_sequence_is_the_one_a_replay_sees(store: EventStore, uid: str):
+    from ledger.reader import stored_ns
+
+    seq = await store.append(created(uid))
+    [recorded] = await store.history("session", uid)
+    timeout = store.settings.request_timeout
+    assert await stored_ns(store.nc, subjects.LEDGER_STREAM, seq, timeout) == recorded.timestamp_ns
+    assert await stored_ns(store.nc, subjects.LEDGER_STREAM, seq + 1_000_000, timeout) is None
