@@ -31,7 +31,7 @@ class ProjectionSettings(msgspec.Struct, frozen=True, kw_only=True):
     """While catching up, commit at least this often (seconds)."""
     max_pending: int = 200_000
     """Folded but uncommitted events before the readers wait for the writer (bounds memory)."""
-    snapshot_every: int = 10_000
+    snapshot_every: int = 25_000
     """Take a snapshot of a stream's fold every this many sequences (0: never)."""
     snapshot_recent: int = 8
     """Snapshots kept at full density; older ones thin out (projections.snapshots)."""

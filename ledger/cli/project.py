@@ -29,7 +29,7 @@ def _positions(p: dict[str, int]) -> str:
 @db_option
 @nats_url_option
 @click.option("--snapshot-every", type=click.IntRange(min=0), default=None,
-              help="Snapshot each stream's fold every N sequences, for fast views of the past. [default: 10000]")
+              help="Snapshot each stream's fold every N sequences, for fast views of the past. [default: 25000]")
 @click.option("--quiet", "-q", is_flag=True, help="Print only errors.")
 @async_command
 async def project_command(db: Path, nats_url: str, snapshot_every: int | None, quiet: bool) -> None:
