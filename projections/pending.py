@@ -41,16 +41,14 @@ class Pending:
         else:
             self.anomalies.append(change.anomaly)
 
-    def batch(self, state: LedgerState, plan: snapshots.Plan | None = None, now_ns: int | None = None,
-              until: dict[str, int] | None = None) -> Batch:
-        """Everything to commit for these changes, as of `state` now; `plan` adds any snapshot that is due
-        (`until`: where the streams end while catching up, see `Plan.due`)."""
+    def batch(self, state: LedgerState, plan: snapshots.Plan | None = None, now_ns: int | None = None) -> Batch:
+        """Everything to commit for these changes, as of `state` now; `plan` adds any snapshot that is due."""
         stamp = now_ns if now_ns is not None else time.time_ns()
         ledger, hb = state.ledger, state.heartbeats
         last_dead: dict[tuple[str, str], Unreadable] = {}
         for item in self.dead:
             last_dead[(item.stream, dead_letter_code(item.reason))] = item
-        snaps, drops = plan.due(state, stamp, until) if plan is not None else ([], [])
+        snaps, drops = plan.due(state, stamp) if plan is not None else ([], [])
         return Batch(
             agents={k: ledger.agents[k] for k in self.dirty[AGENT]},
             sessions={k: ledger.sessions[k] for k in self.dirty[SESSION]},

@@ -246,7 +246,7 @@ class Projector:
     async def _flush(self) -> None:
         p, self._pending = self._pending, Pending()
         self._room.set()
-        batch = p.batch(self.state, self._plan, until=None if self.caught_up.is_set() else dict(self.targets))
+        batch = p.batch(self.state, self._plan)
         positions = {s: self.state.position(s) for s in STREAMS}
         # Shielded: a stop during the commit waits for it, so the next commit never meets a half-open transaction.
         inflight = asyncio.ensure_future(self._publish_and_commit(p.dead, batch))

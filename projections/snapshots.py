@@ -56,31 +56,16 @@ class Plan:
         self.recent = recent
         self.taken = {s: sorted((taken or {}).get(s, [])) for s in STREAMS}
 
-    def due(self, state: LedgerState, stamp: int, until: dict[str, int] | None = None,
-            ) -> tuple[list[tuple[Any, ...]], list[tuple[str, int]]]:
-        """(rows of new snapshots, (stream, seq) of snapshots to drop). Data is encoded, not yet compressed.
-
-        `until`: while catching up, where each stream ends. A snapshot that thinning would drop once
-        the projector gets there is not taken at all: only the oldest of each power-of-two bucket of
-        distance from the end, and the `recent` ones near it (encoding a snapshot costs the catch-up).
-        """
+    def due(self, state: LedgerState, stamp: int) -> tuple[list[tuple[Any, ...]], list[tuple[str, int]]]:
+        """(rows of new snapshots, (stream, seq) of snapshots to drop). Data is encoded, not yet compressed."""
         rows, drops = [], []
         for stream in STREAMS:
             part = state.part(stream)
             taken = self.taken[stream]
             if part.seq and due(part.seq, taken[-1] if taken else 0, self.every):
-                if until is not None and self._doomed(part.seq, until.get(stream, 0), taken):
-                    continue
                 rows.append((stream, part.seq, part.stored_ns, stamp, encode(part)))
                 taken.append(part.seq)
                 for seq in to_delete(taken, self.every, self.recent):
                     drops.append((stream, seq))
                     taken.remove(seq)
         return rows, drops
-
-    def _doomed(self, seq: int, end: int, taken: list[int]) -> bool:
-        """Would this snapshot be thinned away by the time the stream's `end` is reached?"""
-        if end - seq <= self.recent * self.every:
-            return False
-        bucket = ((end - seq) // max(self.every, 1)).bit_length()
-        return bool(taken) and ((end - taken[-1]) // max(self.every, 1)).bit_length() == bucket

@@ -113,26 +113,6 @@ def test_snapshot_thinning_keeps_recent_ones_and_a_logarithmic_tail():
     assert taken[0] <= 10_000  # the distant past keeps a foothold
 
 
-@pytest.mark.parametrize("every,recent,end", [(10, 2, 100), (1000, 8, 1_000_000), (1000, 8, 437_000), (7, 3, 5000)])
-def test_a_catch_up_encodes_only_snapshots_that_thinning_would_keep(every: int, recent: int, end: int):
-    def plan_with(until: dict[str, int] | None) -> tuple[list[int], int]:
-        plan, state, encoded = snapshots.Plan(every, recent), LedgerState(), 0
-        for seq in range(every, end + 1, every):  # a commit every `every` events
-            state.ledger.seq = seq
-            rows, _ = plan.due(state, 0, until)
-            encoded += len(rows)
-        return plan.taken["LEDGER"], encoded
-
-    kept_live, _ = plan_with(None)
-    kept, encoded = plan_with({"LEDGER": end, "LEDGER_HB": 0})
-    assert encoded <= len(kept) + 2  # hardly anything encoded only to be dropped again
-    assert kept[-recent:] == kept_live[-recent:] and len(kept) <= len(kept_live)
-    # A view of a moment `age` before the end still replays at most about that much (or `every`).
-    for seq in range(kept[0], end + 1, every):
-        below = max(s for s in kept if s <= seq)
-        assert seq - below <= 1.25 * max(every, end - seq)
-
-
 def test_apply_flags_events_of_superseded_incarnations_without_applying_them():
     state = LedgerState()
     seq = iter(range(1, 100))
