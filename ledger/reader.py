@@ -334,12 +334,8 @@ class Replay:
     # --- asking -----------------------------------------------------------------------------
 
     async def _pull(self, count: int) -> None:
-        body: dict[str, object] = {"batch": count}
-        if self._follow:
-            body.update(expires=int(PULL_EXPIRES * 1e9), idle_heartbeat=int(PULL_HEARTBEAT * 1e9))
-        else:
-            body.update(expires=int(max(self._timeout, PULL_HEARTBEAT * 2) * 1e9),
-                        idle_heartbeat=int(PULL_HEARTBEAT * 1e9))
+        expires = PULL_EXPIRES if self._follow else max(self._timeout, PULL_HEARTBEAT * 2)
+        body = {"batch": count, "expires": int(expires * 1e9), "idle_heartbeat": int(PULL_HEARTBEAT * 1e9)}
         self._outstanding += count
         await self._nc.publish(f"{API_PREFIX}.CONSUMER.MSG.NEXT.{self._stream}.{self._consumer}",
                                _json.encode(body), reply=self._inbox)
@@ -464,9 +460,8 @@ class Replay:
         await self.close_subscription()
         consumer, self._consumer = self._consumer, None
         if consumer and not self._nc.is_closed:
-            with contextlib.suppress(Exception):
-                await tasks.wait_for(self._nc.jsm(timeout=self._timeout).delete_consumer(self._stream, consumer),
-                                       self._timeout)
+            with contextlib.suppress(Exception):  # unused, it goes by itself after inactive_threshold
+                await self._nc.jsm(timeout=self._timeout).delete_consumer(self._stream, consumer)
 
     async def close_subscription(self) -> None:
         if self._sub is not None:
