@@ -14,7 +14,7 @@ import msgspec
 
 from . import subjects
 from .errors import DecodeFailed, InvalidInput
-from .events import BY_TAG, AnyEvent, Event
+from .events import BY_TAG, DECODING, MISSING_ID, MISSING_TIME, AnyEvent, Event
 from .ids import check_token
 
 MSG_ID = "Nats-Msg-Id"
@@ -82,14 +82,25 @@ def subject_of(event: Event) -> str:
 
 
 def encode(event: Event) -> Outgoing:
+    """Subject, headers and payload of `event`; InvalidInput (one line, naming the field) if a reader would refuse it."""
     if type(event).__struct_config__.tag not in BY_TAG:
         raise InvalidInput(f"{type(event).__name__} is not a ledger event type")
     subject = subject_of(event)
-    payload = _encoder.encode(event)
+    try:
+        payload = _encoder.encode(event)
+    except (TypeError, ValueError, OverflowError) as e:  # a value msgspec cannot write at all
+        raise InvalidInput(f"event {event.type_tag()} cannot be encoded: {e}") from None
     if len(payload) > MAX_EVENT_BYTES:
         raise InvalidInput(
             f"event {event.type_tag()} is {len(payload)} bytes; the limit is {MAX_EVENT_BYTES}"
         )
+    # msgspec checks the Meta constraints on decode, never on __init__: read the payload back
+    # exactly as every reader will, so what is appended is always readable (NaN is written as
+    # null, so it is refused here too). Appends are not the hot path; reads decode once.
+    try:
+        decode(payload, subject)
+    except DecodeFailed as e:
+        raise InvalidInput(f"event {event.type_tag()} refused: {_one_line(e.reason)}") from None
     return Outgoing(subject, {MSG_ID: event.event_id}, payload)
 
 
@@ -97,21 +108,49 @@ def encode_payload(event: Event) -> bytes:
     return _encoder.encode(event)
 
 
+REASONS = ("oversized", "malformed", "too-deep", "unknown-type", "invalid", "missing-envelope", "wrong-subject",
+           "undecodable")
+"""Every reason code decode() gives (the first token of a DecodeFailed reason; the dead-letter subject's last)."""
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())[:500]
+
+
+def _refuse(code: str, detail: str, subject: str) -> DecodeFailed:
+    return DecodeFailed(f"{code}: {_one_line(detail)}", subject=subject)
+
+
 def decode(data: bytes, subject: str) -> Event:
-    """Decode one payload stored on `subject`; DecodeFailed says why it is not an event."""
+    """Decode one payload stored on `subject`; DecodeFailed says why it is not an event.
+
+    Total by design: whatever the bytes, the result is an event or DecodeFailed with a
+    code from REASONS, never another exception (a reader that dies on a hostile message
+    would die again on it at every restart).
+    """
     if len(data) > MAX_EVENT_BYTES:
         raise DecodeFailed(f"oversized: {len(data)} bytes > {MAX_EVENT_BYTES}", subject=subject)
+    token = DECODING.set(True)
     try:
         event = _decoder.decode(data)
     except msgspec.ValidationError as e:
         text = str(e)
-        reason = "unknown-type" if "at `$.type`" in text else "invalid"
-        raise DecodeFailed(f"{reason}: {text}", subject=subject) from None
+        raise _refuse("unknown-type" if "at `$.type`" in text else "invalid", text, subject) from None
     except msgspec.DecodeError as e:
-        raise DecodeFailed(f"malformed: {e}", subject=subject) from None
+        raise _refuse("malformed", str(e), subject) from None
+    except RecursionError:
+        raise _refuse("too-deep", "nested deeper than the decoder follows", subject) from None
+    except Exception as e:  # anything else msgspec (or a hook) raises: still a refusal, never a crash
+        raise _refuse("undecodable", f"{type(e).__name__}: {e}", subject) from None
+    finally:
+        DECODING.reset(token)
+    if event.event_id is MISSING_ID or event.time is MISSING_TIME:
+        missing = [name for name, value in (("event_id", event.event_id is MISSING_ID),
+                                            ("time", event.time is MISSING_TIME)) if value]
+        raise _refuse("missing-envelope", f"no {' or '.join(missing)}", subject)
     expected = subject_of_unchecked(event)
     if expected != subject:
-        raise DecodeFailed(f"wrong-subject: payload belongs on {expected}", subject=subject)
+        raise _refuse("wrong-subject", f"payload belongs on {expected}", subject)
     return event
 
 
@@ -136,6 +175,8 @@ def read(stream: str, seq: int, subject: str, timestamp_ns: int, data: bytes) ->
         event = decode(data, subject)
     except DecodeFailed as e:
         return Unreadable(stream, seq, subject, timestamp_ns, data, e.reason)
+    except Exception as e:  # decode() is total; should a bug make it raise, the message still is not lost
+        return Unreadable(stream, seq, subject, timestamp_ns, data, f"undecodable: {type(e).__name__}: {e}")
     return Recorded(stream, seq, subject, timestamp_ns, event)
 
 
