@@ -94,15 +94,18 @@ Seq = Annotated[int, Meta(ge=1, le=MAX_COUNT)]
 Capacity = Annotated[int, Meta(ge=1, le=1_000_000)]
 Time = Annotated[datetime, Meta(tz=True)]
 """Always with a time zone: a naive time cannot be compared with the aware times the folds use."""
-EventId = Annotated[str, Meta(pattern=r"^[!-~]{1,200}\Z")]
+EventId = Annotated[str, Meta(min_length=1, max_length=200)]
 """Printable ASCII without spaces: it is the Nats-Msg-Id header, where a newline would forge headers."""
 Name = Annotated[str, Meta(min_length=1, max_length=256)]
 """A process instance, a state, a resource id: never empty."""
 Text = Annotated[str, Meta(max_length=4096)]
 """A reason, an error, a detail: free text, bounded."""
 Address = Annotated[str, Meta(max_length=1024)]
+Ref = Annotated[str, Meta(min_length=1, max_length=128)]
+"""An id named for the record only, never a subject token: bounded, without the Token pattern (a regex per
+value would cost every decode, and a heartbeat lists every session of its agent)."""
 Labels = Annotated[dict[Annotated[str, Meta(min_length=1, max_length=256)], Text], Meta(max_length=256)]
-Ids = Annotated[tuple[Token, ...], Meta(max_length=100_000)]
+Ids = Annotated[tuple[Ref, ...], Meta(max_length=100_000)]
 
 # While the codec decodes, a missing envelope field must stay visibly missing (a new random id
 # or the reader's clock would make two readings of one log differ). The default factories
@@ -288,7 +291,7 @@ class SessionClaimed(SessionEvent, tag="session.claimed"):
     instance_id: Name
     incarnation: Seq
     reason: Text = "initial"
-    previous_owner: Token | None = None
+    previous_owner: Ref | None = None
     previous_token: Seq | None = None
 
 
@@ -312,7 +315,7 @@ class SessionOrphaned(SessionEvent, tag="session.orphaned"):
     """The owner is gone, dead, superseded or draining; the session awaits a new claim."""
 
     reason: Text
-    previous_owner: Token | None = None
+    previous_owner: Ref | None = None
     previous_incarnation: Seq | None = None
     previous_token: Seq | None = None
     evidence: Evidence = Evidence()

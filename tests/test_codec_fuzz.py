@@ -159,12 +159,11 @@ BAD_EVENTS = [
     (lambda: sample(ev.AgentRegistered, instance_id=""), "instance_id"),
     (lambda: sample(ev.AgentHeartbeat, load=-1), "load"),
     (lambda: sample(ev.AgentHeartbeat, incarnation=0), "incarnation"),
-    (lambda: sample(ev.AgentHeartbeat, sessions=("s-1", "a.b")), "sessions"),
+    (lambda: sample(ev.AgentHeartbeat, sessions=("s-1", "")), "sessions"),
     (lambda: sample(ev.SessionReleased, token=-3), "token"),
     (lambda: sample(ev.SessionClaimed, incarnation=2**64), "incarnation"),
     (lambda: sample(ev.PoolBreakerTripped, threshold=2.0), "threshold"),
     (lambda: sample(ev.SessionCreated, event_id=""), "event_id"),
-    (lambda: sample(ev.SessionCreated, event_id="a\r\nb"), "event_id"),
     (lambda: sample(ev.SessionCreated, producer=ev.Producer(id="cli", instance="")), "producer.instance"),
     (lambda: sample(ev.SessionCreated, pool=7), "pool"),
     (lambda: sample(ev.AgentSuspected, evidence=ev.Evidence(heartbeat_interval=-1.0)), "evidence.heartbeat_interval"),
@@ -182,6 +181,13 @@ def test_the_encoder_refuses_what_the_decoder_would_refuse(make, field: str):
     forged = msgspec.json.encode(event)
     item = _read(forged, codec.subject_of_unchecked(event))
     assert isinstance(item, codec.Unreadable)
+
+
+def test_an_event_id_that_would_forge_headers_is_refused():
+    # Checked by encode only: readers never put the id in a header (dead letters derive their own).
+    for bad in ("a\r\nNats-Expected-Last-Sequence: 0", "with space", "x" * 201):
+        with pytest.raises(InvalidInput, match="event_id"):
+            codec.encode(sample(ev.SessionCreated, event_id=bad))
 
 
 @pytest.mark.parametrize("event", all_samples(), ids=lambda e: e.type_tag())
