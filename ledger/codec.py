@@ -7,6 +7,7 @@ does not match its payload is treated as unreadable, never trusted.
 
 from __future__ import annotations
 
+import math
 import re
 from datetime import datetime, timedelta, timezone
 from typing import NamedTuple
@@ -102,6 +103,9 @@ def encode(event: Event) -> Outgoing:
         raise InvalidInput(
             f"event {event.type_tag()} is {len(payload)} bytes; the limit is {MAX_EVENT_BYTES}"
         )
+    bad = _non_finite(event)
+    if bad:  # msgspec writes NaN and infinity as null: an optional field would silently read back as None
+        raise InvalidInput(f"event {event.type_tag()} refused: {bad} is not a finite number")
     # msgspec checks the Meta constraints on decode, never on __init__: read the payload back
     # exactly as every reader will, so what is appended is always readable (NaN is written as
     # null, so it is refused here too). Appends are not the hot path; reads decode once.
@@ -110,6 +114,18 @@ def encode(event: Event) -> Outgoing:
     except DecodeFailed as e:
         raise InvalidInput(f"event {event.type_tag()} refused: {_one_line(e.reason)}") from None
     return Outgoing(subject, {MSG_ID: event.event_id}, payload)
+
+
+def _non_finite(value: object, path: str = "") -> str | None:
+    """The path of the first NaN or infinite float in an event (its nested structs too), else None."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else path
+    if isinstance(value, msgspec.Struct):
+        for name in value.__struct_fields__:
+            found = _non_finite(getattr(value, name), f"{path}.{name}" if path else name)
+            if found:
+                return found
+    return None
 
 
 def encode_payload(event: Event) -> bytes:

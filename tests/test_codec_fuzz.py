@@ -183,6 +183,18 @@ def test_the_encoder_refuses_what_the_decoder_would_refuse(make, field: str):
     assert isinstance(item, codec.Unreadable)
 
 
+@pytest.mark.parametrize("make,field", [
+    (lambda: sample(ev.SessionCreated, idle_ttl=math.nan), "idle_ttl"),
+    (lambda: sample(ev.AgentFenced, ttl=math.inf), "ttl"),
+    (lambda: sample(ev.AgentSuspected, evidence=ev.Evidence(dead_after=math.nan)), "evidence.dead_after"),
+], ids=["idle_ttl", "ttl", "evidence.dead_after"])
+def test_a_non_finite_optional_float_is_refused_rather_than_read_back_as_none(make, field: str):
+    event = make()
+    assert codec.decode(msgspec.json.encode(event), codec.subject_of(event)) != event  # NaN would come back None
+    with pytest.raises(InvalidInput, match=f"{field} is not a finite number"):
+        codec.encode(event)
+
+
 def test_an_event_id_that_would_forge_headers_is_refused():
     # Checked by encode only: readers never put the id in a header (dead letters derive their own).
     for bad in ("a\r\nNats-Expected-Last-Sequence: 0", "with space", "x" * 201):
