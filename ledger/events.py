@@ -90,7 +90,8 @@ Delay = Annotated[float, Meta(ge=0, le=MAX_SECONDS)]
 Share = Annotated[float, Meta(ge=0, le=1)]
 Count = Annotated[int, Meta(ge=0, le=MAX_COUNT)]
 Seq = Annotated[int, Meta(ge=1, le=MAX_COUNT)]
-"""A stream sequence: an incarnation (its registration) or a claim token."""
+"""A stream sequence: a claim token, a heartbeat's position. Incarnations are Counts: 0 is written by a process
+that fenced itself before its first registration was acknowledged, and a fold flags one that never registered."""
 Capacity = Annotated[int, Meta(ge=1, le=1_000_000)]
 Time = Annotated[datetime, Meta(tz=True)]
 """Always with a time zone: a naive time cannot be compared with the aware times the folds use."""
@@ -201,7 +202,7 @@ class AgentHeartbeat(AgentEvent, tag="agent.heartbeat"):
 
     family: ClassVar[str] = "hb"
     instance_id: Name
-    incarnation: Seq
+    incarnation: Count
     beat: Count
     load: Count = 0
     capacity: Capacity = 1
@@ -211,13 +212,13 @@ class AgentHeartbeat(AgentEvent, tag="agent.heartbeat"):
 class AgentDraining(AgentEvent, tag="agent.draining"):
     """The agent takes no new claims; its sessions are handed off before `deadline`."""
 
-    incarnation: Seq
+    incarnation: Count
     deadline: Time
     reason: Text = ""
 
 
 class AgentDrained(AgentEvent, tag="agent.drained"):
-    incarnation: Seq
+    incarnation: Count
     reason: Text = ""
 
 
@@ -225,18 +226,18 @@ class AgentGoodbye(AgentEvent, tag="agent.goodbye"):
     """The process is leaving on purpose; its sessions are orphaned at once."""
 
     instance_id: Name
-    incarnation: Seq
+    incarnation: Count
     reason: Text = "shutdown"
 
 
 class AgentSuspected(AgentEvent, tag="agent.suspected"):
-    incarnation: Seq
+    incarnation: Count
     reason: Text
     evidence: Evidence = Evidence()
 
 
 class AgentDeclaredDead(AgentEvent, tag="agent.declared_dead"):
-    incarnation: Seq
+    incarnation: Count
     reason: Text
     evidence: Evidence = Evidence()
 
@@ -244,7 +245,7 @@ class AgentDeclaredDead(AgentEvent, tag="agent.declared_dead"):
 class AgentUnreachableReported(AgentEvent, tag="agent.unreachable_reported"):
     """A client failed to reach the agent while using it (the reporter is the producer)."""
 
-    incarnation: Seq | None = None
+    incarnation: Count | None = None
     error: Text = ""
 
 
@@ -256,7 +257,6 @@ class AgentFenced(AgentEvent, tag="agent.fenced"):
     """
 
     incarnation: Count
-    """0 when it fenced itself before its first registration was acknowledged."""
     reason: Text
     fenced_at: Time
     ttl: Seconds | None = None
@@ -289,7 +289,7 @@ class SessionClaimed(SessionEvent, tag="session.claimed"):
 
     agent_id: Token
     instance_id: Name
-    incarnation: Seq
+    incarnation: Count
     reason: Text = "initial"
     previous_owner: Ref | None = None
     previous_token: Seq | None = None
@@ -297,14 +297,14 @@ class SessionClaimed(SessionEvent, tag="session.claimed"):
 
 class SessionReleased(SessionEvent, tag="session.released"):
     agent_id: Token
-    incarnation: Seq
+    incarnation: Count
     token: Seq
     reason: Text = ""
 
 
 class SessionResourceReported(SessionEvent, tag="session.resource_reported"):
     agent_id: Token
-    incarnation: Seq
+    incarnation: Count
     token: Seq
     platform_resource_id: Name
     address: Address | None = None
@@ -316,7 +316,7 @@ class SessionOrphaned(SessionEvent, tag="session.orphaned"):
 
     reason: Text
     previous_owner: Ref | None = None
-    previous_incarnation: Seq | None = None
+    previous_incarnation: Count | None = None
     previous_token: Seq | None = None
     evidence: Evidence = Evidence()
 
