@@ -88,7 +88,7 @@ def subject_of(event: Event) -> str:
 
 
 def encode(event: Event) -> Outgoing:
-    """Subject, headers and payload of `event`; InvalidInput (one line, naming the field) if a reader would refuse it."""
+    """Subject, headers and payload of `event`; InvalidInput (one line, naming the field) if readers would refuse it."""
     if type(event).__struct_config__.tag not in BY_TAG:
         raise InvalidInput(f"{type(event).__name__} is not a ledger event type")
     subject = subject_of(event)
@@ -164,7 +164,7 @@ def decode(data: bytes, subject: str) -> Event:
         raise _refuse("malformed", str(e), subject) from None
     except RecursionError:
         raise _refuse("too-deep", "nested deeper than the decoder follows", subject) from None
-    except Exception as e:  # anything else msgspec (or a hook) raises: still a refusal, never a crash
+    except Exception as e:  # noqa: BLE001 - anything else msgspec raises: still a refusal, never a crash
         raise _refuse("undecodable", f"{type(e).__name__}: {e}", subject) from None
     finally:
         DECODING.reset(token)
@@ -199,7 +199,7 @@ def read(stream: str, seq: int, subject: str, timestamp_ns: int, data: bytes) ->
         event = decode(data, subject)
     except DecodeFailed as e:
         return Unreadable(stream, seq, subject, timestamp_ns, data, e.reason)
-    except Exception as e:  # decode() is total; should a bug make it raise, the message still is not lost
+    except Exception as e:  # noqa: BLE001 - decode() is total; should a bug make it raise, nothing is lost
         return Unreadable(stream, seq, subject, timestamp_ns, data, f"undecodable: {type(e).__name__}: {e}")
     return Recorded(stream, seq, subject, timestamp_ns, event)
 

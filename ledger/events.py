@@ -112,7 +112,7 @@ Ids = Annotated[tuple[Ref, ...], Meta(max_length=100_000)]
 # or the reader's clock would make two readings of one log differ). The default factories
 # return these sentinels then, and `codec.decode` refuses an event that carries one.
 DECODING: ContextVar[bool] = ContextVar("ledger_decoding", default=False)
-MISSING_ID = "".join(["<missing", " event_id>"])  # built at run time: a unique object, compared with `is`
+MISSING_ID = "".join(["<missing", " event_id>"])  # noqa: FLY002 - built at run time: a unique object, compared by `is`
 MISSING_TIME = datetime(1, 1, 1, tzinfo=timezone.utc)
 
 

@@ -305,7 +305,7 @@ class Replay:
             return
         try:
             item = codec.read(info.stream, info.seq, msg.subject, info.timestamp_ns, msg.data)
-        except Exception as e:  # read() is total; if it ever is not, nats-py would swallow this and lose the message
+        except Exception as e:  # noqa: BLE001 - read() is total; if not, nats-py would swallow this and lose it
             log.error("replay of %s: cannot read #%d (%s); reading again from it", self._stream, info.seq, e)
             self._recreate(f"read of #{info.seq} failed")
             return

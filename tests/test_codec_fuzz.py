@@ -11,12 +11,13 @@ import math
 
 import msgspec
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from samples import CLI, all_samples, sample
 
 from ledger import codec
 from ledger import events as ev
 from ledger.errors import DecodeFailed, InvalidInput
-from samples import CLI, all_samples, sample
 
 SAMPLES = [codec.encode(e) for e in all_samples()]
 SUBJECTS = [out.subject for out in SAMPLES] + ["ledger.session.s-1.created.cli", "ledger.hb.a.heartbeat.a", "x"]

@@ -19,12 +19,13 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from nats.js.errors import NotFoundError
-
 from conftest import create_streams, start_binary_server
+from helpers import eventually
+from nats.js.errors import NotFoundError
+from test_cli_entities import ledger_cli, ok, one_line_error
+
 from consumers.liveness_rules import LivenessSettings
 from consumers.service import Consumers
-from helpers import eventually
 from ledger import codec
 from ledger import events as ev
 from ledger.agent import Agent
@@ -36,7 +37,6 @@ from ledger.subjects import DLQ_STREAM, HEARTBEAT_STREAM, LEDGER_STREAM
 from projections.projector import Projector
 from projections.query import Query
 from projections.settings import ProjectionSettings
-from test_cli_entities import ledger_cli, ok, one_line_error
 
 DEPTH = 10_000
 CLI = ev.Producer(id="cli", instance="hostile")
@@ -270,7 +270,7 @@ def test_history_of_an_agent_with_a_deeply_nested_message_prints_no_traceback(se
     env = {**os.environ, "LEDGER_NATS_URL": server.url, "LEDGER_DB": str(tmp_path / "none.sqlite3")}
     for args in ([], ["--json"]):
         result = subprocess.run([sys.executable, "-m", "ledger", "history", "agent", "h1", *args],
-                                capture_output=True, text=True, timeout=60, env=env)
+                                capture_output=True, text=True, timeout=60, env=env, check=False)
         assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
         assert "dead letter" in result.stdout or args, result.stdout
     found = json.loads(result.stdout)
