@@ -91,9 +91,9 @@ def subject_of(event: Event) -> str:
 
 def encode(event: Event) -> Outgoing:
     """Subject, headers and payload of `event`; InvalidInput (one line, naming the field) if readers would refuse it."""
-    if type(event).__struct_config__.tag not in BY_TAG:
+    validator = _validators.get(type(event))
+    if validator is None:
         raise InvalidInput(f"{type(event).__name__} is not a ledger event type")
-    subject = subject_of(event)
     if not isinstance(event.event_id, str) or not _MSG_ID_RE.match(event.event_id):
         raise InvalidInput(f"event {event.type_tag()}: event_id {event.event_id!r} must be 1-200 printable ASCII "
                            "characters without spaces (it is the Nats-Msg-Id header)")
@@ -112,10 +112,12 @@ def encode(event: Event) -> Outgoing:
     # with the same Struct (its type's own decoder: the tag, subject and envelope are right by
     # construction), so what is appended is always readable. About 1.5 us per append.
     try:
-        _validators[type(event)].decode(payload)
+        validator.decode(payload)
     except Exception as e:  # noqa: BLE001 - ValidationError, or anything else: never written
+        subject_of(event)  # a bad id is refused as the SDK always said it ("invalid session id ...")
         raise InvalidInput(f"event {event.type_tag()} refused: {_one_line(str(e))}") from None
-    return Outgoing(subject, {MSG_ID: event.event_id}, payload)
+    # The ids are valid subject tokens now (the Token pattern was just checked): no second regex.
+    return Outgoing(subject_of_unchecked(event), {MSG_ID: event.event_id}, payload)
 
 
 def _float_paths(t: mi.Type, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
