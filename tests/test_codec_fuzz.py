@@ -33,22 +33,29 @@ def nested_arrays(depth: int = DEPTH) -> bytes:
 
 
 def _read(data: bytes, subject: str) -> codec.Recorded | codec.Unreadable:
+    """codec.read gives a Recorded or an Unreadable with a known code; decode agrees, raising only DecodeFailed."""
     item = codec.read("LEDGER", 7, subject, 1, data)
     assert isinstance(item, (codec.Recorded, codec.Unreadable))
     if isinstance(item, codec.Unreadable):
         assert item.reason and codec.reason_code(item.reason) in codec.REASONS, item.reason
         assert item.data == data and item.seq == 7
+        with pytest.raises(DecodeFailed) as refused:
+            codec.decode(data, subject)
+        assert refused.value.reason == item.reason
+    else:
+        assert codec.decode(data, subject) == item.event
     return item
 
 
+FIELD_NAMES = sorted({name for cls in ev.EVENT_TYPES for name in cls.__struct_fields__} | {"type"})
 json_trees = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=12), inner, max_size=5),
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)
+    | st.sampled_from(sorted(ev.BY_TAG)),
+    lambda inner: st.lists(inner, max_size=5)
+    | st.dictionaries(st.text(max_size=12) | st.sampled_from(FIELD_NAMES), inner, max_size=8),
     max_leaves=40,
 )
 """Any JSON value; keys drawn from the event's own field names too, so validation runs deep."""
-
-FIELD_NAMES = sorted({name for cls in ev.EVENT_TYPES for name in cls.__struct_fields__} | {"type"})
 hostile_values = st.one_of(
     st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70), st.floats(allow_nan=False),
     st.text(max_size=30), st.sampled_from(["", "a.b", "*", ">", "2026-13-01T00:00:00Z", "2026-11-01T12:00:00"]),
