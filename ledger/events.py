@@ -17,6 +17,13 @@ payloads in tests/data/events/):
    not enums, so a newer value does not make an old reader fail.
 6. A change of meaning is a new event type (a new tag), or a bump of `v` with
    an upcaster in `ledger.codec`; the fold then handles both versions.
+7. Field constraints (msgspec `Meta`: positive finite durations, non-negative
+   counts, bounded strings) are checked on every decode and by `codec.encode`
+   before an append. A constraint may be loosened, never tightened: a stored
+   payload that broke a new constraint would turn into a dead letter.
+8. `event_id` and `time` have defaults only for events built in Python; a
+   stored payload without them is refused (`missing-envelope`), so two reads
+   of one log always agree.
 """
 
 from __future__ import annotations
