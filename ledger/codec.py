@@ -115,7 +115,7 @@ def encode(event: Event) -> Outgoing:
         validator.decode(payload)
     except Exception as e:  # noqa: BLE001 - ValidationError, or anything else: never written
         subject_of(event)  # a bad id is refused as the SDK always said it ("invalid session id ...")
-        raise InvalidInput(f"event {event.type_tag()} refused: {_one_line(str(e))}") from None
+        raise InvalidInput(f"event {event.type_tag()} refused: {_field_first(_one_line(str(e)))}") from None
     # The ids are valid subject tokens now (the Token pattern was just checked): no second regex.
     return Outgoing(subject_of_unchecked(event), {MSG_ID: event.event_id}, payload)
 
@@ -156,6 +156,15 @@ def encode_payload(event: Event) -> bytes:
 REASONS = ("oversized", "malformed", "too-deep", "unknown-type", "invalid", "missing-envelope", "wrong-subject",
            "undecodable")
 """Every reason code decode() gives (the first token of a DecodeFailed reason; the dead-letter subject's last)."""
+
+
+_AT_FIELD = re.compile(r"^(.*) - at `\$\.?(.*)`$")
+
+
+def _field_first(text: str) -> str:
+    """msgspec's "Expected `int` >= 1, got 0 - at `$.capacity`" -> "capacity: expected `int` >= 1, got 0"."""
+    m = _AT_FIELD.match(text)
+    return f"{m.group(2)}: {m.group(1)[:1].lower()}{m.group(1)[1:]}" if m and m.group(2) else text
 
 
 def _one_line(text: str) -> str:
