@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from typing import Any, TypeVar
 
-from . import decide, lifecycle as lc, subjects
+from . import codec, decide, lifecycle as lc, subjects
 from . import events as ev
 from .codec import Recorded
 from .errors import Conflict, InvalidInput, NotFound
@@ -117,8 +117,7 @@ class Ledger:
         session_id = session_id or f"s-{new_id()[:12]}"
         for value, what in ((session_id, "session id"), (pool, "pool"), (platform, "platform"), (region, "region")):
             check_token(value, what)
-        if idle_ttl is not None and idle_ttl <= 0:
-            raise InvalidInput(f"idle TTL must be positive, got {idle_ttl}")
+        # The idle TTL, like every field, is checked by codec.encode against the event's constraints.
         event = ev.SessionCreated(producer=self.producer, session_id=session_id, pool=pool, platform=platform,
                                   region=region, labels=labels or {}, idle_ttl=idle_ttl)
         try:
@@ -153,16 +152,15 @@ class Ledger:
                            stop_timeout: float = 300.0) -> int:
         check_token(route_id, "route id")
         check_token(session_id, "session id")
-        if start_timeout <= 0 or stop_timeout <= 0:
-            raise InvalidInput("start and stop timeouts must be positive")
+        event = ev.RouteCreated(producer=self.producer, route_id=route_id, session_id=session_id,
+                                endpoint=endpoint, deployment=deployment, probe=probe, start_timeout=start_timeout,
+                                stop_timeout=stop_timeout)
+        codec.encode(event)  # refuses NaN, negative or absurd timeouts and delays before the session is read
         if probe is not None and probe.on_stale not in ("ignore", "deactivate", "terminate"):
             raise InvalidInput(f"probe.on_stale must be ignore, deactivate or terminate, got {probe.on_stale!r}")
         state, _ = await self.session(session_id)
         if state is None:
             raise NotFound(f"session {session_id} does not exist")
-        event = ev.RouteCreated(producer=self.producer, route_id=route_id, session_id=session_id,
-                                endpoint=endpoint, deployment=deployment, probe=probe, start_timeout=start_timeout,
-                                stop_timeout=stop_timeout)
         try:
             return await self.store.append(event, expect=0)
         except Conflict:

@@ -17,15 +17,23 @@ payloads in tests/data/events/):
    not enums, so a newer value does not make an old reader fail.
 6. A change of meaning is a new event type (a new tag), or a bump of `v` with
    an upcaster in `ledger.codec`; the fold then handles both versions.
+7. Field constraints (msgspec `Meta`: positive finite durations, non-negative
+   counts, bounded strings) are checked on every decode and by `codec.encode`
+   before an append. A constraint may be loosened, never tightened: a stored
+   payload that broke a new constraint would turn into a dead letter.
+8. `event_id` and `time` have defaults only for events built in Python; a
+   stored payload without them is refused (`missing-envelope`), so two reads
+   of one log always agree.
 """
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from datetime import datetime, timezone
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import msgspec
-from msgspec import field
+from msgspec import Meta, field
 
 from .ids import Token, new_id
 
@@ -72,25 +80,76 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+# --- what a valid field looks like --------------------------------------------------------
+# Checked by msgspec on every decode, and by `codec.encode` before anything is appended, so
+# the SDK never writes what a reader would refuse. Bounds keep hostile values away from the
+# folds: an interval of 1e300 s would overflow a timedelta, an int above 2**63 SQLite.
+
+MAX_SECONDS = 1e9
+"""About 31 years: the longest interval, timeout or ttl an event may carry."""
+MAX_COUNT = 2**63 - 1
+"""Stream sequences, tokens, incarnations and counters fit a signed 64-bit integer (SQLite's)."""
+
+Seconds = Annotated[float, Meta(gt=0, le=MAX_SECONDS)]
+"""A finite positive duration (NaN and infinity are written as null by msgspec, so they never decode)."""
+Delay = Annotated[float, Meta(ge=0, le=MAX_SECONDS)]
+"""A finite duration that may be zero."""
+Share = Annotated[float, Meta(ge=0, le=1)]
+Count = Annotated[int, Meta(ge=0, le=MAX_COUNT)]
+Seq = Annotated[int, Meta(ge=1, le=MAX_COUNT)]
+"""A stream sequence: a claim token, a heartbeat's position. Incarnations are Counts: 0 is written by a process
+that fenced itself before its first registration was acknowledged, and a fold flags one that never registered."""
+Capacity = Annotated[int, Meta(ge=1, le=1_000_000)]
+Time = Annotated[datetime, Meta(tz=True)]
+"""Always with a time zone: a naive time cannot be compared with the aware times the folds use."""
+EventId = Annotated[str, Meta(min_length=1, max_length=200)]
+"""Printable ASCII without spaces: it is the Nats-Msg-Id header, where a newline would forge headers."""
+Name = Annotated[str, Meta(min_length=1, max_length=256)]
+"""A process instance, a state, a resource id: never empty."""
+Text = Annotated[str, Meta(max_length=4096)]
+"""A reason, an error, a detail: free text, bounded."""
+Address = Annotated[str, Meta(max_length=1024)]
+Ref = Annotated[str, Meta(min_length=1, max_length=128)]
+"""An id named for the record only, never a subject token: bounded, without the Token pattern (a regex per
+value would cost every decode, and a heartbeat lists every session of its agent)."""
+Labels = Annotated[dict[Annotated[str, Meta(min_length=1, max_length=256)], Text], Meta(max_length=256)]
+Ids = Annotated[tuple[Ref, ...], Meta(max_length=100_000)]
+
+# While the codec decodes, a missing envelope field must stay visibly missing (a new random id
+# or the reader's clock would make two readings of one log differ). The default factories
+# return these sentinels then, and `codec.decode` refuses an event that carries one.
+DECODING: ContextVar[bool] = ContextVar("ledger_decoding", default=False)
+MISSING_ID = "".join(["<missing", " event_id>"])  # noqa: FLY002 - built at run time: a unique object, compared by `is`
+MISSING_TIME = datetime(1, 1, 1, tzinfo=timezone.utc)
+
+
+def _event_id() -> str:
+    return MISSING_ID if DECODING.get() else new_id()
+
+
+def _event_time() -> datetime:
+    return MISSING_TIME if DECODING.get() else utcnow()
+
+
 class Producer(msgspec.Struct, frozen=True):
     """Who wrote an event: an agent id or component name, and its process instance."""
 
     id: Token
-    instance: str
+    instance: Name
 
 
 class Evidence(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """What a decision (suspect, dead, orphaned, timed out) was based on."""
 
-    last_heartbeat_at: datetime | None = None
-    last_heartbeat_seq: int | None = None
-    heartbeat_interval: float | None = None
-    suspect_after_missed: int | None = None
-    dead_after: float | None = None
-    reports: int | None = None
-    report_window: float | None = None
-    observed_at: datetime | None = None
-    detail: str = ""
+    last_heartbeat_at: Time | None = None
+    last_heartbeat_seq: Seq | None = None
+    heartbeat_interval: Seconds | None = None
+    suspect_after_missed: Count | None = None
+    dead_after: Seconds | None = None
+    reports: Count | None = None
+    report_window: Seconds | None = None
+    observed_at: Time | None = None
+    detail: Text = ""
 
 
 class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
@@ -99,12 +158,12 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
     family: ClassVar[str]
     """First subject token after `ledger.`: agent, hb, session, route or pool."""
 
-    event_id: str = field(default_factory=new_id)
-    time: datetime = field(default_factory=utcnow)
+    event_id: EventId = field(default_factory=_event_id)
+    time: Time = field(default_factory=_event_time)
     producer: Producer
-    causation_id: str | None = None
-    correlation_id: str | None = None
-    v: int = SCHEMA_VERSION
+    causation_id: Address | None = None
+    correlation_id: Address | None = None
+    v: Annotated[int, Meta(ge=1, le=1_000_000)] = SCHEMA_VERSION
 
     @property
     def entity_id(self) -> str:
@@ -135,66 +194,66 @@ class AgentEvent(Event):
 class AgentRegistered(AgentEvent, tag="agent.registered"):
     """A process of `agent_id` started; its incarnation is this event's stream sequence."""
 
-    instance_id: str
+    instance_id: Name
     pool: Token
     platform: Token = "default"
     region: Token = "default"
-    labels: dict[str, str] = {}
-    capacity: int = 1
-    heartbeat_interval: float = 5.0
-    ttl: float = 30.0
+    labels: Labels = {}
+    capacity: Capacity = 1
+    heartbeat_interval: Seconds = 5.0
+    ttl: Seconds = 30.0
 
 
 class AgentHeartbeat(AgentEvent, tag="agent.heartbeat"):
     """A periodic sign of life, stored with bounded retention in the heartbeat stream."""
 
     family: ClassVar[str] = "hb"
-    instance_id: str
-    incarnation: int
-    beat: int
-    load: int = 0
-    capacity: int = 1
-    sessions: tuple[str, ...] = ()
+    instance_id: Name
+    incarnation: Count
+    beat: Count
+    load: Count = 0
+    capacity: Capacity = 1
+    sessions: Ids = ()
 
 
 class AgentDraining(AgentEvent, tag="agent.draining"):
     """The agent takes no new claims; its sessions are handed off before `deadline`."""
 
-    incarnation: int
-    deadline: datetime
-    reason: str = ""
+    incarnation: Count
+    deadline: Time
+    reason: Text = ""
 
 
 class AgentDrained(AgentEvent, tag="agent.drained"):
-    incarnation: int
-    reason: str = ""
+    incarnation: Count
+    reason: Text = ""
 
 
 class AgentGoodbye(AgentEvent, tag="agent.goodbye"):
     """The process is leaving on purpose; its sessions are orphaned at once."""
 
-    instance_id: str
-    incarnation: int
-    reason: str = "shutdown"
+    instance_id: Name
+    incarnation: Count
+    reason: Text = "shutdown"
 
 
 class AgentSuspected(AgentEvent, tag="agent.suspected"):
-    incarnation: int
-    reason: str
+    incarnation: Count
+    reason: Text
     evidence: Evidence = Evidence()
 
 
 class AgentDeclaredDead(AgentEvent, tag="agent.declared_dead"):
-    incarnation: int
-    reason: str
+    incarnation: Count
+    reason: Text
     evidence: Evidence = Evidence()
 
 
 class AgentUnreachableReported(AgentEvent, tag="agent.unreachable_reported"):
     """A client failed to reach the agent while using it (the reporter is the producer)."""
 
-    incarnation: int | None = None
-    error: str = ""
+    incarnation: Count | None = None
+    error: Text = ""
 
 
 class AgentFenced(AgentEvent, tag="agent.fenced"):
@@ -204,10 +263,10 @@ class AgentFenced(AgentEvent, tag="agent.fenced"):
     just before the agent registers again as a new incarnation.
     """
 
-    incarnation: int
-    reason: str
-    fenced_at: datetime
-    ttl: float | None = None
+    incarnation: Count
+    reason: Text
+    fenced_at: Time
+    ttl: Seconds | None = None
 
 
 # --- sessions -----------------------------------------------------------------
@@ -228,50 +287,50 @@ class SessionCreated(SessionEvent, tag="session.created"):
     pool: Token
     platform: Token = "default"
     region: Token = "default"
-    labels: dict[str, str] = {}
-    idle_ttl: float | None = None
+    labels: Labels = {}
+    idle_ttl: Seconds | None = None
 
 
 class SessionClaimed(SessionEvent, tag="session.claimed"):
     """`agent_id` owns the session from here; this event's sequence is the claim token."""
 
     agent_id: Token
-    instance_id: str
-    incarnation: int
-    reason: str = "initial"
-    previous_owner: str | None = None
-    previous_token: int | None = None
+    instance_id: Name
+    incarnation: Count
+    reason: Text = "initial"
+    previous_owner: Ref | None = None
+    previous_token: Seq | None = None
 
 
 class SessionReleased(SessionEvent, tag="session.released"):
     agent_id: Token
-    incarnation: int
-    token: int
-    reason: str = ""
+    incarnation: Count
+    token: Seq
+    reason: Text = ""
 
 
 class SessionResourceReported(SessionEvent, tag="session.resource_reported"):
     agent_id: Token
-    incarnation: int
-    token: int
-    platform_resource_id: str
-    address: str | None = None
+    incarnation: Count
+    token: Seq
+    platform_resource_id: Name
+    address: Address | None = None
     """host:port where the session serves, once it runs (routes move to WARMING_UP with it)."""
 
 
 class SessionOrphaned(SessionEvent, tag="session.orphaned"):
     """The owner is gone, dead, superseded or draining; the session awaits a new claim."""
 
-    reason: str
-    previous_owner: str | None = None
-    previous_incarnation: int | None = None
-    previous_token: int | None = None
+    reason: Text
+    previous_owner: Ref | None = None
+    previous_incarnation: Count | None = None
+    previous_token: Seq | None = None
     evidence: Evidence = Evidence()
 
 
 class SessionTerminated(SessionEvent, tag="session.terminated"):
-    token: int | None = None
-    reason: str = ""
+    token: Seq | None = None
+    reason: Text = ""
 
 
 # --- routes -------------------------------------------------------------------
@@ -289,40 +348,40 @@ class RouteEvent(Event):
 class Probe(msgspec.Struct, frozen=True, kw_only=True):
     """How a route's health is judged while warming up and running."""
 
-    initial_delay: float = 60.0
-    period: float = 10.0
-    stale_after: float = 30.0
-    on_stale: str = "deactivate"
+    initial_delay: Delay = 60.0
+    period: Seconds = 10.0
+    stale_after: Seconds = 30.0
+    on_stale: Annotated[str, Meta(min_length=1, max_length=64)] = "deactivate"
     """What the watchdog does with a RUNNING route whose health is stale: ignore, deactivate or terminate."""
 
 
 class RouteCreated(RouteEvent, tag="route.created"):
     session_id: Token
-    endpoint: str
-    deployment: str = ""
+    endpoint: Address
+    deployment: Address = ""
     probe: Probe | None = None
-    start_timeout: float = 300.0
-    stop_timeout: float = 300.0
+    start_timeout: Seconds = 300.0
+    stop_timeout: Seconds = 300.0
     """Seconds a TERMINATING route may take before the watchdog ends it."""
 
 
 class RouteTransitioned(RouteEvent, tag="route.transitioned"):
     """A move along the route state machine (`ledger.lifecycle.ROUTE_TRANSITIONS`)."""
 
-    from_state: str
-    to_state: str
-    reason: str = ""
-    token: int | None = None
+    from_state: Name
+    to_state: Name
+    reason: Text = ""
+    token: Seq | None = None
     """The session's claim token when the session's owner writes it."""
-    address: str | None = None
-    traffic: str | None = None
+    address: Address | None = None
+    traffic: Annotated[str, Meta(max_length=64)] | None = None
     """ACTIVE or INACTIVE; RUNNING -> RUNNING with only a traffic change is allowed."""
 
 
 class RouteHealthReported(RouteEvent, tag="route.health_reported"):
     healthy: bool
-    checked_at: datetime
-    detail: str = ""
+    checked_at: Time
+    detail: Text = ""
 
 
 # --- pools -------------------------------------------------------------------
@@ -340,19 +399,19 @@ class PoolEvent(Event):
 class PoolBreakerTripped(PoolEvent, tag="pool.breaker_tripped"):
     """Too many of the pool's agents died together: stop orphaning their sessions."""
 
-    reason: str
-    dead: tuple[str, ...] = ()
+    reason: Text
+    dead: Ids = ()
     """Agents declared dead inside the window, this one included."""
-    agents: int = 0
+    agents: Count = 0
     """Agents of the pool that were alive when the window began."""
-    window: float = 60.0
-    threshold: float = 0.5
+    window: Seconds = 60.0
+    threshold: Share = 0.5
 
 
 class PoolBreakerReset(PoolEvent, tag="pool.breaker_reset"):
     """Orphaning resumes: the pool recovered, or an operator said so."""
 
-    reason: str
+    reason: Text
 
 
 AnyEvent = (

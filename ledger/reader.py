@@ -303,7 +303,13 @@ class Replay:
         ):
             self._finish()
             return
-        self._buf.append(codec.read(info.stream, info.seq, msg.subject, info.timestamp_ns, msg.data))
+        try:
+            item = codec.read(info.stream, info.seq, msg.subject, info.timestamp_ns, msg.data)
+        except Exception as e:  # noqa: BLE001 - read() is total; if not, nats-py would swallow this and lose it
+            log.error("replay of %s: cannot read #%d (%s); reading again from it", self._stream, info.seq, e)
+            self._recreate(f"read of #{info.seq} failed")
+            return
+        self._buf.append(item)
         self.last_seq = info.seq
         self.pending = info.pending
         if (self._end_seq is not None and info.seq >= self._end_seq) or (not self._follow and info.pending == 0):

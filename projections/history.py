@@ -151,5 +151,8 @@ async def entity_history(store: EventStore, kind: str, entity_id: str, *, seq: i
             beat = last.event
             notes.append(f"last heartbeat kept: #{last.seq} at {last.stored_at.isoformat()} "
                          f"(incarnation {beat.incarnation}, beat {beat.beat})")  # type: ignore[attr-defined]
+        elif isinstance(last, Unreadable) and (seq is None and time is None):
+            notes.append(f"newest message on its heartbeat subject, #{last.seq} at {last.stored_at.isoformat()}, "
+                         f"is not a heartbeat (dead letter: {last.reason[:200]})")
     return EntityHistory(kind=kind, id=entity_id, entries=entries,
                          state=msgspec.to_builtins(state) if state is not None else None, notes=notes)
