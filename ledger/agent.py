@@ -380,7 +380,7 @@ class Agent:
         match e:
             case ev.AgentRegistered():
                 self._note_registration(rec.seq)
-                if rec.seq > self.incarnation and e.instance_id != self.instance_id:
+                if lc.superseded_by([(rec.seq, e.instance_id)], self.incarnation, self.instance_id):
                     self._fence(f"superseded by instance {e.instance_id} (incarnation {rec.seq})", superseded=True)
             case ev.AgentDeclaredDead() if e.incarnation == self.incarnation and self.fenced is None:
                 self._fence(f"declared dead by {e.producer.id}: {e.reason}")
@@ -533,11 +533,11 @@ class Agent:
         # lagging replica from answering: one that has not even seen our registration proves nothing.
         items = await self.store.read(subjects.event_subject("agent", self.agent_id, "registered", "*"),
                                       min_last_seq=self.incarnation)
-        newer = [i for i in items if isinstance(i, Recorded) and isinstance(i.event, ev.AgentRegistered)
-                 and i.seq > self.incarnation and i.event.instance_id != self.instance_id]
-        if newer:
-            self._fence(f"superseded by instance {newer[-1].event.instance_id} (incarnation {newer[-1].seq})",
-                        superseded=True)
+        seen = {i.seq: i.event.instance_id for i in items
+                if isinstance(i, Recorded) and isinstance(i.event, ev.AgentRegistered)}
+        newer = lc.superseded_by(seen.items(), self.incarnation, self.instance_id)
+        if newer is not None:
+            self._fence(f"superseded by instance {seen[newer]} (incarnation {newer})", superseded=True)
             self._check_may_act()
 
     async def claim(self, session_id: str, *, reason: str = "initial", previous_token: int | None = None,

@@ -338,6 +338,17 @@ def session_event_problem(state: SessionState | None, rec: Recorded,
     return Anomaly(ILLEGAL_TRANSITION, f"{e.type_tag()} does not apply to a session")
 
 
+def superseded_by(registrations: Iterable[tuple[int, str]], incarnation: int, instance_id: str) -> int | None:
+    """The registration (sequence) that supersedes `incarnation` of process `instance_id`, or None.
+
+    Only a registration with a higher sequence by another process supersedes. A
+    read whose newest registration is lower (a replica that lags behind our own
+    registration) proves nothing: it must never fence a healthy agent.
+    """
+    newer = [seq for seq, instance in registrations if seq > incarnation and instance != instance_id]
+    return max(newer) if newer else None
+
+
 def evolve_session(state: SessionState | None, rec: Recorded,
                    incarnation_at: IncarnationAt | None = None) -> Evolved[SessionState | None]:
     """Next state of one session after one of its events (`session_event_problem` decides whether it applies)."""
