@@ -9,6 +9,8 @@ on (the watch is ordered): never by sleeping.
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 
 import pytest
 from helpers import eventually
@@ -19,6 +21,7 @@ from ledger.agent import Agent
 from ledger.client import Ledger
 from ledger.codec import Recorded
 from ledger.ids import new_id
+from ledger.settings import Settings
 from ledger.store import EventStore
 
 FORGER = ev.Producer(id="mallory", instance="m-1")
@@ -169,3 +172,29 @@ async def test_an_agent_over_capacity_releases_its_newest_extra_session(ledger: 
         for sid in own:
             s, _ = await ledger.session(sid)
             assert (s.status, s.owner) == (lc.S_ASSIGNED, a.agent_id)
+
+
+def spawn_ledger_agent(agent_id: str, pool: str, nats_url: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "ledger", "agent", "--agent-id", agent_id, "--pool", pool,
+                             "--heartbeat", "0.2", "--ttl", "2", "--no-self-claim", "--nats-url", nats_url],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+async def test_a_superseded_ledger_agent_process_exits_and_does_not_claim_a_goodbye(
+        store: EventStore, settings: Settings, uid: str):
+    agent_id = f"{uid}-proc"
+    proc = spawn_ledger_agent(agent_id, f"{uid}-p", settings.nats_url)
+    try:
+        assert proc.stdout is not None
+        first = await asyncio.to_thread(proc.stdout.readline)
+        assert "registered" in first, first + (proc.stderr.read() if proc.stderr else "")
+        ledger = Ledger(store, ev.Producer(id=agent_id, instance=new_id()))
+        async with agent_of(ledger, agent_id):  # a newer process of the same agent
+            out, err = await asyncio.to_thread(proc.communicate, timeout=30)  # it stops by itself
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    assert "goodbye written" not in out.replace("no goodbye written", "") and "no goodbye written" in out
+    assert "superseded" in out
