@@ -47,7 +47,7 @@ import msgspec
 from . import codec, decide, lifecycle as lc, subjects, tasks
 from . import events as ev
 from .client import Ledger
-from .codec import Recorded
+from .codec import Recorded, Unreadable
 from .reader import Replay
 from .errors import CapacityExhausted, Draining, Fenced, InvalidInput, LedgerError, NotFound, Superseded
 from .ids import check_token, new_id
@@ -56,6 +56,9 @@ log = logging.getLogger(__name__)
 
 GOODBYE_TIMEOUT = 5.0
 JUDGE_ATTEMPTS = 5
+PREFETCH_CONCURRENCY = 32
+"""Session histories read at once when the watch's batch holds many claims for us."""
+_MISSING = object()
 """Times the watch re-judges one session event when our own writes to that session land while it reads."""
 
 
@@ -141,6 +144,8 @@ class Agent:
         self.goodbye_seq: int | None = None
         """Sequence of the goodbye this process wrote (None until then, and when it wrote none)."""
         self._side_tasks: set[asyncio.Task[None]] = set()
+        self._prefetched: dict[tuple[str, int], lc.SessionState | None] = {}
+        """(session, sequence) -> the session's state just before that sequence, read ahead for one batch."""
         self._waiting = False
         self._fence_record: ev.AgentFenced | None = None
         self._last_active: dict[str, float] = {}
@@ -365,6 +370,7 @@ class Agent:
                 current[:] = [replay]
                 try:
                     async for batch in replay:
+                        await self._prefetch(batch)
                         for item in batch:
                             if isinstance(item, Recorded):
                                 await self._observe(item)
@@ -420,7 +426,9 @@ class Agent:
             if cached is None:
                 if not self._may_gain(e):
                     return  # a session we do not own: nothing here can make it ours
-                before = await self._session_before(sid, rec.seq)
+                prefetched = self._prefetched.pop((sid, rec.seq), _MISSING)
+                before = (await self._session_before(sid, rec.seq) if prefetched is _MISSING
+                          else prefetched)  # type: ignore[assignment]
             incarnation_at = await self._incarnations_for(e, rec.seq)
             if self._session_seq.get(sid, 0) == known and self._sessions.get(sid) is cached:
                 break
@@ -437,6 +445,22 @@ class Agent:
                             self.agent_id, rec.seq, sid, anomaly.kind, anomaly.detail)
             return
         self._settle(sid, after, e)
+
+    async def _prefetch(self, batch: list[Recorded | Unreadable]) -> None:
+        """Read at once, concurrently, the states the batch's claims for us will be judged on (a reclaimer
+        hands over hundreds of sessions at a time; one read after the other would hold the watch up)."""
+        self._prefetched.clear()
+        wanted: dict[str, int] = {}
+        for item in batch:
+            e = item.event if isinstance(item, Recorded) else None
+            if (isinstance(e, ev.SessionClaimed) and self._may_gain(e) and e.session_id not in self._sessions
+                    and e.session_id not in wanted and item.seq > self._session_seq.get(e.session_id, 0)):
+                wanted[e.session_id] = item.seq
+        keys = list(wanted.items())
+        for i in range(0, len(keys), PREFETCH_CONCURRENCY):
+            chunk = keys[i:i + PREFETCH_CONCURRENCY]
+            states = await asyncio.gather(*(self._session_before(sid, seq) for sid, seq in chunk))
+            self._prefetched.update(zip(chunk, states))
 
     async def _session_before(self, session_id: str, seq: int) -> lc.SessionState | None:
         """The session's state just before `seq`, folded from its history as the projections fold it."""
