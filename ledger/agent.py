@@ -602,9 +602,13 @@ class Agent:
             decide.check_owner(state, session_id, self.ref, token)
             return make(token)
 
+        # A refusal drops the session, so the read must not be stale: from a replica that has at least our
+        # claim and all else we know of the session (Direct Get may lag otherwise). Not the caller's token:
+        # a floor past the stream's end is never met.
+        floor = self._session_seq.get(session_id, 0)
         try:
-            seq, event = await self.ledger.cas(lambda m: self.ledger.session(session_id, min_last_seq=m),
-                                               decide_write)
+            seq, event = await self.ledger.cas(
+                lambda m: self.ledger.session(session_id, min_last_seq=max(m or 0, floor) or None), decide_write)
         except Fenced:
             if held is not None and held.token == token:
                 self.owned.pop(session_id, None)
@@ -645,7 +649,8 @@ class Agent:
         held = self.owned.get(route.session_id)
         if held is None:
             raise NotFound(f"agent {self.agent_id} holds no claim on session {route.session_id} of route {route_id}")
-        state, _ = await self.ledger.session(route.session_id)
+        state, _ = await self.ledger.session(route.session_id,
+                                             min_last_seq=self._session_seq.get(route.session_id) or None)
         decide.check_owner(state, route.session_id, self.ref, held.token)
         return await self.ledger.transition_route(route_id, to_state, reason=reason, token=held.token,
                                                   address=address, traffic=traffic)
