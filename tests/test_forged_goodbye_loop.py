@@ -22,6 +22,11 @@ MAX_CLAIMS = 4
 forgery, and the one for its new incarnation. A loop makes dozens."""
 
 
+def owns(state: lc.SessionState | None, agent_id: str, incarnation: int) -> bool:
+    return state is not None and (state.status, state.owner, state.owner_incarnation) == (
+        lc.S_ASSIGNED, agent_id, incarnation)
+
+
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[EmbeddedServer]:
     s = start_binary_server(tmp_path / "nats")
@@ -43,7 +48,7 @@ async def test_a_forged_goodbye_for_an_agent_alone_in_its_pool_settles(server: E
             if agent is None or agent.status != lc.A_ALIVE or agent.incarnation <= expect_after:
                 return None
             states = [(await ledger.session(sid))[0] for sid in sessions]
-            ok = all(lc.owns(s, "a1", agent.incarnation) for s in states)
+            ok = all(owns(s, "a1", agent.incarnation) for s in states)
             return agent.incarnation if ok else None
 
         first = await eventually(owned_by_current, timeout=20, what="every session claimed by a1")
@@ -56,7 +61,7 @@ async def test_a_forged_goodbye_for_an_agent_alone_in_its_pool_settles(server: E
 
         async def marker_placed() -> bool:
             state, _ = await ledger.session(marker)
-            return lc.owns(state, "a1", second)
+            return owns(state, "a1", second)
 
         await eventually(marker_placed, timeout=20, what="a new session placed with a1")
         # ... and the forgery cost each session only a bounded number of claims, not a loop.
