@@ -18,6 +18,11 @@ position in the log:
   A route transition written under another token is flagged (stale_token).
 
 Without a lookup the check is skipped (a caller that has only one history).
+
+Whether a session event applies is one predicate, `session_event_problem`
+(claims: `claim_problem`, owner writes: `owner_write_problem`): the fold, the
+SDK's decisions (`decide.check_owner`) and an Agent judging what its watch
+delivers all call it, so none of them can act on an event another refuses.
 """
 
 from __future__ import annotations
