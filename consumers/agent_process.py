@@ -118,4 +118,5 @@ async def run(ledger: Ledger, *, agent_id: str, pool: str, platform: str, region
         finally:
             await tasks.stop(running)
         say(f"stopping: saying goodbye (owned {agent.load} session(s))")
-    say("goodbye written; bye")
+    said = "goodbye written" if agent.goodbye_seq is not None else f"no goodbye written ({agent.fenced or 'no ack'})"
+    say(f"{said}; bye")

@@ -18,11 +18,20 @@
   agent has stopped acting before anyone may take its sessions.
 * Goodbye is written exactly once - on leaving the `async with`, on SIGTERM or
   SIGINT (with `handle_signals`), whichever comes first, even when they race.
+* What the agent owns follows the fold: it keeps each owned session's state
+  (`lifecycle.evolve_session`) and judges every session event its watch sees
+  with the projections' own rule, so a forged or inconsistent event that they
+  flag never makes it gain or lose a session. The log saying this incarnation
+  is gone, dead or fenced (when it said no such thing) fences it, and it comes
+  back as a new incarnation; a newer registration by another process stops it
+  for good. Holding more than `capacity` sessions (claims that raced), it
+  releases the newest extra ones.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
 import signal
@@ -35,10 +44,10 @@ from types import TracebackType
 
 import msgspec
 
-from . import decide, lifecycle as lc, subjects, tasks
+from . import codec, decide, lifecycle as lc, subjects, tasks
 from . import events as ev
 from .client import Ledger
-from .codec import Recorded
+from .codec import Recorded, Unreadable
 from .reader import Replay
 from .errors import CapacityExhausted, Draining, Fenced, InvalidInput, LedgerError, NotFound, Superseded
 from .ids import check_token, new_id
@@ -46,6 +55,11 @@ from .ids import check_token, new_id
 log = logging.getLogger(__name__)
 
 GOODBYE_TIMEOUT = 5.0
+JUDGE_ATTEMPTS = 5
+PREFETCH_CONCURRENCY = 32
+"""Session histories read at once when the watch's batch holds many claims for us."""
+_MISSING = object()
+"""Times the watch re-judges one session event when our own writes to that session land while it reads."""
 
 
 class Claim(msgspec.Struct, frozen=True):
@@ -122,7 +136,16 @@ class Agent:
         self._tasks: list[asyncio.Task[None]] = []
         self._pending_registration: tuple[asyncio.Future[int], float] | None = None
         self._session_seq: dict[str, int] = {}
-        """Newest sequence we know of per session we touched, so a lagging watch never undoes our writes."""
+        """Per session we touched: the newest sequence already judged, so a lagging watch never undoes our writes."""
+        self._sessions: dict[str, lc.SessionState] = {}
+        """The folded state of every session we own (the fold our watch extends event by event)."""
+        self._registrations: list[int] = []
+        """Registrations of our agent id since our first incarnation (ours and any newer process's), ascending."""
+        self.goodbye_seq: int | None = None
+        """Sequence of the goodbye this process wrote (None until then, and when it wrote none)."""
+        self._side_tasks: set[asyncio.Task[None]] = set()
+        self._prefetched: dict[tuple[str, int], lc.SessionState | None] = {}
+        """(session, sequence) -> the session's state just before that sequence, read ahead for one batch."""
         self._waiting = False
         self._fence_record: ev.AgentFenced | None = None
         self._last_active: dict[str, float] = {}
@@ -160,7 +183,7 @@ class Agent:
             await asyncio.shield(self.goodbye("shutdown" if self._signalled is None
                                               else f"signal {signal.Signals(self._signalled).name}"))
         finally:
-            await tasks.stop(self._tasks)
+            await tasks.stop([*self._tasks, *self._side_tasks])
             if self._handle_signals:
                 loop = asyncio.get_running_loop()
                 for sig in (signal.SIGTERM, signal.SIGINT):
@@ -207,12 +230,13 @@ class Agent:
             event = ev.AgentGoodbye(producer=self.producer, agent_id=self.agent_id, instance_id=self.instance_id,
                                     incarnation=self.incarnation, reason=reason)
             try:
-                await tasks.wait_for(self.store.append(event), GOODBYE_TIMEOUT)
+                self.goodbye_seq = await tasks.wait_for(self.store.append(event), GOODBYE_TIMEOUT)
                 log.info("%s: goodbye (incarnation %d, %s)", self.agent_id, self.incarnation, reason)
             except (LedgerError, asyncio.TimeoutError) as e:
                 log.warning("%s: goodbye not acknowledged (%s); the liveness monitor will notice",
                             self.agent_id, e or type(e).__name__)
             self.owned.clear()
+            self._sessions.clear()
 
     def _registration(self) -> ev.AgentRegistered:
         return ev.AgentRegistered(
@@ -227,6 +251,7 @@ class Agent:
 
     def _adopt(self, incarnation: int, started: float) -> None:
         self.incarnation = incarnation
+        self._note_registration(incarnation)
         self._lease_from = started
         self.fenced = None
         self.draining = False
@@ -237,6 +262,10 @@ class Agent:
     async def _beat_loop(self) -> None:
         next_beat = time.monotonic()
         while not self._closing:
+            if self.superseded:
+                # Replaced by a newer process: it never beats or registers again, so this task is done
+                # (waking up for a lease that can no longer be renewed would spin).
+                return
             now = time.monotonic()
             if self.fenced is None and now >= next_beat:
                 await self._send_beat()
@@ -272,17 +301,22 @@ class Agent:
         if incarnation == self.incarnation and self.fenced is None:
             self._lease_from = max(self._lease_from, sent)
 
-    def _fence(self, reason: str, *, superseded: bool = False) -> None:
+    def _fence(self, reason: str, *, superseded: bool = False, record: bool = True) -> None:
+        """Stop acting as owner. `record`: write AgentFenced before registering again (not when the log
+        already says why this incarnation is finished, e.g. a goodbye we did not write)."""
         if self.fenced is not None and not superseded:
             return
         self.fenced = reason
-        self.superseded = self.superseded or superseded
-        if not superseded:
+        if superseded and not self.superseded:
+            self.superseded = True
+            self._stopped.set()  # a replaced process stops for good: wait_stopped() returns
+        if not superseded and record:
             self._fence_record = ev.AgentFenced(producer=self.producer, agent_id=self.agent_id,
                                                 incarnation=self.incarnation, reason=reason,
                                                 fenced_at=ev.utcnow(), ttl=self.ttl)
         lost = list(self.owned)
         self.owned.clear()
+        self._sessions.clear()
         log.warning("%s: fenced (incarnation %d): %s; dropped %d session(s)",
                     self.agent_id, self.incarnation, reason, len(lost))
         if self._on_fenced is not None:
@@ -336,50 +370,170 @@ class Agent:
                 current[:] = [replay]
                 try:
                     async for batch in replay:
+                        await self._prefetch(batch)
                         for item in batch:
-                            start = item.seq + 1
                             if isinstance(item, Recorded):
-                                self._observe(item)
+                                await self._observe(item)
+                            start = item.seq + 1  # only once judged: a read that failed is tried again
                 except (LedgerError, asyncio.TimeoutError) as e:
                     log.debug("%s: watch interrupted (%s); resuming at #%d", self.agent_id, e, start)
                     await asyncio.sleep(0.5)
         finally:
             self.store.remove_connection_listener(on_connection)
 
-    def _observe(self, rec: Recorded) -> None:
+    async def _observe(self, rec: Recorded) -> None:
         e = rec.event
         match e:
-            case ev.AgentRegistered() if rec.seq > self.incarnation and e.instance_id != self.instance_id:
-                self._fence(f"superseded by instance {e.instance_id} (incarnation {rec.seq})", superseded=True)
+            case ev.AgentRegistered():
+                self._note_registration(rec.seq)
+                if lc.superseded_by([(rec.seq, e.instance_id)], self.incarnation, self.instance_id):
+                    self._fence(f"superseded by instance {e.instance_id} (incarnation {rec.seq})", superseded=True)
             case ev.AgentDeclaredDead() if e.incarnation == self.incarnation and self.fenced is None:
                 self._fence(f"declared dead by {e.producer.id}: {e.reason}")
-            case ev.SessionClaimed():
-                if rec.seq <= self._session_seq.get(e.session_id, 0):
-                    return  # we already know newer facts about this session
-                self._session_seq[e.session_id] = rec.seq
-                mine = e.agent_id == self.agent_id and e.incarnation == self.incarnation
-                held = self.owned.get(e.session_id)
-                if mine and self.fenced is None:
-                    gained = e.session_id not in self.owned
-                    claim = self.owned[e.session_id] = Claim(e.session_id, rec.seq, e.reason)
-                    self.touch(e.session_id)
-                    if gained and self._on_gained is not None and e.producer.id != self.agent_id:
-                        self._on_gained(claim, e.producer.id)  # the reclaimer gave it to us
-                elif held is not None and not mine and e.previous_token == held.token:
-                    self._lose(e.session_id, f"taken over by {e.agent_id} ({e.reason})")
-            case ev.SessionReleased() | ev.SessionResourceReported():
-                pass
-            case ev.SessionOrphaned() if self._holds(e.session_id, e.previous_token):
-                self._lose(e.session_id, f"orphaned: {e.reason}")
-            case ev.SessionTerminated() if e.session_id in self.owned and e.token in (None, self.owned[e.session_id].token):
-                self._lose(e.session_id, f"terminated: {e.reason}" if e.reason else "terminated")
+            case ev.AgentGoodbye() if e.incarnation == self.incarnation and self.fenced is None \
+                    and not self._said_goodbye:
+                # Not ours (we write ours only once closing): the log says this incarnation is gone, and every
+                # reader acts on that, so stop acting and come back as a new incarnation.
+                self._fence(f"the log says incarnation {e.incarnation} said goodbye ({e.reason}, written by "
+                            f"{e.producer.id}), which this process did not write", record=False)
+            case ev.AgentFenced() if e.incarnation == self.incarnation and self.fenced is None:
+                # Ours is written only while fenced, just before registering again: this one is not.
+                self._fence(f"the log says incarnation {e.incarnation} fenced itself ({e.reason}, written by "
+                            f"{e.producer.id})", record=False)
+            case ev.SessionEvent():
+                await self._observe_session(rec)
 
-    def _holds(self, session_id: str, token: int | None) -> bool:
+    def _note_registration(self, seq: int) -> None:
+        i = bisect.bisect_left(self._registrations, seq)
+        if i == len(self._registrations) or self._registrations[i] != seq:
+            self._registrations.insert(i, seq)
+
+    def _may_gain(self, e: ev.Event) -> bool:
+        return (isinstance(e, ev.SessionClaimed) and e.agent_id == self.agent_id
+                and e.incarnation == self.incarnation and self.fenced is None and not self._closing)
+
+    async def _observe_session(self, rec: Recorded) -> None:
+        """Judge one session event by the fold's rule; gain or lose the session only as the fold does."""
+        e = rec.event
+        assert isinstance(e, ev.SessionEvent)
+        sid = e.session_id
+        for _ in range(JUDGE_ATTEMPTS):
+            known = self._session_seq.get(sid, 0)
+            if rec.seq <= known:
+                return  # judged already (our own write told us, or a restarted watch repeats it)
+            cached = self._sessions.get(sid)
+            before = cached
+            if cached is None:
+                if not self._may_gain(e):
+                    return  # a session we do not own: nothing here can make it ours
+                prefetched = self._prefetched.pop((sid, rec.seq), _MISSING)
+                before = (await self._session_before(sid, rec.seq) if prefetched is _MISSING
+                          else prefetched)  # type: ignore[assignment]
+            incarnation_at = await self._incarnations_for(e, rec.seq)
+            if self._session_seq.get(sid, 0) == known and self._sessions.get(sid) is cached:
+                break
+            # One of our own writes to this session landed while we read: judge on what it taught us.
+        else:
+            log.warning("%s: could not judge #%d on session %s (our own writes kept landing)",
+                        self.agent_id, rec.seq, sid)
+            return
+        after, anomaly = lc.evolve_session(before, rec, incarnation_at)
+        self._session_seq[sid] = rec.seq
+        if anomaly is not None:
+            if cached is not None or self._may_gain(e):
+                log.warning("%s: ignoring #%d on session %s, which the ledger does not apply: %s: %s",
+                            self.agent_id, rec.seq, sid, anomaly.kind, anomaly.detail)
+            return
+        self._settle(sid, after, e)
+
+    async def _prefetch(self, batch: list[Recorded | Unreadable]) -> None:
+        """Read at once, concurrently, the states the batch's claims for us will be judged on (a reclaimer
+        hands over hundreds of sessions at a time; one read after the other would hold the watch up)."""
+        self._prefetched.clear()
+        wanted: dict[str, int] = {}
+        for item in batch:
+            e = item.event if isinstance(item, Recorded) else None
+            if (isinstance(e, ev.SessionClaimed) and self._may_gain(e) and e.session_id not in self._sessions
+                    and e.session_id not in wanted and item.seq > self._session_seq.get(e.session_id, 0)):
+                wanted[e.session_id] = item.seq
+        keys = list(wanted.items())
+        for i in range(0, len(keys), PREFETCH_CONCURRENCY):
+            chunk = keys[i:i + PREFETCH_CONCURRENCY]
+            states = await asyncio.gather(*(self._session_before(sid, seq) for sid, seq in chunk))
+            self._prefetched.update(zip(chunk, states))
+
+    async def _session_before(self, session_id: str, seq: int) -> lc.SessionState | None:
+        """The session's state just before `seq`, folded from its history as the projections fold it."""
+        items = await self.store.history("session", session_id, min_last_seq=seq)  # a replica that has `seq`
+        records = [i for i in items if isinstance(i, Recorded) and i.seq < seq]
+        agents = sorted({r.event.agent_id for r in records
+                         if isinstance(r.event, (ev.SessionClaimed, ev.SessionReleased, ev.SessionResourceReported))})
+        regs = await asyncio.gather(*(self.ledger.registrations(a, min_last_seq=seq) for a in agents))
+        state, _ = lc.fold(lc.evolve_session, records, lc.registrations_lookup(dict(zip(agents, regs))))
+        return state
+
+    async def _incarnations_for(self, e: ev.Event, seq: int) -> lc.IncarnationAt:
+        """incarnation_at for judging `e` at `seq`: our own registrations we know; another agent's are read."""
+        known = {self.agent_id: list(self._registrations)}
+        agent_id = getattr(e, "agent_id", None)
+        if agent_id is not None and agent_id != self.agent_id:
+            known[agent_id] = await self.ledger.registrations(agent_id, min_last_seq=seq)
+        return lc.registrations_lookup(known)
+
+    def _learn(self, session_id: str, before: lc.SessionState | None, seq: int, event: ev.Event) -> None:
+        """Extend a session's fold with our own acknowledged write (decided on `before`, the state it
+        read; the compare-and-set proved nothing came between)."""
+        if seq <= self._session_seq.get(session_id, 0):
+            return  # the watch was faster and judged it already
+        rec = Recorded(subjects.LEDGER_STREAM, seq, codec.subject_of(event), time.time_ns(), event)
+        after, anomaly = lc.evolve_session(before, rec)
+        self._session_seq[session_id] = seq
+        if anomaly is None:
+            self._settle(session_id, after, event)
+
+    def _settle(self, session_id: str, after: lc.SessionState | None, e: ev.Event) -> None:
+        """Own the session exactly when its folded state says this incarnation owns it."""
         held = self.owned.get(session_id)
-        return held is not None and held.token == token
+        if lc.owns(after, self.agent_id, self.incarnation) and self.fenced is None:
+            assert after is not None and after.token is not None
+            self._sessions[session_id] = after
+            if held is not None and held.token == after.token:
+                return
+            claim = self.owned[session_id] = Claim(session_id, after.token, after.claim_reason or "")
+            if held is None:
+                self.touch(session_id)
+                if self._on_gained is not None and e.producer.id != self.agent_id:
+                    self._on_gained(claim, e.producer.id)  # a reclaimer gave it to us
+                self._shed_excess()
+            return
+        self._sessions.pop(session_id, None)
+        if held is not None:
+            self._lose(session_id, _why_lost(e))
+
+    def _shed_excess(self) -> None:
+        """Over capacity (claims that raced each other): release the newest extra sessions."""
+        extra = decide.excess_sessions({sid: c.token for sid, c in self.owned.items()}, self.capacity)
+        for sid in extra:
+            if sid in self._releasing:
+                continue
+            self._releasing.add(sid)  # busy() refuses it from here on: no work starts on it
+            reason = f"over capacity: owned {self.load} of {self.capacity} session(s)"
+            task = asyncio.get_running_loop().create_task(self._release_excess(sid, reason),
+                                                          name=f"agent-{self.agent_id}-shed-{sid}")
+            self._side_tasks.add(task)
+            task.add_done_callback(self._side_tasks.discard)
+
+    async def _release_excess(self, session_id: str, reason: str) -> None:
+        try:
+            await self.release(session_id, reason=reason)
+            log.info("%s: released %s: %s", self.agent_id, session_id, reason)
+        except LedgerError as e:
+            log.info("%s: release of extra session %s not written: %s", self.agent_id, session_id, e)
+        finally:
+            self._releasing.discard(session_id)
 
     def _lose(self, session_id: str, why: str) -> None:
-        for bookkeeping in (self._last_active, self._in_flight, self._idle_ttl):
+        for bookkeeping in (self._last_active, self._in_flight, self._idle_ttl, self._sessions):
             bookkeeping.pop(session_id, None)
         if self.owned.pop(session_id, None) is not None:
             log.info("%s: lost session %s: %s", self.agent_id, session_id, why)
@@ -399,9 +553,15 @@ class Agent:
             raise Fenced(f"agent {self.agent_id} is shutting down")
 
     async def _check_current_incarnation(self) -> None:
-        regs = await self.ledger.registrations(self.agent_id)
-        if regs and regs[-1] != self.incarnation:
-            self._fence(f"superseded by incarnation {regs[-1]}", superseded=True)
+        # Only a later registration by another process supersedes us. The floor (our own incarnation) keeps a
+        # lagging replica from answering: one that has not even seen our registration proves nothing.
+        items = await self.store.read(subjects.event_subject("agent", self.agent_id, "registered", "*"),
+                                      min_last_seq=self.incarnation)
+        seen = {i.seq: i.event.instance_id for i in items
+                if isinstance(i, Recorded) and isinstance(i.event, ev.AgentRegistered)}
+        newer = lc.superseded_by(seen.items(), self.incarnation, self.instance_id)
+        if newer is not None:
+            self._fence(f"superseded by instance {seen[newer]} (incarnation {newer})", superseded=True)
             self._check_may_act()
 
     async def claim(self, session_id: str, *, reason: str = "initial", previous_token: int | None = None,
@@ -420,14 +580,13 @@ class Agent:
             return decide.decide_claim(state, session_id, self.ref, producer=self.producer, reason=reason,
                                        previous_token=previous_token, causation_id=causation_id)
 
-        token, _ = await self.ledger.cas(lambda m: self.ledger.session(session_id, min_last_seq=m), decide_claim)
+        token, event = await self.ledger.cas(lambda m: self.ledger.session(session_id, min_last_seq=m),
+                                             decide_claim)
         self._check_may_act()  # fenced while the claim was in flight: it is not ours to act on
         self._idle_ttl[session_id] = seen[-1].idle_ttl if seen and seen[-1] else None
         self.touch(session_id)
-        claim = Claim(session_id, token, reason)
-        self.owned[session_id] = claim
-        self._session_seq[session_id] = max(token, self._session_seq.get(session_id, 0))
-        return claim
+        self._learn(session_id, seen[-1], token, event)
+        return self.owned.get(session_id) or Claim(session_id, token, reason)
 
     async def _owner_write(self, session_id: str, make: Callable[[int], ev.Event], token: int | None) -> int:
         self._check_may_act()
@@ -436,16 +595,26 @@ class Agent:
         if token is None:
             raise NotFound(f"agent {self.agent_id} holds no claim on session {session_id}")
 
+        seen: list[lc.SessionState | None] = []
+
         def decide_write(state: lc.SessionState | None) -> ev.Event:
+            seen.append(state)
             decide.check_owner(state, session_id, self.ref, token)
             return make(token)
 
+        # A refusal drops the session, so the read must not be stale: from a replica that has at least our
+        # claim and all else we know of the session (Direct Get may lag otherwise). Not the caller's token:
+        # a floor past the stream's end is never met.
+        floor = self._session_seq.get(session_id, 0)
         try:
-            seq, _ = await self.ledger.cas(lambda m: self.ledger.session(session_id, min_last_seq=m), decide_write)
+            seq, event = await self.ledger.cas(
+                lambda m: self.ledger.session(session_id, min_last_seq=max(m or 0, floor) or None), decide_write)
         except Fenced:
-            self.owned.pop(session_id, None)
+            if held is not None and held.token == token:
+                self.owned.pop(session_id, None)
+                self._sessions.pop(session_id, None)
             raise
-        self._session_seq[session_id] = max(seq, self._session_seq.get(session_id, 0))
+        self._learn(session_id, seen[-1], seq, event)
         return seq
 
     async def release(self, session_id: str, *, reason: str = "", token: int | None = None) -> int:
@@ -480,7 +649,8 @@ class Agent:
         held = self.owned.get(route.session_id)
         if held is None:
             raise NotFound(f"agent {self.agent_id} holds no claim on session {route.session_id} of route {route_id}")
-        state, _ = await self.ledger.session(route.session_id)
+        state, _ = await self.ledger.session(route.session_id,
+                                             min_last_seq=self._session_seq.get(route.session_id) or None)
         decide.check_owner(state, route.session_id, self.ref, held.token)
         return await self.ledger.transition_route(route_id, to_state, reason=reason, token=held.token,
                                                   address=address, traffic=traffic)
@@ -556,3 +726,16 @@ class Agent:
         finally:
             self._releasing.discard(session_id)
         return True
+
+
+def _why_lost(e: ev.Event) -> str:
+    match e:
+        case ev.SessionClaimed():
+            return f"taken over by {e.agent_id} ({e.reason})"
+        case ev.SessionOrphaned():
+            return f"orphaned: {e.reason}"
+        case ev.SessionTerminated():
+            return f"terminated: {e.reason}" if e.reason else "terminated"
+        case ev.SessionReleased():
+            return "released"
+    return e.type_tag()

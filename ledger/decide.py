@@ -56,17 +56,34 @@ def decide_claim(state: lc.SessionState | None, session_id: str, who: AgentRef, 
     )
 
 
-def check_owner(state: lc.SessionState | None, session_id: str, who: AgentRef, token: int) -> None:
-    """Refuse an owner write unless `who` holds the session under `token` right now."""
+def check_owner(state: lc.SessionState | None, session_id: str, who: AgentRef, token: int,
+                current: lc.CurrentIncarnation | None = None) -> None:
+    """Refuse an owner write unless `who` holds the session under `token` right now.
+
+    The rule is `lifecycle.owner_write_problem`, the one the fold applies to the
+    written event, so a write this lets through is never flagged. Without
+    `current` the writer vouches for being its agent's current incarnation.
+    """
+    problem = lc.owner_write_problem(state, who.agent_id, who.incarnation, token, current)
+    if problem is None:
+        return
     if state is None:
         raise NotFound(f"session {session_id} does not exist")
-    if state.status != lc.S_ASSIGNED or state.token != token or state.owner != who.agent_id:
-        raise StaleToken(session_id, token, state.token, state.owner)
-    if state.owner_incarnation != who.incarnation:
-        raise Superseded(
-            f"session {session_id} is held by incarnation {state.owner_incarnation} of {who.agent_id}, "
-            f"not {who.incarnation}"
-        )
+    if problem.kind in (lc.SUPERSEDED_INCARNATION, lc.UNKNOWN_ENTITY):
+        raise Superseded(f"session {session_id}: {problem.detail}")
+    raise StaleToken(session_id, token, state.token, state.owner)
+
+
+def excess_sessions(tokens: dict[str, int], capacity: int) -> list[str]:
+    """Which sessions an agent holding more than `capacity` gives up: its newest claims (highest tokens).
+
+    The newest are the ones least likely to have started work; the same holdings
+    always give the same answer, so repeated checks name the same sessions.
+    """
+    extra = len(tokens) - capacity
+    if extra <= 0:
+        return []
+    return sorted(tokens, key=lambda sid: (tokens[sid], sid), reverse=True)[:extra]
 
 
 def decide_transition(state: lc.RouteState | None, route_id: str, to_state: str) -> None:

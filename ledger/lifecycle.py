@@ -18,6 +18,11 @@ position in the log:
   A route transition written under another token is flagged (stale_token).
 
 Without a lookup the check is skipped (a caller that has only one history).
+
+Whether a session event applies is one predicate, `session_event_problem`
+(claims: `claim_problem`, owner writes: `owner_write_problem`): the fold, the
+SDK's decisions (`decide.check_owner`) and an Agent judging what its watch
+delivers all call it, so none of them can act on an event another refuses.
 """
 
 from __future__ import annotations
@@ -234,72 +239,161 @@ def evolve_agent(state: AgentState | None, rec: Recorded) -> Evolved[AgentState 
     return state, Anomaly(ILLEGAL_TRANSITION, f"{e.type_tag()} while agent is {status}")
 
 
+def incarnation_problem(what: str, agent_id: str, incarnation: int, current: int | None) -> Anomaly | None:
+    """Why `incarnation` of `agent_id` may not act, given its current one (None: it never registered)."""
+    if current is None:
+        return Anomaly(UNKNOWN_ENTITY, f"{what} by unregistered agent {agent_id}")
+    if current != incarnation:
+        return Anomaly(SUPERSEDED_INCARNATION, f"{what} by {agent_id} incarnation {incarnation}; current is {current}")
+    return None
+
+
+CurrentIncarnation = Callable[[str], "int | None"]
+"""agent id -> its current incarnation at the moment in question (None if it never registered)."""
+
+
+def claim_problem(state: SessionState | None, agent_id: str, incarnation: int, previous_token: int | None,
+                  current: CurrentIncarnation | None = None) -> Anomaly | None:
+    """Why a claim of the session in `state` for `agent_id`/`incarnation` must not apply (None: it applies).
+
+    Without `current` the registration check is skipped (the caller vouches for the incarnation).
+    """
+    if current is not None:
+        problem = incarnation_problem("session.claimed", agent_id, incarnation, current(agent_id))
+        if problem:
+            return problem
+    if state is None:
+        return Anomaly(UNKNOWN_ENTITY, "session.claimed for an unknown session")
+    if state.status == S_TERMINATED:
+        return Anomaly(AFTER_FINAL, "session.claimed after the session was terminated")
+    if state.status == S_ASSIGNED and previous_token != state.token:
+        return Anomaly(OVERLAPPING_CLAIM,
+                       f"{agent_id} claimed while {state.owner} owns it under token {state.token} "
+                       f"(claim names previous token {previous_token})")
+    return None
+
+
+def owner_write_problem(state: SessionState | None, agent_id: str, incarnation: int, token: int | None,
+                        current: CurrentIncarnation | None = None, what: str = "owner write") -> Anomaly | None:
+    """Why an owner write (release, resource report) by `agent_id`/`incarnation` under `token` must not apply.
+
+    The one rule for both sides: the fold flags such a write, and `decide.check_owner`
+    refuses it before it is written. The write must carry the session's current
+    token, come from its owner, and from the very incarnation that claimed it (a
+    new incarnation of the same agent does not inherit its predecessor's claims).
+    With `current`, the writer must also still be the agent's current incarnation.
+    """
+    if current is not None:
+        problem = incarnation_problem(what, agent_id, incarnation, current(agent_id))
+        if problem:
+            return problem
+    if state is None:
+        return Anomaly(UNKNOWN_ENTITY, f"{what} for an unknown session")
+    if state.status == S_TERMINATED:
+        return Anomaly(AFTER_FINAL, f"{what} after the session was terminated")
+    if state.status != S_ASSIGNED or token != state.token:
+        return Anomaly(STALE_TOKEN, f"write under token {token}; current is {state.token} ({state.status})")
+    if agent_id != state.owner:
+        return Anomaly(STALE_TOKEN, f"write by {agent_id} under token {token}, which belongs to {state.owner}")
+    if incarnation != state.owner_incarnation:
+        # An older incarnation is a zombie; a newer one carries a token of its predecessor's.
+        kind = SUPERSEDED_INCARNATION if incarnation < (state.owner_incarnation or 0) else STALE_TOKEN
+        return Anomaly(kind, f"write by {agent_id} incarnation {incarnation} under token {token}, "
+                             f"which incarnation {state.owner_incarnation} holds")
+    return None
+
+
+def session_event_problem(state: SessionState | None, rec: Recorded,
+                          incarnation_at: IncarnationAt | None = None) -> Anomaly | None:
+    """Why this stored session event must not change `state` (None when it applies).
+
+    The one rule: `evolve_session` applies exactly the events this accepts, and an
+    Agent judges what its watch delivers with it, so an agent never gains or loses
+    a session on an event the projections flag.
+    """
+    e, seq = rec.event, rec.seq
+    current: CurrentIncarnation | None = None
+    if incarnation_at is not None:
+        def current(agent_id: str) -> int | None:
+            return incarnation_at(agent_id, seq)
+    match e:
+        case ev.SessionCreated():
+            if state is not None:
+                return Anomaly(DUPLICATE, f"session {e.session_id} was already created at #{state.last_seq}")
+            return None
+        case ev.SessionClaimed():
+            return claim_problem(state, e.agent_id, e.incarnation, e.previous_token, current)
+        case ev.SessionReleased() | ev.SessionResourceReported():
+            return owner_write_problem(state, e.agent_id, e.incarnation, e.token, current, e.type_tag())
+    if state is None:
+        return Anomaly(UNKNOWN_ENTITY, f"{e.type_tag()} for unknown session {e.entity_id}")
+    if state.status == S_TERMINATED:
+        return Anomaly(AFTER_FINAL, f"{e.type_tag()} after the session was terminated")
+    match e:
+        case ev.SessionOrphaned():
+            if state.status != S_ASSIGNED:
+                return Anomaly(ILLEGAL_TRANSITION, f"session.orphaned while session is {state.status}")
+            if e.previous_token != state.token:
+                return Anomaly(STALE_TOKEN, f"orphaned under token {e.previous_token}; current is {state.token}")
+            return None
+        case ev.SessionTerminated():
+            if e.token is not None and e.token != state.token:
+                return Anomaly(STALE_TOKEN, f"terminated under token {e.token}; current is {state.token}")
+            return None
+    return Anomaly(ILLEGAL_TRANSITION, f"{e.type_tag()} does not apply to a session")
+
+
+def superseded_by(registrations: Iterable[tuple[int, str]], incarnation: int, instance_id: str) -> int | None:
+    """The registration (sequence) that supersedes `incarnation` of process `instance_id`, or None.
+
+    Only a registration with a higher sequence by another process supersedes. A
+    read whose newest registration is lower (a replica that lags behind our own
+    registration) proves nothing: it must never fence a healthy agent.
+    """
+    newer = [seq for seq, instance in registrations if seq > incarnation and instance != instance_id]
+    return max(newer) if newer else None
+
+
 def evolve_session(state: SessionState | None, rec: Recorded,
                    incarnation_at: IncarnationAt | None = None) -> Evolved[SessionState | None]:
-    """Next state of one session after one of its events."""
+    """Next state of one session after one of its events (`session_event_problem` decides whether it applies)."""
+    problem = session_event_problem(state, rec, incarnation_at)
+    if problem is not None:
+        return state, problem
     e, seq, at = rec.event, rec.seq, rec.event.time
-    if incarnation_at is not None and isinstance(e, (ev.SessionClaimed, ev.SessionReleased,
-                                                     ev.SessionResourceReported)):
-        current = incarnation_at(e.agent_id, seq)
-        if current is None:
-            return state, Anomaly(UNKNOWN_ENTITY, f"{e.type_tag()} by unregistered agent {e.agent_id}")
-        if current != e.incarnation:
-            return state, Anomaly(SUPERSEDED_INCARNATION,
-                                  f"{e.type_tag()} by {e.agent_id} incarnation {e.incarnation}; current is {current}")
     if isinstance(e, ev.SessionCreated):
-        if state is not None:
-            return state, Anomaly(DUPLICATE, f"session {e.session_id} was already created at #{state.last_seq}")
         return SessionState(session_id=e.session_id, pool=e.pool, platform=e.platform, region=e.region,
                             labels=e.labels, idle_ttl=e.idle_ttl, status=S_PENDING, created_at=at,
                             status_since=at, cause_id=e.event_id, last_seq=seq), None
-    if state is None:
-        return state, Anomaly(UNKNOWN_ENTITY, f"{e.type_tag()} for unknown session {e.entity_id}")
-    if state.status == S_TERMINATED:
-        return state, Anomaly(AFTER_FINAL, f"{e.type_tag()} after the session was terminated")
+    assert state is not None  # session_event_problem refuses anything else for an unknown session
     match e:
         case ev.SessionClaimed():
-            if state.status == S_ASSIGNED and e.previous_token != state.token:
-                return state, Anomaly(
-                    OVERLAPPING_CLAIM,
-                    f"{e.agent_id} claimed while {state.owner} owns it under token {state.token} "
-                    f"(claim names previous token {e.previous_token})")
             return _replace(state, status=S_ASSIGNED, owner=e.agent_id, owner_instance=e.instance_id,
                             owner_incarnation=e.incarnation, token=seq, claim_reason=e.reason,
                             claims=state.claims + 1, reason=None, status_since=at, last_owner_write_at=at,
                             platform_resource_id=None, address=None, cause_id=e.event_id, last_seq=seq), None
-        case ev.SessionReleased() | ev.SessionResourceReported():
-            problem = _owner_write_problem(state, e.agent_id, e.token)
-            if problem:
-                return state, problem
-            if isinstance(e, ev.SessionReleased):
-                return _replace(state, status=S_RELEASED, owner=None, owner_instance=None, owner_incarnation=None,
-                                token=None, reason=e.reason or "released", status_since=at, cause_id=e.event_id,
-                                last_seq=seq), None
+        case ev.SessionReleased():
+            return _replace(state, status=S_RELEASED, owner=None, owner_instance=None, owner_incarnation=None,
+                            token=None, reason=e.reason or "released", status_since=at, cause_id=e.event_id,
+                            last_seq=seq), None
+        case ev.SessionResourceReported():
             return _replace(state, platform_resource_id=e.platform_resource_id,
                             address=e.address if e.address is not None else state.address,
                             last_owner_write_at=at, last_seq=seq), None
         case ev.SessionOrphaned():
-            if state.status != S_ASSIGNED:
-                return state, Anomaly(ILLEGAL_TRANSITION, f"session.orphaned while session is {state.status}")
-            if e.previous_token != state.token:
-                return state, Anomaly(STALE_TOKEN, f"orphaned under token {e.previous_token}; current is {state.token}")
             return _replace(state, status=S_ORPHANED, owner=None, owner_instance=None, owner_incarnation=None,
                             token=None, reason=e.reason, status_since=at, cause_id=e.event_id, last_seq=seq), None
         case ev.SessionTerminated():
-            if e.token is not None and e.token != state.token:
-                return state, Anomaly(STALE_TOKEN, f"terminated under token {e.token}; current is {state.token}")
             return _replace(state, status=S_TERMINATED, owner=None, owner_instance=None, owner_incarnation=None,
                             token=None, reason=e.reason or "terminated", status_since=at, cause_id=e.event_id,
                             last_seq=seq), None
     return state, Anomaly(ILLEGAL_TRANSITION, f"{e.type_tag()} does not apply to a session")
 
 
-def _owner_write_problem(state: SessionState, agent_id: str, token: int) -> Anomaly | None:
-    if state.status != S_ASSIGNED or token != state.token:
-        return Anomaly(STALE_TOKEN, f"write under token {token}; current is {state.token} ({state.status})")
-    if agent_id != state.owner:
-        return Anomaly(STALE_TOKEN, f"write by {agent_id} under token {token}, which belongs to {state.owner}")
-    return None
+def owns(state: SessionState | None, agent_id: str, incarnation: int) -> bool:
+    """Whether this incarnation of the agent owns the session in `state`."""
+    return (state is not None and state.status == S_ASSIGNED and state.owner == agent_id
+            and state.owner_incarnation == incarnation)
 
 
 def evolve_route(state: RouteState | None, rec: Recorded,

@@ -1,0 +1,200 @@
+"""An agent judges what its watch delivers by the fold's rule: forged or inconsistent events never make it
+gain, lose, loop or spin (issue 9, section 2). Real nats-server; forgeries are appended raw, as a hostile
+client would.
+
+"The watch has judged event X" is observed through a later, legitimate event that the agent visibly acts
+on (the watch is ordered): never by sleeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+
+import pytest
+from helpers import eventually
+
+from ledger import events as ev
+from ledger import lifecycle as lc
+from ledger.agent import Agent
+from ledger.client import Ledger
+from ledger.codec import Recorded
+from ledger.ids import new_id
+from ledger.settings import Settings
+from ledger.store import EventStore
+
+FORGER = ev.Producer(id="mallory", instance="m-1")
+
+
+@pytest.fixture
+async def ledger(store: EventStore) -> Ledger:
+    return Ledger(store, ev.Producer(id="test", instance=new_id()))
+
+
+def agent_of(ledger: Ledger, agent_id: str, **kw: object) -> Agent:
+    options = {"pool": "p", "heartbeat": 0.1, "ttl": 2.0, "capacity": 4, **kw}
+    return Agent(ledger, agent_id=agent_id, **options)  # type: ignore[arg-type]
+
+
+async def given_by_a_reclaimer(ledger: Ledger, agent: Agent, session_id: str) -> None:
+    """A legitimate claim for `agent` written by someone else; returns once the agent runs it."""
+    await ledger.create_session("p", session_id=session_id)
+    await ledger.claim_session(session_id, agent.ref, reason="failover")
+    await eventually(lambda: session_id in agent.owned, what=f"{agent.agent_id} gaining {session_id}")
+
+
+async def test_a_forged_overlapping_claim_does_not_make_a_second_owner(ledger: Ledger, uid: str):
+    s1, _ = await ledger.create_session("p", session_id=f"{uid}-s1")
+    async with agent_of(ledger, f"{uid}-a1") as a1, agent_of(ledger, f"{uid}-a2") as a2:
+        held = await a1.claim(s1)
+        forged = await ledger.store.append(ev.SessionClaimed(
+            producer=FORGER, session_id=s1, agent_id=a2.agent_id, instance_id=a2.instance_id,
+            incarnation=a2.incarnation, reason="failover", previous_token=held.token - 1))
+        await given_by_a_reclaimer(ledger, a2, f"{uid}-m2")  # a2's watch is past the forgery
+        await given_by_a_reclaimer(ledger, a1, f"{uid}-m1")  # and a1's
+        state, _ = await ledger.session(s1)
+        assert (state.owner, state.token) == (a1.agent_id, held.token)  # the fold refuses the forgery
+        assert s1 not in a2.owned, f"a2 runs {s1} on the forged claim #{forged}"
+        assert a1.owned[s1] == held
+
+
+async def test_a_forged_claim_for_an_unregistered_agent_does_not_strand_the_session(ledger: Ledger, uid: str):
+    s2, _ = await ledger.create_session("p", session_id=f"{uid}-s2")
+    lost: list[tuple[str, str]] = []
+    async with agent_of(ledger, f"{uid}-a1", on_lost=lambda sid, why: lost.append((sid, why))) as a1:
+        held = await a1.claim(s2)
+        await ledger.store.append(ev.SessionClaimed(
+            producer=FORGER, session_id=s2, agent_id=f"{uid}-ghost", instance_id="g", incarnation=1,
+            reason="failover", previous_owner=a1.agent_id, previous_token=held.token))
+        await given_by_a_reclaimer(ledger, a1, f"{uid}-m1")
+        state, _ = await ledger.session(s2)
+        assert (state.status, state.owner) == (lc.S_ASSIGNED, a1.agent_id)
+        assert a1.owned.get(s2) == held and lost == []
+        # It is still the owner in every sense: its owner writes go through.
+        await a1.report_resource(s2, "pod/still-here")
+        state, _ = await ledger.session(s2)
+        assert state.platform_resource_id == "pod/still-here"
+
+
+async def test_a_forged_orphaning_under_a_stale_token_changes_nothing_and_a_real_one_does(ledger: Ledger, uid: str):
+    sid, _ = await ledger.create_session("p", session_id=f"{uid}-s")
+    async with agent_of(ledger, f"{uid}-a1") as a1:
+        held = await a1.claim(sid)
+        await ledger.store.append(ev.SessionOrphaned(producer=FORGER, session_id=sid, reason="owner_dead",
+                                                     previous_token=held.token + 1000))
+        await given_by_a_reclaimer(ledger, a1, f"{uid}-m1")
+        assert a1.owned.get(sid) == held
+        await ledger.store.append(ev.SessionOrphaned(producer=FORGER, session_id=sid, reason="owner_dead",
+                                                     previous_owner=a1.agent_id, previous_token=held.token))
+        await eventually(lambda: sid not in a1.owned, what="the agent dropping a session the fold orphaned")
+
+
+async def test_a_forged_claim_for_the_agent_on_an_owned_session_is_not_taken(ledger: Ledger, uid: str):
+    """The claim names the agent and its incarnation, but the session has another owner and the claim does
+    not name that owner's token: the projection flags it (overlapping_claim), so the agent must not run it."""
+    sid, _ = await ledger.create_session("p", session_id=f"{uid}-s")
+    gained: list[str] = []
+    async with agent_of(ledger, f"{uid}-a1") as a1, \
+            agent_of(ledger, f"{uid}-a2", on_gained=lambda claim, by: gained.append(claim.session_id)) as a2:
+        await a1.claim(sid)
+        await ledger.store.append(ev.SessionClaimed(
+            producer=FORGER, session_id=sid, agent_id=a2.agent_id, instance_id=a2.instance_id,
+            incarnation=a2.incarnation, reason="failover"))
+        await given_by_a_reclaimer(ledger, a2, f"{uid}-m2")
+        assert sid not in a2.owned and gained == [f"{uid}-m2"]
+
+
+@pytest.mark.parametrize("forgery", ["goodbye", "fenced"])
+async def test_the_log_saying_the_agent_is_finished_makes_it_come_back_as_a_new_incarnation(
+        ledger: Ledger, uid: str, forgery: str):
+    sid, _ = await ledger.create_session("p", session_id=f"{uid}-s")
+    fenced: list[str] = []
+    async with agent_of(ledger, f"{uid}-a", on_fenced=fenced.append) as a:
+        await a.claim(sid)
+        first = a.incarnation
+        if forgery == "goodbye":
+            event: ev.Event = ev.AgentGoodbye(producer=FORGER, agent_id=a.agent_id, instance_id=a.instance_id,
+                                              incarnation=first, reason="forged")
+        else:
+            event = ev.AgentFenced(producer=FORGER, agent_id=a.agent_id, incarnation=first, reason="forged",
+                                   fenced_at=ev.utcnow())
+        await ledger.store.append(event)
+        await eventually(lambda: a.incarnation > first and a.fenced is None, what="a new incarnation")
+        assert len(fenced) == 1 and "the log says" in fenced[0]
+        assert a.owned == {} and not a.superseded
+        state, _ = await ledger.agent(a.agent_id)
+        assert (state.status, state.incarnation, state.instance_id) == (lc.A_ALIVE, a.incarnation, a.instance_id)
+        # It wrote no AgentFenced of its own on top: the log already said why the incarnation ended.
+        history = [r.event for r in await ledger.store.history("agent", a.agent_id) if isinstance(r, Recorded)]
+        assert [e for e in history if isinstance(e, ev.AgentFenced) and e.producer.id == a.agent_id] == []
+        # The new incarnation works as owner again.
+        s2, _ = await ledger.create_session("p", session_id=f"{uid}-s2")
+        claim = await a.claim(s2)
+        assert claim.token > a.incarnation and a.owned == {s2: claim}
+
+
+async def test_a_superseded_agent_stops_for_good_and_its_beat_loop_ends(ledger: Ledger, uid: str):
+    agent_id = f"{uid}-a"
+    old = agent_of(ledger, agent_id)
+    async with old, agent_of(ledger, agent_id) as new:
+        await eventually(lambda: old.superseded, what="the old process noticing it was replaced")
+        beat_task = old._tasks[0]
+        assert beat_task.get_name().endswith("-heartbeat")
+        # Parked for good, not spinning on a wake-up time in the past: the task has nothing left to do.
+        await eventually(beat_task.done, what="the superseded agent's beat loop ending")
+        assert beat_task.exception() is None
+        await asyncio.wait_for(old.wait_stopped(), timeout=10)  # a replaced process stops for good
+        assert old.fenced and new.fenced is None
+        registrations = await ledger.registrations(agent_id)
+        assert registrations == [old.incarnation, new.incarnation]  # it did not come back
+    assert old.goodbye_seq is None and new.goodbye_seq is not None
+
+
+async def test_an_agent_over_capacity_releases_its_newest_extra_session(ledger: Ledger, uid: str):
+    own = [(await ledger.create_session("p", session_id=f"{uid}-s{i}"))[0] for i in range(2)]
+    extra, _ = await ledger.create_session("p", session_id=f"{uid}-extra")
+    lost: list[tuple[str, str]] = []
+    async with agent_of(ledger, f"{uid}-a", capacity=2, on_lost=lambda sid, why: lost.append((sid, why))) as a:
+        held = [await a.claim(sid) for sid in own]
+        # A reclaimer's claim that raced the agent's own: it now holds 3 of 2.
+        await ledger.claim_session(extra, a.ref, reason="failover")
+
+        async def released() -> lc.SessionState | None:
+            state, _ = await ledger.session(extra)
+            return state if state.status == lc.S_RELEASED else None
+
+        state = await eventually(released, what="the extra session released")
+        assert "over capacity" in (state.reason or "")
+        await eventually(lambda: extra not in a.owned, what="the agent dropping it")
+        assert {sid: c for sid, c in a.owned.items()} == dict(zip(own, held))
+        assert [sid for sid, _ in lost] == [extra]
+        for sid in own:
+            s, _ = await ledger.session(sid)
+            assert (s.status, s.owner) == (lc.S_ASSIGNED, a.agent_id)
+
+
+def spawn_ledger_agent(agent_id: str, pool: str, nats_url: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "ledger", "agent", "--agent-id", agent_id, "--pool", pool,
+                             "--heartbeat", "0.2", "--ttl", "2", "--no-self-claim", "--nats-url", nats_url],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+async def test_a_superseded_ledger_agent_process_exits_and_does_not_claim_a_goodbye(
+        store: EventStore, settings: Settings, uid: str):
+    agent_id = f"{uid}-proc"
+    proc = spawn_ledger_agent(agent_id, f"{uid}-p", settings.nats_url)
+    try:
+        assert proc.stdout is not None
+        first = await asyncio.to_thread(proc.stdout.readline)
+        assert "registered" in first, first + (proc.stderr.read() if proc.stderr else "")
+        ledger = Ledger(store, ev.Producer(id=agent_id, instance=new_id()))
+        async with agent_of(ledger, agent_id):  # a newer process of the same agent
+            out, err = await asyncio.to_thread(proc.communicate, timeout=30)  # it stops by itself
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    assert "goodbye written" not in out.replace("no goodbye written", "") and "no goodbye written" in out
+    assert "superseded" in out
