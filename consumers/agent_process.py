@@ -20,6 +20,7 @@ import logging
 import random
 from collections.abc import Callable
 
+from ledger import events as ev
 from ledger import tasks
 from ledger.agent import Agent
 from ledger.client import Ledger
@@ -39,7 +40,9 @@ class SelfClaimer:
     def __init__(self, agent: Agent, say: Callable[[str], None]) -> None:
         self.agent = agent
         self.say = say
-        self.follower = Follower(agent.store, heartbeats=False)
+        # Its own beats only: it judges itself with the reclaimer's rule, which needs its newest beat.
+        self.follower = Follower(agent.store, heartbeats_of=agent.agent_id)
+        self._ineligible: str | None = None
         self.follower.listen(self._heard)
         self._changed = asyncio.Event()
 
@@ -61,8 +64,16 @@ class SelfClaimer:
             await self.claim_what_needs_an_owner()
 
     def wanted(self) -> list[rules.ClaimFor]:
-        """What the reclaimer's rules would give this agent now."""
+        """What the reclaimer's rules would give this agent now: nothing unless the reclaimer would choose it."""
         agent, state = self.agent, self.follower.state.ledger
+        why = rules.ineligible(state.agents.get(agent.agent_id), self.follower.state.heartbeats.beats.get(
+            agent.agent_id), self.follower.clock.now(ev.utcnow), incarnation=agent.incarnation)
+        if why != self._ineligible:
+            self._ineligible = why
+            if why is not None:
+                log.info("%s: not claiming: %s", agent.agent_id, why)
+        if why is not None:
+            return []
         me = rules.Capacity(agent=agent.ref, load=agent.load, capacity=agent.capacity)
         plan = rules.plan(state.sessions.values(), state.agents, {(agent.pool, agent.platform, agent.region): [me]},
                           state.pools, skip=set(agent.owned))

@@ -182,3 +182,29 @@ def test_sessions_only_go_to_their_own_pool_platform_and_region():
     [orphan] = rr.plan([session("s1")], agents, other, {})
     assert isinstance(orphan, rr.Orphan)
     assert msgspec.structs.asdict(orphan)["previous_owner"] == "a1"
+
+
+def test_one_eligibility_rule_refuses_every_agent_that_must_not_take_sessions():
+    from projections.beats import Beat
+    from ledger import codec
+
+    def beat_at(seconds: float, incarnation: int = 10) -> Beat:
+        return Beat(agent_id="a1", incarnation=incarnation, instance_id="i", seq=1, beat=1, sent_at=at(seconds),
+                    stored_ns=codec.to_ns(at(seconds)), load=0, capacity=4, sessions=0)
+
+    fresh = beat_at(99)
+    assert rr.ineligible(agent(), fresh, at(100)) is None
+    assert rr.ineligible(agent(), fresh, at(100), incarnation=10) is None
+    refused = {
+        "unregistered": rr.ineligible(None, fresh, at(100)),
+        "superseded": rr.ineligible(agent(), fresh, at(100), incarnation=9),
+        "gone": rr.ineligible(agent(status=lc.A_GONE), fresh, at(100)),
+        "dead": rr.ineligible(agent(status=lc.A_DEAD), fresh, at(100)),
+        "fenced": rr.ineligible(agent(status=lc.A_FENCED), fresh, at(100)),
+        "draining": rr.ineligible(agent(status=lc.A_DRAINING), fresh, at(100)),
+        "suspected": rr.ineligible(agent(suspected_at=at(99.5), suspect_reason="reports"), fresh, at(100)),
+        "silent": rr.ineligible(agent(), beat_at(80), at(100)),
+        "another incarnation's beat": rr.ineligible(agent(), beat_at(99, incarnation=3), at(100)),
+    }
+    assert all(refused.values()), refused
+    assert "suspect" in refused["suspected"] and "gone" in refused["gone"]
