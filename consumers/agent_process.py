@@ -1,9 +1,11 @@
 """The reference agent process behind `ledger agent`: an Agent that claims its pool's sessions itself.
 
-It follows the lifecycle stream into a LedgerState and, whenever something
-changes (or every heartbeat interval), asks the reclaimer's own rules what
-needs an owner - with itself as the only eligible agent - and claims it, up to
-its capacity. So it takes exactly what the reclaimer would give it: pending and
+It follows the lifecycle stream (and its own heartbeats) into a LedgerState
+and, whenever something changes (or every heartbeat interval), asks the
+reclaimer's own rules what needs an owner - with itself as the only candidate,
+and only while the reclaimer's eligibility rule would choose it: never while
+the log says it is gone, dead, fenced, draining, suspect or superseded - and
+claims it, up to its capacity. So it takes exactly what the reclaimer would give it: pending and
 orphaned sessions, those of agents that said goodbye, were declared dead
 (unless the pool's breaker is open) or were replaced, and drain hand-offs.
 Claims race with other agents and reclaimers; the compare-and-set picks one

@@ -35,7 +35,8 @@ class Follower:
         self.state = state or LedgerState()
         self.heartbeats = heartbeats
         self.heartbeats_of = heartbeats_of
-        """Follow only this agent's heartbeats (an agent judging itself need not hear the whole fleet beat)."""
+        """Follow only this agent's heartbeats (an agent judging itself need not hear the whole fleet beat).
+        `heartbeats_caught_up` then means nothing: the stream's end is other agents' beats."""
         self.caught_up = asyncio.Event()
         """Set once the lifecycle stream was read to the end it had when following began."""
         self.heartbeats_caught_up = asyncio.Event()

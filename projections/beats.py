@@ -69,6 +69,12 @@ def of_incarnation(beat: Beat | None, incarnation: int) -> Beat | None:
     return None
 
 
+def _beat(rec: Recorded, e: ev.AgentHeartbeat, earlier: tuple[Beat, ...]) -> Beat:
+    return Beat(agent_id=e.agent_id, incarnation=e.incarnation, instance_id=e.instance_id, seq=rec.seq, beat=e.beat,
+                sent_at=e.time, stored_ns=rec.timestamp_ns, load=e.load, capacity=e.capacity,
+                sessions=len(e.sessions), earlier=earlier)
+
+
 def _pack(slots: list[Beat]) -> Beat:
     top, *rest = slots
     return msgspec.structs.replace(top, earlier=tuple(rest))
@@ -79,9 +85,11 @@ def evolve_beat(current: Beat | None, rec: Recorded) -> tuple[Beat | None, Anoma
     e = rec.event
     if not isinstance(e, ev.AgentHeartbeat):
         return current, Anomaly("illegal_transition", f"{e.type_tag()} is not a heartbeat")
-    new = Beat(agent_id=e.agent_id, incarnation=e.incarnation, instance_id=e.instance_id, seq=rec.seq, beat=e.beat,
-               sent_at=e.time, stored_ns=rec.timestamp_ns, load=e.load, capacity=e.capacity,
-               sessions=len(e.sessions))
+    if current is not None and e.incarnation == current.incarnation:  # the common case: the top slot beats on
+        if rec.seq <= current.seq:
+            return current, None  # an older delivery of what we already hold
+        return _beat(rec, e, current.earlier), None
+    new = _beat(rec, e, ())
     if current is None:
         return new, None
     slots = list(current.slots())
@@ -92,8 +100,8 @@ def evolve_beat(current: Beat | None, rec: Recorded) -> tuple[Beat | None, Anoma
             slots[i] = new
             return _pack(slots), None
     if len(slots) >= KEEP and e.incarnation < slots[-1].incarnation:
-        return current, Anomaly(SUPERSEDED_INCARNATION, f"heartbeat from incarnation {e.incarnation}; the "
-                                                        f"{KEEP} newest seen are {slots[-1].incarnation} and above")
+        return current, Anomaly(SUPERSEDED_INCARNATION, f"heartbeat from incarnation {e.incarnation}, below the "
+                                                        f"{KEEP} highest seen ({slots[-1].incarnation} and above)")
     slots.append(new)
     slots.sort(key=lambda b: b.incarnation, reverse=True)
     return _pack(slots[:KEEP]), None

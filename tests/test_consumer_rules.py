@@ -8,8 +8,10 @@ import msgspec
 
 from consumers import liveness_rules as lr
 from consumers import reclaim_rules as rr
+from ledger import codec
 from ledger import lifecycle as lc
 from ledger.decide import AgentRef
+from projections.beats import Beat
 
 T0 = datetime(2026, 11, 1, tzinfo=timezone.utc)
 SETTINGS = lr.LivenessSettings()
@@ -185,9 +187,6 @@ def test_sessions_only_go_to_their_own_pool_platform_and_region():
 
 
 def test_one_eligibility_rule_refuses_every_agent_that_must_not_take_sessions():
-    from projections.beats import Beat
-    from ledger import codec
-
     def beat_at(seconds: float, incarnation: int = 10) -> Beat:
         return Beat(agent_id="a1", incarnation=incarnation, instance_id="i", seq=1, beat=1, sent_at=at(seconds),
                     stored_ns=codec.to_ns(at(seconds)), load=0, capacity=4, sessions=0)

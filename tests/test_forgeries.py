@@ -15,11 +15,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import create_streams, start_binary_server
+from fleet import agents, consumers, events, ledger_on
+from helpers import eventually
 
 from consumers.follow import Follower
 from consumers.reclaimer import Reclaimer
-from fleet import agents, consumers, events, ledger_on
-from helpers import eventually
 from ledger import events as ev
 from ledger import lifecycle as lc
 from ledger.agent import Agent
@@ -29,7 +30,6 @@ from ledger.decide import AgentRef
 from ledger.ids import new_id
 from ledger.server import EmbeddedServer
 from projections.health import agent_health
-from conftest import create_streams, start_binary_server
 
 HEARTBEAT, TTL = 0.2, 1.5
 
