@@ -1,9 +1,11 @@
 """The reference agent process behind `ledger agent`: an Agent that claims its pool's sessions itself.
 
-It follows the lifecycle stream into a LedgerState and, whenever something
-changes (or every heartbeat interval), asks the reclaimer's own rules what
-needs an owner - with itself as the only eligible agent - and claims it, up to
-its capacity. So it takes exactly what the reclaimer would give it: pending and
+It follows the lifecycle stream (and its own heartbeats) into a LedgerState
+and, whenever something changes (or every heartbeat interval), asks the
+reclaimer's own rules what needs an owner - with itself as the only candidate,
+and only while the reclaimer's eligibility rule would choose it: never while
+the log says it is gone, dead, fenced, draining, suspect or superseded - and
+claims it, up to its capacity. So it takes exactly what the reclaimer would give it: pending and
 orphaned sessions, those of agents that said goodbye, were declared dead
 (unless the pool's breaker is open) or were replaced, and drain hand-offs.
 Claims race with other agents and reclaimers; the compare-and-set picks one
@@ -20,6 +22,7 @@ import logging
 import random
 from collections.abc import Callable
 
+from ledger import events as ev
 from ledger import tasks
 from ledger.agent import Agent
 from ledger.client import Ledger
@@ -39,7 +42,9 @@ class SelfClaimer:
     def __init__(self, agent: Agent, say: Callable[[str], None]) -> None:
         self.agent = agent
         self.say = say
-        self.follower = Follower(agent.store, heartbeats=False)
+        # Its own beats only: it judges itself with the reclaimer's rule, which needs its newest beat.
+        self.follower = Follower(agent.store, heartbeats_of=agent.agent_id)
+        self._ineligible: str | None = None
         self.follower.listen(self._heard)
         self._changed = asyncio.Event()
 
@@ -61,8 +66,16 @@ class SelfClaimer:
             await self.claim_what_needs_an_owner()
 
     def wanted(self) -> list[rules.ClaimFor]:
-        """What the reclaimer's rules would give this agent now."""
+        """What the reclaimer's rules would give this agent now: nothing unless the reclaimer would choose it."""
         agent, state = self.agent, self.follower.state.ledger
+        why = rules.ineligible(state.agents.get(agent.agent_id), self.follower.state.heartbeats.beats.get(
+            agent.agent_id), self.follower.clock.now(ev.utcnow), incarnation=agent.incarnation)
+        if why != self._ineligible:
+            self._ineligible = why
+            if why is not None:
+                log.info("%s: not claiming: %s", agent.agent_id, why)
+        if why is not None:
+            return []
         me = rules.Capacity(agent=agent.ref, load=agent.load, capacity=agent.capacity)
         plan = rules.plan(state.sessions.values(), state.agents, {(agent.pool, agent.platform, agent.region): [me]},
                           state.pools, skip=set(agent.owned))

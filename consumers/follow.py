@@ -29,10 +29,14 @@ Listener = Callable[[str, list[Item], list[Change]], None]
 
 
 class Follower:
-    def __init__(self, store: EventStore, state: LedgerState | None = None, *, heartbeats: bool = True) -> None:
+    def __init__(self, store: EventStore, state: LedgerState | None = None, *, heartbeats: bool = True,
+                 heartbeats_of: str | None = None) -> None:
         self.store = store
         self.state = state or LedgerState()
         self.heartbeats = heartbeats
+        self.heartbeats_of = heartbeats_of
+        """Follow only this agent's heartbeats (an agent judging itself need not hear the whole fleet beat).
+        `heartbeats_caught_up` then means nothing: the stream's end is other agents' beats."""
         self.caught_up = asyncio.Event()
         """Set once the lifecycle stream was read to the end it had when following began."""
         self.heartbeats_caught_up = asyncio.Event()
@@ -56,7 +60,9 @@ class Follower:
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(self._follow(subjects.LEDGER_STREAM, [subjects.family_filter("*")], self.caught_up))
             if self.heartbeats:
-                tasks.create_task(self._follow(subjects.HEARTBEAT_STREAM, [subjects.family_filter("hb")],
+                hb = subjects.HEARTBEAT_FAMILY
+                only = [subjects.entity_filter(hb, self.heartbeats_of)] if self.heartbeats_of else None
+                tasks.create_task(self._follow(subjects.HEARTBEAT_STREAM, only or [subjects.family_filter(hb)],
                                                self.heartbeats_caught_up, last_per_subject=True))
 
     async def _follow(self, stream: str, filters: list[str], caught_up: asyncio.Event, *,

@@ -4,8 +4,9 @@
              `report_threshold` usage-time failure reports inside `report_window`;
 * dead     - no beat for `dead_after` seconds (default: the agent's own ttl).
 
-Beats are timed by the server's clock (when the beat was stored), so an agent's
-clock skew does not matter. A verdict carries its evidence and an event id
+Beats, registrations and suspicions are timed by the server's clock (when they
+were stored), so an agent's clock skew - or a forged `time` - does not matter;
+only the beat of the agent's registered incarnation counts. A verdict carries its evidence and an event id
 derived from that evidence: replicas of the monitor that reach the same verdict
 write the same event id, which JetStream de-duplicates - a death is declared once.
 

@@ -48,6 +48,8 @@ class LivenessMonitor:
         self._reports: dict[tuple[str, int], deque[tuple[int, datetime]]] = defaultdict(deque)
         self._deaths: dict[str, deque[tuple[str, datetime]]] = defaultdict(deque)
         self._written: set[str] = set()
+        self._flagged: set[tuple[str, int]] = set()
+        """(agent, incarnation) of beats already reported as naming no registration."""
         follower.listen(self._heard)
         ledger.store.add_connection_listener(self._connection)
 
@@ -117,9 +119,9 @@ class LivenessMonitor:
         overdue: dict[str, set[str]] = defaultdict(set)
         """Per pool, the agents that missed their beats: dying together trips the breaker at the first death."""
         for agent in list(state.ledger.agents.values()):
-            beat = state.heartbeats.beats.get(agent.agent_id)
-            last = rules.LastBeat(beat.seq, from_ns(beat.stored_ns)) if beat and beat.incarnation == agent.incarnation \
-                else None
+            self._flag_unregistered(agent)
+            beat = state.current_beat(agent.agent_id)  # a beat of any other incarnation says nothing about this one
+            last = rules.LastBeat(beat.seq, from_ns(beat.stored_ns)) if beat is not None else None
             if rules.overdue(agent, last, now, self.settings):
                 overdue[agent.pool].add(agent.agent_id)
             reports = list(self._reports.get((agent.agent_id, agent.incarnation), ()))
@@ -142,11 +144,30 @@ class LivenessMonitor:
         written += await self._close_recovered_breakers(now)
         return written
 
+    def _flag_unregistered(self, agent: lc.AgentState) -> None:
+        forged = self.follower.state.unregistered_beat(agent.agent_id)
+        if forged is not None and (agent.agent_id, forged.incarnation) not in self._flagged:
+            if len(self._flagged) > 10_000:
+                self._flagged.clear()  # a flood of forgeries must not grow memory without bound
+            self._flagged.add((agent.agent_id, forged.incarnation))
+            log.warning("agent %s: heartbeat #%d names incarnation %d, which has no registration (registered: %d); "
+                        "ignored", agent.agent_id, forged.seq, forged.incarnation, agent.incarnation)
+
     async def _view_lags(self, agent: lc.AgentState, last: rules.LastBeat | None) -> bool:
-        """Does the stream leader hold a newer beat or registration of this agent than our state?"""
+        """Does the stream leader hold a newer beat of this incarnation, or a newer registration, than our state?
+
+        Only a beat of the incarnation being judged is evidence: the newest beat on the agent's subject may be
+        an older incarnation's (one that crashed before its first beat) or a forged one, and counting those as
+        "not seen yet" would postpone the death for ever.
+        """
         newest = await self.ledger.store.last("hb", agent.agent_id)
-        if isinstance(newest, Recorded) and (last is None or newest.seq > last.seq):
-            return True  # a beat we have not seen (of this incarnation or a newer one)
+        if isinstance(newest, Recorded):
+            e = newest.event
+            if isinstance(e, ev.AgentHeartbeat) and e.incarnation == agent.incarnation:
+                if last is None or newest.seq > last.seq:
+                    return True  # a beat of this incarnation we have not seen
+            elif newest.seq > self.follower.state.heartbeats.seq:
+                return True  # our heartbeat view is behind this: a beat of this incarnation may hide before it
         registrations = await self.ledger.registrations(agent.agent_id)
         return bool(registrations) and registrations[-1] > agent.incarnation
 

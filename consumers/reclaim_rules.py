@@ -13,11 +13,14 @@ held where they are (goodbyes, which are deliberate, still move at once).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from datetime import datetime
 
 import msgspec
 
 from ledger import lifecycle as lc
 from ledger.decide import AgentRef
+from projections.beats import Beat
+from projections.health import ALIVE, agent_health
 
 OWNER_GONE, OWNER_DEAD, OWNER_FENCED = "owner_gone", "owner_dead", "owner_fenced"
 OWNER_SUPERSEDED, OWNER_UNKNOWN, OWNER_DRAINING = "owner_superseded", "owner_unknown", "owner_draining"
@@ -64,6 +67,30 @@ def owner_problem(session: lc.SessionState, agents: Mapping[str, lc.AgentState])
         lc.A_FENCED: (OWNER_FENCED, agent.cause_id),
         lc.A_DRAINING: (OWNER_DRAINING, agent.cause_id),
     }.get(agent.status)
+
+
+def ineligible(agent: lc.AgentState | None, beat: Beat | None, now: datetime, *,
+               incarnation: int | None = None) -> str | None:
+    """Why this agent may not be given sessions now, or None when it may.
+
+    The one rule for both kinds of claimer: the reclaimer asks it of every
+    candidate, a self-claiming agent of itself (passing its own `incarnation`).
+    An agent may take sessions only while the log says it is alive - not gone,
+    dead, fenced, draining or drained - its health is alive (it beats, it is
+    not suspect) and, asking for itself, the incarnation asking is the one
+    registered. Were the two sides to judge differently, one would give an
+    agent what the other takes away, for ever: a goodbye forged for a live
+    agent alone in its pool made the reclaimer orphan its sessions and the
+    agent claim them back, dozens of times a second.
+    """
+    if agent is None:
+        return "not registered"
+    if incarnation is not None and incarnation != agent.incarnation:
+        return f"incarnation {incarnation} is not the registered one ({agent.incarnation})"
+    if agent.status != lc.A_ALIVE:
+        return f"{agent.status} ({agent.reason})"
+    health, rule = agent_health(agent, beat, now)
+    return None if health == ALIVE else f"{health} ({rule})"
 
 
 class Capacity(msgspec.Struct):

@@ -22,7 +22,6 @@ from ledger import events as ev
 from ledger import lifecycle as lc
 from ledger.client import Ledger
 from ledger.errors import Conflict, LedgerError, NotClaimable, NotFound
-from projections.health import ALIVE, agent_health
 from projections.state import AGENT, POOL, SESSION
 
 from . import reclaim_rules as rules
@@ -41,8 +40,9 @@ class Reclaimer(Reactor):
     def __init__(self, ledger: Ledger, follower: Follower, *, tick: float = 0.5) -> None:
         super().__init__(follower, tick=tick)
         self.ledger = ledger
-        self._inflight: dict[str, tuple[int, float]] = {}
-        """session id -> (its last sequence when we wrote, when) until the log shows it moved."""
+        self._inflight: dict[str, tuple[int, float, tuple[str, int] | None]] = {}
+        """session id -> (its last sequence when we wrote, when, the agent and incarnation we claimed it for)
+        until the log shows it moved."""
         self.written: list[ev.Event] = []
 
     def eligible(self, now: datetime) -> dict[tuple[str, str, str], list[rules.Capacity]]:
@@ -52,12 +52,14 @@ class Reclaimer(Reactor):
         for s in state.ledger.sessions.values():
             if s.status == lc.S_ASSIGNED and s.owner is not None:
                 load[(s.owner, s.owner_incarnation or 0)] += 1
+        # Our claims not yet seen in the log count too: pipelined claims of consecutive plans would otherwise
+        # all see the same free capacity and push an agent past it.
+        for _, _, claimed_for in self._inflight.values():
+            if claimed_for is not None:
+                load[claimed_for] += 1
         out: dict[tuple[str, str, str], list[rules.Capacity]] = defaultdict(list)
         for a in state.ledger.agents.values():
-            if a.status != lc.A_ALIVE:
-                continue
-            health, _ = agent_health(a, state.heartbeats.beats.get(a.agent_id), now)
-            if health != ALIVE:
+            if rules.ineligible(a, state.heartbeats.beats.get(a.agent_id), now) is not None:
                 continue
             out[(a.pool, a.platform, a.region)].append(rules.Capacity(
                 agent=decide.AgentRef(a.agent_id, a.instance_id, a.incarnation),
@@ -68,7 +70,7 @@ class Reclaimer(Reactor):
         """Plan once and write what the plan says; returns the plan."""
         sessions = self.follower.state.ledger.sessions
         clock = time.monotonic()
-        for sid, (seq, since) in list(self._inflight.items()):
+        for sid, (seq, since, _) in list(self._inflight.items()):
             current = sessions.get(sid)
             if current is None or current.last_seq > seq or clock - since > INFLIGHT_PATIENCE:
                 del self._inflight[sid]
@@ -76,7 +78,8 @@ class Reclaimer(Reactor):
                              self.follower.state.ledger.pools, skip=set(self._inflight))
         writes = [a for a in actions if not isinstance(a, rules.Hold)]
         for a in writes:
-            self._inflight[a.session_id] = (sessions[a.session_id].last_seq, clock)
+            claimed_for = (a.agent.agent_id, a.agent.incarnation) if isinstance(a, rules.ClaimFor) else None
+            self._inflight[a.session_id] = (sessions[a.session_id].last_seq, clock, claimed_for)
         if writes:
             await asyncio.gather(*(self._write(a) for a in writes))
         return actions

@@ -192,8 +192,13 @@ _replace = msgspec.structs.replace
 
 
 def evolve_agent(state: AgentState | None, rec: Recorded) -> Evolved[AgentState | None]:
-    """Next state of one agent after one of its lifecycle events (heartbeats are folded apart)."""
-    e, seq, at = rec.event, rec.seq, rec.event.time
+    """Next state of one agent after one of its lifecycle events (heartbeats are folded apart).
+
+    Every time here is when the server stored the event, never the event's own `time`: liveness is judged
+    against these (from a registration, since a suspicion), and a self-declared time - skewed, or forged
+    into the future - would make an agent undying or suspect for as long as it likes.
+    """
+    e, seq, at = rec.event, rec.seq, rec.stored_at
     if isinstance(e, ev.AgentRegistered):
         return AgentState(
             agent_id=e.agent_id, incarnation=seq, instance_id=e.instance_id, pool=e.pool, platform=e.platform,

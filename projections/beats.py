@@ -1,9 +1,22 @@
-"""The heartbeat fold: per agent, the beat with the highest (incarnation, stream sequence).
+"""The heartbeat fold: per agent, the newest beat of each of its few highest incarnations.
 
 Heartbeats live in their own stream (LEDGER_HB, bounded retention) and are
-folded apart from the lifecycle events. Keeping the maximum is commutative, so
-the two streams can be consumed independently and in any relative order; the
-join with the agent's incarnation happens at query time (`projections.health`).
+folded apart from the lifecycle events: the fold never reads a registration,
+so the two streams can be consumed independently and in any relative order.
+The join with the agent's registered incarnation happens at query time
+(`of_incarnation`, used by `projections.health` and the consumers).
+
+Why several incarnations and not just the highest: an incarnation number is
+whatever the beat says. A forged beat claiming incarnation 10**12 has no
+registration behind it; if it were the only beat kept, the agent's real beats
+(of its lower, registered incarnation) would be refused from then on and the
+agent would look dead in every view while it beats. Keeping the newest beat of
+each of the `KEEP` highest incarnations means a beat of an unregistered
+incarnation never displaces the registered one's: it sits in a slot nobody
+reads (the join flags it). Only a flood of `KEEP` forged incarnations could
+push the real one out; that needs authenticated producers (the next issue).
+Keeping the top `KEEP` by incarnation is a function of the set of beats, so
+the fold stays deterministic and order-independent.
 """
 
 from __future__ import annotations
@@ -16,9 +29,12 @@ from ledger import events as ev
 from ledger.codec import Recorded
 from ledger.lifecycle import SUPERSEDED_INCARNATION, Anomaly
 
+KEEP = 4
+"""Incarnations per agent whose newest beat is kept (the registered one plus room for stale or forged ones)."""
+
 
 class Beat(msgspec.Struct, frozen=True, kw_only=True, gc=False):
-    """The newest heartbeat seen for one agent."""
+    """The newest heartbeat seen for one agent (of its highest incarnation seen), with those of lower ones."""
 
     agent_id: str
     incarnation: int
@@ -33,19 +49,59 @@ class Beat(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     load: int
     capacity: int
     sessions: int
+    earlier: tuple[Beat, ...] = ()
+    """The newest beat of each of the next-highest incarnations (at most KEEP - 1), highest first."""
+
+    def slots(self) -> tuple[Beat, ...]:
+        """Every kept beat, highest incarnation first (each without `earlier`)."""
+        return (msgspec.structs.replace(self, earlier=()), *self.earlier) if self.earlier else (self,)
+
+
+def of_incarnation(beat: Beat | None, incarnation: int) -> Beat | None:
+    """The newest kept beat of exactly this incarnation (the agent's registered one), or None."""
+    if beat is None:
+        return None
+    if beat.incarnation == incarnation:
+        return beat if not beat.earlier else msgspec.structs.replace(beat, earlier=())
+    for b in beat.earlier:
+        if b.incarnation == incarnation:
+            return b
+    return None
+
+
+def _beat(rec: Recorded, e: ev.AgentHeartbeat, earlier: tuple[Beat, ...]) -> Beat:
+    return Beat(agent_id=e.agent_id, incarnation=e.incarnation, instance_id=e.instance_id, seq=rec.seq, beat=e.beat,
+                sent_at=e.time, stored_ns=rec.timestamp_ns, load=e.load, capacity=e.capacity,
+                sessions=len(e.sessions), earlier=earlier)
+
+
+def _pack(slots: list[Beat]) -> Beat:
+    top, *rest = slots
+    return msgspec.structs.replace(top, earlier=tuple(rest))
 
 
 def evolve_beat(current: Beat | None, rec: Recorded) -> tuple[Beat | None, Anomaly | None]:
-    """Keep the beat with the highest (incarnation, seq); a beat of an older incarnation is flagged."""
+    """Keep the newest beat of each of the KEEP highest incarnations; a beat below all of them is flagged."""
     e = rec.event
     if not isinstance(e, ev.AgentHeartbeat):
         return current, Anomaly("illegal_transition", f"{e.type_tag()} is not a heartbeat")
-    if current is not None:
-        if e.incarnation < current.incarnation:
-            return current, Anomaly(SUPERSEDED_INCARNATION,
-                                    f"heartbeat from incarnation {e.incarnation}; newest seen is {current.incarnation}")
-        if e.incarnation == current.incarnation and rec.seq <= current.seq:
+    if current is not None and e.incarnation == current.incarnation:  # the common case: the top slot beats on
+        if rec.seq <= current.seq:
             return current, None  # an older delivery of what we already hold
-    return Beat(agent_id=e.agent_id, incarnation=e.incarnation, instance_id=e.instance_id, seq=rec.seq, beat=e.beat,
-                sent_at=e.time, stored_ns=rec.timestamp_ns, load=e.load, capacity=e.capacity,
-                sessions=len(e.sessions)), None
+        return _beat(rec, e, current.earlier), None
+    new = _beat(rec, e, ())
+    if current is None:
+        return new, None
+    slots = list(current.slots())
+    for i, b in enumerate(slots):
+        if b.incarnation == e.incarnation:
+            if rec.seq <= b.seq:
+                return current, None  # an older delivery of what we already hold
+            slots[i] = new
+            return _pack(slots), None
+    if len(slots) >= KEEP and e.incarnation < slots[-1].incarnation:
+        return current, Anomaly(SUPERSEDED_INCARNATION, f"heartbeat from incarnation {e.incarnation}, below the "
+                                                        f"{KEEP} highest seen ({slots[-1].incarnation} and above)")
+    slots.append(new)
+    slots.sort(key=lambda b: b.incarnation, reverse=True)
+    return _pack(slots[:KEEP]), None

@@ -23,7 +23,7 @@ from ledger.codec import from_ns
 from ledger.events import Probe
 from ledger.lifecycle import A_DEAD, A_DRAINED, A_DRAINING, A_FENCED, A_GONE, AgentState, RouteState
 
-from .beats import Beat
+from .beats import Beat, of_incarnation
 
 ALIVE, SUSPECT, DEAD, DRAINING, DRAINED, GONE = "alive", "suspect", "dead", "draining", "drained", "gone"
 FENCED = "fenced"
@@ -84,14 +84,14 @@ def agent_health(agent: AgentState, beat: Beat | None, now: datetime, policy: He
                  *, beats_known: bool = True) -> tuple[str, str]:
     """(health, the rule that made it so) for one agent at `now`.
 
-    `beat` counts only if it belongs to the agent's current incarnation. Pass
+    Only the beat of the agent's registered incarnation counts (a beat naming
+    any other, stale or forged, says nothing about this one). Pass
     `beats_known=False` when no heartbeat history exists for `now`.
     """
     explicit = _EXPLICIT.get(agent.status)
     if explicit is not None:
         return explicit, agent.reason
-    if beat is not None and beat.incarnation != agent.incarnation:
-        beat = None
+    beat = of_incarnation(beat, agent.incarnation)
     last_beat = beat_time(beat) if beat is not None else None
     if agent.suspected_at is not None and (last_beat is None or last_beat <= aware(agent.suspected_at)):
         return SUSPECT, f"suspected: {agent.suspect_reason}" if agent.suspect_reason else "suspected"

@@ -40,7 +40,7 @@ from ledger.lifecycle import (
 )
 from ledger.subjects import HEARTBEAT_STREAM, LEDGER_STREAM
 
-from .beats import Beat, evolve_beat
+from .beats import Beat, evolve_beat, of_incarnation
 
 AGENT, SESSION, ROUTE, POOL, HEARTBEAT, DEAD_LETTER = "agent", "session", "route", "pool", "heartbeat", "dead_letter"
 """What a Change touched: an entity kind, the heartbeat of an agent, or a dead letter."""
@@ -226,12 +226,26 @@ class LedgerState(msgspec.Struct, kw_only=True):
         return self.heartbeats.beats
 
     def current_beat(self, agent_id: str) -> Beat | None:
-        """The agent's newest beat if it belongs to the agent's current incarnation."""
+        """The newest beat of the agent's registered incarnation (a beat of any other one never counts)."""
+        agent = self.ledger.agents.get(agent_id)
+        if agent is None:
+            return None
+        return of_incarnation(self.heartbeats.beats.get(agent_id), agent.incarnation)
+
+    def unregistered_beat(self, agent_id: str) -> Beat | None:
+        """The agent's kept beat of an incarnation that has no registration behind it (forged), or None.
+
+        A beat names the sequence of its registration, which was stored before the beat. So once this state
+        has read the lifecycle stream past that sequence, or up to a message stored after the beat, a
+        registration it has not seen cannot exist: a higher incarnation than the agent's is then an anomaly.
+        """
         agent = self.ledger.agents.get(agent_id)
         beat = self.heartbeats.beats.get(agent_id)
-        if agent is None or beat is None or beat.incarnation != agent.incarnation:
+        if agent is None or beat is None or beat.incarnation <= agent.incarnation:
             return None
-        return beat
+        if beat.incarnation <= self.ledger.seq or self.ledger.stored_ns >= beat.stored_ns:
+            return beat
+        return None
 
 
 STREAMS = (LEDGER_STREAM, HEARTBEAT_STREAM)

@@ -16,7 +16,7 @@ import msgspec
 from ledger.codec import from_ns
 from ledger.lifecycle import S_ASSIGNED, S_ORPHANED, AgentState, PoolState, RouteState, SessionState, route_status
 
-from .beats import Beat
+from .beats import Beat, of_incarnation
 from .health import ALIVE, DEFAULT_POLICY, HealthPolicy, agent_health, beat_time, route_health, seconds_between
 
 T = TypeVar("T")
@@ -138,7 +138,7 @@ class PoolView(msgspec.Struct, frozen=True, kw_only=True):
 def agent_view(agent: AgentState, beat: Beat | None, now: datetime, owned: int = 0,
                policy: HealthPolicy = DEFAULT_POLICY, beats_known: bool = True) -> AgentView:
     health, rule = agent_health(agent, beat, now, policy, beats_known=beats_known)
-    current = beat if beat is not None and beat.incarnation == agent.incarnation else None
+    current = of_incarnation(beat, agent.incarnation)
     last = beat_time(current) if current is not None else None
     return AgentView(
         agent_id=agent.agent_id, incarnation=agent.incarnation, instance_id=agent.instance_id, pool=agent.pool,

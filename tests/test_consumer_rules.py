@@ -5,11 +5,15 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 
 import msgspec
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from consumers import liveness_rules as lr
 from consumers import reclaim_rules as rr
+from ledger import codec
 from ledger import lifecycle as lc
 from ledger.decide import AgentRef
+from projections.beats import Beat
 
 T0 = datetime(2026, 11, 1, tzinfo=timezone.utc)
 SETTINGS = lr.LivenessSettings()
@@ -182,3 +186,50 @@ def test_sessions_only_go_to_their_own_pool_platform_and_region():
     [orphan] = rr.plan([session("s1")], agents, other, {})
     assert isinstance(orphan, rr.Orphan)
     assert msgspec.structs.asdict(orphan)["previous_owner"] == "a1"
+
+
+def test_one_eligibility_rule_refuses_every_agent_that_must_not_take_sessions():
+    def beat_at(seconds: float, incarnation: int = 10) -> Beat:
+        return Beat(agent_id="a1", incarnation=incarnation, instance_id="i", seq=1, beat=1, sent_at=at(seconds),
+                    stored_ns=codec.to_ns(at(seconds)), load=0, capacity=4, sessions=0)
+
+    fresh = beat_at(99)
+    assert rr.ineligible(agent(), fresh, at(100)) is None
+    assert rr.ineligible(agent(), fresh, at(100), incarnation=10) is None
+    refused = {
+        "unregistered": rr.ineligible(None, fresh, at(100)),
+        "superseded": rr.ineligible(agent(), fresh, at(100), incarnation=9),
+        "gone": rr.ineligible(agent(status=lc.A_GONE), fresh, at(100)),
+        "dead": rr.ineligible(agent(status=lc.A_DEAD), fresh, at(100)),
+        "fenced": rr.ineligible(agent(status=lc.A_FENCED), fresh, at(100)),
+        "draining": rr.ineligible(agent(status=lc.A_DRAINING), fresh, at(100)),
+        "suspected": rr.ineligible(agent(suspected_at=at(99.5), suspect_reason="reports"), fresh, at(100)),
+        "silent": rr.ineligible(agent(), beat_at(80), at(100)),
+        "another incarnation's beat": rr.ineligible(agent(), beat_at(99, incarnation=3), at(100)),
+    }
+    assert all(refused.values()), refused
+    assert "suspect" in refused["suspected"] and "gone" in refused["gone"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(status=st.sampled_from([lc.A_ALIVE, lc.A_DRAINING, lc.A_DRAINED, lc.A_DEAD, lc.A_GONE, lc.A_FENCED]),
+       suspected=st.one_of(st.none(), st.floats(0, 200)), beat_age=st.one_of(st.none(), st.floats(0, 100)),
+       asking=st.sampled_from([None, 9, 10, 11]))
+@example(status=lc.A_ALIVE, suspected=None, beat_age=1.0, asking=10)  # eligible: checked
+def test_an_agent_the_claimers_may_give_a_session_is_never_one_the_reclaimer_takes_it_from(
+        status: str, suspected: float | None, beat_age: float | None, asking: int | None):
+    """No pair of claimers and reclaimer can feed each other a claim -> orphan loop: whoever the one rule lets
+    take a session, for the incarnation it claims for, owns it without problem in the reclaimer's eyes."""
+    now = at(200)
+    a = agent(status=status, suspected_at=at(suspected) if suspected is not None else None)
+    beat = None if beat_age is None else Beat(agent_id="a1", incarnation=10, instance_id="i", seq=1, beat=1,
+                                              sent_at=at(200 - beat_age), stored_ns=codec.to_ns(at(200 - beat_age)),
+                                              load=0, capacity=4, sessions=0)
+    if rr.ineligible(a, beat, now, incarnation=asking) is not None:
+        return
+    claimed_for = asking if asking is not None else a.incarnation
+    session = lc.SessionState(session_id="s1", pool="p", platform="default", region="default", labels={},
+                              idle_ttl=None, status=lc.S_ASSIGNED, created_at=at(0), owner="a1",
+                              owner_incarnation=claimed_for, token=5)
+    assert rr.owner_problem(session, {"a1": a}) is None
+    assert rr.plan([session], {"a1": a}, {}, {}) == []

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from ledger.codec import Recorded
 from ledger.subjects import HEARTBEAT_STREAM, LEDGER_STREAM
 from projections import snapshots
+from projections.beats import KEEP, of_incarnation
 from projections.state import (
     AGENT,
     HEARTBEAT,
@@ -96,21 +97,28 @@ def test_a_flagged_event_is_never_applied(items: list):
 
 @FOLD_EXAMPLES
 @given(items=histories())
-def test_a_beat_of_an_older_incarnation_is_flagged_and_the_newest_kept(items: list):
+def test_the_newest_beat_of_each_of_the_highest_incarnations_is_kept_and_a_beat_below_them_flagged(items: list):
     state = LedgerState()
-    best: dict[str, tuple[int, int]] = {}
+    kept: dict[str, dict[int, int]] = {}  # agent -> incarnation -> newest seq: a plain model of the fold
     for item in items:
         change = state.apply(item)
         if item.stream != HEARTBEAT_STREAM or not isinstance(item, Recorded):
             continue
         beat = item.event
-        newest = best.get(beat.agent_id)
-        if newest is not None and beat.incarnation < newest[0]:
+        mine = kept.setdefault(beat.agent_id, {})
+        if len(mine) >= KEEP and beat.incarnation not in mine and beat.incarnation < min(mine):
             assert change is not None and change.anomaly is not None
             assert change.anomaly.kind == "superseded_incarnation"
-        else:
-            best[beat.agent_id] = (beat.incarnation, item.seq)
-    assert {a: (b.incarnation, b.seq) for a, b in state.beats.items()} == best
+            continue
+        mine[beat.incarnation] = max(mine.get(beat.incarnation, 0), item.seq)
+        for low in sorted(mine)[:-KEEP]:
+            del mine[low]
+    folded = {a: {s.incarnation: s.seq for s in b.slots()} for a, b in state.beats.items()}
+    assert folded == {a: m for a, m in kept.items() if m}
+    for a, b in state.beats.items():
+        assert b.incarnation == max(kept[a])  # the top slot is the highest incarnation seen
+        for incarnation, seq in kept[a].items():
+            assert of_incarnation(b, incarnation).seq == seq
 
 
 @settings(max_examples=60, deadline=None)
