@@ -103,6 +103,55 @@ async def test_up_on_an_existing_server_starts_none_of_its_own(settings: Setting
             proc.communicate()
 
 
+def children(pid: int) -> list[tuple[int, str]]:
+    """(pid, command name) of the live children of `pid`, from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            name, fields = stat.read_text().rsplit(")", 1)
+        except OSError:
+            continue
+        state, ppid = fields.split()[:2]
+        if int(ppid) == pid and state != "Z":
+            found.append((int(stat.parent.name), name.split("(", 1)[1]))
+    return found
+
+
+def exited(pid: int) -> bool:
+    """Gone, or a zombie (it has let go of its files and ports; whoever adopted it has not reaped it yet)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+async def test_kill_9_of_up_takes_its_nats_server_along_and_up_starts_again(tmp_path: Path):
+    port, data = free_port(), tmp_path / "data"
+    command = [*LEDGER, "up", "--port", str(port), "--data-dir", str(data), "--grace", "0"]
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        read_until(first, "ready")
+        [(server, name)] = [c for c in children(first.pid) if "nats" in c[1]]
+        first.kill()
+        first.communicate(timeout=30)
+        await eventually(lambda: exited(server), timeout=30, what=f"{name} (pid {server}) exiting with its parent")
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.communicate()
+    again = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out = read_until(again, "ready")
+        assert "LEDGER: ok" in out, out
+        again.send_signal(signal.SIGINT)
+        _, err = again.communicate(timeout=30)
+        assert again.returncode == 0, err
+    finally:
+        if again.poll() is None:
+            again.kill()
+            again.communicate()
+
+
 def test_up_on_a_taken_port_is_one_clear_line(tmp_path: Path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
