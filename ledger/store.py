@@ -218,13 +218,15 @@ class EventStore:
     def replay(self, filters: str | Sequence[str] = subjects.family_filter("*"), *, stream: str | None = None,
                start_seq: int | None = None, start_time: datetime | None = None, end_seq: int | None = None,
                end_time: datetime | None = None, follow: bool = False, last_per_subject: bool = False,
-               batch: int = 2000) -> reader.Replay:
+               batch: int = 2000, patience: float | None = None) -> reader.Replay:
         """Batches of stored messages matching the filters, oldest first: `async for batch in ...`.
 
         Ends at the stream's current end (or `end_seq` / `end_time`) unless
         `follow` is set, in which case it goes on delivering new messages.
         `last_per_subject` starts with only the newest message of each subject
         (e.g. each agent's latest heartbeat) instead of the whole history.
+        Starting a replay waits through leader elections: a following one for as
+        long as it takes, a one-shot one `patience` seconds (default 30).
         """
         filters = [filters] if isinstance(filters, str) else list(filters)
         if not filters:
@@ -237,4 +239,4 @@ class EventStore:
         return reader.Replay(self.nc, stream, filters, start_seq=start_seq, start_time=start_time,
                              end_seq=end_seq, end_time=end_time, follow=follow,
                              last_per_subject=last_per_subject, batch=batch,
-                             timeout=self.settings.request_timeout)
+                             timeout=self.settings.request_timeout, patience=patience)
