@@ -61,9 +61,13 @@ async def open_connection(settings: Settings, name: str = "session-ledger",
     try:
         # nats-py applies max_reconnect_attempts to the first connect too: a few
         # tries there (so a wrong URL fails fast), then reconnect forever.
+        # Pings find a frozen server (its socket stays open, so nothing else would); the client then moves
+        # to another node of the cluster (the URLs given, and those the cluster announces).
         nc = await nats.connect(
             servers=servers, name=name, connect_timeout=settings.connect_timeout,
-            allow_reconnect=True, max_reconnect_attempts=2, reconnect_time_wait=0.5,
+            allow_reconnect=True, max_reconnect_attempts=2, reconnect_time_wait=settings.reconnect_time_wait,
+            ping_interval=settings.ping_interval, max_outstanding_pings=settings.max_outstanding_pings,
+            dont_randomize=not settings.randomize_servers,
             error_cb=error_cb, disconnected_cb=disconnected_cb, reconnected_cb=reconnected_cb,
         )
     except (NoServersError, OSError, asyncio.TimeoutError) as e:

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import contextlib
+import os
+import signal
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import nats
 import pytest
 
 from ledger import subjects
+from ledger.agent import Agent
 from ledger.client import Ledger
+from ledger.codec import Recorded
 from ledger.errors import Conflict
 from ledger.events import Producer
 from ledger.ids import new_id
@@ -18,6 +23,7 @@ from ledger.server import EmbeddedCluster
 from ledger.settings import Settings
 from ledger.store import EventStore
 from conftest import wait_for_jetstream
+from helpers import eventually
 from test_agent import race_agents
 from test_store import created, race
 
@@ -181,3 +187,67 @@ async def test_without_a_replicas_setting_the_cluster_streams_keep_their_three(c
     # Saying it explicitly still changes it: that is how a stream grows from R1 to R3.
     async with EventStore.connect(Settings(nats_url=cluster_store.settings.nats_url, replicas=1), check=False) as one:
         assert (await check_streams(one.nc.jsm(), one.settings))[subjects.LEDGER_STREAM] == {"num_replicas": (1, 3)}
+
+
+async def stream_leaders(store: EventStore) -> dict[str, str]:
+    """Stream name -> the server that leads it now."""
+    return {name: (await store.nc.jsm().stream_info(name)).cluster.leader  # type: ignore[union-attr]
+            for name in (subjects.LEDGER_STREAM, subjects.HEARTBEAT_STREAM)}
+
+
+async def freeze_under_agents(cluster: EmbeddedCluster, uid: str, ttl: float,
+                              pick: Callable[[dict[str, str]], str]) -> dict[str, object]:
+    """Three agents (ttl `ttl`, one session each) connected first to the node `pick` chooses, all cluster URLs
+    known; that node frozen (SIGSTOP) until every agent has had 2 x ttl of heartbeats acknowledged since.
+    Returns what to assert: fences seen, incarnations and sessions before / after, the nodes they moved to."""
+    base = Settings(nats_url=cluster.url, replicas=3)
+    async with EventStore.connect(base, ensure=True) as admin:
+        leaders = await stream_leaders(admin)
+    frozen = next(s for s in cluster.servers if s.config.name == pick(leaders))
+    assert frozen.pid is not None
+    order = [frozen.url, *(s.url for s in cluster.servers if s is not frozen)]
+    settings = base.replace(nats_url=",".join(order), randomize_servers=False).for_lease(ttl)
+    heartbeat = ttl / 6
+    fences: list[str] = []
+    async with contextlib.AsyncExitStack() as stack:
+        agents: list[Agent] = []
+        for i in range(3):
+            ledger = await stack.enter_async_context(Ledger.connect(settings, producer_id=f"{uid}-a{i}"))
+            agent = await stack.enter_async_context(Agent(
+                ledger, agent_id=f"{uid}-a{i}", pool=uid, heartbeat=heartbeat, ttl=ttl,
+                on_fenced=lambda why, i=i: fences.append(f"a{i}: {why}")))
+            sid, _ = await ledger.create_session(uid, session_id=f"{uid}-s{i}")
+            await agent.claim(sid)
+            agents.append(agent)
+        assert {a.store.nc.connected_url.port for a in agents} == {frozen.config.port}  # type: ignore[union-attr]
+        before = [(a.incarnation, sorted(a.owned)) for a in agents]
+        acked = [a.stats.beats_acked for a in agents]
+        enough = int(2 * ttl / heartbeat)
+        os.kill(frozen.pid, signal.SIGSTOP)
+        try:
+            await eventually(lambda: fences or all(a.stats.beats_acked >= n + enough for a, n in zip(agents, acked)),
+                             timeout=20 * ttl, interval=0.1, what=f"{enough} heartbeats of each agent acknowledged")
+            moved_to = {a.store.nc.connected_url.port for a in agents}  # type: ignore[union-attr]
+            after = [(a.incarnation, sorted(a.owned)) for a in agents]
+        finally:
+            os.kill(frozen.pid, signal.SIGCONT)
+        async with EventStore.connect(base) as reader:
+            written = [r.event.type_tag() for batch in [b async for b in reader.replay(
+                [subjects.family_filter("agent")], patience=RECOVERY_PATIENCE)] for r in batch
+                if isinstance(r, Recorded) and r.event.agent_id.startswith(uid)]  # type: ignore[attr-defined]
+    return {"fences": fences, "before": before, "after": after, "moved_to": moved_to, "frozen": frozen.config.port,
+            "written": written}
+
+
+@pytest.mark.timeout(300)
+async def test_freezing_a_node_that_leads_no_stream_fences_no_agent_connected_to_it(own_cluster: EmbeddedCluster,
+                                                                                   uid: str):
+    # A node leading neither LEDGER nor LEDGER_HB: of three nodes and two streams there is always one.
+    names = [s.config.name for s in own_cluster.servers]
+    seen = await freeze_under_agents(own_cluster, uid, ttl=6.0,
+                                     pick=lambda leaders: next(n for n in names if n not in leaders.values()))
+    assert seen["fences"] == []
+    assert seen["after"] == seen["before"]  # same incarnations, same sessions
+    assert seen["frozen"] not in seen["moved_to"]  # type: ignore[operator]
+    assert "agent.fenced" not in seen["written"] and "agent.declared_dead" not in seen["written"]
+    assert seen["written"].count("agent.registered") == 3, seen["written"]
