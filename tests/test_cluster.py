@@ -198,7 +198,7 @@ async def stream_leaders(store: EventStore) -> dict[str, str]:
 async def freeze_under_agents(cluster: EmbeddedCluster, uid: str, ttl: float,
                               pick: Callable[[dict[str, str]], str]) -> dict[str, object]:
     """Three agents (ttl `ttl`, one session each) connected first to the node `pick` chooses, all cluster URLs
-    known; that node frozen (SIGSTOP) until every agent has had 2 x ttl of heartbeats acknowledged since.
+    known; that node frozen (SIGSTOP) until every agent has had 1.5 x ttl of heartbeats acknowledged since.
     Returns what to assert: fences seen, incarnations and sessions before / after, the nodes they moved to."""
     base = Settings(nats_url=cluster.url, replicas=3)
     async with EventStore.connect(base, ensure=True) as admin:
@@ -222,7 +222,7 @@ async def freeze_under_agents(cluster: EmbeddedCluster, uid: str, ttl: float,
         assert {a.store.nc.connected_url.port for a in agents} == {frozen.config.port}  # type: ignore[union-attr]
         before = [(a.incarnation, sorted(a.owned)) for a in agents]
         acked = [a.stats.beats_acked for a in agents]
-        enough = int(2 * ttl / heartbeat)
+        enough = int(1.5 * ttl / heartbeat)
         os.kill(frozen.pid, signal.SIGSTOP)
         try:
             await eventually(lambda: fences or all(a.stats.beats_acked >= n + enough for a, n in zip(agents, acked)),
@@ -251,3 +251,17 @@ async def test_freezing_a_node_that_leads_no_stream_fences_no_agent_connected_to
     assert seen["frozen"] not in seen["moved_to"]  # type: ignore[operator]
     assert "agent.fenced" not in seen["written"] and "agent.declared_dead" not in seen["written"]
     assert seen["written"].count("agent.registered") == 3, seen["written"]
+
+
+@pytest.mark.timeout(300)
+async def test_freezing_the_heartbeat_streams_leader_fences_no_agent_whose_ttl_outlasts_an_election(
+        own_cluster: EmbeddedCluster, uid: str):
+    # Heartbeats cannot be acknowledged until the other two nodes elect a new leader: nats-server's Raft
+    # waits 4-9 s for that (measured here: first acknowledgement 4-7 s after the freeze, unloaded). A ttl
+    # shorter than an election cannot survive its leader's freeze; one well beyond it must.
+    seen = await freeze_under_agents(own_cluster, uid, ttl=20.0,
+                                     pick=lambda leaders: leaders[subjects.HEARTBEAT_STREAM])
+    assert seen["fences"] == []
+    assert seen["after"] == seen["before"]
+    assert seen["frozen"] not in seen["moved_to"]  # type: ignore[operator]
+    assert "agent.fenced" not in seen["written"] and "agent.declared_dead" not in seen["written"]
