@@ -390,7 +390,7 @@ class EmbeddedServer:
                     stdin=subprocess.DEVNULL,
                     pass_fds=(lock,),  # the child holds the lock for as long as it runs
                     start_new_session=True,  # Ctrl-C in a terminal reaches us, and we stop the child cleanly
-                    # Safe with threads here: it only calls prctl and getppid (no locks, no allocation).
+                    # Safe with threads here: it only calls prctl and getppid, no Python locks.
                     preexec_fn=_die_with_parent(os.getpid()),  # noqa: PLW1509
                 ))
             record_lock_holder(lock, self._proc.pid)

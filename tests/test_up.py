@@ -152,6 +152,39 @@ async def test_kill_9_of_up_takes_its_nats_server_along_and_up_starts_again(tmp_
             again.communicate()
 
 
+LEAVE_A_SERVER_BEHIND = """
+import fcntl, os, subprocess, sys
+from pathlib import Path
+from ledger.server import ServerConfig, find_binary
+data, port = Path(sys.argv[1]), int(sys.argv[2])
+data.mkdir(parents=True)
+conf = data / "nats-server.conf"
+conf.write_text(ServerConfig(data_dir=data, port=port, sync_always=False).render())
+lock = os.open(data / "nats-server.lock", os.O_RDWR | os.O_CREAT)
+fcntl.flock(lock, fcntl.LOCK_EX)
+# As `ledger up` did before its server died with it: the child keeps the lock, nothing ties it to us.
+child = subprocess.Popen([find_binary()[0], "-c", str(conf)], pass_fds=(lock,), start_new_session=True,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+print(child.pid)
+"""
+
+
+async def test_up_that_finds_a_server_left_behind_names_it_in_one_line(tmp_path: Path):
+    port, data = free_port(), tmp_path / "data"
+    made = subprocess.run([sys.executable, "-c", LEAVE_A_SERVER_BEHIND, str(data), str(port)], capture_output=True,
+                          text=True, timeout=60, check=True)
+    orphan = int(made.stdout)
+    try:
+        result = subprocess.run([*LEDGER, "up", "--port", str(port), "--data-dir", str(data)],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert result.stderr.count("\n") == 1, result.stderr
+        assert (f"is in use by nats-server (pid {orphan}, left running by a process that is gone): "
+                f"stop it with `kill {orphan}`") in result.stderr
+    finally:
+        os.kill(orphan, signal.SIGKILL)
+
+
 def test_up_on_a_taken_port_is_one_clear_line(tmp_path: Path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
