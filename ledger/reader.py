@@ -46,7 +46,7 @@ CONSUMER_CREATE_PATIENCE = 30.0
 CREATE_BACKOFF = 0.25
 CREATE_BACKOFF_MAX = 2.0
 """Pauses between consumer-creation attempts: doubling from the first to the second. Kept short: after a
-node is killed, about one creation in four times out for half a minute and more (the server still places
+node is killed, about one creation in four timed out for the 25 s we watched (the server still places
 some R1 consumers on the dead peer), and each failure already costs a whole request timeout."""
 CREATE_LOG_EVERY = 10.0
 """A following replay that cannot create its consumer says so this often (seconds)."""
