@@ -42,7 +42,14 @@ PULL_EXPIRES = 30.0
 PULL_HEARTBEAT = 2.0
 """Seconds between the server's idle heartbeats on a waiting pull request."""
 CONSUMER_CREATE_PATIENCE = 30.0
-"""Seconds to keep retrying consumer creation through a (meta) leader election."""
+"""Seconds a one-shot replay keeps retrying consumer creation through a (meta) leader election."""
+CREATE_BACKOFF = 0.25
+CREATE_BACKOFF_MAX = 2.0
+"""Pauses between consumer-creation attempts: doubling from the first to the second. Kept short: after a
+node is killed, about one creation in four timed out for the 25 s we watched (the server still places
+some R1 consumers on the dead peer), and each failure already costs a whole request timeout."""
+CREATE_LOG_EVERY = 10.0
+"""A following replay that cannot create its consumer says so this often (seconds)."""
 
 
 def parse_stamp(text: str) -> int:
@@ -96,6 +103,12 @@ def _msg_id_from_headers(raw: str | None) -> str | None:
         if sep and name.strip().lower() == codec.MSG_ID.lower():
             return value.strip()
     return None
+
+
+def _describe(e: Exception) -> str:
+    if isinstance(e, APIError):
+        return f"{e.description} (error {e.err_code})"
+    return str(e) or type(e).__name__
 
 
 async def _api(nc: NATS, subject: str, body: dict[str, object] | None, timeout: float) -> bytes:
@@ -226,7 +239,7 @@ class Replay:
     def __init__(self, nc: NATS, stream: str, filters: Sequence[str], *, start_seq: int | None = None,
                  start_time: datetime | None = None, end_seq: int | None = None, end_time: datetime | None = None,
                  follow: bool = False, last_per_subject: bool = False, batch: int = 2000,
-                 timeout: float = 5.0) -> None:
+                 timeout: float = 5.0, patience: float | None = None) -> None:
         self._nc = nc
         self._stream = stream
         self._filters = list(filters)
@@ -239,6 +252,8 @@ class Replay:
         self._last_per_subject = last_per_subject
         self._batch = batch
         self._timeout = timeout
+        self._patience = CONSUMER_CREATE_PATIENCE if patience is None else patience
+        """Seconds a one-shot replay tries to create its consumer (a following one never gives up)."""
         self._buf: list[Item] = []
         self._ready = asyncio.Event()
         self._finished = False
@@ -359,21 +374,41 @@ class Replay:
     # --- the consumer ----------------------------------------------------------------------
 
     async def _create(self) -> None:
-        """A new consumer from where we are, and the first request; retried through leader elections."""
+        """A new consumer from where we are, and the first request; retried through leader elections.
+
+        A following replay (projector, follower, agent watch) keeps trying for as long as it takes - a
+        cluster electing leaders under load can take longer than any patience we would pick - and says so
+        in the log; a one-shot replay gives up after `patience` with a one-line reason.
+        """
         jsm = self._nc.jsm(timeout=self._timeout)
-        deadline = time.monotonic() + max(CONSUMER_CREATE_PATIENCE, self._timeout)
+        started = time.monotonic()
+        attempts, told = 0, 0.0
         while True:
+            if self._finished:
+                return  # closed or interrupted while we were trying
             try:
                 info = await jsm.add_consumer(self._stream, config=self._config())
                 break
-            except (NatsTimeout, NoRespondersError, ServiceUnavailableError) as e:
-                if time.monotonic() > deadline:
-                    raise Unavailable(f"cannot start reading {self._stream}: {e or type(e).__name__}") from None
-                await asyncio.sleep(0.25)
-            except NotFoundError:
-                raise StreamMissing(f"stream {self._stream} does not exist: run `ledger init`") from None
-            except APIError as e:
-                raise StoreError(f"cannot read {self._stream}: {e.description} (error {e.err_code})") from None
+            except (NatsTimeout, NoRespondersError, ServiceUnavailableError, APIError) as e:
+                if isinstance(e, NotFoundError):
+                    raise StreamMissing(f"stream {self._stream} does not exist: run `ledger init`") from None
+                if isinstance(e, APIError) and not isinstance(e, ServiceUnavailableError) and (e.code or 0) < 500:
+                    raise StoreError(f"cannot read {self._stream}: {e.description} (error {e.err_code})") from None
+                attempts += 1
+                waited = time.monotonic() - started
+                why = _describe(e)
+                if not self._follow and waited > max(self._patience, self._timeout):
+                    raise Unavailable(f"cannot start reading {self._stream}: no consumer after {waited:.0f} s "
+                                      f"of trying ({why}); is a node of the cluster down or a leader being "
+                                      "elected? try again") from None
+                if self._follow and waited - told >= CREATE_LOG_EVERY:
+                    told = waited
+                    log.warning("replay of %s: no consumer yet after %.0f s (%s); the cluster may be electing a "
+                                "leader - still trying", self._stream, waited, why)
+                await asyncio.sleep(min(CREATE_BACKOFF * 2 ** min(attempts - 1, 8), CREATE_BACKOFF_MAX))
+        if told:
+            log.warning("replay of %s: consumer created after %.0f s (%d attempts)", self._stream,
+                        time.monotonic() - started, attempts + 1)
         self._delivery = 0
         self._outstanding = 0
         self._consumer = info.name

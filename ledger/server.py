@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import fcntl
 import logging
 import os
+import queue
 import re
 import shutil
 import signal
 import socket
 import subprocess
+import sys
+import threading
 import time
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -123,25 +127,168 @@ def check_port_free(host: str, port: int, what: str = "client") -> None:
         try:
             s.bind((host, port))
         except OSError:
-            raise PortInUse(
-                f"{what} port {host}:{port} is already in use: stop the other process or choose another port"
-            ) from None
+            pid = listener_pid(port)
+            by = f" by {describe_process(pid)}" if pid else ""
+            stop = f"stop it (`kill {pid}`)" if pid else "stop the other process"
+            raise PortInUse(f"{what} port {host}:{port} is already in use{by}: {stop} or choose another port") from None
+
+
+# --- who holds a port or a data directory (Linux /proc; elsewhere we only say that someone does) ---------------
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie has let go of its files and ports already
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _pids_with_fd(target: str) -> list[int]:
+    """Processes that have `target` (a path, or "socket:[inode]") open, as far as /proc lets us see."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError):
+            for fd in (proc / "fd").iterdir():
+                with contextlib.suppress(OSError):
+                    if os.readlink(fd) == target:
+                        found.append(int(proc.name))
+                        break
+    return found
+
+
+def listener_pid(port: int) -> int | None:
+    """The process listening on a TCP port, from /proc/net/tcp{,6}; None if it cannot be told."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                cols = line.split()
+                if len(cols) > 9 and cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:
+                    inodes.add(cols[9])
+    for inode in inodes:
+        pids = _pids_with_fd(f"socket:[{inode}]")
+        if pids:
+            return pids[0]
+    return None
+
+
+def describe_process(pid: int, started_by: int | None = None) -> str:
+    """'nats-server (pid 123, left running by a process that is gone)' - what a user needs to stop it.
+
+    `started_by`: the parent it had when it started; another parent now means it was orphaned.
+    """
+    try:
+        name = Path(f"/proc/{pid}/comm").read_text().strip()
+        ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return f"pid {pid}"
+    orphaned = ppid == 1 or (started_by is not None and started_by != ppid)
+    return f"{name} (pid {pid}{', left running by a process that is gone' if orphaned else ''})"
+
+
+def data_dir_holder(data_dir: Path) -> tuple[int, int | None] | None:
+    """(pid, its parent at start) of the live process holding the data directory's lock: the pids we wrote
+    in the lock file, or else whoever has the file open."""
+    lock_file = data_dir / "nats-server.lock"
+    with contextlib.suppress(OSError, ValueError):
+        child, parent = (int(x) for x in lock_file.read_text().split()[:2])
+        if _alive(child):
+            return child, parent
+    pids = [p for p in _pids_with_fd(str(lock_file.resolve())) if p != os.getpid()]
+    return (pids[0], None) if pids else None
 
 
 def lock_data_dir(data_dir: Path) -> int:
     """An exclusive lock on the data directory, as an fd to hand to the nats-server child.
 
     nats-server 2.14 happily opens a JetStream store that another server is
-    using, and two servers writing one store corrupt it.
+    using, and two servers writing one store corrupt it. The lock file names
+    the child holding it and its parent (`record_lock_holder`), so a refusal
+    can say which process to stop.
     """
     fd = os.open(data_dir / "nats-server.lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise DataDirInUse(f"{data_dir} is in use by another nats-server: stop it or choose another --data-dir") \
-            from None
+        holder = data_dir_holder(data_dir)
+        if holder is None:
+            raise DataDirInUse(f"{data_dir} is in use by another nats-server: stop it or choose another --data-dir") \
+                from None
+        raise DataDirInUse(f"{data_dir} is in use by {describe_process(*holder)}: stop it with `kill {holder[0]}` "
+                           "or choose another --data-dir") from None
     return fd
+
+
+def record_lock_holder(fd: int, child: int) -> None:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{child} {os.getpid()}\n".encode(), 0)
+
+
+# --- children that die with us ------------------------------------------------------------------------------------
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> Callable[[], None] | None:
+    """A preexec_fn asking Linux to SIGTERM the child when its parent goes, however it goes (kill -9 too).
+
+    Without it a killed `ledger up` leaves nats-server running, holding the port and the data directory.
+    SIGTERM, not SIGKILL: nats-server shuts down cleanly on it, and its store stays tidy.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the child should only call it
+    except (OSError, AttributeError):
+        return None
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the line above: no signal will come
+            os._exit(1)
+
+    return preexec
+
+
+class _Spawner:
+    """Forks every child from one thread that lives as long as the process.
+
+    PR_SET_PDEATHSIG fires when the *thread* that forked the child ends, not the
+    process: a server started from a worker thread (`asyncio.to_thread`, a
+    thread pool) would be killed as soon as that thread finished.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Future[subprocess.Popen[bytes]], Callable[[], subprocess.Popen[bytes]]]]
+        self._jobs = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def popen(self, start: Callable[[], subprocess.Popen[bytes]]) -> subprocess.Popen[bytes]:
+        done: Future[subprocess.Popen[bytes]] = Future()
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():  # not started yet, or we are a forked copy
+                self._thread = threading.Thread(target=self._run, name="nats-server-spawner", daemon=True)
+                self._thread.start()
+        self._jobs.put((done, start))
+        return done.result()
+
+    def _run(self) -> None:
+        while True:
+            done, start = self._jobs.get()
+            try:
+                done.set_result(start())
+            except BaseException as e:  # noqa: BLE001 - handed to the caller, which raises it
+                done.set_exception(e)
+
+
+_spawner = _Spawner()
 
 
 def _port_open(host: str, port: int) -> bool:
@@ -223,26 +370,30 @@ class EmbeddedServer:
         cfg = self.config
         path, self.version = find_binary(self.binary)
         self.binary = path
-        check_port_free(cfg.host, cfg.port)
-        if cfg.cluster_port is not None:
-            check_port_free(cfg.host, cfg.cluster_port, "cluster")
-        if cfg.monitor_port is not None:
-            check_port_free(cfg.host, cfg.monitor_port, "monitor")
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        # The data directory first: when an earlier server was left running, it is what names that server.
         lock = lock_data_dir(cfg.data_dir)
         try:
+            check_port_free(cfg.host, cfg.port)
+            if cfg.cluster_port is not None:
+                check_port_free(cfg.host, cfg.cluster_port, "cluster")
+            if cfg.monitor_port is not None:
+                check_port_free(cfg.host, cfg.monitor_port, "monitor")
             conf = cfg.data_dir / "nats-server.conf"
             conf.write_text(cfg.render())
             log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
             with open(self.log_path, "ab") as logfile:  # handed to the child, which keeps its own copy
-                self._proc = subprocess.Popen(
+                self._proc = _spawner.popen(lambda: subprocess.Popen(
                     [path, "-c", str(conf)],
                     stdout=logfile,
                     stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL,
-                    pass_fds=(lock,),  # the child holds the lock for as long as it runs, even if we die first
+                    pass_fds=(lock,),  # the child holds the lock for as long as it runs
                     start_new_session=True,  # Ctrl-C in a terminal reaches us, and we stop the child cleanly
-                )
+                    # Safe with threads here: it only calls prctl and getppid, no Python locks.
+                    preexec_fn=_die_with_parent(os.getpid()),  # noqa: PLW1509
+                ))
+            record_lock_holder(lock, self._proc.pid)
         finally:
             os.close(lock)  # ours; the child's copy keeps the directory locked
         self._wait_ready(log_offset)

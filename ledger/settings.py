@@ -12,6 +12,10 @@ from .errors import ConfigError
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 ENV_PREFIX = "LEDGER_"
+MIN_PING_INTERVAL = 0.5
+MIN_CONNECT_TIMEOUT = 1.0
+MIN_REQUEST_TIMEOUT = 1.0
+"""Floors of `Settings.for_lease`: below them a busy machine looks like a dead server."""
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
@@ -36,15 +40,27 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """Seconds to wait for one JetStream acknowledgement or API reply."""
     append_deadline: float = 15.0
     """Seconds an append keeps retrying (same event id) before giving up as ambiguous."""
-    connect_timeout: float = 5.0
+    connect_timeout: float = 2.0
+    """Seconds one connection attempt to one server may take (a frozen server accepts and never answers)."""
+    ping_interval: float = 2.0
+    """Seconds between the client's pings. A server that leaves `max_outstanding_pings` of them unanswered
+    is given up for another node of the cluster: a frozen node costs (1 + max) pings, not the 4-6 minutes
+    of nats-py's defaults."""
+    max_outstanding_pings: int = 2
+    reconnect_time_wait: float = 0.5
+    """Seconds before trying a server again that has just failed (the others are tried meanwhile)."""
+    randomize_servers: bool = True
+    """Connect to the cluster's URLs in random order (spreads clients); False: in the order given."""
 
     def __post_init__(self) -> None:
         if self.replicas not in (None, 1, 3, 5):
             raise ConfigError(f"replicas must be 1, 3 or 5, got {self.replicas}")
         for name in ("duplicate_window", "heartbeat_max_age", "dlq_max_age", "request_timeout",
-                     "append_deadline", "connect_timeout"):
+                     "append_deadline", "connect_timeout", "ping_interval", "reconnect_time_wait"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_outstanding_pings < 1:
+            raise ConfigError(f"max_outstanding_pings must be at least 1, got {self.max_outstanding_pings}")
         if self.heartbeat_per_agent < 1:
             raise ConfigError(f"heartbeat_per_agent must be at least 1, got {self.heartbeat_per_agent}")
         if self.duplicate_window > self.heartbeat_max_age:
@@ -65,6 +81,22 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             return msgspec.convert(values, cls, strict=False)
         except msgspec.ValidationError as e:
             raise ConfigError(f"invalid setting: {e}") from None
+
+    def for_lease(self, ttl: float) -> Settings:
+        """These settings, tightened for a process that must renew a lease of `ttl` seconds.
+
+        A silent server must be noticed, and another node reached, well within the lease: pings every
+        ttl/12 (given up after 2-3 of them, ttl/4), a connection attempt at most ttl/8, and no JetStream
+        request waiting longer than ttl/4 before it is sent again. Floors keep a loaded machine from
+        mistaking its own slowness for a dead server. Never loosens what is already tighter.
+        """
+        return self.replace(
+            ping_interval=min(self.ping_interval, max(ttl / 12, MIN_PING_INTERVAL)),
+            max_outstanding_pings=min(self.max_outstanding_pings, 2),
+            connect_timeout=min(self.connect_timeout, max(ttl / 8, MIN_CONNECT_TIMEOUT)),
+            reconnect_time_wait=min(self.reconnect_time_wait, max(ttl / 12, MIN_PING_INTERVAL)),
+            request_timeout=min(self.request_timeout, max(ttl / 4, MIN_REQUEST_TIMEOUT)),
+        )
 
     def replace(self, **changes: Any) -> Settings:
         return msgspec.structs.replace(self, **changes)

@@ -61,9 +61,13 @@ async def open_connection(settings: Settings, name: str = "session-ledger",
     try:
         # nats-py applies max_reconnect_attempts to the first connect too: a few
         # tries there (so a wrong URL fails fast), then reconnect forever.
+        # Pings find a frozen server (its socket stays open, so nothing else would); the client then moves
+        # to another node of the cluster (the URLs given, and those the cluster announces).
         nc = await nats.connect(
             servers=servers, name=name, connect_timeout=settings.connect_timeout,
-            allow_reconnect=True, max_reconnect_attempts=2, reconnect_time_wait=0.5,
+            allow_reconnect=True, max_reconnect_attempts=2, reconnect_time_wait=settings.reconnect_time_wait,
+            ping_interval=settings.ping_interval, max_outstanding_pings=settings.max_outstanding_pings,
+            dont_randomize=not settings.randomize_servers,
             error_cb=error_cb, disconnected_cb=disconnected_cb, reconnected_cb=reconnected_cb,
         )
     except (NoServersError, OSError, asyncio.TimeoutError) as e:
@@ -218,13 +222,15 @@ class EventStore:
     def replay(self, filters: str | Sequence[str] = subjects.family_filter("*"), *, stream: str | None = None,
                start_seq: int | None = None, start_time: datetime | None = None, end_seq: int | None = None,
                end_time: datetime | None = None, follow: bool = False, last_per_subject: bool = False,
-               batch: int = 2000) -> reader.Replay:
+               batch: int = 2000, patience: float | None = None) -> reader.Replay:
         """Batches of stored messages matching the filters, oldest first: `async for batch in ...`.
 
         Ends at the stream's current end (or `end_seq` / `end_time`) unless
         `follow` is set, in which case it goes on delivering new messages.
         `last_per_subject` starts with only the newest message of each subject
         (e.g. each agent's latest heartbeat) instead of the whole history.
+        Starting a replay waits through leader elections: a following one for as
+        long as it takes, a one-shot one `patience` seconds (default 30).
         """
         filters = [filters] if isinstance(filters, str) else list(filters)
         if not filters:
@@ -237,4 +243,4 @@ class EventStore:
         return reader.Replay(self.nc, stream, filters, start_seq=start_seq, start_time=start_time,
                              end_seq=end_seq, end_time=end_time, follow=follow,
                              last_per_subject=last_per_subject, batch=batch,
-                             timeout=self.settings.request_timeout)
+                             timeout=self.settings.request_timeout, patience=patience)

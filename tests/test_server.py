@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import nats
@@ -66,14 +68,42 @@ def test_taken_port_is_reported(tmp_path: Path):
 
 
 def test_a_data_dir_in_use_is_refused_while_its_server_runs(tmp_path: Path):
-    with EmbeddedServer(ServerConfig(data_dir=tmp_path, port=free_port())):
+    with EmbeddedServer(ServerConfig(data_dir=tmp_path, port=free_port())) as running:
         # Only the nats-server child holds the lock now: we closed our copy once it started.
-        with pytest.raises(DataDirInUse, match="in use by another nats-server"):
+        holder = f"in use by nats-server (pid {running.pid}): stop it with `kill {running.pid}`"
+        with pytest.raises(DataDirInUse, match=re.escape(holder)):
             EmbeddedServer(ServerConfig(data_dir=tmp_path, port=free_port())).start()
         result = run_cli("server", "--port", str(free_port()), "--data-dir", str(tmp_path))
-        assert_one_line_error(result, "in use by another nats-server")
+        assert_one_line_error(result, holder)
+        # Its port too, from another data directory: the message names the process to stop.
+        result = run_cli("up", "--port", str(running.config.port), "--data-dir", str(tmp_path / "other"))
+        assert_one_line_error(result, f"127.0.0.1:{running.config.port} is already in use by nats-server "
+                                      f"(pid {running.pid}): stop it (`kill {running.pid}`)")
     with EmbeddedServer(ServerConfig(data_dir=tmp_path, port=free_port())) as again:  # free once it stopped
         assert again.running
+
+
+def test_a_server_whose_starter_is_gone_is_called_left_running(tmp_path: Path):
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    with EmbeddedServer(ServerConfig(data_dir=tmp_path, port=free_port())) as running:
+        assert running.pid is not None
+        assert srv.describe_process(running.pid) == f"nats-server (pid {running.pid})"
+        assert srv.describe_process(running.pid, started_by=int(gone.stdout)) == (
+            f"nats-server (pid {running.pid}, left running by a process that is gone)")
+
+
+def test_a_server_started_from_a_short_lived_thread_outlives_the_thread(tmp_path: Path):
+    # The child is told to die with its parent; Linux means the forking *thread* by that.
+    server = EmbeddedServer(ServerConfig(data_dir=tmp_path, port=free_port()))
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(server.start).result()
+    try:  # the pool's thread has ended: the server must still answer
+        with socket.create_connection(("127.0.0.1", server.config.port), timeout=5) as conn:
+            assert conn.recv(4).startswith(b"INFO")
+        assert server.running
+    finally:
+        server.stop()
 
 
 def test_config_is_durable_by_default(tmp_path: Path):

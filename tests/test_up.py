@@ -103,6 +103,88 @@ async def test_up_on_an_existing_server_starts_none_of_its_own(settings: Setting
             proc.communicate()
 
 
+def children(pid: int) -> list[tuple[int, str]]:
+    """(pid, command name) of the live children of `pid`, from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            name, fields = stat.read_text().rsplit(")", 1)
+        except OSError:
+            continue
+        state, ppid = fields.split()[:2]
+        if int(ppid) == pid and state != "Z":
+            found.append((int(stat.parent.name), name.split("(", 1)[1]))
+    return found
+
+
+def exited(pid: int) -> bool:
+    """Gone, or a zombie (it has let go of its files and ports; whoever adopted it has not reaped it yet)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+async def test_kill_9_of_up_takes_its_nats_server_along_and_up_starts_again(tmp_path: Path):
+    port, data = free_port(), tmp_path / "data"
+    command = [*LEDGER, "up", "--port", str(port), "--data-dir", str(data), "--grace", "0"]
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        read_until(first, "ready")
+        [(server, name)] = [c for c in children(first.pid) if "nats" in c[1]]
+        first.kill()
+        first.communicate(timeout=30)
+        await eventually(lambda: exited(server), timeout=30, what=f"{name} (pid {server}) exiting with its parent")
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.communicate()
+    again = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out = read_until(again, "ready")
+        assert "LEDGER: ok" in out, out
+        again.send_signal(signal.SIGINT)
+        _, err = again.communicate(timeout=30)
+        assert again.returncode == 0, err
+    finally:
+        if again.poll() is None:
+            again.kill()
+            again.communicate()
+
+
+LEAVE_A_SERVER_BEHIND = """
+import fcntl, os, subprocess, sys
+from pathlib import Path
+from ledger.server import ServerConfig, find_binary
+data, port = Path(sys.argv[1]), int(sys.argv[2])
+data.mkdir(parents=True)
+conf = data / "nats-server.conf"
+conf.write_text(ServerConfig(data_dir=data, port=port, sync_always=False).render())
+lock = os.open(data / "nats-server.lock", os.O_RDWR | os.O_CREAT)
+fcntl.flock(lock, fcntl.LOCK_EX)
+# As `ledger up` did before its server died with it: the child keeps the lock, nothing ties it to us.
+child = subprocess.Popen([find_binary()[0], "-c", str(conf)], pass_fds=(lock,), start_new_session=True,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+print(child.pid)
+"""
+
+
+def test_up_that_finds_a_server_left_behind_names_it_in_one_line(tmp_path: Path):
+    port, data = free_port(), tmp_path / "data"
+    made = subprocess.run([sys.executable, "-c", LEAVE_A_SERVER_BEHIND, str(data), str(port)], capture_output=True,
+                          text=True, timeout=60, check=True)
+    orphan = int(made.stdout)
+    try:
+        result = subprocess.run([*LEDGER, "up", "--port", str(port), "--data-dir", str(data)],
+                                capture_output=True, text=True, timeout=60, check=False)
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert result.stderr.count("\n") == 1, result.stderr
+        assert (f"is in use by nats-server (pid {orphan}, left running by a process that is gone): "
+                f"stop it with `kill {orphan}`") in result.stderr
+    finally:
+        os.kill(orphan, signal.SIGKILL)
+
+
 def test_up_on_a_taken_port_is_one_clear_line(tmp_path: Path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -40,7 +40,8 @@ async def agent_command(agent_id: str, pool: str, platform: str, region: str, ca
     def say(line: str) -> None:
         echo(f"{datetime.now().strftime('%H:%M:%S.%f')[:-3]} {agent_id}: {line}")
 
-    async with Ledger.connect(settings_from(nats_url), producer_id=agent_id, name=f"ledger-agent-{agent_id}") as ledger:
+    settings = settings_from(nats_url).for_lease(ttl)  # a frozen server is left well within the lease
+    async with Ledger.connect(settings, producer_id=agent_id, name=f"ledger-agent-{agent_id}") as ledger:
         from consumers import agent_process  # the CLI is where the packages meet
 
         await agent_process.run(ledger, agent_id=agent_id, pool=pool, platform=platform, region=region,
