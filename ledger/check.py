@@ -455,9 +455,8 @@ class Checker:
                        f"> ttl {mine.ttl:g}s + grace {self.grace:g}s"))
 
 
-def check(messages: Iterable[RawMessage], *, grace: float = DEFAULT_GRACE, now_ns: int | None = None,
-          since_ns: int | None = None) -> Report:
-    """Every violation in a history: LEDGER messages in sequence order, heartbeats merged in by stored time.
+def fold(messages: Iterable[RawMessage], *, grace: float = DEFAULT_GRACE, since_ns: int | None = None) -> Checker:
+    """A checker fed a whole history: LEDGER messages in sequence order, heartbeats merged in by stored time.
 
     The two streams have separate sequences; only the stranded rule reads heartbeats, and it only needs each
     agent's newest beat, so heartbeats are ordered by stored time relative to the lifecycle events.
@@ -471,7 +470,13 @@ def check(messages: Iterable[RawMessage], *, grace: float = DEFAULT_GRACE, now_n
     checker = Checker(grace=grace, since_ns=since_ns)
     for m in _merge(ledger, beats):
         checker.feed(m)
-    return checker.finish(now_ns)
+    return checker
+
+
+def check(messages: Iterable[RawMessage], *, grace: float = DEFAULT_GRACE, now_ns: int | None = None,
+          since_ns: int | None = None) -> Report:
+    """Every violation in a history (see `fold` for the order); "now" defaults to the newest stored time."""
+    return fold(messages, grace=grace, since_ns=since_ns).finish(now_ns)
 
 
 def _merge(ledger: list[RawMessage], beats: list[RawMessage]) -> Iterable[RawMessage]:
