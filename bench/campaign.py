@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import nats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -73,11 +74,16 @@ class FaultResult(msgspec.Struct, kw_only=True):
     differing_tables: list[str] = []
     unsettled_agents: list[str] = []
     """Agents whose current incarnation is not alive and beating (fenced, dead, gone or silent) after SETTLE."""
+    lost_owner_sessions: list[str] = []
+    """Sessions still assigned to a superseded, dead, gone or fenced owner after SETTLE."""
     seconds: float = 0.0
+    happened: dict[str, int] = {}
+    """What the fleet wrote since the previous verification: fences, deaths, re-registrations, claims."""
 
     @property
     def ok(self) -> bool:
-        return not (self.missing or self.violations or self.unsettled_agents) and self.projection_equal
+        return not (self.missing or self.violations or self.unsettled_agents or self.lost_owner_sessions) \
+            and self.projection_equal
 
 
 # --- processes ------------------------------------------------------------------------------------------------
@@ -242,6 +248,22 @@ def dump(path: Path) -> dict[str, list[tuple[Any, ...]]]:
         return out
 
 
+WATCHED = {"agent.fenced": "fenced", "agent.declared_dead": "dead", "agent.registered": "registered",
+           "session.claimed": "claims", "session.orphaned": "orphaned"}
+
+
+def happened(messages: list[RawMessage], after: int) -> dict[str, int]:
+    """Counts of the fleet's telling events in LEDGER after sequence `after` (from the subject's verb)."""
+    counts: Counter[str] = Counter()
+    for m in messages:
+        if m.stream == subjects.LEDGER_STREAM and m.seq > after:
+            parts = m.subject.split(".")
+            name = WATCHED.get(f"{parts[1]}.{parts[3]}") if len(parts) == 5 else None
+            if name:
+                counts[name] += 1
+    return dict(counts)
+
+
 def checkpoints(path: Path) -> dict[str, int]:
     if not path.exists():
         return {}
@@ -301,6 +323,7 @@ class Campaign:
         workdir.mkdir(parents=True, exist_ok=True)
         self.fleet = Fleet(url, workdir, **fleet)
         self.results: list[FaultResult] = []
+        self._seen = 0
         self.store: EventStore | None = None
         self.writer: Writer | None = None
         self._stack = contextlib.AsyncExitStack()
@@ -332,25 +355,27 @@ class Campaign:
         return [*await read_raw(self.store.nc, subjects.LEDGER_STREAM, timeout),
                 *await read_raw(self.store.nc, subjects.HEARTBEAT_STREAM, timeout)]
 
-    async def _unsettled(self) -> list[str]:
-        """Agents whose current incarnation is not alive with a beat within its ttl of the log's newest time."""
+    async def _unsettled(self) -> tuple[list[str], list[str]]:
+        """(agents whose current incarnation is not alive with a beat within its ttl of the log's newest time,
+        sessions still assigned to a lost owner): what must be gone once the fleet has settled after a fault."""
         try:
             messages = await self.read()
         except LedgerError as e:
-            return [f"(log unreadable: {e})"]
+            return [f"(log unreadable: {e})"], []
         checker = fold(messages)
         now = checker.last_ns
-        bad = []
+        agents = []
         for name, child in self.fleet.agents.items():
             cur = checker.current(name)
             fresh = cur is not None and cur.last_beat_ns is not None and now - cur.last_beat_ns < cur.ttl * 1e9
             if cur is None or cur.status != "alive" or not fresh or not child.alive:
-                bad.append(f"{name}: {cur.status if cur else 'unregistered'}"
-                           f"{'' if fresh else ', no fresh beat'}{'' if child.alive else ', process ended'}")
-        return bad
+                agents.append(f"{name}: {cur.status if cur else 'unregistered'}"
+                              f"{'' if fresh else ', no fresh beat'}{'' if child.alive else ', process ended'}")
+        return agents, checker.held_by_lost_owners()
 
     async def _agents_settled(self) -> bool:
-        return not await self._unsettled()
+        agents, sessions = await self._unsettled()
+        return not agents and not sessions
 
     # --- verifying -----------------------------------------------------------------------------------------
 
@@ -358,12 +383,15 @@ class Campaign:
         started = time.monotonic()
         assert self.store is not None and self.writer is not None
         result = FaultResult(fault=fault, detail=detail)
+        result.detail += await self.fault_over()
         await until(self._agents_settled, SETTLE)
-        result.unsettled_agents = await self._unsettled()
+        result.unsettled_agents, result.lost_owner_sessions = await self._unsettled()
         acks = list(self.writer.acks)
         messages = await self.read()
         by_seq = {m.seq: m for m in messages if m.stream == subjects.LEDGER_STREAM}
         result.acks_checked = len(acks)
+        result.happened = happened(messages, self._seen)
+        self._seen = max(by_seq, default=0)
         for seq, event_id in acks:
             m = by_seq.get(seq)
             stored_id = None
@@ -396,9 +424,17 @@ class Campaign:
         await asyncio.to_thread(snapshot_copy, db, live)
         await rebuild_to(self.store, rebuilt, checkpoints(live))
         a, b = dump(live), dump(rebuilt)
-        return a == b, sorted(t for t in a if a[t] != b.get(t))
+        differing = sorted(t for t in a if a[t] != b.get(t))
+        wanted, got = checkpoints(live), checkpoints(rebuilt)
+        if wanted != got:  # the rebuild's replays ended elsewhere than asked: say so, it is not a fold difference
+            differing.append(f"rebuild reached {got}, asked for {wanted}")
+        return a == b, differing
 
     # --- faults --------------------------------------------------------------------------------------------
+
+    async def fault_over(self) -> str:
+        """Wait (bounded) until the servers are whole again; returns what is still wrong, for the detail."""
+        return ""
 
     async def kill_child(self, child: Child, *, down: tuple[float, float] = (0.0, 1.0)) -> FaultResult:
         await self.load_for(0.5, 2.5)
@@ -425,6 +461,38 @@ class ClusterCampaign(Campaign):
 
         name = await until(found, SETTLE)
         return next(s for s in self.cluster.servers if s.config.name == name)
+
+    async def _views(self) -> list[tuple[str | None, bool, int]]:
+        """Each node's own answer, per stream: (leader, every replica current and online, last sequence)."""
+        views = []
+        for server in self.cluster.servers:
+            nc = await nats.connect(server.url, connect_timeout=2, max_reconnect_attempts=0, allow_reconnect=False)
+            try:
+                for stream in (subjects.LEDGER_STREAM, subjects.HEARTBEAT_STREAM):
+                    info = await nc.jsm(timeout=2).stream_info(stream)
+                    peers = info.cluster.replicas or [] if info.cluster else []
+                    views.append((info.cluster.leader if info.cluster else None,
+                                  len(peers) == 2 and all(p.current and not p.offline for p in peers),
+                                  info.state.last_seq))
+            finally:
+                await nc.close()
+        return views
+
+    async def fault_over(self) -> str:
+        """Every node answers, names the same leader of each stream, and sees every replica current.
+
+        Right after SIGCONT a deposed leader can still answer for a moment with its old view of a stream;
+        reading then would judge a past that the rest of the cluster has moved on from."""
+
+        async def whole() -> bool:
+            try:
+                views = await self._views()
+            except Exception:  # noqa: BLE001 - a node still starting or electing: ask again
+                return False
+            leaders = {stream: {v[0] for v in views[i::2]} for i, stream in enumerate("LH")}
+            return all(len(ls) == 1 and None not in ls for ls in leaders.values()) and all(v[1] for v in views)
+
+        return "" if await until(whole, SETTLE, interval=0.5) else "; the cluster did not become whole"
 
     async def kill_leader(self) -> FaultResult:
         await self.load_for(0.5, 2.5)
@@ -464,20 +532,30 @@ class NodeCampaign(Campaign):
         return await self.verify("kill -9 fsync server", "sync_interval: always, restarted")
 
 
-async def create_streams(url: str, replicas: int) -> None:
-    async with EventStore.connect(Settings(nats_url=url, replicas=replicas), ensure=True):
-        pass
+async def create_streams(url: str, replicas: int, patience: float = 60.0) -> None:
+    """The ledger's streams, once JetStream answers (a new cluster elects its meta leader first)."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            async with EventStore.connect(Settings(nats_url=url, replicas=replicas), ensure=True):
+                return
+        except Exception:  # noqa: BLE001 - not ready yet; the deadline bounds it
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.5)
 
 
 # --- the table --------------------------------------------------------------------------------------------------
 
-HEADER = f"{'fault':<28} {'acks checked':>12} {'missing':>8} {'violations':>10} {'proj=rebuild':>12} " \
-         f"{'unsettled':>9} {'s':>6}"
+HEADER = (f"{'fault':<28} {'acks checked':>12} {'missing':>8} {'violations':>10} {'proj=rebuild':>12} "
+          f"{'unsettled':>9} {'lost own':>8} {'s':>6}  meanwhile")
 
 
 def row(r: FaultResult) -> str:
     return (f"{r.fault:<28} {r.acks_checked:>12,} {len(r.missing):>8} {len(r.violations):>10} "
-            f"{'yes' if r.projection_equal else 'NO':>12} {len(r.unsettled_agents):>9} {r.seconds:>6.1f}")
+            f"{'yes' if r.projection_equal else 'NO':>12} {len(r.unsettled_agents):>9} "
+            f"{len(r.lost_owner_sessions):>8} {r.seconds:>6.1f}  "
+            + ", ".join(f"{k} {v}" for k, v in sorted(r.happened.items())))
 
 
 def summary(results: list[FaultResult]) -> list[str]:
@@ -491,6 +569,8 @@ def summary(results: list[FaultResult]) -> list[str]:
             lines.append(f"  after {r.fault}: {v.kind} #{v.seq} {v.entity}: {v.detail}")
         if r.unsettled_agents:
             lines.append(f"  after {r.fault}: unsettled {', '.join(r.unsettled_agents)}")
+        if r.lost_owner_sessions:
+            lines.append(f"  after {r.fault}: sessions with a lost owner {', '.join(r.lost_owner_sessions[:10])}")
         if r.differing_tables:
             lines.append(f"  after {r.fault}: differing {', '.join(r.differing_tables)}")
     return lines

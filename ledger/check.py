@@ -421,6 +421,22 @@ class Checker:
         return Report(violations=self.violations, messages=dict(self.messages), events=self.events,
                       not_events=self.not_events, now_ns=now)
 
+    def held_by_lost_owners(self) -> list[str]:
+        """Sessions assigned right now to a superseded, dead, gone or fenced incarnation (and not held on purpose
+        by an open breaker): what the reclaimer still has to move. Stranded once that takes ttl + grace."""
+        out = []
+        for sid, s in self.sessions.items():
+            regs = self.agents.get(s.owner or "", []) if s.status == "assigned" else []
+            if not regs:
+                continue
+            cur = regs[-1]
+            if cur.seq != s.incarnation:
+                out.append(sid)
+            elif cur.status in ("gone", "fenced") or (
+                    cur.status == "dead" and not self.breakers.get(cur.pool, _Breaker()).open):
+                out.append(sid)
+        return sorted(out)
+
     def _stranded(self, sid: str, s: _Session, now_ns: int) -> None:
         regs = self.agents.get(s.owner or "", [])
         mine = next((r for r in regs if r.seq == s.incarnation), None)
