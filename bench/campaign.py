@@ -40,10 +40,12 @@ import nats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ledger import decide  # noqa: E402
+from ledger import (
+    decide,  # noqa: E402
+    subjects,  # noqa: E402
+)
 from ledger import events as ev  # noqa: E402
 from ledger import lifecycle as lc  # noqa: E402
-from ledger import subjects  # noqa: E402
 from ledger.check import DEFAULT_GRACE, RawMessage, Report, Violation, check, fold  # noqa: E402
 from ledger.cli.check import read_raw  # noqa: E402
 from ledger.client import Ledger  # noqa: E402
@@ -367,7 +369,8 @@ class Campaign:
         agents = []
         for name, child in self.fleet.agents.items():
             cur = checker.current(name)
-            fresh = cur is not None and cur.last_beat_ns is not None and now - cur.last_beat_ns < cur.ttl * 1e9
+            beat = checker.last_beat(name, cur.seq) if cur is not None else None
+            fresh = cur is not None and beat is not None and now - beat < cur.ttl * 1e9
             if cur is None or cur.status != "alive" or not fresh or not child.alive:
                 agents.append(f"{name}: {cur.status if cur else 'unregistered'}"
                               f"{'' if fresh else ', no fresh beat'}{'' if child.alive else ', process ended'}")

@@ -128,7 +128,6 @@ class _Incarnation(msgspec.Struct, kw_only=True):
     status: str = "alive"
     status_seq: int = 0
     status_ns: int = 0
-    last_beat_ns: int | None = None
 
 
 class _Session(msgspec.Struct, kw_only=True):
@@ -217,6 +216,8 @@ class Checker:
         self.sessions: dict[str, _Session] = {}
         self.routes: dict[str, _Route] = {}
         self.breakers: dict[str, _Breaker] = {}
+        self.beats: dict[tuple[str, int], int] = {}
+        """Newest stored time of a beat per (agent, incarnation): all the stranded rule needs of heartbeats."""
         self._msg: RawMessage | None = None
         self._entity = ""
 
@@ -235,12 +236,21 @@ class Checker:
 
     # --- agents ----------------------------------------------------------------------------------------------
 
+    def last_beat(self, agent_id: str, incarnation: int) -> int | None:
+        return self.beats.get((agent_id, incarnation))
+
     def current(self, agent_id: str) -> _Incarnation | None:
         regs = self.agents.get(agent_id)
         return regs[-1] if regs else None
 
     def _agent_event(self, tag: str, e: dict[str, Any], m: RawMessage) -> None:
         agent_id = _str(e, "agent_id") or ""
+        if tag == "agent.heartbeat":
+            incarnation = _int(e, "incarnation")
+            if incarnation is not None:
+                key = (agent_id, incarnation)
+                self.beats[key] = max(self.beats.get(key, 0), m.stored_ns)
+            return
         if tag == "agent.registered":
             self.agents.setdefault(agent_id, []).append(_Incarnation(
                 seq=m.seq, pool=_str(e, "pool") or "", ttl=_num(e, "ttl", DEFAULT_TTL), registered_ns=m.stored_ns,
@@ -249,9 +259,6 @@ class Checker:
         cur = self.current(agent_id)
         # Events of an older incarnation change nothing (the folds flag them; they are not violations).
         if cur is None or _int(e, "incarnation") != cur.seq:
-            return
-        if tag == "agent.heartbeat":
-            cur.last_beat_ns = m.stored_ns
             return
         new = _LOST_STATUSES.get(tag)
         if tag == "agent.draining" and cur.status == "alive":
@@ -430,9 +437,7 @@ class Checker:
             if not regs:
                 continue
             cur = regs[-1]
-            if cur.seq != s.incarnation:
-                out.append(sid)
-            elif cur.status in ("gone", "fenced") or (
+            if cur.seq != s.incarnation or cur.status in ("gone", "fenced") or (
                     cur.status == "dead" and not self.breakers.get(cur.pool, _Breaker()).open):
                 out.append(sid)
         return sorted(out)
@@ -450,7 +455,8 @@ class Checker:
             lost_ns, why, related = mine.status_ns, f"{mine.status} since #{mine.status_seq}", mine.status_seq
             held_by_breaker = mine.status == "dead"
         else:
-            last = mine.last_beat_ns if mine.last_beat_ns is not None else mine.registered_ns
+            beat = self.last_beat(s.owner or "", mine.seq)
+            last = beat if beat is not None else mine.registered_ns
             lost_ns = last + int(mine.ttl * 1e9)
             why, related = f"silent: no beat of incarnation #{mine.seq} for its ttl {mine.ttl:g}s", mine.seq
             held_by_breaker = True
@@ -472,38 +478,28 @@ class Checker:
 
 
 def fold(messages: Iterable[RawMessage], *, grace: float = DEFAULT_GRACE, since_ns: int | None = None) -> Checker:
-    """A checker fed a whole history: LEDGER messages in sequence order, heartbeats merged in by stored time.
+    """A checker fed a whole history: LEDGER messages in sequence order, heartbeats in any order.
 
-    The two streams have separate sequences; only the stranded rule reads heartbeats, and it only needs each
-    agent's newest beat, so heartbeats are ordered by stored time relative to the lifecycle events.
+    Heartbeats only tell the stranded rule each incarnation's newest beat, so where they fall between the
+    lifecycle events does not matter (a reader may feed each stream as it comes, batch by batch).
     """
     ledger: list[RawMessage] = []
-    beats: list[RawMessage] = []
-    for m in messages:
-        (beats if m.stream == HEARTBEATS else ledger).append(m)
-    ledger.sort(key=lambda m: m.seq)
-    beats.sort(key=lambda m: (m.stored_ns, m.seq))
     checker = Checker(grace=grace, since_ns=since_ns)
-    for m in _merge(ledger, beats):
+    for m in messages:
+        if m.stream == HEARTBEATS:
+            checker.feed(m)
+        else:
+            ledger.append(m)
+    ledger.sort(key=lambda m: m.seq)
+    for m in ledger:
         checker.feed(m)
     return checker
 
 
 def check(messages: Iterable[RawMessage], *, grace: float = DEFAULT_GRACE, now_ns: int | None = None,
           since_ns: int | None = None) -> Report:
-    """Every violation in a history (see `fold` for the order); "now" defaults to the newest stored time."""
+    """Every violation in a history (see `fold`); "now" defaults to the newest stored time read."""
     return fold(messages, grace=grace, since_ns=since_ns).finish(now_ns)
-
-
-def _merge(ledger: list[RawMessage], beats: list[RawMessage]) -> Iterable[RawMessage]:
-    """LEDGER in sequence order, each beat placed before the first lifecycle event stored after it."""
-    i = 0
-    for m in ledger:
-        while i < len(beats) and beats[i].stored_ns <= m.stored_ns:
-            yield beats[i]
-            i += 1
-        yield m
-    yield from beats[i:]
 
 
 def to_utc(ns: int) -> datetime:

@@ -13,10 +13,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import wait_for_jetstream
-from ledger.server import EmbeddedCluster, EmbeddedServer, ServerConfig, free_port
 from projection_helpers import NOT_COMPARED, STATE_TABLES, dump
+
+from ledger.server import EmbeddedCluster, EmbeddedServer, ServerConfig, free_port
 from projections.schema import TABLES
 
 

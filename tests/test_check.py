@@ -16,15 +16,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given, settings as hsettings, strategies as st
-
 from fleet import agents, consumers, ledger_on
 from helpers import eventually
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
+
 from ledger import check as ck
-from ledger import codec
+from ledger import codec, reader
 from ledger import events as ev
 from ledger import lifecycle as lc
-from ledger import reader
 from ledger.check import RawMessage, check
 from ledger.server import EmbeddedServer
 from ledger.settings import Settings

@@ -22,7 +22,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from .. import reader, subjects, tasks
-from ..check import DEFAULT_GRACE, HEARTBEATS, LEDGER, RawMessage, Report, check, to_utc
+from ..check import DEFAULT_GRACE, HEARTBEATS, LEDGER, Checker, RawMessage, Report, to_utc
 from ..codec import to_ns
 from ..errors import Unavailable
 from ..store import EventStore
@@ -61,7 +61,7 @@ async def _raw_batch(nc: NATS, stream: str, start: int, min_last: int, timeout: 
         await nc.publish(f"{reader.API_PREFIX}.DIRECT.GET.{stream}", _json.encode(req), reply=inbox)
         try:
             pending = await tasks.wait_for(done, timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise Unavailable(f"direct get on {stream} timed out after {timeout:.1f} s") from None
     finally:
         with contextlib.suppress(Exception):
@@ -70,8 +70,11 @@ async def _raw_batch(nc: NATS, stream: str, start: int, min_last: int, timeout: 
 
 
 async def read_raw(nc: NATS, stream: str, timeout: float, progress: Callable[[str, int, int], None] | None = None,
-                   patience: float = PATIENCE) -> list[RawMessage]:
-    """Every message of `stream` up to its last sequence now, raw and in order."""
+                   patience: float = PATIENCE, on_batch: Callable[[list[RawMessage]], None] | None = None,
+                   ) -> list[RawMessage]:
+    """Every message of `stream` up to its last sequence now, raw and in order.
+
+    With `on_batch`, each batch is handed to it instead of being kept (a long history in bounded memory)."""
     deadline = time.monotonic() + patience
     while True:
         try:
@@ -82,6 +85,7 @@ async def read_raw(nc: NATS, stream: str, timeout: float, progress: Callable[[st
                 raise
             await asyncio.sleep(0.5)
     out: list[RawMessage] = []
+    read = 0
     start, last = max(state.first_seq, 1), state.last_seq
     delay = 0.2
     while last and start <= last:
@@ -95,9 +99,13 @@ async def read_raw(nc: NATS, stream: str, timeout: float, progress: Callable[[st
             continue
         deadline, delay = time.monotonic() + patience, 0.2
         batch = [m for m in batch if m.seq <= last]
-        out.extend(batch)
+        read += len(batch)
+        if on_batch is not None:
+            on_batch(batch)
+        else:
+            out.extend(batch)
         if progress:
-            progress(stream, len(out), state.messages)
+            progress(stream, read, state.messages)
         if not batch or pending == 0:
             break
         start = batch[-1].seq + 1
@@ -115,10 +123,16 @@ async def run_check(nc: NATS, timeout: float, *, grace: float = DEFAULT_GRACE, s
         shown[0] = time.monotonic()
         click.echo(f"reading {stream}: {done:,} of {total:,} messages", err=True)
 
-    messages = await read_raw(nc, LEDGER, timeout, progress)
-    messages += await read_raw(nc, HEARTBEATS, timeout, progress)
-    return check(messages, grace=grace, since_ns=to_ns(since) if since else None,
-                 now_ns=to_ns(now) if now else None)
+    checker = Checker(grace=grace, since_ns=to_ns(since) if since else None)
+
+    def feed(batch: list[RawMessage]) -> None:
+        for m in batch:
+            checker.feed(m)
+
+    # Heartbeats in any order, LEDGER in sequence order (see ledger.check.fold); neither is held in memory.
+    await read_raw(nc, HEARTBEATS, timeout, progress, on_batch=feed)
+    await read_raw(nc, LEDGER, timeout, progress, on_batch=feed)
+    return checker.finish(to_ns(now) if now else None)
 
 
 def table(report: Report) -> list[str]:
