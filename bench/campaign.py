@@ -79,13 +79,15 @@ class FaultResult(msgspec.Struct, kw_only=True):
     lost_owner_sessions: list[str] = []
     """Sessions still assigned to a superseded, dead, gone or fenced owner after SETTLE."""
     seconds: float = 0.0
+    servers_whole: bool = True
+    """The servers were whole again (one leader per stream that every node names, every replica current)."""
     happened: dict[str, int] = {}
     """What the fleet wrote since the previous verification: fences, deaths, re-registrations, claims."""
 
     @property
     def ok(self) -> bool:
         return not (self.missing or self.violations or self.unsettled_agents or self.lost_owner_sessions) \
-            and self.projection_equal
+            and self.projection_equal and self.servers_whole
 
 
 # --- processes ------------------------------------------------------------------------------------------------
@@ -386,7 +388,7 @@ class Campaign:
         started = time.monotonic()
         assert self.store is not None and self.writer is not None
         result = FaultResult(fault=fault, detail=detail)
-        result.detail += await self.fault_over()
+        result.servers_whole = await self.fault_over()
         await until(self._agents_settled, SETTLE)
         result.unsettled_agents, result.lost_owner_sessions = await self._unsettled()
         acks = list(self.writer.acks)
@@ -435,9 +437,9 @@ class Campaign:
 
     # --- faults --------------------------------------------------------------------------------------------
 
-    async def fault_over(self) -> str:
-        """Wait (bounded) until the servers are whole again; returns what is still wrong, for the detail."""
-        return ""
+    async def fault_over(self) -> bool:
+        """Wait (bounded) until the servers are whole again; False if they are not."""
+        return True
 
     async def kill_child(self, child: Child, *, down: tuple[float, float] = (0.0, 1.0)) -> FaultResult:
         await self.load_for(0.5, 2.5)
@@ -481,7 +483,7 @@ class ClusterCampaign(Campaign):
                 await nc.close()
         return views
 
-    async def fault_over(self) -> str:
+    async def fault_over(self) -> bool:
         """Every node answers, names the same leader of each stream, and sees every replica current.
 
         Right after SIGCONT a deposed leader can still answer for a moment with its old view of a stream;
@@ -495,7 +497,7 @@ class ClusterCampaign(Campaign):
             leaders = {stream: {v[0] for v in views[i::2]} for i, stream in enumerate("LH")}
             return all(len(ls) == 1 and None not in ls for ls in leaders.values()) and all(v[1] for v in views)
 
-        return "" if await until(whole, SETTLE, interval=0.5) else "; the cluster did not become whole"
+        return bool(await until(whole, SETTLE, interval=0.5))
 
     async def kill_leader(self) -> FaultResult:
         await self.load_for(0.5, 2.5)
@@ -572,6 +574,8 @@ def summary(results: list[FaultResult]) -> list[str]:
             lines.append(f"  after {r.fault}: {v.kind} #{v.seq} {v.entity}: {v.detail}")
         if r.unsettled_agents:
             lines.append(f"  after {r.fault}: unsettled {', '.join(r.unsettled_agents)}")
+        if not r.servers_whole:
+            lines.append(f"  after {r.fault}: the cluster did not become whole within {SETTLE:g}s")
         if r.lost_owner_sessions:
             lines.append(f"  after {r.fault}: sessions with a lost owner {', '.join(r.lost_owner_sessions[:10])}")
         if r.differing_tables:

@@ -79,6 +79,34 @@ _MAY_BECOME = {"dead": ("alive", "draining"), "gone": ("alive", "draining", "dra
                "fenced": ("alive", "draining", "dead")}
 
 
+# The fields each event type cannot do without (what a decoder must refuse an event for lacking), so that the
+# checker never acts on a message that every reader of the log dead-letters. Unknown types are not events.
+_S, _I = str, int
+_REQUIRED: dict[str, dict[str, type]] = {
+    "agent.registered": {"agent_id": _S, "instance_id": _S, "pool": _S},
+    "agent.heartbeat": {"agent_id": _S, "instance_id": _S, "incarnation": _I, "beat": _I},
+    "agent.draining": {"agent_id": _S, "incarnation": _I, "deadline": _S},
+    "agent.drained": {"agent_id": _S, "incarnation": _I},
+    "agent.goodbye": {"agent_id": _S, "instance_id": _S, "incarnation": _I},
+    "agent.suspected": {"agent_id": _S, "incarnation": _I, "reason": _S},
+    "agent.declared_dead": {"agent_id": _S, "incarnation": _I, "reason": _S},
+    "agent.unreachable_reported": {"agent_id": _S},
+    "agent.fenced": {"agent_id": _S, "incarnation": _I, "reason": _S, "fenced_at": _S},
+    "session.created": {"session_id": _S, "pool": _S},
+    "session.claimed": {"session_id": _S, "agent_id": _S, "instance_id": _S, "incarnation": _I},
+    "session.released": {"session_id": _S, "agent_id": _S, "incarnation": _I, "token": _I},
+    "session.resource_reported": {"session_id": _S, "agent_id": _S, "incarnation": _I, "token": _I,
+                                  "platform_resource_id": _S},
+    "session.orphaned": {"session_id": _S, "reason": _S},
+    "session.terminated": {"session_id": _S},
+    "route.created": {"route_id": _S, "session_id": _S, "endpoint": _S},
+    "route.transitioned": {"route_id": _S, "from_state": _S, "to_state": _S},
+    "route.health_reported": {"route_id": _S, "healthy": bool, "checked_at": _S},
+    "pool.breaker_tripped": {"pool": _S, "reason": _S},
+    "pool.breaker_reset": {"pool": _S, "reason": _S},
+}
+
+
 class RawMessage(msgspec.Struct, frozen=True, gc=False):
     """One stored message as the server has it: no decoding, no defaults."""
 
@@ -193,8 +221,14 @@ def parse(msg: RawMessage) -> dict[str, Any] | None:
         family = "hb"
     producer = payload.get("producer")
     entity = _FAMILY_ENTITY.get(family)
-    if entity is None or not isinstance(producer, dict):
+    required = _REQUIRED.get(tag)
+    if entity is None or required is None or not isinstance(producer, dict) or not all(
+            isinstance(producer.get(k), str) for k in ("id", "instance")):
         return None
+    for key, kind in required.items():
+        value = payload.get(key)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            return None
     # The codec refuses a payload stored on another subject: so does the checker (it is a dead letter).
     if tokens[1:] != [family, payload.get(entity), verb, producer.get("id")]:
         return None

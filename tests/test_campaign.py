@@ -47,6 +47,7 @@ FREEZE = 6.0
 
 def assert_whole(result: FaultResult, live: Path, rebuilt: Path) -> None:
     assert result.acks_checked > 0, result
+    assert result.servers_whole, f"after {result.fault}: the cluster did not become whole again"
     assert result.missing == [], f"after {result.fault}: acknowledged appends missing {result.missing[:5]}"
     assert result.violations == [], f"after {result.fault}: `ledger check` found {result.violations[:5]}"
     assert result.unsettled_agents == [], f"after {result.fault}: agents not alive and beating {result.unsettled_agents}"

@@ -475,3 +475,21 @@ def test_a_user_mistake_is_one_line():
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and "Traceback" not in result.stderr and "cannot reach" in result.stderr
 
+
+
+@pytest.mark.parametrize("payload", [
+    {"type": "agent.registered", "agent_id": "a9", "instance_id": "i", "producer": {"id": "a9", "instance": "i"}},
+    {"type": "agent.registered", "agent_id": "a9", "instance_id": "i", "pool": 7,
+     "producer": {"id": "a9", "instance": "i"}},
+    {"type": "agent.registered", "agent_id": "a9", "instance_id": "i", "pool": "p", "producer": {"id": "a9"}},
+    {"type": "agent.exploded", "agent_id": "a9", "producer": {"id": "a9", "instance": "i"}},
+])
+def test_an_event_a_decoder_must_refuse_is_not_acted_upon(payload: dict[str, Any]):
+    """A registration every reader dead-letters registers nobody: the claim for a9 stays a violation."""
+    h = History()
+    verb = payload["type"].split(".")[1]
+    h.raw(f"ledger.agent.a9.{verb}.a9", json.dumps({"event_id": "x", "time": "2026-01-01T00:00:00Z", **payload}).encode())
+    h.create("s1")
+    claim = h.claim("s1", "a9", 1)
+    report = h.check()
+    assert report.not_events == 1 and found(report) == [(ck.CLAIM_FOR_UNAVAILABLE_AGENT, claim)]
