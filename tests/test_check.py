@@ -441,6 +441,8 @@ async def test_violations_planted_with_raw_publishes_are_named_with_their_sequen
     assert len(doc["violations"]) == len(planted)
     code, _, out = ledger_check(server.url)
     assert code == 1 and f"{len(planted)} violation(s)" in out and "overlapping_ownership" in out
+    code, doc, _ = ledger_check(server.url, "--json", "--since", "2100-01-01T00:00:00Z")
+    assert code == 0 and doc["clean"] and doc["events"] == len(planted) + 6  # everything read, nothing after
 
 
 async def test_a_stranded_session_on_a_real_server(server: EmbeddedServer):
