@@ -102,3 +102,5 @@ async def test_doctor_fails_when_ledger_check_would_and_counts_the_anomalies(fre
         assert code == 1
         assert said(findings, "FAIL", "history", f"overlapping_ownership: 1 at #{overlap.seq}", "ledger check")
         assert said(findings, "warn", "anomalies", "1 flagged", f"overlapping_claim: 1 (newest #{overlap.seq})")
+        code, findings = doctor(fresh_server.url, db, "--no-check")
+        assert code == 0 and not [f for f in findings if f["area"] == "history"]

@@ -144,9 +144,12 @@ async def projection_findings(nc: NATS, db: Path, stale_after: float) -> list[Fi
               help="Seconds since its last commit after which a projection that is behind looks stopped.")
 @click.option("--grace", type=click.FloatRange(min=0), default=10.0, show_default=True,
               help="As for `ledger check`: seconds beyond an owner's ttl before its session counts as stranded.")
+@click.option("--check/--no-check", "run_history_check", default=True, show_default=True,
+              help="Also run `ledger check` over the whole history (it reads every message: slow on a long log).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per finding.")
 @async_command
-async def doctor_command(nats_url: str, db: Path, stale_after: float, grace: float, as_json: bool) -> None:
+async def doctor_command(nats_url: str, db: Path, stale_after: float, grace: float, run_history_check: bool,
+                         as_json: bool) -> None:
     """Check the server version, the streams' settings and replicas, the projection's lag, anomalies and dead
     letters, and the history itself (the rules of `ledger check`).
 
@@ -159,7 +162,7 @@ async def doctor_command(nats_url: str, db: Path, stale_after: float, grace: flo
             findings += await stream_findings(store.nc, settings)
             findings += await dead_letter_findings(store.nc)
             findings += await projection_findings(store.nc, db, stale_after)
-            if not any(f.level == FAIL and f.area == "streams" for f in findings):
+            if run_history_check and not any(f.level == FAIL and f.area == "streams" for f in findings):
                 findings += await history_findings(store.nc, settings, grace)
     for f in findings:
         echo(msgspec.json.encode(f).decode() if as_json else f"{f.level:<5} {f.area:<13} {f.message}")
