@@ -11,6 +11,7 @@ from typing import Any
 
 from projections.db import ProjectionDB
 from projections.pending import Pending
+from projections.schema import TABLES
 from projections.snapshots import Plan
 from projections.state import LedgerState
 
@@ -19,11 +20,15 @@ STATE_TABLES = {
     "beats": "SELECT * FROM beats ORDER BY agent_id",
     "sessions": "SELECT * FROM sessions ORDER BY session_id",
     "routes": "SELECT * FROM routes ORDER BY route_id",
+    "pools": "SELECT * FROM pools ORDER BY pool",
     "anomalies": "SELECT * FROM anomalies ORDER BY stream, seq",
     "dead_letters": "SELECT * FROM dead_letters ORDER BY stream, reason",
     "checkpoints": "SELECT stream, seq, stored_ns, anomalies FROM checkpoints ORDER BY stream",
+    "meta": "SELECT * FROM meta ORDER BY key",
 }
-"""Everything a projection holds except snapshots (a cache, taken where batches happened to end)."""
+"""Everything a projection holds (checkpoints without their wall-clock commit time)."""
+
+NOT_COMPARED = {"snapshots": "a cache of the fold, taken where batches happened to end"}
 
 
 def dump(path: Path | str) -> dict[str, list[tuple[Any, ...]]]:

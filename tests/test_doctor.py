@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ledger import codec
 from ledger import events as ev
 from ledger.server import EmbeddedServer
 from ledger.settings import Settings
@@ -73,3 +74,33 @@ async def test_on_the_cluster_the_streams_have_three_replicas(cluster_store: Eve
     assert code == 0, findings
     assert said(findings, "ok", "streams", "LEDGER:", "3 replica(s)", "settings as expected")
     assert not [f for f in findings if f["area"] == "streams" and f["level"] != "ok"], findings
+
+
+async def test_doctor_fails_when_ledger_check_would_and_counts_the_anomalies(fresh_server: EmbeddedServer,
+                                                                             tmp_path: Path):
+    db = tmp_path / "p.sqlite3"
+    a1, a2 = ev.Producer(id="a1", instance="i"), ev.Producer(id="a2", instance="i")
+    async with EventStore.connect(Settings(nats_url=fresh_server.url), ensure=True) as store:
+        inc1 = await store.append(ev.AgentRegistered(producer=a1, agent_id="a1", instance_id="i", pool="p"))
+        inc2 = await store.append(ev.AgentRegistered(producer=a2, agent_id="a2", instance_id="i", pool="p"))
+        await store.append(ev.SessionCreated(producer=CLI, session_id="s1", pool="p"))
+        await store.append(ev.SessionClaimed(producer=a1, session_id="s1", agent_id="a1", instance_id="i",
+                                             incarnation=inc1))
+        async with Projector(store, ProjectionSettings(db=str(db))) as projector:
+            await projector.ready(timeout=20)
+        code, findings = doctor(fresh_server.url, db)
+        assert code == 0, findings
+        assert said(findings, "ok", "history", "clean: 4 events checked")
+        assert said(findings, "ok", "anomalies", "none flagged")
+
+        # A second claim published raw, past the compare-and-set: two owners in the log.
+        overlap = await store.nc.jetstream().publish("ledger.session.s1.claimed.a2", codec.encode(ev.SessionClaimed(
+            producer=a2, session_id="s1", agent_id="a2", instance_id="i", incarnation=inc2)).payload)
+        async with Projector(store, ProjectionSettings(db=str(db))) as projector:
+            await projector.ready(timeout=20)
+        code, findings = doctor(fresh_server.url, db)
+        assert code == 1
+        assert said(findings, "FAIL", "history", f"overlapping_ownership: 1 at #{overlap.seq}", "ledger check")
+        assert said(findings, "warn", "anomalies", "1 flagged", f"overlapping_claim: 1 (newest #{overlap.seq})")
+        code, findings = doctor(fresh_server.url, db, "--no-check")
+        assert code == 0 and not [f for f in findings if f["area"] == "history"]

@@ -18,6 +18,7 @@ from ..server import MIN_VERSION
 from ..settings import Settings
 from ..store import EventStore
 from ..streams import check_streams
+from .check import run_check
 from .common import async_command, echo, nats_url_option, settings_from
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
@@ -86,12 +87,32 @@ async def dead_letter_findings(nc: NATS) -> list[Finding]:
     return [Finding(WARN, "dead letters", f"{info.state.messages:,} in {subjects.DLQ_STREAM} ({detail})")]
 
 
+async def history_findings(nc: NATS, settings: Settings, grace: float) -> list[Finding]:
+    """The same check as `ledger check`: any violation in the history is a failure here too."""
+    report = await run_check(nc, settings.request_timeout, grace=grace)
+    if report.clean:
+        return [Finding(OK, "history", f"clean: {report.events:,} events checked (`ledger check`)")]
+    by_kind: dict[str, list[int]] = {}
+    for v in report.violations:
+        by_kind.setdefault(v.kind, []).append(v.seq)
+    return [Finding(FAIL, "history", f"{kind}: {len(seqs):,} at #{', #'.join(map(str, seqs[:5]))}"
+                                     f"{' ...' if len(seqs) > 5 else ''}: run `ledger check` for the details")
+            for kind, seqs in by_kind.items()]
+
+
 async def projection_findings(nc: NATS, db: Path, stale_after: float) -> list[Finding]:
     if not db.exists():
         return [Finding(WARN, "projection", f"no projection file at {db}: `ledger up` or `ledger project` makes it")]
     found: list[Finding] = []
     async with await ProjectionDB.open(db, readonly=True) as pdb:
         checkpoints = await pdb.checkpoints()
+        kinds = list(await pdb.conn.execute_fetchall(
+            "SELECT kind, count(*), max(seq) FROM anomalies GROUP BY kind ORDER BY count(*) DESC, kind"))
+        if kinds:
+            detail = ", ".join(f"{kind}: {n:,} (newest #{seq})" for kind, n, seq in kinds)
+            found.append(Finding(WARN, "anomalies", f"{sum(n for _, n, _ in kinds):,} flagged, not applied: {detail}"))
+        else:
+            found.append(Finding(OK, "anomalies", "none flagged"))
         for d in await pdb.dead_letters():
             found.append(Finding(WARN, "dead letters", f"{d.count:,} x {d.stream} {d.reason}; the newest, #{d.last_seq} "
                                                        f"on {d.last_subject}: {d.last_detail[:200]}"))
@@ -121,10 +142,16 @@ async def projection_findings(nc: NATS, db: Path, stale_after: float) -> list[Fi
               type=click.Path(dir_okay=False, path_type=Path), help="The projection's SQLite file.")
 @click.option("--stale-after", type=click.FloatRange(min=0), default=60.0, show_default=True,
               help="Seconds since its last commit after which a projection that is behind looks stopped.")
+@click.option("--grace", type=click.FloatRange(min=0), default=10.0, show_default=True,
+              help="As for `ledger check`: seconds beyond an owner's ttl before its session counts as stranded.")
+@click.option("--check/--no-check", "run_history_check", default=True, show_default=True,
+              help="Also run `ledger check` over the whole history (it reads every message: slow on a long log).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per finding.")
 @async_command
-async def doctor_command(nats_url: str, db: Path, stale_after: float, as_json: bool) -> None:
-    """Check the server version, the streams' settings and replicas, the projection's lag and dead letters.
+async def doctor_command(nats_url: str, db: Path, stale_after: float, grace: float, run_history_check: bool,
+                         as_json: bool) -> None:
+    """Check the server version, the streams' settings and replicas, the projection's lag, anomalies and dead
+    letters, and the history itself (the rules of `ledger check`).
 
     Exits 1 when something is wrong (FAIL), 0 otherwise (warnings included).
     """
@@ -135,6 +162,8 @@ async def doctor_command(nats_url: str, db: Path, stale_after: float, as_json: b
             findings += await stream_findings(store.nc, settings)
             findings += await dead_letter_findings(store.nc)
             findings += await projection_findings(store.nc, db, stale_after)
+            if run_history_check and not any(f.level == FAIL and f.area == "streams" for f in findings):
+                findings += await history_findings(store.nc, settings, grace)
     for f in findings:
         echo(msgspec.json.encode(f).decode() if as_json else f"{f.level:<5} {f.area:<13} {f.message}")
     if any(f.level == FAIL for f in findings):

@@ -1,0 +1,497 @@
+"""`ledger check`: the independent rules over raw histories, then the command against a real server.
+
+The pure part builds raw stored messages by hand (sequences and stored times chosen by the test); the server
+part plants each kind of violation with raw nats-py publishes, bypassing the compare-and-set, and expects
+`ledger check` to name it with the right sequence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fleet import agents, consumers, ledger_on
+from helpers import eventually
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
+
+from ledger import check as ck
+from ledger import codec, reader
+from ledger import events as ev
+from ledger import lifecycle as lc
+from ledger.check import RawMessage, check
+from ledger.server import EmbeddedServer
+from ledger.settings import Settings
+from ledger.store import EventStore
+
+CLI = ev.Producer(id="cli", instance="t")
+SECOND = 1_000_000_000
+
+
+def who(agent: str) -> ev.Producer:
+    return ev.Producer(id=agent, instance="i")
+
+
+class History:
+    """Raw LEDGER and heartbeat messages with sequences and stored times of the test's choosing."""
+
+    def __init__(self) -> None:
+        self.messages: list[RawMessage] = []
+        self.seq = {ck.LEDGER: 0, ck.HEARTBEATS: 0}
+        self.ns = 1_700_000_000 * SECOND
+
+    def raw(self, subject: str, payload: bytes, *, stream: str = ck.LEDGER, after: float = 0.1) -> int:
+        self.seq[stream] += 1
+        self.ns += int(after * SECOND)
+        self.messages.append(RawMessage(stream, self.seq[stream], subject, self.ns, payload))
+        return self.seq[stream]
+
+    def add(self, event: ev.Event, *, after: float = 0.1, drop: tuple[str, ...] = ()) -> int:
+        out = codec.encode(event)
+        payload = out.payload
+        if drop:
+            doc = json.loads(payload)
+            for key in drop:
+                doc.pop(key)
+            payload = json.dumps(doc).encode()
+        stream = ck.HEARTBEATS if isinstance(event, ev.AgentHeartbeat) else ck.LEDGER
+        return self.raw(out.subject, payload, stream=stream, after=after)
+
+    def register(self, agent: str, pool: str = "p", ttl: float = 5.0) -> int:
+        return self.add(ev.AgentRegistered(producer=who(agent), agent_id=agent, instance_id="i", pool=pool, ttl=ttl))
+
+    def create(self, sid: str, pool: str = "p", after: float = 0.1) -> int:
+        return self.add(ev.SessionCreated(producer=CLI, session_id=sid, pool=pool), after=after)
+
+    def claim(self, sid: str, agent: str, incarnation: int, previous: int | None = None, **kw: Any) -> int:
+        return self.add(ev.SessionClaimed(producer=who(agent), session_id=sid, agent_id=agent, instance_id="i",
+                                          incarnation=incarnation, previous_token=previous, **kw))
+
+    def release(self, sid: str, agent: str, incarnation: int, token: int) -> int:
+        return self.add(ev.SessionReleased(producer=who(agent), session_id=sid, agent_id=agent,
+                                           incarnation=incarnation, token=token))
+
+    def beat(self, agent: str, incarnation: int, after: float = 0.1) -> int:
+        return self.add(ev.AgentHeartbeat(producer=who(agent), agent_id=agent, instance_id="i",
+                                          incarnation=incarnation, beat=0), after=after)
+
+    def check(self, **kw: Any) -> ck.Report:
+        return check(self.messages, **kw)
+
+
+def found(report: ck.Report) -> list[tuple[str, int]]:
+    return [(v.kind, v.seq) for v in report.violations]
+
+
+def test_the_route_state_machine_is_the_briefs():
+    # Written out twice on purpose (the checker must not lean on the fold); they must say the same.
+    assert ck.ROUTE_MOVES == lc.ROUTE_TRANSITIONS
+
+
+def test_a_clean_history_is_clean():
+    h = History()
+    a1 = h.register("a1")
+    a2 = h.register("a2")
+    h.create("s1")
+    c1 = h.claim("s1", "a1", a1)
+    h.beat("a1", a1)
+    h.add(ev.SessionResourceReported(producer=who("a1"), session_id="s1", agent_id="a1", incarnation=a1, token=c1,
+                                     platform_resource_id="x"))
+    h.add(ev.RouteCreated(producer=CLI, route_id="r1", session_id="s1", endpoint="e"))
+    h.add(ev.RouteTransitioned(producer=who("a1"), route_id="r1", from_state="PENDING", to_state="STARTING", token=c1))
+    h.add(ev.AgentDeclaredDead(producer=who("monitor"), agent_id="a1", incarnation=a1, reason="missed_heartbeats"))
+    c2 = h.claim("s1", "a2", a2, previous=c1, reason="failover")
+    h.release("s1", "a2", a2, c2)
+    h.add(ev.SessionTerminated(producer=CLI, session_id="s1"))
+    h.raw("ledger.session.s9.created.cli", b"\xff not an event")  # a dead letter, not a violation
+    report = h.check()
+    assert report.clean, report.violations
+    assert report.events == 12 and report.not_events == 1
+
+
+def test_two_claims_without_a_previous_token_overlap():
+    h = History()
+    a1, a2 = h.register("a1"), h.register("a2")
+    h.create("s1")
+    c1 = h.claim("s1", "a1", a1)
+    c2 = h.claim("s1", "a2", a2)  # raw: the compare-and-set would have refused it
+    report = h.check()
+    assert found(report) == [(ck.OVERLAPPING_OWNERSHIP, c2)]
+    assert report.violations[0].related == (c1,)
+    # Not applied: a1 still owns s1, so its release under c1 is fine and a2's is stale.
+    h.release("s1", "a2", a2, c2)
+    assert found(h.check())[-1] == (ck.STALE_TOKEN, h.seq[ck.LEDGER])
+    h.release("s1", "a1", a1, c1)
+    assert len(h.check().violations) == 2
+
+
+def test_owner_writes_under_a_stale_token():
+    h = History()
+    a1, a2 = h.register("a1"), h.register("a2")
+    h.create("s1")
+    h.add(ev.RouteCreated(producer=CLI, route_id="r1", session_id="s1", endpoint="e"))
+    c1 = h.claim("s1", "a1", a1)
+    h.add(ev.AgentDeclaredDead(producer=who("monitor"), agent_id="a1", incarnation=a1, reason="x"))
+    c2 = h.claim("s1", "a2", a2, previous=c1, reason="failover")
+    report_seqs = [
+        h.release("s1", "a1", a1, c1),
+        h.add(ev.SessionResourceReported(producer=who("a1"), session_id="s1", agent_id="a1", incarnation=a1,
+                                         token=c1, platform_resource_id="x")),
+        h.add(ev.RouteTransitioned(producer=who("a1"), route_id="r1", from_state="PENDING", to_state="STARTING",
+                                   token=c1)),
+        h.add(ev.SessionTerminated(producer=who("a1"), session_id="s1", token=c1)),
+        h.add(ev.SessionOrphaned(producer=who("reclaimer"), session_id="s1", reason="x", previous_token=c1)),
+    ]
+    report = h.check()
+    assert found(report) == [(ck.STALE_TOKEN, s) for s in report_seqs]
+    assert all(v.related == (c2,) for v in report.violations)
+
+
+def test_illegal_transitions():
+    h = History()
+    a1 = h.register("a1")
+    h.create("s1")
+    dup = h.create("s1")
+    h.add(ev.RouteCreated(producer=CLI, route_id="r1", session_id="s1", endpoint="e"))
+    skip = h.add(ev.RouteTransitioned(producer=CLI, route_id="r1", from_state="PENDING", to_state="RUNNING"))
+    wrong_from = h.add(ev.RouteTransitioned(producer=CLI, route_id="r1", from_state="STARTING", to_state="WARMING_UP"))
+    unknown = h.add(ev.RouteTransitioned(producer=CLI, route_id="r2", from_state="PENDING", to_state="STARTING"))
+    orphan = h.add(ev.SessionOrphaned(producer=who("reclaimer"), session_id="s1", reason="x", previous_token=None))
+    h.add(ev.SessionTerminated(producer=CLI, session_id="s1"))
+    after = h.claim("s1", "a1", a1)
+    never = h.release("s2", "a1", a1, 3)
+    assert found(h.check()) == [(ck.ILLEGAL_TRANSITION, s) for s in (dup, skip, wrong_from, unknown, orphan, after,
+                                                                      never)]
+
+
+def test_writes_of_a_superseded_incarnation():
+    h = History()
+    old = h.register("a1")
+    h.create("s1")
+    c1 = h.claim("s1", "a1", old)
+    new = h.register("a1")
+    late = h.release("s1", "a1", old, c1)
+    h.create("s2")
+    stale_claim = h.claim("s2", "a1", old)
+    report = h.check()
+    assert found(report) == [(ck.SUPERSEDED_INCARNATION, late), (ck.SUPERSEDED_INCARNATION, stale_claim)]
+    assert report.violations[0].related == (new,)
+    # A late goodbye of the old incarnation changes nothing and is no violation (the folds flag and ignore it).
+    h.add(ev.AgentGoodbye(producer=who("a1"), agent_id="a1", instance_id="i", incarnation=old))
+    h.claim("s2", "a1", new)
+    assert found(h.check()) == found(report)
+
+
+def test_claims_for_an_agent_that_cannot_run_the_session():
+    h = History()
+    ghost_claim_session = h.create("s1")
+    ghost = h.claim("s1", "ghost", 1)
+    other_pool_agent = h.register("a2", pool="q")
+    h.create("s2")
+    wrong_pool = h.claim("s2", "a2", other_pool_agent)
+    a3 = h.register("a3")
+    bye = h.add(ev.AgentGoodbye(producer=who("a3"), agent_id="a3", instance_id="i", incarnation=a3))
+    h.create("s3")
+    for_gone = h.claim("s3", "a3", a3)
+    report = h.check()
+    assert found(report) == [(ck.CLAIM_FOR_UNAVAILABLE_AGENT, s) for s in (ghost, wrong_pool, for_gone)]
+    assert report.violations[2].related == (bye,)
+    assert ghost_claim_session < ghost
+
+
+def test_a_session_left_with_a_lost_owner_beyond_ttl_plus_grace_is_stranded():
+    h = History()
+    a1 = h.register("a1", ttl=5.0)
+    h.create("s1")
+    c1 = h.claim("s1", "a1", a1)
+    dead = h.add(ev.AgentDeclaredDead(producer=who("monitor"), agent_id="a1", incarnation=a1, reason="x"))
+    h.create("s-other", after=5.0 + 10.0 - 1)  # the log moves on, but not for ttl + grace yet
+    assert h.check(grace=10.0).clean
+    h.create("s-later", after=2)
+    report = h.check(grace=10.0)
+    assert found(report) == [(ck.STRANDED, c1)] and report.violations[0].related == (dead,)
+    # A reclaim (or an orphaning) before the end unstrands it; a "now" given from outside is used as is.
+    h.add(ev.SessionOrphaned(producer=who("reclaimer"), session_id="s1", reason="owner_dead", previous_token=c1))
+    assert h.check(grace=10.0).clean
+
+
+def test_a_silent_owner_never_declared_dead_strands_its_sessions():
+    h = History()
+    a1 = h.register("a1", ttl=2.0)
+    h.create("s1")
+    c1 = h.claim("s1", "a1", a1)
+    h.beat("a1", a1)
+    last = h.ns
+    h.beat("a2", 99, after=2.0 + 2.0 + 1.0 - 0.5)  # someone else's beats keep the clock going
+    assert h.check(grace=1.0).clean
+    report = h.check(grace=1.0, now_ns=last + int(5.5 * SECOND))
+    assert found(report) == [(ck.STRANDED, c1)]
+    # While the pool's breaker is open, sessions of dead agents are held on purpose.
+    h.add(ev.PoolBreakerTripped(producer=who("monitor"), pool="p", reason="mass death"))
+    assert h.check(grace=1.0, now_ns=last + 100 * SECOND).clean
+
+
+def test_a_superseded_owners_session_is_stranded_unless_moved():
+    h = History()
+    a1 = h.register("a1", ttl=1.0)
+    h.create("s1")
+    c1 = h.claim("s1", "a1", a1)
+    again = h.register("a1", ttl=1.0)
+    h.beat("a1", again, after=3.0)
+    report = h.check(grace=0.5)
+    assert found(report) == [(ck.STRANDED, c1)] and report.violations[0].related == (again,)
+    h.claim("s1", "a1", again, previous=c1, reason="failover")
+    assert h.check(grace=0.5).clean
+
+
+def test_events_without_an_id_or_a_time():
+    h = History()
+    h.register("a1")
+    no_id = h.add(ev.SessionCreated(producer=CLI, session_id="s1", pool="p"), drop=("event_id",))
+    no_time = h.add(ev.SessionCreated(producer=CLI, session_id="s2", pool="p"), drop=("time",))
+    beat = h.add(ev.AgentHeartbeat(producer=who("a1"), agent_id="a1", instance_id="i", incarnation=1, beat=0),
+                 drop=("event_id", "time"))
+    report = h.check()
+    assert [(v.kind, v.stream, v.seq) for v in report.violations] == [
+        (ck.MISSING_EVENT_ID, ck.LEDGER, no_id), (ck.MISSING_TIME, ck.LEDGER, no_time),
+        (ck.MISSING_EVENT_ID, ck.HEARTBEATS, beat)]
+
+
+def test_since_reports_only_later_violations_but_reads_everything():
+    h = History()
+    a1, a2 = h.register("a1"), h.register("a2")
+    h.create("s1")
+    c1 = h.claim("s1", "a1", a1)
+    early = h.claim("s1", "a2", a2)
+    cut = h.ns + 1
+    late = h.release("s1", "a2", a2, early, )  # stale: the overlapping claim was never applied
+    assert found(h.check()) == [(ck.OVERLAPPING_OWNERSHIP, early), (ck.STALE_TOKEN, late)]
+    assert found(h.check(since_ns=cut)) == [(ck.STALE_TOKEN, late)]
+    assert c1 < early
+
+
+@pytest.mark.parametrize("payload", [b"", b"[]", b"null", b"{}", b'{"type": 3}', b'{"type": "session.created"}',
+                                     b"[" * 50_000 + b"]" * 50_000, b'{"type": "x.y", "producer": {}}'])
+def test_what_is_not_an_event_is_counted_not_judged(payload: bytes):
+    h = History()
+    h.raw("ledger.session.s1.created.cli", payload)
+    report = h.check()
+    assert report.clean and report.not_events == 1
+
+
+# --- generated histories --------------------------------------------------------------------------------------
+
+OPS = st.lists(st.tuples(st.sampled_from(["claim", "release", "takeover", "terminate", "report", "register"]),
+                         st.integers(0, 2), st.integers(0, 2)), max_size=40)
+
+
+def legal(ops: list[tuple[str, int, int]]) -> tuple[History, dict[str, Any]]:
+    """A history the SDK could write: every step checked against the fold's own view of the session."""
+    h = History()
+    inc = {f"a{i}": h.register(f"a{i}") for i in range(3)}
+    owner: dict[str, tuple[str, int] | None] = {}
+    for i in range(3):
+        h.create(f"s{i}")
+        owner[f"s{i}"] = None
+    for op, a, s in ops:
+        agent, sid = f"a{a}", f"s{s}"
+        if sid not in owner:
+            continue
+        held = owner[sid]
+        if op == "register":
+            if not any(o and o[0] == agent for o in owner.values()):
+                inc[agent] = h.register(agent)
+        elif op == "claim" and held is None:
+            owner[sid] = (agent, h.claim(sid, agent, inc[agent]))
+        elif op == "takeover" and held is not None and held[0] != agent:
+            owner[sid] = (agent, h.claim(sid, agent, inc[agent], previous=held[1], reason="failover"))
+        elif op == "release" and held is not None:
+            h.release(sid, held[0], inc[held[0]], held[1])
+            owner[sid] = None
+        elif op == "report" and held is not None:
+            h.add(ev.SessionResourceReported(producer=who(held[0]), session_id=sid, agent_id=held[0],
+                                             incarnation=inc[held[0]], token=held[1], platform_resource_id="x"))
+        elif op == "terminate":
+            h.add(ev.SessionTerminated(producer=CLI, session_id=sid, token=held[1] if held else None))
+            del owner[sid]
+    return h, owner
+
+
+@hsettings(max_examples=200, deadline=None)
+@given(OPS)
+def test_histories_the_sdk_could_write_are_clean(ops: list[tuple[str, int, int]]):
+    h, _ = legal(ops)
+    assert h.check().clean, h.check().violations
+
+
+@hsettings(max_examples=200, deadline=None)
+@given(OPS, st.data())
+def test_a_claim_planted_into_an_owned_session_is_the_one_overlap(ops: list[tuple[str, int, int]],
+                                                                  data: st.DataObject):
+    h, owner = legal(ops)
+    held = [(sid, o) for sid, o in owner.items() if o is not None]
+    if not held:
+        return
+    sid, (agent, token) = data.draw(st.sampled_from(held))
+    other = next(a for a in ("a0", "a1", "a2") if a != agent)
+    incarnation = max(m.seq for m in h.messages if m.subject == f"ledger.agent.{other}.registered.{other}")
+    planted = h.claim(sid, other, incarnation, previous=data.draw(st.sampled_from([None, token - 1, token + 1])))
+    report = h.check()
+    assert found(report) == [(ck.OVERLAPPING_OWNERSHIP, planted)]
+    assert report.violations[0].related == (token,)
+
+
+# --- against a real server ------------------------------------------------------------------------------------
+
+
+def ledger_check(url: str, *args: str) -> tuple[int, dict[str, Any], str]:
+    result = subprocess.run([sys.executable, "-m", "ledger", "check", *args], capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "LEDGER_NATS_URL": url})
+    assert "Traceback" not in result.stderr, result.stderr
+    doc = json.loads(result.stdout) if "--json" in args and result.stdout.strip() else {}
+    return result.returncode, doc, result.stdout
+
+
+@pytest.fixture
+def server(tmp_path: Path):  # type: ignore[no-untyped-def]
+    from conftest import create_streams, start_binary_server
+
+    s = start_binary_server(tmp_path / "nats")
+    try:
+        asyncio.run(create_streams(s.url))
+        yield s
+    finally:
+        s.stop()
+
+
+async def test_a_log_written_by_real_agents_and_consumers_is_clean(server: EmbeddedServer):
+    async with ledger_on(server.url) as ledger, agents(server.url, "gpu", ["a1", "a2", "a3"],
+                                                        heartbeat=0.2, ttl=1.5) as procs:
+        async with consumers(server.url):
+            sessions = [(await ledger.create_session("gpu", session_id=f"s{i}"))[0] for i in range(9)]
+
+            async def owned_by_others(victim: str | None = None) -> bool:
+                owners = [(await ledger.session(s))[0].owner for s in sessions]
+                return all(o is not None and o != victim for o in owners)
+
+            await eventually(owned_by_others, timeout=20, what="every session claimed")
+            procs["a1"].kill9()
+            await eventually(lambda: owned_by_others("a1"), timeout=20, what="a1's sessions moved")
+            assert await procs["a2"].terminate() == 0
+            await eventually(lambda: owned_by_others("a2"), timeout=20, what="a2's sessions moved")
+    code, doc, _ = ledger_check(server.url, "--json")
+    assert code == 0, doc["violations"]
+    assert doc["clean"] and doc["events"] > 20 and doc["messages"]["LEDGER_HB"] > 0
+    code, _, out = ledger_check(server.url)
+    assert code == 0 and "clean: no violation" in out
+
+
+async def test_violations_planted_with_raw_publishes_are_named_with_their_sequences(server: EmbeddedServer):
+    """Each kind, published with raw nats-py (no compare-and-set); exit 1, every one found at its sequence."""
+    enc = codec.encode
+    async with EventStore.connect(Settings(nats_url=server.url)) as store:
+        js = store.nc.jetstream()
+
+        async def raw(event: ev.Event, drop: tuple[str, ...] = ()) -> int:
+            out = enc(event)
+            payload = out.payload
+            if drop:
+                doc = json.loads(payload)
+                for key in drop:
+                    doc.pop(key)
+                payload = json.dumps(doc).encode()
+            return (await js.publish(out.subject, payload)).seq
+
+        a1 = await raw(ev.AgentRegistered(producer=who("a1"), agent_id="a1", instance_id="i", pool="p"))
+        a2 = await raw(ev.AgentRegistered(producer=who("a2"), agent_id="a2", instance_id="i", pool="p"))
+        await raw(ev.SessionCreated(producer=CLI, session_id="s1", pool="p"))
+        c1 = await raw(ev.SessionClaimed(producer=who("a1"), session_id="s1", agent_id="a1", instance_id="i",
+                                         incarnation=a1))
+        planted = {
+            ck.OVERLAPPING_OWNERSHIP: await raw(ev.SessionClaimed(producer=who("a2"), session_id="s1", agent_id="a2",
+                                                                  instance_id="i", incarnation=a2)),
+            ck.STALE_TOKEN: await raw(ev.SessionReleased(producer=who("a2"), session_id="s1", agent_id="a2",
+                                                         incarnation=a2, token=c1 + 1)),
+            ck.ILLEGAL_TRANSITION: await raw(ev.SessionOrphaned(producer=who("x"), session_id="s9", reason="x")),
+            ck.SUPERSEDED_INCARNATION: await raw(ev.SessionResourceReported(
+                producer=who("a1"), session_id="s1", agent_id="a1", incarnation=a1 - 1, token=c1,
+                platform_resource_id="x")),
+            ck.MISSING_EVENT_ID: await raw(ev.SessionCreated(producer=CLI, session_id="s5", pool="p"),
+                                           drop=("event_id",)),
+            ck.MISSING_TIME: await raw(ev.SessionCreated(producer=CLI, session_id="s6", pool="p"), drop=("time",)),
+        }
+        await raw(ev.SessionCreated(producer=CLI, session_id="s2", pool="p"))
+        planted[ck.CLAIM_FOR_UNAVAILABLE_AGENT] = await raw(ev.SessionClaimed(
+            producer=who("ghost"), session_id="s2", agent_id="ghost", instance_id="i", incarnation=1))
+        await raw(ev.AgentDeclaredDead(producer=who("monitor"), agent_id="a1", incarnation=a1, reason="x"))
+
+    code, doc, _ = ledger_check(server.url, "--json", "--grace", "0")
+    assert code == 1
+    seen = {(v["kind"], v["seq"]) for v in doc["violations"]}
+    assert {(kind, seq) for kind, seq in planted.items()} <= seen
+    # a1 (ttl 30 s) died just now: not stranded yet; with a "now" past ttl + grace it would be.
+    assert not [v for v in doc["violations"] if v["kind"] == ck.STRANDED]
+    assert len(doc["violations"]) == len(planted)
+    code, _, out = ledger_check(server.url)
+    assert code == 1 and f"{len(planted)} violation(s)" in out and "overlapping_ownership" in out
+    code, doc, _ = ledger_check(server.url, "--json", "--since", "2100-01-01T00:00:00Z")
+    assert code == 0 and doc["clean"] and doc["events"] == len(planted) + 6  # everything read, nothing after
+
+
+async def test_a_stranded_session_on_a_real_server(server: EmbeddedServer):
+    async with EventStore.connect(Settings(nats_url=server.url)) as store:
+        ledger_seq = await store.append(ev.AgentRegistered(producer=who("a1"), agent_id="a1", instance_id="i",
+                                                           pool="p", ttl=0.5, heartbeat_interval=0.1))
+        await store.append(ev.SessionCreated(producer=CLI, session_id="s1", pool="p"))
+        token = await store.append(ev.SessionClaimed(producer=who("a1"), session_id="s1", agent_id="a1",
+                                                     instance_id="i", incarnation=ledger_seq))
+        bye = await store.append(ev.AgentGoodbye(producer=who("a1"), agent_id="a1", instance_id="i",
+                                                 incarnation=ledger_seq))
+        bye_ns = await reader.stored_ns(store.nc, "LEDGER", bye, 5)
+        # No reclaimer runs. The log moves on until its own clock is past the ttl (grace 0 below).
+        n = iter(range(10_000))
+
+        async def past_ttl() -> bool:
+            seq = await store.append(ev.SessionCreated(producer=CLI, session_id=f"later{next(n)}", pool="p"))
+            return (await reader.stored_ns(store.nc, "LEDGER", seq, 5) or 0) - (bye_ns or 0) > 0.5e9
+
+        await eventually(past_ttl, timeout=10, interval=0.05, what="stored times past the ttl")
+    code, doc, _ = ledger_check(server.url, "--json", "--grace", "0")
+    assert code == 1 and [(v["kind"], v["seq"]) for v in doc["violations"]] == [(ck.STRANDED, token)]
+    code, doc, _ = ledger_check(server.url, "--json", "--grace", "60")
+    assert code == 0 and doc["clean"]
+
+
+def test_a_user_mistake_is_one_line():
+    result = subprocess.run([sys.executable, "-m", "ledger", "check", "--since", "yesterday-ish"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "is not a time" in result.stderr and "Traceback" not in result.stderr
+    result = subprocess.run([sys.executable, "-m", "ledger", "check", "--nats-url", "nats://127.0.0.1:1"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "Traceback" not in result.stderr and "cannot reach" in result.stderr
+
+
+
+@pytest.mark.parametrize("payload", [
+    {"type": "agent.registered", "agent_id": "a9", "instance_id": "i", "producer": {"id": "a9", "instance": "i"}},
+    {"type": "agent.registered", "agent_id": "a9", "instance_id": "i", "pool": 7,
+     "producer": {"id": "a9", "instance": "i"}},
+    {"type": "agent.registered", "agent_id": "a9", "instance_id": "i", "pool": "p", "producer": {"id": "a9"}},
+    {"type": "agent.exploded", "agent_id": "a9", "producer": {"id": "a9", "instance": "i"}},
+])
+def test_an_event_a_decoder_must_refuse_is_not_acted_upon(payload: dict[str, Any]):
+    """A registration every reader dead-letters registers nobody: the claim for a9 stays a violation."""
+    h = History()
+    verb = payload["type"].split(".")[1]
+    h.raw(f"ledger.agent.a9.{verb}.a9", json.dumps({"event_id": "x", "time": "2026-01-01T00:00:00Z", **payload}).encode())
+    h.create("s1")
+    claim = h.claim("s1", "a9", 1)
+    report = h.check()
+    assert report.not_events == 1 and found(report) == [(ck.CLAIM_FOR_UNAVAILABLE_AGENT, claim)]
