@@ -23,6 +23,7 @@ import pytest
 from conftest import create_streams, start_binary_server
 from fleet import agents, consumers, events, ledger_on
 from helpers import eventually
+from histories import histories
 from hypothesis import given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
@@ -171,6 +172,32 @@ def test_the_projection_folds_route_and_session_times_as_stored():
     route, sess = state.routes["r1"], state.sessions["s1"]
     assert (route.created_at, route.state_since, route.health_checked_at) == (at(0), at(5), at(6))
     assert sess.created_at == at(0)
+
+
+def retimed(item: codec.Recorded | codec.Unreadable, declared: datetime) -> codec.Recorded | codec.Unreadable:
+    """The same stored item, its writer claiming another time (and, for a health report, another check)."""
+    if not isinstance(item, codec.Recorded):
+        return item
+    e = msgspec.structs.replace(item.event, time=declared)
+    if isinstance(e, ev.RouteHealthReported):
+        e = msgspec.structs.replace(e, checked_at=declared)
+    return msgspec.structs.replace(item, event=e)
+
+
+def decided_on(state: LedgerState) -> tuple[object, ...]:
+    """What the consumers and views decide on. An agent's drain deadline is its payload, not a timestamp."""
+    agents = {k: msgspec.structs.replace(a, drain_deadline=None) for k, a in state.agents.items()}
+    return agents, state.ledger.sessions, state.ledger.routes, state.ledger.anomalies, state.ledger.dead_letters
+
+
+@hsettings(max_examples=100, deadline=None)
+@given(items=histories(), data=st.data())
+def test_no_declared_time_reaches_an_agent_session_or_route(items: list, data: st.DataObject):  # type: ignore[type-arg]
+    declared = data.draw(st.lists(declared_times, min_size=len(items), max_size=len(items)))
+    honest, forged = LedgerState(), LedgerState()
+    honest.apply_all(items)
+    forged.apply_all([retimed(i, t) for i, t in zip(items, declared, strict=True)])
+    assert decided_on(forged) == decided_on(honest)
 
 
 # --- against the running consumers, on a real server ----------------------------------------------------------
