@@ -11,6 +11,10 @@
     TERMINATING -> TERMINATED        the session ended, or stop_timeout passed
 
 Every step says why, in words, and names the event that caused it when there is one.
+
+Every time compared here is the server's: `state_since` and `health_checked_at` are when the server stored
+the transition and the health report (`lifecycle.evolve_route`), and `now` is the server's clock as the
+follower sees it - so neither a writer's declared time nor this machine's clock moves a deadline.
 """
 
 from __future__ import annotations

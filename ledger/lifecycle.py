@@ -179,6 +179,7 @@ class RouteState(msgspec.Struct, frozen=True, kw_only=True):
     address: str | None = None
     healthy: bool | None = None
     health_checked_at: datetime | None = None
+    """When the server stored the latest health report (its own `checked_at` is the reporter's word, in history)."""
     health_detail: str = ""
     last_seq: int = 0
 
@@ -361,11 +362,15 @@ def superseded_by(registrations: Iterable[tuple[int, str]], incarnation: int, in
 
 def evolve_session(state: SessionState | None, rec: Recorded,
                    incarnation_at: IncarnationAt | None = None) -> Evolved[SessionState | None]:
-    """Next state of one session after one of its events (`session_event_problem` decides whether it applies)."""
+    """Next state of one session after one of its events (`session_event_problem` decides whether it applies).
+
+    Its times are when the server stored the events, as for agents: they compare with the agents' times, and
+    a writer's own `time` (skewed, or forged into the year 9999) must not date a claim or an owner's activity.
+    """
     problem = session_event_problem(state, rec, incarnation_at)
     if problem is not None:
         return state, problem
-    e, seq, at = rec.event, rec.seq, rec.event.time
+    e, seq, at = rec.event, rec.seq, rec.stored_at
     if isinstance(e, ev.SessionCreated):
         return SessionState(session_id=e.session_id, pool=e.pool, platform=e.platform, region=e.region,
                             labels=e.labels, idle_ttl=e.idle_ttl, status=S_PENDING, created_at=at,
@@ -403,8 +408,14 @@ def owns(state: SessionState | None, agent_id: str, incarnation: int) -> bool:
 
 def evolve_route(state: RouteState | None, rec: Recorded,
                  token_at: TokenAt | None = None) -> Evolved[RouteState | None]:
-    """Next state of one route after one of its events."""
-    e, seq, at = rec.event, rec.seq, rec.event.time
+    """Next state of one route after one of its events.
+
+    Every time here is when the server stored the event: the watchdog times starts, stops and health against
+    them. A transition's own `time` dated ahead would postpone its timeout (behind: fire it at once), and a
+    health report "checked" in the year 9999 would keep a route fresh forever - so a report is as fresh as
+    its arrival, never fresher, and a reporter's clock running behind does not make it stale either.
+    """
+    e, seq, at = rec.event, rec.seq, rec.stored_at
     if isinstance(e, ev.RouteCreated):
         if state is not None:
             return state, Anomaly(DUPLICATE, f"route {e.route_id} was already created at #{state.last_seq}")
@@ -437,7 +448,7 @@ def evolve_route(state: RouteState | None, rec: Recorded,
         case ev.RouteHealthReported():
             if state.state == TERMINATED:
                 return state, Anomaly(AFTER_FINAL, "health report after the route was terminated")
-            return _replace(state, healthy=e.healthy, health_checked_at=e.checked_at, health_detail=e.detail,
+            return _replace(state, healthy=e.healthy, health_checked_at=at, health_detail=e.detail,
                             last_seq=seq), None
     return state, Anomaly(ILLEGAL_TRANSITION, f"{e.type_tag()} does not apply to a route")
 
