@@ -70,7 +70,9 @@ async def test_a_healthy_ledger_then_a_lagging_projection_and_a_dead_letter(fres
 
 
 async def test_on_the_cluster_the_streams_have_three_replicas(cluster_store: EventStore, tmp_path: Path):
-    code, findings = doctor(cluster_store.settings.nats_url, tmp_path / "none.sqlite3")
+    # The shared cluster holds the race tests' synthetic claims (for agents that never registered), which
+    # `ledger check` rightly reports: this test is about the streams, so it leaves the history out.
+    code, findings = doctor(cluster_store.settings.nats_url, tmp_path / "none.sqlite3", "--no-check")
     assert code == 0, findings
     assert said(findings, "ok", "streams", "LEDGER:", "3 replica(s)", "settings as expected")
     assert not [f for f in findings if f["area"] == "streams" and f["level"] != "ok"], findings
