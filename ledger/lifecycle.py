@@ -466,7 +466,7 @@ class PoolState(msgspec.Struct, frozen=True, kw_only=True):
 
 def evolve_pool(state: PoolState | None, rec: Recorded) -> Evolved[PoolState | None]:
     """A pool's mass-failure breaker: open (orphaning stopped) or closed."""
-    e, seq, at = rec.event, rec.seq, rec.event.time
+    e, seq, at = rec.event, rec.seq, rec.stored_at
     current = state or PoolState(pool=e.entity_id)
     match e:
         case ev.PoolBreakerTripped(reason=reason, agents=agents) if not current.breaker_open:
