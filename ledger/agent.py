@@ -49,6 +49,7 @@ from . import events as ev
 from .client import Ledger
 from .codec import Recorded, Unreadable
 from .reader import Replay
+from .settings import Settings
 from .errors import CapacityExhausted, Draining, Fenced, InvalidInput, LedgerError, NotFound, Superseded
 from .ids import check_token, new_id
 
@@ -164,6 +165,7 @@ class Agent:
     # --- lifecycle ------------------------------------------------------------------
 
     async def __aenter__(self) -> Agent:
+        self._warn_if_slow_to_notice_a_silent_server()
         await self._register()
         self._owner_task = asyncio.current_task()
         if self._handle_signals:
@@ -256,6 +258,18 @@ class Agent:
         self.fenced = None
         self.draining = False
         log.info("%s: registered, incarnation %d", self.agent_id, self.incarnation)
+
+    def _warn_if_slow_to_notice_a_silent_server(self) -> None:
+        # A frozen server keeps the socket open: only pings notice it, and the lease must outlast that.
+        def notices_after(s: Settings) -> float:
+            return s.ping_interval * (s.max_outstanding_pings + 1)
+
+        settings = self.store.settings
+        slow = notices_after(settings)
+        if slow > max(self.ttl / 4, notices_after(settings.for_lease(self.ttl))):
+            log.warning("%s: this connection notices a silent server only after ~%.0f s of pings, a large part "
+                        "of the %g s ttl; connect with Settings.for_lease(ttl) to move to another node in time",
+                        self.agent_id, slow, self.ttl)
 
     # --- heartbeats, lease and self-fencing ----------------------------------------------
 
@@ -374,6 +388,9 @@ class Agent:
                         for item in batch:
                             if isinstance(item, Recorded):
                                 await self._observe(item)
+                            else:  # dead-lettered by the projector; nothing here can act on it
+                                log.warning("%s: watch skips unreadable #%d on %s: %s", self.agent_id, item.seq,
+                                            item.subject, item.reason)
                             start = item.seq + 1  # only once judged: a read that failed is tried again
                 except (LedgerError, asyncio.TimeoutError) as e:
                     log.debug("%s: watch interrupted (%s); resuming at #%d", self.agent_id, e, start)

@@ -285,3 +285,29 @@ async def test_route_transitions_by_the_owner_carry_its_token(ledger: Ledger, ui
         await b.transition_route(rid, lc.WARMING_UP, address="10.0.0.7:8000")
         route, _ = await ledger.route(rid)
         assert (route.state, route.address) == (lc.WARMING_UP, "10.0.0.7:8000")
+
+
+async def test_an_agent_on_a_connection_too_slow_for_its_lease_says_so(ledger: Ledger, uid: str,
+                                                                       caplog: pytest.LogCaptureFixture):
+    slow = ledger.store.settings.replace(ping_interval=5.0, max_outstanding_pings=2)  # ~15 s to notice
+    fast = slow.for_lease(8.0)
+    warned = "notices a silent server only after"
+    for settings, expected in ((slow, True), (fast, False)):
+        caplog.clear()
+        async with EventStore.connect(settings) as store:
+            agent = Agent(Ledger(store, ledger.producer), agent_id=f"{uid}-{expected}", pool="p", heartbeat=1.0,
+                          ttl=8.0)
+            with caplog.at_level("WARNING", logger="ledger.agent"):
+                async with agent:
+                    pass
+        assert (warned in caplog.text) is expected, caplog.text
+
+
+async def test_the_watch_names_an_unreadable_message_it_skips(ledger: Ledger, uid: str,
+                                                              caplog: pytest.LogCaptureFixture):
+    agent_id = f"{uid}-a"
+    with caplog.at_level("WARNING", logger="ledger.agent"):
+        async with agent_of(ledger, agent_id, ttl=5.0) as agent:
+            await ledger.store.nc.jetstream().publish(f"ledger.agent.{agent_id}.goodbye.{agent_id}", b"[[[")
+            await eventually(lambda: "watch skips unreadable" in caplog.text, what="the watch's log line")
+            assert agent.fenced is None  # and an unreadable goodbye changed nothing
