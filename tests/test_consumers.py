@@ -185,6 +185,10 @@ async def claims_in_a_clean_log(url: str) -> int:
         state, anomalies = lc.fold(lc.evolve_session, history, lookup)
         assert anomalies == [], (sid, anomalies)
         claims += state.claims
+    # And by the independent checker, which shares no code with the fold above.
+    check = subprocess.run([sys.executable, "-m", "ledger", "check", "--nats-url", url], capture_output=True,
+                           text=True, timeout=120)
+    assert check.returncode == 0, check.stdout + check.stderr
     return claims
 
 
