@@ -1,0 +1,72 @@
+"""Hostile tests of issue 9's changes: forged events by another client against the agent's watch, the
+heartbeat fold, the eligibility rule and `ledger check`. Real nats-server; forgeries are appended raw, as a
+hostile client would. Waiting is bounded polling on a condition (helpers.eventually), never a bare sleep.
+"""
+
+from __future__ import annotations
+
+import pytest
+from helpers import eventually
+
+from ledger import events as ev
+from ledger import lifecycle as lc
+from ledger.agent import Agent
+from ledger.client import Ledger
+from ledger.errors import LedgerError
+from ledger.ids import new_id
+from ledger.store import EventStore
+
+FORGER = ev.Producer(id="mallory", instance="m-1")
+
+
+@pytest.fixture
+async def ledger(store: EventStore) -> Ledger:
+    return Ledger(store, ev.Producer(id="test", instance=new_id()))
+
+
+def agent_of(ledger: Ledger, agent_id: str, **kw: object) -> Agent:
+    options = {"pool": "p", "heartbeat": 0.1, "ttl": 2.0, "capacity": 4, **kw}
+    return Agent(ledger, agent_id=agent_id, **options)  # type: ignore[arg-type]
+
+
+async def agrees_with_the_ledger(ledger: Ledger, agent: Agent, session_ids: list[str]) -> bool:
+    """The agent runs exactly the sessions the fold gives its current incarnation, and the fold's current
+    incarnation of the agent is the agent's own."""
+    state, _ = await ledger.agent(agent.agent_id)
+    if state is None or state.incarnation != agent.incarnation:
+        return False
+    for sid in session_ids:
+        session, _ = await ledger.session(sid)
+        if lc.owns(session, agent.agent_id, agent.incarnation) != (sid in agent.owned):
+            return False
+    return True
+
+
+async def test_a_forged_registration_naming_the_agents_own_instance_does_not_leave_it_a_zombie_owner(
+        ledger: Ledger, uid: str):
+    """A registration carrying the agent's own instance id (visible in the log) is not 'another process', so
+    superseded_by ignores it; but every fold takes it as the agent's current incarnation. The agent must not
+    go on claiming as the old incarnation (the fold flags each claim superseded_incarnation while the agent
+    runs the session: two owners once anyone else claims it) nor stay alive in its own eyes while the log
+    declares the forged incarnation dead."""
+    sessions = [f"{uid}-s{i}" for i in range(3)]
+    for sid in sessions:
+        await ledger.create_session("p", session_id=sid)
+    async with agent_of(ledger, f"{uid}-a1") as a1:
+        await ledger.store.append(ev.AgentRegistered(
+            producer=FORGER, agent_id=a1.agent_id, instance_id=a1.instance_id, pool="p", platform="default",
+            region="default", labels={}, capacity=4, heartbeat_interval=0.1, ttl=2.0))
+        for sid in sessions:
+            try:
+                await a1.claim(sid)
+            except LedgerError:
+                pass  # refused is fine: what matters is that the agent and the fold agree
+        try:
+            await eventually(lambda: agrees_with_the_ledger(ledger, a1, sessions), timeout=15.0,
+                             what="a1 and the fold agreeing on its incarnation and its sessions")
+        except AssertionError:
+            state, _ = await ledger.agent(a1.agent_id)
+            seen = [(await ledger.session(sid))[0] for sid in sessions]
+            raise AssertionError(f"a1 incarnation {a1.incarnation} owns {sorted(a1.owned)}; the fold: agent "
+                                 f"incarnation {state and state.incarnation} {state and state.status}, sessions "
+                                 f"{[(s.status, s.owner_incarnation) for s in seen]}") from None
