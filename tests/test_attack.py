@@ -8,13 +8,17 @@ from __future__ import annotations
 import pytest
 from helpers import eventually
 
+from ledger import codec
 from ledger import events as ev
 from ledger import lifecycle as lc
 from ledger.agent import Agent
 from ledger.client import Ledger
+from ledger.codec import Recorded
 from ledger.errors import LedgerError
 from ledger.ids import new_id
 from ledger.store import EventStore
+from ledger.subjects import HEARTBEAT_STREAM
+from projections.beats import KEEP, evolve_beat, of_incarnation
 
 FORGER = ev.Producer(id="mallory", instance="m-1")
 
@@ -70,3 +74,34 @@ async def test_a_forged_registration_naming_the_agents_own_instance_does_not_lea
             raise AssertionError(f"a1 incarnation {a1.incarnation} owns {sorted(a1.owned)}; the fold: agent "
                                  f"incarnation {state and state.incarnation} {state and state.status}, sessions "
                                  f"{[(s.status, s.owner_incarnation) for s in seen]}") from None
+
+
+# --- the heartbeat fold -------------------------------------------------------------------------------------
+
+
+def _hb(seq: int, agent_id: str, incarnation: int, beat: int, producer: ev.Producer) -> Recorded:
+    e = ev.AgentHeartbeat(producer=producer, agent_id=agent_id, instance_id="i", incarnation=incarnation, beat=beat)
+    return Recorded(HEARTBEAT_STREAM, seq, codec.subject_of(e), seq * 1_000_000, e)
+
+
+def test_four_forged_beats_never_hide_the_registered_incarnations_beats_nor_its_next_incarnations():
+    """KEEP (4) one-shot forged beats of high incarnations are not a flood: with the top slots ordered by
+    incarnation they push the real one out for good. The agent then looks dead while it beats, is declared
+    dead, registers again (a new incarnation, still below the forged ones) and that one's beats are refused
+    as 'below the 4 highest' too: dead, re-register, dead ... for ever, from four messages."""
+    me = ev.Producer(id="a1", instance="i")
+    state, seq = None, 0
+    for b in range(1, 4):  # the real incarnation 10 beats
+        seq += 1
+        state, _ = evolve_beat(state, _hb(seq, "a1", 10, b, me))
+    for k in range(KEEP):  # four forged beats, once each
+        seq += 1
+        state, _ = evolve_beat(state, _hb(seq, "a1", 10**12 + k, 1, FORGER))
+    seq += 1
+    state, _ = evolve_beat(state, _hb(seq, "a1", 10, 4, me))  # the real one beats on
+    assert of_incarnation(state, 10) is not None and of_incarnation(state, 10).seq == seq, \
+        "the registered incarnation's newest beat is lost behind four forged ones"
+    seq += 1
+    state, _ = evolve_beat(state, _hb(seq, "a1", 50, 1, me))  # its next incarnation (registered at #50)
+    assert of_incarnation(state, 50) is not None and of_incarnation(state, 50).seq == seq, \
+        "a new incarnation's beats are refused for ever"
