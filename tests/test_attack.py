@@ -5,17 +5,28 @@ hostile client would. Waiting is bounded polling on a condition (helpers.eventua
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
+from conftest import create_streams, start_binary_server
+from fleet import ledger_on
 from helpers import eventually
 
+from consumers.follow import Follower
+from consumers.reclaimer import Reclaimer
 from ledger import codec
 from ledger import events as ev
 from ledger import lifecycle as lc
 from ledger.agent import Agent
+from ledger.cli.check import run_check
 from ledger.client import Ledger
 from ledger.codec import Recorded
 from ledger.errors import LedgerError
 from ledger.ids import new_id
+from ledger.server import EmbeddedServer
 from ledger.store import EventStore
 from ledger.subjects import HEARTBEAT_STREAM
 from projections.beats import KEEP, evolve_beat, of_incarnation
@@ -105,3 +116,46 @@ def test_four_forged_beats_never_hide_the_registered_incarnations_beats_nor_its_
     state, _ = evolve_beat(state, _hb(seq, "a1", 50, 1, me))  # its next incarnation (registered at #50)
     assert of_incarnation(state, 50) is not None and of_incarnation(state, 50).seq == seq, \
         "a new incarnation's beats are refused for ever"
+
+
+# --- ledger check on what the real consumers write in a race ----------------------------------------------
+
+
+@pytest.fixture
+def own_server(tmp_path: Path) -> Iterator[EmbeddedServer]:
+    """A server of this test's own: `ledger check` reads the whole stream."""
+    s = start_binary_server(tmp_path / "nats")
+    try:
+        asyncio.run(create_streams(s.url))
+        yield s
+    finally:
+        s.stop()
+
+
+async def test_check_is_clean_when_a_lagging_reclaimer_claims_for_an_agent_the_monitor_just_declared_dead(
+        own_server: EmbeddedServer):
+    """The monitor and the reclaimer are separate consumers; a claim's compare-and-set guards the session, not
+    the agent. A reclaimer whose view is one event behind the monitor's writes a claim for an agent declared
+    dead a moment before - the system's own race, which it repairs (the next plan orphans or moves the
+    session). `ledger check` must not call the system's own log a violation, or it is not clean after a
+    fault campaign by chance."""
+    async with ledger_on(own_server.url) as ledger, \
+            Agent(ledger, agent_id="a1", pool="gpu", capacity=3, heartbeat=0.2, ttl=30.0) as a1:
+        sid, _ = await ledger.create_session("gpu", session_id="s1")
+        follower = Follower(ledger.store)
+        following = asyncio.create_task(follower.run())
+        try:
+            await eventually(lambda: sid in follower.state.sessions and follower.state.current_beat("a1"),
+                             what="the reclaimer's follower seeing s1 and a beat of a1")
+        finally:
+            following.cancel()  # from here the reclaimer's view lags one event behind the monitor's
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await following
+        monitor = ev.Producer(id="liveness-monitor", instance=new_id())
+        await ledger.store.append(ev.AgentDeclaredDead(producer=monitor, agent_id="a1", incarnation=a1.incarnation,
+                                                       reason="missed_heartbeats"))
+        reclaimer = Reclaimer(Ledger(ledger.store, ev.Producer(id="reclaimer", instance=new_id())), follower)
+        actions = await reclaimer.step(follower.clock.now(ev.utcnow))
+        assert [type(a).__name__ for a in actions] == ["ClaimFor"]  # the lagging view gives s1 to a1
+        report = await run_check(ledger.store.nc, 10.0)
+        assert report.clean, [(v.kind, v.seq, v.detail) for v in report.violations]
