@@ -159,3 +159,20 @@ async def test_check_is_clean_when_a_lagging_reclaimer_claims_for_an_agent_the_m
         assert [type(a).__name__ for a in actions] == ["ClaimFor"]  # the lagging view gives s1 to a1
         report = await run_check(ledger.store.nc, 10.0)
         assert report.clean, [(v.kind, v.seq, v.detail) for v in report.violations]
+
+
+# --- codec constraints against what the SDK itself writes ----------------------------------------------------
+
+
+async def test_a_forged_death_with_a_reason_of_the_longest_allowed_text_does_not_keep_the_agent_from_coming_back(
+        ledger: Ledger, uid: str):
+    """The agent fences on a death written about it and writes down why (AgentFenced) before registering again;
+    its reason quotes the forged one's. A forged reason of exactly the allowed 4096 characters makes that
+    reason longer than the codec allows: the fence record can never be written, and the agent, which writes
+    it before its new registration, never comes back."""
+    async with agent_of(ledger, f"{uid}-a1") as a1:
+        first = a1.incarnation
+        await ledger.store.append(ev.AgentDeclaredDead(producer=FORGER, agent_id=a1.agent_id, incarnation=first,
+                                                       reason="x" * 4096))
+        await eventually(lambda: a1.incarnation > first and a1.fenced is None, timeout=15.0,
+                         what="a1 registered again after the forged death")
