@@ -311,8 +311,10 @@ class Agent:
             self.superseded = True
             self._stopped.set()  # a replaced process stops for good: wait_stopped() returns
         if not superseded and record:
+            # The reason may quote another event's text (a death written about us): cut to what the codec
+            # takes, or the record could never be written and we, who write it first, never register again.
             self._fence_record = ev.AgentFenced(producer=self.producer, agent_id=self.agent_id,
-                                                incarnation=self.incarnation, reason=reason,
+                                                incarnation=self.incarnation, reason=reason[:ev.MAX_TEXT],
                                                 fenced_at=ev.utcnow(), ttl=self.ttl)
         lost = list(self.owned)
         self.owned.clear()
