@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import create_streams, start_binary_server
-from fleet import ledger_on
+from fleet import consumers, ledger_on
 from helpers import eventually
 
 from consumers.follow import Follower
@@ -176,3 +176,24 @@ async def test_a_forged_death_with_a_reason_of_the_longest_allowed_text_does_not
                                                        reason="x" * 4096))
         await eventually(lambda: a1.incarnation > first and a1.fenced is None, timeout=15.0,
                          what="a1 registered again after the forged death")
+
+
+async def test_a_health_detail_of_the_longest_allowed_text_does_not_hold_a_route_back(own_server: EmbeddedServer):
+    """The watchdog quotes a route's health detail in the reason of the transition it writes. A detail of the
+    full 4096 characters the codec allows (a probe's output, or anyone's report) makes that reason too long to
+    encode: the transition is refused on every tick, and a healthy route stays WARMING_UP for ever."""
+    async with ledger_on(own_server.url) as ledger, \
+            Agent(ledger, agent_id="a1", pool="gpu", capacity=3, heartbeat=0.2, ttl=30.0) as a1:
+        sid, _ = await ledger.create_session("gpu", session_id="s1")
+        await a1.claim(sid)
+        await a1.report_resource(sid, "pod/1", address="127.0.0.1:9")
+        await ledger.create_route("r1", session_id=sid, endpoint="http://127.0.0.1:9/",
+                                  probe=ev.Probe(initial_delay=3600.0))
+        async with consumers(own_server.url):
+            async def route_is(state: str) -> bool:
+                route, _ = await ledger.route("r1")
+                return route is not None and route.state == state
+
+            await eventually(lambda: route_is(lc.WARMING_UP), timeout=15.0, what="r1 warming up")
+            await ledger.report_health("r1", healthy=True, detail="x" * ev.MAX_TEXT)
+            await eventually(lambda: route_is(lc.RUNNING), timeout=15.0, what="healthy r1 running")
