@@ -197,3 +197,6 @@ async def test_a_health_detail_of_the_longest_allowed_text_does_not_hold_a_route
             await eventually(lambda: route_is(lc.WARMING_UP), timeout=15.0, what="r1 warming up")
             await ledger.report_health("r1", healthy=True, detail="x" * ev.MAX_TEXT)
             await eventually(lambda: route_is(lc.RUNNING), timeout=15.0, what="healthy r1 running")
+            # The same with a session ended for a reason of the full length: its route must still be ended.
+            await a1.terminate(sid, reason="y" * ev.MAX_TEXT)
+            await eventually(lambda: route_is(lc.TERMINATED), timeout=15.0, what="r1 ended with its session")
