@@ -200,3 +200,49 @@ async def test_a_health_detail_of_the_longest_allowed_text_does_not_hold_a_route
             # The same with a session ended for a reason of the full length: its route must still be ended.
             await a1.terminate(sid, reason="y" * ev.MAX_TEXT)
             await eventually(lambda: route_is(lc.TERMINATED), timeout=15.0, what="r1 ended with its session")
+
+
+# --- the agent's watch: reads per forged event ------------------------------------------------------------
+
+
+async def given_by_a_reclaimer(ledger: Ledger, agent: Agent, session_id: str) -> None:
+    """A legitimate claim for `agent` written by someone else; returns once the agent runs it (its watch is
+    then past everything appended before)."""
+    await ledger.create_session("p", session_id=session_id)
+    await ledger.claim_session(session_id, agent.ref, reason="failover")
+    await eventually(lambda: session_id in agent.owned, timeout=30.0, what=f"{agent.agent_id} gaining {session_id}")
+
+
+async def test_forged_claims_for_the_agent_cost_its_watch_a_bounded_number_of_reads_each(ledger: Ledger, uid: str):
+    """Each claim naming the agent makes its watch fold the session's history, reading the registrations of
+    every agent that history names. A session carrying claims for many made-up agents (each flagged, cheap
+    to write) turns every later forged claim for the agent into that many reads, one after the other in the
+    watch: the server is hammered and the agent is deaf to its real sessions meanwhile."""
+    ghosts, forged_claims = 100, 5
+    sid, _ = await ledger.create_session("p", session_id=f"{uid}-x")
+    async with agent_of(ledger, f"{uid}-b") as b, agent_of(ledger, f"{uid}-a1") as a1:
+        await b.claim(sid)  # a real owner: every forged claim for a1 below is flagged, so a1 never caches it
+        for i in range(ghosts):
+            await ledger.store.append(ev.SessionClaimed(
+                producer=FORGER, session_id=sid, agent_id=f"{uid}-ghost{i}", instance_id="g", incarnation=1,
+                reason="initial"))
+        store = a1.store
+        reads = [0]
+        real_read = store.read
+
+        async def counting_read(*args: object, **kw: object) -> object:
+            reads[0] += 1
+            return await real_read(*args, **kw)
+
+        store.read = counting_read  # type: ignore[method-assign]
+        try:
+            for _ in range(forged_claims):
+                await ledger.store.append(ev.SessionClaimed(
+                    producer=FORGER, session_id=sid, agent_id=a1.agent_id, instance_id=a1.instance_id,
+                    incarnation=a1.incarnation, reason="initial", previous_token=10**9))
+            await given_by_a_reclaimer(ledger, a1, f"{uid}-m1")
+        finally:
+            del store.read
+        assert sid not in a1.owned and sid in b.owned
+        # A handful per judged claim (its history, a registration or two) and the barrier's own reads.
+        assert reads[0] <= 4 * (forged_claims + 1) + 10, f"{reads[0]} reads for {forged_claims} forged claims"
