@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -246,3 +247,60 @@ async def test_forged_claims_for_the_agent_cost_its_watch_a_bounded_number_of_re
         assert sid not in a1.owned and sid in b.owned
         # A handful per judged claim (its history, a registration or two) and the barrier's own reads.
         assert reads[0] <= 4 * (forged_claims + 1) + 10, f"{reads[0]} reads for {forged_claims} forged claims"
+
+
+# --- route timers: stored time, not the writer's ----------------------------------------------------------
+
+
+async def _running_route(ledger: Ledger, a1: Agent, probe: ev.Probe) -> str:
+    sid, _ = await ledger.create_session("gpu", session_id="s1")
+    await a1.claim(sid)
+    await a1.report_resource(sid, "pod/1", address="127.0.0.1:9")
+    await ledger.create_route("r1", session_id=sid, endpoint="http://127.0.0.1:9/", probe=probe)
+    return sid
+
+
+async def _route(ledger: Ledger) -> lc.RouteState:
+    route, _ = await ledger.route("r1")
+    assert route is not None
+    return route
+
+
+async def test_a_health_report_dated_in_the_future_does_not_keep_a_route_from_going_stale(own_server: EmbeddedServer):
+    """Staleness is judged on the report's own `checked_at`. One healthy report dated a year ahead (a forger,
+    or a prober whose clock is off) keeps the route ACTIVE for that long after its probes stopped: the brief
+    judges such decisions by the time the server stored the event, as the monitor does for beats."""
+    async with ledger_on(own_server.url) as ledger, \
+            Agent(ledger, agent_id="a1", pool="gpu", capacity=3, heartbeat=0.2, ttl=30.0) as a1:
+        await _running_route(ledger, a1, ev.Probe(initial_delay=3600.0, stale_after=1.0))
+        async with consumers(own_server.url):
+            await eventually(lambda: _route(ledger), what="r1 exists")
+            await eventually(lambda: _route_state(ledger, lc.WARMING_UP), timeout=15.0, what="r1 warming up")
+            await ledger.store.append(ev.RouteHealthReported(
+                producer=FORGER, route_id="r1", healthy=True, checked_at=ev.utcnow() + timedelta(days=365)))
+            await eventually(lambda: _route_state(ledger, lc.RUNNING, lc.TRAFFIC_ACTIVE), timeout=15.0,
+                             what="r1 running")
+            # No probe reports after that one: the route must go stale (INACTIVE) about a second later.
+            await eventually(lambda: _route_state(ledger, lc.RUNNING, lc.TRAFFIC_INACTIVE), timeout=15.0,
+                             what="r1 deactivated once its only health report is stale")
+
+
+async def test_a_transition_dated_in_the_future_does_not_hold_off_the_start_timeout(own_server: EmbeddedServer):
+    """A route's time in its state is counted from the transition's own `time`: one legal transition dated a
+    year ahead (PENDING -> STARTING, whoever wrote it) holds off start_timeout for a year."""
+    async with ledger_on(own_server.url) as ledger, \
+            Agent(ledger, agent_id="a1", pool="gpu", capacity=3, heartbeat=0.2, ttl=30.0) as a1:
+        sid, _ = await ledger.create_session("gpu", session_id="s1")
+        await a1.claim(sid)  # claimed, but never reports an address: the route can only time out
+        await ledger.create_route("r1", session_id=sid, endpoint="http://127.0.0.1:9/", start_timeout=1.0)
+        await ledger.store.append(ev.RouteTransitioned(
+            producer=FORGER, route_id="r1", from_state=lc.PENDING, to_state=lc.STARTING, reason="forged",
+            time=ev.utcnow() + timedelta(days=365)))
+        async with consumers(own_server.url):
+            await eventually(lambda: _route_state(ledger, lc.FAILED_TO_START), timeout=15.0,
+                             what="r1 failed to start after its start_timeout of 1 s")
+
+
+async def _route_state(ledger: Ledger, state: str, traffic: str | None = None) -> bool:
+    route = await _route(ledger)
+    return route.state == state and (traffic is None or route.traffic == traffic)
