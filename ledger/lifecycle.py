@@ -403,8 +403,14 @@ def owns(state: SessionState | None, agent_id: str, incarnation: int) -> bool:
 
 def evolve_route(state: RouteState | None, rec: Recorded,
                  token_at: TokenAt | None = None) -> Evolved[RouteState | None]:
-    """Next state of one route after one of its events."""
-    e, seq, at = rec.event, rec.seq, rec.event.time
+    """Next state of one route after one of its events.
+
+    Its timers (time in a state, age of the last health check) count from when the server stored the event, as
+    an agent's do: a writer's own time - skewed, or forged into the future - would hold off start_timeout,
+    initial_delay or staleness for as long as it likes. A check reported as done before it was stored keeps
+    its own (earlier) time.
+    """
+    e, seq, at = rec.event, rec.seq, rec.stored_at
     if isinstance(e, ev.RouteCreated):
         if state is not None:
             return state, Anomaly(DUPLICATE, f"route {e.route_id} was already created at #{state.last_seq}")
@@ -437,7 +443,7 @@ def evolve_route(state: RouteState | None, rec: Recorded,
         case ev.RouteHealthReported():
             if state.state == TERMINATED:
                 return state, Anomaly(AFTER_FINAL, "health report after the route was terminated")
-            return _replace(state, healthy=e.healthy, health_checked_at=e.checked_at, health_detail=e.detail,
+            return _replace(state, healthy=e.healthy, health_checked_at=min(e.checked_at, at), health_detail=e.detail,
                             last_seq=seq), None
     return state, Anomaly(ILLEGAL_TRANSITION, f"{e.type_tag()} does not apply to a route")
 
