@@ -65,7 +65,10 @@ class RouteWatchdog(Reactor):
                 raise Conflict(route.route_id, route.last_seq)
             decide.decide_transition(current, route.route_id, step.to_state)
             return ev.RouteTransitioned(producer=self.ledger.producer, route_id=route.route_id,
-                                        from_state=current.state, to_state=step.to_state, reason=step.reason,
+                                        from_state=current.state, to_state=step.to_state,
+                                        # A reason may quote a health detail or a session's reason, each
+                                        # up to the codec's bound: cut, or the step could never be written.
+                                        reason=step.reason[:ev.MAX_TEXT],
                                         address=step.address, traffic=step.traffic,
                                         causation_id=session.cause_id if session else None)
 

@@ -325,8 +325,10 @@ class Agent:
             self.superseded = True
             self._stopped.set()  # a replaced process stops for good: wait_stopped() returns
         if not superseded and record:
+            # The reason may quote another event's text (a death written about us): cut to what the codec
+            # takes, or the record could never be written and we, who write it first, never register again.
             self._fence_record = ev.AgentFenced(producer=self.producer, agent_id=self.agent_id,
-                                                incarnation=self.incarnation, reason=reason,
+                                                incarnation=self.incarnation, reason=reason[:ev.MAX_TEXT],
                                                 fenced_at=ev.utcnow(), ttl=self.ttl)
         lost = list(self.owned)
         self.owned.clear()
@@ -405,6 +407,11 @@ class Agent:
                 self._note_registration(rec.seq)
                 if lc.superseded_by([(rec.seq, e.instance_id)], self.incarnation, self.instance_id):
                     self._fence(f"superseded by instance {e.instance_id} (incarnation {rec.seq})", superseded=True)
+                elif rec.seq > self.incarnation and self.fenced is None:
+                    # Our instance id, yet not ours (we register again only while fenced): every fold now takes
+                    # it as our current incarnation, so claims by ours would be flagged. Come back as a new one.
+                    self._fence(f"the log registers incarnation {rec.seq} of this process, which it did not "
+                                f"write (by {e.producer.id})", record=False)
             case ev.AgentDeclaredDead() if e.incarnation == self.incarnation and self.fenced is None:
                 self._fence(f"declared dead by {e.producer.id}: {e.reason}")
             case ev.AgentGoodbye() if e.incarnation == self.incarnation and self.fenced is None \

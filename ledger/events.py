@@ -106,8 +106,9 @@ EventId = Annotated[str, Meta(min_length=1, max_length=200)]
 """Printable ASCII without spaces: it is the Nats-Msg-Id header, where a newline would forge headers."""
 Name = Annotated[str, Meta(min_length=1, max_length=256)]
 """A process instance, a state, a resource id: never empty."""
-Text = Annotated[str, Meta(max_length=4096)]
-"""A reason, an error, a detail: free text, bounded."""
+MAX_TEXT = 4096
+Text = Annotated[str, Meta(max_length=MAX_TEXT)]
+"""A reason, an error, a detail: free text, bounded (a writer quoting another event's text must cut it)."""
 Address = Annotated[str, Meta(max_length=1024)]
 Ref = Annotated[str, Meta(min_length=1, max_length=128)]
 """An id named for the record only, never a subject token: bounded, without the Token pattern (a regex per

@@ -10,13 +10,18 @@ Why several incarnations and not just the highest: an incarnation number is
 whatever the beat says. A forged beat claiming incarnation 10**12 has no
 registration behind it; if it were the only beat kept, the agent's real beats
 (of its lower, registered incarnation) would be refused from then on and the
-agent would look dead in every view while it beats. Keeping the newest beat of
-each of the `KEEP` highest incarnations means a beat of an unregistered
-incarnation never displaces the registered one's: it sits in a slot nobody
-reads (the join flags it). Only a flood of `KEEP` forged incarnations could
-push the real one out; that needs authenticated producers (the next issue).
-Keeping the top `KEEP` by incarnation is a function of the set of beats, so
-the fold stays deterministic and order-independent.
+agent would look dead in every view while it beats. So the newest beat of each
+of the `KEEP` most recently beating incarnations is kept: a beat of an
+unregistered incarnation sits in a slot nobody reads (the join flags it), and
+the registered incarnation, beating every interval, keeps its slot. Kept by
+incarnation instead, `KEEP` one-shot forged beats of high incarnations would
+push the real one out for good - and every later incarnation of the agent,
+all lower than theirs, would be refused too (dead, registered again, dead...).
+Only a flood of `KEEP` new incarnations in every heartbeat interval can push
+the real one out; that needs authenticated producers (the next issue).
+Keeping the `KEEP` incarnations whose newest beats are the newest is a
+function of the set of beats, so the fold stays deterministic and
+order-independent. The top slot is the highest incarnation kept.
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ from ledger.codec import Recorded
 from ledger.lifecycle import SUPERSEDED_INCARNATION, Anomaly
 
 KEEP = 4
-"""Incarnations per agent whose newest beat is kept (the registered one plus room for stale or forged ones)."""
+"""Incarnations per agent whose newest beat is kept (the registered one plus room for stale or forged ones):
+those that beat most recently."""
 
 
 class Beat(msgspec.Struct, frozen=True, kw_only=True, gc=False):
@@ -81,7 +87,8 @@ def _pack(slots: list[Beat]) -> Beat:
 
 
 def evolve_beat(current: Beat | None, rec: Recorded) -> tuple[Beat | None, Anomaly | None]:
-    """Keep the newest beat of each of the KEEP highest incarnations; a beat below all of them is flagged."""
+    """Keep the newest beat of each of the KEEP most recently beating incarnations; an older beat of one that
+    is not among them is flagged."""
     e = rec.event
     if not isinstance(e, ev.AgentHeartbeat):
         return current, Anomaly("illegal_transition", f"{e.type_tag()} is not a heartbeat")
@@ -99,9 +106,12 @@ def evolve_beat(current: Beat | None, rec: Recorded) -> tuple[Beat | None, Anoma
                 return current, None  # an older delivery of what we already hold
             slots[i] = new
             return _pack(slots), None
-    if len(slots) >= KEEP and e.incarnation < slots[-1].incarnation:
-        return current, Anomaly(SUPERSEDED_INCARNATION, f"heartbeat from incarnation {e.incarnation}, below the "
-                                                        f"{KEEP} highest seen ({slots[-1].incarnation} and above)")
+    if len(slots) >= KEEP:
+        stalest = min(slots, key=lambda b: b.seq)
+        if rec.seq < stalest.seq:
+            return current, Anomaly(SUPERSEDED_INCARNATION, f"heartbeat #{rec.seq} from incarnation {e.incarnation}, "
+                                                            f"older than the newest beats of the {KEEP} kept")
+        slots.remove(stalest)
     slots.append(new)
     slots.sort(key=lambda b: b.incarnation, reverse=True)
-    return _pack(slots[:KEEP]), None
+    return _pack(slots), None
