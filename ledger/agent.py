@@ -56,6 +56,9 @@ from .ids import check_token, new_id
 log = logging.getLogger(__name__)
 
 GOODBYE_TIMEOUT = 5.0
+_REGISTRATIONS = subjects.type_filter("agent", "registered")
+_AGENT_VERBS = sorted({cls.verb() for cls in ev.EVENT_TYPES if cls.family == "agent"} - {"registered"})
+"""Our own agent's events other than registrations, which the watch follows for every agent."""
 JUDGE_ATTEMPTS = 5
 PREFETCH_CONCURRENCY = 32
 """Session histories read at once when the watch's batch holds many claims for us."""
@@ -140,8 +143,11 @@ class Agent:
         """Per session we touched: the newest sequence already judged, so a lagging watch never undoes our writes."""
         self._sessions: dict[str, lc.SessionState] = {}
         """The folded state of every session we own (the fold our watch extends event by event)."""
-        self._registrations: list[int] = []
-        """Registrations of our agent id since our first incarnation (ours and any newer process's), ascending."""
+        self._registered: dict[str, list[int]] = {agent_id: []}
+        """Every agent's registrations, ascending: one read when the watch starts, then the watch itself. The
+        fold's incarnation check needs them for every agent a judged session names; reading them per judged
+        event let a session full of forged claimers cost the watch a read per claimer, each time."""
+        self._registered_read = False
         self.goodbye_seq: int | None = None
         """Sequence of the goodbye this process wrote (None until then, and when it wrote none)."""
         self._side_tasks: set[asyncio.Task[None]] = set()
@@ -369,7 +375,9 @@ class Agent:
     # --- watching our own agent and the sessions we own ------------------------------------
 
     async def _watch_loop(self) -> None:
-        filters = [subjects.entity_filter("agent", self.agent_id), subjects.family_filter("session")]
+        # Every agent's registrations, the rest of our own agent's events (filters may not overlap), sessions.
+        filters = [_REGISTRATIONS, *(subjects.event_subject("agent", self.agent_id, verb, "*") for verb in _AGENT_VERBS),
+                   subjects.family_filter("session")]
         start = self.incarnation
         current: list[Replay] = []
 
@@ -385,7 +393,11 @@ class Agent:
                 replay = self.store.replay(filters, start_seq=start, follow=True)
                 current[:] = [replay]
                 try:
+                    await self._read_registrations(start)
                     async for batch in replay:
+                        for item in batch:  # first: a claim is judged on the registrations stored before it
+                            if isinstance(item, Recorded) and isinstance(item.event, ev.AgentRegistered):
+                                self._note_registration(item.seq, item.event.agent_id)
                         await self._prefetch(batch)
                         for item in batch:
                             if isinstance(item, Recorded):
@@ -403,6 +415,8 @@ class Agent:
     async def _observe(self, rec: Recorded) -> None:
         e = rec.event
         match e:
+            case ev.AgentRegistered() if e.agent_id != self.agent_id:
+                pass  # noted with its batch, for judging claims
             case ev.AgentRegistered():
                 self._note_registration(rec.seq)
                 if lc.superseded_by([(rec.seq, e.instance_id)], self.incarnation, self.instance_id):
@@ -427,10 +441,20 @@ class Agent:
             case ev.SessionEvent():
                 await self._observe_session(rec)
 
-    def _note_registration(self, seq: int) -> None:
-        i = bisect.bisect_left(self._registrations, seq)
-        if i == len(self._registrations) or self._registrations[i] != seq:
-            self._registrations.insert(i, seq)
+    def _note_registration(self, seq: int, agent_id: str | None = None) -> None:
+        seqs = self._registered.setdefault(agent_id or self.agent_id, [])
+        i = bisect.bisect_left(seqs, seq)
+        if i == len(seqs) or seqs[i] != seq:
+            seqs.insert(i, seq)
+
+    async def _read_registrations(self, floor: int) -> None:
+        """Every registration up to (at least) `floor`, once; the watch delivers those after it."""
+        if self._registered_read:
+            return
+        for item in await self.store.read(_REGISTRATIONS, min_last_seq=floor):
+            if isinstance(item, Recorded) and isinstance(item.event, ev.AgentRegistered):
+                self._note_registration(item.seq, item.event.agent_id)
+        self._registered_read = True
 
     def _may_gain(self, e: ev.Event) -> bool:
         return (isinstance(e, ev.SessionClaimed) and e.agent_id == self.agent_id
@@ -453,7 +477,7 @@ class Agent:
                 prefetched = self._prefetched.pop((sid, rec.seq), _MISSING)
                 before = (await self._session_before(sid, rec.seq) if prefetched is _MISSING
                           else prefetched)  # type: ignore[assignment]
-            incarnation_at = await self._incarnations_for(e, rec.seq)
+            incarnation_at = lc.registrations_lookup(self._registered)
             if self._session_seq.get(sid, 0) == known and self._sessions.get(sid) is cached:
                 break
             # One of our own writes to this session landed while we read: judge on what it taught us.
@@ -490,19 +514,8 @@ class Agent:
         """The session's state just before `seq`, folded from its history as the projections fold it."""
         items = await self.store.history("session", session_id, min_last_seq=seq)  # a replica that has `seq`
         records = [i for i in items if isinstance(i, Recorded) and i.seq < seq]
-        agents = sorted({r.event.agent_id for r in records
-                         if isinstance(r.event, (ev.SessionClaimed, ev.SessionReleased, ev.SessionResourceReported))})
-        regs = await asyncio.gather(*(self.ledger.registrations(a, min_last_seq=seq) for a in agents))
-        state, _ = lc.fold(lc.evolve_session, records, lc.registrations_lookup(dict(zip(agents, regs))))
+        state, _ = lc.fold(lc.evolve_session, records, lc.registrations_lookup(self._registered))
         return state
-
-    async def _incarnations_for(self, e: ev.Event, seq: int) -> lc.IncarnationAt:
-        """incarnation_at for judging `e` at `seq`: our own registrations we know; another agent's are read."""
-        known = {self.agent_id: list(self._registrations)}
-        agent_id = getattr(e, "agent_id", None)
-        if agent_id is not None and agent_id != self.agent_id:
-            known[agent_id] = await self.ledger.registrations(agent_id, min_last_seq=seq)
-        return lc.registrations_lookup(known)
 
     def _learn(self, session_id: str, before: lc.SessionState | None, seq: int, event: ev.Event) -> None:
         """Extend a session's fold with our own acknowledged write (decided on `before`, the state it
@@ -576,6 +589,13 @@ class Agent:
         if self._closing:
             raise Fenced(f"agent {self.agent_id} is shutting down")
 
+    def _check_still(self, incarnation: int, what: str) -> None:
+        """Refuse to act on a write that landed for an incarnation this process has left since (it fenced and
+        registered again while the write was in flight): every fold flags such a write, so must we."""
+        if self.incarnation != incarnation:
+            raise Fenced(f"{what} landed for incarnation {incarnation} of {self.agent_id}, which this process has "
+                         f"left for {self.incarnation}; the ledger does not apply it")
+
     async def _check_current_incarnation(self) -> None:
         # Only a later registration by another process supersedes us. The floor (our own incarnation) keeps a
         # lagging replica from answering: one that has not even seen our registration proves nothing.
@@ -604,9 +624,11 @@ class Agent:
             return decide.decide_claim(state, session_id, self.ref, producer=self.producer, reason=reason,
                                        previous_token=previous_token, causation_id=causation_id)
 
+        incarnation = self.incarnation
         token, event = await self.ledger.cas(lambda m: self.ledger.session(session_id, min_last_seq=m),
                                              decide_claim)
         self._check_may_act()  # fenced while the claim was in flight: it is not ours to act on
+        self._check_still(incarnation, f"claim #{token} of session {session_id}")
         self._idle_ttl[session_id] = seen[-1].idle_ttl if seen and seen[-1] else None
         self.touch(session_id)
         self._learn(session_id, seen[-1], token, event)
@@ -620,6 +642,7 @@ class Agent:
             raise NotFound(f"agent {self.agent_id} holds no claim on session {session_id}")
 
         seen: list[lc.SessionState | None] = []
+        incarnation = self.incarnation
 
         def decide_write(state: lc.SessionState | None) -> ev.Event:
             seen.append(state)
@@ -638,6 +661,7 @@ class Agent:
                 self.owned.pop(session_id, None)
                 self._sessions.pop(session_id, None)
             raise
+        self._check_still(incarnation, f"write #{seq} on session {session_id}")
         self._learn(session_id, seen[-1], seq, event)
         return seq
 

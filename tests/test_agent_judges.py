@@ -198,3 +198,35 @@ async def test_a_superseded_ledger_agent_process_exits_and_does_not_claim_a_good
     assert proc.returncode == 0 and "Traceback" not in err, err
     assert "goodbye written" not in out.replace("no goodbye written", "") and "no goodbye written" in out
     assert "superseded" in out
+
+
+async def test_a_claim_that_lands_after_the_agent_registered_again_is_not_run(ledger: Ledger, uid: str):
+    """The claim was decided for incarnation N; before it landed the agent fenced itself and registered as M
+    (the compare-and-set guards the session's history, not the agent's). The fold flags the claim
+    (superseded_incarnation): the agent must not run it either."""
+    from ledger.errors import Fenced
+
+    sid, _ = await ledger.create_session("p", session_id=f"{uid}-s")
+    async with agent_of(ledger, f"{uid}-a") as a:
+        first = a.incarnation
+        store = a.store
+        real_append = store.append
+
+        async def append_after_a_new_incarnation(event: ev.Event, **kw: object) -> int:
+            if isinstance(event, ev.SessionClaimed) and event.session_id == sid:
+                await ledger.store.append(ev.AgentGoodbye(producer=FORGER, agent_id=a.agent_id,
+                                                          instance_id=a.instance_id, incarnation=first))
+                await eventually(lambda: a.incarnation > first and a.fenced is None, what="a new incarnation")
+            return await real_append(event, **kw)
+
+        store.append = append_after_a_new_incarnation  # type: ignore[method-assign]
+        try:
+            with pytest.raises(Fenced, match="landed for incarnation"):
+                await a.claim(sid)
+        finally:
+            del store.append
+        assert sid not in a.owned
+        state, _ = await ledger.session(sid)
+        assert state is not None and state.status == lc.S_PENDING  # the fold did not apply it either
+        await given_by_a_reclaimer(ledger, a, f"{uid}-later")  # the watch went past the claim
+        assert sid not in a.owned
