@@ -148,6 +148,11 @@ class Agent:
         fold's incarnation check needs them for every agent a judged session names; reading them per judged
         event let a session full of forged claimers cost the watch a read per claimer, each time."""
         self._registered_read = False
+        self._self_state: lc.AgentState | None = None
+        self._wrote: set[str] = set()
+        """Ids of the drain events this process wrote about itself (few: one per drain)."""
+        self._drained_for = 0
+        """Our current incarnation's lifecycle as the fold sees it (from the watch, starting at our registration)."""
         self.goodbye_seq: int | None = None
         """Sequence of the goodbye this process wrote (None until then, and when it wrote none)."""
         self._side_tasks: set[asyncio.Task[None]] = set()
@@ -419,6 +424,8 @@ class Agent:
                 pass  # noted with its batch, for judging claims
             case ev.AgentRegistered():
                 self._note_registration(rec.seq)
+                if rec.seq == self.incarnation:
+                    self._self_state, _ = lc.evolve_agent(None, rec)
                 if lc.superseded_by([(rec.seq, e.instance_id)], self.incarnation, self.instance_id):
                     self._fence(f"superseded by instance {e.instance_id} (incarnation {rec.seq})", superseded=True)
                 elif rec.seq > self.incarnation and self.fenced is None:
@@ -426,20 +433,41 @@ class Agent:
                     # it as our current incarnation, so claims by ours would be flagged. Come back as a new one.
                     self._fence(f"the log registers incarnation {rec.seq} of this process, which it did not "
                                 f"write (by {e.producer.id})", record=False)
-            case ev.AgentDeclaredDead() if e.incarnation == self.incarnation and self.fenced is None:
-                self._fence(f"declared dead by {e.producer.id}: {e.reason}")
-            case ev.AgentGoodbye() if e.incarnation == self.incarnation and self.fenced is None \
-                    and not self._said_goodbye:
-                # Not ours (we write ours only once closing): the log says this incarnation is gone, and every
-                # reader acts on that, so stop acting and come back as a new incarnation.
-                self._fence(f"the log says incarnation {e.incarnation} said goodbye ({e.reason}, written by "
-                            f"{e.producer.id}), which this process did not write", record=False)
-            case ev.AgentFenced() if e.incarnation == self.incarnation and self.fenced is None:
-                # Ours is written only while fenced, just before registering again: this one is not.
-                self._fence(f"the log says incarnation {e.incarnation} fenced itself ({e.reason}, written by "
-                            f"{e.producer.id})", record=False)
+            case ev.AgentEvent():
+                self._observe_self(rec)
             case ev.SessionEvent():
                 await self._observe_session(rec)
+
+    def _observe_self(self, rec: Recorded) -> None:
+        """Our own incarnation's lifecycle, folded by the fold's rule: we act on what every reader applies."""
+        before = self._self_state
+        if before is None or before.incarnation != self.incarnation:
+            return  # the watch has not reached our current registration yet: older events are not ours
+        after, anomaly = lc.evolve_agent(before, rec)
+        if anomaly is not None or after is None:
+            return  # flagged, not applied: no reader acts on it, nor do we
+        self._self_state = after
+        e = rec.event
+        if self.fenced is not None or after.status == before.status:
+            return
+        if after.status == lc.A_DEAD:
+            self._fence(f"declared dead by {e.producer.id}: {getattr(e, 'reason', '')}")
+        elif after.status == lc.A_GONE and not self._said_goodbye:
+            # Not ours (we write ours only once closing): the log says this incarnation is gone, and every
+            # reader acts on that, so stop acting and come back as a new incarnation.
+            self._fence(f"the log says incarnation {self.incarnation} said goodbye ({getattr(e, 'reason', '')}, "
+                        f"written by {e.producer.id}), which this process did not write", record=False)
+        elif after.status == lc.A_FENCED:
+            # Ours is written only while fenced, just before registering again: this one is not.
+            self._fence(f"the log says incarnation {self.incarnation} fenced itself ({getattr(e, 'reason', '')}, "
+                        f"written by {e.producer.id})", record=False)
+        elif after.status == lc.A_DRAINING and not self.draining and e.event_id not in self._wrote:
+            # The log says we drain (sessions are handed off, no new claims for us): behave so, and say when done.
+            log.warning("%s: the log says incarnation %d is draining (written by %s); draining",
+                        self.agent_id, self.incarnation, e.producer.id)
+            self.draining = True
+            if not self.owned:
+                asyncio.get_running_loop().create_task(self._drained())
 
     def _note_registration(self, seq: int, agent_id: str | None = None) -> None:
         seqs = self._registered.setdefault(agent_id or self.agent_id, [])
@@ -712,15 +740,18 @@ class Agent:
         """Take no new claims; the sessions are handed off before `deadline` (seconds from now, or a time)."""
         self._check_may_act()
         when = deadline if isinstance(deadline, datetime) else ev.utcnow() + timedelta(seconds=deadline)
-        seq = await self.store.append(ev.AgentDraining(producer=self.producer, agent_id=self.agent_id,
-                                                       incarnation=self.incarnation, deadline=when, reason=reason))
+        event = ev.AgentDraining(producer=self.producer, agent_id=self.agent_id, incarnation=self.incarnation,
+                                 deadline=when, reason=reason)
+        self._wrote.add(event.event_id)  # so the watch does not take it for a drain written about us
+        seq = await self.store.append(event)
         self.draining = True
         if not self.owned:
             await self._drained()
         return seq
 
     async def _drained(self) -> None:
-        if self.fenced is None and not self._closing:
+        if self.fenced is None and not self._closing and self._drained_for != self.incarnation:
+            self._drained_for = self.incarnation  # once: a second one would be an illegal transition
             with contextlib.suppress(LedgerError):
                 await self.store.append(ev.AgentDrained(producer=self.producer, agent_id=self.agent_id,
                                                         incarnation=self.incarnation, reason="no sessions left"))

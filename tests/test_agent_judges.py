@@ -230,3 +230,39 @@ async def test_a_claim_that_lands_after_the_agent_registered_again_is_not_run(le
         assert state is not None and state.status == lc.S_PENDING  # the fold did not apply it either
         await given_by_a_reclaimer(ledger, a, f"{uid}-later")  # the watch went past the claim
         assert sid not in a.owned
+
+
+async def test_an_agent_acts_only_on_what_the_fold_applies_to_its_own_lifecycle(ledger: Ledger, uid: str):
+    """A death written about a drained agent is refused by the fold (dead only from alive or draining): the
+    agent must not act on it either - no fencing, no new incarnation."""
+    async with agent_of(ledger, f"{uid}-a") as a:
+        first = a.incarnation
+        await a.drain(deadline=60)
+        await eventually(lambda: _status(ledger, a.agent_id, lc.A_DRAINED), what="drained in the log")
+        await ledger.store.append(ev.AgentDeclaredDead(producer=FORGER, agent_id=a.agent_id, incarnation=first,
+                                                       reason="forged"))
+        # Then a forged goodbye, which the fold does apply: once the agent reacts to that, it has judged the death.
+        await ledger.store.append(ev.AgentGoodbye(producer=FORGER, agent_id=a.agent_id, instance_id=a.instance_id,
+                                                  incarnation=first))
+        await eventually(lambda: a.incarnation > first, what="a new incarnation after the goodbye")
+        fences = [r for r in await ledger.store.history("agent", a.agent_id)
+                  if isinstance(r, Recorded) and isinstance(r.event, ev.AgentFenced)]
+        assert fences == []  # the refused death made it write no fence record of its own
+
+
+async def test_a_drain_written_about_the_agent_makes_it_drain(ledger: Ledger, uid: str):
+    """The log says the agent drains (the reclaimer hands its sessions off, nothing claims for it): the agent
+    behaves so and writes that it drained, instead of idling outside the fleet until it restarts."""
+    async with agent_of(ledger, f"{uid}-a") as a:
+        await ledger.store.append(ev.AgentDraining(producer=FORGER, agent_id=a.agent_id, incarnation=a.incarnation,
+                                                   deadline=ev.utcnow(), reason="forged"))
+        await eventually(lambda: a.draining, what="the agent draining")
+        await eventually(lambda: _status(ledger, a.agent_id, lc.A_DRAINED), what="drained in the log")
+        history = [r for r in await ledger.store.history("agent", a.agent_id) if isinstance(r, Recorded)]
+        _, anomalies = lc.fold(lc.evolve_agent, history)
+        assert anomalies == []  # one drained, not two
+
+
+async def _status(ledger: Ledger, agent_id: str, status: str) -> bool:
+    state, _ = await ledger.agent(agent_id)
+    return state is not None and state.status == status
