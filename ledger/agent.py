@@ -66,6 +66,23 @@ _MISSING = object()
 """Times the watch re-judges one session event when our own writes to that session land while it reads."""
 
 
+BEAT_SESSIONS_BYTES = codec.MAX_EVENT_BYTES // 2
+"""Room in a heartbeat for the list of owned sessions; `load` always carries the full count."""
+
+
+def beat_sessions(owned: dict[str, object] | set[str], budget: int = BEAT_SESSIONS_BYTES) -> tuple[str, ...]:
+    """The owned sessions a heartbeat lists: all of them while they fit, else as many as fit (sorted). A beat
+    too large to encode would not be sent, and an agent owning thousands of sessions would fence itself."""
+    listed: list[str] = []
+    used = 0
+    for sid in sorted(owned):
+        used += len(sid) + 3  # quotes and comma in the JSON array
+        if used > budget:
+            break
+        listed.append(sid)
+    return tuple(listed)
+
+
 class Claim(msgspec.Struct, frozen=True):
     """A session this agent owns, and the fencing token its owner writes carry."""
 
@@ -308,7 +325,7 @@ class Agent:
         self._beat += 1
         beat = ev.AgentHeartbeat(producer=self.producer, agent_id=self.agent_id, instance_id=self.instance_id,
                                  incarnation=self.incarnation, beat=self._beat, load=self.load,
-                                 capacity=self.capacity, sessions=tuple(sorted(self.owned)))
+                                 capacity=self.capacity, sessions=beat_sessions(self.owned))
         sent, incarnation = time.monotonic(), self.incarnation
         try:
             future = await self.store.submit(beat)

@@ -311,3 +311,15 @@ async def test_the_watch_names_an_unreadable_message_it_skips(ledger: Ledger, ui
             await ledger.store.nc.jetstream().publish(f"ledger.agent.{agent_id}.goodbye.{agent_id}", b"[[[")
             await eventually(lambda: "watch skips unreadable" in caplog.text, what="the watch's log line")
             assert agent.fenced is None  # and an unreadable goodbye changed nothing
+
+
+def test_a_heartbeat_of_an_agent_owning_thousands_of_sessions_still_encodes():
+    from ledger import codec
+    from ledger.agent import beat_sessions
+
+    owned = {f"session-{i:06d}-{'x' * 100}": None for i in range(5000)}  # ~600 KB of ids
+    beat = ev.AgentHeartbeat(producer=ev.Producer(id="a", instance="i"), agent_id="a", instance_id="i",
+                             incarnation=1, beat=1, load=len(owned), capacity=10_000, sessions=beat_sessions(owned))
+    codec.encode(beat)  # would raise InvalidInput (oversized) with every id listed
+    assert 0 < len(beat.sessions) < len(owned) and list(beat.sessions) == sorted(owned)[:len(beat.sessions)]
+    assert beat_sessions({"s1", "s2"}) == ("s1", "s2")
