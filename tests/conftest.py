@@ -98,6 +98,17 @@ def fresh_server(tmp_path: Path) -> Iterator[EmbeddedServer]:
         server.stop()
 
 
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[EmbeddedServer]:
+    """A server of this test's own with the ledger's streams, for tests that read or check whole streams."""
+    s = start_binary_server(tmp_path / "nats")
+    try:
+        asyncio.run(create_streams(s.url))
+        yield s
+    finally:
+        s.stop()
+
+
 @pytest.fixture(scope="session")
 def nats_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedCluster]:
     cluster = EmbeddedCluster(tmp_path_factory.mktemp("cluster"))

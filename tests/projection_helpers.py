@@ -11,7 +11,6 @@ from typing import Any
 
 from projections.db import ProjectionDB
 from projections.pending import Pending
-from projections.schema import TABLES
 from projections.snapshots import Plan
 from projections.state import LedgerState
 

@@ -7,12 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
-from conftest import create_streams, start_binary_server
 from fleet import consumers, ledger_on
 from helpers import eventually
 
@@ -122,25 +119,16 @@ def test_four_forged_beats_never_hide_the_registered_incarnations_beats_nor_its_
 # --- ledger check on what the real consumers write in a race ----------------------------------------------
 
 
-@pytest.fixture
-def own_server(tmp_path: Path) -> Iterator[EmbeddedServer]:
-    """A server of this test's own: `ledger check` reads the whole stream."""
-    s = start_binary_server(tmp_path / "nats")
-    try:
-        asyncio.run(create_streams(s.url))
-        yield s
-    finally:
-        s.stop()
 
 
 async def test_check_is_clean_when_a_lagging_reclaimer_claims_for_an_agent_the_monitor_just_declared_dead(
-        own_server: EmbeddedServer):
+        server: EmbeddedServer):
     """The monitor and the reclaimer are separate consumers; a claim's compare-and-set guards the session, not
     the agent. A reclaimer whose view is one event behind the monitor's writes a claim for an agent declared
     dead a moment before - the system's own race, which it repairs (the next plan orphans or moves the
     session). `ledger check` must not call the system's own log a violation, or it is not clean after a
     fault campaign by chance."""
-    async with ledger_on(own_server.url) as ledger, \
+    async with ledger_on(server.url) as ledger, \
             Agent(ledger, agent_id="a1", pool="gpu", capacity=3, heartbeat=0.2, ttl=30.0) as a1:
         sid, _ = await ledger.create_session("gpu", session_id="s1")
         follower = Follower(ledger.store)
@@ -179,18 +167,18 @@ async def test_a_forged_death_with_a_reason_of_the_longest_allowed_text_does_not
                          what="a1 registered again after the forged death")
 
 
-async def test_a_health_detail_of_the_longest_allowed_text_does_not_hold_a_route_back(own_server: EmbeddedServer):
+async def test_a_health_detail_of_the_longest_allowed_text_does_not_hold_a_route_back(server: EmbeddedServer):
     """The watchdog quotes a route's health detail in the reason of the transition it writes. A detail of the
     full 4096 characters the codec allows (a probe's output, or anyone's report) makes that reason too long to
     encode: the transition is refused on every tick, and a healthy route stays WARMING_UP for ever."""
-    async with ledger_on(own_server.url) as ledger, \
+    async with ledger_on(server.url) as ledger, \
             Agent(ledger, agent_id="a1", pool="gpu", capacity=3, heartbeat=0.2, ttl=30.0) as a1:
         sid, _ = await ledger.create_session("gpu", session_id="s1")
         await a1.claim(sid)
         await a1.report_resource(sid, "pod/1", address="127.0.0.1:9")
         await ledger.create_route("r1", session_id=sid, endpoint="http://127.0.0.1:9/",
                                   probe=ev.Probe(initial_delay=3600.0))
-        async with consumers(own_server.url):
+        async with consumers(server.url):
             async def route_is(state: str) -> bool:
                 route, _ = await ledger.route("r1")
                 return route is not None and route.state == state
@@ -266,14 +254,14 @@ async def _route(ledger: Ledger) -> lc.RouteState:
     return route
 
 
-async def test_a_health_report_dated_in_the_future_does_not_keep_a_route_from_going_stale(own_server: EmbeddedServer):
+async def test_a_health_report_dated_in_the_future_does_not_keep_a_route_from_going_stale(server: EmbeddedServer):
     """Staleness is judged on the report's own `checked_at`. One healthy report dated a year ahead (a forger,
     or a prober whose clock is off) keeps the route ACTIVE for that long after its probes stopped: the brief
     judges such decisions by the time the server stored the event, as the monitor does for beats."""
-    async with ledger_on(own_server.url) as ledger, \
+    async with ledger_on(server.url) as ledger, \
             Agent(ledger, agent_id="a1", pool="gpu", capacity=3, heartbeat=0.2, ttl=30.0) as a1:
         await _running_route(ledger, a1, ev.Probe(initial_delay=3600.0, stale_after=1.0))
-        async with consumers(own_server.url):
+        async with consumers(server.url):
             await eventually(lambda: _route(ledger), what="r1 exists")
             await eventually(lambda: _route_state(ledger, lc.WARMING_UP), timeout=15.0, what="r1 warming up")
             await ledger.store.append(ev.RouteHealthReported(
@@ -285,10 +273,10 @@ async def test_a_health_report_dated_in_the_future_does_not_keep_a_route_from_go
                              what="r1 deactivated once its only health report is stale")
 
 
-async def test_a_transition_dated_in_the_future_does_not_hold_off_the_start_timeout(own_server: EmbeddedServer):
+async def test_a_transition_dated_in_the_future_does_not_hold_off_the_start_timeout(server: EmbeddedServer):
     """A route's time in its state is counted from the transition's own `time`: one legal transition dated a
     year ahead (PENDING -> STARTING, whoever wrote it) holds off start_timeout for a year."""
-    async with ledger_on(own_server.url) as ledger, \
+    async with ledger_on(server.url) as ledger, \
             Agent(ledger, agent_id="a1", pool="gpu", capacity=3, heartbeat=0.2, ttl=30.0) as a1:
         sid, _ = await ledger.create_session("gpu", session_id="s1")
         await a1.claim(sid)  # claimed, but never reports an address: the route can only time out
@@ -296,7 +284,7 @@ async def test_a_transition_dated_in_the_future_does_not_hold_off_the_start_time
         await ledger.store.append(ev.RouteTransitioned(
             producer=FORGER, route_id="r1", from_state=lc.PENDING, to_state=lc.STARTING, reason="forged",
             time=ev.utcnow() + timedelta(days=365)))
-        async with consumers(own_server.url):
+        async with consumers(server.url):
             await eventually(lambda: _route_state(ledger, lc.FAILED_TO_START), timeout=15.0,
                              what="r1 failed to start after its start_timeout of 1 s")
 

@@ -6,8 +6,6 @@ import asyncio
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -17,19 +15,10 @@ from ledger import events as ev
 from ledger import lifecycle as lc
 from ledger.codec import Recorded
 from ledger.server import EmbeddedServer
-from conftest import create_streams, start_binary_server
 
 HEARTBEAT, TTL = 0.2, 1.5
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[EmbeddedServer]:
-    s = start_binary_server(tmp_path / "nats")
-    try:
-        asyncio.run(create_streams(s.url))
-        yield s
-    finally:
-        s.stop()
 
 
 async def owners(ledger, sessions: list[str]) -> dict[str, str | None]:  # type: ignore[no-untyped-def]

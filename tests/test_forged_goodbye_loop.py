@@ -3,12 +3,7 @@ sessions settle with it, instead of an endless claim -> orphan loop with the rec
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
-from conftest import create_streams, start_binary_server
 from fleet import agents, consumers, events, ledger_on
 from helpers import eventually
 
@@ -27,14 +22,6 @@ def owns(state: lc.SessionState | None, agent_id: str, incarnation: int) -> bool
         lc.S_ASSIGNED, agent_id, incarnation)
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[EmbeddedServer]:
-    s = start_binary_server(tmp_path / "nats")
-    try:
-        asyncio.run(create_streams(s.url))
-        yield s
-    finally:
-        s.stop()
 
 
 async def test_a_forged_goodbye_for_an_agent_alone_in_its_pool_settles(server: EmbeddedServer):

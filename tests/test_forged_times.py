@@ -14,13 +14,10 @@ subject family must crash nothing.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 import msgspec
 import pytest
-from conftest import create_streams, start_binary_server
 from fleet import agents, consumers, events, ledger_on
 from helpers import eventually
 from histories import histories
@@ -203,14 +200,6 @@ def test_no_declared_time_reaches_an_agent_session_or_route(items: list, data: s
 # --- against the running consumers, on a real server ----------------------------------------------------------
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[EmbeddedServer]:
-    s = start_binary_server(tmp_path / "nats")
-    try:
-        asyncio.run(create_streams(s.url))
-        yield s
-    finally:
-        s.stop()
 
 
 async def route_state(ledger: Ledger, rid: str) -> lc.RouteState:

@@ -11,11 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
-from conftest import create_streams, start_binary_server
 from fleet import agents, consumers, events, ledger_on
 from helpers import eventually
 
@@ -34,14 +30,6 @@ from projections.health import agent_health
 HEARTBEAT, TTL = 0.2, 1.5
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[EmbeddedServer]:
-    s = start_binary_server(tmp_path / "nats")
-    try:
-        asyncio.run(create_streams(s.url))
-        yield s
-    finally:
-        s.stop()
 
 
 async def last_beat_seq(ledger: Ledger, agent_id: str) -> int:

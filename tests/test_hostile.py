@@ -15,11 +15,10 @@ import os
 import random
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from conftest import create_streams, start_binary_server
 from helpers import eventually
 from nats.js.errors import NotFoundError
 from test_cli_entities import ledger_cli, ok, one_line_error
@@ -42,14 +41,6 @@ DEPTH = 10_000
 CLI = ev.Producer(id="cli", instance="hostile")
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[EmbeddedServer]:
-    s = start_binary_server(tmp_path / "nats")
-    try:
-        asyncio.run(create_streams(s.url))
-        yield s
-    finally:
-        s.stop()
 
 
 @contextlib.asynccontextmanager
