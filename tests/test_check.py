@@ -450,6 +450,52 @@ def test_a_claim_planted_into_an_owned_session_is_the_one_overlap(ops: list[tupl
     assert report.violations[0].related == (token,)
 
 
+def current_registration(h: History, agent: str) -> int:
+    return max(m.seq for m in h.messages if m.subject == f"ledger.agent.{agent}.registered.{agent}")
+
+
+@hsettings(max_examples=200, deadline=None)
+@given(OPS, st.sampled_from(["a0", "a1", "a2"]), st.data())
+def test_in_flight_writes_of_a_superseded_incarnation_are_clean_until_an_event_acts_on_one(
+        ops: list[tuple[str, int, int]], agent: str, data: st.DataObject):
+    """Any legal history; then the agent registers again while every write its old incarnation could make is in
+    flight (a release of each session it holds, a claim of each pending one): all counted, none a violation.
+    One later event that uses one of those claims as its token is the one violation."""
+    h, owner = legal(ops)
+    old = current_registration(h, agent)
+    new = h.register(agent)
+    for sid, held in owner.items():
+        if held is not None and held[0] == agent:
+            h.release(sid, agent, old, held[1])
+    in_flight = [(sid, h.claim(sid, agent, old)) for sid, held in owner.items() if held is None]
+    report = h.check()
+    assert report.clean, report.violations
+    assert report.flagged.get(ck.SUPERSEDED_INCARNATION, 0) == sum(1 for o in owner.values() if o and o[0] == agent) \
+        + len(in_flight)
+    if not in_flight:
+        return
+    sid, token = data.draw(st.sampled_from(in_flight))
+    other = data.draw(st.sampled_from([a for a in ("a0", "a1", "a2") if a != agent]))
+    act = data.draw(st.sampled_from(["report", "release", "terminate", "orphan", "claim", "takeover"]))
+    if act == "report":
+        dependent = h.add(ev.SessionResourceReported(producer=who(agent), session_id=sid, agent_id=agent,
+                                                     incarnation=old, token=token, platform_resource_id="x"))
+    elif act == "release":
+        dependent = h.release(sid, agent, old, token)
+    elif act == "terminate":
+        dependent = h.add(ev.SessionTerminated(producer=CLI, session_id=sid, token=token))
+    elif act == "orphan":
+        dependent = h.add(ev.SessionOrphaned(producer=who("reclaimer"), session_id=sid, reason="owner_lost",
+                                             previous_token=token))
+    elif act == "claim":
+        dependent = h.claim(sid, other, current_registration(h, other), previous=token, reason="failover")
+    else:
+        dependent = h.claim(sid, agent, new, previous=token, reason="failover")
+    report = h.check()
+    assert found(report) == [(ck.SUPERSEDED_INCARNATION, dependent)]
+    assert report.violations[0].related == (token, new)
+
+
 # --- against a real server ------------------------------------------------------------------------------------
 
 
