@@ -19,10 +19,23 @@ hide itself by being applied twice. The rules are the invariants of the brief
 * illegal_transition - a session or route event the state machine forbids
   (after the final state, for an entity that was never created, a route
   transition from the wrong state or to a state not allowed from it);
-* superseded_incarnation - a claim or owner write by an incarnation that is
-  not the agent's current registration;
+* superseded_incarnation - an event of a superseded incarnation that was
+  APPLIED. A claim or owner write by an older registration N of an agent,
+  stored after its registration M > N, is the system's own race (the writer
+  fenced itself while the write was in flight; the compare-and-set guards the
+  session, not the agent): every fold flags it and applies nothing, so the
+  checker counts it (`Report.flagged`) and keeps it out of its own state. It
+  is a violation when a later event treats it as applied: an owner write
+  (release, resource report, terminate, route transition) under its sequence
+  as token, or a claim or orphaning naming it as previous token. A write by
+  an incarnation that is no registration of the agent at all is a violation
+  at once;
 * claim_for_unavailable_agent - a claim for an agent that is not registered,
-  not in the session's pool, or dead, gone, fenced or drained at that point;
+  not in the session's pool, or drained at that point, or that is dead, gone
+  or fenced since more than `grace` before the claim was stored (a reclaimer
+  whose view is an event behind writes such a claim a moment after the
+  status, and its next step orphans the session: counted, not a violation;
+  one never repaired is stranded);
 * stranded - a session still assigned, at the end of the history ("now"), to
   an owner that was lost (declared dead, gone, fenced, superseded, or silent:
   no beat of its incarnation for its ttl) longer than ttl + grace before;
@@ -139,6 +152,10 @@ class Report(msgspec.Struct, kw_only=True):
     not_events: int
     now_ns: int
     """The time the stranded rule judged against: the newest stored time read (or the one given)."""
+    flagged: dict[str, int] = msgspec.field(default_factory=dict)
+    """Events the system itself writes in a race, not applied or soon repaired, that are no violation, by kind:
+    in-flight writes of a superseded incarnation (superseded_incarnation), claims stored at most `grace` after
+    the agent's death, goodbye or fence (claim_for_unavailable_agent)."""
 
     @property
     def clean(self) -> bool:
@@ -165,6 +182,14 @@ class _Session(msgspec.Struct, kw_only=True):
     owner: str | None = None
     incarnation: int | None = None
     token: int | None = None
+
+
+class _Unapplied(msgspec.Struct, frozen=True, kw_only=True):
+    """A claim of a superseded incarnation, in flight across its agent's next registration: never applied."""
+
+    agent_id: str
+    incarnation: int
+    superseded_by: int
 
 
 class _Route(msgspec.Struct, kw_only=True):
@@ -242,6 +267,9 @@ class Checker:
         self.grace = grace
         self.since_ns = since_ns
         self.violations: list[Violation] = []
+        self.flagged: dict[str, int] = {}
+        self.unapplied: dict[int, _Unapplied] = {}
+        """Claims of superseded incarnations by sequence: a later write under one of them treats it as applied."""
         self.messages: dict[str, int] = {}
         self.events = 0
         self.not_events = 0
@@ -267,6 +295,13 @@ class Checker:
     def _record(self, v: Violation) -> None:
         if self.since_ns is None or v.stored_ns >= self.since_ns:
             self.violations.append(v)
+
+    def _count(self, kind: str) -> None:
+        """An event flagged and not applied (or soon repaired) that is no violation: counted, as a fold counts it."""
+        m = self._msg
+        assert m is not None
+        if self.since_ns is None or m.stored_ns >= self.since_ns:
+            self.flagged[kind] = self.flagged.get(kind, 0) + 1
 
     # --- agents ----------------------------------------------------------------------------------------------
 
@@ -314,19 +349,39 @@ class Checker:
     # --- sessions --------------------------------------------------------------------------------------------
 
     def _incarnation_problem(self, e: dict[str, Any], what: str) -> bool:
-        """Flag a claim or owner write by an incarnation that is not the agent's current one."""
+        """Whether a claim or owner write is by an incarnation that is not the agent's current one (then it is not
+        applied). An older registration of the agent is the in-flight race: counted, and a claim remembered so that
+        a later event treating it as applied is caught. Anything else is a violation here and now."""
         agent_id, incarnation = _str(e, "agent_id") or "", _int(e, "incarnation")
-        cur = self.current(agent_id)
-        if cur is None:
+        regs = self.agents.get(agent_id, [])
+        if not regs:
             kind = CLAIM_FOR_UNAVAILABLE_AGENT if what == "claim" else SUPERSEDED_INCARNATION
             self._flag(kind, f"{what} by {agent_id}, which never registered")
             return True
-        if incarnation != cur.seq:
-            self._flag(SUPERSEDED_INCARNATION,
-                       f"{what} by {agent_id} incarnation {incarnation}; its current registration is #{cur.seq}",
-                       cur.seq)
+        cur = regs[-1]
+        if incarnation == cur.seq:
+            return False
+        later = next((regs[i + 1].seq for i, r in enumerate(regs[:-1]) if r.seq == incarnation), None)
+        if later is None:
+            self._flag(SUPERSEDED_INCARNATION, f"{what} by {agent_id} incarnation {incarnation}, which is no "
+                                               f"registration of it; its current registration is #{cur.seq}", cur.seq)
             return True
-        return False
+        self._count(SUPERSEDED_INCARNATION)
+        if what == "claim":
+            assert self._msg is not None and incarnation is not None
+            self.unapplied[self._msg.seq] = _Unapplied(agent_id=agent_id, incarnation=incarnation,
+                                                       superseded_by=later)
+        return True
+
+    def _treats_as_applied(self, token: int | None, what: str) -> bool:
+        """Flag an event that names an unapplied claim of a superseded incarnation as its token or previous token."""
+        u = self.unapplied.get(token) if token is not None else None
+        if u is None:
+            return False
+        self._flag(SUPERSEDED_INCARNATION, f"{what} under token {token}: the claim by {u.agent_id} incarnation "
+                                           f"{u.incarnation}, superseded by registration #{u.superseded_by}, "
+                                           f"acted on as if applied", token, u.superseded_by)
+        return True
 
     def _session_event(self, tag: str, e: dict[str, Any], m: RawMessage) -> None:
         sid = _str(e, "session_id") or ""
@@ -347,7 +402,7 @@ class Checker:
         if tag == "session.claimed":
             self._claim(sid, s, e, m)
         elif tag in ("session.released", "session.resource_reported"):
-            if self._incarnation_problem(e, tag):
+            if self._treats_as_applied(_int(e, "token"), tag) or self._incarnation_problem(e, tag):
                 return
             token, agent_id = _int(e, "token"), _str(e, "agent_id")
             if s.status != "assigned" or token != s.token or agent_id != s.owner or _int(e, "incarnation") != s.incarnation:
@@ -358,6 +413,8 @@ class Checker:
                 s.status, s.owner, s.incarnation, s.token = "released", None, None, None
         elif tag == "session.orphaned":
             previous = _int(e, "previous_token")
+            if self._treats_as_applied(previous, tag):
+                return
             if s.status != "assigned":
                 self._flag(ILLEGAL_TRANSITION, f"session.orphaned while the session is {s.status}")
             elif previous != s.token:
@@ -366,6 +423,8 @@ class Checker:
                 s.status, s.owner, s.incarnation, s.token = "orphaned", None, None, None
         elif tag == "session.terminated":
             token = _int(e, "token")
+            if self._treats_as_applied(token, tag):
+                return
             if token is not None and token != s.token:
                 self._flag(STALE_TOKEN, f"terminated under token {token}; the current claim is {s.token}", s.token)
             else:
@@ -375,6 +434,9 @@ class Checker:
 
     def _claim(self, sid: str, s: _Session, e: dict[str, Any], m: RawMessage) -> None:
         agent_id, previous = _str(e, "agent_id") or "", _int(e, "previous_token")
+        if self._treats_as_applied(previous, "session.claimed") and s.status == "assigned":
+            return  # not applied (it names no current token): one violation, not an overlap as well
+        # (On a pending session the fold applies it whatever it names, so the checker does too.)
         if self._incarnation_problem(e, "claim"):
             return
         if s.status == "assigned" and previous != s.token:
@@ -388,9 +450,14 @@ class Checker:
         if cur.pool != s.pool:
             self._flag(CLAIM_FOR_UNAVAILABLE_AGENT, f"claim for {agent_id} of pool {cur.pool!r}; the session is in "
                                                     f"{s.pool!r}", cur.seq)
+        elif cur.status in ("dead", "gone", "fenced") and m.stored_ns - cur.status_ns <= int(self.grace * 1e9):
+            # A claimer one event behind the monitor (or the agent's goodbye or fence): the next reclaimer step
+            # orphans it, and the stranded rule catches one that is never repaired.
+            self._count(CLAIM_FOR_UNAVAILABLE_AGENT)
         elif cur.status not in ("alive", "draining"):
             self._flag(CLAIM_FOR_UNAVAILABLE_AGENT, f"claim for {agent_id}, which is {cur.status} (since "
-                                                    f"#{cur.status_seq})", cur.status_seq)
+                                                    f"#{cur.status_seq}, {(m.stored_ns - cur.status_ns) / 1e9:.1f}s "
+                                                    f"before)", cur.status_seq)
         s.status, s.owner, s.incarnation, s.token = "assigned", agent_id, cur.seq, m.seq
 
     # --- routes ----------------------------------------------------------------------------------------------
@@ -410,6 +477,8 @@ class Checker:
             self._flag(ILLEGAL_TRANSITION, f"transition of route {rid}, which was never created")
             return
         token = _int(e, "token")
+        if self._treats_as_applied(token, tag):
+            return
         if token is not None:
             s = self.sessions.get(r.session_id)
             current = s.token if s is not None else None
@@ -460,7 +529,7 @@ class Checker:
                 self._stranded(sid, s, now)
         self.violations.sort(key=lambda v: (v.stream, v.seq, v.kind))
         return Report(violations=self.violations, messages=dict(self.messages), events=self.events,
-                      not_events=self.not_events, now_ns=now)
+                      not_events=self.not_events, now_ns=now, flagged=dict(sorted(self.flagged.items())))
 
     def held_by_lost_owners(self) -> list[str]:
         """Sessions assigned right now to a superseded, dead, gone or fenced incarnation (and not held on purpose

@@ -70,9 +70,10 @@ class History:
     def create(self, sid: str, pool: str = "p", after: float = 0.1) -> int:
         return self.add(ev.SessionCreated(producer=CLI, session_id=sid, pool=pool), after=after)
 
-    def claim(self, sid: str, agent: str, incarnation: int, previous: int | None = None, **kw: Any) -> int:
+    def claim(self, sid: str, agent: str, incarnation: int, previous: int | None = None, *, after: float = 0.1,
+              **kw: Any) -> int:
         return self.add(ev.SessionClaimed(producer=who(agent), session_id=sid, agent_id=agent, instance_id="i",
-                                          incarnation=incarnation, previous_token=previous, **kw))
+                                          incarnation=incarnation, previous_token=previous, **kw), after=after)
 
     def release(self, sid: str, agent: str, incarnation: int, token: int) -> int:
         return self.add(ev.SessionReleased(producer=who(agent), session_id=sid, agent_id=agent,
@@ -171,25 +172,85 @@ def test_illegal_transitions():
                                                                       never)]
 
 
-def test_writes_of_a_superseded_incarnation():
+def test_in_flight_writes_of_a_superseded_incarnation_are_counted_not_applied_and_clean():
+    """The agent fenced itself with a claim and a release in flight, registered again, then both landed: every fold
+    flags them and applies nothing, so they are counted, and the checker's own state does not apply them either."""
     h = History()
     old = h.register("a1")
     h.create("s1")
+    h.create("s2")
     c1 = h.claim("s1", "a1", old)
     new = h.register("a1")
-    late = h.release("s1", "a1", old, c1)
-    h.create("s2")
-    stale_claim = h.claim("s2", "a1", old)
+    h.release("s1", "a1", old, c1)  # in flight: s1 stays assigned under c1
+    h.claim("s2", "a1", old)  # in flight: s2 stays pending
+    h.add(ev.SessionResourceReported(producer=who("a1"), session_id="s1", agent_id="a1", incarnation=old, token=c1,
+                                     platform_resource_id="x"))
     report = h.check()
-    assert found(report) == [(ck.SUPERSEDED_INCARNATION, late), (ck.SUPERSEDED_INCARNATION, stale_claim)]
-    assert report.violations[0].related == (new,)
+    assert report.clean, report.violations
+    assert report.flagged == {ck.SUPERSEDED_INCARNATION: 3}
     # A late goodbye of the old incarnation changes nothing and is no violation (the folds flag and ignore it).
     h.add(ev.AgentGoodbye(producer=who("a1"), agent_id="a1", instance_id="i", incarnation=old))
+    # Had the release applied, this takeover naming c1 would be stale; had the claim applied, s2's plain claim
+    # would overlap it.
+    h.claim("s1", "a1", new, previous=c1, reason="failover")
     h.claim("s2", "a1", new)
+    report = h.check()
+    assert report.clean, report.violations
+    assert report.flagged == {ck.SUPERSEDED_INCARNATION: 3}
+
+
+def test_a_claim_of_a_superseded_incarnation_that_a_later_event_treats_as_applied_is_a_violation():
+    """The violation is the later event that depends on the unapplied claim: an owner write under its sequence as
+    token, or a claim or orphaning naming it as previous token. Each is reported once, at its own sequence."""
+    h = History()
+    old = h.register("a1")
+    a2 = h.register("a2")
+    h.add(ev.RouteCreated(producer=CLI, route_id="r1", session_id="s3", endpoint="e"))
+    flagged = {}
+    for i in range(1, 8):
+        h.create(f"s{i}")
+    new = h.register("a1")
+    for i in range(1, 8):
+        flagged[i] = h.claim(f"s{i}", "a1", old)
+    held = h.claim("s7", "a2", a2)  # s7 is truly owned by a2 under `held`
+    dependent = [
+        h.add(ev.SessionResourceReported(producer=who("a1"), session_id="s1", agent_id="a1", incarnation=old,
+                                         token=flagged[1], platform_resource_id="x")),
+        h.release("s2", "a1", old, flagged[2]),
+        h.add(ev.RouteTransitioned(producer=who("a1"), route_id="r1", from_state="PENDING", to_state="STARTING",
+                                   token=flagged[3])),
+        h.add(ev.SessionTerminated(producer=CLI, session_id="s4", token=flagged[4])),
+        h.add(ev.SessionOrphaned(producer=who("reclaimer"), session_id="s5", reason="owner_dead",
+                                 previous_token=flagged[5])),
+        h.claim("s6", "a2", a2, previous=flagged[6], reason="failover"),  # pending: the fold applies it
+        h.claim("s7", "a1", new, previous=flagged[7], reason="failover"),  # assigned to a2: not applied
+    ]
+    report = h.check()
+    assert found(report) == [(ck.SUPERSEDED_INCARNATION, seq) for seq in dependent]
+    assert [v.related for v in report.violations] == [(flagged[i], new) for i in range(1, 8)]
+    assert report.flagged == {ck.SUPERSEDED_INCARNATION: 7}
+    # Not applied where the fold does not apply it (s7 is still a2's), applied where it does (s6 is a2's now).
+    h.release("s7", "a2", a2, held)
+    h.release("s6", "a2", a2, dependent[5])
     assert found(h.check()) == found(report)
 
 
+def test_a_write_by_an_incarnation_that_is_no_registration_of_its_agent_is_a_violation_at_once():
+    h = History()
+    a1 = h.register("a1")
+    a2 = h.register("a2")
+    h.create("s1")
+    c1 = h.claim("s1", "a1", a1)
+    forged = [h.release("s1", "a1", 0, c1), h.release("s1", "a1", a2, c1), h.release("s1", "a1", a1 + 100, c1)]
+    h.create("s2")
+    forged.append(h.claim("s2", "a1", a2))
+    report = h.check()
+    assert found(report) == [(ck.SUPERSEDED_INCARNATION, seq) for seq in forged]
+    assert report.flagged == {}
+
+
 def test_claims_for_an_agent_that_cannot_run_the_session():
+    """Unregistered, another pool or drained: a violation at once, whatever the grace."""
     h = History()
     ghost_claim_session = h.create("s1")
     ghost = h.claim("s1", "ghost", 1)
@@ -197,13 +258,54 @@ def test_claims_for_an_agent_that_cannot_run_the_session():
     h.create("s2")
     wrong_pool = h.claim("s2", "a2", other_pool_agent)
     a3 = h.register("a3")
-    bye = h.add(ev.AgentGoodbye(producer=who("a3"), agent_id="a3", instance_id="i", incarnation=a3))
+    h.add(ev.AgentDraining(producer=who("a3"), agent_id="a3", incarnation=a3, deadline="2030-01-01T00:00:00Z"))
+    done = h.add(ev.AgentDrained(producer=who("a3"), agent_id="a3", incarnation=a3))
     h.create("s3")
-    for_gone = h.claim("s3", "a3", a3)
-    report = h.check()
-    assert found(report) == [(ck.CLAIM_FOR_UNAVAILABLE_AGENT, s) for s in (ghost, wrong_pool, for_gone)]
-    assert report.violations[2].related == (bye,)
-    assert ghost_claim_session < ghost
+    for_drained = h.claim("s3", "a3", a3)
+    report = h.check(grace=3600.0)
+    assert found(report) == [(ck.CLAIM_FOR_UNAVAILABLE_AGENT, s) for s in (ghost, wrong_pool, for_drained)]
+    assert report.violations[2].related == (done,)
+    assert ghost_claim_session < ghost and report.flagged == {}
+
+
+LOST = {
+    "dead": lambda a, inc: ev.AgentDeclaredDead(producer=who("monitor"), agent_id=a, incarnation=inc, reason="x"),
+    "gone": lambda a, inc: ev.AgentGoodbye(producer=who(a), agent_id=a, instance_id="i", incarnation=inc),
+    "fenced": lambda a, inc: ev.AgentFenced(producer=who(a), agent_id=a, incarnation=inc, reason="x",
+                                            fenced_at="2026-01-01T00:00:00Z"),
+}
+
+
+@pytest.mark.parametrize("status", sorted(LOST))
+def test_a_claim_for_an_agent_lost_a_moment_before_is_counted_and_one_later_than_grace_is_a_violation(status: str):
+    """A reclaimer whose view is one event behind claims for an agent the log has just declared dead (or that
+    just said goodbye or fenced itself); its next step orphans the session. Within grace: counted, clean."""
+    h = History()
+    a1 = h.register("a1", ttl=5.0)
+    h.create("s1")
+    h.create("s2")
+    lost = h.add(LOST[status]("a1", a1))
+    lagging = h.claim("s1", "a1", a1, after=2.0)
+    report = h.check(grace=2.0)
+    assert report.clean, report.violations
+    assert report.flagged == {ck.CLAIM_FOR_UNAVAILABLE_AGENT: 1}
+    h.add(ev.SessionOrphaned(producer=who("reclaimer"), session_id="s1", reason="owner_lost", previous_token=lagging))
+    assert h.check(grace=2.0).clean  # the repair applies: the claim was taken as owned
+    late = h.claim("s2", "a1", a1, after=0.5)  # 2.5 s after the status: past grace
+    report = h.check(grace=2.0)
+    assert found(report) == [(ck.CLAIM_FOR_UNAVAILABLE_AGENT, late)] and report.violations[0].related == (lost,)
+    assert report.flagged == {ck.CLAIM_FOR_UNAVAILABLE_AGENT: 1}
+
+
+def test_a_lagging_claim_that_is_never_repaired_is_stranded():
+    h = History()
+    a1 = h.register("a1", ttl=1.0)
+    h.create("s1")
+    dead = h.add(LOST["dead"]("a1", a1))
+    lagging = h.claim("s1", "a1", a1)
+    h.create("s-later", after=1.0 + 2.0 + 0.5)
+    report = h.check(grace=2.0)
+    assert found(report) == [(ck.STRANDED, lagging)] and report.violations[0].related == (dead,)
 
 
 def test_a_session_left_with_a_lost_owner_beyond_ttl_plus_grace_is_stranded():
@@ -348,6 +450,52 @@ def test_a_claim_planted_into_an_owned_session_is_the_one_overlap(ops: list[tupl
     assert report.violations[0].related == (token,)
 
 
+def current_registration(h: History, agent: str) -> int:
+    return max(m.seq for m in h.messages if m.subject == f"ledger.agent.{agent}.registered.{agent}")
+
+
+@hsettings(max_examples=200, deadline=None)
+@given(OPS, st.sampled_from(["a0", "a1", "a2"]), st.data())
+def test_in_flight_writes_of_a_superseded_incarnation_are_clean_until_an_event_acts_on_one(
+        ops: list[tuple[str, int, int]], agent: str, data: st.DataObject):
+    """Any legal history; then the agent registers again while every write its old incarnation could make is in
+    flight (a release of each session it holds, a claim of each pending one): all counted, none a violation.
+    One later event that uses one of those claims as its token is the one violation."""
+    h, owner = legal(ops)
+    old = current_registration(h, agent)
+    new = h.register(agent)
+    for sid, held in owner.items():
+        if held is not None and held[0] == agent:
+            h.release(sid, agent, old, held[1])
+    in_flight = [(sid, h.claim(sid, agent, old)) for sid, held in owner.items() if held is None]
+    report = h.check()
+    assert report.clean, report.violations
+    assert report.flagged.get(ck.SUPERSEDED_INCARNATION, 0) == sum(1 for o in owner.values() if o and o[0] == agent) \
+        + len(in_flight)
+    if not in_flight:
+        return
+    sid, token = data.draw(st.sampled_from(in_flight))
+    other = data.draw(st.sampled_from([a for a in ("a0", "a1", "a2") if a != agent]))
+    act = data.draw(st.sampled_from(["report", "release", "terminate", "orphan", "claim", "takeover"]))
+    if act == "report":
+        dependent = h.add(ev.SessionResourceReported(producer=who(agent), session_id=sid, agent_id=agent,
+                                                     incarnation=old, token=token, platform_resource_id="x"))
+    elif act == "release":
+        dependent = h.release(sid, agent, old, token)
+    elif act == "terminate":
+        dependent = h.add(ev.SessionTerminated(producer=CLI, session_id=sid, token=token))
+    elif act == "orphan":
+        dependent = h.add(ev.SessionOrphaned(producer=who("reclaimer"), session_id=sid, reason="owner_lost",
+                                             previous_token=token))
+    elif act == "claim":
+        dependent = h.claim(sid, other, current_registration(h, other), previous=token, reason="failover")
+    else:
+        dependent = h.claim(sid, agent, new, previous=token, reason="failover")
+    report = h.check()
+    assert found(report) == [(ck.SUPERSEDED_INCARNATION, dependent)]
+    assert report.violations[0].related == (token, new)
+
+
 # --- against a real server ------------------------------------------------------------------------------------
 
 
@@ -414,15 +562,25 @@ async def test_violations_planted_with_raw_publishes_are_named_with_their_sequen
         await raw(ev.SessionCreated(producer=CLI, session_id="s1", pool="p"))
         c1 = await raw(ev.SessionClaimed(producer=who("a1"), session_id="s1", agent_id="a1", instance_id="i",
                                          incarnation=a1))
+
+        async def applied_claim_of_a_superseded_incarnation() -> int:
+            """A claim by a3's first incarnation stored after its second registration (flagged, not applied),
+            then a resource report under its token: the write that treats it as applied is the violation."""
+            old = await raw(ev.AgentRegistered(producer=who("a3"), agent_id="a3", instance_id="i", pool="p"))
+            await raw(ev.AgentRegistered(producer=who("a3"), agent_id="a3", instance_id="j", pool="p"))
+            await raw(ev.SessionCreated(producer=CLI, session_id="s3", pool="p"))
+            token = await raw(ev.SessionClaimed(producer=who("a3"), session_id="s3", agent_id="a3", instance_id="i",
+                                                incarnation=old))
+            return await raw(ev.SessionResourceReported(producer=who("a3"), session_id="s3", agent_id="a3",
+                                                        incarnation=old, token=token, platform_resource_id="x"))
+
         planted = {
             ck.OVERLAPPING_OWNERSHIP: await raw(ev.SessionClaimed(producer=who("a2"), session_id="s1", agent_id="a2",
                                                                   instance_id="i", incarnation=a2)),
             ck.STALE_TOKEN: await raw(ev.SessionReleased(producer=who("a2"), session_id="s1", agent_id="a2",
                                                          incarnation=a2, token=c1 + 1)),
             ck.ILLEGAL_TRANSITION: await raw(ev.SessionOrphaned(producer=who("x"), session_id="s9", reason="x")),
-            ck.SUPERSEDED_INCARNATION: await raw(ev.SessionResourceReported(
-                producer=who("a1"), session_id="s1", agent_id="a1", incarnation=a1 - 1, token=c1,
-                platform_resource_id="x")),
+            ck.SUPERSEDED_INCARNATION: await applied_claim_of_a_superseded_incarnation(),
             ck.MISSING_EVENT_ID: await raw(ev.SessionCreated(producer=CLI, session_id="s5", pool="p"),
                                            drop=("event_id",)),
             ck.MISSING_TIME: await raw(ev.SessionCreated(producer=CLI, session_id="s6", pool="p"), drop=("time",)),
@@ -439,10 +597,30 @@ async def test_violations_planted_with_raw_publishes_are_named_with_their_sequen
     # a1 (ttl 30 s) died just now: not stranded yet; with a "now" past ttl + grace it would be.
     assert not [v for v in doc["violations"] if v["kind"] == ck.STRANDED]
     assert len(doc["violations"]) == len(planted)
+    assert doc["flagged"] == {ck.SUPERSEDED_INCARNATION: 1}  # a3's claim itself
     code, _, out = ledger_check(server.url)
     assert code == 1 and f"{len(planted)} violation(s)" in out and "overlapping_ownership" in out
     code, doc, _ = ledger_check(server.url, "--json", "--since", "2100-01-01T00:00:00Z")
-    assert code == 0 and doc["clean"] and doc["events"] == len(planted) + 6  # everything read, nothing after
+    assert code == 0 and doc["clean"] and doc["events"] == len(planted) + 10  # everything read, nothing after
+
+
+async def test_an_in_flight_claim_of_a_superseded_incarnation_is_counted_and_clean_on_a_real_server(
+        server: EmbeddedServer):
+    """The race the fault campaign hit: an agent's claim lands after its next registration. Flagged by every
+    fold and never applied; `ledger check` counts it, exits 0, and a later claim by the new incarnation is fine."""
+    async with EventStore.connect(Settings(nats_url=server.url)) as store:
+        old = await store.append(ev.AgentRegistered(producer=who("a1"), agent_id="a1", instance_id="i", pool="p"))
+        await store.append(ev.SessionCreated(producer=CLI, session_id="s1", pool="p"))
+        new = await store.append(ev.AgentRegistered(producer=who("a1"), agent_id="a1", instance_id="j", pool="p"))
+        await store.append(ev.SessionClaimed(producer=who("a1"), session_id="s1", agent_id="a1", instance_id="i",
+                                             incarnation=old))
+        await store.append(ev.SessionClaimed(producer=who("a1"), session_id="s1", agent_id="a1", instance_id="j",
+                                             incarnation=new))
+    code, doc, _ = ledger_check(server.url, "--json")
+    assert code == 0 and doc["clean"], doc["violations"]
+    assert doc["flagged"] == {ck.SUPERSEDED_INCARNATION: 1}
+    code, _, out = ledger_check(server.url)
+    assert code == 0 and "flagged, not applied: superseded_incarnation 1" in out and "clean: no violation" in out
 
 
 async def test_a_stranded_session_on_a_real_server(server: EmbeddedServer):
