@@ -7,12 +7,10 @@ part plants each kind of violation with raw nats-py publishes, bypassing the com
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -505,18 +503,6 @@ def ledger_check(url: str, *args: str) -> tuple[int, dict[str, Any], str]:
     assert "Traceback" not in result.stderr, result.stderr
     doc = json.loads(result.stdout) if "--json" in args and result.stdout.strip() else {}
     return result.returncode, doc, result.stdout
-
-
-@pytest.fixture
-def server(tmp_path: Path):  # type: ignore[no-untyped-def]
-    from conftest import create_streams, start_binary_server
-
-    s = start_binary_server(tmp_path / "nats")
-    try:
-        asyncio.run(create_streams(s.url))
-        yield s
-    finally:
-        s.stop()
 
 
 async def test_a_log_written_by_real_agents_and_consumers_is_clean(server: EmbeddedServer):
