@@ -37,7 +37,7 @@ import logging
 import signal
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from types import TracebackType
@@ -160,11 +160,10 @@ class Agent:
         """Per session we touched: the newest sequence already judged, so a lagging watch never undoes our writes."""
         self._sessions: dict[str, lc.SessionState] = {}
         """The folded state of every session we own (the fold our watch extends event by event)."""
-        self._registered: dict[str, list[int]] = {agent_id: []}
-        """Every agent's registrations, ascending: one read when the watch starts, then the watch itself. The
-        fold's incarnation check needs them for every agent a judged session names; reading them per judged
-        event let a session full of forged claimers cost the watch a read per claimer, each time."""
-        self._registered_read = False
+        self._registered: dict[str, list[int]] = {}
+        """Registrations (ascending) of each agent a judged session named: read once per agent, then kept
+        current by the watch, which follows every registration. The fold's incarnation check needs them;
+        reading them per judged event let a session full of forged claimers cost a read per claimer, each time."""
         self._self_state: lc.AgentState | None = None
         self._wrote: set[str] = set()
         """Ids of the drain events this process wrote about itself (few: one per drain)."""
@@ -415,7 +414,7 @@ class Agent:
                 replay = self.store.replay(filters, start_seq=start, follow=True)
                 current[:] = [replay]
                 try:
-                    await self._read_registrations(start)
+                    await self._know_registrations([self.agent_id], start)
                     async for batch in replay:
                         for item in batch:  # first: a claim is judged on the registrations stored before it
                             if isinstance(item, Recorded) and isinstance(item.event, ev.AgentRegistered):
@@ -487,19 +486,22 @@ class Agent:
                 asyncio.get_running_loop().create_task(self._drained())
 
     def _note_registration(self, seq: int, agent_id: str | None = None) -> None:
-        seqs = self._registered.setdefault(agent_id or self.agent_id, [])
+        seqs = self._registered.get(agent_id or self.agent_id)
+        if seqs is None:
+            return  # not known yet: read whole when first needed (a partial list would mislead the lookup)
         i = bisect.bisect_left(seqs, seq)
         if i == len(seqs) or seqs[i] != seq:
             seqs.insert(i, seq)
 
-    async def _read_registrations(self, floor: int) -> None:
-        """Every registration up to (at least) `floor`, once; the watch delivers those after it."""
-        if self._registered_read:
-            return
-        for item in await self.store.read(_REGISTRATIONS, min_last_seq=floor):
-            if isinstance(item, Recorded) and isinstance(item.event, ev.AgentRegistered):
-                self._note_registration(item.seq, item.event.agent_id)
-        self._registered_read = True
+    async def _know_registrations(self, agents: Iterable[str], floor: int) -> None:
+        """Read, once per agent, its registrations up to (at least) `floor`; the watch delivers later ones."""
+        missing = sorted({a for a in agents if a not in self._registered})
+        for i in range(0, len(missing), PREFETCH_CONCURRENCY):
+            chunk = missing[i:i + PREFETCH_CONCURRENCY]
+            found = await asyncio.gather(*(self.ledger.registrations(a, min_last_seq=floor) for a in chunk))
+            for agent_id, seqs in zip(chunk, found):
+                if agent_id not in self._registered:
+                    self._registered[agent_id] = sorted(seqs)
 
     def _may_gain(self, e: ev.Event) -> bool:
         return (isinstance(e, ev.SessionClaimed) and e.agent_id == self.agent_id
@@ -522,6 +524,7 @@ class Agent:
                 prefetched = self._prefetched.pop((sid, rec.seq), _MISSING)
                 before = (await self._session_before(sid, rec.seq) if prefetched is _MISSING
                           else prefetched)  # type: ignore[assignment]
+            await self._know_registrations([getattr(e, "agent_id", None) or self.agent_id], rec.seq)
             incarnation_at = lc.registrations_lookup(self._registered)
             if self._session_seq.get(sid, 0) == known and self._sessions.get(sid) is cached:
                 break
@@ -559,6 +562,8 @@ class Agent:
         """The session's state just before `seq`, folded from its history as the projections fold it."""
         items = await self.store.history("session", session_id, min_last_seq=seq)  # a replica that has `seq`
         records = [i for i in items if isinstance(i, Recorded) and i.seq < seq]
+        await self._know_registrations((r.event.agent_id for r in records if isinstance(
+            r.event, (ev.SessionClaimed, ev.SessionReleased, ev.SessionResourceReported))), seq)
         state, _ = lc.fold(lc.evolve_session, records, lc.registrations_lookup(self._registered))
         return state
 
