@@ -202,6 +202,9 @@ def decode(data: bytes, subject: str) -> Event:
         missing = [name for name, value in (("event_id", event.event_id is MISSING_ID),
                                             ("time", event.time is MISSING_TIME)) if value]
         raise _refuse("missing-envelope", f"no {' or '.join(missing)}", subject)
+    if not _MSG_ID_RE.match(event.event_id):  # the rule encode() applies: what one refuses, the other does too
+        raise _refuse("invalid", f"event_id {event.event_id[:40]!r} is not 1-200 printable ASCII characters "
+                                 "without spaces", subject)
     expected = subject_of_unchecked(event)
     if expected != subject:
         raise _refuse("wrong-subject", f"payload belongs on {expected}", subject)

@@ -219,3 +219,11 @@ def test_valid_samples_pass_the_encoder(event: ev.Event):
 def test_a_probe_with_zero_initial_delay_is_fine():
     event = sample(ev.RouteCreated, probe=ev.Probe(initial_delay=0.0))
     assert codec.decode(codec.encode(event).payload, codec.subject_of(event)) == event
+
+
+@pytest.mark.parametrize("event_id", [" ", "a b", "x\r\nNats-Expected-Stream: other", "é"])
+def test_an_event_id_that_encode_refuses_is_refused_on_decode_too(event_id: str):
+    payload = (b'{"type":"pool.breaker_reset","pool":"gpu","reason":"r","event_id":' + json.dumps(event_id).encode()
+               + b',"time":"2026-11-01T12:00:00Z","producer":{"id":"cli","instance":"i"}}')
+    item = _read(payload, "ledger.pool.gpu.breaker_reset.cli")
+    assert isinstance(item, codec.Unreadable) and item.reason.startswith("invalid: event_id")
