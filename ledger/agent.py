@@ -37,7 +37,7 @@ import logging
 import signal
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from types import TracebackType
@@ -60,10 +60,10 @@ _REGISTRATIONS = subjects.type_filter("agent", "registered")
 _AGENT_VERBS = sorted({cls.verb() for cls in ev.EVENT_TYPES if cls.family == "agent"} - {"registered"})
 """Our own agent's events other than registrations, which the watch follows for every agent."""
 JUDGE_ATTEMPTS = 5
+"""Times the watch re-judges one session event when our own writes to that session land while it reads."""
 PREFETCH_CONCURRENCY = 32
 """Session histories read at once when the watch's batch holds many claims for us."""
 _MISSING = object()
-"""Times the watch re-judges one session event when our own writes to that session land while it reads."""
 
 
 BEAT_SESSIONS_BYTES = codec.MAX_EVENT_BYTES // 2
@@ -155,7 +155,7 @@ class Agent:
         self._owner_task: asyncio.Task[object] | None = None
         self._signalled: int | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._pending_registration: tuple[asyncio.Future[int], float] | None = None
+        self._pending_registration: tuple[asyncio.Future[int], float, ev.AgentRegistered] | None = None
         self._session_seq: dict[str, int] = {}
         """Per session we touched: the newest sequence already judged, so a lagging watch never undoes our writes."""
         self._sessions: dict[str, lc.SessionState] = {}
@@ -165,10 +165,13 @@ class Agent:
         current by the watch, which follows every registration. The fold's incarnation check needs them;
         reading them per judged event let a session full of forged claimers cost a read per claimer, each time."""
         self._self_state: lc.AgentState | None = None
+        """Our current incarnation's lifecycle as the fold sees it (from the watch, starting at our registration)."""
         self._wrote: set[str] = set()
         """Ids of the drain events this process wrote about itself (few: one per drain)."""
         self._drained_for = 0
-        """Our current incarnation's lifecycle as the fold sees it (from the watch, starting at our registration)."""
+        """The incarnation whose `drained` we wrote (once per incarnation)."""
+        self._batch_end = 0
+        """Last sequence of the batch the watch is judging."""
         self.goodbye_seq: int | None = None
         """Sequence of the goodbye this process wrote (None until then, and when it wrote none)."""
         self._side_tasks: set[asyncio.Task[None]] = set()
@@ -276,11 +279,18 @@ class Agent:
 
     async def _register(self) -> None:
         started = time.monotonic()
-        self._adopt(await self.store.append(self._registration()), started)
+        registration = self._registration()
+        self._adopt(await self.store.append(registration), started, registration)
 
-    def _adopt(self, incarnation: int, started: float) -> None:
+    def _adopt(self, incarnation: int, started: float, registration: ev.AgentRegistered) -> None:
+        if incarnation == self.incarnation:
+            return  # adopted already: the watch saw it land before its acknowledgement came
         self.incarnation = incarnation
         self._note_registration(incarnation)
+        # Our own lifecycle from here, as the fold sees it (the stored time is ours until the watch says better).
+        rec = Recorded(subjects.LEDGER_STREAM, incarnation, codec.subject_of(registration), time.time_ns(),
+                       registration)
+        self._self_state, _ = lc.evolve_agent(None, rec)
         self._lease_from = started
         self.fenced = None
         self.draining = False
@@ -311,6 +321,7 @@ class Agent:
             if self.fenced is None and now >= next_beat:
                 await self._send_beat()
                 next_beat = now + self.heartbeat
+                self._catch_up_on_writes()
             if self.fenced is None and now - self._lease_from > self.ttl:
                 self._fence(f"no heartbeat acknowledged for {now - self._lease_from:.1f} s (ttl {self.ttl:g} s)")
             if self.fenced is not None and not self.superseded and not self._closing:
@@ -362,11 +373,9 @@ class Agent:
         self._sessions.clear()
         log.warning("%s: fenced (incarnation %d): %s; dropped %d session(s)",
                     self.agent_id, self.incarnation, reason, len(lost))
-        if self._on_fenced is not None:
-            self._on_fenced(reason)
+        self._call(self._on_fenced, reason)
         for sid in lost:
-            if self._on_lost is not None:
-                self._on_lost(sid, "fenced")
+            self._call(self._on_lost, sid, "fenced")
 
     async def _try_reregister(self) -> None:
         """Register a new incarnation; an attempt in flight is never abandoned (it may still land)."""
@@ -377,21 +386,28 @@ class Agent:
                     # Write down the decision we took alone, then come back as a new incarnation.
                     await self.store.submit(self._fence_record)
                     self._fence_record = None
-                future = await self.store.submit(self._registration())
+                registration = self._registration()
+                # Only if nobody registered this agent id since the newest registration we know of: one that
+                # landed late, after another process took over, would supersede that process in turn.
+                known = self._registered.get(self.agent_id) or [self.incarnation]
+                future = await self.store.submit(registration, expect=known[-1], expect_filter=subjects.event_subject(
+                    "agent", self.agent_id, "registered", "*"))
             except LedgerError as e:
                 log.debug("%s: cannot register yet: %s", self.agent_id, e)
                 await asyncio.sleep(min(self.heartbeat, 1.0))
                 return
-            self._pending_registration = (future, started)
-        future, started = self._pending_registration
+            self._pending_registration = (future, started, registration)
+        future, started, registration = self._pending_registration
         done, _ = await asyncio.wait({future}, timeout=self.heartbeat)
         if not done:
             return
         self._pending_registration = None
         if future.exception() is not None:
+            # Conflict: a registration we have not seen yet; the watch brings it (and says if we were superseded).
             log.debug("%s: registration failed: %s", self.agent_id, future.exception())
+            await asyncio.sleep(min(self.heartbeat, 1.0))
             return
-        self._adopt(future.result(), started)
+        self._adopt(future.result(), started, registration)
 
     # --- watching our own agent and the sessions we own ------------------------------------
 
@@ -416,6 +432,8 @@ class Agent:
                 try:
                     await self._know_registrations([self.agent_id], start)
                     async for batch in replay:
+                        if batch:
+                            self._batch_end = batch[-1].seq
                         for item in batch:  # first: a claim is judged on the registrations stored before it
                             if isinstance(item, Recorded) and isinstance(item.event, ev.AgentRegistered):
                                 self._note_registration(item.seq, item.event.agent_id)
@@ -430,6 +448,9 @@ class Agent:
                 except (LedgerError, asyncio.TimeoutError) as e:
                     log.debug("%s: watch interrupted (%s); resuming at #%d", self.agent_id, e, start)
                     await asyncio.sleep(0.5)
+                except Exception:  # noqa: BLE001 - a bug here must not leave a beating agent that no longer watches
+                    log.exception("%s: watch failed at #%d; trying again", self.agent_id, start)
+                    await asyncio.sleep(1.0)
         finally:
             self.store.remove_connection_listener(on_connection)
 
@@ -438,6 +459,12 @@ class Agent:
         match e:
             case ev.AgentRegistered() if e.agent_id != self.agent_id:
                 pass  # noted with its batch, for judging claims
+            case ev.AgentRegistered() if self._pending_registration is not None \
+                    and e.event_id == self._pending_registration[2].event_id:
+                # Our re-registration, seen before its acknowledgement: adopt it now, so that what follows it
+                # in the log (a claim for it, a death written about it) is judged as ours.
+                self._adopt(rec.seq, self._pending_registration[1], e)
+                self._self_state, _ = lc.evolve_agent(None, rec)
             case ev.AgentRegistered():
                 self._note_registration(rec.seq)
                 if rec.seq == self.incarnation:
@@ -483,7 +510,7 @@ class Agent:
                         self.agent_id, self.incarnation, e.producer.id)
             self.draining = True
             if not self.owned:
-                asyncio.get_running_loop().create_task(self._drained())
+                self._spawn(self._drained(), "drained")
 
     def _note_registration(self, seq: int, agent_id: str | None = None) -> None:
         seqs = self._registered.get(agent_id or self.agent_id)
@@ -496,6 +523,8 @@ class Agent:
     async def _know_registrations(self, agents: Iterable[str], floor: int) -> None:
         """Read, once per agent, its registrations up to (at least) `floor`; the watch delivers later ones."""
         missing = sorted({a for a in agents if a not in self._registered})
+        # Past the whole batch being judged: its registrations of agents not known yet were passed over.
+        floor = max(floor, self._batch_end)
         for i in range(0, len(missing), PREFETCH_CONCURRENCY):
             chunk = missing[i:i + PREFETCH_CONCURRENCY]
             found = await asyncio.gather(*(self.ledger.registrations(a, min_last_seq=floor) for a in chunk))
@@ -589,13 +618,36 @@ class Agent:
             claim = self.owned[session_id] = Claim(session_id, after.token, after.claim_reason or "")
             if held is None:
                 self.touch(session_id)
-                if self._on_gained is not None and e.producer.id != self.agent_id:
-                    self._on_gained(claim, e.producer.id)  # a reclaimer gave it to us
+                if e.producer.id != self.agent_id:
+                    self._call(self._on_gained, claim, e.producer.id)  # a reclaimer gave it to us
                 self._shed_excess()
             return
         self._sessions.pop(session_id, None)
         if held is not None:
             self._lose(session_id, _why_lost(e))
+
+    def _catch_up_on_writes(self) -> None:
+        """Writes whose first try failed (the server was electing, say) are tried again with each beat: an
+        agent over capacity must not stay over it, nor a drained one stay draining in the log."""
+        if self.load > self.capacity:
+            self._shed_excess()
+        if self.draining and not self.owned and self._drained_for != self.incarnation:
+            self._spawn(self._drained(), "drained")
+
+    def _spawn(self, coro: Coroutine[object, object, None], name: str) -> None:
+        """A short task of ours (a release, a drained note): kept, and stopped with the agent."""
+        task = asyncio.get_running_loop().create_task(coro, name=f"agent-{self.agent_id}-{name}")
+        self._side_tasks.add(task)
+        task.add_done_callback(self._side_tasks.discard)
+
+    def _call(self, callback: Callable[..., None] | None, *args: object) -> None:
+        """The application's callback: what it raises is logged, and never stops our watch or heartbeats."""
+        if callback is None:
+            return
+        try:
+            callback(*args)
+        except Exception:  # noqa: BLE001 - not ours to handle; ours is to keep the lease and the watch going
+            log.exception("%s: %s raised", self.agent_id, getattr(callback, "__name__", "a callback"))
 
     def _shed_excess(self) -> None:
         """Over capacity (claims that raced each other): release the newest extra sessions."""
@@ -605,10 +657,7 @@ class Agent:
                 continue
             self._releasing.add(sid)  # busy() refuses it from here on: no work starts on it
             reason = f"over capacity: owned {self.load} of {self.capacity} session(s)"
-            task = asyncio.get_running_loop().create_task(self._release_excess(sid, reason),
-                                                          name=f"agent-{self.agent_id}-shed-{sid}")
-            self._side_tasks.add(task)
-            task.add_done_callback(self._side_tasks.discard)
+            self._spawn(self._release_excess(sid, reason), f"shed-{sid}")
 
     async def _release_excess(self, session_id: str, reason: str) -> None:
         try:
@@ -624,10 +673,9 @@ class Agent:
             bookkeeping.pop(session_id, None)
         if self.owned.pop(session_id, None) is not None:
             log.info("%s: lost session %s: %s", self.agent_id, session_id, why)
-            if self._on_lost is not None:
-                self._on_lost(session_id, why)
+            self._call(self._on_lost, session_id, why)
             if self.draining and not self.owned:
-                asyncio.get_running_loop().create_task(self._drained())
+                self._spawn(self._drained(), "drained")
 
     # --- claims and owner writes -------------------------------------------------------------
 
@@ -774,9 +822,12 @@ class Agent:
     async def _drained(self) -> None:
         if self.fenced is None and not self._closing and self._drained_for != self.incarnation:
             self._drained_for = self.incarnation  # once: a second one would be an illegal transition
-            with contextlib.suppress(LedgerError):
+            try:
                 await self.store.append(ev.AgentDrained(producer=self.producer, agent_id=self.agent_id,
                                                         incarnation=self.incarnation, reason="no sessions left"))
+            except LedgerError as e:
+                self._drained_for = 0  # not written: the beat loop tries again
+                log.info("%s: drained not written yet: %s", self.agent_id, e)
 
     # --- activity and idleness ---------------------------------------------------------------
 

@@ -159,10 +159,12 @@ class EventStore:
 
     # --- appends ----------------------------------------------------------------
 
-    async def submit(self, event: Event, *, expect: int | None = None) -> asyncio.Future[int]:
+    async def submit(self, event: Event, *, expect: int | None = None,
+                     expect_filter: str | None = None) -> asyncio.Future[int]:
         """Send an append without waiting for it; the future gives its stream sequence.
 
-        Use this to pipeline many appends (up to `max_pending` in flight).
+        Use this to pipeline many appends (up to `max_pending` in flight). `expect` guards the entity's
+        whole history, or only what `expect_filter` (a filter inside it) selects.
         """
         out = codec.encode(event)
         if expect is not None:
@@ -171,7 +173,8 @@ class EventStore:
             family = type(event).family
             if family == subjects.HEARTBEAT_FAMILY:
                 raise InvalidInput("heartbeats are not compare-and-set guarded")
-            return await self._appender.submit(out, expect, subjects.entity_filter(family, event.entity_id))
+            return await self._appender.submit(out, expect,
+                                               expect_filter or subjects.entity_filter(family, event.entity_id))
         return await self._appender.submit(out)
 
     async def append(self, event: Event, *, expect: int | None = None) -> int:

@@ -266,3 +266,63 @@ async def test_a_drain_written_about_the_agent_makes_it_drain(ledger: Ledger, ui
 async def _status(ledger: Ledger, agent_id: str, status: str) -> bool:
     state, _ = await ledger.agent(agent_id)
     return state is not None and state.status == status
+
+
+async def test_a_re_registration_the_watch_sees_before_its_acknowledgement_is_judged_as_ours(ledger: Ledger,
+                                                                                             uid: str):
+    """The watch may deliver the agent's new registration before the append's acknowledgement: what follows it
+    in the log (here a second forged goodbye) must still be judged as about this process."""
+    async with agent_of(ledger, f"{uid}-a") as a:
+        store, real_submit, waiting = a.store, a.store.submit, []
+
+        async def acknowledged_after_the_watch_saw_it(event: ev.Event, **kw: object) -> asyncio.Future[int]:
+            future = await real_submit(event, **kw)
+            if not isinstance(event, ev.AgentRegistered):
+                return future
+            late: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+            async def later() -> None:
+                seq = await future
+                await eventually(lambda: seq in a._registered.get(a.agent_id, []), what="the watch seeing it")
+                late.set_result(seq)
+
+            waiting.append(asyncio.create_task(later()))
+            return late
+
+        store.submit = acknowledged_after_the_watch_saw_it  # type: ignore[method-assign]
+        try:
+            for _ in range(2):
+                before = a.incarnation
+                await ledger.store.append(ev.AgentGoodbye(producer=FORGER, agent_id=a.agent_id,
+                                                          instance_id=a.instance_id, incarnation=before))
+                await eventually(lambda: a.incarnation > before and a.fenced is None, what="a new incarnation")
+        finally:
+            del store.submit
+            await asyncio.gather(*waiting)
+
+
+async def test_a_re_registration_that_would_land_after_another_process_registered_does_not(ledger: Ledger,
+                                                                                           uid: str):
+    """Fenced, the agent re-registers; meanwhile a replacement process registered the same agent id. Landing
+    late, the old process's registration would supersede the replacement, and no process would be left."""
+    async with agent_of(ledger, f"{uid}-a") as a:
+        store, real_submit = a.store, a.store.submit
+        replacement: list[int] = []
+
+        async def a_replacement_registers_first(event: ev.Event, **kw: object) -> asyncio.Future[int]:
+            if isinstance(event, ev.AgentRegistered) and not replacement and event.instance_id == a.instance_id:
+                replacement.append(0)  # (the store is shared: this append comes through here too)
+                replacement[0] = (await ledger.store.append(ev.AgentRegistered(
+                    producer=ev.Producer(id=a.agent_id, instance="replacement"), agent_id=a.agent_id,
+                    instance_id="replacement", pool="p")))
+            return await real_submit(event, **kw)
+
+        store.submit = a_replacement_registers_first  # type: ignore[method-assign]
+        try:
+            await ledger.store.append(ev.AgentGoodbye(producer=FORGER, agent_id=a.agent_id,
+                                                      instance_id=a.instance_id, incarnation=a.incarnation))
+            await eventually(lambda: a.superseded, what="the old process superseded")
+        finally:
+            del store.submit
+        registrations = await ledger.registrations(a.agent_id)
+        assert registrations[-1] == replacement[0]  # the replacement is still the current incarnation
