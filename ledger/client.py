@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 from . import codec, decide, lifecycle as lc, subjects
 from . import events as ev
 from .codec import Recorded
-from .errors import Conflict, InvalidInput, NotFound
+from .errors import Conflict, InvalidInput, NotFound, StaleToken
 from .events import Producer
 from .ids import check_token, new_id
 from .settings import Settings
@@ -133,6 +133,8 @@ class Ledger:
                 raise NotFound(f"session {session_id} does not exist")
             if state.status == lc.S_TERMINATED:
                 raise InvalidInput(f"session {session_id} is already terminated")
+            if lc.terminate_problem(state, token) is not None:  # the fold would flag it: never write it
+                raise StaleToken(session_id, token, state.token, state.owner)
             return ev.SessionTerminated(producer=self.producer, session_id=session_id, token=token, reason=reason)
 
         seq, _ = await self.cas(lambda m: self.session(session_id, min_last_seq=m), decide_terminate)

@@ -36,19 +36,21 @@ def decide_claim(state: lc.SessionState | None, session_id: str, who: AgentRef, 
         raise InvalidInput(f"claim reason must be one of {', '.join(lc.CLAIM_REASONS)}, got {reason!r}")
     if state is None:
         raise NotFound(f"session {session_id} does not exist")
-    if state.status == lc.S_TERMINATED:
-        raise NotClaimable(f"session {session_id} is terminated")
     previous_owner = state.owner
-    if state.status == lc.S_ASSIGNED:
-        if state.owner == who.agent_id and state.owner_incarnation == who.incarnation:
-            raise NotClaimable(f"session {session_id} is already owned by {who.agent_id} (token {state.token})")
-        if previous_token != state.token:
-            raise NotClaimable(
-                f"session {session_id} is owned by {state.owner} under token {state.token}; "
-                "a take-over must name that token"
-            )
-    else:
+    if state.status == lc.S_ASSIGNED and lc.owns(state, who.agent_id, who.incarnation):
+        # The fold would apply it, but it would only move the token: refuse the no-op.
+        raise NotClaimable(f"session {session_id} is already owned by {who.agent_id} (token {state.token})")
+    if state.status != lc.S_ASSIGNED:
         previous_token = None
+    # The fold's own rule (the caller vouches for `who` being its agent's current incarnation).
+    problem = lc.claim_problem(state, who.agent_id, who.incarnation, previous_token)
+    if problem is not None and problem.kind == lc.AFTER_FINAL:
+        raise NotClaimable(f"session {session_id} is terminated")
+    if problem is not None:
+        raise NotClaimable(
+            f"session {session_id} is owned by {state.owner} under token {state.token}; "
+            "a take-over must name that token"
+        )
     return ev.SessionClaimed(
         producer=producer, session_id=session_id, agent_id=who.agent_id, instance_id=who.instance_id,
         incarnation=who.incarnation, reason=reason, previous_owner=previous_owner, previous_token=previous_token,

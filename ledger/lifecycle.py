@@ -343,10 +343,15 @@ def session_event_problem(state: SessionState | None, rec: Recorded,
                 return Anomaly(STALE_TOKEN, f"orphaned under token {e.previous_token}; current is {state.token}")
             return None
         case ev.SessionTerminated():
-            if e.token is not None and e.token != state.token:
-                return Anomaly(STALE_TOKEN, f"terminated under token {e.token}; current is {state.token}")
-            return None
+            return terminate_problem(state, e.token)
     return Anomaly(ILLEGAL_TRANSITION, f"{e.type_tag()} does not apply to a session")
+
+
+def terminate_problem(state: SessionState, token: int | None) -> Anomaly | None:
+    """Why a termination under `token` (None: an operator's, unguarded) must not apply to a live session."""
+    if token is not None and token != state.token:
+        return Anomaly(STALE_TOKEN, f"terminated under token {token}; current is {state.token}")
+    return None
 
 
 def superseded_by(registrations: Iterable[tuple[int, str]], incarnation: int, instance_id: str) -> int | None:

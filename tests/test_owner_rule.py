@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -132,3 +133,14 @@ def test_only_a_later_registration_by_another_process_supersedes(regs: list[tupl
     assert by == (max(later_by_others) if later_by_others else None)
     # What a lagging replica answers (only registrations up to some point) never supersedes by itself.
     assert lc.superseded_by([r for r in regs if r[0] <= incarnation], incarnation, "me") is None
+
+
+async def test_an_owner_termination_under_a_stale_token_is_refused_before_it_is_written(store):
+    from ledger.client import Ledger
+
+    ledger = Ledger(store, ev.Producer(id="ops", instance="i"))
+    sid, _ = await ledger.create_session("p")
+    with pytest.raises(StaleToken):
+        await ledger.terminate_session(sid, token=12345)  # the fold would flag it: it is never written
+    state, last = await ledger.session(sid)
+    assert state is not None and state.status == lc.S_PENDING
