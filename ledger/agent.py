@@ -689,7 +689,8 @@ class Agent:
 
     def _check_still(self, incarnation: int, what: str) -> None:
         """Refuse to act on a write that landed for an incarnation this process has left since (it fenced and
-        registered again while the write was in flight): every fold flags such a write, so must we."""
+        registered again while the write was in flight). Landing after the new registration, every fold flags
+        it; landing just before, the new incarnation does not inherit it and the reclaimer moves it on."""
         if self.incarnation != incarnation:
             raise Fenced(f"{what} landed for incarnation {incarnation} of {self.agent_id}, which this process has "
                          f"left for {self.incarnation}; the ledger does not apply it")

@@ -400,7 +400,7 @@ class Checker:
             self._flag(ILLEGAL_TRANSITION, f"{tag} after session {sid} was terminated")
             return
         if tag == "session.claimed":
-            self._claim(sid, s, e, m)
+            self._claim(s, e, m)
         elif tag in ("session.released", "session.resource_reported"):
             if self._treats_as_applied(_int(e, "token"), tag) or self._incarnation_problem(e, tag):
                 return
@@ -432,7 +432,7 @@ class Checker:
         else:
             self._flag(ILLEGAL_TRANSITION, f"{tag} is not a session event")
 
-    def _claim(self, sid: str, s: _Session, e: dict[str, Any], m: RawMessage) -> None:
+    def _claim(self, s: _Session, e: dict[str, Any], m: RawMessage) -> None:
         agent_id, previous = _str(e, "agent_id") or "", _int(e, "previous_token")
         if self._treats_as_applied(previous, "session.claimed") and s.status == "assigned":
             return  # not applied (it names no current token): one violation, not an overlap as well

@@ -12,7 +12,7 @@ registration behind it; if it were the only beat kept, the agent's real beats
 (of its lower, registered incarnation) would be refused from then on and the
 agent would look dead in every view while it beats. So the newest beat of each
 of the `KEEP` most recently beating incarnations is kept: a beat of an
-unregistered incarnation sits in a slot nobody reads (the join flags it), and
+unregistered incarnation sits in a slot nobody reads (the monitor logs it), and
 the registered incarnation, beating every interval, keeps its slot. Kept by
 incarnation instead, `KEEP` one-shot forged beats of high incarnations would
 push the real one out for good - and every later incarnation of the agent,
