@@ -259,6 +259,7 @@ class Agent:
             self._closing = True
             if self.superseded or not self.incarnation:
                 return  # a replaced process's goodbye would change nothing; don't write it
+            await self._settle_pending_registration()
             event = ev.AgentGoodbye(producer=self.producer, agent_id=self.agent_id, instance_id=self.instance_id,
                                     incarnation=self.incarnation, reason=reason)
             try:
@@ -269,6 +270,18 @@ class Agent:
                             self.agent_id, e or type(e).__name__)
             self.owned.clear()
             self._sessions.clear()
+
+    async def _settle_pending_registration(self) -> None:
+        """A re-registration still in flight may land after our goodbye: a new incarnation that never beats,
+        declared dead later. Wait for it (briefly), so the goodbye is said for the newest incarnation."""
+        if self._pending_registration is None:
+            return
+        future, started, registration = self._pending_registration
+        try:
+            incarnation = await tasks.wait_for(asyncio.shield(future), GOODBYE_TIMEOUT)
+        except (LedgerError, asyncio.TimeoutError):
+            return
+        self._adopt(incarnation, started, registration)
 
     def _registration(self) -> ev.AgentRegistered:
         return ev.AgentRegistered(

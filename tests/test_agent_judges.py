@@ -326,3 +326,38 @@ async def test_a_re_registration_that_would_land_after_another_process_registere
             del store.submit
         registrations = await ledger.registrations(a.agent_id)
         assert registrations[-1] == replacement[0]  # the replacement is still the current incarnation
+
+
+async def test_a_goodbye_waits_for_a_re_registration_in_flight_and_is_said_for_it(ledger: Ledger, uid: str):
+    """Leaving while a re-registration is in flight: the goodbye is said for the incarnation that lands,
+    not for the old one, so no incarnation is left that never beats (and is later declared dead)."""
+    store, real_submit = ledger.store, ledger.store.submit
+    a = agent_of(ledger, f"{uid}-a")
+
+    async def stored_once_closing(event: ev.Event, **kw: object) -> asyncio.Future[int]:
+        if not (isinstance(event, ev.AgentRegistered) and a.incarnation):
+            return await real_submit(event, **kw)  # the first registration goes through
+        late: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        async def later() -> None:  # sent, but stored only after the goodbye began (the appender retrying)
+            await eventually(lambda: a._closing, what="the agent leaving")
+            late.set_result(await (await real_submit(event, **kw)))
+
+        tasks.append(asyncio.get_running_loop().create_task(later()))
+        return late
+
+    tasks: list[asyncio.Task[None]] = []
+    store.submit = stored_once_closing  # type: ignore[method-assign]
+    try:
+        async with a:
+            first = a.incarnation
+            await ledger.store.append(ev.AgentGoodbye(producer=FORGER, agent_id=a.agent_id,
+                                                      instance_id=a.instance_id, incarnation=first))
+            await eventually(lambda: a._pending_registration is not None, what="a re-registration in flight")
+    finally:
+        del store.submit
+        await asyncio.gather(*tasks)
+    registrations = await ledger.registrations(a.agent_id)
+    goodbyes = [r.event.incarnation for r in await ledger.store.history("agent", a.agent_id)
+                if isinstance(r, Recorded) and isinstance(r.event, ev.AgentGoodbye) and r.event.producer == a.producer]
+    assert len(registrations) == 2 and goodbyes == [registrations[-1]]
