@@ -403,8 +403,8 @@ class Agent:
                 # Only if nobody registered this agent id since the newest registration we know of: one that
                 # landed late, after another process took over, would supersede that process in turn.
                 known = self._registered.get(self.agent_id) or [self.incarnation]
-                future = await self.store.submit(registration, expect=known[-1], expect_filter=subjects.event_subject(
-                    "agent", self.agent_id, "registered", "*"))
+                registered = subjects.event_subject("agent", self.agent_id, "registered", "*")
+                future = await self.store.submit(registration, expect=known[-1], expect_filter=registered)
             except LedgerError as e:
                 log.debug("%s: cannot register yet: %s", self.agent_id, e)
                 await asyncio.sleep(min(self.heartbeat, 1.0))
