@@ -426,8 +426,8 @@ class Agent:
 
     async def _watch_loop(self) -> None:
         # Every agent's registrations, the rest of our own agent's events (filters may not overlap), sessions.
-        filters = [_REGISTRATIONS, *(subjects.event_subject("agent", self.agent_id, verb, "*") for verb in _AGENT_VERBS),
-                   subjects.family_filter("session")]
+        own = [subjects.event_subject("agent", self.agent_id, verb, "*") for verb in _AGENT_VERBS]
+        filters = [_REGISTRATIONS, *own, subjects.family_filter("session")]
         start = self.incarnation
         current: list[Replay] = []
 
