@@ -604,8 +604,7 @@ class Agent:
         """The session's state just before `seq`, folded from its history as the projections fold it."""
         items = await self.store.history("session", session_id, min_last_seq=seq)  # a replica that has `seq`
         records = [i for i in items if isinstance(i, Recorded) and i.seq < seq]
-        await self._know_registrations((r.event.agent_id for r in records if isinstance(
-            r.event, (ev.SessionClaimed, ev.SessionReleased, ev.SessionResourceReported))), seq)
+        await self._know_registrations(lc.agents_acting(records), seq)
         state, _ = lc.fold(lc.evolve_session, records, lc.registrations_lookup(self._registered))
         return state
 

@@ -60,9 +60,8 @@ class Ledger:
         return [i.seq for i in items if isinstance(i, Recorded)]
 
     async def _incarnations(self, records: list[Recorded], min_last_seq: int | None) -> lc.IncarnationAt:
-        agents = {e.agent_id for e in (r.event for r in records)
-                  if isinstance(e, (ev.SessionClaimed, ev.SessionReleased, ev.SessionResourceReported))}
-        return lc.registrations_lookup({a: await self.registrations(a, min_last_seq=min_last_seq) for a in agents})
+        return lc.registrations_lookup({a: await self.registrations(a, min_last_seq=min_last_seq)
+                                        for a in lc.agents_acting(records)})
 
     async def session(self, session_id: str, *, min_last_seq: int | None = None
                       ) -> tuple[lc.SessionState | None, int]:

@@ -495,6 +495,12 @@ def fold(evolve: Callable[..., Evolved[Any]], records: Iterable[Recorded],
     return state, anomalies
 
 
+def agents_acting(records: Iterable[Recorded]) -> set[str]:
+    """The agents whose registrations a session history's fold needs: those it names as claimers or owners."""
+    return {e.agent_id for e in (r.event for r in records)
+            if isinstance(e, (ev.SessionClaimed, ev.SessionReleased, ev.SessionResourceReported))}
+
+
 def registrations_lookup(registrations: dict[str, list[int]]) -> IncarnationAt:
     """incarnation_at from each agent's registration sequences (ascending)."""
     from bisect import bisect_left
