@@ -18,6 +18,9 @@ from pathlib import Path
 import nats
 import pytest
 
+from ledger import events as ev
+from ledger.client import Ledger
+from ledger.ids import new_id
 from ledger.server import EmbeddedCluster, EmbeddedServer, ServerConfig, free_port
 from ledger.settings import Settings
 from ledger.store import EventStore
@@ -144,6 +147,12 @@ async def cluster_store(cluster_settings: Settings) -> AsyncIterator[EventStore]
 
 
 _ids = itertools.count(1)
+
+
+@pytest.fixture
+async def ledger(store: EventStore) -> Ledger:
+    """The SDK's client on the shared server, writing as a test operator."""
+    return Ledger(store, ev.Producer(id="test", instance=new_id()))
 
 
 @pytest.fixture

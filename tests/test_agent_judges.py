@@ -27,11 +27,6 @@ from ledger.store import EventStore
 FORGER = ev.Producer(id="mallory", instance="m-1")
 
 
-@pytest.fixture
-async def ledger(store: EventStore) -> Ledger:
-    return Ledger(store, ev.Producer(id="test", instance=new_id()))
-
-
 def agent_of(ledger: Ledger, agent_id: str, **kw: object) -> Agent:
     options = {"pool": "p", "heartbeat": 0.1, "ttl": 2.0, "capacity": 4, **kw}
     return Agent(ledger, agent_id=agent_id, **options)  # type: ignore[arg-type]

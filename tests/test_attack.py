@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 from datetime import timedelta
 
-import pytest
 from fleet import consumers, ledger_on
 from helpers import eventually
 
@@ -25,21 +24,10 @@ from ledger.codec import Recorded
 from ledger.errors import LedgerError
 from ledger.ids import new_id
 from ledger.server import EmbeddedServer
-from ledger.store import EventStore
 from ledger.subjects import HEARTBEAT_STREAM
 from projections.beats import KEEP, evolve_beat, of_incarnation
 
-FORGER = ev.Producer(id="mallory", instance="m-1")
-
-
-@pytest.fixture
-async def ledger(store: EventStore) -> Ledger:
-    return Ledger(store, ev.Producer(id="test", instance=new_id()))
-
-
-def agent_of(ledger: Ledger, agent_id: str, **kw: object) -> Agent:
-    options = {"pool": "p", "heartbeat": 0.1, "ttl": 2.0, "capacity": 4, **kw}
-    return Agent(ledger, agent_id=agent_id, **options)  # type: ignore[arg-type]
+from test_agent_judges import FORGER, agent_of
 
 
 async def agrees_with_the_ledger(ledger: Ledger, agent: Agent, session_ids: list[str]) -> bool:
