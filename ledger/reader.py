@@ -17,8 +17,8 @@ import base64
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Coroutine, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from typing import Any, TypeVar
 from datetime import datetime, timezone
 
 import msgspec
@@ -33,6 +33,7 @@ from .codec import Recorded, Unreadable
 from .errors import StoreError, StreamMissing, Unavailable
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 Item = Recorded | Unreadable
 
@@ -163,12 +164,18 @@ async def get_last(nc: NATS, stream: str, subject_filter: str, timeout: float) -
 
 
 async def direct_batch(nc: NATS, stream: str, subject_filter: str, start_seq: int, *, batch: int = 1000,
-                       min_last_seq: int | None = None, timeout: float = 5.0) -> tuple[list[Item], int]:
-    """Up to `batch` messages on the filter from `start_seq`; returns (items, number still pending)."""
+                       min_last_seq: int | None = None, timeout: float = 5.0,
+                       make: Callable[[str, int, str, int, bytes], T] = codec.read,  # type: ignore[assignment]
+                       ) -> tuple[list[T], int]:
+    """Up to `batch` messages on the filter from `start_seq`; returns (items, number still pending).
+
+    `make(stream, seq, subject, stored_ns, data)` turns each message into an item: the codec's read by
+    default, or anything that keeps the raw bytes (`ledger check` must see what the codec would refuse).
+    """
     req: dict[str, object] = {"seq": max(start_seq, 1), "next_by_subj": subject_filter, "batch": batch}
     if min_last_seq:
         req["min_last_seq"] = min_last_seq
-    items: list[Item] = []
+    items: list[T] = []
     done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
     async def on_msg(msg: Msg) -> None:
@@ -186,8 +193,8 @@ async def direct_batch(nc: NATS, stream: str, subject_filter: str, start_seq: in
             else:
                 done.set_exception(StoreError(f"direct get on {stream}: {status} {h.get('Description', '')}"))
             return
-        items.append(codec.read(stream, int(h["Nats-Sequence"]), h["Nats-Subject"],
-                                parse_stamp(h["Nats-Time-Stamp"]), msg.data))
+        items.append(make(stream, int(h["Nats-Sequence"]), h["Nats-Subject"], parse_stamp(h["Nats-Time-Stamp"]),
+                          msg.data))
 
     inbox = nc.new_inbox()
     sub = await nc.subscribe(inbox, cb=on_msg)

@@ -10,7 +10,6 @@ reported it at the start, so a lagging replica cannot serve a shorter history.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import sys
 import time
 from collections.abc import Callable
@@ -19,54 +18,23 @@ from datetime import datetime
 import click
 import msgspec
 from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 
-from .. import reader, subjects, tasks
+from .. import reader, subjects
 from ..check import DEFAULT_GRACE, HEARTBEATS, LEDGER, Checker, RawMessage, Report, to_utc
 from ..codec import to_ns
-from ..errors import Unavailable
+from ..errors import StoreError, Unavailable
 from ..store import EventStore
 from .common import TimeParam, async_command, echo, nats_url_option, settings_from
 
 BATCH = 1000
 PATIENCE = 60.0
 """Seconds a read keeps retrying through a leader election before the command gives up."""
-_json = msgspec.json.Encoder()
 
 
 async def _raw_batch(nc: NATS, stream: str, start: int, min_last: int, timeout: float) -> tuple[list[RawMessage], int]:
     """Up to BATCH stored messages from `start`, raw; (messages, number still pending)."""
-    req = {"seq": start, "next_by_subj": f"{subjects.PREFIX}.>", "batch": BATCH, "min_last_seq": min_last}
-    out: list[RawMessage] = []
-    done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-
-    async def on_msg(msg: Msg) -> None:
-        h = msg.headers or {}
-        status = h.get("Status")
-        if status is not None:
-            if not done.done():
-                if status == "204":
-                    done.set_result(int(h.get("Nats-Num-Pending", "0")))
-                elif status == "404":
-                    done.set_result(0)
-                else:
-                    done.set_exception(Unavailable(f"direct get on {stream}: {status} {h.get('Description', '')}"))
-            return
-        out.append(RawMessage(stream, int(h["Nats-Sequence"]), h["Nats-Subject"],
-                              reader.parse_stamp(h["Nats-Time-Stamp"]), msg.data))
-
-    inbox = nc.new_inbox()
-    sub = await nc.subscribe(inbox, cb=on_msg, pending_msgs_limit=0, pending_bytes_limit=0)
-    try:
-        await nc.publish(f"{reader.API_PREFIX}.DIRECT.GET.{stream}", _json.encode(req), reply=inbox)
-        try:
-            pending = await tasks.wait_for(done, timeout)
-        except TimeoutError:
-            raise Unavailable(f"direct get on {stream} timed out after {timeout:.1f} s") from None
-    finally:
-        with contextlib.suppress(Exception):
-            await sub.unsubscribe()
-    return out, pending
+    return await reader.direct_batch(nc, stream, f"{subjects.PREFIX}.>", start, batch=BATCH, min_last_seq=min_last,
+                                     timeout=timeout, make=RawMessage)
 
 
 async def read_raw(nc: NATS, stream: str, timeout: float, progress: Callable[[str, int, int], None] | None = None,
@@ -91,7 +59,7 @@ async def read_raw(nc: NATS, stream: str, timeout: float, progress: Callable[[st
     while last and start <= last:
         try:
             batch, pending = await _raw_batch(nc, stream, start, last, timeout)
-        except Unavailable as e:
+        except StoreError as e:  # any refusal of a batch (not only "unavailable"): an election, most likely
             if time.monotonic() > deadline:
                 raise Unavailable(f"cannot read {stream}: {e}") from None
             await asyncio.sleep(delay)  # an election: the next replica or leader answers
