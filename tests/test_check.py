@@ -37,6 +37,17 @@ def who(agent: str) -> ev.Producer:
     return ev.Producer(id=agent, instance="i")
 
 
+def encoded_without(event: ev.Event, drop: tuple[str, ...] = ()) -> tuple[str, bytes]:
+    """The event's subject and payload, with the fields in `drop` left out (what the codec would refuse)."""
+    out = codec.encode(event)
+    if not drop:
+        return out.subject, out.payload
+    doc = json.loads(out.payload)
+    for key in drop:
+        doc.pop(key)
+    return out.subject, json.dumps(doc).encode()
+
+
 class History:
     """Raw LEDGER and heartbeat messages with sequences and stored times of the test's choosing."""
 
@@ -52,15 +63,9 @@ class History:
         return self.seq[stream]
 
     def add(self, event: ev.Event, *, after: float = 0.1, drop: tuple[str, ...] = ()) -> int:
-        out = codec.encode(event)
-        payload = out.payload
-        if drop:
-            doc = json.loads(payload)
-            for key in drop:
-                doc.pop(key)
-            payload = json.dumps(doc).encode()
+        subject, payload = encoded_without(event, drop)
         stream = ck.HEARTBEATS if isinstance(event, ev.AgentHeartbeat) else ck.LEDGER
-        return self.raw(out.subject, payload, stream=stream, after=after)
+        return self.raw(subject, payload, stream=stream, after=after)
 
     def register(self, agent: str, pool: str = "p", ttl: float = 5.0) -> int:
         return self.add(ev.AgentRegistered(producer=who(agent), agent_id=agent, instance_id="i", pool=pool, ttl=ttl))
@@ -529,19 +534,11 @@ async def test_a_log_written_by_real_agents_and_consumers_is_clean(server: Embed
 
 async def test_violations_planted_with_raw_publishes_are_named_with_their_sequences(server: EmbeddedServer):
     """Each kind, published with raw nats-py (no compare-and-set); exit 1, every one found at its sequence."""
-    enc = codec.encode
     async with EventStore.connect(Settings(nats_url=server.url)) as store:
         js = store.nc.jetstream()
 
         async def raw(event: ev.Event, drop: tuple[str, ...] = ()) -> int:
-            out = enc(event)
-            payload = out.payload
-            if drop:
-                doc = json.loads(payload)
-                for key in drop:
-                    doc.pop(key)
-                payload = json.dumps(doc).encode()
-            return (await js.publish(out.subject, payload)).seq
+            return (await js.publish(*encoded_without(event, drop))).seq
 
         a1 = await raw(ev.AgentRegistered(producer=who("a1"), agent_id="a1", instance_id="i", pool="p"))
         a2 = await raw(ev.AgentRegistered(producer=who("a2"), agent_id="a2", instance_id="i", pool="p"))
