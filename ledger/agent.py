@@ -295,14 +295,16 @@ class Agent:
         registration = self._registration()
         self._adopt(await self.store.append(registration), started, registration)
 
-    def _adopt(self, incarnation: int, started: float, registration: ev.AgentRegistered) -> None:
+    def _adopt(self, incarnation: int, started: float, registration: ev.AgentRegistered,
+               stored_ns: int | None = None) -> None:
         if incarnation == self.incarnation:
             return  # adopted already: the watch saw it land before its acknowledgement came
         self.incarnation = incarnation
         self._note_registration(incarnation)
-        # Our own lifecycle from here, as the fold sees it (the stored time is ours until the watch says better).
-        rec = Recorded(subjects.LEDGER_STREAM, incarnation, codec.subject_of(registration), time.time_ns(),
-                       registration)
+        # Our own lifecycle from here, as the fold sees it (from an acknowledgement, the stored time is ours until
+        # the watch brings the registration).
+        rec = Recorded(subjects.LEDGER_STREAM, incarnation, codec.subject_of(registration),
+                       stored_ns or time.time_ns(), registration)
         self._self_state, _ = lc.evolve_agent(None, rec)
         self._lease_from = started
         self.fenced = None
@@ -476,10 +478,8 @@ class Agent:
                     and e.event_id == self._pending_registration[2].event_id:
                 # Our re-registration, seen before its acknowledgement: adopt it now, so that what follows it
                 # in the log (a claim for it, a death written about it) is judged as ours.
-                self._adopt(rec.seq, self._pending_registration[1], e)
-                self._self_state, _ = lc.evolve_agent(None, rec)
-            case ev.AgentRegistered():
-                self._note_registration(rec.seq)
+                self._adopt(rec.seq, self._pending_registration[1], e, rec.timestamp_ns)
+            case ev.AgentRegistered():  # (noted with its batch)
                 if rec.seq == self.incarnation:
                     self._self_state, _ = lc.evolve_agent(None, rec)
                 if lc.superseded_by([(rec.seq, e.instance_id)], self.incarnation, self.instance_id):
