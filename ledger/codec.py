@@ -25,8 +25,9 @@ MAX_EVENT_BYTES = 64 * 1024
 """Largest payload the ledger writes or reads as an event; larger ones are refused or dead-lettered."""
 
 _MSG_ID_RE = re.compile(r"^[!-~]{1,200}\Z")
-"""What encode() lets into the Nats-Msg-Id header: a CR or LF there would forge headers. Not a Meta pattern on
-the Struct: a regex per decode is measurable at projector speed, and readers never put the id in a header."""
+"""What encode() lets into the Nats-Msg-Id header (a CR or LF there would forge headers), and so what decode()
+accepts as an id. One match per event here rather than a Meta pattern on the Struct, where msgspec would also
+run it for every nested id-like field."""
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(AnyEvent)
