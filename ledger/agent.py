@@ -172,6 +172,9 @@ class Agent:
         """The incarnation whose `drained` we wrote (once per incarnation)."""
         self._batch_end = 0
         """Last sequence of the batch the watch is judging."""
+        self._unreadable_registration = 0
+        """Newest unreadable message on our registration subject the watch skipped: no registration to any
+        reader, yet the subject's last sequence, which our re-registration's compare-and-set must expect."""
         self.goodbye_seq: int | None = None
         """Sequence of the goodbye this process wrote (None until then, and when it wrote none)."""
         self._side_tasks: set[asyncio.Task[None]] = set()
@@ -404,7 +407,8 @@ class Agent:
                 # landed late, after another process took over, would supersede that process in turn.
                 known = self._registered.get(self.agent_id) or [self.incarnation]
                 registered = subjects.event_subject("agent", self.agent_id, "registered", "*")
-                future = await self.store.submit(registration, expect=known[-1], expect_filter=registered)
+                expect = max(known[-1], self._unreadable_registration)
+                future = await self.store.submit(registration, expect=expect, expect_filter=registered)
             except LedgerError as e:
                 log.debug("%s: cannot register yet: %s", self.agent_id, e)
                 await asyncio.sleep(min(self.heartbeat, 1.0))
@@ -427,6 +431,7 @@ class Agent:
     async def _watch_loop(self) -> None:
         # Every agent's registrations, the rest of our own agent's events (filters may not overlap), sessions.
         own = [subjects.event_subject("agent", self.agent_id, verb, "*") for verb in _AGENT_VERBS]
+        own_registered = subjects.event_subject("agent", self.agent_id, "registered", "")
         filters = [_REGISTRATIONS, *own, subjects.family_filter("session")]
         start = self.incarnation
         current: list[Replay] = []
@@ -455,6 +460,8 @@ class Agent:
                             if isinstance(item, Recorded):
                                 await self._observe(item)
                             else:  # dead-lettered by the projector; nothing here can act on it
+                                if item.subject.startswith(own_registered):
+                                    self._unreadable_registration = max(self._unreadable_registration, item.seq)
                                 log.warning("%s: watch skips unreadable #%d on %s: %s", self.agent_id, item.seq,
                                             item.subject, item.reason)
                             start = item.seq + 1  # only once judged: a read that failed is tried again
