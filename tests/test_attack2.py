@@ -6,11 +6,16 @@ condition (helpers.eventually), never a bare sleep.
 
 from __future__ import annotations
 
+from datetime import timedelta
+
+from fleet import consumers, ledger_on
 from helpers import eventually
 
 from ledger import events as ev
 from ledger import lifecycle as lc
+from ledger.agent import Agent
 from ledger.client import Ledger
+from ledger.server import EmbeddedServer
 from ledger.subjects import event_subject
 
 from test_agent_judges import FORGER, agent_of
@@ -34,3 +39,38 @@ async def test_an_unreadable_message_on_the_agents_registration_subject_does_not
                          what="the agent registering again past the unreadable message")
         state, _ = await ledger.agent(a1.agent_id)
         assert state is not None and state.incarnation == a1.incarnation and state.status == lc.A_ALIVE
+
+
+async def test_a_forged_drain_and_drained_for_an_agent_holding_a_session_does_not_strand_the_session(
+        server: EmbeddedServer):
+    """A forged AgentDraining (deadline already past) then a forged AgentDrained for a live agent holding a
+    session: the fold says 'drained'. The agent drains (takes no new claims) but keeps the session; the
+    reclaimer hands off only a draining or gone owner's sessions, and the monitor judges only alive or
+    draining agents - so nothing ever moves the session, and the agent holds it, draining, for ever."""
+    async with ledger_on(server.url) as ledger, \
+            Agent(ledger, agent_id="a1", pool="gpu", capacity=3, heartbeat=0.2, ttl=30.0) as a1:
+        sid, _ = await ledger.create_session("gpu", session_id="s1")
+        await a1.claim(sid)
+        await ledger.store.append(ev.AgentDraining(producer=FORGER, agent_id="a1", incarnation=a1.incarnation,
+                                                   deadline=ev.utcnow() - timedelta(hours=1), reason="forged"))
+        await ledger.store.append(ev.AgentDrained(producer=FORGER, agent_id="a1", incarnation=a1.incarnation,
+                                                  reason="forged"))
+        state, _ = await ledger.agent("a1")
+        assert state is not None and state.status == lc.A_DRAINED  # every reader applies the forgery
+        async with Agent(ledger, agent_id="a2", pool="gpu", capacity=3, heartbeat=0.2, ttl=30.0) as a2, \
+                consumers(server.url):
+            agents = {"a1": a1, "a2": a2}
+
+            async def served_by_a_live_owner() -> bool:
+                session, _ = await ledger.session(sid)
+                if session is None or session.status != lc.S_ASSIGNED or session.owner not in agents:
+                    return False
+                owner, _ = await ledger.agent(session.owner)
+                return (owner is not None and owner.status == lc.A_ALIVE
+                        and owner.incarnation == session.owner_incarnation
+                        and agents[session.owner].incarnation == owner.incarnation
+                        and sid in agents[session.owner].owned
+                        and all(sid not in a.owned for name, a in agents.items() if name != session.owner))
+
+            await eventually(served_by_a_live_owner, timeout=20,
+                             what="s1 served by an agent the log says is alive, and by no other")
