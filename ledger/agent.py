@@ -524,6 +524,12 @@ class Agent:
             # Ours is written only while fenced, just before registering again: this one is not.
             self._fence(f"the log says incarnation {self.incarnation} fenced itself ({getattr(e, 'reason', '')}, "
                         f"written by {e.producer.id})", record=False)
+        elif after.status == lc.A_DRAINED and self.owned and e.event_id not in self._wrote:
+            # Not ours (we say drained only once we own nothing): no reader moves a drained agent's sessions nor
+            # judges its liveness, so the ones we hold would stay with us for ever. Come back as a new
+            # incarnation: this one's sessions are then superseded, and handed on.
+            self._fence(f"the log says incarnation {self.incarnation} drained ({getattr(e, 'reason', '')}, "
+                        f"written by {e.producer.id}) while it owns {self.load} session(s)", record=False)
         elif after.status == lc.A_DRAINING and not self.draining and e.event_id not in self._wrote:
             # The log says we drain (sessions are handed off, no new claims for us): behave so, and say when done.
             log.warning("%s: the log says incarnation %d is draining (written by %s); draining",
@@ -842,9 +848,11 @@ class Agent:
     async def _drained(self) -> None:
         if self.fenced is None and not self._closing and self._drained_for != self.incarnation:
             self._drained_for = self.incarnation  # once: a second one would be an illegal transition
+            drained = ev.AgentDrained(producer=self.producer, agent_id=self.agent_id, incarnation=self.incarnation,
+                                      reason="no sessions left")
+            self._wrote.add(drained.event_id)  # so the watch does not take it for a drained written about us
             try:
-                await self.store.append(ev.AgentDrained(producer=self.producer, agent_id=self.agent_id,
-                                                        incarnation=self.incarnation, reason="no sessions left"))
+                await self.store.append(drained)
             except LedgerError as e:
                 self._drained_for = 0  # not written: the beat loop tries again
                 log.info("%s: drained not written yet: %s", self.agent_id, e)
