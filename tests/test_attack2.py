@@ -74,3 +74,25 @@ async def test_a_forged_drain_and_drained_for_an_agent_holding_a_session_does_no
 
             await eventually(served_by_a_live_owner, timeout=20,
                              what="s1 served by an agent the log says is alive, and by no other")
+
+
+async def test_a_forged_goodbye_during_a_drain_does_not_undo_the_drain(ledger: Ledger, uid: str):
+    """The process asked to drain (no new claims, its sessions handed off). A forged goodbye for its incarnation
+    fences it and it registers again - as an agent that is not draining: one forged event silently undoes the
+    drain, and every claimer may give it sessions again."""
+    async with agent_of(ledger, f"{uid}-a1") as a1:
+        sid, _ = await ledger.create_session("p", session_id=f"{uid}-s1")
+        await a1.claim(sid)
+        await a1.drain(deadline=3600.0, reason="maintenance")
+        first = a1.incarnation
+        await ledger.store.append(ev.AgentGoodbye(producer=FORGER, agent_id=a1.agent_id, instance_id=a1.instance_id,
+                                                  incarnation=first, reason="forged"))
+        await eventually(lambda: a1.fenced is None and a1.incarnation > first, timeout=15,
+                         what="the agent registering again after the forged goodbye")
+
+        async def the_log_says_it_drains() -> bool:
+            state, _ = await ledger.agent(a1.agent_id)
+            return state is not None and state.incarnation == a1.incarnation and state.status == lc.A_DRAINING
+
+        await eventually(the_log_says_it_drains, timeout=10, what="the new incarnation draining in the log")
+        assert a1.draining
