@@ -145,6 +145,8 @@ class Agent:
         """Why the agent is fenced (None while it may act as owner)."""
         self.superseded = False
         self.draining = False
+        self._drain_asked: tuple[datetime, str] | None = None
+        """The drain this process asked for (deadline, reason): it outlives a re-registration."""
         self.stats = AgentStats()
         self._lease_from = 0.0
         self._beat = 0
@@ -311,6 +313,25 @@ class Agent:
         self.fenced = None
         self.draining = False
         log.info("%s: registered, incarnation %d", self.agent_id, self.incarnation)
+        if self._drain_asked is not None:
+            # We asked to drain before we fenced (a goodbye or death written about us, say): coming back as a new
+            # incarnation must not undo it, or any claimer could give us sessions again.
+            self.draining = True
+            self._spawn(self._redrain(incarnation), "redrain")
+
+    async def _redrain(self, incarnation: int) -> None:
+        assert self._drain_asked is not None
+        deadline, reason = self._drain_asked
+        event = ev.AgentDraining(producer=self.producer, agent_id=self.agent_id, incarnation=incarnation,
+                                 deadline=deadline, reason=reason)
+        self._wrote.add(event.event_id)
+        try:
+            await self.store.append(event)
+        except LedgerError as e:
+            log.warning("%s: drain of incarnation %d not written: %s", self.agent_id, incarnation, e)
+            return
+        if not self.owned:
+            await self._drained()
 
     def _warn_if_slow_to_notice_a_silent_server(self) -> None:
         # A frozen server keeps the socket open: only pings notice it, and the lease must outlast that.
@@ -841,6 +862,7 @@ class Agent:
         self._wrote.add(event.event_id)  # so the watch does not take it for a drain written about us
         seq = await self.store.append(event)
         self.draining = True
+        self._drain_asked = (when, reason)
         if not self.owned:
             await self._drained()
         return seq
