@@ -97,3 +97,28 @@ async def test_a_forged_goodbye_during_a_drain_does_not_undo_the_drain(ledger: L
         # It owns nothing now (fenced, it dropped s1), so it may as well have drained already.
         await eventually(the_log_says_it_drains, timeout=10, what="the new incarnation draining in the log")
         assert a1.draining
+
+
+async def test_a_claim_for_an_agent_that_has_drained_does_not_leave_the_session_with_it(server: EmbeddedServer):
+    """The fold applies a claim whatever its agent's status (a lagging reclaimer's, or a forged one), so a
+    session can be given to an agent that has already said it drained. Nobody moves a drained agent's
+    sessions (the reclaimer hands off only a draining, gone, dead or fenced owner's) and the monitor never
+    judges a drained agent: the session stays with an agent that asked to leave, and is stranded once it
+    stops."""
+    async with ledger_on(server.url) as ledger, \
+            Agent(ledger, agent_id="a1", pool="gpu", capacity=3, heartbeat=0.2, ttl=30.0) as a1:
+        await a1.drain(deadline=3600.0, reason="maintenance")
+        state, _ = await ledger.agent("a1")
+        assert state is not None and state.status == lc.A_DRAINED
+        sid, _ = await ledger.create_session("gpu", session_id="s1")
+        await ledger.store.append(ev.SessionClaimed(producer=FORGER, session_id=sid, agent_id="a1",
+                                                    instance_id=a1.instance_id, incarnation=a1.incarnation,
+                                                    reason="initial"))
+        async with Agent(ledger, agent_id="a2", pool="gpu", capacity=3, heartbeat=0.2, ttl=30.0) as a2, \
+                consumers(server.url):
+            async def with_a2_only() -> bool:
+                session, _ = await ledger.session(sid)
+                return (session is not None and session.owner == "a2" and sid in a2.owned
+                        and sid not in a1.owned)
+
+            await eventually(with_a2_only, timeout=20, what="s1 handed from the drained a1 to a2")
