@@ -321,6 +321,8 @@ class Agent:
 
     async def _redrain(self, incarnation: int) -> None:
         assert self._drain_asked is not None
+        if self._closing:
+            return  # our goodbye is on its way: a drain after it would be an illegal transition
         deadline, reason = self._drain_asked
         event = ev.AgentDraining(producer=self.producer, agent_id=self.agent_id, incarnation=incarnation,
                                  deadline=deadline, reason=reason)
