@@ -18,7 +18,7 @@ from ledger.client import Ledger
 from ledger.server import EmbeddedServer
 from ledger.subjects import event_subject
 
-from test_agent_judges import FORGER, agent_of
+from test_agent_judges import FORGER, agent_of, given_by_a_reclaimer
 
 
 async def test_an_unreadable_message_on_the_agents_registration_subject_does_not_keep_it_fenced_for_ever(
@@ -122,3 +122,17 @@ async def test_a_claim_for_an_agent_that_has_drained_does_not_leave_the_session_
                         and sid not in a1.owned)
 
             await eventually(with_a2_only, timeout=20, what="s1 handed from the drained a1 to a2")
+
+
+async def test_a_flood_of_registrations_of_made_up_agents_is_not_kept_by_the_watch(ledger: Ledger, uid: str):
+    """The watch follows every agent's registrations; a flood of them (made-up agents, no session names them)
+    must cost it no memory and no reads, and it still judges what comes after."""
+    async with agent_of(ledger, f"{uid}-a1") as a1:
+        await given_by_a_reclaimer(ledger, a1, f"{uid}-s0")
+        known = set(a1._registered)
+        for i in range(300):
+            await ledger.store.submit(ev.AgentRegistered(
+                producer=FORGER, agent_id=f"{uid}-ghost{i}", instance_id=f"g{i}", pool="p", platform="default",
+                region="default", labels={}, capacity=4, heartbeat_interval=0.1, ttl=2.0))
+        await given_by_a_reclaimer(ledger, a1, f"{uid}-s1")  # the watch is past the flood
+        assert set(a1._registered) == known
