@@ -136,3 +136,25 @@ async def test_a_flood_of_registrations_of_made_up_agents_is_not_kept_by_the_wat
                 region="default", labels={}, capacity=4, heartbeat_interval=0.1, ttl=2.0))
         await given_by_a_reclaimer(ledger, a1, f"{uid}-s1")  # the watch is past the flood
         assert set(a1._registered) == known
+
+
+async def test_forged_lifecycle_events_for_a_huge_incarnation_of_the_agent_change_nothing(ledger: Ledger, uid: str):
+    """Death, goodbye, fence, drain and drained for an incarnation that never registered: every fold flags
+    them (unknown incarnation), so the agent neither fences, drains nor loses a session."""
+    async with agent_of(ledger, f"{uid}-a1") as a1:
+        await given_by_a_reclaimer(ledger, a1, f"{uid}-s0")
+        first, huge, aid = a1.incarnation, 10**12, a1.agent_id
+        for forged in (ev.AgentDeclaredDead(producer=FORGER, agent_id=aid, incarnation=huge, reason="forged"),
+                       ev.AgentGoodbye(producer=FORGER, agent_id=aid, instance_id=a1.instance_id, incarnation=huge,
+                                       reason="forged"),
+                       ev.AgentFenced(producer=FORGER, agent_id=aid, incarnation=huge, reason="forged",
+                                      fenced_at=ev.utcnow(), ttl=2.0),
+                       ev.AgentDraining(producer=FORGER, agent_id=aid, incarnation=huge,
+                                        deadline=ev.utcnow() - timedelta(hours=1), reason="forged"),
+                       ev.AgentDrained(producer=FORGER, agent_id=aid, incarnation=huge, reason="forged")):
+            await ledger.store.append(forged)
+        await given_by_a_reclaimer(ledger, a1, f"{uid}-s1")  # the watch is past the forgeries
+        assert (a1.incarnation, a1.fenced, a1.draining) == (first, None, False)
+        assert {f"{uid}-s0", f"{uid}-s1"} <= set(a1.owned)
+        state, _ = await ledger.agent(aid)
+        assert state is not None and (state.incarnation, state.status) == (first, lc.A_ALIVE)
