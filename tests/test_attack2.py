@@ -92,7 +92,8 @@ async def test_a_forged_goodbye_during_a_drain_does_not_undo_the_drain(ledger: L
 
         async def the_log_says_it_drains() -> bool:
             state, _ = await ledger.agent(a1.agent_id)
-            return state is not None and state.incarnation == a1.incarnation and state.status in (lc.A_DRAINING, lc.A_DRAINED)
+            return (state is not None and state.incarnation == a1.incarnation
+                    and state.status in (lc.A_DRAINING, lc.A_DRAINED))
 
         # It owns nothing now (fenced, it dropped s1), so it may as well have drained already.
         await eventually(the_log_says_it_drains, timeout=10, what="the new incarnation draining in the log")
