@@ -66,6 +66,9 @@ def owner_problem(session: lc.SessionState, agents: Mapping[str, lc.AgentState])
         lc.A_DEAD: (OWNER_DEAD, agent.cause_id),
         lc.A_FENCED: (OWNER_FENCED, agent.cause_id),
         lc.A_DRAINING: (OWNER_DRAINING, agent.cause_id),
+        # A drained agent owns nothing - unless a claim landed after it said so (the fold applies a claim
+        # whatever its agent's status): hand it on as a draining one's.
+        lc.A_DRAINED: (OWNER_DRAINING, agent.cause_id),
     }.get(agent.status)
 
 

@@ -145,6 +145,8 @@ class Agent:
         """Why the agent is fenced (None while it may act as owner)."""
         self.superseded = False
         self.draining = False
+        self._drain_asked: tuple[datetime, str] | None = None
+        """The drain this process asked for (deadline, reason): it outlives a re-registration."""
         self.stats = AgentStats()
         self._lease_from = 0.0
         self._beat = 0
@@ -172,6 +174,9 @@ class Agent:
         """The incarnation whose `drained` we wrote (once per incarnation)."""
         self._batch_end = 0
         """Last sequence of the batch the watch is judging."""
+        self._unreadable_registration = 0
+        """Newest unreadable message on our registration subject the watch skipped: no registration to any
+        reader, yet the subject's last sequence, which our re-registration's compare-and-set must expect."""
         self.goodbye_seq: int | None = None
         """Sequence of the goodbye this process wrote (None until then, and when it wrote none)."""
         self._side_tasks: set[asyncio.Task[None]] = set()
@@ -310,6 +315,27 @@ class Agent:
         self.fenced = None
         self.draining = False
         log.info("%s: registered, incarnation %d", self.agent_id, self.incarnation)
+        if self._drain_asked is not None:
+            # We asked to drain before we fenced (a goodbye or death written about us, say): coming back as a new
+            # incarnation must not undo it, or any claimer could give us sessions again.
+            self.draining = True
+            self._spawn(self._redrain(incarnation), "redrain")
+
+    async def _redrain(self, incarnation: int) -> None:
+        assert self._drain_asked is not None
+        if self._closing:
+            return  # our goodbye is on its way: a drain after it would be an illegal transition
+        deadline, reason = self._drain_asked
+        event = ev.AgentDraining(producer=self.producer, agent_id=self.agent_id, incarnation=incarnation,
+                                 deadline=deadline, reason=reason)
+        self._wrote.add(event.event_id)
+        try:
+            await self.store.append(event)
+        except LedgerError as e:
+            log.warning("%s: drain of incarnation %d not written: %s", self.agent_id, incarnation, e)
+            return
+        if not self.owned:
+            await self._drained()
 
     def _warn_if_slow_to_notice_a_silent_server(self) -> None:
         # A frozen server keeps the socket open: only pings notice it, and the lease must outlast that.
@@ -406,7 +432,8 @@ class Agent:
                 # landed late, after another process took over, would supersede that process in turn.
                 known = self._registered.get(self.agent_id) or [self.incarnation]
                 registered = subjects.event_subject("agent", self.agent_id, "registered", "*")
-                future = await self.store.submit(registration, expect=known[-1], expect_filter=registered)
+                expect = max(known[-1], self._unreadable_registration)
+                future = await self.store.submit(registration, expect=expect, expect_filter=registered)
             except LedgerError as e:
                 log.debug("%s: cannot register yet: %s", self.agent_id, e)
                 await asyncio.sleep(min(self.heartbeat, 1.0))
@@ -429,6 +456,7 @@ class Agent:
     async def _watch_loop(self) -> None:
         # Every agent's registrations, the rest of our own agent's events (filters may not overlap), sessions.
         own = [subjects.event_subject("agent", self.agent_id, verb, "*") for verb in _AGENT_VERBS]
+        own_registered = subjects.event_subject("agent", self.agent_id, "registered", "")
         filters = [_REGISTRATIONS, *own, subjects.family_filter("session")]
         start = self.incarnation
         current: list[Replay] = []
@@ -457,6 +485,8 @@ class Agent:
                             if isinstance(item, Recorded):
                                 await self._observe(item)
                             else:  # dead-lettered by the projector; nothing here can act on it
+                                if item.subject.startswith(own_registered):
+                                    self._unreadable_registration = max(self._unreadable_registration, item.seq)
                                 log.warning("%s: watch skips unreadable #%d on %s: %s", self.agent_id, item.seq,
                                             item.subject, item.reason)
                             start = item.seq + 1  # only once judged: a read that failed is tried again
@@ -517,6 +547,12 @@ class Agent:
             # Ours is written only while fenced, just before registering again: this one is not.
             self._fence(f"the log says incarnation {self.incarnation} fenced itself ({getattr(e, 'reason', '')}, "
                         f"written by {e.producer.id})", record=False)
+        elif after.status == lc.A_DRAINED and self.owned and e.event_id not in self._wrote:
+            # Not ours (we say drained only once we own nothing): no reader moves a drained agent's sessions nor
+            # judges its liveness, so the ones we hold would stay with us for ever. Come back as a new
+            # incarnation: this one's sessions are then superseded, and handed on.
+            self._fence(f"the log says incarnation {self.incarnation} drained ({getattr(e, 'reason', '')}, "
+                        f"written by {e.producer.id}) while it owns {self.load} session(s)", record=False)
         elif after.status == lc.A_DRAINING and not self.draining and e.event_id not in self._wrote:
             # The log says we drain (sessions are handed off, no new claims for us): behave so, and say when done.
             log.warning("%s: the log says incarnation %d is draining (written by %s); draining",
@@ -828,6 +864,7 @@ class Agent:
         self._wrote.add(event.event_id)  # so the watch does not take it for a drain written about us
         seq = await self.store.append(event)
         self.draining = True
+        self._drain_asked = (when, reason)
         if not self.owned:
             await self._drained()
         return seq
@@ -835,9 +872,11 @@ class Agent:
     async def _drained(self) -> None:
         if self.fenced is None and not self._closing and self._drained_for != self.incarnation:
             self._drained_for = self.incarnation  # once: a second one would be an illegal transition
+            drained = ev.AgentDrained(producer=self.producer, agent_id=self.agent_id, incarnation=self.incarnation,
+                                      reason="no sessions left")
+            self._wrote.add(drained.event_id)  # so the watch does not take it for a drained written about us
             try:
-                await self.store.append(ev.AgentDrained(producer=self.producer, agent_id=self.agent_id,
-                                                        incarnation=self.incarnation, reason="no sessions left"))
+                await self.store.append(drained)
             except LedgerError as e:
                 self._drained_for = 0  # not written: the beat loop tries again
                 log.info("%s: drained not written yet: %s", self.agent_id, e)
