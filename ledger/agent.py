@@ -175,6 +175,8 @@ class Agent:
         self._batch_end = 0
         """Last sequence of the batch the watch is judging."""
         self._unreadable_registration = 0
+        self._own_registrations = subjects.event_subject("agent", agent_id, "registered", "")
+        """Our registrations' subject, up to the producer token."""
         """Newest unreadable message on our registration subject the watch skipped: no registration to any
         reader, yet the subject's last sequence, which our re-registration's compare-and-set must expect."""
         self.goodbye_seq: int | None = None
@@ -302,8 +304,10 @@ class Agent:
 
     def _adopt(self, incarnation: int, started: float, registration: ev.AgentRegistered,
                stored_ns: int | None = None) -> None:
-        if incarnation == self.incarnation:
-            return  # adopted already: the watch saw it land before its acknowledgement came
+        if incarnation <= self.incarnation:
+            # Adopted already: the watch saw it land before its acknowledgement came - or a copy of it that
+            # landed later, which every fold takes as the current one: never move back to an older incarnation.
+            return
         self.incarnation = incarnation
         self._note_registration(incarnation)
         # Our own lifecycle from here, as the fold sees it (from an acknowledgement, the stored time is ours until
@@ -326,11 +330,8 @@ class Agent:
         if self._closing:
             return  # our goodbye is on its way: a drain after it would be an illegal transition
         deadline, reason = self._drain_asked
-        event = ev.AgentDraining(producer=self.producer, agent_id=self.agent_id, incarnation=incarnation,
-                                 deadline=deadline, reason=reason)
-        self._wrote.add(event.event_id)
         try:
-            await self.store.append(event)
+            await self._write_draining(incarnation, deadline, reason)
         except LedgerError as e:
             log.warning("%s: drain of incarnation %d not written: %s", self.agent_id, incarnation, e)
             return
@@ -431,9 +432,9 @@ class Agent:
                 # Only if nobody registered this agent id since the newest registration we know of: one that
                 # landed late, after another process took over, would supersede that process in turn.
                 known = self._registered.get(self.agent_id) or [self.incarnation]
-                registered = subjects.event_subject("agent", self.agent_id, "registered", "*")
                 expect = max(known[-1], self._unreadable_registration)
-                future = await self.store.submit(registration, expect=expect, expect_filter=registered)
+                future = await self.store.submit(registration, expect=expect,
+                                                 expect_filter=self._own_registrations + "*")
             except LedgerError as e:
                 log.debug("%s: cannot register yet: %s", self.agent_id, e)
                 await asyncio.sleep(min(self.heartbeat, 1.0))
@@ -456,7 +457,6 @@ class Agent:
     async def _watch_loop(self) -> None:
         # Every agent's registrations, the rest of our own agent's events (filters may not overlap), sessions.
         own = [subjects.event_subject("agent", self.agent_id, verb, "*") for verb in _AGENT_VERBS]
-        own_registered = subjects.event_subject("agent", self.agent_id, "registered", "")
         filters = [_REGISTRATIONS, *own, subjects.family_filter("session")]
         start = self.incarnation
         current: list[Replay] = []
@@ -485,7 +485,7 @@ class Agent:
                             if isinstance(item, Recorded):
                                 await self._observe(item)
                             else:  # dead-lettered by the projector; nothing here can act on it
-                                if item.subject.startswith(own_registered):
+                                if item.subject.startswith(self._own_registrations):
                                     self._unreadable_registration = max(self._unreadable_registration, item.seq)
                                 log.warning("%s: watch skips unreadable #%d on %s: %s", self.agent_id, item.seq,
                                             item.subject, item.reason)
@@ -859,15 +859,18 @@ class Agent:
         """Take no new claims; the sessions are handed off before `deadline` (seconds from now, or a time)."""
         self._check_may_act()
         when = deadline if isinstance(deadline, datetime) else ev.utcnow() + timedelta(seconds=deadline)
-        event = ev.AgentDraining(producer=self.producer, agent_id=self.agent_id, incarnation=self.incarnation,
-                                 deadline=when, reason=reason)
-        self._wrote.add(event.event_id)  # so the watch does not take it for a drain written about us
-        seq = await self.store.append(event)
+        seq = await self._write_draining(self.incarnation, when, reason)
         self.draining = True
         self._drain_asked = (when, reason)
         if not self.owned:
             await self._drained()
         return seq
+
+    async def _write_draining(self, incarnation: int, deadline: datetime, reason: str) -> int:
+        event = ev.AgentDraining(producer=self.producer, agent_id=self.agent_id, incarnation=incarnation,
+                                 deadline=deadline, reason=reason)
+        self._wrote.add(event.event_id)  # so the watch does not take it for a drain written about us
+        return await self.store.append(event)
 
     async def _drained(self) -> None:
         if self.fenced is None and not self._closing and self._drained_for != self.incarnation:

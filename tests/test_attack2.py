@@ -159,3 +159,12 @@ async def test_forged_lifecycle_events_for_a_huge_incarnation_of_the_agent_chang
         assert {f"{uid}-s0", f"{uid}-s1"} <= set(a1.owned)
         state, _ = await ledger.agent(aid)
         assert state is not None and (state.incarnation, state.status) == (first, lc.A_ALIVE)
+
+
+async def test_an_acknowledgement_never_moves_the_agent_back_to_an_older_incarnation(ledger: Ledger, uid: str):
+    """The watch adopted a later copy of our registration (every fold takes the newest as current); the
+    original's acknowledgement, arriving after, must not move the agent back to the older sequence."""
+    async with agent_of(ledger, f"{uid}-a") as a:
+        newest = a.incarnation
+        a._adopt(newest - 1, 0.0, a._registration())  # the late acknowledgement of an older copy
+        assert a.incarnation == newest and a.fenced is None
