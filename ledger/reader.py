@@ -127,6 +127,8 @@ async def stream_state(nc: NATS, stream: str, timeout: float) -> _StreamState:
     if info.error is not None:
         if info.error.err_code == 10059:
             raise StreamMissing(f"stream {stream} does not exist: run `ledger init` (or `ledger server` / `ledger up`)")
+        if info.error.code >= 500:  # "JetStream system temporarily unavailable": a node catching up, an election
+            raise Unavailable(f"stream info {stream}: {info.error.description} (error {info.error.err_code})")
         raise StoreError(f"stream info {stream}: {info.error.description}")
     return info.state or _StreamState()
 
@@ -380,6 +382,21 @@ class Replay:
 
     # --- the consumer ----------------------------------------------------------------------
 
+    async def _stream_state(self) -> _StreamState:
+        """The stream's state, retried like a consumer's creation while JetStream is briefly unavailable
+        (a node that was frozen or restarted answers 503 until it has caught up)."""
+        started, attempts = time.monotonic(), 0
+        while True:
+            try:
+                return await stream_state(self._nc, self._stream, self._timeout)
+            except Unavailable as e:
+                attempts += 1
+                waited = time.monotonic() - started
+                if waited > max(self._patience, self._timeout):
+                    raise Unavailable(f"cannot start reading {self._stream}: {e} for {waited:.0f} s; is a node "
+                                      "of the cluster down or a leader being elected? try again") from None
+                await asyncio.sleep(min(CREATE_BACKOFF * 2 ** min(attempts - 1, 8), CREATE_BACKOFF_MAX))
+
     async def _create(self) -> None:
         """A new consumer from where we are, and the first request; retried through leader elections.
 
@@ -464,7 +481,7 @@ class Replay:
     async def _start(self) -> bool:
         """Create the consumer and ask for the first batch; False when there is nothing to deliver."""
         if not self._follow:
-            state = await stream_state(self._nc, self._stream, self._timeout)
+            state = await self._stream_state()
             end = state.last_seq if self._end_seq is None else min(self._end_seq, state.last_seq)
             if end == 0 or (self._start_seq or 0) > end:
                 return False

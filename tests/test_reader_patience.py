@@ -55,3 +55,65 @@ async def test_a_following_replay_keeps_trying_through_an_outage_and_a_one_shot_
         finally:
             following.cancel()
             await asyncio.gather(following, return_exceptions=True)
+
+
+async def test_a_one_shot_replay_waits_out_a_jetstream_that_answers_temporarily_unavailable(tmp_path, uid: str):
+    # A node just resumed or restarted answers stream info with 503 until it has caught up; what is asked
+    # in that window is retried (the cluster freeze test met it on CI), a lasting 503 ends in one line.
+    import subprocess
+
+    import nats
+
+    from ledger.server import find_binary
+    from ledger.server import free_port
+
+    port = free_port()
+    binary, _ = find_binary()
+    proc = subprocess.Popen([binary, "-a", "127.0.0.1", "-p", str(port)],  # no JetStream: we answer for it
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"nats://127.0.0.1:{port}"
+        await eventually_connectable(url)
+        nc = await nats.connect(url)
+        answers: list[str] = []
+        unavailable = b'{"error": {"code": 503, "err_code": 10008, "description": "JetStream system temporarily unavailable"}}'
+
+        async def stream_info(msg: nats.aio.msg.Msg) -> None:
+            answers.append(msg.subject)
+            await msg.respond(unavailable if len(answers) <= 3 else b'{"state": {"last_seq": 0}}')
+
+        await nc.subscribe(f"{reader.API_PREFIX}.STREAM.INFO.{subjects.LEDGER_STREAM}", cb=stream_info)
+        try:
+            replay = reader.Replay(nc, subjects.LEDGER_STREAM, [subjects.family_filter("session")], timeout=1.0,
+                                   patience=10.0)
+            assert [batch async for batch in replay] == []  # an empty stream, once it answered
+            assert len(answers) == 4
+            answers.clear()
+            unavailable_forever = reader.Replay(nc, subjects.LEDGER_STREAM, [subjects.family_filter("session")],
+                                                timeout=0.2, patience=0.0)
+            with pytest.raises(Unavailable) as gave_up:
+                async for _ in unavailable_forever:
+                    pass
+            assert "temporarily unavailable" in str(gave_up.value) and "\n" not in str(gave_up.value)
+        finally:
+            await nc.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+async def eventually_connectable(url: str) -> None:
+    import nats
+
+    async def up() -> bool:
+        try:
+            nc = await nats.connect(url, connect_timeout=0.5, max_reconnect_attempts=0, allow_reconnect=False)
+        except Exception:
+            return False
+        await nc.close()
+        return True
+    for _ in range(100):
+        if await up():
+            return
+        await asyncio.sleep(0.1)
+    raise TimeoutError(f"no server at {url}")
