@@ -1,0 +1,91 @@
+"""Who may write what: producer roles and the writers of each event type. Pure data and functions, no I/O.
+
+The producer token - the last token of an event's subject, `ledger.<family>.<id>.<verb>.<producer>` - is
+the identity NATS permissions bind (a user may publish only subjects ending in its own tokens). This module
+gives that identity its meaning, once, for both sides:
+
+* the folds (`lifecycle`, the heartbeat fold) flag - never apply - an event whose producer may not write
+  it, so a goodbye for a2 published on a subject a1 may use changes nothing;
+* the server permissions `ledger auth` generates are derived from the same table, so what the server lets
+  a user publish is what the folds accept from it.
+
+A producer token names a *service role* when it is the role's name, optionally followed by `-<replica>`
+(`monitor`, `monitor-b`, `reclaimer-east`); `cli` and `demo` are operators too (the CLI's default `--as`).
+Every other token is an *agent* id; an agent may not take a role's name.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+AGENT: Final = "agent"
+MONITOR: Final = "monitor"
+RECLAIMER: Final = "reclaimer"
+WATCHDOG: Final = "watchdog"
+OPERATOR: Final = "operator"
+
+SERVICE_ROLES: Final = (MONITOR, RECLAIMER, WATCHDOG, OPERATOR)
+ROLES: Final = (AGENT, *SERVICE_ROLES)
+OPERATOR_ALIASES: Final = ("cli", "demo")
+"""Producer tokens that are operators without the `operator` prefix (the CLI's and the demo's defaults)."""
+
+SELF: Final = "self"
+"""A writer that is the agent the event is about (producer token == the event's `agent_id`)."""
+OWNER: Final = "owner"
+"""A writer that is an agent owning the session concerned at that point of the log (checked by the fold)."""
+
+
+def role_of(producer: str) -> str:
+    """The role a producer token names: a service role (its name, or `<name>-<replica>`), else `agent`."""
+    for role in SERVICE_ROLES:
+        if producer == role or producer.startswith(role + "-"):
+            return role
+    if producer in OPERATOR_ALIASES or any(producer.startswith(a + "-") for a in OPERATOR_ALIASES):
+        return OPERATOR
+    return AGENT
+
+
+def reserved_agent_id_problem(agent_id: str) -> str | None:
+    """Why `agent_id` cannot be an agent's id (it names a service role), or None."""
+    role = role_of(agent_id)
+    if role != AGENT:
+        return (f"agent id {agent_id!r} names the {role} role (ids equal to or starting with "
+                f"{', '.join(repr(r + '-') for r in (*SERVICE_ROLES, *OPERATOR_ALIASES))} are reserved)")
+    return None
+
+
+WRITERS: Final[dict[str, frozenset[str]]] = {
+    # An agent's own lifecycle: only the agent itself.
+    "agent.registered": frozenset({SELF}),
+    "agent.heartbeat": frozenset({SELF}),
+    "agent.draining": frozenset({SELF}),
+    "agent.drained": frozenset({SELF}),
+    "agent.goodbye": frozenset({SELF}),
+    "agent.fenced": frozenset({SELF}),
+    # Verdicts on an agent: the liveness monitor.
+    "agent.suspected": frozenset({MONITOR}),
+    "agent.declared_dead": frozenset({MONITOR}),
+    # Anyone who failed to reach an agent may say so (the reporter is the producer; counted, not trusted).
+    "agent.unreachable_reported": frozenset({AGENT, *SERVICE_ROLES}),
+    # Sessions: operators create and terminate; an agent claims for itself and writes on what it owns;
+    # the reclaimer claims for others and orphans.
+    "session.created": frozenset({OPERATOR}),
+    "session.claimed": frozenset({SELF, RECLAIMER}),
+    "session.released": frozenset({SELF}),
+    "session.resource_reported": frozenset({SELF}),
+    "session.orphaned": frozenset({RECLAIMER}),
+    "session.terminated": frozenset({OPERATOR, OWNER}),
+    # Routes: operators, the watchdog (timeouts, stale health), and the agent owning the route's session.
+    "route.created": frozenset({OPERATOR, OWNER}),
+    "route.transitioned": frozenset({OPERATOR, WATCHDOG, OWNER}),
+    "route.health_reported": frozenset({OPERATOR, WATCHDOG, OWNER}),
+    # A pool's breaker: the monitor trips and resets it, an operator may reset it.
+    "pool.breaker_tripped": frozenset({MONITOR}),
+    "pool.breaker_reset": frozenset({MONITOR, OPERATOR}),
+}
+
+
+def role_may_write(role: str, type_tag: str) -> bool:
+    """Whether some producer of `role` may write events of `type_tag` (SELF and OWNER are agents)."""
+    writers = WRITERS.get(type_tag, frozenset())
+    return role in writers or (role == AGENT and bool(writers & {SELF, OWNER}))
