@@ -311,6 +311,8 @@ class ServerConfig:
     cluster_name: str | None = None
     cluster_port: int | None = None
     routes: tuple[str, ...] = ()
+    extra: str = ""
+    """nats-server configuration appended verbatim (authorization, tls, include ...): for secured servers."""
 
     @property
     def url(self) -> str:
@@ -337,6 +339,8 @@ class ServerConfig:
                 "  routes: [" + ", ".join(f'"{r}"' for r in self.routes) + "]",
                 "}",
             ]
+        if self.extra:
+            lines.append(self.extra.rstrip("\n"))
         return "\n".join(lines) + "\n"
 
 
