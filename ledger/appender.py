@@ -34,7 +34,8 @@ from nats.aio.msg import Msg
 from nats.errors import ConnectionClosedError, OutboundBufferLimitError
 
 from .codec import MSG_ID, Outgoing
-from .errors import AppendTimeout, Conflict, StoreError, Unavailable
+from .connection import watch_of
+from .errors import AppendTimeout, Conflict, PermissionDenied, StoreError, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -99,11 +100,33 @@ class Appender:
         self._background: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._watch = watch_of(nc)
+        self._denied: PermissionDenied | None = None
+        """Set when the server refused our reply subscription: no acknowledgement can ever reach us."""
 
     async def start(self) -> None:
         self._prefix = self._nc.new_inbox() + "."
+        if self._watch is not None:
+            self._watch.add_listener(self._on_violation)
         self._sub = await self._nc.subscribe(self._prefix + "*", cb=self._on_reply)
         self._sweeper = asyncio.create_task(self._sweep(), name="ledger-append-sweeper")
+
+    def _on_violation(self, operation: str, subject: str) -> None:
+        """The server refused a publish (nats-py lower-cases the subject) or our reply subscription.
+
+        A refused append never lands, so it fails now with PermissionDenied - not, after every retry, as
+        an append that "may have landed".
+        """
+        if operation == "subscription" and subject == (self._prefix + "*").lower():
+            self._denied = PermissionDenied(operation, self._prefix + "*")
+            for token in list(self._pending):
+                self._settle(token, error=self._denied)
+            return
+        if operation != "publish":
+            return
+        for token, p in list(self._pending.items()):
+            if p.out.subject.lower() == subject:
+                self._settle(token, error=PermissionDenied(operation, p.out.subject))
 
     async def close(self) -> None:
         if self._sweeper:
@@ -114,6 +137,8 @@ class Appender:
             task.cancel()
         for token in list(self._pending):
             self._settle(token, error=Unavailable("the event store was closed before the append was acknowledged"))
+        if self._watch is not None:
+            self._watch.remove_listener(self._on_violation)
         if self._sub is not None:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
@@ -128,6 +153,8 @@ class Appender:
 
     async def submit(self, out: Outgoing, expect: int | None = None, expect_filter: str | None = None) -> asyncio.Future[int]:
         """Send one append; the returned future gives its stream sequence (or raises)."""
+        if self._denied is not None:
+            raise self._denied
         await self._window.acquire()
         headers = out.headers
         if expect is not None:

@@ -57,6 +57,32 @@ class Unavailable(StoreError, ConnectionError):
     """The NATS server cannot be reached (connect failed, no responders, closed)."""
 
 
+class Refused(StoreError):
+    """The server refused us (credentials, TLS, permissions, its version): retrying the same will not help."""
+
+
+class AuthFailed(Refused):
+    """The server refused the credentials (authorization violation)."""
+
+
+class TlsFailed(Refused):
+    """The TLS handshake failed: an untrusted server certificate, a missing client certificate, no TLS offered."""
+
+
+class PermissionDenied(Refused):
+    """The server refused a publish or a subscription on a subject: this user may not use it."""
+
+    def __init__(self, operation: str, subject: str) -> None:
+        self.operation = operation
+        self.subject = subject
+        verb = "publish to" if operation == "publish" else "subscribe to"
+        super().__init__(f"permission denied: this NATS user may not {verb} {subject}")
+
+
+class ConnectedServerTooOld(ServerTooOld, Refused):
+    """The NATS server connected to is older than the version floor the ledger needs."""
+
+
 class StreamMissing(StoreError):
     """A ledger stream does not exist; `ledger server`, `ledger up` or `ledger init` creates it."""
 

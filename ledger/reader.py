@@ -30,6 +30,7 @@ from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
 
 from . import codec, tasks
 from .codec import Recorded, Unreadable
+from .connection import watch_of
 from .errors import StoreError, StreamMissing, Unavailable
 
 log = logging.getLogger(__name__)
@@ -113,8 +114,11 @@ def _describe(e: Exception) -> str:
 
 
 async def _api(nc: NATS, subject: str, body: dict[str, object] | None, timeout: float) -> bytes:
+    request = nc.request(subject, _json.encode(body) if body is not None else b"", timeout=timeout)
+    watch = watch_of(nc)
     try:
-        reply = await nc.request(subject, _json.encode(body) if body is not None else b"", timeout=timeout)
+        # A refused request is never answered; only the error callback hears why, and the watch tells us at once.
+        reply = await (watch.guard(request, subject) if watch else request)
     except NoRespondersError:
         raise Unavailable(f"JetStream did not answer {subject} (no responders)") from None
     except NatsTimeout:
@@ -405,13 +409,15 @@ class Replay:
         in the log; a one-shot replay gives up after `patience` with a one-line reason.
         """
         jsm = self._nc.jsm(timeout=self._timeout)
+        watch = watch_of(self._nc)
         started = time.monotonic()
         attempts, told = 0, 0.0
         while True:
             if self._finished:
                 return  # closed or interrupted while we were trying
             try:
-                info = await jsm.add_consumer(self._stream, config=self._config())
+                create = jsm.add_consumer(self._stream, config=self._config())
+                info = await (watch.guard(create, prefix=f"{API_PREFIX}.CONSUMER.") if watch else create)
                 break
             except (NatsTimeout, NoRespondersError, ServiceUnavailableError, APIError) as e:
                 if isinstance(e, NotFoundError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,6 +17,28 @@ MIN_PING_INTERVAL = 0.5
 MIN_CONNECT_TIMEOUT = 1.0
 MIN_REQUEST_TIMEOUT = 1.0
 """Floors of `Settings.for_lease`: below them a busy machine looks like a dead server."""
+SECRET_FIELDS = ("password", "token")
+CREDENTIAL_KINDS = {"creds_file": "a creds file", "nkey_seed_file": "an nkey seed", "user": "a user and password",
+                    "token": "a token"}
+
+# scheme://userinfo@ - greedy up to the last @ before the path, so a password holding an @ is hidden whole.
+_USERINFO = re.compile(r"^(\s*(?:[A-Za-z][A-Za-z0-9+.-]*://)?)([^/]*)@")
+
+
+def redact_url(url: str) -> str:
+    """The URL (or comma-separated URLs) with passwords and tokens replaced by ***: safe to print.
+
+    nats://user:pass@host -> nats://user:***@host; nats://token@host -> nats://***@host.
+    """
+    def one(part: str) -> str:
+        def hide(m: re.Match[str]) -> str:
+            user, sep, _ = m[2].partition(":")
+            return f"{m[1]}{user}:***@" if sep else f"{m[1]}***@"
+
+        return _USERINFO.sub(hide, part, count=1)
+
+    return ",".join(one(part) for part in url.split(","))
+
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
@@ -51,6 +74,22 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """Seconds before trying a server again that has just failed (the others are tried meanwhile)."""
     randomize_servers: bool = True
     """Connect to the cluster's URLs in random order (spreads clients); False: in the order given."""
+    creds_file: str | None = None
+    """A NATS .creds file (user JWT and nkey seed)."""
+    nkey_seed_file: str | None = None
+    """A file holding an nkey user seed (SU...): the server knows the user by its public key."""
+    user: str | None = None
+    password: str | None = None
+    """Prefer LEDGER_PASSWORD to a flag: a command line is visible to every user of the machine."""
+    token: str | None = None
+    tls_ca_file: str | None = None
+    """The CA that signed the server's certificate (default: the system's CAs)."""
+    tls_cert_file: str | None = None
+    """A client certificate, for servers that verify clients (mutual TLS); needs tls_key_file."""
+    tls_key_file: str | None = None
+    inbox_prefix: str = "_INBOX"
+    """Prefix of this client's reply subjects: one per user lets server permissions keep users out of each
+    other's replies (allow that user to subscribe only to <prefix>.>)."""
 
     def __post_init__(self) -> None:
         if self.replicas not in (None, 1, 3, 5):
@@ -65,6 +104,28 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             raise ConfigError(f"heartbeat_per_agent must be at least 1, got {self.heartbeat_per_agent}")
         if self.duplicate_window > self.heartbeat_max_age:
             raise ConfigError("duplicate_window cannot exceed heartbeat_max_age")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ConfigError("a TLS client certificate needs its key, and a key its certificate "
+                              "(--tls-cert with --tls-key)")
+        kinds = [what for name, what in CREDENTIAL_KINDS.items() if getattr(self, name)]
+        if len(kinds) > 1:
+            raise ConfigError(f"give one kind of NATS credentials, not {' and '.join(kinds)}")
+        if self.password is not None and not self.user:
+            raise ConfigError("a password needs a user (--user)")
+        if not self.inbox_prefix or any(c in self.inbox_prefix for c in " *>\t") or self.inbox_prefix.endswith("."):
+            raise ConfigError(f"inbox_prefix must be a subject prefix without wildcards, got {self.inbox_prefix!r}")
+
+    def __repr__(self) -> str:
+        shown = []
+        for name in self.__struct_fields__:
+            value = getattr(self, name)
+            if name in SECRET_FIELDS and value is not None:
+                shown.append(f"{name}='***'")
+            else:
+                shown.append(f"{name}={redact_url(value) if name == 'nats_url' else value!r}")
+        return f"Settings({', '.join(shown)})"
+
+    __str__ = __repr__
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

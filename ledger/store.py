@@ -19,14 +19,13 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime
 from types import TracebackType
 
-import nats
 from nats.aio.client import Client as NATS
-from nats.errors import NoServersError
 
 from . import codec, reader, subjects, tasks
 from .appender import Appender
 from .codec import Recorded, Unreadable
-from .errors import InvalidInput, Unavailable
+from .connection import open_connection, watch_of
+from .errors import InvalidInput
 from .events import Event
 from .ids import check_token
 from .settings import Settings
@@ -36,44 +35,7 @@ log = logging.getLogger(__name__)
 
 Item = Recorded | Unreadable
 
-
-async def open_connection(settings: Settings, name: str = "session-ledger",
-                          on_event: Callable[[str], None] | None = None) -> NATS:
-    """Connect to NATS (reconnecting forever afterwards); Unavailable if the first connect fails.
-
-    `on_event` hears "disconnected" and "reconnected".
-    """
-
-    async def error_cb(e: Exception) -> None:
-        log.debug("nats: %s", e)
-
-    async def disconnected_cb() -> None:
-        log.info("nats: disconnected")
-        if on_event:
-            on_event("disconnected")
-
-    async def reconnected_cb() -> None:
-        log.info("nats: reconnected")
-        if on_event:
-            on_event("reconnected")
-
-    servers = [u.strip() for u in settings.nats_url.split(",") if u.strip()]
-    try:
-        # nats-py applies max_reconnect_attempts to the first connect too: a few
-        # tries there (so a wrong URL fails fast), then reconnect forever.
-        # Pings find a frozen server (its socket stays open, so nothing else would); the client then moves
-        # to another node of the cluster (the URLs given, and those the cluster announces).
-        nc = await nats.connect(
-            servers=servers, name=name, connect_timeout=settings.connect_timeout,
-            allow_reconnect=True, max_reconnect_attempts=2, reconnect_time_wait=settings.reconnect_time_wait,
-            ping_interval=settings.ping_interval, max_outstanding_pings=settings.max_outstanding_pings,
-            dont_randomize=not settings.randomize_servers,
-            error_cb=error_cb, disconnected_cb=disconnected_cb, reconnected_cb=reconnected_cb,
-        )
-    except (NoServersError, OSError, asyncio.TimeoutError) as e:
-        raise Unavailable(f"cannot reach NATS at {settings.nats_url}: {e or type(e).__name__}") from None
-    nc.options["max_reconnect_attempts"] = -1
-    return nc
+__all__ = ["EventStore", "Item", "open_connection"]
 
 
 class EventStore:
@@ -155,7 +117,10 @@ class EventStore:
         await self.close()
 
     async def ensure_streams(self) -> list[StreamReport]:
-        return await ensure_streams(self.nc.jsm(timeout=self.settings.request_timeout), self.settings)
+        work = ensure_streams(self.nc.jsm(timeout=self.settings.request_timeout), self.settings)
+        watch = watch_of(self.nc)
+        # A user without stream rights is refused by the server, and nats-py only says so to the error callback.
+        return await (watch.guard(work, prefix=reader.API_PREFIX + ".") if watch else work)
 
     # --- appends ----------------------------------------------------------------
 

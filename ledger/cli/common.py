@@ -1,4 +1,4 @@
-"""What every `ledger` command shares: the NATS URL option, settings, async running, clean errors."""
+"""What every `ledger` command shares: the NATS URL and credential options, settings, async running, clean errors."""
 
 from __future__ import annotations
 
@@ -15,20 +15,58 @@ import click
 import msgspec
 
 from ..errors import LedgerError
-from ..settings import DEFAULT_NATS_URL, Settings
+from ..settings import DEFAULT_NATS_URL, ENV_PREFIX, Settings
 
 T = TypeVar("T")
 
 
-def nats_url_option(f: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option(
-        "--nats-url", envvar="LEDGER_NATS_URL", default=DEFAULT_NATS_URL, show_default=True, show_envvar=True,
-        help="NATS server(s) to use, comma-separated for a cluster.",
-    )(f)
+_SECURITY_OPTIONS = [
+    # (flag, Settings field, help)
+    ("--creds", "creds_file", "NATS credentials file (.creds: user JWT and nkey seed)."),
+    ("--nkey-seed", "nkey_seed_file", "File holding an nkey user seed (SU...); the server lists the user's public key."),
+    ("--user", "user", "NATS user name (with --password)."),
+    ("--password", "password", "NATS password for --user. Prefer the environment variable: a command line is "
+                               "visible to every user of the machine."),
+    ("--token", "token", "NATS authentication token. Prefer the environment variable, as for --password."),
+    ("--tls-ca", "tls_ca_file", "CA certificate (PEM) that signed the server's certificate [default: the system's]."),
+    ("--tls-cert", "tls_cert_file", "Client certificate (PEM) for servers that verify clients (mutual TLS)."),
+    ("--tls-key", "tls_key_file", "Private key (PEM) of --tls-cert."),
+]
+_META_KEY = "ledger.connection"
+
+
+def connection_options(f: Callable[..., Any] | None = None, *, url_default: str | None = DEFAULT_NATS_URL,
+                       url_help: str = "NATS server(s) to use, comma-separated for a cluster (nats:// or tls://)."
+                       ) -> Any:
+    """--nats-url and the credential and TLS options, for every command that connects.
+
+    The command receives only `nats_url`; the rest waits in the click context for `settings_from`, so a
+    command needs no change to be secured. Each option can also come from LEDGER_<SETTING>.
+    """
+    def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(f)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            ctx = click.get_current_context()
+            ctx.meta[_META_KEY] = {field: kwargs.pop(field) for _, field, _ in _SECURITY_OPTIONS}
+            return f(*args, **kwargs)
+
+        for flag, field, help_text in reversed(_SECURITY_OPTIONS):
+            wrapper = click.option(flag, field, envvar=ENV_PREFIX + field.upper(), default=None, show_envvar=True,
+                                   metavar="FILE" if field.endswith("_file") else "TEXT", help=help_text)(wrapper)
+        return click.option("--nats-url", envvar="LEDGER_NATS_URL", default=url_default,
+                            show_default=url_default is not None, show_envvar=True, help=url_help)(wrapper)
+
+    return decorate(f) if f is not None else decorate
+
+
+nats_url_option = connection_options
 
 
 def settings_from(nats_url: str | None, **overrides: Any) -> Settings:
-    return Settings.from_env(nats_url=nats_url, **overrides)
+    """Settings from the environment, the command's --nats-url and connection options, and `overrides`."""
+    ctx = click.get_current_context(silent=True)
+    security = ctx.find_root().meta.get(_META_KEY, {}) if ctx is not None else {}
+    return Settings.from_env(nats_url=nats_url, **{**security, **overrides})
 
 
 def run(coro: Awaitable[T]) -> T:

@@ -11,6 +11,7 @@ from .. import lifecycle as lc
 from ..client import Ledger
 from ..codec import Recorded
 from ..errors import InvalidInput
+from ..settings import redact_url
 from ..store import EventStore
 from .common import async_command, echo, nats_url_option, producer_id_option, settings_from, stop_signals
 
@@ -51,7 +52,7 @@ async def consumers_command(monitor: bool, reclaimer: bool, watchdog: bool, name
         running = Consumers(store, name=name, monitor=monitor, reclaimer=reclaimer, watchdog=watchdog,
                             liveness=liveness)
         task = asyncio.create_task(running.run())
-        echo(f"running {', '.join(running.parts)} on {store.settings.nats_url} - Ctrl-C to stop")
+        echo(f"running {', '.join(running.parts)} on {redact_url(store.settings.nats_url)} - Ctrl-C to stop")
         done, _ = await asyncio.wait({task, asyncio.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
         if task in done:
             task.result()  # a consumer failed: let its error surface

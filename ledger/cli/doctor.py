@@ -15,7 +15,7 @@ from projections.settings import DB_ENV, DEFAULT_DB
 
 from .. import subjects
 from ..server import MIN_VERSION
-from ..settings import Settings
+from ..settings import Settings, redact_url
 from ..store import EventStore
 from ..streams import check_streams
 from .check import run_check
@@ -157,7 +157,7 @@ async def doctor_command(nats_url: str, db: Path, stale_after: float, grace: flo
     """
     settings = settings_from(nats_url)
     async with EventStore.connect(settings, name="ledger-doctor", check=False) as store:
-        findings = await server_findings(store.nc, settings.nats_url)
+        findings = await server_findings(store.nc, redact_url(settings.nats_url))
         if findings[0].level != FAIL:
             findings += await stream_findings(store.nc, settings)
             findings += await dead_letter_findings(store.nc)

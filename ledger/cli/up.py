@@ -20,9 +20,9 @@ from projections.settings import DB_ENV, ProjectionSettings
 
 from .. import tasks
 from ..server import EmbeddedServer, ServerConfig
-from ..settings import DEFAULT_NATS_URL
+from ..settings import DEFAULT_NATS_URL, redact_url
 from ..store import EventStore
-from .common import async_command, echo, settings_from, stop_signals
+from .common import async_command, connection_options, echo, settings_from, stop_signals
 from .server import DEFAULT_DATA_DIR
 
 Say = Callable[[str], None]
@@ -133,8 +133,8 @@ def catch_up_reporter(say: Say, caught_up: Callable[[], bool], every: float = 2.
 
 def up_options(f: Callable[..., Any]) -> Callable[..., Any]:
     for option in reversed([
-        click.option("--nats-url", envvar="LEDGER_NATS_URL", default=None, show_envvar=True,
-                     help="Use this NATS server (cluster: comma-separated) instead of starting an embedded one."),
+        connection_options(url_default=None, url_help="Use this NATS server (cluster: comma-separated) instead of "
+                                                      "starting an embedded one."),
         click.option("--data-dir", default=DEFAULT_DATA_DIR, show_default=True, envvar="LEDGER_DATA_DIR",
                      show_envvar=True, type=click.Path(file_okay=False, path_type=Path),
                      help="Where the embedded server keeps its streams, and the projection file."),
@@ -154,7 +154,7 @@ def env_line(s: UpSettings, url: str) -> str | None:
     """The `export ...` other commands need to reach this stack, when the defaults would not."""
     env = []
     if url != DEFAULT_NATS_URL:
-        env.append(f"LEDGER_NATS_URL={url}")
+        env.append(f"LEDGER_NATS_URL={redact_url(url)}")  # never a password on the screen
     if s.db_path.resolve() != Path(ProjectionSettings().db).resolve():
         env.append(f"{DB_ENV}={s.db_path.resolve()}")
     return f"  export {' '.join(env)}" if env else None

@@ -1,0 +1,276 @@
+"""Connections to NATS: credentials, TLS, the version floor, and what a failed connect or a refused publish means.
+
+nats-py tells some things only through its error callback: why a first connect failed (it then reports
+"no servers available"), and that the server refused a publish or a subscription (the publish itself just
+goes unanswered). A `ConnectionWatch` is that callback: it keeps what it heard while connecting, so the
+failure can be named, and hands permission violations to whoever waits on the subject.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import ssl
+import weakref
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.errors import AuthorizationError, NoServersError
+from nats.errors import Error as NatsError
+
+from .errors import AuthFailed, ConfigError, ConnectedServerTooOld, PermissionDenied, TlsFailed, Unavailable
+from .server import MIN_VERSION
+from .settings import Settings, redact_url
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+__all__ = ["ConnectionWatch", "check_server_version", "classify_connect_failure", "open_connection",
+           "parse_permission_violation", "redact_url", "watch_of"]
+
+# nats-py lower-cases the server's text: 'nats: permissions violation for publish to "ledger.agent.a2.goodbye.a1"'.
+_PERMISSION_RE = re.compile(r'permissions violation for (publish|subscription) to "([^"]*)"', re.IGNORECASE)
+_CLIENT_CERT_REQUIRED = ("certificate required", "peer did not return a certificate", "bad certificate",
+                         "handshake failure", "unknown ca")
+"""How OpenSSL words a server's refusal of a missing or untrusted client certificate (an alert it sent us)."""
+
+
+def parse_permission_violation(text: str) -> tuple[str, str] | None:
+    """('publish' | 'subscription', subject lower-cased) from nats-py's permissions violation text, else None."""
+    m = _PERMISSION_RE.search(text)
+    return (m[1].lower(), m[2].lower()) if m else None
+
+
+def check_server_version(version: tuple[int, int, int], url: str) -> None:
+    """Refuse a server below the floor: it silently ignores Nats-Expected-Last-Subject-Sequence-Subject."""
+    if version < MIN_VERSION:
+        have, floor = ".".join(map(str, version)), ".".join(map(str, MIN_VERSION))
+        raise ConnectedServerTooOld(
+            f"nats-server {have} at {redact_url(url)} is too old: the ledger needs {floor} or newer (older servers "
+            "silently ignore the entity-wide compare-and-set header Nats-Expected-Last-Subject-Sequence-Subject, "
+            "so two agents could own one session); upgrade the server")
+
+
+def classify_connect_failure(seen: Sequence[BaseException], final: BaseException | None, url: str
+                             ) -> AuthFailed | TlsFailed | Unavailable:
+    """What went wrong with a first connect, from the errors nats-py reported while trying."""
+    where = redact_url(url)
+    for e in seen:
+        text = str(e).lower()
+        if isinstance(e, AuthorizationError) or "authorization violation" in text:
+            return AuthFailed(f"authorization violation at {where}: the server refused these credentials "
+                              "(check --user/--password, --token, --creds or --nkey-seed)")
+        if "authentication expired" in text or "user authentication revoked" in text:
+            return AuthFailed(f"authorization refused at {where}: {str(e).removeprefix('nats: ')}")
+    for e in seen:
+        if isinstance(e, ssl.SSLCertVerificationError):
+            return TlsFailed(f"TLS handshake with {where} failed: the server's certificate is not trusted "
+                             f"({e.verify_message or e.reason}); pass the CA that signed it with --tls-ca")
+        if isinstance(e, ssl.SSLError):
+            why = (e.reason or str(e)).lower().replace("_", " ")
+            if any(s in why for s in _CLIENT_CERT_REQUIRED):
+                return TlsFailed(f"TLS handshake with {where} failed: the server requires a client certificate it "
+                                 f"trusts ({why}); pass --tls-cert and --tls-key")
+            return TlsFailed(f"TLS handshake with {where} failed: {why}")
+        if "tls required" in str(e).lower():
+            return TlsFailed(f"{where} requires TLS: use a tls:// URL and --tls-ca")
+    last = seen[-1] if seen else final
+    why = (str(last) or type(last).__name__) if last is not None else "no answer"
+    return Unavailable(f"cannot reach NATS at {where}: {why}")
+
+
+class ConnectionWatch:
+    """nats-py's error callback for one connection."""
+
+    def __init__(self, inbox_prefix: str) -> None:
+        self.connecting = True
+        self.seen: list[BaseException] = []
+        self._inbox = inbox_prefix.lower()
+        self._listeners: list[Callable[[str, str], None]] = []
+        self.inbox_denied: PermissionDenied | None = None
+        """Set when the server refused a subscription to our inbox: no reply can ever reach us."""
+
+    async def error_cb(self, e: Exception) -> None:
+        found = parse_permission_violation(str(e))
+        if found is None:
+            if self.connecting:
+                self.seen.append(e)
+            log.debug("nats: %s", e)
+            return
+        operation, subject = found
+        log.warning("nats: %s", e)
+        if operation == "subscription" and subject.startswith(self._inbox):
+            self.inbox_denied = PermissionDenied(operation, subject)
+        for listener in list(self._listeners):
+            listener(operation, subject)
+
+    def add_listener(self, listener: Callable[[str, str], None]) -> None:
+        """`listener(operation, subject lower-cased)` hears every permissions violation."""
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: Callable[[str, str], None]) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
+    async def guard(self, request: Awaitable[T], subject: str | None = None, *, prefix: str | None = None) -> T:
+        """Await a request, or raise PermissionDenied as soon as the server refuses its subject.
+
+        `subject` is the request's subject; `prefix` covers every subject under it (several API requests).
+        A refused subscription to our inbox refuses every request: the reply could never arrive.
+        """
+        if self.inbox_denied is not None:
+            raise self.inbox_denied
+        want, under = (subject or "").lower(), (prefix or "\0").lower()
+        denied: asyncio.Future[PermissionDenied] = asyncio.get_running_loop().create_future()
+
+        def on_violation(operation: str, refused: str) -> None:
+            if denied.done():
+                return
+            if operation == "publish" and (refused == want or refused.startswith(under)):
+                denied.set_result(PermissionDenied(operation, subject if refused == want else refused))
+            elif operation == "subscription" and refused.startswith(self._inbox):
+                denied.set_result(PermissionDenied(operation, refused))
+
+        self.add_listener(on_violation)
+        task = asyncio.ensure_future(request)
+        try:
+            await asyncio.wait([task, denied], return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            task.cancel()
+            raise
+        finally:
+            self.remove_listener(on_violation)
+        if task.done():
+            return task.result()
+        task.cancel()
+        raise denied.result()
+
+
+_watches: weakref.WeakKeyDictionary[NATS, ConnectionWatch] = weakref.WeakKeyDictionary()
+
+
+def watch_of(nc: NATS) -> ConnectionWatch | None:
+    """The watch of a connection made by `open_connection` (None for one made some other way)."""
+    return _watches.get(nc)
+
+
+def _readable(path: str, what: str) -> str:
+    path = os.path.expanduser(path)
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{what} {path}: {e.strerror or e}") from None
+    return path
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """The client's TLS context: the CA to trust (else the system's), and its own certificate for mutual TLS."""
+    tls_url = any(u.strip().lower().startswith("tls://") for u in settings.nats_url.split(","))
+    if not (tls_url or settings.tls_ca_file or settings.tls_cert_file):
+        return None
+    ca = _readable(settings.tls_ca_file, "TLS CA file") if settings.tls_ca_file else None
+    try:
+        ctx = ssl.create_default_context(cafile=ca)
+    except ssl.SSLError as e:
+        raise ConfigError(f"TLS CA file {ca}: not a PEM certificate ({e.reason or e})") from None
+    if settings.tls_cert_file and settings.tls_key_file:
+        cert = _readable(settings.tls_cert_file, "TLS certificate file")
+        key = _readable(settings.tls_key_file, "TLS key file")
+        try:
+            ctx.load_cert_chain(cert, key)
+        except ssl.SSLError as e:
+            raise ConfigError(f"TLS certificate {cert} with key {key}: {e.reason or e}") from None
+    return ctx
+
+
+def connect_options(settings: Settings) -> dict[str, Any]:
+    """nats.connect's credential and TLS arguments; ConfigError for a file that cannot be read."""
+    options: dict[str, Any] = {"inbox_prefix": settings.inbox_prefix}
+    if settings.creds_file:
+        options["user_credentials"] = _readable(settings.creds_file, "credentials file")
+    if settings.nkey_seed_file:
+        options["nkeys_seed"] = _readable(settings.nkey_seed_file, "nkey seed file")
+    if settings.user is not None:
+        options["user"] = settings.user
+        options["password"] = settings.password
+    if settings.token is not None:
+        options["token"] = settings.token
+    if (ctx := tls_context(settings)) is not None:
+        options["tls"] = ctx
+    return options
+
+
+def _requires_tls(settings: Settings) -> bool:
+    return bool(settings.tls_ca_file or settings.tls_cert_file
+                or any(u.strip().lower().startswith("tls://") for u in settings.nats_url.split(",")))
+
+
+async def open_connection(settings: Settings, name: str = "session-ledger",
+                          on_event: Callable[[str], None] | None = None) -> NATS:
+    """Connect to NATS (reconnecting forever afterwards), or raise a typed error saying why not.
+
+    Unavailable when no server answers, AuthFailed / TlsFailed when one refuses us, ConnectedServerTooOld
+    below the version floor, ConfigError for a credential file that cannot be read. `on_event` hears
+    "disconnected" and "reconnected".
+    """
+    options = connect_options(settings)
+    watch = ConnectionWatch(settings.inbox_prefix)
+
+    async def disconnected_cb() -> None:
+        log.info("nats: disconnected")
+        if on_event:
+            on_event("disconnected")
+
+    async def reconnected_cb() -> None:
+        log.info("nats: reconnected")
+        if on_event:
+            on_event("reconnected")
+
+    servers = [u.strip() for u in settings.nats_url.split(",") if u.strip()]
+    try:
+        # nats-py applies max_reconnect_attempts to the first connect too: a few
+        # tries there (so a wrong URL fails fast), then reconnect forever.
+        # Pings find a frozen server (its socket stays open, so nothing else would); the client then moves
+        # to another node of the cluster (the URLs given, and those the cluster announces).
+        nc = await nats.connect(
+            servers=servers, name=name, connect_timeout=settings.connect_timeout,
+            allow_reconnect=True, max_reconnect_attempts=2, reconnect_time_wait=settings.reconnect_time_wait,
+            ping_interval=settings.ping_interval, max_outstanding_pings=settings.max_outstanding_pings,
+            dont_randomize=not settings.randomize_servers,
+            error_cb=watch.error_cb, disconnected_cb=disconnected_cb, reconnected_cb=reconnected_cb, **options,
+        )
+    except (NoServersError, NatsError, OSError, asyncio.TimeoutError) as e:
+        raise classify_connect_failure(watch.seen, e, settings.nats_url) from None
+    try:
+        # nats-py may return from connect() before the server accepted us (a TLS 1.3 server that wanted a client
+        # certificate closes the socket only after the handshake): one round trip proves the connection is up.
+        await nc.flush(timeout=settings.connect_timeout)
+    except Exception as e:  # noqa: BLE001 - whatever it was, this connection is not usable
+        await _close(nc)
+        raise classify_connect_failure(watch.seen, e, settings.nats_url) from None
+    watch.connecting = False
+    url = nc.connected_url.geturl() if nc.connected_url else settings.nats_url
+    try:
+        v = nc.connected_server_version
+        check_server_version((v.major, v.minor, v.patch), url)
+        if _requires_tls(settings) and not getattr(nc, "_server_info", {}).get("tls_required"):
+            # nats-py upgrades to TLS only when the server asks: a tls:// URL or a CA must not fall back to plain text.
+            raise TlsFailed(f"{redact_url(url)} does not offer TLS, but TLS was asked for (a tls:// URL or --tls-*)")
+    except BaseException:
+        await _close(nc)
+        raise
+    _watches[nc] = watch
+    nc.options["max_reconnect_attempts"] = -1
+    return nc
+
+
+async def _close(nc: NATS) -> None:
+    try:
+        await nc.close()
+    except Exception as e:  # noqa: BLE001 - closing a connection we are abandoning
+        log.debug("closing a refused connection: %s", e)
