@@ -17,7 +17,6 @@ import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
-import nats
 from nats.aio.client import Client as NATS
 from nats.errors import AuthorizationError, NoServersError
 from nats.errors import Error as NatsError
@@ -83,6 +82,10 @@ def classify_connect_failure(seen: Sequence[BaseException], final: BaseException
     return Unavailable(f"cannot reach NATS at {where}: {why}")
 
 
+class _GiveUp(Exception):
+    """Raised from the error callback to end a first connect that cannot succeed."""
+
+
 class ConnectionWatch:
     """nats-py's error callback for one connection."""
 
@@ -99,10 +102,14 @@ class ConnectionWatch:
         if found is None:
             if self.connecting:
                 self.seen.append(e)
+                if isinstance(e, ssl.SSLError):
+                    # nats-py would now close the failed TLS transport and wait for it forever (the first connect
+                    # then hangs until the caller's timeout); the handshake will not succeed on a retry either.
+                    raise _GiveUp(e)
             log.debug("nats: %s", e)
             return
         operation, subject = found
-        log.warning("nats: %s", e)
+        log.info("nats: %s", e)  # whoever waits on the subject raises PermissionDenied
         if operation == "subscription" and subject.startswith(self._inbox):
             self.inbox_denied = PermissionDenied(operation, subject)
         for listener in list(self._listeners):
@@ -237,14 +244,17 @@ async def open_connection(settings: Settings, name: str = "session-ledger",
         # tries there (so a wrong URL fails fast), then reconnect forever.
         # Pings find a frozen server (its socket stays open, so nothing else would); the client then moves
         # to another node of the cluster (the URLs given, and those the cluster announces).
-        nc = await nats.connect(
+        nc = NATS()
+        await nc.connect(
             servers=servers, name=name, connect_timeout=settings.connect_timeout,
             allow_reconnect=True, max_reconnect_attempts=2, reconnect_time_wait=settings.reconnect_time_wait,
             ping_interval=settings.ping_interval, max_outstanding_pings=settings.max_outstanding_pings,
             dont_randomize=not settings.randomize_servers,
             error_cb=watch.error_cb, disconnected_cb=disconnected_cb, reconnected_cb=reconnected_cb, **options,
         )
-    except (NoServersError, NatsError, OSError, asyncio.TimeoutError) as e:
+    except (_GiveUp, NoServersError, NatsError, OSError, asyncio.TimeoutError) as e:
+        if isinstance(e, _GiveUp) and nc._transport is not None:
+            nc._transport.close()  # no wait: waiting for a failed TLS transport to close is what hangs
         raise classify_connect_failure(watch.seen, e, settings.nats_url) from None
     try:
         # nats-py may return from connect() before the server accepted us (a TLS 1.3 server that wanted a client
