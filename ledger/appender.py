@@ -34,7 +34,7 @@ from nats.aio.msg import Msg
 from nats.errors import ConnectionClosedError, OutboundBufferLimitError
 
 from .codec import MSG_ID, Outgoing
-from .connection import watch_of
+from .connection import INBOX_HINT, watch_of
 from .errors import AppendTimeout, Conflict, PermissionDenied, StoreError, Unavailable
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ class Appender:
         an append that "may have landed".
         """
         if operation == "subscription" and subject == (self._prefix + "*").lower():
-            self._denied = PermissionDenied(operation, self._prefix + "*")
+            self._denied = PermissionDenied(operation, self._prefix + "*", INBOX_HINT)
             for token in list(self._pending):
                 self._settle(token, error=self._denied)
             return

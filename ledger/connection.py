@@ -33,6 +33,7 @@ __all__ = ["ConnectionWatch", "check_server_version", "classify_connect_failure"
 
 # nats-py lower-cases the server's text: 'nats: permissions violation for publish to "ledger.agent.a2.goodbye.a1"'.
 _PERMISSION_RE = re.compile(r'permissions violation for (publish|subscription) to "([^"]*)"', re.IGNORECASE)
+INBOX_HINT = "replies come under LEDGER_INBOX_PREFIX: set it to a prefix this user may subscribe to"
 _CLIENT_CERT_REQUIRED = ("certificate required", "peer did not return a certificate", "bad certificate",
                          "handshake failure", "unknown ca")
 """How OpenSSL words a server's refusal of a missing or untrusted client certificate (an alert it sent us)."""
@@ -111,7 +112,7 @@ class ConnectionWatch:
         operation, subject = found
         log.info("nats: %s", e)  # whoever waits on the subject raises PermissionDenied
         if operation == "subscription" and subject.startswith(self._inbox):
-            self.inbox_denied = PermissionDenied(operation, subject)
+            self.inbox_denied = PermissionDenied(operation, subject, INBOX_HINT)
         for listener in list(self._listeners):
             listener(operation, subject)
 
@@ -140,7 +141,7 @@ class ConnectionWatch:
             if operation == "publish" and (refused == want or refused.startswith(under)):
                 denied.set_result(PermissionDenied(operation, subject if refused == want else refused))
             elif operation == "subscription" and refused.startswith(self._inbox):
-                denied.set_result(PermissionDenied(operation, refused))
+                denied.set_result(PermissionDenied(operation, refused, INBOX_HINT))
 
         self.add_listener(on_violation)
         task = asyncio.ensure_future(request)

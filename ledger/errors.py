@@ -72,11 +72,11 @@ class TlsFailed(Refused):
 class PermissionDenied(Refused):
     """The server refused a publish or a subscription on a subject: this user may not use it."""
 
-    def __init__(self, operation: str, subject: str) -> None:
+    def __init__(self, operation: str, subject: str, hint: str = "") -> None:
         self.operation = operation
         self.subject = subject
         verb = "publish to" if operation == "publish" else "subscribe to"
-        super().__init__(f"permission denied: this NATS user may not {verb} {subject}")
+        super().__init__(f"permission denied: this NATS user may not {verb} {subject}" + (f"; {hint}" if hint else ""))
 
 
 class ConnectedServerTooOld(ServerTooOld, Refused):

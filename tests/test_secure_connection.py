@@ -14,6 +14,7 @@ from pathlib import Path
 
 import nkeys
 import pytest
+from conftest import create_streams, start_binary_server
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -25,8 +26,6 @@ from ledger.ids import new_id
 from ledger.server import EmbeddedServer
 from ledger.settings import Settings
 from ledger.store import EventStore
-
-from conftest import create_streams, start_binary_server
 
 LEDGER = [sys.executable, "-m", "ledger"]
 ADMIN_PASSWORD = "adm1n-s3cret"
@@ -86,6 +85,7 @@ def users_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UsersServ
     {{user: a1, password: a1pw, permissions: {{
         publish: ["ledger.*.*.*.a1", "$JS.API.>", "_INBOX.>"], subscribe: ["_INBOX.>"]}}}}
     {{user: noapi, password: noapipw, permissions: {{publish: ["ledger.>"], subscribe: ["_INBOX.>"]}}}}
+    {{user: boxed, password: boxedpw, permissions: {{publish: [">"], subscribe: ["_INBOX_boxed.>"]}}}}
   ]
 }}
 """
@@ -189,6 +189,25 @@ async def test_a_jetstream_request_the_user_may_not_make_is_denied_at_once(users
     with pytest.raises(PermissionDenied, match=r"\$JS\.API\.STREAM\.INFO\.LEDGER"):
         async with EventStore.connect(noapi):  # checks the streams: a JetStream API request
             pass
+
+
+@pytest.mark.timeout(30)
+async def test_replies_come_to_the_inbox_prefix_the_server_allows(users_server: UsersServer):
+    boxed = Settings(nats_url=users_server.url, user="boxed", password="boxedpw", append_deadline=600.0,
+                     request_timeout=600.0)
+    # Everyone's replies under _INBOX.> are not this user's to read: its appends could never be acknowledged.
+    with pytest.raises(PermissionDenied, match=r"subscribe to _INBOX\..*LEDGER_INBOX_PREFIX"):
+        async with EventStore.connect(boxed, check=False) as store:
+            await store.append(agent_registered("a1", "a1"))
+    await append_and_read_back(boxed.replace(inbox_prefix="_INBOX_boxed"))
+
+
+@pytest.mark.timeout(90)
+def test_doctor_never_prints_the_password_of_its_url(users_server: UsersServer):
+    url = users_server.url.replace("://", f"://admin:{ADMIN_PASSWORD}@")
+    result = run_cli("doctor", "--nats-url", url, "--no-check", "--db", "/nonexistent/projection.sqlite3")
+    assert "admin:***@" in result.stdout, (result.stdout, result.stderr)
+    assert ADMIN_PASSWORD not in result.stdout + result.stderr
 
 
 @pytest.mark.timeout(90)

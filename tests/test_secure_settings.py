@@ -6,11 +6,16 @@ import ssl
 from pathlib import Path
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 from nats.errors import AuthorizationError, NoServersError
 
-from ledger.connection import (check_server_version, classify_connect_failure, connect_options,
-                               parse_permission_violation)
+from ledger.connection import (
+    check_server_version,
+    classify_connect_failure,
+    connect_options,
+    parse_permission_violation,
+)
 from ledger.errors import AuthFailed, ConfigError, ConnectedServerTooOld, ServerTooOld, TlsFailed, Unavailable
 from ledger.settings import Settings, redact_url
 

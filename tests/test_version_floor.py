@@ -168,9 +168,9 @@ def debian_server(tmp_path: Path) -> Iterator[str]:
     binary = debian_binary()
     assert binary is not None
     port = free_port()
-    log = open(tmp_path / "nats.log", "wb")
-    proc = subprocess.Popen([binary, "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(tmp_path / "js")],
-                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    with open(tmp_path / "nats.log", "wb") as log:  # the child keeps its own copy
+        proc = subprocess.Popen([binary, "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(tmp_path / "js")],
+                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 20
         while not _port_open(port):
@@ -185,7 +185,6 @@ def debian_server(tmp_path: Path) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        log.close()
 
 
 @needs_debian

@@ -23,10 +23,11 @@ T = TypeVar("T")
 _SECURITY_OPTIONS = [
     # (flag, Settings field, help)
     ("--creds", "creds_file", "NATS credentials file (.creds: user JWT and nkey seed)."),
-    ("--nkey-seed", "nkey_seed_file", "File holding an nkey user seed (SU...); the server lists the user's public key."),
+    ("--nkey-seed", "nkey_seed_file",
+     "File holding an nkey user seed (SU...); the server lists the user's public key."),
     ("--user", "user", "NATS user name (with --password)."),
-    ("--password", "password", "NATS password for --user. Prefer the environment variable: a command line is "
-                               "visible to every user of the machine."),
+    ("--password", "password", ("NATS password for --user. Prefer the environment variable: a command line is "
+                                "visible to every user of the machine.")),
     ("--token", "token", "NATS authentication token. Prefer the environment variable, as for --password."),
     ("--tls-ca", "tls_ca_file", "CA certificate (PEM) that signed the server's certificate [default: the system's]."),
     ("--tls-cert", "tls_cert_file", "Client certificate (PEM) for servers that verify clients (mutual TLS)."),
@@ -65,8 +66,15 @@ nats_url_option = connection_options
 def settings_from(nats_url: str | None, **overrides: Any) -> Settings:
     """Settings from the environment, the command's --nats-url and connection options, and `overrides`."""
     ctx = click.get_current_context(silent=True)
-    security = ctx.find_root().meta.get(_META_KEY, {}) if ctx is not None else {}
+    security = ctx.meta.get(_META_KEY, {}) if ctx is not None else {}
     return Settings.from_env(nats_url=nats_url, **{**security, **overrides})
+
+
+def embedded_settings(url: str, **overrides: Any) -> Settings:
+    """Settings for the embedded server a command started itself: it has no users and no TLS, so credentials
+    and TLS meant for another server (LEDGER_TLS_CA_FILE in the environment, say) do not apply to it."""
+    return Settings.from_env(nats_url=url, **overrides).replace(
+        **dict.fromkeys(field for _, field, _ in _SECURITY_OPTIONS))
 
 
 def run(coro: Awaitable[T]) -> T:

@@ -10,7 +10,7 @@ import click
 from .. import tasks
 from ..server import EmbeddedServer, ServerConfig
 from ..store import EventStore
-from .common import async_command, echo, nats_url_option, settings_from, stop_signals
+from .common import async_command, echo, embedded_settings, nats_url_option, settings_from, stop_signals
 
 DEFAULT_DATA_DIR = "ledger-data"
 
@@ -43,7 +43,7 @@ async def server_command(host: str, port: int, data_dir: Path, monitor_port: int
         echo(f"data in {data_dir.resolve()}  (sync_interval: {'always' if sync_always else 'default'})")
         if monitor_port:
             echo(f"monitoring on http://{host}:{monitor_port}/")
-        async with EventStore.connect(settings_from(server.url), name="ledger-server", check=False) as store:
+        async with EventStore.connect(embedded_settings(server.url), name="ledger-server", check=False) as store:
             for report in await store.ensure_streams():
                 echo(f"stream {report}")
         echo("ready - press Ctrl-C to stop")

@@ -22,7 +22,7 @@ from .. import tasks
 from ..server import EmbeddedServer, ServerConfig
 from ..settings import DEFAULT_NATS_URL, redact_url
 from ..store import EventStore
-from .common import async_command, connection_options, echo, settings_from, stop_signals
+from .common import async_command, connection_options, echo, embedded_settings, settings_from, stop_signals
 from .server import DEFAULT_DATA_DIR
 
 Say = Callable[[str], None]
@@ -95,7 +95,7 @@ async def running_stack(s: UpSettings, say: Say, *, name: str = "ledger-up") -> 
             version = ".".join(map(str, server.version or ()))
             say(f"{'nats-server ' + version:<20}{url}  data in {s.data_dir.resolve()}"
                 f"  (fsync {'always' if s.sync_always else 'by interval'})")
-        settings = settings_from(url, replicas=s.replicas)
+        settings = (settings_from if server is None else embedded_settings)(url, replicas=s.replicas)
         store = await stack.enter_async_context(EventStore.connect(settings, name=name, check=False))
         reports = await store.ensure_streams()
         say("streams             " + "; ".join(str(r) for r in reports))
