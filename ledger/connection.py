@@ -17,6 +17,7 @@ import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
+import nkeys
 from nats.aio.client import Client as NATS
 from nats.errors import AuthorizationError, NoServersError
 from nats.errors import Error as NatsError
@@ -253,6 +254,10 @@ async def open_connection(settings: Settings, name: str = "session-ledger",
             dont_randomize=not settings.randomize_servers,
             error_cb=watch.error_cb, disconnected_cb=disconnected_cb, reconnected_cb=reconnected_cb, **options,
         )
+    except nkeys.NkeysError as e:  # read when connecting starts: a file that holds no seed
+        what = f"nkey seed file {settings.nkey_seed_file}" if settings.nkey_seed_file else \
+            f"credentials file {settings.creds_file}"
+        raise ConfigError(f"{what}: {str(e).removeprefix('nkeys: ')}") from None
     except (_GiveUp, NoServersError, NatsError, OSError, asyncio.TimeoutError) as e:
         if isinstance(e, _GiveUp) and nc._transport is not None:
             nc._transport.close()  # no wait: waiting for a failed TLS transport to close is what hangs

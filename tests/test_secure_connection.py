@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ledger import events as ev
-from ledger.errors import AuthFailed, PermissionDenied, TlsFailed
+from ledger.errors import AuthFailed, ConfigError, PermissionDenied, TlsFailed
 from ledger.ids import new_id
 from ledger.server import EmbeddedServer
 from ledger.settings import Settings
@@ -164,6 +164,14 @@ def test_a_missing_creds_file_is_one_line(users_server: UsersServer, tmp_path: P
     missing = tmp_path / "nope.creds"
     result = run_cli("init", "--nats-url", users_server.url, "--creds", str(missing))
     assert_one_line_error(result, f"credentials file {missing}: No such file")
+
+
+@pytest.mark.timeout(60)
+async def test_a_file_that_holds_no_seed_is_a_config_error(users_server: UsersServer, tmp_path: Path):
+    (tmp_path / "agent.nk").write_text("not a seed\n")
+    with pytest.raises(ConfigError, match=f"nkey seed file {tmp_path / 'agent.nk'}: invalid seed"):
+        async with EventStore.connect(Settings(nats_url=users_server.url, nkey_seed_file=str(tmp_path / "agent.nk"))):
+            pass
 
 
 @pytest.mark.timeout(30)
