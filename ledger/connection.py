@@ -177,10 +177,15 @@ def _readable(path: str, what: str) -> str:
     return path
 
 
+def wants_tls(settings: Settings) -> bool:
+    """A tls:// URL or any TLS file: the connection must be TLS, never plain text."""
+    return bool(settings.tls_ca_file or settings.tls_cert_file
+                or any(u.strip().lower().startswith("tls://") for u in settings.nats_url.split(",")))
+
+
 def tls_context(settings: Settings) -> ssl.SSLContext | None:
     """The client's TLS context: the CA to trust (else the system's), and its own certificate for mutual TLS."""
-    tls_url = any(u.strip().lower().startswith("tls://") for u in settings.nats_url.split(","))
-    if not (tls_url or settings.tls_ca_file or settings.tls_cert_file):
+    if not wants_tls(settings):
         return None
     ca = _readable(settings.tls_ca_file, "TLS CA file") if settings.tls_ca_file else None
     try:
@@ -212,11 +217,6 @@ def connect_options(settings: Settings) -> dict[str, Any]:
     if (ctx := tls_context(settings)) is not None:
         options["tls"] = ctx
     return options
-
-
-def _requires_tls(settings: Settings) -> bool:
-    return bool(settings.tls_ca_file or settings.tls_cert_file
-                or any(u.strip().lower().startswith("tls://") for u in settings.nats_url.split(",")))
 
 
 async def open_connection(settings: Settings, name: str = "session-ledger",
@@ -263,8 +263,8 @@ async def open_connection(settings: Settings, name: str = "session-ledger",
             nc._transport.close()  # no wait: waiting for a failed TLS transport to close is what hangs
         raise classify_connect_failure(watch.seen, e, settings.nats_url) from None
     try:
-        # nats-py may return from connect() before the server accepted us (a TLS 1.3 server that wanted a client
-        # certificate closes the socket only after the handshake): one round trip proves the connection is up.
+        # nats-py's connect() returns without an error when the server closes the socket instead of answering
+        # its PING (it only looks for PONG or -ERR): one more round trip proves the server accepted us.
         await nc.flush(timeout=settings.connect_timeout)
     except Exception as e:  # noqa: BLE001 - whatever it was, this connection is not usable
         await _close(nc)
@@ -274,7 +274,7 @@ async def open_connection(settings: Settings, name: str = "session-ledger",
     try:
         v = nc.connected_server_version
         check_server_version((v.major, v.minor, v.patch), url)
-        if _requires_tls(settings) and not getattr(nc, "_server_info", {}).get("tls_required"):
+        if wants_tls(settings) and not getattr(nc, "_server_info", {}).get("tls_required"):
             # nats-py upgrades to TLS only when the server asks: a tls:// URL or a CA must not fall back to plain text.
             raise TlsFailed(f"{redact_url(url)} does not offer TLS, but TLS was asked for (a tls:// URL or --tls-*)")
     except BaseException:

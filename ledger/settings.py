@@ -115,17 +115,25 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         if not self.inbox_prefix or any(c in self.inbox_prefix for c in " *>\t") or self.inbox_prefix.endswith("."):
             raise ConfigError(f"inbox_prefix must be a subject prefix without wildcards, got {self.inbox_prefix!r}")
 
-    def __repr__(self) -> str:
+    def _shown(self) -> list[tuple[str, Any]]:
+        """Every field as it may be printed: secrets as ***, the URL redacted."""
         shown = []
         for name in self.__struct_fields__:
             value = getattr(self, name)
             if name in SECRET_FIELDS and value is not None:
-                shown.append(f"{name}='***'")
-            else:
-                shown.append(f"{name}={redact_url(value) if name == 'nats_url' else value!r}")
-        return f"Settings({', '.join(shown)})"
+                value = "***"
+            elif name == "nats_url":
+                value = redact_url(value)
+            shown.append((name, value))
+        return shown
+
+    def __repr__(self) -> str:
+        return f"Settings({', '.join(f'{name}={value!r}' for name, value in self._shown())})"
 
     __str__ = __repr__
+
+    def __rich_repr__(self) -> Any:  # msgspec's own would show the password to rich's pretty printer
+        yield from self._shown()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

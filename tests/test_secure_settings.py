@@ -82,6 +82,8 @@ def test_the_repr_of_settings_shows_no_secret():
     assert "s3cret" not in shown and "hunter2" not in shown and "tok3n" not in shown
     assert "password='***'" in shown and "user='u'" in shown
     assert "s3cr3t-token" not in repr(Settings(token="s3cr3t-token"))
+    rich = dict(s.__rich_repr__())  # what rich's pretty printer shows
+    assert (rich["password"], rich["nats_url"]) == ("***", "nats://u:***@h:4222,nats://***@g:4222")
 
 
 @pytest.mark.parametrize("field, flag", [("creds_file", "credentials file"), ("nkey_seed_file", "nkey seed file"),
