@@ -1,0 +1,397 @@
+"""The secured deployment against a real nats-server started with the configuration `ledger auth init` generates.
+
+Impersonation and erasure attempts are refused by the server (nats-py reports a permissions violation through
+its error callback only; the request itself times out), and the log read back as admin shows nothing landed;
+the SDK's normal flows (an agent's life, an operator's sessions, the consumers' failover after kill -9) run
+under the same permissions without a single violation, which is what pins the JetStream API each role gets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nats
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from click.testing import CliRunner
+from nats.aio.client import Client as NATS
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js import api
+
+from conftest import start_binary_server
+from consumers.liveness_rules import LivenessSettings
+from consumers.service import Consumers
+from helpers import eventually
+from ledger import authority, codec, permissions, subjects
+from ledger import events as ev
+from ledger.agent import Agent
+from ledger.cli import cli
+from ledger.client import Ledger
+from ledger.codec import Recorded
+from ledger.ids import new_id
+from ledger.server import EmbeddedServer
+from ledger.settings import Settings
+from ledger.store import EventStore
+
+HERE = Path(__file__).parent
+REFUSED = 1.0
+"""Seconds to wait for the answer to a request the server refuses (none comes: the violation is async)."""
+
+
+def generate(out: Path, *args: str) -> None:
+    result = CliRunner().invoke(cli, ["auth", "init", "--out", str(out), *args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+
+
+@dataclass
+class Secured:
+    server: EmbeddedServer
+    creds: Path
+    tls: bool = False
+
+    @property
+    def url(self) -> str:
+        return f"{'tls' if self.tls else 'nats'}://127.0.0.1:{self.server.config.port}"
+
+    def ssl_context(self, user: str) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(self.creds / "ca.pem"))
+        ctx.load_cert_chain(str(self.creds / f"{user}-cert.pem"), str(self.creds / f"{user}-key.pem"))
+        return ctx
+
+
+@dataclass
+class Conn:
+    nc: NATS
+    errors: list[Exception] = field(default_factory=list)
+
+    def violations(self, subject: str = "") -> list[str]:
+        """Permissions violations reported (nats-py lower-cases the subject), on `subject` if given."""
+        return [str(e).lower() for e in self.errors
+                if "permissions violation" in str(e).lower() and subject.lower() in str(e).lower()]
+
+    def unexpected_violations(self) -> list[str]:
+        """Violations other than the reader's deletes of its own ephemeral consumers (ledger/reader.py deletes
+        one when it is done with it; only admin may delete consumers, so the server refuses, and the unused
+        consumer goes by itself after its inactive threshold)."""
+        return [v for v in self.violations() if '"$js.api.consumer.delete.' not in v]
+
+
+async def connect(secured: Secured, user: str, *, tls_user: str | None = None) -> Conn:
+    conn = Conn(None)  # type: ignore[arg-type]
+
+    async def error_cb(e: Exception) -> None:
+        conn.errors.append(e)
+
+    tls = secured.ssl_context(tls_user or user) if secured.tls else None
+    conn.nc = await nats.connect(secured.url, nkeys_seed=str(secured.creds / f"{user}.nk"),
+                                 inbox_prefix=permissions.inbox_prefix(user), error_cb=error_cb, tls=tls,
+                                 connect_timeout=5, max_reconnect_attempts=1, allow_reconnect=False)
+    return conn
+
+
+@contextlib.asynccontextmanager
+async def ledger_as(secured: Secured, user: str, producer: str) -> AsyncIterator[tuple[Ledger, Conn]]:
+    conn = await connect(secured, user)
+    store = EventStore(conn.nc, Settings(nats_url=secured.url))
+    await store.start()
+    try:
+        yield Ledger(store, ev.Producer(id=producer, instance=new_id())), conn
+    finally:
+        await store.close()
+        await conn.nc.close()
+
+
+def start_secured(base: Path, *, tls: bool = False) -> Secured:
+    creds = base / "creds"
+    extra_args = ["--tls", "--host", "127.0.0.1", "--host", "localhost"] if tls else []
+    generate(creds, "--agent", "a1", "--agent", "a2", "--agent", "a3", *extra_args)
+    # nats-server resolves an include relative to the including file (nats/nats-server.conf), absolute or not.
+    extra = 'include "../creds/auth.conf"\n' + ('include "../creds/tls.conf"\n' if tls else "")
+    server = start_binary_server(base / "nats", extra=extra)
+    secured = Secured(server, creds, tls)
+
+    async def init_streams() -> None:
+        async with ledger_as(secured, permissions.ADMIN, "admin") as (ledger, _):
+            await ledger.store.ensure_streams()
+
+    try:
+        asyncio.run(init_streams())
+    except BaseException:
+        server.stop()
+        raise
+    return secured
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
+    s = start_secured(tmp_path_factory.mktemp("secured"))
+    try:
+        yield s
+    finally:
+        s.server.stop()
+
+
+@pytest.fixture
+async def admin(secured: Secured) -> AsyncIterator[Ledger]:
+    async with ledger_as(secured, permissions.ADMIN, "admin") as (ledger, _):
+        yield ledger
+
+
+async def refused_publish(conn: Conn, subject: str, payload: bytes) -> None:
+    """A JetStream publish the server refuses: no PubAck, and a permissions violation naming the subject."""
+    with pytest.raises(NatsTimeout):
+        await conn.nc.jetstream().publish(subject, payload, timeout=REFUSED)
+    await eventually(lambda: conn.violations(subject), timeout=5, what=f"the violation on {subject}")
+
+
+async def refused_request(conn: Conn, call) -> None:  # type: ignore[no-untyped-def]
+    errors = len(conn.errors)
+    with pytest.raises(NatsTimeout):
+        await call
+    await eventually(lambda: [e for e in conn.errors[errors:] if "permissions violation" in str(e).lower()],
+                     timeout=5, what="the permissions violation")
+
+
+async def recorded(store: EventStore, family: str, entity: str) -> list[ev.Event]:
+    return [r.event for r in await store.history(family, entity) if isinstance(r, Recorded)]
+
+
+# --- the generated permissions (pure) --------------------------------------------------------------------------
+
+
+FORBIDDEN_API = ("$JS.API.STREAM.CREATE.", "$JS.API.STREAM.UPDATE.", "$JS.API.STREAM.DELETE.",
+                 "$JS.API.STREAM.PURGE.", "$JS.API.STREAM.MSG.DELETE.", "$JS.API.CONSUMER.DELETE.",
+                 "$JS.API.CONSUMER.DURABLE.")
+BY_FAMILY_VERB = {(cls.family, cls.verb()): cls for cls in ev.EVENT_TYPES}
+agent_ids = st.from_regex(r"[a-z0-9][a-z0-9_\-]{0,20}", fullmatch=True).filter(
+    lambda a: authority.role_of(a) == authority.AGENT)
+
+
+def users(agent_id: str) -> list[str]:
+    return [*permissions.ROLE_USERS[1:], permissions.agent_user(agent_id)]
+
+
+@given(agent_ids, st.lists(st.from_regex(r"[a-z0-9]{1,8}", fullmatch=True), max_size=3))
+def test_every_event_subject_a_user_may_publish_is_one_the_authority_table_lets_its_producer_write(
+        agent_id: str, replicas: list[str]):
+    for user in users(agent_id):
+        pub = permissions.permissions_for(user, replicas=replicas).publish
+        for subject in pub:
+            assert subject != ">" and not subject.startswith(("_INBOX", "$JS.ACK", *FORBIDDEN_API)), (user, subject)
+            if subject.startswith("$JS.API.CONSUMER.CREATE."):
+                assert len(subject.split(".")) == 5, subject  # no consumer name: ephemeral only
+            if not subject.startswith("ledger.") or subject == "ledger.dlq.>":
+                continue
+            family, entity, verb, producer = subjects.parse(subject)
+            tag = BY_FAMILY_VERB[(family, verb)].type_tag()
+            role = authority.role_of(producer)
+            assert authority.role_may_write(role, tag), (user, subject)
+            if role == authority.AGENT:
+                assert producer == agent_id and user == permissions.agent_user(agent_id)
+                writers = authority.WRITERS[tag]
+                if writers == {authority.SELF} and family in ("agent", "hb"):
+                    assert entity == agent_id, subject  # its own lifecycle only on its own entity
+        assert permissions.permissions_for(user, replicas=replicas).subscribe[0] == \
+            f"{permissions.inbox_prefix(user)}.>"
+
+
+@given(agent_ids)
+def test_each_writer_of_each_event_type_gets_a_subject_for_it(agent_id: str):
+    owned = {u: set(permissions.permissions_for(u, replicas=["b"]).publish) for u in users(agent_id)}
+    for cls in ev.EVENT_TYPES:
+        tag, writers = cls.type_tag(), authority.WRITERS[cls.type_tag()]
+        if writers & {authority.SELF, authority.OWNER, authority.AGENT}:
+            entity = agent_id if writers == {authority.SELF} and issubclass(cls, ev.AgentEvent) else "*"
+            assert subjects.event_subject(cls.family, entity, cls.verb(), agent_id) in \
+                owned[permissions.agent_user(agent_id)], tag
+        for role, user in ((authority.MONITOR, "service"), (authority.RECLAIMER, "service"),
+                           (authority.WATCHDOG, "service"), (authority.OPERATOR, "operator")):
+            producers = ["operator", "cli"] if role == authority.OPERATOR else [role, f"{role}-b"]
+            for producer in producers:
+                assert (subjects.event_subject(cls.family, "*", cls.verb(), producer) in owned[user]) == \
+                    (role in writers), (tag, producer)
+
+
+def test_only_admin_may_publish_anything_and_the_reader_publishes_no_event():
+    assert permissions.permissions_for("admin").publish == (">",)
+    assert not [s for s in permissions.permissions_for("reader").publish if not s.startswith("$JS.API.")]
+
+
+def test_reserved_names_and_unknown_users_are_refused():
+    with pytest.raises(Exception, match="reclaimer role"):
+        permissions.permissions_for("agent-reclaimer")
+    with pytest.raises(Exception, match="unknown user"):
+        permissions.permissions_for("root")
+
+
+# --- against the server -----------------------------------------------------------------------------------------
+
+
+async def test_a1_cannot_register_beat_or_say_goodbye_as_a2(secured: Secured, admin: Ledger):
+    conn = await connect(secured, "agent-a1")
+    try:
+        a1 = ev.Producer(id="a1", instance=new_id())
+        forged = [
+            ev.AgentRegistered(producer=a1, agent_id="a2", instance_id="i", pool="p"),
+            ev.AgentHeartbeat(producer=a1, agent_id="a2", instance_id="i", incarnation=1, beat=1),
+            ev.AgentGoodbye(producer=a1, agent_id="a2", instance_id="i", incarnation=1),
+        ]
+        for event in forged:
+            payload = codec.encode(event).payload
+            for producer in ("a2", "a1"):  # as a2, and on a2's entity signed by itself
+                await refused_publish(conn, subjects.event_subject(event.family, "a2", event.verb(), producer),
+                                      payload)
+    finally:
+        await conn.nc.close()
+    assert await recorded(admin.store, "agent", "a2") == []
+    assert await recorded(admin.store, "hb", "a2") == []
+
+
+async def test_a1_runs_its_whole_flow_without_a_violation(secured: Secured, admin: Ledger):
+    async with ledger_as(secured, permissions.OPERATOR, "cli") as (operator, op_conn):
+        sid, _ = await operator.create_session("p1")
+    async with ledger_as(secured, "agent-a1", "a1") as (ledger, conn):
+        async with Agent(ledger, agent_id="a1", pool="p1", heartbeat=0.2, ttl=3.0) as agent:
+            claim = await agent.claim(sid)
+            await eventually(lambda: agent.stats.beats_acked >= 2,
+                             what="two heartbeats")
+            await agent.release(sid, token=claim.token)
+    assert conn.unexpected_violations() == [] and op_conn.unexpected_violations() == []
+    kinds = [type(e) for e in await recorded(admin.store, "agent", "a1")]
+    assert kinds[0] is ev.AgentRegistered and kinds[-1] is ev.AgentGoodbye
+    assert [type(e) for e in await recorded(admin.store, "session", sid)] == [
+        ev.SessionCreated, ev.SessionClaimed, ev.SessionReleased]
+    assert await recorded(admin.store, "hb", "a1")
+
+
+async def test_an_agent_cannot_change_delete_or_purge_the_ledger_nor_touch_consumers(secured: Secured, admin: Ledger):
+    jsm_admin = admin.store.nc.jsm()
+    before = (await jsm_admin.stream_info(subjects.LEDGER_STREAM)).config
+    await jsm_admin.add_consumer(subjects.LEDGER_STREAM, api.ConsumerConfig(durable_name="audit",
+                                                                             ack_policy=api.AckPolicy.EXPLICIT))
+    conn = await connect(secured, "agent-a1")
+    try:
+        jsm = conn.nc.jsm(timeout=REFUSED)
+        shortened = api.StreamConfig.from_response(before.as_dict())
+        shortened.max_age = 1.0
+        await refused_request(conn, jsm.update_stream(shortened))
+        await refused_request(conn, jsm.delete_stream(subjects.LEDGER_STREAM))
+        await refused_request(conn, jsm.purge_stream(subjects.HEARTBEAT_STREAM))
+        await refused_request(conn, jsm.delete_consumer(subjects.LEDGER_STREAM, "audit"))
+        await refused_request(conn, jsm.add_consumer(subjects.LEDGER_STREAM, api.ConsumerConfig(
+            durable_name="mine", ack_policy=api.AckPolicy.NONE)))
+        await refused_request(conn, jsm.delete_msg(subjects.HEARTBEAT_STREAM, 1))
+        # Reading is allowed: the stream's settings are there to see, unchanged.
+        assert (await jsm.stream_info(subjects.LEDGER_STREAM)).config.max_age == before.max_age
+    finally:
+        await conn.nc.close()
+    after = (await jsm_admin.stream_info(subjects.LEDGER_STREAM)).config
+    assert after.as_dict() == before.as_dict()
+    assert (await jsm_admin.consumer_info(subjects.LEDGER_STREAM, "audit")).name == "audit"
+    assert "mine" not in [c.name for c in await jsm_admin.consumers_info(subjects.LEDGER_STREAM)]
+    await jsm_admin.delete_consumer(subjects.LEDGER_STREAM, "audit")
+
+
+async def test_the_operator_creates_sessions_and_cannot_change_streams_or_claim_as_the_reclaimer(
+        secured: Secured, admin: Ledger):
+    async with ledger_as(secured, permissions.OPERATOR, "operator") as (operator, conn):
+        sid, _ = await operator.create_session("p2")
+        jsm = conn.nc.jsm(timeout=REFUSED)
+        before = (await jsm.stream_info(subjects.LEDGER_STREAM)).config
+        longer = api.StreamConfig.from_response(before.as_dict())
+        longer.max_age = 5.0
+        await refused_request(conn, jsm.update_stream(longer))
+        forged = ev.SessionClaimed(producer=ev.Producer(id="reclaimer", instance="i"), session_id=sid,
+                                   agent_id="a3", instance_id="i", incarnation=1)
+        await refused_publish(conn, subjects.event_subject("session", sid, "claimed", "reclaimer"),
+                              codec.encode(forged).payload)
+    assert [type(e) for e in await recorded(admin.store, "session", sid)] == [ev.SessionCreated]
+    assert (await admin.store.nc.jsm().stream_info(subjects.LEDGER_STREAM)).config.max_age == before.max_age
+
+
+async def test_kill_9_failover_under_generated_credentials(secured: Secured, admin: Ledger):
+    async with ledger_as(secured, permissions.OPERATOR, "cli") as (operator, _):
+        sid, _ = await operator.create_session("p")
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "secured_agent_script.py"), secured.url, str(secured.creds / "agent-a2.nk"),
+         permissions.inbox_prefix("agent-a2"), "a2", sid], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 30)  # type: ignore[union-attr]
+        assert line.strip() == "claimed", proc.stderr.read() if proc.stderr else ""  # type: ignore[union-attr]
+        async with ledger_as(secured, permissions.SERVICE, "service") as (service, service_conn), \
+                ledger_as(secured, "agent-a3", "a3") as (a3_ledger, a3_conn):
+            async with Agent(a3_ledger, agent_id="a3", pool="p", heartbeat=0.2, ttl=3.0) as a3:
+                running = Consumers(service.store, liveness=LivenessSettings(grace=0.3), watchdog=False)
+                task = asyncio.create_task(running.run())
+                try:
+                    await asyncio.wait_for(running.follower.caught_up.wait(), 20)
+                    proc.kill()
+                    proc.wait(10)
+
+                    async def owner() -> str | None:
+                        state, _ = await admin.session(sid)
+                        return state.owner if state and state.owner == "a3" else None
+
+                    await eventually(owner, timeout=30, interval=0.1, what="a2's session moving to a3")
+                    await eventually(lambda: sid in a3.owned, timeout=10, what="a3 knowing it owns the session")
+                finally:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
+        assert service_conn.unexpected_violations() == [] and a3_conn.unexpected_violations() == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe:
+                pipe.close()
+    a2_events = await recorded(admin.store, "agent", "a2")
+    dead = [e for e in a2_events if isinstance(e, ev.AgentDeclaredDead)]
+    assert dead and dead[0].producer.id == "monitor"
+    claims = [e for e in await recorded(admin.store, "session", sid) if isinstance(e, ev.SessionClaimed)]
+    assert [c.agent_id for c in claims] == ["a2", "a3"] and claims[-1].producer.id == "reclaimer"
+
+
+@pytest.fixture
+def tls_secured(tmp_path: Path) -> Iterator[Secured]:
+    s = start_secured(tmp_path, tls=True)
+    try:
+        yield s
+    finally:
+        s.server.stop()
+
+
+async def test_mutual_tls_with_the_generated_ca(tls_secured: Secured, tmp_path: Path):
+    async with ledger_as(tls_secured, "agent-a1", "a1") as (ledger, conn):
+        assert conn.nc.connected_url is not None and conn.nc.connected_url.scheme == "tls"
+        assert await ledger.store.last_seq() == 0
+        assert conn.nc._server_info.get("tls_verify") is True  # the server asks every client for a certificate
+
+    async def handshake(ctx: ssl.SSLContext) -> None:
+        nc = await nats.connect(tls_secured.url, nkeys_seed=str(tls_secured.creds / "agent-a1.nk"), tls=ctx,
+                                connect_timeout=3, max_reconnect_attempts=0, allow_reconnect=False)
+        await nc.close()
+
+    # No client certificate, or one from another CA: the server ends the handshake.
+    no_cert = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls_secured.creds / "ca.pem"))
+    with pytest.raises((ssl.SSLError, ConnectionError, nats.errors.NoServersError, OSError)):
+        await handshake(no_cert)
+    await eventually(lambda: "didn't provide a certificate" in tls_secured.server.log_path.read_text(), timeout=5,
+                     what="the server refusing a client without a certificate")
+    other = tmp_path / "other"
+    generate(other, "--tls", "--host", "127.0.0.1")
+    foreign = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls_secured.creds / "ca.pem"))
+    foreign.load_cert_chain(str(other / "reader-cert.pem"), str(other / "reader-key.pem"))
+    with pytest.raises((ssl.SSLError, ConnectionError, nats.errors.NoServersError, OSError)):
+        await handshake(foreign)
+    await eventually(lambda: "unknown authority" in tls_secured.server.log_path.read_text(), timeout=5,
+                     what="the server refusing a certificate from another CA")
