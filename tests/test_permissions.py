@@ -34,6 +34,7 @@ from ledger import authority, codec, permissions, subjects
 from ledger import events as ev
 from ledger.agent import Agent
 from ledger.cli import cli
+from ledger.cli.doctor import security_finding
 from ledger.client import Ledger
 from ledger.codec import Recorded
 from ledger.ids import new_id
@@ -375,6 +376,7 @@ async def test_mutual_tls_with_the_generated_ca(tls_secured: Secured, tmp_path: 
         assert conn.nc.connected_url is not None and conn.nc.connected_url.scheme == "tls"
         assert await ledger.store.last_seq() == 0
         assert conn.nc._server_info.get("tls_verify") is True  # the server asks every client for a certificate
+        assert security_finding(conn.nc._server_info).message.startswith("authentication required, mutual TLS")
 
     async def handshake(ctx: ssl.SSLContext) -> None:
         nc = await nats.connect(tls_secured.url, nkeys_seed=str(tls_secured.creds / "agent-a1.nk"), tls=ctx,
