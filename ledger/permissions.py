@@ -50,8 +50,15 @@ LEADER_ADVISORY = "$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.*"
 @dataclass(frozen=True)
 class Permissions:
     publish: tuple[str, ...]
-    """Allowed publish subjects; None-like `(">",)` for admin."""
+    """Allowed publish subjects (`(">",)` for admin)."""
     subscribe: tuple[str, ...]
+    subscribe_deny: tuple[str, ...] = ()
+
+
+NO_EVENT_SUBSCRIPTIONS = (f"{subjects.PREFIX}.>",)
+"""Nobody subscribes to event subjects, admin included (everyone reads through JetStream). A push consumer -
+which any reader may create - delivers only where someone subscribes: without a subscriber, an agent cannot
+relay what it wrote on its own subjects onto another's (a LEDGER subject would store the delivery)."""
 
 
 def agent_user(agent_id: str) -> str:
@@ -128,7 +135,7 @@ def permissions_for(user: str, *, replicas: Sequence[str] = ()) -> Permissions:
     """The permissions of one user (`admin`, `operator`, `service`, `reader` or `agent-<id>`)."""
     inbox = (f"{inbox_prefix(user)}.>",)
     if user == ADMIN:
-        return Permissions(publish=(">",), subscribe=(">",))
+        return Permissions(publish=(">",), subscribe=(">",), subscribe_deny=NO_EVENT_SUBSCRIPTIONS)
     if user == OPERATOR:
         pub = event_subjects_for_role(authority.OPERATOR, OPERATOR_PRODUCERS)
         return Permissions(tuple(pub + js_read_api(READ_STREAMS)), inbox)
@@ -165,7 +172,7 @@ def render_authorization(users: dict[str, str], *, replicas: Sequence[str] = ())
         perms = permissions_for(user, replicas=replicas)
         lines.append(f"    # {user}")
         if user == ADMIN:
-            lines.append(f'    {{ nkey: "{key}" }}')
+            lines.append(f'    {{ nkey: "{key}", permissions: {{ subscribe: {{ deny: {_quoted(perms.subscribe_deny)} }} }} }}')
             continue
         lines += [f'    {{ nkey: "{key}", permissions: {{',
                   f"        publish: {{ allow: {_quoted(perms.publish)} }}",

@@ -222,7 +222,10 @@ def test_each_writer_of_each_event_type_gets_a_subject_for_it(agent_id: str):
 
 
 def test_only_admin_may_publish_anything_and_the_reader_publishes_no_event():
-    assert permissions.permissions_for("admin").publish == (">",)
+    admin = permissions.permissions_for("admin")
+    assert admin.publish == (">",) and admin.subscribe_deny == ("ledger.>",)
+    for user in users("a1"):
+        assert not [s for s in permissions.permissions_for(user).subscribe if s.startswith(("ledger", ">", "*"))]
     assert not [s for s in permissions.permissions_for("reader").publish if not s.startswith("$JS.API.")]
 
 
@@ -301,6 +304,34 @@ async def test_an_agent_cannot_change_delete_or_purge_the_ledger_nor_touch_consu
     await jsm_admin.delete_consumer(subjects.LEDGER_STREAM, "audit")
 
 
+async def test_nobody_subscribes_to_event_subjects_so_a_push_consumer_cannot_relay_onto_a2s(secured: Secured,
+                                                                                           admin: Ledger):
+    """An agent may create ephemeral consumers (to read), push ones too: one on LEDGER_HB delivering a1's own
+    bytes onto a2's goodbye subject would land in LEDGER as a2's goodbye - if anyone subscribed to that subject
+    (a stream's own capture is no interest, on a single node or a cluster). No user may subscribe to event
+    subjects, admin included, so the consumer has no interest and never delivers."""
+    conn = await connect(secured, "agent-a1")
+    admin_conn = await connect(secured, permissions.ADMIN)
+    target = "ledger.agent.a2.goodbye.a2"
+    try:
+        forged = ev.AgentGoodbye(producer=ev.Producer(id="a2", instance="i"), agent_id="a2", instance_id="i",
+                                 incarnation=1)
+        await conn.nc.jetstream().publish("ledger.hb.a1.heartbeat.a1", codec.encode(forged).payload, timeout=5)
+        info = await conn.nc.jsm(timeout=5).add_consumer(subjects.HEARTBEAT_STREAM, api.ConsumerConfig(
+            deliver_subject=target, ack_policy=api.AckPolicy.NONE, filter_subject="ledger.hb.a1.>"))
+        await admin_conn.nc.subscribe(target)
+        await admin_conn.nc.flush()
+        await eventually(lambda: admin_conn.violations(f'subscription to "{target}"'), timeout=5,
+                         what="the refused subscription")
+        state = await admin.store.nc.jsm().consumer_info(subjects.HEARTBEAT_STREAM, info.name)
+        assert not state.push_bound  # nobody listens: JetStream delivers nothing
+        assert state.delivered.stream_seq == 0
+    finally:
+        await conn.nc.close()
+        await admin_conn.nc.close()
+    assert await recorded(admin.store, "agent", "a2") == []
+
+
 async def test_the_operator_creates_sessions_and_cannot_change_streams_or_claim_as_the_reclaimer(
         secured: Secured, admin: Ledger):
     async with ledger_as(secured, permissions.OPERATOR, "operator") as (operator, conn):
@@ -316,6 +347,26 @@ async def test_the_operator_creates_sessions_and_cannot_change_streams_or_claim_
                               codec.encode(forged).payload)
     assert [type(e) for e in await recorded(admin.store, "session", sid)] == [ev.SessionCreated]
     assert (await admin.store.nc.jsm().stream_info(subjects.LEDGER_STREAM)).config.max_age == before.max_age
+
+
+async def test_the_service_user_checks_the_streams_as_ledger_up_does_and_dead_letters(secured: Secured,
+                                                                                      admin: Ledger):
+    """`ledger up --nats-url` as the service user: ensure_streams finds the streams as admin made them (reading
+    only); the projector's dead letters go to LEDGER_DLQ, which no agent may write. (The projector itself opens
+    a second connection from Settings, which learns credentials on the connection-security branch.)"""
+    async with ledger_as(secured, permissions.SERVICE, "service") as (service, conn):
+        assert {r.action for r in await service.store.ensure_streams()} == {"ok"}
+        dlq = subjects.dlq_subject(subjects.LEDGER_STREAM, "malformed")
+        ack = await service.store.nc.jetstream().publish(dlq, b"\x00", stream=subjects.DLQ_STREAM, timeout=5)
+        assert ack.stream == subjects.DLQ_STREAM
+    a1 = await connect(secured, "agent-a1")
+    try:
+        await refused_publish(a1, dlq, b"\x00forged")
+    finally:
+        await a1.nc.close()
+    assert conn.unexpected_violations() == []
+    last = await admin.store.nc.jsm().get_last_msg(subjects.DLQ_STREAM, dlq)
+    assert last.seq == ack.seq and last.data == b"\x00"
 
 
 async def test_kill_9_failover_under_generated_credentials(secured: Secured, admin: Ledger):
