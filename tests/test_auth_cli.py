@@ -14,14 +14,14 @@ import nats
 import nkeys
 import pytest
 from click.testing import CliRunner
-
 from helpers import eventually
+from test_permissions import Conn, Secured, connect, recorded, refused_publish, start_secured
+
 from ledger import codec, permissions
 from ledger import events as ev
 from ledger.cli import cli
 from ledger.settings import Settings
 from ledger.store import EventStore
-from test_permissions import Conn, Secured, connect, recorded, refused_publish, start_secured
 
 SECRETS = ("admin.nk", "operator.nk", "service.nk", "reader.nk", "agent-a1.nk", "ca-key.pem", "server-key.pem",
            "route-key.pem", "agent-a1-key.pem")

@@ -154,5 +154,5 @@ def test_no_authentication_on_a_non_loopback_address_is_a_warning():
 
 
 async def test_doctor_reports_what_the_server_it_talks_to_requires(fresh_server: EmbeddedServer, tmp_path: Path):
-    code, findings = doctor(fresh_server.url, tmp_path / "none.sqlite3", "--no-check")
+    _, findings = doctor(fresh_server.url, tmp_path / "none.sqlite3", "--no-check")
     assert said(findings, "ok", "security", "no authentication", "loopback")

@@ -19,17 +19,17 @@ from pathlib import Path
 
 import nats
 import pytest
+from click.testing import CliRunner
+from conftest import start_binary_server
+from helpers import eventually
 from hypothesis import given
 from hypothesis import strategies as st
-from click.testing import CliRunner
 from nats.aio.client import Client as NATS
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import api
 
-from conftest import start_binary_server
 from consumers.liveness_rules import LivenessSettings
 from consumers.service import Consumers
-from helpers import eventually
 from ledger import authority, codec, permissions, subjects
 from ledger import events as ev
 from ledger.agent import Agent
@@ -262,12 +262,11 @@ async def test_a1_cannot_register_beat_or_say_goodbye_as_a2(secured: Secured, ad
 async def test_a1_runs_its_whole_flow_without_a_violation(secured: Secured, admin: Ledger):
     async with ledger_as(secured, permissions.OPERATOR, "cli") as (operator, op_conn):
         sid, _ = await operator.create_session("p1")
-    async with ledger_as(secured, "agent-a1", "a1") as (ledger, conn):
-        async with Agent(ledger, agent_id="a1", pool="p1", heartbeat=0.2, ttl=3.0) as agent:
-            claim = await agent.claim(sid)
-            await eventually(lambda: agent.stats.beats_acked >= 2,
-                             what="two heartbeats")
-            await agent.release(sid, token=claim.token)
+    async with ledger_as(secured, "agent-a1", "a1") as (ledger, conn), \
+            Agent(ledger, agent_id="a1", pool="p1", heartbeat=0.2, ttl=3.0) as agent:
+        claim = await agent.claim(sid)
+        await eventually(lambda: agent.stats.beats_acked >= 2, what="two heartbeats")
+        await agent.release(sid, token=claim.token)
     assert conn.unexpected_violations() == [] and op_conn.unexpected_violations() == []
     kinds = [type(e) for e in await recorded(admin.store, "agent", "a1")]
     assert kinds[0] is ev.AgentRegistered and kinds[-1] is ev.AgentGoodbye
@@ -369,35 +368,41 @@ async def test_the_service_user_checks_the_streams_as_ledger_up_does_and_dead_le
     assert last.seq == ack.seq and last.data == b"\x00"
 
 
+def spawn_agent(secured: Secured, agent_id: str, session_id: str) -> subprocess.Popen[str]:
+    user = permissions.agent_user(agent_id)
+    return subprocess.Popen(
+        [sys.executable, str(HERE / "secured_agent_script.py"), secured.url, str(secured.creds / f"{user}.nk"),
+         permissions.inbox_prefix(user), agent_id, session_id], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+
+
 async def test_kill_9_failover_under_generated_credentials(secured: Secured, admin: Ledger):
     async with ledger_as(secured, permissions.OPERATOR, "cli") as (operator, _):
         sid, _ = await operator.create_session("p")
-    proc = subprocess.Popen(
-        [sys.executable, str(HERE / "secured_agent_script.py"), secured.url, str(secured.creds / "agent-a2.nk"),
-         permissions.inbox_prefix("agent-a2"), "a2", sid], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = spawn_agent(secured, "a2", sid)
     try:
         line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 30)  # type: ignore[union-attr]
         assert line.strip() == "claimed", proc.stderr.read() if proc.stderr else ""  # type: ignore[union-attr]
         async with ledger_as(secured, permissions.SERVICE, "service") as (service, service_conn), \
-                ledger_as(secured, "agent-a3", "a3") as (a3_ledger, a3_conn):
-            async with Agent(a3_ledger, agent_id="a3", pool="p", heartbeat=0.2, ttl=3.0) as a3:
-                running = Consumers(service.store, liveness=LivenessSettings(grace=0.3), watchdog=False)
-                task = asyncio.create_task(running.run())
-                try:
-                    await asyncio.wait_for(running.follower.caught_up.wait(), 20)
-                    proc.kill()
-                    proc.wait(10)
+                ledger_as(secured, "agent-a3", "a3") as (a3_ledger, a3_conn), \
+                Agent(a3_ledger, agent_id="a3", pool="p", heartbeat=0.2, ttl=3.0) as a3:
+            running = Consumers(service.store, liveness=LivenessSettings(grace=0.3), watchdog=False)
+            task = asyncio.create_task(running.run())
+            try:
+                await asyncio.wait_for(running.follower.caught_up.wait(), 20)
+                proc.kill()
+                proc.wait(10)
 
-                    async def owner() -> str | None:
-                        state, _ = await admin.session(sid)
-                        return state.owner if state and state.owner == "a3" else None
+                async def owner() -> str | None:
+                    state, _ = await admin.session(sid)
+                    return state.owner if state and state.owner == "a3" else None
 
-                    await eventually(owner, timeout=30, interval=0.1, what="a2's session moving to a3")
-                    await eventually(lambda: sid in a3.owned, timeout=10, what="a3 knowing it owns the session")
-                finally:
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await task
+                await eventually(owner, timeout=30, interval=0.1, what="a2's session moving to a3")
+                await eventually(lambda: sid in a3.owned, timeout=10, what="a3 knowing it owns the session")
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
         assert service_conn.unexpected_violations() == [] and a3_conn.unexpected_violations() == []
     finally:
         if proc.poll() is None:
