@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import ssl
 import subprocess
 import sys
@@ -453,3 +454,100 @@ async def test_mutual_tls_with_the_generated_ca(tls_secured: Secured, tmp_path: 
         await handshake(foreign)
     await eventually(lambda: "unknown authority" in tls_secured.server.log_path.read_text(), timeout=5,
                      what="the server refusing a certificate from another CA")
+
+
+@pytest.fixture
+def deploy_cluster(tmp_path: Path) -> Iterator[tuple[list[str], Path, list[int]]]:
+    """Three nats-servers from deploy/nats-secure.conf itself, moved to loopback ports and local paths, with the
+    secrets of the compose file's own init step: client TLS, route TLS with the route CA, fsync always."""
+    from test_repo import ROOT, point_tls_files_at, run_compose_auth_init
+
+    from ledger.server import find_binary, free_port
+
+    etc = tmp_path / "etc"
+    secrets = etc / "secrets"
+    run_compose_auth_init(secrets)
+    point_tls_files_at(secrets)
+    template = (ROOT / "deploy" / "nats-secure.conf").read_text()
+    ports, cports = [free_port() for _ in range(3)], [free_port() for _ in range(3)]
+    binary, _ = find_binary()
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for i in range(3):
+            conf = template.replace("listen: 0.0.0.0:4222", f"listen: 127.0.0.1:{ports[i]}")
+            conf = conf.replace("http: 0.0.0.0:8222", "").replace("listen: 0.0.0.0:6222", f"listen: 127.0.0.1:{cports[i]}")
+            conf = conf.replace("store_dir: /data/jetstream", f'store_dir: "{tmp_path / f"n{i}" / "jetstream"}"')
+            for k in range(3):
+                conf = conf.replace(f"nats-route://nats-{k + 1}:6222", f"nats-route://127.0.0.1:{cports[k]}")
+            assert "0.0.0.0" not in conf and "/data" not in conf and "nats-1" not in conf
+            (etc / f"n{i}.conf").write_text(conf)
+            log = open(tmp_path / f"n{i}.log", "wb")  # noqa: SIM115 - the child keeps its own copy
+            procs.append(subprocess.Popen([binary, "-c", str(etc / f"n{i}.conf")], stdout=log, stderr=subprocess.STDOUT,
+                                          env={**os.environ, "NATS_SERVER_NAME": f"nats-{i + 1}"}))
+            log.close()
+        yield [f"tls://127.0.0.1:{p}" for p in ports], secrets, cports
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(10)
+
+
+async def test_the_deploy_cluster_config_runs_r3_streams_over_tls_with_generated_credentials(
+        deploy_cluster: tuple[list[str], Path, list[int]]):
+    urls, secrets, route_ports = deploy_cluster
+    servers = Secured(None, secrets, tls=True)  # type: ignore[arg-type]
+
+    async def js_ready() -> bool:
+        try:
+            nc = await nats.connect(urls, nkeys_seed=str(secrets / "admin.nk"), tls=servers.ssl_context("admin"),
+                                    connect_timeout=2, max_reconnect_attempts=0, allow_reconnect=False)
+        except Exception:  # noqa: BLE001 - not listening yet
+            return False
+        try:
+            await nc.jetstream().account_info()
+            return True
+        except Exception:  # noqa: BLE001 - no meta leader yet
+            return False
+        finally:
+            await nc.close()
+
+    await eventually(js_ready, timeout=60, interval=0.2, what="JetStream on the secured cluster")
+    nc = await nats.connect(urls, nkeys_seed=str(secrets / "admin.nk"), tls=servers.ssl_context("admin"),
+                            connect_timeout=5)
+    store = EventStore(nc, Settings(nats_url=",".join(urls), replicas=3))
+    await store.start()
+    try:
+        await eventually(lambda: _ensure(store), timeout=60, interval=0.5, what="R3 streams")
+        info = await nc.jsm().stream_info(subjects.LEDGER_STREAM)
+        assert info.config.num_replicas == 3 and len(info.cluster.replicas or []) == 2  # the routes carry TLS
+        assert nc._server_info.get("tls_verify") and nc._server_info.get("auth_required")
+    finally:
+        await store.close()
+        await nc.close()
+    # The route port speaks TLS with the route CA: a node's certificate opens it, a client's does not.
+    assert (await route_handshake(route_ports[0], secrets, "route")).startswith(b"INFO ")
+    with pytest.raises(ssl.SSLError, match="UNKNOWN_CA|unknown ca"):
+        await route_handshake(route_ports[0], secrets, "operator")
+
+
+async def route_handshake(port: int, secrets: Path, who: str) -> bytes:
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(secrets / "route-ca.pem"))
+    ctx.load_cert_chain(str(secrets / f"{who}-cert.pem"), str(secrets / f"{who}-key.pem"))
+    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port, ssl=ctx), 10)
+    try:
+        return await asyncio.wait_for(reader.readline(), 10)
+    finally:
+        writer.close()
+
+
+async def _ensure(store: EventStore) -> bool:
+    try:
+        await store.ensure_streams()
+        return True
+    except Exception:  # noqa: BLE001 - a peer not current yet: R3 needs all three
+        return False

@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+CONTAINER_SECRETS = "/etc/ledger/secrets"
 
 
 def readme_commands() -> list[str]:
@@ -62,6 +63,28 @@ def test_compose_runs_the_ledger_services_on_the_secured_cluster():
         assert services[name]["depends_on"]["ledger-init"]["condition"] == "service_completed_successfully"
 
 
+def run_compose_auth_init(secrets: Path) -> list[str]:
+    """Run the compose file's ledger-auth command, into `secrets` instead of the container's path."""
+    from click.testing import CliRunner
+
+    from ledger.cli import cli
+
+    command = compose_services()["ledger-auth"]["command"]
+    assert command[:3] == ["ledger", "auth", "init"] and "--if-missing" in command and "--tls" in command
+    args = [str(secrets) if a == CONTAINER_SECRETS else a for a in command[1:]]
+    args += ["--env-dir", CONTAINER_SECRETS]  # the default: the path as the containers see it
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return args
+
+
+def point_tls_files_at(secrets: Path) -> None:
+    """The TLS blocks name paths inside the containers; point them at a copy on this machine."""
+    for conf in ("tls.conf", "cluster-tls.conf"):
+        path = secrets / conf
+        path.write_text(path.read_text().replace(CONTAINER_SECRETS, str(secrets)))
+
+
 def test_compose_wiring_matches_what_ledger_auth_generates(tmp_path: Path):
     """Run the compose init step's own command (into a temporary directory): every secret file the services
     name exists, and nats-server accepts deploy/nats-secure.conf with those secrets."""
@@ -71,14 +94,9 @@ def test_compose_wiring_matches_what_ledger_auth_generates(tmp_path: Path):
     from ledger.server import find_binary
 
     services = compose_services()
-    command = services["ledger-auth"]["command"]
-    assert command[:3] == ["ledger", "auth", "init"] and "--if-missing" in command and "--tls" in command
     etc = tmp_path / "etc"
     secrets = etc / "secrets"
-    args = [str(secrets) if a == "/etc/ledger/secrets" else a for a in command[1:]]
-    args += ["--env-dir", "/etc/ledger/secrets"]  # the default: the path as the containers see it
-    result = CliRunner().invoke(cli, args, catch_exceptions=False)
-    assert result.exit_code == 0, result.output
+    args = run_compose_auth_init(secrets)
     for name, svc in services.items():
         for key, value in (svc.get("environment") or {}).items():
             if key.endswith("_FILE"):
@@ -87,10 +105,7 @@ def test_compose_wiring_matches_what_ledger_auth_generates(tmp_path: Path):
     # Run again, as compose does on every `up`: the secrets stay as they were.
     before = (secrets / "admin.nk").read_bytes()
     assert CliRunner().invoke(cli, args).exit_code == 0 and (secrets / "admin.nk").read_bytes() == before
-    # The TLS files name paths inside the containers; point them at the temporary copy for the check.
-    for conf in ("tls.conf", "cluster-tls.conf"):
-        path = secrets / conf
-        path.write_text(path.read_text().replace("/etc/ledger/secrets", str(secrets)))
+    point_tls_files_at(secrets)
     (etc / "nats-secure.conf").write_text((ROOT / "deploy" / "nats-secure.conf").read_text())
     binary, _ = find_binary()
     checked = subprocess.run([binary, "-t", "-c", str(etc / "nats-secure.conf")], capture_output=True, text=True, check=False,
