@@ -8,7 +8,7 @@ needs to read (found by running the SDK's flows under these permissions: tests/t
 
 Users:
 
-* `admin`    - everything: creates, updates and deletes streams and consumers (`ledger init`).
+* `admin`    - everything (`ledger init` creates and upgrades the streams), but subscribing to event subjects.
 * `operator` - the operator role's events as `operator` and `cli` (sessions, routes, breaker reset).
 * `service`  - one connection for the liveness monitor, the reclaimer and the watchdog (each as its role's
                name and `<role>-<replica>` for the replicas named), plus the projector's dead letters.

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import nats
 import nkeys
+from cryptography import x509
 import pytest
 from click.testing import CliRunner
 from helpers import eventually
@@ -52,6 +53,12 @@ def test_init_writes_seeds_0600_and_only_public_keys_into_the_server_config(tmp_
         assert env["LEDGER_INBOX_PREFIX"] == permissions.inbox_prefix(user)
         assert Path(env["LEDGER_TLS_CERT_FILE"]).is_file() and Path(env["LEDGER_TLS_KEY_FILE"]).is_file()
     assert "PRIVATE KEY" not in output and "SU" not in output
+    # An agent added later gets a client certificate from the same CA.
+    code, output = auth("add-agent", "a2", "--out", str(out))
+    assert code == 0 and stat.S_IMODE((out / "agent-a2-key.pem").stat().st_mode) == 0o600
+    ca = x509.load_pem_x509_certificate((out / "ca.pem").read_bytes())
+    x509.load_pem_x509_certificate((out / "agent-a2-cert.pem").read_bytes()).verify_directly_issued_by(ca)
+    assert "agent-a2" in (out / "auth.conf").read_text()
 
 
 def test_init_refuses_to_replace_secrets_and_if_missing_keeps_them(tmp_path: Path):

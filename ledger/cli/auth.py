@@ -163,6 +163,15 @@ def auth_group() -> None:
     reader) and per agent, the nats-server `authorization` block that binds each to its subjects, and
     optionally TLS certificates. The server configuration holds public keys only; each user gets a seed
     file (mode 0600) and an env file for its processes. Nothing secret is printed.
+
+    \b
+    Users (ledger/permissions.py derives what each may publish from ledger/authority.py):
+      admin       everything: `ledger init` creates and upgrades the streams as admin
+      operator    sessions, routes, breaker reset (as `operator` or `cli`)
+      service     `ledger up` / `ledger consumers`: monitor, reclaimer, watchdog (+ replicas), dead letters
+      reader      reads only: views, dashboards, `ledger doctor`
+      agent-ID    one agent: subjects ending in its id; its own lifecycle only on its own entity
+    Each connection must use its user's inbox prefix, `_INBOX_<user>` (LEDGER_INBOX_PREFIX in its .env).
     """
 
 
