@@ -369,6 +369,23 @@ async def test_the_service_user_checks_the_streams_as_ledger_up_does_and_dead_le
     assert last.seq == ack.seq and last.data == b"\x00"
 
 
+async def test_the_reader_runs_ledger_doctors_checks_without_a_violation(secured: Secured):
+    from ledger.cli import doctor
+
+    async with ledger_as(secured, permissions.READER, "reader") as (reader, conn):
+        nc, settings = reader.store.nc, reader.store.settings
+        findings = [*await doctor.server_findings(nc, secured.url), doctor.security_finding(nc._server_info),
+                    *await doctor.stream_findings(nc, settings), *await doctor.dead_letter_findings(nc),
+                    *await doctor.history_findings(nc, settings, grace=10.0)]
+        # ... and it may not write: not even a report of an unreachable agent.
+        await refused_publish(conn, "ledger.agent.a1.unreachable_reported.reader", b"{}")
+    assert [f.level for f in findings if f.area in ("server", "streams")] == ["ok"] * 4, findings
+    assert [f for f in findings if f.area == "history"]  # it read the whole log (what it found is other tests')
+    assert findings[1].message.startswith("authentication required")
+    assert conn.unexpected_violations() == [
+        'nats: permissions violation for publish to "ledger.agent.a1.unreachable_reported.reader"']
+
+
 def spawn_agent(secured: Secured, agent_id: str, session_id: str) -> subprocess.Popen[str]:
     user = permissions.agent_user(agent_id)
     return subprocess.Popen(
@@ -387,7 +404,7 @@ async def test_kill_9_failover_under_generated_credentials(secured: Secured, adm
         async with ledger_as(secured, permissions.SERVICE, "service") as (service, service_conn), \
                 ledger_as(secured, "agent-a3", "a3") as (a3_ledger, a3_conn), \
                 Agent(a3_ledger, agent_id="a3", pool="p", heartbeat=0.2, ttl=3.0) as a3:
-            running = Consumers(service.store, liveness=LivenessSettings(grace=0.3), watchdog=False)
+            running = Consumers(service.store, liveness=LivenessSettings(grace=0.3))  # monitor, reclaimer, watchdog
             task = asyncio.create_task(running.run())
             try:
                 await asyncio.wait_for(running.follower.caught_up.wait(), 20)
