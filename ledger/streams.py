@@ -39,6 +39,9 @@ def specs(settings: Settings) -> list[StreamConfig]:
             storage=StorageType.FILE,
             num_replicas=replicas,
             discard=DiscardPolicy.NEW,  # never drop history; a full disk refuses writes instead
+            max_age=0,  # stated, not left unset: so a change to any limit is a difference `ledger doctor` sees
+            max_msgs=-1,
+            max_bytes=-1,
             duplicate_window=settings.duplicate_window,
             deny_delete=True,
             deny_purge=True,
@@ -54,6 +57,8 @@ def specs(settings: Settings) -> list[StreamConfig]:
             num_replicas=replicas,
             discard=DiscardPolicy.OLD,
             max_age=settings.heartbeat_max_age,
+            max_msgs=-1,
+            max_bytes=-1,
             max_msgs_per_subject=settings.heartbeat_per_agent,
             duplicate_window=min(settings.duplicate_window, settings.heartbeat_max_age),
             deny_delete=True,
@@ -69,6 +74,8 @@ def specs(settings: Settings) -> list[StreamConfig]:
             num_replicas=replicas,
             discard=DiscardPolicy.OLD,
             max_age=settings.dlq_max_age,
+            max_msgs=-1,
+            max_bytes=-1,
             duplicate_window=min(settings.duplicate_window, settings.dlq_max_age),
             deny_delete=True,
             deny_purge=False,

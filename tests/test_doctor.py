@@ -106,3 +106,53 @@ async def test_doctor_fails_when_ledger_check_would_and_counts_the_anomalies(fre
         assert said(findings, "warn", "anomalies", "1 flagged", f"overlapping_claim: 1 (newest #{overlap.seq})")
         code, findings = doctor(fresh_server.url, db, "--no-check")
         assert code == 0 and not [f for f in findings if f["area"] == "history"]
+
+
+async def test_doctor_fails_when_the_ledger_streams_settings_drift(server: EmbeddedServer, tmp_path: Path):
+    """Someone with stream rights shortened LEDGER's retention and capped it: `ledger doctor` says so and fails."""
+    async with EventStore.connect(Settings(nats_url=server.url)) as store:
+        jsm = store.nc.jsm()
+        config = (await jsm.stream_info("LEDGER")).config
+        config.max_age, config.max_msgs, config.max_bytes = 3600.0, 1000, 2**30
+        await jsm.update_stream(config)
+        hb = (await jsm.stream_info("LEDGER_HB")).config
+        hb.max_msgs = 10
+        await jsm.update_stream(hb)
+    code, findings = doctor(server.url, tmp_path / "none.sqlite3", "--no-check")
+    assert code == 1
+    assert said(findings, "FAIL", "streams", "LEDGER:", "max_age is 3600 s, should be 0 s")
+    assert said(findings, "FAIL", "streams", "LEDGER:", "max_msgs is 1000, should be -1")
+    assert said(findings, "FAIL", "streams", "LEDGER:", "max_bytes is 1073741824, should be -1")
+    assert said(findings, "FAIL", "streams", "LEDGER_HB:", "max_msgs is 10, should be -1")
+
+
+async def test_doctor_fails_when_ledger_may_be_deleted_or_purged(fresh_server: EmbeddedServer, tmp_path: Path):
+    """A LEDGER made by something else, without the deny flags: doctor fails naming them (JetStream cannot
+    change them afterwards, so `ledger init` cannot fix it either)."""
+    async with EventStore.connect(Settings(nats_url=fresh_server.url), check=False) as store:
+        await store.nc.jsm().add_stream(name="LEDGER", subjects=["ledger.agent.*.*.*", "ledger.session.*.*.*",
+                                                                 "ledger.route.*.*.*", "ledger.pool.*.*.*"])
+    code, findings = doctor(fresh_server.url, tmp_path / "none.sqlite3", "--no-check")
+    assert code == 1
+    assert said(findings, "FAIL", "streams", "LEDGER:", "deny_delete is False, should be True",
+                "deny_purge is False, should be True")
+
+
+def test_no_authentication_on_a_non_loopback_address_is_a_warning():
+    from ledger.cli.doctor import security_finding
+
+    open_info = {"host": "0.0.0.0", "port": 4222, "auth_required": False}
+    warned = security_finding(open_info)
+    assert warned.level == "warn" and "0.0.0.0:4222" in warned.message and "no authentication" in warned.message
+    for host in ("127.0.0.1", "::1", "localhost", "127.0.0.53"):
+        assert security_finding({"host": host, "port": 4222}).level == "ok"
+    for host in ("10.0.0.5", "::", "nats-1", "192.168.1.9"):
+        assert security_finding({"host": host, "port": 4222}).level == "warn"
+    secured = security_finding({"host": "0.0.0.0", "port": 4222, "auth_required": True, "tls_required": True,
+                                "tls_verify": True})
+    assert secured.level == "ok" and "authentication required" in secured.message and "mutual TLS" in secured.message
+
+
+async def test_doctor_reports_what_the_server_it_talks_to_requires(fresh_server: EmbeddedServer, tmp_path: Path):
+    _, findings = doctor(fresh_server.url, tmp_path / "none.sqlite3", "--no-check")
+    assert said(findings, "ok", "security", "no authentication", "loopback")

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+CONTAINER_SECRETS = "/etc/ledger/secrets"
 
 
 def readme_commands() -> list[str]:
@@ -25,23 +29,93 @@ def test_readme_starts_the_embedded_default():
     assert "pip install" in run_command and re.search(r"ledger (server|up|demo)$", run_command)
 
 
+def compose_services() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+
+
 def test_compose_runs_a_durable_three_node_cluster():
-    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
-    nats_nodes = [name for name, svc in compose["services"].items() if str(svc.get("image", "")).startswith("nats:")]
+    services = compose_services()
+    nats_nodes = [name for name, svc in services.items() if str(svc.get("image", "")).startswith("nats:")]
     assert len(nats_nodes) == 3
-    assert all(compose["services"][n]["image"] == "nats:2.14" for n in nats_nodes)
-    conf = (ROOT / "deploy" / "nats-cluster.conf").read_text()
+    assert all(services[n]["image"] == "nats:2.14" for n in nats_nodes)
+    for node in nats_nodes:
+        assert services[node]["command"] == ["--config", "/etc/ledger/nats-secure.conf"]
+        assert "./deploy/nats-secure.conf:/etc/ledger/nats-secure.conf:ro" in services[node]["volumes"]
+    conf = (ROOT / "deploy" / "nats-secure.conf").read_text()
     assert "sync_interval: always" in conf and "jetstream" in conf
     for node in nats_nodes:
         assert f"nats-route://{node}:6222" in conf
-    assert compose["services"]["ledger-init"]["environment"]["LEDGER_REPLICAS"] == "3"
+    assert services["ledger-init"]["environment"]["LEDGER_REPLICAS"] == "3"
 
 
-def test_compose_runs_the_ledger_services_on_the_cluster():
-    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+def test_compose_runs_the_ledger_services_on_the_secured_cluster():
+    services = compose_services()
     assert services["ledger"]["command"][:2] == ["ledger", "up"]
     assert services["ledger-consumers-b"]["command"][:2] == ["ledger", "consumers"]
+    users = {"ledger-init": "admin", "ledger": "service", "ledger-consumers-b": "service"}
+    for name, user in users.items():
+        env = services[name]["environment"]
+        # On the cluster over TLS, not on an embedded server of their own; each as its generated user.
+        assert env["LEDGER_NATS_URL"].count("tls://") == 3 and "nats://" not in env["LEDGER_NATS_URL"]
+        assert env["LEDGER_NKEY_SEED_FILE"] == f"/etc/ledger/secrets/{user}.nk"
+        assert env["LEDGER_INBOX_PREFIX"] == f"_INBOX_{user}"
     for name in ("ledger", "ledger-consumers-b"):
-        # On the cluster, not on an embedded server of their own.
-        assert services[name]["environment"]["LEDGER_NATS_URL"].count("nats://") == 3
         assert services[name]["depends_on"]["ledger-init"]["condition"] == "service_completed_successfully"
+
+
+def run_compose_auth_init(secrets: Path) -> list[str]:
+    """Run the compose file's ledger-auth command, into `secrets` instead of the container's path."""
+    from click.testing import CliRunner
+
+    from ledger.cli import cli
+
+    command = compose_services()["ledger-auth"]["command"]
+    assert command[:3] == ["ledger", "auth", "init"] and "--if-missing" in command and "--tls" in command
+    args = [str(secrets) if a == CONTAINER_SECRETS else a for a in command[1:]]
+    args += ["--env-dir", CONTAINER_SECRETS]  # the default: the path as the containers see it
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return args
+
+
+def point_tls_files_at(secrets: Path) -> None:
+    """The TLS blocks name paths inside the containers; point them at a copy on this machine."""
+    for conf in ("tls.conf", "cluster-tls.conf"):
+        path = secrets / conf
+        path.write_text(path.read_text().replace(CONTAINER_SECRETS, str(secrets)))
+
+
+def test_compose_wiring_matches_what_ledger_auth_generates(tmp_path: Path):
+    """Run the compose init step's own command (into a temporary directory): every secret file the services
+    name exists, and nats-server accepts deploy/nats-secure.conf with those secrets."""
+    from click.testing import CliRunner
+
+    from ledger.cli import cli
+    from ledger.server import find_binary
+
+    services = compose_services()
+    etc = tmp_path / "etc"
+    secrets = etc / "secrets"
+    args = run_compose_auth_init(secrets)
+    for name, svc in services.items():
+        for key, value in (svc.get("environment") or {}).items():
+            if key.endswith("_FILE"):
+                assert (secrets / Path(value).name).is_file(), (name, key, value)
+    assert "./deploy/secrets:/etc/ledger/secrets" in services["ledger-auth"]["volumes"]
+    # Run again, as compose does on every `up`: the secrets stay as they were.
+    before = (secrets / "admin.nk").read_bytes()
+    assert CliRunner().invoke(cli, args).exit_code == 0 and (secrets / "admin.nk").read_bytes() == before
+    point_tls_files_at(secrets)
+    (etc / "nats-secure.conf").write_text((ROOT / "deploy" / "nats-secure.conf").read_text())
+    binary, _ = find_binary()
+    checked = subprocess.run([binary, "-t", "-c", str(etc / "nats-secure.conf")], capture_output=True, text=True, check=False,
+                             timeout=30, env={**os.environ, "NATS_SERVER_NAME": "nats-1"})
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_the_compose_file_passes_docker_compose_config():
+    compose = shutil.which("docker-compose")
+    assert compose, "docker-compose is not installed: `apt-get install -y docker-compose` (.ci/run does)"
+    checked = subprocess.run([compose, "-f", str(ROOT / "docker-compose.yml"), "config", "-q"], capture_output=True,
+                             text=True, timeout=60, cwd=ROOT, check=False)
+    assert checked.returncode == 0, checked.stderr

@@ -7,6 +7,7 @@ import click
 from .. import __version__
 from .common import setup_logging
 from .agent import agent_command
+from .auth import auth_group
 from .check import check_command
 from .consumers import consumers_command, pool_group
 from .demo import demo_command
@@ -33,7 +34,7 @@ def cli(verbose: int) -> None:
     setup_logging(verbose)
 
 
-for command in (up_command, demo_command, doctor_command, check_command, server_command, init_command, agent_command, session_group,
+for command in (auth_group, up_command, demo_command, doctor_command, check_command, server_command, init_command, agent_command, session_group,
                 route_group, unreachable_command, replay_command, consumers_command, pool_group, *VIEW_COMMANDS,
                 *PROJECTOR_COMMANDS):
     cli.add_command(command)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 import msgspec
@@ -17,7 +19,7 @@ from .. import subjects
 from ..server import MIN_VERSION
 from ..settings import Settings, redact_url
 from ..store import EventStore
-from ..streams import check_streams
+from ..streams import IMMUTABLE, check_streams
 from .check import run_check
 from .common import async_command, echo, nats_url_option, settings_from
 
@@ -50,6 +52,38 @@ async def server_findings(nc: NATS, url: str) -> list[Finding]:
                                   f"streams, {account.storage / 2**20:,.1f} MiB on disk")]
 
 
+LOOPBACK_NAMES = ("localhost",)
+NANOSECOND_SETTINGS = ("max_age", "duplicate_window")
+
+
+def _is_loopback(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name other than localhost, or "" / "0.0.0.0"-like wildcards handled above
+
+
+def security_finding(info: dict[str, Any]) -> Finding:
+    """What the server's INFO says about who may connect: a warning for an open server off loopback."""
+    where = f"{info.get('host', '?')}:{info.get('port', '?')}"
+    tls = ("mutual TLS" if info.get("tls_verify") else "TLS") if info.get("tls_required") else "no TLS"
+    if info.get("auth_required"):
+        return Finding(OK, "security", f"authentication required, {tls} (listening on {where})")
+    if _is_loopback(str(info.get("host", ""))):
+        return Finding(OK, "security", f"no authentication, {tls}: the server listens on loopback only ({where})")
+    return Finding(WARN, "security", f"the server listens on {where} with no authentication, {tls}: anyone who "
+                                     "reaches it may write any event, or change and delete the streams; secure it "
+                                     "(`ledger auth init`, deploy/nats-secure.conf)")
+
+
+def _show(key: str, value: object) -> str:
+    if key in NANOSECOND_SETTINGS and isinstance(value, int):
+        return f"{value / 1e9:g} s"
+    return repr(value)
+
+
 async def stream_findings(nc: NATS, settings: Settings) -> list[Finding]:
     found: list[Finding] = []
     jsm = nc.jsm()
@@ -60,8 +94,11 @@ async def stream_findings(nc: NATS, settings: Settings) -> list[Finding]:
         info = await jsm.stream_info(name)
         state, cluster = info.state, info.cluster
         if diff:
-            changes = ", ".join(f"{k} is {old!r}, should be {new!r}" for k, (new, old) in diff.items())
-            found.append(Finding(FAIL, "streams", f"{name}: {changes}: run `ledger init` to upgrade what can be"))
+            changes = ", ".join(f"{k} is {_show(k, old)}, should be {_show(k, new)}" for k, (new, old) in diff.items())
+            fixed = sorted(set(diff) & set(IMMUTABLE))
+            how = (f"JetStream cannot change {', '.join(fixed)} of an existing stream: it was made by something "
+                   "else" if fixed else "run `ledger init` (as admin) to restore them")
+            found.append(Finding(FAIL, "streams", f"{name}: {changes}: {how}"))
         else:
             found.append(Finding(OK, "streams", f"{name}: {state.messages:,} messages, #{state.first_seq}..#"
                                                 f"{state.last_seq}, {info.config.num_replicas} replica(s), settings as "
@@ -158,6 +195,7 @@ async def doctor_command(nats_url: str, db: Path, stale_after: float, grace: flo
     settings = settings_from(nats_url)
     async with EventStore.connect(settings, name="ledger-doctor", check=False) as store:
         findings = await server_findings(store.nc, redact_url(settings.nats_url))
+        findings.append(security_finding(store.nc._server_info))
         if findings[0].level != FAIL:
             findings += await stream_findings(store.nc, settings)
             findings += await dead_letter_findings(store.nc)

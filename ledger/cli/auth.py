@@ -1,0 +1,257 @@
+"""`ledger auth`: the credentials of a secured deployment (nkeys per role and per agent, TLS certificates).
+
+What it writes into --out DIR (public files 0644, secrets 0600, never printed):
+
+* auth.json         what was generated (users and their PUBLIC keys, replicas, TLS hosts); no secret
+* auth.conf         the nats-server `authorization` block (public keys and permissions): `include` it
+* <user>.nk         the user's nkey seed (secret)
+* <user>.env        LEDGER_NKEY_SEED_FILE, LEDGER_INBOX_PREFIX (and LEDGER_TLS_*): `env_file` for compose
+* with --tls: ca.pem, ca-key.pem (secret), server-cert.pem, server-key.pem (secret), tls.conf (the server's
+  `tls` block); route-ca.pem, route-cert.pem, route-key.pem (secret), cluster-tls.conf (the cluster's `tls`
+  block: routes use a CA of their own, so no client certificate can join the cluster); <user>-cert.pem and
+  <user>-key.pem (secret) per user.
+
+Users: admin, operator, service, reader and agent-<id> (ledger/permissions.py says what each may do).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import click
+import nkeys
+
+from .. import certs, permissions
+from ..errors import ConfigError, InvalidInput, LedgerError
+from ..ids import check_token
+
+MANIFEST = "auth.json"
+AUTH_CONF = "auth.conf"
+TLS_CONF = "tls.conf"
+CLUSTER_TLS_CONF = "cluster-tls.conf"
+CA, CA_KEY = "ca.pem", "ca-key.pem"
+DEFAULT_REPLICAS = ("b",)
+"""Consumer replica names the service user may write as (docker-compose.yml runs replica `b`)."""
+
+
+def new_seed() -> tuple[bytes, str]:
+    """A fresh user nkey: (seed, public key)."""
+    seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
+    return seed, nkeys.from_seed(bytearray(seed)).public_key.decode()
+
+
+def _write(path: Path, data: bytes, *, secret: bool) -> None:
+    """Write atomically, a secret never readable by others even for a moment."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if secret else 0o644)
+    try:
+        os.write(fd, data)
+        os.fchmod(fd, 0o600 if secret else 0o644)  # against a umask that took bits off a public file
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+class AuthDir:
+    """A directory of generated credentials, and its manifest."""
+
+    def __init__(self, out: Path, env_dir: str | None = None) -> None:
+        self.out = out
+        self.manifest: dict = {"users": {}, "replicas": list(DEFAULT_REPLICAS), "tls_hosts": [],
+                               "env_dir": env_dir or str(out.resolve())}
+
+    @property
+    def exists(self) -> bool:
+        return (self.out / MANIFEST).exists()
+
+    def load(self) -> AuthDir:
+        try:
+            self.manifest = json.loads((self.out / MANIFEST).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{self.out} holds no credentials ({MANIFEST} missing): run `ledger auth init --out "
+                              f"{self.out}` first") from None
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cannot read {self.out / MANIFEST}: {e}") from None
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.manifest["tls_hosts"])
+
+    def path_for_clients(self, name: str) -> str:
+        """Where the clients (and the server) see file `name`: the directory as mounted for them."""
+        return f"{self.manifest['env_dir'].rstrip('/')}/{name}"
+
+    def add_user(self, user: str) -> None:
+        permissions.permissions_for(user, replicas=self.manifest["replicas"])  # InvalidInput for a bad name
+        seed, public = new_seed()
+        _write(self.out / f"{user}.nk", seed + b"\n", secret=True)
+        env = {"LEDGER_NKEY_SEED_FILE": self.path_for_clients(f"{user}.nk"),
+               "LEDGER_INBOX_PREFIX": permissions.inbox_prefix(user)}
+        if self.tls:
+            issued = certs.issue(self._ca(), user, client=True)
+            _write(self.out / f"{user}-cert.pem", issued.cert_pem, secret=False)
+            _write(self.out / f"{user}-key.pem", issued.key_pem, secret=True)
+            env |= {"LEDGER_TLS_CA_FILE": self.path_for_clients(CA),
+                    "LEDGER_TLS_CERT_FILE": self.path_for_clients(f"{user}-cert.pem"),
+                    "LEDGER_TLS_KEY_FILE": self.path_for_clients(f"{user}-key.pem")}
+        _write(self.out / f"{user}.env", "".join(f"{k}={v}\n" for k, v in env.items()).encode(), secret=False)
+        self.manifest["users"][user] = public
+
+    def _ca(self) -> certs.Issued:
+        try:
+            return certs.Issued((self.out / CA).read_bytes(), (self.out / CA_KEY).read_bytes())
+        except OSError as e:
+            raise ConfigError(f"cannot read the CA in {self.out}: {e.strerror or e}") from None
+
+    def make_tls(self, hosts: list[str]) -> None:
+        self.manifest["tls_hosts"] = hosts
+        ca = certs.make_ca()
+        _write(self.out / CA, ca.cert_pem, secret=False)
+        _write(self.out / CA_KEY, ca.key_pem, secret=True)
+        server = certs.issue(ca, "nats-server", hosts=tuple(hosts), server=True)
+        _write(self.out / "server-cert.pem", server.cert_pem, secret=False)
+        _write(self.out / "server-key.pem", server.key_pem, secret=True)
+        # Routes trust a CA of their own, whose key is thrown away: a client certificate cannot open a route.
+        route_ca = certs.make_ca("session ledger route CA")
+        route = certs.issue(route_ca, "nats-route", hosts=tuple(hosts), server=True, client=True)
+        _write(self.out / "route-ca.pem", route_ca.cert_pem, secret=False)
+        _write(self.out / "route-cert.pem", route.cert_pem, secret=False)
+        _write(self.out / "route-key.pem", route.key_pem, secret=True)
+        p = self.path_for_clients
+        _write(self.out / TLS_CONF, (
+            "# Generated by `ledger auth init --tls`: clients must present a certificate from ca.pem.\n"
+            f'tls {{\n  cert_file: "{p("server-cert.pem")}"\n  key_file: "{p("server-key.pem")}"\n'
+            f'  ca_file: "{p(CA)}"\n  verify: true\n  timeout: 5\n}}\n').encode(), secret=False)
+        _write(self.out / CLUSTER_TLS_CONF, (
+            "# Generated by `ledger auth init --tls`: include inside the `cluster` block.\n"
+            f'tls {{\n  cert_file: "{p("route-cert.pem")}"\n  key_file: "{p("route-key.pem")}"\n'
+            f'  ca_file: "{p("route-ca.pem")}"\n  verify: true\n  timeout: 5\n}}\n').encode(), secret=False)
+
+    def save(self) -> None:
+        _write(self.out / AUTH_CONF, permissions.render_authorization(
+            self.manifest["users"], replicas=self.manifest["replicas"]).encode(), secret=False)
+        _write(self.out / MANIFEST, (json.dumps(self.manifest, indent=2, sort_keys=True) + "\n").encode(), secret=False)
+
+
+def _agent_users(agent_ids: tuple[str, ...]) -> list[str]:
+    users = []
+    for agent_id in agent_ids:
+        permissions.check_agent_id(agent_id)
+        users.append(permissions.agent_user(agent_id))
+    return users
+
+
+def _mkdir(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        out.chmod(0o700)
+    except OSError as e:
+        raise ConfigError(f"cannot use {out}: {e.strerror or e}") from None
+
+
+def _fail(e: LedgerError | OSError) -> click.ClickException:
+    return click.ClickException(str(e) if isinstance(e, LedgerError) else f"{e.filename}: {e.strerror or e}")
+
+
+@click.group("auth")
+def auth_group() -> None:
+    """Generate the credentials of a secured deployment: an nkey per role (admin, operator, service,
+    reader) and per agent, the nats-server `authorization` block that binds each to its subjects, and
+    optionally TLS certificates. The server configuration holds public keys only; each user gets a seed
+    file (mode 0600) and an env file for its processes. Nothing secret is printed.
+
+    \b
+    Users (ledger/permissions.py derives what each may publish from ledger/authority.py):
+      admin       everything: `ledger init` creates and upgrades the streams as admin
+      operator    sessions, routes, breaker reset (as `operator` or `cli`)
+      service     `ledger up` / `ledger consumers`: monitor, reclaimer, watchdog (+ replicas), dead letters
+      reader      reads only: views, dashboards, `ledger doctor`
+      agent-ID    one agent: subjects ending in its id; its own lifecycle only on its own entity
+    Each connection must use its user's inbox prefix, `_INBOX_<user>` (LEDGER_INBOX_PREFIX in its .env).
+    """
+
+
+@auth_group.command("init")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Directory to write the credentials to (created, mode 0700).")
+@click.option("--agent", "agents", multiple=True, metavar="ID", help="An agent to give credentials (repeatable).")
+@click.option("--replica", "replicas", multiple=True, metavar="NAME",
+              help="A consumer replica name the service user may write as (repeatable; default: b).")
+@click.option("--tls", is_flag=True, help="Also make a CA, a server certificate and client certificates.")
+@click.option("--host", "hosts", multiple=True, metavar="NAME",
+              help="A server host name or IP address for the server certificate (repeatable; with --tls).")
+@click.option("--env-dir", metavar="PATH",
+              help="Where the processes will see DIR (e.g. a container mount): the paths in the .env and TLS "
+                   "files. Default: DIR itself.")
+@click.option("--if-missing", is_flag=True,
+              help="When DIR already holds credentials, keep them (add only agents not there yet) and exit 0: "
+                   "an idempotent init step.")
+@click.option("--force", is_flag=True, help="Replace existing credentials (every user needs its new files).")
+def auth_init(out: Path, agents: tuple[str, ...], replicas: tuple[str, ...], tls: bool, hosts: tuple[str, ...],
+              env_dir: str | None, if_missing: bool, force: bool) -> None:
+    """Write DIR/auth.conf (include it in the server configuration), a seed and an env file per user, and with
+    --tls the certificates and DIR/tls.conf, DIR/cluster-tls.conf. Refuses to replace existing credentials
+    unless --force; --if-missing keeps them.
+    """
+    try:
+        if if_missing and force:
+            raise InvalidInput("--if-missing and --force contradict each other")
+        if tls and not hosts:
+            raise InvalidInput("--tls needs at least one --host (the names clients use to reach the server)")
+        if hosts and not tls:
+            raise InvalidInput("--host is for the server certificate: add --tls")
+        agent_users = _agent_users(agents)
+        d = AuthDir(out, env_dir)
+        if d.exists and not force:
+            if not if_missing:
+                raise ConfigError(f"{out} already holds credentials: --if-missing keeps them, --force replaces "
+                                  "them (every user then needs its new files)")
+            d.load()
+            added = [u for u in agent_users if u not in d.manifest["users"]]
+            for user in added:
+                d.add_user(user)
+            if added:
+                d.save()
+            click.echo(f"kept the credentials in {out}" + (f"; added {', '.join(added)}" if added else ""))
+            return
+        _mkdir(out)
+        if replicas:
+            d.manifest["replicas"] = [check_token(r, "replica name") for r in replicas]
+        if tls:
+            d.make_tls(list(hosts))
+        users = [*permissions.ROLE_USERS, *agent_users]
+        for user in users:
+            d.add_user(user)
+        d.save()
+    except (LedgerError, OSError) as e:
+        raise _fail(e) from None
+    click.echo(f"wrote credentials for {', '.join(users)} to {out} (seeds mode 0600)")
+    click.echo(f"server: include {out / AUTH_CONF}" + (f" and {out / TLS_CONF}" if tls else ""))
+    click.echo(f"clients: load <user>.env from {out} (LEDGER_NKEY_SEED_FILE, LEDGER_INBOX_PREFIX"
+               + (", LEDGER_TLS_*)" if tls else ")"))
+
+
+@auth_group.command("add-agent")
+@click.argument("agent_id")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="The directory `ledger auth init` wrote.")
+def auth_add_agent(agent_id: str, out: Path) -> None:
+    """Give agent AGENT_ID its credentials (seed, env file, and a client certificate when the directory has
+    TLS) and rewrite DIR/auth.conf; then reload the server so it takes the new user.
+    """
+    try:
+        (user,) = _agent_users((agent_id,))
+        d = AuthDir(out).load()
+        if user in d.manifest["users"]:
+            raise ConfigError(f"agent {agent_id} already has credentials in {out} ({user}.nk)")
+        d.add_user(user)
+        d.save()
+    except (LedgerError, OSError) as e:
+        raise _fail(e) from None
+    click.echo(f"wrote {out / (user + '.nk')} and {out / (user + '.env')}; rewrote {out / AUTH_CONF}")
+    click.echo("reload the server for it to take effect: `nats-server --signal reload` (or kill -HUP <pid>; "
+               "in compose: docker compose kill -s HUP nats-1 nats-2 nats-3)")

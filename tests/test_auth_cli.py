@@ -1,0 +1,132 @@
+"""`ledger auth`: what it writes (secrets 0600, public keys only in the server's configuration), what it refuses,
+and an agent added later that the server takes after a reload."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import nats
+import nkeys
+from cryptography import x509
+import pytest
+from click.testing import CliRunner
+from helpers import eventually
+from test_permissions import Conn, Secured, connect, recorded, refused_publish, start_secured
+
+from ledger import codec, permissions
+from ledger import events as ev
+from ledger.cli import cli
+from ledger.settings import Settings
+from ledger.store import EventStore
+
+SECRETS = ("admin.nk", "operator.nk", "service.nk", "reader.nk", "agent-a1.nk", "ca-key.pem", "server-key.pem",
+           "route-key.pem", "agent-a1-key.pem")
+
+
+def auth(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(cli, ["auth", *args])
+    return result.exit_code, result.output
+
+
+def test_init_writes_seeds_0600_and_only_public_keys_into_the_server_config(tmp_path: Path):
+    out = tmp_path / "creds"
+    code, output = auth("init", "--out", str(out), "--agent", "a1", "--tls", "--host", "127.0.0.1")
+    assert code == 0, output
+    assert stat.S_IMODE(out.stat().st_mode) == 0o700
+    for name in SECRETS:
+        assert stat.S_IMODE((out / name).stat().st_mode) == 0o600, name
+    conf = (out / "auth.conf").read_text()
+    manifest = json.loads((out / "auth.json").read_text())
+    for user in (*permissions.ROLE_USERS, "agent-a1"):
+        seed = (out / f"{user}.nk").read_bytes().strip()
+        public = nkeys.from_seed(bytearray(seed)).public_key.decode()
+        assert manifest["users"][user] == public and f'nkey: "{public}"' in conf
+        assert seed.decode() not in conf and seed.decode() not in output
+        assert seed.decode() not in json.dumps(manifest)
+        env = dict(line.split("=", 1) for line in (out / f"{user}.env").read_text().splitlines())
+        assert env["LEDGER_NKEY_SEED_FILE"] == str((out / f"{user}.nk").resolve())
+        assert env["LEDGER_INBOX_PREFIX"] == permissions.inbox_prefix(user)
+        assert Path(env["LEDGER_TLS_CERT_FILE"]).is_file() and Path(env["LEDGER_TLS_KEY_FILE"]).is_file()
+    assert "PRIVATE KEY" not in output and "SU" not in output
+    # An agent added later gets a client certificate from the same CA.
+    code, output = auth("add-agent", "a2", "--out", str(out))
+    assert code == 0 and stat.S_IMODE((out / "agent-a2-key.pem").stat().st_mode) == 0o600
+    ca = x509.load_pem_x509_certificate((out / "ca.pem").read_bytes())
+    x509.load_pem_x509_certificate((out / "agent-a2-cert.pem").read_bytes()).verify_directly_issued_by(ca)
+    assert "agent-a2" in (out / "auth.conf").read_text()
+
+
+def test_init_refuses_to_replace_secrets_and_if_missing_keeps_them(tmp_path: Path):
+    out = tmp_path / "creds"
+    assert auth("init", "--out", str(out))[0] == 0
+    seed = (out / "admin.nk").read_bytes()
+    code, output = auth("init", "--out", str(out))
+    assert code == 1 and "already holds credentials" in output and "--if-missing" in output
+    assert len(output.strip().splitlines()) == 1 and "Traceback" not in output
+    code, output = auth("init", "--out", str(out), "--if-missing", "--agent", "a7")
+    assert code == 0 and "kept" in output and "agent-a7" in output
+    assert (out / "admin.nk").read_bytes() == seed and (out / "agent-a7.nk").exists()
+    code, _ = auth("init", "--out", str(out), "--force")
+    assert code == 0 and (out / "admin.nk").read_bytes() != seed
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("--agent", "monitor-2"), "names the monitor role"),
+    (("--agent", "a.b"), "agent id"),
+    (("--tls",), "--tls needs at least one --host"),
+    (("--host", "x"), "add --tls"),
+    (("--if-missing", "--force"), "contradict"),
+])
+def test_init_mistakes_are_one_line_errors(tmp_path: Path, args: tuple[str, ...], message: str):
+    code, output = auth("init", "--out", str(tmp_path / "creds"), *args)
+    assert code != 0 and message in output and "Traceback" not in output
+    assert len(output.strip().splitlines()) == 1, output
+
+
+def test_add_agent_needs_an_initialised_directory_and_a_new_id(tmp_path: Path):
+    code, output = auth("add-agent", "a1", "--out", str(tmp_path / "none"))
+    assert code == 1 and "ledger auth init" in output
+    assert auth("init", "--out", str(tmp_path / "creds"), "--agent", "a1")[0] == 0
+    code, output = auth("add-agent", "a1", "--out", str(tmp_path / "creds"))
+    assert code == 1 and "already has credentials" in output
+
+
+@pytest.fixture
+def secured(tmp_path: Path) -> Iterator[Secured]:
+    s = start_secured(tmp_path)
+    try:
+        yield s
+    finally:
+        s.server.stop()
+
+
+async def test_an_agent_added_later_is_taken_by_the_server_after_a_reload(secured: Secured):
+    code, output = auth("add-agent", "a9", "--out", str(secured.creds))
+    assert code == 0 and "reload" in output
+    assert secured.server.pid is not None
+    os.kill(secured.server.pid, signal.SIGHUP)  # what `nats-server --signal reload` sends
+    await eventually(lambda: "Reloaded server configuration" in secured.server.log_path.read_text(),
+                     timeout=10, what="the reload")
+    conn: Conn = await connect(secured, "agent-a9")
+    try:
+        event = ev.AgentRegistered(producer=ev.Producer(id="a9", instance="i"), agent_id="a9", instance_id="i",
+                                   pool="p")
+        ack = await conn.nc.jetstream().publish("ledger.agent.a9.registered.a9", codec.encode(event).payload,
+                                                timeout=5)
+        assert ack.seq > 0
+        # ... and it is bound like every agent: not a word for a1.
+        await refused_publish(conn, "ledger.agent.a1.goodbye.a9", codec.encode(event).payload)
+    finally:
+        await conn.nc.close()
+    admin = await nats.connect(secured.url, nkeys_seed=str(secured.creds / "admin.nk"))
+    try:
+        store = EventStore(admin, Settings(nats_url=secured.url))
+        assert [type(e) for e in await recorded(store, "agent", "a9")] == [ev.AgentRegistered]
+        assert await recorded(store, "agent", "a1") == []
+    finally:
+        await admin.close()
