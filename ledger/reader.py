@@ -455,8 +455,7 @@ class Replay:
         old, self._consumer = self._consumer, None  # from now on, deliveries of the old one are ignored
         try:
             if old:
-                with contextlib.suppress(Exception):
-                    await self._nc.jsm(timeout=self._timeout).delete_consumer(self._stream, old)
+                await self._forget(old)
             await self._create()
         except StoreError as e:
             self._error = e
@@ -530,9 +529,21 @@ class Replay:
                 task.cancel()
         await self.close_subscription()
         consumer, self._consumer = self._consumer, None
-        if consumer and not self._nc.is_closed:
-            with contextlib.suppress(Exception):  # unused, it goes by itself after inactive_threshold
-                await self._nc.jsm(timeout=self._timeout).delete_consumer(self._stream, consumer)
+        if consumer:
+            await self._forget(consumer)
+
+    async def _forget(self, consumer: str) -> None:
+        """Ask the server to delete a consumer we no longer read, without waiting for its answer.
+
+        Unused, it goes by itself after inactive_threshold anyway; and a user whose permissions do not
+        include deleting consumers (every role but admin, in the generated ones) would otherwise wait a
+        whole request timeout for an answer that never comes, at every close.
+        """
+        if self._nc.is_closed:
+            return
+        with contextlib.suppress(Exception):
+            await self._nc.publish(f"{API_PREFIX}.CONSUMER.DELETE.{self._stream}.{consumer}", b"",
+                                   reply=self._nc.new_inbox())
 
     async def close_subscription(self) -> None:
         if self._sub is not None:
