@@ -25,11 +25,11 @@ from . import codec, reader, subjects, tasks
 from .appender import Appender
 from .codec import Recorded, Unreadable
 from .connection import open_connection, watch_of
-from .errors import InvalidInput
+from .errors import InvalidInput, PermissionDenied
 from .events import Event
 from .ids import check_token
 from .settings import Settings
-from .streams import StreamReport, ensure_streams
+from .streams import CHANGE_REQUESTS, StreamReport, ensure_streams, why_admin_is_needed
 
 log = logging.getLogger(__name__)
 
@@ -117,10 +117,20 @@ class EventStore:
         await self.close()
 
     async def ensure_streams(self) -> list[StreamReport]:
-        work = ensure_streams(self.nc.jsm(timeout=self.settings.request_timeout), self.settings)
+        """Create or upgrade the streams. A user who may only read them (all but admin, in a secured deployment)
+        gets them as they are, or is told which stream is missing or differs and to run `ledger init` as admin."""
+        jsm = self.nc.jsm(timeout=self.settings.request_timeout)
         watch = watch_of(self.nc)
+        if watch is None:
+            return await ensure_streams(jsm, self.settings)
         # A user without stream rights is refused by the server, and nats-py only says so to the error callback.
-        return await (watch.guard(work, prefix=reader.API_PREFIX + ".") if watch else work)
+        try:
+            return await watch.guard(ensure_streams(jsm, self.settings), prefix=reader.API_PREFIX + ".")
+        except PermissionDenied as e:
+            if not e.subject.upper().startswith(CHANGE_REQUESTS):
+                raise
+            why = await watch.guard(why_admin_is_needed(jsm, self.settings), prefix=reader.API_PREFIX + ".")
+            raise why or e from None
 
     # --- appends ----------------------------------------------------------------
 

@@ -21,11 +21,14 @@ from nats.js.errors import APIError, NotFoundError
 from nats.js.manager import JetStreamManager
 
 from . import subjects
-from .errors import StreamMismatch
+from .errors import StreamMismatch, StreamMissing
 from .settings import Settings
 
 # JetStream refuses to change these after creation.
 IMMUTABLE = ("storage", "retention", "deny_delete", "deny_purge")
+CHANGE_REQUESTS = ("$JS.API.STREAM.CREATE.", "$JS.API.STREAM.UPDATE.")
+"""The API requests of `ensure_streams` that change streams: in a secured deployment, only admin may make them."""
+ADMIN_HINT = "run `ledger init` with admin credentials"
 
 
 def specs(settings: Settings) -> list[StreamConfig]:
@@ -165,15 +168,36 @@ async def ensure_streams(jsm: JetStreamManager, settings: Settings) -> list[Stre
     return reports
 
 
+def needs_admin(name: str, diff: dict[str, tuple[Any, Any]] | None) -> StreamMissing | StreamMismatch | None:
+    """What a user who may not change streams is told about stream `name` (`diff` as `check_streams` gives it):
+    that it is missing or differs, and who can fix it; None when it is as wanted."""
+    if diff is None:
+        return StreamMissing(f"stream {name} does not exist and this NATS user may not create streams: {ADMIN_HINT}")
+    if diff:
+        return StreamMismatch(f"stream {name} differs in {', '.join(sorted(diff))} and this NATS user may not "
+                              f"change streams: {ADMIN_HINT} (or give this command the streams' settings)")
+    return None
+
+
+async def why_admin_is_needed(jsm: JetStreamManager, settings: Settings) -> StreamMissing | StreamMismatch | None:
+    """The first stream a user who may not change streams would need changed, read one by one: a user may not
+    read every stream (an agent does not read the dead letters)."""
+    for spec in specs(settings):
+        found = await _check(jsm, spec, settings)
+        if (problem := needs_admin(spec.name, found)) is not None:
+            return problem
+    return None
+
+
+async def _check(jsm: JetStreamManager, spec: StreamConfig, settings: Settings) -> dict[str, tuple[Any, Any]] | None:
+    try:
+        info = await jsm.stream_info(spec.name)
+    except NotFoundError:
+        return None
+    keep_replicas(spec, info.config, settings)
+    return differences(spec, info.config)
+
+
 async def check_streams(jsm: JetStreamManager, settings: Settings) -> dict[str, dict[str, tuple[Any, Any]] | None]:
     """Read-only check: stream name -> differences, or None where the stream is missing."""
-    result: dict[str, dict[str, tuple[Any, Any]] | None] = {}
-    for spec in specs(settings):
-        try:
-            info = await jsm.stream_info(spec.name)
-        except NotFoundError:
-            result[spec.name] = None
-        else:
-            keep_replicas(spec, info.config, settings)
-            result[spec.name] = differences(spec, info.config)
-    return result
+    return {spec.name: await _check(jsm, spec, settings) for spec in specs(settings)}
