@@ -200,13 +200,15 @@ class Fleet:
         self.procs.append(proc)
         return proc
 
-    async def wait_for_line(self, proc: Proc, text: str, timeout: float = 60) -> None:
+    async def wait_for_line(self, proc: Proc, *texts: str, timeout: float = 60) -> None:
+        """Until `proc` has printed one of `texts`; fail at once if it exits without."""
         def seen() -> bool:
-            if proc.popen.poll() is not None and text not in proc.stdout():
+            said = any(text in proc.stdout() for text in texts)
+            if proc.popen.poll() is not None and not said:
                 raise AssertionError(f"{proc.name} exited {proc.popen.returncode}: {proc.stderr()[-2000:]}")
-            return text in proc.stdout()
+            return said
 
-        await eventually(seen, timeout=timeout, interval=0.1, what=f"{proc.name} saying {text!r}")
+        await eventually(seen, timeout=timeout, interval=0.1, what=f"{proc.name} saying one of {texts!r}")
 
     async def stop(self, proc: Proc) -> int:
         """SIGTERM, as Ctrl-C or `docker stop` would: the process must end cleanly, exit 0."""
@@ -304,7 +306,8 @@ async def normal_flow(d: Deployment, pool: str) -> None:
         first = await eventually(owned, timeout=60, interval=0.5, what="the session claimed by a1 or a2")
         owner = first["owner"]
         (other,) = set(agents) - {owner}
-        await fleet.wait_for_line(agents[owner], f"owns {sid}")
+        # Claimed by the reclaimer of `ledger up` ("now owns") or by the agent itself ("claimed"): whoever was first.
+        await fleet.wait_for_line(agents[owner], f"now owns {sid}", f"claimed {sid}")
 
         agents[owner].popen.kill()  # kill -9: no goodbye, no release
         assert await asyncio.to_thread(agents[owner].popen.wait, 10) == -signal.SIGKILL
@@ -315,7 +318,7 @@ async def normal_flow(d: Deployment, pool: str) -> None:
 
         after = await eventually(moved, timeout=90, interval=0.5, what=f"the session moving from {owner} to {other}")
         assert after["claims"] == 2 and after["token"] > first["token"] and after["claim_reason"] == "failover"
-        await fleet.wait_for_line(agents[other], f"owns {sid}", timeout=30)
+        await fleet.wait_for_line(agents[other], f"now owns {sid}", f"claimed {sid}", timeout=30)
 
         # The projection `ledger up` writes agrees, through the views the reader runs on it.
         async def projected() -> dict | None:
