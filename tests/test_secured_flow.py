@@ -245,7 +245,8 @@ async def fleet_of(deployment: Deployment) -> AsyncIterator[Fleet]:
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     """A plain-text deployment whose streams admin made with `ledger init`."""
     with deployment_at(tmp_path_factory.mktemp("secured-flow"), tls=False) as d:
-        done = subprocess.run([*LEDGER, "init"], check=False, capture_output=True, text=True, timeout=60, env=d.env("admin"))
+        done = subprocess.run([*LEDGER, "init"], check=False, capture_output=True, text=True, timeout=60,
+                              env=d.env("admin"))
         assert done.returncode == 0, done.stderr
         d.creds.check_printed(done.stdout + done.stderr)
         yield d
@@ -275,6 +276,8 @@ async def test_only_admin_makes_the_streams_and_ledger_up_as_service_needs_them(
         line = one_line_error(await d.run("service", "up", "--data-dir", str(tmp_path / "up")),
                               "stream LEDGER", "duplicate_window", "run `ledger init` with admin credentials")
         assert "permission denied" not in line
+        again = await d.run(None, "init", env=d.env("admin", LEDGER_DUPLICATE_WINDOW="60"))
+        assert again.returncode == 0 and again.stdout.count(": ok") == 3, again.stdout  # as admin left them
 
 
 # --- 2. the normal flow ----------------------------------------------------------------------------------------
@@ -420,7 +423,8 @@ async def test_credential_mistakes_are_one_line(deployment: Deployment, tmp_path
     done = await d.run(None, "session", "show", "s-x", env={**env, "LEDGER_USER": "admin",
                                                             "LEDGER_PASSWORD": WRONG_PASSWORD})
     one_line_error(done, "authorization violation")
-    done = await d.run(None, "init", env={**env, "LEDGER_NATS_URL": d.url.replace("://", f"://admin:{WRONG_PASSWORD}@")})
+    in_url = d.url.replace("://", f"://admin:{WRONG_PASSWORD}@")
+    done = await d.run(None, "init", env={**env, "LEDGER_NATS_URL": in_url})
     one_line_error(done, "authorization violation", "admin:***@")
 
 
