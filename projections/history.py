@@ -99,7 +99,8 @@ async def _incarnations(store: EventStore, records: list[Recorded]) -> Incarnati
                                                                         ev.SessionResourceReported))}
     registrations = {}
     for agent_id in sorted(agents):
-        found = await reader.history(store.nc, LEDGER_STREAM, f"ledger.agent.{agent_id}.registered.*",
+        # Only the agent's own registrations (producer token = its id): any other is flagged by the fold.
+        found = await reader.history(store.nc, LEDGER_STREAM, f"ledger.agent.{agent_id}.registered.{agent_id}",
                                      timeout=store.settings.request_timeout)
         registrations[agent_id] = [r.seq for r in found if isinstance(r, Recorded)]
     return registrations_lookup(registrations)
