@@ -123,7 +123,7 @@ async def test_the_log_saying_the_agent_is_finished_makes_it_come_back_as_a_new_
         assert (state.status, state.incarnation, state.instance_id) == (lc.A_ALIVE, a.incarnation, a.instance_id)
         # It wrote no AgentFenced of its own on top: the log already said why the incarnation ended.
         history = [r.event for r in await ledger.store.history("agent", a.agent_id) if isinstance(r, Recorded)]
-        assert [e for e in history if isinstance(e, ev.AgentFenced) and e.producer.id == a.agent_id] == []
+        assert [e for e in history if isinstance(e, ev.AgentFenced) and e.producer.instance == a.instance_id] == []
         # The new incarnation works as owner again.
         s2, _ = await ledger.create_session("p", session_id=f"{uid}-s2")
         claim = await a.claim(s2)
@@ -154,7 +154,8 @@ async def test_an_agent_over_capacity_releases_its_newest_extra_session(ledger: 
     async with agent_of(ledger, f"{uid}-a", capacity=2, on_lost=lambda sid, why: lost.append((sid, why))) as a:
         held = [await a.claim(sid) for sid in own]
         # A reclaimer's claim that raced the agent's own: it now holds 3 of 2.
-        await ledger.claim_session(extra, a.ref, reason="failover")
+        reclaimer = Ledger(ledger.store, ev.Producer(id="reclaimer-test", instance=new_id()))
+        await reclaimer.claim_session(extra, a.ref, reason="failover")
 
         async def released() -> lc.SessionState | None:
             state, _ = await ledger.session(extra)

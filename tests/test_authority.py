@@ -369,3 +369,14 @@ async def test_a_forged_goodbye_fenced_and_death_for_a2_through_subjects_ending_
             assert (agent_row.incarnation, agent_row.status) == (incarnation, "alive")
         registrations = await ledger.registrations("a2")
         assert registrations == [incarnation]  # a2 never registered again
+
+
+def test_the_cli_says_in_one_line_who_may_create_a_session_and_run_as_an_agent(settings, uid: str):  # type: ignore[no-untyped-def]
+    from test_cli_entities import ledger_cli, ok, one_line_error
+
+    one_line_error(ledger_cli(settings, "session", "create", "--pool", "p", "--session-id", f"{uid}-s", "--as",
+                              "scheduler"), "scheduler", "operator")
+    one_line_error(ledger_cli(settings, "agent", "--agent-id", "monitor-2", "--pool", "p"), "reserved")
+    assert f"created session {uid}-s" in ok(ledger_cli(settings, "session", "create", "--pool", "p", "--session-id",
+                                                       f"{uid}-s", "--as", "operator-ann"))
+    assert f"terminated session {uid}-s" in ok(ledger_cli(settings, "session", "terminate", f"{uid}-s"))  # as cli
