@@ -600,6 +600,13 @@ class Agent:
         e = rec.event
         assert isinstance(e, ev.SessionEvent)
         sid = e.session_id
+        if lc.writer_problem(e) is not None:
+            # Its producer may not write it at all (a claim for us by another agent, say): every fold flags it
+            # whatever the session's state, so it costs no read.
+            if sid in self._sessions or self._may_gain(e):
+                log.warning("%s: ignoring #%d on session %s, written by %s, who may not write it", self.agent_id,
+                            rec.seq, sid, e.producer.id)
+            return
         for _ in range(JUDGE_ATTEMPTS):
             known = self._session_seq.get(sid, 0)
             if rec.seq <= known:
@@ -638,6 +645,7 @@ class Agent:
         for item in batch:
             e = item.event if isinstance(item, Recorded) else None
             if (isinstance(e, ev.SessionClaimed) and self._may_gain(e) and e.session_id not in self._sessions
+                    and lc.writer_problem(e) is None
                     and e.session_id not in wanted and item.seq > self._session_seq.get(e.session_id, 0)):
                 wanted[e.session_id] = item.seq
         keys = list(wanted.items())

@@ -541,9 +541,11 @@ def fold(evolve: Callable[..., Evolved[Any]], records: Iterable[Recorded],
 
 
 def agents_acting(records: Iterable[Recorded]) -> set[str]:
-    """The agents whose registrations a session history's fold needs: those it names as claimers or owners."""
+    """The agents whose registrations a session history's fold needs: those it names as claimers or owners, in
+    events their producers may write (the fold flags any other before it looks at a registration)."""
     return {e.agent_id for e in (r.event for r in records)
-            if isinstance(e, (ev.SessionClaimed, ev.SessionReleased, ev.SessionResourceReported))}
+            if isinstance(e, (ev.SessionClaimed, ev.SessionReleased, ev.SessionResourceReported))
+            and writer_problem(e) is None}
 
 
 def registrations_lookup(registrations: dict[str, list[int]]) -> IncarnationAt:

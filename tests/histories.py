@@ -193,7 +193,8 @@ def _step(draw: st.DrawFn, b: Builder, action: str) -> None:
             owner_session = b.model.routes[route].session_id if route in b.model.routes else session
             owner = b.model.sessions[owner_session].owner if owner_session in b.model.sessions else None
             writers = (CLI, WATCHDOG) + ((ev.Producer(id=owner, instance=f"{owner}-i"),) * 2 if owner else ())
-            b.add(ev.RouteTransitioned(producer=draw(st.sampled_from(writers)), route_id=route, from_state=frm, to_state=to, time=at,
+            b.add(ev.RouteTransitioned(producer=draw(st.sampled_from(writers)), route_id=route, from_state=frm,
+                                       to_state=to, time=at,
                                        token=draw(st.one_of(st.none(), st.just(_token(draw, b, owner_session)))),
                                        traffic=draw(st.sampled_from((None, "ACTIVE", "INACTIVE")))))
         case "health":

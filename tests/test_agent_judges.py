@@ -110,11 +110,11 @@ async def test_the_log_saying_the_agent_is_finished_makes_it_come_back_as_a_new_
         await a.claim(sid)
         first = a.incarnation
         if forgery == "goodbye":
-            event: ev.Event = authorized(ev.AgentGoodbye(producer=FORGER, agent_id=a.agent_id, instance_id=a.instance_id,
-                                              incarnation=first, reason="forged"))
+            event: ev.Event = authorized(ev.AgentGoodbye(producer=FORGER, agent_id=a.agent_id,
+                                                         instance_id=a.instance_id, incarnation=first, reason="forged"))
         else:
-            event = authorized(ev.AgentFenced(producer=FORGER, agent_id=a.agent_id, incarnation=first, reason="forged",
-                                   fenced_at=ev.utcnow()))
+            event = authorized(ev.AgentFenced(producer=FORGER, agent_id=a.agent_id, incarnation=first,
+                                              reason="forged", fenced_at=ev.utcnow()))
         await ledger.store.append(event)
         await eventually(lambda: a.incarnation > first and a.fenced is None, what="a new incarnation")
         assert len(fenced) == 1 and "the log says" in fenced[0]
@@ -236,11 +236,11 @@ async def test_an_agent_acts_only_on_what_the_fold_applies_to_its_own_lifecycle(
         first = a.incarnation
         await a.drain(deadline=60)
         await eventually(lambda: _status(ledger, a.agent_id, lc.A_DRAINED), what="drained in the log")
-        await ledger.store.append(authorized(ev.AgentDeclaredDead(producer=FORGER, agent_id=a.agent_id, incarnation=first,
-                                                       reason="forged")))
+        await ledger.store.append(authorized(ev.AgentDeclaredDead(
+            producer=FORGER, agent_id=a.agent_id, incarnation=first, reason="forged")))
         # Then a forged goodbye, which the fold does apply: once the agent reacts to that, it has judged the death.
-        await ledger.store.append(authorized(ev.AgentGoodbye(producer=FORGER, agent_id=a.agent_id, instance_id=a.instance_id,
-                                                  incarnation=first)))
+        await ledger.store.append(authorized(ev.AgentGoodbye(
+            producer=FORGER, agent_id=a.agent_id, instance_id=a.instance_id, incarnation=first)))
         await eventually(lambda: a.incarnation > first, what="a new incarnation after the goodbye")
         fences = [r for r in await ledger.store.history("agent", a.agent_id)
                   if isinstance(r, Recorded) and isinstance(r.event, ev.AgentFenced)]
@@ -251,8 +251,8 @@ async def test_a_drain_written_about_the_agent_makes_it_drain(ledger: Ledger, ui
     """The log says the agent drains (the reclaimer hands its sessions off, nothing claims for it): the agent
     behaves so and writes that it drained, instead of idling outside the fleet until it restarts."""
     async with agent_of(ledger, f"{uid}-a") as a:
-        await ledger.store.append(authorized(ev.AgentDraining(producer=FORGER, agent_id=a.agent_id, incarnation=a.incarnation,
-                                                   deadline=ev.utcnow(), reason="forged")))
+        await ledger.store.append(authorized(ev.AgentDraining(
+            producer=FORGER, agent_id=a.agent_id, incarnation=a.incarnation, deadline=ev.utcnow(), reason="forged")))
         await eventually(lambda: a.draining, what="the agent draining")
         await eventually(lambda: _status(ledger, a.agent_id, lc.A_DRAINED), what="drained in the log")
         history = [r for r in await ledger.store.history("agent", a.agent_id) if isinstance(r, Recorded)]

@@ -149,8 +149,8 @@ async def test_a_forged_death_with_a_reason_of_the_longest_allowed_text_does_not
     it before its new registration, never comes back."""
     async with agent_of(ledger, f"{uid}-a1") as a1:
         first = a1.incarnation
-        await ledger.store.append(authorized(ev.AgentDeclaredDead(producer=FORGER, agent_id=a1.agent_id, incarnation=first,
-                                                       reason="x" * 4096)))
+        await ledger.store.append(authorized(ev.AgentDeclaredDead(
+            producer=FORGER, agent_id=a1.agent_id, incarnation=first, reason="x" * 4096)))
         await eventually(lambda: a1.incarnation > first and a1.fenced is None, timeout=15.0,
                          what="a1 registered again after the forged death")
 

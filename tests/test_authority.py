@@ -19,8 +19,7 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from samples import all_samples
 
-from ledger import authority
-from ledger import codec
+from ledger import authority, codec
 from ledger import events as ev
 from ledger import lifecycle as lc
 from ledger.agent import Agent
