@@ -166,7 +166,8 @@ class Report(msgspec.Struct, kw_only=True):
     flagged: dict[str, int] = msgspec.field(default_factory=dict)
     """Events the system itself writes in a race, not applied or soon repaired, that are no violation, by kind:
     in-flight writes of a superseded incarnation (superseded_incarnation), claims stored at most `grace` after
-    the agent's death, goodbye or fence (claim_for_unavailable_agent)."""
+    the agent's death, goodbye or fence (claim_for_unavailable_agent), and events whose producer may not write
+    them (unauthorized_producer: a forgery every fold flags, or a misconfigured writer)."""
 
     @property
     def clean(self) -> bool:

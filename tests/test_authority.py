@@ -362,6 +362,8 @@ async def test_a_forged_goodbye_fenced_and_death_for_a2_through_subjects_ending_
         async with Query.open(db) as q:
             flags = {f.seq: (f.kind, f.producer) for f in (await q.anomalies()).items}
             assert {s: flags.get(s) for s in seqs} == {s: (lc.UNAUTHORIZED_PRODUCER, "a1") for s in seqs}
+            # The agents, the consumers and the operator wrote nothing else their roles may not write.
+            assert sorted(s for s, (kind, _) in flags.items() if kind == lc.UNAUTHORIZED_PRODUCER) == seqs
             row = next(s for s in (await q.sessions(pool="gpu")).items if s.session_id == sid)
             assert (row.state, row.owner, row.token) == ("assigned", "a2", token)
             agent_row = next(a for a in (await q.agents(pool="gpu")).items if a.agent_id == "a2")

@@ -547,6 +547,8 @@ async def test_a_log_written_by_real_agents_and_consumers_is_clean(server: Embed
     code, doc, _ = ledger_check(server.url, "--json")
     assert code == 0, doc["violations"]
     assert doc["clean"] and doc["events"] > 20 and doc["messages"]["LEDGER_HB"] > 0
+    # The agents, the `ledger agent` processes and the consumers write only what their roles may write.
+    assert ck.UNAUTHORIZED_PRODUCER not in doc["flagged"], doc["flagged"]
     code, _, out = ledger_check(server.url)
     assert code == 0 and "clean: no violation" in out
 
