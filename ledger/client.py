@@ -41,12 +41,21 @@ def check_writer(event: ev.Event, owner: object = lc.UNKNOWN_OWNER) -> None:
         raise NotAuthorized(_advice(problem.detail, event))
 
 
+_HINTS = {"session.created": "sessions are created by operators",
+          "session.terminated": "sessions are terminated by operators, or by their owner",
+          "route.created": "routes are created by operators, or by the agent owning the session"}
+
+
 def _advice(detail: str, event: ev.Event) -> str:
-    if event.type_tag() in ("session.created", "session.terminated", "route.created") \
-            and authority.role_of(event.producer.id) == authority.AGENT:
-        return (f"{detail} (producer {event.producer.id!r} is an agent id; sessions and routes are created by "
-                f"operators: connect with producer_id 'operator' or 'operator-<name>', or 'cli')")
-    return detail
+    """The refusal, with what to do instead when an agent id was used where an operator writes."""
+    if authority.role_of(event.producer.id) != authority.AGENT:
+        return detail
+    hint = _HINTS.get(event.type_tag())
+    if hint is None:
+        return detail
+    return (f"{detail} (producer {event.producer.id!r} is an agent id; {hint}: connect with producer_id "
+            f"'operator' or 'operator-<name>', or 'cli')")
+
 
 CAS_ATTEMPTS = 8
 """Re-read and re-decide a write this many times before giving up under contention."""
