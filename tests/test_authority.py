@@ -220,6 +220,21 @@ def test_a_route_write_is_judged_on_who_owned_the_session_at_that_point_of_the_l
     assert [(seq, a.kind) for seq, a in anomalies] == [(late.seq, lc.UNAUTHORIZED_PRODUCER)]
 
 
+def test_the_claim_decision_refuses_what_the_fold_would_flag():
+    from ledger.decide import AgentRef, decide_claim
+
+    log = Log()
+    state = fleet(log)
+    pending = lc.SessionState(session_id="s9", pool="p", platform="default", region="default", labels={},
+                              idle_ttl=None, status=lc.S_PENDING, created_at=ev.utcnow())
+    a2 = AgentRef("a2", "i2", state.agents["a2"].incarnation)
+    with pytest.raises(NotAuthorized, match="only the reclaimer or the agent itself"):
+        decide_claim(pending, "s9", a2, producer=A1, reason="initial")
+    for producer in (A2, RECLAIMER):
+        claim = decide_claim(pending, "s9", a2, producer=producer, reason="initial")
+        assert lc.writer_problem(claim) is None
+
+
 # --- properties over generated histories -------------------------------------------------------------------
 
 
