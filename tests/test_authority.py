@@ -333,6 +333,28 @@ async def test_an_agent_writes_routes_of_the_sessions_it_owns_only(ledger: Ledge
         assert route.state == lc.STARTING and route.healthy is True
 
 
+async def test_a_death_forged_by_an_agent_does_not_count_toward_the_pool_breaker(store, uid: str):  # type: ignore[no-untyped-def]
+    """The monitor counts the pool's recent deaths to trip its breaker before a mass failure moves sessions; a
+    death written by a1 for a2 (flagged by the fold) must not count, or a1 could trip it at the first real death."""
+    from consumers.follow import Follower
+    from consumers.monitor import LivenessMonitor
+
+    follower = Follower(store, heartbeats=False)
+    monitor = LivenessMonitor(Ledger(store, MONITOR), follower)
+    log = Log()
+    items = []
+    for p in (A1, A2):
+        items.append(log(ev.AgentRegistered(producer=p, agent_id=p.id, instance_id=p.instance, pool=uid)))
+    inc2 = items[-1].seq
+    items.append(log(ev.AgentDeclaredDead(producer=A1, agent_id="a2", incarnation=inc2, reason="forged")))
+    changes = follower.state.apply_all(items)
+    monitor._heard(LEDGER_STREAM, items, changes)
+    assert list(monitor._deaths[uid]) == [] and follower.state.agents["a2"].status == lc.A_ALIVE
+    real = log(ev.AgentDeclaredDead(producer=MONITOR, agent_id="a2", incarnation=inc2, reason="missed"))
+    monitor._heard(LEDGER_STREAM, [real], follower.state.apply_all([real]))
+    assert [agent for agent, _ in monitor._deaths[uid]] == ["a2"]
+
+
 # --- two real agents, the consumers and the projector ------------------------------------------------------
 
 
