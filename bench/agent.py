@@ -52,7 +52,7 @@ async def run(url: str, sessions: int, racers: int) -> None:
     async with EventStore.connect(settings, ensure=True):
         pass
     print(line("raw js.publish (acked)", await raw_publish(url, sessions)))
-    async with Ledger.connect(settings, producer_id="bench") as ledger:
+    async with Ledger.connect(settings, producer_id="operator-bench") as ledger:
         async with Agent(ledger, agent_id="bench-hb", pool="bench", heartbeat=0.02, ttl=5) as agent:
             await asyncio.sleep(3)
             print(line("heartbeat send -> ack", list(agent.stats.ack_latencies)))

@@ -27,7 +27,7 @@ from ledger.events import Producer, SessionCreated  # noqa: E402
 from ledger.settings import Settings  # noqa: E402
 from ledger.store import EventStore  # noqa: E402
 
-PRODUCER = Producer(id="bench", instance=uuid.uuid4().hex)
+PRODUCER = Producer(id="operator-bench", instance=uuid.uuid4().hex)
 
 
 def make_events(n: int, tag: str) -> list[SessionCreated]:

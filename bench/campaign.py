@@ -167,7 +167,7 @@ class Writer:
 
     def __init__(self, store: EventStore, tag: str, *, keep: int = 24, pause: float = 0.05) -> None:
         self.store, self.tag, self.keep, self.pause = store, tag, keep, pause
-        self.producer = ev.Producer(id="campaign", instance=tag)
+        self.producer = ev.Producer(id="operator-campaign", instance=tag)  # creates and ends sessions and routes
         self.ledger = Ledger(store, self.producer)
         self.acks: list[tuple[int, str]] = []
         self.errors: Counter[str] = Counter()

@@ -72,7 +72,7 @@ async def failover_round(url: str, kind: str, n: int) -> list[float]:
     """Seconds from the death/goodbye event to each session's new claim (server clock)."""
     settings = Settings(nats_url=url)
     pool = f"fo-{kind}-{new_id()[:6]}"
-    async with Ledger.connect(settings, producer_id="bench") as ledger, contextlib.AsyncExitStack() as stack:
+    async with Ledger.connect(settings, producer_id="operator-bench") as ledger, contextlib.AsyncExitStack() as stack:
         # The victim alone in its pool first: the reclaimer gives it every new session.
         victim = await stack.enter_async_context(Agent(ledger, agent_id=f"{pool}-victim", pool=pool,
                                                        capacity=n, heartbeat=1.0, ttl=30.0))
@@ -88,7 +88,8 @@ async def failover_round(url: str, kind: str, n: int) -> list[float]:
         await asyncio.sleep(1.0)  # let the reclaimer see the fleet as it is
         if kind == "death":
             victim._closing = True  # the process is gone: it neither re-registers nor says goodbye
-            seq = await ledger.append(ev.AgentDeclaredDead(producer=ledger.producer, agent_id=victim.agent_id,
+            monitor = ev.Producer(id="monitor-bench", instance=new_id())  # only the monitor declares deaths
+            seq = await ledger.append(ev.AgentDeclaredDead(producer=monitor, agent_id=victim.agent_id,
                                                            incarnation=victim.incarnation, reason="bench"))
         else:
             await victim.goodbye("bench")
@@ -113,15 +114,16 @@ async def failover_round(url: str, kind: str, n: int) -> list[float]:
 async def contention(url: str, claimers: int, orphans: int) -> None:
     settings = Settings(nats_url=url)
     pool = f"race-{new_id()[:6]}"
-    async with Ledger.connect(settings, producer_id="bench") as ledger, contextlib.AsyncExitStack() as stack:
+    async with Ledger.connect(settings, producer_id="operator-bench") as ledger, contextlib.AsyncExitStack() as stack:
         lost = decide.AgentRef(f"{pool}-lost", new_id(), 0)
-        await ledger.append(ev.AgentRegistered(producer=ledger.producer, agent_id=lost.agent_id,
-                                               instance_id=lost.instance_id, pool=pool))
+        await ledger.append(ev.AgentRegistered(producer=ev.Producer(id=lost.agent_id, instance=lost.instance_id),
+                                               agent_id=lost.agent_id, instance_id=lost.instance_id, pool=pool))
+        reclaimer = ev.Producer(id="reclaimer-bench", instance=new_id())  # claims for others, orphans
         lost = decide.AgentRef(lost.agent_id, lost.instance_id, (await ledger.registrations(lost.agent_id))[-1])
         sessions = await create_sessions(ledger.store, ledger.producer, pool, orphans, pool)
-        tokens = await claim_all_for(ledger.store, ledger.producer, lost, sessions, await last_seqs(ledger.store, sessions))
+        tokens = await claim_all_for(ledger.store, reclaimer, lost, sessions, await last_seqs(ledger.store, sessions))
         futures = [await ledger.store.submit(ev.SessionOrphaned(
-            producer=ledger.producer, session_id=sid, reason="owner_dead", previous_owner=lost.agent_id,
+            producer=reclaimer, session_id=sid, reason="owner_dead", previous_owner=lost.agent_id,
             previous_incarnation=lost.incarnation, previous_token=token), expect=token) for sid, token in tokens.items()]
         await ledger.store.flush()
         start_seq = max(f.result() for f in futures)

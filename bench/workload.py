@@ -22,8 +22,9 @@ from datetime import datetime, timedelta, timezone
 from ledger import events as ev
 from ledger.lifecycle import PENDING, RUNNING, STARTING, WARMING_UP
 
-CLI = ev.Producer(id="bench-cli", instance="bench")
-MONITOR = ev.Producer(id="bench-monitor", instance="bench")
+CLI = ev.Producer(id="operator-bench", instance="bench")
+MONITOR = ev.Producer(id="monitor-bench", instance="bench")
+RECLAIMER = ev.Producer(id="reclaimer-bench", instance="bench")
 
 
 class Workload:
@@ -183,7 +184,7 @@ class Workload:
         for sid in sorted(self.owned[agent]):
             _, token = self.owner[sid]  # type: ignore[misc]
             self.owner[sid] = None
-            yield self._next(ev.SessionOrphaned(producer=MONITOR, session_id=sid, reason="owner_goodbye",
+            yield self._next(ev.SessionOrphaned(producer=RECLAIMER, session_id=sid, reason="owner_goodbye",
                                                 previous_owner=agent, previous_incarnation=self.incarnation[agent],
                                                 previous_token=token, time=self._tick()))
         self.owned[agent] = set()

@@ -75,7 +75,8 @@ class LivenessMonitor:
                 reports.append((item.seq, from_ns(item.timestamp_ns)))
                 while len(reports) > 4 * self.settings.report_threshold:
                     reports.popleft()
-            elif isinstance(e, ev.AgentDeclaredDead) and e.agent_id in agents:
+            elif isinstance(e, ev.AgentDeclaredDead) and e.agent_id in agents and lc.writer_problem(e) is None:
+                # (a death only the monitor may declare: one forged by another producer never trips a breaker)
                 deaths = self._deaths[agents[e.agent_id].pool]
                 deaths.append((e.agent_id, from_ns(item.timestamp_ns)))
                 while len(deaths) > 1000:

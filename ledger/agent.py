@@ -44,13 +44,14 @@ from types import TracebackType
 
 import msgspec
 
-from . import codec, decide, lifecycle as lc, subjects, tasks
+from . import authority, codec, decide, lifecycle as lc, subjects, tasks
 from . import events as ev
 from .client import Ledger
 from .codec import Recorded, Unreadable
 from .reader import Replay
 from .settings import Settings
-from .errors import CapacityExhausted, Draining, Fenced, InvalidInput, LedgerError, NotFound, Superseded
+from .errors import (CapacityExhausted, Draining, Fenced, InvalidInput, LedgerError, NotAuthorized, NotFound,
+                     Superseded)
 from .ids import check_token, new_id
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,9 @@ class Agent:
                  on_gained: Callable[[Claim, str], None] | None = None) -> None:
         for value, what in ((agent_id, "agent id"), (pool, "pool"), (platform, "platform"), (region, "region")):
             check_token(value, what)
+        reserved = authority.reserved_agent_id_problem(agent_id)
+        if reserved is not None:  # its events would be flagged by every fold: it could never register
+            raise NotAuthorized(f"cannot run an agent as {agent_id!r}: {reserved}")
         if capacity < 1:
             raise InvalidInput(f"capacity must be at least 1, got {capacity}")
         if heartbeat <= 0 or ttl <= heartbeat:
@@ -175,8 +179,10 @@ class Agent:
         self._batch_end = 0
         """Last sequence of the batch the watch is judging."""
         self._unreadable_registration = 0
-        self._own_registrations = subjects.event_subject("agent", agent_id, "registered", "")
-        """Our registrations' subject, up to the producer token."""
+        self._own_registrations = subjects.event_subject("agent", agent_id, "registered", agent_id)
+        """Our registrations' subject. Only the agent itself may register it (the folds flag a registration
+        published by another producer, on `...registered.<other>`), so this alone is what our re-registration's
+        compare-and-set must expect."""
         """Newest unreadable message on our registration subject the watch skipped: no registration to any
         reader, yet the subject's last sequence, which our re-registration's compare-and-set must expect."""
         self.goodbye_seq: int | None = None
@@ -434,7 +440,7 @@ class Agent:
                 known = self._registered.get(self.agent_id) or [self.incarnation]
                 expect = max(known[-1], self._unreadable_registration)
                 future = await self.store.submit(registration, expect=expect,
-                                                 expect_filter=self._own_registrations + "*")
+                                                 expect_filter=self._own_registrations)
             except LedgerError as e:
                 log.debug("%s: cannot register yet: %s", self.agent_id, e)
                 await asyncio.sleep(min(self.heartbeat, 1.0))
@@ -478,14 +484,15 @@ class Agent:
                         if batch:
                             self._batch_end = batch[-1].seq
                         for item in batch:  # first: a claim is judged on the registrations stored before it
-                            if isinstance(item, Recorded) and isinstance(item.event, ev.AgentRegistered):
+                            if isinstance(item, Recorded) and isinstance(item.event, ev.AgentRegistered) \
+                                    and lc.writer_problem(item.event) is None:  # one the folds take
                                 self._note_registration(item.seq, item.event.agent_id)
                         await self._prefetch(batch)
                         for item in batch:
                             if isinstance(item, Recorded):
                                 await self._observe(item)
                             else:  # dead-lettered by the projector; nothing here can act on it
-                                if item.subject.startswith(self._own_registrations):
+                                if item.subject == self._own_registrations:
                                     self._unreadable_registration = max(self._unreadable_registration, item.seq)
                                 log.warning("%s: watch skips unreadable #%d on %s: %s", self.agent_id, item.seq,
                                             item.subject, item.reason)
@@ -504,6 +511,9 @@ class Agent:
         match e:
             case ev.AgentRegistered() if e.agent_id != self.agent_id:
                 pass  # noted with its batch, for judging claims
+            case ev.AgentRegistered() if lc.writer_problem(e) is not None:
+                log.warning("%s: ignoring #%d, a registration of this agent written by %s, which every fold "
+                            "flags", self.agent_id, rec.seq, e.producer.id)
             case ev.AgentRegistered() if self._pending_registration is not None \
                     and e.event_id == self._pending_registration[2].event_id:
                 # Our re-registration, seen before its acknowledgement: adopt it now, so that what follows it
@@ -590,6 +600,13 @@ class Agent:
         e = rec.event
         assert isinstance(e, ev.SessionEvent)
         sid = e.session_id
+        if lc.writer_problem(e) is not None:
+            # Its producer may not write it at all (a claim for us by another agent, say): every fold flags it
+            # whatever the session's state, so it costs no read.
+            if sid in self._sessions or self._may_gain(e):
+                log.warning("%s: ignoring #%d on session %s, written by %s, who may not write it", self.agent_id,
+                            rec.seq, sid, e.producer.id)
+            return
         for _ in range(JUDGE_ATTEMPTS):
             known = self._session_seq.get(sid, 0)
             if rec.seq <= known:
@@ -628,6 +645,7 @@ class Agent:
         for item in batch:
             e = item.event if isinstance(item, Recorded) else None
             if (isinstance(e, ev.SessionClaimed) and self._may_gain(e) and e.session_id not in self._sessions
+                    and lc.writer_problem(e) is None
                     and e.session_id not in wanted and item.seq > self._session_seq.get(e.session_id, 0)):
                 wanted[e.session_id] = item.seq
         keys = list(wanted.items())

@@ -89,3 +89,46 @@ def role_may_write(role: str, type_tag: str) -> bool:
     """Whether some producer of `role` may write events of `type_tag` (SELF and OWNER are agents)."""
     writers = WRITERS.get(type_tag, frozenset())
     return role in writers or (role == AGENT and bool(writers & {SELF, OWNER}))
+
+
+_ROLE_NAMES: Final = {MONITOR: "the liveness monitor", RECLAIMER: "the reclaimer", WATCHDOG: "the route watchdog",
+                      OPERATOR: "an operator", AGENT: "any agent"}
+
+
+def describe_writers(type_tag: str) -> str:
+    """Who may write `type_tag`, in words (for anomalies and the SDK's refusals)."""
+    writers = WRITERS.get(type_tag, frozenset())
+    names = [_ROLE_NAMES[r] for r in ROLES if r in writers]
+    if SELF in writers:
+        names.append("the agent itself")
+    if OWNER in writers:
+        names.append("the agent owning the session")
+    return " or ".join(names) or "no producer"
+
+
+def writer_refusal(type_tag: str, producer: str, *, subject_agent: str | None = None, owner: str | None = None,
+                   owner_known: bool = True) -> str | None:
+    """Why `producer` may not write an event of `type_tag` (None: it may). The one rule behind the folds'
+    `unauthorized_producer` anomaly and the SDK's refusal at the edge.
+
+    `subject_agent`: the agent the event is about or for (SELF: an agent event's `agent_id`, a claim's
+    claimant, an owner write's writer). `owner`: the agent owning the session concerned at that point of the
+    log (OWNER); with `owner_known` False the caller cannot tell (it holds one history only) and an agent is
+    let through as a possible owner - the fold that can tell flags it.
+    """
+    writers = WRITERS.get(type_tag)
+    if writers is None:
+        return f"{type_tag} is not an event type any producer may write"
+    role = role_of(producer)
+    if role in writers:
+        return None
+    if role == AGENT:
+        if SELF in writers and subject_agent is not None and producer == subject_agent:
+            return None
+        if OWNER in writers and (not owner_known or (owner is not None and producer == owner)):
+            return None
+    about = f" for {subject_agent}" if subject_agent is not None and SELF in writers else ""
+    if role == AGENT and OWNER in writers and owner_known:
+        about += f" (the session's owner is {owner or 'nobody'})"
+    who = f"agent {producer}" if role == AGENT else f"{producer} ({_ROLE_NAMES[role]})"
+    return f"{type_tag}{about} written by {who}: only {describe_writers(type_tag)} may write it"

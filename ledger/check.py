@@ -42,6 +42,13 @@ hide itself by being applied twice. The rules are the invariants of the brief
 * missing_event_id / missing_time - an event whose raw payload has no event
   id or no time (a decoder that fills defaults would make replays differ).
 
+An event whose producer token may not write it (`ledger.authority`, the one
+table of who may write what: pure data, no fold) is no violation: every fold flags it and applies
+nothing, so the checker counts it (`Report.flagged`, unauthorized_producer)
+and keeps it out of its own state - a forged goodbye must not make the
+checker call a live owner's sessions stranded. Writes an agent may make as
+a session's owner are judged by the token rules above, not by this one.
+
 An event that breaks a rule is not applied to the checker's own state where
 the ledger does not apply it either (an overlapping claim, a stale write), so
 one forged event is one violation, not a cascade. Messages that are not
@@ -57,6 +64,8 @@ from typing import Any
 
 import msgspec
 
+from . import authority
+
 LEDGER = "LEDGER"
 HEARTBEATS = "LEDGER_HB"
 
@@ -68,6 +77,8 @@ CLAIM_FOR_UNAVAILABLE_AGENT = "claim_for_unavailable_agent"
 STRANDED = "stranded"
 MISSING_EVENT_ID = "missing_event_id"
 MISSING_TIME = "missing_time"
+UNAUTHORIZED_PRODUCER = "unauthorized_producer"
+"""Counted in Report.flagged, never a violation (see the module's doc)."""
 KINDS = (OVERLAPPING_OWNERSHIP, STALE_TOKEN, ILLEGAL_TRANSITION, SUPERSEDED_INCARNATION, CLAIM_FOR_UNAVAILABLE_AGENT,
          STRANDED, MISSING_EVENT_ID, MISSING_TIME)
 
@@ -155,7 +166,8 @@ class Report(msgspec.Struct, kw_only=True):
     flagged: dict[str, int] = msgspec.field(default_factory=dict)
     """Events the system itself writes in a race, not applied or soon repaired, that are no violation, by kind:
     in-flight writes of a superseded incarnation (superseded_incarnation), claims stored at most `grace` after
-    the agent's death, goodbye or fence (claim_for_unavailable_agent)."""
+    the agent's death, goodbye or fence (claim_for_unavailable_agent), and events whose producer may not write
+    them (unauthorized_producer: a forgery every fold flags, or a misconfigured writer)."""
 
     @property
     def clean(self) -> bool:
@@ -513,6 +525,9 @@ class Checker:
         if not _is_time(e.get("time")):
             self._flag(MISSING_TIME, f"{tag} without a valid time")
             return
+        if self._unauthorized(tag, e):
+            self._count(UNAUTHORIZED_PRODUCER)
+            return
         if family in ("agent", "hb"):
             self._agent_event(tag, e, m)
         elif family == "session":
@@ -521,6 +536,12 @@ class Checker:
             self._route_event(tag, e, m)
         else:
             self._breaker_event(tag, e, m)
+
+    def _unauthorized(self, tag: str, e: dict[str, Any]) -> bool:
+        # An agent writing as an owner is left to the checker's own token rules (a zombie owner's write is a
+        # stale_token violation here, whatever the folds call it): only the role and SELF are judged.
+        return authority.writer_refusal(tag, e["producer"]["id"], subject_agent=_str(e, "agent_id"),
+                                        owner_known=False) is not None
 
     def finish(self, now_ns: int | None = None) -> Report:
         now = self.last_ns if now_ns is None else now_ns

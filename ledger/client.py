@@ -1,6 +1,6 @@
 """Ledger: the operations any client may perform, and reading one entity's current state.
 
-    async with Ledger.connect(Settings.from_env(), producer_id="scheduler") as ledger:
+    async with Ledger.connect(Settings.from_env(), producer_id="operator-scheduler") as ledger:
         sid, _ = await ledger.create_session(pool="gpu")
         await ledger.create_route("r-1", session_id=sid, endpoint="chat")
         await ledger.transition_route("r-1", "STARTING")
@@ -8,6 +8,9 @@
 Every write is decided on the entity's current state (its history folded with
 `ledger.lifecycle`) and appended with a compare-and-set on that history, so
 no other writer can slip in between; a lost race is re-read and re-decided.
+The producer id is a role (`ledger.authority`): operators (`operator`,
+`operator-<name>`, `cli`) create and terminate sessions and routes; an event
+its role may not write is refused here (NotAuthorized), as every fold would flag it.
 Agents use `ledger.agent.Agent`, which builds on this.
 """
 
@@ -19,16 +22,40 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from typing import Any, TypeVar
 
-from . import codec, decide, lifecycle as lc, subjects
+from . import authority, codec, decide, lifecycle as lc, subjects
 from . import events as ev
 from .codec import Recorded
-from .errors import Conflict, InvalidInput, NotFound, StaleToken
+from .errors import Conflict, InvalidInput, NotAuthorized, NotFound, StaleToken
 from .events import Producer
 from .ids import check_token, new_id
 from .settings import Settings
 from .store import EventStore
 
 log = logging.getLogger(__name__)
+
+
+def check_writer(event: ev.Event, owner: object = lc.UNKNOWN_OWNER) -> None:
+    """Refuse to write what every fold would flag as unauthorized (`lifecycle.writer_problem`)."""
+    problem = lc.writer_problem(event, owner)
+    if problem is not None:
+        raise NotAuthorized(_advice(problem.detail, event))
+
+
+_HINTS = {"session.created": "sessions are created by operators",
+          "session.terminated": "sessions are terminated by operators, or by their owner",
+          "route.created": "routes are created by operators, or by the agent owning the session"}
+
+
+def _advice(detail: str, event: ev.Event) -> str:
+    """The refusal, with what to do instead when an agent id was used where an operator writes."""
+    if authority.role_of(event.producer.id) != authority.AGENT:
+        return detail
+    hint = _HINTS.get(event.type_tag())
+    if hint is None:
+        return detail
+    return (f"{detail} (producer {event.producer.id!r} is an agent id; {hint}: connect with producer_id "
+            f"'operator' or 'operator-<name>', or 'cli')")
+
 
 CAS_ATTEMPTS = 8
 """Re-read and re-decide a write this many times before giving up under contention."""
@@ -54,8 +81,11 @@ class Ledger:
     # --- reading one entity -------------------------------------------------------
 
     async def registrations(self, agent_id: str, *, min_last_seq: int | None = None) -> list[int]:
-        """Stream sequences of every registration of `agent_id` (its incarnations), oldest first."""
-        items = await self.store.read(subjects.event_subject("agent", agent_id, "registered", "*"),
+        """Stream sequences of every registration of `agent_id` (its incarnations), oldest first.
+
+        Only those the agent wrote itself (its id as producer token): the folds flag any other.
+        """
+        items = await self.store.read(subjects.event_subject("agent", agent_id, "registered", agent_id),
                                       min_last_seq=min_last_seq)
         return [i.seq for i in items if isinstance(i, Recorded)]
 
@@ -74,14 +104,16 @@ class Ledger:
     async def route(self, route_id: str, *, min_last_seq: int | None = None) -> tuple[lc.RouteState | None, int]:
         items = await self.store.history("route", route_id, min_last_seq=min_last_seq)
         records = [i for i in items if isinstance(i, Recorded)]
-        token_at = None
-        if any(isinstance(r.event, ev.RouteTransitioned) and r.event.token is not None for r in records):
-            session_id = next(r.event.session_id for r in records if isinstance(r.event, ev.RouteCreated))
-            session_items = await self.store.history("session", session_id, min_last_seq=min_last_seq)
+        session_at = None
+        created = next((r.event for r in records if isinstance(r.event, ev.RouteCreated)), None)
+        # The session's history tells which token a transition must carry and which agent (its owner) may write.
+        if created is not None and any((isinstance(r.event, ev.RouteTransitioned) and r.event.token is not None)
+                                       or authority.role_of(r.event.producer.id) == authority.AGENT for r in records):
+            session_items = await self.store.history("session", created.session_id, min_last_seq=min_last_seq)
             session_records = [i for i in session_items if isinstance(i, Recorded)]
-            token_at = lc.claims_lookup(session_id, session_records,
-                                        await self._incarnations(session_records, min_last_seq))
-        state, _ = lc.fold(lc.evolve_route, records, token_at)
+            session_at = lc.claims_lookup(created.session_id, session_records,
+                                          await self._incarnations(session_records, min_last_seq))
+        state, _ = lc.fold(lc.evolve_route, records, session_at)
         return state, items[-1].seq if items else 0
 
     async def agent(self, agent_id: str) -> tuple[lc.AgentState | None, int]:
@@ -102,6 +134,7 @@ class Ledger:
         for _ in range(CAS_ATTEMPTS):
             state, last = await read(min_seq)
             event = decide_event(state)
+            check_writer(event, state.owner if isinstance(state, lc.SessionState) else lc.UNKNOWN_OWNER)
             try:
                 return await self.store.append(event, expect=last), event
             except Conflict as lost:
@@ -119,6 +152,7 @@ class Ledger:
         # The idle TTL, like every field, is checked by codec.encode against the event's constraints.
         event = ev.SessionCreated(producer=self.producer, session_id=session_id, pool=pool, platform=platform,
                                   region=region, labels=labels or {}, idle_ttl=idle_ttl)
+        check_writer(event)
         try:
             return session_id, await self.store.append(event, expect=0)
         except Conflict:
@@ -159,9 +193,11 @@ class Ledger:
         codec.encode(event)  # refuses NaN, negative or absurd timeouts and delays before the session is read
         if probe is not None and probe.on_stale not in ("ignore", "deactivate", "terminate"):
             raise InvalidInput(f"probe.on_stale must be ignore, deactivate or terminate, got {probe.on_stale!r}")
+        check_writer(event)  # a role that may not create routes at all, before any read
         state, _ = await self.session(session_id)
         if state is None:
             raise NotFound(f"session {session_id} does not exist")
+        check_writer(event, state.owner)  # an agent: only on a session it owns
         try:
             return await self.store.append(event, expect=0)
         except Conflict:
@@ -175,12 +211,16 @@ class Ledger:
         if traffic not in (None, lc.TRAFFIC_ACTIVE, lc.TRAFFIC_INACTIVE):
             raise InvalidInput(f"traffic must be {lc.TRAFFIC_ACTIVE} or {lc.TRAFFIC_INACTIVE}, got {traffic!r}")
 
+        owner = await self._owner_of_route(route_id)
+
         def decide_transition(state: lc.RouteState | None) -> ev.Event:
             decide.decide_transition(state, route_id, to_state)
             assert state is not None
-            return ev.RouteTransitioned(producer=self.producer, route_id=route_id, from_state=state.state,
-                                        to_state=to_state, reason=reason, token=token, address=address,
-                                        traffic=traffic, causation_id=causation_id)
+            event = ev.RouteTransitioned(producer=self.producer, route_id=route_id, from_state=state.state,
+                                         to_state=to_state, reason=reason, token=token, address=address,
+                                         traffic=traffic, causation_id=causation_id)
+            check_writer(event, owner)
+            return event
 
         seq, _ = await self.cas(lambda m: self.route(route_id, min_last_seq=m), decide_transition)
         return seq
@@ -190,14 +230,30 @@ class Ledger:
         check_token(route_id, "route id")
         event = ev.RouteHealthReported(producer=self.producer, route_id=route_id, healthy=healthy,
                                        checked_at=checked_at or ev.utcnow(), detail=detail)
+        check_writer(event, await self._owner_of_route(route_id))
         return await self.store.append(event)
+
+    async def _owner_of_route(self, route_id: str) -> object:
+        """For an agent writing a route's events: the agent owning the route's session now (the one that may).
+        Other producers are judged by their role alone (lc.UNKNOWN_OWNER: no read needed)."""
+        if authority.role_of(self.producer.id) != authority.AGENT:
+            return lc.UNKNOWN_OWNER
+        route, _ = await self.route(route_id)
+        if route is None:
+            return None
+        session, _ = await self.session(route.session_id)
+        return session.owner if session is not None else None
 
     async def report_unreachable(self, agent_id: str, *, error: str = "", incarnation: int | None = None) -> int:
         """A usage-time failure report: this client could not reach the agent."""
         check_token(agent_id, "agent id")
         event = ev.AgentUnreachableReported(producer=self.producer, agent_id=agent_id, incarnation=incarnation,
                                             error=error)
+        check_writer(event)
         return await self.store.append(event)
 
     async def append(self, event: ev.Event, **kwargs: Any) -> int:
+        """Append an event decided elsewhere (the consumers' verdicts); one its producer's role may never
+        write is refused (owner writes are checked against the session by the decisions and the folds)."""
+        check_writer(event)
         return await self.store.append(event, **kwargs)

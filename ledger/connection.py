@@ -237,8 +237,26 @@ async def open_connection(settings: Settings, name: str = "session-ledger",
 
     async def reconnected_cb() -> None:
         log.info("nats: reconnected")
+        if refuse_old_node():
+            return
         if on_event:
             on_event("reconnected")
+
+    def refuse_old_node() -> bool:
+        """A reconnect is a connection too: a node below the floor (a cluster half-way through a downgrade, a
+        stray old server on a listed URL) ends this connection rather than carrying compare-and-set writes
+        it would silently ignore. What used it then fails as on any closed connection (an agent fences)."""
+        v = nc.connected_server_version
+        url = nc.connected_url.geturl() if nc.connected_url else settings.nats_url
+        try:
+            check_server_version((v.major, v.minor, v.patch), url)
+        except ConnectedServerTooOld as e:
+            log.error("%s; closing the connection", e)
+            closing = asyncio.get_running_loop().create_task(_close(nc), name="close-old-node")
+            _closing.add(closing)
+            closing.add_done_callback(_closing.discard)
+            return True
+        return False
 
     servers = [u.strip() for u in settings.nats_url.split(",") if u.strip()]
     try:
@@ -283,6 +301,10 @@ async def open_connection(settings: Settings, name: str = "session-ledger",
     _watches[nc] = watch
     nc.options["max_reconnect_attempts"] = -1
     return nc
+
+
+_closing: set[asyncio.Task[None]] = set()
+"""Closes under way (held so that they are not garbage-collected half-way)."""
 
 
 async def _close(nc: NATS) -> None:

@@ -12,7 +12,7 @@ import msgspec
 
 from . import events as ev
 from . import lifecycle as lc
-from .errors import IllegalTransition, InvalidInput, NotClaimable, NotFound, StaleToken, Superseded
+from .errors import IllegalTransition, InvalidInput, NotAuthorized, NotClaimable, NotFound, StaleToken, Superseded
 
 
 class AgentRef(msgspec.Struct, frozen=True):
@@ -28,7 +28,8 @@ def decide_claim(state: lc.SessionState | None, session_id: str, who: AgentRef, 
                  correlation_id: str | None = None) -> ev.SessionClaimed:
     """A claim of `session_id` for `who`.
 
-    An unowned session (pending, orphaned, released) can be claimed by anyone.
+    An unowned session (pending, orphaned, released) can be claimed by anyone - for itself, or by the
+    reclaimer for another agent (`lifecycle.writer_problem`: NotAuthorized otherwise).
     An owned one only by naming its current token in `previous_token` - a
     deliberate take-over (failover from a dead owner, drain hand-off).
     """
@@ -51,11 +52,15 @@ def decide_claim(state: lc.SessionState | None, session_id: str, who: AgentRef, 
             f"session {session_id} is owned by {state.owner} under token {state.token}; "
             "a take-over must name that token"
         )
-    return ev.SessionClaimed(
+    claim = ev.SessionClaimed(
         producer=producer, session_id=session_id, agent_id=who.agent_id, instance_id=who.instance_id,
         incarnation=who.incarnation, reason=reason, previous_owner=previous_owner, previous_token=previous_token,
         causation_id=causation_id, correlation_id=correlation_id,
     )
+    unauthorized = lc.writer_problem(claim)  # an agent claims for itself, the reclaimer for others
+    if unauthorized is not None:
+        raise NotAuthorized(unauthorized.detail)
+    return claim
 
 
 def check_owner(state: lc.SessionState | None, session_id: str, who: AgentRef, token: int,

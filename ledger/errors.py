@@ -174,3 +174,10 @@ class Draining(LedgerError):
 
 class CapacityExhausted(LedgerError):
     """The agent already owns as many sessions as its capacity allows."""
+
+
+# --- who may write what -------------------------------------------------------
+
+
+class NotAuthorized(InvalidInput):
+    """The producer may not write this event (`ledger.authority`): every fold would flag it, so it is not written."""

@@ -14,10 +14,17 @@ position in the log:
 * `incarnation_at(agent_id, seq)` - the agent's current incarnation just
   before `seq` (None if it never registered). A claim or owner write made by
   any other incarnation is flagged (superseded_incarnation), not applied.
-* `token_at(session_id, seq)` - the session's claim token just before `seq`.
-  A route transition written under another token is flagged (stale_token).
+* `session_at(session_id, seq)` - the session's state just before `seq`: its
+  claim token (a route transition written under another one is flagged,
+  stale_token) and its owner (the only agent that may write the route's events).
 
 Without a lookup the check is skipped (a caller that has only one history).
+
+Before anything else every fold asks `writer_problem`: whether the event's
+producer token (the identity NATS permissions bind) may write that event at
+all (`ledger.authority`). An event from a producer that may not is flagged
+(unauthorized_producer) and changes nothing, so a goodbye for a2 published on
+a subject a1 may use says nothing about a2.
 
 Whether a session event applies is one predicate, `session_event_problem`
 (claims: `claim_problem`, owner writes: `owner_write_problem`): the fold, the
@@ -33,6 +40,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from . import authority
 from . import events as ev
 from .codec import Recorded
 
@@ -104,6 +112,7 @@ OVERLAPPING_CLAIM = "overlapping_claim"
 UNKNOWN_ENTITY = "unknown_entity"
 DUPLICATE = "duplicate"
 AFTER_FINAL = "after_final"
+UNAUTHORIZED_PRODUCER = "unauthorized_producer"
 
 
 class AgentState(msgspec.Struct, frozen=True, kw_only=True):
@@ -187,9 +196,27 @@ class RouteState(msgspec.Struct, frozen=True, kw_only=True):
 S = TypeVar("S")
 Evolved = tuple[S, Anomaly | None]
 IncarnationAt = Callable[[str, int], "int | None"]
-TokenAt = Callable[[str, int], "int | None"]
+SessionAt = Callable[[str, int], "SessionState | None"]
+"""(session id, seq) -> the session's state just before `seq` (None: it did not exist then)."""
 
 _replace = msgspec.structs.replace
+
+UNKNOWN_OWNER: Any = object()
+"""`writer_problem`'s owner when the caller cannot tell who owns the session concerned."""
+
+
+def writer_problem(e: ev.Event, owner: object = UNKNOWN_OWNER) -> Anomaly | None:
+    """Why the event's producer may not write it (None: it may) - `authority.writer_refusal` as an anomaly.
+
+    The producer is the subject's last token (the codec checks `e.producer.id` equals it): what NATS
+    permissions bind. `owner`: the agent owning the session concerned just before the event (None: nobody),
+    for the event types its owner may write; left out, an agent passes as a possible owner (a caller holding
+    one history cannot tell; the folds that can, pass it).
+    """
+    refusal = authority.writer_refusal(e.type_tag(), e.producer.id, subject_agent=getattr(e, "agent_id", None),
+                                       owner=owner if isinstance(owner, str) else None,
+                                       owner_known=owner is not UNKNOWN_OWNER)
+    return Anomaly(UNAUTHORIZED_PRODUCER, refusal) if refusal is not None else None
 
 
 def evolve_agent(state: AgentState | None, rec: Recorded) -> Evolved[AgentState | None]:
@@ -200,6 +227,9 @@ def evolve_agent(state: AgentState | None, rec: Recorded) -> Evolved[AgentState 
     into the future - would make an agent undying or suspect for as long as it likes.
     """
     e, seq, at = rec.event, rec.seq, rec.stored_at
+    problem = writer_problem(e)
+    if problem is not None:
+        return state, problem
     if isinstance(e, ev.AgentRegistered):
         return AgentState(
             agent_id=e.agent_id, incarnation=seq, instance_id=e.instance_id, pool=e.pool, platform=e.platform,
@@ -318,6 +348,9 @@ def session_event_problem(state: SessionState | None, rec: Recorded,
     a session on an event the projections flag.
     """
     e, seq = rec.event, rec.seq
+    unauthorized = writer_problem(e, state.owner if state is not None else None)
+    if unauthorized is not None:
+        return unauthorized
     current: CurrentIncarnation | None = None
     if incarnation_at is not None:
         def current(agent_id: str) -> int | None:
@@ -412,15 +445,24 @@ def owns(state: SessionState | None, agent_id: str, incarnation: int) -> bool:
 
 
 def evolve_route(state: RouteState | None, rec: Recorded,
-                 token_at: TokenAt | None = None) -> Evolved[RouteState | None]:
+                 session_at: SessionAt | None = None) -> Evolved[RouteState | None]:
     """Next state of one route after one of its events.
 
     Every time here is when the server stored the event: the watchdog times starts, stops and health against
     them. A transition's own `time` dated ahead would postpone its timeout (behind: fire it at once), and a
     health report "checked" in the year 9999 would keep a route fresh forever - so a report is as fresh as
     its arrival, never fresher, and a reporter's clock running behind does not make it stale either.
+
+    With `session_at`, the route's session as of the event decides who owns it (the one agent that may write
+    the route's events) and which claim token a transition must carry; without, both checks are skipped.
     """
     e, seq, at = rec.event, rec.seq, rec.stored_at
+    session_id = e.session_id if isinstance(e, ev.RouteCreated) else state.session_id if state else None
+    session = session_at(session_id, seq) if session_at is not None and session_id is not None else None
+    problem = writer_problem(e, session.owner if session is not None else None) if session_at is not None \
+        else writer_problem(e)
+    if problem is not None:
+        return state, problem
     if isinstance(e, ev.RouteCreated):
         if state is not None:
             return state, Anomaly(DUPLICATE, f"route {e.route_id} was already created at #{state.last_seq}")
@@ -432,8 +474,8 @@ def evolve_route(state: RouteState | None, rec: Recorded,
         return state, Anomaly(UNKNOWN_ENTITY, f"{e.type_tag()} for unknown route {e.entity_id}")
     match e:
         case ev.RouteTransitioned():
-            if e.token is not None and token_at is not None:
-                current = token_at(state.session_id, seq)
+            if e.token is not None and session_at is not None:
+                current = session.token if session is not None else None
                 if current != e.token:
                     return state, Anomaly(STALE_TOKEN, f"route transition under token {e.token}; session "
                                                        f"{state.session_id} is claimed under {current}")
@@ -472,6 +514,9 @@ class PoolState(msgspec.Struct, frozen=True, kw_only=True):
 def evolve_pool(state: PoolState | None, rec: Recorded) -> Evolved[PoolState | None]:
     """A pool's mass-failure breaker: open (orphaning stopped) or closed."""
     e, seq, at = rec.event, rec.seq, rec.stored_at
+    problem = writer_problem(e)
+    if problem is not None:
+        return state, problem
     current = state or PoolState(pool=e.entity_id)
     match e:
         case ev.PoolBreakerTripped(reason=reason, agents=agents) if not current.breaker_open:
@@ -496,9 +541,11 @@ def fold(evolve: Callable[..., Evolved[Any]], records: Iterable[Recorded],
 
 
 def agents_acting(records: Iterable[Recorded]) -> set[str]:
-    """The agents whose registrations a session history's fold needs: those it names as claimers or owners."""
+    """The agents whose registrations a session history's fold needs: those it names as claimers or owners, in
+    events their producers may write (the fold flags any other before it looks at a registration)."""
     return {e.agent_id for e in (r.event for r in records)
-            if isinstance(e, (ev.SessionClaimed, ev.SessionReleased, ev.SessionResourceReported))}
+            if isinstance(e, (ev.SessionClaimed, ev.SessionReleased, ev.SessionResourceReported))
+            and writer_problem(e) is None}
 
 
 def registrations_lookup(registrations: dict[str, list[int]]) -> IncarnationAt:
@@ -516,22 +563,22 @@ def registrations_lookup(registrations: dict[str, list[int]]) -> IncarnationAt:
 
 
 def claims_lookup(session_id: str, records: Iterable[Recorded],
-                  incarnation_at: IncarnationAt | None = None) -> TokenAt:
-    """token_at for one session, from its history."""
+                  incarnation_at: IncarnationAt | None = None) -> SessionAt:
+    """session_at for one session (its claim token and owner as of any point), from its history."""
     from bisect import bisect_left
 
     seqs: list[int] = []
-    tokens: list[int | None] = []
+    states: list[SessionState | None] = []
     state: SessionState | None = None
     for rec in records:
         state, _ = evolve_session(state, rec, incarnation_at)
         seqs.append(rec.seq)
-        tokens.append(state.token if state else None)
+        states.append(state)
 
-    def token_at(sid: str, seq: int) -> int | None:
+    def session_at(sid: str, seq: int) -> SessionState | None:
         if sid != session_id:
             return None
         i = bisect_left(seqs, seq)
-        return tokens[i - 1] if i else None
+        return states[i - 1] if i else None
 
-    return token_at
+    return session_at

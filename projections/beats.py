@@ -18,7 +18,9 @@ incarnation instead, `KEEP` one-shot forged beats of high incarnations would
 push the real one out for good - and every later incarnation of the agent,
 all lower than theirs, would be refused too (dead, registered again, dead...).
 Only a flood of `KEEP` new incarnations in every heartbeat interval can push
-the real one out; that needs authenticated producers (the next issue).
+the real one out, and only the agent itself may beat for it: a beat whose
+producer token is not the agent's id (`lifecycle.writer_problem`) is flagged
+first, so a1 may not keep a2 alive, nor push a2's real beats out.
 Keeping the `KEEP` incarnations whose newest beats are the newest is a
 function of the set of beats, so the fold stays deterministic and
 order-independent. The top slot is the highest incarnation kept.
@@ -32,7 +34,7 @@ import msgspec
 
 from ledger import events as ev
 from ledger.codec import Recorded
-from ledger.lifecycle import SUPERSEDED_INCARNATION, Anomaly
+from ledger.lifecycle import SUPERSEDED_INCARNATION, Anomaly, writer_problem
 
 KEEP = 4
 """Incarnations per agent whose newest beat is kept (the registered one plus room for stale or forged ones):
@@ -92,6 +94,9 @@ def evolve_beat(current: Beat | None, rec: Recorded) -> tuple[Beat | None, Anoma
     e = rec.event
     if not isinstance(e, ev.AgentHeartbeat):
         return current, Anomaly("illegal_transition", f"{e.type_tag()} is not a heartbeat")
+    problem = writer_problem(e)  # a beat for a2 on a subject ending in a1 never keeps a2 alive
+    if problem is not None:
+        return current, problem
     if current is not None and e.incarnation == current.incarnation:  # the common case: the top slot beats on
         if rec.seq <= current.seq:
             return current, None  # an older delivery of what we already hold

@@ -19,6 +19,7 @@ from ledger import reader
 from ledger.codec import Recorded, Unreadable, to_ns
 from ledger.lifecycle import (
     IncarnationAt,
+    agents_acting,
     claims_lookup,
     evolve_agent,
     evolve_pool,
@@ -95,11 +96,11 @@ def entry(item: Recorded | Unreadable, before: Any, after: Any, flag: Any) -> Hi
 
 
 async def _incarnations(store: EventStore, records: list[Recorded]) -> IncarnationAt:
-    agents = {r.event.agent_id for r in records if isinstance(r.event, (ev.SessionClaimed, ev.SessionReleased,
-                                                                        ev.SessionResourceReported))}
+    agents = agents_acting(records)
     registrations = {}
     for agent_id in sorted(agents):
-        found = await reader.history(store.nc, LEDGER_STREAM, f"ledger.agent.{agent_id}.registered.*",
+        # Only the agent's own registrations (producer token = its id): any other is flagged by the fold.
+        found = await reader.history(store.nc, LEDGER_STREAM, f"ledger.agent.{agent_id}.registered.{agent_id}",
                                      timeout=store.settings.request_timeout)
         registrations[agent_id] = [r.seq for r in found if isinstance(r, Recorded)]
     return registrations_lookup(registrations)

@@ -113,9 +113,8 @@ class LifecycleState(msgspec.Struct, kw_only=True):
         agent = self.agents.get(agent_id)
         return agent.incarnation if agent is not None else None
 
-    def token_at(self, session_id: str, seq: int) -> int | None:
-        session = self.sessions.get(session_id)
-        return session.token if session is not None else None
+    def session_at(self, session_id: str, seq: int) -> SessionState | None:
+        return self.sessions.get(session_id)
 
     def apply(self, item: Recorded | Unreadable) -> Change | None:
         seq = item.seq
@@ -137,7 +136,7 @@ class LifecycleState(msgspec.Struct, kw_only=True):
         elif family == ROUTE:
             table, key = self.routes, e.route_id
             before = table.get(key)
-            after, anomaly = evolve_route(before, item, self.token_at)
+            after, anomaly = evolve_route(before, item, self.session_at)
         elif family == AGENT:
             table, key = self.agents, e.agent_id
             before = table.get(key)

@@ -152,7 +152,7 @@ _ids = itertools.count(1)
 @pytest.fixture
 async def ledger(store: EventStore) -> Ledger:
     """The SDK's client on the shared server, writing as a test operator."""
-    return Ledger(store, ev.Producer(id="test", instance=new_id()))
+    return Ledger(store, ev.Producer(id="operator-test", instance=new_id()))
 
 
 @pytest.fixture

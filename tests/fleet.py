@@ -91,7 +91,7 @@ async def consumers(url: str, *, name: str = "", grace: float = 0.3, **parts: bo
 @contextlib.asynccontextmanager
 async def ledger_on(url: str) -> AsyncIterator[Ledger]:
     async with EventStore.connect(Settings(nats_url=url)) as store:
-        yield Ledger(store, Producer(id="test", instance=new_id()))
+        yield Ledger(store, Producer(id="operator-test", instance=new_id()))
 
 
 async def events(store: EventStore, family: str, entity_id: str) -> list:  # type: ignore[type-arg]

@@ -6,18 +6,22 @@ times rising). The generator keeps a model of the current state (the real
 fold) so that most writes are plausible - the right incarnation, the current
 claim token, the next route state - and mixes in what must be flagged:
 superseded incarnations, stale tokens, overlapping claims, illegal route
-moves, duplicates of earlier events, and messages that are not events.
+moves, duplicates of earlier events, messages that are not events, and
+events written by a producer that may not write them (`ledger.authority`).
+Every other write comes from a producer of the role that may write it.
 """
 
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 
+import msgspec
 from hypothesis import strategies as st
 
 from ledger import codec
 from ledger import events as ev
 from ledger.codec import Recorded, Unreadable
+from ledger.ids import new_id
 from ledger.lifecycle import ROUTE_STATES, ROUTE_TRANSITIONS
 from ledger.subjects import HEARTBEAT_STREAM, LEDGER_STREAM
 from projections.state import LedgerState
@@ -29,10 +33,13 @@ SESSIONS = ("s0", "s1", "s2", "s3")
 ROUTES = ("r0", "r1", "r2")
 MONITOR = ev.Producer(id="monitor", instance="m")
 CLI = ev.Producer(id="cli", instance="c")
+RECLAIMER = ev.Producer(id="reclaimer", instance="r")
+WATCHDOG = ev.Producer(id="watchdog", instance="w")
+PRODUCERS = (*(ev.Producer(id=a, instance=f"{a}-i") for a in AGENTS), MONITOR, CLI, RECLAIMER, WATCHDOG)
 ACTIONS = ("register", "heartbeat", "heartbeat", "heartbeat", "goodbye", "suspect", "dead", "drain", "drained",
            "unreachable", "create_session", "claim", "claim", "claim", "release", "release", "resource", "orphan",
            "orphan", "terminate", "create_route", "transition", "transition", "transition", "transition", "health",
-           "duplicate", "unreadable", "trip", "reset", "fenced")
+           "duplicate", "unreadable", "trip", "reset", "fenced", "impersonate")
 BAD_PAYLOADS = (
     (b"{not json", "malformed: JSON is malformed"),
     (b'{"type": "agent.teleported", "agent_id": "a0"}', "unknown-type: Invalid value 'agent.teleported' - at `$.type`"),
@@ -158,7 +165,8 @@ def _step(draw: st.DrawFn, b: Builder, action: str) -> None:
                                     time=at))
         case "claim":
             previous = _token(draw, b, session)
-            rec = b.add(ev.SessionClaimed(producer=me, session_id=session, agent_id=agent, instance_id="i",
+            claimer = draw(st.sampled_from((me, me, RECLAIMER)))  # for itself, or given by the reclaimer
+            rec = b.add(ev.SessionClaimed(producer=claimer, session_id=session, agent_id=agent, instance_id="i",
                                           incarnation=_incarnation(draw, b, agent), previous_token=previous,
                                           reason=draw(st.sampled_from(("initial", "failover"))), time=at))
             b.claims.setdefault(session, []).append(rec.seq)
@@ -170,7 +178,7 @@ def _step(draw: st.DrawFn, b: Builder, action: str) -> None:
                                              incarnation=_incarnation(draw, b, agent),
                                              token=_token(draw, b, session) or 0, platform_resource_id=f"pod-{b.clock}"))
         case "orphan":
-            b.add(ev.SessionOrphaned(producer=MONITOR, session_id=session, reason="owner_gone", time=at,
+            b.add(ev.SessionOrphaned(producer=RECLAIMER, session_id=session, reason="owner_gone", time=at,
                                      previous_token=_token(draw, b, session)))
         case "terminate":
             b.add(ev.SessionTerminated(producer=CLI, session_id=session, token=_token(draw, b, session), time=at))
@@ -183,7 +191,10 @@ def _step(draw: st.DrawFn, b: Builder, action: str) -> None:
             to = draw(st.one_of(st.sampled_from(legal), st.sampled_from(ROUTE_STATES)))
             frm = draw(st.one_of(st.just(current), st.sampled_from(ROUTE_STATES)))
             owner_session = b.model.routes[route].session_id if route in b.model.routes else session
-            b.add(ev.RouteTransitioned(producer=me, route_id=route, from_state=frm, to_state=to, time=at,
+            owner = b.model.sessions[owner_session].owner if owner_session in b.model.sessions else None
+            writers = (CLI, WATCHDOG) + ((ev.Producer(id=owner, instance=f"{owner}-i"),) * 2 if owner else ())
+            b.add(ev.RouteTransitioned(producer=draw(st.sampled_from(writers)), route_id=route, from_state=frm,
+                                       to_state=to, time=at,
                                        token=draw(st.one_of(st.none(), st.just(_token(draw, b, owner_session)))),
                                        traffic=draw(st.sampled_from((None, "ACTIVE", "INACTIVE")))))
         case "health":
@@ -198,6 +209,10 @@ def _step(draw: st.DrawFn, b: Builder, action: str) -> None:
         case "fenced":
             b.add(ev.AgentFenced(producer=me, agent_id=agent, time=at, fenced_at=at,
                                  incarnation=_incarnation(draw, b, agent), reason="lease lost"))
+        case "impersonate":
+            if b.events:  # an earlier kind of event, written again by any producer (mostly one that may not)
+                forged = draw(st.sampled_from(b.events))
+                b.add(msgspec.structs.replace(forged, producer=draw(st.sampled_from(PRODUCERS)), event_id=new_id()))
         case "duplicate":
             if b.events:  # the same fact stored twice (a retry after the dedupe window)
                 b.add(draw(st.sampled_from(b.events)))

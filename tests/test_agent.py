@@ -197,8 +197,9 @@ async def test_a_declared_dead_agent_fences_and_returns_as_a_new_incarnation(led
     async with agent_of(ledger, f"{uid}-a") as a:
         await a.claim(sid)
         first = a.incarnation
-        await ledger.store.append(ev.AgentDeclaredDead(producer=ledger.producer, agent_id=a.agent_id,
-                                                       incarnation=first, reason="missed_heartbeats"))
+        await ledger.store.append(ev.AgentDeclaredDead(producer=ev.Producer(id="monitor-test", instance=new_id()),
+                                                       agent_id=a.agent_id, incarnation=first,
+                                                       reason="missed_heartbeats"))
         await eventually(lambda: a.incarnation > first and a.fenced is None, what="re-registration")
         assert a.owned == {}
         state, _ = await ledger.agent(a.agent_id)
@@ -217,7 +218,7 @@ async def test_unreachable_reports_are_recorded(ledger: Ledger, uid: str):
 async def private(fresh_server: EmbeddedServer) -> AsyncIterator[tuple[EmbeddedServer, Ledger]]:
     settings = Settings(nats_url=fresh_server.url, request_timeout=0.5, append_deadline=20)
     async with EventStore.connect(settings, ensure=True) as store:
-        yield fresh_server, Ledger(store, ev.Producer(id="test", instance=new_id()))
+        yield fresh_server, Ledger(store, ev.Producer(id="operator-test", instance=new_id()))
 
 
 async def test_beats_resume_after_a_broker_restart(private: tuple[EmbeddedServer, Ledger]):

@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import eventually
+from helpers import authorized, eventually
 
 from ledger import events as ev
 from ledger import lifecycle as lc
@@ -35,7 +35,8 @@ def agent_of(ledger: Ledger, agent_id: str, **kw: object) -> Agent:
 async def given_by_a_reclaimer(ledger: Ledger, agent: Agent, session_id: str) -> None:
     """A legitimate claim for `agent` written by someone else; returns once the agent runs it."""
     await ledger.create_session("p", session_id=session_id)
-    await ledger.claim_session(session_id, agent.ref, reason="failover")
+    reclaimer = Ledger(ledger.store, ev.Producer(id="reclaimer-test", instance=new_id()))  # claims for others
+    await reclaimer.claim_session(session_id, agent.ref, reason="failover")
     await eventually(lambda: session_id in agent.owned, what=f"{agent.agent_id} gaining {session_id}")
 
 
@@ -43,9 +44,9 @@ async def test_a_forged_overlapping_claim_does_not_make_a_second_owner(ledger: L
     s1, _ = await ledger.create_session("p", session_id=f"{uid}-s1")
     async with agent_of(ledger, f"{uid}-a1") as a1, agent_of(ledger, f"{uid}-a2") as a2:
         held = await a1.claim(s1)
-        forged = await ledger.store.append(ev.SessionClaimed(
+        forged = await ledger.store.append(authorized(ev.SessionClaimed(
             producer=FORGER, session_id=s1, agent_id=a2.agent_id, instance_id=a2.instance_id,
-            incarnation=a2.incarnation, reason="failover", previous_token=held.token - 1))
+            incarnation=a2.incarnation, reason="failover", previous_token=held.token - 1)))
         await given_by_a_reclaimer(ledger, a2, f"{uid}-m2")  # a2's watch is past the forgery
         await given_by_a_reclaimer(ledger, a1, f"{uid}-m1")  # and a1's
         state, _ = await ledger.session(s1)
@@ -59,9 +60,9 @@ async def test_a_forged_claim_for_an_unregistered_agent_does_not_strand_the_sess
     lost: list[tuple[str, str]] = []
     async with agent_of(ledger, f"{uid}-a1", on_lost=lambda sid, why: lost.append((sid, why))) as a1:
         held = await a1.claim(s2)
-        await ledger.store.append(ev.SessionClaimed(
+        await ledger.store.append(authorized(ev.SessionClaimed(
             producer=FORGER, session_id=s2, agent_id=f"{uid}-ghost", instance_id="g", incarnation=1,
-            reason="failover", previous_owner=a1.agent_id, previous_token=held.token))
+            reason="failover", previous_owner=a1.agent_id, previous_token=held.token)))
         await given_by_a_reclaimer(ledger, a1, f"{uid}-m1")
         state, _ = await ledger.session(s2)
         assert (state.status, state.owner) == (lc.S_ASSIGNED, a1.agent_id)
@@ -76,12 +77,12 @@ async def test_a_forged_orphaning_under_a_stale_token_changes_nothing_and_a_real
     sid, _ = await ledger.create_session("p", session_id=f"{uid}-s")
     async with agent_of(ledger, f"{uid}-a1") as a1:
         held = await a1.claim(sid)
-        await ledger.store.append(ev.SessionOrphaned(producer=FORGER, session_id=sid, reason="owner_dead",
-                                                     previous_token=held.token + 1000))
+        await ledger.store.append(authorized(ev.SessionOrphaned(producer=FORGER, session_id=sid, reason="owner_dead",
+                                                     previous_token=held.token + 1000)))
         await given_by_a_reclaimer(ledger, a1, f"{uid}-m1")
         assert a1.owned.get(sid) == held
-        await ledger.store.append(ev.SessionOrphaned(producer=FORGER, session_id=sid, reason="owner_dead",
-                                                     previous_owner=a1.agent_id, previous_token=held.token))
+        await ledger.store.append(authorized(ev.SessionOrphaned(producer=FORGER, session_id=sid, reason="owner_dead",
+                                                     previous_owner=a1.agent_id, previous_token=held.token)))
         await eventually(lambda: sid not in a1.owned, what="the agent dropping a session the fold orphaned")
 
 
@@ -93,9 +94,9 @@ async def test_a_forged_claim_for_the_agent_on_an_owned_session_is_not_taken(led
     async with agent_of(ledger, f"{uid}-a1") as a1, \
             agent_of(ledger, f"{uid}-a2", on_gained=lambda claim, by: gained.append(claim.session_id)) as a2:
         await a1.claim(sid)
-        await ledger.store.append(ev.SessionClaimed(
+        await ledger.store.append(authorized(ev.SessionClaimed(
             producer=FORGER, session_id=sid, agent_id=a2.agent_id, instance_id=a2.instance_id,
-            incarnation=a2.incarnation, reason="failover"))
+            incarnation=a2.incarnation, reason="failover")))
         await given_by_a_reclaimer(ledger, a2, f"{uid}-m2")
         assert sid not in a2.owned and gained == [f"{uid}-m2"]
 
@@ -109,11 +110,11 @@ async def test_the_log_saying_the_agent_is_finished_makes_it_come_back_as_a_new_
         await a.claim(sid)
         first = a.incarnation
         if forgery == "goodbye":
-            event: ev.Event = ev.AgentGoodbye(producer=FORGER, agent_id=a.agent_id, instance_id=a.instance_id,
-                                              incarnation=first, reason="forged")
+            event: ev.Event = authorized(ev.AgentGoodbye(producer=FORGER, agent_id=a.agent_id,
+                                                         instance_id=a.instance_id, incarnation=first, reason="forged"))
         else:
-            event = ev.AgentFenced(producer=FORGER, agent_id=a.agent_id, incarnation=first, reason="forged",
-                                   fenced_at=ev.utcnow())
+            event = authorized(ev.AgentFenced(producer=FORGER, agent_id=a.agent_id, incarnation=first,
+                                              reason="forged", fenced_at=ev.utcnow()))
         await ledger.store.append(event)
         await eventually(lambda: a.incarnation > first and a.fenced is None, what="a new incarnation")
         assert len(fenced) == 1 and "the log says" in fenced[0]
@@ -122,7 +123,7 @@ async def test_the_log_saying_the_agent_is_finished_makes_it_come_back_as_a_new_
         assert (state.status, state.incarnation, state.instance_id) == (lc.A_ALIVE, a.incarnation, a.instance_id)
         # It wrote no AgentFenced of its own on top: the log already said why the incarnation ended.
         history = [r.event for r in await ledger.store.history("agent", a.agent_id) if isinstance(r, Recorded)]
-        assert [e for e in history if isinstance(e, ev.AgentFenced) and e.producer.id == a.agent_id] == []
+        assert [e for e in history if isinstance(e, ev.AgentFenced) and e.producer.instance == a.instance_id] == []
         # The new incarnation works as owner again.
         s2, _ = await ledger.create_session("p", session_id=f"{uid}-s2")
         claim = await a.claim(s2)
@@ -153,7 +154,8 @@ async def test_an_agent_over_capacity_releases_its_newest_extra_session(ledger: 
     async with agent_of(ledger, f"{uid}-a", capacity=2, on_lost=lambda sid, why: lost.append((sid, why))) as a:
         held = [await a.claim(sid) for sid in own]
         # A reclaimer's claim that raced the agent's own: it now holds 3 of 2.
-        await ledger.claim_session(extra, a.ref, reason="failover")
+        reclaimer = Ledger(ledger.store, ev.Producer(id="reclaimer-test", instance=new_id()))
+        await reclaimer.claim_session(extra, a.ref, reason="failover")
 
         async def released() -> lc.SessionState | None:
             state, _ = await ledger.session(extra)
@@ -209,8 +211,8 @@ async def test_a_claim_that_lands_after_the_agent_registered_again_is_not_run(le
 
         async def append_after_a_new_incarnation(event: ev.Event, **kw: object) -> int:
             if isinstance(event, ev.SessionClaimed) and event.session_id == sid:
-                await ledger.store.append(ev.AgentGoodbye(producer=FORGER, agent_id=a.agent_id,
-                                                          instance_id=a.instance_id, incarnation=first))
+                await ledger.store.append(authorized(ev.AgentGoodbye(producer=FORGER, agent_id=a.agent_id,
+                                                          instance_id=a.instance_id, incarnation=first)))
                 await eventually(lambda: a.incarnation > first and a.fenced is None, what="a new incarnation")
             return await real_append(event, **kw)
 
@@ -234,11 +236,11 @@ async def test_an_agent_acts_only_on_what_the_fold_applies_to_its_own_lifecycle(
         first = a.incarnation
         await a.drain(deadline=60)
         await eventually(lambda: _status(ledger, a.agent_id, lc.A_DRAINED), what="drained in the log")
-        await ledger.store.append(ev.AgentDeclaredDead(producer=FORGER, agent_id=a.agent_id, incarnation=first,
-                                                       reason="forged"))
+        await ledger.store.append(authorized(ev.AgentDeclaredDead(
+            producer=FORGER, agent_id=a.agent_id, incarnation=first, reason="forged")))
         # Then a forged goodbye, which the fold does apply: once the agent reacts to that, it has judged the death.
-        await ledger.store.append(ev.AgentGoodbye(producer=FORGER, agent_id=a.agent_id, instance_id=a.instance_id,
-                                                  incarnation=first))
+        await ledger.store.append(authorized(ev.AgentGoodbye(
+            producer=FORGER, agent_id=a.agent_id, instance_id=a.instance_id, incarnation=first)))
         await eventually(lambda: a.incarnation > first, what="a new incarnation after the goodbye")
         fences = [r for r in await ledger.store.history("agent", a.agent_id)
                   if isinstance(r, Recorded) and isinstance(r.event, ev.AgentFenced)]
@@ -249,8 +251,8 @@ async def test_a_drain_written_about_the_agent_makes_it_drain(ledger: Ledger, ui
     """The log says the agent drains (the reclaimer hands its sessions off, nothing claims for it): the agent
     behaves so and writes that it drained, instead of idling outside the fleet until it restarts."""
     async with agent_of(ledger, f"{uid}-a") as a:
-        await ledger.store.append(ev.AgentDraining(producer=FORGER, agent_id=a.agent_id, incarnation=a.incarnation,
-                                                   deadline=ev.utcnow(), reason="forged"))
+        await ledger.store.append(authorized(ev.AgentDraining(
+            producer=FORGER, agent_id=a.agent_id, incarnation=a.incarnation, deadline=ev.utcnow(), reason="forged")))
         await eventually(lambda: a.draining, what="the agent draining")
         await eventually(lambda: _status(ledger, a.agent_id, lc.A_DRAINED), what="drained in the log")
         history = [r for r in await ledger.store.history("agent", a.agent_id) if isinstance(r, Recorded)]
@@ -288,8 +290,8 @@ async def test_a_re_registration_the_watch_sees_before_its_acknowledgement_is_ju
         try:
             for _ in range(2):
                 before = a.incarnation
-                await ledger.store.append(ev.AgentGoodbye(producer=FORGER, agent_id=a.agent_id,
-                                                          instance_id=a.instance_id, incarnation=before))
+                await ledger.store.append(authorized(ev.AgentGoodbye(producer=FORGER, agent_id=a.agent_id,
+                                                          instance_id=a.instance_id, incarnation=before)))
                 await eventually(lambda: a.incarnation > before and a.fenced is None, what="a new incarnation")
         finally:
             del store.submit
@@ -314,8 +316,8 @@ async def test_a_re_registration_that_would_land_after_another_process_registere
 
         store.submit = a_replacement_registers_first  # type: ignore[method-assign]
         try:
-            await ledger.store.append(ev.AgentGoodbye(producer=FORGER, agent_id=a.agent_id,
-                                                      instance_id=a.instance_id, incarnation=a.incarnation))
+            await ledger.store.append(authorized(ev.AgentGoodbye(producer=FORGER, agent_id=a.agent_id,
+                                                      instance_id=a.instance_id, incarnation=a.incarnation)))
             await eventually(lambda: a.superseded, what="the old process superseded")
         finally:
             del store.submit
@@ -346,8 +348,8 @@ async def test_a_goodbye_waits_for_a_re_registration_in_flight_and_is_said_for_i
     try:
         async with a:
             first = a.incarnation
-            await ledger.store.append(ev.AgentGoodbye(producer=FORGER, agent_id=a.agent_id,
-                                                      instance_id=a.instance_id, incarnation=first))
+            await ledger.store.append(authorized(ev.AgentGoodbye(producer=FORGER, agent_id=a.agent_id,
+                                                      instance_id=a.instance_id, incarnation=first)))
             await eventually(lambda: a._pending_registration is not None, what="a re-registration in flight")
     finally:
         del store.submit

@@ -10,7 +10,7 @@ import contextlib
 from datetime import timedelta
 
 from fleet import consumers, ledger_on
-from helpers import eventually
+from helpers import authorized, eventually
 
 from consumers.follow import Follower
 from consumers.reclaimer import Reclaimer
@@ -54,9 +54,9 @@ async def test_a_forged_registration_naming_the_agents_own_instance_does_not_lea
     for sid in sessions:
         await ledger.create_session("p", session_id=sid)
     async with agent_of(ledger, f"{uid}-a1") as a1:
-        await ledger.store.append(ev.AgentRegistered(
+        await ledger.store.append(authorized(ev.AgentRegistered(
             producer=FORGER, agent_id=a1.agent_id, instance_id=a1.instance_id, pool="p", platform="default",
-            region="default", labels={}, capacity=4, heartbeat_interval=0.1, ttl=2.0))
+            region="default", labels={}, capacity=4, heartbeat_interval=0.1, ttl=2.0)))
         for sid in sessions:
             try:
                 await a1.claim(sid)
@@ -149,8 +149,8 @@ async def test_a_forged_death_with_a_reason_of_the_longest_allowed_text_does_not
     it before its new registration, never comes back."""
     async with agent_of(ledger, f"{uid}-a1") as a1:
         first = a1.incarnation
-        await ledger.store.append(ev.AgentDeclaredDead(producer=FORGER, agent_id=a1.agent_id, incarnation=first,
-                                                       reason="x" * 4096))
+        await ledger.store.append(authorized(ev.AgentDeclaredDead(
+            producer=FORGER, agent_id=a1.agent_id, incarnation=first, reason="x" * 4096)))
         await eventually(lambda: a1.incarnation > first and a1.fenced is None, timeout=15.0,
                          what="a1 registered again after the forged death")
 
@@ -186,7 +186,8 @@ async def given_by_a_reclaimer(ledger: Ledger, agent: Agent, session_id: str) ->
     """A legitimate claim for `agent` written by someone else; returns once the agent runs it (its watch is
     then past everything appended before)."""
     await ledger.create_session("p", session_id=session_id)
-    await ledger.claim_session(session_id, agent.ref, reason="failover")
+    reclaimer = Ledger(ledger.store, ev.Producer(id="reclaimer-test", instance=new_id()))  # claims for others
+    await reclaimer.claim_session(session_id, agent.ref, reason="failover")
     await eventually(lambda: session_id in agent.owned, timeout=30.0, what=f"{agent.agent_id} gaining {session_id}")
 
 
@@ -200,9 +201,9 @@ async def test_forged_claims_for_the_agent_cost_its_watch_a_bounded_number_of_re
     async with agent_of(ledger, f"{uid}-b") as b, agent_of(ledger, f"{uid}-a1") as a1:
         await b.claim(sid)  # a real owner: every forged claim for a1 below is flagged, so a1 never caches it
         for i in range(ghosts):
-            await ledger.store.append(ev.SessionClaimed(
+            await ledger.store.append(authorized(ev.SessionClaimed(
                 producer=FORGER, session_id=sid, agent_id=f"{uid}-ghost{i}", instance_id="g", incarnation=1,
-                reason="initial"))
+                reason="initial")))
         store = a1.store
         reads = [0]
         real_read = store.read
@@ -217,9 +218,9 @@ async def test_forged_claims_for_the_agent_cost_its_watch_a_bounded_number_of_re
             for round_ in range(2):
                 reads[0] = 0
                 for _ in range(forged_claims):
-                    await ledger.store.append(ev.SessionClaimed(
+                    await ledger.store.append(authorized(ev.SessionClaimed(
                         producer=FORGER, session_id=sid, agent_id=a1.agent_id, instance_id=a1.instance_id,
-                        incarnation=a1.incarnation, reason="initial", previous_token=10**9))
+                        incarnation=a1.incarnation, reason="initial", previous_token=10**9)))
                 await given_by_a_reclaimer(ledger, a1, f"{uid}-m{round_}")
                 per_round.append(reads[0])
         finally:
@@ -258,8 +259,8 @@ async def test_a_health_report_dated_in_the_future_does_not_keep_a_route_from_go
         async with consumers(server.url):
             await eventually(lambda: _route(ledger), what="r1 exists")
             await eventually(lambda: _route_state(ledger, lc.WARMING_UP), timeout=15.0, what="r1 warming up")
-            await ledger.store.append(ev.RouteHealthReported(
-                producer=FORGER, route_id="r1", healthy=True, checked_at=ev.utcnow() + timedelta(days=365)))
+            await ledger.store.append(authorized(ev.RouteHealthReported(
+                producer=FORGER, route_id="r1", healthy=True, checked_at=ev.utcnow() + timedelta(days=365))))
             await eventually(lambda: _route_state(ledger, lc.RUNNING, lc.TRAFFIC_ACTIVE), timeout=15.0,
                              what="r1 running")
             # No probe reports after that one: the route must go stale (INACTIVE) about a second later.
@@ -275,9 +276,9 @@ async def test_a_transition_dated_in_the_future_does_not_hold_off_the_start_time
         sid, _ = await ledger.create_session("gpu", session_id="s1")
         await a1.claim(sid)  # claimed, but never reports an address: the route can only time out
         await ledger.create_route("r1", session_id=sid, endpoint="http://127.0.0.1:9/", start_timeout=1.0)
-        await ledger.store.append(ev.RouteTransitioned(
+        await ledger.store.append(authorized(ev.RouteTransitioned(
             producer=FORGER, route_id="r1", from_state=lc.PENDING, to_state=lc.STARTING, reason="forged",
-            time=ev.utcnow() + timedelta(days=365)))
+            time=ev.utcnow() + timedelta(days=365))))
         async with consumers(server.url):
             await eventually(lambda: _route_state(ledger, lc.FAILED_TO_START), timeout=15.0,
                              what="r1 failed to start after its start_timeout of 1 s")

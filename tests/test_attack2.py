@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from fleet import consumers, ledger_on
-from helpers import eventually
+from helpers import authorized, eventually
 
 from ledger import events as ev
 from ledger import lifecycle as lc
@@ -31,8 +31,8 @@ async def test_an_unreadable_message_on_the_agents_registration_subject_does_not
         first = a1.incarnation
         js = ledger.store.nc.jetstream()
         await js.publish(event_subject("agent", a1.agent_id, "registered", "mallory"), b"\x00not an event")
-        await ledger.store.append(ev.AgentGoodbye(producer=FORGER, agent_id=a1.agent_id, instance_id=a1.instance_id,
-                                                  incarnation=first, reason="forged"))
+        await ledger.store.append(authorized(ev.AgentGoodbye(
+            producer=FORGER, agent_id=a1.agent_id, instance_id=a1.instance_id, incarnation=first, reason="forged")))
         await eventually(lambda: a1.fenced is not None or a1.incarnation != first, timeout=10,
                          what="the agent fencing itself on the forged goodbye")
         await eventually(lambda: a1.fenced is None and a1.incarnation > first and not a1.superseded, timeout=15,
@@ -51,10 +51,11 @@ async def test_a_forged_drain_and_drained_for_an_agent_holding_a_session_does_no
             Agent(ledger, agent_id="a1", pool="gpu", capacity=3, heartbeat=0.2, ttl=30.0) as a1:
         sid, _ = await ledger.create_session("gpu", session_id="s1")
         await a1.claim(sid)
-        await ledger.store.append(ev.AgentDraining(producer=FORGER, agent_id="a1", incarnation=a1.incarnation,
-                                                   deadline=ev.utcnow() - timedelta(hours=1), reason="forged"))
-        await ledger.store.append(ev.AgentDrained(producer=FORGER, agent_id="a1", incarnation=a1.incarnation,
-                                                  reason="forged"))
+        await ledger.store.append(authorized(ev.AgentDraining(
+            producer=FORGER, agent_id="a1", incarnation=a1.incarnation, deadline=ev.utcnow() - timedelta(hours=1),
+            reason="forged")))
+        await ledger.store.append(authorized(ev.AgentDrained(producer=FORGER, agent_id="a1",
+                                                             incarnation=a1.incarnation, reason="forged")))
         state, _ = await ledger.agent("a1")
         assert state is not None and state.status == lc.A_DRAINED  # every reader applies the forgery
         async with Agent(ledger, agent_id="a2", pool="gpu", capacity=3, heartbeat=0.2, ttl=30.0) as a2, \
@@ -85,8 +86,8 @@ async def test_a_forged_goodbye_during_a_drain_does_not_undo_the_drain(ledger: L
         await a1.claim(sid)
         await a1.drain(deadline=3600.0, reason="maintenance")
         first = a1.incarnation
-        await ledger.store.append(ev.AgentGoodbye(producer=FORGER, agent_id=a1.agent_id, instance_id=a1.instance_id,
-                                                  incarnation=first, reason="forged"))
+        await ledger.store.append(authorized(ev.AgentGoodbye(
+            producer=FORGER, agent_id=a1.agent_id, instance_id=a1.instance_id, incarnation=first, reason="forged")))
         await eventually(lambda: a1.fenced is None and a1.incarnation > first, timeout=15,
                          what="the agent registering again after the forged goodbye")
 
@@ -112,9 +113,9 @@ async def test_a_claim_for_an_agent_that_has_drained_does_not_leave_the_session_
         state, _ = await ledger.agent("a1")
         assert state is not None and state.status == lc.A_DRAINED
         sid, _ = await ledger.create_session("gpu", session_id="s1")
-        await ledger.store.append(ev.SessionClaimed(producer=FORGER, session_id=sid, agent_id="a1",
+        await ledger.store.append(authorized(ev.SessionClaimed(producer=FORGER, session_id=sid, agent_id="a1",
                                                     instance_id=a1.instance_id, incarnation=a1.incarnation,
-                                                    reason="initial"))
+                                                    reason="initial")))
         async with Agent(ledger, agent_id="a2", pool="gpu", capacity=3, heartbeat=0.2, ttl=30.0) as a2, \
                 consumers(server.url):
             async def with_a2_only() -> bool:
@@ -132,9 +133,9 @@ async def test_a_flood_of_registrations_of_made_up_agents_is_not_kept_by_the_wat
         await given_by_a_reclaimer(ledger, a1, f"{uid}-s0")
         known = set(a1._registered)
         for i in range(300):
-            await ledger.store.submit(ev.AgentRegistered(
+            await ledger.store.submit(authorized(ev.AgentRegistered(
                 producer=FORGER, agent_id=f"{uid}-ghost{i}", instance_id=f"g{i}", pool="p", platform="default",
-                region="default", labels={}, capacity=4, heartbeat_interval=0.1, ttl=2.0))
+                region="default", labels={}, capacity=4, heartbeat_interval=0.1, ttl=2.0)))
         await given_by_a_reclaimer(ledger, a1, f"{uid}-s1")  # the watch is past the flood
         assert set(a1._registered) == known
 
@@ -153,7 +154,7 @@ async def test_forged_lifecycle_events_for_a_huge_incarnation_of_the_agent_chang
                        ev.AgentDraining(producer=FORGER, agent_id=aid, incarnation=huge,
                                         deadline=ev.utcnow() - timedelta(hours=1), reason="forged"),
                        ev.AgentDrained(producer=FORGER, agent_id=aid, incarnation=huge, reason="forged")):
-            await ledger.store.append(forged)
+            await ledger.store.append(authorized(forged))
         await given_by_a_reclaimer(ledger, a1, f"{uid}-s1")  # the watch is past the forgeries
         assert (a1.incarnation, a1.fenced, a1.draining) == (first, None, False)
         assert {f"{uid}-s0", f"{uid}-s1"} <= set(a1.owned)

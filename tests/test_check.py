@@ -327,6 +327,25 @@ def test_a_session_left_with_a_lost_owner_beyond_ttl_plus_grace_is_stranded():
     assert h.check(grace=10.0).clean
 
 
+def test_a_forged_death_for_a2_on_a_subject_ending_in_a1_strands_nothing_and_is_counted_not_a_violation():
+    """The folds flag an event whose producer may not write it; so does the checker (counted in `flagged`), or a
+    death, goodbye or fence forged by a1 for a2 would make it call a2's sessions stranded."""
+    h = History()
+    h.register("a1", ttl=2.0)
+    a2 = h.register("a2", ttl=2.0)
+    h.create("s1")
+    h.claim("s1", "a2", a2)
+    h.add(ev.AgentDeclaredDead(producer=who("a1"), agent_id="a2", incarnation=a2, reason="forged"))
+    h.add(ev.AgentGoodbye(producer=who("a1"), agent_id="a2", instance_id="i", incarnation=a2, reason="forged"))
+    h.add(ev.SessionOrphaned(producer=who("a1"), session_id="s1", reason="forged"))
+    h.add(ev.AgentHeartbeat(producer=who("a1"), agent_id="a2", instance_id="i", incarnation=a2, beat=1))
+    for _ in range(3):  # a2 beats on, past ttl + grace
+        h.beat("a2", a2, after=1.0)
+    report = h.check(grace=1.0)
+    assert report.clean, report.violations
+    assert report.flagged == {ck.UNAUTHORIZED_PRODUCER: 4}
+
+
 def test_a_silent_owner_never_declared_dead_strands_its_sessions():
     h = History()
     a1 = h.register("a1", ttl=2.0)
@@ -528,6 +547,8 @@ async def test_a_log_written_by_real_agents_and_consumers_is_clean(server: Embed
     code, doc, _ = ledger_check(server.url, "--json")
     assert code == 0, doc["violations"]
     assert doc["clean"] and doc["events"] > 20 and doc["messages"]["LEDGER_HB"] > 0
+    # The agents, the `ledger agent` processes and the consumers write only what their roles may write.
+    assert ck.UNAUTHORIZED_PRODUCER not in doc["flagged"], doc["flagged"]
     code, _, out = ledger_check(server.url)
     assert code == 0 and "clean: no violation" in out
 
@@ -562,7 +583,7 @@ async def test_violations_planted_with_raw_publishes_are_named_with_their_sequen
                                                                   instance_id="i", incarnation=a2)),
             ck.STALE_TOKEN: await raw(ev.SessionReleased(producer=who("a2"), session_id="s1", agent_id="a2",
                                                          incarnation=a2, token=c1 + 1)),
-            ck.ILLEGAL_TRANSITION: await raw(ev.SessionOrphaned(producer=who("x"), session_id="s9", reason="x")),
+            ck.ILLEGAL_TRANSITION: await raw(ev.SessionOrphaned(producer=who("reclaimer"), session_id="s9", reason="x")),
             ck.SUPERSEDED_INCARNATION: await applied_claim_of_a_superseded_incarnation(),
             ck.MISSING_EVENT_ID: await raw(ev.SessionCreated(producer=CLI, session_id="s5", pool="p"),
                                            drop=("event_id",)),

@@ -131,7 +131,7 @@ async def test_killing_the_stream_leader_mid_load_loses_no_acknowledged_event(ow
 
 async def test_fifty_agents_race_to_claim_one_session_on_the_cluster(cluster_store: EventStore,
                                                                      cluster_settings: Settings, uid: str):
-    ledger = Ledger(cluster_store, Producer(id="test", instance=new_id()))
+    ledger = Ledger(cluster_store, Producer(id="operator-test", instance=new_id()))
     sid, seq = await ledger.create_session("p", session_id=f"{uid}-s")
     await race_agents(cluster_settings, sid, f"{uid}-racer", 50)
     claims = [r for r in await cluster_store.history("session", sid, min_last_seq=seq + 1)
@@ -216,7 +216,8 @@ async def freeze_under_agents(cluster: EmbeddedCluster, uid: str, ttl: float,
             agent = await stack.enter_async_context(Agent(
                 ledger, agent_id=f"{uid}-a{i}", pool=uid, heartbeat=heartbeat, ttl=ttl,
                 on_fenced=lambda why, i=i: fences.append(f"a{i}: {why}")))
-            sid, _ = await ledger.create_session(uid, session_id=f"{uid}-s{i}")
+            operator = Ledger(ledger.store, Producer(id="operator-test", instance=new_id()))  # creates sessions
+            sid, _ = await operator.create_session(uid, session_id=f"{uid}-s{i}")
             await agent.claim(sid)
             agents.append(agent)
         assert {a.store.nc.connected_url.port for a in agents} == {frozen.config.port}  # type: ignore[union-attr]

@@ -1,4 +1,5 @@
-"""A forged goodbye for a live agent alone in its pool: the agent comes back as a new incarnation and the
+"""A forged goodbye for a live agent alone in its pool (written with the agent's own identity: the folds flag
+one by any other producer): the agent comes back as a new incarnation and the
 sessions settle with it, instead of an endless claim -> orphan loop with the reclaimer (issue 9, section 2)."""
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ async def test_a_forged_goodbye_for_an_agent_alone_in_its_pool_settles(server: E
             return agent.incarnation if ok else None
 
         first = await eventually(owned_by_current, timeout=20, what="every session claimed by a1")
-        await ledger.store.append(ev.AgentGoodbye(producer=ev.Producer(id="mallory", instance="m"), agent_id="a1",
+        await ledger.store.append(ev.AgentGoodbye(producer=ev.Producer(id="a1", instance="m"), agent_id="a1",
                                                   instance_id="forged", incarnation=first, reason="forged"))
         second = await eventually(lambda: owned_by_current(first), timeout=20,
                                   what="a1 back as a new incarnation, owning every session again")

@@ -84,7 +84,7 @@ def test_a_beat_naming_no_registration_is_flagged_once_the_lifecycle_was_read_pa
 
 
 def test_a_suspicion_counts_from_when_it_was_stored_not_from_its_own_time():
-    future = ev.AgentSuspected(producer=ev.Producer(id="forger", instance="f"), agent_id="a1", incarnation=1,
+    future = ev.AgentSuspected(producer=ev.Producer(id="monitor-forger", instance="f"), agent_id="a1", incarnation=1,
                                reason="unreachable_reports", time=at(3600))
     items = [registration(0), stored(LEDGER_STREAM, 2, 11, future), beat(1, 10), beat(2, 12)]
     for state in both_orders(items):

@@ -38,7 +38,11 @@ from projections.state import LedgerState
 
 T0 = datetime(2026, 11, 1, 12, tzinfo=timezone.utc)
 CLI = ev.Producer(id="cli", instance="c1")
-FORGER = ev.Producer(id="forger", instance="f1")
+FORGER = ev.Producer(id="operator-forger", instance="f1")
+"""Forges times, not identities: it writes only what its role may (an operator's clock; a monitor's or an agent's
+below), so every fold takes its events and only their times are in question."""
+MONITOR_FORGER = ev.Producer(id="monitor-forger", instance="f2")
+A1 = ev.Producer(id="a1", instance="i1")
 FAR_FUTURE = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=timezone.utc)
 HOUR = 3600.0
 
@@ -144,15 +148,15 @@ def test_session_times_are_when_the_server_stored_its_events(declared: datetime)
     a1 = AgentRef("a1", "i1", 1)
     records = [
         stored(2, 10, ev.SessionCreated(producer=CLI, session_id="s1", pool="p", idle_ttl=60, time=declared)),
-        stored(3, 20, ev.SessionClaimed(producer=FORGER, session_id="s1", agent_id=a1.agent_id,
+        stored(3, 20, ev.SessionClaimed(producer=A1, session_id="s1", agent_id=a1.agent_id,
                                         instance_id=a1.instance_id, incarnation=a1.incarnation, time=declared)),
     ]
     claimed, anomalies = lc.fold(lc.evolve_session, records)
     assert anomalies == []
     assert (claimed.created_at, claimed.status_since, claimed.last_owner_write_at) == (at(10), at(20), at(20))
-    report = stored(4, 30, ev.SessionResourceReported(producer=FORGER, session_id="s1", agent_id="a1", incarnation=1,
+    report = stored(4, 30, ev.SessionResourceReported(producer=A1, session_id="s1", agent_id="a1", incarnation=1,
                                                       token=3, platform_resource_id="pod/1", time=declared))
-    released = stored(5, 40, ev.SessionReleased(producer=FORGER, session_id="s1", agent_id="a1", incarnation=1,
+    released = stored(5, 40, ev.SessionReleased(producer=A1, session_id="s1", agent_id="a1", incarnation=1,
                                                 token=3, time=declared))
     reported, _ = lc.evolve_session(claimed, report)
     assert reported.last_owner_write_at == at(30)
@@ -273,7 +277,7 @@ async def test_year_9999_on_every_subject_family_crashes_no_consumer(server: Emb
         await ledger.append(ev.AgentHeartbeat(producer=ghost, agent_id="z1", instance_id="zi", incarnation=inc,
                                               beat=1, **far))
         await ledger.append(ev.AgentUnreachableReported(producer=FORGER, agent_id="z1", incarnation=inc, **far))
-        await ledger.append(ev.AgentSuspected(producer=FORGER, agent_id="z1", incarnation=inc, reason="forged",
+        await ledger.append(ev.AgentSuspected(producer=MONITOR_FORGER, agent_id="z1", incarnation=inc, reason="forged",
                                               evidence=ev.Evidence(observed_at=FAR_FUTURE), **far))
         await ledger.append(ev.AgentDraining(producer=ghost, agent_id="z1", incarnation=inc, deadline=FAR_FUTURE,
                                              **far))
@@ -284,7 +288,7 @@ async def test_year_9999_on_every_subject_family_crashes_no_consumer(server: Emb
                                             start_timeout=0.5, probe=ev.Probe(initial_delay=0.5), **far))
         await ledger.append(ev.RouteHealthReported(producer=FORGER, route_id="r1", healthy=False,
                                                    checked_at=FAR_FUTURE, **far))
-        await ledger.append(ev.PoolBreakerTripped(producer=FORGER, pool="other", reason="forged", **far))
+        await ledger.append(ev.PoolBreakerTripped(producer=MONITOR_FORGER, pool="other", reason="forged", **far))
         await ledger.append(ev.PoolBreakerReset(producer=FORGER, pool="other", reason="forged", **far))
         # Every consumer and the agent still act on what follows: z1, draining, hands its session to a2 and
         # dies a ttl after its one beat was stored; the route started for it times out.
@@ -312,7 +316,7 @@ async def test_the_idle_reaper_ignores_the_times_sessions_declare(store, uid: st
     from ledger.agent import Agent
     from ledger.ids import new_id
 
-    ledger = Ledger(store, ev.Producer(id="test", instance=new_id()))
+    ledger = Ledger(store, ev.Producer(id="operator-test", instance=new_id()))
     future, past = f"{uid}-future", f"{uid}-past"
     await ledger.append(ev.SessionCreated(producer=CLI, session_id=future, pool=uid, idle_ttl=0.2, time=FAR_FUTURE))
     await ledger.append(ev.SessionCreated(producer=CLI, session_id=past, pool=uid, idle_ttl=HOUR,

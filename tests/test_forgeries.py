@@ -78,11 +78,12 @@ async def test_an_incarnation_that_dies_before_its_first_beat_is_declared_dead_f
             await eventually(lambda: last_beat_seq(ledger, "a1"), what="a beat of the first incarnation")
             procs["a1"].kill9()
         # It comes back as a new incarnation, is given a session, and crashes before its first beat.
-        second = await ledger.append(ev.AgentRegistered(
+        second = await ledger.store.append(ev.AgentRegistered(
             producer=ev.Producer(id="a1", instance="i2"), agent_id="a1", instance_id="i2", pool="gpu",
             heartbeat_interval=HEARTBEAT, ttl=TTL))
         sid, _ = await ledger.create_session("gpu", session_id="s1")
-        await ledger.claim_session(sid, AgentRef("a1", "i2", second))
+        reclaimer = Ledger(ledger.store, ev.Producer(id="reclaimer-test", instance=new_id()))  # claims for others
+        await reclaimer.claim_session(sid, AgentRef("a1", "i2", second))
         async with consumers(server.url, watchdog=False):
             async def declared() -> list[ev.Event]:
                 return [e for e in await events(ledger.store, "agent", "a1")

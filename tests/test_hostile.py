@@ -150,7 +150,7 @@ async def test_a_hostile_corpus_on_every_subject_family_is_dead_lettered_and_wor
     settings = Settings(nats_url=server.url)
     db = tmp_path / "projection.sqlite3"
     async with EventStore.connect(settings) as store:
-        ledger = Ledger(store, ev.Producer(id="test", instance="t"))
+        ledger = Ledger(store, ev.Producer(id="operator-test", instance="t"))
         async with Projector(store, ProjectionSettings(db=str(db))) as projector, \
                 running_consumers(store) as (_, consumers_task), \
                 Agent(ledger, agent_id="a1", pool="gpu", capacity=50, heartbeat=0.2, ttl=5) as a1, \
@@ -217,7 +217,7 @@ async def test_a_hostile_corpus_on_every_subject_family_is_dead_lettered_and_wor
 async def test_the_monitor_survives_a_deeply_nested_newest_beat_and_declares_the_agent_dead(
         server: EmbeddedServer):
     async with EventStore.connect(Settings(nats_url=server.url)) as store:
-        ledger = Ledger(store, ev.Producer(id="test", instance="t"))
+        ledger = Ledger(store, ev.Producer(id="operator-test", instance="t"))
         me = ev.Producer(id="gone", instance="g1")
         incarnation = await store.append(ev.AgentRegistered(producer=me, agent_id="gone", instance_id="g1",
                                                             pool="p", heartbeat_interval=0.2, ttl=1.0))

@@ -29,7 +29,7 @@ def test_selection_never_picks_a_busy_or_fresh_session():
 
 
 async def test_idle_sessions_are_released_and_busy_ones_kept(store: EventStore, uid: str):
-    ledger = Ledger(store, ev.Producer(id="test", instance=new_id()))
+    ledger = Ledger(store, ev.Producer(id="operator-test", instance=new_id()))
     idle, _ = await ledger.create_session("p", session_id=f"{uid}-idle", idle_ttl=0.2)
     busy, _ = await ledger.create_session("p", session_id=f"{uid}-busy", idle_ttl=0.2)
     forever, _ = await ledger.create_session("p", session_id=f"{uid}-forever")

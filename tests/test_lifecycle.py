@@ -13,7 +13,10 @@ from ledger import lifecycle as lc
 
 T0 = datetime(2026, 11, 1, tzinfo=timezone.utc)
 A1 = ev.Producer(id="a1", instance="i1")
+A2 = ev.Producer(id="a2", instance="i2")
 CLI = ev.Producer(id="cli", instance="c")
+MONITOR = ev.Producer(id="monitor", instance="m")
+RECLAIMER = ev.Producer(id="reclaimer", instance="r")
 
 
 class Log:
@@ -55,7 +58,7 @@ def test_registration_starts_an_incarnation_and_supersedes_the_old(log: Log):
 def test_agent_lifecycle(log: Log):
     state, _ = lc.evolve_agent(None, log(registered()))
     inc = state.incarnation
-    suspicion = log(ev.AgentSuspected(producer=CLI, agent_id="a1", incarnation=inc, reason="missed_heartbeats",
+    suspicion = log(ev.AgentSuspected(producer=MONITOR, agent_id="a1", incarnation=inc, reason="missed_heartbeats",
                                       time=at(20)))
     state, a = lc.evolve_agent(state, suspicion)
     assert a is None and state.status == lc.A_ALIVE and state.suspected_at == suspicion.stored_at  # not its own time
@@ -76,7 +79,7 @@ def test_drained_needs_draining_and_dead_stays_dead(log: Log):
     state, _ = lc.evolve_agent(None, log(registered()))
     same, a = lc.evolve_agent(state, log(ev.AgentDrained(producer=A1, agent_id="a1", incarnation=1)))
     assert same is state and a.kind == lc.ILLEGAL_TRANSITION and "while agent is alive" in a.detail
-    dead, a = lc.evolve_agent(state, log(ev.AgentDeclaredDead(producer=CLI, agent_id="a1", incarnation=1,
+    dead, a = lc.evolve_agent(state, log(ev.AgentDeclaredDead(producer=MONITOR, agent_id="a1", incarnation=1,
                                                               reason="missed_heartbeats")))
     assert a is None and dead.status == lc.A_DEAD
     _, a = lc.evolve_agent(dead, log(ev.AgentDraining(producer=A1, agent_id="a1", incarnation=1, deadline=at(9))))
@@ -96,7 +99,7 @@ def created(sid: str = "s1") -> ev.SessionCreated:
 
 
 def claim(agent: str, prev: int | None = None, reason: str = "initial") -> ev.SessionClaimed:
-    return ev.SessionClaimed(producer=CLI, session_id="s1", agent_id=agent, instance_id="i", incarnation=1,
+    return ev.SessionClaimed(producer=RECLAIMER, session_id="s1", agent_id=agent, instance_id="i", incarnation=1,
                              reason=reason, previous_token=prev)
 
 
@@ -118,7 +121,7 @@ def test_session_claim_fencing(log: Log):
                                        token=claimed_rec.seq, platform_resource_id="pod-1")
     same, a = lc.evolve_session(s, log(stale))
     assert same is s and a.kind == lc.STALE_TOKEN
-    ok = ev.SessionResourceReported(producer=A1, session_id="s1", agent_id="a2", incarnation=1,
+    ok = ev.SessionResourceReported(producer=A2, session_id="s1", agent_id="a2", incarnation=1,
                                     token=takeover.seq, platform_resource_id="pod-2")
     s, a = lc.evolve_session(s, log(ok))
     assert a is None and s.platform_resource_id == "pod-2"
@@ -132,16 +135,16 @@ def test_session_orphan_release_terminate(log: Log):
     s, _ = lc.evolve_session(None, log(created()))
     s, _ = lc.evolve_session(s, log(claim("a1")))
     token = s.token
-    _, a = lc.evolve_session(s, log(ev.SessionOrphaned(producer=CLI, session_id="s1", reason="owner_dead",
+    _, a = lc.evolve_session(s, log(ev.SessionOrphaned(producer=RECLAIMER, session_id="s1", reason="owner_dead",
                                                        previous_token=token - 1)))
     assert a.kind == lc.STALE_TOKEN
-    s, a = lc.evolve_session(s, log(ev.SessionOrphaned(producer=CLI, session_id="s1", reason="owner_dead",
+    s, a = lc.evolve_session(s, log(ev.SessionOrphaned(producer=RECLAIMER, session_id="s1", reason="owner_dead",
                                                        previous_owner="a1", previous_token=token)))
     assert a is None and (s.status, s.owner, s.reason) == (lc.S_ORPHANED, None, "owner_dead")
-    _, a = lc.evolve_session(s, log(ev.SessionOrphaned(producer=CLI, session_id="s1", reason="again")))
+    _, a = lc.evolve_session(s, log(ev.SessionOrphaned(producer=RECLAIMER, session_id="s1", reason="again")))
     assert a.kind == lc.ILLEGAL_TRANSITION
     s, _ = lc.evolve_session(s, log(claim("a2", reason="failover")))
-    s, a = lc.evolve_session(s, log(ev.SessionReleased(producer=A1, session_id="s1", agent_id="a2",
+    s, a = lc.evolve_session(s, log(ev.SessionReleased(producer=A2, session_id="s1", agent_id="a2",
                                                        incarnation=1, token=s.token, reason="idle")))
     assert a is None and (s.status, s.reason, s.owner) == (lc.S_RELEASED, "idle", None)
     s, a = lc.evolve_session(s, log(ev.SessionTerminated(producer=CLI, session_id="s1")))
@@ -255,7 +258,7 @@ def test_an_agent_that_fenced_itself_is_fenced_until_it_registers_again(log: Log
 
 
 def test_pool_breaker_opens_once_and_closes_once(log: Log):
-    trip = ev.PoolBreakerTripped(producer=CLI, pool="gpu", reason="3 of 4 died", dead=("a", "b", "c"), agents=4)
+    trip = ev.PoolBreakerTripped(producer=MONITOR, pool="gpu", reason="3 of 4 died", dead=("a", "b", "c"), agents=4)
     pool, a = lc.evolve_pool(None, log(trip))
     assert a is None and pool.breaker_open and pool.trips == 1
     same, a = lc.evolve_pool(pool, log(trip))

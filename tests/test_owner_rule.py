@@ -138,7 +138,7 @@ def test_only_a_later_registration_by_another_process_supersedes(regs: list[tupl
 async def test_an_owner_termination_under_a_stale_token_is_refused_before_it_is_written(store):
     from ledger.client import Ledger
 
-    ledger = Ledger(store, ev.Producer(id="ops", instance="i"))
+    ledger = Ledger(store, ev.Producer(id="operator-ops", instance="i"))
     sid, _ = await ledger.create_session("p")
     with pytest.raises(StaleToken):
         await ledger.terminate_session(sid, token=12345)  # the fold would flag it: it is never written

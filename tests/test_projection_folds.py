@@ -105,6 +105,10 @@ def test_the_newest_beat_of_each_of_the_most_recently_beating_incarnations_is_ke
         if item.stream != HEARTBEAT_STREAM or not isinstance(item, Recorded):
             continue
         beat = item.event
+        if beat.producer.id != beat.agent_id:  # only the agent itself beats for it: flagged, never kept
+            assert change is not None and change.anomaly is not None
+            assert change.anomaly.kind == "unauthorized_producer"
+            continue
         mine = kept.setdefault(beat.agent_id, {})
         if len(mine) >= KEEP and beat.incarnation not in mine and item.seq < min(mine.values()):
             assert change is not None and change.anomaly is not None

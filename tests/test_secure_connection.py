@@ -220,9 +220,10 @@ def test_doctor_never_prints_the_password_of_its_url(users_server: UsersServer):
 
 @pytest.mark.timeout(90)
 def test_the_cli_reports_a_denied_append_in_one_line(users_server: UsersServer):
-    result = run_cli("session", "create", "--pool", "gpu", "--as", "a2", "--nats-url", users_server.url,
+    # An operator's producer token (the SDK lets it create sessions) on a user allowed only subjects ending `a1`.
+    result = run_cli("session", "create", "--pool", "gpu", "--as", "operator-x", "--nats-url", users_server.url,
                      "--user", "a1", env={"LEDGER_PASSWORD": "a1pw"})
-    line = assert_one_line_error(result, "permission denied", "ledger.session.", ".a2", hidden="a1pw")
+    line = assert_one_line_error(result, "permission denied", "ledger.session.", ".operator-x", hidden="a1pw")
     assert "may have landed" not in line
 
 

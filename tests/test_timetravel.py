@@ -26,6 +26,7 @@ from projection_helpers import until
 
 CLI = ev.Producer(id="cli", instance="t")
 MONITOR = ev.Producer(id="monitor", instance="m")
+RECLAIMER = ev.Producer(id="reclaimer", instance="r")
 
 
 def me(agent: str) -> ev.Producer:
@@ -62,7 +63,7 @@ async def fleet(store: EventStore, rounds: int = 12) -> None:
                                                      instance_id="i", incarnation=incarnations[agent]))
         await store.append(ev.RouteTransitioned(producer=me(agent), route_id=f"r{n % 4}", from_state="PENDING",
                                                 to_state="STARTING", token=token))
-        await store.append(ev.SessionOrphaned(producer=MONITOR, session_id=sid, reason="owner_suspect",
+        await store.append(ev.SessionOrphaned(producer=RECLAIMER, session_id=sid, reason="owner_suspect",
                                               previous_owner=agent, previous_token=token))
 
 
@@ -104,7 +105,7 @@ async def test_history_shows_who_changed_what_and_why(history_store: EventStore)
     token = await history_store.append(ev.SessionClaimed(producer=me("a1"), session_id="s1", agent_id="a1",
                                                          instance_id="i", incarnation=inc))
     await history_store.append(suspected)
-    await history_store.append(ev.SessionOrphaned(producer=MONITOR, session_id="s1", reason="owner_suspect",
+    await history_store.append(ev.SessionOrphaned(producer=RECLAIMER, session_id="s1", reason="owner_suspect",
                                                   previous_owner="a1", previous_token=token,
                                                   causation_id=suspected.event_id, correlation_id="incident-7"))
     stale = await history_store.append(ev.SessionReleased(producer=me("a1"), session_id="s1", agent_id="a1",
@@ -115,7 +116,7 @@ async def test_history_shows_who_changed_what_and_why(history_store: EventStore)
                                             "session.released"]
     orphaned = h.entries[2]
     assert (orphaned.producer, orphaned.causation_id, orphaned.correlation_id) == (
-        "monitor", suspected.event_id, "incident-7")
+        "reclaimer", suspected.event_id, "incident-7")
     assert orphaned.changes["status"] == ["assigned", "orphaned"] and orphaned.changes["owner"] == ["a1", None]
     late = h.entries[3]
     assert (late.seq, late.applied, late.anomaly.kind) == (stale, False, "stale_token")

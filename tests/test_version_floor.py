@@ -206,3 +206,30 @@ async def test_the_sdk_refuses_debians_nats_server(debian_server: str):
 @pytest.mark.parametrize("command", ["init", "up", "agent", "session create"])
 def test_every_command_refuses_debians_nats_server(debian_server: str, tmp_path: Path, command: str):
     assert_refused(run_cli(*commands(debian_server, tmp_path)[command]), debian_server)
+
+
+@pytest.mark.timeout(60)
+async def test_a_reconnect_to_a_node_below_the_floor_ends_the_connection(tmp_path: Path,
+                                                                         caplog: pytest.LogCaptureFixture):
+    # The first node is new enough; when it goes, the client's next URL is an old one: the reconnect is
+    # refused like a first connect (closed, one error line), never used for compare-and-set writes.
+    from conftest import create_streams, start_binary_server
+    from helpers import eventually
+
+    caplog.set_level("ERROR", logger="ledger.connection")
+    good = start_binary_server(tmp_path / "good")
+    try:
+        await create_streams(good.url)
+        with OldServer() as old:
+            settings = Settings(nats_url=f"{good.url},{old.url}", randomize_servers=False, ping_interval=0.5,
+                                reconnect_time_wait=0.2)
+            async with EventStore.connect(settings) as store:
+                assert store.nc.connected_server_version.minor >= MIN_VERSION[1]
+                good.stop()
+                await eventually(lambda: store.nc.is_closed, timeout=30, interval=0.1,
+                                 what="the connection closed after reconnecting to 2.9.10")
+                assert old.connects >= 1
+            refusals = [r.getMessage() for r in caplog.records if "2.9.10" in r.getMessage()]
+            assert refusals and "closing the connection" in refusals[0], caplog.text
+    finally:
+        good.stop()
