@@ -388,10 +388,20 @@ async def test_an_agent_cannot_run_as_another_agent(deployment: Deployment):
     assert await a2_registrations_and_a1s_writes(deployment) == (registrations, [])
 
 
+def refused_as_agent(done: subprocess.CompletedProcess[str], subject: str, sdk_says: str) -> None:
+    """An agent writing under its own id what only others may write: refused in one line, by the SDK (the authority
+    table) before the server (its permissions) has a chance to."""
+    line = one_line_error(done)
+    assert sdk_says in line or ("permission denied" in line and subject in line), line
+
+
 async def test_an_agent_cannot_create_sessions_under_any_name(deployment: Deployment):
-    for as_ in ("cli", "operator", "a1"):
+    for as_ in ("cli", "operator"):  # an operator's producer id: the server refuses the agent's publish
         done = await deployment.run("agent-a1", "session", "create", "--pool", "gpu", "--as", as_)
         one_line_error(done, "permission denied", "ledger.session.", f".created.{as_}")
+    # Its own id: the server would refuse it too, but the SDK says first that agents do not create sessions.
+    refused_as_agent(await deployment.run("agent-a1", "session", "create", "--pool", "gpu", "--as", "a1"),
+                     ".created.a1", "session.created written by agent a1")
 
 
 async def test_the_reader_cannot_reset_a_breaker_nor_end_a_session(deployment: Deployment):
@@ -406,8 +416,8 @@ async def test_the_reader_cannot_reset_a_breaker_nor_end_a_session(deployment: D
                    f"ledger.pool.{pool}.breaker_reset.cli")
     one_line_error(await deployment.run("reader", "session", "terminate", sid), "permission denied",
                    f"ledger.session.{sid}.terminated.cli")
-    one_line_error(await deployment.run("agent-a1", "pool", "reset-breaker", pool, "--as", "a1"),
-                   "permission denied", f"ledger.pool.{pool}.breaker_reset.a1")
+    refused_as_agent(await deployment.run("agent-a1", "pool", "reset-breaker", pool, "--as", "a1"),
+                     f"ledger.pool.{pool}.breaker_reset.a1", "pool.breaker_reset written by agent a1")
     # The operator may: the refusals were the user's, not the command's.
     assert f"pool {pool}: breaker closed" in await deployment.ok("operator", "pool", "reset-breaker", pool)
     assert (await session_show(deployment, sid))["status"] != "terminated"
