@@ -98,6 +98,7 @@ class ConnectionWatch:
         self._listeners: list[Callable[[str, str], None]] = []
         self.inbox_denied: PermissionDenied | None = None
         """Set when the server refused a subscription to our inbox: no reply can ever reach us."""
+        self._refused: set[str] = set()
 
     async def error_cb(self, e: Exception) -> None:
         found = parse_permission_violation(str(e))
@@ -114,8 +115,15 @@ class ConnectionWatch:
         log.info("nats: %s", e)  # whoever waits on the subject raises PermissionDenied
         if operation == "subscription" and subject.startswith(self._inbox):
             self.inbox_denied = PermissionDenied(operation, subject, INBOX_HINT)
+        elif operation == "publish" and len(self._refused) < 1000:
+            self._refused.add(subject)
         for listener in list(self._listeners):
             listener(operation, subject)
+
+    def refused_under(self, prefix: str) -> bool:
+        """Whether the server has refused us a publish to some subject under `prefix` on this connection."""
+        under = prefix.lower()
+        return any(s.startswith(under) for s in self._refused)
 
     def add_listener(self, listener: Callable[[str, str], None]) -> None:
         """`listener(operation, subject lower-cased)` hears every permissions violation."""

@@ -39,6 +39,7 @@ T = TypeVar("T")
 Item = Recorded | Unreadable
 
 API_PREFIX = "$JS.API"
+CONSUMER_DELETE = f"{API_PREFIX}.CONSUMER.DELETE."
 PULL_EXPIRES = 30.0
 """Seconds a following replay's pull request waits for new messages before it is renewed."""
 PULL_HEARTBEAT = 2.0
@@ -539,10 +540,11 @@ class Replay:
         include deleting consumers (every role but admin, in the generated ones) would otherwise wait a
         whole request timeout for an answer that never comes, at every close.
         """
-        if self._nc.is_closed:
-            return
+        watch = watch_of(self._nc)
+        if self._nc.is_closed or (watch is not None and watch.refused_under(CONSUMER_DELETE)):
+            return  # refused once on this connection: it would only be refused (and logged) again
         with contextlib.suppress(Exception):
-            await self._nc.publish(f"{API_PREFIX}.CONSUMER.DELETE.{self._stream}.{consumer}", b"",
+            await self._nc.publish(f"{CONSUMER_DELETE}{self._stream}.{consumer}", b"",
                                    reply=self._nc.new_inbox())
 
     async def close_subscription(self) -> None:
