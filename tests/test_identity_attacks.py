@@ -219,3 +219,121 @@ async def test_a1_cannot_squat_the_id_of_a_session_or_route_before_it_is_created
         sid, _ = await operator.create_session("p-squat", session_id="s-planned")
         await operator.create_route("r-planned", session_id=sid, endpoint="http://x")
     assert (await admin.session("s-planned"))[0] is not None and (await admin.route("r-planned"))[0] is not None
+
+
+# --- the JetStream API: what an agent's read rights reach -------------------------------------------------------
+
+
+async def api_request(conn: Conn, subject: str, body: dict[str, object]) -> dict[str, object]:
+    reply = await conn.nc.request(subject, json.dumps(body).encode(), timeout=5)
+    return json.loads(reply.data)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "`$JS.API.CONSUMER.CREATE.<stream>` (granted to every role to read) refuses a durable_name in the body but "
+    "not a `name` with action update: any agent can rewrite a consumer whose name it knows - drop its "
+    "durability, change its filter, set inactive_threshold so the server deletes it. Server permissions cannot "
+    "look into the body; see the report for the options (reads without consumers, or durables in another "
+    "account)"))
+async def test_an_agent_cannot_rewrite_or_expire_a_durable_consumer_it_knows_the_name_of(secured: Secured):
+    admin_conn = await connect(secured, permissions.ADMIN)
+    a1 = await connect(secured, "agent-a1")
+    try:
+        jsm = admin_conn.nc.jsm()
+        await jsm.add_consumer(subjects.LEDGER_STREAM, api.ConsumerConfig(
+            durable_name="audit", ack_policy=api.AckPolicy.EXPLICIT, filter_subject="ledger.session.>"))
+        before = (await jsm.consumer_info(subjects.LEDGER_STREAM, "audit")).config
+        # nats-py's own add_consumer(durable_name=...) goes to a subject a1 may not use; the body does not care.
+        answer = await api_request(a1, f"$JS.API.CONSUMER.CREATE.{subjects.LEDGER_STREAM}", {
+            "stream_name": subjects.LEDGER_STREAM, "action": "update",
+            "config": {"name": "audit", "ack_policy": "explicit", "filter_subject": "ledger.agent.>",
+                       "inactive_threshold": 10**9 * 3600}})
+        after = (await jsm.consumer_info(subjects.LEDGER_STREAM, "audit")).config
+        assert "error" in answer and after == before, f"a1 rewrote admin's durable consumer: {after}"
+    finally:
+        await a1.nc.close()
+        await admin_conn.nc.close()
+
+
+async def test_forbidden_api_and_system_subjects_are_refused_to_an_agent(secured: Secured, admin: Ledger):
+    """Everything outside an agent's list: stream admin, leader step-downs (a step-down would put the liveness
+    monitor in its grace period), KV and object stores, the account purge, $SYS, acks and other users' inboxes
+    (a forged PubAck or API reply)."""
+    forbidden = [
+        "$JS.API.STREAM.CREATE.KV_x", "$JS.API.STREAM.CREATE.OBJ_x", "$KV.x.y", "$O.x.C.y",
+        "$JS.API.ACCOUNT.PURGE", "$JS.API.STREAM.LEADER.STEPDOWN.LEDGER", "$JS.API.META.LEADER.STEPDOWN",
+        "$JS.API.STREAM.PEER.REMOVE.LEDGER", "$JS.API.STREAM.SNAPSHOT.LEDGER", "$JS.API.STREAM.RESTORE.LEDGER",
+        "$JS.API.STREAM.MSG.DELETE.LEDGER", "$JS.API.CONSUMER.PAUSE.LEDGER.x", "$JS.API.CONSUMER.DELETE.LEDGER.x",
+        "$JS.API.CONSUMER.CREATE.LEDGER.x", "$JS.API.CONSUMER.LIST.LEDGER", "$JS.API.CONSUMER.NAMES.LEDGER",
+        "$JS.API.CONSUMER.INFO.LEDGER.x", "$JS.API.STREAM.LIST", "$JS.API.ACCOUNT.STREAM.MOVE.LEDGER",
+        "$JS.API.SERVER.REMOVE", "$SYS.REQ.SERVER.PING", "$SYS.REQ.ACCOUNT.PING.CONNZ", "$JS.ACK.LEDGER.c.1.1.1.1.0",
+        "_INBOX.x", "_INBOX_agent-a2.x.1", "_INBOX_service.x.1", "$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.LEDGER",
+        "ledger.dlq.LEDGER.malformed", "ledger.pool.p.breaker_reset.a1", "ledger.session.s.created.a1",
+    ]
+    conn = await connect(secured, "agent-a1")
+    try:
+        for subject in forbidden:
+            await conn.nc.publish(subject, b"{}")
+        await conn.nc.flush()
+        await eventually(lambda: all(conn.violations(f'"{s}"') for s in forbidden), timeout=10,
+                         what="a violation for each forbidden subject")
+        assert conn.nc.is_connected  # refused, not disconnected: the agent's connection goes on
+    finally:
+        await conn.nc.close()
+    assert sorted(s.config.name for s in await admin.store.nc.jsm().streams_info()) == sorted(
+        [subjects.LEDGER_STREAM, subjects.HEARTBEAT_STREAM, subjects.DLQ_STREAM])
+
+
+async def test_headers_on_an_agents_own_subjects_cannot_roll_up_expire_schedule_or_batch(secured: Secured,
+                                                                                        admin: Ledger):
+    """Headers a1 may put on what it publishes: a rollup would purge the log, a TTL expire the event, a schedule
+    publish onto another subject later; the streams' settings refuse each (and doctor checks those settings)."""
+    conn = await connect(secured, "agent-a1")
+    refused = {
+        "Nats-Rollup": ({"Nats-Rollup": "all"}, 10111), "Nats-TTL": ({"Nats-TTL": "1s"}, 10166),
+        "Nats-Schedule": ({"Nats-Schedule": "@at 2020-01-01T00:00:00Z",
+                           "Nats-Schedule-Target": "ledger.agent.a2.goodbye.a2"}, 10188),
+        "Nats-Incr": ({"Nats-Incr": "1"}, 10168),
+        "Nats-Batch-Id": ({"Nats-Batch-Id": "b", "Nats-Batch-Sequence": "1", "Nats-Batch-Commit": "1"}, 10174),
+    }
+    try:
+        for subject in ("ledger.hb.a1.heartbeat.a1", "ledger.agent.a2.unreachable_reported.a1"):
+            for name, (headers, code) in refused.items():
+                reply = await conn.nc.request(subject, b"{}", headers=headers, timeout=5)
+                assert json.loads(reply.data).get("error", {}).get("err_code") == code, (subject, name, reply.data)
+    finally:
+        await conn.nc.close()
+    for stream in (subjects.LEDGER_STREAM, subjects.HEARTBEAT_STREAM):
+        assert (await admin.store.nc.jsm().stream_info(stream)).state.messages == 0
+
+
+async def test_a_push_consumer_cannot_relay_an_agents_bytes_onto_the_api_or_the_monitors_advisories(
+        secured: Secured, admin: Ledger):
+    """An agent may create push consumers. Delivered onto `$JS.API.STREAM.UPDATE.LEDGER`, its own heartbeat bytes
+    (a stream config with max_age 1 s) would be an update under nobody's permissions; onto the leader-election
+    advisory the service user listens to, a fake election at every delivery (or idle heartbeat) would hold the
+    liveness monitor in its grace period for ever. The server counts neither the API's internal subscriptions
+    nor a subscription to `$JS.EVENT` subjects as delivery interest: nothing is delivered, the consumer goes."""
+    a1 = await connect(secured, "agent-a1")
+    service = await connect(secured, permissions.SERVICE)
+    jsm_admin = admin.store.nc.jsm()
+    try:
+        await service.nc.subscribe(permissions.LEADER_ADVISORY)
+        await service.nc.flush()
+        before = (await jsm_admin.stream_info(subjects.LEDGER_STREAM)).config
+        shortened = before.as_dict() | {"max_age": 10**9}
+        await a1.nc.jetstream().publish("ledger.hb.a1.heartbeat.a1", json.dumps(shortened).encode(), timeout=5)
+        jsm = a1.nc.jsm(timeout=5)
+        for target in ("$JS.API.STREAM.UPDATE.LEDGER", "$JS.API.STREAM.DELETE.LEDGER_DLQ",
+                       "$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.LEDGER"):
+            relay = await jsm.add_consumer(subjects.HEARTBEAT_STREAM, api.ConsumerConfig(
+                deliver_subject=target, ack_policy=api.AckPolicy.NONE, filter_subject="ledger.hb.a1.>",
+                idle_heartbeat=0.5))
+            state = await jsm_admin.consumer_info(subjects.HEARTBEAT_STREAM, relay.name)
+            assert not state.push_bound and state.delivered.stream_seq == 0, target
+        assert service.errors == [] and a1.errors == []
+    finally:
+        await a1.nc.close()
+        await service.nc.close()
+    assert (await jsm_admin.stream_info(subjects.LEDGER_STREAM)).config.max_age == before.max_age
+    assert subjects.DLQ_STREAM in [s.config.name for s in await jsm_admin.streams_info()]
