@@ -84,6 +84,11 @@ def classify_connect_failure(seen: Sequence[BaseException], final: BaseException
     return Unavailable(f"cannot reach NATS at {where}: {why}")
 
 
+def _refuses_credentials(text: str) -> bool:
+    text = text.lower()
+    return "authorization violation" in text or "authentication expired" in text or "authentication revoked" in text
+
+
 class _GiveUp(Exception):
     """Raised from the error callback to end a first connect that cannot succeed."""
 
@@ -98,6 +103,8 @@ class ConnectionWatch:
         self._listeners: list[Callable[[str, str], None]] = []
         self.inbox_denied: PermissionDenied | None = None
         """Set when the server refused a subscription to our inbox: no reply can ever reach us."""
+        self.refused_told = False
+        """Whether we said, since the last (re)connect, that the server refuses our credentials."""
 
     async def error_cb(self, e: Exception) -> None:
         found = parse_permission_violation(str(e))
@@ -108,6 +115,13 @@ class ConnectionWatch:
                     # nats-py would now close the failed TLS transport and wait for it forever (the first connect
                     # then hangs until the caller's timeout); the handshake will not succeed on a retry either.
                     raise _GiveUp(e)
+            elif not self.refused_told and (isinstance(e, AuthorizationError) or _refuses_credentials(str(e))):
+                # Credentials revoked or changed while we ran: say so once per outage (reconnecting goes on),
+                # or all the operator reads is "no heartbeat acknowledged" and "no consumer yet".
+                self.refused_told = True
+                log.warning("nats: the server refuses this connection's credentials (%s): revoked or changed? "
+                            "still trying to reconnect", str(e).removeprefix("nats: ") or "authorization violation")
+                return
             log.debug("nats: %s", e)
             return
         operation, subject = found
@@ -237,6 +251,7 @@ async def open_connection(settings: Settings, name: str = "session-ledger",
 
     async def reconnected_cb() -> None:
         log.info("nats: reconnected")
+        watch.refused_told = False
         if on_event:
             on_event("reconnected")
 

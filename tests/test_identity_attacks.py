@@ -11,6 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -18,8 +22,7 @@ from pathlib import Path
 import pytest
 from helpers import eventually
 from nats.js import api
-from test_permissions import REFUSED, Conn, Secured, connect, ledger_as, recorded, refused_publish, refused_request
-from test_permissions import start_secured
+from test_permissions import Conn, Secured, connect, ledger_as, recorded, refused_publish, start_secured
 
 from consumers.follow import Follower
 from consumers.liveness_rules import LivenessSettings
@@ -337,3 +340,97 @@ async def test_a_push_consumer_cannot_relay_an_agents_bytes_onto_the_api_or_the_
         await service.nc.close()
     assert (await jsm_admin.stream_info(subjects.LEDGER_STREAM)).config.max_age == before.max_age
     assert subjects.DLQ_STREAM in [s.config.name for s in await jsm_admin.streams_info()]
+
+
+# --- the other roles -----------------------------------------------------------------------------------------
+
+
+STREAM_ADMIN = [f"$JS.API.STREAM.{verb}.{stream}" for verb in ("CREATE", "UPDATE", "DELETE", "PURGE", "MSG.DELETE")
+                for stream in (subjects.LEDGER_STREAM, subjects.HEARTBEAT_STREAM, subjects.DLQ_STREAM)]
+CONSUMER_ADMIN = [f"$JS.API.CONSUMER.{verb}.{subjects.LEDGER_STREAM}.c" for verb in ("CREATE", "DELETE", "DURABLE.CREATE")]
+
+
+async def all_refused(secured: Secured, user: str, refused: list[str]) -> None:
+    conn = await connect(secured, user)
+    try:
+        for subject in refused:
+            await conn.nc.publish(subject, b"{}")
+        await conn.nc.flush()
+        await eventually(lambda: all(conn.violations(f'"{s}"') for s in refused), timeout=10,
+                         what=f"a violation for each of {len(refused)} subjects as {user}")
+    finally:
+        await conn.nc.close()
+
+
+async def test_the_reader_writes_nothing_the_operator_and_service_change_no_stream(secured: Secured, admin: Ledger):
+    every_event = [subjects.event_subject(cls.family, "x", cls.verb(), producer) for cls in ev.EVENT_TYPES
+                   for producer in ("reader", "a1", "cli", "operator", "monitor", "reclaimer", "watchdog")]
+    await all_refused(secured, permissions.READER, [*every_event, *STREAM_ADMIN, *CONSUMER_ADMIN,
+                                                    "ledger.dlq.LEDGER.malformed", "$JS.API.STREAM.CREATE.X"])
+    await all_refused(secured, permissions.OPERATOR, [*STREAM_ADMIN, *CONSUMER_ADMIN, "ledger.dlq.LEDGER.x",
+                                                      "ledger.agent.a1.declared_dead.operator",
+                                                      "ledger.session.x.claimed.reclaimer"])
+    await all_refused(secured, permissions.SERVICE, [*STREAM_ADMIN, *CONSUMER_ADMIN,
+                                                     "ledger.session.x.created.monitor",
+                                                     "ledger.agent.a1.goodbye.monitor", "ledger.agent.a1.goodbye.a1",
+                                                     "ledger.hb.a1.heartbeat.a1", "ledger.session.x.created.cli"])
+    assert (await admin.store.last_seq()) == 0
+    assert sorted(s.config.name for s in await admin.store.nc.jsm().streams_info()) == sorted(
+        [subjects.LEDGER_STREAM, subjects.HEARTBEAT_STREAM, subjects.DLQ_STREAM])
+
+
+# --- faults: a revoked agent ------------------------------------------------------------------------------------
+
+
+def revoke(secured: Secured, user: str) -> None:
+    """Take `user` out of the generated auth.conf (what an operator does to revoke it) and reload the server."""
+    manifest = json.loads((secured.creds / "auth.json").read_text())
+    kept = {u: key for u, key in manifest["users"].items() if u != user}
+    (secured.creds / "auth.conf").write_text(permissions.render_authorization(kept, replicas=manifest["replicas"]))
+    assert secured.server.pid is not None
+    os.kill(secured.server.pid, signal.SIGHUP)
+
+
+async def test_a_revoked_agent_is_cut_off_at_the_reload_and_cannot_come_back(secured: Secured):
+    conn = await connect(secured, "agent-a1")
+    revoke(secured, "agent-a1")
+    await eventually(lambda: conn.nc.is_closed, timeout=10, what="the server closing the revoked agent's connection")
+    with pytest.raises(Exception) as refused:
+        await connect(secured, "agent-a1")
+    assert "authorization" in repr(refused.value).lower() or any(
+        "authorization" in line.lower() for line in secured.server.log_path.read_text().splitlines()[-5:])
+
+
+def spawn_cli_agent(secured: Secured, agent_id: str, out: Path) -> subprocess.Popen[bytes]:
+    user = permissions.agent_user(agent_id)
+    env = {**os.environ, "LEDGER_NATS_URL": secured.url, "LEDGER_NKEY_SEED_FILE": str(secured.creds / f"{user}.nk"),
+           "LEDGER_INBOX_PREFIX": permissions.inbox_prefix(user)}
+    with open(out / "stdout", "wb") as stdout, open(out / "stderr", "wb") as stderr:
+        return subprocess.Popen([sys.executable, "-m", "ledger", "agent", "--agent-id", agent_id, "--pool", "p-revoked",
+                                 "--heartbeat", "0.2", "--ttl", "2"], env=env, stdout=stdout, stderr=stderr)
+
+
+async def test_a_revoked_agent_process_fences_itself_and_says_why_in_one_line(secured: Secured, tmp_path: Path):
+    """Revoked, `ledger agent` fences itself, says once that the server refuses its credentials (not only "no
+    heartbeat acknowledged" and "the cluster may be electing a leader"), keeps trying, and stops cleanly on
+    SIGTERM without asyncio's "Future exception was never retrieved" for the appends it gave up on."""
+    proc = spawn_cli_agent(secured, "a1", tmp_path)
+    stdout, stderr = tmp_path / "stdout", tmp_path / "stderr"
+    try:
+        await eventually(lambda: "registered a1" in stdout.read_text(), timeout=30, what="the agent registering")
+        revoke(secured, "agent-a1")
+        await eventually(lambda: "fenced" in stdout.read_text(), timeout=30, what="the agent fencing itself")
+        # Long enough for the fenced record's append to time out (its deadline) while the server refuses us.
+        await eventually(lambda: "authorization" in stderr.read_text().lower(), timeout=30,
+                         what="a line saying the server refused the agent's credentials")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    errors = stderr.read_text()
+    assert proc.returncode == 0, errors
+    assert "Traceback" not in errors and "never retrieved" not in errors, errors
+    assert len([ln for ln in errors.splitlines() if "authorization" in ln.lower()]) <= 3, errors  # not one a retry
