@@ -73,6 +73,9 @@ def classify_connect_failure(seen: Sequence[BaseException], final: BaseException
                              f"({e.verify_message or e.reason}); pass the CA that signed it with --tls-ca")
         if isinstance(e, ssl.SSLError):
             why = (e.reason or str(e)).lower().replace("_", " ")
+            if "alert certificate expired" in why:  # the server's alert: our certificate is outside its dates
+                return TlsFailed(f"TLS handshake with {where} failed: the server refused our client certificate as "
+                                 f"expired or not yet valid ({why}); renew the certificate given with --tls-cert")
             if any(s in why for s in _CLIENT_CERT_REQUIRED):
                 return TlsFailed(f"TLS handshake with {where} failed: the server requires a client certificate it "
                                  f"trusts ({why}); pass --tls-cert and --tls-key")

@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -32,7 +32,7 @@ from ledger import events as ev
 from ledger import lifecycle as lc
 from ledger.client import Ledger
 from ledger.connection import open_connection
-from ledger.errors import AuthFailed, LedgerError
+from ledger.errors import AuthFailed, LedgerError, TlsFailed
 from ledger.settings import Settings
 
 
@@ -440,3 +440,79 @@ async def test_a_revoked_agent_process_fences_itself_and_says_why_in_one_line(se
     assert proc.returncode == 0, errors
     assert "Traceback" not in errors and "never retrieved" not in errors, errors
     assert len([ln for ln in errors.splitlines() if "authorization" in ln.lower()]) <= 3, errors  # not one a retry
+
+
+# --- faults: TLS ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tls_secured(tmp_path: Path) -> Iterator[Secured]:
+    s = start_secured(tmp_path, tls=True)
+    try:
+        yield s
+    finally:
+        s.server.stop()
+
+
+def client_cert(creds: Path, out: Path, *, not_before: datetime, not_after: datetime) -> tuple[str, str]:
+    """A client certificate signed by the deployment's own CA, valid only between the two times given."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    ca = x509.load_pem_x509_certificate((creds / "ca.pem").read_bytes())
+    ca_key = serialization.load_pem_private_key((creds / "ca-key.pem").read_bytes(), password=None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "agent-a1")]))
+            .issuer_name(ca.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(not_before).not_valid_after(not_after)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .sign(ca_key, hashes.SHA256()))  # type: ignore[arg-type]
+    name = f"cert-{not_before:%Y%m%d%H%M}"
+    (out / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (out / f"{name}-key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                            serialization.NoEncryption()))
+    return str(out / f"{name}.pem"), str(out / f"{name}-key.pem")
+
+
+def tls_settings(secured: Secured, **overrides: object) -> Settings:
+    base: dict[str, object] = {
+        "nats_url": secured.url, "nkey_seed_file": str(secured.creds / "agent-a1.nk"),
+        "inbox_prefix": permissions.inbox_prefix("agent-a1"), "tls_ca_file": str(secured.creds / "ca.pem"),
+        "tls_cert_file": str(secured.creds / "agent-a1-cert.pem"),
+        "tls_key_file": str(secured.creds / "agent-a1-key.pem"), "connect_timeout": 3}
+    return Settings(**{**base, **overrides})  # type: ignore[arg-type]
+
+
+async def one_line_failure(settings: Settings, error: type[Exception]) -> str:
+    with pytest.raises(error) as failed:
+        await asyncio.wait_for(open_connection(settings), 20)  # within seconds, not a 90 s hang
+    message = str(failed.value)
+    assert "\n" not in message and message, message
+    return message
+
+
+async def test_an_expired_or_not_yet_valid_client_certificate_is_a_one_line_tls_failure(tls_secured: Secured,
+                                                                                        tmp_path: Path):
+    nc = await open_connection(tls_settings(tls_secured))  # the generated certificate works
+    await nc.close()
+    now = datetime.now(UTC)
+    expired = client_cert(tls_secured.creds, tmp_path, not_before=now - timedelta(days=30),
+                          not_after=now - timedelta(days=1))
+    future = client_cert(tls_secured.creds, tmp_path, not_before=now + timedelta(days=1),
+                         not_after=now + timedelta(days=30))
+    for cert, key in (expired, future):
+        message = await one_line_failure(tls_settings(tls_secured, tls_cert_file=cert, tls_key_file=key), TlsFailed)
+        assert message.startswith("TLS handshake with") and "expired or not yet valid" in message, message
+
+
+async def test_a_tls_server_and_a_client_without_tls_settings_is_a_one_line_tls_failure(tls_secured: Secured):
+    plain = tls_settings(tls_secured, nats_url=tls_secured.url.replace("tls://", "nats://"), tls_ca_file=None,
+                         tls_cert_file=None, tls_key_file=None)
+    message = await one_line_failure(plain, TlsFailed)
+    assert "127.0.0.1" in message, message
+    # With the CA but no client certificate: the server requires one.
+    message = await one_line_failure(tls_settings(tls_secured, tls_cert_file=None, tls_key_file=None), TlsFailed)
+    assert "client certificate" in message, message
