@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,7 +21,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from helpers import eventually
+from hypothesis import given
+from hypothesis import strategies as st
 from nats.js import api
 from test_permissions import Conn, Secured, connect, ledger_as, recorded, refused_publish, start_secured
 
@@ -30,10 +34,11 @@ from consumers.monitor import LivenessMonitor
 from ledger import codec, decide, permissions, subjects
 from ledger import events as ev
 from ledger import lifecycle as lc
+from ledger.cli import cli
 from ledger.client import Ledger
 from ledger.connection import open_connection
 from ledger.errors import AuthFailed, LedgerError, TlsFailed
-from ledger.settings import Settings
+from ledger.settings import Settings, redact_url
 
 
 @pytest.fixture
@@ -516,3 +521,43 @@ async def test_a_tls_server_and_a_client_without_tls_settings_is_a_one_line_tls_
     # With the CA but no client certificate: the server requires one.
     message = await one_line_failure(tls_settings(tls_secured, tls_cert_file=None, tls_key_file=None), TlsFailed)
     assert "client certificate" in message, message
+
+
+# --- secrets -------------------------------------------------------------------------------------------------------
+
+
+PRINTABLE_BUT_COMMA = st.characters(min_codepoint=33, max_codepoint=126, blacklist_characters=",")
+"""A password as a user types it into a URL, unencoded (a comma would split the URL list: not a password)."""
+
+
+@given(st.text(PRINTABLE_BUT_COMMA, min_size=1, max_size=20), st.sampled_from(["nats", "tls", ""]))
+def test_a_url_never_shows_its_password_whatever_the_password_holds(password: str, scheme: str):
+    secret = f"Zq9{password}"
+    prefix = f"{scheme}://" if scheme else ""
+    urls = [f"{prefix}user:{secret}@127.0.0.1:4222", f"nats://127.0.0.1:1,{prefix}user:{secret}@127.0.0.1:4222"]
+    if ":" not in secret:  # a token (with a colon, the URL itself says user:password)
+        urls.append(f"{prefix}{secret}@127.0.0.1:4222")
+    for url in urls:
+        shown = redact_url(url)
+        assert secret not in shown and "***@" in shown, (url, shown)
+
+
+def test_generated_secrets_are_never_printed_and_only_their_owner_reads_them(tmp_path: Path):
+    out = tmp_path / "creds"
+    runner = CliRunner()
+    printed = [runner.invoke(cli, ["auth", "init", "--out", str(out), "--agent", "a1", "--tls", "--host",
+                                   "127.0.0.1"], catch_exceptions=False),
+               runner.invoke(cli, ["auth", "add-agent", "a9", "--out", str(out)], catch_exceptions=False)]
+    assert [r.exit_code for r in printed] == [0, 0], [r.output for r in printed]
+    output = "".join(r.output for r in printed)
+    secrets = [p for p in out.iterdir() if p.suffix == ".nk" or p.name.endswith("-key.pem")]
+    assert len(secrets) >= 2 * 6 and (out / "ca-key.pem") in secrets
+    for path in secrets:
+        assert path.stat().st_mode & 0o777 == 0o600, path
+        lines = [ln for ln in path.read_text().splitlines() if ln and not ln.startswith("-----")]
+        assert lines and not [ln for ln in lines if ln in output], path  # not a line of it
+    assert out.stat().st_mode & 0o777 == 0o700
+    assert not re.search(r"\bSU[A-Z2-7]{50,}", output)  # no user seed
+    for public in [p for p in out.iterdir() if p not in secrets]:
+        text = public.read_text()
+        assert "PRIVATE KEY" not in text and not re.search(r"\bSU[A-Z2-7]{50,}", text), public
