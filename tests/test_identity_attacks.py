@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import start_binary_server
 from helpers import eventually
 from hypothesis import given
 from hypothesis import strategies as st
@@ -38,6 +39,7 @@ from ledger.cli import cli
 from ledger.client import Ledger
 from ledger.connection import open_connection
 from ledger.errors import AuthFailed, LedgerError, TlsFailed
+from ledger.server import EmbeddedServer
 from ledger.settings import Settings, redact_url
 
 
@@ -561,3 +563,37 @@ def test_generated_secrets_are_never_printed_and_only_their_owner_reads_them(tmp
     for public in [p for p in out.iterdir() if p not in secrets]:
         text = public.read_text()
         assert "PRIVATE KEY" not in text and not re.search(r"\bSU[A-Z2-7]{50,}", text), public
+
+
+@pytest.fixture
+def password_server(tmp_path: Path) -> Iterator[EmbeddedServer]:
+    server = start_binary_server(tmp_path / "nats", extra='authorization { user: "u", password: "S3cr3t-pw" }\n')
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def ledger_run(*args: str, env: dict[str, str] | None = None) -> str:
+    result = subprocess.run([sys.executable, "-m", "ledger", "-vv", *args], check=False, capture_output=True, text=True,
+                            timeout=60, env={**os.environ, **(env or {})})
+    return result.stdout + result.stderr
+
+
+def test_no_command_prints_a_password_not_at_debug_nor_in_an_error(password_server: EmbeddedServer):
+    port = password_server.config.port
+    url = f"nats://u:S3cr3t-pw@127.0.0.1:{port}"
+    said = [
+        ledger_run("init", "--nats-url", url),
+        ledger_run("doctor", "--json", "--nats-url", url),
+        ledger_run("doctor", "--nats-url", f"nats://127.0.0.1:{port}", "--user", "u",
+                   env={"LEDGER_PASSWORD": "S3cr3t-pw"}),
+        ledger_run("session", "create", "--pool", "p", "--nats-url", url),
+        ledger_run("doctor", "--nats-url", f"nats://u:S3cr3t-pw-wrong@127.0.0.1:{port}"),  # refused
+        ledger_run("session", "show", "x", "--nats-url", "nats://u:S3cr3t-pw@127.0.0.1:1"),  # unreachable
+        ledger_run("session", "show", "x", "--nats-url", "nats://u:S3cr3t/pw@127.0.0.1:1"),  # unparsable
+        ledger_run("session", "show", "x", "--nats-url", "nats://S3cr3t-token@127.0.0.1:1"),
+    ]
+    for output in said:
+        assert "S3cr3t" not in output, output
+    assert "authorization violation" in said[4] and "cannot reach NATS" in said[5]
