@@ -116,6 +116,29 @@ async def test_an_agent_squatting_the_monitors_death_event_id_cannot_keep_a_sile
 
 
 @pytest.mark.xfail(strict=True, reason=(
+    "ledger/appender.py settles a PubAck with duplicate=true as success, with the sequence of whatever message "
+    "holds that Nats-Msg-Id: an append whose event id another user used first (on its own subject, in the "
+    "duplicate window) 'lands' without being written. It should check that the stored message is the same "
+    "event type on the same entity by a producer of the same role (monitor replicas de-duplicate across "
+    "`monitor` and `monitor-b`), and fail otherwise"))
+async def test_an_append_whose_event_id_another_user_took_first_is_not_reported_as_written(secured: Secured,
+                                                                                         admin: Ledger):
+    async with ledger_as(secured, "agent-a1", "a1") as (a1, _):
+        taken = await a1.report_unreachable("a2", error="squat")
+        squatted = next(e for e in await recorded(admin.store, "agent", "a2")).event_id
+    async with ledger_as(secured, permissions.OPERATOR, "cli") as (operator, _):
+        created = ev.SessionCreated(producer=operator.producer, session_id="s-victim", pool="p", event_id=squatted)
+        try:
+            seq = await operator.store.append(created)
+        except LedgerError as refused:
+            assert "s-victim" in str(refused) or squatted in str(refused)
+            seq = None
+    assert seq != taken, f"the operator's session creation 'landed' at #{taken}: a1's report"
+    state, _ = await admin.session("s-victim")
+    assert (seq is None) == (state is None)
+
+
+@pytest.mark.xfail(strict=True, reason=(
     "consumers/monitor.py counts every unreachable report toward report_threshold (deque of (seq, time), no "
     "reporter): one agent publishing three reports on `ledger.agent.a2.unreachable_reported.a1` makes a live a2 "
     "suspect (not eligible for sessions); the threshold should count distinct reporters (producer tokens, which "
