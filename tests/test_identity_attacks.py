@@ -163,6 +163,25 @@ async def test_one_reporter_alone_cannot_make_an_agent_suspect(secured: Secured,
         assert [type(e) for e in written] == [ev.AgentSuspected]
 
 
+async def test_reports_in_bulk_from_one_agent_never_make_a_beating_agent_dead(secured: Secured, admin: Ledger):
+    """Death comes from missed heartbeats only: however many reports a1 writes, a2 (beating within its ttl) is
+    not declared dead, and nothing but the monitor may declare it (the server refuses a1's declaration)."""
+    async with ledger_as(secured, "agent-a2", "a2") as (a2, _):
+        incarnation = await register(a2, "p-bulk", heartbeat=60.0, ttl=300.0)
+    async with ledger_as(secured, "agent-a1", "a1") as (a1, conn):
+        futures = [await a1.store.submit(ev.AgentUnreachableReported(producer=a1.producer, agent_id="a2",
+                                                                     incarnation=incarnation)) for _ in range(50)]
+        last = max([await f for f in futures])
+        await refused_publish(conn, "ledger.agent.a2.declared_dead.a1", b"{}")
+    async with monitor_as_service(secured, LivenessSettings(grace=0)) as monitor:
+        await caught_up_to(monitor, last)
+        for later in (0, 10, 20):  # within a2's ttl of its registration (no beat needed yet)
+            written = await monitor.check(monitor.follower.clock.now(ev.utcnow) + timedelta(seconds=later))
+            assert not [e for e in written if isinstance(e, ev.AgentDeclaredDead)], written
+    state, _ = await admin.agent("a2")
+    assert state is not None and state.status == lc.A_ALIVE and state.unreachable_reports == 50
+
+
 # --- sessions and routes: what one agent can do to another's ------------------------------------------------------
 
 
