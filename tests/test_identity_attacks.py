@@ -90,6 +90,73 @@ async def caught_up_to(monitor: LivenessMonitor, seq: int) -> None:
     await eventually(lambda: monitor.follower.state.ledger.seq >= seq, timeout=10, what=f"the monitor at #{seq}")
 
 
+# --- reply subjects: the server publishes where the requester says -------------------------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "IMPERSONATION. NATS checks a publisher's subject, never its reply subject, and JetStream publishes its "
+    "answer to the reply subject as the server, inside the account, where LEDGER captures it. a1 stores a2's "
+    "goodbye (signed a2) as bytes on its own heartbeat subject, then asks `$JS.API.DIRECT.GET.LEDGER_HB` for "
+    "them with reply `ledger.agent.a2.goodbye.a2`: the answer is stored on a2's subject, byte for byte, and the "
+    "folds apply it. The stored copy still carries the direct-get headers (Nats-Stream: LEDGER_HB, "
+    "Nats-Subject: ledger.hb.a1.heartbeat.a1, Nats-Sequence, Nats-Time-Stamp), which no append has: the "
+    "codec could refuse such a message (reader.py would have to hand it the stored headers)"))
+async def test_a1_cannot_forge_a2s_goodbye_through_a_direct_get_reply(secured: Secured, admin: Ledger):
+    async with ledger_as(secured, "agent-a2", "a2") as (a2, _):
+        incarnation = await register(a2, "p-reply")
+    a1 = await connect(secured, "agent-a1")
+    try:
+        forged = codec.encode(ev.AgentGoodbye(producer=ev.Producer(id="a2", instance="x"), agent_id="a2",
+                                              instance_id="x", incarnation=incarnation, reason="forged by a1"))
+        stored = await a1.nc.jetstream().publish("ledger.hb.a1.heartbeat.a1", forged.payload, headers=forged.headers,
+                                                 timeout=5)
+        await a1.nc.publish(f"$JS.API.DIRECT.GET.{subjects.HEARTBEAT_STREAM}", json.dumps({"seq": stored.seq}).encode(),
+                            reply="ledger.agent.a2.goodbye.a2")
+        await a1.nc.flush()
+        await eventually(lambda: _landed(admin, "ledger.agent.a2.>", 2), timeout=10, what="the reply stored in LEDGER")
+    finally:
+        await a1.nc.close()
+    state, _ = await admin.agent("a2")
+    assert state is not None and state.status == lc.A_ALIVE, f"a1 said goodbye for a2: {state.status} ({state.reason})"
+
+
+async def _landed(admin: Ledger, subject_filter: str, count: int) -> bool:
+    """Whether LEDGER holds at least `count` messages on the filter (the attack's bytes arrived, or not)."""
+    info = await admin.store.nc.jsm().stream_info(subjects.LEDGER_STREAM, subjects_filter=subject_filter)
+    return sum((info.state.subjects or {}).values()) >= count
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "the same hole without impersonation: any JetStream answer (a PubAck, STREAM.INFO, a pull delivery) sent "
+    "to a reply subject of a1's choosing lands in LEDGER - JSON on another producer's subjects (a dead letter, "
+    "but it moves the compare-and-set sequence of any entity, squats ids, floods the DLQ), or a pull delivery "
+    "stored under its own subject even outside LEDGER's subjects. Only the deployment can close it: the streams "
+    "in an account of their own, each agent in its own account exporting only `ledger.*.*.*.<id>` (a reply "
+    "then lands in the agent's account, where nothing captures it)"))
+async def test_no_server_answer_steered_by_a1_lands_on_a_subject_a1_may_not_publish(secured: Secured,
+                                                                                    admin: Ledger):
+    a1 = await connect(secured, "agent-a1")
+    try:
+        await a1.nc.jetstream().publish("ledger.hb.a1.heartbeat.a1", b"{}", timeout=5)
+        relay = await a1.nc.jsm(timeout=5).add_consumer(subjects.HEARTBEAT_STREAM, api.ConsumerConfig(
+            ack_policy=api.AckPolicy.NONE, filter_subject="ledger.hb.a1.>"))
+        steered = {
+            f"$JS.API.STREAM.INFO.{subjects.LEDGER_STREAM}": (b"", "ledger.session.s-next.created.cli"),
+            "ledger.hb.a1.heartbeat.a1": (b"{}", "ledger.agent.a2.registered.a2"),  # its PubAck
+            f"$JS.API.CONSUMER.MSG.NEXT.{subjects.HEARTBEAT_STREAM}.{relay.name}": (
+                json.dumps({"batch": 1, "expires": 10**9}).encode(), "ledger.pool.p.breaker_tripped.monitor"),
+        }
+        for subject, (body, reply) in steered.items():
+            await a1.nc.publish(subject, body, reply=reply)
+        await a1.nc.flush()
+        await eventually(lambda: a1.nc.jsm(timeout=5).stream_info(subjects.LEDGER_STREAM), timeout=5,
+                         what="the server answering after the steered requests")
+        info = await admin.store.nc.jsm().stream_info(subjects.LEDGER_STREAM, subjects_filter=">")
+    finally:
+        await a1.nc.close()
+    assert not info.state.subjects, f"a1 wrote on other producers' subjects: {info.state.subjects}"
+
+
 # --- liveness: what one agent can make the monitor believe --------------------------------------------------------
 
 
