@@ -26,6 +26,8 @@ from conftest import start_binary_server
 from helpers import eventually
 from hypothesis import given
 from hypothesis import strategies as st
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
 from nats.js import api
 from test_permissions import Conn, Secured, connect, ledger_as, recorded, refused_publish, start_secured
 
@@ -397,7 +399,11 @@ async def test_a1_cannot_squat_the_id_of_a_session_or_route_before_it_is_created
 
 
 async def api_request(conn: Conn, subject: str, body: dict[str, object]) -> dict[str, object]:
-    reply = await conn.nc.request(subject, json.dumps(body).encode(), timeout=5)
+    """JetStream's answer; a refusal by the server's permissions (no answer comes) as an error too."""
+    try:
+        reply = await conn.nc.request(subject, json.dumps(body).encode(), timeout=5)
+    except (NatsTimeout, NoRespondersError):
+        return {"error": {"description": "no answer (refused)"}}
     return json.loads(reply.data)
 
 
