@@ -40,7 +40,7 @@ from ledger import lifecycle as lc
 from ledger.cli import cli
 from ledger.client import Ledger
 from ledger.connection import open_connection
-from ledger.errors import AuthFailed, LedgerError, TlsFailed
+from ledger.errors import AuthFailed, InvalidInput, LedgerError, TlsFailed
 from ledger.server import EmbeddedServer
 from ledger.settings import Settings, redact_url
 
@@ -377,12 +377,10 @@ async def test_a1_cannot_take_a_live_a2s_session_by_naming_its_token(secured: Se
     assert state is not None and state.owner == "a2", f"a1 took a live a2's session: owner {state.owner}"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a creation is a compare-and-set expecting 0 on the whole entity filter (ledger.<family>.<id>.>): one event "
-    "a1 may publish there - a flagged claim or route transition, signed a1 - makes the operator's create "
-    "'already exist'. Expecting 0 on the creation verb only (ledger.<family>.<id>.created.*) keeps two creators "
-    "apart and ignores what the folds ignore (ledger/client.py create_session, create_route)"))
 async def test_a1_cannot_squat_the_id_of_a_session_or_route_before_it_is_created(secured: Secured, admin: Ledger):
+    """Any agent may publish on any session's or route's subjects under its own token (a claim for itself, an
+    owner's transition): one such event on an id not created yet must not make the operator's creation of that
+    id "already exist" (the folds flag it; the creation applies)."""
     async with ledger_as(secured, "agent-a1", "a1") as (a1, _):
         mine = await register(a1, "p-squat")
         await a1.store.append(ev.SessionClaimed(producer=a1.producer, session_id="s-planned", agent_id="a1",
@@ -392,7 +390,13 @@ async def test_a1_cannot_squat_the_id_of_a_session_or_route_before_it_is_created
     async with ledger_as(secured, permissions.OPERATOR, "cli") as (operator, _):
         sid, _ = await operator.create_session("p-squat", session_id="s-planned")
         await operator.create_route("r-planned", session_id=sid, endpoint="http://x")
-    assert (await admin.session("s-planned"))[0] is not None and (await admin.route("r-planned"))[0] is not None
+        with pytest.raises(InvalidInput, match="already exists"):  # a second creation still conflicts
+            await operator.create_session("p-squat", session_id="s-planned")
+        with pytest.raises(InvalidInput, match="already exists"):
+            await operator.create_route("r-planned", session_id=sid, endpoint="http://y")
+    session, _ = await admin.session("s-planned")
+    route, _ = await admin.route("r-planned")
+    assert session is not None and session.status == lc.S_PENDING and route is not None and route.endpoint == "http://x"
 
 
 # --- the JetStream API: what an agent's read rights reach -------------------------------------------------------
