@@ -108,6 +108,13 @@ class AgentStats:
     """Seconds from sending a heartbeat to its acknowledgement, most recent last."""
 
 
+def _outcome_seen(future: asyncio.Future[int]) -> None:
+    """For an append nobody may wait for to the end (the fenced record, a registration a goodbye gives up on):
+    its failure is expected and handled elsewhere, not asyncio's "Future exception was never retrieved"."""
+    if not future.cancelled():
+        future.exception()
+
+
 class Agent:
     """One agent process's membership in the ledger (an async context manager)."""
 
@@ -432,7 +439,7 @@ class Agent:
             try:
                 if self._fence_record is not None:
                     # Write down the decision we took alone, then come back as a new incarnation.
-                    await self.store.submit(self._fence_record)
+                    (await self.store.submit(self._fence_record)).add_done_callback(_outcome_seen)
                     self._fence_record = None
                 registration = self._registration()
                 # Only if nobody registered this agent id since the newest registration we know of: one that
@@ -441,6 +448,7 @@ class Agent:
                 expect = max(known[-1], self._unreadable_registration)
                 future = await self.store.submit(registration, expect=expect,
                                                  expect_filter=self._own_registrations)
+                future.add_done_callback(_outcome_seen)  # a goodbye may stop waiting for it (see goodbye)
             except LedgerError as e:
                 log.debug("%s: cannot register yet: %s", self.agent_id, e)
                 await asyncio.sleep(min(self.heartbeat, 1.0))

@@ -154,7 +154,7 @@ class Ledger:
                                   region=region, labels=labels or {}, idle_ttl=idle_ttl)
         check_writer(event)
         try:
-            return session_id, await self.store.append(event, expect=0)
+            return session_id, await self._create(event)
         except Conflict:
             raise InvalidInput(f"session {session_id} already exists") from None
 
@@ -199,9 +199,16 @@ class Ledger:
             raise NotFound(f"session {session_id} does not exist")
         check_writer(event, state.owner)  # an agent: only on a session it owns
         try:
-            return await self.store.append(event, expect=0)
+            return await self._create(event)
         except Conflict:
             raise InvalidInput(f"route {route_id} already exists") from None
+
+    async def _create(self, event: ev.SessionCreated | ev.RouteCreated) -> int:
+        """Append a creation if the entity was never created: the expectation is on its creations only, so an
+        event another producer put on the id beforehand (which the folds flag: nothing exists yet) cannot make
+        it "already exist" - any agent may publish on any session's or route's subjects under its own token."""
+        created = subjects.event_subject(type(event).family, event.entity_id, event.verb(), "*")
+        return await (await self.store.submit(event, expect=0, expect_filter=created))
 
     async def transition_route(self, route_id: str, to_state: str, *, reason: str = "", token: int | None = None,
                                address: str | None = None, traffic: str | None = None,

@@ -73,6 +73,9 @@ def classify_connect_failure(seen: Sequence[BaseException], final: BaseException
                              f"({e.verify_message or e.reason}); pass the CA that signed it with --tls-ca")
         if isinstance(e, ssl.SSLError):
             why = (e.reason or str(e)).lower().replace("_", " ")
+            if "alert certificate expired" in why:  # the server's alert: our certificate is outside its dates
+                return TlsFailed(f"TLS handshake with {where} failed: the server refused our client certificate as "
+                                 f"expired or not yet valid ({why}); renew the certificate given with --tls-cert")
             if any(s in why for s in _CLIENT_CERT_REQUIRED):
                 return TlsFailed(f"TLS handshake with {where} failed: the server requires a client certificate it "
                                  f"trusts ({why}); pass --tls-cert and --tls-key")
@@ -82,6 +85,11 @@ def classify_connect_failure(seen: Sequence[BaseException], final: BaseException
     last = seen[-1] if seen else final
     why = (str(last) or type(last).__name__) if last is not None else "no answer"
     return Unavailable(f"cannot reach NATS at {where}: {why}")
+
+
+def _refuses_credentials(text: str) -> bool:
+    text = text.lower()
+    return "authorization violation" in text or "authentication expired" in text or "authentication revoked" in text
 
 
 class _GiveUp(Exception):
@@ -99,6 +107,8 @@ class ConnectionWatch:
         self.inbox_denied: PermissionDenied | None = None
         """Set when the server refused a subscription to our inbox: no reply can ever reach us."""
         self._refused: set[str] = set()
+        self.refused_told = False
+        """Whether we said, since the last (re)connect, that the server refuses our credentials."""
 
     async def error_cb(self, e: Exception) -> None:
         found = parse_permission_violation(str(e))
@@ -109,6 +119,13 @@ class ConnectionWatch:
                     # nats-py would now close the failed TLS transport and wait for it forever (the first connect
                     # then hangs until the caller's timeout); the handshake will not succeed on a retry either.
                     raise _GiveUp(e)
+            elif not self.refused_told and (isinstance(e, AuthorizationError) or _refuses_credentials(str(e))):
+                # Credentials revoked or changed while we ran: say so once per outage (reconnecting goes on),
+                # or all the operator reads is "no heartbeat acknowledged" and "no consumer yet".
+                self.refused_told = True
+                log.warning("nats: the server refuses this connection's credentials (%s): revoked or changed? "
+                            "still trying to reconnect", str(e).removeprefix("nats: ") or "authorization violation")
+                return
             log.debug("nats: %s", e)
             return
         operation, subject = found
@@ -245,6 +262,7 @@ async def open_connection(settings: Settings, name: str = "session-ledger",
 
     async def reconnected_cb() -> None:
         log.info("nats: reconnected")
+        watch.refused_told = False
         if refuse_old_node():
             return
         if on_event:

@@ -21,8 +21,9 @@ SECRET_FIELDS = ("password", "token")
 CREDENTIAL_KINDS = {"creds_file": "a creds file", "nkey_seed_file": "an nkey seed", "user": "a user and password",
                     "token": "a token"}
 
-# scheme://userinfo@ - greedy up to the last @ before the path, so a password holding an @ is hidden whole.
-_USERINFO = re.compile(r"^(\s*(?:[A-Za-z][A-Za-z0-9+.-]*://)?)([^/]*)@")
+# scheme://userinfo@ - greedy up to the last @ of the URL, so a password holding an @ or a / (typed unencoded) is
+# hidden whole; a NATS URL has no path, and hiding too much of a malformed one is the safe mistake.
+_USERINFO = re.compile(r"^(\s*(?:[A-Za-z][A-Za-z0-9+.-]*://)?)(.*)@", re.DOTALL)
 
 
 def redact_url(url: str) -> str:
