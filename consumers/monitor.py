@@ -21,11 +21,14 @@ import time
 from collections import defaultdict, deque
 from datetime import datetime
 
+import msgspec
+
 from ledger import events as ev
 from ledger import lifecycle as lc
 from ledger.client import Ledger
 from ledger.codec import Recorded, from_ns
-from ledger.errors import LedgerError
+from ledger.errors import EventIdTaken, LedgerError
+from ledger.ids import new_id
 from projections.state import Change
 
 from . import liveness_rules as rules
@@ -212,5 +215,12 @@ class LivenessMonitor:
         return written
 
     async def _write(self, event: ev.Event) -> ev.Event:
-        await self.ledger.append(event)
+        try:
+            await self.ledger.append(event)
+        except EventIdTaken as e:
+            # Our ids are derived from the log, so that replicas de-duplicate each other; anyone reading the log
+            # can derive them too and use one first. A verdict is never lost to that: it is written under a new id.
+            log.warning("%s; writing it under a fresh id", e)
+            event = msgspec.structs.replace(event, event_id=new_id())
+            await self.ledger.append(event)
         return event

@@ -35,7 +35,7 @@ from nats.errors import ConnectionClosedError, OutboundBufferLimitError
 
 from .codec import MSG_ID, Outgoing
 from .connection import INBOX_HINT, watch_of
-from .errors import AppendTimeout, Conflict, PermissionDenied, StoreError, Unavailable
+from .errors import AppendTimeout, Conflict, EventIdTaken, PermissionDenied, StoreError, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +210,9 @@ class Appender:
             self._settle(token, error=StoreError(f"unreadable acknowledgement: {msg.data[:200]!r}"))
             return
         err = ack.error
-        if err is None:
+        if err is None and ack.duplicate:
+            self._spawn(self._check_duplicate(token, p, ack.seq))
+        elif err is None:
             self._settle(token, seq=ack.seq)
         elif err.err_code in WRONG_LAST_SEQUENCE and p.expect is not None:
             if p.attempts > 1:
@@ -239,6 +241,28 @@ class Appender:
             self._settle(token, seq=found[0])
         else:
             self._settle(token, error=Conflict(p.expect_filter, p.expect, found[0] if found else None))
+
+    async def _check_duplicate(self, token: str, p: _Pending, seq: int) -> None:
+        """JetStream says our event id is already stored (#seq): ours, from an earlier attempt - or another
+        writer's, who used the id first (ids the monitor derives from the log can be guessed)?
+
+        It is ours when #seq is an event of the same type on the same entity: only writers the server lets
+        publish that (the same role: the monitor and its replicas de-duplicate on purpose) could have put it
+        there. Anything else is refused as EventIdTaken - never reported as written.
+        """
+        same_type = p.out.subject.rsplit(".", 1)[0] + ".*"
+        try:
+            found = await self._read_back(same_type, seq - 1)
+        except Exception as e:  # keep trying through the sweeper until the deadline
+            log.debug("read-back of duplicate %s failed: %s", p.out.subject, e)
+            p.due = time.monotonic() + RETRY_BACKOFF
+            return
+        if found is not None and found[0] == seq and found[1] == p.out.headers[MSG_ID]:
+            self._settle(token, seq=seq)
+        else:
+            self._settle(token, error=EventIdTaken(
+                f"{p.out.subject}: event id {p.out.headers[MSG_ID]} is already taken by message #{seq}, which is "
+                "not this event (another writer used the id first): write it again under a new id"))
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)

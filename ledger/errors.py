@@ -107,6 +107,13 @@ class Conflict(StoreError):
         super().__init__(f"{subject}: expected last sequence {expected}, found {found}")
 
 
+class EventIdTaken(StoreError):
+    """JetStream holds another message under this event's id (Nats-Msg-Id): someone used the id first.
+
+    The event was not written; write it again under a new id.
+    """
+
+
 class AppendTimeout(StoreError, TimeoutError):
     """An append was not acknowledged after every retry; it may or may not have landed.
 

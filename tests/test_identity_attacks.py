@@ -213,11 +213,6 @@ async def test_a1_cannot_replay_a2s_registration_through_a_pull_reply(secured: S
 # --- liveness: what one agent can make the monitor believe --------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "msg-id squatting: the monitor's death event id is predictable (dead-<agent>-<incarnation>); a1 may publish "
-    "an event with that Nats-Msg-Id on a LEDGER subject of its own, and the monitor's declaration is then a "
-    "duplicate: ledger/appender.py settles a duplicate PubAck as success (seq of a1's message) without checking "
-    "that the stored message is ours, the monitor records the verdict as written and never retries"))
 async def test_an_agent_squatting_the_monitors_death_event_id_cannot_keep_a_silent_agent_alive(
         secured: Secured, admin: Ledger):
     async with ledger_as(secured, "agent-a2", "a2") as (a2, _):
@@ -235,12 +230,6 @@ async def test_an_agent_squatting_the_monitors_death_event_id_cannot_keep_a_sile
     assert deaths and deaths[0].producer.id == "monitor", "a2's death never reached the log"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ledger/appender.py settles a PubAck with duplicate=true as success, with the sequence of whatever message "
-    "holds that Nats-Msg-Id: an append whose event id another user used first (on its own subject, in the "
-    "duplicate window) 'lands' without being written. It should check that the stored message is the same "
-    "event type on the same entity by a producer of the same role (monitor replicas de-duplicate across "
-    "`monitor` and `monitor-b`), and fail otherwise"))
 async def test_an_append_whose_event_id_another_user_took_first_is_not_reported_as_written(secured: Secured,
                                                                                          admin: Ledger):
     async with ledger_as(secured, "agent-a1", "a1") as (a1, _):

@@ -297,3 +297,21 @@ async def test_stored_time_of_a_sequence_is_the_one_a_replay_sees(store: EventSt
     timeout = store.settings.request_timeout
     assert await stored_ns(store.nc, subjects.LEDGER_STREAM, seq, timeout) == recorded.timestamp_ns
     assert await stored_ns(store.nc, subjects.LEDGER_STREAM, seq + 1_000_000, timeout) is None
+
+
+async def test_an_event_id_another_writer_used_first_is_refused_not_reported_as_written(store: EventStore, uid: str):
+    # Replicas of one role de-duplicate on purpose: the same death from `monitor` and `monitor-b` is one fact.
+    from ledger.errors import EventIdTaken
+    from ledger.events import AgentDeclaredDead, AgentUnreachableReported
+
+    def death(producer: str, agent: str, incarnation: int) -> AgentDeclaredDead:
+        return AgentDeclaredDead(producer=Producer(id=producer, instance="i"), agent_id=agent, incarnation=incarnation,
+                                 reason="missed_heartbeats", event_id=f"dead-{agent}-{incarnation}")
+    first = await store.append(death("monitor", f"{uid}-a", 7))
+    assert await store.append(death("monitor-b", f"{uid}-a", 7)) == first
+    # Another event that took the id first (here: a report on the same agent) is not our event.
+    squat = await store.append(AgentUnreachableReported(producer=Producer(id=f"{uid}-x", instance="i"),
+                                                        agent_id=f"{uid}-b", incarnation=3, event_id=f"dead-{uid}-b-3"))
+    with pytest.raises(EventIdTaken, match=f"#{squat}"):
+        await store.append(death("monitor", f"{uid}-b", 3))
+    assert [r.seq for r in await store.history("agent", f"{uid}-b")] == [squat]
