@@ -1,7 +1,8 @@
 """The liveness monitor's rules: pure, from an agent's state, its newest beat, reports and `now` to a verdict.
 
 * suspect  - `suspect_after_missed` heartbeat intervals without a beat, or
-             `report_threshold` usage-time failure reports inside `report_window`;
+             `report_threshold` usage-time failure reports inside `report_window`, from as many
+             reporters (one client reporting again and again is one report: its newest);
 * dead     - no beat for `dead_after` seconds (default: the agent's own ttl).
 
 Beats, registrations and suspicions are timed by the server's clock (when they

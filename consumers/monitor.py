@@ -36,6 +36,9 @@ from .follow import Follower, Item
 
 log = logging.getLogger(__name__)
 
+MAX_REPORTERS = 64
+"""Reporters remembered per agent incarnation (the oldest go first); far above any `report_threshold`."""
+
 LEADER_ADVISORY = "$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.*"
 
 
@@ -48,7 +51,8 @@ class LivenessMonitor:
         self.tick = tick
         self.grace_until = time.monotonic() + self.settings.grace
         self.grace_reason = "starting"
-        self._reports: dict[tuple[str, int], deque[tuple[int, datetime]]] = defaultdict(deque)
+        self._reports: dict[tuple[str, int], dict[str, tuple[int, datetime]]] = defaultdict(dict)
+        """(agent, incarnation) -> reporter -> its newest report: a reporter counts once, however often it reports."""
         self._deaths: dict[str, deque[tuple[str, datetime]]] = defaultdict(deque)
         self._written: set[str] = set()
         self._flagged: set[tuple[str, int]] = set()
@@ -75,9 +79,10 @@ class LivenessMonitor:
             if isinstance(e, ev.AgentUnreachableReported) and e.agent_id in agents:
                 incarnation = e.incarnation or agents[e.agent_id].incarnation
                 reports = self._reports[(e.agent_id, incarnation)]
-                reports.append((item.seq, from_ns(item.timestamp_ns)))
-                while len(reports) > 4 * self.settings.report_threshold:
-                    reports.popleft()
+                reports.pop(e.producer.id, None)  # re-inserted: the dict stays ordered oldest report first
+                reports[e.producer.id] = (item.seq, from_ns(item.timestamp_ns))
+                while len(reports) > MAX_REPORTERS:
+                    del reports[next(iter(reports))]
             elif isinstance(e, ev.AgentDeclaredDead) and e.agent_id in agents and lc.writer_problem(e) is None:
                 # (a death only the monitor may declare: one forged by another producer never trips a breaker)
                 deaths = self._deaths[agents[e.agent_id].pool]
@@ -128,7 +133,7 @@ class LivenessMonitor:
             last = rules.LastBeat(beat.seq, from_ns(beat.stored_ns)) if beat is not None else None
             if rules.overdue(agent, last, now, self.settings):
                 overdue[agent.pool].add(agent.agent_id)
-            reports = list(self._reports.get((agent.agent_id, agent.incarnation), ()))
+            reports = sorted(self._reports.get((agent.agent_id, agent.incarnation), {}).values())
             verdict = rules.judge(agent, last, reports, now, self.settings, self.ledger.producer.id)
             if verdict is not None:
                 verdicts.append((agent, last, verdict))

@@ -12,6 +12,7 @@ import pytest
 from fleet import agents, consumers, events, ledger_on
 from helpers import eventually
 from ledger import events as ev
+from ledger.client import Ledger
 from ledger import lifecycle as lc
 from ledger.codec import Recorded
 from ledger.server import EmbeddedServer
@@ -243,8 +244,10 @@ async def test_a_draining_agents_sessions_are_handed_off_then_it_is_drained(serv
 async def test_failure_reports_make_an_agent_suspect(server: EmbeddedServer):
     async with ledger_on(server.url) as ledger, agents(server.url, "gpu", ["a1"], heartbeat=HEARTBEAT, ttl=5.0):
         async with consumers(server.url, reclaimer=False, watchdog=False):
-            for _ in range(3):
-                await ledger.report_unreachable("a1", error="connection refused")
+            # Three clients (one reporting three times counts once: its newest report).
+            for reporter in ("operator-r1", "operator-r2", "operator-r2", "operator-r3"):
+                await Ledger(ledger.store, ev.Producer(id=reporter, instance="i")).report_unreachable(
+                    "a1", error="connection refused")
 
             async def suspected() -> list[ev.Event]:
                 return [e for e in await events(ledger.store, "agent", "a1") if isinstance(e, ev.AgentSuspected)]

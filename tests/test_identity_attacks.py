@@ -247,11 +247,6 @@ async def test_an_append_whose_event_id_another_user_took_first_is_not_reported_
     assert (seq is None) == (state is None)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "consumers/monitor.py counts every unreachable report toward report_threshold (deque of (seq, time), no "
-    "reporter): one agent publishing three reports on `ledger.agent.a2.unreachable_reported.a1` makes a live a2 "
-    "suspect (not eligible for sessions); the threshold should count distinct reporters (producer tokens, which "
-    "the server binds)"))
 async def test_one_reporter_alone_cannot_make_an_agent_suspect(secured: Secured, admin: Ledger):
     async with ledger_as(secured, "agent-a2", "a2") as (a2, _):
         incarnation = await register(a2, "p-reports")
