@@ -18,6 +18,12 @@ Users:
 Every user but admin subscribes only to its own inbox prefix (`_INBOX_<user>.>`), so nobody reads
 another user's replies, and creates only ephemeral consumers (`$JS.API.CONSUMER.CREATE.<stream>` with no
 consumer name: JetStream refuses a durable name on that subject).
+
+Accounts (`accounts_config`): NATS checks the subject a client publishes to, never the reply subject it names,
+and the server publishes its answers (PubAcks, Direct Gets, pull deliveries) to that reply subject in the
+requester's account. So the streams live in an account of their own, LEDGER (admin's), and every other user is
+alone in an account that imports from LEDGER exactly the subjects it may publish: an answer steered onto another
+producer's subject lands where nothing captures it.
 """
 
 from __future__ import annotations

@@ -645,6 +645,19 @@ async def test_the_deploy_cluster_config_runs_r3_streams_over_tls_with_generated
         info = await nc.jsm().stream_info(subjects.LEDGER_STREAM)
         assert info.config.num_replicas == 3 and len(info.cluster.replicas or []) == 2  # the routes carry TLS
         assert nc._server_info.get("tls_verify") and nc._server_info.get("auth_required")
+        # The liveness monitor (service, in an account of its own) hears LEDGER's leader elections: LEDGER
+        # exports the advisory to it.
+        service = await nats.connect(urls, nkeys_seed=str(secrets / "service.nk"), tls=servers.ssl_context("service"),
+                                     inbox_prefix=permissions.inbox_prefix("service"), connect_timeout=5)
+        try:
+            heard = await service.subscribe(permissions.LEADER_ADVISORY)
+            await service.flush()
+            answer = await nc.request(f"$JS.API.STREAM.LEADER.STEPDOWN.{subjects.LEDGER_STREAM}", b"", timeout=10)
+            assert json.loads(answer.data).get("success"), answer.data
+            election = await heard.next_msg(timeout=30)
+            assert election.subject == f"$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.{subjects.LEDGER_STREAM}"
+        finally:
+            await service.close()
     finally:
         await store.close()
         await nc.close()
