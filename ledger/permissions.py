@@ -160,10 +160,6 @@ def permissions_for(user: str, *, replicas: Sequence[str] = ()) -> Permissions:
     raise InvalidInput(f"unknown user {user!r}: one of {', '.join(ROLE_USERS)} or {AGENT_USER_PREFIX}<agent id>")
 
 
-def _quoted(items: Iterable[str]) -> str:
-    return "[" + ", ".join(f'"{s}"' for s in items) + "]"
-
-
 STREAMS_ACCOUNT = "LEDGER"
 """The account that holds the streams, and admin. Every other user is alone in an account of its own: nothing it
 publishes reaches LEDGER but what LEDGER exports to that account, and every answer the server sends to a reply
@@ -191,11 +187,12 @@ def assign_agent_accounts(agent_users: Iterable[str], taken: dict[str, str] | No
     out = dict(taken or {})
     for user in agent_users:
         if user not in out:
-            out[user] = agent_account(max(map(slot_of, out.values()), default=0) + 1)
+            out[user] = spare_agent_account(out)
     return out
 
 
 def spare_agent_account(agent_accounts: dict[str, str]) -> str:
+    """The empty account the configuration holds for the next agent: the slot after the last one taken."""
     return agent_account(max(map(slot_of, agent_accounts.values()), default=0) + 1)
 
 

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import ssl
 import subprocess
 import sys
@@ -604,6 +605,7 @@ def deploy_cluster(tmp_path: Path) -> Iterator[tuple[list[str], Path, list[int]]
             procs.append(subprocess.Popen([binary, "-c", str(etc / f"n{i}.conf")], stdout=log, stderr=subprocess.STDOUT,
                                           env={**os.environ, "NATS_SERVER_NAME": f"nats-{i + 1}"}))
             log.close()
+        (tmp_path / "pids").write_text(" ".join(str(p.pid) for p in procs))  # for a test that reloads them
         yield [f"tls://127.0.0.1:{p}" for p in ports], secrets, cports
     finally:
         for p in procs:
@@ -683,3 +685,38 @@ async def _ensure(store: EventStore) -> bool:
         return True
     except Exception:  # noqa: BLE001 - a peer not current yet: R3 needs all three
         return False
+
+
+async def test_on_the_deploy_cluster_each_agent_added_works_after_one_reload_of_every_node(
+        deploy_cluster: tuple[list[str], Path, list[int]], tmp_path: Path):
+    """`ledger auth add-agent` then a reload of the three nodes (the compose file's `kill -s HUP`): the new agent
+    appends to the R3 streams through any node. The second agent takes the spare account the first reload made."""
+    urls, secrets, _ = deploy_cluster
+    servers = Secured(None, secrets, tls=True)  # type: ignore[arg-type]
+    pids = [int(p) for p in (tmp_path / "pids").read_text().split()]
+    nc = await nats.connect(urls, nkeys_seed=str(secrets / "admin.nk"), tls=servers.ssl_context("admin"),
+                            connect_timeout=5, reconnect_time_wait=0.5)
+    store = EventStore(nc, Settings(nats_url=",".join(urls), replicas=3))
+    try:
+        await eventually(lambda: _ensure(store), timeout=60, interval=0.5, what="R3 streams")
+    finally:
+        await store.close()
+        await nc.close()
+    for reloads, agent_id in enumerate(("a8", "a9"), start=1):
+        result = CliRunner().invoke(cli, ["auth", "add-agent", agent_id, "--out", str(secrets)])
+        assert result.exit_code == 0, result.output
+        for pid in pids:
+            os.kill(pid, signal.SIGHUP)
+        for i in range(3):
+            await eventually(lambda i=i, n=reloads: (tmp_path / f"n{i}.log").read_text().count(
+                "Reloaded server configuration") >= n, timeout=20, what=f"node {i} reload {reloads}")
+        user = permissions.agent_user(agent_id)
+        for url in urls:  # through each node
+            agent = await nats.connect(url, nkeys_seed=str(secrets / f"{user}.nk"), tls=servers.ssl_context(user),
+                                       inbox_prefix=permissions.inbox_prefix(user), connect_timeout=5)
+            try:
+                ack = await agent.jetstream().publish(f"ledger.hb.{agent_id}.heartbeat.{agent_id}", b"{}", timeout=10)
+                assert ack.stream == subjects.HEARTBEAT_STREAM
+                assert (await agent.jsm(timeout=10).stream_info(subjects.LEDGER_STREAM)).config.num_replicas == 3
+            finally:
+                await agent.close()
