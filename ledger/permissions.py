@@ -18,10 +18,17 @@ Users:
 Every user but admin subscribes only to its own inbox prefix (`_INBOX_<user>.>`), so nobody reads
 another user's replies, and creates only ephemeral consumers (`$JS.API.CONSUMER.CREATE.<stream>` with no
 consumer name: JetStream refuses a durable name on that subject).
+
+Accounts (`accounts_config`): NATS checks the subject a client publishes to, never the reply subject it names,
+and the server publishes its answers (PubAcks, Direct Gets, pull deliveries) to that reply subject in the
+requester's account. So the streams live in an account of their own, LEDGER (admin's), and every other user is
+alone in an account that imports from LEDGER exactly the subjects it may publish: an answer steered onto another
+producer's subject lands where nothing captures it.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -153,30 +160,146 @@ def permissions_for(user: str, *, replicas: Sequence[str] = ()) -> Permissions:
     raise InvalidInput(f"unknown user {user!r}: one of {', '.join(ROLE_USERS)} or {AGENT_USER_PREFIX}<agent id>")
 
 
-def _quoted(items: Iterable[str]) -> str:
-    return "[" + ", ".join(f'"{s}"' for s in items) + "]"
+STREAMS_ACCOUNT = "LEDGER"
+"""The account that holds the streams, and admin. Every other user is alone in an account of its own: nothing it
+publishes reaches LEDGER but what LEDGER exports to that account, and every answer the server sends to a reply
+subject it names goes back into its account. There no stream captures anything; at most the answer lands on one of
+the account's own imports, a subject the user may publish anyway. (Two agents in one account would not do: an
+answer steered onto the other's import subject goes on into LEDGER as the other's event.)"""
+ROLE_ACCOUNTS = {OPERATOR: "OPERATOR", SERVICE: "SERVICE", READER: "READER"}
+AGENT_ACCOUNT_PREFIX = "AGENT_"
+"""Agent accounts are numbered slots (`AGENT_<n>`, the manifest says whose): nats-server 2.14 does not wire the
+imports of an account a reload creates (they work from the next reload on), so the configuration always holds one
+spare, empty account, which `ledger auth add-agent` fills: one reload gives the new agent an account that already
+exists, and creates the next spare."""
 
 
-def render_authorization(users: dict[str, str], *, replicas: Sequence[str] = ()) -> str:
-    """A nats-server `authorization { users = [...] }` block for `users` (user name -> public nkey `U...`).
+def agent_account(n: int) -> str:
+    return f"{AGENT_ACCOUNT_PREFIX}{n}"
+
+
+def slot_of(account: str) -> int:
+    return int(account.removeprefix(AGENT_ACCOUNT_PREFIX))
+
+
+def assign_agent_accounts(agent_users: Iterable[str], taken: dict[str, str] | None = None) -> dict[str, str]:
+    """Agent user -> account: those in `taken` keep theirs, the others get the next free slots, in order."""
+    out = dict(taken or {})
+    for user in agent_users:
+        if user not in out:
+            out[user] = spare_agent_account(out)
+    return out
+
+
+def spare_agent_account(agent_accounts: dict[str, str]) -> str:
+    """The empty account the configuration holds for the next agent: the slot after the last one taken."""
+    return agent_account(max(map(slot_of, agent_accounts.values()), default=0) + 1)
+
+
+MANY_ANSWERS = ("$JS.API.DIRECT.GET.", "$JS.API.CONSUMER.MSG.NEXT.")
+"""Requests answered by many messages (a batched Direct Get, a pull's deliveries and status messages): a service
+export answers once unless it says `response_type: stream`."""
+
+
+@dataclass(frozen=True)
+class Share:
+    """What the streams account shares with one user's account: the subjects it may publish into LEDGER (its
+    events, its JetStream API calls), and the subjects LEDGER publishes that it may hear (advisories)."""
+
+    services: tuple[str, ...]
+    streams: tuple[str, ...] = ()
+
+
+def share_for(user: str, *, replicas: Sequence[str] = ()) -> Share:
+    """Exactly what `user` may publish (its permissions) is what reaches LEDGER: one list, two enforcements."""
+    perms = permissions_for(user, replicas=replicas)
+    streams = (LEADER_ADVISORY,) if LEADER_ADVISORY in perms.subscribe else ()
+    return Share(perms.publish, streams)
+
+
+def _response_type(subject: str) -> str:
+    return "stream" if subject.startswith(MANY_ANSWERS) and not subject.endswith(".>") else "singleton"
+
+
+def _user_entry(user: str, key: str, *, replicas: Sequence[str]) -> dict:
+    perms = permissions_for(user, replicas=replicas)
+    if user == ADMIN:
+        return {"nkey": key, "permissions": {"subscribe": {"deny": list(perms.subscribe_deny)}}}
+    return {"nkey": key, "permissions": {"publish": {"allow": list(perms.publish)},
+                                         "subscribe": {"allow": list(perms.subscribe)}}}
+
+
+def _ordered(users: Iterable[str]) -> list[str]:
+    return sorted(users, key=lambda u: (u not in ROLE_USERS, ROLE_USERS.index(u) if u in ROLE_USERS else 0, u))
+
+
+def _agent_accounts(users: dict[str, str], agent_accounts: dict[str, str] | None) -> dict[str, str]:
+    return assign_agent_accounts([u for u in _ordered(users) if u not in ROLE_USERS],
+                                 {u: a for u, a in (agent_accounts or {}).items() if u in users})
+
+
+def accounts_config(users: dict[str, str], *, replicas: Sequence[str] = (),
+                    agent_accounts: dict[str, str] | None = None) -> dict[str, dict]:
+    """The nats-server `accounts` map for `users` (user name -> public nkey `U...`): account name -> its settings.
+
+    LEDGER holds the streams and admin, and exports each subject only to the accounts of the users that may publish
+    it; every other user is alone in an account that imports exactly what it may publish (`share_for`).
+    `agent_accounts` (agent user -> `AGENT_<n>`, from the manifest) keeps each agent in the account it has; agents
+    not in it get the next slots. One spare, empty agent account ends the map (AGENT_ACCOUNT_PREFIX says why).
+    """
+    for user, key in users.items():
+        permissions_for(user, replicas=replicas)  # InvalidInput for an unknown user
+        if not (key.startswith("U") and len(key) == 56 and key.isalnum()):
+            raise InvalidInput(f"{user}: not a public user nkey")
+    ordered = _ordered(users)
+    agents = _agent_accounts(users, agent_accounts)
+    account = {**ROLE_ACCOUNTS, **agents}
+    # subject -> accounts that import it, in first-seen order (dicts as ordered sets).
+    services: dict[str, dict[str, None]] = {}
+    streams: dict[str, dict[str, None]] = {}
+    out: dict[str, dict] = {STREAMS_ACCOUNT: {}}
+    for user in ordered:
+        if user == ADMIN:
+            continue
+        share = share_for(user, replicas=replicas)
+        for subject in share.services:
+            services.setdefault(subject, {})[account[user]] = None
+        for subject in share.streams:
+            streams.setdefault(subject, {})[account[user]] = None
+        out[account[user]] = {
+            "users": [_user_entry(user, users[user], replicas=replicas)],
+            "imports": [{"service": {"account": STREAMS_ACCOUNT, "subject": s}} for s in share.services]
+            + [{"stream": {"account": STREAMS_ACCOUNT, "subject": s}} for s in share.streams]}
+    out[STREAMS_ACCOUNT] = {
+        "jetstream": "enabled",
+        "users": [_user_entry(ADMIN, users[ADMIN], replicas=replicas)] if ADMIN in users else [],
+        "exports": [{"service": s, "response_type": _response_type(s), "accounts": list(a)} for s, a in services.items()]
+        + [{"stream": s, "accounts": list(a)} for s, a in streams.items()]}
+    out[spare_agent_account(agents)] = {"users": []}
+    return out
+
+
+def render_authorization(users: dict[str, str], *, replicas: Sequence[str] = (),
+                         agent_accounts: dict[str, str] | None = None) -> str:
+    """`accounts_config` as the nats-server configuration `ledger auth` writes (auth.conf; NATS reads JSON too).
 
     It holds public keys only: the seeds stay with their users.
     """
+    config = accounts_config(users, replicas=replicas, agent_accounts=agent_accounts)
+    whose = {a: u for u, a in {**ROLE_ACCOUNTS, **_agent_accounts(users, agent_accounts)}.items()}
+    whose[STREAMS_ACCOUNT] = f"{ADMIN}, and the streams"
     lines = ["# Generated by `ledger auth`: public nkeys only (the seeds stay with their users). Do not edit:",
              "# `ledger auth add-agent` rewrites it; then reload the server (nats-server --signal reload).",
-             "authorization {", "  users = ["]
-    for user in sorted(users, key=lambda u: (u not in ROLE_USERS, ROLE_USERS.index(u) if u in ROLE_USERS else 0, u)):
-        key = users[user]
-        if not (key.startswith("U") and len(key) == 56 and key.isalnum()):
-            raise InvalidInput(f"{user}: not a public user nkey")
-        perms = permissions_for(user, replicas=replicas)
-        lines.append(f"    # {user}")
-        if user == ADMIN:
-            lines.append(f'    {{ nkey: "{key}", permissions: {{ subscribe: {{ deny: {_quoted(perms.subscribe_deny)} }} }} }}')
-            continue
-        lines += [f'    {{ nkey: "{key}", permissions: {{',
-                  f"        publish: {{ allow: {_quoted(perms.publish)} }}",
-                  f"        subscribe: {{ allow: {_quoted(perms.subscribe)} }}",
-                  "    } }"]
-    lines += ["  ]", "}"]
-    return "\n".join(lines) + "\n"
+             f"# The streams live in account {STREAMS_ACCOUNT} (admin's). Every other user is alone in an account that",
+             "# imports from it only what the user may publish: an answer to a reply subject it names stays there.",
+             "accounts {"]
+    for name, settings in config.items():
+        lines += [f"  # {whose.get(name, 'spare: the next `ledger auth add-agent` fills it')}", f'  "{name}": {{']
+        for key, value in settings.items():
+            if isinstance(value, list):  # one entry a line: a diff after add-agent shows what changed
+                lines += [f'    "{key}": [', ",\n".join(f"      {json.dumps(v)}" for v in value), "    ]"]
+            else:
+                lines.append(f'    "{key}": {json.dumps(value)}')
+        lines.append("  }")
+    lines.append("}")
+    return "\n".join(ln for ln in lines if ln) + "\n"

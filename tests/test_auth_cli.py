@@ -12,9 +12,9 @@ from pathlib import Path
 
 import nats
 import nkeys
-from cryptography import x509
 import pytest
 from click.testing import CliRunner
+from cryptography import x509
 from helpers import eventually
 from test_permissions import Conn, Secured, connect, recorded, refused_publish, start_secured
 
@@ -45,7 +45,7 @@ def test_init_writes_seeds_0600_and_only_public_keys_into_the_server_config(tmp_
     for user in (*permissions.ROLE_USERS, "agent-a1"):
         seed = (out / f"{user}.nk").read_bytes().strip()
         public = nkeys.from_seed(bytearray(seed)).public_key.decode()
-        assert manifest["users"][user] == public and f'nkey: "{public}"' in conf
+        assert manifest["users"][user] == public and f'"nkey": "{public}"' in conf
         assert seed.decode() not in conf and seed.decode() not in output
         assert seed.decode() not in json.dumps(manifest)
         env = dict(line.split("=", 1) for line in (out / f"{user}.env").read_text().splitlines())
@@ -130,3 +130,24 @@ async def test_an_agent_added_later_is_taken_by_the_server_after_a_reload(secure
         assert await recorded(store, "agent", "a1") == []
     finally:
         await admin.close()
+
+
+async def test_agents_added_one_after_the_other_each_work_after_one_reload(secured: Secured):
+    """Each agent is alone in an account, and nats-server 2.14 wires an account's imports only from the reload after
+    the one that created it: each add-agent fills the spare account the server already has and makes the next."""
+    for reloads, agent_id in enumerate(("a8", "a9"), start=1):
+        assert auth("add-agent", agent_id, "--out", str(secured.creds))[0] == 0
+        assert secured.server.pid is not None
+        os.kill(secured.server.pid, signal.SIGHUP)
+        await eventually(lambda n=reloads: secured.server.log_path.read_text().count("Reloaded server configuration") >= n,
+                         timeout=10, what=f"reload {reloads}")
+        conn: Conn = await connect(secured, permissions.agent_user(agent_id))
+        try:
+            ack = await conn.nc.jetstream().publish(f"ledger.hb.{agent_id}.heartbeat.{agent_id}", b"{}", timeout=5)
+            assert ack.stream == "LEDGER_HB"
+            info = await conn.nc.jsm(timeout=5).stream_info("LEDGER")
+            assert info.config.name == "LEDGER" and conn.violations() == []
+        finally:
+            await conn.nc.close()
+    accounts = json.loads((secured.creds / "auth.json").read_text())["agent_accounts"]
+    assert len(set(accounts.values())) == len(accounts) == 5  # a1, a2, a3, a8, a9: an account each

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
+import signal
 import ssl
 import subprocess
 import sys
@@ -166,6 +168,21 @@ async def recorded(store: EventStore, family: str, entity: str) -> list[ev.Event
     return [r.event for r in await store.history(family, entity) if isinstance(r, Recorded)]
 
 
+async def pulls_handled(conn: Conn, stream: str, consumer: str) -> None:
+    """Return once the consumer has handled the pull requests `conn` sent it before: a pull of our own sent after
+    them is answered (a message, or a timeout status when an earlier request took everything) - a consumer serves
+    its waiting requests in order, and drops one whose reply subject nobody listens to (in the requester's
+    account). Whatever an earlier request had delivered was queued before our answer."""
+    inbox = conn.nc.new_inbox()
+    sub = await conn.nc.subscribe(inbox, max_msgs=1)
+    try:
+        await conn.nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}",
+                              json.dumps({"batch": 1, "expires": 2 * 10**9}).encode(), reply=inbox)
+        await sub.next_msg(timeout=10)
+    finally:
+        await sub.unsubscribe()
+
+
 # --- the generated permissions (pure) --------------------------------------------------------------------------
 
 
@@ -228,6 +245,46 @@ def test_only_admin_may_publish_anything_and_the_reader_publishes_no_event():
     for user in users("a1"):
         assert not [s for s in permissions.permissions_for(user).subscribe if s.startswith(("ledger", ">", "*"))]
     assert not [s for s in permissions.permissions_for("reader").publish if not s.startswith("$JS.API.")]
+
+
+@given(st.lists(agent_ids, min_size=1, max_size=4, unique=True))
+def test_each_user_but_admin_is_alone_in_an_account_that_imports_exactly_what_it_may_publish(agents: list[str]):
+    keys = {u: "U" + chr(ord("A") + i) * 55 for i, u in enumerate([*permissions.ROLE_USERS,
+                                                                    *map(permissions.agent_user, agents)])}
+    accounts = permissions.accounts_config(keys, replicas=["b"])
+    ledger_account = accounts.pop(permissions.STREAMS_ACCOUNT)
+    assert [u["nkey"] for u in ledger_account["users"]] == [keys["admin"]] and ledger_account["jetstream"] == "enabled"
+    spare = [name for name, acc in accounts.items() if not acc["users"]]
+    assert len(spare) == 1 and spare[0].startswith(permissions.AGENT_ACCOUNT_PREFIX)
+    exported = {e.get("service") or e.get("stream"): e for e in ledger_account["exports"]}
+    for name, acc in accounts.items():
+        if name in spare:
+            continue
+        (entry,) = acc["users"]  # alone in its account
+        (user,) = [u for u, k in keys.items() if k == entry["nkey"]]
+        perms = permissions.permissions_for(user, replicas=["b"])
+        assert entry["permissions"]["publish"]["allow"] == list(perms.publish)
+        services = [i["service"]["subject"] for i in acc["imports"] if "service" in i]
+        assert services == list(perms.publish)
+        assert [i["stream"]["subject"] for i in acc["imports"] if "stream" in i] == (
+            [permissions.LEADER_ADVISORY] if user == permissions.SERVICE else [])
+        for subject in services:
+            assert all(i["service"]["account"] == permissions.STREAMS_ACCOUNT for i in acc["imports"] if "service" in i)
+            # exported to this account; an event subject to this account only
+            assert name in exported[subject]["accounts"], (name, subject)
+            if subject.startswith("ledger."):
+                assert exported[subject]["accounts"] == [name], subject
+    assert exported["$JS.API.DIRECT.GET.LEDGER"]["response_type"] == "stream"
+    assert exported["$JS.API.CONSUMER.MSG.NEXT.LEDGER.*"]["response_type"] == "stream"
+    assert exported["$JS.API.DIRECT.GET.LEDGER.>"]["response_type"] == "singleton"
+
+
+def test_an_agent_keeps_its_account_and_a_new_one_takes_the_spare():
+    taken = permissions.assign_agent_accounts(["agent-a1", "agent-a2"])
+    assert taken == {"agent-a1": "AGENT_1", "agent-a2": "AGENT_2"}
+    assert permissions.spare_agent_account(taken) == "AGENT_3"
+    assert permissions.assign_agent_accounts(["agent-a0", "agent-a2", "agent-a1"], taken) == {
+        **taken, "agent-a0": "AGENT_3"}
 
 
 def test_reserved_names_and_unknown_users_are_refused():
@@ -302,6 +359,52 @@ async def test_an_agent_cannot_change_delete_or_purge_the_ledger_nor_touch_consu
     assert (await jsm_admin.consumer_info(subjects.LEDGER_STREAM, "audit")).name == "audit"
     assert "mine" not in [c.name for c in await jsm_admin.consumers_info(subjects.LEDGER_STREAM)]
     await jsm_admin.delete_consumer(subjects.LEDGER_STREAM, "audit")
+
+
+@pytest.fixture
+def own_secured(tmp_path: Path) -> Iterator[Secured]:
+    """A server of its own: the test leaves agents and consumers behind."""
+    s = start_secured(tmp_path)
+    try:
+        yield s
+    finally:
+        s.server.stop()
+
+
+async def test_a_pull_delivered_onto_a1s_own_subject_stores_nothing_again(own_secured: Secured):
+    """The server answers a request in the requester's account: a pull whose reply subject is one a1 may publish
+    delivers there (a1's account imports that subject from LEDGER: someone listens), onto a1's own import. The
+    delivery must not go on into LEDGER: the stream would store it under the delivered message's own subject - a2's
+    registration, at a new sequence (a new incarnation a2 never made)."""
+    reply = "ledger.agent.a1.unreachable_reported.a1"
+    a2 = await connect(own_secured, "agent-a2")
+    a1 = await connect(own_secured, "agent-a1")
+    admin_conn = await connect(own_secured, permissions.ADMIN)
+    registration = ev.AgentRegistered(producer=ev.Producer(id="a2", instance="i"), agent_id="a2", instance_id="i",
+                                      pool="p")
+    try:
+        # Without a Nats-Msg-Id: the duplicate window would hide a replay, not stop it.
+        await a2.nc.jetstream().publish("ledger.agent.a2.registered.a2", codec.encode(registration).payload, timeout=5)
+        relay = await a1.nc.jsm(timeout=5).add_consumer(subjects.LEDGER_STREAM, api.ConsumerConfig(
+            ack_policy=api.AckPolicy.NONE, filter_subject="ledger.agent.a2.registered.a2"))
+        await a1.nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{subjects.LEDGER_STREAM}.{relay.name}",
+                            json.dumps({"batch": 1, "expires": 10**9}).encode(),
+                            reply=reply)
+        await a1.nc.flush()
+        jsm = admin_conn.nc.jsm()
+
+        async def delivered() -> bool:
+            return (await jsm.consumer_info(subjects.LEDGER_STREAM, relay.name)).delivered.stream_seq > 0
+
+        await eventually(delivered, timeout=10, what="the pull delivering a2's registration onto a1's subject")
+        barrier = await a1.nc.jetstream().publish("ledger.agent.a1.unreachable_reported.a1", b"{}", timeout=5)
+        info = await jsm.stream_info(subjects.LEDGER_STREAM, subjects_filter=">")
+    finally:
+        for conn in (a1, a2, admin_conn):
+            await conn.nc.close()
+    assert barrier.seq == 2 and info.state.subjects == {"ledger.agent.a2.registered.a2": 1,
+                                                        "ledger.agent.a1.unreachable_reported.a1": 1}, \
+        info.state.subjects
 
 
 async def test_nobody_subscribes_to_event_subjects_so_a_push_consumer_cannot_relay_onto_a2s(secured: Secured,
@@ -502,6 +605,7 @@ def deploy_cluster(tmp_path: Path) -> Iterator[tuple[list[str], Path, list[int]]
             procs.append(subprocess.Popen([binary, "-c", str(etc / f"n{i}.conf")], stdout=log, stderr=subprocess.STDOUT,
                                           env={**os.environ, "NATS_SERVER_NAME": f"nats-{i + 1}"}))
             log.close()
+        (tmp_path / "pids").write_text(" ".join(str(p.pid) for p in procs))  # for a test that reloads them
         yield [f"tls://127.0.0.1:{p}" for p in ports], secrets, cports
     finally:
         for p in procs:
@@ -543,6 +647,19 @@ async def test_the_deploy_cluster_config_runs_r3_streams_over_tls_with_generated
         info = await nc.jsm().stream_info(subjects.LEDGER_STREAM)
         assert info.config.num_replicas == 3 and len(info.cluster.replicas or []) == 2  # the routes carry TLS
         assert nc._server_info.get("tls_verify") and nc._server_info.get("auth_required")
+        # The liveness monitor (service, in an account of its own) hears LEDGER's leader elections: LEDGER
+        # exports the advisory to it.
+        service = await nats.connect(urls, nkeys_seed=str(secrets / "service.nk"), tls=servers.ssl_context("service"),
+                                     inbox_prefix=permissions.inbox_prefix("service"), connect_timeout=5)
+        try:
+            heard = await service.subscribe(permissions.LEADER_ADVISORY)
+            await service.flush()
+            answer = await nc.request(f"$JS.API.STREAM.LEADER.STEPDOWN.{subjects.LEDGER_STREAM}", b"", timeout=10)
+            assert json.loads(answer.data).get("success"), answer.data
+            election = await heard.next_msg(timeout=30)
+            assert election.subject == f"$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.{subjects.LEDGER_STREAM}"
+        finally:
+            await service.close()
     finally:
         await store.close()
         await nc.close()
@@ -568,3 +685,38 @@ async def _ensure(store: EventStore) -> bool:
         return True
     except Exception:  # noqa: BLE001 - a peer not current yet: R3 needs all three
         return False
+
+
+async def test_on_the_deploy_cluster_each_agent_added_works_after_one_reload_of_every_node(
+        deploy_cluster: tuple[list[str], Path, list[int]], tmp_path: Path):
+    """`ledger auth add-agent` then a reload of the three nodes (the compose file's `kill -s HUP`): the new agent
+    appends to the R3 streams through any node. The second agent takes the spare account the first reload made."""
+    urls, secrets, _ = deploy_cluster
+    servers = Secured(None, secrets, tls=True)  # type: ignore[arg-type]
+    pids = [int(p) for p in (tmp_path / "pids").read_text().split()]
+    nc = await nats.connect(urls, nkeys_seed=str(secrets / "admin.nk"), tls=servers.ssl_context("admin"),
+                            connect_timeout=5, reconnect_time_wait=0.5)
+    store = EventStore(nc, Settings(nats_url=",".join(urls), replicas=3))
+    try:
+        await eventually(lambda: _ensure(store), timeout=60, interval=0.5, what="R3 streams")
+    finally:
+        await store.close()
+        await nc.close()
+    for reloads, agent_id in enumerate(("a8", "a9"), start=1):
+        result = CliRunner().invoke(cli, ["auth", "add-agent", agent_id, "--out", str(secrets)])
+        assert result.exit_code == 0, result.output
+        for pid in pids:
+            os.kill(pid, signal.SIGHUP)
+        for i in range(3):
+            await eventually(lambda i=i, n=reloads: (tmp_path / f"n{i}.log").read_text().count(
+                "Reloaded server configuration") >= n, timeout=20, what=f"node {i} reload {reloads}")
+        user = permissions.agent_user(agent_id)
+        for url in urls:  # through each node
+            agent = await nats.connect(url, nkeys_seed=str(secrets / f"{user}.nk"), tls=servers.ssl_context(user),
+                                       inbox_prefix=permissions.inbox_prefix(user), connect_timeout=5)
+            try:
+                ack = await agent.jetstream().publish(f"ledger.hb.{agent_id}.heartbeat.{agent_id}", b"{}", timeout=10)
+                assert ack.stream == subjects.HEARTBEAT_STREAM
+                assert (await agent.jsm(timeout=10).stream_info(subjects.LEDGER_STREAM)).config.num_replicas == 3
+            finally:
+                await agent.close()

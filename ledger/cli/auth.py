@@ -2,8 +2,9 @@
 
 What it writes into --out DIR (public files 0644, secrets 0600, never printed):
 
-* auth.json         what was generated (users and their PUBLIC keys, replicas, TLS hosts); no secret
-* auth.conf         the nats-server `authorization` block (public keys and permissions): `include` it
+* auth.json         what was generated (users and their PUBLIC keys, replicas, TLS hosts, agents' accounts); no secret
+* auth.conf         the nats-server `accounts` block (public keys, permissions, what each account imports from
+                    the streams' account LEDGER): `include` it
 * <user>.nk         the user's nkey seed (secret)
 * <user>.env        LEDGER_NKEY_SEED_FILE, LEDGER_INBOX_PREFIX (and LEDGER_TLS_*): `env_file` for compose
 * with --tls: ca.pem, ca-key.pem (secret), server-cert.pem, server-key.pem (secret), tls.conf (the server's
@@ -132,8 +133,13 @@ class AuthDir:
             f'  ca_file: "{p("route-ca.pem")}"\n  verify: true\n  timeout: 5\n}}\n').encode(), secret=False)
 
     def save(self) -> None:
+        users = self.manifest["users"]
+        # Each agent keeps its account; a new one takes the spare the server already has (permissions.py says why).
+        self.manifest["agent_accounts"] = permissions.assign_agent_accounts(
+            [u for u in users if u not in permissions.ROLE_USERS], self.manifest.get("agent_accounts"))
         _write(self.out / AUTH_CONF, permissions.render_authorization(
-            self.manifest["users"], replicas=self.manifest["replicas"]).encode(), secret=False)
+            users, replicas=self.manifest["replicas"], agent_accounts=self.manifest["agent_accounts"]).encode(),
+            secret=False)
         _write(self.out / MANIFEST, (json.dumps(self.manifest, indent=2, sort_keys=True) + "\n").encode(), secret=False)
 
 
@@ -160,7 +166,7 @@ def _fail(e: LedgerError | OSError) -> click.ClickException:
 @click.group("auth")
 def auth_group() -> None:
     """Generate the credentials of a secured deployment: an nkey per role (admin, operator, service,
-    reader) and per agent, the nats-server `authorization` block that binds each to its subjects, and
+    reader) and per agent, the nats-server `accounts` block that binds each to its subjects, and
     optionally TLS certificates. The server configuration holds public keys only; each user gets a seed
     file (mode 0600) and an env file for its processes. Nothing secret is printed.
 
@@ -171,6 +177,8 @@ def auth_group() -> None:
       service     `ledger up` / `ledger consumers`: monitor, reclaimer, watchdog (+ replicas), dead letters
       reader      reads only: views, dashboards, `ledger doctor`
       agent-ID    one agent: subjects ending in its id; its own lifecycle only on its own entity
+    The streams live in account LEDGER with admin; every other user is alone in an account that imports from
+    LEDGER only what it may publish, so the server's answers to a reply subject it names stay in its account.
     Each connection must use its user's inbox prefix, `_INBOX_<user>` (LEDGER_INBOX_PREFIX in its .env).
     """
 
