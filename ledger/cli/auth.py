@@ -238,7 +238,10 @@ def auth_init(out: Path, agents: tuple[str, ...], replicas: tuple[str, ...], tls
     except (LedgerError, OSError) as e:
         raise _fail(e) from None
     click.echo(f"wrote credentials for {', '.join(users)} to {out} (seeds mode 0600)")
-    click.echo(f"server: include {out / AUTH_CONF}" + (f" and {out / TLS_CONF}" if tls else ""))
+    # nats-server resolves an include relative to the including file's directory - even one written as an
+    # absolute path - so say it that way (deploy/nats-secure.conf: `include "secrets/auth.conf"`).
+    click.echo(f"server: include {out / AUTH_CONF}" + (f" and {out / TLS_CONF}" if tls else "")
+               + ", by a path relative to the server's configuration file")
     click.echo(f"clients: load <user>.env from {out} (LEDGER_NKEY_SEED_FILE, LEDGER_INBOX_PREFIX"
                + (", LEDGER_TLS_*)" if tls else ")"))
 
