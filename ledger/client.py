@@ -57,6 +57,15 @@ def _advice(detail: str, event: ev.Event) -> str:
             f"'operator' or 'operator-<name>', or 'cli')")
 
 
+def _floor(items: list[Any], min_last_seq: int | None) -> int | None:
+    """What the lookups of a history's fold must be read at least up to: its last event (a replica lagging behind
+    the one that served the history would miss an agent's death before a take-over, and flag the failover)."""
+    last = items[-1].seq if items else None
+    if last is None or (min_last_seq is not None and min_last_seq >= last):
+        return min_last_seq
+    return last
+
+
 CAS_ATTEMPTS = 8
 """Re-read and re-decide a write this many times before giving up under contention."""
 
@@ -109,7 +118,8 @@ class Ledger:
         """(current state, last sequence of its history); state None if it was never created."""
         items = await self.store.history("session", session_id, min_last_seq=min_last_seq)
         records = [i for i in items if isinstance(i, Recorded)]
-        state, _ = lc.fold(lc.evolve_session, records, *await self._session_lookups(records, min_last_seq))
+        lookups = await self._session_lookups(records, _floor(items, min_last_seq))
+        state, _ = lc.fold(lc.evolve_session, records, *lookups)
         return state, items[-1].seq if items else 0
 
     async def route(self, route_id: str, *, min_last_seq: int | None = None) -> tuple[lc.RouteState | None, int]:
@@ -123,7 +133,8 @@ class Ledger:
             session_items = await self.store.history("session", created.session_id, min_last_seq=min_last_seq)
             session_records = [i for i in session_items if isinstance(i, Recorded)]
             session_at = lc.claims_lookup(created.session_id, session_records,
-                                          *await self._session_lookups(session_records, min_last_seq))
+                                          *await self._session_lookups(session_records,
+                                                                       _floor(session_items, min_last_seq)))
         state, _ = lc.fold(lc.evolve_route, records, session_at)
         return state, items[-1].seq if items else 0
 
@@ -192,7 +203,7 @@ class Ledger:
         state, last = await self.session(session_id, min_last_seq=min_last_seq)
         owner: Any = lc.NO_OWNER_STATE
         if state is not None and state.status == lc.S_ASSIGNED and state.owner is not None:
-            owner, _ = await self.agent(state.owner, min_last_seq=min_last_seq)
+            owner, _ = await self.agent(state.owner, min_last_seq=max(last, min_last_seq or 0))
         return (state, owner), last
 
     async def claim_session(self, session_id: str, who: decide.AgentRef, *, reason: str = "initial",

@@ -111,7 +111,9 @@ async def _incarnations(store: EventStore, records: list[Recorded]) -> Incarnati
 
 async def _lookups(store: EventStore, records: list[Recorded]) -> tuple[IncarnationAt, AgentAt]:
     """A session history's lookups: registrations of the agents acting, states of those a take-over may replace."""
-    histories = {a: [r for r in await store.history("agent", a) if isinstance(r, Recorded)]
+    # From a replica that has the whole session history: one lagging behind would miss an owner's death.
+    floor = records[-1].seq if records else None
+    histories = {a: [r for r in await store.history("agent", a, min_last_seq=floor) if isinstance(r, Recorded)]
                  for a in sorted(owners_judged(records))}
     return await _incarnations(store, records), agents_lookup(histories)
 
