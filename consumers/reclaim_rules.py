@@ -25,6 +25,7 @@ from projections.health import ALIVE, agent_health
 OWNER_GONE, OWNER_DEAD, OWNER_FENCED = lc.OWNER_GONE, lc.OWNER_DEAD, lc.OWNER_FENCED
 OWNER_SUPERSEDED, OWNER_UNKNOWN, OWNER_DRAINING = lc.OWNER_SUPERSEDED, lc.OWNER_UNKNOWN, lc.OWNER_DRAINING
 
+
 class ClaimFor(msgspec.Struct, frozen=True, kw_only=True):
     session_id: str
     agent: AgentRef

@@ -196,10 +196,10 @@ class Agent:
         """Sequence of the goodbye this process wrote (None until then, and when it wrote none)."""
         self._side_tasks: set[asyncio.Task[None]] = set()
         self._prefetched: dict[tuple[str, int], lc.SessionState | None] = {}
+        """(session, sequence) -> the session's state just before that sequence, read ahead for one batch."""
         self._agents_read: dict[str, tuple[int, lc.AgentAt]] = {}
         """agent id -> (the floor its history was read at, agent_at from it), for judging take-overs: read once
         per watch batch (a reclaimer hands over a lost agent's sessions hundreds at a time)."""
-        """(session, sequence) -> the session's state just before that sequence, read ahead for one batch."""
         self._waiting = False
         self._fence_record: ev.AgentFenced | None = None
         self._last_active: dict[str, float] = {}
@@ -673,8 +673,9 @@ class Agent:
         items = await self.store.history("session", session_id, min_last_seq=seq)  # a replica that has `seq`
         records = [i for i in items if isinstance(i, Recorded) and i.seq < seq]
         await self._know_registrations(lc.agents_acting(records), seq)
-        agent_at = await self._agents_at(lc.owners_judged(records), seq)
-        state, _ = lc.fold(lc.evolve_session, records, lc.registrations_lookup(self._registered), agent_at)
+        incarnation_at = lc.registrations_lookup(self._registered)
+        agent_at = await self._agents_at(lc.owners_judged(records, incarnation_at), seq)
+        state, _ = lc.fold(lc.evolve_session, records, incarnation_at, agent_at)
         return state
 
     async def _agents_at(self, agents: Iterable[str], floor: int) -> lc.AgentAt:

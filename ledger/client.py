@@ -102,16 +102,15 @@ class Ledger:
         return lc.registrations_lookup({a: await self.registrations(a, min_last_seq=min_last_seq)
                                         for a in lc.agents_acting(records)})
 
-    async def _agents_at(self, records: list[Recorded], min_last_seq: int | None) -> lc.AgentAt:
-        """agent_at for a session history's take-overs: the histories of the agents it may replace (none read
-        when it holds no take-over)."""
-        return lc.agents_lookup({a: [i for i in await self.store.history("agent", a, min_last_seq=min_last_seq)
-                                     if isinstance(i, Recorded)] for a in sorted(lc.owners_judged(records))})
-
     async def _session_lookups(self, records: list[Recorded],
                                min_last_seq: int | None) -> tuple[lc.IncarnationAt, lc.AgentAt]:
-        """The lookups a session history's fold takes, as the whole-log fold has them at each event."""
-        return await self._incarnations(records, min_last_seq), await self._agents_at(records, min_last_seq)
+        """The lookups a session history's fold takes, as the whole-log fold has them at each event: the
+        registrations of the agents it names, and the histories of those a take-over in it may replace (none
+        read when it holds no take-over)."""
+        incarnation_at = await self._incarnations(records, min_last_seq)
+        histories = {a: [i for i in await self.store.history("agent", a, min_last_seq=min_last_seq)
+                         if isinstance(i, Recorded)] for a in sorted(lc.owners_judged(records, incarnation_at))}
+        return incarnation_at, lc.agents_lookup(histories)
 
     async def session(self, session_id: str, *, min_last_seq: int | None = None
                       ) -> tuple[lc.SessionState | None, int]:

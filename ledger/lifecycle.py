@@ -600,13 +600,17 @@ def agents_acting(records: Iterable[Recorded]) -> set[str]:
             and writer_problem(e) is None}
 
 
-def owners_judged(records: Iterable[Recorded]) -> set[str]:
+def owners_judged(records: Iterable[Recorded], incarnation_at: IncarnationAt | None = None) -> set[str]:
     """The agents whose states a session history's fold needs (`agent_at`): none without a take-over (a claim
-    naming a previous token); otherwise any agent acting in it, since any of them may be the owner replaced."""
+    naming a previous token); otherwise those that may have owned it - named by a claim their producer may write
+    and, with `incarnation_at`, by their incarnation current at the claim (the fold applies no other claim).
+    Claims for made-up agents, cheap to forge, must not make every read of the session read their histories."""
     records = list(records)
     if not any(isinstance(r.event, ev.SessionClaimed) and r.event.previous_token is not None for r in records):
         return set()
-    return agents_acting(records)
+    return {e.agent_id for e, seq in ((r.event, r.seq) for r in records)
+            if isinstance(e, ev.SessionClaimed) and writer_problem(e) is None
+            and (incarnation_at is None or incarnation_at(e.agent_id, seq) == e.incarnation)}
 
 
 def agents_lookup(histories: dict[str, list[Recorded]]) -> AgentAt:

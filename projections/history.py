@@ -111,11 +111,12 @@ async def _incarnations(store: EventStore, records: list[Recorded]) -> Incarnati
 
 async def _lookups(store: EventStore, records: list[Recorded]) -> tuple[IncarnationAt, AgentAt]:
     """A session history's lookups: registrations of the agents acting, states of those a take-over may replace."""
+    incarnation_at = await _incarnations(store, records)
     # From a replica that has the whole session history: one lagging behind would miss an owner's death.
     floor = records[-1].seq if records else None
     histories = {a: [r for r in await store.history("agent", a, min_last_seq=floor) if isinstance(r, Recorded)]
-                 for a in sorted(owners_judged(records))}
-    return await _incarnations(store, records), agents_lookup(histories)
+                 for a in sorted(owners_judged(records, incarnation_at))}
+    return incarnation_at, agents_lookup(histories)
 
 
 def _upto(items: list[Recorded | Unreadable], seq: int | None, time: datetime | None) -> list[Recorded | Unreadable]:

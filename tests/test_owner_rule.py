@@ -283,10 +283,10 @@ def test_one_sessions_history_folded_with_its_agents_histories_agrees_with_the_w
         acting = lc.agents_acting(records)
         registrations = {a: [r.seq for r in ledger if isinstance(r.event, ev.AgentRegistered)
                              and r.event.agent_id == a and r.event.producer.id == a] for a in acting}
+        incarnation_at = lc.registrations_lookup(registrations)
         histories_of = {a: [r for r in ledger if r.event.family == "agent" and r.event.entity_id == a]
-                        for a in lc.owners_judged(records)}
-        state, anomalies = lc.fold(lc.evolve_session, records, lc.registrations_lookup(registrations),
-                                   lc.agents_lookup(histories_of))
+                        for a in lc.owners_judged(records, incarnation_at)}
+        state, anomalies = lc.fold(lc.evolve_session, records, incarnation_at, lc.agents_lookup(histories_of))
         assert state == whole.sessions.get(sid)
         assert {seq for seq, _ in anomalies} == flagged.get(sid, set())
 
@@ -367,3 +367,13 @@ async def test_an_agents_watch_keeps_a_session_a_live_agent_claims_by_naming_its
         await eventually(lambda: lost == [sid] and sid in a2.owned, what="the hand-off")
         state, _ = await ledger.session(sid)
         assert state is not None and (state.owner, state.token) == (a2.agent_id, claim.token)
+
+
+def test_claims_for_made_up_agents_add_no_agent_history_to_read():
+    """Reading a session with a take-over reads the histories of the agents that may have owned it: claims for
+    agents never registered (cheap to forge, each flagged) must not make it read theirs."""
+    records = [claim_rec("a1", 1, None, seq=2), *(claim_rec(f"ghost{i}", 1, None, seq=3 + i) for i in range(50)),
+               claim_rec("a2", 60, 2, seq=70)]
+    registered = lc.registrations_lookup({"a1": [1], "a2": [60]})
+    assert lc.owners_judged(records, registered) == {"a1", "a2"}
+    assert lc.owners_judged(records[:-1], registered) == set()  # no take-over: nothing to read
