@@ -22,8 +22,8 @@ from ledger.decide import AgentRef
 from projections.beats import Beat
 from projections.health import ALIVE, agent_health
 
-OWNER_GONE, OWNER_DEAD, OWNER_FENCED = "owner_gone", "owner_dead", "owner_fenced"
-OWNER_SUPERSEDED, OWNER_UNKNOWN, OWNER_DRAINING = "owner_superseded", "owner_unknown", "owner_draining"
+OWNER_GONE, OWNER_DEAD, OWNER_FENCED = lc.OWNER_GONE, lc.OWNER_DEAD, lc.OWNER_FENCED
+OWNER_SUPERSEDED, OWNER_UNKNOWN, OWNER_DRAINING = lc.OWNER_SUPERSEDED, lc.OWNER_UNKNOWN, lc.OWNER_DRAINING
 
 
 class ClaimFor(msgspec.Struct, frozen=True, kw_only=True):
@@ -53,23 +53,13 @@ Action = ClaimFor | Orphan | Hold
 
 
 def owner_problem(session: lc.SessionState, agents: Mapping[str, lc.AgentState]) -> tuple[str, str | None] | None:
-    """(why the owner cannot keep the session, the event that says so), or None while it can."""
+    """(why the owner cannot keep the session, the event that says so), or None while it can.
+
+    The fold's own rule (`lifecycle.owner_replaceable`): the take-overs planned here are exactly those it applies.
+    """
     if session.status != lc.S_ASSIGNED or session.owner is None:
         return None
-    agent = agents.get(session.owner)
-    if agent is None:
-        return OWNER_UNKNOWN, None
-    if agent.incarnation != session.owner_incarnation:
-        return OWNER_SUPERSEDED, None
-    return {
-        lc.A_GONE: (OWNER_GONE, agent.cause_id),
-        lc.A_DEAD: (OWNER_DEAD, agent.cause_id),
-        lc.A_FENCED: (OWNER_FENCED, agent.cause_id),
-        lc.A_DRAINING: (OWNER_DRAINING, agent.cause_id),
-        # A drained agent owns nothing - unless a claim landed after it said so (the fold applies a claim
-        # whatever its agent's status): hand it on as a draining one's.
-        lc.A_DRAINED: (OWNER_DRAINING, agent.cause_id),
-    }.get(agent.status)
+    return lc.owner_replaceable(session, agents.get(session.owner))
 
 
 def ineligible(agent: lc.AgentState | None, beat: Beat | None, now: datetime, *,

@@ -197,6 +197,9 @@ class Agent:
         self._side_tasks: set[asyncio.Task[None]] = set()
         self._prefetched: dict[tuple[str, int], lc.SessionState | None] = {}
         """(session, sequence) -> the session's state just before that sequence, read ahead for one batch."""
+        self._agents_read: dict[str, tuple[int, lc.AgentAt]] = {}
+        """agent id -> (the floor its history was read at, agent_at from it), for judging take-overs: read once
+        per watch batch (a reclaimer hands over a lost agent's sessions hundreds at a time)."""
         self._waiting = False
         self._fence_record: ev.AgentFenced | None = None
         self._last_active: dict[str, float] = {}
@@ -629,6 +632,8 @@ class Agent:
                           else prefetched)  # type: ignore[assignment]
             await self._know_registrations([getattr(e, "agent_id", None) or self.agent_id], rec.seq)
             incarnation_at = lc.registrations_lookup(self._registered)
+            owner = before.owner if isinstance(e, ev.SessionClaimed) and before is not None else None
+            agent_at = await self._agents_at([owner] if owner else [], rec.seq)
             if self._session_seq.get(sid, 0) == known and self._sessions.get(sid) is cached:
                 break
             # One of our own writes to this session landed while we read: judge on what it taught us.
@@ -636,7 +641,7 @@ class Agent:
             log.warning("%s: could not judge #%d on session %s (our own writes kept landing)",
                         self.agent_id, rec.seq, sid)
             return
-        after, anomaly = lc.evolve_session(before, rec, incarnation_at)
+        after, anomaly = lc.evolve_session(before, rec, incarnation_at, agent_at)
         self._session_seq[sid] = rec.seq
         if anomaly is not None:
             if cached is not None or self._may_gain(e):
@@ -649,6 +654,7 @@ class Agent:
         """Read at once, concurrently, the states the batch's claims for us will be judged on (a reclaimer
         hands over hundreds of sessions at a time; one read after the other would hold the watch up)."""
         self._prefetched.clear()
+        self._agents_read.clear()  # read again for each batch (its floor is the batch's end)
         wanted: dict[str, int] = {}
         for item in batch:
             e = item.event if isinstance(item, Recorded) else None
@@ -667,8 +673,30 @@ class Agent:
         items = await self.store.history("session", session_id, min_last_seq=seq)  # a replica that has `seq`
         records = [i for i in items if isinstance(i, Recorded) and i.seq < seq]
         await self._know_registrations(lc.agents_acting(records), seq)
-        state, _ = lc.fold(lc.evolve_session, records, lc.registrations_lookup(self._registered))
+        incarnation_at = lc.registrations_lookup(self._registered)
+        agent_at = await self._agents_at(lc.owners_judged(records, incarnation_at), seq)
+        state, _ = lc.fold(lc.evolve_session, records, incarnation_at, agent_at)
         return state
+
+    async def _agents_at(self, agents: Iterable[str], floor: int) -> lc.AgentAt:
+        """agent_at over these agents' histories (the fold's take-over check needs the owner's state as of the
+        claim), each read at most once per watch batch: from a replica that has the whole batch."""
+        agents = sorted(set(agents))
+        floor = max(floor, self._batch_end)
+        missing = [a for a in agents if a not in self._agents_read or self._agents_read[a][0] < floor]
+        for i in range(0, len(missing), PREFETCH_CONCURRENCY):
+            chunk = missing[i:i + PREFETCH_CONCURRENCY]
+            found = await asyncio.gather(*(self.store.history("agent", a, min_last_seq=floor) for a in chunk))
+            for agent_id, items in zip(chunk, found):
+                records = [r for r in items if isinstance(r, Recorded)]
+                self._agents_read[agent_id] = (floor, lc.agents_lookup({agent_id: records}))
+        known = {a: self._agents_read[a][1] for a in agents}
+
+        def agent_at(agent_id: str, seq: int) -> lc.AgentState | None:
+            lookup = known.get(agent_id)
+            return lookup(agent_id, seq) if lookup is not None else None
+
+        return agent_at
 
     def _learn(self, session_id: str, before: lc.SessionState | None, seq: int, event: ev.Event) -> None:
         """Extend a session's fold with our own acknowledged write (decided on `before`, the state it
@@ -792,13 +820,14 @@ class Agent:
         await self._check_current_incarnation()
         seen: list[lc.SessionState | None] = []
 
-        def decide_claim(state: lc.SessionState | None) -> ev.Event:
+        def decide_claim(read: tuple[lc.SessionState | None, object]) -> ev.Event:
+            state, owner = read
             seen.append(state)
             return decide.decide_claim(state, session_id, self.ref, producer=self.producer, reason=reason,
-                                       previous_token=previous_token, causation_id=causation_id)
+                                       previous_token=previous_token, causation_id=causation_id, owner=owner)
 
         incarnation = self.incarnation
-        token, event = await self.ledger.cas(lambda m: self.ledger.session(session_id, min_last_seq=m),
+        token, event = await self.ledger.cas(lambda m: self.ledger.session_for_claim(session_id, min_last_seq=m),
                                              decide_claim)
         self._check_may_act()  # fenced while the claim was in flight: it is not ours to act on
         self._check_still(incarnation, f"claim #{token} of session {session_id}")

@@ -49,6 +49,13 @@ and keeps it out of its own state - a forged goodbye must not make the
 checker call a live owner's sessions stranded. Writes an agent may make as
 a session's owner are judged by the token rules above, not by this one.
 
+A take-over (a claim naming the current token) while the owner's current
+incarnation is the one holding the session and it is alive is no violation
+either: any agent can read the token, so every fold flags it (live_owner) and
+applies nothing - the checker counts it and keeps the session with its owner.
+It may take over from an owner gone, dead, fenced, draining, drained or
+superseded. A later write by the would-be owner is then a stale_token.
+
 An event that breaks a rule is not applied to the checker's own state where
 the ledger does not apply it either (an overlapping claim, a stale write), so
 one forged event is one violation, not a cascade. Messages that are not
@@ -79,6 +86,10 @@ MISSING_EVENT_ID = "missing_event_id"
 MISSING_TIME = "missing_time"
 UNAUTHORIZED_PRODUCER = "unauthorized_producer"
 """Counted in Report.flagged, never a violation (see the module's doc)."""
+LIVE_OWNER = "live_owner"
+"""A take-over of a session whose owner may keep it: counted in Report.flagged, never a violation (see the doc)."""
+_REPLACEABLE = ("gone", "dead", "fenced", "draining", "drained")
+"""Statuses of an owner whose sessions may be taken over by naming their token (or a superseded incarnation)."""
 KINDS = (OVERLAPPING_OWNERSHIP, STALE_TOKEN, ILLEGAL_TRANSITION, SUPERSEDED_INCARNATION, CLAIM_FOR_UNAVAILABLE_AGENT,
          STRANDED, MISSING_EVENT_ID, MISSING_TIME)
 
@@ -167,7 +178,8 @@ class Report(msgspec.Struct, kw_only=True):
     """Events the system itself writes in a race, not applied or soon repaired, that are no violation, by kind:
     in-flight writes of a superseded incarnation (superseded_incarnation), claims stored at most `grace` after
     the agent's death, goodbye or fence (claim_for_unavailable_agent), and events whose producer may not write
-    them (unauthorized_producer: a forgery every fold flags, or a misconfigured writer)."""
+    them (unauthorized_producer: a forgery every fold flags, or a misconfigured writer), and take-overs of a
+    session whose owner may keep it (live_owner: every fold flags it)."""
 
     @property
     def clean(self) -> bool:
@@ -444,6 +456,11 @@ class Checker:
         else:
             self._flag(ILLEGAL_TRANSITION, f"{tag} is not a session event")
 
+    def _replaceable(self, s: _Session) -> bool:
+        """Whether the log says the owner of the assigned session may be replaced (a take-over may apply)."""
+        cur = self.current(s.owner or "")
+        return cur is None or cur.seq != s.incarnation or cur.status in _REPLACEABLE
+
     def _claim(self, s: _Session, e: dict[str, Any], m: RawMessage) -> None:
         agent_id, previous = _str(e, "agent_id") or "", _int(e, "previous_token")
         if self._treats_as_applied(previous, "session.claimed") and s.status == "assigned":
@@ -454,6 +471,9 @@ class Checker:
         if s.status == "assigned" and previous != s.token:
             self._flag(OVERLAPPING_OWNERSHIP, f"claimed for {agent_id} while {s.owner} holds it under token "
                                               f"{s.token} (the claim names {previous})", s.token)
+            return
+        if s.status == "assigned" and not self._replaceable(s):
+            self._count(LIVE_OWNER)  # naming the token proves nothing: the folds flag it, the owner keeps it
             return
         cur = self.current(agent_id)
         assert cur is not None

@@ -57,6 +57,15 @@ def _advice(detail: str, event: ev.Event) -> str:
             f"'operator' or 'operator-<name>', or 'cli')")
 
 
+def _floor(items: list[Any], min_last_seq: int | None) -> int | None:
+    """What the lookups of a history's fold must be read at least up to: its last event (a replica lagging behind
+    the one that served the history would miss an agent's death before a take-over, and flag the failover)."""
+    last = items[-1].seq if items else None
+    if last is None or (min_last_seq is not None and min_last_seq >= last):
+        return min_last_seq
+    return last
+
+
 CAS_ATTEMPTS = 8
 """Re-read and re-decide a write this many times before giving up under contention."""
 
@@ -93,12 +102,23 @@ class Ledger:
         return lc.registrations_lookup({a: await self.registrations(a, min_last_seq=min_last_seq)
                                         for a in lc.agents_acting(records)})
 
+    async def _session_lookups(self, records: list[Recorded],
+                               min_last_seq: int | None) -> tuple[lc.IncarnationAt, lc.AgentAt]:
+        """The lookups a session history's fold takes, as the whole-log fold has them at each event: the
+        registrations of the agents it names, and the histories of those a take-over in it may replace (none
+        read when it holds no take-over)."""
+        incarnation_at = await self._incarnations(records, min_last_seq)
+        histories = {a: [i for i in await self.store.history("agent", a, min_last_seq=min_last_seq)
+                         if isinstance(i, Recorded)] for a in sorted(lc.owners_judged(records, incarnation_at))}
+        return incarnation_at, lc.agents_lookup(histories)
+
     async def session(self, session_id: str, *, min_last_seq: int | None = None
                       ) -> tuple[lc.SessionState | None, int]:
         """(current state, last sequence of its history); state None if it was never created."""
         items = await self.store.history("session", session_id, min_last_seq=min_last_seq)
         records = [i for i in items if isinstance(i, Recorded)]
-        state, _ = lc.fold(lc.evolve_session, records, await self._incarnations(records, min_last_seq))
+        lookups = await self._session_lookups(records, _floor(items, min_last_seq))
+        state, _ = lc.fold(lc.evolve_session, records, *lookups)
         return state, items[-1].seq if items else 0
 
     async def route(self, route_id: str, *, min_last_seq: int | None = None) -> tuple[lc.RouteState | None, int]:
@@ -112,12 +132,13 @@ class Ledger:
             session_items = await self.store.history("session", created.session_id, min_last_seq=min_last_seq)
             session_records = [i for i in session_items if isinstance(i, Recorded)]
             session_at = lc.claims_lookup(created.session_id, session_records,
-                                          await self._incarnations(session_records, min_last_seq))
+                                          *await self._session_lookups(session_records,
+                                                                       _floor(session_items, min_last_seq)))
         state, _ = lc.fold(lc.evolve_route, records, session_at)
         return state, items[-1].seq if items else 0
 
-    async def agent(self, agent_id: str) -> tuple[lc.AgentState | None, int]:
-        items = await self.store.history("agent", agent_id)
+    async def agent(self, agent_id: str, *, min_last_seq: int | None = None) -> tuple[lc.AgentState | None, int]:
+        items = await self.store.history("agent", agent_id, min_last_seq=min_last_seq)
         state, _ = lc.fold(lc.evolve_agent, [i for i in items if isinstance(i, Recorded)])
         return state, items[-1].seq if items else 0
 
@@ -173,13 +194,25 @@ class Ledger:
         seq, _ = await self.cas(lambda m: self.session(session_id, min_last_seq=m), decide_terminate)
         return seq
 
+    async def session_for_claim(self, session_id: str, *, min_last_seq: int | None = None
+                                ) -> tuple[tuple[lc.SessionState | None, Any], int]:
+        """((the session's state, its owner agent's state), last sequence of the session's history): what a claim
+        is decided on. The owner's is read only for an assigned session (a take-over is judged on it);
+        otherwise it is `lifecycle.NO_OWNER_STATE`."""
+        state, last = await self.session(session_id, min_last_seq=min_last_seq)
+        owner: Any = lc.NO_OWNER_STATE
+        if state is not None and state.status == lc.S_ASSIGNED and state.owner is not None:
+            owner, _ = await self.agent(state.owner, min_last_seq=max(last, min_last_seq or 0))
+        return (state, owner), last
+
     async def claim_session(self, session_id: str, who: decide.AgentRef, *, reason: str = "initial",
                             previous_token: int | None = None, causation_id: str | None = None) -> int:
         """Claim a session for `who` (also on its behalf, as a reclaimer does); returns the claim token."""
         seq, _ = await self.cas(
-            lambda m: self.session(session_id, min_last_seq=m),
-            lambda state: decide.decide_claim(state, session_id, who, producer=self.producer, reason=reason,
-                                              previous_token=previous_token, causation_id=causation_id))
+            lambda m: self.session_for_claim(session_id, min_last_seq=m),
+            lambda read: decide.decide_claim(read[0], session_id, who, producer=self.producer, reason=reason,
+                                             previous_token=previous_token, causation_id=causation_id,
+                                             owner=read[1]))
         return seq
 
     async def create_route(self, route_id: str, *, session_id: str, endpoint: str, deployment: str = "",

@@ -8,6 +8,8 @@ another writer.
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 
 from . import events as ev
@@ -25,13 +27,15 @@ class AgentRef(msgspec.Struct, frozen=True):
 
 def decide_claim(state: lc.SessionState | None, session_id: str, who: AgentRef, *, producer: ev.Producer,
                  reason: str, previous_token: int | None = None, causation_id: str | None = None,
-                 correlation_id: str | None = None) -> ev.SessionClaimed:
+                 correlation_id: str | None = None, owner: Any = lc.NO_OWNER_STATE) -> ev.SessionClaimed:
     """A claim of `session_id` for `who`.
 
     An unowned session (pending, orphaned, released) can be claimed by anyone - for itself, or by the
     reclaimer for another agent (`lifecycle.writer_problem`: NotAuthorized otherwise).
     An owned one only by naming its current token in `previous_token` - a
-    deliberate take-over (failover from a dead owner, drain hand-off).
+    deliberate take-over (failover from a dead owner, drain hand-off) - and only
+    while its owner may be replaced (`lifecycle.owner_replaceable`, judged on
+    `owner`, the owner agent's current state; left out, the caller vouches).
     """
     if reason not in lc.CLAIM_REASONS:
         raise InvalidInput(f"claim reason must be one of {', '.join(lc.CLAIM_REASONS)}, got {reason!r}")
@@ -44,9 +48,11 @@ def decide_claim(state: lc.SessionState | None, session_id: str, who: AgentRef, 
     if state.status != lc.S_ASSIGNED:
         previous_token = None
     # The fold's own rule (the caller vouches for `who` being its agent's current incarnation).
-    problem = lc.claim_problem(state, who.agent_id, who.incarnation, previous_token)
+    problem = lc.claim_problem(state, who.agent_id, who.incarnation, previous_token, owner=owner)
     if problem is not None and problem.kind == lc.AFTER_FINAL:
         raise NotClaimable(f"session {session_id} is terminated")
+    if problem is not None and problem.kind == lc.LIVE_OWNER:
+        raise NotClaimable(f"session {session_id}: {problem.detail}")
     if problem is not None:
         raise NotClaimable(
             f"session {session_id} is owned by {state.owner} under token {state.token}; "

@@ -17,6 +17,10 @@ position in the log:
 * `session_at(session_id, seq)` - the session's state just before `seq`: its
   claim token (a route transition written under another one is flagged,
   stale_token) and its owner (the only agent that may write the route's events).
+* `agent_at(agent_id, seq)` - the agent's state just before `seq` (None if it
+  never registered). A take-over (a claim of an assigned session naming its
+  token) applies only while the owner may be replaced (`owner_replaceable`):
+  any agent can read the token, so naming it proves nothing (live_owner).
 
 Without a lookup the check is skipped (a caller that has only one history).
 
@@ -113,6 +117,8 @@ UNKNOWN_ENTITY = "unknown_entity"
 DUPLICATE = "duplicate"
 AFTER_FINAL = "after_final"
 UNAUTHORIZED_PRODUCER = "unauthorized_producer"
+LIVE_OWNER = "live_owner"
+"""A take-over (a claim naming the current token) while the log says the owner may keep the session."""
 
 
 class AgentState(msgspec.Struct, frozen=True, kw_only=True):
@@ -198,6 +204,8 @@ Evolved = tuple[S, Anomaly | None]
 IncarnationAt = Callable[[str, int], "int | None"]
 SessionAt = Callable[[str, int], "SessionState | None"]
 """(session id, seq) -> the session's state just before `seq` (None: it did not exist then)."""
+AgentAt = Callable[[str, int], "AgentState | None"]
+"""(agent id, seq) -> the agent's state just before `seq` (None: it never registered before it)."""
 
 _replace = msgspec.structs.replace
 
@@ -288,11 +296,46 @@ CurrentIncarnation = Callable[[str], "int | None"]
 """agent id -> its current incarnation at the moment in question (None if it never registered)."""
 
 
+# Why an owner may be replaced (`owner_replaceable`): reason codes the reclaimer writes too.
+OWNER_GONE, OWNER_DEAD, OWNER_FENCED = "owner_gone", "owner_dead", "owner_fenced"
+OWNER_SUPERSEDED, OWNER_UNKNOWN, OWNER_DRAINING = "owner_superseded", "owner_unknown", "owner_draining"
+
+_REPLACEABLE = {A_GONE: OWNER_GONE, A_DEAD: OWNER_DEAD, A_FENCED: OWNER_FENCED, A_DRAINING: OWNER_DRAINING,
+                # A drained agent owns nothing - unless a claim landed after it said so: hand it on as a
+                # draining one's.
+                A_DRAINED: OWNER_DRAINING}
+
+
+def owner_replaceable(session: SessionState, owner: AgentState | None) -> tuple[str, str | None] | None:
+    """(why the owner of the assigned `session` may be replaced, the event that says so), or None while it may
+    keep it. `owner` is the owner agent's state at the moment in question (None: not registered).
+
+    The one rule of take-overs: the fold applies a claim naming the current token only when this says the owner
+    may go, and the reclaimer and self-claiming agents take over exactly the sessions it names. It reads the log
+    alone (gone, dead, fenced, draining, drained, superseded or unknown): an owner that is only silent or
+    suspect keeps its sessions until the monitor declares it dead.
+    """
+    if session.status != S_ASSIGNED or session.owner is None:
+        return None
+    if owner is None:
+        return OWNER_UNKNOWN, None
+    if owner.incarnation != session.owner_incarnation:
+        return OWNER_SUPERSEDED, None
+    why = _REPLACEABLE.get(owner.status)
+    return (why, owner.cause_id) if why is not None else None
+
+
+NO_OWNER_STATE: Any = object()
+"""`claim_problem`'s owner state when the caller cannot tell the owner's state (the take-over check is skipped)."""
+
+
 def claim_problem(state: SessionState | None, agent_id: str, incarnation: int, previous_token: int | None,
-                  current: CurrentIncarnation | None = None) -> Anomaly | None:
+                  current: CurrentIncarnation | None = None, owner: Any = NO_OWNER_STATE) -> Anomaly | None:
     """Why a claim of the session in `state` for `agent_id`/`incarnation` must not apply (None: it applies).
 
-    Without `current` the registration check is skipped (the caller vouches for the incarnation).
+    Without `current` the registration check is skipped (the caller vouches for the incarnation). `owner`: the
+    state of the session's owner agent as of the claim (AgentState, or None if it is not registered); left out,
+    a take-over naming the current token is not judged against it (a caller that cannot tell).
     """
     if current is not None:
         problem = incarnation_problem("session.claimed", agent_id, incarnation, current(agent_id))
@@ -306,6 +349,11 @@ def claim_problem(state: SessionState | None, agent_id: str, incarnation: int, p
         return Anomaly(OVERLAPPING_CLAIM,
                        f"{agent_id} claimed while {state.owner} owns it under token {state.token} "
                        f"(claim names previous token {previous_token})")
+    if state.status == S_ASSIGNED and owner is not NO_OWNER_STATE and owner_replaceable(state, owner) is None:
+        return Anomaly(LIVE_OWNER,
+                       f"take-over for {agent_id} of token {state.token} while its owner {state.owner} "
+                       f"(incarnation {state.owner_incarnation}) is {owner.status}; a take-over applies only from "
+                       f"an owner that is gone, dead, fenced, draining, drained or superseded")
     return None
 
 
@@ -340,7 +388,8 @@ def owner_write_problem(state: SessionState | None, agent_id: str, incarnation: 
 
 
 def session_event_problem(state: SessionState | None, rec: Recorded,
-                          incarnation_at: IncarnationAt | None = None) -> Anomaly | None:
+                          incarnation_at: IncarnationAt | None = None,
+                          agent_at: AgentAt | None = None) -> Anomaly | None:
     """Why this stored session event must not change `state` (None when it applies).
 
     The one rule: `evolve_session` applies exactly the events this accepts, and an
@@ -361,7 +410,10 @@ def session_event_problem(state: SessionState | None, rec: Recorded,
                 return Anomaly(DUPLICATE, f"session {e.session_id} was already created at #{state.last_seq}")
             return None
         case ev.SessionClaimed():
-            return claim_problem(state, e.agent_id, e.incarnation, e.previous_token, current)
+            owner: Any = NO_OWNER_STATE
+            if agent_at is not None and state is not None and state.owner is not None:
+                owner = agent_at(state.owner, seq)
+            return claim_problem(state, e.agent_id, e.incarnation, e.previous_token, current, owner)
         case ev.SessionReleased() | ev.SessionResourceReported():
             return owner_write_problem(state, e.agent_id, e.incarnation, e.token, current, e.type_tag())
     if state is None:
@@ -398,14 +450,14 @@ def superseded_by(registrations: Iterable[tuple[int, str]], incarnation: int, in
     return max(newer) if newer else None
 
 
-def evolve_session(state: SessionState | None, rec: Recorded,
-                   incarnation_at: IncarnationAt | None = None) -> Evolved[SessionState | None]:
+def evolve_session(state: SessionState | None, rec: Recorded, incarnation_at: IncarnationAt | None = None,
+                   agent_at: AgentAt | None = None) -> Evolved[SessionState | None]:
     """Next state of one session after one of its events (`session_event_problem` decides whether it applies).
 
     Its times are when the server stored the events, as for agents: they compare with the agents' times, and
     a writer's own `time` (skewed, or forged into the year 9999) must not date a claim or an owner's activity.
     """
-    problem = session_event_problem(state, rec, incarnation_at)
+    problem = session_event_problem(state, rec, incarnation_at, agent_at)
     if problem is not None:
         return state, problem
     e, seq, at = rec.event, rec.seq, rec.stored_at
@@ -548,6 +600,45 @@ def agents_acting(records: Iterable[Recorded]) -> set[str]:
             and writer_problem(e) is None}
 
 
+def owners_judged(records: Iterable[Recorded], incarnation_at: IncarnationAt | None = None) -> set[str]:
+    """The agents whose states a session history's fold needs (`agent_at`): none without a take-over (a claim
+    naming a previous token); otherwise those that may have owned it - named by a claim their producer may write
+    and, with `incarnation_at`, by their incarnation current at the claim (the fold applies no other claim).
+    Claims for made-up agents, cheap to forge, must not make every read of the session read their histories."""
+    records = list(records)
+    if not any(isinstance(r.event, ev.SessionClaimed) and r.event.previous_token is not None for r in records):
+        return set()
+    return {e.agent_id for e, seq in ((r.event, r.seq) for r in records)
+            if isinstance(e, ev.SessionClaimed) and writer_problem(e) is None
+            and (incarnation_at is None or incarnation_at(e.agent_id, seq) == e.incarnation)}
+
+
+def agents_lookup(histories: dict[str, list[Recorded]]) -> AgentAt:
+    """agent_at from each agent's own history (its LEDGER events, oldest first), folded with `evolve_agent` - as
+    the whole-log fold has them, since an agent's state depends on its own events alone."""
+    from bisect import bisect_left
+
+    timelines: dict[str, tuple[list[int], list[AgentState | None]]] = {}
+    for agent_id, records in histories.items():
+        seqs: list[int] = []
+        states: list[AgentState | None] = []
+        state: AgentState | None = None
+        for rec in records:
+            state, _ = evolve_agent(state, rec)
+            seqs.append(rec.seq)
+            states.append(state)
+        timelines[agent_id] = (seqs, states)
+
+    def agent_at(agent_id: str, seq: int) -> AgentState | None:
+        timeline = timelines.get(agent_id)
+        if timeline is None:
+            return None
+        i = bisect_left(timeline[0], seq)
+        return timeline[1][i - 1] if i else None
+
+    return agent_at
+
+
 def registrations_lookup(registrations: dict[str, list[int]]) -> IncarnationAt:
     """incarnation_at from each agent's registration sequences (ascending)."""
     from bisect import bisect_left
@@ -562,8 +653,8 @@ def registrations_lookup(registrations: dict[str, list[int]]) -> IncarnationAt:
     return incarnation_at
 
 
-def claims_lookup(session_id: str, records: Iterable[Recorded],
-                  incarnation_at: IncarnationAt | None = None) -> SessionAt:
+def claims_lookup(session_id: str, records: Iterable[Recorded], incarnation_at: IncarnationAt | None = None,
+                  agent_at: AgentAt | None = None) -> SessionAt:
     """session_at for one session (its claim token and owner as of any point), from its history."""
     from bisect import bisect_left
 
@@ -571,7 +662,7 @@ def claims_lookup(session_id: str, records: Iterable[Recorded],
     states: list[SessionState | None] = []
     state: SessionState | None = None
     for rec in records:
-        state, _ = evolve_session(state, rec, incarnation_at)
+        state, _ = evolve_session(state, rec, incarnation_at, agent_at)
         seqs.append(rec.seq)
         states.append(state)
 

@@ -2,7 +2,7 @@
 
 Read straight from JetStream (one batched Direct Get per entity) and folded
 with the same rules as the projection. The checks that look across entities
-use `ledger.lifecycle.registrations_lookup` / `claims_lookup` built from the
+use `ledger.lifecycle.registrations_lookup` / `agents_lookup` / `claims_lookup` built from the
 histories of the agents and the session involved, which gives each event the
 very answer the log-order fold gave it.
 """
@@ -18,13 +18,16 @@ from ledger import events as ev
 from ledger import reader
 from ledger.codec import Recorded, Unreadable, to_ns
 from ledger.lifecycle import (
+    AgentAt,
     IncarnationAt,
     agents_acting,
+    agents_lookup,
     claims_lookup,
     evolve_agent,
     evolve_pool,
     evolve_route,
     evolve_session,
+    owners_judged,
     registrations_lookup,
 )
 from ledger.store import EventStore
@@ -106,6 +109,16 @@ async def _incarnations(store: EventStore, records: list[Recorded]) -> Incarnati
     return registrations_lookup(registrations)
 
 
+async def _lookups(store: EventStore, records: list[Recorded]) -> tuple[IncarnationAt, AgentAt]:
+    """A session history's lookups: registrations of the agents acting, states of those a take-over may replace."""
+    incarnation_at = await _incarnations(store, records)
+    # From a replica that has the whole session history: one lagging behind would miss an owner's death.
+    floor = records[-1].seq if records else None
+    histories = {a: [r for r in await store.history("agent", a, min_last_seq=floor) if isinstance(r, Recorded)]
+                 for a in sorted(owners_judged(records, incarnation_at))}
+    return incarnation_at, agents_lookup(histories)
+
+
 def _upto(items: list[Recorded | Unreadable], seq: int | None, time: datetime | None) -> list[Recorded | Unreadable]:
     if seq is not None:
         return [i for i in items if i.seq <= seq]
@@ -130,13 +143,13 @@ async def entity_history(store: EventStore, kind: str, entity_id: str, *, seq: i
     elif kind == "pool":
         evolve, lookups = evolve_pool, ()
     elif kind == "session":
-        evolve, lookups = evolve_session, (await _incarnations(store, records),)
+        evolve, lookups = evolve_session, await _lookups(store, records)
     else:
         created = next((r.event for r in records if isinstance(r.event, ev.RouteCreated)), None)
         evolve, lookups = evolve_route, ()
         if created is not None:
             session = [i for i in await store.history("session", created.session_id) if isinstance(i, Recorded)]
-            lookups = (claims_lookup(created.session_id, session, await _incarnations(store, session)),)
+            lookups = (claims_lookup(created.session_id, session, *await _lookups(store, session)),)
     state: Any = None
     entries = []
     for item in items:

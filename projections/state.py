@@ -116,6 +116,9 @@ class LifecycleState(msgspec.Struct, kw_only=True):
     def session_at(self, session_id: str, seq: int) -> SessionState | None:
         return self.sessions.get(session_id)
 
+    def agent_at(self, agent_id: str, seq: int) -> AgentState | None:
+        return self.agents.get(agent_id)
+
     def apply(self, item: Recorded | Unreadable) -> Change | None:
         seq = item.seq
         if seq <= self.seq:
@@ -132,7 +135,7 @@ class LifecycleState(msgspec.Struct, kw_only=True):
         if family == SESSION:
             table, key = self.sessions, e.session_id
             before = table.get(key)
-            after, anomaly = evolve_session(before, item, self.incarnation_at)
+            after, anomaly = evolve_session(before, item, self.incarnation_at, self.agent_at)
         elif family == ROUTE:
             table, key = self.routes, e.route_id
             before = table.get(key)

@@ -127,6 +127,7 @@ async def test_writes_under_a_stale_token_are_refused(ledger: Ledger, uid: str):
             agent_of(ledger, f"{uid}-b") as b:
         first = await a.claim(sid)
         await a.report_resource(sid, "pod/1")
+        await a.drain()  # a take-over applies only from an owner that may be replaced: here, one that drains
         second = await b.claim(sid, reason="drain", previous_token=first.token)  # a hand-off
         with pytest.raises(StaleToken) as e:
             await a.report_resource(sid, "pod/zombie", token=first.token)
@@ -273,6 +274,7 @@ async def test_route_transitions_by_the_owner_carry_its_token(ledger: Ledger, ui
         with pytest.raises(IllegalTransition) as e:
             await a.transition_route(rid, lc.RUNNING)
         assert (e.value.current, e.value.requested) == (lc.STARTING, lc.RUNNING)
+        await a.drain()  # the hand-off: a take-over applies only from an owner that may be replaced
         await b.claim(sid, reason="drain", previous_token=held.token)
         with pytest.raises((StaleToken, NotFound)):
             await a.transition_route(rid, lc.WARMING_UP, address="10.0.0.7:8000")

@@ -421,6 +421,7 @@ def legal(ops: list[tuple[str, int, int]]) -> tuple[History, dict[str, Any]]:
     h = History()
     inc = {f"a{i}": h.register(f"a{i}") for i in range(3)}
     owner: dict[str, tuple[str, int] | None] = {}
+    draining: set[str] = set()
     for i in range(3):
         h.create(f"s{i}")
         owner[f"s{i}"] = None
@@ -432,10 +433,16 @@ def legal(ops: list[tuple[str, int, int]]) -> tuple[History, dict[str, Any]]:
         if op == "register":
             if not any(o and o[0] == agent for o in owner.values()):
                 inc[agent] = h.register(agent)
+                draining.discard(agent)
         elif op == "claim" and held is None:
             owner[sid] = (agent, h.claim(sid, agent, inc[agent]))
         elif op == "takeover" and held is not None and held[0] != agent:
-            owner[sid] = (agent, h.claim(sid, agent, inc[agent], previous=held[1], reason="failover"))
+            # The SDK takes over only from an owner the log says may be replaced: here, one that drains.
+            if held[0] not in draining:
+                h.add(ev.AgentDraining(producer=who(held[0]), agent_id=held[0], incarnation=inc[held[0]],
+                                       deadline=ev.utcnow()))
+                draining.add(held[0])
+            owner[sid] = (agent, h.claim(sid, agent, inc[agent], previous=held[1], reason="drain"))
         elif op == "release" and held is not None:
             h.release(sid, held[0], inc[held[0]], held[1])
             owner[sid] = None

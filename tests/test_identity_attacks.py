@@ -315,11 +315,6 @@ async def test_a1_writing_for_a2_through_every_subject_it_may_use_changes_nothin
     assert forged_seqs and {seq for seq, _ in anomalies} >= forged_seqs  # each one flagged, none applied
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "lifecycle.claim_problem accepts a self-claim of an ASSIGNED session whenever it names the current token "
-    "(previous_token), whatever the owner's state: any agent may read the token from LEDGER and take a live "
-    "agent's session. A take-over should apply only when the owner may be replaced (reclaim_rules.owner_problem: "
-    "gone, dead, fenced, draining, superseded) - the fold would need the agents' states as of the claim"))
 async def test_a1_cannot_take_a_live_a2s_session_by_naming_its_token(secured: Secured, admin: Ledger):
     sid, token, _ = await a_session_owned_by_a2(secured, "p-take")
     async with ledger_as(secured, "agent-a1", "a1") as (a1, _):

@@ -5,13 +5,15 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
+from histories import histories
 from hypothesis import given
 from hypothesis import strategies as st
 
 from ledger import codec, decide
 from ledger import events as ev
 from ledger import lifecycle as lc
-from ledger.errors import LedgerError, NotFound, StaleToken, Superseded
+from ledger.errors import LedgerError, NotClaimable, NotFound, StaleToken, Superseded
+from projections.state import LedgerState
 
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
 SID = "s1"
@@ -144,3 +146,234 @@ async def test_an_owner_termination_under_a_stale_token_is_refused_before_it_is_
         await ledger.terminate_session(sid, token=12345)  # the fold would flag it: it is never written
     state, last = await ledger.session(sid)
     assert state is not None and state.status == lc.S_PENDING
+
+
+# --- take-overs: a claim naming the current token applies only while the owner may be replaced ----------------
+
+REPLACEABLE = {lc.A_GONE: lc.OWNER_GONE, lc.A_DEAD: lc.OWNER_DEAD, lc.A_FENCED: lc.OWNER_FENCED,
+               lc.A_DRAINING: lc.OWNER_DRAINING, lc.A_DRAINED: lc.OWNER_DRAINING}
+AGENT_STATUSES = (lc.A_ALIVE, *REPLACEABLE)
+
+
+def agent_state(agent_id: str, incarnation: int, status: str, *, suspected: bool = False) -> lc.AgentState:
+    return lc.AgentState(agent_id=agent_id, incarnation=incarnation, instance_id="i", pool="p", platform="default",
+                         region="default", labels={}, capacity=4, heartbeat_interval=1.0, ttl=5.0,
+                         registered_at=T0, status=status, reason=status, status_since=T0, status_seq=incarnation,
+                         cause_id=f"cause-{status}", suspected_at=T0 if suspected else None, last_seq=incarnation)
+
+
+def claim_rec(agent_id: str, incarnation: int, previous: int | None, *, producer: str | None = None,
+              seq: int = WRITE_SEQ) -> codec.Recorded:
+    event = ev.SessionClaimed(producer=ev.Producer(id=producer or agent_id, instance="i"), session_id=SID,
+                              agent_id=agent_id, instance_id="i", incarnation=incarnation, previous_token=previous,
+                              reason="failover")
+    return codec.Recorded("LEDGER", seq, codec.subject_of(event), seq, event)
+
+
+@pytest.mark.parametrize("status", AGENT_STATUSES)
+@pytest.mark.parametrize("suspected", [False, True])
+def test_an_owner_may_be_replaced_exactly_when_the_log_has_lost_it(status: str, suspected: bool):
+    held = session(lc.S_ASSIGNED, "a1", 1, 5)
+    owner = agent_state("a1", 1, status, suspected=suspected)
+    # Only silent or suspect is not lost: the monitor declares it dead first, and then it may be replaced.
+    expected = (REPLACEABLE[status], f"cause-{status}") if status in REPLACEABLE else None
+    assert lc.owner_replaceable(held, owner) == expected
+    assert lc.owner_replaceable(held, agent_state("a1", 7, lc.A_ALIVE)) == (lc.OWNER_SUPERSEDED, None)
+    assert lc.owner_replaceable(held, None) == (lc.OWNER_UNKNOWN, None)
+    for unowned in (lc.S_PENDING, lc.S_ORPHANED, lc.S_RELEASED, lc.S_TERMINATED):
+        assert lc.owner_replaceable(session(unowned, None, None, None), owner) is None
+    # The reclaimer's rule is the same function (one rule, not two copies).
+    from consumers import reclaim_rules as rr
+
+    assert rr.owner_problem(held, {"a1": owner}) == expected
+    # The fold: a2's self-claim naming the token applies exactly when a1 may be replaced.
+    anomaly = lc.session_event_problem(held, claim_rec("a2", 3, 5), lambda a, seq: {"a1": 1, "a2": 3}[a],
+                                       lambda a, seq: owner if a == "a1" else None)
+    assert (anomaly is None) == (expected is not None)
+    if anomaly is not None:
+        assert anomaly.kind == lc.LIVE_OWNER and "a1" in anomaly.detail
+
+
+def test_a_self_claim_naming_a_live_owners_token_is_flagged_and_changes_nothing():
+    """The attack: any agent reads the token from LEDGER and names it. Failed before: the fold applied it."""
+    held = session(lc.S_ASSIGNED, "a1", 1, 5)
+    alive = agent_state("a1", 1, lc.A_ALIVE)
+    after, anomaly = lc.evolve_session(held, claim_rec("a2", 3, 5), lambda a, seq: {"a1": 1, "a2": 3}[a],
+                                       lambda a, seq: alive if a == "a1" else None)
+    assert after is held and anomaly is not None and anomaly.kind == lc.LIVE_OWNER
+    # The reclaimer giving it away names the token just the same: no better while a1 is alive.
+    _, anomaly = lc.evolve_session(held, claim_rec("a2", 3, 5, producer="reclaimer"), None,
+                                   lambda a, seq: alive if a == "a1" else None)
+    assert anomaly is not None and anomaly.kind == lc.LIVE_OWNER
+    with pytest.raises(NotClaimable, match="alive"):
+        decide.decide_claim(held, SID, decide.AgentRef("a2", "i", 3), producer=ev.Producer(id="a2", instance="i"),
+                            reason="failover", previous_token=5, owner=alive)
+    # Once the log says a1 is dead, the same claim is a failover, and applies.
+    dead = agent_state("a1", 1, lc.A_DEAD)
+    after, anomaly = lc.evolve_session(held, claim_rec("a2", 3, 5), None, lambda a, seq: dead)
+    assert anomaly is None and after is not None and after.owner == "a2"
+
+
+owners = st.one_of(st.none(), st.builds(agent_state, st.just("a1"), st.sampled_from((1, 2)),
+                                        st.sampled_from(AGENT_STATUSES)))
+
+
+@given(state=states, owner=owners, agent_id=st.sampled_from(AGENTS), incarnation=st.sampled_from((1, 2, 3)),
+       previous=st.sampled_from((5, 6, None)), reclaimer=st.booleans())
+def test_decide_claim_refuses_exactly_the_take_overs_the_fold_flags(
+        state: lc.SessionState | None, owner: lc.AgentState | None, agent_id: str, incarnation: int,
+        previous: int | None, reclaimer: bool):
+    """The SDK never writes a take-over the folds flag, and refuses none they apply (but its no-op re-claim)."""
+    producer = ev.Producer(id="reclaimer" if reclaimer else agent_id, instance="i")
+    owner_at = {state.owner: owner} if state is not None and state.owner is not None else {}
+    try:
+        event = decide.decide_claim(state, SID, decide.AgentRef(agent_id, "i", incarnation), producer=producer,
+                                    reason="failover", previous_token=previous,
+                                    owner=next(iter(owner_at.values()), lc.NO_OWNER_STATE))
+    except LedgerError:
+        event = None
+    if event is not None:
+        written = codec.Recorded("LEDGER", WRITE_SEQ, codec.subject_of(event), WRITE_SEQ, event)
+        assert lc.session_event_problem(state, written, None, lambda a, seq: owner_at.get(a)) is None
+    flagged = lc.session_event_problem(state, claim_rec(agent_id, incarnation, previous, producer=producer.id),
+                                       None, lambda a, seq: owner_at.get(a))
+    if flagged is not None and flagged.kind == lc.LIVE_OWNER:
+        assert event is None
+
+
+@given(status=st.sampled_from(AGENT_STATUSES), owner_incarnation=st.sampled_from((1, 2)),
+       registered=st.sampled_from((1, 2)), breaker=st.booleans(), load=st.integers(0, 3))
+def test_every_take_over_the_reclaimers_rules_plan_is_one_the_fold_applies(
+        status: str, owner_incarnation: int, registered: int, breaker: bool, load: int):
+    """Both claimers plan with `reclaim_rules.plan` (the reclaimer for any agent, a self-claiming agent with
+    itself as the only candidate): whatever they take over from a1, the fold applies; from a live a1, nothing."""
+    from consumers import reclaim_rules as rr
+
+    held = session(lc.S_ASSIGNED, "a1", owner_incarnation, 5)
+    agents = {"a1": agent_state("a1", registered, status), "a2": agent_state("a2", 3, lc.A_ALIVE)}
+    pools = {"p": lc.PoolState(pool="p", breaker_open=breaker)}
+    me = rr.Capacity(agent=decide.AgentRef("a2", "i", 3), load=load, capacity=4)
+    plan = rr.plan([held], agents, {("p", "default", "default"): [me]}, pools)
+    takeovers = [a for a in plan if isinstance(a, rr.ClaimFor)]
+    replaceable = lc.owner_replaceable(held, agents["a1"]) is not None
+    held_by_breaker = breaker and status == lc.A_DEAD and registered == owner_incarnation
+    assert bool(takeovers) == (replaceable and not held_by_breaker)
+    for c in takeovers:
+        for producer in ("reclaimer", "a2"):
+            event = decide.decide_claim(held, SID, c.agent, producer=ev.Producer(id=producer, instance="i"),
+                                        reason=c.reason, previous_token=c.previous_token, owner=agents["a1"])
+            rec = codec.Recorded("LEDGER", WRITE_SEQ, codec.subject_of(event), WRITE_SEQ, event)
+            assert lc.session_event_problem(held, rec, lambda a, seq: agents[a].incarnation,
+                                            lambda a, seq: agents.get(a)) is None
+
+
+@given(items=histories())
+def test_one_sessions_history_folded_with_its_agents_histories_agrees_with_the_whole_log(items: list):
+    """`Ledger.session` folds one session's history with lookups built from the histories of the agents it names
+    (registrations; the states of those a take-over may replace, `owners_judged`): the same states and the same
+    flagged events as the whole-log fold, whose agent states are current as of each event."""
+    whole = LedgerState()
+    flagged: dict[str, set[int]] = {}
+    for change in whole.apply_all(items):
+        if change.kind == "session" and change.anomaly is not None:
+            flagged.setdefault(change.id, set()).add(change.anomaly.seq)
+    ledger = [r for r in items if isinstance(r, codec.Recorded) and r.stream == "LEDGER"]
+    for sid in {r.event.entity_id for r in ledger if r.event.family == "session"}:
+        records = [r for r in ledger if r.event.family == "session" and r.event.entity_id == sid]
+        acting = lc.agents_acting(records)
+        registrations = {a: [r.seq for r in ledger if isinstance(r.event, ev.AgentRegistered)
+                             and r.event.agent_id == a and r.event.producer.id == a] for a in acting}
+        incarnation_at = lc.registrations_lookup(registrations)
+        histories_of = {a: [r for r in ledger if r.event.family == "agent" and r.event.entity_id == a]
+                        for a in lc.owners_judged(records, incarnation_at)}
+        state, anomalies = lc.fold(lc.evolve_session, records, incarnation_at, lc.agents_lookup(histories_of))
+        assert state == whole.sessions.get(sid)
+        assert {seq for seq, _ in anomalies} == flagged.get(sid, set())
+
+
+def test_the_checker_counts_a_take_over_of_a_live_owner_as_flagged_and_keeps_the_session_with_it():
+    """The independent checker agrees: not a violation (every fold flags it), not applied (the owner keeps the
+    session, so its writes stay clean and the would-be owner's are stale). Failed before: the checker applied it."""
+    from ledger import check as ck
+
+    stored: list[ck.RawMessage] = []
+
+    def add(event: ev.Event) -> int:
+        out = codec.encode(event)
+        seq = len(stored) + 1
+        stored.append(ck.RawMessage("LEDGER", seq, out.subject, 1_700_000_000_000_000_000 + seq * 10**8,
+                                    out.payload))
+        return seq
+
+    def me(agent: str) -> ev.Producer:
+        return ev.Producer(id=agent, instance="i")
+
+    a1 = add(ev.AgentRegistered(producer=me("a1"), agent_id="a1", instance_id="i", pool="p", ttl=3600))
+    a2 = add(ev.AgentRegistered(producer=me("a2"), agent_id="a2", instance_id="i", pool="p", ttl=3600))
+    add(ev.SessionCreated(producer=me("cli"), session_id=SID, pool="p"))
+    token = add(ev.SessionClaimed(producer=me("a1"), session_id=SID, agent_id="a1", instance_id="i", incarnation=a1))
+    taken = add(ev.SessionClaimed(producer=me("a2"), session_id=SID, agent_id="a2", instance_id="i", incarnation=a2,
+                                  previous_token=token, reason="failover"))
+    add(ev.SessionResourceReported(producer=me("a1"), session_id=SID, agent_id="a1", incarnation=a1, token=token,
+                                   platform_resource_id="pod"))
+    report = ck.check(stored)
+    assert report.clean, report.violations
+    assert report.flagged == {ck.LIVE_OWNER: 1}
+    stale = add(ev.SessionReleased(producer=me("a2"), session_id=SID, agent_id="a2", incarnation=a2, token=taken))
+    assert [(v.kind, v.seq) for v in ck.check(stored).violations] == [(ck.STALE_TOKEN, stale)]
+    stored.pop()
+    # A drain hand-off: a1 draining may be replaced, and the take-over applies.
+    add(ev.AgentDraining(producer=me("a1"), agent_id="a1", incarnation=a1, deadline=T0))
+    handed = add(ev.SessionClaimed(producer=me("a2"), session_id=SID, agent_id="a2", instance_id="i",
+                                   incarnation=a2, previous_token=token, reason="drain"))
+    add(ev.SessionReleased(producer=me("a2"), session_id=SID, agent_id="a2", incarnation=a2, token=handed))
+    report = ck.check(stored)
+    assert report.clean, report.violations
+    assert report.flagged == {ck.LIVE_OWNER: 1}
+
+
+async def test_an_agents_watch_keeps_a_session_a_live_agent_claims_by_naming_its_token(ledger, uid: str):
+    """a2 writes a self-claim of a1's session naming its token: a1 keeps running it, a2 never runs it, and the SDK
+    refuses to write such a take-over at all. Failed before: a1 lost the session, a2 gained it."""
+    from helpers import eventually
+
+    from ledger.agent import Agent
+    from ledger.client import Ledger
+
+    lost: list[str] = []
+
+    def agent_of(agent_id: str, **kw: object) -> Agent:
+        return Agent(Ledger(ledger.store, ev.Producer(id=agent_id, instance=agent_id)), agent_id=agent_id,
+                     pool="p", heartbeat=0.1, ttl=5.0, **kw)  # type: ignore[arg-type]
+
+    sid, _ = await ledger.create_session("p", session_id=f"{uid}-s")
+    async with agent_of(f"{uid}-a1", on_lost=lambda s, why: lost.append(s)) as a1, agent_of(f"{uid}-a2") as a2:
+        held = await a1.claim(sid)
+        with pytest.raises(NotClaimable, match="alive"):
+            await a2.claim(sid, reason="failover", previous_token=held.token)
+        forged = await ledger.store.append(ev.SessionClaimed(
+            producer=a2.producer, session_id=sid, agent_id=a2.agent_id, instance_id=a2.instance_id,
+            incarnation=a2.incarnation, reason="failover", previous_owner=a1.agent_id, previous_token=held.token))
+        # Both watches have judged the forged claim (a watch judges each session's events in order).
+        await eventually(lambda: a1._session_seq.get(sid, 0) >= forged and a2._session_seq.get(sid, 0) >= forged,
+                         what="both watches past the take-over")
+        state, _ = await ledger.session(sid)
+        assert state is not None and (state.owner, state.token) == (a1.agent_id, held.token)
+        assert a1.owned.get(sid) == held and not lost, f"a1 lost {sid} on #{forged}"
+        assert sid not in a2.owned
+        # Once a1 drains, the hand-off is a take-over the log allows: it moves, and a1 notices.
+        await a1.drain()
+        claim = await a2.claim(sid, reason="drain", previous_token=held.token)
+        await eventually(lambda: lost == [sid] and sid in a2.owned, what="the hand-off")
+        state, _ = await ledger.session(sid)
+        assert state is not None and (state.owner, state.token) == (a2.agent_id, claim.token)
+
+
+def test_claims_for_made_up_agents_add_no_agent_history_to_read():
+    """Reading a session with a take-over reads the histories of the agents that may have owned it: claims for
+    agents never registered (cheap to forge, each flagged) must not make it read theirs."""
+    records = [claim_rec("a1", 1, None, seq=2), *(claim_rec(f"ghost{i}", 1, None, seq=3 + i) for i in range(50)),
+               claim_rec("a2", 60, 2, seq=70)]
+    registered = lc.registrations_lookup({"a1": [1], "a2": [60]})
+    assert lc.owners_judged(records, registered) == {"a1", "a2"}
+    assert lc.owners_judged(records[:-1], registered) == set()  # no take-over: nothing to read
