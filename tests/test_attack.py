@@ -226,10 +226,11 @@ async def test_forged_claims_for_the_agent_cost_its_watch_a_bounded_number_of_re
         finally:
             del store.read
         assert sid not in a1.owned and sid in b.owned
-        # Each agent's registrations are read once, ever (here: the ghosts, in the first round); beyond that a
-        # handful per judged claim (its history) and the barrier's own reads.
+        # Each agent's registrations are read about once, ever (here: the ghosts, in the first round - a few
+        # twice, when two judgments race before the first read is cached); beyond that a handful per judged
+        # claim (its history) and the barrier's own reads. Without the cache it would be ghosts x claims.
         bound = 4 * (forged_claims + 1) + 10
-        assert per_round[0] <= ghosts + bound and per_round[1] <= bound, f"{per_round} reads per round"
+        assert per_round[0] <= ghosts + ghosts // 4 + bound and per_round[1] <= bound, f"{per_round} reads per round"
 
 
 # --- route timers: stored time, not the writer's ----------------------------------------------------------
