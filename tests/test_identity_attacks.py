@@ -719,12 +719,6 @@ def test_no_command_prints_a_password_not_at_debug_nor_in_an_error(password_serv
     assert "authorization violation" in said[4] and "cannot reach NATS" in said[5]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "docker-compose.yml mounts the whole ./deploy/secrets directory into every container: the service "
-    "containers (ledger, ledger-consumers-b) and the three nats nodes hold admin.nk, ca-key.pem (which mints a "
-    "client certificate for anyone) and every agent's seed. Whoever gets into one container holds every role. "
-    "Mount each file a container needs (its own .nk, -cert.pem, -key.pem, ca.pem; the nodes: auth.conf, "
-    "tls.conf, cluster-tls.conf and their certificates), or use compose `secrets:`"))
 def test_no_container_of_the_compose_file_holds_another_roles_secrets():
     import yaml
 
