@@ -166,7 +166,13 @@ def test_each_user_and_the_server_get_a_directory_with_their_own_files_only(tmp_
     server's auth.conf in place (a directory mount sees the new file; a file mount would keep the old inode)."""
     out = tmp_path / "creds"
     assert auth("init", "--out", str(out), "--agent", "a1", "--tls", "--host", "127.0.0.1")[0] == 0
+    for name in ("tls.conf", "cluster-tls.conf"):  # as an operator moving the certificates would
+        (out / "server" / name).write_text((out / "server" / name).read_text() + "# edited\n")
     assert auth("add-agent", "a2", "--out", str(out))[0] == 0
+    # add-agent leaves the running server's TLS blocks alone, like DIR's own.
+    assert all((out / "server" / name).read_text().endswith("# edited\n") for name in ("tls.conf", "cluster-tls.conf"))
+    for name in ("tls.conf", "cluster-tls.conf"):
+        (out / "server" / name).write_text((out / "server" / name).read_text().removesuffix("# edited\n"))
     users = [*permissions.ROLE_USERS, "agent-a1", "agent-a2"]
     assert sorted(p.name for p in (out / "users").iterdir()) == sorted(users)
     for user in users:

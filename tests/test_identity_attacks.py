@@ -672,7 +672,8 @@ def test_generated_secrets_are_never_printed_and_only_their_owner_reads_them(tmp
                runner.invoke(cli, ["auth", "add-agent", "a9", "--out", str(out)], catch_exceptions=False)]
     assert [r.exit_code for r in printed] == [0, 0], [r.output for r in printed]
     output = "".join(r.output for r in printed)
-    secrets = [p for p in out.iterdir() if p.suffix == ".nk" or p.name.endswith("-key.pem")]
+    files = [p for p in out.rglob("*") if p.is_file()]  # DIR and the per-consumer directories server/, users/*/
+    secrets = [p for p in files if p.suffix == ".nk" or p.name.endswith("-key.pem")]
     assert len(secrets) >= 2 * 6 and (out / "ca-key.pem") in secrets
     for path in secrets:
         assert path.stat().st_mode & 0o777 == 0o600, path
@@ -680,7 +681,7 @@ def test_generated_secrets_are_never_printed_and_only_their_owner_reads_them(tmp
         assert lines and not [ln for ln in lines if ln in output], path  # not a line of it
     assert out.stat().st_mode & 0o777 == 0o700
     assert not re.search(r"\bSU[A-Z2-7]{50,}", output)  # no user seed
-    for public in [p for p in out.iterdir() if p not in secrets]:
+    for public in [p for p in files if p not in secrets]:
         text = public.read_text()
         assert "PRIVATE KEY" not in text and not re.search(r"\bSU[A-Z2-7]{50,}", text), public
 

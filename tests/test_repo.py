@@ -78,6 +78,12 @@ def run_compose_auth_init(secrets: Path) -> list[str]:
     return args
 
 
+def point_tls_files_at(secrets: Path) -> None:
+    """The TLS blocks name paths inside the containers; point them at a copy on this machine."""
+    for path in secrets.rglob("*tls.conf"):
+        path.write_text(path.read_text().replace(CONTAINER_SECRETS, str(secrets)))
+
+
 SERVICE_USERS = {"ledger-init": "admin", "ledger": "service", "ledger-consumers-b": "service"}
 NATS_NODES = ("nats-1", "nats-2", "nats-3")
 
@@ -145,8 +151,7 @@ def test_compose_wiring_matches_what_ledger_auth_generates(tmp_path: Path):
     for node in NATS_NODES:
         assert services[node]["command"][:2] == ["--config", "/etc/ledger/nats-secure.conf"]
         view = container_view(services[node], secrets, tmp_path / node)
-        for conf in (view / CONTAINER_SECRETS.lstrip("/")).rglob("*tls.conf"):  # they name paths in the container
-            conf.write_text(conf.read_text().replace(CONTAINER_SECRETS, str(view / CONTAINER_SECRETS.lstrip("/"))))
+        point_tls_files_at(view / CONTAINER_SECRETS.lstrip("/"))
         checked = subprocess.run([binary, "-t", "-c", str(view / "etc/ledger/nats-secure.conf")], capture_output=True,
                                  text=True, check=False, timeout=30, env={**os.environ, "NATS_SERVER_NAME": node})
         assert checked.returncode == 0, checked.stdout + checked.stderr

@@ -84,6 +84,7 @@ class AuthDir:
         self.out = out
         self.manifest: dict = {"users": {}, "replicas": list(DEFAULT_REPLICAS), "tls_hosts": [],
                                "env_dir": env_dir or str(out.resolve())}
+        self._server_tls_confs_due = False
 
     @property
     def exists(self) -> bool:
@@ -152,6 +153,7 @@ class AuthDir:
         _write(self.out / "route-cert.pem", route.cert_pem, secret=False)
         _write(self.out / "route-key.pem", route.key_pem, secret=True)
         self._write_tls_confs(self.out, "")
+        self._server_tls_confs_due = True
 
     def _write_tls_confs(self, to: Path, where: str) -> None:
         """tls.conf and cluster-tls.conf into `to`, naming the certificates in `where` (see _env)."""
@@ -178,7 +180,10 @@ class AuthDir:
         if self.tls:
             for name in SERVER_TLS_FILES:
                 self._copy(name, server)
-            self._write_tls_confs(server, f"{SERVER_DIR}/")
+            # Like DIR's, written by init only (and for a DIR from before server/): add-agent leaves a running
+            # server's TLS blocks alone.
+            if self._server_tls_confs_due or not all((server / n).exists() for n in (TLS_CONF, CLUSTER_TLS_CONF)):
+                self._write_tls_confs(server, f"{SERVER_DIR}/")
         _mkdir(self.out / USERS_DIR)
         for user in self.manifest["users"]:
             to = self.out / USERS_DIR / user
