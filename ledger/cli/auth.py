@@ -68,10 +68,10 @@ def _write(path: Path, data: bytes, *, secret: bool) -> None:
         pass
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if secret else 0o644)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         os.write(fd, data)
-        os.fchmod(fd, 0o600 if secret else 0o644)  # against a umask that took bits off a public file
+        os.fchmod(fd, mode)  # against a umask that took bits off a public file
     finally:
         os.close(fd)
     os.replace(tmp, path)
@@ -254,8 +254,8 @@ def auth_group() -> None:
 @click.option("--host", "hosts", multiple=True, metavar="NAME",
               help="A server host name or IP address for the server certificate (repeatable; with --tls).")
 @click.option("--env-dir", metavar="PATH",
-              help="Where the processes will see DIR (e.g. a container mount): the paths in the .env and TLS "
-                   "files. Default: DIR itself.")
+              help="Where the processes will see DIR (e.g. a container mount), each of server/ and users/<user>/ "
+                   "at its place under it: the paths in the .env and TLS files. Default: DIR itself.")
 @click.option("--if-missing", is_flag=True,
               help="When DIR already holds credentials, keep them (add only agents not there yet) and exit 0: "
                    "an idempotent init step.")
@@ -299,7 +299,7 @@ def auth_init(out: Path, agents: tuple[str, ...], replicas: tuple[str, ...], tls
         raise _fail(e) from None
     click.echo(f"wrote credentials for {', '.join(users)} to {out} (seeds mode 0600)")
     # nats-server resolves an include relative to the including file's directory - even one written as an
-    # absolute path - so say it that way (deploy/nats-secure.conf: `include "secrets/auth.conf"`).
+    # absolute path - so say it that way (deploy/nats-secure.conf: `include "secrets/server/auth.conf"`).
     server = out / SERVER_DIR
     click.echo(f"server: give it {server} only; include {server / AUTH_CONF}"
                + (f" and {server / TLS_CONF}" if tls else "") + ", by a path relative to the server's configuration file")
