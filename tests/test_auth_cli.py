@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import stat
 from collections.abc import Iterator
@@ -14,6 +16,7 @@ import nats
 import nkeys
 import pytest
 from click.testing import CliRunner
+from conftest import start_binary_server
 from cryptography import x509
 from helpers import eventually
 from test_permissions import Conn, Secured, connect, recorded, refused_publish, start_secured
@@ -151,3 +154,102 @@ async def test_agents_added_one_after_the_other_each_work_after_one_reload(secur
             await conn.nc.close()
     accounts = json.loads((secured.creds / "auth.json").read_text())["agent_accounts"]
     assert len(set(accounts.values())) == len(accounts) == 5  # a1, a2, a3, a8, a9: an account each
+
+
+def env_file(path: Path) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in path.read_text().splitlines())
+
+
+def test_each_user_and_the_server_get_a_directory_with_their_own_files_only(tmp_path: Path):
+    """What a container mounts holds no other role's secret: users/<user>/ that user's seed, certificate and key
+    (its env file naming them there), server/ no seed and no CA key. add-agent adds a directory and updates the
+    server's auth.conf in place (a directory mount sees the new file; a file mount would keep the old inode)."""
+    out = tmp_path / "creds"
+    assert auth("init", "--out", str(out), "--agent", "a1", "--tls", "--host", "127.0.0.1")[0] == 0
+    for name in ("tls.conf", "cluster-tls.conf"):  # as an operator moving the certificates would
+        (out / "server" / name).write_text((out / "server" / name).read_text() + "# edited\n")
+    assert auth("add-agent", "a2", "--out", str(out))[0] == 0
+    # add-agent leaves the running server's TLS blocks alone, like DIR's own.
+    assert all((out / "server" / name).read_text().endswith("# edited\n") for name in ("tls.conf", "cluster-tls.conf"))
+    for name in ("tls.conf", "cluster-tls.conf"):
+        (out / "server" / name).write_text((out / "server" / name).read_text().removesuffix("# edited\n"))
+    users = [*permissions.ROLE_USERS, "agent-a1", "agent-a2"]
+    assert sorted(p.name for p in (out / "users").iterdir()) == sorted(users)
+    for user in users:
+        mine = out / "users" / user
+        assert stat.S_IMODE(mine.stat().st_mode) == 0o700
+        assert sorted(p.name for p in mine.iterdir()) == sorted(
+            [f"{user}.nk", f"{user}.env", "ca.pem", f"{user}-cert.pem", f"{user}-key.pem"])
+        for name in (f"{user}.nk", f"{user}-key.pem"):
+            assert stat.S_IMODE((mine / name).stat().st_mode) == 0o600, name
+            assert (mine / name).read_bytes() == (out / name).read_bytes()
+        env = env_file(mine / f"{user}.env")
+        assert env["LEDGER_INBOX_PREFIX"] == permissions.inbox_prefix(user)
+        for key in ("LEDGER_NKEY_SEED_FILE", "LEDGER_TLS_CA_FILE", "LEDGER_TLS_CERT_FILE", "LEDGER_TLS_KEY_FILE"):
+            assert Path(env[key]).parent == mine.resolve() and Path(env[key]).is_file(), key
+    server = out / "server"
+    assert stat.S_IMODE(server.stat().st_mode) == 0o700
+    assert sorted(p.name for p in server.iterdir()) == sorted(
+        ["auth.conf", "tls.conf", "cluster-tls.conf", "ca.pem", "server-cert.pem", "server-key.pem", "route-ca.pem",
+         "route-cert.pem", "route-key.pem"])
+    assert (server / "auth.conf").read_text() == (out / "auth.conf").read_text()
+    assert "agent-a2" in (server / "auth.conf").read_text()
+    for conf in ("tls.conf", "cluster-tls.conf"):
+        named = [Path(p) for p in re.findall(r'_file: "([^"]+)"', (server / conf).read_text())]
+        assert len(named) == 3 and all(p.parent == server.resolve() and p.is_file() for p in named), named
+
+
+def test_env_dir_names_each_directory_where_its_consumer_sees_it(tmp_path: Path):
+    out = tmp_path / "creds"
+    assert auth("init", "--out", str(out), "--tls", "--host", "nats-1", "--env-dir", "/etc/s")[0] == 0
+    env = env_file(out / "users" / "admin" / "admin.env")
+    assert env["LEDGER_NKEY_SEED_FILE"] == "/etc/s/users/admin/admin.nk"
+    assert env["LEDGER_TLS_KEY_FILE"] == "/etc/s/users/admin/admin-key.pem"
+    assert 'cert_file: "/etc/s/server/server-cert.pem"' in (out / "server" / "tls.conf").read_text()
+    assert 'ca_file: "/etc/s/server/route-ca.pem"' in (out / "server" / "cluster-tls.conf").read_text()
+    # The flat files keep naming DIR's own (backwards compatible).
+    assert env_file(out / "admin.env")["LEDGER_NKEY_SEED_FILE"] == "/etc/s/admin.nk"
+
+
+def test_if_missing_lays_out_a_directory_written_before_the_per_consumer_directories(tmp_path: Path):
+    out = tmp_path / "creds"
+    assert auth("init", "--out", str(out), "--agent", "a1")[0] == 0
+    shutil.rmtree(out / "server")
+    shutil.rmtree(out / "users")
+    seed = (out / "admin.nk").read_bytes()
+    code, output = auth("init", "--out", str(out), "--if-missing")
+    assert code == 0 and "kept" in output, output
+    assert (out / "users" / "admin" / "admin.nk").read_bytes() == seed == (out / "admin.nk").read_bytes()
+    assert (out / "server" / "auth.conf").read_text() == (out / "auth.conf").read_text()
+    assert (out / "users" / "agent-a1" / "agent-a1.nk").is_file()
+    assert not (out / "server" / "tls.conf").exists()  # no --tls, no TLS files
+
+
+async def test_a_server_and_an_agent_given_only_their_directories_work_after_add_agent_and_one_reload(
+        tmp_path: Path):
+    """The compose wiring: the server includes server/'s files, each process uses its users/<user>/ env file."""
+    creds = tmp_path / "creds"
+    assert auth("init", "--out", str(creds), "--tls", "--host", "127.0.0.1")[0] == 0
+    server = start_binary_server(tmp_path / "nats", extra='include "../creds/server/auth.conf"\n'
+                                                          'include "../creds/server/tls.conf"\n')
+    try:
+        url = f"tls://127.0.0.1:{server.config.port}"
+
+        def settings(user: str) -> Settings:
+            return Settings.from_env({**env_file(creds / "users" / user / f"{user}.env"), "LEDGER_NATS_URL": url})
+
+        async with EventStore.connect(settings("admin"), ensure=True):
+            pass
+        assert auth("add-agent", "a9", "--out", str(creds))[0] == 0
+        assert server.pid is not None
+        os.kill(server.pid, signal.SIGHUP)
+        await eventually(lambda: "Reloaded server configuration" in server.log_path.read_text(), timeout=10,
+                         what="the reload")
+        event = ev.AgentRegistered(producer=ev.Producer(id="a9", instance="i"), agent_id="a9", instance_id="i",
+                                   pool="p")
+        async with EventStore.connect(settings("agent-a9")) as store:
+            ack = await store.nc.jetstream().publish("ledger.agent.a9.registered.a9", codec.encode(event).payload,
+                                                     timeout=5)
+            assert ack.seq > 0
+    finally:
+        server.stop()

@@ -13,12 +13,23 @@ What it writes into --out DIR (public files 0644, secrets 0600, never printed):
   <user>-key.pem (secret) per user.
 
 Users: admin, operator, service, reader and agent-<id> (ledger/permissions.py says what each may do).
+
+Each consumer of the credentials also gets a directory of its own, to mount instead of DIR (whoever sees DIR holds
+every role, and the CA key mints certificates for anyone):
+
+* server/           what a nats-server needs: auth.conf, and with --tls tls.conf, cluster-tls.conf, ca.pem,
+                    server-cert.pem, server-key.pem, route-ca.pem, route-cert.pem, route-key.pem
+* users/<user>/     that user's <user>.nk and <user>.env, and with --tls ca.pem, <user>-cert.pem, <user>-key.pem
+
+They are copies of DIR's files, rewritten with them. Their paths (in users/<user>/<user>.env, server/tls.conf) are
+where a process sees them when its directory is mounted at the same place under --env-dir as it has under DIR.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 
 import click
@@ -33,6 +44,9 @@ AUTH_CONF = "auth.conf"
 TLS_CONF = "tls.conf"
 CLUSTER_TLS_CONF = "cluster-tls.conf"
 CA, CA_KEY = "ca.pem", "ca-key.pem"
+SERVER_DIR = "server"
+USERS_DIR = "users"
+SERVER_TLS_FILES = (CA, "server-cert.pem", "server-key.pem", "route-ca.pem", "route-cert.pem", "route-key.pem")
 DEFAULT_REPLICAS = ("b",)
 """Consumer replica names the service user may write as (docker-compose.yml runs replica `b`)."""
 
@@ -44,13 +58,20 @@ def new_seed() -> tuple[bytes, str]:
 
 
 def _write(path: Path, data: bytes, *, secret: bool) -> None:
-    """Write atomically, a secret never readable by others even for a moment."""
+    """Write atomically, a secret never readable by others even for a moment. A file that already holds `data`
+    with the right mode is left alone: the per-consumer copies are rewritten on every save."""
+    mode = 0o600 if secret else 0o644
+    try:
+        if stat.S_IMODE(path.stat().st_mode) == mode and path.read_bytes() == data:
+            return
+    except FileNotFoundError:
+        pass
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if secret else 0o644)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         os.write(fd, data)
-        os.fchmod(fd, 0o600 if secret else 0o644)  # against a umask that took bits off a public file
+        os.fchmod(fd, mode)  # against a umask that took bits off a public file
     finally:
         os.close(fd)
     os.replace(tmp, path)
@@ -63,6 +84,7 @@ class AuthDir:
         self.out = out
         self.manifest: dict = {"users": {}, "replicas": list(DEFAULT_REPLICAS), "tls_hosts": [],
                                "env_dir": env_dir or str(out.resolve())}
+        self._server_tls_confs_due = False
 
     @property
     def exists(self) -> bool:
@@ -90,17 +112,25 @@ class AuthDir:
         permissions.permissions_for(user, replicas=self.manifest["replicas"])  # InvalidInput for a bad name
         seed, public = new_seed()
         _write(self.out / f"{user}.nk", seed + b"\n", secret=True)
-        env = {"LEDGER_NKEY_SEED_FILE": self.path_for_clients(f"{user}.nk"),
-               "LEDGER_INBOX_PREFIX": permissions.inbox_prefix(user)}
         if self.tls:
             issued = certs.issue(self._ca(), user, client=True)
             _write(self.out / f"{user}-cert.pem", issued.cert_pem, secret=False)
             _write(self.out / f"{user}-key.pem", issued.key_pem, secret=True)
-            env |= {"LEDGER_TLS_CA_FILE": self.path_for_clients(CA),
-                    "LEDGER_TLS_CERT_FILE": self.path_for_clients(f"{user}-cert.pem"),
-                    "LEDGER_TLS_KEY_FILE": self.path_for_clients(f"{user}-key.pem")}
-        _write(self.out / f"{user}.env", "".join(f"{k}={v}\n" for k, v in env.items()).encode(), secret=False)
+        _write(self.out / f"{user}.env", self._env(user, ""), secret=False)
         self.manifest["users"][user] = public
+
+    def user_files(self, user: str) -> list[str]:
+        """The files a process of `user` needs (the names in DIR and in users/<user>/)."""
+        return [f"{user}.nk", *((CA, f"{user}-cert.pem", f"{user}-key.pem") if self.tls else ())]
+
+    def _env(self, user: str, where: str) -> bytes:
+        """The env file of `user` whose files are in `where` (a directory under DIR, "" for DIR itself)."""
+        p = self.path_for_clients
+        env = {"LEDGER_NKEY_SEED_FILE": p(f"{where}{user}.nk"), "LEDGER_INBOX_PREFIX": permissions.inbox_prefix(user)}
+        if self.tls:
+            env |= {"LEDGER_TLS_CA_FILE": p(f"{where}{CA}"), "LEDGER_TLS_CERT_FILE": p(f"{where}{user}-cert.pem"),
+                    "LEDGER_TLS_KEY_FILE": p(f"{where}{user}-key.pem")}
+        return "".join(f"{k}={v}\n" for k, v in env.items()).encode()
 
     def _ca(self) -> certs.Issued:
         try:
@@ -122,15 +152,45 @@ class AuthDir:
         _write(self.out / "route-ca.pem", route_ca.cert_pem, secret=False)
         _write(self.out / "route-cert.pem", route.cert_pem, secret=False)
         _write(self.out / "route-key.pem", route.key_pem, secret=True)
-        p = self.path_for_clients
-        _write(self.out / TLS_CONF, (
+        self._write_tls_confs(self.out, "")
+        self._server_tls_confs_due = True
+
+    def _write_tls_confs(self, to: Path, where: str) -> None:
+        """tls.conf and cluster-tls.conf into `to`, naming the certificates in `where` (see _env)."""
+        def p(name: str) -> str:
+            return self.path_for_clients(f"{where}{name}")
+
+        _write(to / TLS_CONF, (
             "# Generated by `ledger auth init --tls`: clients must present a certificate from ca.pem.\n"
             f'tls {{\n  cert_file: "{p("server-cert.pem")}"\n  key_file: "{p("server-key.pem")}"\n'
             f'  ca_file: "{p(CA)}"\n  verify: true\n  timeout: 5\n}}\n').encode(), secret=False)
-        _write(self.out / CLUSTER_TLS_CONF, (
+        _write(to / CLUSTER_TLS_CONF, (
             "# Generated by `ledger auth init --tls`: include inside the `cluster` block.\n"
             f'tls {{\n  cert_file: "{p("route-cert.pem")}"\n  key_file: "{p("route-key.pem")}"\n'
             f'  ca_file: "{p("route-ca.pem")}"\n  verify: true\n  timeout: 5\n}}\n').encode(), secret=False)
+
+    def _copy(self, name: str, to: Path) -> None:
+        _write(to / name, (self.out / name).read_bytes(), secret=name.endswith((".nk", "-key.pem")))
+
+    def lay_out(self) -> None:
+        """Copy into DIR/server/ and DIR/users/<user>/ what each needs, and nothing else (module docstring)."""
+        server = self.out / SERVER_DIR
+        _mkdir(server)
+        self._copy(AUTH_CONF, server)
+        if self.tls:
+            for name in SERVER_TLS_FILES:
+                self._copy(name, server)
+            # Like DIR's, written by init only (and for a DIR from before server/): add-agent leaves a running
+            # server's TLS blocks alone.
+            if self._server_tls_confs_due or not all((server / n).exists() for n in (TLS_CONF, CLUSTER_TLS_CONF)):
+                self._write_tls_confs(server, f"{SERVER_DIR}/")
+        _mkdir(self.out / USERS_DIR)
+        for user in self.manifest["users"]:
+            to = self.out / USERS_DIR / user
+            _mkdir(to)
+            for name in self.user_files(user):
+                self._copy(name, to)
+            _write(to / f"{user}.env", self._env(user, f"{USERS_DIR}/{user}/"), secret=False)
 
     def save(self) -> None:
         users = self.manifest["users"]
@@ -140,6 +200,7 @@ class AuthDir:
         _write(self.out / AUTH_CONF, permissions.render_authorization(
             users, replicas=self.manifest["replicas"], agent_accounts=self.manifest["agent_accounts"]).encode(),
             secret=False)
+        self.lay_out()
         _write(self.out / MANIFEST, (json.dumps(self.manifest, indent=2, sort_keys=True) + "\n").encode(), secret=False)
 
 
@@ -193,8 +254,8 @@ def auth_group() -> None:
 @click.option("--host", "hosts", multiple=True, metavar="NAME",
               help="A server host name or IP address for the server certificate (repeatable; with --tls).")
 @click.option("--env-dir", metavar="PATH",
-              help="Where the processes will see DIR (e.g. a container mount): the paths in the .env and TLS "
-                   "files. Default: DIR itself.")
+              help="Where the processes will see DIR (e.g. a container mount), each of server/ and users/<user>/ "
+                   "at its place under it: the paths in the .env and TLS files. Default: DIR itself.")
 @click.option("--if-missing", is_flag=True,
               help="When DIR already holds credentials, keep them (add only agents not there yet) and exit 0: "
                    "an idempotent init step.")
@@ -222,8 +283,7 @@ def auth_init(out: Path, agents: tuple[str, ...], replicas: tuple[str, ...], tls
             added = [u for u in agent_users if u not in d.manifest["users"]]
             for user in added:
                 d.add_user(user)
-            if added:
-                d.save()
+            d.save()  # also lays out the per-consumer directories of a DIR written before them
             click.echo(f"kept the credentials in {out}" + (f"; added {', '.join(added)}" if added else ""))
             return
         _mkdir(out)
@@ -239,11 +299,12 @@ def auth_init(out: Path, agents: tuple[str, ...], replicas: tuple[str, ...], tls
         raise _fail(e) from None
     click.echo(f"wrote credentials for {', '.join(users)} to {out} (seeds mode 0600)")
     # nats-server resolves an include relative to the including file's directory - even one written as an
-    # absolute path - so say it that way (deploy/nats-secure.conf: `include "secrets/auth.conf"`).
-    click.echo(f"server: include {out / AUTH_CONF}" + (f" and {out / TLS_CONF}" if tls else "")
-               + ", by a path relative to the server's configuration file")
-    click.echo(f"clients: load <user>.env from {out} (LEDGER_NKEY_SEED_FILE, LEDGER_INBOX_PREFIX"
-               + (", LEDGER_TLS_*)" if tls else ")"))
+    # absolute path - so say it that way (deploy/nats-secure.conf: `include "secrets/server/auth.conf"`).
+    server = out / SERVER_DIR
+    click.echo(f"server: give it {server} only; include {server / AUTH_CONF}"
+               + (f" and {server / TLS_CONF}" if tls else "") + ", by a path relative to the server's configuration file")
+    click.echo(f"clients: give each user's processes {out / USERS_DIR}/<user> only, and load its <user>.env "
+               "(LEDGER_NKEY_SEED_FILE, LEDGER_INBOX_PREFIX" + (", LEDGER_TLS_*)" if tls else ")"))
 
 
 @auth_group.command("add-agent")
@@ -263,6 +324,7 @@ def auth_add_agent(agent_id: str, out: Path) -> None:
         d.save()
     except (LedgerError, OSError) as e:
         raise _fail(e) from None
-    click.echo(f"wrote {out / (user + '.nk')} and {out / (user + '.env')}; rewrote {out / AUTH_CONF}")
+    click.echo(f"wrote {out / USERS_DIR / user} (its seed and env file: give the agent's processes that directory "
+               f"only); rewrote {out / AUTH_CONF} and {out / SERVER_DIR / AUTH_CONF}")
     click.echo("reload the server for it to take effect: `nats-server --signal reload` (or kill -HUP <pid>; "
                "in compose: docker compose kill -s HUP nats-1 nats-2 nats-3)")
