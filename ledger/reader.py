@@ -108,6 +108,11 @@ def _msg_id_from_headers(raw: str | None) -> str | None:
     return None
 
 
+def retry_delay(attempts: int) -> float:
+    """Seconds before the next try at starting a replay: doubling from CREATE_BACKOFF up to CREATE_BACKOFF_MAX."""
+    return float(min(CREATE_BACKOFF * 2 ** min(attempts - 1, 8), CREATE_BACKOFF_MAX))
+
+
 def _describe(e: Exception) -> str:
     if isinstance(e, APIError):
         return f"{e.description} (error {e.err_code})"
@@ -387,6 +392,10 @@ class Replay:
 
     # --- the consumer ----------------------------------------------------------------------
 
+    def _out_of_patience(self, waited: float) -> bool:
+        """Whether a one-shot replay has tried to start for long enough."""
+        return waited > max(self._patience, self._timeout)
+
     async def _stream_state(self) -> _StreamState:
         """The stream's state, retried like a consumer's creation while JetStream is briefly unavailable
         (a node that was frozen or restarted answers 503 until it has caught up)."""
@@ -397,10 +406,10 @@ class Replay:
             except Unavailable as e:
                 attempts += 1
                 waited = time.monotonic() - started
-                if waited > max(self._patience, self._timeout):
+                if self._out_of_patience(waited):
                     raise Unavailable(f"cannot start reading {self._stream}: {e} for {waited:.0f} s; is a node "
                                       "of the cluster down or a leader being elected? try again") from None
-                await asyncio.sleep(min(CREATE_BACKOFF * 2 ** min(attempts - 1, 8), CREATE_BACKOFF_MAX))
+                await asyncio.sleep(retry_delay(attempts))
 
     async def _create(self) -> None:
         """A new consumer from where we are, and the first request; retried through leader elections.
@@ -428,7 +437,7 @@ class Replay:
                 attempts += 1
                 waited = time.monotonic() - started
                 why = _describe(e)
-                if not self._follow and waited > max(self._patience, self._timeout):
+                if not self._follow and self._out_of_patience(waited):
                     raise Unavailable(f"cannot start reading {self._stream}: no consumer after {waited:.0f} s "
                                       f"of trying ({why}); is a node of the cluster down or a leader being "
                                       "elected? try again") from None
@@ -436,7 +445,7 @@ class Replay:
                     told = waited
                     log.warning("replay of %s: no consumer yet after %.0f s (%s); the cluster may be electing a "
                                 "leader - still trying", self._stream, waited, why)
-                await asyncio.sleep(min(CREATE_BACKOFF * 2 ** min(attempts - 1, 8), CREATE_BACKOFF_MAX))
+                await asyncio.sleep(retry_delay(attempts))
         if told:
             log.warning("replay of %s: consumer created after %.0f s (%d attempts)", self._stream,
                         time.monotonic() - started, attempts + 1)
