@@ -19,12 +19,12 @@ from test_agent_judges import FORGER, agent_of
 from consumers import liveness_rules as rules
 from consumers.follow import Follower
 from consumers.monitor import MAX_REPORTERS, LivenessMonitor
-from ledger import codec
+from ledger import codec, decide
 from ledger import events as ev
 from ledger import lifecycle as lc
 from ledger.client import Ledger
 from ledger.codec import Recorded
-from ledger.errors import EventIdTaken
+from ledger.errors import EventIdTaken, LedgerError, StoreError
 from ledger.ids import new_id
 from ledger.store import EventStore
 from ledger.subjects import HEARTBEAT_STREAM, LEDGER_STREAM, event_subject
@@ -215,6 +215,25 @@ async def test_take_overs_by_many_registered_agents_do_not_make_every_session_re
     assert counts["agent"] <= 2, counts
 
 
+async def test_session_for_claim_refuses_a_take_over_of_a_live_owner_and_allows_it_of_a_dead_one(
+        ledger: Ledger, uid: str):
+    """The reclaimer's decision reads the owner's state (session_for_claim) and applies the same rule as the
+    fold: nothing is written while b lives; after b's death the take-over is written and the fold applies it."""
+    sid, b, inc, token = await _owned_by_b(ledger, uid)
+    c = f"{uid}-c"
+    inc_c = await ledger.store.append(_registered(c))
+    reclaimer = Ledger(ledger.store, ev.Producer(id="reclaimer-test", instance=new_id()))
+    who = decide.AgentRef(c, f"i-{c}", inc_c)
+    last = await ledger.store.last_seq()
+    with pytest.raises(LedgerError):
+        await reclaimer.claim_session(sid, who, reason="failover", previous_token=token)
+    assert await ledger.store.last_seq() == last  # refused before anything was written
+    await ledger.store.append(ev.AgentDeclaredDead(producer=MONITOR, agent_id=b, incarnation=inc, reason="missed"))
+    new_token = await reclaimer.claim_session(sid, who, reason="failover", previous_token=token)
+    state, _ = await ledger.session(sid)
+    assert state is not None and state.owner == c and state.token == new_token
+
+
 # --- (2) the Agent's watch: an owner's history read on a take-over claim -------------------------------
 
 
@@ -370,6 +389,33 @@ async def test_a_real_retry_of_our_own_event_is_still_taken_as_written(ledger: L
                                incarnation=inc, token=token, reason="done", event_id=new_id())
     first = await ledger.store.append(event)
     assert await ledger.store.append(event) == first
+
+
+async def test_a_duplicate_whose_read_back_fails_is_retried_and_settles_as_written(ledger: Ledger, uid: str):
+    """The read-back of an honest duplicate fails (the leader is away: injected here as two StoreErrors on the
+    real read-back); the append is retried through the sweeper, reads back again and settles with the stored
+    sequence - neither a false EventIdTaken nor a second copy."""
+    sid, b, inc, token = await _owned_by_b(ledger, uid)
+    event = ev.SessionReleased(producer=ev.Producer(id=b, instance="x"), session_id=sid, agent_id=b,
+                               incarnation=inc, token=token, reason="done", event_id=new_id())
+    first = await ledger.store.append(event)
+    appender = ledger.store._appender
+    real_read_back = appender._read_back
+    failures = [2]
+
+    async def flaky(subject_filter: str, seq: int) -> object:
+        if failures[0] > 0:
+            failures[0] -= 1
+            raise StoreError("leader away")
+        return await real_read_back(subject_filter, seq)
+
+    appender._read_back = flaky  # type: ignore[assignment]
+    try:
+        assert await ledger.store.append(event) == first
+    finally:
+        appender._read_back = real_read_back
+    assert failures[0] == 0  # both failures were met, and retried past
+    assert [i.seq for i in await ledger.store.history("session", sid) if i.seq > token] == [first]
 
 
 # --- (5) the monitor's per-reporter unreachable reports --------------------------------------------------
