@@ -366,6 +366,27 @@ async def test_a_duplicate_ack_on_garbage_under_our_event_id_is_not_reported_as_
         await ledger.store.append(claim)
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "The monitor's verdict ids are derived from the log (`dead-<agent>-<incarnation>`, so replicas de-duplicate) and "
+    "_check_duplicate accepts any producer on `agent.<id>.declared_dead.*`: mallory - who may publish "
+    "`ledger.*.*.*.mallory` even with auth - publishes garbage on `agent.a1.declared_dead.mallory` under that id "
+    "first; the monitor's death is then 'written' (no EventIdTaken, so no retry under a fresh id) and the dead "
+    "agent's sessions are never handed on. Fix as for the claim: the stored subject's producer must have the "
+    "writer's role (authority.role_of), and its body must decode."))
+async def test_garbage_under_the_monitors_derived_death_id_does_not_swallow_the_death(store: EventStore, uid: str):
+    ledger = Ledger(store, MONITOR)
+    a1 = f"{uid}-a1"
+    inc = await store.append(_registered(a1))
+    event_id = f"dead-{a1}-{inc}"
+    await store.nc.jetstream().publish(event_subject("agent", a1, "declared_dead", "mallory"), b"\x00garbage",
+                                       headers={"Nats-Msg-Id": event_id})
+    monitor, _, _ = _monitor(store, Log(), a1)
+    await monitor._write(ev.AgentDeclaredDead(producer=MONITOR, agent_id=a1, incarnation=inc, reason="missed",
+                                              event_id=event_id))
+    state, _ = await ledger.agent(a1)
+    assert state is not None and state.status == lc.A_DEAD
+
+
 async def test_a_duplicate_ack_on_another_verbs_message_under_our_event_id_is_refused(ledger: Ledger, uid: str):
     """The same trick on another verb of the entity (garbage on `session.<sid>.released.mallory`) is refused."""
     sid, b, inc, token = await _owned_by_b(ledger, uid)
