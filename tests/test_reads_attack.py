@@ -345,9 +345,10 @@ async def test_a_take_over_in_the_same_batch_as_the_owners_drain_moves_the_sessi
 
 @pytest.mark.xfail(strict=True, reason=(
     "Appender._check_duplicate takes the stored #seq as ours when it is on the same entity and verb with the "
-    "same Nats-Msg-Id, any producer (`<verb>.*`): an agent may publish `session.<sid>.claimed.<itself>`, so "
-    "unreadable bytes there under the id a reclaimer will use (derived ids are guessable) make the reclaimer's "
-    "claim 'written' while the log holds garbage - no claim to any reader. Fix: return the stored subject from "
+    "same Nats-Msg-Id, any producer (`<verb>.*`), and never decodes it: unreadable bytes on "
+    "`session.<sid>.claimed.mallory` under the id a writer will use make its claim 'written' while the log holds "
+    "garbage - no claim to any reader. Reachable on a server without auth; with auth an agent may publish there "
+    "(claims for itself) but the reclaimer's ids are random, so it needs the id first. Fix: return the stored subject from "
     "the read-back and require its producer token to have the writer's role (authority.role_of equal, which "
     "still lets monitor replicas de-duplicate each other), and a readable body decoding to the same event id."))
 async def test_a_duplicate_ack_on_garbage_under_our_event_id_is_not_reported_as_written(ledger: Ledger, uid: str):
@@ -368,9 +369,9 @@ async def test_a_duplicate_ack_on_garbage_under_our_event_id_is_not_reported_as_
 
 @pytest.mark.xfail(strict=True, reason=(
     "The monitor's verdict ids are derived from the log (`dead-<agent>-<incarnation>`, so replicas de-duplicate) and "
-    "_check_duplicate accepts any producer on `agent.<id>.declared_dead.*`: mallory - who may publish "
-    "`ledger.*.*.*.mallory` even with auth - publishes garbage on `agent.a1.declared_dead.mallory` under that id "
-    "first; the monitor's death is then 'written' (no EventIdTaken, so no retry under a fresh id) and the dead "
+    "_check_duplicate accepts any producer on `agent.<id>.declared_dead.*`: on a server without auth mallory "
+    "publishes garbage on `agent.a1.declared_dead.mallory` under that id first (with auth only a monitor-role "
+    "user may publish that verb, so it takes a monitor credential); the monitor's death is then 'written' (no EventIdTaken, so no retry under a fresh id) and the dead "
     "agent's sessions are never handed on. Fix as for the claim: the stored subject's producer must have the "
     "writer's role (authority.role_of), and its body must decode."))
 async def test_garbage_under_the_monitors_derived_death_id_does_not_swallow_the_death(store: EventStore, uid: str):
