@@ -284,7 +284,7 @@ async def test_forged_take_over_claims_for_made_up_agents_do_not_grow_the_agents
     "Each watch batch holding a claim of a session the agent owns re-reads the owner's (its own) WHOLE agent "
     "history (`_agents_read` is cleared per batch): an attacker who once bloats it (unreachable reports, which "
     "any agent may write) then pays one claim per batch for a full history read each - reads grow as history x "
-    "claims. Fix: keep `_agents_read` across batches and read only what follows its floor (store.history has "
+    "claims. The bloating is reachable with auth (one agent credential). Fix: keep `_agents_read` across batches and read only what follows its floor (store.history has "
     "`after=`), or - for the agent's own id - fold its own timeline from the watch, which delivers every event on "
     "its subjects anyway."))
 async def test_take_overs_on_an_owner_with_a_bloated_history_cost_reads_bounded_by_the_history_once(
@@ -492,7 +492,8 @@ async def test_a_reporter_counts_once_however_often_it_reports(store: EventStore
 @pytest.mark.xfail(strict=True, reason=(
     "LivenessMonitor._heard keys reports by (agent, the report's OWN incarnation field): reports for a real agent "
     "naming 5000 made-up incarnations add 5000 dicts that nothing ever reads or drops - the per-key bound "
-    "(MAX_REPORTERS) does not bound the outer dict. Fix: keep only reports naming the agent's current "
+    "(MAX_REPORTERS) does not bound the outer dict. Reachable with auth: any one agent credential may report any "
+    "agent. Fix: keep only reports naming the agent's current "
     "incarnation (others are no evidence about it, and judge() reads only that key), and drop an agent's keys "
     "when it registers again."))
 async def test_reports_naming_made_up_incarnations_do_not_grow_the_monitors_memory(store: EventStore):
