@@ -1,0 +1,515 @@
+"""Hostile tests of the code that READS the log to judge take-overs and duplicates: `lc.owners_judged` /
+`agent_at`, `Ledger.session()`, the Agent's watch reading an owner's history, the appender's duplicate check and
+the monitor's per-reporter reports. A real nats-server WITHOUT auth: forgeries are appended raw, as a hostile
+client would (`authorized` gives them a producer that may write them). Waiting is bounded polling on a
+condition (helpers.eventually), never a bare sleep. Each case either holds (asserted) or is an xfail(strict)
+naming the fix.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+from helpers import authorized, eventually
+from test_agent_judges import FORGER, agent_of
+
+from consumers import liveness_rules as rules
+from consumers.follow import Follower
+from consumers.monitor import MAX_REPORTERS, LivenessMonitor
+from ledger import codec, decide
+from ledger import events as ev
+from ledger import lifecycle as lc
+from ledger.client import Ledger
+from ledger.codec import Recorded
+from ledger.errors import EventIdTaken, LedgerError, StoreError
+from ledger.ids import new_id
+from ledger.store import EventStore
+from ledger.subjects import HEARTBEAT_STREAM, LEDGER_STREAM, event_subject
+
+MONITOR = ev.Producer(id="monitor", instance="m")
+
+
+class Log:
+    """Stores events with increasing sequences in their stream, as the server would."""
+
+    def __init__(self) -> None:
+        self._seq = {LEDGER_STREAM: itertools.count(1), HEARTBEAT_STREAM: itertools.count(1)}
+
+    def __call__(self, event: ev.Event, at_ns: int | None = None) -> Recorded:
+        stream = HEARTBEAT_STREAM if type(event).family == "hb" else LEDGER_STREAM
+        seq = next(self._seq[stream])
+        return Recorded(stream, seq, codec.subject_of(event), at_ns or seq * 1_000_000_000, event)
+
+
+def _registered(agent_id: str) -> ev.AgentRegistered:
+    return ev.AgentRegistered(producer=ev.Producer(id=agent_id, instance=f"i-{agent_id}"), agent_id=agent_id,
+                              instance_id=f"i-{agent_id}", pool="p", platform="default", region="default",
+                              labels={}, capacity=4, heartbeat_interval=0.1, ttl=2.0)
+
+
+def _claim(agent_id: str, sid: str, incarnation: int, previous_token: int | None = None,
+           producer: str | None = None) -> ev.SessionClaimed:
+    return ev.SessionClaimed(producer=ev.Producer(id=producer or agent_id, instance="x"), session_id=sid,
+                             agent_id=agent_id, instance_id=f"i-{agent_id}", incarnation=incarnation,
+                             reason="failover" if previous_token else "initial", previous_token=previous_token)
+
+
+@contextmanager
+def counting(store: EventStore) -> Iterator[dict[str, int]]:
+    """Counts the store's reads while inside: `history` calls per family, `read` calls, records returned."""
+    counts = {"read": 0, "agent": 0, "session": 0, "route": 0, "agent_records": 0}
+    real_history, real_read = store.history, store.read
+
+    async def history(family: str, entity_id: str, **kw: object) -> object:
+        items = await real_history(family, entity_id, **kw)  # type: ignore[arg-type]
+        counts[family] = counts.get(family, 0) + 1
+        if family == "agent":
+            counts["agent_records"] += len(items)
+        return items
+
+    async def read(*args: object, **kw: object) -> object:
+        counts["read"] += 1
+        return await real_read(*args, **kw)  # type: ignore[arg-type]
+
+    store.history = history  # type: ignore[method-assign]
+    store.read = read  # type: ignore[method-assign]
+    try:
+        yield counts
+    finally:
+        del store.history, store.read
+
+
+# --- (1) lifecycle: owners_judged / agent_at ------------------------------------------------------------
+
+
+def test_owners_judged_names_no_made_up_agent_nor_one_named_by_another_producer():
+    """Take-over claims for 500 made-up agents, and claims for a real agent c written by mallory, must not widen
+    the set of agent histories a read fetches: only b, who really claimed."""
+    log = Log()
+    recs = [log(_registered(a)) for a in ("b", "c")]
+    inc = {"b": recs[0].seq, "c": recs[1].seq}
+    session = [log(ev.SessionCreated(producer=ev.Producer(id="cli", instance="c"), session_id="s1", pool="p"))]
+    session.append(log(_claim("b", "s1", inc["b"])))
+    token = session[-1].seq
+    session += [log(_claim(f"ghost{i}", "s1", 1, previous_token=token)) for i in range(500)]
+    session.append(log(_claim("c", "s1", inc["c"], previous_token=token, producer="mallory")))
+    incarnation_at = lc.registrations_lookup({"b": [inc["b"]], "c": [inc["c"]]})
+    assert lc.owners_judged(session, incarnation_at) == {"b"}
+    # And the fold with the lookup keeps b: every take-over above is flagged.
+    agent_at = lc.agents_lookup({"b": [recs[0]]})
+    state, anomalies = lc.fold(lc.evolve_session, session, incarnation_at, agent_at)
+    assert state is not None and state.owner == "b" and state.token == token and len(anomalies) == 501
+
+
+def test_agent_at_ignores_a_forged_death_before_the_registration_and_unknown_agents():
+    """agents_lookup over a history starting with a death forged by an agent (flagged unauthorized_producer)
+    never crashes and never invents a state before the registration."""
+    log = Log()
+    forged = log(ev.AgentDeclaredDead(producer=ev.Producer(id="mallory", instance="m"), agent_id="b",
+                                      incarnation=1, reason="forged"))
+    reg = log(_registered("b"))
+    agent_at = lc.agents_lookup({"b": [forged, reg]})
+    assert agent_at("b", reg.seq) is None  # before its registration (the forged death applied to nothing)
+    assert agent_at("b", reg.seq + 1).status == lc.A_ALIVE
+    assert agent_at("nobody", 10**9) is None
+
+
+# --- (3) Ledger.session(): reads per forged take-over -----------------------------------------------------
+
+
+async def _owned_by_b(ledger: Ledger, uid: str) -> tuple[str, str, int, int]:
+    """A session owned by a registered (not running) agent b: (session, b, b's incarnation, token)."""
+    b = f"{uid}-b"
+    inc = await ledger.store.append(_registered(b))
+    sid, _ = await ledger.create_session("p", session_id=f"{uid}-s")
+    token = await ledger.store.append(_claim(b, sid, inc))
+    return sid, b, inc, token
+
+
+async def test_session_read_after_take_overs_for_made_up_agents_reads_only_the_real_owners_history(
+        ledger: Ledger, uid: str):
+    sid, b, _, token = await _owned_by_b(ledger, uid)
+    for i in range(60):
+        await ledger.store.append(_claim(f"{uid}-ghost{i}", sid, 1, previous_token=token))
+    with counting(ledger.store) as counts:
+        state, _ = await ledger.session(sid)
+    assert state is not None and state.owner == b and state.token == token
+    assert counts["agent"] <= 1, counts  # b's history only: no ghost's
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "Ledger.session() reads the registrations of EVERY agent named by a claim in the history (lc.agents_acting), "
+    "one request after the other, on every read: 60 forged claims for made-up agents (written once; on a server "
+    "without auth anyone can, with auth each needs its own credentials) make every later session read - and so "
+    "every compare-and-set write of its owner - cost 60+ round trips. Fix: read the registrations the fold needs "
+    "in one batched request (Direct Get multi_last on `agent.<a>.registered.<a>` for all a), or fold first without "
+    "incarnation_at and read only for the claims that would apply (an overlapping claim is flagged whatever its "
+    "incarnation)."))
+async def test_session_read_after_many_forged_claims_costs_a_bounded_number_of_requests(ledger: Ledger, uid: str):
+    sid, _, _, token = await _owned_by_b(ledger, uid)
+    for i in range(60):
+        await ledger.store.append(_claim(f"{uid}-ghost{i}", sid, 1, previous_token=token))
+    with counting(ledger.store) as counts:
+        await ledger.session(sid)
+    assert counts["read"] + counts["agent"] + counts["session"] <= 8, counts
+
+
+async def test_take_over_judged_on_an_owners_history_with_unreadable_bytes_on_its_subjects(ledger: Ledger, uid: str):
+    """Garbage on the owner's agent subjects (its registration, goodbye and death subjects) is skipped by
+    agent_at: a take-over of a live owner stays flagged, one after its real death applies."""
+    sid, b, inc, token = await _owned_by_b(ledger, uid)
+    c = f"{uid}-c"
+    inc_c = await ledger.store.append(_registered(c))
+    js = ledger.store.nc.jetstream()
+    for verb, producer in (("registered", b), ("goodbye", b), ("declared_dead", "monitor"), ("fenced", b)):
+        await js.publish(event_subject("agent", b, verb, producer), b"\x00\xff not an event")
+    await ledger.store.append(_claim(c, sid, inc_c, previous_token=token))
+    state, _ = await ledger.session(sid)
+    assert state is not None and state.owner == b and state.token == token  # b is alive: live_owner
+    await ledger.store.append(ev.AgentDeclaredDead(producer=MONITOR, agent_id=b, incarnation=inc, reason="missed"))
+    take_over = await ledger.store.append(_claim(c, sid, inc_c, previous_token=token))
+    state, _ = await ledger.session(sid)
+    assert state is not None and state.owner == c and state.token == take_over
+
+
+async def test_route_read_judges_its_owner_through_the_same_take_over_lookup(ledger: Ledger, uid: str):
+    """Ledger.route() builds session_at from the same lookups: after a flagged take-over by c of b's live
+    session, c's route write is flagged (c is not the owner), b's applies."""
+    sid, b, _, token = await _owned_by_b(ledger, uid)
+    c = f"{uid}-c"
+    inc_c = await ledger.store.append(_registered(c))
+    await ledger.store.append(_claim(c, sid, inc_c, previous_token=token))
+    rid = f"{uid}-r"
+    await ledger.store.append(ev.RouteCreated(producer=ev.Producer(id=b, instance="x"), route_id=rid,
+                                              session_id=sid, endpoint="e"))
+    await ledger.store.append(ev.RouteTransitioned(producer=ev.Producer(id=c, instance="x"), route_id=rid,
+                                                   from_state=lc.PENDING, to_state=lc.STARTING, token=token))
+    route, _ = await ledger.route(rid)
+    assert route is not None and route.state == lc.PENDING
+    await ledger.store.append(ev.RouteTransitioned(producer=ev.Producer(id=b, instance="x"), route_id=rid,
+                                                   from_state=lc.PENDING, to_state=lc.STARTING, token=token))
+    route, _ = await ledger.route(rid)
+    assert route is not None and route.state == lc.STARTING
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "lc.owners_judged names every REGISTERED agent that claimed the session at its current incarnation, even "
+    "those whose claims the fold flags (a take-over of a live owner, an overlapping claim): 40 registered agents "
+    "(free on a server without auth; with auth, 40 credentials) each naming the current token make every "
+    "Ledger.session() read 40 agent histories, for ever. Fix: make agent_at lazy in the fold's order - the owner "
+    "at each take-over is known from the claims applied before it - and read only the histories of agents that "
+    "really owned the session when a take-over names them (bounded by applied claims)."))
+async def test_take_overs_by_many_registered_agents_do_not_make_every_session_read_read_their_histories(
+        ledger: Ledger, uid: str):
+    sid, b, _, token = await _owned_by_b(ledger, uid)
+    for i in range(40):
+        c = f"{uid}-c{i}"
+        inc_c = await ledger.store.append(_registered(c))
+        await ledger.store.append(_claim(c, sid, inc_c, previous_token=token))  # b is alive: each flagged
+    with counting(ledger.store) as counts:
+        state, _ = await ledger.session(sid)
+    assert state is not None and state.owner == b and state.token == token
+    assert counts["agent"] <= 2, counts
+
+
+async def test_session_for_claim_refuses_a_take_over_of_a_live_owner_and_allows_it_of_a_dead_one(
+        ledger: Ledger, uid: str):
+    """The reclaimer's decision reads the owner's state (session_for_claim) and applies the same rule as the
+    fold: nothing is written while b lives; after b's death the take-over is written and the fold applies it."""
+    sid, b, inc, token = await _owned_by_b(ledger, uid)
+    c = f"{uid}-c"
+    inc_c = await ledger.store.append(_registered(c))
+    reclaimer = Ledger(ledger.store, ev.Producer(id="reclaimer-test", instance=new_id()))
+    who = decide.AgentRef(c, f"i-{c}", inc_c)
+    last = await ledger.store.last_seq()
+    with pytest.raises(LedgerError):
+        await reclaimer.claim_session(sid, who, reason="failover", previous_token=token)
+    assert await ledger.store.last_seq() == last  # refused before anything was written
+    await ledger.store.append(ev.AgentDeclaredDead(producer=MONITOR, agent_id=b, incarnation=inc, reason="missed"))
+    new_token = await reclaimer.claim_session(sid, who, reason="failover", previous_token=token)
+    state, _ = await ledger.session(sid)
+    assert state is not None and state.owner == c and state.token == new_token
+
+
+# --- (2) the Agent's watch: an owner's history read on a take-over claim -------------------------------
+
+
+async def test_take_over_claims_for_made_up_agents_read_the_owners_history_at_most_once_per_batch(
+        ledger: Ledger, uid: str):
+    async with agent_of(ledger, f"{uid}-a1") as a1:
+        sid, _ = await ledger.create_session("p", session_id=f"{uid}-s")
+        token = (await a1.claim(sid)).token
+        batches = [0]
+        real_prefetch = a1._prefetch
+
+        async def prefetch(batch: list[object]) -> None:
+            batches[0] += 1
+            await real_prefetch(batch)  # type: ignore[arg-type]
+
+        a1._prefetch = prefetch  # type: ignore[method-assign]
+        with counting(a1.store) as counts:
+            last = 0
+            for i in range(40):
+                last = await ledger.store.append(_claim(f"{uid}-ghost{i}", sid, 1, previous_token=token))
+            await eventually(lambda: a1._session_seq.get(sid, 0) >= last, timeout=30.0,
+                             what="a1 judging every forged take-over")
+        del a1._prefetch
+        assert sid in a1.owned and a1.owned[sid].token == token
+        assert counts["agent"] <= batches[0], (counts, batches)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "The watch keeps every agent id named by a claim of a session it owns in Agent._registered for ever (one "
+    "registrations read each, then an entry that is never dropped): forged take-over claims for made-up agents "
+    "grow the agent's memory without bound. Fix: bound the cache (LRU, or keep only agents that are registered "
+    "and were seen acting), or skip the registration read for a claim the fold flags whatever the incarnation "
+    "(an overlapping one) / for an unregistered agent keep no entry."))
+async def test_forged_take_over_claims_for_made_up_agents_do_not_grow_the_agents_memory(ledger: Ledger, uid: str):
+    async with agent_of(ledger, f"{uid}-a1") as a1:
+        sid, _ = await ledger.create_session("p", session_id=f"{uid}-s")
+        token = (await a1.claim(sid)).token
+        last = 0
+        for i in range(300):
+            last = await ledger.store.append(_claim(f"{uid}-ghost{i}", sid, 1, previous_token=token))
+        await eventually(lambda: a1._session_seq.get(sid, 0) >= last, timeout=60.0,
+                         what="a1 judging every forged take-over")
+        assert sid in a1.owned
+        assert len(a1._registered) <= 50, f"{len(a1._registered)} agents remembered"
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "Each watch batch holding a claim of a session the agent owns re-reads the owner's (its own) WHOLE agent "
+    "history (`_agents_read` is cleared per batch): an attacker who once bloats it (unreachable reports, which "
+    "any agent may write) then pays one claim per batch for a full history read each - reads grow as history x "
+    "claims. The bloating is reachable with auth (one agent credential). Fix: keep `_agents_read` across batches and read only what follows its floor (store.history has "
+    "`after=`), or - for the agent's own id - fold its own timeline from the watch, which delivers every event on "
+    "its subjects anyway."))
+async def test_take_overs_on_an_owner_with_a_bloated_history_cost_reads_bounded_by_the_history_once(
+        ledger: Ledger, uid: str):
+    history, claims = 400, 6
+    async with agent_of(ledger, f"{uid}-a1") as a1:
+        sid, _ = await ledger.create_session("p", session_id=f"{uid}-s")
+        token = (await a1.claim(sid)).token
+        for i in range(history):
+            await ledger.store.append(ev.AgentUnreachableReported(
+                producer=ev.Producer(id=f"{uid}-m{i % 50}", instance="m"), agent_id=a1.agent_id,
+                incarnation=a1.incarnation, error="forged"))
+        with counting(a1.store) as counts:
+            for i in range(claims):
+                seq = await ledger.store.append(_claim(f"{uid}-ghost{i}", sid, 1, previous_token=token))
+                await eventually(lambda seq=seq: a1._session_seq.get(sid, 0) >= seq, timeout=30.0,
+                                 what="a1 judging the forged take-over")  # one batch per claim
+        assert sid in a1.owned and a1.fenced is None
+        assert counts["agent_records"] <= history + 50 * claims, counts
+
+
+async def test_a_take_over_of_the_agents_session_by_a_registered_agent_while_it_is_alive_changes_nothing(
+        ledger: Ledger, uid: str):
+    """c (registered) names a1's current token while a1 is alive: the watch reads a1's history, flags it
+    live_owner like the fold, and a1 keeps running the session."""
+    async with agent_of(ledger, f"{uid}-a1") as a1:
+        sid, _ = await ledger.create_session("p", session_id=f"{uid}-s")
+        token = (await a1.claim(sid)).token
+        c = f"{uid}-c"
+        inc_c = await ledger.store.append(_registered(c))
+        seq = await ledger.store.append(_claim(c, sid, inc_c, previous_token=token))
+        await eventually(lambda: a1._session_seq.get(sid, 0) >= seq, timeout=30.0, what="a1 judging the take-over")
+        assert sid in a1.owned and a1.owned[sid].token == token
+        state, _ = await ledger.session(sid)
+        assert state is not None and state.owner == a1.agent_id and state.token == token
+
+
+async def test_a_take_over_in_the_same_batch_as_the_owners_drain_moves_the_session_as_the_fold_does(
+        ledger: Ledger, uid: str):
+    """A drain the agent did not write (forged on its own subject) and c's take-over right after it, likely in
+    one watch batch: agent_at read at the batch's end must still see the drain before the claim, so a1 lets
+    the session go exactly as the fold gives it to c (no two owners)."""
+    async with agent_of(ledger, f"{uid}-a1") as a1:
+        sid, _ = await ledger.create_session("p", session_id=f"{uid}-s")
+        token = (await a1.claim(sid)).token
+        c = f"{uid}-c"
+        inc_c = await ledger.store.append(_registered(c))
+        await ledger.store.append(authorized(ev.AgentDraining(
+            producer=FORGER, agent_id=a1.agent_id, incarnation=a1.incarnation, deadline=ev.utcnow(), reason="x")))
+        take_over = await ledger.store.append(_claim(c, sid, inc_c, previous_token=token))
+        state, _ = await ledger.session(sid)
+        assert state is not None and state.owner == c and state.token == take_over
+        await eventually(lambda: sid not in a1.owned, timeout=30.0, what="a1 letting the taken-over session go")
+
+
+# --- (4) the appender's duplicate check -------------------------------------------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "Appender._check_duplicate takes the stored #seq as ours when it is on the same entity and verb with the "
+    "same Nats-Msg-Id, any producer (`<verb>.*`), and never decodes it: unreadable bytes on "
+    "`session.<sid>.claimed.mallory` under the id a writer will use make its claim 'written' while the log holds "
+    "garbage - no claim to any reader. Reachable on a server without auth; with auth an agent may publish there "
+    "(claims for itself) but the reclaimer's ids are random, so it needs the id first. Fix: return the stored subject from "
+    "the read-back and require its producer token to have the writer's role (authority.role_of equal, which "
+    "still lets monitor replicas de-duplicate each other), and a readable body decoding to the same event id."))
+async def test_a_duplicate_ack_on_garbage_under_our_event_id_is_not_reported_as_written(ledger: Ledger, uid: str):
+    sid, b, inc, token = await _owned_by_b(ledger, uid)
+    event_id = f"takeover-{uid}"
+    js = ledger.store.nc.jetstream()
+    await js.publish(event_subject("session", sid, "claimed", "mallory"), b"\x00garbage",
+                     headers={"Nats-Msg-Id": event_id})
+    await ledger.store.append(ev.AgentDeclaredDead(producer=MONITOR, agent_id=b, incarnation=inc, reason="missed"))
+    c = f"{uid}-c"
+    inc_c = await ledger.store.append(_registered(c))
+    claim = ev.SessionClaimed(producer=ev.Producer(id="reclaimer", instance="r"), session_id=sid, agent_id=c,
+                              instance_id=f"i-{c}", incarnation=inc_c, reason="failover", previous_token=token,
+                              event_id=event_id)
+    with pytest.raises(EventIdTaken):
+        await ledger.store.append(claim)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "The monitor's verdict ids are derived from the log (`dead-<agent>-<incarnation>`, so replicas de-duplicate) and "
+    "_check_duplicate accepts any producer on `agent.<id>.declared_dead.*`: on a server without auth mallory "
+    "publishes garbage on `agent.a1.declared_dead.mallory` under that id first (with auth only a monitor-role "
+    "user may publish that verb, so it takes a monitor credential); the monitor's death is then 'written' (no EventIdTaken, so no retry under a fresh id) and the dead "
+    "agent's sessions are never handed on. Fix as for the claim: the stored subject's producer must have the "
+    "writer's role (authority.role_of), and its body must decode."))
+async def test_garbage_under_the_monitors_derived_death_id_does_not_swallow_the_death(store: EventStore, uid: str):
+    ledger = Ledger(store, MONITOR)
+    a1 = f"{uid}-a1"
+    inc = await store.append(_registered(a1))
+    event_id = f"dead-{a1}-{inc}"
+    await store.nc.jetstream().publish(event_subject("agent", a1, "declared_dead", "mallory"), b"\x00garbage",
+                                       headers={"Nats-Msg-Id": event_id})
+    monitor, _, _ = _monitor(store, Log(), a1)
+    await monitor._write(ev.AgentDeclaredDead(producer=MONITOR, agent_id=a1, incarnation=inc, reason="missed",
+                                              event_id=event_id))
+    state, _ = await ledger.agent(a1)
+    assert state is not None and state.status == lc.A_DEAD
+
+
+async def test_a_duplicate_ack_on_another_verbs_message_under_our_event_id_is_refused(ledger: Ledger, uid: str):
+    """The same trick on another verb of the entity (garbage on `session.<sid>.released.mallory`) is refused."""
+    sid, b, inc, token = await _owned_by_b(ledger, uid)
+    event_id = f"takeover-{uid}"
+    js = ledger.store.nc.jetstream()
+    await js.publish(event_subject("session", sid, "released", "mallory"), b"\x00garbage",
+                     headers={"Nats-Msg-Id": event_id})
+    claim = ev.SessionClaimed(producer=ev.Producer(id="reclaimer", instance="r"), session_id=sid, agent_id=b,
+                              instance_id=f"i-{b}", incarnation=inc, reason="failover", previous_token=token,
+                              event_id=event_id)
+    with pytest.raises(EventIdTaken):
+        await ledger.store.append(claim)
+    state, _ = await ledger.session(sid)
+    assert state is not None and state.token == token
+
+
+async def test_a_real_retry_of_our_own_event_is_still_taken_as_written(ledger: Ledger, uid: str):
+    """The honest duplicate (our own event id, our own subject, already stored) settles with its sequence."""
+    sid, b, inc, token = await _owned_by_b(ledger, uid)
+    event = ev.SessionReleased(producer=ev.Producer(id=b, instance="x"), session_id=sid, agent_id=b,
+                               incarnation=inc, token=token, reason="done", event_id=new_id())
+    first = await ledger.store.append(event)
+    assert await ledger.store.append(event) == first
+
+
+async def test_a_duplicate_whose_read_back_fails_is_retried_and_settles_as_written(ledger: Ledger, uid: str):
+    """The read-back of an honest duplicate fails (the leader is away: injected here as two StoreErrors on the
+    real read-back); the append is retried through the sweeper, reads back again and settles with the stored
+    sequence - neither a false EventIdTaken nor a second copy."""
+    sid, b, inc, token = await _owned_by_b(ledger, uid)
+    event = ev.SessionReleased(producer=ev.Producer(id=b, instance="x"), session_id=sid, agent_id=b,
+                               incarnation=inc, token=token, reason="done", event_id=new_id())
+    first = await ledger.store.append(event)
+    appender = ledger.store._appender
+    real_read_back = appender._read_back
+    failures = [2]
+
+    async def flaky(subject_filter: str, seq: int) -> object:
+        if failures[0] > 0:
+            failures[0] -= 1
+            raise StoreError("leader away")
+        return await real_read_back(subject_filter, seq)
+
+    appender._read_back = flaky  # type: ignore[assignment]
+    try:
+        assert await ledger.store.append(event) == first
+    finally:
+        appender._read_back = real_read_back
+    assert failures[0] == 0  # both failures were met, and retried past
+    assert [i.seq for i in await ledger.store.history("session", sid) if i.seq > token] == [first]
+
+
+# --- (5) the monitor's per-reporter unreachable reports --------------------------------------------------
+
+
+def _monitor(store: EventStore, log: Log, agent_id: str) -> tuple[LivenessMonitor, Follower, int]:
+    follower = Follower(store, heartbeats=False)
+    monitor = LivenessMonitor(Ledger(store, MONITOR), follower)
+    reg = log(_registered(agent_id), int(ev.utcnow().timestamp() * 1e9))  # registered just now: not overdue
+    monitor._heard(LEDGER_STREAM, [reg], follower.state.apply_all([reg]))
+    return monitor, follower, reg.seq
+
+
+def _report(log: Log, agent_id: str, reporter: str, incarnation: int, at_ns: int) -> Recorded:
+    return log(ev.AgentUnreachableReported(producer=ev.Producer(id=reporter, instance="r"), agent_id=agent_id,
+                                           incarnation=incarnation, error="timeout"), at_ns)
+
+
+def _feed(monitor: LivenessMonitor, follower: Follower, items: list[Recorded]) -> None:
+    monitor._heard(LEDGER_STREAM, items, follower.state.apply_all(items))
+
+
+async def test_thousands_of_reporters_keep_the_monitors_reports_bounded_and_a_real_suspicion_happens(
+        store: EventStore):
+    """3 honest reports, then 5000 from distinct forged reporters: memory stays at MAX_REPORTERS, and the
+    honest ones being evicted never keeps the agent from being suspected (the newest reports are kept)."""
+    log = Log()
+    monitor, follower, inc = _monitor(store, log, "a1")
+    now = ev.utcnow()
+    base = int(now.timestamp() * 1e9) - 5_000_000_000
+    _feed(monitor, follower, [_report(log, "a1", f"honest{i}", inc, base + i) for i in range(3)])
+    _feed(monitor, follower, [_report(log, "a1", f"forged{i}", inc, base + 10 + i) for i in range(5000)])
+    reports = monitor._reports[("a1", inc)]
+    assert len(reports) == MAX_REPORTERS and not any(r.startswith("honest") for r in reports)
+    agent = follower.state.ledger.agents["a1"]
+    verdict = rules.judge(agent, None, sorted(reports.values()), now, monitor.settings, "monitor")
+    assert verdict is not None and verdict.kind == rules.SUSPECT
+
+
+async def test_a_reporter_counts_once_however_often_it_reports(store: EventStore):
+    log = Log()
+    monitor, follower, inc = _monitor(store, log, "a1")
+    now = ev.utcnow()
+    base = int(now.timestamp() * 1e9) - 1_000_000_000
+    _feed(monitor, follower, [_report(log, "a1", "mallory", inc, base + i) for i in range(1000)])
+    assert len(monitor._reports[("a1", inc)]) == 1
+    agent = follower.state.ledger.agents["a1"]
+    assert rules.judge(agent, None, sorted(monitor._reports[("a1", inc)].values()), now, monitor.settings,
+                       "monitor") is None
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "LivenessMonitor._heard keys reports by (agent, the report's OWN incarnation field): reports for a real agent "
+    "naming 5000 made-up incarnations add 5000 dicts that nothing ever reads or drops - the per-key bound "
+    "(MAX_REPORTERS) does not bound the outer dict. Reachable with auth: any one agent credential may report any "
+    "agent. Fix: keep only reports naming the agent's current "
+    "incarnation (others are no evidence about it, and judge() reads only that key), and drop an agent's keys "
+    "when it registers again."))
+async def test_reports_naming_made_up_incarnations_do_not_grow_the_monitors_memory(store: EventStore):
+    log = Log()
+    monitor, follower, inc = _monitor(store, log, "a1")
+    at = int(ev.utcnow().timestamp() * 1e9)
+    _feed(monitor, follower, [_report(log, "a1", "mallory", inc + 1 + i, at) for i in range(5000)])
+    assert len(monitor._reports) <= 2, f"{len(monitor._reports)} (agent, incarnation) keys"
+
+
+async def test_reports_naming_another_incarnation_never_count_toward_the_current_ones_suspicion(store: EventStore):
+    log = Log()
+    monitor, follower, inc = _monitor(store, log, "a1")
+    now = ev.utcnow()
+    at = int(now.timestamp() * 1e9) - 1_000_000_000
+    _feed(monitor, follower, [_report(log, "a1", f"r{i}", inc + 7, at + i) for i in range(10)])
+    agent = follower.state.ledger.agents["a1"]
+    reports = sorted(monitor._reports.get(("a1", agent.incarnation), {}).values())
+    assert reports == [] and rules.judge(agent, None, reports, now, monitor.settings, "monitor") is None
