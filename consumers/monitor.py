@@ -53,6 +53,8 @@ class LivenessMonitor:
         self.grace_reason = "starting"
         self._reports: dict[tuple[str, int], dict[str, tuple[int, datetime]]] = defaultdict(dict)
         """(agent, incarnation) -> reporter -> its newest report: a reporter counts once, however often it reports."""
+        self._reported: dict[str, int] = {}
+        """agent -> the incarnation its kept reports are about (one key per agent in `_reports`)."""
         self._deaths: dict[str, deque[tuple[str, datetime]]] = defaultdict(deque)
         self._written: set[str] = set()
         self._flagged: set[tuple[str, int]] = set()
@@ -77,8 +79,13 @@ class LivenessMonitor:
                 continue
             e = item.event
             if isinstance(e, ev.AgentUnreachableReported) and e.agent_id in agents:
-                incarnation = e.incarnation or agents[e.agent_id].incarnation
-                reports = self._reports[(e.agent_id, incarnation)]
+                current = agents[e.agent_id].incarnation
+                if e.incarnation and e.incarnation != current:
+                    continue  # no evidence about the incarnation judged (and no key to grow memory with)
+                if self._reported.get(e.agent_id, current) != current:  # registered again: the old reports go
+                    self._reports.pop((e.agent_id, self._reported[e.agent_id]), None)
+                self._reported[e.agent_id] = current
+                reports = self._reports[(e.agent_id, current)]
                 reports.pop(e.producer.id, None)  # re-inserted: the dict stays ordered oldest report first
                 reports[e.producer.id] = (item.seq, from_ns(item.timestamp_ns))
                 while len(reports) > MAX_REPORTERS:

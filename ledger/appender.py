@@ -33,6 +33,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.errors import ConnectionClosedError, OutboundBufferLimitError
 
+from . import authority
 from .codec import MSG_ID, Outgoing
 from .connection import INBOX_HINT, watch_of
 from .errors import AppendTimeout, Conflict, EventIdTaken, PermissionDenied, StoreError, Unavailable
@@ -65,8 +66,8 @@ class _PubAck(msgspec.Struct):
 
 _ack_decoder = msgspec.json.Decoder(_PubAck)
 
-ReadBack = Callable[[str, int], Awaitable[tuple[int, str | None] | None]]
-"""(entity filter, expected seq) -> (seq, msg id) of the first message after it, or None."""
+ReadBack = Callable[[str, int], Awaitable[tuple[int, str | None, str] | None]]
+"""(entity filter, expected seq) -> (seq, msg id, subject) of the first message after it, or None."""
 
 
 class _Pending:
@@ -246,9 +247,10 @@ class Appender:
         """JetStream says our event id is already stored (#seq): ours, from an earlier attempt - or another
         writer's, who used the id first (ids the monitor derives from the log can be guessed)?
 
-        It is ours when #seq is an event of the same type on the same entity: only writers the server lets
-        publish that (the same role: the monitor and its replicas de-duplicate on purpose) could have put it
-        there. Anything else is refused as EventIdTaken - never reported as written.
+        It is ours when #seq is an event of the same type on the same entity by a producer of the same role
+        (the monitor and its replicas de-duplicate each other on purpose; an agent only itself): what the
+        server lets only such writers publish. Anything else is refused as EventIdTaken - never reported as
+        written.
         """
         same_type = p.out.subject.rsplit(".", 1)[0] + ".*"
         try:
@@ -257,7 +259,8 @@ class Appender:
             log.debug("read-back of duplicate %s failed: %s", p.out.subject, e)
             p.due = time.monotonic() + RETRY_BACKOFF
             return
-        if found is not None and found[0] == seq and found[1] == p.out.headers[MSG_ID]:
+        if (found is not None and found[0] == seq and found[1] == p.out.headers[MSG_ID]
+                and authority.same_writer(found[2].rsplit(".", 1)[1], p.out.subject.rsplit(".", 1)[1])):
             self._settle(token, seq=seq)
         else:
             self._settle(token, error=EventIdTaken(

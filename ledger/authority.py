@@ -132,3 +132,10 @@ def writer_refusal(type_tag: str, producer: str, *, subject_agent: str | None = 
         about += f" (the session's owner is {owner or 'nobody'})"
     who = f"agent {producer}" if role == AGENT else f"{producer} ({_ROLE_NAMES[role]})"
     return f"{type_tag}{about} written by {who}: only {describe_writers(type_tag)} may write it"
+
+
+def same_writer(producer: str, other: str) -> bool:
+    """Whether two producer tokens are one writer for de-duplication: the same agent, or the same service role
+    (replicas of the monitor write the same verdict under the same id, on purpose)."""
+    role = role_of(producer)
+    return producer == other if role == AGENT else role == role_of(other)

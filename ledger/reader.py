@@ -155,10 +155,10 @@ async def _msg_get(nc: NATS, stream: str, body: dict[str, object], timeout: floa
 
 
 async def get_first_after(nc: NATS, stream: str, subject_filter: str, seq: int,
-                          timeout: float) -> tuple[int, str | None] | None:
-    """(seq, Nats-Msg-Id) of the first message on the filter after `seq`, from the leader."""
+                          timeout: float) -> tuple[int, str | None, str] | None:
+    """(seq, Nats-Msg-Id, subject) of the first message on the filter after `seq`, from the leader."""
     m = await _msg_get(nc, stream, {"seq": seq + 1, "next_by_subj": subject_filter}, timeout)
-    return None if m is None else (m.seq, _msg_id_from_headers(m.hdrs))
+    return None if m is None else (m.seq, _msg_id_from_headers(m.hdrs), m.subject)
 
 
 async def stored_ns(nc: NATS, stream: str, seq: int, timeout: float) -> int | None:

@@ -168,7 +168,7 @@ class EventStore:
     def appends_in_flight(self) -> int:
         return self._appender.in_flight
 
-    async def _first_after(self, subject_filter: str, seq: int) -> tuple[int, str | None] | None:
+    async def _first_after(self, subject_filter: str, seq: int) -> tuple[int, str | None, str] | None:
         return await reader.get_first_after(self.nc, subjects.stream_for_filter(subject_filter), subject_filter,
                                             seq, self.settings.request_timeout)
 

@@ -343,14 +343,6 @@ async def test_a_take_over_in_the_same_batch_as_the_owners_drain_moves_the_sessi
 # --- (4) the appender's duplicate check -------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Appender._check_duplicate takes the stored #seq as ours when it is on the same entity and verb with the "
-    "same Nats-Msg-Id, any producer (`<verb>.*`), and never decodes it: unreadable bytes on "
-    "`session.<sid>.claimed.mallory` under the id a writer will use make its claim 'written' while the log holds "
-    "garbage - no claim to any reader. Reachable on a server without auth; with auth an agent may publish there "
-    "(claims for itself) but the reclaimer's ids are random, so it needs the id first. Fix: return the stored subject from "
-    "the read-back and require its producer token to have the writer's role (authority.role_of equal, which "
-    "still lets monitor replicas de-duplicate each other), and a readable body decoding to the same event id."))
 async def test_a_duplicate_ack_on_garbage_under_our_event_id_is_not_reported_as_written(ledger: Ledger, uid: str):
     sid, b, inc, token = await _owned_by_b(ledger, uid)
     event_id = f"takeover-{uid}"
@@ -367,13 +359,6 @@ async def test_a_duplicate_ack_on_garbage_under_our_event_id_is_not_reported_as_
         await ledger.store.append(claim)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "The monitor's verdict ids are derived from the log (`dead-<agent>-<incarnation>`, so replicas de-duplicate) and "
-    "_check_duplicate accepts any producer on `agent.<id>.declared_dead.*`: on a server without auth mallory "
-    "publishes garbage on `agent.a1.declared_dead.mallory` under that id first (with auth only a monitor-role "
-    "user may publish that verb, so it takes a monitor credential); the monitor's death is then 'written' (no EventIdTaken, so no retry under a fresh id) and the dead "
-    "agent's sessions are never handed on. Fix as for the claim: the stored subject's producer must have the "
-    "writer's role (authority.role_of), and its body must decode."))
 async def test_garbage_under_the_monitors_derived_death_id_does_not_swallow_the_death(store: EventStore, uid: str):
     ledger = Ledger(store, MONITOR)
     a1 = f"{uid}-a1"
@@ -489,13 +474,6 @@ async def test_a_reporter_counts_once_however_often_it_reports(store: EventStore
                        "monitor") is None
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "LivenessMonitor._heard keys reports by (agent, the report's OWN incarnation field): reports for a real agent "
-    "naming 5000 made-up incarnations add 5000 dicts that nothing ever reads or drops - the per-key bound "
-    "(MAX_REPORTERS) does not bound the outer dict. Reachable with auth: any one agent credential may report any "
-    "agent. Fix: keep only reports naming the agent's current "
-    "incarnation (others are no evidence about it, and judge() reads only that key), and drop an agent's keys "
-    "when it registers again."))
 async def test_reports_naming_made_up_incarnations_do_not_grow_the_monitors_memory(store: EventStore):
     log = Log()
     monitor, follower, inc = _monitor(store, log, "a1")
