@@ -5,6 +5,7 @@ COPY pyproject.toml README.md ./
 COPY ledger ledger
 COPY projections projections
 COPY consumers consumers
-RUN pip install --no-cache-dir .
+COPY ledgerctl ledgerctl
+RUN pip install --no-cache-dir '.[cli]'
 ENTRYPOINT []
 CMD ["ledger", "--help"]

@@ -47,10 +47,10 @@ from ledger import (
 from ledger import events as ev  # noqa: E402
 from ledger import lifecycle as lc  # noqa: E402
 from ledger.check import DEFAULT_GRACE, RawMessage, Report, Violation, check, fold  # noqa: E402
-from ledger.cli.check import read_raw  # noqa: E402
+from ledgerctl.cli.check import read_raw  # noqa: E402
 from ledger.client import Ledger  # noqa: E402
 from ledger.errors import LedgerError, NotClaimable  # noqa: E402
-from ledger.server import EmbeddedCluster, EmbeddedServer, ServerConfig, free_port  # noqa: E402
+from ledgerctl.server import EmbeddedCluster, EmbeddedServer, ServerConfig, free_port  # noqa: E402
 from ledger.settings import Settings  # noqa: E402
 from ledger.store import EventStore  # noqa: E402
 from projections.projector import Projector  # noqa: E402
@@ -107,7 +107,7 @@ class Child:
         with open(self.log, "ab") as out:
             out.write(f"--- start {self.starts}\n".encode())
             out.flush()
-            self.proc = subprocess.Popen([sys.executable, "-m", "ledger", *self.args], stdout=out,
+            self.proc = subprocess.Popen([sys.executable, "-m", "ledgerctl", *self.args], stdout=out,
                                          stderr=subprocess.STDOUT, env={**os.environ, **(self.env or {})})
 
     def kill9(self) -> None:

@@ -188,7 +188,7 @@ async def contention(url: str, claimers: int, orphans: int) -> None:
 async def run(url: str, sessions: int, rounds: int, claimers: int, orphans: int) -> None:
     async with EventStore.connect(Settings(nats_url=url), ensure=True):
         pass
-    reclaimer = subprocess.Popen([sys.executable, "-m", "ledger", "consumers", "--no-monitor", "--no-watchdog",
+    reclaimer = subprocess.Popen([sys.executable, "-m", "ledgerctl", "consumers", "--no-monitor", "--no-watchdog",
                                   "--nats-url", url], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                  env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     try:

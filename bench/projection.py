@@ -41,7 +41,7 @@ import nats  # noqa: E402
 
 from ledger.codec import parse_ack_subject  # noqa: E402
 from ledger.events import AnyEvent  # noqa: E402
-from ledger.server import EmbeddedServer, ServerConfig, free_port  # noqa: E402
+from ledgerctl.server import EmbeddedServer, ServerConfig, free_port  # noqa: E402
 from ledger.settings import Settings  # noqa: E402
 from ledger.store import EventStore  # noqa: E402
 from ledger.subjects import HEARTBEAT_STREAM, LEDGER_STREAM  # noqa: E402

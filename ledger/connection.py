@@ -23,11 +23,13 @@ from nats.errors import AuthorizationError, NoServersError
 from nats.errors import Error as NatsError
 
 from .errors import AuthFailed, ConfigError, ConnectedServerTooOld, PermissionDenied, TlsFailed, Unavailable
-from .server import MIN_VERSION
 from .settings import Settings, redact_url
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+MIN_VERSION = (2, 11, 0)
+"""The oldest nats-server the ledger accepts: older ones silently ignore the entity-wide compare-and-set header."""
 
 __all__ = ["ConnectionWatch", "check_server_version", "classify_connect_failure", "open_connection",
            "parse_permission_violation", "redact_url", "watch_of"]

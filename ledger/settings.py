@@ -18,6 +18,9 @@ MIN_CONNECT_TIMEOUT = 1.0
 MIN_REQUEST_TIMEOUT = 1.0
 """Floors of `Settings.for_lease`: below them a busy machine looks like a dead server."""
 SECRET_FIELDS = ("password", "token")
+CONNECTION_FIELDS = ("creds_file", "nkey_seed_file", "user", "password", "token", "tls_ca_file", "tls_cert_file",
+                     "tls_key_file")
+"""How a connection proves who it is and whom it trusts: meant for one server, never carried to another."""
 CREDENTIAL_KINDS = {"creds_file": "a creds file", "nkey_seed_file": "an nkey seed", "user": "a user and password",
                     "token": "a token"}
 
@@ -167,6 +170,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             reconnect_time_wait=min(self.reconnect_time_wait, max(ttl / 12, MIN_PING_INTERVAL)),
             request_timeout=min(self.request_timeout, max(ttl / 4, MIN_REQUEST_TIMEOUT)),
         )
+
+    def without_credentials(self) -> Settings:
+        """These settings for a server with no users and no TLS (an embedded one a command started itself):
+        credentials meant for another server (LEDGER_TLS_CA_FILE in the environment, say) do not apply."""
+        return self.replace(**dict.fromkeys(CONNECTION_FIELDS))
 
     def replace(self, **changes: Any) -> Settings:
         return msgspec.structs.replace(self, **changes)

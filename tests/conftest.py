@@ -21,9 +21,9 @@ import pytest
 from ledger import events as ev
 from ledger.client import Ledger
 from ledger.ids import new_id
-from ledger.server import EmbeddedCluster, EmbeddedServer, ServerConfig, free_port
 from ledger.settings import Settings
 from ledger.store import EventStore
+from ledgerctl.server import EmbeddedCluster, EmbeddedServer, ServerConfig, free_port
 
 
 class RunningNats:

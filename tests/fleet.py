@@ -29,7 +29,7 @@ class AgentProcess:
                  ttl: float = 1.5, self_claim: bool = True) -> None:
         self.agent_id = agent_id
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ledger", "agent", "--agent-id", agent_id, "--pool", pool, "--capacity",
+            [sys.executable, "-m", "ledgerctl", "agent", "--agent-id", agent_id, "--pool", pool, "--capacity",
              str(capacity), "--heartbeat", str(heartbeat), "--ttl", str(ttl), "--nats-url", url,
              "--self-claim" if self_claim else "--no-self-claim"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)

@@ -7,20 +7,27 @@ import contextlib
 from collections.abc import AsyncIterator
 
 import pytest
-
 from helpers import eventually
+
 from ledger import events as ev
 from ledger import lifecycle as lc
 from ledger.agent import Agent
 from ledger.client import Ledger
 from ledger.codec import Recorded
-from ledger.errors import (CapacityExhausted, Draining, Fenced, IllegalTransition, NotClaimable, NotFound,
-                           StaleToken,
-                           Superseded)
+from ledger.errors import (
+    CapacityExhausted,
+    Draining,
+    Fenced,
+    IllegalTransition,
+    NotClaimable,
+    NotFound,
+    StaleToken,
+    Superseded,
+)
 from ledger.ids import new_id
-from ledger.server import EmbeddedServer
 from ledger.settings import Settings
 from ledger.store import EventStore
+from ledgerctl.server import EmbeddedServer
 
 
 def agent_of(ledger: Ledger, agent_id: str, **kw: object) -> Agent:

@@ -172,7 +172,7 @@ async def test_an_agent_over_capacity_releases_its_newest_extra_session(ledger: 
 
 
 def spawn_ledger_agent(agent_id: str, pool: str, nats_url: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "ledger", "agent", "--agent-id", agent_id, "--pool", pool,
+    return subprocess.Popen([sys.executable, "-m", "ledgerctl", "agent", "--agent-id", agent_id, "--pool", pool,
                              "--heartbeat", "0.2", "--ttl", "2", "--no-self-claim", "--nats-url", nats_url],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from helpers import eventually
+
 from ledger import events as ev
 from ledger import lifecycle as lc
 from ledger.client import Ledger
@@ -59,7 +59,7 @@ async def test_goodbye_is_written_once_whatever_races(store: EventStore, setting
 async def test_signal_to_a_ledger_agent_process_gives_one_goodbye_and_exit_0(
         store: EventStore, settings: Settings, uid: str, sig: signal.Signals):
     agent_id = f"{uid}-agent"
-    proc = spawn("-m", "ledger", "agent", "--agent-id", agent_id, "--pool", f"{uid}-pool", "--heartbeat", "0.2",
+    proc = spawn("-m", "ledgerctl", "agent", "--agent-id", agent_id, "--pool", f"{uid}-pool", "--heartbeat", "0.2",
                  "--ttl", "2", "--nats-url", settings.nats_url)
     try:
         await asyncio.to_thread(wait_for_line, proc, "registered")
@@ -79,7 +79,7 @@ async def test_reference_agents_share_a_pool_and_take_over_on_goodbye(store: Eve
     pool = f"{uid}-pool"
     ledger = Ledger(store, ev.Producer(id="operator-test", instance=new_id()))
     sessions = [(await ledger.create_session(pool, session_id=f"{uid}-s{i}"))[0] for i in range(6)]
-    procs = {name: spawn("-m", "ledger", "agent", "--agent-id", f"{uid}-{name}", "--pool", pool, "--capacity", "6",
+    procs = {name: spawn("-m", "ledgerctl", "agent", "--agent-id", f"{uid}-{name}", "--pool", pool, "--capacity", "6",
                          "--heartbeat", "0.2", "--ttl", "2", "--nats-url", settings.nats_url)
              for name in ("a", "b")}
     try:

@@ -11,6 +11,7 @@ from datetime import timedelta
 
 from fleet import consumers, ledger_on
 from helpers import authorized, eventually
+from test_agent_judges import FORGER, agent_of
 
 from consumers.follow import Follower
 from consumers.reclaimer import Reclaimer
@@ -18,16 +19,14 @@ from ledger import codec
 from ledger import events as ev
 from ledger import lifecycle as lc
 from ledger.agent import Agent
-from ledger.cli.check import run_check
 from ledger.client import Ledger
 from ledger.codec import Recorded
 from ledger.errors import LedgerError
 from ledger.ids import new_id
-from ledger.server import EmbeddedServer
 from ledger.subjects import HEARTBEAT_STREAM
+from ledgerctl.cli.check import run_check
+from ledgerctl.server import EmbeddedServer
 from projections.beats import KEEP, evolve_beat, of_incarnation
-
-from test_agent_judges import FORGER, agent_of
 
 
 async def agrees_with_the_ledger(ledger: Ledger, agent: Agent, session_ids: list[str]) -> bool:

@@ -10,15 +10,14 @@ from datetime import timedelta
 
 from fleet import consumers, ledger_on
 from helpers import authorized, eventually
+from test_agent_judges import FORGER, agent_of, given_by_a_reclaimer
 
 from ledger import events as ev
 from ledger import lifecycle as lc
 from ledger.agent import Agent
 from ledger.client import Ledger
-from ledger.server import EmbeddedServer
 from ledger.subjects import event_subject
-
-from test_agent_judges import FORGER, agent_of, given_by_a_reclaimer
+from ledgerctl.server import EmbeddedServer
 
 
 async def test_an_unreadable_message_on_the_agents_registration_subject_does_not_keep_it_fenced_for_ever(

@@ -21,11 +21,12 @@ from cryptography import x509
 from helpers import eventually
 from test_permissions import Conn, Secured, connect, recorded, refused_publish, start_secured
 
-from ledger import codec, permissions
+from ledger import codec
 from ledger import events as ev
-from ledger.cli import cli
 from ledger.settings import Settings
 from ledger.store import EventStore
+from ledgerctl import permissions
+from ledgerctl.cli import cli
 
 SECRETS = ("admin.nk", "operator.nk", "service.nk", "reader.nk", "agent-a1.nk", "ca-key.pem", "server-key.pem",
            "route-key.pem", "agent-a1-key.pem")

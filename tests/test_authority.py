@@ -25,8 +25,8 @@ from ledger import lifecycle as lc
 from ledger.agent import Agent
 from ledger.client import Ledger
 from ledger.errors import InvalidInput, NotAuthorized
-from ledger.server import EmbeddedServer
 from ledger.subjects import HEARTBEAT_STREAM, LEDGER_STREAM
+from ledgerctl.server import EmbeddedServer
 from projections.projector import Projector
 from projections.query import Query
 from projections.settings import ProjectionSettings

@@ -16,7 +16,7 @@ import pytest
 from conftest import wait_for_jetstream
 from projection_helpers import NOT_COMPARED, STATE_TABLES, dump
 
-from ledger.server import EmbeddedCluster, EmbeddedServer, ServerConfig, free_port
+from ledgerctl.server import EmbeddedCluster, EmbeddedServer, ServerConfig, free_port
 from projections.schema import TABLES
 
 
@@ -57,7 +57,7 @@ def assert_whole(result: FaultResult, live: Path, rebuilt: Path) -> None:
 
 
 def ledger_check_exit(url: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "ledger", "check", "--nats-url", url], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "ledgerctl", "check", "--nats-url", url], capture_output=True,
                           text=True, timeout=120)
 
 

@@ -25,9 +25,9 @@ from ledger import codec, reader
 from ledger import events as ev
 from ledger import lifecycle as lc
 from ledger.check import RawMessage, check
-from ledger.server import EmbeddedServer
 from ledger.settings import Settings
 from ledger.store import EventStore
+from ledgerctl.server import EmbeddedServer
 
 CLI = ev.Producer(id="cli", instance="t")
 SECOND = 1_000_000_000
@@ -529,7 +529,7 @@ def test_in_flight_writes_of_a_superseded_incarnation_are_clean_until_an_event_a
 
 
 def ledger_check(url: str, *args: str) -> tuple[int, dict[str, Any], str]:
-    result = subprocess.run([sys.executable, "-m", "ledger", "check", *args], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "ledgerctl", "check", *args], capture_output=True, text=True,
                             timeout=120, env={**os.environ, "LEDGER_NATS_URL": url})
     assert "Traceback" not in result.stderr, result.stderr
     doc = json.loads(result.stdout) if "--json" in args and result.stdout.strip() else {}
@@ -659,10 +659,10 @@ async def test_a_stranded_session_on_a_real_server(server: EmbeddedServer):
 
 
 def test_a_user_mistake_is_one_line():
-    result = subprocess.run([sys.executable, "-m", "ledger", "check", "--since", "yesterday-ish"],
+    result = subprocess.run([sys.executable, "-m", "ledgerctl", "check", "--since", "yesterday-ish"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "is not a time" in result.stderr and "Traceback" not in result.stderr
-    result = subprocess.run([sys.executable, "-m", "ledger", "check", "--nats-url", "nats://127.0.0.1:1"],
+    result = subprocess.run([sys.executable, "-m", "ledgerctl", "check", "--nats-url", "nats://127.0.0.1:1"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and "Traceback" not in result.stderr and "cannot reach" in result.stderr
 

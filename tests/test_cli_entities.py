@@ -14,7 +14,7 @@ from ledger.settings import Settings
 
 def ledger_cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "LEDGER_NATS_URL": settings.nats_url}
-    return subprocess.run([sys.executable, "-m", "ledger", *args], capture_output=True, text=True, timeout=60,
+    return subprocess.run([sys.executable, "-m", "ledgerctl", *args], capture_output=True, text=True, timeout=60,
                           env=env)
 
 

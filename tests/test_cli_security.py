@@ -8,9 +8,10 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from ledger.cli import cli
-from ledger.cli.common import connection_options, embedded_settings, settings_from
-from ledger.cli.up import UpSettings, hints
+from ledgerctl.cli import cli
+from ledgerctl.cli.common import connection_options, embedded_settings, settings_from
+from ledgerctl.cli.up import hints
+from ledgerctl.stack import UpSettings
 
 SECURITY_FLAGS = {"--creds": "LEDGER_CREDS_FILE", "--nkey-seed": "LEDGER_NKEY_SEED_FILE", "--user": "LEDGER_USER",
                   "--password": "LEDGER_PASSWORD", "--token": "LEDGER_TOKEN", "--tls-ca": "LEDGER_TLS_CA_FILE",

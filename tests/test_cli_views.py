@@ -9,15 +9,14 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
+from conftest import start_binary_server
 
 from ledger import events as ev
-from ledger.cli import cli
 from ledger.settings import Settings
 from ledger.store import EventStore
+from ledgerctl.cli import cli
 from projections.projector import Projector
 from projections.settings import ProjectionSettings
-
-from conftest import start_binary_server
 
 CLI = ev.Producer(id="cli", instance="t")
 

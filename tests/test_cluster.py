@@ -11,6 +11,10 @@ from pathlib import Path
 
 import nats
 import pytest
+from conftest import wait_for_jetstream
+from helpers import eventually
+from test_agent import race_agents
+from test_store import created, race
 
 from ledger import subjects
 from ledger.agent import Agent
@@ -19,13 +23,9 @@ from ledger.codec import Recorded
 from ledger.errors import Conflict
 from ledger.events import Producer
 from ledger.ids import new_id
-from ledger.server import EmbeddedCluster
 from ledger.settings import Settings
 from ledger.store import EventStore
-from conftest import wait_for_jetstream
-from helpers import eventually
-from test_agent import race_agents
-from test_store import created, race
+from ledgerctl.server import EmbeddedCluster
 
 pytestmark = pytest.mark.cluster
 
@@ -141,8 +141,9 @@ async def test_fifty_agents_race_to_claim_one_session_on_the_cluster(cluster_sto
 
 async def test_a_projector_following_through_a_leader_kill_ends_in_the_rebuilds_state(own_cluster: EmbeddedCluster,
                                                                                       tmp_path: Path):
-    from ledger.events import AgentHeartbeat
     from projection_helpers import dump
+
+    from ledger.events import AgentHeartbeat
     from projections.projector import Projector
     from projections.rebuild import rebuild
     from projections.settings import ProjectionSettings

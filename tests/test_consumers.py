@@ -8,14 +8,14 @@ import sys
 import time
 
 import pytest
-
 from fleet import agents, consumers, events, ledger_on
 from helpers import eventually
+
 from ledger import events as ev
-from ledger.client import Ledger
 from ledger import lifecycle as lc
+from ledger.client import Ledger
 from ledger.codec import Recorded
-from ledger.server import EmbeddedServer
+from ledgerctl.server import EmbeddedServer
 
 HEARTBEAT, TTL = 0.2, 1.5
 
@@ -128,7 +128,7 @@ async def test_the_breaker_trips_when_most_of_a_pool_dies_together(server: Embed
             await asyncio.sleep(1.0)  # the reclaimer had its chance and must not have moved them
             assert set((await owners(ledger, held)).values()) <= set(names) - {survivor}
             # An operator closes the breaker: the held sessions move to the survivor.
-            result = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "ledger", "pool",
+            result = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "ledgerctl", "pool",
                                                               "reset-breaker", "gpu", "--nats-url", server.url],
                                              capture_output=True, text=True, timeout=30)
             assert result.returncode == 0 and "breaker closed" in result.stdout, result.stderr
@@ -176,7 +176,7 @@ async def claims_in_a_clean_log(url: str) -> int:
         assert anomalies == [], (sid, anomalies)
         claims += state.claims
     # And by the independent checker, which shares no code with the fold above.
-    check = subprocess.run([sys.executable, "-m", "ledger", "check", "--nats-url", url], capture_output=True,
+    check = subprocess.run([sys.executable, "-m", "ledgerctl", "check", "--nats-url", url], capture_output=True,
                            text=True, timeout=120)
     assert check.returncode == 0, check.stdout + check.stderr
     return claims
@@ -184,7 +184,7 @@ async def claims_in_a_clean_log(url: str) -> int:
 
 async def test_consumers_killed_as_they_fail_an_agent_over_and_restarted_still_make_one_owner(server: EmbeddedServer):
     def start_consumers() -> subprocess.Popen[str]:
-        return subprocess.Popen([sys.executable, "-m", "ledger", "consumers", "--grace", "0.3", "--nats-url",
+        return subprocess.Popen([sys.executable, "-m", "ledgerctl", "consumers", "--grace", "0.3", "--nats-url",
                                  server.url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     async with ledger_on(server.url) as ledger, agents(server.url, "gpu", ["a1", "a2", "a3"], heartbeat=HEARTBEAT,

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import nkeys
 import pytest
-
-from ledger.errors import AuthFailed, PermissionDenied
-from ledger.server import EmbeddedServer
-from ledger.settings import Settings
-from ledger.store import EventStore
 from conftest import start_binary_server
 from test_secure_connection import agent_registered, append_and_read_back, assert_one_line_error, run_cli
+
+from ledger.errors import AuthFailed, PermissionDenied
+from ledger.settings import Settings
+from ledger.store import EventStore
+from ledgerctl.server import EmbeddedServer
 
 
 def _b64(data: bytes) -> str:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 
 import pytest
-
 from conftest import docker_engine_reachable
+from test_store import claimed, created
+
 from ledger.errors import Conflict
 from ledger.settings import Settings
 from ledger.store import EventStore
-from test_store import claimed, created
 
 pytestmark = [
     pytest.mark.docker,

@@ -10,9 +10,9 @@ from pathlib import Path
 
 from ledger import codec
 from ledger import events as ev
-from ledger.server import EmbeddedServer
 from ledger.settings import Settings
 from ledger.store import EventStore
+from ledgerctl.server import EmbeddedServer
 from projections.projector import Projector
 from projections.settings import ProjectionSettings
 
@@ -20,7 +20,7 @@ CLI = ev.Producer(id="cli", instance="test")
 
 
 def doctor(url: str, db: Path, *args: str) -> tuple[int, list[dict[str, str]]]:
-    result = subprocess.run([sys.executable, "-m", "ledger", "doctor", "--json", "--db", str(db), *args],
+    result = subprocess.run([sys.executable, "-m", "ledgerctl", "doctor", "--json", "--db", str(db), *args],
                             capture_output=True, text=True, timeout=60, env={**os.environ, "LEDGER_NATS_URL": url})
     assert "Traceback" not in result.stderr, result.stderr
     return result.returncode, [json.loads(line) for line in result.stdout.splitlines()]
@@ -139,7 +139,7 @@ async def test_doctor_fails_when_ledger_may_be_deleted_or_purged(fresh_server: E
 
 
 def test_no_authentication_on_a_non_loopback_address_is_a_warning():
-    from ledger.cli.doctor import security_finding
+    from ledgerctl.cli.doctor import security_finding
 
     open_info = {"host": "0.0.0.0", "port": 4222, "auth_required": False}
     warned = security_finding(open_info)

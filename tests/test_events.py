@@ -7,11 +7,11 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from samples import AGENT, T0, all_samples, sample
 
 from ledger import codec, subjects
 from ledger import events as ev
 from ledger.errors import DecodeFailed, InvalidInput
-from samples import AGENT, T0, all_samples, sample
 
 DATA = Path(__file__).parent / "data" / "events"
 

@@ -4,13 +4,12 @@ sessions settle with it, instead of an endless claim -> orphan loop with the rec
 
 from __future__ import annotations
 
-
 from fleet import agents, consumers, events, ledger_on
 from helpers import eventually
 
 from ledger import events as ev
 from ledger import lifecycle as lc
-from ledger.server import EmbeddedServer
+from ledgerctl.server import EmbeddedServer
 
 HEARTBEAT, TTL = 0.2, 1.5
 MAX_CLAIMS = 4

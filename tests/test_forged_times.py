@@ -31,8 +31,8 @@ from ledger import events as ev
 from ledger import lifecycle as lc
 from ledger.client import Ledger
 from ledger.decide import AgentRef
-from ledger.server import EmbeddedServer
 from ledger.subjects import LEDGER_STREAM
+from ledgerctl.server import EmbeddedServer
 from projections.health import route_health
 from projections.state import LedgerState
 

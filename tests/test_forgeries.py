@@ -24,7 +24,7 @@ from ledger.client import Ledger
 from ledger.codec import Recorded
 from ledger.decide import AgentRef
 from ledger.ids import new_id
-from ledger.server import EmbeddedServer
+from ledgerctl.server import EmbeddedServer
 from projections.health import agent_health
 
 HEARTBEAT, TTL = 0.2, 1.5

@@ -29,10 +29,10 @@ from ledger import codec
 from ledger import events as ev
 from ledger.agent import Agent
 from ledger.client import Ledger
-from ledger.server import EmbeddedServer
 from ledger.settings import Settings
 from ledger.store import EventStore
 from ledger.subjects import DLQ_STREAM, HEARTBEAT_STREAM, LEDGER_STREAM
+from ledgerctl.server import EmbeddedServer
 from projections.projector import Projector
 from projections.query import Query
 from projections.settings import ProjectionSettings
@@ -263,7 +263,7 @@ def test_history_of_an_agent_with_a_deeply_nested_message_prints_no_traceback(se
     asyncio.run(seed())
     env = {**os.environ, "LEDGER_NATS_URL": server.url, "LEDGER_DB": str(tmp_path / "none.sqlite3")}
     for args in ([], ["--json"]):
-        result = subprocess.run([sys.executable, "-m", "ledger", "history", "agent", "h1", *args],
+        result = subprocess.run([sys.executable, "-m", "ledgerctl", "history", "agent", "h1", *args],
                                 capture_output=True, text=True, timeout=60, env=env, check=False)
         assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
         assert "dead letter" in result.stdout or args, result.stdout

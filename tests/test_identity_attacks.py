@@ -34,15 +34,16 @@ from test_permissions import Conn, Secured, connect, ledger_as, pulls_handled, r
 from consumers.follow import Follower
 from consumers.liveness_rules import LivenessSettings
 from consumers.monitor import LivenessMonitor
-from ledger import codec, decide, permissions, subjects
+from ledger import codec, decide, subjects
 from ledger import events as ev
 from ledger import lifecycle as lc
-from ledger.cli import cli
 from ledger.client import Ledger
 from ledger.connection import open_connection
 from ledger.errors import AuthFailed, InvalidInput, LedgerError, TlsFailed
-from ledger.server import EmbeddedServer
 from ledger.settings import Settings, redact_url
+from ledgerctl import permissions
+from ledgerctl.cli import cli
+from ledgerctl.server import EmbeddedServer
 
 
 @pytest.fixture
@@ -539,7 +540,7 @@ def spawn_cli_agent(secured: Secured, agent_id: str, out: Path) -> subprocess.Po
     env = {**os.environ, "LEDGER_NATS_URL": secured.url, "LEDGER_NKEY_SEED_FILE": str(secured.creds / f"{user}.nk"),
            "LEDGER_INBOX_PREFIX": permissions.inbox_prefix(user)}
     with open(out / "stdout", "wb") as stdout, open(out / "stderr", "wb") as stderr:
-        return subprocess.Popen([sys.executable, "-m", "ledger", "agent", "--agent-id", agent_id, "--pool", "p-revoked",
+        return subprocess.Popen([sys.executable, "-m", "ledgerctl", "agent", "--agent-id", agent_id, "--pool", "p-revoked",
                                  "--heartbeat", "0.2", "--ttl", "2"], env=env, stdout=stdout, stderr=stderr)
 
 
@@ -696,7 +697,7 @@ def password_server(tmp_path: Path) -> Iterator[EmbeddedServer]:
 
 
 def ledger_run(*args: str, env: dict[str, str] | None = None) -> str:
-    result = subprocess.run([sys.executable, "-m", "ledger", "-vv", *args], check=False, capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "ledgerctl", "-vv", *args], check=False, capture_output=True, text=True,
                             timeout=60, env={**os.environ, **(env or {})})
     return result.stdout + result.stderr
 

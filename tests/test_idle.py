@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from helpers import eventually
 
 from consumers.idle import IdleReaper, select_idle
 from ledger import events as ev
@@ -14,7 +15,6 @@ from ledger.client import Ledger
 from ledger.errors import NotFound
 from ledger.ids import new_id
 from ledger.store import EventStore
-from helpers import eventually
 
 
 def test_selection_never_picks_a_busy_or_fresh_session():

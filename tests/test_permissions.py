@@ -33,17 +33,18 @@ from nats.js import api
 
 from consumers.liveness_rules import LivenessSettings
 from consumers.service import Consumers
-from ledger import authority, codec, permissions, subjects
+from ledger import authority, codec, subjects
 from ledger import events as ev
 from ledger.agent import Agent
-from ledger.cli import cli
-from ledger.cli.doctor import security_finding
 from ledger.client import Ledger
 from ledger.codec import Recorded
 from ledger.ids import new_id
-from ledger.server import EmbeddedServer
 from ledger.settings import Settings
 from ledger.store import EventStore
+from ledgerctl import permissions
+from ledgerctl.cli import cli
+from ledgerctl.cli.doctor import security_finding
+from ledgerctl.server import EmbeddedServer
 
 HERE = Path(__file__).parent
 REFUSED = 1.0
@@ -473,7 +474,7 @@ async def test_the_service_user_checks_the_streams_as_ledger_up_does_and_dead_le
 
 
 async def test_the_reader_runs_ledger_doctors_checks_without_a_violation(secured: Secured):
-    from ledger.cli import doctor
+    from ledgerctl.cli import doctor
 
     async with ledger_as(secured, permissions.READER, "reader") as (reader, conn):
         nc, settings = reader.store.nc, reader.store.settings
@@ -582,7 +583,7 @@ def deploy_cluster(tmp_path: Path) -> Iterator[tuple[list[str], Path, list[int]]
     secrets of the compose file's own init step: client TLS, route TLS with the route CA, fsync always."""
     from test_repo import ROOT, point_tls_files_at, run_compose_auth_init
 
-    from ledger.server import find_binary, free_port
+    from ledgerctl.server import find_binary, free_port
 
     etc = tmp_path / "etc"
     secrets = etc / "secrets"

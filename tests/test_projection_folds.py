@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from itertools import pairwise
 
+from histories import histories
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -20,8 +21,6 @@ from projections.state import (
     decode,
     encode,
 )
-
-from histories import histories
 
 FOLD_EXAMPLES = settings(max_examples=100, deadline=None)
 

@@ -9,15 +9,14 @@ from itertools import pairwise
 from pathlib import Path
 
 import pytest
+from histories import histories
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from projection_helpers import commit_batches, dump, load
 
 from projections.db import ProjectionDB
 from projections.errors import DatabaseMissing, ProjectionError
 from projections.schema import PROJECTION_SCHEMA_VERSION
-
-from histories import histories
-from projection_helpers import commit_batches, dump, load
 
 
 def cut(data: st.DataObject, items: list) -> list[list]:  # type: ignore[type-arg]

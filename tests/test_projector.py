@@ -6,22 +6,21 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from conftest import start_binary_server
 from nats.js.errors import NotFoundError
+from projection_helpers import dump
 
 from ledger import codec
 from ledger import events as ev
-from ledger.server import EmbeddedServer
 from ledger.settings import Settings
 from ledger.store import EventStore
 from ledger.subjects import DLQ_STREAM, HEARTBEAT_STREAM, LEDGER_STREAM
+from ledgerctl.server import EmbeddedServer
 from projections.errors import DatabaseBusy, StreamChanged
 from projections.projector import Projector
 from projections.query import Query
 from projections.rebuild import rebuild
 from projections.settings import ProjectionSettings
-
-from conftest import start_binary_server
-from projection_helpers import dump
 
 CLI = ev.Producer(id="cli", instance="test")
 

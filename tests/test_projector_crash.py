@@ -10,15 +10,15 @@ import sqlite3
 import sys
 from pathlib import Path
 
+from projection_helpers import dump, until
+
 from ledger import events as ev
-from ledger.server import EmbeddedServer
 from ledger.settings import Settings
 from ledger.store import EventStore
 from ledger.subjects import DLQ_STREAM, HEARTBEAT_STREAM, LEDGER_STREAM
+from ledgerctl.server import EmbeddedServer
 from projections.rebuild import rebuild
 from projections.settings import ProjectionSettings
-
-from projection_helpers import dump, until
 
 CLI = ev.Producer(id="cli", instance="t")
 GARBAGE_EVERY = 997
@@ -81,7 +81,7 @@ async def start_projector(url: str, db: Path) -> asyncio.subprocess.Process:
     env = {**os.environ, "LEDGER_PROJECTION_BATCH": "500", "LEDGER_PROJECTION_COMMIT_EVERY": "1500",
            "LEDGER_PROJECTION_MAX_PENDING": "2000", "LEDGER_PROJECTION_SNAPSHOT_EVERY": "4000"}
     return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "ledger", "project", "--db", str(db), "--nats-url", url, "--quiet",
+        sys.executable, "-m", "ledgerctl", "project", "--db", str(db), "--nats-url", url, "--quiet",
         env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
 
 

@@ -8,15 +8,15 @@ import os
 import signal
 
 import pytest
+from helpers import eventually
+from test_store import created
 
 from ledger import reader, subjects
 from ledger.codec import Recorded
 from ledger.errors import Unavailable
-from ledger.server import EmbeddedServer
 from ledger.settings import Settings
 from ledger.store import EventStore
-from helpers import eventually
-from test_store import created
+from ledgerctl.server import EmbeddedServer
 
 
 async def test_a_following_replay_keeps_trying_through_an_outage_and_a_one_shot_gives_up(
@@ -64,8 +64,7 @@ async def test_a_one_shot_replay_waits_out_a_jetstream_that_answers_temporarily_
 
     import nats
 
-    from ledger.server import find_binary
-    from ledger.server import free_port
+    from ledgerctl.server import find_binary, free_port
 
     port = free_port()
     binary, _ = find_binary()

@@ -6,13 +6,13 @@ import asyncio
 import time
 
 import pytest
+from test_store import created, submit_beats
 
 from ledger import subjects
 from ledger.events import Producer, SessionCreated
-from ledger.server import EmbeddedServer
 from ledger.settings import Settings
 from ledger.store import EventStore
-from test_store import created, submit_beats
+from ledgerctl.server import EmbeddedServer
 
 
 async def test_a_slow_reader_still_gets_every_message_in_order(store: EventStore, uid: str):

@@ -67,7 +67,7 @@ def run_compose_auth_init(secrets: Path) -> list[str]:
     """Run the compose file's ledger-auth command, into `secrets` instead of the container's path."""
     from click.testing import CliRunner
 
-    from ledger.cli import cli
+    from ledgerctl.cli import cli
 
     command = compose_services()["ledger-auth"]["command"]
     assert command[:3] == ["ledger", "auth", "init"] and "--if-missing" in command and "--tls" in command
@@ -124,8 +124,8 @@ def test_compose_wiring_matches_what_ledger_auth_generates(tmp_path: Path):
     `ledger auth init` wrote for that user), the nodes what nats-server needs to accept deploy/nats-secure.conf."""
     from click.testing import CliRunner
 
-    from ledger.cli import cli
-    from ledger.server import find_binary
+    from ledgerctl.cli import cli
+    from ledgerctl.server import find_binary
 
     services = compose_services()
     secrets = tmp_path / "secrets"

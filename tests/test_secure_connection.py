@@ -23,11 +23,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from ledger import events as ev
 from ledger.errors import AuthFailed, ConfigError, PermissionDenied, TlsFailed
 from ledger.ids import new_id
-from ledger.server import EmbeddedServer
 from ledger.settings import Settings
 from ledger.store import EventStore
+from ledgerctl.server import EmbeddedServer
 
-LEDGER = [sys.executable, "-m", "ledger"]
+LEDGER = [sys.executable, "-m", "ledgerctl"]
 ADMIN_PASSWORD = "adm1n-s3cret"
 TOKEN = "t0ken-s3cret"
 

@@ -32,11 +32,11 @@ from ledger.client import Ledger
 from ledger.codec import Recorded
 from ledger.errors import StreamMismatch, StreamMissing
 from ledger.ids import new_id
-from ledger.server import EmbeddedServer
 from ledger.settings import Settings
 from ledger.streams import needs_admin
+from ledgerctl.server import EmbeddedServer
 
-LEDGER = [sys.executable, "-m", "ledger"]
+LEDGER = [sys.executable, "-m", "ledgerctl"]
 WRONG_PASSWORD = "n0t-the-p4ssword-" + new_id()[:8]
 HEARTBEAT, TTL = "1", "8"
 """The agents' lease: generous, so a loaded machine does not make a live agent look dead."""

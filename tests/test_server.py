@@ -15,11 +15,11 @@ from pathlib import Path
 import nats
 import pytest
 
-from ledger import server as srv
 from ledger.errors import DataDirInUse, PortInUse, ServerBinaryNotFound, ServerTooOld
-from ledger.server import EmbeddedServer, ServerConfig, free_port
+from ledgerctl import server as srv
+from ledgerctl.server import EmbeddedServer, ServerConfig, free_port
 
-LEDGER = [sys.executable, "-m", "ledger"]
+LEDGER = [sys.executable, "-m", "ledgerctl"]
 
 
 def fake_server(tmp_path: Path, version: str) -> Path:

@@ -13,9 +13,9 @@ from ledger import codec, subjects
 from ledger.codec import Unreadable
 from ledger.errors import AppendTimeout, Conflict, InvalidInput, StreamMissing
 from ledger.events import AgentHeartbeat, Producer, SessionClaimed, SessionCreated, SessionReleased
-from ledger.server import EmbeddedServer
 from ledger.settings import Settings
 from ledger.store import EventStore, open_connection
+from ledgerctl.server import EmbeddedServer
 
 CLI = Producer(id="cli", instance="test")
 

@@ -12,9 +12,9 @@ from nats.js.api import StreamConfig
 from ledger import codec, streams, subjects
 from ledger.errors import StreamMismatch
 from ledger.events import AgentHeartbeat, Producer
-from ledger.server import EmbeddedServer
 from ledger.settings import Settings
 from ledger.store import EventStore
+from ledgerctl.server import EmbeddedServer
 
 
 async def test_streams_are_created_with_their_settings_then_ok(fresh_server: EmbeddedServer):

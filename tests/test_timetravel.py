@@ -7,22 +7,21 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from conftest import start_binary_server
+from projection_helpers import until
 
 from ledger import events as ev
 from ledger.codec import Recorded
-from ledger.server import EmbeddedServer
 from ledger.settings import Settings
 from ledger.store import EventStore
 from ledger.subjects import HEARTBEAT_STREAM, LEDGER_STREAM
+from ledgerctl.server import EmbeddedServer
 from projections.errors import InvalidQuery, UnknownEntity
 from projections.projector import FILTERS, Projector
 from projections.query import Query
 from projections.settings import ProjectionSettings
 from projections.state import LedgerState
 from projections.timetravel import state_as_of
-
-from conftest import start_binary_server
-from projection_helpers import until
 
 CLI = ev.Producer(id="cli", instance="t")
 MONITOR = ev.Producer(id="monitor", instance="m")

@@ -12,14 +12,14 @@ import sys
 import time
 from pathlib import Path
 
-from ledger.agent import Agent
-from ledger.client import Ledger
-from ledger.server import free_port
-from ledger.settings import Settings
-
 from helpers import eventually
 
-LEDGER = [sys.executable, "-m", "ledger"]
+from ledger.agent import Agent
+from ledger.client import Ledger
+from ledger.settings import Settings
+from ledgerctl.server import free_port
+
+LEDGER = [sys.executable, "-m", "ledgerctl"]
 
 
 def read_until(proc: subprocess.Popen[str], prefix: str, timeout: float = 30) -> str:
@@ -155,7 +155,7 @@ async def test_kill_9_of_up_takes_its_nats_server_along_and_up_starts_again(tmp_
 LEAVE_A_SERVER_BEHIND = """
 import fcntl, os, subprocess, sys
 from pathlib import Path
-from ledger.server import ServerConfig, find_binary
+from ledgerctl.server import ServerConfig, find_binary
 data, port = Path(sys.argv[1]), int(sys.argv[2])
 data.mkdir(parents=True)
 conf = data / "nats-server.conf"
@@ -226,7 +226,7 @@ def test_demo_refuses_a_ttl_shorter_than_the_heartbeat():
 
 
 def test_catch_up_progress_is_told_until_the_projector_has_caught_up():
-    from ledger.cli.up import catch_up_reporter
+    from ledgerctl.stack import catch_up_reporter
     from projections.projector import Progress
 
     lines: list[str] = []

@@ -20,13 +20,13 @@ from pathlib import Path
 
 import pytest
 
-from ledger import server as srv
 from ledger.errors import ConnectedServerTooOld, Unavailable
-from ledger.server import MIN_VERSION, binary_version, free_port
 from ledger.settings import Settings
 from ledger.store import EventStore
+from ledgerctl import server as srv
+from ledgerctl.server import MIN_VERSION, binary_version, free_port
 
-LEDGER = [sys.executable, "-m", "ledger"]
+LEDGER = [sys.executable, "-m", "ledgerctl"]
 DEBIAN_PATHS = ("/usr/sbin/nats-server", "/usr/bin/nats-server")
 
 

@@ -10,6 +10,8 @@ from typing import Any
 import click
 import msgspec
 
+from ledger.lifecycle import ROUTE_STATES, SESSION_STATES
+from ledger.store import EventStore
 from projections.errors import InvalidQuery
 from projections.health import AGENT_HEALTH, HealthPolicy
 from projections.history import KINDS
@@ -17,8 +19,6 @@ from projections.query import ROUTE_STATUSES, AsOf, Query
 from projections.settings import DB_ENV, DEFAULT_DB
 from projections.timespec import EXAMPLES, parse_time
 
-from ..lifecycle import ROUTE_STATES, SESSION_STATES
-from ..store import EventStore
 from . import tables
 from .common import async_command, echo, nats_url_option, settings_from
 

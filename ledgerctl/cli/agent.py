@@ -6,7 +6,8 @@ from datetime import datetime
 
 import click
 
-from ..client import Ledger
+from ledger.client import Ledger
+
 from .common import async_command, echo, nats_url_option, settings_from
 
 
@@ -42,7 +43,7 @@ async def agent_command(agent_id: str, pool: str, platform: str, region: str, ca
 
     settings = settings_from(nats_url).for_lease(ttl)  # a frozen server is left well within the lease
     async with Ledger.connect(settings, producer_id=agent_id, name=f"ledger-agent-{agent_id}") as ledger:
-        from consumers import agent_process  # the CLI is where the packages meet
+        from ledgerctl import agent_process
 
         await agent_process.run(ledger, agent_id=agent_id, pool=pool, platform=platform, region=region,
                                   capacity=capacity, heartbeat=heartbeat, ttl=ttl, say=say, self_claim=self_claim)

@@ -7,12 +7,11 @@ from pathlib import Path
 
 import click
 
-from .. import tasks
-from ..server import EmbeddedServer, ServerConfig
-from ..store import EventStore
-from .common import async_command, echo, embedded_settings, nats_url_option, settings_from, stop_signals
+from ledger import tasks
+from ledger.store import EventStore
 
-DEFAULT_DATA_DIR = "ledger-data"
+from ..server import DEFAULT_DATA_DIR, EmbeddedServer, ServerConfig
+from .common import async_command, echo, embedded_settings, nats_url_option, settings_from, stop_signals
 
 
 @click.command("server")

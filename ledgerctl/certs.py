@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from .errors import InvalidInput
+from ledger.errors import InvalidInput
 
 VALID_DAYS = 825  # the longest validity clients commonly accept for a leaf certificate
 

@@ -12,14 +12,14 @@ import msgspec
 from nats.aio.client import Client as NATS
 from nats.js.errors import NotFoundError
 
+from ledger import subjects
+from ledger.settings import Settings, redact_url
+from ledger.store import EventStore
+from ledger.streams import IMMUTABLE, check_streams
 from projections.db import ProjectionDB
 from projections.settings import DB_ENV, DEFAULT_DB
 
-from .. import subjects
 from ..server import MIN_VERSION
-from ..settings import Settings, redact_url
-from ..store import EventStore
-from ..streams import IMMUTABLE, check_streams
 from .check import run_check
 from .common import async_command, echo, nats_url_option, settings_from
 

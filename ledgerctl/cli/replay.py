@@ -7,11 +7,12 @@ from datetime import datetime
 import click
 import msgspec
 
-from .. import subjects
-from ..codec import Recorded, Unreadable
-from ..events import BY_TAG
-from ..ids import check_token
-from ..store import EventStore
+from ledger import subjects
+from ledger.codec import Recorded, Unreadable
+from ledger.events import BY_TAG
+from ledger.ids import check_token
+from ledger.store import EventStore
+
 from .common import TimeParam, async_command, echo, nats_url_option, settings_from, to_json
 
 ENVELOPE = {"event_id", "time", "producer", "causation_id", "correlation_id", "v", "type"}

@@ -9,14 +9,14 @@ from pathlib import Path
 import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from projections.projector import Progress as Committed
+from ledger.store import EventStore
 from projections.process import tune_gc
+from projections.projector import Progress as Committed
 from projections.projector import Projector
 from projections.rebuild import rebuild
 from projections.settings import ProjectionSettings
 from projections.state import STREAMS
 
-from ..store import EventStore
 from .common import async_command, echo, nats_url_option, settings_from, stop_signals
 from .views import db_option
 

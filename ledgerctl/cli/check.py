@@ -19,11 +19,12 @@ import click
 import msgspec
 from nats.aio.client import Client as NATS
 
-from .. import reader, subjects
-from ..check import DEFAULT_GRACE, HEARTBEATS, LEDGER, Checker, RawMessage, Report, to_utc
-from ..codec import to_ns
-from ..errors import StoreError, Unavailable
-from ..store import EventStore
+from ledger import reader, subjects
+from ledger.check import DEFAULT_GRACE, HEARTBEATS, LEDGER, Checker, RawMessage, Report, to_utc
+from ledger.codec import to_ns
+from ledger.errors import StoreError, Unavailable
+from ledger.store import EventStore
+
 from .common import TimeParam, async_command, echo, nats_url_option, settings_from
 
 BATCH = 1000

@@ -32,10 +32,10 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from . import authority, subjects
-from . import events as ev
-from .errors import InvalidInput
-from .ids import check_token
+from ledger import authority, subjects
+from ledger import events as ev
+from ledger.errors import InvalidInput
+from ledger.ids import check_token
 
 ADMIN = "admin"
 OPERATOR = "operator"

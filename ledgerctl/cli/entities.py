@@ -5,9 +5,10 @@ from __future__ import annotations
 import click
 import msgspec
 
-from .. import lifecycle as lc
-from ..client import Ledger
-from ..events import Probe
+from ledger import lifecycle as lc
+from ledger.client import Ledger
+from ledger.events import Probe
+
 from .common import async_command, echo, nats_url_option, producer_id_option, settings_from, to_json
 
 

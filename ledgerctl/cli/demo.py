@@ -16,20 +16,21 @@ import click
 
 from consumers.follow import Follower, Item
 from consumers.liveness_rules import LivenessSettings
+from ledger import events as ev
+from ledger import tasks
+from ledger.client import Ledger
+from ledger.codec import Recorded
+from ledger.events import Producer
+from ledger.ids import new_id
 from projections.process import tune_gc
 from projections.query import Query
 from projections.state import Change, LifecycleState
 
-from .. import events as ev
-from .. import tasks
-from ..client import Ledger
-from ..codec import Recorded
-from ..events import Producer
-from ..ids import new_id
 from ..server import free_port
+from ..stack import Stack, UpSettings, running_stack
 from . import tables
 from .common import async_command, echo, stop_signals
-from .up import Stack, UpSettings, env_line, running_stack
+from .up import env_line
 
 POOL = "demo"
 STEP_TIMEOUT = 30.0
@@ -52,7 +53,7 @@ class Fleet:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_dir / f"{agent_id}.log", "ab") as log:
             self.procs[agent_id] = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "ledger", "agent", "--agent-id", agent_id, "--pool", POOL,
+                sys.executable, "-m", "ledgerctl", "agent", "--agent-id", agent_id, "--pool", POOL,
                 "--capacity", str(self.capacity), "--heartbeat", str(self.heartbeat), "--ttl", str(self.ttl),
                 "--nats-url", self.url, stdout=log, stderr=log, stdin=asyncio.subprocess.DEVNULL,
                 start_new_session=True)  # Ctrl-C reaches the demo, which then stops its agents one by one

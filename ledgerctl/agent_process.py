@@ -22,15 +22,14 @@ import logging
 import random
 from collections.abc import Callable
 
+from consumers import reclaim_rules as rules
+from consumers.follow import Follower, Item
+from consumers.idle import IdleReaper
 from ledger import events as ev
 from ledger import tasks
 from ledger.agent import Agent
 from ledger.client import Ledger
 from ledger.errors import CapacityExhausted, Conflict, Draining, Fenced, LedgerError, NotClaimable, NotFound
-
-from . import reclaim_rules as rules
-from .follow import Follower, Item
-from .idle import IdleReaper
 
 log = logging.getLogger(__name__)
 

@@ -6,13 +6,14 @@ import asyncio
 
 import click
 
-from .. import events as ev
-from .. import lifecycle as lc
-from ..client import Ledger
-from ..codec import Recorded
-from ..errors import InvalidInput
-from ..settings import redact_url
-from ..store import EventStore
+from ledger import events as ev
+from ledger import lifecycle as lc
+from ledger.client import Ledger
+from ledger.codec import Recorded
+from ledger.errors import InvalidInput
+from ledger.settings import redact_url
+from ledger.store import EventStore
+
 from .common import async_command, echo, nats_url_option, producer_id_option, settings_from, stop_signals
 
 

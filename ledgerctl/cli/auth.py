@@ -35,9 +35,9 @@ from pathlib import Path
 import click
 import nkeys
 
-from .. import certs, permissions
-from ..errors import ConfigError, InvalidInput, LedgerError
-from ..ids import check_token
+from ledger.errors import ConfigError, InvalidInput, LedgerError
+from ledger.ids import check_token
+from ledgerctl import certs, permissions
 
 MANIFEST = "auth.json"
 AUTH_CONF = "auth.conf"

@@ -14,8 +14,8 @@ from typing import Any, TypeVar
 import click
 import msgspec
 
-from ..errors import LedgerError
-from ..settings import DEFAULT_NATS_URL, ENV_PREFIX, Settings
+from ledger.errors import LedgerError
+from ledger.settings import DEFAULT_NATS_URL, ENV_PREFIX, Settings
 
 T = TypeVar("T")
 
@@ -73,8 +73,7 @@ def settings_from(nats_url: str | None, **overrides: Any) -> Settings:
 def embedded_settings(url: str, **overrides: Any) -> Settings:
     """Settings for the embedded server a command started itself: it has no users and no TLS, so credentials
     and TLS meant for another server (LEDGER_TLS_CA_FILE in the environment, say) do not apply to it."""
-    return Settings.from_env(nats_url=url, **overrides).replace(
-        **dict.fromkeys(field for _, field, _ in _SECURITY_OPTIONS))
+    return Settings.from_env(nats_url=url, **overrides).without_credentials()
 
 
 def run(coro: Awaitable[T]) -> T:

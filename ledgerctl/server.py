@@ -27,13 +27,15 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import DataDirInUse, PortInUse, ServerBinaryNotFound, ServerStartFailed, ServerTooOld
+from ledger.connection import MIN_VERSION
+from ledger.errors import DataDirInUse, PortInUse, ServerBinaryNotFound, ServerStartFailed, ServerTooOld
 
 log = logging.getLogger(__name__)
 
-MIN_VERSION = (2, 11, 0)
 """Nats-Expected-Last-Subject-Sequence-Subject (one CAS over an entity's wildcard filter) arrived in 2.11.0."""
 
+DEFAULT_DATA_DIR = "ledger-data"
+"""Where `ledger up` and `ledger server` keep the server's streams (and `up` its projection)."""
 READY_LINE = "Server is ready"
 
 

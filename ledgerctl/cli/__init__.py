@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import click
 
-from .. import __version__
-from .common import setup_logging
+from ledger import __version__
+
 from .agent import agent_command
 from .auth import auth_group
 from .check import check_command
+from .common import setup_logging
 from .consumers import consumers_command, pool_group
 from .demo import demo_command
 from .doctor import doctor_command

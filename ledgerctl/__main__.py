@@ -1,0 +1,3 @@
+from ledgerctl.entry import main
+
+main()

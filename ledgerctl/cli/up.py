@@ -1,0 +1,105 @@
+"""`ledger up`: everything on one machine - nats-server (unless --nats-url), streams, projector, consumers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+
+from consumers.liveness_rules import LivenessSettings
+from ledger.settings import DEFAULT_NATS_URL, redact_url
+from projections.process import tune_gc
+from projections.settings import DB_ENV, ProjectionSettings
+
+from ..server import DEFAULT_DATA_DIR
+from ..stack import UpSettings, running_stack
+from .common import async_command, connection_options, echo, settings_from, stop_signals
+
+
+def up_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed([
+        connection_options(url_default=None, url_help="Use this NATS server (cluster: comma-separated) instead of "
+                                                      "starting an embedded one."),
+        click.option("--data-dir", default=DEFAULT_DATA_DIR, show_default=True, envvar="LEDGER_DATA_DIR",
+                     show_envvar=True, type=click.Path(file_okay=False, path_type=Path),
+                     help="Where the embedded server keeps its streams, and the projection file."),
+        click.option("--port", default=4222, show_default=True, type=click.IntRange(1, 65535),
+                     help="The embedded server's client port."),
+        click.option("--db", envvar=DB_ENV, default=None, show_envvar=True,
+                     type=click.Path(dir_okay=False, path_type=Path),
+                     help="The projection's SQLite file. [default: DATA_DIR/projection.sqlite3]"),
+        click.option("--replicas", type=click.Choice(["1", "3", "5"]), default=None, envvar="LEDGER_REPLICAS",
+                     show_envvar=True, help="Stream replicas (3 on a cluster). [default: 1 for a new stream; an existing one keeps its own]"),
+    ]):
+        f = option(f)
+    return f
+
+
+def env_line(s: UpSettings, url: str) -> str | None:
+    """The `export ...` other commands need to reach this stack, when the defaults would not."""
+    env = []
+    if url != DEFAULT_NATS_URL:
+        env.append(f"LEDGER_NATS_URL={redact_url(url)}")  # never a password on the screen
+    if s.db_path.resolve() != Path(ProjectionSettings().db).resolve():
+        env.append(f"{DB_ENV}={s.db_path.resolve()}")
+    return f"  export {' '.join(env)}" if env else None
+
+
+def hints(s: UpSettings, url: str) -> list[str]:
+    """What to run next, in another terminal, to use this stack."""
+    export = env_line(s, url)
+    lines = [export] if export else []
+    for command, what in [("ledger agent --agent-id a1 --pool gpu", "a reference agent"),
+                          ("ledger session create --pool gpu", "a session for it to claim"),
+                          ("ledger agents | sessions | pools", "the projection, now (or --as-of TIME)"),
+                          ("ledger replay --follow", "the log itself")]:
+        lines.append(f"  {command:<40}# {what}")
+    return lines
+
+
+@click.command("up")
+@up_options
+@click.option("--grace", type=click.FloatRange(min=0), default=10.0, show_default=True,
+              help="Seconds after a reconnect or leader change during which the monitor declares nobody dead.")
+@async_command
+async def up_command(nats_url: str | None, data_dir: Path, port: int, db: Path | None, replicas: str | None,
+                     grace: float) -> None:
+    """Run everything on one machine until Ctrl-C.
+
+    Without --nats-url (or LEDGER_NATS_URL) it starts an embedded JetStream
+    server on loopback with its data in --data-dir; then it creates or
+    checks the streams, and runs the projector (into the SQLite file the
+    `ledger agents | sessions | ...` views read) and the consumers (liveness
+    monitor, orphan reclaimer, route watchdog). Ctrl-C or SIGTERM stops them
+    cleanly, in reverse order.
+    """
+    s = UpSettings(nats_url=nats_url, data_dir=data_dir, port=port, db=db,
+                   liveness=LivenessSettings(grace=grace), replicas=int(replicas) if replicas else None,
+                   connection=settings_from(nats_url))
+    tune_gc()
+    stop = stop_signals()
+    async with running_stack(s, echo) as stack:
+        projector = stack.projector
+
+        def report_caught_up(f: asyncio.Future[Any]) -> None:
+            if not f.cancelled():
+                echo("projector caught up at " + ", ".join(f"{k} #{v:,}" for k, v in projector.committed.items()))
+
+        caught_up = asyncio.ensure_future(projector.caught_up.wait())
+        caught_up.add_done_callback(report_caught_up)
+        echo("next, in another terminal:")
+        for line in hints(s, stack.url):
+            echo(line)
+        echo("ready - press Ctrl-C to stop")
+        try:
+            await stack.run_until(stop)
+        finally:
+            caught_up.cancel()
+        echo("stopping ...")
+    echo("stopped")

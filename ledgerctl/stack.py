@@ -1,0 +1,146 @@
+"""What runs together: the embedded server (or a given one), the streams, the projector and the consumers.
+
+`ledger up` and `ledger demo` are thin shells over `running_stack`; the tests and benchmarks use it too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from consumers.liveness_rules import LivenessSettings
+from consumers.service import Consumers
+from ledger import tasks
+from ledger.errors import LedgerError
+from ledger.settings import Settings
+from ledger.store import EventStore
+from projections.projector import Progress, Projector
+from projections.settings import ProjectionSettings
+
+from .server import DEFAULT_DATA_DIR, EmbeddedServer, ServerConfig
+
+Say = Callable[[str], None]
+
+
+class StackStopped(LedgerError):
+    """A piece of the stack (the projector, the consumers, the embedded server) stopped on its own."""
+
+
+@dataclass(frozen=True)
+class UpSettings:
+    """What `ledger up` (and `ledger demo`) run."""
+
+    nats_url: str | None
+    """An existing NATS server; None starts an embedded one."""
+    data_dir: Path = Path(DEFAULT_DATA_DIR)
+    port: int = 4222
+    sync_always: bool = True
+    db: Path | None = None
+    """The projection file; None: projection.sqlite3 in the data directory."""
+    liveness: LivenessSettings = field(default_factory=LivenessSettings)
+    replicas: int | None = None
+    connection: Settings | None = None
+    """How to connect (credentials, timeouts); None: from the environment. An embedded server drops the
+    credentials, which are meant for another server."""
+
+    @property
+    def db_path(self) -> Path:
+        return self.db if self.db is not None else self.data_dir / "projection.sqlite3"
+
+    def settings_for(self, url: str, *, embedded: bool) -> Settings:
+        base = self.connection if self.connection is not None else Settings.from_env()
+        if embedded:
+            base = base.without_credentials()
+        changes: dict[str, Any] = {"nats_url": url}
+        if self.replicas is not None:
+            changes["replicas"] = self.replicas
+        return base.replace(**changes)
+
+
+@dataclass
+class Stack:
+    """The running pieces; `run_until(stop)` supervises them."""
+
+    url: str
+    store: EventStore
+    projector: Projector
+    consumers: Consumers
+    server: EmbeddedServer | None
+    running: list[asyncio.Task[Any]]
+
+    async def run_until(self, stop: asyncio.Event) -> None:
+        """Return when `stop` is set; raise when a piece fails or the embedded server exits."""
+        stopped = asyncio.ensure_future(stop.wait())
+        watched = [stopped, *self.running]
+        if self.server is not None:
+            watched.append(asyncio.ensure_future(self._server_exit()))
+        try:
+            done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            for extra in watched[1 + len(self.running):]:
+                extra.cancel()
+        for task in done:
+            if task is not stopped:
+                task.result()  # a failed piece: let its error surface
+                raise StackStopped(f"{task.get_name()} stopped unexpectedly")
+
+    async def _server_exit(self) -> None:
+        assert self.server is not None
+        while self.server.running:
+            await asyncio.sleep(0.5)
+        raise StackStopped(f"nats-server exited unexpectedly; see {self.server.log_path}")
+
+
+@contextlib.asynccontextmanager
+async def running_stack(s: UpSettings, say: Say, *, name: str = "ledger-up") -> AsyncIterator[Stack]:
+    """Start each piece in order, say where it is, and stop them in reverse order."""
+    async with contextlib.AsyncExitStack() as stack:
+        server = None
+        url = s.nats_url
+        if url is None:
+            config = ServerConfig(data_dir=s.data_dir, port=s.port, sync_always=s.sync_always)
+            server = await stack.enter_async_context(EmbeddedServer(config))
+            url = server.url
+            version = ".".join(map(str, server.version or ()))
+            say(f"{'nats-server ' + version:<20}{url}  data in {s.data_dir.resolve()}"
+                f"  (fsync {'always' if s.sync_always else 'by interval'})")
+        settings = s.settings_for(url, embedded=server is not None)
+        store = await stack.enter_async_context(EventStore.connect(settings, name=name, check=False))
+        reports = await store.ensure_streams()
+        say("streams             " + "; ".join(str(r) for r in reports))
+
+        reader = await stack.enter_async_context(EventStore.connect(settings, name=f"{name}-projector"))
+        projector = Projector(reader, ProjectionSettings.from_env(db=str(s.db_path)),
+                              on_progress=catch_up_reporter(say, lambda: projector.caught_up.is_set()))
+        await stack.enter_async_context(projector)
+        say(f"projector           {s.db_path.resolve()}")
+
+        consumers = Consumers(store, liveness=s.liveness)
+        consumers_task = asyncio.create_task(consumers.run(), name="consumers")
+        stack.push_async_callback(tasks.stop, [consumers_task])
+        say(f"consumers           {', '.join(consumers.parts)}")
+        assert projector.task is not None
+        projector.task.set_name("projector")
+        yield Stack(url=url, store=store, projector=projector, consumers=consumers, server=server,
+                    running=[projector.task, consumers_task])
+
+
+def catch_up_reporter(say: Say, caught_up: Callable[[], bool], every: float = 2.0) -> Callable[[Progress], None]:
+    """Says how the projector's catch-up goes, at most every `every` seconds, until it has caught up."""
+    last = [time.monotonic()]
+
+    def report(p: Progress) -> None:
+        now = time.monotonic()
+        if caught_up() or now - last[0] < every:
+            return
+        last[0] = now
+        done = ", ".join(f"{st} #{p.committed[st]:,} of #{p.targets[st]:,}" for st in p.committed)
+        say(f"projector catching up: {done} ({p.events / p.elapsed if p.elapsed else 0:,.0f} events/s)")
+
+    return report
