@@ -72,7 +72,7 @@ def issue(ca: Issued, common_name: str, *, hosts: tuple[str, ...] = (), server: 
         ca_key = serialization.load_pem_private_key(ca.key_pem, password=None)
     except ValueError as e:
         raise InvalidInput(f"not a usable CA certificate and key: {e}") from None
-    if not isinstance(ca_key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+    if not isinstance(ca_key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey)):
         raise InvalidInput(f"not a usable CA key: a {type(ca_key).__name__} does not sign with SHA-256")
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
