@@ -1,0 +1,109 @@
+"""The agent's per-session state and its own writes about itself, on a real nats-server.
+
+A drain the server refused is written again until the log says it (not dropped with a warning), and a
+session the agent stops owning - fenced, taken over, released, drained away - leaves no trace behind.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import pytest
+from helpers import eventually
+from nats.js.api import DiscardPolicy
+
+from ledger import events as ev
+from ledger import lifecycle as lc
+from ledger.agent import Agent
+from ledger.client import Ledger
+from ledger.ids import new_id
+from ledger.settings import Settings
+from ledger.store import EventStore
+from ledgerctl.server import EmbeddedServer
+
+MONITOR = ev.Producer(id="monitor-test", instance="m")
+
+
+def agent_of(ledger: Ledger, agent_id: str, **kw: object) -> Agent:
+    options = {"pool": "p", "heartbeat": 0.1, "ttl": 3.0, **kw}
+    return Agent(ledger, agent_id=agent_id, **options)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def private(fresh_server: EmbeddedServer) -> AsyncIterator[Ledger]:
+    """A server of our own: the tests change the LEDGER stream's limits. The server answers a message over
+    the limit with 503, which the store retries as "try later" until `append_deadline`."""
+    settings = Settings(nats_url=fresh_server.url, request_timeout=0.5, append_deadline=2)
+    async with EventStore.connect(settings, ensure=True) as store:
+        yield Ledger(store, ev.Producer(id="operator-test", instance=new_id()))
+
+
+async def _room_for(store: EventStore, more: int) -> None:
+    """Let the LEDGER stream take only `more` further messages: the server refuses the rest."""
+    jsm = store.nc.jsm()
+    info = await jsm.stream_info("LEDGER")
+    config = info.config
+    config.max_msgs, config.discard = info.state.messages + more, DiscardPolicy.NEW
+    await jsm.update_stream(config)
+
+
+async def _no_limit(store: EventStore) -> None:
+    jsm = store.nc.jsm()
+    config = (await jsm.stream_info("LEDGER")).config
+    config.max_msgs, config.discard = -1, DiscardPolicy.OLD
+    await jsm.update_stream(config)
+
+
+def _said(caplog: pytest.LogCaptureFixture, *words: str) -> bool:
+    return any(all(w in r.getMessage() for w in words) for r in caplog.records)
+
+
+async def _status(ledger: Ledger, agent: Agent) -> tuple[int, str] | None:
+    state, _ = await ledger.agent(agent.agent_id)
+    return (state.incarnation, state.status) if state is not None else None
+
+
+async def test_a_drain_refused_when_the_agent_comes_back_is_written_again(
+        private: Ledger, caplog: pytest.LogCaptureFixture):
+    """Declared dead while draining, the agent fences and registers again - and must drain again, or any claimer
+    could hand it sessions. The server refuses that drain: it is written again once it can be, then drained."""
+    ledger = private
+    caplog.set_level(logging.INFO, logger="ledger.agent")
+    sid, _ = await ledger.create_session("p", session_id="s1")
+    async with agent_of(ledger, "a1") as a:
+        await a.claim(sid)
+        await a.drain(deadline=600, reason="upgrade")
+        first = a.incarnation
+        # Room for the death, the agent's fenced record and its new registration - not for its drain.
+        await _room_for(ledger.store, 3)
+        await ledger.store.append(ev.AgentDeclaredDead(producer=MONITOR, agent_id="a1", incarnation=first,
+                                                       reason="missed_heartbeats"))
+        await eventually(lambda: a.incarnation > first and a.fenced is None, what="a new incarnation")
+        await eventually(lambda: _said(caplog, f"drain of incarnation {a.incarnation} not written"),
+                         what="the server refusing the drain")
+        await _no_limit(ledger.store)
+        got = await eventually(lambda: _drained(ledger, a), timeout=20, what="the new incarnation drained")
+        assert got == (a.incarnation, lc.A_DRAINED)
+
+
+async def _drained(ledger: Ledger, agent: Agent) -> tuple[int, str] | None:
+    got = await _status(ledger, agent)
+    return got if got == (agent.incarnation, lc.A_DRAINED) else None
+
+
+async def test_a_drained_refused_after_the_last_session_moved_is_written_again(
+        private: Ledger, caplog: pytest.LogCaptureFixture):
+    ledger = private
+    caplog.set_level(logging.INFO, logger="ledger.agent")
+    sid, _ = await ledger.create_session("p", session_id="s1")
+    async with agent_of(ledger, "a1") as a, agent_of(ledger, "b1") as b:
+        held = await a.claim(sid)
+        await a.drain(deadline=600, reason="upgrade")
+        await _room_for(ledger.store, 1)  # b's hand-off claim, not a's drained
+        await b.claim(sid, reason="drain", previous_token=held.token)
+        await eventually(lambda: not a.owned, what="a losing the session")
+        await eventually(lambda: _said(caplog, "drained not written"), what="the server refusing the drained")
+        await _no_limit(ledger.store)
+        got = await eventually(lambda: _drained(ledger, a), timeout=20, what="a drained")
+        assert got == (a.incarnation, lc.A_DRAINED)
