@@ -78,6 +78,8 @@ class Agent:
         self.stopping = Stopping(agent_id, handle_signals=handle_signals, closing=lambda: self._closing)
         self.tasks = TaskSet(f"agent-{agent_id}")
         """Every task the agent starts: its heartbeat and watch loops, and short ones (a release, a drain note)."""
+        self._tasks: list[asyncio.Task[None]] = []
+        """The two loops (also in `tasks`, which forgets a task once it ended)."""
 
     @property
     def ref(self) -> decide.AgentRef:
@@ -118,8 +120,7 @@ class Agent:
         warn_if_slow_to_notice_a_silent_server(self.agent_id, self.store.settings, self.ttl)
         await self.registration.first()
         self.stopping.install()
-        self.tasks.spawn(self.lease.run(), "heartbeat")
-        self.tasks.spawn(self.watch.run(), "watch")
+        self._tasks = [self.tasks.spawn(self.lease.run(), "heartbeat"), self.tasks.spawn(self.watch.run(), "watch")]
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
