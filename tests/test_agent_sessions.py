@@ -83,13 +83,12 @@ async def test_a_drain_refused_when_the_agent_comes_back_is_written_again(
         await eventually(lambda: _said(caplog, f"drain of incarnation {a.incarnation} not written"),
                          what="the server refusing the drain")
         await _no_limit(ledger.store)
-        got = await eventually(lambda: _drained(ledger, a), timeout=20, what="the new incarnation drained")
-        assert got == (a.incarnation, lc.A_DRAINED)
+        await eventually(lambda: _drained(ledger, a), timeout=20, what="the new incarnation drained")
 
 
-async def _drained(ledger: Ledger, agent: Agent) -> tuple[int, str] | None:
-    got = await _status(ledger, agent)
-    return got if got == (agent.incarnation, lc.A_DRAINED) else None
+async def _drained(ledger: Ledger, agent: Agent) -> bool:
+    """The log says the agent's current incarnation drained."""
+    return await _status(ledger, agent) == (agent.incarnation, lc.A_DRAINED)
 
 
 async def test_a_drained_refused_after_the_last_session_moved_is_written_again(
@@ -105,5 +104,71 @@ async def test_a_drained_refused_after_the_last_session_moved_is_written_again(
         await eventually(lambda: not a.owned, what="a losing the session")
         await eventually(lambda: _said(caplog, "drained not written"), what="the server refusing the drained")
         await _no_limit(ledger.store)
-        got = await eventually(lambda: _drained(ledger, a), timeout=20, what="a drained")
-        assert got == (a.incarnation, lc.A_DRAINED)
+        await eventually(lambda: _drained(ledger, a), timeout=20, what="a drained")
+
+
+# --- one record per owned session: nothing is left of a session the agent no longer owns ----------------------
+
+
+def _no_trace(agent: Agent, sid: str) -> bool:
+    """Nothing kept about the session anywhere: not owned, no activity, no idle TTL wanted, no record, and
+    the watch past everything the agent judged of it."""
+    return (sid not in agent.owned and sid not in agent.activity() and sid not in agent.needs_idle_ttl()
+            and agent.sessions.get(sid) is None and agent.sessions.traces(sid) == [])
+
+
+async def _owned_and_busy(agent: Agent, ledger: Ledger, sid: str) -> None:
+    await agent.claim(sid)
+    agent.learn_idle_ttl(sid, 30.0)
+    record = agent.sessions.get(sid)
+    assert record is not None and record.idle_ttl == 30.0 and agent.sessions.traces(sid) == ["record"]
+
+
+async def test_a_fence_leaves_no_trace_of_the_sessions_it_dropped(ledger: Ledger, uid: str):
+    sid, _ = await ledger.create_session("p", session_id=f"{uid}-s")
+    lost: list[tuple[str, str]] = []
+    async with agent_of(ledger, f"{uid}-a", on_lost=lambda s, why: lost.append((s, why))) as a:
+        await _owned_and_busy(a, ledger, sid)
+        first, token = a.incarnation, a.owned[sid].token
+        async with a.busy(sid):
+            await ledger.store.append(ev.AgentDeclaredDead(producer=MONITOR, agent_id=a.agent_id, incarnation=first,
+                                                           reason="missed_heartbeats"))
+            await eventually(lambda: a.fenced or a.incarnation > first, what="the fence")
+            assert lost == [(sid, "fenced")] and sid not in a.activity()
+        await eventually(lambda: _no_trace(a, sid), what="no trace of the fenced session")
+        await eventually(lambda: a.incarnation > first and a.fenced is None, what="a new incarnation")
+        await a.claim(sid, reason="failover", previous_token=token)  # ours again: a new record, not the old one's busy count or idle TTL
+        assert a.activity()[sid].in_flight == 0 and a.needs_idle_ttl() == [] and a.activity()[sid].idle_ttl is None
+
+
+async def test_a_session_taken_over_released_or_terminated_leaves_no_trace(ledger: Ledger, uid: str):
+    taken, _ = await ledger.create_session("p", session_id=f"{uid}-taken")
+    released, _ = await ledger.create_session("p", session_id=f"{uid}-released")
+    ended, _ = await ledger.create_session("p", session_id=f"{uid}-ended")
+    async with agent_of(ledger, f"{uid}-a", capacity=3) as a, agent_of(ledger, f"{uid}-b") as b:
+        for sid in (taken, released, ended):
+            await _owned_and_busy(a, ledger, sid)
+        await a.release(released)
+        await a.terminate(ended)
+        await a.drain(deadline=600)  # a take-over applies only from an owner that may be replaced
+        await b.claim(taken, reason="drain", previous_token=a.owned[taken].token)
+        for sid in (taken, released, ended):
+            await eventually(lambda sid=sid: _no_trace(a, sid), what=f"no trace of {sid}")
+        assert a.owned == {} and a.activity() == {}
+        await eventually(lambda: _drained(ledger, a), what="a drained")
+
+
+async def test_a_failing_task_of_the_agent_is_logged_when_it_fails_and_not_kept(caplog: pytest.LogCaptureFixture):
+    from ledger.agent.supervision import TaskSet
+
+    async def broken() -> None:
+        raise RuntimeError("a bug")
+
+    supervised = TaskSet("agent-x")
+    with caplog.at_level(logging.ERROR, logger="ledger.agent"):
+        task = supervised.spawn(broken(), "drained")
+        await eventually(lambda: supervised.failures == 1, what="the failure noticed")
+    assert task.done() and len(supervised) == 0
+    assert [(r.getMessage(), r.exc_info is not None) for r in caplog.records] == \
+        [("agent-x-drained failed: a bug", True)]
+    await supervised.stop()
