@@ -172,3 +172,22 @@ async def test_a_failing_task_of_the_agent_is_logged_when_it_fails_and_not_kept(
     assert [(r.getMessage(), r.exc_info is not None) for r in caplog.records] == \
         [("agent-x-drained failed: a bug", True)]
     await supervised.stop()
+
+
+async def test_a_vital_task_that_fails_is_reported_to_its_owner(caplog: pytest.LogCaptureFixture):
+    from ledger.agent.supervision import TaskSet
+
+    async def broken() -> None:
+        raise RuntimeError("a bug")
+
+    async def ends_well() -> None:
+        return None
+
+    reported: list[str] = []
+    supervised = TaskSet("agent-x", on_vital_failure=reported.append)
+    with caplog.at_level(logging.CRITICAL, logger="ledger.agent"):
+        supervised.spawn(ends_well(), "heartbeat", vital=True)
+        supervised.spawn(broken(), "drained")
+        supervised.spawn(broken(), "watch", vital=True)
+        await eventually(lambda: supervised.failures == 2 and len(supervised) == 0, what="every task done")
+    assert reported == ["agent-x-watch"]

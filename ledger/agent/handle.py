@@ -76,7 +76,7 @@ class Agent:
         self.watch = Watch(self)
         self._drain = Drain(self)
         self.stopping = Stopping(agent_id, handle_signals=handle_signals, closing=lambda: self._closing)
-        self.tasks = TaskSet(f"agent-{agent_id}")
+        self.tasks = TaskSet(f"agent-{agent_id}", on_vital_failure=self._loop_failed)
         """Every task the agent starts: its heartbeat and watch loops, and short ones (a release, a drain note)."""
         self._tasks: list[asyncio.Task[None]] = []
         """The two loops (also in `tasks`, which forgets a task once it ended)."""
@@ -120,7 +120,8 @@ class Agent:
         warn_if_slow_to_notice_a_silent_server(self.agent_id, self.store.settings, self.ttl)
         await self.registration.first()
         self.stopping.install()
-        self._tasks = [self.tasks.spawn(self.lease.run(), "heartbeat"), self.tasks.spawn(self.watch.run(), "watch")]
+        self._tasks = [self.tasks.spawn(self.lease.run(), "heartbeat", vital=True),
+                       self.tasks.spawn(self.watch.run(), "watch", vital=True)]
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -132,6 +133,12 @@ class Agent:
             await self.tasks.stop()
             self.stopping.remove()
         return self.stopping.absorbs(exc_type)
+
+    def _loop_failed(self, name: str) -> None:
+        # Without its heartbeats or its watch the agent can no longer keep its lease or know what it owns: a bug
+        # got there (both loops handle the ledger's errors). Stop the body rather than run on half alive.
+        log.error("%s: %s ended by an error; stopping", self.agent_id, name)
+        self.stopping.stop()
 
     def stop(self) -> None:
         """Ask `wait_stopped()` to return (the goodbye follows when the `async with` exits)."""
