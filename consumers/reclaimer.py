@@ -22,6 +22,7 @@ from ledger import events as ev
 from ledger import lifecycle as lc
 from ledger.client import Ledger
 from ledger.errors import Conflict, LedgerError, NotClaimable, NotFound
+from projections.health import DEFAULT_POLICY, HealthPolicy
 from projections.state import AGENT, POOL, SESSION
 
 from . import reclaim_rules as rules
@@ -37,9 +38,12 @@ INFLIGHT_PATIENCE = 10.0
 class Reclaimer(Reactor):
     kinds = (AGENT, SESSION, POOL)
 
-    def __init__(self, ledger: Ledger, follower: Follower, *, tick: float = 0.5) -> None:
+    def __init__(self, ledger: Ledger, follower: Follower, *, tick: float = 0.5,
+                 policy: HealthPolicy = DEFAULT_POLICY) -> None:
         super().__init__(follower, tick=tick)
         self.ledger = ledger
+        self.policy = policy
+        """Who is healthy enough to take sessions: the liveness monitor's policy (`Consumers` passes it)."""
         self._inflight: dict[str, tuple[int, float, tuple[str, int] | None]] = {}
         """session id -> (its last sequence when we wrote, when, the agent and incarnation we claimed it for)
         until the log shows it moved."""
@@ -59,7 +63,7 @@ class Reclaimer(Reactor):
                 load[claimed_for] += 1
         out: dict[tuple[str, str, str], list[rules.Capacity]] = defaultdict(list)
         for a in state.ledger.agents.values():
-            if rules.ineligible(a, state.heartbeats.beats.get(a.agent_id), now) is not None:
+            if rules.ineligible(a, state.heartbeats.beats.get(a.agent_id), now, policy=self.policy) is not None:
                 continue
             out[(a.pool, a.platform, a.region)].append(rules.Capacity(
                 agent=decide.AgentRef(a.agent_id, a.instance_id, a.incarnation),
