@@ -24,12 +24,13 @@ from collections.abc import Callable
 from datetime import datetime
 
 from consumers import reclaim_rules as rules
-from consumers.follow import Follower, Item
+from consumers.follow import Follower
 from consumers.idle import IdleReaper
 from ledger import events as ev
 from ledger import tasks
 from ledger.agent import Agent
 from ledger.client import Ledger
+from ledger.codec import Item
 from ledger.errors import CapacityExhausted, Conflict, Draining, Fenced, LedgerError, NotClaimable, NotFound
 from projections.health import DEFAULT_POLICY, HealthPolicy
 from projections.state import Change

@@ -25,9 +25,9 @@ from datetime import datetime
 import msgspec
 
 from ledger.codec import from_ns
-from ledger.settings import settings_from_env
 from ledger.events import Probe
 from ledger.lifecycle import A_DEAD, A_DRAINED, A_DRAINING, A_FENCED, A_GONE, AgentState, RouteState
+from ledger.settings import settings_from_env
 
 from .beats import Beat, of_incarnation
 from .timespec import aware

@@ -114,8 +114,11 @@ def echo(msg: str) -> None:
 
 
 class TimeParam(click.ParamType):
-    """A time option (--as-of, --since, --until): the one grammar, `projections.timespec.parse_time`; a time
-    it cannot read, or one out of the ledger's range, is a one-line usage error."""
+    """A time option (--as-of, --since, --until): the one grammar, `projections.timespec.parse_time`.
+
+    A time it cannot read, or one out of the ledger's range, is one line - "Error: Invalid value for
+    '--as-of': ..." - like every other user mistake (click's usage errors would add the usage lines).
+    """
 
     name = "TIME"
 
@@ -125,7 +128,8 @@ class TimeParam(click.ParamType):
         try:
             return parse_time(value)
         except InvalidQuery as e:
-            self.fail(str(e), param, ctx)
+            hint = param.get_error_hint(ctx) if param is not None and ctx is not None else "the time"
+            raise click.ClickException(f"Invalid value for {hint}: {e}") from None
 
 
 def to_json(value: object) -> str:
