@@ -428,7 +428,7 @@ def session_event_problem(state: SessionState | None, rec: Recorded,
     return Anomaly(ILLEGAL_TRANSITION, f"{e.type_tag()} does not apply to a session")
 
 
-def orphan_problem(state: SessionState, previous_token: int) -> Anomaly | None:
+def orphan_problem(state: SessionState, previous_token: int | None) -> Anomaly | None:
     """Why orphaning the live session in `state` from the claim `previous_token` must not apply."""
     if state.status != S_ASSIGNED:
         return Anomaly(ILLEGAL_TRANSITION, f"session.orphaned while session is {state.status}")
