@@ -46,7 +46,7 @@ def parse_time(text: str, now: datetime | None = None) -> datetime:
     try:
         parsed = datetime.fromisoformat(text.strip())
     except ValueError:
-        raise InvalidQuery(f"cannot read {text!r} as a time: use {EXAMPLES}") from None
+        raise InvalidQuery(f"{text!r} is not a time: use {EXAMPLES}") from None
     return _in_range(text, aware(parsed))
 
 

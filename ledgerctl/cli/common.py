@@ -116,8 +116,9 @@ def echo(msg: str) -> None:
 class TimeParam(click.ParamType):
     """A time option (--as-of, --since, --until): the one grammar, `projections.timespec.parse_time`.
 
-    A time it cannot read, or one out of the ledger's range, is one line - "Error: Invalid value for
-    '--as-of': ..." - like every other user mistake (click's usage errors would add the usage lines).
+    A time it cannot read, or one out of the ledger's range, is a usage error (exit code 2: `ledger check`
+    exits 1 for violations) in one line - "Error: Invalid value for '--as-of': ..." - without the usage
+    lines click would add.
     """
 
     name = "TIME"
@@ -129,7 +130,11 @@ class TimeParam(click.ParamType):
             return parse_time(value)
         except InvalidQuery as e:
             hint = param.get_error_hint(ctx) if param is not None and ctx is not None else "the time"
-            raise click.ClickException(f"Invalid value for {hint}: {e}") from None
+            raise TimeUsageError(f"Invalid value for {hint}: {e}") from None
+
+
+class TimeUsageError(click.ClickException):
+    exit_code = 2
 
 
 def to_json(value: object) -> str:
