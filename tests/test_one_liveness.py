@@ -25,10 +25,12 @@ from ledger.client import Ledger
 from ledger.codec import Recorded
 from ledger.errors import ConfigError
 from ledger.ids import new_id
-from ledger.settings import Settings
+from ledger.settings import DEFAULT_NATS_URL, Settings
 from ledger.store import EventStore
 from ledgerctl.agent_process import SelfClaimer
 from ledgerctl.cli import cli
+from ledgerctl.cli.up import env_line
+from ledgerctl.stack import UpSettings
 from projections.beats import Beat
 from projections.health import ALIVE, DEAD, SUSPECT, HealthPolicy, agent_health
 from projections.settings import ProjectionSettings
@@ -87,6 +89,16 @@ def test_the_policy_comes_from_the_environment_and_flags_win():
     assert HealthPolicy.from_env(env, suspect_after_missed=5) == HealthPolicy(suspect_after_missed=5, dead_after=12.5)
     with pytest.raises(ConfigError, match="liveness policy"):
         HealthPolicy.from_env({"LEDGER_SUSPECT_AFTER_MISSED": "0"})
+
+
+def test_ledger_up_tells_the_agents_and_views_the_policy_its_consumers_use():
+    up = UpSettings(nats_url=None, liveness=lr.LivenessSettings(policy=HealthPolicy(suspect_after_missed=2,
+                                                                                    dead_after=12)))
+    line = env_line(up, DEFAULT_NATS_URL) or ""
+    assert "LEDGER_SUSPECT_AFTER_MISSED=2" in line and "LEDGER_DEAD_AFTER=12" in line
+    assert HealthPolicy.from_env(dict(kv.split("=") for kv in line.split()[1:] if kv.startswith("LEDGER_S")
+                                      or kv.startswith("LEDGER_DEAD"))) == up.liveness.policy
+    assert "LEDGER_SUSPECT" not in (env_line(UpSettings(nats_url=None), DEFAULT_NATS_URL) or "")
 
 
 def test_the_projection_settings_hold_no_liveness_policy():

@@ -14,7 +14,7 @@ import click
 
 from consumers.liveness_rules import LivenessSettings
 from ledger.settings import DEFAULT_NATS_URL, redact_url
-from projections.health import HealthPolicy
+from projections.health import DEFAULT_POLICY, HealthPolicy
 from projections.process import tune_gc
 from projections.settings import DB_ENV, ProjectionSettings
 
@@ -50,6 +50,11 @@ def env_line(s: UpSettings, url: str) -> str | None:
         env.append(f"LEDGER_NATS_URL={redact_url(url)}")  # never a password on the screen
     if s.db_path.resolve() != Path(ProjectionSettings().db).resolve():
         env.append(f"{DB_ENV}={s.db_path.resolve()}")
+    policy = s.liveness.policy  # so agents and views judge liveness as this stack's consumers do
+    if policy.suspect_after_missed != DEFAULT_POLICY.suspect_after_missed:
+        env.append(f"LEDGER_SUSPECT_AFTER_MISSED={policy.suspect_after_missed}")
+    if policy.dead_after is not None:
+        env.append(f"LEDGER_DEAD_AFTER={policy.dead_after:g}")
     return f"  export {' '.join(env)}" if env else None
 
 
