@@ -61,7 +61,6 @@ class HealthPolicy(msgspec.Struct, frozen=True, kw_only=True):
         if self.dead_after is not None and self.dead_after <= 0:
             raise ValueError(f"dead_after must be positive, got {self.dead_after}")
 
-
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> HealthPolicy:
         """Defaults, then LEDGER_SUSPECT_AFTER_MISSED and LEDGER_DEAD_AFTER, then `overrides` (None ignored)."""
@@ -143,8 +142,9 @@ def agent_health(agent: AgentState, beat: Beat | None, now: datetime, policy: He
     beat = of_incarnation(beat, agent.incarnation)
     live = assess(agent, beat_time(beat) if beat is not None else None, now, policy)
     if not beats_known:  # time says nothing without the beats; a written suspicion still stands
-        return (SUSPECT, _suspected(agent)) if live.suspected else (UNKNOWN, "no heartbeat history is kept for "
-                                                                              "this moment")
+        if live.suspected:
+            return SUSPECT, _suspected(agent)
+        return UNKNOWN, "no heartbeat history is kept for this moment"
     age, dead_after, interval = live.age, live.dead_after, agent.heartbeat_interval
     if live.health == DEAD:
         if not live.since_beat:
