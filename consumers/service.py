@@ -1,4 +1,8 @@
-"""Run the consumers together: one Follower (one in-memory state), each consumer in the same TaskGroup."""
+"""Run the consumers together: one Follower (one in-memory state), each consumer in the same TaskGroup.
+
+Given a follower (`ledger up`: the one the projector is fed by too), they act on its state and leave running it
+to whoever gave it; without one they follow the log with their own.
+"""
 
 from __future__ import annotations
 
@@ -28,13 +32,16 @@ class Consumers:
     reclaimer: bool = True
     watchdog: bool = True
     liveness: LivenessSettings = field(default_factory=LivenessSettings)
-    follower: Follower = field(init=False)
+    follower: Follower | None = None
+    """The state to act on; None: one of their own, run with them."""
     parts: dict[str, object] = field(init=False, default_factory=dict)
+    _own_follower: Follower | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         if self.name:
             check_token(self.name, "replica name")
-        self.follower = Follower(self.store)
+        if self.follower is None:
+            self.follower = self._own_follower = Follower(self.store)
         if self.monitor:
             self.parts["monitor"] = LivenessMonitor(self._ledger("monitor"), self.follower, self.liveness)
         if self.reclaimer:
@@ -48,6 +55,7 @@ class Consumers:
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(self.follower.run(), name="follower")
+            if self._own_follower is not None:
+                tasks.create_task(self._own_follower.run(), name="follower")
             for role, part in self.parts.items():
                 tasks.create_task(part.run(), name=role)  # type: ignore[attr-defined]
