@@ -22,9 +22,10 @@ class Follower(StateFollower):
     (judging liveness needs no history), which a follower that also feeds a projection must not do."""
 
     def __init__(self, store: EventStore, state: LedgerState | None = None, *, heartbeats: bool = True,
-                 heartbeats_of: str | None = None, newest_beats: bool = True, batch: int = 2000) -> None:
+                 heartbeats_of: str | None = None, newest_beats: bool = True, batch: int = 2000,
+                 recall: float = 0.0) -> None:
         super().__init__(store, state, heartbeats=heartbeats, heartbeats_of=heartbeats_of,
-                         newest_beats=newest_beats, batch=batch)
+                         newest_beats=newest_beats, batch=batch, recall=recall)
         self.clock = ServerClock()
         """The server's time, learnt from what arrives: what every consumer judges ages against."""
 

@@ -6,6 +6,9 @@ The log is folded once per process: one `Follower` applies each batch to one
 state, which the projector commits (resuming it from the file, so a restart
 reads only what the file has not seen) and the consumers act on once it has
 caught up with the log; `listeners` (the demo's narrator) hear the same batches.
+Resumed, the consumers first hear the events of the monitor's windows again (`recall`): what it
+remembers beside the state (unreachable reports, recent deaths) survives a restart, as when they
+read the whole log.
 """
 
 from __future__ import annotations
@@ -130,7 +133,9 @@ async def running_stack(s: UpSettings, say: Say, *, name: str = "ledger-up",
         projection = ProjectionSettings.from_env(db=str(s.db_path))
         # The follower reads on a connection of its own, so the consumers' writes never queue behind a catch-up.
         reader = await stack.enter_async_context(EventStore.connect(settings, name=f"{name}-follower"))
-        follower = Follower(reader, newest_beats=False, batch=projection.batch)  # the projection needs every beat
+        # The projection needs every beat; the monitor's windows need the recent reports and deaths again.
+        follower = Follower(reader, newest_beats=False, batch=projection.batch,
+                            recall=max(s.liveness.report_window, s.liveness.breaker_window))
         # The projector listens first and resumes the follower from the file's committed state.
         projector = Projector(reader, projection, follower=follower,
                               on_progress=catch_up_reporter(say, lambda: projector.caught_up.is_set()))

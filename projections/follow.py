@@ -12,6 +12,14 @@ dirty rows, a consumer's wake-up, a narration) is fed by the one fold instead
 of folding the log again. This is the fold a whole process shares: `ledger up`
 runs one, whose state the projector commits and the consumers act on.
 
+Resumed from a state that already holds part of the log (a projection's), the
+state needs nothing again - but a listener may keep memory of recent events
+beside it (the liveness monitor: unreachable reports and deaths inside its
+windows). With `recall`, such listeners first hear the lifecycle items stored
+in the `recall` seconds before the resume point again, with no changes (they
+are in the state already); a listener that keeps rows (the projector) listens
+with `recall=False` and hears each item exactly once.
+
 A follower that only judges liveness may skip history it does not need:
 `newest_beats` starts the heartbeat stream at each agent's newest beat (last
 per subject) when the state has none yet, `heartbeats_of` follows one agent's
@@ -23,9 +31,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from datetime import timedelta
 
 from ledger import subjects, tasks
-from ledger.codec import Recorded, Unreadable
+from ledger.codec import Recorded, Unreadable, from_ns
 from ledger.errors import LedgerError
 from ledger.reader import Replay
 from ledger.store import EventStore
@@ -42,7 +51,8 @@ Listener = Callable[[str, list[Item], list[Change]], None]
 
 class Follower:
     def __init__(self, store: EventStore, state: LedgerState | None = None, *, heartbeats: bool = True,
-                 heartbeats_of: str | None = None, newest_beats: bool = False, batch: int = 2000) -> None:
+                 heartbeats_of: str | None = None, newest_beats: bool = False, batch: int = 2000,
+                 recall: float = 0.0) -> None:
         self.store = store
         self.state = state if state is not None else LedgerState()
         self.heartbeats = heartbeats
@@ -51,6 +61,8 @@ class Follower:
         `heartbeats_caught_up` then means nothing: the stream's end is other agents' beats."""
         self.newest_beats = newest_beats
         self.batch = batch
+        self.recall = recall
+        """Seconds of lifecycle items before the resume point told again to the listeners that recall."""
         self.caught_up = asyncio.Event()
         """Set once the lifecycle stream was read to the end it had when following began."""
         self.heartbeats_caught_up = asyncio.Event()
@@ -58,6 +70,9 @@ class Follower:
         """Per stream, the messages after the last batch told (0: at the end; None: not known yet)."""
         self.running = False
         self._listeners: list[Listener] = []
+        self._recalling: list[Listener] = []
+        self._recalled = 0
+        """The lifecycle sequence recalled up to (a recall interrupted by a reconnect goes on from there)."""
         self._replays: dict[str, Replay] = {}
         # After a reconnect the server may have lost our consumers (a restart); nats-py would only
         # notice after two missed idle heartbeats. Start again from our positions at once instead.
@@ -79,9 +94,12 @@ class Follower:
             for replay in list(self._replays.values()):
                 replay.interrupt()
 
-    def listen(self, listener: Listener) -> None:
-        """Hear every batch applied from now on (listeners are called in the order they listened)."""
+    def listen(self, listener: Listener, *, recall: bool = True) -> None:
+        """Hear every batch applied from now on (listeners are called in the order they listened); with `recall`,
+        first the recalled items too (changes empty), if the follower resumes with a `recall`."""
         self._listeners.append(listener)
+        if recall:
+            self._recalling.append(listener)
 
     async def run(self) -> None:
         self.running = True
@@ -116,8 +134,12 @@ class Follower:
                 self._tell(stream, items, changes)
 
     def _tell(self, stream: str, items: list[Item], changes: list[Change]) -> None:
+        self._tell_some(self._listeners, stream, items, changes)
+
+    @staticmethod
+    def _tell_some(listeners: list[Listener], stream: str, items: list[Item], changes: list[Change]) -> None:
         failed: list[Exception] = []
-        for listener in self._listeners:
+        for listener in listeners:
             try:
                 listener(stream, items, changes)
             except Exception as e:  # noqa: BLE001 - the others must still hear the batch; raised below
@@ -125,13 +147,31 @@ class Follower:
         if failed:
             raise failed[0]
 
+    async def _recall(self, filters: list[str], upto: int) -> None:
+        """Tell the recalling listeners the items stored within `recall` seconds before #`upto` (in the state).
+
+        Measured from when the server stored #`upto`, on its clock: whatever a window judged later still holds
+        was stored after that instant minus the window, whatever the skew of this machine's clock.
+        """
+        since = from_ns(self.state.ledger.stored_ns) - timedelta(seconds=self.recall)
+        again = self._recalled + 1 if self._recalled else None
+        replay = self.store.replay(filters, stream=subjects.LEDGER_STREAM, start_seq=again,
+                                   start_time=None if again else since, end_seq=upto, batch=self.batch)
+        async for batch in replay:
+            self._recalled = batch[-1].seq
+            self._tell_some(self._recalling, subjects.LEDGER_STREAM, batch, [])
+        self._recalled = upto
+
     async def _follow(self, stream: str, filters: list[str], caught_up: asyncio.Event, *,
                       last_per_subject: bool = False) -> None:
         start = self.state.position(stream) + 1
         fresh = start == 1
+        recall = stream == subjects.LEDGER_STREAM and not fresh and self.recall > 0 and bool(self._recalling)
         while True:
             tasks.raise_if_cancelled()
             try:
+                if recall and self._recalled < start - 1:
+                    await self._recall(filters, start - 1)
                 end = await self.store.last_seq(stream)
                 if end < start:
                     caught_up.set()

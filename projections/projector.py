@@ -111,7 +111,7 @@ class Projector:
         self._started = 0.0
         self._readers: dict[str, EventStore] = {}
         if follower is not None:
-            follower.listen(self._heard)
+            follower.listen(self._heard, recall=False)  # rows: each item once
 
     # --- lifecycle ------------------------------------------------------------------
 
