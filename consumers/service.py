@@ -7,7 +7,7 @@ to whoever gave it; without one they follow the log with their own.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 
 from ledger.client import Ledger
 from ledger.events import Producer
@@ -32,16 +32,18 @@ class Consumers:
     reclaimer: bool = True
     watchdog: bool = True
     liveness: LivenessSettings = field(default_factory=LivenessSettings)
-    follower: Follower | None = None
-    """The state to act on; None: one of their own, run with them."""
+    shared: InitVar[Follower | None] = None
+    """A follower whose state to act on, run by whoever gave it; None: one of their own, run with them."""
+    follower: Follower = field(init=False)
     parts: dict[str, object] = field(init=False, default_factory=dict)
     _own_follower: Follower | None = field(init=False, default=None)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, shared: Follower | None) -> None:
         if self.name:
             check_token(self.name, "replica name")
-        if self.follower is None:
-            self.follower = self._own_follower = Follower(self.store)
+        if shared is None:
+            shared = self._own_follower = Follower(self.store)
+        self.follower = shared
         if self.monitor:
             self.parts["monitor"] = LivenessMonitor(self._ledger("monitor"), self.follower, self.liveness)
         if self.reclaimer:

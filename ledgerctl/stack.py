@@ -142,7 +142,7 @@ async def running_stack(s: UpSettings, say: Say, *, name: str = "ledger-up",
         await stack.enter_async_context(projector)
         say(f"projector           {s.db_path.resolve()}")
 
-        consumers = Consumers(store, liveness=s.liveness, follower=follower)
+        consumers = Consumers(store, liveness=s.liveness, shared=follower)
         for listener in listeners:
             follower.listen(listener)
         following = asyncio.create_task(follower.run(), name="follower")

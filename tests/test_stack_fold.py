@@ -64,8 +64,8 @@ async def test_up_folds_each_event_once_into_the_state_the_projector_and_consume
         await stack.projector.wait_for(last)
         await stack.follower.caught_up.wait()
         # Everything is following by now: one reader per stream (the projector and the consumers had one each).
-        for stream in (LEDGER_STREAM, HEARTBEAT_STREAM):
-            await eventually(lambda s=stream: one_reader(stack.store, s), what=f"exactly one reader of {stream}")
+        await eventually(lambda: one_reader(stack.store, LEDGER_STREAM), what="exactly one reader of LEDGER")
+        await eventually(lambda: one_reader(stack.store, HEARTBEAT_STREAM), what="exactly one reader of LEDGER_HB")
         assert stack.projector.state is stack.follower.state
         assert stack.consumers.follower is stack.follower
         assert set(stack.follower.state.sessions) == {f"s{i}" for i in range(1, 6)}
