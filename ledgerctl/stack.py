@@ -113,7 +113,8 @@ async def running_stack(s: UpSettings, say: Say, *, name: str = "ledger-up",
                         listeners: Sequence[Listener] = ()) -> AsyncIterator[Stack]:
     """Start each piece in order, say where it is, and stop them in reverse order.
 
-    `listeners` hear every batch the stack's follower applies, from the first.
+    `listeners` hear every batch the stack's follower applies, from the first (resumed from the projection,
+    first the recalled items, with no changes: see `projections.follow`).
     """
     async with contextlib.AsyncExitStack() as stack:
         server = None

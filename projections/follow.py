@@ -166,12 +166,13 @@ class Follower:
                       last_per_subject: bool = False) -> None:
         start = self.state.position(stream) + 1
         fresh = start == 1
-        recall = stream == subjects.LEDGER_STREAM and not fresh and self.recall > 0 and bool(self._recalling)
+        # Recalled: what the state held when following began (a reconnect later must not recall what it applied).
+        recall_upto = start - 1 if stream == subjects.LEDGER_STREAM and self.recall > 0 and self._recalling else 0
         while True:
             tasks.raise_if_cancelled()
             try:
-                if recall and self._recalled < start - 1:
-                    await self._recall(filters, start - 1)
+                if self._recalled < recall_upto:
+                    await self._recall(filters, recall_upto)
                 end = await self.store.last_seq(stream)
                 if end < start:
                     caught_up.set()
