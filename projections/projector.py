@@ -243,7 +243,11 @@ class Projector:
                 await self._room.wait()
 
     def _heard(self, stream: str, items: list[Item], changes: list[Change]) -> None:
-        """The follower applied a batch to the state: note what to commit, as `_read` does for its own."""
+        """The follower applied a batch to the state: note what to commit, as `_read` does for its own.
+
+        The follower never waits for the file (`max_pending` holds back only the projector's own readers):
+        until the next commit, pending keeps dirty ids (at most one per entity), new anomalies and dead letters.
+        """
         note = self._pending.note
         for change, item in zip(changes, items, strict=True):
             note(change, item)
