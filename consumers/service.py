@@ -1,9 +1,13 @@
-"""Run the consumers together: one Follower (one in-memory state), each consumer in the same TaskGroup."""
+"""Run the consumers together: one Follower (one in-memory state), each consumer in the same TaskGroup.
+
+Given a follower (`ledger up`: the one the projector is fed by too), they act on its state and leave running it
+to whoever gave it; without one they follow the log with their own.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 
 from ledger.client import Ledger
 from ledger.events import Producer
@@ -28,13 +32,18 @@ class Consumers:
     reclaimer: bool = True
     watchdog: bool = True
     liveness: LivenessSettings = field(default_factory=LivenessSettings)
+    shared: InitVar[Follower | None] = None
+    """A follower whose state to act on, run by whoever gave it; None: one of their own, run with them."""
     follower: Follower = field(init=False)
     parts: dict[str, object] = field(init=False, default_factory=dict)
+    _own_follower: Follower | None = field(init=False, default=None)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, shared: Follower | None) -> None:
         if self.name:
             check_token(self.name, "replica name")
-        self.follower = Follower(self.store)
+        if shared is None:
+            shared = self._own_follower = Follower(self.store)
+        self.follower = shared
         if self.monitor:
             self.parts["monitor"] = LivenessMonitor(self._ledger("monitor"), self.follower, self.liveness)
         if self.reclaimer:
@@ -48,6 +57,7 @@ class Consumers:
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(self.follower.run(), name="follower")
+            if self._own_follower is not None:
+                tasks.create_task(self._own_follower.run(), name="follower")
             for role, part in self.parts.items():
                 tasks.create_task(part.run(), name=role)  # type: ignore[attr-defined]

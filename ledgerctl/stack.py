@@ -1,6 +1,14 @@
 """What runs together: the embedded server (or a given one), the streams, the projector and the consumers.
 
 `ledger up` and `ledger demo` are thin shells over `running_stack`; the tests and benchmarks use it too.
+
+The log is folded once per process: one `Follower` applies each batch to one
+state, which the projector commits (resuming it from the file, so a restart
+reads only what the file has not seen) and the consumers act on once it has
+caught up with the log; `listeners` (the demo's narrator) hear the same batches.
+Resumed, the consumers first hear the events of the monitor's windows again (`recall`): what it
+remembers beside the state (unreachable reports, recent deaths) survives a restart, as when they
+read the whole log.
 """
 
 from __future__ import annotations
@@ -8,11 +16,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from consumers.follow import Follower, Listener
 from consumers.liveness_rules import LivenessSettings
 from consumers.service import Consumers
 from ledger import tasks
@@ -68,6 +77,8 @@ class Stack:
 
     url: str
     store: EventStore
+    follower: Follower
+    """The process's one fold of the log: the projector's and the consumers' state."""
     projector: Projector
     consumers: Consumers
     server: EmbeddedServer | None
@@ -98,8 +109,13 @@ class Stack:
 
 
 @contextlib.asynccontextmanager
-async def running_stack(s: UpSettings, say: Say, *, name: str = "ledger-up") -> AsyncIterator[Stack]:
-    """Start each piece in order, say where it is, and stop them in reverse order."""
+async def running_stack(s: UpSettings, say: Say, *, name: str = "ledger-up",
+                        listeners: Sequence[Listener] = ()) -> AsyncIterator[Stack]:
+    """Start each piece in order, say where it is, and stop them in reverse order.
+
+    `listeners` hear every batch the stack's follower applies, from the first (resumed from the projection,
+    first the recalled items, with no changes: see `projections.follow`).
+    """
     async with contextlib.AsyncExitStack() as stack:
         server = None
         url = s.nats_url
@@ -115,20 +131,30 @@ async def running_stack(s: UpSettings, say: Say, *, name: str = "ledger-up") -> 
         reports = await store.ensure_streams()
         say("streams             " + "; ".join(str(r) for r in reports))
 
-        reader = await stack.enter_async_context(EventStore.connect(settings, name=f"{name}-projector"))
-        projector = Projector(reader, ProjectionSettings.from_env(db=str(s.db_path)),
+        projection = ProjectionSettings.from_env(db=str(s.db_path))
+        # The follower reads on a connection of its own, so the consumers' writes never queue behind a catch-up.
+        reader = await stack.enter_async_context(EventStore.connect(settings, name=f"{name}-follower"))
+        # The projection needs every beat; the monitor's windows need the recent reports and deaths again.
+        follower = Follower(reader, newest_beats=False, batch=projection.batch,
+                            recall=max(s.liveness.report_window, s.liveness.breaker_window))
+        # The projector listens first and resumes the follower from the file's committed state.
+        projector = Projector(reader, projection, follower=follower,
                               on_progress=catch_up_reporter(say, lambda: projector.caught_up.is_set()))
         await stack.enter_async_context(projector)
         say(f"projector           {s.db_path.resolve()}")
 
-        consumers = Consumers(store, liveness=s.liveness)
+        consumers = Consumers(store, liveness=s.liveness, shared=follower)
+        for listener in listeners:
+            follower.listen(listener)
+        following = asyncio.create_task(follower.run(), name="follower")
+        stack.push_async_callback(tasks.stop, [following])  # stopped before the projector commits its last batch
         consumers_task = asyncio.create_task(consumers.run(), name="consumers")
         stack.push_async_callback(tasks.stop, [consumers_task])
         say(f"consumers           {', '.join(consumers.parts)}")
         assert projector.task is not None
         projector.task.set_name("projector")
-        yield Stack(url=url, store=store, projector=projector, consumers=consumers, server=server,
-                    running=[projector.task, consumers_task])
+        yield Stack(url=url, store=store, follower=follower, projector=projector, consumers=consumers,
+                    server=server, running=[projector.task, following, consumers_task])
 
 
 def catch_up_reporter(say: Say, caught_up: Callable[[], bool], every: float = 2.0) -> Callable[[Progress], None]:

@@ -13,6 +13,12 @@ when the writer is the bottleneck. Restarting loads the committed state and
 resumes each stream from its checkpoint + 1: nothing is applied twice or
 skipped, wherever the process was killed.
 
+Given a `Follower` (`ledger up`: one fold of the log per process), the projector
+reads nothing itself: it resumes the follower from the committed state, and
+hears each batch the follower applied to that one state instead. The state in
+memory may then run ahead of the file, as it does while the writer commits;
+a checkpoint still names exactly the state whose rows it commits with.
+
 While catching up the writer gathers large batches (`commit_every`, at most
 `commit_interval` apart): the population is fixed, so a large batch writes
 each busy entity once where small ones would write it many times. At the live
@@ -37,10 +43,11 @@ from ledger.subjects import HEARTBEAT_STREAM, LEDGER_STREAM
 from . import deadletters, snapshots
 from .db import Batch, ProjectionDB
 from .errors import ProjectionError, StreamChanged
+from .follow import Follower, Item
 from .pending import Pending
 from .process import FileLock
 from .settings import ProjectionSettings
-from .state import STREAMS, HeartbeatState, LedgerState, LifecycleState
+from .state import STREAMS, Change, HeartbeatState, LedgerState, LifecycleState
 from .streaminfo import stream_facts
 
 log = logging.getLogger(__name__)
@@ -71,14 +78,19 @@ class Projector:
     """Keeps the SQLite projection in step with both streams; one per file, `async with` or `open` + `run`."""
 
     def __init__(self, store: EventStore, settings: ProjectionSettings | None = None, *,
-                 name: str = "projector", on_progress: Callable[[Progress], None] | None = None) -> None:
+                 name: str = "projector", on_progress: Callable[[Progress], None] | None = None,
+                 follower: Follower | None = None) -> None:
+        if follower is not None and not follower.complete:
+            raise ProjectionError("a projection needs a follower of every item of both streams")
         self.store = store
         self.settings = settings or ProjectionSettings()
         self.name = name
         self.on_progress = on_progress
         self.path = Path(self.settings.db)
         self.db: ProjectionDB | None = None
-        self.state = LedgerState()
+        self.follower = follower
+        """Where the folded batches come from; None: the projector reads both streams itself."""
+        self.state = follower.state if follower is not None else LedgerState()
         self.committed = {s: 0 for s in STREAMS}
         self.targets = {s: 0 for s in STREAMS}
         self.caught_up = asyncio.Event()
@@ -98,6 +110,8 @@ class Projector:
         self._task: asyncio.Task[None] | None = None
         self._started = 0.0
         self._readers: dict[str, EventStore] = {}
+        if follower is not None:
+            follower.listen(self._heard, recall=False)  # rows: each item once
 
     # --- lifecycle ------------------------------------------------------------------
 
@@ -109,10 +123,14 @@ class Projector:
             if self.db.reset:
                 log.warning("projection schema changed: %s is rebuilt from zero", self.path)
             self.state = await self.db.load_state()
+            if self.follower is not None:
+                self.follower.resume(self.state)  # the one state of the process starts where the file is
             self.committed = {s: self.state.position(s) for s in STREAMS}
             self._plan = snapshots.Plan(self.settings.snapshot_every, self.settings.snapshot_recent,
                                         {s: await self.db.snapshot_seqs(s) for s in STREAMS})
             await self._check_streams()
+            if self.follower is not None:
+                return
             # Each stream is read on a connection of its own, so a burst on one never queues behind the other.
             nc = await open_connection(self.store.settings, name=f"{self.name}-{HEARTBEAT_STREAM}")
             self._readers = {LEDGER_STREAM: self.store,
@@ -180,6 +198,8 @@ class Projector:
 
     async def catch_up(self) -> None:
         """Fold both streams up to where they end now, commit, and return (rebuilds, benchmarks)."""
+        if self.follower is not None:
+            raise ProjectionError("a projector fed by a follower can only follow (use one without to catch up)")
         await self._run(follow=False)
 
     async def _run(self, follow: bool) -> None:
@@ -190,11 +210,12 @@ class Projector:
         self._note_caught_up()
         try:
             async with asyncio.TaskGroup() as tg:
-                readers = [tg.create_task(self._read(s, follow), name=f"{self.name}-{s}") for s in STREAMS]
                 writer = tg.create_task(self._write(), name=f"{self.name}-writer")
-                await asyncio.wait(readers)
-                self._closing = True
-                self._wake.set()
+                if self.follower is None:
+                    readers = [tg.create_task(self._read(s, follow), name=f"{self.name}-{s}") for s in STREAMS]
+                    await asyncio.wait(readers)
+                    self._closing = True
+                    self._wake.set()
                 await writer
         except BaseExceptionGroup as group:
             self._failed = True
@@ -220,6 +241,21 @@ class Projector:
             if self._pending.events >= self.settings.max_pending:
                 self._room.clear()
                 await self._room.wait()
+
+    def _heard(self, stream: str, items: list[Item], changes: list[Change]) -> None:
+        """The follower applied a batch to the state: note what to commit, as `_read` does for its own.
+
+        The follower never waits for the file (`max_pending` holds back only the projector's own readers):
+        until the next commit, pending keeps dirty ids (at most one per entity), new anomalies and dead letters.
+        """
+        note = self._pending.note
+        for change, item in zip(changes, items, strict=True):
+            note(change, item)
+        self.events += len(items)
+        assert self.follower is not None
+        if self.follower.behind.get(stream) == 0:
+            self._live_edge = True
+        self._wake.set()
 
     async def _write(self) -> None:
         """Commit what the readers folded: promptly at the live edge, in large batches while catching up.

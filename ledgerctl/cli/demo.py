@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from consumers.follow import Follower, Item
+from consumers.follow import Item
 from consumers.liveness_rules import LivenessSettings
 from ledger import events as ev
 from ledger import tasks
@@ -22,6 +22,7 @@ from ledger.client import Ledger
 from ledger.codec import Recorded
 from ledger.events import Producer
 from ledger.ids import new_id
+from ledger.subjects import LEDGER_STREAM
 from projections.process import tune_gc
 from projections.query import Query
 from projections.state import Change, LifecycleState
@@ -87,10 +88,10 @@ class Fleet:
 
 
 class Feed:
-    """Follows the lifecycle stream into a LedgerState (the consumers' own Follower) and tells what happens."""
+    """Tells what happens, as the stack's follower applies it to the state the consumers act on."""
 
     def __init__(self, stack: Stack, say: Callable[[str], None], log_dir: Path) -> None:
-        self.follower = Follower(stack.store, heartbeats=False)
+        self.follower = stack.follower  # the one fold of the process: the story reads what the consumers see
         self.follower.listen(self._heard)
         self.log_dir = log_dir
         self.say = say
@@ -107,6 +108,8 @@ class Feed:
         return f"+{(ns - self.t0) / 1e9:6.2f}s"
 
     def _heard(self, stream: str, batch: list[Item], changes: list[Change]) -> None:
+        if stream != LEDGER_STREAM:
+            return  # beats tell nothing; the monitor's verdicts about them do
         for item in batch:
             if isinstance(item, Recorded):
                 self._tell(item)
@@ -261,7 +264,6 @@ async def demo_command(count: int, sessions: int, heartbeat: float, ttl: float, 
         async with running_stack(s, echo, name="ledger-demo") as stack:
             fleet = Fleet(stack.url, root / "agents", heartbeat=heartbeat, ttl=ttl, capacity=sessions)
             feed = Feed(stack, echo, fleet.log_dir)
-            following = asyncio.create_task(feed.follower.run())
             try:
                 told = asyncio.create_task(story(stack, fleet, feed, names, sessions))
                 await asyncio.wait({told, asyncio.ensure_future(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
@@ -284,7 +286,6 @@ async def demo_command(count: int, sessions: int, heartbeat: float, ttl: float, 
             finally:
                 echo("\nstopping the fleet (each agent says goodbye) ...")
                 await fleet.stop()
-                await tasks.stop([following])
     finally:
         if temporary and told_all:
             shutil.rmtree(root, ignore_errors=True)

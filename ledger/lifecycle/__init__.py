@@ -1,0 +1,203 @@
+"""Lifecycle rules and per-entity folds: pure functions of an entity's events.
+
+`evolve_agent`, `evolve_session` and `evolve_route` take the current state (or
+None) and one stored event of that entity, and return the next state and,
+when the event must not be applied, an Anomaly saying why (the state is then
+returned unchanged). The SDK folds one entity's history with them to decide
+what it may write; the projections fold the whole log with the very same
+functions, so both sides agree on what every event means.
+
+One module per concern, all re-exported here (`from ledger import lifecycle as lc; lc.X`):
+
+  anomalies  the vocabulary of refusal (`Anomaly`, its kinds) and `writer_problem`, asked first by every fold
+  agents     agent statuses, `AgentState`, `evolve_agent`, incarnations
+  sessions   session statuses, `SessionState`, the one rule of which session events apply, take-overs
+  routes     route states and transitions, `RouteState`, `evolve_route`
+  pools      the mass-failure breaker, `PoolState`, `evolve_pool`
+  lookups    `fold` of one history, and the lookups built from histories
+
+Two checks need more than the entity's own history, and are passed in as
+lookups so that every caller applies them identically, as of the event's
+position in the log:
+
+* `incarnation_at(agent_id, seq)` - the agent's current incarnation just
+  before `seq` (None if it never registered). A claim or owner write made by
+  any other incarnation is flagged (superseded_incarnation), not applied.
+* `session_at(session_id, seq)` - the session's state just before `seq`: its
+  claim token (a route transition written under another one is flagged,
+  stale_token) and its owner (the only agent that may write the route's events).
+* `agent_at(agent_id, seq)` - the agent's state just before `seq` (None if it
+  never registered). A take-over (a claim of an assigned session naming its
+  token) applies only while the owner may be replaced (`owner_replaceable`):
+  any agent can read the token, so naming it proves nothing (live_owner).
+
+Without a lookup the check is skipped (a caller that has only one history).
+"""
+
+from __future__ import annotations
+
+from .anomalies import (
+    AFTER_FINAL,
+    DUPLICATE,
+    ILLEGAL_TRANSITION,
+    LIVE_OWNER,
+    OVERLAPPING_CLAIM,
+    STALE_TOKEN,
+    SUPERSEDED_INCARNATION,
+    UNAUTHORIZED_PRODUCER,
+    UNKNOWN_ENTITY,
+    UNKNOWN_INCARNATION,
+    UNKNOWN_OWNER,
+    Anomaly,
+    Evolved,
+    writer_problem,
+)
+from .agents import (
+    A_ALIVE,
+    A_DEAD,
+    A_DRAINED,
+    A_DRAINING,
+    A_FENCED,
+    A_GONE,
+    AgentAt,
+    AgentState,
+    CurrentIncarnation,
+    IncarnationAt,
+    evolve_agent,
+    incarnation_problem,
+    superseded_by,
+)
+from .sessions import (
+    CLAIMABLE,
+    CLAIM_REASONS,
+    NO_OWNER_STATE,
+    OWNER_DEAD,
+    OWNER_DRAINING,
+    OWNER_FENCED,
+    OWNER_GONE,
+    OWNER_SUPERSEDED,
+    OWNER_UNKNOWN,
+    SESSION_STATES,
+    S_ASSIGNED,
+    S_ORPHANED,
+    S_PENDING,
+    S_RELEASED,
+    S_TERMINATED,
+    SessionAt,
+    SessionState,
+    claim_problem,
+    evolve_session,
+    owner_replaceable,
+    orphan_problem,
+    owner_write_problem,
+    owns,
+    session_event_problem,
+    terminate_problem,
+)
+from .routes import (
+    FAILED_TO_START,
+    PENDING,
+    ROUTE_STATES,
+    ROUTE_TRANSITIONS,
+    RUNNING,
+    STARTING,
+    TERMINATED,
+    TERMINATING,
+    TRAFFIC_ACTIVE,
+    TRAFFIC_INACTIVE,
+    WARMING_UP,
+    RouteState,
+    evolve_route,
+    route_status,
+    route_transition_error,
+)
+from .pools import (
+    PoolState,
+    evolve_pool,
+)
+from .lookups import (
+    agents_acting,
+    agents_lookup,
+    claims_lookup,
+    fold,
+    owners_judged,
+    registrations_lookup,
+)
+
+__all__ = [
+    "AFTER_FINAL",
+    "DUPLICATE",
+    "ILLEGAL_TRANSITION",
+    "LIVE_OWNER",
+    "OVERLAPPING_CLAIM",
+    "STALE_TOKEN",
+    "SUPERSEDED_INCARNATION",
+    "UNAUTHORIZED_PRODUCER",
+    "UNKNOWN_ENTITY",
+    "UNKNOWN_INCARNATION",
+    "UNKNOWN_OWNER",
+    "Anomaly",
+    "Evolved",
+    "writer_problem",
+    "A_ALIVE",
+    "A_DEAD",
+    "A_DRAINED",
+    "A_DRAINING",
+    "A_FENCED",
+    "A_GONE",
+    "AgentAt",
+    "AgentState",
+    "CurrentIncarnation",
+    "IncarnationAt",
+    "evolve_agent",
+    "incarnation_problem",
+    "superseded_by",
+    "CLAIMABLE",
+    "CLAIM_REASONS",
+    "NO_OWNER_STATE",
+    "OWNER_DEAD",
+    "OWNER_DRAINING",
+    "OWNER_FENCED",
+    "OWNER_GONE",
+    "OWNER_SUPERSEDED",
+    "OWNER_UNKNOWN",
+    "SESSION_STATES",
+    "S_ASSIGNED",
+    "S_ORPHANED",
+    "S_PENDING",
+    "S_RELEASED",
+    "S_TERMINATED",
+    "SessionAt",
+    "SessionState",
+    "claim_problem",
+    "evolve_session",
+    "owner_replaceable",
+    "orphan_problem",
+    "owner_write_problem",
+    "owns",
+    "session_event_problem",
+    "terminate_problem",
+    "FAILED_TO_START",
+    "PENDING",
+    "ROUTE_STATES",
+    "ROUTE_TRANSITIONS",
+    "RUNNING",
+    "STARTING",
+    "TERMINATED",
+    "TERMINATING",
+    "TRAFFIC_ACTIVE",
+    "TRAFFIC_INACTIVE",
+    "WARMING_UP",
+    "RouteState",
+    "evolve_route",
+    "route_status",
+    "route_transition_error",
+    "PoolState",
+    "evolve_pool",
+    "agents_acting",
+    "agents_lookup",
+    "claims_lookup",
+    "fold",
+    "owners_judged",
+    "registrations_lookup",
+]

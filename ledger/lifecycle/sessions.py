@@ -1,0 +1,257 @@
+"""Sessions: their statuses, their state, and the one rule of which session events apply.
+
+Whether a session event applies is one predicate, `session_event_problem`
+(claims: `claim_problem`, owner writes: `owner_write_problem`): the fold, the
+SDK's decisions (`decide.check_owner`) and an Agent judging what its watch
+delivers all call it, so none of them can act on an event another refuses.
+Take-overs follow `owner_replaceable`, judged against the owner agent's state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+import msgspec
+
+from .. import events as ev
+from ..codec import Recorded
+from .agents import A_DEAD, A_DRAINED, A_DRAINING, A_FENCED, A_GONE, AgentAt, AgentState, CurrentIncarnation, \
+    IncarnationAt, incarnation_problem
+from .anomalies import (AFTER_FINAL, DUPLICATE, ILLEGAL_TRANSITION, LIVE_OWNER, OVERLAPPING_CLAIM,
+                        STALE_TOKEN, SUPERSEDED_INCARNATION, UNKNOWN_ENTITY, Anomaly, Evolved, writer_problem)
+
+S_PENDING, S_ASSIGNED, S_ORPHANED, S_RELEASED, S_TERMINATED = "pending", "assigned", "orphaned", "released", "terminated"
+SESSION_STATES = (S_PENDING, S_ASSIGNED, S_ORPHANED, S_RELEASED, S_TERMINATED)
+CLAIMABLE = frozenset({S_PENDING, S_ORPHANED, S_RELEASED})
+"""States in which a session has no owner and may be claimed."""
+CLAIM_REASONS = ("initial", "failover", "drain", "rebalance", "manual")
+
+
+class SessionState(msgspec.Struct, frozen=True, kw_only=True):
+    session_id: str
+    pool: str
+    platform: str
+    region: str
+    labels: dict[str, str]
+    idle_ttl: float | None
+    status: str
+    created_at: datetime
+    owner: str | None = None
+    owner_instance: str | None = None
+    owner_incarnation: int | None = None
+    token: int | None = None
+    """Stream sequence of the current claim: the fencing token every owner write must carry."""
+    claim_reason: str | None = None
+    claims: int = 0
+    reason: str | None = None
+    """Why the session is orphaned, released or terminated."""
+    cause_id: str | None = None
+    """Event id of the event that set `status`."""
+    platform_resource_id: str | None = None
+    address: str | None = None
+    """host:port where the session serves, as its owner reported it."""
+    status_since: datetime | None = None
+    last_owner_write_at: datetime | None = None
+    last_seq: int = 0
+
+
+SessionAt = Callable[[str, int], "SessionState | None"]
+"""(session id, seq) -> the session's state just before `seq` (None: it did not exist then)."""
+
+
+_replace = msgspec.structs.replace
+
+
+# Why an owner may be replaced (`owner_replaceable`): reason codes the reclaimer writes too.
+OWNER_GONE, OWNER_DEAD, OWNER_FENCED = "owner_gone", "owner_dead", "owner_fenced"
+OWNER_SUPERSEDED, OWNER_UNKNOWN, OWNER_DRAINING = "owner_superseded", "owner_unknown", "owner_draining"
+
+_REPLACEABLE = {A_GONE: OWNER_GONE, A_DEAD: OWNER_DEAD, A_FENCED: OWNER_FENCED, A_DRAINING: OWNER_DRAINING,
+                # A drained agent owns nothing - unless a claim landed after it said so: hand it on as a
+                # draining one's.
+                A_DRAINED: OWNER_DRAINING}
+
+
+def owner_replaceable(session: SessionState, owner: AgentState | None) -> tuple[str, str | None] | None:
+    """(why the owner of the assigned `session` may be replaced, the event that says so), or None while it may
+    keep it. `owner` is the owner agent's state at the moment in question (None: not registered).
+
+    The one rule of take-overs: the fold applies a claim naming the current token only when this says the owner
+    may go, and the reclaimer and self-claiming agents take over exactly the sessions it names. It reads the log
+    alone (gone, dead, fenced, draining, drained, superseded or unknown): an owner that is only silent or
+    suspect keeps its sessions until the monitor declares it dead.
+    """
+    if session.status != S_ASSIGNED or session.owner is None:
+        return None
+    if owner is None:
+        return OWNER_UNKNOWN, None
+    if owner.incarnation != session.owner_incarnation:
+        return OWNER_SUPERSEDED, None
+    why = _REPLACEABLE.get(owner.status)
+    return (why, owner.cause_id) if why is not None else None
+
+
+NO_OWNER_STATE: Any = object()
+"""`claim_problem`'s owner state when the caller cannot tell the owner's state (the take-over check is skipped)."""
+
+
+def claim_problem(state: SessionState | None, agent_id: str, incarnation: int, previous_token: int | None,
+                  current: CurrentIncarnation | None = None, owner: Any = NO_OWNER_STATE) -> Anomaly | None:
+    """Why a claim of the session in `state` for `agent_id`/`incarnation` must not apply (None: it applies).
+
+    Without `current` the registration check is skipped (the caller vouches for the incarnation). `owner`: the
+    state of the session's owner agent as of the claim (AgentState, or None if it is not registered); left out,
+    a take-over naming the current token is not judged against it (a caller that cannot tell).
+    """
+    if current is not None:
+        problem = incarnation_problem("session.claimed", agent_id, incarnation, current(agent_id))
+        if problem:
+            return problem
+    if state is None:
+        return Anomaly(UNKNOWN_ENTITY, "session.claimed for an unknown session")
+    if state.status == S_TERMINATED:
+        return Anomaly(AFTER_FINAL, "session.claimed after the session was terminated")
+    if state.status == S_ASSIGNED and previous_token != state.token:
+        return Anomaly(OVERLAPPING_CLAIM,
+                       f"{agent_id} claimed while {state.owner} owns it under token {state.token} "
+                       f"(claim names previous token {previous_token})")
+    if state.status == S_ASSIGNED and owner is not NO_OWNER_STATE and owner_replaceable(state, owner) is None:
+        return Anomaly(LIVE_OWNER,
+                       f"take-over for {agent_id} of token {state.token} while its owner {state.owner} "
+                       f"(incarnation {state.owner_incarnation}) is {owner.status}; a take-over applies only from "
+                       f"an owner that is gone, dead, fenced, draining, drained or superseded")
+    return None
+
+
+def owner_write_problem(state: SessionState | None, agent_id: str, incarnation: int, token: int | None,
+                        current: CurrentIncarnation | None = None, what: str = "owner write") -> Anomaly | None:
+    """Why an owner write (release, resource report) by `agent_id`/`incarnation` under `token` must not apply.
+
+    The one rule for both sides: the fold flags such a write, and `decide.check_owner`
+    refuses it before it is written. The write must carry the session's current
+    token, come from its owner, and from the very incarnation that claimed it (a
+    new incarnation of the same agent does not inherit its predecessor's claims).
+    With `current`, the writer must also still be the agent's current incarnation.
+    """
+    if current is not None:
+        problem = incarnation_problem(what, agent_id, incarnation, current(agent_id))
+        if problem:
+            return problem
+    if state is None:
+        return Anomaly(UNKNOWN_ENTITY, f"{what} for an unknown session")
+    if state.status == S_TERMINATED:
+        return Anomaly(AFTER_FINAL, f"{what} after the session was terminated")
+    if state.status != S_ASSIGNED or token != state.token:
+        return Anomaly(STALE_TOKEN, f"write under token {token}; current is {state.token} ({state.status})")
+    if agent_id != state.owner:
+        return Anomaly(STALE_TOKEN, f"write by {agent_id} under token {token}, which belongs to {state.owner}")
+    if incarnation != state.owner_incarnation:
+        # An older incarnation is a zombie; a newer one carries a token of its predecessor's.
+        kind = SUPERSEDED_INCARNATION if incarnation < (state.owner_incarnation or 0) else STALE_TOKEN
+        return Anomaly(kind, f"write by {agent_id} incarnation {incarnation} under token {token}, "
+                             f"which incarnation {state.owner_incarnation} holds")
+    return None
+
+
+def session_event_problem(state: SessionState | None, rec: Recorded,
+                          incarnation_at: IncarnationAt | None = None,
+                          agent_at: AgentAt | None = None) -> Anomaly | None:
+    """Why this stored session event must not change `state` (None when it applies).
+
+    The one rule: `evolve_session` applies exactly the events this accepts, and an
+    Agent judges what its watch delivers with it, so an agent never gains or loses
+    a session on an event the projections flag.
+    """
+    e, seq = rec.event, rec.seq
+    unauthorized = writer_problem(e, state.owner if state is not None else None)
+    if unauthorized is not None:
+        return unauthorized
+    current: CurrentIncarnation | None = None
+    if incarnation_at is not None:
+        def current(agent_id: str) -> int | None:
+            return incarnation_at(agent_id, seq)
+    match e:
+        case ev.SessionCreated():
+            if state is not None:
+                return Anomaly(DUPLICATE, f"session {e.session_id} was already created at #{state.last_seq}")
+            return None
+        case ev.SessionClaimed():
+            owner: Any = NO_OWNER_STATE
+            if agent_at is not None and state is not None and state.owner is not None:
+                owner = agent_at(state.owner, seq)
+            return claim_problem(state, e.agent_id, e.incarnation, e.previous_token, current, owner)
+        case ev.SessionReleased() | ev.SessionResourceReported():
+            return owner_write_problem(state, e.agent_id, e.incarnation, e.token, current, e.type_tag())
+    if state is None:
+        return Anomaly(UNKNOWN_ENTITY, f"{e.type_tag()} for unknown session {e.entity_id}")
+    if state.status == S_TERMINATED:
+        return Anomaly(AFTER_FINAL, f"{e.type_tag()} after the session was terminated")
+    match e:
+        case ev.SessionOrphaned():
+            return orphan_problem(state, e.previous_token)
+        case ev.SessionTerminated():
+            return terminate_problem(state, e.token)
+    return Anomaly(ILLEGAL_TRANSITION, f"{e.type_tag()} does not apply to a session")
+
+
+def orphan_problem(state: SessionState, previous_token: int | None) -> Anomaly | None:
+    """Why orphaning the live session in `state` from the claim `previous_token` must not apply."""
+    if state.status != S_ASSIGNED:
+        return Anomaly(ILLEGAL_TRANSITION, f"session.orphaned while session is {state.status}")
+    if previous_token != state.token:
+        return Anomaly(STALE_TOKEN, f"orphaned under token {previous_token}; current is {state.token}")
+    return None
+
+
+def terminate_problem(state: SessionState, token: int | None) -> Anomaly | None:
+    """Why a termination under `token` (None: an operator's, unguarded) must not apply to a live session."""
+    if token is not None and token != state.token:
+        return Anomaly(STALE_TOKEN, f"terminated under token {token}; current is {state.token}")
+    return None
+
+
+def evolve_session(state: SessionState | None, rec: Recorded, incarnation_at: IncarnationAt | None = None,
+                   agent_at: AgentAt | None = None) -> Evolved[SessionState | None]:
+    """Next state of one session after one of its events (`session_event_problem` decides whether it applies).
+
+    Its times are when the server stored the events, as for agents: they compare with the agents' times, and
+    a writer's own `time` (skewed, or forged into the year 9999) must not date a claim or an owner's activity.
+    """
+    problem = session_event_problem(state, rec, incarnation_at, agent_at)
+    if problem is not None:
+        return state, problem
+    e, seq, at = rec.event, rec.seq, rec.stored_at
+    if isinstance(e, ev.SessionCreated):
+        return SessionState(session_id=e.session_id, pool=e.pool, platform=e.platform, region=e.region,
+                            labels=e.labels, idle_ttl=e.idle_ttl, status=S_PENDING, created_at=at,
+                            status_since=at, cause_id=e.event_id, last_seq=seq), None
+    assert state is not None  # session_event_problem refuses anything else for an unknown session
+    match e:
+        case ev.SessionClaimed():
+            return _replace(state, status=S_ASSIGNED, owner=e.agent_id, owner_instance=e.instance_id,
+                            owner_incarnation=e.incarnation, token=seq, claim_reason=e.reason,
+                            claims=state.claims + 1, reason=None, status_since=at, last_owner_write_at=at,
+                            platform_resource_id=None, address=None, cause_id=e.event_id, last_seq=seq), None
+        case ev.SessionReleased():
+            return _replace(state, status=S_RELEASED, owner=None, owner_instance=None, owner_incarnation=None,
+                            token=None, reason=e.reason or "released", status_since=at, cause_id=e.event_id,
+                            last_seq=seq), None
+        case ev.SessionResourceReported():
+            return _replace(state, platform_resource_id=e.platform_resource_id,
+                            address=e.address if e.address is not None else state.address,
+                            last_owner_write_at=at, last_seq=seq), None
+        case ev.SessionOrphaned():
+            return _replace(state, status=S_ORPHANED, owner=None, owner_instance=None, owner_incarnation=None,
+                            token=None, reason=e.reason, status_since=at, cause_id=e.event_id, last_seq=seq), None
+        case ev.SessionTerminated():
+            return _replace(state, status=S_TERMINATED, owner=None, owner_instance=None, owner_incarnation=None,
+                            token=None, reason=e.reason or "terminated", status_since=at, cause_id=e.event_id,
+                            last_seq=seq), None
+    return state, Anomaly(ILLEGAL_TRANSITION, f"{e.type_tag()} does not apply to a session")
+
+
+def owns(state: SessionState | None, agent_id: str, incarnation: int) -> bool:
+    """Whether this incarnation of the agent owns the session in `state`: may write as its owner now."""
+    return state is not None and owner_write_problem(state, agent_id, incarnation, state.token) is None

@@ -1,0 +1,178 @@
+"""The read side of the projection's SQLite file: one connection, consistent reads, and every query on it.
+
+Nothing here writes. A reader opens its own connection (`ProjectionDB.open(path, readonly=True)`) and reads
+inside one transaction (`reading`), so a query sees a single committed batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import aiosqlite
+import msgspec
+
+from ledger.codec import from_ns
+from ledger.lifecycle import AgentState, PoolState, RouteState, SessionState
+from ledger.subjects import HEARTBEAT_STREAM, LEDGER_STREAM
+
+from . import rows
+from .beats import Beat
+from .state import AnomalyRecord
+
+
+class Checkpoint(msgspec.Struct, frozen=True):
+    stream: str
+    seq: int
+    stored_ns: int
+    anomalies: int
+    updated_ns: int
+
+
+class DeadLetterCount(msgspec.Struct, frozen=True, kw_only=True):
+    stream: str
+    reason: str
+    count: int
+    last_seq: int
+    last_subject: str
+    last_detail: str
+
+
+class SnapshotRow(NamedTuple):
+    stream: str
+    seq: int
+    stored_ns: int
+    data: bytes
+
+
+def _in(column: str, values: Iterable[str] | None) -> tuple[str, list[Any]]:
+    if values is None:
+        return "", []
+    values = list(values)
+    return f" AND {column} IN ({','.join('?' * len(values))})", values
+
+
+class ProjectionReads:
+    """Queries over one aiosqlite connection to a projection file."""
+
+    def __init__(self, conn: aiosqlite.Connection, path: Path) -> None:
+        self.conn = conn
+        self.path = path
+
+    @contextlib.asynccontextmanager
+    async def transaction(self, mode: str = "IMMEDIATE") -> AsyncIterator[None]:
+        await self.conn.execute(f"BEGIN {mode}")
+        try:
+            yield
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.conn.execute("ROLLBACK")
+            raise
+        await self.conn.execute("COMMIT")
+
+    def reading(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """One consistent view of the file across several SELECTs."""
+        return self.transaction("DEFERRED")
+
+    async def meta(self, key: str) -> str | None:
+        found = list(await self.conn.execute_fetchall("SELECT value FROM meta WHERE key = ?", (key,)))
+        return found[0][0] if found else None
+
+    async def checkpoints(self) -> list[Checkpoint]:
+        found = await self.conn.execute_fetchall("SELECT stream, seq, stored_ns, anomalies, updated_ns FROM checkpoints")
+        by_stream = {r[0]: Checkpoint(*r) for r in found}
+        return [by_stream.get(s, Checkpoint(s, 0, 0, 0, 0)) for s in (LEDGER_STREAM, HEARTBEAT_STREAM)]
+
+    async def nearest_snapshot(self, stream: str, *, seq: int | None = None,
+                               stored_ns: int | None = None) -> SnapshotRow | None:
+        """The newest snapshot at or before a sequence or a stored time."""
+        if seq is not None:
+            where, arg = "seq <= ?", seq
+        elif stored_ns is not None:
+            where, arg = "stored_ns <= ?", stored_ns
+        else:
+            where, arg = "1 = ?", 1
+        found = list(await self.conn.execute_fetchall(
+            f"SELECT stream, seq, stored_ns, data FROM snapshots WHERE stream = ? AND {where} ORDER BY seq DESC LIMIT 1",
+            (stream, arg)))
+        return SnapshotRow(*found[0]) if found else None
+
+    async def agent_states(self, *, pool: str | None = None, ids: Iterable[str] | None = None) -> list[AgentState]:
+        sql, args = "SELECT doc FROM agents WHERE 1=1", []
+        if pool is not None:
+            sql, args = sql + " AND pool = ?", [pool]
+        clause, more = _in("agent_id", ids)
+        found = await self.conn.execute_fetchall(sql + clause + " ORDER BY agent_id", args + more)
+        return [rows.agent_of(r[0]) for r in found]
+
+    async def beats(self, ids: Iterable[str] | None = None) -> dict[str, Beat]:
+        clause, args = _in("agent_id", ids)
+        found = await self.conn.execute_fetchall("SELECT doc FROM beats WHERE 1=1" + clause, args)
+        return {b.agent_id: b for b in (rows.beat_of(r[0]) for r in found)}
+
+    async def session_states(self, *, pool: str | None = None, state: str | None = None, owner: str | None = None,
+                             ids: Iterable[str] | None = None) -> list[SessionState]:
+        sql, args = "SELECT doc FROM sessions WHERE 1=1", []
+        for column, value in (("pool", pool), ("status", state), ("owner", owner)):
+            if value is not None:
+                sql += f" AND {column} = ?"
+                args.append(value)
+        clause, more = _in("session_id", ids)
+        found = await self.conn.execute_fetchall(sql + clause + " ORDER BY session_id", args + more)
+        return [rows.session_of(r[0]) for r in found]
+
+    async def route_states(self, *, session_id: str | None = None, state: str | None = None,
+                           ids: Iterable[str] | None = None) -> list[RouteState]:
+        sql, args = "SELECT doc FROM routes WHERE 1=1", []
+        for column, value in (("session_id", session_id), ("state", state)):
+            if value is not None:
+                sql += f" AND {column} = ?"
+                args.append(value)
+        clause, more = _in("route_id", ids)
+        found = await self.conn.execute_fetchall(sql + clause + " ORDER BY route_id", args + more)
+        return [rows.route_of(r[0]) for r in found]
+
+    async def pool_states(self) -> dict[str, PoolState]:
+        found = await self.conn.execute_fetchall("SELECT pool, doc FROM pools")
+        return {key: rows.pool_of(doc) for key, doc in found}
+
+    async def owned_counts(self) -> dict[str, int]:
+        found = await self.conn.execute_fetchall(
+            "SELECT owner, count(*) FROM sessions WHERE owner IS NOT NULL AND status = 'assigned' GROUP BY owner")
+        return dict(found)  # type: ignore[arg-type]
+
+    async def session_counts(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for pool, status, n in await self.conn.execute_fetchall(
+                "SELECT pool, status, count(*) FROM sessions GROUP BY pool, status"):
+            out.setdefault(pool, {})[status] = n
+        return out
+
+    async def anomalies(self, *, kind: str | None = None, entity_kind: str | None = None,
+                        entity_id: str | None = None, upto: dict[str, int] | None = None,
+                        limit: int | None = None) -> list[AnomalyRecord]:
+        """Flagged events, newest first; `upto` = {stream: last sequence to include}."""
+        sql = "SELECT * FROM anomalies WHERE 1=1"
+        args: list[Any] = []
+        for column, value in (("kind", kind), ("entity_kind", entity_kind), ("entity_id", entity_id)):
+            if value is not None:
+                sql += f" AND {column} = ?"
+                args.append(value)
+        if upto is not None:
+            parts = " OR ".join("(stream = ? AND seq <= ?)" for _ in upto)
+            sql += f" AND ({parts})"
+            for stream, seq in upto.items():
+                args += [stream, seq]
+        sql += " ORDER BY stored_ns DESC, stream, seq DESC"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        found = await self.conn.execute_fetchall(sql, args)
+        return [AnomalyRecord(stream=r[0], seq=r[1], stored_at=from_ns(r[2]), entity_kind=r[3], entity_id=r[4],
+                              event_type=r[5], producer=r[6], kind=r[7], detail=r[8]) for r in found]
+
+    async def dead_letters(self) -> list[DeadLetterCount]:
+        found = await self.conn.execute_fetchall("SELECT * FROM dead_letters ORDER BY stream, reason")
+        return [DeadLetterCount(stream=r[0], reason=r[1], count=r[2], last_seq=r[3], last_subject=r[4],
+                                last_detail=r[5]) for r in found]

@@ -1,0 +1,95 @@
+"""The writer of the projection's SQLite file: each batch - rows and checkpoints - in one transaction.
+
+One writer (the projector) commits each batch - dirty rows, new anomalies,
+dead-letter counters, checkpoints and any snapshot - in one transaction, so
+rows and checkpoint can never disagree; `load_state` reads back exactly the
+state the last checkpoints name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, NamedTuple
+
+from ledger.lifecycle import AgentState, PoolState, RouteState, SessionState
+
+from . import rows, snapshots
+from .beats import Beat
+from .reads import ProjectionReads
+from .state import LedgerState
+
+_compressor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="projection-snapshots")
+"""One thread for zlib (which releases the GIL): one malloc arena, not one per default-executor thread."""
+
+
+class Batch(NamedTuple):
+    """Everything one transaction writes. Entity states are immutable, so they are kept by reference."""
+
+    agents: dict[str, AgentState]
+    sessions: dict[str, SessionState]
+    routes: dict[str, RouteState]
+    pools: dict[str, PoolState]
+    beats: dict[str, Beat]
+    anomalies: list[tuple[Any, ...]]
+    """(stream, seq, stored_ns, entity_kind, entity_id, event_type, producer, kind, detail)"""
+    dead_letters: list[tuple[Any, ...]]
+    checkpoints: list[tuple[Any, ...]]
+    snapshots: list[tuple[Any, ...]]
+    """(stream, seq, stored_ns, created_ns, encoded state): compressed on the way in."""
+    drop_snapshots: list[tuple[str, int]]
+
+
+class ProjectionWriter(ProjectionReads):
+    """Commits batches to the file and loads the committed state back (it reads what it wrote)."""
+
+    async def set_meta(self, key: str, value: str) -> None:
+        await self.conn.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                                (key, value))
+
+    async def commit(self, b: Batch) -> None:
+        """Write one batch, atomically. Encoding and compression happen here, a piece at a time."""
+        loop = asyncio.get_running_loop()
+        packed = [(*row[:4], await loop.run_in_executor(_compressor, snapshots.compress, row[4]))
+                  for row in b.snapshots]
+        c = self.conn
+        async with self.transaction():
+            for sql, table in ((rows.UPSERT_AGENTS, b.agents), (rows.UPSERT_SESSIONS, b.sessions),
+                               (rows.UPSERT_ROUTES, b.routes), (rows.UPSERT_POOLS, b.pools),
+                               (rows.UPSERT_BEATS, b.beats)):
+                for doc in rows.chunks(table):
+                    await c.execute(sql, (doc,))
+            if b.anomalies:
+                await c.execute(rows.INSERT_ANOMALIES, (rows.anomalies(b.anomalies),))
+            if b.dead_letters:
+                await c.executemany(rows.UPSERT_DEAD_LETTERS, b.dead_letters)
+            await c.executemany(rows.UPSERT_CHECKPOINT, b.checkpoints)
+            for snapshot in packed:
+                await c.execute("INSERT OR REPLACE INTO snapshots VALUES (?, ?, ?, ?, ?)", snapshot)
+            if b.drop_snapshots:
+                await c.executemany("DELETE FROM snapshots WHERE stream = ? AND seq = ?", b.drop_snapshots)
+
+    async def load_state(self) -> LedgerState:
+        """The folded state as committed: exactly what the fold had at the checkpoints."""
+        state = LedgerState()
+        async with self.reading():
+            for key, doc in await self.conn.execute_fetchall("SELECT agent_id, doc FROM agents"):
+                state.ledger.agents[key] = rows.agent_of(doc)
+            for key, doc in await self.conn.execute_fetchall("SELECT session_id, doc FROM sessions"):
+                state.ledger.sessions[key] = rows.session_of(doc)
+            for key, doc in await self.conn.execute_fetchall("SELECT route_id, doc FROM routes"):
+                state.ledger.routes[key] = rows.route_of(doc)
+            for key, doc in await self.conn.execute_fetchall("SELECT pool, doc FROM pools"):
+                state.ledger.pools[key] = rows.pool_of(doc)
+            for key, doc in await self.conn.execute_fetchall("SELECT agent_id, doc FROM beats"):
+                state.heartbeats.beats[key] = rows.beat_of(doc)
+            for cp in await self.checkpoints():
+                part = state.part(cp.stream)
+                part.seq, part.stored_ns, part.anomalies = cp.seq, cp.stored_ns, cp.anomalies
+            for d in await self.dead_letters():
+                state.part(d.stream).dead_letters[d.reason] = d.count
+        return state
+
+    async def snapshot_seqs(self, stream: str) -> list[int]:
+        rows_ = await self.conn.execute_fetchall("SELECT seq FROM snapshots WHERE stream = ? ORDER BY seq", (stream,))
+        return [r[0] for r in rows_]
