@@ -94,13 +94,10 @@ class Ledger:
 
         Only those the agent wrote itself (its id as producer token): the folds flag any other.
         """
-        items = await self.store.read(subjects.event_subject("agent", agent_id, "registered", agent_id),
-                                      min_last_seq=min_last_seq)
-        return [i.seq for i in items if isinstance(i, Recorded)]
+        return await self.store.registrations(agent_id, min_last_seq=min_last_seq)
 
     async def _incarnations(self, records: list[Recorded], min_last_seq: int | None) -> lc.IncarnationAt:
-        return lc.registrations_lookup({a: await self.registrations(a, min_last_seq=min_last_seq)
-                                        for a in lc.agents_acting(records)})
+        return await self.store.incarnations(records, min_last_seq=min_last_seq)
 
     async def _session_lookups(self, records: list[Recorded],
                                min_last_seq: int | None) -> tuple[lc.IncarnationAt, lc.AgentAt]:
