@@ -313,6 +313,7 @@ async def history(nc: NATS, stream: str, subject_filter: str, *, after: int = 0,
     out: list[Item] = []
     start = after + 1
     while True:
+        items: list[Item]
         items, pending = await direct_batch(nc, stream, subject_filter, start,
                                             min_last_seq=min_last_seq, timeout=timeout)
         out.extend(items)

@@ -17,6 +17,7 @@ from typing import Any
 import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.errors import NoRespondersError, TimeoutError as NatsTimeout
 from nats.js import api
 from nats.js.errors import APIError
@@ -109,7 +110,7 @@ class Replay:
         self._last_heard = time.monotonic()
         self._inbox = ""
         self._empty_at_start = False
-        self._sub = None
+        self._sub: Subscription | None = None
         self.last_seq = 0
         """Sequence of the newest message received so far (handed out, or waiting in the buffer)."""
         self.pending: int | None = None
@@ -276,7 +277,7 @@ class Replay:
         self._outstanding = 0
         self._consumer = info.name
         self._last_heard = time.monotonic()
-        self._empty_at_start = info.num_pending == 0 and info.delivered.consumer_seq == 0
+        self._empty_at_start = info.num_pending == 0 and (info.delivered is None or info.delivered.consumer_seq == 0)
         await self._pull(self._batch)
 
     def _recreate(self, why: str) -> None:

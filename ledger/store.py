@@ -105,7 +105,12 @@ class EventStore:
         """
         settings = settings or Settings.from_env()
         stores: list[EventStore] = []
-        nc = await open_connection(settings, name, on_event=lambda kind: [s.connection_event(kind) for s in stores])
+
+        def on_event(kind: str) -> None:
+            for s in stores:
+                s.connection_event(kind)
+
+        nc = await open_connection(settings, name, on_event=on_event)
         store = cls(nc, settings, owns_connection=True)
         stores.append(store)
         try:

@@ -123,6 +123,8 @@ async def entity_history(store: EventStore, kind: str, entity_id: str, *, seq: i
         raise UnknownEntity(f"the ledger holds no event for {kind} {entity_id}" + (" at that point" if seq or time else ""))
     records = [i for i in items if isinstance(i, Recorded)]
     notes: list[str] = []
+    evolve: Any  # each kind's evolve, with the lookups it takes
+    lookups: tuple[Any, ...]
     if kind == "agent":
         evolve, lookups = evolve_agent, ()
     elif kind == "pool":
