@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from datetime import datetime
 from types import TracebackType
 from typing import Any, TypeVar
@@ -232,6 +232,16 @@ class EventStore:
         """The stream's last sequence (0 when empty)."""
         return (await self.stream_facts(stream)).last_seq
 
+    async def read_batch(self, stream: str, subject_filter: str, start_seq: int, *, batch: int = 1000,
+                         min_last_seq: int | None = None,
+                         make: Callable[[str, int, str, int, bytes], T] = codec.read,  # type: ignore[assignment]
+                         ) -> tuple[list[T], int]:
+        """Up to `batch` stored messages on the filter from `start_seq`, made into items by `make(stream, seq,
+        subject, stored_ns, data)` (the codec's read by default; `ledger check` keeps the raw bytes), and how many
+        are still pending after them. Any replica may answer: `min_last_seq` asks for one holding at least that."""
+        return await jsapi.direct_batch(self.nc, stream, subject_filter, start_seq, batch=batch,
+                                        min_last_seq=min_last_seq, timeout=self.settings.request_timeout, make=make)
+
     def replay(self, filters: str | Sequence[str] = subjects.family_filter("*"), *, stream: str | None = None,
                start_seq: int | None = None, start_time: datetime | None = None, end_seq: int | None = None,
                end_time: datetime | None = None, follow: bool = False, last_per_subject: bool = False,
@@ -256,16 +266,6 @@ class EventStore:
         return Replay(self.nc, stream, filters, start_seq=start_seq, start_time=start_time,
                       end_seq=end_seq, end_time=end_time, follow=follow, last_per_subject=last_per_subject,
                       batch=batch, timeout=self.settings.request_timeout, patience=patience)
-
-    def read_batch(self, stream: str, subject_filter: str, start_seq: int, *, batch: int = 1000,
-                   min_last_seq: int | None = None,
-                   make: Callable[[str, int, str, int, bytes], T] = codec.read,  # type: ignore[assignment]
-                   ) -> Awaitable[tuple[list[T], int]]:
-        """Up to `batch` stored messages on the filter from `start_seq`, made into items by `make(stream, seq,
-        subject, stored_ns, data)` (the codec's read by default; `ledger check` keeps the raw bytes), and how many
-        are still pending after them. Any replica may answer: `min_last_seq` asks for one holding at least that."""
-        return jsapi.direct_batch(self.nc, stream, subject_filter, start_seq, batch=batch, min_last_seq=min_last_seq,
-                                  timeout=self.settings.request_timeout, make=make)
 
     # --- what the stream holds --------------------------------------------------
 
