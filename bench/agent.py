@@ -16,18 +16,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import random
 import time
 
+import nats
 from common import pct, run_against_server, server_options
 
-import nats  # noqa: E402
-
-from ledger.agent import Agent  # noqa: E402
-from ledger.client import Ledger  # noqa: E402
-from ledger.errors import NotClaimable  # noqa: E402
-from ledger.settings import Settings  # noqa: E402
-from ledger.store import EventStore  # noqa: E402
+from ledger.agent import Agent
+from ledger.client import Ledger
+from ledger.errors import NotClaimable
+from ledger.settings import Settings
+from ledger.store import EventStore
 
 
 def line(name: str, values: list[float]) -> str:
@@ -81,10 +81,8 @@ async def run(url: str, sessions: int, racers: int) -> None:
             random.shuffle(order)
             for sid in order:
                 started = time.perf_counter()
-                try:
+                with contextlib.suppress(NotClaimable):
                     await agent.claim(sid)
-                except NotClaimable:
-                    pass
                 latencies.append(time.perf_counter() - started)
 
         started = time.perf_counter()

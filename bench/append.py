@@ -18,14 +18,13 @@ import statistics
 import time
 import uuid
 
+import nats
 from common import run_against_server, server_options
 
-import nats  # noqa: E402
-
-from ledger import codec  # noqa: E402
-from ledger.events import Producer, SessionCreated  # noqa: E402
-from ledger.settings import Settings  # noqa: E402
-from ledger.store import EventStore  # noqa: E402
+from ledger import codec
+from ledger.events import Producer, SessionCreated
+from ledger.settings import Settings
+from ledger.store import EventStore
 
 PRODUCER = Producer(id="operator-bench", instance=uuid.uuid4().hex)
 

@@ -41,21 +41,21 @@ import nats
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ledger import (
-    decide,  # noqa: E402
-    subjects,  # noqa: E402
+    decide,
+    subjects,
 )
-from ledger import events as ev  # noqa: E402
-from ledger import lifecycle as lc  # noqa: E402
-from ledger.check import DEFAULT_GRACE, RawMessage, Report, Violation, check, fold  # noqa: E402
-from ledgerctl.cli.check import read_raw  # noqa: E402
-from ledger.client import Ledger  # noqa: E402
-from ledger.errors import LedgerError, NotClaimable  # noqa: E402
-from ledgerctl.server import EmbeddedCluster, EmbeddedServer, ServerConfig, free_port  # noqa: E402
-from ledger.settings import Settings  # noqa: E402
-from ledger.store import EventStore  # noqa: E402
-from projections.projector import Projector  # noqa: E402
-from projections.schema import TABLES  # noqa: E402
-from projections.settings import ProjectionSettings  # noqa: E402
+from ledger import events as ev
+from ledger import lifecycle as lc
+from ledger.check import DEFAULT_GRACE, RawMessage, Report, Violation, check, fold
+from ledger.client import Ledger
+from ledger.errors import LedgerError, NotClaimable
+from ledger.settings import Settings
+from ledger.store import EventStore
+from ledgerctl.cli.check import read_raw
+from ledgerctl.server import EmbeddedCluster, EmbeddedServer, ServerConfig, free_port
+from projections.projector import Projector
+from projections.schema import TABLES
+from projections.settings import ProjectionSettings
 
 POOL = "campaign"
 NOT_COMPARED = {"snapshots"}
@@ -215,10 +215,11 @@ class Writer:
         while not self._stop.is_set():
             n += 1
             sid, rid = f"{self.tag}-s{n}", f"{self.tag}-r{n}"
-            if await self._append(ev.SessionCreated(producer=self.producer, session_id=sid, pool=POOL)):
-                if await self._append(ev.RouteCreated(producer=self.producer, route_id=rid, session_id=sid,
-                                                      endpoint=f"http://127.0.0.1:1/{n}")):
-                    live.append((sid, rid))
+            created = ev.SessionCreated(producer=self.producer, session_id=sid, pool=POOL)
+            route = ev.RouteCreated(producer=self.producer, route_id=rid, session_id=sid,
+                                    endpoint=f"http://127.0.0.1:1/{n}")
+            if await self._append(created) and await self._append(route):
+                live.append((sid, rid))
             if len(live) > self.keep:
                 old_sid, old_rid = live.popleft()
                 for to_state in ("TERMINATING", "TERMINATED"):
@@ -301,7 +302,7 @@ async def rebuild_to(store: EventStore, path: Path, ends: dict[str, int]) -> Non
     """A projection folded from zero up to exactly `ends` (per stream), with the projector's own code."""
     projector = Projector(store, ProjectionSettings(db=str(path)), name="campaign-rebuild")
     await projector.open()
-    readers = projector._readers  # noqa: SLF001 - the one seam that bounds a catch-up
+    readers = projector._readers  # the one seam that bounds a catch-up
     try:
         projector._readers = {s: _Bounded(r, ends.get(s, 0)) for s, r in readers.items()}  # type: ignore[misc]
         await projector.catch_up()
@@ -543,7 +544,7 @@ async def create_streams(url: str, replicas: int, patience: float = 60.0) -> Non
         try:
             async with EventStore.connect(Settings(nats_url=url, replicas=replicas), ensure=True):
                 return
-        except Exception:  # noqa: BLE001 - not ready yet; the deadline bounds it
+        except Exception:  # not ready yet; the deadline bounds it
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.5)

@@ -12,7 +12,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ledgerctl.server import EmbeddedServer, ServerConfig, free_port  # noqa: E402
+from ledgerctl.server import EmbeddedServer, ServerConfig, free_port
 
 
 def server_options(parser: argparse.ArgumentParser) -> None:

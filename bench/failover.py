@@ -29,17 +29,17 @@ from pathlib import Path
 
 from common import pct, run_against_server, server_options
 
-from consumers.follow import Follower  # noqa: E402
-from ledger import decide  # noqa: E402
-from ledger import events as ev  # noqa: E402
-from ledger import lifecycle as lc  # noqa: E402
-from ledger.agent import Agent  # noqa: E402
-from ledger.client import Ledger  # noqa: E402
-from ledger.codec import Recorded  # noqa: E402
-from ledger.errors import Conflict, NotClaimable  # noqa: E402
-from ledger.ids import new_id  # noqa: E402
-from ledger.settings import Settings  # noqa: E402
-from ledger.store import EventStore  # noqa: E402
+from consumers.follow import Follower
+from ledger import decide
+from ledger import events as ev
+from ledger import lifecycle as lc
+from ledger.agent import Agent
+from ledger.client import Ledger
+from ledger.codec import Recorded
+from ledger.errors import Conflict, NotClaimable
+from ledger.ids import new_id
+from ledger.settings import Settings
+from ledger.store import EventStore
 
 
 async def create_sessions(store: EventStore, producer: ev.Producer, pool: str, n: int, tag: str) -> list[str]:
@@ -124,7 +124,8 @@ async def contention(url: str, claimers: int, orphans: int) -> None:
         tokens = await claim_all_for(ledger.store, reclaimer, lost, sessions, await last_seqs(ledger.store, sessions))
         futures = [await ledger.store.submit(ev.SessionOrphaned(
             producer=reclaimer, session_id=sid, reason="owner_dead", previous_owner=lost.agent_id,
-            previous_incarnation=lost.incarnation, previous_token=token), expect=token) for sid, token in tokens.items()]
+            previous_incarnation=lost.incarnation, previous_token=token), expect=token)
+            for sid, token in tokens.items()]
         await ledger.store.flush()
         start_seq = max(f.result() for f in futures)
 
@@ -137,10 +138,15 @@ async def contention(url: str, claimers: int, orphans: int) -> None:
                                                         pool=pool, capacity=orphans))
             refs.append((store, me, decide.AgentRef(me.id, me.instance, seq)))
         view = Follower(ledger.store, heartbeats=False)
+        orphaned = asyncio.Event()  # the view has folded the last orphaning
+
+        def heard(_stream: str, _batch: object, _changes: object) -> None:
+            if view.state.ledger.seq >= start_seq:
+                orphaned.set()
+
+        view.listen(heard)
         following = asyncio.create_task(view.run())
-        await view.caught_up.wait()
-        while view.state.ledger.seq < start_seq:
-            await asyncio.sleep(0.01)
+        await orphaned.wait()
         counts = {"claims": 0, "conflicts": 0}
 
         async def claimer(store: EventStore, me: ev.Producer, ref: decide.AgentRef) -> None:
@@ -174,7 +180,7 @@ async def contention(url: str, claimers: int, orphans: int) -> None:
                     histories[r.event.session_id].append(r)
         lookup = lc.registrations_lookup(registrations)
         problems = 0
-        for sid, history in histories.items():
+        for history in histories.values():
             state, anomalies = lc.fold(lc.evolve_session, history, lookup)
             claims_after = [r for r in history if r.seq > start_seq and isinstance(r.event, ev.SessionClaimed)]
             if anomalies or len(claims_after) != 1 or state.status != lc.S_ASSIGNED:
@@ -188,9 +194,10 @@ async def contention(url: str, claimers: int, orphans: int) -> None:
 async def run(url: str, sessions: int, rounds: int, claimers: int, orphans: int) -> None:
     async with EventStore.connect(Settings(nats_url=url), ensure=True):
         pass
-    reclaimer = subprocess.Popen([sys.executable, "-m", "ledgerctl", "consumers", "--no-monitor", "--no-watchdog",
-                                  "--nats-url", url], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                 env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    reclaimer = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "ledgerctl", "consumers", "--no-monitor", "--no-watchdog", "--nats-url", url,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     try:
         await asyncio.sleep(1.5)
         for kind in ("death", "goodbye"):
@@ -202,7 +209,7 @@ async def run(url: str, sessions: int, rounds: int, claimers: int, orphans: int)
                   f"p99 {pct(ms, 99):6.1f} ms   max {max(ms):6.1f} ms   (target p99 <= 250 ms)", flush=True)
     finally:
         reclaimer.terminate()
-        reclaimer.communicate(timeout=30)
+        await asyncio.wait_for(reclaimer.wait(), 30)
     await contention(url, claimers, orphans)
 
 

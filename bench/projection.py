@@ -36,21 +36,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import msgspec  # noqa: E402
-import nats  # noqa: E402
+import msgspec
+import nats
+from workload import Workload
 
-from ledger.codec import parse_ack_subject  # noqa: E402
-from ledger.events import AnyEvent  # noqa: E402
-from ledgerctl.server import EmbeddedServer, ServerConfig, free_port  # noqa: E402
-from ledger.settings import Settings  # noqa: E402
-from ledger.store import EventStore  # noqa: E402
-from ledger.subjects import HEARTBEAT_STREAM, LEDGER_STREAM  # noqa: E402
-from projections.process import tune_gc  # noqa: E402
-from projections.projector import FILTERS, Progress, Projector  # noqa: E402
-from projections.query import Query  # noqa: E402
-from projections.rebuild import rebuild  # noqa: E402
-from projections.settings import ProjectionSettings  # noqa: E402
-from workload import Workload  # noqa: E402
+from ledger.codec import parse_ack_subject
+from ledger.events import AnyEvent
+from ledger.settings import Settings
+from ledger.store import EventStore
+from ledger.subjects import HEARTBEAT_STREAM, LEDGER_STREAM
+from ledgerctl.server import EmbeddedServer, ServerConfig, free_port
+from projections.process import tune_gc
+from projections.projector import FILTERS, Progress, Projector
+from projections.query import Query
+from projections.rebuild import rebuild
+from projections.settings import ProjectionSettings
 
 STREAMS = (LEDGER_STREAM, HEARTBEAT_STREAM)
 

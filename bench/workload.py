@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from ledger import events as ev
 from ledger.lifecycle import PENDING, RUNNING, STARTING, WARMING_UP
@@ -40,7 +40,7 @@ class Workload:
         self.owned: dict[str, set[str]] = {}
         self.route_state: dict[str, str] = {}
         self.route_session: dict[str, str] = {}
-        self.time = datetime(2026, 11, 1, tzinfo=timezone.utc)
+        self.time = datetime(2026, 11, 1, tzinfo=UTC)
         self.ledger_events = 0
         self.heartbeats = 0
         self._restarts: list[str] = []

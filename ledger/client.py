@@ -22,8 +22,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from typing import Any, TypeVar
 
-from . import authority, codec, decide, lifecycle as lc, subjects
+from . import authority, codec, decide, subjects
 from . import events as ev
+from . import lifecycle as lc
 from .codec import Recorded
 from .errors import Conflict, InvalidInput, NotAuthorized, NotFound, StaleToken
 from .events import Producer
@@ -60,7 +61,7 @@ def _advice(detail: str, event: ev.Event) -> str:
 def _floor(items: list[Any], min_last_seq: int | None) -> int | None:
     """What the lookups of a history's fold must be read at least up to: its last event (a replica lagging behind
     the one that served the history would miss an agent's death before a take-over, and flag the failover)."""
-    last = items[-1].seq if items else None
+    last: int | None = items[-1].seq if items else None
     if last is None or (min_last_seq is not None and min_last_seq >= last):
         return min_last_seq
     return last

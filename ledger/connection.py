@@ -167,14 +167,15 @@ class ConnectionWatch:
             if denied.done():
                 return
             if operation == "publish" and (refused == want or refused.startswith(under)):
-                denied.set_result(PermissionDenied(operation, subject if refused == want else refused))
+                denied.set_result(PermissionDenied(operation, subject if subject and refused == want else refused))
             elif operation == "subscription" and refused.startswith(self._inbox):
                 denied.set_result(PermissionDenied(operation, refused, INBOX_HINT))
 
         self.add_listener(on_violation)
         task = asyncio.ensure_future(request)
         try:
-            await asyncio.wait([task, denied], return_when=asyncio.FIRST_COMPLETED)
+            racing: list[asyncio.Future[Any]] = [task, denied]
+            await asyncio.wait(racing, return_when=asyncio.FIRST_COMPLETED)
         except BaseException:
             task.cancel()
             raise
@@ -292,11 +293,14 @@ async def open_connection(settings: Settings, name: str = "session-ledger",
         # tries there (so a wrong URL fails fast), then reconnect forever.
         # Pings find a frozen server (its socket stays open, so nothing else would); the client then moves
         # to another node of the cluster (the URLs given, and those the cluster announces).
+        # nats-py annotates its timings as int seconds and uses them as floats (asyncio timeouts and sleeps).
         nc = NATS()
         await nc.connect(
-            servers=servers, name=name, connect_timeout=settings.connect_timeout,
-            allow_reconnect=True, max_reconnect_attempts=2, reconnect_time_wait=settings.reconnect_time_wait,
-            ping_interval=settings.ping_interval, max_outstanding_pings=settings.max_outstanding_pings,
+            servers=servers, name=name, connect_timeout=settings.connect_timeout,  # type: ignore[arg-type]
+            allow_reconnect=True, max_reconnect_attempts=2,
+            reconnect_time_wait=settings.reconnect_time_wait,  # type: ignore[arg-type]
+            ping_interval=settings.ping_interval,  # type: ignore[arg-type]
+            max_outstanding_pings=settings.max_outstanding_pings,
             dont_randomize=not settings.randomize_servers,
             error_cb=watch.error_cb, disconnected_cb=disconnected_cb, reconnected_cb=reconnected_cb, **options,
         )
@@ -304,14 +308,15 @@ async def open_connection(settings: Settings, name: str = "session-ledger",
         what = f"nkey seed file {settings.nkey_seed_file}" if settings.nkey_seed_file else \
             f"credentials file {settings.creds_file}"
         raise ConfigError(f"{what}: {str(e).removeprefix('nkeys: ')}") from None
-    except (_GiveUp, NoServersError, NatsError, OSError, asyncio.TimeoutError) as e:
+    except (_GiveUp, NoServersError, NatsError, OSError, TimeoutError) as e:
         if isinstance(e, _GiveUp) and nc._transport is not None:
-            nc._transport.close()  # no wait: waiting for a failed TLS transport to close is what hangs
+            # No wait: waiting for a failed TLS transport to close is what hangs. (nats-py leaves close unannotated.)
+            nc._transport.close()  # type: ignore[no-untyped-call]
         raise classify_connect_failure(watch.seen, e, settings.nats_url) from None
     try:
         # nats-py's connect() returns without an error when the server closes the socket instead of answering
         # its PING (it only looks for PONG or -ERR): one more round trip proves the server accepted us.
-        await nc.flush(timeout=settings.connect_timeout)
+        await nc.flush(timeout=settings.connect_timeout)  # type: ignore[arg-type] # int-annotated, used as a float
     except Exception as e:  # noqa: BLE001 - whatever it was, this connection is not usable
         await _close(nc)
         raise classify_connect_failure(watch.seen, e, settings.nats_url) from None

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from contextvars import ContextVar
 from datetime import datetime, timezone
-from typing import Annotated, ClassVar
+from typing import Annotated, ClassVar, get_args
 
 import msgspec
 from msgspec import Meta, field
@@ -172,7 +172,9 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
 
     @classmethod
     def type_tag(cls) -> str:
-        return cls.__struct_config__.tag  # type: ignore[return-value]
+        tag = cls.__struct_config__.tag
+        assert isinstance(tag, str), "tag_field is set on Event, so every event class has a string tag"
+        return tag
 
     @classmethod
     def verb(cls) -> str:
@@ -183,7 +185,7 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
 # --- agents -------------------------------------------------------------------
 
 
-class AgentEvent(Event):
+class AgentEvent(Event, frozen=True):
     family: ClassVar[str] = "agent"
     agent_id: Token
 
@@ -192,7 +194,7 @@ class AgentEvent(Event):
         return self.agent_id
 
 
-class AgentRegistered(AgentEvent, tag="agent.registered"):
+class AgentRegistered(AgentEvent, frozen=True, tag="agent.registered"):
     """A process of `agent_id` started; its incarnation is this event's stream sequence."""
 
     instance_id: Name
@@ -205,7 +207,7 @@ class AgentRegistered(AgentEvent, tag="agent.registered"):
     ttl: Seconds = 30.0
 
 
-class AgentHeartbeat(AgentEvent, tag="agent.heartbeat"):
+class AgentHeartbeat(AgentEvent, frozen=True, tag="agent.heartbeat"):
     """A periodic sign of life, stored with bounded retention in the heartbeat stream."""
 
     family: ClassVar[str] = "hb"
@@ -217,7 +219,7 @@ class AgentHeartbeat(AgentEvent, tag="agent.heartbeat"):
     sessions: Ids = ()
 
 
-class AgentDraining(AgentEvent, tag="agent.draining"):
+class AgentDraining(AgentEvent, frozen=True, tag="agent.draining"):
     """The agent takes no new claims; its sessions are handed off before `deadline`."""
 
     incarnation: Count
@@ -225,12 +227,12 @@ class AgentDraining(AgentEvent, tag="agent.draining"):
     reason: Text = ""
 
 
-class AgentDrained(AgentEvent, tag="agent.drained"):
+class AgentDrained(AgentEvent, frozen=True, tag="agent.drained"):
     incarnation: Count
     reason: Text = ""
 
 
-class AgentGoodbye(AgentEvent, tag="agent.goodbye"):
+class AgentGoodbye(AgentEvent, frozen=True, tag="agent.goodbye"):
     """The process is leaving on purpose; its sessions are orphaned at once."""
 
     instance_id: Name
@@ -238,26 +240,26 @@ class AgentGoodbye(AgentEvent, tag="agent.goodbye"):
     reason: Text = "shutdown"
 
 
-class AgentSuspected(AgentEvent, tag="agent.suspected"):
+class AgentSuspected(AgentEvent, frozen=True, tag="agent.suspected"):
     incarnation: Count
     reason: Text
     evidence: Evidence = Evidence()
 
 
-class AgentDeclaredDead(AgentEvent, tag="agent.declared_dead"):
+class AgentDeclaredDead(AgentEvent, frozen=True, tag="agent.declared_dead"):
     incarnation: Count
     reason: Text
     evidence: Evidence = Evidence()
 
 
-class AgentUnreachableReported(AgentEvent, tag="agent.unreachable_reported"):
+class AgentUnreachableReported(AgentEvent, frozen=True, tag="agent.unreachable_reported"):
     """A client failed to reach the agent while using it (the reporter is the producer)."""
 
     incarnation: Count | None = None
     error: Text = ""
 
 
-class AgentFenced(AgentEvent, tag="agent.fenced"):
+class AgentFenced(AgentEvent, frozen=True, tag="agent.fenced"):
     """The agent stopped acting as owner on its own (its lease ran out).
 
     Decided while it could not reach the broker, so it is written afterwards,
@@ -273,7 +275,7 @@ class AgentFenced(AgentEvent, tag="agent.fenced"):
 # --- sessions -----------------------------------------------------------------
 
 
-class SessionEvent(Event):
+class SessionEvent(Event, frozen=True):
     family: ClassVar[str] = "session"
     session_id: Token
 
@@ -282,7 +284,7 @@ class SessionEvent(Event):
         return self.session_id
 
 
-class SessionCreated(SessionEvent, tag="session.created"):
+class SessionCreated(SessionEvent, frozen=True, tag="session.created"):
     """A session bound to a pool, platform and region, never to an agent instance."""
 
     pool: Token
@@ -292,7 +294,7 @@ class SessionCreated(SessionEvent, tag="session.created"):
     idle_ttl: Seconds | None = None
 
 
-class SessionClaimed(SessionEvent, tag="session.claimed"):
+class SessionClaimed(SessionEvent, frozen=True, tag="session.claimed"):
     """`agent_id` owns the session from here; this event's sequence is the claim token."""
 
     agent_id: Token
@@ -303,14 +305,14 @@ class SessionClaimed(SessionEvent, tag="session.claimed"):
     previous_token: Seq | None = None
 
 
-class SessionReleased(SessionEvent, tag="session.released"):
+class SessionReleased(SessionEvent, frozen=True, tag="session.released"):
     agent_id: Token
     incarnation: Count
     token: Seq
     reason: Text = ""
 
 
-class SessionResourceReported(SessionEvent, tag="session.resource_reported"):
+class SessionResourceReported(SessionEvent, frozen=True, tag="session.resource_reported"):
     agent_id: Token
     incarnation: Count
     token: Seq
@@ -319,7 +321,7 @@ class SessionResourceReported(SessionEvent, tag="session.resource_reported"):
     """host:port where the session serves, once it runs (routes move to WARMING_UP with it)."""
 
 
-class SessionOrphaned(SessionEvent, tag="session.orphaned"):
+class SessionOrphaned(SessionEvent, frozen=True, tag="session.orphaned"):
     """The owner is gone, dead, superseded or draining; the session awaits a new claim."""
 
     reason: Text
@@ -329,7 +331,7 @@ class SessionOrphaned(SessionEvent, tag="session.orphaned"):
     evidence: Evidence = Evidence()
 
 
-class SessionTerminated(SessionEvent, tag="session.terminated"):
+class SessionTerminated(SessionEvent, frozen=True, tag="session.terminated"):
     token: Seq | None = None
     reason: Text = ""
 
@@ -337,7 +339,7 @@ class SessionTerminated(SessionEvent, tag="session.terminated"):
 # --- routes -------------------------------------------------------------------
 
 
-class RouteEvent(Event):
+class RouteEvent(Event, frozen=True):
     family: ClassVar[str] = "route"
     route_id: Token
 
@@ -356,7 +358,7 @@ class Probe(msgspec.Struct, frozen=True, kw_only=True):
     """What the watchdog does with a RUNNING route whose health is stale: ignore, deactivate or terminate."""
 
 
-class RouteCreated(RouteEvent, tag="route.created"):
+class RouteCreated(RouteEvent, frozen=True, tag="route.created"):
     session_id: Token
     endpoint: Address
     deployment: Address = ""
@@ -366,7 +368,7 @@ class RouteCreated(RouteEvent, tag="route.created"):
     """Seconds a TERMINATING route may take before the watchdog ends it."""
 
 
-class RouteTransitioned(RouteEvent, tag="route.transitioned"):
+class RouteTransitioned(RouteEvent, frozen=True, tag="route.transitioned"):
     """A move along the route state machine (`ledger.lifecycle.ROUTE_TRANSITIONS`)."""
 
     from_state: Name
@@ -379,7 +381,7 @@ class RouteTransitioned(RouteEvent, tag="route.transitioned"):
     """ACTIVE or INACTIVE; RUNNING -> RUNNING with only a traffic change is allowed."""
 
 
-class RouteHealthReported(RouteEvent, tag="route.health_reported"):
+class RouteHealthReported(RouteEvent, frozen=True, tag="route.health_reported"):
     healthy: bool
     checked_at: Time
     detail: Text = ""
@@ -388,7 +390,7 @@ class RouteHealthReported(RouteEvent, tag="route.health_reported"):
 # --- pools -------------------------------------------------------------------
 
 
-class PoolEvent(Event):
+class PoolEvent(Event, frozen=True):
     family: ClassVar[str] = "pool"
     pool: Token
 
@@ -397,7 +399,7 @@ class PoolEvent(Event):
         return self.pool
 
 
-class PoolBreakerTripped(PoolEvent, tag="pool.breaker_tripped"):
+class PoolBreakerTripped(PoolEvent, frozen=True, tag="pool.breaker_tripped"):
     """Too many of the pool's agents died together: stop orphaning their sessions."""
 
     reason: Text
@@ -409,7 +411,7 @@ class PoolBreakerTripped(PoolEvent, tag="pool.breaker_tripped"):
     threshold: Share = 0.5
 
 
-class PoolBreakerReset(PoolEvent, tag="pool.breaker_reset"):
+class PoolBreakerReset(PoolEvent, frozen=True, tag="pool.breaker_reset"):
     """Orphaning resumes: the pool recovered, or an operator said so."""
 
     reason: Text
@@ -439,5 +441,5 @@ AnyEvent = (
 )
 """Every event type the ledger knows: the closed union the codec decodes."""
 
-EVENT_TYPES: tuple[type[Event], ...] = AnyEvent.__args__  # type: ignore[attr-defined]
+EVENT_TYPES: tuple[type[Event], ...] = get_args(AnyEvent)
 BY_TAG: dict[str, type[Event]] = {cls.type_tag(): cls for cls in EVENT_TYPES}

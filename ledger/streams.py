@@ -87,6 +87,13 @@ def specs(settings: Settings) -> list[StreamConfig]:
     ]
 
 
+def _name(spec: StreamConfig) -> str:
+    """The name of one of `specs` (nats-py's StreamConfig leaves it optional; ours are all named)."""
+    if spec.name is None:
+        raise ValueError("a stream spec without a name")
+    return spec.name
+
+
 def _wanted(spec: StreamConfig) -> dict[str, Any]:
     wanted = spec.as_dict()
     wanted.pop("name", None)
@@ -102,7 +109,7 @@ def keep_replicas(spec: StreamConfig, actual: StreamConfig, settings: Settings) 
 
 def differences(spec: StreamConfig, actual: StreamConfig) -> dict[str, tuple[Any, Any]]:
     """Settings of `spec` that `actual` does not match: name -> (wanted, found)."""
-    have = actual.as_dict()
+    have: dict[str, Any] = actual.as_dict()
     diff: dict[str, tuple[Any, Any]] = {}
     for key, want in _wanted(spec).items():
         found = have.get(key)
@@ -134,14 +141,15 @@ async def ensure_streams(jsm: JetStreamManager, settings: Settings) -> list[Stre
     """Create or upgrade the ledger's streams and verify their settings; idempotent."""
     reports = []
     for spec in specs(settings):
+        name = _name(spec)
         try:
-            info = await jsm.stream_info(spec.name)
+            info = await jsm.stream_info(name)
         except NotFoundError:
             try:
                 await jsm.add_stream(spec)
             except APIError as e:
-                raise StreamMismatch(f"cannot create stream {spec.name}: {e.description} (error {e.err_code})") from None
-            report = StreamReport(spec.name, "created")
+                raise StreamMismatch(f"cannot create stream {name}: {e.description} (error {e.err_code})") from None
+            report = StreamReport(name, "created")
         else:
             keep_replicas(spec, info.config, settings)
             diff = differences(spec, info.config)
@@ -149,7 +157,7 @@ async def ensure_streams(jsm: JetStreamManager, settings: Settings) -> list[Stre
             if fixed:
                 what = ", ".join(f"{k}={found!r} (want {want!r})" for k, (want, found) in fixed.items())
                 raise StreamMismatch(
-                    f"stream {spec.name} exists with settings JetStream cannot change: {what}; "
+                    f"stream {name} exists with settings JetStream cannot change: {what}; "
                     "it was created by something else - use another server or remove that stream"
                 )
             if diff:
@@ -157,13 +165,13 @@ async def ensure_streams(jsm: JetStreamManager, settings: Settings) -> list[Stre
                     await jsm.update_stream(spec)
                 except APIError as e:
                     raise StreamMismatch(
-                        f"cannot update stream {spec.name}: {e.description} (error {e.err_code})") from None
-            report = StreamReport(spec.name, "updated" if diff else "ok", diff)
-        after = await jsm.stream_info(spec.name)
+                        f"cannot update stream {name}: {e.description} (error {e.err_code})") from None
+            report = StreamReport(name, "updated" if diff else "ok", diff)
+        after = await jsm.stream_info(name)
         left = differences(spec, after.config)
         if left:
             what = ", ".join(f"{k}={found!r} (want {want!r})" for k, (want, found) in left.items())
-            raise StreamMismatch(f"stream {spec.name} did not take its settings: {what}")
+            raise StreamMismatch(f"stream {name} did not take its settings: {what}")
         reports.append(report)
     return reports
 
@@ -184,14 +192,14 @@ async def why_admin_is_needed(jsm: JetStreamManager, settings: Settings) -> Stre
     read every stream (an agent does not read the dead letters)."""
     for spec in specs(settings):
         found = await _check(jsm, spec, settings)
-        if (problem := needs_admin(spec.name, found)) is not None:
+        if (problem := needs_admin(_name(spec), found)) is not None:
             return problem
     return None
 
 
 async def _check(jsm: JetStreamManager, spec: StreamConfig, settings: Settings) -> dict[str, tuple[Any, Any]] | None:
     try:
-        info = await jsm.stream_info(spec.name)
+        info = await jsm.stream_info(_name(spec))
     except NotFoundError:
         return None
     keep_replicas(spec, info.config, settings)
@@ -200,4 +208,4 @@ async def _check(jsm: JetStreamManager, spec: StreamConfig, settings: Settings) 
 
 async def check_streams(jsm: JetStreamManager, settings: Settings) -> dict[str, dict[str, tuple[Any, Any]] | None]:
     """Read-only check: stream name -> differences, or None where the stream is missing."""
-    return {spec.name: await _check(jsm, spec, settings) for spec in specs(settings)}
+    return {_name(spec): await _check(jsm, spec, settings) for spec in specs(settings)}

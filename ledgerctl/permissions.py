@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from ledger import authority, subjects
 from ledger import events as ev
@@ -113,7 +114,8 @@ def event_subjects_for_agent(agent_id: str) -> list[str]:
     out = []
     for cls in ev.EVENT_TYPES:
         writers = authority.WRITERS.get(cls.type_tag(), frozenset())
-        if writers & {authority.AGENT, authority.OWNER} or (authority.SELF in writers and not _entity_is_the_agent(cls)):
+        own_entity = _entity_is_the_agent(cls)
+        if writers & {authority.AGENT, authority.OWNER} or (authority.SELF in writers and not own_entity):
             entity = "*"
         elif authority.SELF in writers:
             entity = agent_id
@@ -221,7 +223,7 @@ def _response_type(subject: str) -> str:
     return "stream" if subject.startswith(MANY_ANSWERS) and not subject.endswith(".>") else "singleton"
 
 
-def _user_entry(user: str, key: str, *, replicas: Sequence[str]) -> dict:
+def _user_entry(user: str, key: str, *, replicas: Sequence[str]) -> dict[str, Any]:
     perms = permissions_for(user, replicas=replicas)
     if user == ADMIN:
         return {"nkey": key, "permissions": {"subscribe": {"deny": list(perms.subscribe_deny)}}}
@@ -239,7 +241,7 @@ def _agent_accounts(users: dict[str, str], agent_accounts: dict[str, str] | None
 
 
 def accounts_config(users: dict[str, str], *, replicas: Sequence[str] = (),
-                    agent_accounts: dict[str, str] | None = None) -> dict[str, dict]:
+                    agent_accounts: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
     """The nats-server `accounts` map for `users` (user name -> public nkey `U...`): account name -> its settings.
 
     LEDGER holds the streams and admin, and exports each subject only to the accounts of the users that may publish
@@ -257,7 +259,7 @@ def accounts_config(users: dict[str, str], *, replicas: Sequence[str] = (),
     # subject -> accounts that import it, in first-seen order (dicts as ordered sets).
     services: dict[str, dict[str, None]] = {}
     streams: dict[str, dict[str, None]] = {}
-    out: dict[str, dict] = {STREAMS_ACCOUNT: {}}
+    out: dict[str, dict[str, Any]] = {STREAMS_ACCOUNT: {}}
     for user in ordered:
         if user == ADMIN:
             continue
@@ -273,7 +275,8 @@ def accounts_config(users: dict[str, str], *, replicas: Sequence[str] = (),
     out[STREAMS_ACCOUNT] = {
         "jetstream": "enabled",
         "users": [_user_entry(ADMIN, users[ADMIN], replicas=replicas)] if ADMIN in users else [],
-        "exports": [{"service": s, "response_type": _response_type(s), "accounts": list(a)} for s, a in services.items()]
+        "exports": [{"service": s, "response_type": _response_type(s), "accounts": list(a)}
+                    for s, a in services.items()]
         + [{"stream": s, "accounts": list(a)} for s, a in streams.items()]}
     out[spare_agent_account(agents)] = {"users": []}
     return out

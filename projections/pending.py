@@ -15,8 +15,19 @@ from ledger.codec import Unreadable, to_ns
 
 from . import snapshots
 from .db import Batch
-from .state import (AGENT, DEAD_LETTER, HEARTBEAT, POOL, ROUTE, SESSION, STREAMS, AnomalyRecord, Change, LedgerState,
-                    dead_letter_code)
+from .state import (
+    AGENT,
+    DEAD_LETTER,
+    HEARTBEAT,
+    POOL,
+    ROUTE,
+    SESSION,
+    STREAMS,
+    AnomalyRecord,
+    Change,
+    LedgerState,
+    dead_letter_code,
+)
 
 
 class Pending:

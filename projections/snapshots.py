@@ -13,7 +13,7 @@ import zlib
 from collections.abc import Sequence
 from typing import Any
 
-from .state import STREAMS, HeartbeatState, LedgerState, LifecycleState, decode, encode
+from .state import STREAMS, HeartbeatState, LedgerState, LifecycleState, Part, decode, encode
 
 COMPRESSION_LEVEL = 1  # ~10x smaller already; higher levels cost far more time than they save space
 
@@ -26,7 +26,7 @@ def compress(encoded: bytes) -> bytes:
     return zlib.compress(encoded, COMPRESSION_LEVEL)
 
 
-def unpack(data: bytes, kind: type[Any]) -> Any:
+def unpack(data: bytes, kind: type[Part]) -> Part:
     return decode(zlib.decompress(data), kind)
 
 

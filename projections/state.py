@@ -21,11 +21,12 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar, overload
 
 import msgspec
 
 from ledger.codec import Recorded, Unreadable, from_ns, reason_code
+from ledger.events import AgentEvent, PoolEvent, RouteEvent, SessionEvent
 from ledger.lifecycle import (
     ILLEGAL_TRANSITION,
     AgentState,
@@ -76,6 +77,8 @@ class Change(NamedTuple):
         return self.anomaly is None and self.kind != DEAD_LETTER
 
 
+S = TypeVar("S")
+
 _CODE = re.compile(r"^[a-z][a-z0-9-]{0,40}$")
 
 
@@ -125,38 +128,40 @@ class LifecycleState(msgspec.Struct, kw_only=True):
             return None
         self.seq = seq
         self.stored_ns = item.timestamp_ns
-        if type(item) is Unreadable:
+        if isinstance(item, Unreadable):
             code = dead_letter_code(item.reason)
             self.dead_letters[code] = self.dead_letters.get(code, 0) + 1
             return Change(DEAD_LETTER, code, None, None)
-        e = item.event
-        family = e.family
-        table: dict[str, Any]
-        if family == SESSION:
-            table, key = self.sessions, e.session_id
-            before = table.get(key)
-            after, anomaly = evolve_session(before, item, self.incarnation_at, self.agent_at)
-        elif family == ROUTE:
-            table, key = self.routes, e.route_id
-            before = table.get(key)
-            after, anomaly = evolve_route(before, item, self.session_at)
-        elif family == AGENT:
-            table, key = self.agents, e.agent_id
-            before = table.get(key)
-            after, anomaly = evolve_agent(before, item)
-        elif family == POOL:
-            table, key = self.pools, e.pool
-            before = table.get(key)
-            after, anomaly = evolve_pool(before, item)
-        else:  # a heartbeat payload on a LEDGER subject fails decoding first; this is defence in depth
-            key, before = e.entity_id, None
-            family, after = AGENT, None
-            anomaly = Anomaly(ILLEGAL_TRANSITION, f"{e.type_tag()} does not belong in the {item.stream} stream")
-        if anomaly is None:
-            table[key] = after
-            return Change(family, key, before, None)
+        event = item.event
+        match event:  # each family's fold, on its own table
+            case SessionEvent(session_id=key):
+                return self._settle(item, SESSION, self.sessions, key,
+                                    evolve_session(self.sessions.get(key), item, self.incarnation_at, self.agent_at))
+            case RouteEvent(route_id=key):
+                return self._settle(item, ROUTE, self.routes, key,
+                                    evolve_route(self.routes.get(key), item, self.session_at))
+            case AgentEvent(agent_id=key) if event.family == AGENT:  # not a heartbeat (an AgentEvent of its own family)
+                return self._settle(item, AGENT, self.agents, key, evolve_agent(self.agents.get(key), item))
+            case PoolEvent(pool=key):
+                return self._settle(item, POOL, self.pools, key, evolve_pool(self.pools.get(key), item))
+        # A heartbeat payload on a LEDGER subject fails decoding first; this is defence in depth.
+        problem = Anomaly(ILLEGAL_TRANSITION, f"{event.type_tag()} does not belong in the {item.stream} stream")
+        return self._flagged(item, AGENT, event.entity_id, None, problem)
+
+    def _settle(self, item: Recorded, kind: str, table: dict[str, S], key: str,
+                evolved: tuple[S | None, Anomaly | None]) -> Change:
+        """Keep what the fold made of the entity, or flag the event it refused."""
+        after, anomaly = evolved
+        before = table.get(key)
+        if anomaly is not None:
+            return self._flagged(item, kind, key, before, anomaly)
+        assert after is not None, "a fold returns a state for every event it accepts"
+        table[key] = after
+        return Change(kind, key, before, None)
+
+    def _flagged(self, item: Recorded, kind: str, key: str, before: object, anomaly: Anomaly) -> Change:
         self.anomalies += 1
-        return Change(family, key, before, _flag(item, family, key, anomaly))
+        return Change(kind, key, before, _flag(item, kind, key, anomaly))
 
 
 class HeartbeatState(msgspec.Struct, kw_only=True):
@@ -174,7 +179,7 @@ class HeartbeatState(msgspec.Struct, kw_only=True):
             return None
         self.seq = seq
         self.stored_ns = item.timestamp_ns
-        if type(item) is Unreadable:
+        if isinstance(item, Unreadable):
             code = dead_letter_code(item.reason)
             self.dead_letters[code] = self.dead_letters.get(code, 0) + 1
             return Change(DEAD_LETTER, code, None, None)
@@ -182,8 +187,8 @@ class HeartbeatState(msgspec.Struct, kw_only=True):
         before = self.beats.get(key)
         after, anomaly = evolve_beat(before, item)
         if anomaly is None:
-            if after is not before:
-                self.beats[key] = after  # type: ignore[assignment]
+            if after is not before and after is not None:  # the fold keeps a beat for every beat it accepts
+                self.beats[key] = after
             return Change(HEARTBEAT, key, before, None)
         self.anomalies += 1
         return Change(HEARTBEAT, key, before, _flag(item, AGENT, key, anomaly))
@@ -253,11 +258,14 @@ class LedgerState(msgspec.Struct, kw_only=True):
 STREAMS = (LEDGER_STREAM, HEARTBEAT_STREAM)
 
 _encoder = msgspec.msgpack.Encoder()
-_decoders = {
+_decoders: dict[type[Any], msgspec.msgpack.Decoder[Any]] = {
     LedgerState: msgspec.msgpack.Decoder(LedgerState),
     LifecycleState: msgspec.msgpack.Decoder(LifecycleState),
     HeartbeatState: msgspec.msgpack.Decoder(HeartbeatState),
 }
+
+Part = TypeVar("Part", LedgerState, LifecycleState, HeartbeatState)
+"""What `encode` writes and `decode` reads back: both streams' state, or one of them."""
 
 
 def encode(state: LedgerState | LifecycleState | HeartbeatState) -> bytes:
@@ -265,5 +273,9 @@ def encode(state: LedgerState | LifecycleState | HeartbeatState) -> bytes:
     return _encoder.encode(state)
 
 
+@overload
+def decode(data: bytes) -> LedgerState: ...
+@overload
+def decode(data: bytes, kind: type[Part]) -> Part: ...
 def decode(data: bytes, kind: type[Any] = LedgerState) -> Any:
     return _decoders[kind].decode(data)

@@ -280,7 +280,7 @@ async def test_a_re_registration_the_watch_sees_before_its_acknowledgement_is_ju
 
             async def later() -> None:
                 seq = await future
-                await eventually(lambda: seq in a._registered.get(a.agent_id, []), what="the watch seeing it")
+                await eventually(lambda: seq in a.watch.registrations.known.get(a.agent_id, []), what="the watch seeing it")
                 late.set_result(seq)
 
             waiting.append(asyncio.create_task(later()))
@@ -350,7 +350,7 @@ async def test_a_goodbye_waits_for_a_re_registration_in_flight_and_is_said_for_i
             first = a.incarnation
             await ledger.store.append(authorized(ev.AgentGoodbye(producer=FORGER, agent_id=a.agent_id,
                                                       instance_id=a.instance_id, incarnation=first)))
-            await eventually(lambda: a._pending_registration is not None, what="a re-registration in flight")
+            await eventually(lambda: a.registration.pending is not None, what="a re-registration in flight")
     finally:
         del store.submit
         await asyncio.gather(*tasks)

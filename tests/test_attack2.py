@@ -130,13 +130,13 @@ async def test_a_flood_of_registrations_of_made_up_agents_is_not_kept_by_the_wat
     must cost it no memory and no reads, and it still judges what comes after."""
     async with agent_of(ledger, f"{uid}-a1") as a1:
         await given_by_a_reclaimer(ledger, a1, f"{uid}-s0")
-        known = set(a1._registered)
+        known = set(a1.watch.registrations.known)
         for i in range(300):
             await ledger.store.submit(authorized(ev.AgentRegistered(
                 producer=FORGER, agent_id=f"{uid}-ghost{i}", instance_id=f"g{i}", pool="p", platform="default",
                 region="default", labels={}, capacity=4, heartbeat_interval=0.1, ttl=2.0)))
         await given_by_a_reclaimer(ledger, a1, f"{uid}-s1")  # the watch is past the flood
-        assert set(a1._registered) == known
+        assert set(a1.watch.registrations.known) == known
 
 
 async def test_forged_lifecycle_events_for_a_huge_incarnation_of_the_agent_change_nothing(ledger: Ledger, uid: str):
@@ -166,5 +166,5 @@ async def test_an_acknowledgement_never_moves_the_agent_back_to_an_older_incarna
     original's acknowledgement, arriving after, must not move the agent back to the older sequence."""
     async with agent_of(ledger, f"{uid}-a") as a:
         newest = a.incarnation
-        a._adopt(newest - 1, 0.0, a._registration())  # the late acknowledgement of an older copy
+        a._adopt(newest - 1, 0.0, a.registration.event())  # the late acknowledgement of an older copy
         assert a.incarnation == newest and a.fenced is None

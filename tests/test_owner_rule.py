@@ -355,7 +355,7 @@ async def test_an_agents_watch_keeps_a_session_a_live_agent_claims_by_naming_its
             producer=a2.producer, session_id=sid, agent_id=a2.agent_id, instance_id=a2.instance_id,
             incarnation=a2.incarnation, reason="failover", previous_owner=a1.agent_id, previous_token=held.token))
         # Both watches have judged the forged claim (a watch judges each session's events in order).
-        await eventually(lambda: a1._session_seq.get(sid, 0) >= forged and a2._session_seq.get(sid, 0) >= forged,
+        await eventually(lambda: a1.judged_through(sid) >= forged and a2.judged_through(sid) >= forged,
                          what="both watches past the take-over")
         state, _ = await ledger.session(sid)
         assert state is not None and (state.owner, state.token) == (a1.agent_id, held.token)

@@ -243,20 +243,20 @@ async def test_take_over_claims_for_made_up_agents_read_the_owners_history_at_mo
         sid, _ = await ledger.create_session("p", session_id=f"{uid}-s")
         token = (await a1.claim(sid)).token
         batches = [0]
-        real_prefetch = a1._prefetch
+        real_prefetch = a1.watch.prefetch
 
         async def prefetch(batch: list[object]) -> None:
             batches[0] += 1
             await real_prefetch(batch)  # type: ignore[arg-type]
 
-        a1._prefetch = prefetch  # type: ignore[method-assign]
+        a1.watch.prefetch = prefetch  # type: ignore[method-assign]
         with counting(a1.store) as counts:
             last = 0
             for i in range(40):
                 last = await ledger.store.append(_claim(f"{uid}-ghost{i}", sid, 1, previous_token=token))
-            await eventually(lambda: a1._session_seq.get(sid, 0) >= last, timeout=30.0,
+            await eventually(lambda: a1.judged_through(sid) >= last, timeout=30.0,
                              what="a1 judging every forged take-over")
-        del a1._prefetch
+        del a1.watch.prefetch
         assert sid in a1.owned and a1.owned[sid].token == token
         assert counts["agent"] <= batches[0], (counts, batches)
 
@@ -274,10 +274,10 @@ async def test_forged_take_over_claims_for_made_up_agents_do_not_grow_the_agents
         last = 0
         for i in range(300):
             last = await ledger.store.append(_claim(f"{uid}-ghost{i}", sid, 1, previous_token=token))
-        await eventually(lambda: a1._session_seq.get(sid, 0) >= last, timeout=60.0,
+        await eventually(lambda: a1.judged_through(sid) >= last, timeout=60.0,
                          what="a1 judging every forged take-over")
         assert sid in a1.owned
-        assert len(a1._registered) <= 50, f"{len(a1._registered)} agents remembered"
+        assert len(a1.watch.registrations.known) <= 50, f"{len(a1.watch.registrations.known)} agents remembered"
 
 
 @pytest.mark.xfail(strict=True, reason=(
@@ -300,7 +300,7 @@ async def test_take_overs_on_an_owner_with_a_bloated_history_cost_reads_bounded_
         with counting(a1.store) as counts:
             for i in range(claims):
                 seq = await ledger.store.append(_claim(f"{uid}-ghost{i}", sid, 1, previous_token=token))
-                await eventually(lambda seq=seq: a1._session_seq.get(sid, 0) >= seq, timeout=30.0,
+                await eventually(lambda seq=seq: a1.judged_through(sid) >= seq, timeout=30.0,
                                  what="a1 judging the forged take-over")  # one batch per claim
         assert sid in a1.owned and a1.fenced is None
         assert counts["agent_records"] <= history + 50 * claims, counts
@@ -316,7 +316,7 @@ async def test_a_take_over_of_the_agents_session_by_a_registered_agent_while_it_
         c = f"{uid}-c"
         inc_c = await ledger.store.append(_registered(c))
         seq = await ledger.store.append(_claim(c, sid, inc_c, previous_token=token))
-        await eventually(lambda: a1._session_seq.get(sid, 0) >= seq, timeout=30.0, what="a1 judging the take-over")
+        await eventually(lambda: a1.judged_through(sid) >= seq, timeout=30.0, what="a1 judging the take-over")
         assert sid in a1.owned and a1.owned[sid].token == token
         state, _ = await ledger.session(sid)
         assert state is not None and state.owner == a1.agent_id and state.token == token

@@ -1,0 +1,164 @@
+"""Registering: every process start is a new incarnation (the sequence of its registration), and a fenced one
+registers again - by compare-and-set on our registration subject, so a late one never supersedes another process.
+Also what the watch knows of every agent's registrations, which the fold's incarnation check needs."""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import logging
+import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from .. import lifecycle as lc
+from .. import events as ev
+from .. import subjects, tasks
+from ..client import Ledger
+from ..codec import Recorded
+from ..errors import LedgerError
+
+if TYPE_CHECKING:
+    from .handle import Agent
+
+log = logging.getLogger(__name__)
+
+GOODBYE_TIMEOUT = 5.0
+PREFETCH_CONCURRENCY = 32
+"""Histories read at once (registrations of the agents a batch names, sessions a batch hands us)."""
+
+
+def outcome_seen(future: asyncio.Future[int]) -> None:
+    """For an append nobody may wait for to the end (the fenced record, a registration a goodbye gives up on):
+    its failure is expected and handled elsewhere, not asyncio's "Future exception was never retrieved"."""
+    if not future.cancelled():
+        future.exception()
+
+
+class KnownRegistrations:
+    """Registrations (ascending) of each agent a judged session named: read once per agent, then kept current
+    by the watch, which follows every registration. Reading them per judged event let a session full of forged
+    claimers cost a read per claimer, each time."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self._ledger = ledger
+        self.known: dict[str, list[int]] = {}
+
+    def note(self, seq: int, agent_id: str) -> None:
+        seqs = self.known.get(agent_id)
+        if seqs is None:
+            return  # not known yet: read whole when first needed (a partial list would mislead the lookup)
+        i = bisect.bisect_left(seqs, seq)
+        if i == len(seqs) or seqs[i] != seq:
+            seqs.insert(i, seq)
+
+    def newest(self, agent_id: str) -> int | None:
+        seqs = self.known.get(agent_id)
+        return seqs[-1] if seqs else None
+
+    async def learn(self, agents: Iterable[str], floor: int) -> None:
+        """Read, once per agent, its registrations up to (at least) `floor`; the watch delivers later ones."""
+        missing = sorted({a for a in agents if a not in self.known})
+        for i in range(0, len(missing), PREFETCH_CONCURRENCY):
+            chunk = missing[i:i + PREFETCH_CONCURRENCY]
+            found = await asyncio.gather(*(self._ledger.registrations(a, min_last_seq=floor) for a in chunk))
+            for agent_id, seqs in zip(chunk, found):
+                if agent_id not in self.known:
+                    self.known[agent_id] = sorted(seqs)
+
+    def lookup(self) -> lc.IncarnationAt:
+        return lc.registrations_lookup(self.known)
+
+
+class Registration:
+    """This process's registrations: the first, the re-registration in flight, and the check that no other
+    process registered our agent id since."""
+
+    def __init__(self, agent: Agent) -> None:
+        self._agent = agent
+        self.pending: tuple[asyncio.Future[int], float, ev.AgentRegistered] | None = None
+        """A re-registration sent and not yet settled: (its future, when it started, the event)."""
+        self.fence_record: ev.AgentFenced | None = None
+        """The fence we decided alone, written just before registering again."""
+        self.own_subject = subjects.event_subject("agent", agent.agent_id, "registered", agent.agent_id)
+        """Our registrations' subject. Only the agent itself may register it (the folds flag a registration
+        published by another producer, on `...registered.<other>`), so this alone is what our re-registration's
+        compare-and-set must expect."""
+        self.unreadable = 0
+        """Newest unreadable message on our registration subject the watch skipped: no registration to any
+        reader, yet the subject's last sequence, which our re-registration's compare-and-set must expect."""
+
+    def event(self) -> ev.AgentRegistered:
+        a = self._agent
+        return ev.AgentRegistered(
+            producer=a.producer, agent_id=a.agent_id, instance_id=a.instance_id, pool=a.pool,
+            platform=a.platform, region=a.region, labels=a.labels, capacity=a.capacity,
+            heartbeat_interval=a.lease.heartbeat, ttl=a.lease.ttl,
+        )
+
+    async def first(self) -> None:
+        started = time.monotonic()
+        registration = self.event()
+        self._agent._adopt(await self._agent.store.append(registration), started, registration)
+
+    async def again(self) -> None:
+        """Register a new incarnation; an attempt in flight is never abandoned (it may still land)."""
+        a = self._agent
+        if self.pending is None:
+            started = time.monotonic()
+            try:
+                if self.fence_record is not None:
+                    # Write down the decision we took alone, then come back as a new incarnation.
+                    (await a.store.submit(self.fence_record)).add_done_callback(outcome_seen)
+                    self.fence_record = None
+                registration = self.event()
+                # Only if nobody registered this agent id since the newest registration we know of: one that
+                # landed late, after another process took over, would supersede that process in turn.
+                newest = a.watch.registrations.newest(a.agent_id) or a.incarnation
+                future = await a.store.submit(registration, expect=max(newest, self.unreadable),
+                                              expect_filter=self.own_subject)
+                future.add_done_callback(outcome_seen)  # a goodbye may stop waiting for it (see settle_pending)
+            except LedgerError as e:
+                log.debug("%s: cannot register yet: %s", a.agent_id, e)
+                await asyncio.sleep(min(a.lease.heartbeat, 1.0))
+                return
+            self.pending = (future, started, registration)
+        future, started, registration = self.pending
+        done, _ = await asyncio.wait({future}, timeout=a.lease.heartbeat)
+        if not done:
+            return
+        self.pending = None
+        if future.exception() is not None:
+            # Conflict: a registration we have not seen yet; the watch brings it (and says if we were superseded).
+            log.debug("%s: registration failed: %s", a.agent_id, future.exception())
+            await asyncio.sleep(min(a.lease.heartbeat, 1.0))
+            return
+        a._adopt(future.result(), started, registration)
+
+    def is_pending(self, event_id: str) -> bool:
+        return self.pending is not None and self.pending[2].event_id == event_id
+
+    async def settle_pending(self) -> None:
+        """A re-registration still in flight may land after our goodbye: a new incarnation that never beats,
+        declared dead later. Wait for it (briefly), so the goodbye is said for the newest incarnation."""
+        if self.pending is None:
+            return
+        future, started, registration = self.pending
+        try:
+            incarnation = await tasks.wait_for(asyncio.shield(future), GOODBYE_TIMEOUT)
+        except (LedgerError, asyncio.TimeoutError):
+            return
+        self._agent._adopt(incarnation, started, registration)
+
+    async def check_not_superseded(self) -> None:
+        """Only a later registration by another process supersedes us. The floor (our own incarnation) keeps a
+        lagging replica from answering: one that has not even seen our registration proves nothing."""
+        a = self._agent
+        items = await a.store.read(subjects.event_subject("agent", a.agent_id, "registered", "*"),
+                                   min_last_seq=a.incarnation)
+        seen = {i.seq: i.event.instance_id for i in items
+                if isinstance(i, Recorded) and isinstance(i.event, ev.AgentRegistered)}
+        newer = lc.superseded_by(seen.items(), a.incarnation, a.instance_id)
+        if newer is not None:
+            a._fence(f"superseded by instance {seen[newer]} (incarnation {newer})", superseded=True)
+            a._check_may_act()

@@ -1,0 +1,269 @@
+"""The agent's watch on the log: every agent's registrations, the rest of our own agent's events, and sessions.
+
+What the agent owns follows the fold: it keeps each owned session's state (`lifecycle.evolve_session`) and
+judges every session event its watch sees with the projections' own rule, so a forged or inconsistent event that
+they flag never makes it gain or lose a session. The log saying this incarnation is gone, dead or fenced (when
+it said no such thing) fences it, and it comes back as a new incarnation; a newer registration by another
+process stops it for good.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from .. import events as ev
+from .. import lifecycle as lc
+from .. import subjects
+from ..codec import Recorded, Unreadable
+from ..errors import LedgerError
+from ..reader import Replay
+from .registration import PREFETCH_CONCURRENCY, KnownRegistrations
+
+if TYPE_CHECKING:
+    from .handle import Agent
+
+log = logging.getLogger(__name__)
+
+_REGISTRATIONS = subjects.type_filter("agent", "registered")
+_AGENT_VERBS = sorted({cls.verb() for cls in ev.EVENT_TYPES if cls.family == "agent"} - {"registered"})
+"""Our own agent's events other than registrations, which the watch follows for every agent."""
+JUDGE_ATTEMPTS = 5
+"""Times the watch re-judges one session event when our own writes to that session land while it reads."""
+_MISSING = object()
+
+
+class Watch:
+    def __init__(self, agent: Agent) -> None:
+        self._agent = agent
+        self.registrations = KnownRegistrations(agent.ledger)
+        self.self_state: lc.AgentState | None = None
+        """Our current incarnation's lifecycle as the fold sees it (from the watch, starting at our registration)."""
+        self._batch_end = 0
+        """Last sequence of the batch the watch is judging."""
+        self._prefetched: dict[tuple[str, int], lc.SessionState | None] = {}
+        """(session, sequence) -> the session's state just before that sequence, read ahead for one batch."""
+        self._agents_read: dict[str, tuple[int, lc.AgentAt]] = {}
+        """agent id -> (the floor its history was read at, agent_at from it), for judging take-overs: read once
+        per watch batch (a reclaimer hands over a lost agent's sessions hundreds at a time)."""
+
+    async def run(self) -> None:
+        a = self._agent
+        # Every agent's registrations, the rest of our own agent's events (filters may not overlap), sessions.
+        own = [subjects.event_subject("agent", a.agent_id, verb, "*") for verb in _AGENT_VERBS]
+        filters = [_REGISTRATIONS, *own, subjects.family_filter("session")]
+        start = a.incarnation
+        current: list[Replay] = []
+
+        def on_connection(kind: str) -> None:
+            # After a reconnect (the server may have restarted and lost our consumer) start again at once.
+            if kind == "reconnected":
+                for replay in current:
+                    replay.interrupt()
+
+        a.store.add_connection_listener(on_connection)
+        try:
+            while not a._closing:
+                replay = a.store.replay(filters, start_seq=start, follow=True)
+                current[:] = [replay]
+                try:
+                    await self._learn_registrations([a.agent_id], start)
+                    async for batch in replay:
+                        if batch:
+                            self._batch_end = batch[-1].seq
+                        for item in batch:  # first: a claim is judged on the registrations stored before it
+                            if isinstance(item, Recorded) and isinstance(item.event, ev.AgentRegistered) \
+                                    and lc.writer_problem(item.event) is None:  # one the folds take
+                                self.registrations.note(item.seq, item.event.agent_id)
+                        await self.prefetch(batch)
+                        for item in batch:
+                            if isinstance(item, Recorded):
+                                await self._observe(item)
+                            else:  # dead-lettered by the projector; nothing here can act on it
+                                if item.subject == a.registration.own_subject:
+                                    a.registration.unreadable = max(a.registration.unreadable, item.seq)
+                                log.warning("%s: watch skips unreadable #%d on %s: %s", a.agent_id, item.seq,
+                                            item.subject, item.reason)
+                            start = item.seq + 1  # only once judged: a read that failed is tried again
+                            a.sessions.watched_to(start)
+                        a.sessions.watched_to(start, prune=True)
+                except (LedgerError, asyncio.TimeoutError) as e:
+                    log.debug("%s: watch interrupted (%s); resuming at #%d", a.agent_id, e, start)
+                    await asyncio.sleep(0.5)
+                except Exception:  # noqa: BLE001 - a bug here must not leave a beating agent that no longer watches
+                    log.exception("%s: watch failed at #%d; trying again", a.agent_id, start)
+                    await asyncio.sleep(1.0)
+        finally:
+            a.store.remove_connection_listener(on_connection)
+
+    async def _observe(self, rec: Recorded) -> None:
+        a = self._agent
+        e = rec.event
+        match e:
+            case ev.AgentRegistered() if e.agent_id != a.agent_id:
+                pass  # noted with its batch, for judging claims
+            case ev.AgentRegistered() if lc.writer_problem(e) is not None:
+                log.warning("%s: ignoring #%d, a registration of this agent written by %s, which every fold "
+                            "flags", a.agent_id, rec.seq, e.producer.id)
+            case ev.AgentRegistered() if a.registration.is_pending(e.event_id):
+                # Our re-registration, seen before its acknowledgement: adopt it now, so that what follows it
+                # in the log (a claim for it, a death written about it) is judged as ours.
+                assert a.registration.pending is not None
+                a._adopt(rec.seq, a.registration.pending[1], e, rec.timestamp_ns)
+            case ev.AgentRegistered():  # (noted with its batch)
+                if rec.seq == a.incarnation:
+                    self.self_state, _ = lc.evolve_agent(None, rec)
+                if lc.superseded_by([(rec.seq, e.instance_id)], a.incarnation, a.instance_id):
+                    a._fence(f"superseded by instance {e.instance_id} (incarnation {rec.seq})", superseded=True)
+                elif rec.seq > a.incarnation and a.fenced is None:
+                    # Our instance id, yet not ours (we register again only while fenced): every fold now takes
+                    # it as our current incarnation, so claims by ours would be flagged. Come back as a new one.
+                    a._fence(f"the log registers incarnation {rec.seq} of this process, which it did not "
+                             f"write (by {e.producer.id})", record=False)
+            case ev.AgentEvent():
+                self._observe_self(rec)
+            case ev.SessionEvent():
+                await self._observe_session(rec)
+
+    def _observe_self(self, rec: Recorded) -> None:
+        """Our own incarnation's lifecycle, folded by the fold's rule: we act on what every reader applies."""
+        a = self._agent
+        before = self.self_state
+        if before is None or before.incarnation != a.incarnation:
+            return  # the watch has not reached our current registration yet: older events are not ours
+        after, anomaly = lc.evolve_agent(before, rec)
+        if anomaly is not None or after is None:
+            return  # flagged, not applied: no reader acts on it, nor do we
+        self.self_state = after
+        e = rec.event
+        if a.fenced is not None or after.status == before.status:
+            return
+        why = getattr(e, "reason", "")
+        if after.status == lc.A_DEAD:
+            a._fence(f"declared dead by {e.producer.id}: {why}")
+        elif after.status == lc.A_GONE and not a._said_goodbye:
+            # Not ours (we write ours only once closing): the log says this incarnation is gone, and every
+            # reader acts on that, so stop acting and come back as a new incarnation.
+            a._fence(f"the log says incarnation {a.incarnation} said goodbye ({why}, "
+                     f"written by {e.producer.id}), which this process did not write", record=False)
+        elif after.status == lc.A_FENCED:
+            # Ours is written only while fenced, just before registering again: this one is not.
+            a._fence(f"the log says incarnation {a.incarnation} fenced itself ({why}, "
+                     f"written by {e.producer.id})", record=False)
+        elif after.status == lc.A_DRAINED and a.sessions and e.event_id not in a._drain.wrote:
+            # Not ours (we say drained only once we own nothing): no reader moves a drained agent's sessions nor
+            # judges its liveness, so the ones we hold would stay with us for ever. Come back as a new
+            # incarnation: this one's sessions are then superseded, and handed on.
+            a._fence(f"the log says incarnation {a.incarnation} drained ({why}, "
+                     f"written by {e.producer.id}) while it owns {a.load} session(s)", record=False)
+        elif after.status == lc.A_DRAINING:
+            a._drain.seen_in_log(ours=e.event_id in a._drain.wrote, by=e.producer.id)
+
+    async def _learn_registrations(self, agents: Iterable[str], floor: int) -> None:
+        # Past the whole batch being judged: its registrations of agents not known yet were passed over.
+        await self.registrations.learn(agents, max(floor, self._batch_end))
+
+    def _may_gain(self, e: ev.Event) -> bool:
+        a = self._agent
+        return (isinstance(e, ev.SessionClaimed) and e.agent_id == a.agent_id
+                and e.incarnation == a.incarnation and a.fenced is None and not a._closing)
+
+    async def _observe_session(self, rec: Recorded) -> None:
+        """Judge one session event by the fold's rule; gain or lose the session only as the fold does."""
+        a = self._agent
+        e = rec.event
+        assert isinstance(e, ev.SessionEvent)
+        sid = e.session_id
+        if lc.writer_problem(e) is not None:
+            # Its producer may not write it at all (a claim for us by another agent, say): every fold flags it
+            # whatever the session's state, so it costs no read.
+            if sid in a.sessions or self._may_gain(e):
+                log.warning("%s: ignoring #%d on session %s, written by %s, who may not write it", a.agent_id,
+                            rec.seq, sid, e.producer.id)
+            return
+        for _ in range(JUDGE_ATTEMPTS):
+            known = a.sessions.judged_through(sid)
+            if rec.seq <= known:
+                return  # judged already (our own write told us, or a restarted watch repeats it)
+            cached = a.sessions.get(sid)
+            before = cached.state if cached is not None else None
+            if cached is None:
+                if not self._may_gain(e):
+                    return  # a session we do not own: nothing here can make it ours
+                prefetched = self._prefetched.pop((sid, rec.seq), _MISSING)
+                before = (await self._session_before(sid, rec.seq) if prefetched is _MISSING
+                          else prefetched)  # type: ignore[assignment]
+            await self._learn_registrations([getattr(e, "agent_id", None) or a.agent_id], rec.seq)
+            incarnation_at = self.registrations.lookup()
+            owner = before.owner if isinstance(e, ev.SessionClaimed) and before is not None else None
+            agent_at = await self._agents_at([owner] if owner else [], rec.seq)
+            now = a.sessions.get(sid)
+            if a.sessions.judged_through(sid) == known and now is cached \
+                    and (now is None or now.state is before):
+                break
+            # One of our own writes to this session landed while we read: judge on what it taught us.
+        else:
+            log.warning("%s: could not judge #%d on session %s (our own writes kept landing)",
+                        a.agent_id, rec.seq, sid)
+            return
+        after, anomaly = lc.evolve_session(before, rec, incarnation_at, agent_at)
+        a.sessions.judged(sid, rec.seq)
+        if anomaly is not None:
+            if cached is not None or self._may_gain(e):
+                log.warning("%s: ignoring #%d on session %s, which the ledger does not apply: %s: %s",
+                            a.agent_id, rec.seq, sid, anomaly.kind, anomaly.detail)
+            return
+        a._settle(sid, after, e)
+
+    async def prefetch(self, batch: list[Recorded | Unreadable]) -> None:
+        """Read at once, concurrently, the states the batch's claims for us will be judged on (a reclaimer
+        hands over hundreds of sessions at a time; one read after the other would hold the watch up)."""
+        a = self._agent
+        self._prefetched.clear()
+        self._agents_read.clear()  # read again for each batch (its floor is the batch's end)
+        wanted: dict[str, int] = {}
+        for item in batch:
+            e = item.event if isinstance(item, Recorded) else None
+            if (isinstance(e, ev.SessionClaimed) and self._may_gain(e) and e.session_id not in a.sessions
+                    and lc.writer_problem(e) is None
+                    and e.session_id not in wanted and item.seq > a.sessions.judged_through(e.session_id)):
+                wanted[e.session_id] = item.seq
+        keys = list(wanted.items())
+        for i in range(0, len(keys), PREFETCH_CONCURRENCY):
+            chunk = keys[i:i + PREFETCH_CONCURRENCY]
+            states = await asyncio.gather(*(self._session_before(sid, seq) for sid, seq in chunk))
+            self._prefetched.update(zip(chunk, states))
+
+    async def _session_before(self, session_id: str, seq: int) -> lc.SessionState | None:
+        """The session's state just before `seq`, folded from its history as the projections fold it."""
+        a = self._agent
+        items = await a.store.history("session", session_id, min_last_seq=seq)  # a replica that has `seq`
+        records = [i for i in items if isinstance(i, Recorded) and i.seq < seq]
+        await self._learn_registrations(lc.agents_acting(records), seq)
+        incarnation_at = self.registrations.lookup()
+        agent_at = await self._agents_at(lc.owners_judged(records, incarnation_at), seq)
+        state, _ = lc.fold(lc.evolve_session, records, incarnation_at, agent_at)
+        return state
+
+    async def _agents_at(self, agents: Iterable[str], floor: int) -> lc.AgentAt:
+        """agent_at over these agents' histories (the fold's take-over check needs the owner's state as of the
+        claim), each read at most once per watch batch: from a replica that has the whole batch."""
+        a = self._agent
+        agents = sorted(set(agents))
+        floor = max(floor, self._batch_end)
+        missing = [x for x in agents if x not in self._agents_read or self._agents_read[x][0] < floor]
+        for i in range(0, len(missing), PREFETCH_CONCURRENCY):
+            chunk = missing[i:i + PREFETCH_CONCURRENCY]
+            found = await asyncio.gather(*(a.store.history("agent", x, min_last_seq=floor) for x in chunk))
+            for agent_id, items in zip(chunk, found):
+                records = [r for r in items if isinstance(r, Recorded)]
+                self._agents_read[agent_id] = (floor, lc.agents_lookup({agent_id: records}))
+        known = {x: self._agents_read[x][1] for x in agents}
+
+        def agent_at(agent_id: str, seq: int) -> lc.AgentState | None:
+            lookup = known.get(agent_id)
+            return lookup(agent_id, seq) if lookup is not None else None
+
+        return agent_at
