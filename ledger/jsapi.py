@@ -16,13 +16,14 @@ import asyncio
 import base64
 import contextlib
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TypeVar
 
 import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.errors import NoRespondersError, TimeoutError as NatsTimeout
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import APIError
 
 from . import codec, tasks
@@ -99,7 +100,7 @@ def parse_stamp(text: str) -> int:
     """RFC 3339 time with nanoseconds (as in Nats-Time-Stamp) -> nanoseconds since the epoch."""
     text = text.rstrip("Z")
     base, _, frac = text.partition(".")
-    seconds = int(datetime.fromisoformat(base).replace(tzinfo=timezone.utc).timestamp())
+    seconds = int(datetime.fromisoformat(base).replace(tzinfo=UTC).timestamp())
     return seconds * 1_000_000_000 + int((frac + "000000000")[:9])
 
 
@@ -299,7 +300,7 @@ async def direct_batch(nc: NATS, stream: str, subject_filter: str, start_seq: in
         await nc.publish(f"{API_PREFIX}.DIRECT.GET.{stream}", _json.encode(req), reply=inbox)
         try:
             pending = await tasks.wait_for(done, timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise Unavailable(f"direct get on {stream} timed out after {timeout:.1f} s") from None
     finally:
         with contextlib.suppress(Exception):

@@ -11,14 +11,15 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Coroutine, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.errors import NoRespondersError, TimeoutError as NatsTimeout
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
 from nats.js import api
 from nats.js.errors import APIError
 
@@ -133,7 +134,7 @@ class Replay:
             cfg.opt_start_seq = self._start_seq
         elif self._start_time is not None:
             cfg.deliver_policy = api.DeliverPolicy.BY_START_TIME
-            cfg.opt_start_time = self._start_time.astimezone(timezone.utc).isoformat()  # type: ignore[assignment]
+            cfg.opt_start_time = self._start_time.astimezone(UTC).isoformat()  # type: ignore[assignment]
         else:
             cfg.deliver_policy = api.DeliverPolicy.ALL
         return cfg
@@ -211,7 +212,7 @@ class Replay:
             return
         try:
             await self._pull(self._batch)
-        except Exception as e:  # disconnected: the follower starts again on reconnect
+        except Exception as e:  # noqa: BLE001 - disconnected (any way): the follower starts again on reconnect
             log.debug("pull on %s failed: %s", self._stream, e)
 
     # --- the consumer ----------------------------------------------------------------------

@@ -24,7 +24,8 @@ from typing import Any, TypeVar
 import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.errors import NoRespondersError, TimeoutError as NatsTimeout
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import APIError
 
 from . import codec, dlq, jsapi, lifecycle, subjects, tasks
@@ -315,7 +316,7 @@ class EventStore:
             try:
                 await js.publish(subject, payload, headers=headers, stream=subjects.DLQ_STREAM)
                 return
-            except (NatsTimeout, NoRespondersError, asyncio.TimeoutError) as e:
+            except (TimeoutError, NatsTimeout, NoRespondersError) as e:
                 if time.monotonic() > give_up:
                     raise Unavailable(f"{what}: {type(e).__name__} (does the {subjects.DLQ_STREAM} stream exist? "
                                       "`ledger init` creates it)") from None

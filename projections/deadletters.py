@@ -13,6 +13,7 @@ from ledger.store import EventStore
 from .errors import ProjectionError
 from .state import dead_letter_code
 
+
 async def publish(store: EventStore, item: Unreadable, *, consumer: str) -> None:
     """Publish one dead letter, retrying while the server does not answer (for the store's append deadline)."""
     try:

@@ -61,8 +61,8 @@ def test_the_scan_sees_each_way_past_the_store(tmp_path: Path) -> None:
     probe = tmp_path / "probe.py"
     probe.write_text(
         "from ledger import reader\nfrom ledger.reader import Replay, history\nimport nats.js\n"
-        "from nats.errors import TimeoutError\nfrom ledger.jsapi import stream_facts\nfrom ledger.replay import Replay\n"
-        "from ledger.reader import Replay\n"
+        "from nats.errors import TimeoutError\nfrom ledger.jsapi import stream_facts\n"
+        "from ledger.replay import Replay\nfrom ledger.reader import Replay\n"
         "async def f(store):\n    await store.nc.request('x', b'')\n    store.nc._server_info\n")
     assert sorted(leaks(probe, tmp_path)) == sorted([
         "probe.py:1 imports reader from ledger", "probe.py:2 imports history from ledger.reader",
@@ -171,7 +171,8 @@ async def _dead_letter(store: EventStore, subject: str) -> tuple[int, bytes, dic
 
 async def test_a_dead_letter_keeps_the_original_with_where_it_came_from_once(store: EventStore, uid: str) -> None:
     item = Unreadable(stream=subjects.LEDGER_STREAM, seq=10**9 + abs(hash(uid)) % 10**6,
-                      subject=f"ledger.session.{uid}.x.y", timestamp_ns=123, data=b"\x00not json", reason="malformed:\n  not an event")
+                      subject=f"ledger.session.{uid}.x.y", timestamp_ns=123, data=b"\x00not json",
+                      reason="malformed:\n  not an event")
     reason = f"malformed-{uid}"
     await store.dead_letter(item, reason=reason, consumer="test")
     await store.dead_letter(item, reason=reason, consumer="test")  # again, as after a crash: the same letter

@@ -10,6 +10,7 @@ import click
 import msgspec
 
 from ledger import subjects
+from ledger.connection import MIN_VERSION
 from ledger.errors import StoreError, StreamMissing
 from ledger.settings import redact_url
 from ledger.store import EventStore, ServerInfo
@@ -17,7 +18,6 @@ from ledger.streams import IMMUTABLE
 from projections.db import ProjectionDB
 from projections.settings import DB_ENV, DEFAULT_DB
 
-from ..server import MIN_VERSION
 from .check import run_check
 from .common import async_command, echo, nats_url_option, settings_from
 
