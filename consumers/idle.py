@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 
 from ledger.agent import Activity, Agent
 from ledger.errors import LedgerError
 
 log = logging.getLogger(__name__)
+
+RECENT_RELEASES = 1000
 
 
 def select_idle(activity: dict[str, Activity]) -> list[str]:
@@ -31,7 +34,8 @@ class IdleReaper:
     def __init__(self, agent: Agent, *, every: float = 1.0) -> None:
         self.agent = agent
         self.every = every
-        self.released: list[str] = []
+        self.released: deque[str] = deque(maxlen=RECENT_RELEASES)
+        """The sessions it released most recently (bounded: an agent may run for months)."""
 
     async def run(self) -> None:
         while True:
@@ -51,5 +55,5 @@ class IdleReaper:
         for sid in select_idle(agent.activity()):
             if await agent.release_if_idle(sid):
                 released.append(sid)
-        self.released += released
+        self.released.extend(released)
         return released

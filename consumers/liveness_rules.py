@@ -5,6 +5,9 @@
              reporters (one client reporting again and again is one report: its newest);
 * dead     - no beat for `dead_after` seconds (default: the agent's own ttl).
 
+Time is judged by `projections.health.assess` under the settings' `policy`, the one liveness assessment the
+views, the reclaimer and self-claiming agents call too: what the monitor declares is what they show and act on.
+
 Beats, registrations and suspicions are timed by the server's clock (when they
 were stored), so an agent's clock skew - or a forged `time` - does not matter;
 only the beat of the agent's registered incarnation counts. A verdict carries its evidence and an event id
@@ -20,21 +23,24 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 
 import msgspec
+from msgspec.structs import replace
 
 from ledger import events as ev
 from ledger import lifecycle as lc
+from projections.health import DEAD as HEALTH_DEAD
+from projections.health import HealthPolicy, assess
+from projections.timespec import aware
 
 SUSPECT, DEAD = "suspect", "dead"
 MISSED_HEARTBEATS, UNREACHABLE_REPORTS = "missed_heartbeats", "unreachable_reports"
 
 
 class LivenessSettings(msgspec.Struct, frozen=True, kw_only=True):
-    suspect_after_missed: int = 3
-    dead_after: float | None = None
-    """Seconds without a beat before an agent is dead; None: each agent's registered ttl."""
+    policy: HealthPolicy = HealthPolicy()
+    """When silence makes an agent suspect and dead: the one policy, which the reclaimer is given too."""
     report_threshold: int = 3
     report_window: float = 60.0
     grace: float = 10.0
@@ -44,8 +50,8 @@ class LivenessSettings(msgspec.Struct, frozen=True, kw_only=True):
     breaker_min_agents: int = 3
 
     def __post_init__(self) -> None:
-        if self.suspect_after_missed < 1 or self.report_threshold < 1 or self.breaker_min_agents < 1:
-            raise ValueError("suspect_after_missed, report_threshold and breaker_min_agents must be at least 1")
+        if self.report_threshold < 1 or self.breaker_min_agents < 1:
+            raise ValueError("report_threshold and breaker_min_agents must be at least 1")
         if not 0 < self.breaker_share < 1:
             raise ValueError(f"breaker_share must be between 0 and 1, got {self.breaker_share}")
         for name in ("report_window", "grace", "breaker_window"):
@@ -67,50 +73,43 @@ class Verdict(msgspec.Struct, frozen=True, kw_only=True):
     event_id: str
 
 
-def _aware(when: datetime) -> datetime:
-    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
-
-
 def judge(agent: lc.AgentState, beat: LastBeat | None, reports: Sequence[tuple[int, datetime]], now: datetime,
           settings: LivenessSettings, decided_by: str = "") -> Verdict | None:
     """Suspect or dead, with evidence - or None while the agent is fine (or already judged)."""
     if agent.status not in (lc.A_ALIVE, lc.A_DRAINING):
         return None
-    last = beat.stored_at if beat else agent.registered_at
-    age = (now - _aware(last)).total_seconds()
-    dead_after = settings.dead_after if settings.dead_after is not None else agent.ttl
-    evidence = dict(last_heartbeat_at=beat.stored_at if beat else None, last_heartbeat_seq=beat.seq if beat else None,
-                    heartbeat_interval=agent.heartbeat_interval, suspect_after_missed=settings.suspect_after_missed,
-                    dead_after=dead_after, observed_at=now)
+    live = assess(agent, beat.stored_at if beat else None, now, settings.policy)
+    age, dead_after = live.age, live.dead_after
+    evidence = ev.Evidence(last_heartbeat_at=beat.stored_at if beat else None,
+                           last_heartbeat_seq=beat.seq if beat else None, heartbeat_interval=agent.heartbeat_interval,
+                           suspect_after_missed=settings.policy.suspect_after_missed, dead_after=dead_after,
+                           observed_at=now)
     since = "a beat" if beat else "registering"
-    if age > dead_after:
+    if live.health == HEALTH_DEAD:
         return Verdict(kind=DEAD, reason=MISSED_HEARTBEATS, event_id=f"dead-{agent.agent_id}-{agent.incarnation}",
-                       evidence=ev.Evidence(**evidence, detail=f"{age:.1f}s since {since}; dead after {dead_after:g}s"
-                                            + (f" (by {decided_by})" if decided_by else "")))
-    suspected = agent.suspected_at is not None and (beat is None or _aware(agent.suspected_at) >= _aware(last))
-    if suspected:
+                       evidence=replace(evidence, detail=f"{age:.1f}s since {since}; dead after {dead_after:g}s"
+                                        + (f" (by {decided_by})" if decided_by else "")))
+    if live.suspected:
         return None
-    missed = int(age // agent.heartbeat_interval) if agent.heartbeat_interval > 0 else 0
-    if missed >= settings.suspect_after_missed:
+    if live.overdue:
         return Verdict(kind=SUSPECT, reason=MISSED_HEARTBEATS,
                        event_id=f"suspect-{agent.agent_id}-{agent.incarnation}-b{beat.seq if beat else 0}",
-                       evidence=ev.Evidence(**evidence, detail=f"{missed} heartbeat intervals missed ({age:.1f}s)"))
+                       evidence=replace(evidence, detail=f"{live.missed} heartbeat intervals missed ({age:.1f}s)"))
     window_start = now - timedelta(seconds=settings.report_window)
-    recent = [(seq, at) for seq, at in reports if _aware(at) >= window_start]
+    recent = [(seq, at) for seq, at in reports if aware(at) >= window_start]
     if len(recent) >= settings.report_threshold:
         return Verdict(kind=SUSPECT, reason=UNREACHABLE_REPORTS,
                        event_id=f"suspect-{agent.agent_id}-{agent.incarnation}-r{recent[0][0]}",
-                       evidence=ev.Evidence(**evidence, reports=len(recent), report_window=settings.report_window,
-                                            detail=f"{len(recent)} failure reports in {settings.report_window:g}s"))
+                       evidence=replace(evidence, reports=len(recent), report_window=settings.report_window,
+                                        detail=f"{len(recent)} failure reports in {settings.report_window:g}s"))
     return None
 
 
 def overdue(agent: lc.AgentState, beat: LastBeat | None, now: datetime, settings: LivenessSettings) -> bool:
     """Has a live agent missed `suspect_after_missed` heartbeats (whether or not it was suspected yet)?"""
-    if agent.status not in (lc.A_ALIVE, lc.A_DRAINING) or agent.heartbeat_interval <= 0:
+    if agent.status not in (lc.A_ALIVE, lc.A_DRAINING):
         return False
-    age = (now - _aware(beat.stored_at if beat else agent.registered_at)).total_seconds()
-    return age >= settings.suspect_after_missed * agent.heartbeat_interval
+    return assess(agent, beat.stored_at if beat else None, now, settings.policy).overdue
 
 
 class BreakerCall(msgspec.Struct, frozen=True, kw_only=True):
@@ -130,7 +129,7 @@ def breaker_before_death(pool_agents: Iterable[lc.AgentState], deaths: Sequence[
     death, before any of its sessions move.
     """
     start = now - timedelta(seconds=settings.breaker_window)
-    recent = {agent for agent, at in deaths if _aware(at) >= start} | set(dying)
+    recent = {agent for agent, at in deaths if aware(at) >= start} | set(dying)
     alive = {a.agent_id for a in pool_agents if a.status in (lc.A_ALIVE, lc.A_DRAINING)}
     population = len(alive | recent)
     share = len(recent) / population if population else 0.0
@@ -146,7 +145,7 @@ def breaker_recovered(pool: lc.PoolState, pool_agents: Iterable[lc.AgentState],
                       settings: LivenessSettings) -> str | None:
     """Why an open breaker may close now, or None: enough agents alive again and no death for a window."""
     start = now - timedelta(seconds=settings.breaker_window)
-    if any(_aware(at) >= start for _, at in deaths):
+    if any(aware(at) >= start for _, at in deaths):
         return None
     alive = sum(1 for a in pool_agents if a.status == lc.A_ALIVE and a.suspected_at is None)
     needed = max(1, math.ceil(pool.agents_at_trip * (1 - settings.breaker_share)))

@@ -20,7 +20,7 @@ import msgspec
 from ledger import lifecycle as lc
 from ledger.decide import AgentRef
 from projections.beats import Beat
-from projections.health import ALIVE, agent_health
+from projections.health import ALIVE, DEFAULT_POLICY, HealthPolicy, agent_health
 
 OWNER_GONE, OWNER_DEAD, OWNER_FENCED = lc.OWNER_GONE, lc.OWNER_DEAD, lc.OWNER_FENCED
 OWNER_SUPERSEDED, OWNER_UNKNOWN, OWNER_DRAINING = lc.OWNER_SUPERSEDED, lc.OWNER_UNKNOWN, lc.OWNER_DRAINING
@@ -63,7 +63,7 @@ def owner_problem(session: lc.SessionState, agents: Mapping[str, lc.AgentState])
 
 
 def ineligible(agent: lc.AgentState | None, beat: Beat | None, now: datetime, *,
-               incarnation: int | None = None) -> str | None:
+               incarnation: int | None = None, policy: HealthPolicy = DEFAULT_POLICY) -> str | None:
     """Why this agent may not be given sessions now, or None when it may.
 
     The one rule for both kinds of claimer: the reclaimer asks it of every
@@ -74,7 +74,8 @@ def ineligible(agent: lc.AgentState | None, beat: Beat | None, now: datetime, *,
     registered. Were the two sides to judge differently, one would give an
     agent what the other takes away, for ever: a goodbye forged for a live
     agent alone in its pool made the reclaimer orphan its sessions and the
-    agent claim them back, dozens of times a second.
+    agent claim them back, dozens of times a second. Both judge health with
+    the operator's one `policy`, the monitor's.
     """
     if agent is None:
         return "not registered"
@@ -82,7 +83,7 @@ def ineligible(agent: lc.AgentState | None, beat: Beat | None, now: datetime, *,
         return f"incarnation {incarnation} is not the registered one ({agent.incarnation})"
     if agent.status != lc.A_ALIVE:
         return f"{agent.status} ({agent.reason})"
-    health, rule = agent_health(agent, beat, now)
+    health, rule = agent_health(agent, beat, now, policy)
     return None if health == ALIVE else f"{health} ({rule})"
 
 

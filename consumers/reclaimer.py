@@ -21,10 +21,12 @@ from ledger import decide
 from ledger import events as ev
 from ledger import lifecycle as lc
 from ledger.client import Ledger
-from ledger.errors import Conflict, LedgerError, NotClaimable, NotFound
+from ledger.errors import Conflict, IllegalTransition, LedgerError, NotClaimable, NotFound, StaleToken
+from projections.health import DEFAULT_POLICY, HealthPolicy
 from projections.state import AGENT, POOL, SESSION
 
 from . import reclaim_rules as rules
+from .errors import Moved, moved_on_conflict
 from .follow import Follower
 from .reactor import Reactor
 
@@ -37,13 +39,17 @@ INFLIGHT_PATIENCE = 10.0
 class Reclaimer(Reactor):
     kinds = (AGENT, SESSION, POOL)
 
-    def __init__(self, ledger: Ledger, follower: Follower, *, tick: float = 0.5) -> None:
+    def __init__(self, ledger: Ledger, follower: Follower, *, tick: float = 0.5,
+                 policy: HealthPolicy = DEFAULT_POLICY) -> None:
         super().__init__(follower, tick=tick)
         self.ledger = ledger
+        self.policy = policy
+        """Who is healthy enough to take sessions: the liveness monitor's policy (`Consumers` passes it)."""
         self._inflight: dict[str, tuple[int, float, tuple[str, int] | None]] = {}
         """session id -> (its last sequence when we wrote, when, the agent and incarnation we claimed it for)
         until the log shows it moved."""
-        self.written: list[ev.Event] = []
+        self.writes = 0
+        """Events written (for status and tests; counted, not kept, so a long-running reclaimer stays small)."""
 
     def eligible(self, now: datetime) -> dict[tuple[str, str, str], list[rules.Capacity]]:
         """Agents that may take sessions now, with their load, by (pool, platform, region)."""
@@ -59,7 +65,7 @@ class Reclaimer(Reactor):
                 load[claimed_for] += 1
         out: dict[tuple[str, str, str], list[rules.Capacity]] = defaultdict(list)
         for a in state.ledger.agents.values():
-            if rules.ineligible(a, state.heartbeats.beats.get(a.agent_id), now) is not None:
+            if rules.ineligible(a, state.heartbeats.beats.get(a.agent_id), now, policy=self.policy) is not None:
                 continue
             out[(a.pool, a.platform, a.region)].append(rules.Capacity(
                 agent=decide.AgentRef(a.agent_id, a.instance_id, a.incarnation),
@@ -92,8 +98,8 @@ class Reclaimer(Reactor):
                 await self.ledger.append(event, expect=state.last_seq if state else 0)
             except Conflict:
                 event = await self._decide_again(action)
-            self.written.append(event)
-        except (NotClaimable, NotFound, Conflict) as e:
+            self.writes += 1
+        except (NotClaimable, NotFound, Moved) as e:
             log.debug("%s: %s", action.session_id, e)  # someone else acted first
             self._inflight.pop(action.session_id, None)
         except LedgerError as e:
@@ -106,15 +112,16 @@ class Reclaimer(Reactor):
             return decide.decide_claim(state, action.session_id, action.agent, producer=producer,
                                        reason=action.reason, previous_token=action.previous_token,
                                        causation_id=action.cause_id)
-        if state is None or state.status != lc.S_ASSIGNED or state.token != action.previous_token:
-            raise Conflict(action.session_id, action.previous_token)  # the session moved on: nothing to orphan
-        return ev.SessionOrphaned(producer=producer, session_id=action.session_id, reason=action.reason,
-                                  previous_owner=action.previous_owner,
-                                  previous_incarnation=state.owner_incarnation,
-                                  previous_token=action.previous_token, causation_id=action.cause_id)
+        try:
+            return decide.decide_orphan(state, action.session_id, producer=producer, reason=action.reason,
+                                        previous_token=action.previous_token, previous_owner=action.previous_owner,
+                                        causation_id=action.cause_id)
+        except (StaleToken, IllegalTransition) as e:  # no longer assigned under that token: nothing to orphan
+            raise Moved("session", action.session_id, str(e)) from e
 
     async def _decide_again(self, action: rules.ClaimFor | rules.Orphan) -> ev.Event:
         """The session moved since our view of it: decide from its history instead."""
         read = lambda m: self.ledger.session(action.session_id, min_last_seq=m)  # noqa: E731
-        _, event = await self.ledger.cas(read, lambda state: self._event(action, state))
+        with moved_on_conflict("session", action.session_id):
+            _, event = await self.ledger.cas(read, lambda state: self._event(action, state))
         return event

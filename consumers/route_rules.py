@@ -19,12 +19,13 @@ follower sees it - so neither a writer's declared time nor this machine's clock 
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime
 
 import msgspec
 
 from ledger import lifecycle as lc
 from ledger.events import Probe
+from projections.timespec import aware
 
 ON_STALE = ("ignore", "deactivate", "terminate")
 
@@ -39,8 +40,7 @@ class Step(msgspec.Struct, frozen=True, kw_only=True):
 def _age(since: datetime | None, now: datetime) -> float:
     if since is None:
         return 0.0
-    since = since if since.tzinfo else since.replace(tzinfo=timezone.utc)
-    return (now - since).total_seconds()
+    return (now - aware(since)).total_seconds()
 
 
 def _session_ended(session: lc.SessionState | None) -> str | None:

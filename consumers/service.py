@@ -38,7 +38,7 @@ class Consumers:
         if self.monitor:
             self.parts["monitor"] = LivenessMonitor(self._ledger("monitor"), self.follower, self.liveness)
         if self.reclaimer:
-            self.parts["reclaimer"] = Reclaimer(self._ledger("reclaimer"), self.follower)
+            self.parts["reclaimer"] = Reclaimer(self._ledger("reclaimer"), self.follower, policy=self.liveness.policy)
         if self.watchdog:
             self.parts["watchdog"] = RouteWatchdog(self._ledger("watchdog"), self.follower)
 

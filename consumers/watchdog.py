@@ -17,9 +17,10 @@ from ledger import decide
 from ledger import events as ev
 from ledger import lifecycle as lc
 from ledger.client import Ledger
-from ledger.errors import Conflict, IllegalTransition, LedgerError, NotFound
+from ledger.errors import IllegalTransition, LedgerError, NotFound
 from projections.state import ROUTE, SESSION
 
+from .errors import Moved, moved_on_conflict
 from .follow import Follower
 from .reactor import Reactor
 from .route_rules import Step, next_step
@@ -36,7 +37,8 @@ class RouteWatchdog(Reactor):
         super().__init__(follower, tick=tick)
         self.ledger = ledger
         self._inflight: dict[str, tuple[int, float]] = {}
-        self.written: list[tuple[str, Step]] = []
+        self.writes = 0
+        """Transitions written (counted, not kept: a long-running watchdog stays small)."""
 
     async def step(self, now: datetime) -> list[tuple[str, Step]]:
         state = self.follower.state.ledger
@@ -62,7 +64,7 @@ class RouteWatchdog(Reactor):
         def decide_step(current: lc.RouteState | None) -> ev.Event:
             # Only if the route is still as we judged it: a replica or the owner may have moved it.
             if current is None or (current.state, current.traffic) != seen:
-                raise Conflict(route.route_id, route.last_seq)
+                raise Moved("route", route.route_id, f"no longer {route.state} ({route.traffic})")
             decide.decide_transition(current, route.route_id, step.to_state)
             return ev.RouteTransitioned(producer=self.ledger.producer, route_id=route.route_id,
                                         from_state=current.state, to_state=step.to_state,
@@ -73,8 +75,9 @@ class RouteWatchdog(Reactor):
                                         causation_id=session.cause_id if session else None)
 
         try:
-            await self.ledger.cas(lambda m: self.ledger.route(route.route_id, min_last_seq=m), decide_step)
-        except (IllegalTransition, Conflict, NotFound) as e:
+            with moved_on_conflict("route", route.route_id):
+                await self.ledger.cas(lambda m: self.ledger.route(route.route_id, min_last_seq=m), decide_step)
+        except (IllegalTransition, Moved, NotFound) as e:
             log.debug("route %s: %s", route.route_id, e)  # it moved on meanwhile
             return None
         except LedgerError as e:
@@ -82,5 +85,5 @@ class RouteWatchdog(Reactor):
             self._inflight.pop(route.route_id, None)
             return None
         log.info("route %s: %s -> %s (%s)", route.route_id, route.state, step.to_state, step.reason)
-        self.written.append((route.route_id, step))
+        self.writes += 1
         return route.route_id, step

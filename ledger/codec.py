@@ -82,6 +82,10 @@ class Unreadable(msgspec.Struct, frozen=True, gc=False):
         return from_ns(self.timestamp_ns)
 
 
+Item = Recorded | Unreadable
+"""One stored message as read: an event, or why it is not one."""
+
+
 def subject_of(event: Event) -> str:
     """The subject `event` is stored on (validates the ids it is built from)."""
     cls = type(event)

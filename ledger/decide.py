@@ -87,6 +87,29 @@ def check_owner(state: lc.SessionState | None, session_id: str, who: AgentRef, t
     raise StaleToken(session_id, token, state.token, state.owner)
 
 
+def decide_orphan(state: lc.SessionState | None, session_id: str, *, producer: ev.Producer, reason: str,
+                  previous_token: int, previous_owner: str | None = None,
+                  causation_id: str | None = None) -> ev.SessionOrphaned:
+    """An orphaning of `session_id` from the claim `previous_token` (its owner is lost, nobody can take it).
+
+    The fold's own rule (`lifecycle.orphan_problem`): refused (StaleToken, IllegalTransition) exactly when
+    the fold would flag it - the session is no longer assigned under that token.
+    """
+    if state is None:
+        raise NotFound(f"session {session_id} does not exist")
+    if state.status == lc.S_TERMINATED:
+        raise IllegalTransition(f"session {session_id} is terminated", current=state.status, requested=lc.S_ORPHANED)
+    problem = lc.orphan_problem(state, previous_token)
+    if problem is not None and problem.kind == lc.STALE_TOKEN:
+        raise StaleToken(session_id, previous_token, state.token, state.owner)
+    if problem is not None:
+        raise IllegalTransition(f"session {session_id}: {problem.detail}", current=state.status,
+                                requested=lc.S_ORPHANED)
+    return ev.SessionOrphaned(producer=producer, session_id=session_id, reason=reason, previous_owner=previous_owner,
+                              previous_incarnation=state.owner_incarnation, previous_token=previous_token,
+                              causation_id=causation_id)
+
+
 def excess_sessions(tokens: dict[str, int], capacity: int) -> list[str]:
     """Which sessions an agent holding more than `capacity` gives up: its newest claims (highest tokens).
 

@@ -422,14 +422,19 @@ def session_event_problem(state: SessionState | None, rec: Recorded,
         return Anomaly(AFTER_FINAL, f"{e.type_tag()} after the session was terminated")
     match e:
         case ev.SessionOrphaned():
-            if state.status != S_ASSIGNED:
-                return Anomaly(ILLEGAL_TRANSITION, f"session.orphaned while session is {state.status}")
-            if e.previous_token != state.token:
-                return Anomaly(STALE_TOKEN, f"orphaned under token {e.previous_token}; current is {state.token}")
-            return None
+            return orphan_problem(state, e.previous_token)
         case ev.SessionTerminated():
             return terminate_problem(state, e.token)
     return Anomaly(ILLEGAL_TRANSITION, f"{e.type_tag()} does not apply to a session")
+
+
+def orphan_problem(state: SessionState, previous_token: int | None) -> Anomaly | None:
+    """Why orphaning the live session in `state` from the claim `previous_token` must not apply."""
+    if state.status != S_ASSIGNED:
+        return Anomaly(ILLEGAL_TRANSITION, f"session.orphaned while session is {state.status}")
+    if previous_token != state.token:
+        return Anomaly(STALE_TOKEN, f"orphaned under token {previous_token}; current is {state.token}")
+    return None
 
 
 def terminate_problem(state: SessionState, token: int | None) -> Anomaly | None:
@@ -491,9 +496,8 @@ def evolve_session(state: SessionState | None, rec: Recorded, incarnation_at: In
 
 
 def owns(state: SessionState | None, agent_id: str, incarnation: int) -> bool:
-    """Whether this incarnation of the agent owns the session in `state`."""
-    return (state is not None and state.status == S_ASSIGNED and state.owner == agent_id
-            and state.owner_incarnation == incarnation)
+    """Whether this incarnation of the agent owns the session in `state`: may write as its owner now."""
+    return state is not None and owner_write_problem(state, agent_id, incarnation, state.token) is None
 
 
 def evolve_route(state: RouteState | None, rec: Recorded,

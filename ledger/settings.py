@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -43,6 +43,30 @@ def redact_url(url: str) -> str:
 
     return ",".join(one(part) for part in url.split(","))
 
+
+
+S = TypeVar("S", bound=msgspec.Struct)
+
+
+def settings_from_env(cls: type[S], prefix: str, env: Mapping[str, str] | None, overrides: Mapping[str, Any],
+                      *, extra: Mapping[str, Any] | None = None, what: str = "setting") -> S:
+    """The one way settings come from the environment: `cls`'s defaults, then `extra` (values other variables
+    gave), then <prefix><FIELD> variables (empty ones ignored), then `overrides` (None values ignored).
+
+    A value that does not convert, or that `cls` refuses, is a ConfigError naming it (one line, no traceback).
+    """
+    env = os.environ if env is None else env
+    values: dict[str, Any] = dict(extra or {})
+    for name in cls.__struct_fields__:
+        raw = env.get(prefix + name.upper())
+        if raw is not None and raw != "":
+            values[name] = raw
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        # strict=False converts "3" -> 3 and "1.5" -> 1.5 from the environment.
+        return msgspec.convert(values, cls, strict=False)
+    except msgspec.ValidationError as e:
+        raise ConfigError(f"invalid {what}: {e}") from None
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
@@ -142,18 +166,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Defaults, then LEDGER_* variables, then `overrides` (None values are ignored)."""
-        env = os.environ if env is None else env
-        values: dict[str, Any] = {}
-        for name in cls.__struct_fields__:
-            raw = env.get(ENV_PREFIX + name.upper())
-            if raw is not None and raw != "":
-                values[name] = raw
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        try:
-            # strict=False converts "3" -> 3 and "1.5" -> 1.5 from the environment.
-            return msgspec.convert(values, cls, strict=False)
-        except msgspec.ValidationError as e:
-            raise ConfigError(f"invalid setting: {e}") from None
+        return settings_from_env(cls, ENV_PREFIX, env, overrides)
 
     def for_lease(self, ttl: float) -> Settings:
         """These settings, tightened for a process that must renew a lease of `ttl` seconds.

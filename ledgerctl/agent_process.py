@@ -21,15 +21,19 @@ import contextlib
 import logging
 import random
 from collections.abc import Callable
+from datetime import datetime
 
 from consumers import reclaim_rules as rules
-from consumers.follow import Follower, Item
+from consumers.follow import Follower
 from consumers.idle import IdleReaper
 from ledger import events as ev
 from ledger import tasks
 from ledger.agent import Agent
 from ledger.client import Ledger
+from ledger.codec import Item
 from ledger.errors import CapacityExhausted, Conflict, Draining, Fenced, LedgerError, NotClaimable, NotFound
+from projections.health import DEFAULT_POLICY, HealthPolicy
+from projections.state import Change
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +42,18 @@ STAGGER_PER_SESSION = 0.01
 
 
 class SelfClaimer:
-    def __init__(self, agent: Agent, say: Callable[[str], None]) -> None:
+    def __init__(self, agent: Agent, say: Callable[[str], None], policy: HealthPolicy = DEFAULT_POLICY) -> None:
         self.agent = agent
         self.say = say
+        self.policy = policy
+        """The operator's liveness policy, the reclaimer's: a claimer judges itself as the reclaimer judges it."""
         # Its own beats only: it judges itself with the reclaimer's rule, which needs its newest beat.
         self.follower = Follower(agent.store, heartbeats_of=agent.agent_id)
         self._ineligible: str | None = None
         self.follower.listen(self._heard)
         self._changed = asyncio.Event()
 
-    def _heard(self, stream: str, batch: list[Item], changes: list[object]) -> None:
+    def _heard(self, stream: str, batch: list[Item], changes: list[Change]) -> None:
         self._changed.set()
 
     async def run(self) -> None:
@@ -64,11 +70,13 @@ class SelfClaimer:
             self._changed.clear()
             await self.claim_what_needs_an_owner()
 
-    def wanted(self) -> list[rules.ClaimFor]:
-        """What the reclaimer's rules would give this agent now: nothing unless the reclaimer would choose it."""
+    def wanted(self, now: datetime | None = None) -> list[rules.ClaimFor]:
+        """What the reclaimer's rules would give this agent at `now` (default: the server's now): nothing unless
+        the reclaimer would choose it."""
         agent, state = self.agent, self.follower.state.ledger
+        now = now if now is not None else self.follower.clock.now(ev.utcnow)
         why = rules.ineligible(state.agents.get(agent.agent_id), self.follower.state.heartbeats.beats.get(
-            agent.agent_id), self.follower.clock.now(ev.utcnow), incarnation=agent.incarnation)
+            agent.agent_id), now, incarnation=agent.incarnation, policy=self.policy)
         if why != self._ineligible:
             self._ineligible = why
             if why is not None:
@@ -107,12 +115,16 @@ class SelfClaimer:
 
 
 async def run(ledger: Ledger, *, agent_id: str, pool: str, platform: str, region: str, capacity: int,
-              heartbeat: float, ttl: float, say: Callable[[str], None], self_claim: bool = True) -> None:
+              heartbeat: float, ttl: float, say: Callable[[str], None], self_claim: bool = True,
+              policy: HealthPolicy | None = None) -> None:
     """Run until SIGTERM or SIGINT, then say goodbye once.
 
     Without `self_claim` the agent only runs what reclaimers give it (push mode):
     it does not fold the whole log, so it starts at once however long the log is.
+    `policy`: the liveness policy the consumers use; None: from the environment
+    (LEDGER_SUSPECT_AFTER_MISSED, LEDGER_DEAD_AFTER), as `ledger consumers` and `ledger up` read it.
     """
+    policy = policy if policy is not None else HealthPolicy.from_env()
     agent = Agent(ledger, agent_id=agent_id, pool=pool, platform=platform, region=region, capacity=capacity,
                   heartbeat=heartbeat, ttl=ttl, handle_signals=True,
                   on_fenced=lambda why: say(f"fenced: {why}"),
@@ -124,7 +136,7 @@ async def run(ledger: Ledger, *, agent_id: str, pool: str, platform: str, region
             f"capacity {capacity}, heartbeat {heartbeat:g} s, ttl {ttl:g} s")
         running = [asyncio.create_task(IdleReaper(agent).run())]
         if self_claim:
-            running.append(asyncio.create_task(SelfClaimer(agent, say).run()))
+            running.append(asyncio.create_task(SelfClaimer(agent, say, policy).run()))
         try:
             await agent.wait_stopped()
         finally:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import fcntl
 import logging
 import os
 import queue
@@ -29,6 +28,7 @@ from pathlib import Path
 
 from ledger.connection import MIN_VERSION
 from ledger.errors import DataDirInUse, PortInUse, ServerBinaryNotFound, ServerStartFailed, ServerTooOld
+from projections.filelock import try_lock, write_holder
 
 log = logging.getLogger(__name__)
 
@@ -215,23 +215,18 @@ def lock_data_dir(data_dir: Path) -> int:
     the child holding it and its parent (`record_lock_holder`), so a refusal
     can say which process to stop.
     """
-    fd = os.open(data_dir / "nats-server.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
+    fd = try_lock(data_dir / "nats-server.lock")
+    if fd is None:
         holder = data_dir_holder(data_dir)
         if holder is None:
-            raise DataDirInUse(f"{data_dir} is in use by another nats-server: stop it or choose another --data-dir") \
-                from None
+            raise DataDirInUse(f"{data_dir} is in use by another nats-server: stop it or choose another --data-dir")
         raise DataDirInUse(f"{data_dir} is in use by {describe_process(*holder)}: stop it with `kill {holder[0]}` "
-                           "or choose another --data-dir") from None
+                           "or choose another --data-dir")
     return fd
 
 
 def record_lock_holder(fd: int, child: int) -> None:
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{child} {os.getpid()}\n".encode(), 0)
+    write_holder(fd, f"{child} {os.getpid()}\n")
 
 
 # --- children that die with us ------------------------------------------------------------------------------------

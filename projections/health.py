@@ -5,25 +5,32 @@ later, and a view "as of" a past moment simply passes that moment as `now`.
 The rules, in order (the first that applies wins):
 
 1. the lifecycle status written to the log: gone, dead, drained, draining;
-2. a suspicion (agent.suspected) with no beat after it: suspect;
-3. time: no beat (nor registration) within the agent's `ttl` -> dead;
-   `suspect_after_missed` heartbeat intervals without one -> suspect;
+2. time: no beat (nor registration) within the agent's `ttl` (or the policy's `dead_after`) -> dead;
+3. a suspicion (agent.suspected) with no beat after it: suspect;
+4. time: `suspect_after_missed` heartbeat intervals without a beat -> suspect;
    otherwise alive.
 
-Each answer comes with the rule that made it so, in words.
+Rules 2-4 are `assess`, the one liveness assessment: the views, the liveness
+monitor (what to declare), the reclaimer and self-claiming agents (who may
+take sessions) all call it, with the one `HealthPolicy` the operator chose
+(`--suspect-after`, `--dead-after`, or LEDGER_SUSPECT_AFTER_MISSED and
+LEDGER_DEAD_AFTER). Each answer of `agent_health` comes with the rule that made it so, in words.
 """
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from collections.abc import Mapping
+from datetime import datetime
 
 import msgspec
 
 from ledger.codec import from_ns
 from ledger.events import Probe
 from ledger.lifecycle import A_DEAD, A_DRAINED, A_DRAINING, A_FENCED, A_GONE, AgentState, RouteState
+from ledger.settings import settings_from_env
 
 from .beats import Beat, of_incarnation
+from .timespec import aware
 
 ALIVE, SUSPECT, DEAD, DRAINING, DRAINED, GONE = "alive", "suspect", "dead", "draining", "drained", "gone"
 FENCED = "fenced"
@@ -39,7 +46,10 @@ _DEFAULT_PROBE = Probe()
 
 
 class HealthPolicy(msgspec.Struct, frozen=True, kw_only=True):
-    """How time turns into health (brief section 4); the agent's own interval and ttl apply."""
+    """How time turns into health (brief section 4); the agent's own interval and ttl apply.
+
+    The one liveness policy: every component that judges an agent by time takes it.
+    """
 
     suspect_after_missed: int = 3
     dead_after: float | None = None
@@ -51,13 +61,51 @@ class HealthPolicy(msgspec.Struct, frozen=True, kw_only=True):
         if self.dead_after is not None and self.dead_after <= 0:
             raise ValueError(f"dead_after must be positive, got {self.dead_after}")
 
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> HealthPolicy:
+        """Defaults, then LEDGER_SUSPECT_AFTER_MISSED and LEDGER_DEAD_AFTER, then `overrides` (None ignored)."""
+        return settings_from_env(cls, "LEDGER_", env, overrides, what="liveness policy")
+
 
 DEFAULT_POLICY = HealthPolicy()
 
 
-def aware(when: datetime) -> datetime:
-    """Treat a naive time (a producer that left out the offset) as UTC, so arithmetic never fails."""
-    return when if when.tzinfo is not None else when.replace(tzinfo=timezone.utc)
+class Liveness(msgspec.Struct, frozen=True, kw_only=True):
+    """What time says about an agent the log calls alive (or draining) at one moment: `assess`'s answer."""
+
+    health: str
+    """DEAD (silent past `dead_after`), SUSPECT (a standing suspicion, or `overdue`) or ALIVE."""
+    age: float
+    """Seconds since its newest beat (of its registered incarnation), or since it registered."""
+    since_beat: bool
+    """Whether `age` runs from a beat (False: from the registration)."""
+    missed: int
+    """Whole heartbeat intervals in `age`."""
+    overdue: bool
+    """`missed` reached the policy's `suspect_after_missed` (whether or not it was suspected yet)."""
+    suspected: bool
+    """A suspicion was written and no beat came after it."""
+    dead_after: float
+    """The bound that applied: the policy's `dead_after`, else the agent's own ttl."""
+
+
+def assess(agent: AgentState, last_beat: datetime | None, now: datetime, policy: HealthPolicy = DEFAULT_POLICY
+           ) -> Liveness:
+    """The one liveness assessment of `agent` at `now`, from the stored time of its newest beat.
+
+    `last_beat` must be a beat of the agent's registered incarnation (`beats.of_incarnation`); None when it
+    never beat. Times are the server's (stored times), so an agent's clock skew does not matter.
+    """
+    since = last_beat if last_beat is not None else agent.registered_at
+    age = seconds_between(since, now)
+    dead_after = policy.dead_after if policy.dead_after is not None else agent.ttl
+    interval = agent.heartbeat_interval
+    missed = int(age // interval) if interval > 0 else 0
+    suspected = agent.suspected_at is not None and (last_beat is None or aware(last_beat) <= aware(agent.suspected_at))
+    overdue = interval > 0 and missed >= policy.suspect_after_missed
+    health = DEAD if age > dead_after else SUSPECT if suspected or overdue else ALIVE
+    return Liveness(health=health, age=age, since_beat=last_beat is not None, missed=missed, overdue=overdue,
+                    suspected=suspected, dead_after=dead_after)
 
 
 def seconds_between(earlier: datetime, later: datetime) -> float:
@@ -92,25 +140,28 @@ def agent_health(agent: AgentState, beat: Beat | None, now: datetime, policy: He
     if explicit is not None:
         return explicit, agent.reason
     beat = of_incarnation(beat, agent.incarnation)
-    last_beat = beat_time(beat) if beat is not None else None
-    if agent.suspected_at is not None and (last_beat is None or last_beat <= aware(agent.suspected_at)):
-        return SUSPECT, f"suspected: {agent.suspect_reason}" if agent.suspect_reason else "suspected"
-    if not beats_known:
+    live = assess(agent, beat_time(beat) if beat is not None else None, now, policy)
+    if not beats_known:  # time says nothing without the beats; a written suspicion still stands
+        if live.suspected:
+            return SUSPECT, _suspected(agent)
         return UNKNOWN, "no heartbeat history is kept for this moment"
-    age = seconds_between(last_beat or agent.registered_at, now)
-    dead_after = policy.dead_after if policy.dead_after is not None else agent.ttl
-    if age > dead_after:
-        if last_beat is None:
+    age, dead_after, interval = live.age, live.dead_after, agent.heartbeat_interval
+    if live.health == DEAD:
+        if not live.since_beat:
             return DEAD, f"no heartbeat since registering {human(age)} ago (dead after {human(dead_after)})"
         return DEAD, f"no heartbeat for {human(age)} (dead after {human(dead_after)})"
-    interval = agent.heartbeat_interval
-    missed = int(age // interval) if interval > 0 else 0
-    if missed >= policy.suspect_after_missed:
-        return SUSPECT, (f"{missed} missed heartbeats (last {'beat' if last_beat else 'registration'} "
+    if live.suspected:
+        return SUSPECT, _suspected(agent)
+    if live.overdue:
+        return SUSPECT, (f"{live.missed} missed heartbeats (last {'beat' if live.since_beat else 'registration'} "
                          f"{human(age)} ago, every {human(interval)}; suspect after {policy.suspect_after_missed})")
-    if last_beat is None:
+    if not live.since_beat:
         return ALIVE, f"registered {human(age)} ago, no heartbeat yet"
     return ALIVE, f"heartbeat {human(age)} ago"
+
+
+def _suspected(agent: AgentState) -> str:
+    return f"suspected: {agent.suspect_reason}" if agent.suspect_reason else "suspected"
 
 
 class RouteHealth(msgspec.Struct, frozen=True):

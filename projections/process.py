@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import fcntl
 import gc
 import os
 from pathlib import Path
 
 from .errors import DatabaseBusy
+from .filelock import try_lock, write_holder
 
 
 class FileLock:
@@ -19,14 +19,10 @@ class FileLock:
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise DatabaseBusy(f"another projector or rebuild is using {self.path.with_suffix('')}") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+        fd = try_lock(self.path)
+        if fd is None:
+            raise DatabaseBusy(f"another projector or rebuild is using {self.path.with_suffix('')}")
+        write_holder(fd, str(os.getpid()))
         self._fd = fd
 
     def release(self) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Iterable
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 
 from ledger.events import utcnow
@@ -33,6 +33,7 @@ from .errors import InvalidQuery, NeedsEventStore, UnknownEntity
 from .health import AGENT_HEALTH, DEFAULT_POLICY, HealthPolicy
 from .history import EntityHistory, entity_history
 from .state import AnomalyRecord
+from .timespec import aware
 from .timetravel import Rebuilt, state_as_of
 from .views import (
     AgentView,
@@ -100,8 +101,8 @@ class Query:
             raise NeedsEventStore("a view of the past replays the stream: connect to NATS (--nats-url)")
         if isinstance(as_of, bool) or not isinstance(as_of, (int, datetime)):
             raise InvalidQuery(f"as_of is a LEDGER sequence (int) or a datetime, not {as_of!r}")
-        if isinstance(as_of, datetime) and as_of.tzinfo is None:
-            as_of = as_of.replace(tzinfo=timezone.utc)
+        if isinstance(as_of, datetime):
+            as_of = aware(as_of)
         key = ("seq", as_of) if isinstance(as_of, int) else ("time", int(as_of.timestamp() * 1e6))
         found = self._cache.get(key)  # type: ignore[arg-type]
         if found is None:

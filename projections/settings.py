@@ -9,6 +9,7 @@ from typing import Any
 import msgspec
 
 from ledger.errors import ConfigError
+from ledger.settings import settings_from_env
 
 DEFAULT_DB = os.path.join("ledger-data", "projection.sqlite3")
 ENV_PREFIX = "LEDGER_PROJECTION_"
@@ -37,12 +38,11 @@ class ProjectionSettings(msgspec.Struct, frozen=True, kw_only=True):
     """Snapshots kept at full density; older ones thin out (projections.snapshots)."""
     cache_mb: int = 8
     """SQLite page cache of the projector's connection (the OS caches the file too; this bounds our RSS)."""
-    suspect_after_missed: int = 3
 
     def __post_init__(self) -> None:
         if self.commit_interval <= 0:
             raise ConfigError(f"commit_interval must be positive, got {self.commit_interval}")
-        for name in ("batch", "commit_every", "max_pending", "snapshot_recent", "cache_mb", "suspect_after_missed"):
+        for name in ("batch", "commit_every", "max_pending", "snapshot_recent", "cache_mb"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.snapshot_every < 0:
@@ -54,18 +54,8 @@ class ProjectionSettings(msgspec.Struct, frozen=True, kw_only=True):
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> ProjectionSettings:
         """Defaults, then LEDGER_DB and LEDGER_PROJECTION_* variables, then `overrides` (None ignored)."""
         env = os.environ if env is None else env
-        values: dict[str, Any] = {}
-        if env.get(DB_ENV):
-            values["db"] = env[DB_ENV]
-        for name in cls.__struct_fields__:
-            raw = env.get(ENV_PREFIX + name.upper())
-            if raw:
-                values[name] = raw
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        try:
-            return msgspec.convert(values, cls, strict=False)
-        except msgspec.ValidationError as e:
-            raise ConfigError(f"invalid projection setting: {e}") from None
+        db = {"db": env[DB_ENV]} if env.get(DB_ENV) else {}
+        return settings_from_env(cls, ENV_PREFIX, env, overrides, extra=db, what="projection setting")
 
     def replace(self, **changes: Any) -> ProjectionSettings:
         return msgspec.structs.replace(self, **changes)

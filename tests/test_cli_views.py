@@ -102,17 +102,17 @@ async def test_rebuild_command(projected: dict[str, object]):
     assert [a["agent_id"] for a in agents["items"]] == [p["agent"]]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["agents", "--as-of", "yesterday"], "cannot read 'yesterday' as a time"),
-    (["agents", "--as-of", "-5m", "--at-seq", "3"], "use --as-of or --at-seq, not both"),
-    (["sessions"], "no projection at"),
-    (["anomalies", "--entity", "widget:w1"], "--entity is KIND:ID"),
+@pytest.mark.parametrize("args, message, code", [
+    (["agents", "--as-of", "yesterday"], "'yesterday' is not a time", 2),  # a usage error, as for every time option
+    (["agents", "--as-of", "-5m", "--at-seq", "3"], "use --as-of or --at-seq, not both", 1),
+    (["sessions"], "no projection at", 1),
+    (["anomalies", "--entity", "widget:w1"], "--entity is KIND:ID", 1),
 ])
 async def test_user_mistakes_are_one_line_errors(projected: dict[str, object], tmp_path: Path, args: list[str],
-                                                 message: str):
+                                                 message: str, code: int):
     db = str(projected["db"]) if args[0] != "sessions" else str(tmp_path / "missing.sqlite3")
     result = await ledger(*args, "--db", db, "--nats-url", str(projected["url"]))
-    assert result.exit_code == 1
+    assert result.exit_code == code
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0]
 

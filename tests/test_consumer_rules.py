@@ -14,6 +14,7 @@ from ledger import codec
 from ledger import lifecycle as lc
 from ledger.decide import AgentRef
 from projections.beats import Beat
+from projections.health import HealthPolicy
 
 T0 = datetime(2026, 11, 1, tzinfo=timezone.utc)
 SETTINGS = lr.LivenessSettings()
@@ -57,7 +58,7 @@ def test_an_agent_that_never_beat_is_timed_from_its_registration():
 
 
 def test_a_custom_dead_after_overrides_the_agents_ttl():
-    settings = lr.LivenessSettings(dead_after=50)
+    settings = lr.LivenessSettings(policy=HealthPolicy(dead_after=50))
     assert lr.judge(agent(suspected_at=at(20)), lr.LastBeat(1, at(0)), [], at(45), settings) is None
     assert lr.judge(agent(), lr.LastBeat(1, at(0)), [], at(51), settings).kind == lr.DEAD
 

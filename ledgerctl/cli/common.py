@@ -8,7 +8,6 @@ import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable
-from datetime import datetime, timedelta, timezone
 from typing import Any, TypeVar
 
 import click
@@ -16,6 +15,8 @@ import msgspec
 
 from ledger.errors import LedgerError
 from ledger.settings import DEFAULT_NATS_URL, ENV_PREFIX, Settings
+from projections.errors import InvalidQuery
+from projections.timespec import parse_time
 
 T = TypeVar("T")
 
@@ -112,25 +113,14 @@ def echo(msg: str) -> None:
     click.echo(msg)
 
 
-_RELATIVE = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_time(value: str) -> datetime:
-    """ISO-8601 (naive means UTC), 'now', or relative like -5m, -2h, -30s, -1d."""
-    text = value.strip()
-    now = datetime.now(timezone.utc)
-    if text == "now":
-        return now
-    if len(text) >= 3 and text[0] == "-" and text[-1] in _RELATIVE and text[1:-1].replace(".", "", 1).isdigit():
-        return now - timedelta(seconds=float(text[1:-1]) * _RELATIVE[text[-1]])
-    try:
-        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not a time: use ISO-8601 (2026-11-22T14:03:00Z), 'now' or -5m/-2h/-1d")
-    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
-
-
 class TimeParam(click.ParamType):
+    """A time option (--as-of, --since, --until): the one grammar, `projections.timespec.parse_time`.
+
+    A time it cannot read, or one out of the ledger's range, is a usage error (exit code 2: `ledger check`
+    exits 1 for violations) in one line - "Error: Invalid value for '--as-of': ..." - without the usage
+    lines click would add.
+    """
+
     name = "TIME"
 
     def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> object:
@@ -138,8 +128,13 @@ class TimeParam(click.ParamType):
             return value
         try:
             return parse_time(value)
-        except click.BadParameter as e:
-            self.fail(e.message, param, ctx)
+        except InvalidQuery as e:
+            hint = param.get_error_hint(ctx) if param is not None and ctx is not None else "the time"
+            raise TimeUsageError(f"Invalid value for {hint}: {e}") from None
+
+
+class TimeUsageError(click.ClickException):
+    exit_code = 2
 
 
 def to_json(value: object) -> str:

@@ -13,8 +13,10 @@ from ledger.codec import Recorded
 from ledger.errors import InvalidInput
 from ledger.settings import redact_url
 from ledger.store import EventStore
+from projections.health import HealthPolicy
 
 from .common import async_command, echo, nats_url_option, producer_id_option, settings_from, stop_signals
+from .liveness import policy_options
 
 
 @click.command("consumers")
@@ -22,32 +24,29 @@ from .common import async_command, echo, nats_url_option, producer_id_option, se
 @click.option("--reclaimer/--no-reclaimer", default=True, show_default=True, help="The orphan reclaimer.")
 @click.option("--watchdog/--no-watchdog", default=True, show_default=True, help="The route watchdog.")
 @click.option("--name", default="", help="Replica name (producer ids become monitor-NAME ...).")
-@click.option("--suspect-after", type=click.IntRange(1), default=3, show_default=True,
-              help="Missed heartbeat intervals before an agent is suspect.")
-@click.option("--dead-after", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Seconds without a heartbeat before an agent is dead [default: each agent's ttl].")
 @click.option("--grace", type=click.FloatRange(min=0), default=10.0, show_default=True,
               help="Seconds after a reconnect or stream leader change during which nobody is declared dead.")
 @click.option("--breaker-share", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.5,
               show_default=True, help="Share of a pool dying within --breaker-window that trips its breaker.")
 @click.option("--breaker-window", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True)
 @nats_url_option
+@policy_options
 @async_command
-async def consumers_command(monitor: bool, reclaimer: bool, watchdog: bool, name: str, suspect_after: int,
-                            dead_after: float | None, grace: float, breaker_share: float, breaker_window: float,
-                            nats_url: str) -> None:
+async def consumers_command(monitor: bool, reclaimer: bool, watchdog: bool, name: str, policy: HealthPolicy,
+                            grace: float, breaker_share: float, breaker_window: float, nats_url: str) -> None:
     """Run the liveness monitor, orphan reclaimer and route watchdog until Ctrl-C.
 
     Any number of replicas may run against the same ledger: deaths are
-    declared once, and claims and transitions are compare-and-set.
+    declared once, and claims and transitions are compare-and-set. The monitor
+    and the reclaimer judge agents by the same --suspect-after/--dead-after.
     """
     from consumers.liveness_rules import LivenessSettings  # the CLI is where the packages meet
     from consumers.service import Consumers
 
     if not (monitor or reclaimer or watchdog):
         raise click.UsageError("nothing to run: every consumer is switched off")
-    liveness = LivenessSettings(suspect_after_missed=suspect_after, dead_after=dead_after, grace=grace,
-                                breaker_share=breaker_share, breaker_window=breaker_window)
+    liveness = LivenessSettings(policy=policy, grace=grace, breaker_share=breaker_share,
+                                breaker_window=breaker_window)
     stop = stop_signals()
     async with EventStore.connect(settings_from(nats_url), name=f"ledger-consumers{'-' + name if name else ''}") as store:
         running = Consumers(store, name=name, monitor=monitor, reclaimer=reclaimer, watchdog=watchdog,

@@ -12,6 +12,7 @@ from ledger.codec import Recorded, Unreadable
 from ledger.events import BY_TAG
 from ledger.ids import check_token
 from ledger.store import EventStore
+from projections.timespec import EXAMPLES
 
 from .common import TimeParam, async_command, echo, nats_url_option, settings_from, to_json
 
@@ -56,8 +57,8 @@ def _record_json(item: Recorded | Unreadable) -> str:
 @click.option("--session", "sessions", multiple=True, metavar="ID", help="One session's history (repeatable).")
 @click.option("--route", "routes", multiple=True, metavar="ID", help="One route's history (repeatable).")
 @click.option("--heartbeats", is_flag=True, help="Read the heartbeat stream instead (kept for a bounded time).")
-@click.option("--since", type=TimeParam(), default=None, help="ISO time or relative (-10m).")
-@click.option("--until", type=TimeParam(), default=None, help="ISO time or relative (-1m).")
+@click.option("--since", type=TimeParam(), default=None, help=f"From this time: {EXAMPLES}.")
+@click.option("--until", type=TimeParam(), default=None, help=f"Up to this time: {EXAMPLES}.")
 @click.option("--from-seq", type=click.IntRange(1), default=None, help="First stream sequence.")
 @click.option("--to-seq", type=click.IntRange(1), default=None, help="Last stream sequence.")
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new events until Ctrl-C.")

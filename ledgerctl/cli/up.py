@@ -14,12 +14,14 @@ import click
 
 from consumers.liveness_rules import LivenessSettings
 from ledger.settings import DEFAULT_NATS_URL, redact_url
+from projections.health import DEFAULT_POLICY, HealthPolicy
 from projections.process import tune_gc
 from projections.settings import DB_ENV, ProjectionSettings
 
 from ..server import DEFAULT_DATA_DIR
 from ..stack import UpSettings, running_stack
 from .common import async_command, connection_options, echo, settings_from, stop_signals
+from .liveness import policy_options
 
 
 def up_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -48,6 +50,11 @@ def env_line(s: UpSettings, url: str) -> str | None:
         env.append(f"LEDGER_NATS_URL={redact_url(url)}")  # never a password on the screen
     if s.db_path.resolve() != Path(ProjectionSettings().db).resolve():
         env.append(f"{DB_ENV}={s.db_path.resolve()}")
+    policy = s.liveness.policy  # so agents and views judge liveness as this stack's consumers do
+    if policy.suspect_after_missed != DEFAULT_POLICY.suspect_after_missed:
+        env.append(f"LEDGER_SUSPECT_AFTER_MISSED={policy.suspect_after_missed}")
+    if policy.dead_after is not None:
+        env.append(f"LEDGER_DEAD_AFTER={policy.dead_after:g}")
     return f"  export {' '.join(env)}" if env else None
 
 
@@ -67,9 +74,10 @@ def hints(s: UpSettings, url: str) -> list[str]:
 @up_options
 @click.option("--grace", type=click.FloatRange(min=0), default=10.0, show_default=True,
               help="Seconds after a reconnect or leader change during which the monitor declares nobody dead.")
+@policy_options
 @async_command
 async def up_command(nats_url: str | None, data_dir: Path, port: int, db: Path | None, replicas: str | None,
-                     grace: float) -> None:
+                     grace: float, policy: HealthPolicy) -> None:
     """Run everything on one machine until Ctrl-C.
 
     Without --nats-url (or LEDGER_NATS_URL) it starts an embedded JetStream
@@ -80,7 +88,7 @@ async def up_command(nats_url: str | None, data_dir: Path, port: int, db: Path |
     cleanly, in reverse order.
     """
     s = UpSettings(nats_url=nats_url, data_dir=data_dir, port=port, db=db,
-                   liveness=LivenessSettings(grace=grace), replicas=int(replicas) if replicas else None,
+                   liveness=LivenessSettings(policy=policy, grace=grace), replicas=int(replicas) if replicas else None,
                    connection=settings_from(nats_url))
     tune_gc()
     stop = stop_signals()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -13,14 +14,15 @@ import msgspec
 from ledger.lifecycle import ROUTE_STATES, SESSION_STATES
 from ledger.store import EventStore
 from projections.errors import InvalidQuery
-from projections.health import AGENT_HEALTH, HealthPolicy
+from projections.health import AGENT_HEALTH, DEFAULT_POLICY, HealthPolicy
 from projections.history import KINDS
 from projections.query import ROUTE_STATUSES, AsOf, Query
 from projections.settings import DB_ENV, DEFAULT_DB
-from projections.timespec import EXAMPLES, parse_time
+from projections.timespec import EXAMPLES
 
 from . import tables
-from .common import async_command, echo, nats_url_option, settings_from
+from .common import TimeParam, async_command, echo, nats_url_option, settings_from
+from .liveness import policy_options
 
 
 def db_option(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -32,7 +34,7 @@ def view_options(f: Callable[..., Any]) -> Callable[..., Any]:
     for option in reversed([
         db_option,
         nats_url_option,
-        click.option("--as-of", "as_of", metavar="TIME", help=f"View the past at TIME: {EXAMPLES}. Needs NATS."),
+        click.option("--as-of", "as_of", type=TimeParam(), help=f"View the past at TIME: {EXAMPLES}. Needs NATS."),
         click.option("--at-seq", type=click.IntRange(min=0), metavar="N",
                      help="View the past just after LEDGER stream sequence N. Needs NATS."),
         click.option("--json", "as_json", is_flag=True, help="Print JSON (for scripts) instead of a table."),
@@ -41,19 +43,16 @@ def view_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
-def as_of_from(as_of: str | None, at_seq: int | None) -> AsOf:
+def as_of_from(as_of: datetime | None, at_seq: int | None) -> AsOf:
     if as_of is not None and at_seq is not None:
         raise InvalidQuery("use --as-of or --at-seq, not both")
-    if at_seq is not None:
-        return at_seq
-    return parse_time(as_of) if as_of is not None else None
+    return at_seq if at_seq is not None else as_of
 
 
 @contextlib.asynccontextmanager
-async def open_query(db: Path, nats_url: str, as_of: AsOf, *, suspect_after: int = 3,
+async def open_query(db: Path, nats_url: str, as_of: AsOf, *, policy: HealthPolicy = DEFAULT_POLICY,
                      needs_db: bool = True) -> AsyncIterator[Query]:
     """A Query on the file; with a NATS connection only when the answer needs the stream."""
-    policy = HealthPolicy(suspect_after_missed=suspect_after)
     if as_of is None and needs_db:
         async with Query.open(db, policy=policy) as q:
             yield q
@@ -79,15 +78,14 @@ def emit(result: Any, as_json: bool, render: Callable[[Any], Any]) -> None:
 @click.option("--health", type=click.Choice(AGENT_HEALTH), help="Only agents of this health.")
 @click.option("--platform", help="Only this platform.")
 @click.option("--region", help="Only this region.")
-@click.option("--suspect-after", default=3, show_default=True, type=click.IntRange(min=1),
-              help="Missed heartbeats that make an agent suspect.")
+@policy_options
 @async_command
-async def agents_command(db: Path, nats_url: str, as_of: str | None, at_seq: int | None, as_json: bool,
+async def agents_command(db: Path, nats_url: str, as_of: datetime | None, at_seq: int | None, as_json: bool,
                          pool: str | None, health: str | None, platform: str | None, region: str | None,
-                         suspect_after: int) -> None:
+                         policy: HealthPolicy) -> None:
     """Agents with their health and the rule that made it so."""
     when = as_of_from(as_of, at_seq)
-    async with open_query(db, nats_url, when, suspect_after=suspect_after) as q:
+    async with open_query(db, nats_url, when, policy=policy) as q:
         page = await q.agents(pool=pool, health=health, platform=platform, region=region, as_of=when)
     emit(page, as_json, tables.agents)
 
@@ -98,7 +96,7 @@ async def agents_command(db: Path, nats_url: str, as_of: str | None, at_seq: int
 @click.option("--state", type=click.Choice(SESSION_STATES), help="Only sessions in this state.")
 @click.option("--owner", metavar="AGENT", help="Only sessions this agent owns.")
 @async_command
-async def sessions_command(db: Path, nats_url: str, as_of: str | None, at_seq: int | None, as_json: bool,
+async def sessions_command(db: Path, nats_url: str, as_of: datetime | None, at_seq: int | None, as_json: bool,
                            pool: str | None, state: str | None, owner: str | None) -> None:
     """Sessions: owner, claim token, state, and why they are orphaned or released."""
     when = as_of_from(as_of, at_seq)
@@ -113,7 +111,7 @@ async def sessions_command(db: Path, nats_url: str, as_of: str | None, at_seq: i
 @click.option("--status", type=click.Choice(ROUTE_STATUSES), help="Only routes with this status.")
 @click.option("--state", type=click.Choice(ROUTE_STATES), help="Only routes in this state.")
 @async_command
-async def routes_command(db: Path, nats_url: str, as_of: str | None, at_seq: int | None, as_json: bool,
+async def routes_command(db: Path, nats_url: str, as_of: datetime | None, at_seq: int | None, as_json: bool,
                          session: str | None, status: str | None, state: str | None) -> None:
     """Routes: status, sub-status, traffic, and health with its staleness."""
     when = as_of_from(as_of, at_seq)
@@ -124,11 +122,13 @@ async def routes_command(db: Path, nats_url: str, as_of: str | None, at_seq: int
 
 @click.command("pools")
 @view_options
+@policy_options
 @async_command
-async def pools_command(db: Path, nats_url: str, as_of: str | None, at_seq: int | None, as_json: bool) -> None:
+async def pools_command(db: Path, nats_url: str, as_of: datetime | None, at_seq: int | None, as_json: bool,
+                        policy: HealthPolicy) -> None:
     """Pools: agents by health, sessions by state, free capacity."""
     when = as_of_from(as_of, at_seq)
-    async with open_query(db, nats_url, when) as q:
+    async with open_query(db, nats_url, when, policy=policy) as q:
         page = await q.pools(as_of=when)
     emit(page, as_json, tables.pools)
 
@@ -139,7 +139,7 @@ async def pools_command(db: Path, nats_url: str, as_of: str | None, at_seq: int 
 @click.option("--entity", metavar="KIND:ID", help="Only this entity, e.g. session:s-42.")
 @click.option("--limit", default=100, show_default=True, type=click.IntRange(min=1))
 @async_command
-async def anomalies_command(db: Path, nats_url: str, as_of: str | None, at_seq: int | None, as_json: bool,
+async def anomalies_command(db: Path, nats_url: str, as_of: datetime | None, at_seq: int | None, as_json: bool,
                             kind: str | None, entity: str | None, limit: int) -> None:
     """Events that reached the log but were flagged and not applied, newest first."""
     when = as_of_from(as_of, at_seq)
@@ -157,7 +157,7 @@ async def anomalies_command(db: Path, nats_url: str, as_of: str | None, at_seq: 
 @click.argument("entity_id", metavar="ID")
 @view_options
 @async_command
-async def history_command(kind: str, entity_id: str, db: Path, nats_url: str, as_of: str | None,
+async def history_command(kind: str, entity_id: str, db: Path, nats_url: str, as_of: datetime | None,
                           at_seq: int | None, as_json: bool) -> None:
     """Every event of one agent, session, route or pool: who wrote it, its causation, its effect or its flag."""
     when = as_of_from(as_of, at_seq)

@@ -1,0 +1,41 @@
+"""The liveness policy's options, for every command that judges agents by time.
+
+`ledger consumers`, `ledger up`, `ledger agents` and `ledger pools` take the same
+`--suspect-after` and `--dead-after`, and fall back on the same variables
+(LEDGER_SUSPECT_AFTER_MISSED, LEDGER_DEAD_AFTER) that `ledger agent` reads: one
+policy, so the views show what the monitor declares and the claimers act on.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from ledger.errors import LedgerError
+from projections.health import HealthPolicy
+
+
+def policy_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """--suspect-after and --dead-after; the command receives `policy`, a HealthPolicy (place above the
+    command's own function, under @click.command)."""
+    @functools.wraps(f)
+    def wrapper(*args: Any, suspect_after: int | None, dead_after: float | None, **kwargs: Any) -> Any:
+        return f(*args, policy=policy_from(suspect_after, dead_after), **kwargs)
+
+    wrapper = click.option("--dead-after", type=click.FloatRange(min=0, min_open=True), default=None,
+                           help="Seconds without a heartbeat before an agent is dead "
+                                "[default: LEDGER_DEAD_AFTER, else each agent's ttl].")(wrapper)
+    return click.option("--suspect-after", type=click.IntRange(1), default=None,
+                        help="Missed heartbeat intervals before an agent is suspect "
+                             "[default: LEDGER_SUSPECT_AFTER_MISSED, else 3].")(wrapper)
+
+
+def policy_from(suspect_after: int | None, dead_after: float | None) -> HealthPolicy:
+    """The policy from the environment, then the flags given (a bad variable is a one-line error)."""
+    try:
+        return HealthPolicy.from_env(suspect_after_missed=suspect_after, dead_after=dead_after)
+    except LedgerError as e:
+        raise click.ClickException(str(e)) from None
