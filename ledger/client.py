@@ -97,18 +97,9 @@ class Ledger:
         """
         return await self.store.registrations(agent_id, min_last_seq=min_last_seq)
 
-    async def _incarnations(self, records: list[Recorded], min_last_seq: int | None) -> lc.IncarnationAt:
-        return await self.store.incarnations(records, min_last_seq=min_last_seq)
-
     async def _session_lookups(self, records: list[Recorded],
                                min_last_seq: int | None) -> tuple[lc.IncarnationAt, lc.AgentAt]:
-        """The lookups a session history's fold takes, as the whole-log fold has them at each event: the
-        registrations of the agents it names, and the histories of those a take-over in it may replace (none
-        read when it holds no take-over)."""
-        incarnation_at = await self._incarnations(records, min_last_seq)
-        histories = {a: [i for i in await self.store.history("agent", a, min_last_seq=min_last_seq)
-                         if isinstance(i, Recorded)] for a in sorted(lc.owners_judged(records, incarnation_at))}
-        return incarnation_at, lc.agents_lookup(histories)
+        return await self.store.session_lookups(records, min_last_seq=min_last_seq)
 
     async def session(self, session_id: str, *, min_last_seq: int | None = None
                       ) -> tuple[lc.SessionState | None, int]:

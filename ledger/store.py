@@ -298,6 +298,17 @@ class EventStore:
         return lifecycle.registrations_lookup({a: await self.registrations(a, min_last_seq=min_last_seq)
                                                for a in sorted(acting)})
 
+    async def session_lookups(self, records: list[Recorded], *, min_last_seq: int | None = None,
+                              ) -> tuple[lifecycle.IncarnationAt, lifecycle.AgentAt]:
+        """The lookups a session history's fold takes, as the whole-log fold has them at each event: the
+        registrations of the agents it names, and the histories of those a take-over in it may replace (none
+        read when it holds no take-over). `min_last_seq`: at least the history's last event - a replica lagging
+        behind the one that served the history would miss an agent's death before a take-over."""
+        incarnation_at = await self.incarnations(records, min_last_seq=min_last_seq)
+        histories = {a: [i for i in await self.history("agent", a, min_last_seq=min_last_seq)
+                         if isinstance(i, Recorded)] for a in sorted(lifecycle.owners_judged(records, incarnation_at))}
+        return incarnation_at, lifecycle.agents_lookup(histories)
+
     # --- dead letters -------------------------------------------------------------
 
     async def dead_letter(self, item: Unreadable, *, reason: str, consumer: str) -> None:

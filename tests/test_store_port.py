@@ -70,6 +70,19 @@ def test_the_scan_sees_each_way_past_the_store(tmp_path: Path) -> None:
         "probe.py:9 uses .nc", "probe.py:10 uses .nc", "probe.py:10 uses ._server_info"])
 
 
+LOOKUP_BUILDERS = {"registrations_lookup", "agents_acting", "agents_lookup", "owners_judged"}
+"""What the session lookups are built from: above the store only `EventStore.session_lookups` / `incarnations` do."""
+
+
+def test_the_session_lookups_are_built_in_one_place() -> None:
+    found = [f"{path.relative_to(ROOT)}:{node.lineno} uses {node.attr if isinstance(node, ast.Attribute) else node.id}"
+             for package in ABOVE_THE_STORE for path in sorted((ROOT / package).rglob("*.py"))
+             for node in ast.walk(ast.parse(path.read_text(), str(path)))
+             if (isinstance(node, ast.Name) and node.id in LOOKUP_BUILDERS)
+             or (isinstance(node, ast.Attribute) and node.attr in LOOKUP_BUILDERS)]
+    assert found == []
+
+
 def test_the_service_may_hear_the_advisory_the_store_subscribes_to() -> None:
     from ledgerctl import permissions
 
