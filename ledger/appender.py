@@ -99,6 +99,8 @@ class Appender:
         self._watch = watch_of(nc)
         self._denied: PermissionDenied | None = None
         """Set when the server refused our reply subscription: no acknowledgement can ever reach us."""
+        self.reply_filter: Callable[[Msg], bool] | None = None
+        """A seam for fault injection: sees each acknowledgement first; False drops it, as a lossy network would."""
 
     async def start(self) -> None:
         self._prefix = self._nc.new_inbox() + "."
@@ -192,6 +194,8 @@ class Appender:
             p.future.set_result(seq)  # type: ignore[arg-type]
 
     async def _on_reply(self, msg: Msg) -> None:
+        if self.reply_filter is not None and not self.reply_filter(msg):
+            return
         token = msg.subject[len(self._prefix):]
         p = self._pending.get(token)
         if p is None:

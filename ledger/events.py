@@ -28,6 +28,7 @@ payloads in tests/data/events/):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextvars import ContextVar
 from datetime import datetime, timezone
 from typing import Annotated, ClassVar, get_args
@@ -73,11 +74,21 @@ __all__ = [
     "BY_TAG",
     "SCHEMA_VERSION",
     "utcnow",
+    "CLOCK",
 ]
 
 
-def utcnow() -> datetime:
+def _system_time() -> datetime:
     return datetime.now(timezone.utc)
+
+
+CLOCK: ContextVar[Callable[[], datetime]] = ContextVar("ledger_clock", default=_system_time)
+"""This machine's clock as the ledger reads it: a test or a simulation sets another (a skewed one, say) for the
+tasks it starts - each task keeps the clock in force when it was created."""
+
+
+def utcnow() -> datetime:
+    return CLOCK.get()()
 
 
 # --- what a valid field looks like --------------------------------------------------------

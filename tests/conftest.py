@@ -3,11 +3,16 @@
 With LEDGER_TEST_DOCKER=1 and a reachable Docker engine, the single node is a
 testcontainers NATS container instead; otherwise (and on the development
 machines, which have no Docker engine) it is the nats-server binary.
+
+No test sees the caller's LEDGER_* settings (an exported LEDGER_DB or LEDGER_NATS_URL, as the README's
+`ledger up` hint suggests): they are cleared for the session and again for each test, so the commands a test
+runs as subprocesses inherit only what the test itself sets. The suite's own switches (LEDGER_TEST_*) stay.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import os
 import time
@@ -26,6 +31,34 @@ from ledger.store import EventStore
 from ledgerctl.server import EmbeddedCluster, EmbeddedServer, ServerConfig, free_port
 
 
+SUITE_SWITCHES = "LEDGER_TEST_"
+
+
+def callers_ledger_settings() -> list[str]:
+    """The LEDGER_* variables in this process's environment that are not the suite's own switches."""
+    return [k for k in os.environ if k.startswith("LEDGER_") and not k.startswith(SUITE_SWITCHES)]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_callers_ledger_settings_in_the_session() -> Iterator[None]:
+    """For the session-scoped servers and what they run (autouse: set up before any other session fixture)."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name in callers_ledger_settings():
+            mp.delenv(name)
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _no_ledger_settings_but_the_tests_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever an earlier test left in os.environ is gone too; a test's monkeypatch.setenv comes after this."""
+    for name in callers_ledger_settings():
+        monkeypatch.delenv(name)
+
+
+def docker_opted_in() -> bool:
+    return os.environ.get("LEDGER_TEST_DOCKER") == "1"
+
+
 class RunningNats:
     """What tests need of a server: its URL, and (for binaries) a way to crash and restart it."""
 
@@ -34,14 +67,22 @@ class RunningNats:
         self.server = server
 
 
+@functools.cache
 def docker_engine_reachable() -> bool:
+    if "DOCKER_HOST" not in os.environ and not Path("/var/run/docker.sock").exists():
+        return False  # (asking anyway leaks the docker client's failed socket: a ResourceWarning, an error here)
     try:
         import docker
 
-        docker.from_env(timeout=3).ping()
-        return True
+        client = docker.from_env(timeout=3)
     except Exception:
         return False
+    try:
+        return bool(client.ping())
+    except Exception:
+        return False
+    finally:
+        client.close()
 
 
 def start_binary_server(base: Path, **config: object) -> EmbeddedServer:
@@ -74,14 +115,24 @@ async def create_streams(url: str, **settings: object) -> None:
 
 
 @pytest.fixture(scope="session")
-def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningNats]:
-    """The shared single node, with the ledger's streams (tests keep apart by unique ids)."""
-    if os.environ.get("LEDGER_TEST_DOCKER") == "1" and docker_engine_reachable():
-        from testcontainers.community.nats import NatsContainer
+def nats_container() -> Iterator[str]:
+    """A testcontainers NATS container with the ledger's streams (opt-in: LEDGER_TEST_DOCKER=1); its URL."""
+    if not docker_opted_in():
+        pytest.skip("opt-in: set LEDGER_TEST_DOCKER=1")
+    if not docker_engine_reachable():
+        pytest.skip("LEDGER_TEST_DOCKER=1 but no Docker engine is reachable")
+    from testcontainers.community.nats import NatsContainer
 
-        with NatsContainer("nats:2.14", jetstream=True) as container:
-            asyncio.run(create_streams(container.nats_uri()))
-            yield RunningNats(container.nats_uri())
+    with NatsContainer("nats:2.14", jetstream=True) as container:
+        asyncio.run(create_streams(container.nats_uri()))
+        yield container.nats_uri()
+
+
+@pytest.fixture(scope="session")
+def nats_server(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[RunningNats]:
+    """The shared single node, with the ledger's streams (tests keep apart by unique ids)."""
+    if docker_opted_in() and docker_engine_reachable():
+        yield RunningNats(request.getfixturevalue("nats_container"))
         return
     server = start_binary_server(tmp_path_factory.mktemp("nats"))
     try:

@@ -35,13 +35,21 @@ class AgentProcess:
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)
 
     async def registered(self) -> None:
+        await self.says("registered", timeout=60)
+
+    async def says(self, text: str, timeout: float = 30.0) -> str:
+        """The next line of the agent's output that contains `text` (a barrier on what the process did)."""
         assert self.proc.stdout is not None
-        while True:
-            line = await asyncio.to_thread(self.proc.stdout.readline)
-            if not line:
-                raise AssertionError(f"{self.agent_id} ended: {self.proc.stderr.read()}")  # type: ignore[union-attr]
-            if "registered" in line:
-                return
+
+        async def read() -> str:
+            while True:
+                line = await asyncio.to_thread(self.proc.stdout.readline)  # type: ignore[union-attr]
+                if not line:
+                    raise AssertionError(f"{self.agent_id} ended: {self.proc.stderr.read()}")  # type: ignore[union-attr]
+                if text in line:
+                    return line
+
+        return await asyncio.wait_for(read(), timeout)
 
     def kill9(self) -> None:
         self.proc.kill()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-import time
+from datetime import timedelta
 
 import pytest
 from fleet import agents, consumers, events, ledger_on
@@ -26,7 +26,7 @@ async def owners(ledger, sessions: list[str]) -> dict[str, str | None]:  # type:
     return {sid: (await ledger.session(sid))[0].owner for sid in sessions}
 
 
-async def test_kill_9_one_of_three_agents_moves_its_sessions_within_ttl_plus_a_beat(server: EmbeddedServer):
+async def test_kill_9_one_of_three_agents_moves_its_sessions_once_it_is_declared_dead(server: EmbeddedServer):
     async with ledger_on(server.url) as ledger, agents(server.url, "gpu", ["a1", "a2", "a3"],
                                                         heartbeat=HEARTBEAT, ttl=TTL) as procs:
         sessions = [(await ledger.create_session("gpu", session_id=f"s{i}"))[0] for i in range(12)]
@@ -40,17 +40,16 @@ async def test_kill_9_one_of_three_agents_moves_its_sessions_within_ttl_plus_a_b
             victim = max(procs, key=lambda a: list(placed.values()).count(a))
             lost = [s for s, o in placed.items() if o == victim]
             procs[victim].kill9()
-            killed_at = time.monotonic()
 
             async def moved() -> bool:
                 now = await owners(ledger, lost)
                 return all(o not in (None, victim) for o in now.values())
 
             await eventually(moved, timeout=TTL + HEARTBEAT + 10, interval=0.05, what="failover of the lost sessions")
-            print(f"\n{len(lost)} sessions of {victim} re-owned {time.monotonic() - killed_at:.2f}s after kill -9 "
-                  f"(ttl {TTL}s + heartbeat {HEARTBEAT}s)")
-        history = await events(ledger.store, "agent", victim)
-        [dead] = [e for e in history if isinstance(e, ev.AgentDeclaredDead)]
+        # (How fast is measured in bench/failover.py: timings do not belong in tests.)
+        [death] = [r for r in await ledger.store.history("agent", victim)
+                   if isinstance(r, Recorded) and isinstance(r.event, ev.AgentDeclaredDead)]
+        dead = death.event
         assert dead.reason == "missed_heartbeats" and dead.evidence.dead_after == TTL
         assert dead.evidence.last_heartbeat_seq is not None and dead.producer.id == "monitor"
         last_beat = dead.evidence.last_heartbeat_at
@@ -58,9 +57,8 @@ async def test_kill_9_one_of_three_agents_moves_its_sessions_within_ttl_plus_a_b
             final = [r for r in await ledger.store.history("session", sid) if isinstance(r.event, ev.SessionClaimed)][-1]
             claim = final.event
             assert claim.previous_owner == victim and claim.reason == "failover" and claim.causation_id == dead.event_id
-            # On the log's own clock: re-owned within TTL + one heartbeat interval of the last beat
-            # (plus the monitor's 0.2 s tick and the write itself).
-            assert (final.stored_at - last_beat).total_seconds() <= TTL + HEARTBEAT + 0.5
+            # In order on the log's own clock: the last beat, a ttl of silence, the death, then the new claim.
+            assert last_beat + timedelta(seconds=TTL) <= death.stored_at <= final.stored_at
 
 
 async def test_sigterm_moves_sessions_at_once_without_waiting_for_the_ttl(server: EmbeddedServer):
@@ -90,16 +88,20 @@ async def _all(result) -> bool:  # type: ignore[no-untyped-def]
 async def test_a_death_is_declared_once_by_three_monitor_replicas(server: EmbeddedServer):
     async with ledger_on(server.url) as ledger, agents(server.url, "gpu", ["a1"], heartbeat=HEARTBEAT,
                                                         ttl=TTL) as procs:
-        async with consumers(server.url, name="r1", reclaimer=False, watchdog=False), \
-                consumers(server.url, name="r2", reclaimer=False, watchdog=False), \
-                consumers(server.url, name="r3", reclaimer=False, watchdog=False):
+        async with consumers(server.url, name="r1", reclaimer=False, watchdog=False) as r1, \
+                consumers(server.url, name="r2", reclaimer=False, watchdog=False) as r2, \
+                consumers(server.url, name="r3", reclaimer=False, watchdog=False) as r3:
             procs["a1"].kill9()
 
             async def declared() -> list[ev.Event]:
                 return [e for e in await events(ledger.store, "agent", "a1") if isinstance(e, ev.AgentDeclaredDead)]
 
             await eventually(declared, timeout=TTL + 5, what="the death declaration")
-            await asyncio.sleep(1.0)  # give the other replicas every chance to write theirs
+            # Every replica past the point where it could write one of its own: each has folded the death (so
+            # judges a1 no more) and has no append left in flight.
+            await eventually(lambda: all(getattr(r.follower.state.ledger.agents.get("a1"), "status", None) == lc.A_DEAD
+                                         and r.store.appends_in_flight == 0 for r in (r1, r2, r3)),
+                             timeout=TTL + 5, what="every replica knowing a1 dead, with nothing left to write")
         assert len(await declared()) == 1
 
 
@@ -125,7 +127,13 @@ async def test_the_breaker_trips_when_most_of_a_pool_dies_together(server: Embed
             await eventually(lambda: all(running.follower.state.ledger.agents[n].status == lc.A_DEAD
                                          for n in names if n != survivor), timeout=TTL + 5, what="deaths")
             held = [s for s, o in placed.items() if o != survivor]
-            await asyncio.sleep(1.0)  # the reclaimer had its chance and must not have moved them
+            # The reclaimer's chance, taken for certain: a step of its own on a state that holds the deaths and
+            # the trip (its loop may step too) - it plans no claim and the sessions stay where they were.
+            from consumers.reclaim_rules import ClaimFor
+
+            reclaimer = running.parts["reclaimer"]
+            plan = await reclaimer.step(running.follower.clock.now(ev.utcnow))  # type: ignore[attr-defined]
+            assert not [a for a in plan if isinstance(a, ClaimFor) and a.session_id in held], plan
             assert set((await owners(ledger, held)).values()) <= set(names) - {survivor}
             # An operator closes the breaker: the held sessions move to the survivor.
             result = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "ledgerctl", "pool",
@@ -257,19 +265,27 @@ async def test_failure_reports_make_an_agent_suspect(server: EmbeddedServer):
 
 
 async def test_no_death_is_declared_for_a_broker_outage(server: EmbeddedServer):
-    async with agents(server.url, "gpu", ["a1"], heartbeat=HEARTBEAT, ttl=TTL):
+    # a2, in a pool of its own (no breaker between them), is the marker: killed once it is back, its death
+    # proves the monitor got past its grace and judged - a1 too, in the same pass or an earlier one.
+    async with agents(server.url, "gpu", ["a1"], heartbeat=HEARTBEAT, ttl=TTL) as procs, \
+            agents(server.url, "cpu", ["a2"], heartbeat=HEARTBEAT, ttl=TTL) as marker:
         async with consumers(server.url, reclaimer=False, watchdog=False, grace=3.0) as running:
             monitor = running.parts["monitor"]
             server.kill()
-            await asyncio.sleep(TTL + 0.5)  # the agent cannot beat: it fences itself
+            for p in (procs["a1"], marker["a2"]):
+                await p.says("fenced")  # they cannot beat: each fences itself
             await asyncio.to_thread(server.start)
             await eventually(lambda: monitor.grace_reason.startswith("connection"), what="grace after reconnect")
-            # The agent comes back as a new incarnation inside the grace window.
-            await eventually(lambda: running.follower.state.ledger.agents["a1"].incarnation > 1, timeout=10,
-                             what="the agent re-registering")
-            await asyncio.sleep(3.5)
-        async with ledger_on(server.url) as ledger:
-            history = await events(ledger.store, "agent", "a1")
+            # The agents come back as new incarnations inside the grace window.
+            await eventually(lambda: all(running.follower.state.ledger.agents[a].incarnation > 1 for a in ("a1", "a2")),
+                             timeout=10, what="the agents re-registering")
+            marker["a2"].kill9()
+            async with ledger_on(server.url) as ledger:
+                async def marker_dead() -> bool:
+                    return any(isinstance(e, ev.AgentDeclaredDead) for e in await events(ledger.store, "agent", "a2"))
+
+                await eventually(marker_dead, timeout=3.0 + TTL + 10, what="the marker's death, after the grace")
+                history = await events(ledger.store, "agent", "a1")
         assert not [e for e in history if isinstance(e, ev.AgentDeclaredDead)]
         assert [e for e in history if isinstance(e, ev.AgentFenced)]
 
@@ -361,38 +377,49 @@ async def test_route_failure_paths(server: EmbeddedServer):
 
 
 @pytest.mark.parametrize("skew", [60.0, -60.0])
-async def test_a_monitor_with_a_skewed_clock_judges_by_the_servers(server: EmbeddedServer,
-                                                                    monkeypatch: pytest.MonkeyPatch, skew: float):
-    from datetime import timedelta
+async def test_a_monitor_with_a_skewed_clock_judges_by_the_servers(server: EmbeddedServer, skew: float):
+    real = ev.CLOCK.get()
+    skewed = ev.CLOCK.set(lambda: real() + timedelta(seconds=skew))  # this machine's clock is off (for our tasks)
+    try:
+        async with ledger_on(server.url) as ledger, agents(server.url, "gpu", ["a1", "a2"], heartbeat=HEARTBEAT,
+                                                            ttl=TTL) as procs:
+            async with consumers(server.url, reclaimer=False, watchdog=False):
+                procs["a2"].kill9()
 
-    real = ev.utcnow
-    monkeypatch.setattr(ev, "utcnow", lambda: real() + timedelta(seconds=skew))  # this machine's clock is off
-    async with ledger_on(server.url) as ledger, agents(server.url, "gpu", ["a1", "a2"], heartbeat=HEARTBEAT,
-                                                        ttl=TTL) as procs:
-        async with consumers(server.url, reclaimer=False, watchdog=False) as running:
-            monitor = running.parts["monitor"]
-            await eventually(lambda: time.monotonic() > monitor.grace_until + 3 * TTL,  # type: ignore[attr-defined]
-                             timeout=20, what="the grace window and a few ttls passing")
-            # Judged by our clock, a1 would have been dead (ahead) or never (behind) all along.
-            assert [e for e in await events(ledger.store, "agent", "a1")
-                    if isinstance(e, (ev.AgentSuspected, ev.AgentDeclaredDead))] == []
-            procs["a2"].kill9()
+                async def declared() -> list[Recorded]:
+                    return [r for r in await ledger.store.history("agent", "a2")
+                            if isinstance(r, Recorded) and isinstance(r.event, ev.AgentDeclaredDead)]
 
-            async def declared() -> list[ev.Event]:
-                return [e for e in await events(ledger.store, "agent", "a2") if isinstance(e, ev.AgentDeclaredDead)]
-
-            [death] = await eventually(declared, timeout=TTL + 5, what="a2's death declaration")
-            # ... and the evidence is in the server's time: the last beat is TTL old, not TTL +/- the skew.
-            seen = (death.evidence.observed_at - death.evidence.last_heartbeat_at).total_seconds()
-            assert TTL <= seen < TTL + 2
+                # Judged by our clock, a2 would never die (behind); ahead, a1 would have died at the first check,
+                # before a2's ttl ran out: a2's death is the barrier after which a1's verdict would be there.
+                [death] = await eventually(declared, timeout=TTL + 20, what="a2's death declaration")
+                assert [e for e in await events(ledger.store, "agent", "a1")
+                        if isinstance(e, (ev.AgentSuspected, ev.AgentDeclaredDead))] == []
+                # ... and the evidence is in the server's time: judged a ttl after the last beat and before the
+                # death was stored, both on the server's clock (ours would be a minute off either way).
+                evidence = death.event.evidence
+                assert evidence.last_heartbeat_at + timedelta(seconds=TTL) <= evidence.observed_at <= death.stored_at
+    finally:
+        ev.CLOCK.reset(skewed)
 
 
 async def test_agents_that_do_not_claim_for_themselves_run_what_the_reclaimer_gives_them(server: EmbeddedServer):
     async with ledger_on(server.url) as ledger, agents(server.url, "gpu", ["a1", "a2"], heartbeat=HEARTBEAT, ttl=TTL,
                                                         self_claim=False) as procs:
         sessions = [(await ledger.create_session("gpu", session_id=f"s{i}"))[0] for i in range(6)]
-        # Nobody claims without a reclaimer: the agents only take what they are given.
-        await asyncio.sleep(3 * HEARTBEAT)
+        # Nobody claims without a reclaimer: the agents only take what they are given. Barrier: each agent
+        # has lived three heartbeats (each a turn of a self-claimer's loop) since the sessions existed.
+        async def beats() -> dict[str, int]:
+            newest = {name: await ledger.store.last("hb", name) for name in procs}
+            return {name: r.event.beat for name, r in newest.items() if isinstance(r, Recorded)}
+
+        since = await beats()
+
+        async def three_more() -> bool:
+            now = await beats()
+            return all(now.get(name, -1) >= since.get(name, -1) + 3 for name in procs)
+
+        await eventually(three_more, what="three heartbeats of each agent since the sessions were created")
         assert set((await owners(ledger, sessions)).values()) == {None}
         async with consumers(server.url, watchdog=False):
             await eventually(lambda: _all(owners(ledger, sessions)), what="the reclaimer placing every session")

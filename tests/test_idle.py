@@ -33,7 +33,8 @@ async def test_idle_sessions_are_released_and_busy_ones_kept(store: EventStore, 
     idle, _ = await ledger.create_session("p", session_id=f"{uid}-idle", idle_ttl=0.2)
     busy, _ = await ledger.create_session("p", session_id=f"{uid}-busy", idle_ttl=0.2)
     forever, _ = await ledger.create_session("p", session_id=f"{uid}-forever")
-    async with Agent(ledger, agent_id=f"{uid}-a", pool="p", capacity=3, heartbeat=0.5, ttl=5) as agent:
+    later, _ = await ledger.create_session("p", session_id=f"{uid}-later", idle_ttl=0.2)
+    async with Agent(ledger, agent_id=f"{uid}-a", pool="p", capacity=4, heartbeat=0.5, ttl=5) as agent:
         for sid in (idle, busy, forever):
             await agent.claim(sid)
         reaper = IdleReaper(agent, every=0.05)
@@ -41,14 +42,16 @@ async def test_idle_sessions_are_released_and_busy_ones_kept(store: EventStore, 
         try:
             async with agent.busy(busy):
                 await eventually(lambda: idle not in agent.owned, what="the idle session released")
-                # Well past its TTL, but work is in flight: it stays.
-                await asyncio.sleep(0.4)
+                # A barrier: `later`, claimed only now with the same TTL, goes idle after `busy` would have; once
+                # the reaper has released it, it has passed `busy` by - which stays, as work is in flight.
+                await agent.claim(later)
+                await eventually(lambda: later not in agent.owned, what="the later idle session released")
                 assert busy in agent.owned
             await eventually(lambda: busy not in agent.owned, what="the session released once idle again")
             assert forever in agent.owned
         finally:
             task.cancel()
-    for sid in (idle, busy):
+    for sid in (idle, later, busy):
         state, _ = await ledger.session(sid)
         assert state.status == lc.S_RELEASED and state.reason.startswith("idle for")
     with pytest.raises(NotFound):

@@ -1,168 +1,40 @@
-"""The event store on a real nats-server: appends, compare-and-set, retries, reads, replay."""
+"""The event store on a real nats-server: the store contract on a single node, and what needs a server of its own
+(crashes, outages, missing streams)."""
 
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import AsyncIterator
+import logging
 
-import nats
 import pytest
+from helpers import eventually
+from store_contract import StoreContract, claimed, created, submit_beats
 
-from ledger import codec, subjects
-from ledger.codec import Unreadable
-from ledger.errors import AppendTimeout, Conflict, InvalidInput, StreamMissing
-from ledger.events import AgentHeartbeat, Producer, SessionClaimed, SessionCreated, SessionReleased
+from ledger.errors import AppendTimeout, StreamMissing
 from ledger.settings import Settings
-from ledger.store import EventStore, open_connection
+from ledger.store import EventStore
 from ledgerctl.server import EmbeddedServer
 
-CLI = Producer(id="cli", instance="test")
+__all__ = ["claimed", "created", "submit_beats"]  # other test modules take their events from here
 
 
-def created(sid: str) -> SessionCreated:
-    return SessionCreated(producer=CLI, session_id=sid, pool="p")
+class TestStoreOnOneNode(StoreContract):
+    """The contract on the shared single node (a container with LEDGER_TEST_DOCKER=1: see conftest)."""
 
 
-def claimed(sid: str, agent: str) -> SessionClaimed:
-    return SessionClaimed(producer=Producer(id=agent, instance="i"), session_id=sid, agent_id=agent,
-                          instance_id="i", incarnation=1)
-
-
-async def test_append_and_history(store: EventStore, uid: str):
-    s1 = await store.append(created(uid), expect=0)
-    s2 = await store.append(claimed(uid, "a1"), expect=s1)
-    s3 = await store.append(SessionReleased(producer=CLI, session_id=uid, agent_id="a1", incarnation=1, token=s2),
-                            expect=s2)
-    assert s1 < s2 < s3
-    history = await store.history("session", uid)
-    assert [(r.seq, r.event.type_tag()) for r in history] == [
-        (s1, "session.created"), (s2, "session.claimed"), (s3, "session.released")]
-    assert history[1].event.agent_id == "a1"
-    last = await store.last("session", uid)
-    assert last is not None and last.seq == s3
-    assert await store.last("session", uid + "-none") is None
-    assert await store.history("session", uid, after=s2) == history[2:]
-
-
-async def test_create_if_absent_and_stale_expectations_conflict(store: EventStore, uid: str):
-    s1 = await store.append(created(uid), expect=0)
-    with pytest.raises(Conflict) as e:
-        await store.append(created(uid), expect=0)
-    assert (e.value.expected, e.value.actual) == (0, s1)
-    s2 = await store.append(claimed(uid, "a1"), expect=s1)
-    with pytest.raises(Conflict) as e:
-        await store.append(claimed(uid, "a2"), expect=s1)
-    assert e.value.actual == s2
-    assert e.value.subject == subjects.entity_filter("session", uid)
-
-
-async def race(url: str, settings: Settings, sid: str, expect: int, racers: int = 50) -> list[int | None]:
-    """`racers` connections try to claim `sid` at once; returns each one's sequence or None."""
-    stores = [EventStore.connect(settings.replace(nats_url=url), name=f"racer-{i}") for i in range(racers)]
-    opened = [await s.__aenter__() for s in stores]
-    go = asyncio.Event()
-
-    async def claim(i: int, store: EventStore) -> int | None:
-        await go.wait()
-        try:
-            return await store.append(claimed(sid, f"agent-{i}"), expect=expect)
-        except Conflict:
-            return None
-
-    tasks = [asyncio.create_task(claim(i, s)) for i, s in enumerate(opened)]
-    await asyncio.sleep(0)
-    go.set()
-    try:
-        return await asyncio.gather(*tasks)
-    finally:
-        for s in stores:
-            await s.__aexit__(None, None, None)
-
-
-async def test_fifty_appenders_race_one_wins(store: EventStore, settings: Settings, uid: str):
-    s1 = await store.append(created(uid), expect=0)
-    results = await race(settings.nats_url, settings, uid, s1)
-    winners = [r for r in results if r is not None]
-    assert len(winners) == 1
-    history = await store.history("session", uid)
-    assert [r.seq for r in history] == [s1, winners[0]]
-    assert isinstance(history[1].event, SessionClaimed)
-
-
-async def test_a_retried_append_is_one_fact(store: EventStore, uid: str):
-    event = created(uid)
-    first = await store.append(event)
-    again = await store.append(event)  # e.g. a client that retries after a timeout
-    assert first == again
-    assert len(await store.history("session", uid)) == 1
-
-
-@pytest.fixture
-async def lossy_store(settings: Settings) -> AsyncIterator[tuple[EventStore, list[str]]]:
-    """A store whose first acknowledgement for each append is lost on the way back (a network fault)."""
-    settings = settings.replace(request_timeout=0.3)
-    nc = await open_connection(settings)
-    store = EventStore(nc, settings, owns_connection=True)
-    appender = store._appender
-    real = appender._on_reply
-    dropped: list[str] = []
-
-    async def lose_first(msg: nats.aio.msg.Msg) -> None:
-        token = msg.subject.rsplit(".", 1)[1]
-        if token not in dropped:
-            dropped.append(token)
-            return
-        await real(msg)
-
-    appender._on_reply = lose_first  # type: ignore[method-assign]
-    await store.start()
-    await store.ensure_streams()
-    try:
-        yield store, dropped
-    finally:
-        await store.close()
-
-
-async def test_lost_ack_is_retried_with_the_same_id(lossy_store: tuple[EventStore, list[str]], uid: str):
-    store, dropped = lossy_store
-    seq = await store.append(created(uid))
-    assert len(dropped) == 1  # the first ack really was lost, and the retry found the original
-    history = await store.history("session", uid)
-    assert [r.seq for r in history] == [seq]
-
-
-async def test_lost_ack_on_compare_and_set_is_resolved_by_reading_back(
-        lossy_store: tuple[EventStore, list[str]], uid: str):
-    store, dropped = lossy_store
-    s1 = await store.append(created(uid), expect=0)
-    s2 = await store.append(claimed(uid, "a1"), expect=s1)
-    assert len(dropped) == 2
-    history = await store.history("session", uid)
-    assert [r.seq for r in history] == [s1, s2]
-
-
-async def test_lost_ack_when_a_competitor_won_is_a_conflict(
-        lossy_store: tuple[EventStore, list[str]], store: EventStore, uid: str):
-    lossy, dropped = lossy_store
-    s1 = await store.append(created(uid), expect=0)
-    await store.append(claimed(uid, "winner"), expect=s1)
-    with pytest.raises(Conflict):
-        await lossy.append(claimed(uid, "loser"), expect=s1)
-    assert len(dropped) == 1
-    owners = [r.event.agent_id for r in await store.history("session", uid) if isinstance(r.event, SessionClaimed)]
-    assert owners == ["winner"]
-
-
-async def test_append_rides_out_a_server_crash(fresh_server: EmbeddedServer, uid: str):
+async def test_append_rides_out_a_server_crash(fresh_server: EmbeddedServer, uid: str,
+                                               caplog: pytest.LogCaptureFixture):
     settings = Settings(nats_url=fresh_server.url, request_timeout=0.5, append_deadline=30)
     async with EventStore.connect(settings, ensure=True) as store:
         heard: list[str] = []
         store.add_connection_listener(heard.append)
         s1 = await store.append(created(uid), expect=0)
         fresh_server.kill()
+        caplog.set_level(logging.DEBUG, logger="ledger.appender")
         pending = asyncio.create_task(store.append(claimed(uid, "a1"), expect=s1))
-        await asyncio.sleep(0.3)
+        # Past the point where it could have given up: the outage is noticed and the append re-sent, not failed.
+        await eventually(lambda: "disconnected" in heard and any("attempt 2" in r.getMessage() for r in caplog.records),
+                         timeout=30, what="the outage noticed and the append re-sent")
         assert not pending.done()
         await asyncio.to_thread(fresh_server.start)
         s2 = await asyncio.wait_for(pending, 30)
@@ -175,140 +47,12 @@ async def test_append_gives_up_as_ambiguous_when_the_server_stays_down(fresh_ser
     settings = Settings(nats_url=fresh_server.url, request_timeout=0.2, append_deadline=1.0)
     async with EventStore.connect(settings, ensure=True) as store:
         fresh_server.kill()
-        started = time.monotonic()
-        with pytest.raises(AppendTimeout, match="may have landed"):
-            await store.append(created(uid))
-        assert time.monotonic() - started < 5
+        # It re-sends before it gives up (bounded here only so that a hang fails instead of waiting for ever).
+        with pytest.raises(AppendTimeout, match=r"after ([2-9]|\d\d+) attempts .* may have landed"):
+            await asyncio.wait_for(store.append(created(uid)), 60)
 
 
 async def test_missing_streams_are_reported_at_connect(fresh_server: EmbeddedServer):
     with pytest.raises(StreamMissing, match="ledger init"):
         async with EventStore.connect(Settings(nats_url=fresh_server.url)):
             pass
-
-
-async def test_heartbeats_cannot_be_compare_and_set(store: EventStore):
-    beat = AgentHeartbeat(producer=CLI, agent_id="cli", instance_id="i", incarnation=1, beat=1)
-    with pytest.raises(InvalidInput):
-        await store.append(beat, expect=0)
-
-
-async def submit_beats(store: EventStore, agent: str, count: int) -> None:
-    """`count` heartbeats of `agent`, numbered from 0, pipelined and flushed."""
-    for n in range(count):
-        await store.submit(AgentHeartbeat(producer=Producer(id=agent, instance="i"), agent_id=agent,
-                                          instance_id="i", incarnation=1, beat=n))
-    await store.flush()
-
-
-async def test_history_longer_than_one_batch(store: EventStore, uid: str):
-    agent = f"{uid}-a"
-    await submit_beats(store, agent, 2500)
-    history = await store.history("hb", agent)
-    assert [r.event.beat for r in history] == list(range(2500))
-
-
-async def test_pipelined_submits_keep_order_per_entity(store: EventStore, uid: str):
-    futures = [await store.submit(created(f"{uid}-{n}")) for n in range(500)]
-    await store.flush()
-    seqs = [f.result() for f in futures]
-    assert seqs == sorted(seqs) and len(set(seqs)) == 500
-    assert store.appends_in_flight == 0
-
-
-async def collect(replay) -> list:  # type: ignore[no-untyped-def]
-    out = []
-    async for batch in replay:
-        out.extend(batch)
-    return out
-
-
-async def test_replay_ranges_and_filters(store: EventStore, uid: str):
-    start = await store.last_seq() + 1
-    seqs = []
-    for n in range(5):
-        sid = f"{uid}-{n}"
-        seqs.append(await store.append(created(sid), expect=0))
-        seqs.append(await store.append(claimed(sid, "a1"), expect=seqs[-1]))
-    everything = await collect(store.replay(start_seq=start))
-    assert [r.seq for r in everything] == seqs
-    only_claims = await collect(store.replay(subjects.type_filter("session", "claimed"), start_seq=start))
-    assert [r.seq for r in only_claims] == seqs[1::2]
-    window = await collect(store.replay(start_seq=seqs[2], end_seq=seqs[5]))
-    assert [r.seq for r in window] == seqs[2:6]
-    t_mid = everything[4].stored_at
-    by_time = await collect(store.replay(start_time=t_mid, end_time=everything[7].stored_at))
-    assert [r.seq for r in by_time] == seqs[4:8]
-    nothing = await collect(store.replay(subjects.entity_filter("session", f"{uid}-absent")))
-    assert nothing == []
-
-
-async def test_replay_hands_out_unreadable_messages_with_their_reason(store: EventStore, uid: str):
-    subject = f"ledger.session.{uid}.created.cli"
-    await store.nc.jetstream().publish(subject, b"{not json")
-    items = await collect(store.replay(subjects.entity_filter("session", uid)))
-    assert len(items) == 1 and isinstance(items[0], Unreadable)
-    assert codec.reason_code(items[0].reason) == "malformed"
-
-
-async def test_follow_delivers_new_events_live(store: EventStore, uid: str):
-    start = await store.last_seq() + 1
-    seen: list[int] = []
-    done = asyncio.Event()
-
-    async def follow() -> None:
-        async for batch in store.replay(subjects.family_filter("session"), start_seq=start, follow=True):
-            seen.extend(r.seq for r in batch if r.subject.split(".")[2].startswith(uid))
-            if len(seen) >= 3:
-                done.set()
-                return
-
-    task = asyncio.create_task(follow())
-    seqs = [await store.append(created(f"{uid}-{n}")) for n in range(3)]
-    await asyncio.wait_for(done.wait(), 10)
-    await task
-    assert seen == seqs
-
-
-async def test_empty_replays_end_at_once_however_the_consumer_reports(store: EventStore, uid: str):
-    # A consumer with no matching message may report its stream position already moved on; the
-    # replay must still see that nothing was delivered (this once hung one run in fifteen).
-    for n in range(30):
-        await store.append(created(f"{uid}-{n}"))
-        assert await asyncio.wait_for(collect(store.replay(subjects.entity_filter("session", f"{uid}-none"))), 5) == []
-
-
-async def test_replay_from_the_last_message_of_each_subject(store: EventStore, uid: str):
-    for agent in ("a", "b"):
-        for n in range(5):
-            await store.submit(AgentHeartbeat(producer=Producer(id=f"{uid}-{agent}", instance="i"),
-                                              agent_id=f"{uid}-{agent}", instance_id="i", incarnation=1, beat=n))
-    await store.flush()
-    newest = await collect(store.replay([subjects.entity_filter("hb", f"{uid}-a"),
-                                         subjects.entity_filter("hb", f"{uid}-b")], last_per_subject=True))
-    assert sorted((r.event.agent_id, r.event.beat) for r in newest) == [(f"{uid}-a", 4), (f"{uid}-b", 4)]
-
-
-async def test_stored_time_of_a_sequence_is_the_one_a_replay_sees(store: EventStore, uid: str):
-    seq = await store.append(created(uid))
-    [recorded] = await store.history("session", uid)
-    assert await store.stored_ns(seq, subjects.LEDGER_STREAM) == recorded.timestamp_ns
-    assert await store.stored_ns(seq + 1_000_000) is None
-
-
-async def test_an_event_id_another_writer_used_first_is_refused_not_reported_as_written(store: EventStore, uid: str):
-    # Replicas of one role de-duplicate on purpose: the same death from `monitor` and `monitor-b` is one fact.
-    from ledger.errors import EventIdTaken
-    from ledger.events import AgentDeclaredDead, AgentUnreachableReported
-
-    def death(producer: str, agent: str, incarnation: int) -> AgentDeclaredDead:
-        return AgentDeclaredDead(producer=Producer(id=producer, instance="i"), agent_id=agent, incarnation=incarnation,
-                                 reason="missed_heartbeats", event_id=f"dead-{agent}-{incarnation}")
-    first = await store.append(death("monitor", f"{uid}-a", 7))
-    assert await store.append(death("monitor-b", f"{uid}-a", 7)) == first
-    # Another event that took the id first (here: a report on the same agent) is not our event.
-    squat = await store.append(AgentUnreachableReported(producer=Producer(id=f"{uid}-x", instance="i"),
-                                                        agent_id=f"{uid}-b", incarnation=3, event_id=f"dead-{uid}-b-3"))
-    with pytest.raises(EventIdTaken, match=f"#{squat}"):
-        await store.append(death("monitor", f"{uid}-b", 3))
-    assert [r.seq for r in await store.history("agent", f"{uid}-b")] == [squat]
