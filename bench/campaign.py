@@ -356,9 +356,8 @@ class Campaign:
 
     async def read(self) -> list[RawMessage]:
         assert self.store is not None
-        timeout = self.store.settings.request_timeout
-        return [*await read_raw(self.store.nc, subjects.LEDGER_STREAM, timeout),
-                *await read_raw(self.store.nc, subjects.HEARTBEAT_STREAM, timeout)]
+        return [*await read_raw(self.store, subjects.LEDGER_STREAM),
+                *await read_raw(self.store, subjects.HEARTBEAT_STREAM)]
 
     async def _unsettled(self) -> tuple[list[str], list[str]]:
         """(agents whose current incarnation is not alive with a beat within its ttl of the log's newest time,

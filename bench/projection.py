@@ -108,7 +108,7 @@ async def raw_rate(url: str, ends: dict[str, int]) -> tuple[float, int]:
                         done[stream].set()
                 return cb
 
-            # The same subscription settings as ledger.reader.Replay (a bounded queue drops messages).
+            # The same subscription settings as ledger.replay.Replay (a bounded queue drops messages).
             subs.append(await js.subscribe(FILTERS[stream], stream=stream, cb=callback(stream), ordered_consumer=True,
                                            idle_heartbeat=2.0, pending_msgs_limit=0, pending_bytes_limit=0))
         for event in done.values():

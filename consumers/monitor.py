@@ -15,7 +15,6 @@ that would make too much of a pool die at once, it trips the pool's breaker.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import defaultdict, deque
@@ -38,8 +37,6 @@ log = logging.getLogger(__name__)
 
 MAX_REPORTERS = 64
 """Reporters remembered per agent incarnation (the oldest go first); far above any `report_threshold`."""
-
-LEADER_ADVISORY = "$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.*"
 
 
 class LivenessMonitor:
@@ -98,15 +95,11 @@ class LivenessMonitor:
                     deaths.popleft()
 
     async def _watch_leaders(self) -> None:
-        async def on_advisory(msg: object) -> None:
-            self.start_grace(f"stream leader change ({getattr(msg, 'subject', '?').rsplit('.', 1)[-1]})")
+        def on_change(stream: str) -> None:
+            self.start_grace(f"stream leader change ({stream})")
 
-        sub = await self.ledger.store.nc.subscribe(LEADER_ADVISORY, cb=on_advisory)
-        try:
+        async with self.ledger.store.leader_changes(on_change):
             await asyncio.Event().wait()
-        finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
 
     # --- judging ------------------------------------------------------------------------------
 

@@ -37,6 +37,7 @@ from . import authority
 from .codec import MSG_ID, Outgoing
 from .connection import INBOX_HINT, watch_of
 from .errors import AppendTimeout, Conflict, EventIdTaken, PermissionDenied, StoreError, Unavailable
+from .jsapi import ApiError, store_error
 
 log = logging.getLogger(__name__)
 
@@ -51,17 +52,11 @@ SWEEP_INTERVAL = 0.1
 RETRY_BACKOFF = 0.25
 
 
-class _ApiError(msgspec.Struct):
-    code: int = 0
-    err_code: int = 0
-    description: str = ""
-
-
 class _PubAck(msgspec.Struct):
     stream: str = ""
     seq: int = 0
     duplicate: bool = False
-    error: _ApiError | None = None
+    error: ApiError | None = None
 
 
 _ack_decoder = msgspec.json.Decoder(_PubAck)
@@ -229,8 +224,7 @@ class Appender:
         elif err.err_code in RETRY_LATER or err.code == 503:
             p.due = time.monotonic() + RETRY_BACKOFF
         else:
-            self._settle(token, error=StoreError(
-                f"JetStream refused {p.out.subject}: {err.description} (error {err.err_code})"))
+            self._settle(token, error=store_error(err, ack.stream, f"JetStream refused {p.out.subject}"))
 
     async def _resolve_ambiguous(self, token: str, p: _Pending) -> None:
         """A CAS retry was refused: did an earlier attempt of ours win?"""

@@ -95,23 +95,11 @@ class Ledger:
 
         Only those the agent wrote itself (its id as producer token): the folds flag any other.
         """
-        items = await self.store.read(subjects.event_subject("agent", agent_id, "registered", agent_id),
-                                      min_last_seq=min_last_seq)
-        return [i.seq for i in items if isinstance(i, Recorded)]
-
-    async def _incarnations(self, records: list[Recorded], min_last_seq: int | None) -> lc.IncarnationAt:
-        return lc.registrations_lookup({a: await self.registrations(a, min_last_seq=min_last_seq)
-                                        for a in lc.agents_acting(records)})
+        return await self.store.registrations(agent_id, min_last_seq=min_last_seq)
 
     async def _session_lookups(self, records: list[Recorded],
                                min_last_seq: int | None) -> tuple[lc.IncarnationAt, lc.AgentAt]:
-        """The lookups a session history's fold takes, as the whole-log fold has them at each event: the
-        registrations of the agents it names, and the histories of those a take-over in it may replace (none
-        read when it holds no take-over)."""
-        incarnation_at = await self._incarnations(records, min_last_seq)
-        histories = {a: [i for i in await self.store.history("agent", a, min_last_seq=min_last_seq)
-                         if isinstance(i, Recorded)] for a in sorted(lc.owners_judged(records, incarnation_at))}
-        return incarnation_at, lc.agents_lookup(histories)
+        return await self.store.session_lookups(records, min_last_seq=min_last_seq)
 
     async def session(self, session_id: str, *, min_last_seq: int | None = None
                       ) -> tuple[lc.SessionState | None, int]:

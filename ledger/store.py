@@ -15,27 +15,58 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from datetime import datetime
 from types import TracebackType
+from typing import Any, TypeVar
 
+import msgspec
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js.errors import APIError
 
-from . import codec, reader, subjects, tasks
+from . import codec, dlq, jsapi, lifecycle, subjects, tasks
 from .appender import Appender
 from .codec import Recorded, Unreadable
 from .connection import open_connection, watch_of
-from .errors import InvalidInput, PermissionDenied
+from .errors import InvalidInput, PermissionDenied, Unavailable
 from .events import Event
 from .ids import check_token
+from .jsapi import AccountFacts, StreamFacts
+from .replay import Replay
 from .settings import Settings
-from .streams import CHANGE_REQUESTS, StreamReport, ensure_streams, why_admin_is_needed
+from .streams import CHANGE_REQUESTS, StreamReport, check_streams, ensure_streams, why_admin_is_needed
 
 log = logging.getLogger(__name__)
 
 Item = Recorded | Unreadable
+T = TypeVar("T")
 
-__all__ = ["EventStore", "Item", "open_connection"]
+__all__ = ["AccountFacts", "EventStore", "Item", "Replay", "ServerInfo", "StreamFacts", "open_connection"]
+
+DEAD_LETTER_PAUSE = 0.25
+"""Seconds between tries at publishing a dead letter while the server does not answer."""
+
+
+class ServerInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """What the server connected to says about itself (its INFO)."""
+
+    version: tuple[int, int, int]
+    host: str = ""
+    port: int | None = None
+    auth_required: bool = False
+    tls_required: bool = False
+    tls_verify: bool = False
+    """The server asks every client for a certificate (mutual TLS)."""
+
+    @classmethod
+    def from_info(cls, info: dict[str, Any], version: tuple[int, int, int] = (0, 0, 0)) -> ServerInfo:
+        return cls(version=version, host=str(info.get("host", "")), port=info.get("port"),
+                   auth_required=bool(info.get("auth_required")), tls_required=bool(info.get("tls_required")),
+                   tls_verify=bool(info.get("tls_verify")))
 
 
 class EventStore:
@@ -75,7 +106,12 @@ class EventStore:
         """
         settings = settings or Settings.from_env()
         stores: list[EventStore] = []
-        nc = await open_connection(settings, name, on_event=lambda kind: [s.connection_event(kind) for s in stores])
+
+        def on_event(kind: str) -> None:
+            for s in stores:
+                s.connection_event(kind)
+
+        nc = await open_connection(settings, name, on_event=on_event)
         store = cls(nc, settings, owns_connection=True)
         stores.append(store)
         try:
@@ -84,7 +120,7 @@ class EventStore:
                 await store.ensure_streams()
             elif check:
                 for stream in (subjects.LEDGER_STREAM, subjects.HEARTBEAT_STREAM):
-                    await reader.stream_state(nc, stream, settings.request_timeout)
+                    await store.stream_facts(stream)
             yield store
         finally:
             await store.close()
@@ -125,11 +161,11 @@ class EventStore:
             return await ensure_streams(jsm, self.settings)
         # A user without stream rights is refused by the server, and nats-py only says so to the error callback.
         try:
-            return await watch.guard(ensure_streams(jsm, self.settings), prefix=reader.API_PREFIX + ".")
+            return await watch.guard(ensure_streams(jsm, self.settings), prefix=jsapi.API_PREFIX + ".")
         except PermissionDenied as e:
             if not e.subject.upper().startswith(CHANGE_REQUESTS):
                 raise
-            why = await watch.guard(why_admin_is_needed(jsm, self.settings), prefix=reader.API_PREFIX + ".")
+            why = await watch.guard(why_admin_is_needed(jsm, self.settings), prefix=jsapi.API_PREFIX + ".")
             raise why or e from None
 
     # --- appends ----------------------------------------------------------------
@@ -169,8 +205,8 @@ class EventStore:
         return self._appender.in_flight
 
     async def _first_after(self, subject_filter: str, seq: int) -> tuple[int, str | None, str] | None:
-        return await reader.get_first_after(self.nc, subjects.stream_for_filter(subject_filter), subject_filter,
-                                            seq, self.settings.request_timeout)
+        return await jsapi.get_first_after(self.nc, subjects.stream_for_filter(subject_filter), subject_filter,
+                                           seq, self.settings.request_timeout)
 
     # --- reads ------------------------------------------------------------------
 
@@ -179,28 +215,38 @@ class EventStore:
         """One entity's events after sequence `after`, oldest first (one round trip for most entities)."""
         check_token(entity_id, f"{family} id")
         stream = subjects.stream_for_family(family)
-        return await reader.history(self.nc, stream, subjects.entity_filter(family, entity_id), after=after,
-                                    min_last_seq=min_last_seq, timeout=self.settings.request_timeout)
+        return await jsapi.history(self.nc, stream, subjects.entity_filter(family, entity_id), after=after,
+                                   min_last_seq=min_last_seq, timeout=self.settings.request_timeout)
 
     async def read(self, subject_filter: str, *, after: int = 0, min_last_seq: int | None = None) -> list[Item]:
         """Every message on a subject filter after sequence `after` (for short filtered histories)."""
-        return await reader.history(self.nc, subjects.stream_for_filter(subject_filter), subject_filter,
-                                    after=after, min_last_seq=min_last_seq, timeout=self.settings.request_timeout)
+        return await jsapi.history(self.nc, subjects.stream_for_filter(subject_filter), subject_filter,
+                                   after=after, min_last_seq=min_last_seq, timeout=self.settings.request_timeout)
 
     async def last(self, family: str, entity_id: str) -> Item | None:
         """The entity's newest event, read from the stream leader (never stale)."""
         check_token(entity_id, f"{family} id")
-        return await reader.get_last(self.nc, subjects.stream_for_family(family),
-                                     subjects.entity_filter(family, entity_id), self.settings.request_timeout)
+        return await jsapi.get_last(self.nc, subjects.stream_for_family(family),
+                                    subjects.entity_filter(family, entity_id), self.settings.request_timeout)
 
     async def last_seq(self, stream: str = subjects.LEDGER_STREAM) -> int:
         """The stream's last sequence (0 when empty)."""
-        return (await reader.stream_state(self.nc, stream, self.settings.request_timeout)).last_seq
+        return (await self.stream_facts(stream)).last_seq
+
+    async def read_batch(self, stream: str, subject_filter: str, start_seq: int, *, batch: int = 1000,
+                         min_last_seq: int | None = None,
+                         make: Callable[[str, int, str, int, bytes], T] = codec.read,  # type: ignore[assignment]
+                         ) -> tuple[list[T], int]:
+        """Up to `batch` stored messages on the filter from `start_seq`, made into items by `make(stream, seq,
+        subject, stored_ns, data)` (the codec's read by default; `ledger check` keeps the raw bytes), and how many
+        are still pending after them. Any replica may answer: `min_last_seq` asks for one holding at least that."""
+        return await jsapi.direct_batch(self.nc, stream, subject_filter, start_seq, batch=batch,
+                                        min_last_seq=min_last_seq, timeout=self.settings.request_timeout, make=make)
 
     def replay(self, filters: str | Sequence[str] = subjects.family_filter("*"), *, stream: str | None = None,
                start_seq: int | None = None, start_time: datetime | None = None, end_seq: int | None = None,
                end_time: datetime | None = None, follow: bool = False, last_per_subject: bool = False,
-               batch: int = 2000, patience: float | None = None) -> reader.Replay:
+               batch: int = 2000, patience: float | None = None) -> Replay:
         """Batches of stored messages matching the filters, oldest first: `async for batch in ...`.
 
         Ends at the stream's current end (or `end_seq` / `end_time`) unless
@@ -218,7 +264,111 @@ class EventStore:
             if len(streams) != 1:
                 raise InvalidInput(f"filters {filters} span several streams; replay one stream at a time")
             stream = streams.pop()
-        return reader.Replay(self.nc, stream, filters, start_seq=start_seq, start_time=start_time,
-                             end_seq=end_seq, end_time=end_time, follow=follow,
-                             last_per_subject=last_per_subject, batch=batch,
-                             timeout=self.settings.request_timeout, patience=patience)
+        return Replay(self.nc, stream, filters, start_seq=start_seq, start_time=start_time,
+                      end_seq=end_seq, end_time=end_time, follow=follow, last_per_subject=last_per_subject,
+                      batch=batch, timeout=self.settings.request_timeout, patience=patience)
+
+    # --- what the stream holds --------------------------------------------------
+
+    async def stream_facts(self, stream: str = subjects.LEDGER_STREAM, *, with_subjects: bool = False) -> StreamFacts:
+        """The stream's range (first and last sequence, count, when its oldest message was stored), its identity
+        (when it was created) and replicas; `with_subjects` adds the count of messages per subject."""
+        return await jsapi.stream_facts(self.nc, stream, self.settings.request_timeout, with_subjects=with_subjects)
+
+    async def stored_ns(self, seq: int, stream: str = subjects.LEDGER_STREAM) -> int | None:
+        """When the stream leader stored message `seq` (ns since the epoch); None when there is no such message."""
+        return await jsapi.stored_ns(self.nc, stream, seq, self.settings.request_timeout)
+
+    # --- registrations: which incarnation of an agent an event belongs to -------------
+
+    async def registrations(self, agent_id: str, *, min_last_seq: int | None = None) -> list[int]:
+        """Stream sequences of every registration of `agent_id` (its incarnations), oldest first.
+
+        Only those the agent wrote itself (its id as producer token): the folds flag any other.
+        """
+        check_token(agent_id, "agent id")
+        items = await self.read(subjects.event_subject("agent", agent_id, "registered", agent_id),
+                                min_last_seq=min_last_seq)
+        return [i.seq for i in items if isinstance(i, Recorded)]
+
+    async def incarnations(self, records: Iterable[Recorded], *,
+                           min_last_seq: int | None = None) -> lifecycle.IncarnationAt:
+        """The incarnation lookup a fold of `records` takes: the registrations of every agent acting in them."""
+        acting = lifecycle.agents_acting(list(records))
+        return lifecycle.registrations_lookup({a: await self.registrations(a, min_last_seq=min_last_seq)
+                                               for a in sorted(acting)})
+
+    async def session_lookups(self, records: list[Recorded], *, min_last_seq: int | None = None,
+                              ) -> tuple[lifecycle.IncarnationAt, lifecycle.AgentAt]:
+        """The lookups a session history's fold takes, as the whole-log fold has them at each event: the
+        registrations of the agents it names, and the histories of those a take-over in it may replace (none
+        read when it holds no take-over). `min_last_seq`: at least the history's last event - a replica lagging
+        behind the one that served the history would miss an agent's death before a take-over."""
+        incarnation_at = await self.incarnations(records, min_last_seq=min_last_seq)
+        histories = {a: [i for i in await self.history("agent", a, min_last_seq=min_last_seq)
+                         if isinstance(i, Recorded)] for a in sorted(lifecycle.owners_judged(records, incarnation_at))}
+        return incarnation_at, lifecycle.agents_lookup(histories)
+
+    # --- dead letters -------------------------------------------------------------
+
+    async def dead_letter(self, item: Unreadable, *, reason: str, consumer: str) -> None:
+        """Keep a stored message that is not an event in LEDGER_DLQ, at `ledger.dlq.<stream>.<reason>`.
+
+        Retried while the server does not answer, for the append deadline; publishing the same letter again is
+        harmless (its id is the original's position). Unavailable when it could not be kept, StoreError when
+        JetStream refused it.
+        """
+        headers, payload = dlq.letter(item, consumer, self.nc.max_payload)
+        subject = subjects.dlq_subject(item.stream, reason)
+        what = f"cannot dead-letter {item.stream} #{item.seq} to {subject}"
+        js = self.nc.jetstream(timeout=self.settings.request_timeout)
+        give_up = time.monotonic() + self.settings.append_deadline
+        while True:
+            try:
+                await js.publish(subject, payload, headers=headers, stream=subjects.DLQ_STREAM)
+                return
+            except (TimeoutError, NatsTimeout, NoRespondersError) as e:
+                if time.monotonic() > give_up:
+                    raise Unavailable(f"{what}: {type(e).__name__} (does the {subjects.DLQ_STREAM} stream exist? "
+                                      "`ledger init` creates it)") from None
+                await asyncio.sleep(DEAD_LETTER_PAUSE)
+            except APIError as e:
+                raise jsapi.from_nats(e, subjects.DLQ_STREAM, what) from None
+
+    # --- the server -----------------------------------------------------------------
+
+    def server_info(self) -> ServerInfo:
+        """What the server connected to announced: its version, where it listens, whether it wants credentials."""
+        v = self.nc.connected_server_version
+        return ServerInfo.from_info(self.nc._server_info, (v.major, v.minor, v.patch))
+
+    async def account_facts(self) -> AccountFacts:
+        """How many streams and bytes JetStream keeps for this account; Unavailable when JetStream does not answer."""
+        return await jsapi.account_facts(self.nc, self.settings.request_timeout)
+
+    async def check_streams(self) -> dict[str, dict[str, tuple[Any, Any]] | None]:
+        """Read-only check of the ledger's streams: name -> settings that differ (new, old), or None when missing."""
+        jsm = self.nc.jsm(timeout=self.settings.request_timeout)
+        watch = watch_of(self.nc)
+        try:
+            if watch is None:
+                return await check_streams(jsm, self.settings)
+            return await watch.guard(check_streams(jsm, self.settings), prefix=jsapi.API_PREFIX + ".")
+        except APIError as e:
+            raise jsapi.from_nats(e, "", "stream check") from None
+
+    @contextlib.asynccontextmanager
+    async def leader_changes(self, on_change: Callable[[str], None]) -> AsyncIterator[None]:
+        """While inside, call `on_change(stream)` whenever a stream elects a leader (the server's advisory).
+
+        Only users allowed to subscribe to the advisory hear it (in the generated permissions: the service user).
+        """
+        async def on_advisory(msg: Msg) -> None:
+            on_change(msg.subject.rsplit(".", 1)[-1])
+
+        sub = await self.nc.subscribe(jsapi.LEADER_ADVISORY, cb=on_advisory)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()

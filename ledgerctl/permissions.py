@@ -132,7 +132,7 @@ def js_read_api(streams: Sequence[str]) -> list[str]:
         api += [
             f"$JS.API.STREAM.INFO.{s}",
             f"$JS.API.STREAM.MSG.GET.{s}",  # from the stream leader: last sequence, first after (reader.py)
-            f"$JS.API.DIRECT.GET.{s}",  # batched and sequence gets (ledger/reader.py)
+            f"$JS.API.DIRECT.GET.{s}",  # batched and sequence gets (ledger/jsapi.py)
             f"$JS.API.DIRECT.GET.{s}.>",  # last message of a subject
             f"$JS.API.CONSUMER.CREATE.{s}",  # ephemeral only: no consumer name token
             f"$JS.API.CONSUMER.MSG.NEXT.{s}.*",

@@ -36,7 +36,7 @@ from datetime import timedelta
 from ledger import subjects, tasks
 from ledger.codec import Recorded, Unreadable, from_ns
 from ledger.errors import LedgerError
-from ledger.reader import Replay
+from ledger.replay import Replay
 from ledger.store import EventStore
 
 from .errors import ProjectionError

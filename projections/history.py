@@ -2,7 +2,7 @@
 
 Read straight from JetStream (one batched Direct Get per entity) and folded
 with the same rules as the projection. The checks that look across entities
-use `ledger.lifecycle.registrations_lookup` / `agents_lookup` / `claims_lookup` built from the
+use the store's session lookups and `ledger.lifecycle.claims_lookup`, built from the
 histories of the agents and the session involved, which gives each event the
 very answer the log-order fold gave it.
 """
@@ -15,23 +15,17 @@ from typing import Any
 import msgspec
 
 from ledger import events as ev
-from ledger import reader
 from ledger.codec import Recorded, Unreadable, to_ns
 from ledger.lifecycle import (
     AgentAt,
     IncarnationAt,
-    agents_acting,
-    agents_lookup,
     claims_lookup,
     evolve_agent,
     evolve_pool,
     evolve_route,
     evolve_session,
-    owners_judged,
-    registrations_lookup,
 )
 from ledger.store import EventStore
-from ledger.subjects import LEDGER_STREAM
 
 from .errors import InvalidQuery, UnknownEntity
 
@@ -98,25 +92,10 @@ def entry(item: Recorded | Unreadable, before: Any, after: Any, flag: Any) -> Hi
     )
 
 
-async def _incarnations(store: EventStore, records: list[Recorded]) -> IncarnationAt:
-    agents = agents_acting(records)
-    registrations = {}
-    for agent_id in sorted(agents):
-        # Only the agent's own registrations (producer token = its id): any other is flagged by the fold.
-        found = await reader.history(store.nc, LEDGER_STREAM, f"ledger.agent.{agent_id}.registered.{agent_id}",
-                                     timeout=store.settings.request_timeout)
-        registrations[agent_id] = [r.seq for r in found if isinstance(r, Recorded)]
-    return registrations_lookup(registrations)
-
-
 async def _lookups(store: EventStore, records: list[Recorded]) -> tuple[IncarnationAt, AgentAt]:
-    """A session history's lookups: registrations of the agents acting, states of those a take-over may replace."""
-    incarnation_at = await _incarnations(store, records)
-    # From a replica that has the whole session history: one lagging behind would miss an owner's death.
-    floor = records[-1].seq if records else None
-    histories = {a: [r for r in await store.history("agent", a, min_last_seq=floor) if isinstance(r, Recorded)]
-                 for a in sorted(owners_judged(records, incarnation_at))}
-    return incarnation_at, agents_lookup(histories)
+    """A session history's lookups (the SDK's own: `EventStore.session_lookups`), read from a replica that has the
+    whole session history."""
+    return await store.session_lookups(records, min_last_seq=records[-1].seq if records else None)
 
 
 def _upto(items: list[Recorded | Unreadable], seq: int | None, time: datetime | None) -> list[Recorded | Unreadable]:
@@ -135,9 +114,12 @@ async def entity_history(store: EventStore, kind: str, entity_id: str, *, seq: i
         raise InvalidQuery(f"history is kept for {', '.join(KINDS)}; not {kind!r}")
     items = _upto(await store.history(kind, entity_id), seq, time)
     if not items:
-        raise UnknownEntity(f"the ledger holds no event for {kind} {entity_id}" + (" at that point" if seq or time else ""))
+        at = " at that point" if seq or time else ""
+        raise UnknownEntity(f"the ledger holds no event for {kind} {entity_id}{at}")
     records = [i for i in items if isinstance(i, Recorded)]
     notes: list[str] = []
+    evolve: Any  # each kind's evolve, with the lookups it takes
+    lookups: tuple[Any, ...]
     if kind == "agent":
         evolve, lookups = evolve_agent, ()
     elif kind == "pool":

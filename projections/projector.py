@@ -48,7 +48,6 @@ from .pending import Pending
 from .process import FileLock
 from .settings import ProjectionSettings
 from .state import STREAMS, Change, HeartbeatState, LedgerState, LifecycleState
-from .streaminfo import stream_facts
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +177,7 @@ class Projector:
     async def _check_streams(self) -> None:
         assert self.db is not None
         for stream in STREAMS:
-            facts = await stream_facts(self.store.nc, stream, self.store.settings.request_timeout)
+            facts = await self.store.stream_facts(stream)
             known = await self.db.meta(f"created:{stream}")
             position = self.state.position(stream)
             if (known is not None and known != facts.created) or position > facts.last_seq:
@@ -305,9 +304,7 @@ class Projector:
 
     async def _publish_and_commit(self, dead: list[Unreadable], batch: Batch) -> None:
         for item in dead:  # before the commit that moves the checkpoint past them
-            await deadletters.publish(self.store.nc, item, consumer=self.name,
-                                      timeout=self.store.settings.request_timeout,
-                                      deadline=self.store.settings.append_deadline)
+            await deadletters.publish(self.store, item, consumer=self.name)
         assert self.db is not None
         await self.db.commit(batch)
 

@@ -14,7 +14,6 @@ import asyncio
 from datetime import datetime
 from typing import NamedTuple
 
-from ledger import reader
 from ledger.codec import from_ns, to_ns
 from ledger.store import EventStore
 from ledger.subjects import HEARTBEAT_STREAM, LEDGER_STREAM
@@ -24,7 +23,6 @@ from .db import ProjectionDB
 from .errors import InvalidQuery
 from .projector import FILTERS
 from .state import AnomalyRecord, HeartbeatState, LedgerState, LifecycleState
-from .streaminfo import stream_facts
 
 
 class Rebuilt(NamedTuple):
@@ -64,21 +62,21 @@ async def state_as_of(store: EventStore, db: ProjectionDB | None, *, seq: int | 
     notes: list[str] = []
     time_ns = to_ns(time) + 999 if time is not None else None  # a datetime covers its whole microsecond
 
-    ledger_facts = await stream_facts(store.nc, LEDGER_STREAM, store.settings.request_timeout)
+    ledger_facts = await store.stream_facts(LEDGER_STREAM)
     if seq is not None and seq > ledger_facts.last_seq:
         raise InvalidQuery(f"the {LEDGER_STREAM} stream ends at #{ledger_facts.last_seq}; there is no #{seq}")
     # Heartbeats are cut at the moment #seq was stored: read it first, so both streams replay at once.
     if time_ns is not None:
         cut_ns = time_ns
     elif seq:
-        cut_ns = await reader.stored_ns(store.nc, LEDGER_STREAM, seq, store.settings.request_timeout) or 0
+        cut_ns = await store.stored_ns(seq, LEDGER_STREAM) or 0
     else:
         cut_ns = 0
     snap = await db.nearest_snapshot(LEDGER_STREAM, seq=seq, stored_ns=time_ns) if db else None
     ledger = snapshots.unpack(snap.data, LifecycleState) if snap else LifecycleState()
     hb_snap = await db.nearest_snapshot(HEARTBEAT_STREAM, stored_ns=cut_ns) if db else None
     beats = snapshots.unpack(hb_snap.data, HeartbeatState) if hb_snap else HeartbeatState()
-    hb_facts = await stream_facts(store.nc, HEARTBEAT_STREAM, store.settings.request_timeout)
+    hb_facts = await store.stream_facts(HEARTBEAT_STREAM)
     beats_known = True
     gap = hb_facts.messages and hb_facts.first_seq > beats.seq + 1
     replays = [_replay_into(store, ledger, LEDGER_STREAM, end_seq=seq, end_time=time)]

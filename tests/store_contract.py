@@ -255,13 +255,10 @@ class StoreContract:
         assert sorted((r.event.agent_id, r.event.beat) for r in newest) == [(f"{uid}-a", 4), (f"{uid}-b", 4)]
 
     async def test_stored_time_of_a_sequence_is_the_one_a_replay_sees(self, store: EventStore, uid: str):
-        from ledger.reader import stored_ns
-
         seq = await store.append(created(uid))
         [recorded] = await store.history("session", uid, min_last_seq=seq)
-        timeout = store.settings.request_timeout
-        assert await stored_ns(store.nc, subjects.LEDGER_STREAM, seq, timeout) == recorded.timestamp_ns
-        assert await stored_ns(store.nc, subjects.LEDGER_STREAM, seq + 1_000_000, timeout) is None
+        assert await store.stored_ns(seq, subjects.LEDGER_STREAM) == recorded.timestamp_ns
+        assert await store.stored_ns(seq + 1_000_000) is None
 
     async def test_an_event_id_another_writer_used_first_is_refused_not_reported_as_written(
             self, store: EventStore, uid: str):

@@ -133,7 +133,7 @@ async def test_check_is_clean_when_a_lagging_reclaimer_claims_for_an_agent_the_m
         reclaimer = Reclaimer(Ledger(ledger.store, ev.Producer(id="reclaimer", instance=new_id())), follower)
         actions = await reclaimer.step(follower.clock.now(ev.utcnow))
         assert [type(a).__name__ for a in actions] == ["ClaimFor"]  # the lagging view gives s1 to a1
-        report = await run_check(ledger.store.nc, 10.0)
+        report = await run_check(ledger.store)
         assert report.clean, [(v.kind, v.seq, v.detail) for v in report.violations]
 
 

@@ -21,7 +21,7 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from ledger import check as ck
-from ledger import codec, reader
+from ledger import codec
 from ledger import events as ev
 from ledger import lifecycle as lc
 from ledger.check import RawMessage, check
@@ -643,13 +643,13 @@ async def test_a_stranded_session_on_a_real_server(server: EmbeddedServer):
                                                      instance_id="i", incarnation=ledger_seq))
         bye = await store.append(ev.AgentGoodbye(producer=who("a1"), agent_id="a1", instance_id="i",
                                                  incarnation=ledger_seq))
-        bye_ns = await reader.stored_ns(store.nc, "LEDGER", bye, 5)
+        bye_ns = await store.stored_ns(bye)
         # No reclaimer runs. The log moves on until its own clock is past the ttl (grace 0 below).
         n = iter(range(10_000))
 
         async def past_ttl() -> bool:
             seq = await store.append(ev.SessionCreated(producer=CLI, session_id=f"later{next(n)}", pool="p"))
-            return (await reader.stored_ns(store.nc, "LEDGER", seq, 5) or 0) - (bye_ns or 0) > 0.5e9
+            return (await store.stored_ns(seq) or 0) - (bye_ns or 0) > 0.5e9
 
         await eventually(past_ttl, timeout=10, interval=0.05, what="stored times past the ttl")
     code, doc, _ = ledger_check(server.url, "--json", "--grace", "0")

@@ -139,7 +139,11 @@ async def test_doctor_fails_when_ledger_may_be_deleted_or_purged(fresh_server: E
 
 
 def test_no_authentication_on_a_non_loopback_address_is_a_warning():
-    from ledgerctl.cli.doctor import security_finding
+    from ledger.store import ServerInfo
+    from ledgerctl.cli import doctor
+
+    def security_finding(info: dict[str, object]) -> doctor.Finding:
+        return doctor.security_finding(ServerInfo.from_info(info))
 
     open_info = {"host": "0.0.0.0", "port": 4222, "auth_required": False}
     warned = security_finding(open_info)

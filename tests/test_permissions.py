@@ -40,7 +40,7 @@ from ledger.client import Ledger
 from ledger.codec import Recorded
 from ledger.ids import new_id
 from ledger.settings import Settings
-from ledger.store import EventStore
+from ledger.store import EventStore, ServerInfo
 from ledgerctl import permissions
 from ledgerctl.cli import cli
 from ledgerctl.cli.doctor import security_finding
@@ -83,7 +83,7 @@ class Conn:
                 if "permissions violation" in str(e).lower() and subject.lower() in str(e).lower()]
 
     def unexpected_violations(self) -> list[str]:
-        """Violations other than the reader's deletes of its own ephemeral consumers (ledger/reader.py deletes
+        """Violations other than the reader's deletes of its own ephemeral consumers (ledger/replay.py deletes
         one when it is done with it; only admin may delete consumers, so the server refuses, and the unused
         consumer goes by itself after its inactive threshold)."""
         return [v for v in self.violations() if '"$js.api.consumer.delete.' not in v]
@@ -477,10 +477,10 @@ async def test_the_reader_runs_ledger_doctors_checks_without_a_violation(secured
     from ledgerctl.cli import doctor
 
     async with ledger_as(secured, permissions.READER, "reader") as (reader, conn):
-        nc, settings = reader.store.nc, reader.store.settings
-        findings = [*await doctor.server_findings(nc, secured.url), doctor.security_finding(nc._server_info),
-                    *await doctor.stream_findings(nc, settings), *await doctor.dead_letter_findings(nc),
-                    *await doctor.history_findings(nc, settings, grace=10.0)]
+        store = reader.store
+        findings = [*await doctor.server_findings(store, secured.url), doctor.security_finding(store.server_info()),
+                    *await doctor.stream_findings(store), *await doctor.dead_letter_findings(store),
+                    *await doctor.history_findings(store, grace=10.0)]
         # ... and it may not write: not even a report of an unreachable agent.
         await refused_publish(conn, "ledger.agent.a1.unreachable_reported.reader", b"{}")
     assert [f.level for f in findings if f.area in ("server", "streams")] == ["ok"] * 4, findings
@@ -554,7 +554,8 @@ async def test_mutual_tls_with_the_generated_ca(tls_secured: Secured, tmp_path: 
         assert conn.nc.connected_url is not None and conn.nc.connected_url.scheme == "tls"
         assert await ledger.store.last_seq() == 0
         assert conn.nc._server_info.get("tls_verify") is True  # the server asks every client for a certificate
-        assert security_finding(conn.nc._server_info).message.startswith("authentication required, mutual TLS")
+        told = security_finding(ServerInfo.from_info(conn.nc._server_info))
+        assert told.message.startswith("authentication required, mutual TLS")
 
     async def handshake(ctx: ssl.SSLContext) -> None:
         nc = await nats.connect(tls_secured.url, nkeys_seed=str(tls_secured.creds / "agent-a1.nk"), tls=ctx,

@@ -11,7 +11,7 @@ import pytest
 from helpers import eventually
 from test_store import created
 
-from ledger import reader, subjects
+from ledger import jsapi, replay as replaying, subjects
 from ledger.codec import Recorded
 from ledger.errors import Unavailable
 from ledger.settings import Settings
@@ -22,9 +22,9 @@ from ledgerctl.server import EmbeddedServer
 async def test_a_following_replay_keeps_trying_through_an_outage_and_a_one_shot_gives_up(
         fresh_server: EmbeddedServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, uid: str):
     # A one-shot replay's patience, shortened; a following one must not have any.
-    monkeypatch.setattr(reader, "CONSUMER_CREATE_PATIENCE", 1.0)
-    monkeypatch.setattr(reader, "CREATE_LOG_EVERY", 0.5, raising=False)
-    caplog.set_level(logging.WARNING, logger="ledger.reader")
+    monkeypatch.setattr(replaying, "CONSUMER_CREATE_PATIENCE", 1.0)
+    monkeypatch.setattr(replaying, "CREATE_LOG_EVERY", 0.5, raising=False)
+    caplog.set_level(logging.WARNING, logger="ledger.replay")
     assert fresh_server.pid is not None
     settings = Settings(nats_url=fresh_server.url, request_timeout=1.0)
     async with EventStore.connect(settings, ensure=True) as store:
@@ -81,15 +81,15 @@ async def test_a_one_shot_replay_waits_out_a_jetstream_that_answers_temporarily_
             answers.append(msg.subject)
             await msg.respond(unavailable if len(answers) <= 3 else b'{"state": {"last_seq": 0}}')
 
-        await nc.subscribe(f"{reader.API_PREFIX}.STREAM.INFO.{subjects.LEDGER_STREAM}", cb=stream_info)
+        await nc.subscribe(f"{jsapi.API_PREFIX}.STREAM.INFO.{subjects.LEDGER_STREAM}", cb=stream_info)
         try:
-            replay = reader.Replay(nc, subjects.LEDGER_STREAM, [subjects.family_filter("session")], timeout=1.0,
-                                   patience=10.0)
+            replay = replaying.Replay(nc, subjects.LEDGER_STREAM, [subjects.family_filter("session")], timeout=1.0,
+                                      patience=10.0)
             assert [batch async for batch in replay] == []  # an empty stream, once it answered
             assert len(answers) == 4
             answers.clear()
-            unavailable_forever = reader.Replay(nc, subjects.LEDGER_STREAM, [subjects.family_filter("session")],
-                                                timeout=0.2, patience=0.0)
+            unavailable_forever = replaying.Replay(nc, subjects.LEDGER_STREAM, [subjects.family_filter("session")],
+                                                   timeout=0.2, patience=0.0)
             with pytest.raises(Unavailable) as gave_up:
                 async for _ in unavailable_forever:
                     pass

@@ -176,7 +176,7 @@ class Proc:
     def violations(self) -> list[str]:
         """Permissions violations it logged (`-v` logs each at INFO), but the reader's consumer deletes.
 
-        ledger/reader.py asks the server to delete an ephemeral consumer it no longer reads, without waiting for
+        ledger/replay.py asks the server to delete an ephemeral consumer it no longer reads, without waiting for
         the answer; only admin may delete consumers, so the server refuses and the consumer goes by itself after
         its inactive threshold. The reader stops asking once a refusal has come back on a connection, so a process
         logs a few (the replays it closes at once, before the first refusal arrives), never one per replay.

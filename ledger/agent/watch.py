@@ -19,7 +19,7 @@ from .. import lifecycle as lc
 from .. import subjects
 from ..codec import Recorded, Unreadable
 from ..errors import LedgerError
-from ..reader import Replay
+from ..replay import Replay
 from .registration import PREFETCH_CONCURRENCY, KnownRegistrations
 
 if TYPE_CHECKING:

@@ -17,9 +17,8 @@ from datetime import datetime
 
 import click
 import msgspec
-from nats.aio.client import Client as NATS
 
-from ledger import reader, subjects
+from ledger import subjects
 from ledger.check import DEFAULT_GRACE, HEARTBEATS, LEDGER, Checker, RawMessage, Report, to_utc
 from ledger.codec import to_ns
 from ledger.errors import StoreError, Unavailable
@@ -32,13 +31,7 @@ PATIENCE = 60.0
 """Seconds a read keeps retrying through a leader election before the command gives up."""
 
 
-async def _raw_batch(nc: NATS, stream: str, start: int, min_last: int, timeout: float) -> tuple[list[RawMessage], int]:
-    """Up to BATCH stored messages from `start`, raw; (messages, number still pending)."""
-    return await reader.direct_batch(nc, stream, f"{subjects.PREFIX}.>", start, batch=BATCH, min_last_seq=min_last,
-                                     timeout=timeout, make=RawMessage)
-
-
-async def read_raw(nc: NATS, stream: str, timeout: float, progress: Callable[[str, int, int], None] | None = None,
+async def read_raw(store: EventStore, stream: str, progress: Callable[[str, int, int], None] | None = None,
                    patience: float = PATIENCE, on_batch: Callable[[list[RawMessage]], None] | None = None,
                    ) -> list[RawMessage]:
     """Every message of `stream` up to its last sequence now, raw and in order.
@@ -47,7 +40,7 @@ async def read_raw(nc: NATS, stream: str, timeout: float, progress: Callable[[st
     deadline = time.monotonic() + patience
     while True:
         try:
-            state = await reader.stream_state(nc, stream, timeout)
+            state = await store.stream_facts(stream)
             break
         except Unavailable:
             if time.monotonic() > deadline:
@@ -59,7 +52,8 @@ async def read_raw(nc: NATS, stream: str, timeout: float, progress: Callable[[st
     delay = 0.2
     while last and start <= last:
         try:
-            batch, pending = await _raw_batch(nc, stream, start, last, timeout)
+            batch, pending = await store.read_batch(stream, f"{subjects.PREFIX}.>", start, batch=BATCH,
+                                                    min_last_seq=last, make=RawMessage)
         except StoreError as e:  # any refusal of a batch (not only "unavailable"): an election, most likely
             if time.monotonic() > deadline:
                 raise Unavailable(f"cannot read {stream}: {e}") from None
@@ -81,7 +75,7 @@ async def read_raw(nc: NATS, stream: str, timeout: float, progress: Callable[[st
     return out
 
 
-async def run_check(nc: NATS, timeout: float, *, grace: float = DEFAULT_GRACE, since: datetime | None = None,
+async def run_check(store: EventStore, *, grace: float = DEFAULT_GRACE, since: datetime | None = None,
                     now: datetime | None = None, quiet: bool = True) -> Report:
     """Read LEDGER and the heartbeats raw, then check them (the function `ledger check` and `ledger doctor` run)."""
     shown = [0.0]
@@ -99,8 +93,8 @@ async def run_check(nc: NATS, timeout: float, *, grace: float = DEFAULT_GRACE, s
             checker.feed(m)
 
     # Heartbeats in any order, LEDGER in sequence order (see ledger.check.fold); neither is held in memory.
-    await read_raw(nc, HEARTBEATS, timeout, progress, on_batch=feed)
-    await read_raw(nc, LEDGER, timeout, progress, on_batch=feed)
+    await read_raw(store, HEARTBEATS, progress, on_batch=feed)
+    await read_raw(store, LEDGER, progress, on_batch=feed)
     return checker.finish(to_ns(now) if now else None)
 
 
@@ -148,8 +142,7 @@ async def check_command(nats_url: str, since: datetime | None, grace: float, as_
     """
     settings = settings_from(nats_url)
     async with EventStore.connect(settings, name="ledger-check") as store:
-        report = await run_check(store.nc, settings.request_timeout, grace=grace, since=since,
-                                 quiet=quiet or not sys.stderr.isatty())
+        report = await run_check(store, grace=grace, since=since, quiet=quiet or not sys.stderr.isatty())
     if as_json:
         echo(msgspec.json.encode({"clean": report.clean, "messages": report.messages, "events": report.events,
                                   "not_events": report.not_events, "now_ns": report.now_ns,

@@ -5,21 +5,19 @@ from __future__ import annotations
 import ipaddress
 import time
 from pathlib import Path
-from typing import Any
 
 import click
 import msgspec
-from nats.aio.client import Client as NATS
-from nats.js.errors import NotFoundError
 
 from ledger import subjects
-from ledger.settings import Settings, redact_url
-from ledger.store import EventStore
-from ledger.streams import IMMUTABLE, check_streams
+from ledger.connection import MIN_VERSION
+from ledger.errors import StoreError, StreamMissing
+from ledger.settings import redact_url
+from ledger.store import EventStore, ServerInfo
+from ledger.streams import IMMUTABLE
 from projections.db import ProjectionDB
 from projections.settings import DB_ENV, DEFAULT_DB
 
-from ..server import MIN_VERSION
 from .check import run_check
 from .common import async_command, echo, nats_url_option, settings_from
 
@@ -32,22 +30,16 @@ class Finding(msgspec.Struct, frozen=True):
     message: str
 
 
-def _version(nc: NATS) -> tuple[int, int, int]:
-    v = nc.connected_server_version
-    return (v.major, v.minor, v.patch)
-
-
-async def server_findings(nc: NATS, url: str) -> list[Finding]:
-    version = _version(nc)
+async def server_findings(store: EventStore, url: str) -> list[Finding]:
+    version = store.server_info().version
     text, floor = ".".join(map(str, version)), ".".join(map(str, MIN_VERSION))
     if version < MIN_VERSION:
         return [Finding(FAIL, "server", f"nats-server {text} at {url} is older than {floor}: compare-and-set on an "
                                         "entity's history needs a newer one")]
     try:
-        account = await nc.jsm().account_info()
-    except Exception as e:  # noqa: BLE001 - whatever it is, JetStream does not answer
-        why = f"{e or type(e).__name__}"
-        return [Finding(FAIL, "server", f"nats-server {text} at {url}: JetStream does not answer ({why})")]
+        account = await store.account_facts()
+    except StoreError as e:  # whatever it is, JetStream does not answer
+        return [Finding(FAIL, "server", f"nats-server {text} at {url}: JetStream does not answer ({e})")]
     return [Finding(OK, "server", f"nats-server {text} at {url} (needs >= {floor}); JetStream: {account.streams} "
                                   f"streams, {account.storage / 2**20:,.1f} MiB on disk")]
 
@@ -65,13 +57,13 @@ def _is_loopback(host: str) -> bool:
         return False  # a name other than localhost, or "" / "0.0.0.0"-like wildcards handled above
 
 
-def security_finding(info: dict[str, Any]) -> Finding:
+def security_finding(info: ServerInfo) -> Finding:
     """What the server's INFO says about who may connect: a warning for an open server off loopback."""
-    where = f"{info.get('host', '?')}:{info.get('port', '?')}"
-    tls = ("mutual TLS" if info.get("tls_verify") else "TLS") if info.get("tls_required") else "no TLS"
-    if info.get("auth_required"):
+    where = f"{info.host or '?'}:{info.port if info.port is not None else '?'}"
+    tls = ("mutual TLS" if info.tls_verify else "TLS") if info.tls_required else "no TLS"
+    if info.auth_required:
         return Finding(OK, "security", f"authentication required, {tls} (listening on {where})")
-    if _is_loopback(str(info.get("host", ""))):
+    if _is_loopback(info.host):
         return Finding(OK, "security", f"no authentication, {tls}: the server listens on loopback only ({where})")
     return Finding(WARN, "security", f"the server listens on {where} with no authentication, {tls}: anyone who "
                                      "reaches it may write any event, or change and delete the streams; secure it "
@@ -84,15 +76,13 @@ def _show(key: str, value: object) -> str:
     return repr(value)
 
 
-async def stream_findings(nc: NATS, settings: Settings) -> list[Finding]:
+async def stream_findings(store: EventStore) -> list[Finding]:
     found: list[Finding] = []
-    jsm = nc.jsm()
-    for name, diff in (await check_streams(jsm, settings)).items():
+    for name, diff in (await store.check_streams()).items():
         if diff is None:
             found.append(Finding(FAIL, "streams", f"{name} is missing: run `ledger init` (or `ledger up`)"))
             continue
-        info = await jsm.stream_info(name)
-        state, cluster = info.state, info.cluster
+        facts = await store.stream_facts(name)
         if diff:
             changes = ", ".join(f"{k} is {_show(k, old)}, should be {_show(k, new)}" for k, (new, old) in diff.items())
             fixed = sorted(set(diff) & set(IMMUTABLE))
@@ -100,33 +90,34 @@ async def stream_findings(nc: NATS, settings: Settings) -> list[Finding]:
                    "else" if fixed else "run `ledger init` (as admin) to restore them")
             found.append(Finding(FAIL, "streams", f"{name}: {changes}: {how}"))
         else:
-            found.append(Finding(OK, "streams", f"{name}: {state.messages:,} messages, #{state.first_seq}..#"
-                                                f"{state.last_seq}, {info.config.num_replicas} replica(s), settings as "
+            found.append(Finding(OK, "streams", f"{name}: {facts.messages:,} messages, #{facts.first_seq}..#"
+                                                f"{facts.last_seq}, {facts.replicas} replica(s), settings as "
                                                 "expected"))
-        for peer in (cluster.replicas or []) if cluster else []:
+        for peer in facts.peers:
             if peer.offline or not peer.current:
                 how = "offline" if peer.offline else "behind"
                 found.append(Finding(WARN, "streams", f"{name}: replica {peer.name} is {how} (lag {peer.lag or 0})"))
-        if cluster and not cluster.leader and (info.config.num_replicas or 1) > 1:
+        if facts.clustered and not facts.leader and facts.replicas > 1:
             found.append(Finding(FAIL, "streams", f"{name} has no leader: a majority of its replicas is down"))
     return found
 
 
-async def dead_letter_findings(nc: NATS) -> list[Finding]:
+async def dead_letter_findings(store: EventStore) -> list[Finding]:
     try:
-        info = await nc.jsm().stream_info(subjects.DLQ_STREAM, subjects_filter=">")
-    except NotFoundError:
+        facts = await store.stream_facts(subjects.DLQ_STREAM, with_subjects=True)
+    except StreamMissing:
         return []  # reported as a missing stream already
-    if not info.state.messages:
+    if not facts.messages:
         return [Finding(OK, "dead letters", "none")]
-    by_subject = sorted((info.state.subjects or {}).items(), key=lambda kv: -kv[1])
-    detail = ", ".join(f"{subject.removeprefix('ledger.dlq.')}: {n}" for subject, n in by_subject[:5])
-    return [Finding(WARN, "dead letters", f"{info.state.messages:,} in {subjects.DLQ_STREAM} ({detail})")]
+    by_subject = sorted(facts.subjects.items(), key=lambda kv: -kv[1])
+    under = subjects.dlq_subject("", "").removesuffix(".")  # what every dead letter's subject starts with
+    detail = ", ".join(f"{subject.removeprefix(under)}: {n}" for subject, n in by_subject[:5])
+    return [Finding(WARN, "dead letters", f"{facts.messages:,} in {subjects.DLQ_STREAM} ({detail})")]
 
 
-async def history_findings(nc: NATS, settings: Settings, grace: float) -> list[Finding]:
+async def history_findings(store: EventStore, grace: float) -> list[Finding]:
     """The same check as `ledger check`: any violation in the history is a failure here too."""
-    report = await run_check(nc, settings.request_timeout, grace=grace)
+    report = await run_check(store, grace=grace)
     if report.clean:
         return [Finding(OK, "history", f"clean: {report.events:,} events checked (`ledger check`)")]
     by_kind: dict[str, list[int]] = {}
@@ -137,7 +128,7 @@ async def history_findings(nc: NATS, settings: Settings, grace: float) -> list[F
             for kind, seqs in by_kind.items()]
 
 
-async def projection_findings(nc: NATS, db: Path, stale_after: float) -> list[Finding]:
+async def projection_findings(store: EventStore, db: Path, stale_after: float) -> list[Finding]:
     if not db.exists():
         return [Finding(WARN, "projection", f"no projection file at {db}: `ledger up` or `ledger project` makes it")]
     found: list[Finding] = []
@@ -155,8 +146,8 @@ async def projection_findings(nc: NATS, db: Path, stale_after: float) -> list[Fi
                                                        f"on {d.last_subject}: {d.last_detail[:200]}"))
     for cp in checkpoints:
         try:
-            state = (await nc.jsm().stream_info(cp.stream)).state
-        except NotFoundError:
+            state = await store.stream_facts(cp.stream)
+        except StreamMissing:
             continue
         behind = max(0, state.last_seq - max(cp.seq, state.first_seq - 1))
         since = time.time() - cp.updated_ns / 1e9 if cp.updated_ns else None
@@ -194,14 +185,14 @@ async def doctor_command(nats_url: str, db: Path, stale_after: float, grace: flo
     """
     settings = settings_from(nats_url)
     async with EventStore.connect(settings, name="ledger-doctor", check=False) as store:
-        findings = await server_findings(store.nc, redact_url(settings.nats_url))
-        findings.append(security_finding(store.nc._server_info))
+        findings = await server_findings(store, redact_url(settings.nats_url))
+        findings.append(security_finding(store.server_info()))
         if findings[0].level != FAIL:
-            findings += await stream_findings(store.nc, settings)
-            findings += await dead_letter_findings(store.nc)
-            findings += await projection_findings(store.nc, db, stale_after)
+            findings += await stream_findings(store)
+            findings += await dead_letter_findings(store)
+            findings += await projection_findings(store, db, stale_after)
             if run_history_check and not any(f.level == FAIL and f.area == "streams" for f in findings):
-                findings += await history_findings(store.nc, settings, grace)
+                findings += await history_findings(store, grace)
     for f in findings:
         echo(msgspec.json.encode(f).decode() if as_json else f"{f.level:<5} {f.area:<13} {f.message}")
     if any(f.level == FAIL for f in findings):

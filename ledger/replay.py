@@ -1,45 +1,38 @@
-"""Reading the streams: one message, one entity's history, and fast replay.
+"""Fast replay of a stream: an ephemeral pull consumer read through a plain callback, handed out in batches.
 
-* `get_first_after` / `last_seq` ask the stream leader (`STREAM.MSG.GET`), so
-  they see every acknowledged write; compare-and-set decisions use them.
-* `direct_batch` uses batched Direct Get (one request, many replies): an
-  entity's history in one round trip. Any replica may answer, so it can lag;
-  `min_last_seq` asks for a replica that has at least that sequence.
-* `Replay` runs an ordered consumer with a plain callback. nats-py's `fetch()`
-  and `async for` create a task per message; a callback does not, and is
-  about six times faster. Messages are handed out in batches.
+nats-py's `fetch()` and `async for` create a task per message; a callback does not, and is about six times
+faster. The JetStream requests the replay needs besides its consumer (stream info) are in `ledger.jsapi`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
-from typing import Any, TypeVar
-from datetime import datetime, timezone
+from collections.abc import AsyncIterator, Coroutine, Sequence
+from datetime import UTC, datetime
+from typing import Any
 
 import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.errors import NoRespondersError, TimeoutError as NatsTimeout
+from nats.aio.subscription import Subscription
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
 from nats.js import api
-from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
+from nats.js.errors import APIError
 
-from . import codec, tasks
+from . import codec, jsapi, tasks
 from .codec import Recorded, Unreadable
 from .connection import watch_of
-from .errors import StoreError, StreamMissing, Unavailable
+from .errors import StoreError, Unavailable
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 Item = Recorded | Unreadable
 
-API_PREFIX = "$JS.API"
-CONSUMER_DELETE = f"{API_PREFIX}.CONSUMER.DELETE."
+CONSUMER_DELETE = f"{jsapi.API_PREFIX}.CONSUMER.DELETE."
 PULL_EXPIRES = 30.0
 """Seconds a following replay's pull request waits for new messages before it is renewed."""
 PULL_HEARTBEAT = 2.0
@@ -54,63 +47,7 @@ some R1 consumers on the dead peer), and each failure already costs a whole requ
 CREATE_LOG_EVERY = 10.0
 """A following replay that cannot create its consumer says so this often (seconds)."""
 
-
-def parse_stamp(text: str) -> int:
-    """RFC 3339 time with nanoseconds (as in Nats-Time-Stamp) -> nanoseconds since the epoch."""
-    text = text.rstrip("Z")
-    base, _, frac = text.partition(".")
-    seconds = int(datetime.fromisoformat(base).replace(tzinfo=timezone.utc).timestamp())
-    return seconds * 1_000_000_000 + int((frac + "000000000")[:9])
-
-
-class _StoredMsg(msgspec.Struct):
-    subject: str
-    seq: int
-    time: str = ""
-    hdrs: str | None = None
-    data: str = ""
-
-
-class _ApiError(msgspec.Struct):
-    code: int = 0
-    err_code: int = 0
-    description: str = ""
-
-
-class _MsgGetResponse(msgspec.Struct):
-    message: _StoredMsg | None = None
-    error: _ApiError | None = None
-
-
-class _StreamState(msgspec.Struct):
-    messages: int = 0
-    first_seq: int = 0
-    last_seq: int = 0
-
-
-class _StreamInfo(msgspec.Struct):
-    state: _StreamState | None = None
-    error: _ApiError | None = None
-
-
-_msg_get_decoder = msgspec.json.Decoder(_MsgGetResponse)
-_info_decoder = msgspec.json.Decoder(_StreamInfo)
 _json = msgspec.json.Encoder()
-
-
-def _msg_id_from_headers(raw: str | None) -> str | None:
-    if not raw:
-        return None
-    for line in base64.b64decode(raw).decode(errors="replace").split("\r\n")[1:]:
-        name, sep, value = line.partition(":")
-        if sep and name.strip().lower() == codec.MSG_ID.lower():
-            return value.strip()
-    return None
-
-
-def retry_delay(attempts: int) -> float:
-    """Seconds before the next try at starting a replay: doubling from CREATE_BACKOFF up to CREATE_BACKOFF_MAX."""
-    return float(min(CREATE_BACKOFF * 2 ** min(attempts - 1, 8), CREATE_BACKOFF_MAX))
 
 
 def _describe(e: Exception) -> str:
@@ -119,121 +56,9 @@ def _describe(e: Exception) -> str:
     return str(e) or type(e).__name__
 
 
-async def _api(nc: NATS, subject: str, body: dict[str, object] | None, timeout: float) -> bytes:
-    request = nc.request(subject, _json.encode(body) if body is not None else b"", timeout=timeout)
-    watch = watch_of(nc)
-    try:
-        # A refused request is never answered; only the error callback hears why, and the watch tells us at once.
-        reply = await (watch.guard(request, subject) if watch else request)
-    except NoRespondersError:
-        raise Unavailable(f"JetStream did not answer {subject} (no responders)") from None
-    except NatsTimeout:
-        raise Unavailable(f"JetStream did not answer {subject} within {timeout:.1f} s") from None
-    return reply.data
-
-
-async def stream_state(nc: NATS, stream: str, timeout: float) -> _StreamState:
-    info = _info_decoder.decode(await _api(nc, f"{API_PREFIX}.STREAM.INFO.{stream}", None, timeout))
-    if info.error is not None:
-        if info.error.err_code == 10059:
-            raise StreamMissing(f"stream {stream} does not exist: run `ledger init` (or `ledger server` / `ledger up`)")
-        if info.error.code >= 500:  # "JetStream system temporarily unavailable": a node catching up, an election
-            raise Unavailable(f"stream info {stream}: {info.error.description} (error {info.error.err_code})")
-        raise StoreError(f"stream info {stream}: {info.error.description}")
-    return info.state or _StreamState()
-
-
-async def _msg_get(nc: NATS, stream: str, body: dict[str, object], timeout: float) -> _StoredMsg | None:
-    resp = _msg_get_decoder.decode(await _api(nc, f"{API_PREFIX}.STREAM.MSG.GET.{stream}", body, timeout))
-    if resp.error is not None:
-        if resp.error.code == 404 and resp.error.err_code != 10059:
-            return None
-        if resp.error.err_code == 10059:
-            raise StreamMissing(f"stream {stream} does not exist: run `ledger init` (or `ledger server` / `ledger up`)")
-        raise StoreError(f"message get on {stream}: {resp.error.description}")
-    return resp.message
-
-
-async def get_first_after(nc: NATS, stream: str, subject_filter: str, seq: int,
-                          timeout: float) -> tuple[int, str | None, str] | None:
-    """(seq, Nats-Msg-Id, subject) of the first message on the filter after `seq`, from the leader."""
-    m = await _msg_get(nc, stream, {"seq": seq + 1, "next_by_subj": subject_filter}, timeout)
-    return None if m is None else (m.seq, _msg_id_from_headers(m.hdrs), m.subject)
-
-
-async def stored_ns(nc: NATS, stream: str, seq: int, timeout: float) -> int | None:
-    """When the leader stored message `seq` (ns since the epoch), or None if there is no such message."""
-    m = await _msg_get(nc, stream, {"seq": seq}, timeout)
-    return None if m is None or not m.time else parse_stamp(m.time)
-
-
-async def get_last(nc: NATS, stream: str, subject_filter: str, timeout: float) -> Item | None:
-    """The newest message on the filter, from the leader."""
-    m = await _msg_get(nc, stream, {"last_by_subj": subject_filter}, timeout)
-    if m is None:
-        return None
-    return codec.read(stream, m.seq, m.subject, parse_stamp(m.time) if m.time else 0, base64.b64decode(m.data))
-
-
-async def direct_batch(nc: NATS, stream: str, subject_filter: str, start_seq: int, *, batch: int = 1000,
-                       min_last_seq: int | None = None, timeout: float = 5.0,
-                       make: Callable[[str, int, str, int, bytes], T] = codec.read,  # type: ignore[assignment]
-                       ) -> tuple[list[T], int]:
-    """Up to `batch` messages on the filter from `start_seq`; returns (items, number still pending).
-
-    `make(stream, seq, subject, stored_ns, data)` turns each message into an item: the codec's read by
-    default, or anything that keeps the raw bytes (`ledger check` must see what the codec would refuse).
-    """
-    req: dict[str, object] = {"seq": max(start_seq, 1), "next_by_subj": subject_filter, "batch": batch}
-    if min_last_seq:
-        req["min_last_seq"] = min_last_seq
-    items: list[T] = []
-    done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-
-    async def on_msg(msg: Msg) -> None:
-        h = msg.headers or {}
-        status = h.get("Status")
-        if status is not None:
-            if done.done():
-                return
-            if status == "204":  # end of batch
-                done.set_result(int(h.get("Nats-Num-Pending", "0")))
-            elif status == "404":
-                done.set_result(0)
-            elif status == "503":
-                done.set_exception(Unavailable(f"direct get on {stream}: no responders"))
-            else:
-                done.set_exception(StoreError(f"direct get on {stream}: {status} {h.get('Description', '')}"))
-            return
-        items.append(make(stream, int(h["Nats-Sequence"]), h["Nats-Subject"], parse_stamp(h["Nats-Time-Stamp"]),
-                          msg.data))
-
-    inbox = nc.new_inbox()
-    sub = await nc.subscribe(inbox, cb=on_msg)
-    try:
-        await nc.publish(f"{API_PREFIX}.DIRECT.GET.{stream}", _json.encode(req), reply=inbox)
-        try:
-            pending = await tasks.wait_for(done, timeout)
-        except asyncio.TimeoutError:
-            raise Unavailable(f"direct get on {stream} timed out after {timeout:.1f} s") from None
-    finally:
-        with contextlib.suppress(Exception):
-            await sub.unsubscribe()
-    return items, pending
-
-
-async def history(nc: NATS, stream: str, subject_filter: str, *, after: int = 0,
-                  min_last_seq: int | None = None, timeout: float = 5.0) -> list[Item]:
-    """Every message on the filter with a sequence above `after`, oldest first."""
-    out: list[Item] = []
-    start = after + 1
-    while True:
-        items, pending = await direct_batch(nc, stream, subject_filter, start,
-                                            min_last_seq=min_last_seq, timeout=timeout)
-        out.extend(items)
-        if not items or pending == 0:
-            return out
-        start = items[-1].seq + 1
+def retry_delay(attempts: int) -> float:
+    """Seconds before the next try at starting a replay: doubling from CREATE_BACKOFF up to CREATE_BACKOFF_MAX."""
+    return float(min(CREATE_BACKOFF * 2 ** min(attempts - 1, 8), CREATE_BACKOFF_MAX))
 
 
 class Replay:
@@ -286,7 +111,7 @@ class Replay:
         self._last_heard = time.monotonic()
         self._inbox = ""
         self._empty_at_start = False
-        self._sub = None
+        self._sub: Subscription | None = None
         self.last_seq = 0
         """Sequence of the newest message received so far (handed out, or waiting in the buffer)."""
         self.pending: int | None = None
@@ -309,7 +134,7 @@ class Replay:
             cfg.opt_start_seq = self._start_seq
         elif self._start_time is not None:
             cfg.deliver_policy = api.DeliverPolicy.BY_START_TIME
-            cfg.opt_start_time = self._start_time.astimezone(timezone.utc).isoformat()  # type: ignore[assignment]
+            cfg.opt_start_time = self._start_time.astimezone(UTC).isoformat()  # type: ignore[assignment]
         else:
             cfg.deliver_policy = api.DeliverPolicy.ALL
         return cfg
@@ -377,7 +202,7 @@ class Replay:
         expires = PULL_EXPIRES if self._follow else max(self._timeout, PULL_HEARTBEAT * 2)
         body = {"batch": count, "expires": int(expires * 1e9), "idle_heartbeat": int(PULL_HEARTBEAT * 1e9)}
         self._outstanding += count
-        await self._nc.publish(f"{API_PREFIX}.CONSUMER.MSG.NEXT.{self._stream}.{self._consumer}",
+        await self._nc.publish(f"{jsapi.API_PREFIX}.CONSUMER.MSG.NEXT.{self._stream}.{self._consumer}",
                                _json.encode(body), reply=self._inbox)
 
     async def _top_up(self) -> None:
@@ -387,7 +212,7 @@ class Replay:
             return
         try:
             await self._pull(self._batch)
-        except Exception as e:  # disconnected: the follower starts again on reconnect
+        except Exception as e:  # noqa: BLE001 - disconnected (any way): the follower starts again on reconnect
             log.debug("pull on %s failed: %s", self._stream, e)
 
     # --- the consumer ----------------------------------------------------------------------
@@ -396,13 +221,13 @@ class Replay:
         """Whether a one-shot replay has tried to start for long enough."""
         return waited > max(self._patience, self._timeout)
 
-    async def _stream_state(self) -> _StreamState:
+    async def _stream_facts(self) -> jsapi.StreamFacts:
         """The stream's state, retried like a consumer's creation while JetStream is briefly unavailable
         (a node that was frozen or restarted answers 503 until it has caught up)."""
         started, attempts = time.monotonic(), 0
         while True:
             try:
-                return await stream_state(self._nc, self._stream, self._timeout)
+                return await jsapi.stream_facts(self._nc, self._stream, self._timeout)
             except Unavailable as e:
                 attempts += 1
                 waited = time.monotonic() - started
@@ -427,13 +252,13 @@ class Replay:
                 return  # closed or interrupted while we were trying
             try:
                 create = jsm.add_consumer(self._stream, config=self._config())
-                info = await (watch.guard(create, prefix=f"{API_PREFIX}.CONSUMER.") if watch else create)
+                info = await (watch.guard(create, prefix=f"{jsapi.API_PREFIX}.CONSUMER.") if watch else create)
                 break
-            except (NatsTimeout, NoRespondersError, ServiceUnavailableError, APIError) as e:
-                if isinstance(e, NotFoundError):
-                    raise StreamMissing(f"stream {self._stream} does not exist: run `ledger init`") from None
-                if isinstance(e, APIError) and not isinstance(e, ServiceUnavailableError) and (e.code or 0) < 500:
-                    raise StoreError(f"cannot read {self._stream}: {e.description} (error {e.err_code})") from None
+            except (NatsTimeout, NoRespondersError, APIError) as e:
+                if isinstance(e, APIError):
+                    error = jsapi.from_nats(e, self._stream, f"cannot read {self._stream}")
+                    if not isinstance(error, Unavailable):  # a missing stream, a refusal: asking again is no use
+                        raise error from None
                 attempts += 1
                 waited = time.monotonic() - started
                 why = _describe(e)
@@ -453,7 +278,7 @@ class Replay:
         self._outstanding = 0
         self._consumer = info.name
         self._last_heard = time.monotonic()
-        self._empty_at_start = info.num_pending == 0 and info.delivered.consumer_seq == 0
+        self._empty_at_start = info.num_pending == 0 and (info.delivered is None or info.delivered.consumer_seq == 0)
         await self._pull(self._batch)
 
     def _recreate(self, why: str) -> None:
@@ -496,7 +321,7 @@ class Replay:
     async def _start(self) -> bool:
         """Create the consumer and ask for the first batch; False when there is nothing to deliver."""
         if not self._follow:
-            state = await self._stream_state()
+            state = await self._stream_facts()
             end = state.last_seq if self._end_seq is None else min(self._end_seq, state.last_seq)
             if end == 0 or (self._start_seq or 0) > end:
                 return False
