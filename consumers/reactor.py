@@ -6,7 +6,8 @@ import asyncio
 import logging
 from datetime import datetime
 
-from ledger import events as ev, tasks
+from ledger import events as ev
+from ledger import tasks
 from ledger.errors import LedgerError
 from projections.state import Change
 
@@ -40,7 +41,7 @@ class Reactor:
             tasks.raise_if_cancelled()  # a cancel that nats-py swallowed in the last step still stops us
             try:
                 await tasks.wait_for(self._wake.wait(), self.tick)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             self._wake.clear()
             try:

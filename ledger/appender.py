@@ -26,7 +26,7 @@ import itertools
 import logging
 import re
 import time
-from collections.abc import Callable, Awaitable
+from collections.abc import Awaitable, Callable
 
 import msgspec
 from nats.aio.client import Client as NATS

@@ -66,7 +66,7 @@ they are dead letters, which `ledger doctor` reports.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -647,4 +647,4 @@ def check(messages: Iterable[RawMessage], *, grace: float = DEFAULT_GRACE, now_n
 
 
 def to_utc(ns: int) -> datetime:
-    return datetime.fromtimestamp(ns / 1e9, tz=timezone.utc)
+    return datetime.fromtimestamp(ns / 1e9, tz=UTC)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import NamedTuple
 
 import msgspec
@@ -34,7 +34,7 @@ _decoder = msgspec.json.Decoder(AnyEvent)
 _validators = {cls: msgspec.json.Decoder(cls) for cls in BY_TAG.values()}
 
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def from_ns(ns: int) -> datetime:

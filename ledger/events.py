@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextvars import ContextVar
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Annotated, ClassVar, get_args
 
 import msgspec
@@ -79,7 +79,7 @@ __all__ = [
 
 
 def _system_time() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 CLOCK: ContextVar[Callable[[], datetime]] = ContextVar("ledger_clock", default=_system_time)
@@ -132,7 +132,7 @@ Ids = Annotated[tuple[Ref, ...], Meta(max_length=100_000)]
 # return these sentinels then, and `codec.decode` refuses an event that carries one.
 DECODING: ContextVar[bool] = ContextVar("ledger_decoding", default=False)
 MISSING_ID = "".join(["<missing", " event_id>"])  # noqa: FLY002 - built at run time: a unique object, compared by `is`
-MISSING_TIME = datetime(1, 1, 1, tzinfo=timezone.utc)
+MISSING_TIME = datetime(1, 1, 1, tzinfo=UTC)
 
 
 def _event_id() -> str:

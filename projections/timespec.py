@@ -9,7 +9,7 @@ person, or stored by a producer that left the offset out (`aware`).
 from __future__ import annotations
 
 import re
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from .errors import InvalidQuery
 
@@ -19,19 +19,19 @@ _RELATIVE = re.compile(r"^(?:-\s*((?:\d+(?:\.\d+)?[smhdw])+)|((?:\d+(?:\.\d+)?[s
 
 EXAMPLES = "ISO-8601 (2026-11-01T14:03:00Z, 2026-11-01 14:03) or relative (-5m, -1h30m, 90s ago, now)"
 
-EARLIEST = datetime(1970, 1, 1, tzinfo=timezone.utc)
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
 LATEST = EARLIEST + timedelta(microseconds=(2**63 - 1) // 1000)
 """The times the ledger can hold: stored times are nanoseconds since the epoch in a signed 64-bit integer."""
 
 
 def aware(when: datetime) -> datetime:
     """`when`, read as UTC if it carries no offset (so arithmetic and comparisons never fail)."""
-    return when if when.tzinfo is not None else when.replace(tzinfo=timezone.utc)
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
 
 
 def parse_time(text: str, now: datetime | None = None) -> datetime:
     """An aware datetime from ISO-8601 or a relative form; InvalidQuery (one line) says what is accepted."""
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     value = text.strip().lower()
     if value == "now":
         return now

@@ -30,7 +30,6 @@ from ledger.settings import Settings
 from ledger.store import EventStore
 from ledgerctl.server import EmbeddedCluster, EmbeddedServer, ServerConfig, free_port
 
-
 SUITE_SWITCHES = "LEDGER_TEST_"
 
 

@@ -13,7 +13,7 @@ Every other write comes from a producer of the role that may write it.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import msgspec
 from hypothesis import strategies as st
@@ -26,7 +26,7 @@ from ledger.lifecycle import ROUTE_STATES, ROUTE_TRANSITIONS
 from ledger.subjects import HEARTBEAT_STREAM, LEDGER_STREAM
 from projections.state import LedgerState
 
-T0 = datetime(2026, 11, 1, tzinfo=timezone.utc)
+T0 = datetime(2026, 11, 1, tzinfo=UTC)
 T0_NS = codec.to_ns(T0)
 AGENTS = ("a0", "a1", "a2")
 SESSIONS = ("s0", "s1", "s2", "s3")

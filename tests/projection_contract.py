@@ -17,10 +17,10 @@ from itertools import pairwise
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import pytest
 from histories import CLI, Builder, histories
 from hypothesis import given, settings
 from hypothesis import strategies as st
-import pytest
 
 from ledger import events as ev
 from ledger.subjects import HEARTBEAT_STREAM, LEDGER_STREAM
@@ -108,7 +108,7 @@ class ProjectionRecorderContract(abc.ABC):
                     pending.note(state.apply(item), item)
                 batch = pending.batch(state)
                 # The file refuses the batch's last part, after its rows and its checkpoint were written.
-                with pytest.raises(Exception):  # noqa: B017, PT011 - whatever the storage raises for it
+                with pytest.raises(Exception):  # noqa: B017 - whatever the storage raises for it
                     await db.commit(batch._replace(drop_snapshots=[(LEDGER_STREAM,)]))
                 assert await view(db) == before  # neither the new rows nor the new checkpoint
             async with await self.open(tmp / "p", readonly=True) as db:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from ledger import events as ev
 
-T0 = datetime(2026, 11, 1, 12, 0, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 11, 1, 12, 0, 0, tzinfo=UTC)
 AGENT = ev.Producer(id="agent-1", instance="inst-1")
 CLI = ev.Producer(id="cli", instance="inst-cli")
 MONITOR = ev.Producer(id="monitor", instance="inst-mon")

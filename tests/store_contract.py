@@ -17,8 +17,15 @@ from nats.aio.msg import Msg
 from ledger import codec, subjects
 from ledger.codec import Unreadable
 from ledger.errors import Conflict, EventIdTaken, InvalidInput
-from ledger.events import (AgentDeclaredDead, AgentHeartbeat, AgentUnreachableReported, Producer, SessionClaimed,
-                           SessionCreated, SessionReleased)
+from ledger.events import (
+    AgentDeclaredDead,
+    AgentHeartbeat,
+    AgentUnreachableReported,
+    Producer,
+    SessionClaimed,
+    SessionCreated,
+    SessionReleased,
+)
 from ledger.settings import Settings
 from ledger.store import EventStore
 

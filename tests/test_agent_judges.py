@@ -164,7 +164,7 @@ async def test_an_agent_over_capacity_releases_its_newest_extra_session(ledger: 
         state = await eventually(released, what="the extra session released")
         assert "over capacity" in (state.reason or "")
         await eventually(lambda: extra not in a.owned, what="the agent dropping it")
-        assert {sid: c for sid, c in a.owned.items()} == dict(zip(own, held))
+        assert dict(a.owned.items()) == dict(zip(own, held, strict=False))
         assert [sid for sid, _ in lost] == [extra]
         for sid in own:
             s, _ = await ledger.session(sid)

@@ -15,7 +15,7 @@ from ledger.settings import Settings
 def ledger_cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "LEDGER_NATS_URL": settings.nats_url}
     return subprocess.run([sys.executable, "-m", "ledgerctl", *args], capture_output=True, text=True, timeout=60,
-                          env=env)
+                          env=env, check=False)
 
 
 def ok(result: subprocess.CompletedProcess[str]) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import msgspec
 from hypothesis import example, given, settings
@@ -16,7 +16,7 @@ from ledger.decide import AgentRef
 from projections.beats import Beat
 from projections.health import HealthPolicy
 
-T0 = datetime(2026, 11, 1, tzinfo=timezone.utc)
+T0 = datetime(2026, 11, 1, tzinfo=UTC)
 SETTINGS = lr.LivenessSettings()
 
 

@@ -67,8 +67,8 @@ def test_every_family_is_stored_by_exactly_one_stream():
 def _matches(pattern: str, subject: str) -> bool:
     p, s = pattern.split("."), subject.split(".")
     if p[-1] == ">":
-        return len(s) >= len(p) and all(a in ("*", b) for a, b in zip(p[:-1], s))
-    return len(p) == len(s) and all(a in ("*", b) for a, b in zip(p, s))
+        return len(s) >= len(p) and all(a in ("*", b) for a, b in zip(p[:-1], s, strict=False))
+    return len(p) == len(s) and all(a in ("*", b) for a, b in zip(p, s, strict=False))
 
 
 @pytest.mark.parametrize("bad", ["a.b", "a b", "*", ">", "", "-lead", "x" * 129, "a\r\nb", "ab\n"])

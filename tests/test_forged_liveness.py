@@ -7,7 +7,7 @@ agent dead, a dead one undying, or an agent suspect for as long as it likes.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -19,7 +19,7 @@ from projections.health import agent_health
 from projections.state import LedgerState
 from projections.views import agent_view
 
-T0 = datetime(2026, 11, 1, 12, tzinfo=timezone.utc)
+T0 = datetime(2026, 11, 1, 12, tzinfo=UTC)
 A1 = ev.Producer(id="a1", instance="i1")
 FORGER = ev.Producer(id="a1", instance="forger")
 FORGED_INCARNATION = 10**12

@@ -14,7 +14,7 @@ subject family must crash nothing.
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import msgspec
 import pytest
@@ -36,18 +36,18 @@ from ledgerctl.server import EmbeddedServer
 from projections.health import route_health
 from projections.state import LedgerState
 
-T0 = datetime(2026, 11, 1, 12, tzinfo=timezone.utc)
+T0 = datetime(2026, 11, 1, 12, tzinfo=UTC)
 CLI = ev.Producer(id="cli", instance="c1")
 FORGER = ev.Producer(id="operator-forger", instance="f1")
 """Forges times, not identities: it writes only what its role may (an operator's clock; a monitor's or an agent's
 below), so every fold takes its events and only their times are in question."""
 MONITOR_FORGER = ev.Producer(id="monitor-forger", instance="f2")
 A1 = ev.Producer(id="a1", instance="i1")
-FAR_FUTURE = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=timezone.utc)
+FAR_FUTURE = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
 HOUR = 3600.0
 
 declared_times = st.datetimes(min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 31),
-                              timezones=st.just(timezone.utc))
+                              timezones=st.just(UTC))
 """Any time a writer may declare, from the first years of the calendar to its last."""
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -11,7 +11,7 @@ from ledger import codec
 from ledger import events as ev
 from ledger import lifecycle as lc
 
-T0 = datetime(2026, 11, 1, tzinfo=timezone.utc)
+T0 = datetime(2026, 11, 1, tzinfo=UTC)
 A1 = ev.Producer(id="a1", instance="i1")
 A2 = ev.Producer(id="a2", instance="i2")
 CLI = ev.Producer(id="cli", instance="c")

@@ -7,7 +7,7 @@ import contextlib
 import subprocess
 import sys
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from click.testing import CliRunner
@@ -35,7 +35,7 @@ from projections.beats import Beat
 from projections.health import ALIVE, DEAD, SUSPECT, HealthPolicy, agent_health
 from projections.settings import ProjectionSettings
 
-T0 = datetime(2026, 11, 1, tzinfo=timezone.utc)
+T0 = datetime(2026, 11, 1, tzinfo=UTC)
 
 
 def at(seconds: float) -> datetime:
@@ -96,8 +96,7 @@ def test_ledger_up_tells_the_agents_and_views_the_policy_its_consumers_use():
                                                                                     dead_after=12)))
     line = env_line(up, DEFAULT_NATS_URL) or ""
     assert "LEDGER_SUSPECT_AFTER_MISSED=2" in line and "LEDGER_DEAD_AFTER=12" in line
-    assert HealthPolicy.from_env(dict(kv.split("=") for kv in line.split()[1:] if kv.startswith("LEDGER_S")
-                                      or kv.startswith("LEDGER_DEAD"))) == up.liveness.policy
+    assert HealthPolicy.from_env(dict(kv.split("=") for kv in line.split()[1:] if kv.startswith(("LEDGER_S", "LEDGER_DEAD")))) == up.liveness.policy
     assert "LEDGER_SUSPECT" not in (env_line(UpSettings(nats_url=None), DEFAULT_NATS_URL) or "")
 
 

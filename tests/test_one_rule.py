@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -20,7 +20,7 @@ from projections.errors import DatabaseBusy
 from projections.filelock import try_lock
 from projections.process import FileLock
 
-T0 = datetime(2026, 11, 1, tzinfo=timezone.utc)
+T0 = datetime(2026, 11, 1, tzinfo=UTC)
 RECLAIMER = ev.Producer(id="reclaimer", instance="r1")
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import msgspec
 import pytest
@@ -17,7 +17,7 @@ from projections.state import LedgerState
 from projections.timespec import parse_time
 from projections.views import agent_view, pool_views, route_view
 
-T0 = datetime(2026, 11, 1, 12, tzinfo=timezone.utc)
+T0 = datetime(2026, 11, 1, 12, tzinfo=UTC)
 A = ev.Producer(id="a1", instance="i1")
 
 
@@ -135,9 +135,9 @@ def test_apply_flags_events_of_superseded_incarnations_without_applying_them():
     ("-5m", T0 - timedelta(minutes=5)),
     ("-1h30m", T0 - timedelta(hours=1, minutes=30)),
     ("90s ago", T0 - timedelta(seconds=90)),
-    ("2026-11-01T10:00:00Z", datetime(2026, 11, 1, 10, tzinfo=timezone.utc)),
-    ("2026-11-01 10:00", datetime(2026, 11, 1, 10, tzinfo=timezone.utc)),
-    ("2026-11-01T12:00:00+02:00", datetime(2026, 11, 1, 10, tzinfo=timezone.utc)),
+    ("2026-11-01T10:00:00Z", datetime(2026, 11, 1, 10, tzinfo=UTC)),
+    ("2026-11-01 10:00", datetime(2026, 11, 1, 10, tzinfo=UTC)),
+    ("2026-11-01T12:00:00+02:00", datetime(2026, 11, 1, 10, tzinfo=UTC)),
 ])
 def test_times_as_people_type_them(text: str, expected: datetime):
     assert parse_time(text, now=T0) == expected

@@ -11,7 +11,8 @@ import pytest
 from helpers import eventually
 from test_store import created
 
-from ledger import jsapi, replay as replaying, subjects
+from ledger import jsapi, subjects
+from ledger import replay as replaying
 from ledger.codec import Recorded
 from ledger.errors import Unavailable
 from ledger.settings import Settings

@@ -35,7 +35,7 @@ TOKEN = "t0ken-s3cret"
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("LEDGER_")}
     return subprocess.run([*LEDGER, *args], capture_output=True, text=True, timeout=timeout,
-                          env={**clean, **(env or {})})
+                          env={**clean, **(env or {})}, check=False)
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess[str], *needles: str, hidden: str = "") -> str:
@@ -259,7 +259,7 @@ def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
 
 def make_ca(directory: Path, cn: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate, Path]:
     key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     cert = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(_name(cn)).public_key(key.public_key())
             .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(hours=1))
             .not_valid_after(now + dt.timedelta(days=1))
@@ -278,7 +278,7 @@ def make_leaf(directory: Path, cn: str, ca: tuple[ec.EllipticCurvePrivateKey, x5
               server: bool) -> tuple[Path, Path]:
     ca_key, ca_cert, _ = ca
     key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     builder = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(ca_cert.subject)
                .public_key(key.public_key()).serial_number(x509.random_serial_number())
                .not_valid_before(now - dt.timedelta(hours=1)).not_valid_after(now + dt.timedelta(days=1))

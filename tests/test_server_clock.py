@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -62,7 +62,7 @@ def test_a_stepped_server_clock_is_followed_within_the_window():
 def test_a_quiet_stream_keeps_the_last_estimate_and_nothing_means_the_fallback():
     fake = Fake(7 * S)
     clock = ServerClock(window=30.0, monotonic_ns=fake)
-    local = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    local = datetime(2026, 1, 1, tzinfo=UTC)
     assert clock.now_ns() is None and clock.now(lambda: local) == local
     clock.observe(fake.server_now())
     fake.mono += 3600 * S  # an hour without a message

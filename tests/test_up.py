@@ -38,7 +38,7 @@ def read_until(proc: subprocess.Popen[str], prefix: str, timeout: float = 30) ->
 
 def views(db: Path, url: str, *args: str) -> object:
     result = subprocess.run([*LEDGER, *args, "--json"], capture_output=True, text=True, timeout=60,
-                            env={**os.environ, "LEDGER_DB": str(db), "LEDGER_NATS_URL": url})
+                            env={**os.environ, "LEDGER_DB": str(db), "LEDGER_NATS_URL": url}, check=False)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -190,7 +190,7 @@ def test_up_on_a_taken_port_is_one_clear_line(tmp_path: Path):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         result = subprocess.run([*LEDGER, "up", "--port", str(taken.getsockname()[1]), "--data-dir", str(tmp_path)],
-                                capture_output=True, text=True, timeout=60)
+                                capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert [ln for ln in result.stderr.splitlines() if ln.startswith("Error")] == [
         ln for ln in result.stderr.splitlines() if ln.strip()], result.stderr
@@ -199,7 +199,7 @@ def test_up_on_a_taken_port_is_one_clear_line(tmp_path: Path):
 
 def test_demo_tells_a_failover_story_and_cleans_up():
     result = subprocess.run([*LEDGER, "demo", "--exit", "--agents", "3", "--sessions", "9"],
-                            capture_output=True, text=True, timeout=120)
+                            capture_output=True, text=True, timeout=120, check=False)
     out = result.stdout
     assert result.returncode == 0, out + result.stderr
     assert "Traceback" not in result.stderr
@@ -220,7 +220,7 @@ def test_demo_tells_a_failover_story_and_cleans_up():
 
 def test_demo_refuses_a_ttl_shorter_than_the_heartbeat():
     result = subprocess.run([*LEDGER, "demo", "--heartbeat", "2", "--ttl", "1"], capture_output=True, text=True,
-                            timeout=60)
+                            timeout=60, check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "--ttl (1) must be longer than --heartbeat (2)" in result.stderr
 

@@ -87,7 +87,7 @@ class OldServer:
 
 def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LEDGER_")}
-    return subprocess.run([*LEDGER, *args], capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run([*LEDGER, *args], capture_output=True, text=True, timeout=timeout, env=env, check=False)
 
 
 def assert_refused(result: subprocess.CompletedProcess[str], url: str) -> None:

@@ -12,8 +12,8 @@ import logging
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from .. import events as ev
-from ..errors import LedgerError
+from ledger import events as ev
+from ledger.errors import LedgerError
 
 if TYPE_CHECKING:
     from .handle import Agent

@@ -10,13 +10,23 @@ from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta
 from types import TracebackType
 
-from .. import authority, codec, decide, subjects, tasks
-from .. import events as ev
-from .. import lifecycle as lc
-from ..client import Ledger
-from ..codec import Recorded
-from ..errors import CapacityExhausted, Draining, Fenced, InvalidInput, LedgerError, NotAuthorized, NotFound, Superseded
-from ..ids import check_token, new_id
+from ledger import authority, codec, decide, subjects, tasks
+from ledger import events as ev
+from ledger import lifecycle as lc
+from ledger.client import Ledger
+from ledger.codec import Recorded
+from ledger.errors import (
+    CapacityExhausted,
+    Draining,
+    Fenced,
+    InvalidInput,
+    LedgerError,
+    NotAuthorized,
+    NotFound,
+    Superseded,
+)
+from ledger.ids import check_token, new_id
+
 from .drain import Drain
 from .lease import AgentStats, Lease, warn_if_slow_to_notice_a_silent_server
 from .registration import GOODBYE_TIMEOUT, Registration
@@ -163,7 +173,7 @@ class Agent:
             try:
                 self.goodbye_seq = await tasks.wait_for(self.store.append(event), GOODBYE_TIMEOUT)
                 log.info("%s: goodbye (incarnation %d, %s)", self.agent_id, self.incarnation, reason)
-            except (LedgerError, asyncio.TimeoutError) as e:
+            except (TimeoutError, LedgerError) as e:
                 log.warning("%s: goodbye not acknowledged (%s); the liveness monitor will notice",
                             self.agent_id, e or type(e).__name__)
             self.sessions.drop_all()
@@ -260,7 +270,7 @@ class Agent:
             return
         try:
             callback(*args)
-        except Exception:  # noqa: BLE001 - not ours to handle; ours is to keep the lease and the watch going
+        except Exception:
             log.exception("%s: %s raised", self.agent_id, getattr(callback, "__name__", "a callback"))
 
     def _shed_excess(self) -> None:

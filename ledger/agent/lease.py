@@ -16,10 +16,10 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .. import codec
-from .. import events as ev
-from ..errors import LedgerError
-from ..settings import Settings
+from ledger import codec
+from ledger import events as ev
+from ledger.errors import LedgerError
+from ledger.settings import Settings
 
 if TYPE_CHECKING:
     from .handle import Agent

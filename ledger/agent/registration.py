@@ -11,12 +11,12 @@ import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from .. import lifecycle as lc
-from .. import events as ev
-from .. import subjects, tasks
-from ..client import Ledger
-from ..codec import Recorded
-from ..errors import LedgerError
+from ledger import events as ev
+from ledger import lifecycle as lc
+from ledger import subjects, tasks
+from ledger.client import Ledger
+from ledger.codec import Recorded
+from ledger.errors import LedgerError
 
 if TYPE_CHECKING:
     from .handle import Agent
@@ -62,7 +62,7 @@ class KnownRegistrations:
         for i in range(0, len(missing), PREFETCH_CONCURRENCY):
             chunk = missing[i:i + PREFETCH_CONCURRENCY]
             found = await asyncio.gather(*(self._ledger.registrations(a, min_last_seq=floor) for a in chunk))
-            for agent_id, seqs in zip(chunk, found):
+            for agent_id, seqs in zip(chunk, found, strict=False):
                 if agent_id not in self.known:
                     self.known[agent_id] = sorted(seqs)
 
@@ -146,7 +146,7 @@ class Registration:
         future, started, registration = self.pending
         try:
             incarnation = await tasks.wait_for(asyncio.shield(future), GOODBYE_TIMEOUT)
-        except (LedgerError, asyncio.TimeoutError):
+        except (TimeoutError, LedgerError):
             return
         self._agent._adopt(incarnation, started, registration)
 

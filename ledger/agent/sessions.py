@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import msgspec
 
-from .. import lifecycle as lc
+from ledger import lifecycle as lc
 
 
 class Claim(msgspec.Struct, frozen=True):

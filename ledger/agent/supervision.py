@@ -6,7 +6,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Coroutine
 
-from .. import tasks
+from ledger import tasks
 
 log = logging.getLogger(__name__)
 

@@ -14,12 +14,13 @@ import logging
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from .. import events as ev
-from .. import lifecycle as lc
-from .. import subjects
-from ..codec import Recorded, Unreadable
-from ..errors import LedgerError
-from ..replay import Replay
+from ledger import events as ev
+from ledger import lifecycle as lc
+from ledger import subjects
+from ledger.codec import Recorded, Unreadable
+from ledger.errors import LedgerError
+from ledger.replay import Replay
+
 from .registration import PREFETCH_CONCURRENCY, KnownRegistrations
 
 if TYPE_CHECKING:
@@ -89,10 +90,10 @@ class Watch:
                             start = item.seq + 1  # only once judged: a read that failed is tried again
                             a.sessions.watched_to(start)
                         a.sessions.watched_to(start, prune=True)
-                except (LedgerError, asyncio.TimeoutError) as e:
+                except (TimeoutError, LedgerError) as e:
                     log.debug("%s: watch interrupted (%s); resuming at #%d", a.agent_id, e, start)
                     await asyncio.sleep(0.5)
-                except Exception:  # noqa: BLE001 - a bug here must not leave a beating agent that no longer watches
+                except Exception:
                     log.exception("%s: watch failed at #%d; trying again", a.agent_id, start)
                     await asyncio.sleep(1.0)
         finally:
@@ -234,7 +235,7 @@ class Watch:
         for i in range(0, len(keys), PREFETCH_CONCURRENCY):
             chunk = keys[i:i + PREFETCH_CONCURRENCY]
             states = await asyncio.gather(*(self._session_before(sid, seq) for sid, seq in chunk))
-            self._prefetched.update(zip(chunk, states))
+            self._prefetched.update(zip(chunk, states, strict=False))
 
     async def _session_before(self, session_id: str, seq: int) -> lc.SessionState | None:
         """The session's state just before `seq`, folded from its history as the projections fold it."""
@@ -257,7 +258,7 @@ class Watch:
         for i in range(0, len(missing), PREFETCH_CONCURRENCY):
             chunk = missing[i:i + PREFETCH_CONCURRENCY]
             found = await asyncio.gather(*(a.store.history("agent", x, min_last_seq=floor) for x in chunk))
-            for agent_id, items in zip(chunk, found):
+            for agent_id, items in zip(chunk, found, strict=False):
                 records = [r for r in items if isinstance(r, Recorded)]
                 self._agents_read[agent_id] = (floor, lc.agents_lookup({agent_id: records}))
         known = {x: self._agents_read[x][1] for x in agents}

@@ -36,6 +36,21 @@ Without a lookup the check is skipped (a caller that has only one history).
 
 from __future__ import annotations
 
+from .agents import (
+    A_ALIVE,
+    A_DEAD,
+    A_DRAINED,
+    A_DRAINING,
+    A_FENCED,
+    A_GONE,
+    AgentAt,
+    AgentState,
+    CurrentIncarnation,
+    IncarnationAt,
+    evolve_agent,
+    incarnation_problem,
+    superseded_by,
+)
 from .anomalies import (
     AFTER_FINAL,
     DUPLICATE,
@@ -52,47 +67,17 @@ from .anomalies import (
     Evolved,
     writer_problem,
 )
-from .agents import (
-    A_ALIVE,
-    A_DEAD,
-    A_DRAINED,
-    A_DRAINING,
-    A_FENCED,
-    A_GONE,
-    AgentAt,
-    AgentState,
-    CurrentIncarnation,
-    IncarnationAt,
-    evolve_agent,
-    incarnation_problem,
-    superseded_by,
+from .lookups import (
+    agents_acting,
+    agents_lookup,
+    claims_lookup,
+    fold,
+    owners_judged,
+    registrations_lookup,
 )
-from .sessions import (
-    CLAIMABLE,
-    CLAIM_REASONS,
-    NO_OWNER_STATE,
-    OWNER_DEAD,
-    OWNER_DRAINING,
-    OWNER_FENCED,
-    OWNER_GONE,
-    OWNER_SUPERSEDED,
-    OWNER_UNKNOWN,
-    SESSION_STATES,
-    S_ASSIGNED,
-    S_ORPHANED,
-    S_PENDING,
-    S_RELEASED,
-    S_TERMINATED,
-    SessionAt,
-    SessionState,
-    claim_problem,
-    evolve_session,
-    owner_replaceable,
-    orphan_problem,
-    owner_write_problem,
-    owns,
-    session_event_problem,
-    terminate_problem,
+from .pools import (
+    PoolState,
+    evolve_pool,
 )
 from .routes import (
     FAILED_TO_START,
@@ -111,17 +96,32 @@ from .routes import (
     route_status,
     route_transition_error,
 )
-from .pools import (
-    PoolState,
-    evolve_pool,
-)
-from .lookups import (
-    agents_acting,
-    agents_lookup,
-    claims_lookup,
-    fold,
-    owners_judged,
-    registrations_lookup,
+from .sessions import (
+    CLAIM_REASONS,
+    CLAIMABLE,
+    NO_OWNER_STATE,
+    OWNER_DEAD,
+    OWNER_DRAINING,
+    OWNER_FENCED,
+    OWNER_GONE,
+    OWNER_SUPERSEDED,
+    OWNER_UNKNOWN,
+    S_ASSIGNED,
+    S_ORPHANED,
+    S_PENDING,
+    S_RELEASED,
+    S_TERMINATED,
+    SESSION_STATES,
+    SessionAt,
+    SessionState,
+    claim_problem,
+    evolve_session,
+    orphan_problem,
+    owner_replaceable,
+    owner_write_problem,
+    owns,
+    session_event_problem,
+    terminate_problem,
 )
 
 __all__ = [

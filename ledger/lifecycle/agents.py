@@ -7,10 +7,18 @@ from datetime import datetime
 
 import msgspec
 
-from .. import events as ev
-from ..codec import Recorded
-from .anomalies import (ILLEGAL_TRANSITION, SUPERSEDED_INCARNATION, UNKNOWN_ENTITY, UNKNOWN_INCARNATION, Anomaly,
-                        Evolved, writer_problem)
+from ledger import events as ev
+from ledger.codec import Recorded
+
+from .anomalies import (
+    ILLEGAL_TRANSITION,
+    SUPERSEDED_INCARNATION,
+    UNKNOWN_ENTITY,
+    UNKNOWN_INCARNATION,
+    Anomaly,
+    Evolved,
+    writer_problem,
+)
 
 A_ALIVE, A_DRAINING, A_DRAINED, A_DEAD, A_GONE = "alive", "draining", "drained", "dead", "gone"
 A_FENCED = "fenced"

@@ -15,8 +15,9 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from .. import authority
-from .. import events as ev
+from ledger import authority
+from ledger import events as ev
+
 
 class Anomaly(msgspec.Struct, frozen=True):
     """An event that reached the log but must not change state: flagged, never applied."""

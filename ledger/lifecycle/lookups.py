@@ -11,11 +11,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from .. import events as ev
-from ..codec import Recorded
+from ledger import events as ev
+from ledger.codec import Recorded
+
 from .agents import AgentAt, AgentState, IncarnationAt, evolve_agent
 from .anomalies import Anomaly, Evolved, writer_problem
 from .sessions import SessionAt, SessionState, evolve_session
+
 
 def fold(evolve: Callable[..., Evolved[Any]], records: Iterable[Recorded],
          *lookups: Any) -> tuple[Any, list[tuple[int, Anomaly]]]:

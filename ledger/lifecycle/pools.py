@@ -6,8 +6,9 @@ from datetime import datetime
 
 import msgspec
 
-from .. import events as ev
-from ..codec import Recorded
+from ledger import events as ev
+from ledger.codec import Recorded
+
 from .anomalies import ILLEGAL_TRANSITION, Anomaly, Evolved, writer_problem
 
 _replace = msgspec.structs.replace

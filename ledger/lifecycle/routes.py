@@ -6,10 +6,19 @@ from datetime import datetime
 
 import msgspec
 
-from .. import events as ev
-from ..codec import Recorded
-from .anomalies import AFTER_FINAL, DUPLICATE, ILLEGAL_TRANSITION, STALE_TOKEN, UNKNOWN_ENTITY, Anomaly, Evolved, \
-    writer_problem
+from ledger import events as ev
+from ledger.codec import Recorded
+
+from .anomalies import (
+    AFTER_FINAL,
+    DUPLICATE,
+    ILLEGAL_TRANSITION,
+    STALE_TOKEN,
+    UNKNOWN_ENTITY,
+    Anomaly,
+    Evolved,
+    writer_problem,
+)
 from .sessions import SessionAt
 
 PENDING, STARTING, WARMING_UP = "PENDING", "STARTING", "WARMING_UP"

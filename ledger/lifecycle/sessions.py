@@ -15,12 +15,34 @@ from typing import Any
 
 import msgspec
 
-from .. import events as ev
-from ..codec import Recorded
-from .agents import A_DEAD, A_DRAINED, A_DRAINING, A_FENCED, A_GONE, AgentAt, AgentState, CurrentIncarnation, \
-    IncarnationAt, incarnation_problem
-from .anomalies import (AFTER_FINAL, DUPLICATE, ILLEGAL_TRANSITION, LIVE_OWNER, OVERLAPPING_CLAIM,
-                        STALE_TOKEN, SUPERSEDED_INCARNATION, UNKNOWN_ENTITY, Anomaly, Evolved, writer_problem)
+from ledger import events as ev
+from ledger.codec import Recorded
+
+from .agents import (
+    A_DEAD,
+    A_DRAINED,
+    A_DRAINING,
+    A_FENCED,
+    A_GONE,
+    AgentAt,
+    AgentState,
+    CurrentIncarnation,
+    IncarnationAt,
+    incarnation_problem,
+)
+from .anomalies import (
+    AFTER_FINAL,
+    DUPLICATE,
+    ILLEGAL_TRANSITION,
+    LIVE_OWNER,
+    OVERLAPPING_CLAIM,
+    STALE_TOKEN,
+    SUPERSEDED_INCARNATION,
+    UNKNOWN_ENTITY,
+    Anomaly,
+    Evolved,
+    writer_problem,
+)
 
 S_PENDING, S_ASSIGNED, S_ORPHANED, S_RELEASED, S_TERMINATED = "pending", "assigned", "orphaned", "released", "terminated"
 SESSION_STATES = (S_PENDING, S_ASSIGNED, S_ORPHANED, S_RELEASED, S_TERMINATED)

@@ -23,12 +23,12 @@ from ledger.codec import Recorded
 from ledger.events import Producer
 from ledger.ids import new_id
 from ledger.subjects import LEDGER_STREAM
+from ledgerctl.server import free_port
+from ledgerctl.stack import Stack, UpSettings, running_stack
 from projections.process import tune_gc
 from projections.query import Query
 from projections.state import Change, LifecycleState
 
-from ..server import free_port
-from ..stack import Stack, UpSettings, running_stack
 from . import tables
 from .common import async_command, echo, stop_signals
 from .up import env_line
