@@ -283,15 +283,15 @@ def _crashing_cli() -> click.Group:
     return probe
 
 
-def test_an_unexpected_exception_is_one_line_saying_it_is_a_bug_and_where_its_traceback_is(tmp_path: Path,
-                                                                                          monkeypatch: pytest.MonkeyPatch):
-    from ledgerctl.cli.common import BOUNDARY_EXIT
+def test_an_unexpected_exception_is_one_line_saying_it_is_a_bug_and_where_its_traceback_is(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from ledgerctl.cli.common import BUG_EXIT
 
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     result = CliRunner().invoke(_crashing_cli(), ["crash"])
-    assert result.exit_code == BOUNDARY_EXIT, result.output
-    lines = _error_lines(result.stderr)
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.exit_code == BUG_EXIT, result.output
+    lines = _error_lines(result.output)  # stdout and stderr
+    assert len(lines) == 1 and "Traceback" not in result.output, result.output
     assert "bug" in lines[0] and "RuntimeError: an invariant broke" in lines[0], lines
     saved = re.search(r"traceback in (\S+)", lines[0])
     assert saved, lines[0]
