@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import sqlite3
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
+from ledger.errors import PortInUse
 from ledgerctl.cli import cli
 from ledgerctl.server import free_port
 
@@ -48,12 +50,15 @@ class Case:
 
     Placeholders in args: {url} a live server with the ledger's streams, {refused} a loopback port nobody
     listens on, {busy} the live server's port, {port} a free port, {file} a regular file, {garbage} a file of
-    junk, {projection} a real projection file, {tmp} this case's directory. `cwd`: where it runs ({tmp}).
+    junk, {projection} a real projection file, {corrupt} one with its pages overwritten, {fake_server} an
+    executable that is not nats-server, {tmp} this case's directory. `cwd`: where it runs; `env`: NAME=VALUE
+    for its environment.
     """
 
     args: str
     names: str
     cwd: str = "{tmp}"
+    env: str = ""
     xfail: str = ""
 
 
@@ -66,7 +71,9 @@ def connecting(command: str) -> list[Case]:
     return [Case(f"{command} --nats-url {{refused}}", r"cannot reach NATS at nats://127\.0\.0\.1:\d+"),
             Case(f"{command} --nats-url {BAD_URL}", RANGE),
             Case(f"{command} --nats-url {{refused}} --creds {{tmp}}/missing.creds", r"missing\.creds"),
-            Case(f"{command} --nats-url {{refused}} --tls-ca {{garbage}}", r"TLS CA file .*garbage")]
+            Case(f"{command} --nats-url {{refused}} --tls-ca {{garbage}}", r"TLS CA file .*garbage"),
+            Case(f"{command} --nats-url {{refused}} --nkey-seed {{garbage}}", r"nkey seed file .*garbage"),
+            Case(f"{command} --nats-url {{refused}}", "connect_timeout", env="LEDGER_CONNECT_TIMEOUT=soon")]
 
 
 VIEW = "--nats-url {refused} --db"
@@ -76,6 +83,7 @@ CASES: dict[str, list[Case]] = {
               Case("agent --agent-id a1 --pool p --heartbeat 5 --ttl 2", "--ttl"),
               Case("agent --agent-id 'bad id' --pool p --nats-url {url}", "bad id")],
     "agents": [Case(f"agents {VIEW} {{garbage}}", r"garbage is not a projection"),
+               Case(f"agents {VIEW} {{corrupt}}", r"corrupt\.sqlite3 is not a projection"),
                Case(f"agents {VIEW} {NO_DIR}/p.sqlite3", f"no projection at {NO_DIR}"),
                Case("agents --nats-url {url} --db {projection} --at-seq 99999999999999999999", "99999999999999999999"),
                xfail_time(f"agents {VIEW} {{projection}} --as-of -999999999d"),
@@ -103,9 +111,11 @@ CASES: dict[str, list[Case]] = {
              Case("demo --exit --port {port} --data-dir {file}/x", r"file/x"),
              Case("demo --exit --port {busy} --data-dir {tmp}/d", r"port 127\.0\.0\.1:\d+ is already in use"),
              Case(f"demo --exit --port {RANGE}", "--port"),
-             Case("demo --exit --agents 99", "--agents")],
+             Case("demo --exit --agents 99", "--agents"),
+             Case("demo --exit --port {port} --data-dir /proc", "/proc is not empty")],
     "doctor": [*connecting("doctor"),
                Case("doctor --nats-url {url} --db {garbage}", r"garbage is not a projection"),
+               Case("doctor --nats-url {url} --db {corrupt}", r"corrupt\.sqlite3 is not a projection"),
                Case("doctor --nats-url {url} --stale-after -1", "--stale-after")],
     "history": [*connecting("history session s1"),
                 Case("history session no-such-session --nats-url {url}", "no-such-session"),
@@ -124,6 +134,7 @@ CASES: dict[str, list[Case]] = {
                 Case("project --nats-url {url} --db {file}/p.sqlite3", r"file"),
                 Case("project --nats-url {url}", "ledger-data", cwd="/proc"),  # an unwritable working directory
                 Case("project --nats-url {url} --db {garbage}", r"garbage is not a projection"),
+                Case("project --nats-url {url} --db {corrupt}", r"corrupt\.sqlite3 is not a projection"),
                 Case("project --nats-url {url} --db {tmp}/p.sqlite3 --snapshot-every -1", "--snapshot-every")],
     "rebuild": [*connecting("rebuild --db {tmp}/p.sqlite3"),
                 Case(f"rebuild --nats-url {{url}} --db {NO_DIR}/p.sqlite3", NO_DIR),
@@ -153,7 +164,10 @@ CASES: dict[str, list[Case]] = {
                Case("server --port {port} --monitor-port {busy} --data-dir {tmp}/d", r"monitor port .* in use"),
                Case(f"server --port {RANGE}", "--port"),
                Case("server --port {port} --host 256.1.1.1 --data-dir {tmp}/d", r"256\.1\.1\.1(?!.*in use)"),
-               Case("server --port {port} --data-dir {tmp}/d --nats-server-bin {file}", r"--nats-server-bin")],
+               Case("server --port {port} --data-dir {tmp}/d --nats-server-bin {file}", r"--nats-server-bin"),
+               Case("server --port {port} --data-dir {tmp}/d --nats-server-bin {fake_server}",
+                    "does not look like nats-server"),
+               Case("server --port {port}", NO_DIR, env=f"LEDGER_DATA_DIR={NO_DIR}")],
     "session create": [*connecting("session create --pool gpu"),
                        Case("session create --pool gpu --session-id 'bad id' --nats-url {url}", "bad id"),
                        Case("session create --pool gpu --idle-ttl 1e400 --nats-url {url}", "idle_ttl")],
@@ -163,6 +177,7 @@ CASES: dict[str, list[Case]] = {
                           Case("session terminate no-such-session --nats-url {url}", "no-such-session")],
     "sessions": [Case(f"sessions {VIEW} {{garbage}}", r"garbage is not a projection"),
                  Case(f"sessions {VIEW} {NO_DIR}/p.sqlite3", f"no projection at {NO_DIR}"),
+                 Case(f"sessions {VIEW} {{corrupt}}", r"corrupt\.sqlite3 is not a projection"),
                  Case(f"sessions {VIEW} {{projection}} --state flying", "--state"),
                  xfail_time(f"sessions {VIEW} {{projection}} --as-of -999999999d"),
                  xfail_time("sessions --nats-url {url} --db {projection} --as-of 2300-01-01")],
@@ -176,6 +191,8 @@ CASES: dict[str, list[Case]] = {
            Case("up --nats-url {refused}", r"cannot reach NATS at nats://127\.0\.0\.1:\d+"),
            Case(f"up --nats-url {BAD_URL}", RANGE),
            Case("up --nats-url {url} --db {garbage}", r"garbage is not a projection"),
+           Case("up --nats-url {url} --db {corrupt}", r"corrupt\.sqlite3 is not a projection"),
+           Case("up --port {port}", NO_DIR, env=f"LEDGER_DATA_DIR={NO_DIR}"),
            Case(f"up --nats-url {{url}} --db {NO_DIR}/p.sqlite3", NO_DIR),
            Case("up --nats-url {url} --db {file}/p.sqlite3", r"file"),
            Case("up --nats-url {url} --data-dir {file}/x", r"file/x")],
@@ -201,6 +218,8 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = tmp_path_factory.mktemp("inputs")
     (base / "file").write_text("a plain file\n")
     (base / "garbage").write_bytes(b"\x00junk, not SQLite, not PEM, not JSON\n" * 8)
+    (base / "fake-server").write_text("#!/bin/sh\necho hello\n")
+    (base / "fake-server").chmod(0o755)
     return base
 
 
@@ -226,6 +245,15 @@ def projection(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
     return db
 
 
+@pytest.fixture(scope="module")
+def corrupt(projection: Path) -> Path:
+    """The projection with SQLite's header kept and every page after it overwritten."""
+    data = projection.read_bytes()
+    path = projection.with_name("corrupt.sqlite3")
+    path.write_bytes(data[:100] + b"\xff" * (len(data) - 100))
+    return path
+
+
 def _env(**extra: str) -> dict[str, str]:
     """The caller's environment without its LEDGER_* settings; a short connect timeout for the refused ports."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LEDGER_")}
@@ -240,16 +268,20 @@ def _error_lines(stderr: str) -> list[str]:
 def test_a_failure_is_one_line_naming_the_problem(case: Case, request: pytest.FixtureRequest, files: Path,
                                                   tmp_path: Path):
     values = {"tmp": str(tmp_path), "file": str(files / "file"), "garbage": str(files / "garbage"),
-              "refused": f"nats://127.0.0.1:{free_port()}", "port": str(free_port())}
+              "fake_server": str(files / "fake-server"), "refused": f"nats://127.0.0.1:{free_port()}",
+              "port": str(free_port())}
     if "{url}" in case.args or "{busy}" in case.args:
         url = request.getfixturevalue("nats_server").url
         values |= {"url": url, "busy": url.rsplit(":", 1)[1]}
     if "{projection}" in case.args:
         values["projection"] = str(request.getfixturevalue("projection"))
+    if "{corrupt}" in case.args:
+        values["corrupt"] = str(request.getfixturevalue("corrupt"))
     if "--out {tmp}/" in case.args:
         _auth_dirs(tmp_path)
     args = [part.format(**values) for part in _split(case.args)]
-    result = subprocess.run([*LEDGER, *args], capture_output=True, text=True, timeout=60, env=_env(),
+    env = _env(**dict([case.env.split("=", 1)])) if case.env else _env()
+    result = subprocess.run([*LEDGER, *args], capture_output=True, text=True, timeout=60, env=env,
                             cwd=case.cwd.format(**values))
     shown = f"ledger {' '.join(args)}\nexit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
     assert result.returncode != 0, shown
@@ -307,3 +339,18 @@ def test_minus_v_shows_the_traceback_of_an_expected_failure_too(tmp_path: Path):
     assert "Traceback" in loud.stderr, loud.stderr
     assert _error_lines(loud.stderr) == _error_lines(quiet.stderr), loud.stderr
     assert loud.returncode == quiet.returncode == 1
+
+
+@pytest.mark.parametrize("failure, line", [
+    (FileNotFoundError(2, "No such file or directory", "/nope/x"), "/nope/x: No such file or directory"),
+    (sqlite3.OperationalError("database is locked"), "SQLite: database is locked"),
+    (ExceptionGroup("parts", [ConnectionRefusedError(111, "Connection refused"), PortInUse("port 1 in use")]),
+     "Connection refused; port 1 in use"),
+    (sqlite3.IntegrityError("datatype mismatch"), None),  # our SQL given a value it should not have been: a bug
+    (ExceptionGroup("parts", [PortInUse("port 1 in use"), KeyError("state")]), None),  # one part nobody expected
+    (ValueError("invalid literal for int()"), None),
+])
+def test_what_the_boundary_knows_and_what_it_calls_a_bug(failure: Exception, line: str | None):
+    from ledgerctl.cli.common import failure_message
+
+    assert failure_message(failure) == line
