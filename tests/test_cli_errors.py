@@ -15,6 +15,7 @@ import shlex
 import sqlite3
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -280,7 +281,7 @@ def test_a_failure_is_one_line_naming_the_problem(case: Case, request: pytest.Fi
     if "--out {tmp}/" in case.args:
         _auth_dirs(tmp_path)
     args = [part.format(**values) for part in _split(case.args)]
-    env = _env(**dict([case.env.split("=", 1)])) if case.env else _env()
+    env = _env(TMPDIR=str(tmp_path), **dict([case.env.split("=", 1)] if case.env else []))  # a bug's traceback: here
     result = subprocess.run([*LEDGER, *args], capture_output=True, text=True, timeout=60, env=env,
                             cwd=case.cwd.format(**values))
     shown = f"ledger {' '.join(args)}\nexit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
@@ -319,7 +320,7 @@ def test_an_unexpected_exception_is_one_line_saying_it_is_a_bug_and_where_its_tr
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     from ledgerctl.cli.common import BUG_EXIT
 
-    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the traceback goes
     result = CliRunner().invoke(_crashing_cli(), ["crash"])
     assert result.exit_code == BUG_EXIT, result.output
     lines = _error_lines(result.output)  # stdout and stderr
@@ -327,7 +328,11 @@ def test_an_unexpected_exception_is_one_line_saying_it_is_a_bug_and_where_its_tr
     assert "bug" in lines[0] and "RuntimeError: an invariant broke" in lines[0], lines
     saved = re.search(r"traceback in (\S+)", lines[0])
     assert saved, lines[0]
-    assert "RuntimeError: an invariant broke" in Path(saved[1].rstrip(";,)")).read_text()
+    assert "RuntimeError: an invariant broke" in Path(saved[1]).read_text()
+
+    loud = CliRunner().invoke(_crashing_cli(), ["-v", "crash"])
+    assert loud.exit_code == BUG_EXIT and "Traceback" in loud.output, loud.output
+    assert "traceback above" in _error_lines(loud.output)[0], loud.output
 
 
 def test_minus_v_shows_the_traceback_of_an_expected_failure_too(tmp_path: Path):

@@ -126,8 +126,8 @@ class LedgerGroup(click.Group):
                 traceback.print_exception(e, file=sys.stderr)
             message = failure_message(e)
             if message is not None:
-                raise click.ClickException(message) from None
-            raise BugReport(bug_message(e, saved=None if verbose else save_traceback(e))) from None
+                raise click.ClickException(_one_line(message) if "\n" in message else message) from None
+            raise BugReport(bug_message(e, "traceback above" if verbose else save_traceback(e))) from None
 
 
 class BugReport(click.ClickException):
@@ -140,7 +140,7 @@ def failure_message(e: BaseException) -> str | None:
         messages = [failure_message(part) for part in _leaves(e)]
         return None if any(m is None for m in messages) else "; ".join(dict.fromkeys(m for m in messages if m))
     if isinstance(e, LedgerError):
-        return str(e)
+        return str(e) or type(e).__name__
     if isinstance(e, ssl.SSLError):  # before OSError, of which it is one
         return f"TLS: {e.reason or e}"
     if isinstance(e, nats.errors.Error):  # one nats-py did not map below us: its text starts with "nats:"
@@ -159,8 +159,8 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
 
 def _os_error(e: OSError) -> str:
     """'PATH: what is wrong with it' - a missing parent, a file where a directory should be, no permission."""
-    if e.filename is None:
-        return _one_line(e.strerror or str(e))
+    if e.filename is None:  # a refused connection, a timeout (TimeoutError is an OSError)
+        return _one_line(e.strerror or str(e)) or type(e).__name__
     given = os.fsdecode(e.filename)
     path = given if os.path.isabs(given) else f"{given} (in {os.getcwd()})"
     if isinstance(e, FileExistsError) and os.path.isfile(given):  # mkdir of a directory whose place a file holds
@@ -173,18 +173,19 @@ def _one_line(text: str) -> str:
 
 
 def save_traceback(e: BaseException) -> str | None:
-    """Write the traceback to a file of its own for the bug report; its path, or None when that failed too."""
+    """Write the traceback to a file of its own for the bug report: "traceback in PATH", or None if that failed."""
     try:
         fd, path = tempfile.mkstemp(prefix="ledger-traceback-", suffix=".txt")
         with os.fdopen(fd, "w") as f:
             traceback.print_exception(e, file=f)
     except OSError:
         return None
-    return path
+    return f"traceback in {path}"
 
 
-def bug_message(e: BaseException, saved: str | None) -> str:
-    where = f"traceback in {saved}" if saved else "run with -v to see the traceback"
+def bug_message(e: BaseException, traceback_at: str | None) -> str:
+    """`traceback_at`: where the traceback is ("traceback above", "traceback in PATH"), None when nowhere."""
+    where = traceback_at or "run with -v to see the traceback"
     return f"internal error (a bug in ledger): {type(e).__name__}: {_one_line(str(e))[:160]}; {where}"
 
 
