@@ -188,3 +188,11 @@ class CapacityExhausted(LedgerError):
 
 class NotAuthorized(InvalidInput):
     """The producer may not write this event (`ledger.authority`): every fold would flag it, so it is not written."""
+
+
+# --- the embedded nats-server's place -----------------------------------------
+
+
+class DataDirUnusable(ServerError):
+    """The embedded server's data directory cannot be created or written (a missing parent, a file in the way,
+    no permission)."""

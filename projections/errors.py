@@ -36,3 +36,7 @@ class UnknownEntity(ProjectionError, LookupError):
 
 class NeedsEventStore(ProjectionError):
     """The query needs JetStream (time travel, history) but no event store was given."""
+
+
+class NotCaughtUp(ProjectionError, TimeoutError):
+    """The projector did not reach the streams' ends in the time it was given (`Projector.ready`)."""

@@ -42,7 +42,7 @@ from ledger.subjects import HEARTBEAT_STREAM, LEDGER_STREAM
 
 from . import deadletters, snapshots
 from .db import Batch, ProjectionDB
-from .errors import ProjectionError, StreamChanged
+from .errors import NotCaughtUp, ProjectionError, StreamChanged
 from .follow import Follower, Item
 from .pending import Pending
 from .process import FileLock
@@ -324,7 +324,7 @@ class Projector:
         if self._task.done():
             self._task.result()
         if not self.caught_up.is_set():
-            raise TimeoutError(f"the projector did not catch up within {timeout} s")
+            raise NotCaughtUp(f"the projector did not catch up within {timeout} s")
 
     async def wait_for(self, seq: int, stream: str = LEDGER_STREAM, timeout: float = 10.0) -> None:
         """Wait until `stream` is committed up to `seq` (read-your-writes for tests and tools)."""

@@ -9,7 +9,7 @@ from ledger import __version__
 from .agent import agent_command
 from .auth import auth_group
 from .check import check_command
-from .common import setup_logging
+from .common import LedgerGroup, setup_logging
 from .consumers import consumers_command, pool_group
 from .demo import demo_command
 from .doctor import doctor_command
@@ -21,7 +21,7 @@ from .up import up_command
 from .views import VIEW_COMMANDS
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=LedgerGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="ledger")
 @click.option("-v", "--verbose", count=True, help="More log output on stderr (-v info, -vv debug).")
 def cli(verbose: int) -> None:

@@ -35,7 +35,7 @@ from pathlib import Path
 import click
 import nkeys
 
-from ledger.errors import ConfigError, InvalidInput, LedgerError
+from ledger.errors import ConfigError, InvalidInput
 from ledger.ids import check_token
 from ledgerctl import certs, permissions
 
@@ -98,6 +98,9 @@ class AuthDir:
                               f"{self.out}` first") from None
         except (OSError, ValueError) as e:
             raise ConfigError(f"cannot read {self.out / MANIFEST}: {e}") from None
+        wrong = _manifest_problem(self.manifest)
+        if wrong:
+            raise ConfigError(f"{self.out / MANIFEST} is not a manifest `ledger auth init` wrote: {wrong}")
         return self
 
     @property
@@ -204,6 +207,20 @@ class AuthDir:
         _write(self.out / MANIFEST, (json.dumps(self.manifest, indent=2, sort_keys=True) + "\n").encode(), secret=False)
 
 
+_MANIFEST_FIELDS = {"users": dict, "replicas": list, "tls_hosts": list, "env_dir": str}
+_JSON_NAMES: dict[type, str] = {dict: "object", list: "array", str: "string"}
+
+
+def _manifest_problem(manifest: object) -> str | None:
+    """What is wrong with a loaded auth.json, if anything: it is read back field by field."""
+    if not isinstance(manifest, dict):
+        return f"a JSON {_JSON_NAMES.get(type(manifest), type(manifest).__name__)}, not an object"
+    for name, kind in _MANIFEST_FIELDS.items():
+        if not isinstance(manifest.get(name), kind):
+            return f"{name!r} is missing or not a JSON {_JSON_NAMES[kind]}"
+    return None
+
+
 def _agent_users(agent_ids: tuple[str, ...]) -> list[str]:
     users = []
     for agent_id in agent_ids:
@@ -218,10 +235,6 @@ def _mkdir(out: Path) -> None:
         out.chmod(0o700)
     except OSError as e:
         raise ConfigError(f"cannot use {out}: {e.strerror or e}") from None
-
-
-def _fail(e: LedgerError | OSError) -> click.ClickException:
-    return click.ClickException(str(e) if isinstance(e, LedgerError) else f"{e.filename}: {e.strerror or e}")
 
 
 @click.group("auth")
@@ -266,37 +279,34 @@ def auth_init(out: Path, agents: tuple[str, ...], replicas: tuple[str, ...], tls
     --tls the certificates and DIR/tls.conf, DIR/cluster-tls.conf. Refuses to replace existing credentials
     unless --force; --if-missing keeps them.
     """
-    try:
-        if if_missing and force:
-            raise InvalidInput("--if-missing and --force contradict each other")
-        if tls and not hosts:
-            raise InvalidInput("--tls needs at least one --host (the names clients use to reach the server)")
-        if hosts and not tls:
-            raise InvalidInput("--host is for the server certificate: add --tls")
-        agent_users = _agent_users(agents)
-        d = AuthDir(out, env_dir)
-        if d.exists and not force:
-            if not if_missing:
-                raise ConfigError(f"{out} already holds credentials: --if-missing keeps them, --force replaces "
-                                  "them (every user then needs its new files)")
-            d.load()
-            added = [u for u in agent_users if u not in d.manifest["users"]]
-            for user in added:
-                d.add_user(user)
-            d.save()  # also lays out the per-consumer directories of a DIR written before them
-            click.echo(f"kept the credentials in {out}" + (f"; added {', '.join(added)}" if added else ""))
-            return
-        _mkdir(out)
-        if replicas:
-            d.manifest["replicas"] = [check_token(r, "replica name") for r in replicas]
-        if tls:
-            d.make_tls(list(hosts))
-        users = [*permissions.ROLE_USERS, *agent_users]
-        for user in users:
+    if if_missing and force:
+        raise InvalidInput("--if-missing and --force contradict each other")
+    if tls and not hosts:
+        raise InvalidInput("--tls needs at least one --host (the names clients use to reach the server)")
+    if hosts and not tls:
+        raise InvalidInput("--host is for the server certificate: add --tls")
+    agent_users = _agent_users(agents)
+    d = AuthDir(out, env_dir)
+    if d.exists and not force:
+        if not if_missing:
+            raise ConfigError(f"{out} already holds credentials: --if-missing keeps them, --force replaces "
+                              "them (every user then needs its new files)")
+        d.load()
+        added = [u for u in agent_users if u not in d.manifest["users"]]
+        for user in added:
             d.add_user(user)
-        d.save()
-    except (LedgerError, OSError) as e:
-        raise _fail(e) from None
+        d.save()  # also lays out the per-consumer directories of a DIR written before them
+        click.echo(f"kept the credentials in {out}" + (f"; added {', '.join(added)}" if added else ""))
+        return
+    _mkdir(out)
+    if replicas:
+        d.manifest["replicas"] = [check_token(r, "replica name") for r in replicas]
+    if tls:
+        d.make_tls(list(hosts))
+    users = [*permissions.ROLE_USERS, *agent_users]
+    for user in users:
+        d.add_user(user)
+    d.save()
     click.echo(f"wrote credentials for {', '.join(users)} to {out} (seeds mode 0600)")
     # nats-server resolves an include relative to the including file's directory - even one written as an
     # absolute path - so say it that way (deploy/nats-secure.conf: `include "secrets/server/auth.conf"`).
@@ -315,15 +325,12 @@ def auth_add_agent(agent_id: str, out: Path) -> None:
     """Give agent AGENT_ID its credentials (seed, env file, and a client certificate when the directory has
     TLS) and rewrite DIR/auth.conf; then reload the server so it takes the new user.
     """
-    try:
-        (user,) = _agent_users((agent_id,))
-        d = AuthDir(out).load()
-        if user in d.manifest["users"]:
-            raise ConfigError(f"agent {agent_id} already has credentials in {out} ({user}.nk)")
-        d.add_user(user)
-        d.save()
-    except (LedgerError, OSError) as e:
-        raise _fail(e) from None
+    (user,) = _agent_users((agent_id,))
+    d = AuthDir(out).load()
+    if user in d.manifest["users"]:
+        raise ConfigError(f"agent {agent_id} already has credentials in {out} ({user}.nk)")
+    d.add_user(user)
+    d.save()
     click.echo(f"wrote {out / USERS_DIR / user} (its seed and env file: give the agent's processes that directory "
                f"only); rewrote {out / AUTH_CONF} and {out / SERVER_DIR / AUTH_CONF}")
     click.echo("reload the server for it to take effect: `nats-server --signal reload` (or kill -HUP <pid>; "

@@ -5,13 +5,19 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import signal
+import sqlite3
+import ssl
 import sys
+import tempfile
+import traceback
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import click
 import msgspec
+import nats.errors
 
 from ledger.errors import LedgerError
 from ledger.settings import DEFAULT_NATS_URL, ENV_PREFIX, Settings
@@ -78,11 +84,9 @@ def embedded_settings(url: str, **overrides: Any) -> Settings:
 
 
 def run(coro: Awaitable[T]) -> T:
-    """Run a command's coroutine; LedgerError becomes a one-line message and exit code 1."""
+    """Run a command's coroutine (its failures reach `LedgerGroup`, the one boundary); Ctrl-C exits 130."""
     try:
         return asyncio.run(coro)  # type: ignore[arg-type]
-    except LedgerError as e:
-        raise click.ClickException(str(e)) from None
     except KeyboardInterrupt:
         sys.exit(130)
 
@@ -93,6 +97,97 @@ def async_command(f: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
         return run(f(*args, **kwargs))
 
     return wrapper
+
+
+# --- the error boundary: every failure of every command becomes one line ------------------------------------------
+
+BUG_EXIT = 70
+"""Exit code of a failure nobody expected (EX_SOFTWARE): a bug, whatever the input."""
+
+
+class LedgerGroup(click.Group):
+    """The `ledger` group, and the command line's one error boundary.
+
+    Every failure a user can cause - a refused connection, a path that cannot be used, a file that is not what
+    it should be - leaves a command as an exception of a known class; here each becomes one `Error:` line and
+    exit code 1. Anything else is a bug: one line saying so, and where its traceback was saved. With -v the
+    traceback is shown on stderr as well, for either.
+    """
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except BrokenPipeError:
+            raise  # click's main exits quietly when the reader of our output goes away
+        except Exception as e:
+            verbose = int(ctx.params.get("verbose") or 0)
+            if verbose:
+                traceback.print_exception(e, file=sys.stderr)
+            message = failure_message(e)
+            if message is not None:
+                raise click.ClickException(_one_line(message) if "\n" in message else message) from None
+            raise BugReport(bug_message(e, "traceback above" if verbose else save_traceback(e))) from None
+
+
+class BugReport(click.ClickException):
+    exit_code = BUG_EXIT
+
+
+def failure_message(e: BaseException) -> str | None:
+    """The one line for a failure of a known class; None when it is not one (a bug)."""
+    if isinstance(e, BaseExceptionGroup):  # a task group: every part expected, else it is a bug
+        messages = [failure_message(part) for part in _leaves(e)]
+        return None if any(m is None for m in messages) else "; ".join(dict.fromkeys(m for m in messages if m))
+    if isinstance(e, LedgerError):
+        return str(e) or type(e).__name__
+    if isinstance(e, ssl.SSLError):  # before OSError, of which it is one
+        return f"TLS: {e.reason or e}"
+    if isinstance(e, nats.errors.Error):  # one nats-py did not map below us: its text starts with "nats:"
+        return _one_line(str(e) or type(e).__name__)
+    if isinstance(e, OSError):
+        return _os_error(e)
+    if isinstance(e, sqlite3.OperationalError) or type(e) is sqlite3.DatabaseError:  # the file, not our SQL
+        return f"SQLite: {_one_line(str(e))}"
+    return None
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    return [leaf for part in group.exceptions
+            for leaf in (_leaves(part) if isinstance(part, BaseExceptionGroup) else [part])]
+
+
+def _os_error(e: OSError) -> str:
+    """'PATH: what is wrong with it' - a missing parent, a file where a directory should be, no permission."""
+    if e.filename is None:  # a refused connection, a timeout (TimeoutError is an OSError)
+        return _one_line(e.strerror or str(e)) or type(e).__name__
+    given = os.fsdecode(e.filename)
+    path = given if os.path.isabs(given) else f"{given} (in {os.getcwd()})"
+    if isinstance(e, FileExistsError) and os.path.isfile(given):  # mkdir of a directory whose place a file holds
+        return f"{path} is a file, where a directory should be"
+    return f"{path}: {e.strerror or e}" + (f" ({os.fsdecode(e.filename2)})" if e.filename2 else "")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def save_traceback(e: BaseException) -> str | None:
+    """Write the traceback to a file of its own for the bug report: "traceback in PATH", or None if that failed."""
+    try:
+        fd, path = tempfile.mkstemp(prefix="ledger-traceback-", suffix=".txt")
+        with os.fdopen(fd, "w") as f:
+            traceback.print_exception(e, file=f)
+    except OSError:
+        return None
+    return f"traceback in {path}"
+
+
+def bug_message(e: BaseException, traceback_at: str | None) -> str:
+    """`traceback_at`: where the traceback is ("traceback above", "traceback in PATH"), None when nowhere."""
+    where = traceback_at or "run with -v to see the traceback"
+    return f"internal error (a bug in ledger): {type(e).__name__}: {_one_line(str(e))[:160]}; {where}"
 
 
 def stop_signals() -> asyncio.Event:

@@ -137,7 +137,7 @@ async def pools_command(db: Path, nats_url: str, as_of: datetime | None, at_seq:
 @view_options
 @click.option("--kind", help="Only this kind (illegal_transition, superseded_incarnation, stale_token, ...).")
 @click.option("--entity", metavar="KIND:ID", help="Only this entity, e.g. session:s-42.")
-@click.option("--limit", default=100, show_default=True, type=click.IntRange(min=1))
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(min=1, max=2**63 - 1))  # SQLite's INTEGER
 @async_command
 async def anomalies_command(db: Path, nats_url: str, as_of: datetime | None, at_seq: int | None, as_json: bool,
                             kind: str | None, entity: str | None, limit: int) -> None:
