@@ -24,10 +24,10 @@ import nats
 from common import pct, run_against_server, server_options
 
 from ledger.agent import Agent
-from ledger.client import Ledger
 from ledger.errors import NotClaimable
 from ledger.settings import Settings
 from ledger.store import EventStore
+from ledger.writer import Writer
 
 
 def line(name: str, values: list[float]) -> str:
@@ -52,7 +52,7 @@ async def run(url: str, sessions: int, racers: int) -> None:
     async with EventStore.connect(settings, ensure=True):
         pass
     print(line("raw js.publish (acked)", await raw_publish(url, sessions)))
-    async with Ledger.connect(settings, producer_id="operator-bench") as ledger:
+    async with Writer.connect(settings, producer_id="operator-bench") as ledger:
         async with Agent(ledger, agent_id="bench-hb", pool="bench", heartbeat=0.02, ttl=5) as agent:
             await asyncio.sleep(3)
             print(line("heartbeat send -> ack", list(agent.stats.ack_latencies)))

@@ -47,10 +47,10 @@ from ledger import (
 from ledger import events as ev
 from ledger import lifecycle as lc
 from ledger.check import DEFAULT_GRACE, RawMessage, Report, Violation, check, fold
-from ledger.client import Ledger
 from ledger.errors import LedgerError, NotClaimable
 from ledger.settings import Settings
 from ledger.store import EventStore
+from ledger.writer import Writer
 from ledgerctl.cli.check import read_raw
 from ledgerctl.server import EmbeddedCluster, EmbeddedServer, ServerConfig, free_port
 from projections.projector import Projector
@@ -162,13 +162,13 @@ class Fleet:
 # --- the writer -----------------------------------------------------------------------------------------------
 
 
-class Writer:
+class LoadWriter:
     """Steady operator load; every acknowledged append is recorded as (seq, event id)."""
 
     def __init__(self, store: EventStore, tag: str, *, keep: int = 24, pause: float = 0.05) -> None:
         self.store, self.tag, self.keep, self.pause = store, tag, keep, pause
         self.producer = ev.Producer(id="operator-campaign", instance=tag)  # creates and ends sessions and routes
-        self.ledger = Ledger(store, self.producer)
+        self.ledger = Writer(store, self.producer)
         self.acks: list[tuple[int, str]] = []
         self.errors: Counter[str] = Counter()
         self._stop = asyncio.Event()
@@ -330,7 +330,7 @@ class Campaign:
         self.results: list[FaultResult] = []
         self._seen = 0
         self.store: EventStore | None = None
-        self.writer: Writer | None = None
+        self.writer: LoadWriter | None = None
         self._stack = contextlib.AsyncExitStack()
 
     async def __aenter__(self) -> Campaign:
@@ -338,7 +338,7 @@ class Campaign:
         self.store = await self._stack.enter_async_context(EventStore.connect(settings))
         self.fleet.start()
         self._stack.callback(self.fleet.stop)
-        self.writer = Writer(self.store, f"w{self.rng.randrange(10**6)}")
+        self.writer = LoadWriter(self.store, f"w{self.rng.randrange(10**6)}")
         self.writer.start()
         await until(self._agents_settled, SETTLE)
         return self

@@ -34,12 +34,12 @@ from ledger import decide
 from ledger import events as ev
 from ledger import lifecycle as lc
 from ledger.agent import Agent
-from ledger.client import Ledger
 from ledger.codec import Recorded
 from ledger.errors import Conflict, NotClaimable
 from ledger.ids import new_id
 from ledger.settings import Settings
 from ledger.store import EventStore
+from ledger.writer import Writer
 
 
 async def create_sessions(store: EventStore, producer: ev.Producer, pool: str, n: int, tag: str) -> list[str]:
@@ -72,7 +72,7 @@ async def failover_round(url: str, kind: str, n: int) -> list[float]:
     """Seconds from the death/goodbye event to each session's new claim (server clock)."""
     settings = Settings(nats_url=url)
     pool = f"fo-{kind}-{new_id()[:6]}"
-    async with Ledger.connect(settings, producer_id="operator-bench") as ledger, contextlib.AsyncExitStack() as stack:
+    async with Writer.connect(settings, producer_id="operator-bench") as ledger, contextlib.AsyncExitStack() as stack:
         # The victim alone in its pool first: the reclaimer gives it every new session.
         victim = await stack.enter_async_context(Agent(ledger, agent_id=f"{pool}-victim", pool=pool,
                                                        capacity=n, heartbeat=1.0, ttl=30.0))
@@ -114,7 +114,7 @@ async def failover_round(url: str, kind: str, n: int) -> list[float]:
 async def contention(url: str, claimers: int, orphans: int) -> None:
     settings = Settings(nats_url=url)
     pool = f"race-{new_id()[:6]}"
-    async with Ledger.connect(settings, producer_id="operator-bench") as ledger, contextlib.AsyncExitStack() as stack:
+    async with Writer.connect(settings, producer_id="operator-bench") as ledger, contextlib.AsyncExitStack() as stack:
         lost = decide.AgentRef(f"{pool}-lost", new_id(), 0)
         await ledger.append(ev.AgentRegistered(producer=ev.Producer(id=lost.agent_id, instance=lost.instance_id),
                                                agent_id=lost.agent_id, instance_id=lost.instance_id, pool=pool))

@@ -46,7 +46,7 @@ from ledger.settings import Settings
 from ledger.store import EventStore
 from ledger.subjects import HEARTBEAT_STREAM, LEDGER_STREAM
 from ledgerctl.server import EmbeddedServer, ServerConfig, free_port
-from projections.process import tune_gc
+from projections.gc_tuning import tune_gc
 from projections.projector import FILTERS, Progress, Projector
 from projections.query import Query
 from projections.rebuild import rebuild

@@ -24,10 +24,10 @@ import msgspec
 
 from ledger import events as ev
 from ledger import lifecycle as lc
-from ledger.client import Ledger
 from ledger.codec import Recorded, from_ns
 from ledger.errors import EventIdTaken, LedgerError
 from ledger.ids import new_id
+from ledger.writer import Writer
 from projections.state import Change
 
 from . import liveness_rules as rules
@@ -40,7 +40,7 @@ MAX_REPORTERS = 64
 
 
 class LivenessMonitor:
-    def __init__(self, ledger: Ledger, follower: Follower, settings: rules.LivenessSettings | None = None, *,
+    def __init__(self, ledger: Writer, follower: Follower, settings: rules.LivenessSettings | None = None, *,
                  tick: float = 0.2) -> None:
         self.ledger = ledger
         self.follower = follower

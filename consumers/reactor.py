@@ -6,8 +6,8 @@ import asyncio
 import logging
 from datetime import datetime
 
+from ledger import cancellation
 from ledger import events as ev
-from ledger import tasks
 from ledger.errors import LedgerError
 from projections.state import Change
 
@@ -38,9 +38,9 @@ class Reactor:
     async def run(self) -> None:
         await self.follower.caught_up.wait()
         while True:
-            tasks.raise_if_cancelled()  # a cancel that nats-py swallowed in the last step still stops us
+            cancellation.raise_if_cancelled()  # a cancel that nats-py swallowed in the last step still stops us
             try:
-                await tasks.wait_for(self._wake.wait(), self.tick)
+                await cancellation.wait_for(self._wake.wait(), self.tick)
             except TimeoutError:
                 pass
             self._wake.clear()

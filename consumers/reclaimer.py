@@ -20,8 +20,8 @@ from datetime import datetime
 from ledger import decide
 from ledger import events as ev
 from ledger import lifecycle as lc
-from ledger.client import Ledger
 from ledger.errors import Conflict, IllegalTransition, LedgerError, NotClaimable, NotFound, StaleToken
+from ledger.writer import Writer
 from projections.health import DEFAULT_POLICY, HealthPolicy
 from projections.state import AGENT, POOL, SESSION
 
@@ -39,12 +39,12 @@ INFLIGHT_PATIENCE = 10.0
 class Reclaimer(Reactor):
     kinds = (AGENT, SESSION, POOL)
 
-    def __init__(self, ledger: Ledger, follower: Follower, *, tick: float = 0.5,
+    def __init__(self, ledger: Writer, follower: Follower, *, tick: float = 0.5,
                  policy: HealthPolicy = DEFAULT_POLICY) -> None:
         super().__init__(follower, tick=tick)
         self.ledger = ledger
         self.policy = policy
-        """Who is healthy enough to take sessions: the liveness monitor's policy (`Consumers` passes it)."""
+        """Who is healthy enough to take sessions: the liveness monitor's policy (`ConsumerGroup` passes it)."""
         self._inflight: dict[str, tuple[int, float, tuple[str, int] | None]] = {}
         """session id -> (its last sequence when we wrote, when, the agent and incarnation we claimed it for)
         until the log shows it moved."""

@@ -16,8 +16,8 @@ from datetime import datetime
 from ledger import decide
 from ledger import events as ev
 from ledger import lifecycle as lc
-from ledger.client import Ledger
 from ledger.errors import IllegalTransition, LedgerError, NotFound
+from ledger.writer import Writer
 from projections.state import ROUTE, SESSION
 
 from .errors import Moved, moved_on_conflict
@@ -33,7 +33,7 @@ FINAL = (lc.FAILED_TO_START, lc.TERMINATED)
 class RouteWatchdog(Reactor):
     kinds = (ROUTE, SESSION)
 
-    def __init__(self, ledger: Ledger, follower: Follower, *, tick: float = 0.5) -> None:
+    def __init__(self, ledger: Writer, follower: Follower, *, tick: float = 0.5) -> None:
         super().__init__(follower, tick=tick)
         self.ledger = ledger
         self._inflight: dict[str, tuple[int, float]] = {}

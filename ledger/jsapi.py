@@ -26,7 +26,7 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import APIError
 
-from . import codec, tasks
+from . import cancellation, codec
 from .codec import Recorded, Unreadable
 from .connection import watch_of
 from .errors import StoreError, StreamMissing, Unavailable
@@ -299,7 +299,7 @@ async def direct_batch(nc: NATS, stream: str, subject_filter: str, start_seq: in
     try:
         await nc.publish(f"{API_PREFIX}.DIRECT.GET.{stream}", _json.encode(req), reply=inbox)
         try:
-            pending = await tasks.wait_for(done, timeout)
+            pending = await cancellation.wait_for(done, timeout)
         except TimeoutError:
             raise Unavailable(f"direct get on {stream} timed out after {timeout:.1f} s") from None
     finally:

@@ -23,7 +23,7 @@ from nats.errors import TimeoutError as NatsTimeout
 from nats.js import api
 from nats.js.errors import APIError
 
-from . import codec, jsapi, tasks
+from . import cancellation, codec, jsapi
 from .codec import Recorded, Unreadable
 from .connection import watch_of
 from .errors import StoreError, Unavailable
@@ -114,7 +114,7 @@ class Replay:
         self._sub: Subscription | None = None
         self.last_seq = 0
         """Sequence of the newest message received so far (handed out, or waiting in the buffer)."""
-        self.pending: int | None = None
+        self.remaining: int | None = None
         """Messages on the filters after the newest one received (0: at the end; None: none received yet)."""
 
     def _config(self) -> api.ConsumerConfig:
@@ -170,7 +170,7 @@ class Replay:
             return
         self._buf.append(item)
         self.last_seq = info.seq
-        self.pending = info.pending
+        self.remaining = info.pending
         if (self._end_seq is not None and info.seq >= self._end_seq) or (not self._follow and info.pending == 0):
             self._finish()
         elif self._outstanding <= self._batch // 2:  # checked here too: most messages need no request
@@ -340,7 +340,7 @@ class Replay:
     async def __aiter__(self) -> AsyncIterator[list[Item]]:
         try:
             started = await self._start()
-            tasks.raise_if_cancelled()  # nats-py's wait_for may have swallowed our cancellation
+            cancellation.raise_if_cancelled()  # nats-py's wait_for may have swallowed our cancellation
             if not started:
                 return
             while True:

@@ -28,7 +28,7 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import APIError
 
-from . import codec, dlq, jsapi, lifecycle, subjects, tasks
+from . import cancellation, codec, dlq, jsapi, lifecycle, subjects
 from .appender import Appender
 from .codec import Recorded, Unreadable
 from .connection import open_connection, watch_of
@@ -133,7 +133,7 @@ class EventStore:
     async def close(self) -> None:
         if self._started:
             with contextlib.suppress(asyncio.TimeoutError):
-                await tasks.wait_for(self._appender.drain(), self.settings.request_timeout)
+                await cancellation.wait_for(self._appender.drain(), self.settings.request_timeout)
             await self._appender.close()
             self._started = False
         if self._owns and not self.nc.is_closed:

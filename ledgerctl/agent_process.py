@@ -26,12 +26,12 @@ from datetime import datetime
 from consumers import reclaim_rules as rules
 from consumers.follow import Follower
 from consumers.idle import IdleReaper
+from ledger import cancellation
 from ledger import events as ev
-from ledger import tasks
 from ledger.agent import Agent
-from ledger.client import Ledger
 from ledger.codec import Item
 from ledger.errors import CapacityExhausted, Conflict, Draining, Fenced, LedgerError, NotClaimable, NotFound
+from ledger.writer import Writer
 from projections.health import DEFAULT_POLICY, HealthPolicy
 from projections.state import Change
 
@@ -64,9 +64,9 @@ class SelfClaimer:
     async def _claim_loop(self) -> None:
         await self.follower.caught_up.wait()
         while True:
-            tasks.raise_if_cancelled()  # a cancel that nats-py swallowed in the last claim still stops us
+            cancellation.raise_if_cancelled()  # a cancel that nats-py swallowed in the last claim still stops us
             with contextlib.suppress(asyncio.TimeoutError):
-                await tasks.wait_for(self._changed.wait(), self.agent.heartbeat)
+                await cancellation.wait_for(self._changed.wait(), self.agent.heartbeat)
             self._changed.clear()
             await self.claim_what_needs_an_owner()
 
@@ -114,7 +114,7 @@ class SelfClaimer:
                      f"load {agent.load}/{agent.capacity}")
 
 
-async def run(ledger: Ledger, *, agent_id: str, pool: str, platform: str, region: str, capacity: int,
+async def run(ledger: Writer, *, agent_id: str, pool: str, platform: str, region: str, capacity: int,
               heartbeat: float, ttl: float, say: Callable[[str], None], self_claim: bool = True,
               policy: HealthPolicy | None = None) -> None:
     """Run until SIGTERM or SIGINT, then say goodbye once.
@@ -140,7 +140,7 @@ async def run(ledger: Ledger, *, agent_id: str, pool: str, platform: str, region
         try:
             await agent.wait_stopped()
         finally:
-            await tasks.stop(running)
+            await cancellation.stop(running)
         say(f"stopping: saying goodbye (owned {agent.load} session(s))")
     said = "goodbye written" if agent.goodbye_seq is not None else f"no goodbye written ({agent.fenced or 'no ack'})"
     say(f"{said}; bye")

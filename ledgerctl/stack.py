@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from consumers.follow import Follower, Listener
+from consumers.group import ConsumerGroup
 from consumers.liveness_rules import LivenessSettings
-from consumers.service import Consumers
-from ledger import tasks
+from ledger import cancellation
 from ledger.errors import LedgerError
 from ledger.settings import Settings
 from ledger.store import EventStore
@@ -80,7 +80,7 @@ class Stack:
     follower: Follower
     """The process's one fold of the log: the projector's and the consumers' state."""
     projector: Projector
-    consumers: Consumers
+    consumers: ConsumerGroup
     server: EmbeddedServer | None
     running: list[asyncio.Task[Any]]
 
@@ -143,13 +143,13 @@ async def running_stack(s: UpSettings, say: Say, *, name: str = "ledger-up",
         await stack.enter_async_context(projector)
         say(f"projector           {s.db_path.resolve()}")
 
-        consumers = Consumers(store, liveness=s.liveness, shared=follower)
+        consumers = ConsumerGroup(store, liveness=s.liveness, shared=follower)
         for listener in listeners:
             follower.listen(listener)
         following = asyncio.create_task(follower.run(), name="follower")
-        stack.push_async_callback(tasks.stop, [following])  # stopped before the projector commits its last batch
+        stack.push_async_callback(cancellation.stop, [following])  # stopped before the projector commits its last batch
         consumers_task = asyncio.create_task(consumers.run(), name="consumers")
-        stack.push_async_callback(tasks.stop, [consumers_task])
+        stack.push_async_callback(cancellation.stop, [consumers_task])
         say(f"consumers           {', '.join(consumers.parts)}")
         assert projector.task is not None
         projector.task.set_name("projector")

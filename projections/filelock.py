@@ -11,6 +11,8 @@ import fcntl
 import os
 from pathlib import Path
 
+from .errors import DatabaseBusy
+
 
 def try_lock(path: Path) -> int | None:
     """The open fd of `path` (created if missing) holding an exclusive lock, or None while another holds it.
@@ -30,3 +32,24 @@ def write_holder(fd: int, text: str) -> None:
     """Say in the locked file who holds it (pids), for the message of whoever is refused next."""
     os.ftruncate(fd, 0)
     os.pwrite(fd, text.encode(), 0)
+
+
+class FileLock:
+    """An exclusive lock on `<db>.lock`, so two projectors never write one file (released by the OS on kill)."""
+
+    def __init__(self, db: Path) -> None:
+        self.path = db.with_name(db.name + ".lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = try_lock(self.path)
+        if fd is None:
+            raise DatabaseBusy(f"another projector or rebuild is using {self.path.with_suffix('')}")
+        write_holder(fd, str(os.getpid()))
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

@@ -33,7 +33,7 @@ import logging
 from collections.abc import Callable
 from datetime import timedelta
 
-from ledger import subjects, tasks
+from ledger import cancellation, subjects
 from ledger.codec import Recorded, Unreadable, from_ns
 from ledger.errors import LedgerError
 from ledger.replay import Replay
@@ -169,7 +169,7 @@ class Follower:
         # Recalled: what the state held when following began (a reconnect later must not recall what it applied).
         recall_upto = start - 1 if stream == subjects.LEDGER_STREAM and self.recall > 0 and self._recalling else 0
         while True:
-            tasks.raise_if_cancelled()
+            cancellation.raise_if_cancelled()
             try:
                 if self._recalled < recall_upto:
                     await self._recall(filters, recall_upto)
@@ -181,7 +181,7 @@ class Follower:
                 self._replays[stream] = replay
                 async for batch in replay:
                     start = batch[-1].seq + 1
-                    self.behind[stream] = replay.pending
+                    self.behind[stream] = replay.remaining
                     if batch[-1].seq >= end:
                         caught_up.set()  # before the listeners hear it: they may act on a state that is current
                     self._received(batch)

@@ -35,7 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
-from ledger import tasks
+from ledger import cancellation
 from ledger.codec import Unreadable
 from ledger.store import EventStore, open_connection
 from ledger.subjects import HEARTBEAT_STREAM, LEDGER_STREAM
@@ -43,11 +43,11 @@ from ledger.subjects import HEARTBEAT_STREAM, LEDGER_STREAM
 from . import deadletters, snapshots
 from .db import Batch, ProjectionDB
 from .errors import NotCaughtUp, ProjectionError, StreamChanged
+from .filelock import FileLock
 from .follow import Follower, Item
-from .pending import Pending
-from .process import FileLock
 from .settings import ProjectionSettings
 from .state import STREAMS, Change, HeartbeatState, LedgerState, LifecycleState
+from .uncommitted import Uncommitted
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class Projector:
         self.events = 0
         self.commits = 0
         self._lock = FileLock(self.path)
-        self._pending = Pending()
+        self._pending = Uncommitted()
         self._wake = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
@@ -234,7 +234,7 @@ class Projector:
             for item in items:
                 note(apply(item), item)
             self.events += len(items)
-            if replay.pending == 0:
+            if replay.remaining == 0:
                 self._live_edge = True  # the end of the stream is here: commit now rather than gather more
             self._wake.set()
             if self._pending.events >= self.settings.max_pending:
@@ -269,7 +269,7 @@ class Projector:
             if p.events and not (self._closing or self._live_edge) and p.events < self.settings.commit_every:
                 if time.monotonic() - p.since < self.settings.commit_interval:
                     with contextlib.suppress(TimeoutError):
-                        await tasks.wait_for(self._wake.wait(), self.settings.commit_interval)
+                        await cancellation.wait_for(self._wake.wait(), self.settings.commit_interval)
                     self._wake.set()  # look again
                     continue
             self._live_edge = False
@@ -279,7 +279,7 @@ class Projector:
                 return
 
     async def _flush(self) -> None:
-        p, self._pending = self._pending, Pending()
+        p, self._pending = self._pending, Uncommitted()
         self._room.set()
         batch = p.batch(self.state, self._plan)
         positions = {s: self.state.position(s) for s in STREAMS}
@@ -339,6 +339,6 @@ class Projector:
                     raise TimeoutError(f"{stream} not projected up to #{seq} within {timeout} s "
                                        f"(at #{self.committed[stream]})")
                 try:
-                    await tasks.wait_for(self._commit_cond.wait(), min(left, 0.5))
+                    await cancellation.wait_for(self._commit_cond.wait(), min(left, 0.5))
                 except TimeoutError:
                     pass

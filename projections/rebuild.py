@@ -17,7 +17,7 @@ import msgspec
 
 from ledger.store import EventStore
 
-from .process import FileLock
+from .filelock import FileLock
 from .projector import Progress, Projector
 from .settings import ProjectionSettings
 from .state import STREAMS

@@ -8,12 +8,12 @@ import signal
 import sys
 
 from ledger.agent import Agent
-from ledger.client import Ledger
 from ledger.settings import Settings
+from ledger.writer import Writer
 
 
 async def main(url: str, agent_id: str, mode: str) -> None:
-    async with Ledger.connect(Settings(nats_url=url), producer_id=agent_id) as ledger:
+    async with Writer.connect(Settings(nats_url=url), producer_id=agent_id) as ledger:
         async with Agent(ledger, agent_id=agent_id, pool="p", heartbeat=0.2, ttl=5.0, handle_signals=True) as agent:
             print("registered", agent.incarnation, flush=True)
             if mode == "exit-races-sigterm":  # the body ends at once; the signal lands during the exit

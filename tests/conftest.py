@@ -24,10 +24,10 @@ import nats
 import pytest
 
 from ledger import events as ev
-from ledger.client import Ledger
 from ledger.ids import new_id
 from ledger.settings import Settings
 from ledger.store import EventStore
+from ledger.writer import Writer
 from ledgerctl.server import EmbeddedCluster, EmbeddedServer, ServerConfig, free_port
 
 SUITE_SWITCHES = "LEDGER_TEST_"
@@ -200,9 +200,9 @@ _ids = itertools.count(1)
 
 
 @pytest.fixture
-async def ledger(store: EventStore) -> Ledger:
+async def ledger(store: EventStore) -> Writer:
     """The SDK's client on the shared server, writing as a test operator."""
-    return Ledger(store, ev.Producer(id="operator-test", instance=new_id()))
+    return Writer(store, ev.Producer(id="operator-test", instance=new_id()))
 
 
 @pytest.fixture

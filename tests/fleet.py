@@ -10,14 +10,14 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from consumers.group import ConsumerGroup
 from consumers.liveness_rules import LivenessSettings
-from consumers.service import Consumers
-from ledger.client import Ledger
 from ledger.codec import Recorded
 from ledger.events import Producer
 from ledger.ids import new_id
 from ledger.settings import Settings
 from ledger.store import EventStore
+from ledger.writer import Writer
 
 HERE = Path(__file__).parent
 
@@ -83,9 +83,9 @@ async def agents(url: str, pool: str, names: list[str], **kw: object) -> AsyncIt
 
 
 @contextlib.asynccontextmanager
-async def consumers(url: str, *, name: str = "", grace: float = 0.3, **parts: bool) -> AsyncIterator[Consumers]:
+async def consumers(url: str, *, name: str = "", grace: float = 0.3, **parts: bool) -> AsyncIterator[ConsumerGroup]:
     async with EventStore.connect(Settings(nats_url=url)) as store:
-        running = Consumers(store, name=name, liveness=LivenessSettings(grace=grace), **parts)
+        running = ConsumerGroup(store, name=name, liveness=LivenessSettings(grace=grace), **parts)
         task = asyncio.create_task(running.run())
         try:
             await asyncio.wait_for(running.follower.caught_up.wait(), 10)
@@ -97,9 +97,9 @@ async def consumers(url: str, *, name: str = "", grace: float = 0.3, **parts: bo
 
 
 @contextlib.asynccontextmanager
-async def ledger_on(url: str) -> AsyncIterator[Ledger]:
+async def ledger_on(url: str) -> AsyncIterator[Writer]:
     async with EventStore.connect(Settings(nats_url=url)) as store:
-        yield Ledger(store, Producer(id="operator-test", instance=new_id()))
+        yield Writer(store, Producer(id="operator-test", instance=new_id()))
 
 
 async def events(store: EventStore, family: str, entity_id: str) -> list:  # type: ignore[type-arg]

@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 
 from ledger import events as ev
 from ledger.subjects import HEARTBEAT_STREAM, LEDGER_STREAM
-from projections.pending import Pending
 from projections.state import LedgerState
+from projections.uncommitted import Uncommitted
 
 if TYPE_CHECKING:
     from projections.db import ProjectionDB
@@ -40,7 +40,7 @@ def cut(data: st.DataObject, items: list[Any], label: str = "cuts") -> list[list
 async def fold_and_commit(db: ProjectionDB, batches: Sequence[Sequence[Any]], state: LedgerState) -> LedgerState:
     """Fold each batch into `state` and commit it, as the projector does."""
     for items in batches:
-        pending = Pending()
+        pending = Uncommitted()
         for item in items:
             pending.note(state.apply(item), item)
         await db.commit(pending.batch(state))
@@ -103,7 +103,7 @@ class ProjectionRecorderContract(abc.ABC):
             async with await self.open(tmp / "p") as db:
                 state = await fold_and_commit(db, [first], LedgerState())
                 before = await view(db)
-                pending = Pending()
+                pending = Uncommitted()
                 for item in second:
                     pending.note(state.apply(item), item)
                 batch = pending.batch(state)

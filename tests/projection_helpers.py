@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from projections.db import ProjectionDB
-from projections.pending import Pending
 from projections.snapshots import Plan
 from projections.state import LedgerState
+from projections.uncommitted import Uncommitted
 
 STATE_TABLES = {
     "agents": "SELECT * FROM agents ORDER BY agent_id",
@@ -42,7 +42,7 @@ async def commit_batches(path: Path, batches: Sequence[Sequence[Any]], *, snapsh
     async with await ProjectionDB.open(path) as db:
         plan = Plan(snapshot_every, 4, {s: await db.snapshot_seqs(s) for s in ("LEDGER", "LEDGER_HB")})
         for items in batches:
-            pending = Pending()
+            pending = Uncommitted()
             for item in items:
                 pending.note(state.apply(item), item)
             await db.commit(pending.batch(state, plan))

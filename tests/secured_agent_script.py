@@ -13,17 +13,17 @@ import nats
 
 from ledger import events as ev
 from ledger.agent import Agent
-from ledger.client import Ledger
 from ledger.ids import new_id
 from ledger.settings import Settings
 from ledger.store import EventStore
+from ledger.writer import Writer
 
 
 async def main(url: str, seed: str, inbox: str, agent_id: str, session_id: str) -> None:
     nc = await nats.connect(url, nkeys_seed=seed, inbox_prefix=inbox, connect_timeout=5, max_reconnect_attempts=2)
     store = EventStore(nc, Settings(nats_url=url))
     await store.start()
-    ledger = Ledger(store, ev.Producer(id=agent_id, instance=new_id()))
+    ledger = Writer(store, ev.Producer(id=agent_id, instance=new_id()))
     async with Agent(ledger, agent_id=agent_id, pool="p", heartbeat=0.2, ttl=1.5) as agent:
         await agent.claim(session_id)
         print("claimed", flush=True)

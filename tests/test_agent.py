@@ -12,7 +12,6 @@ from helpers import eventually
 from ledger import events as ev
 from ledger import lifecycle as lc
 from ledger.agent import Agent
-from ledger.client import Ledger
 from ledger.codec import Recorded
 from ledger.errors import (
     CapacityExhausted,
@@ -27,10 +26,11 @@ from ledger.errors import (
 from ledger.ids import new_id
 from ledger.settings import Settings
 from ledger.store import EventStore
+from ledger.writer import Writer
 from ledgerctl.server import EmbeddedServer
 
 
-def agent_of(ledger: Ledger, agent_id: str, **kw: object) -> Agent:
+def agent_of(ledger: Writer, agent_id: str, **kw: object) -> Agent:
     options = {"pool": "p", "heartbeat": 0.1, "ttl": 2.0, **kw}
     return Agent(ledger, agent_id=agent_id, **options)  # type: ignore[arg-type]
 
@@ -43,7 +43,7 @@ async def events_of(store: EventStore, family: str, entity_id: str) -> list[ev.E
     return [r.event for r in await store.history(family, entity_id) if isinstance(r, Recorded)]
 
 
-async def test_register_beat_and_say_goodbye_once(ledger: Ledger, uid: str):
+async def test_register_beat_and_say_goodbye_once(ledger: Writer, uid: str):
     agent_id = f"{uid}-a"
     async with agent_of(ledger, agent_id) as agent:
         incarnation = agent.incarnation
@@ -65,7 +65,7 @@ async def _at_least(result: object, n: int) -> object:
     return items if len(items) >= n else None
 
 
-async def test_heartbeats_flow_while_the_work_loop_is_blocked(ledger: Ledger, uid: str):
+async def test_heartbeats_flow_while_the_work_loop_is_blocked(ledger: Writer, uid: str):
     agent_id = f"{uid}-busy"
     async with agent_of(ledger, agent_id, heartbeat=0.05) as agent:
         queue: asyncio.Queue[int] = asyncio.Queue(maxsize=1)
@@ -81,7 +81,7 @@ async def test_heartbeats_flow_while_the_work_loop_is_blocked(ledger: Ledger, ui
         blocked.cancel()
 
 
-async def test_a_superseded_incarnation_is_fenced_and_its_late_events_change_nothing(ledger: Ledger, uid: str):
+async def test_a_superseded_incarnation_is_fenced_and_its_late_events_change_nothing(ledger: Writer, uid: str):
     agent_id = f"{uid}-a"
     old = agent_of(ledger, agent_id)
     async with old:
@@ -106,7 +106,7 @@ async def test_a_superseded_incarnation_is_fenced_and_its_late_events_change_not
     assert sorted(g.incarnation for g in goodbyes) == sorted([old.incarnation, new_incarnation])
 
 
-async def test_claims_and_their_refusals(ledger: Ledger, uid: str):
+async def test_claims_and_their_refusals(ledger: Writer, uid: str):
     sid, _ = await ledger.create_session("p", session_id=f"{uid}-s")
     other, _ = await ledger.create_session("p", session_id=f"{uid}-s2")
     async with agent_of(ledger, f"{uid}-a", capacity=1) as a, agent_of(ledger, f"{uid}-b") as b:
@@ -127,7 +127,7 @@ async def test_claims_and_their_refusals(ledger: Ledger, uid: str):
             await b.claim(other)
 
 
-async def test_writes_under_a_stale_token_are_refused(ledger: Ledger, uid: str):
+async def test_writes_under_a_stale_token_are_refused(ledger: Writer, uid: str):
     sid, _ = await ledger.create_session("p", session_id=f"{uid}-s")
     lost: list[tuple[str, str]] = []
     async with agent_of(ledger, f"{uid}-a", on_lost=lambda s, why: lost.append((s, why))) as a, \
@@ -150,7 +150,7 @@ async def test_writes_under_a_stale_token_are_refused(ledger: Ledger, uid: str):
         assert (state.status, state.reason) == (lc.S_RELEASED, "idle")
 
 
-async def test_fifty_agents_race_to_claim_one_session(settings: Settings, ledger: Ledger, uid: str):
+async def test_fifty_agents_race_to_claim_one_session(settings: Settings, ledger: Writer, uid: str):
     sid, _ = await ledger.create_session("p", session_id=f"{uid}-s")
     await race_agents(settings, sid, f"{uid}-racer", 50)
     history = await events_of(ledger.store, "session", sid)
@@ -161,7 +161,7 @@ async def race_agents(settings: Settings, sid: str, prefix: str, n: int) -> None
     async with contextlib.AsyncExitStack() as stack:
         agents = []
         for i in range(n):
-            ledger = await stack.enter_async_context(Ledger.connect(settings, producer_id=f"{prefix}-{i}"))
+            ledger = await stack.enter_async_context(Writer.connect(settings, producer_id=f"{prefix}-{i}"))
             agents.append(await stack.enter_async_context(agent_of(ledger, f"{prefix}-{i}", heartbeat=1.0)))
         go = asyncio.Event()
 
@@ -181,7 +181,7 @@ async def race_agents(settings: Settings, sid: str, prefix: str, n: int) -> None
         assert sum(len(a.owned) for a in agents) == 1
 
 
-async def test_drain_refuses_new_claims_and_ends_drained(ledger: Ledger, uid: str):
+async def test_drain_refuses_new_claims_and_ends_drained(ledger: Writer, uid: str):
     s1, _ = await ledger.create_session("p", session_id=f"{uid}-s1")
     s2, _ = await ledger.create_session("p", session_id=f"{uid}-s2")
     async with agent_of(ledger, f"{uid}-a") as a, agent_of(ledger, f"{uid}-b") as b:
@@ -200,7 +200,7 @@ async def test_drain_refuses_new_claims_and_ends_drained(ledger: Ledger, uid: st
         await eventually(drained, what="the drained event once the last session moved")
 
 
-async def test_a_declared_dead_agent_fences_and_returns_as_a_new_incarnation(ledger: Ledger, uid: str):
+async def test_a_declared_dead_agent_fences_and_returns_as_a_new_incarnation(ledger: Writer, uid: str):
     sid, _ = await ledger.create_session("p", session_id=f"{uid}-s")
     async with agent_of(ledger, f"{uid}-a") as a:
         await a.claim(sid)
@@ -214,7 +214,7 @@ async def test_a_declared_dead_agent_fences_and_returns_as_a_new_incarnation(led
         assert state.incarnation == a.incarnation and state.status == lc.A_ALIVE
 
 
-async def test_unreachable_reports_are_recorded(ledger: Ledger, uid: str):
+async def test_unreachable_reports_are_recorded(ledger: Writer, uid: str):
     async with agent_of(ledger, f"{uid}-a") as a:
         for _ in range(3):
             await ledger.report_unreachable(a.agent_id, error="connection refused", incarnation=a.incarnation)
@@ -223,13 +223,13 @@ async def test_unreachable_reports_are_recorded(ledger: Ledger, uid: str):
 
 
 @pytest.fixture
-async def private(fresh_server: EmbeddedServer) -> AsyncIterator[tuple[EmbeddedServer, Ledger]]:
+async def private(fresh_server: EmbeddedServer) -> AsyncIterator[tuple[EmbeddedServer, Writer]]:
     settings = Settings(nats_url=fresh_server.url, request_timeout=0.5, append_deadline=20)
     async with EventStore.connect(settings, ensure=True) as store:
-        yield fresh_server, Ledger(store, ev.Producer(id="operator-test", instance=new_id()))
+        yield fresh_server, Writer(store, ev.Producer(id="operator-test", instance=new_id()))
 
 
-async def test_beats_resume_after_a_broker_restart(private: tuple[EmbeddedServer, Ledger]):
+async def test_beats_resume_after_a_broker_restart(private: tuple[EmbeddedServer, Writer]):
     server, ledger = private
     async with agent_of(ledger, "a1", heartbeat=0.1, ttl=10.0) as a:
         await eventually(lambda: a.stats.beats_acked >= 2, what="first beats")
@@ -242,7 +242,7 @@ async def test_beats_resume_after_a_broker_restart(private: tuple[EmbeddedServer
 
 
 async def test_no_acknowledged_beat_within_ttl_fences_then_a_new_incarnation(
-        private: tuple[EmbeddedServer, Ledger]):
+        private: tuple[EmbeddedServer, Writer]):
     server, ledger = private
     sid, _ = await ledger.create_session("p", session_id="s1")
     fenced: list[str] = []
@@ -267,7 +267,7 @@ async def test_no_acknowledged_beat_within_ttl_fences_then_a_new_incarnation(
         assert "no heartbeat acknowledged" in fenced_events[0].reason
 
 
-async def test_route_transitions_by_the_owner_carry_its_token(ledger: Ledger, uid: str):
+async def test_route_transitions_by_the_owner_carry_its_token(ledger: Writer, uid: str):
     sid, _ = await ledger.create_session("p", session_id=f"{uid}-s")
     rid = f"{uid}-r"
     async with agent_of(ledger, f"{uid}-a") as a, agent_of(ledger, f"{uid}-b") as b:
@@ -292,7 +292,7 @@ async def test_route_transitions_by_the_owner_carry_its_token(ledger: Ledger, ui
         assert (route.state, route.address) == (lc.WARMING_UP, "10.0.0.7:8000")
 
 
-async def test_an_agent_on_a_connection_too_slow_for_its_lease_says_so(ledger: Ledger, uid: str,
+async def test_an_agent_on_a_connection_too_slow_for_its_lease_says_so(ledger: Writer, uid: str,
                                                                        caplog: pytest.LogCaptureFixture):
     slow = ledger.store.settings.replace(ping_interval=5.0, max_outstanding_pings=2)  # ~15 s to notice
     fast = slow.for_lease(8.0)
@@ -300,7 +300,7 @@ async def test_an_agent_on_a_connection_too_slow_for_its_lease_says_so(ledger: L
     for settings, expected in ((slow, True), (fast, False)):
         caplog.clear()
         async with EventStore.connect(settings) as store:
-            agent = Agent(Ledger(store, ledger.producer), agent_id=f"{uid}-{expected}", pool="p", heartbeat=1.0,
+            agent = Agent(Writer(store, ledger.producer), agent_id=f"{uid}-{expected}", pool="p", heartbeat=1.0,
                           ttl=8.0)
             with caplog.at_level("WARNING", logger="ledger.agent"):
                 async with agent:
@@ -308,7 +308,7 @@ async def test_an_agent_on_a_connection_too_slow_for_its_lease_says_so(ledger: L
         assert (warned in caplog.text) is expected, caplog.text
 
 
-async def test_the_watch_names_an_unreadable_message_it_skips(ledger: Ledger, uid: str,
+async def test_the_watch_names_an_unreadable_message_it_skips(ledger: Writer, uid: str,
                                                               caplog: pytest.LogCaptureFixture):
     agent_id = f"{uid}-a"
     with caplog.at_level("WARNING", logger="ledger.agent"):

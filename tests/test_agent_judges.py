@@ -18,29 +18,29 @@ from helpers import authorized, eventually
 from ledger import events as ev
 from ledger import lifecycle as lc
 from ledger.agent import Agent
-from ledger.client import Ledger
 from ledger.codec import Recorded
 from ledger.ids import new_id
 from ledger.settings import Settings
 from ledger.store import EventStore
+from ledger.writer import Writer
 
 FORGER = ev.Producer(id="mallory", instance="m-1")
 
 
-def agent_of(ledger: Ledger, agent_id: str, **kw: object) -> Agent:
+def agent_of(ledger: Writer, agent_id: str, **kw: object) -> Agent:
     options = {"pool": "p", "heartbeat": 0.1, "ttl": 2.0, "capacity": 4, **kw}
     return Agent(ledger, agent_id=agent_id, **options)  # type: ignore[arg-type]
 
 
-async def given_by_a_reclaimer(ledger: Ledger, agent: Agent, session_id: str) -> None:
+async def given_by_a_reclaimer(ledger: Writer, agent: Agent, session_id: str) -> None:
     """A legitimate claim for `agent` written by someone else; returns once the agent runs it."""
     await ledger.create_session("p", session_id=session_id)
-    reclaimer = Ledger(ledger.store, ev.Producer(id="reclaimer-test", instance=new_id()))  # claims for others
+    reclaimer = Writer(ledger.store, ev.Producer(id="reclaimer-test", instance=new_id()))  # claims for others
     await reclaimer.claim_session(session_id, agent.ref, reason="failover")
     await eventually(lambda: session_id in agent.owned, what=f"{agent.agent_id} gaining {session_id}")
 
 
-async def test_a_forged_overlapping_claim_does_not_make_a_second_owner(ledger: Ledger, uid: str):
+async def test_a_forged_overlapping_claim_does_not_make_a_second_owner(ledger: Writer, uid: str):
     s1, _ = await ledger.create_session("p", session_id=f"{uid}-s1")
     async with agent_of(ledger, f"{uid}-a1") as a1, agent_of(ledger, f"{uid}-a2") as a2:
         held = await a1.claim(s1)
@@ -55,7 +55,7 @@ async def test_a_forged_overlapping_claim_does_not_make_a_second_owner(ledger: L
         assert a1.owned[s1] == held
 
 
-async def test_a_forged_claim_for_an_unregistered_agent_does_not_strand_the_session(ledger: Ledger, uid: str):
+async def test_a_forged_claim_for_an_unregistered_agent_does_not_strand_the_session(ledger: Writer, uid: str):
     s2, _ = await ledger.create_session("p", session_id=f"{uid}-s2")
     lost: list[tuple[str, str]] = []
     async with agent_of(ledger, f"{uid}-a1", on_lost=lambda sid, why: lost.append((sid, why))) as a1:
@@ -73,7 +73,7 @@ async def test_a_forged_claim_for_an_unregistered_agent_does_not_strand_the_sess
         assert state.platform_resource_id == "pod/still-here"
 
 
-async def test_a_forged_orphaning_under_a_stale_token_changes_nothing_and_a_real_one_does(ledger: Ledger, uid: str):
+async def test_a_forged_orphaning_under_a_stale_token_changes_nothing_and_a_real_one_does(ledger: Writer, uid: str):
     sid, _ = await ledger.create_session("p", session_id=f"{uid}-s")
     async with agent_of(ledger, f"{uid}-a1") as a1:
         held = await a1.claim(sid)
@@ -86,7 +86,7 @@ async def test_a_forged_orphaning_under_a_stale_token_changes_nothing_and_a_real
         await eventually(lambda: sid not in a1.owned, what="the agent dropping a session the fold orphaned")
 
 
-async def test_a_forged_claim_for_the_agent_on_an_owned_session_is_not_taken(ledger: Ledger, uid: str):
+async def test_a_forged_claim_for_the_agent_on_an_owned_session_is_not_taken(ledger: Writer, uid: str):
     """The claim names the agent and its incarnation, but the session has another owner and the claim does
     not name that owner's token: the projection flags it (overlapping_claim), so the agent must not run it."""
     sid, _ = await ledger.create_session("p", session_id=f"{uid}-s")
@@ -103,7 +103,7 @@ async def test_a_forged_claim_for_the_agent_on_an_owned_session_is_not_taken(led
 
 @pytest.mark.parametrize("forgery", ["goodbye", "fenced"])
 async def test_the_log_saying_the_agent_is_finished_makes_it_come_back_as_a_new_incarnation(
-        ledger: Ledger, uid: str, forgery: str):
+        ledger: Writer, uid: str, forgery: str):
     sid, _ = await ledger.create_session("p", session_id=f"{uid}-s")
     fenced: list[str] = []
     async with agent_of(ledger, f"{uid}-a", on_fenced=fenced.append) as a:
@@ -130,7 +130,7 @@ async def test_the_log_saying_the_agent_is_finished_makes_it_come_back_as_a_new_
         assert claim.token > a.incarnation and a.owned == {s2: claim}
 
 
-async def test_a_superseded_agent_stops_for_good_and_its_beat_loop_ends(ledger: Ledger, uid: str):
+async def test_a_superseded_agent_stops_for_good_and_its_beat_loop_ends(ledger: Writer, uid: str):
     agent_id = f"{uid}-a"
     old = agent_of(ledger, agent_id)
     async with old, agent_of(ledger, agent_id) as new:
@@ -147,14 +147,14 @@ async def test_a_superseded_agent_stops_for_good_and_its_beat_loop_ends(ledger: 
     assert old.goodbye_seq is None and new.goodbye_seq is not None
 
 
-async def test_an_agent_over_capacity_releases_its_newest_extra_session(ledger: Ledger, uid: str):
+async def test_an_agent_over_capacity_releases_its_newest_extra_session(ledger: Writer, uid: str):
     own = [(await ledger.create_session("p", session_id=f"{uid}-s{i}"))[0] for i in range(2)]
     extra, _ = await ledger.create_session("p", session_id=f"{uid}-extra")
     lost: list[tuple[str, str]] = []
     async with agent_of(ledger, f"{uid}-a", capacity=2, on_lost=lambda sid, why: lost.append((sid, why))) as a:
         held = [await a.claim(sid) for sid in own]
         # A reclaimer's claim that raced the agent's own: it now holds 3 of 2.
-        reclaimer = Ledger(ledger.store, ev.Producer(id="reclaimer-test", instance=new_id()))
+        reclaimer = Writer(ledger.store, ev.Producer(id="reclaimer-test", instance=new_id()))
         await reclaimer.claim_session(extra, a.ref, reason="failover")
 
         async def released() -> lc.SessionState | None:
@@ -185,7 +185,7 @@ async def test_a_superseded_ledger_agent_process_exits_and_does_not_claim_a_good
         assert proc.stdout is not None
         first = await asyncio.to_thread(proc.stdout.readline)
         assert "registered" in first, first + (proc.stderr.read() if proc.stderr else "")
-        ledger = Ledger(store, ev.Producer(id=agent_id, instance=new_id()))
+        ledger = Writer(store, ev.Producer(id=agent_id, instance=new_id()))
         async with agent_of(ledger, agent_id):  # a newer process of the same agent
             out, err = await asyncio.to_thread(proc.communicate, timeout=30)  # it stops by itself
     finally:
@@ -197,7 +197,7 @@ async def test_a_superseded_ledger_agent_process_exits_and_does_not_claim_a_good
     assert "superseded" in out
 
 
-async def test_a_claim_that_lands_after_the_agent_registered_again_is_not_run(ledger: Ledger, uid: str):
+async def test_a_claim_that_lands_after_the_agent_registered_again_is_not_run(ledger: Writer, uid: str):
     """The claim was decided for incarnation N; before it landed the agent fenced itself and registered as M
     (the compare-and-set guards the session's history, not the agent's). The fold flags the claim
     (superseded_incarnation): the agent must not run it either."""
@@ -229,7 +229,7 @@ async def test_a_claim_that_lands_after_the_agent_registered_again_is_not_run(le
         assert sid not in a.owned
 
 
-async def test_an_agent_acts_only_on_what_the_fold_applies_to_its_own_lifecycle(ledger: Ledger, uid: str):
+async def test_an_agent_acts_only_on_what_the_fold_applies_to_its_own_lifecycle(ledger: Writer, uid: str):
     """A death written about a drained agent is refused by the fold (dead only from alive or draining): the
     agent must not act on it either - no fencing, no new incarnation."""
     async with agent_of(ledger, f"{uid}-a") as a:
@@ -247,7 +247,7 @@ async def test_an_agent_acts_only_on_what_the_fold_applies_to_its_own_lifecycle(
         assert fences == []  # the refused death made it write no fence record of its own
 
 
-async def test_a_drain_written_about_the_agent_makes_it_drain(ledger: Ledger, uid: str):
+async def test_a_drain_written_about_the_agent_makes_it_drain(ledger: Writer, uid: str):
     """The log says the agent drains (the reclaimer hands its sessions off, nothing claims for it): the agent
     behaves so and writes that it drained, instead of idling outside the fleet until it restarts."""
     async with agent_of(ledger, f"{uid}-a") as a:
@@ -260,12 +260,12 @@ async def test_a_drain_written_about_the_agent_makes_it_drain(ledger: Ledger, ui
         assert anomalies == []  # one drained, not two
 
 
-async def _status(ledger: Ledger, agent_id: str, status: str) -> bool:
+async def _status(ledger: Writer, agent_id: str, status: str) -> bool:
     state, _ = await ledger.agent(agent_id)
     return state is not None and state.status == status
 
 
-async def test_a_re_registration_the_watch_sees_before_its_acknowledgement_is_judged_as_ours(ledger: Ledger,
+async def test_a_re_registration_the_watch_sees_before_its_acknowledgement_is_judged_as_ours(ledger: Writer,
                                                                                              uid: str):
     """The watch may deliver the agent's new registration before the append's acknowledgement: what follows it
     in the log (here a second forged goodbye) must still be judged as about this process."""
@@ -298,7 +298,7 @@ async def test_a_re_registration_the_watch_sees_before_its_acknowledgement_is_ju
             await asyncio.gather(*waiting)
 
 
-async def test_a_re_registration_that_would_land_after_another_process_registered_does_not(ledger: Ledger,
+async def test_a_re_registration_that_would_land_after_another_process_registered_does_not(ledger: Writer,
                                                                                            uid: str):
     """Fenced, the agent re-registers; meanwhile a replacement process registered the same agent id. Landing
     late, the old process's registration would supersede the replacement, and no process would be left."""
@@ -325,7 +325,7 @@ async def test_a_re_registration_that_would_land_after_another_process_registere
         assert registrations[-1] == replacement[0]  # the replacement is still the current incarnation
 
 
-async def test_a_goodbye_waits_for_a_re_registration_in_flight_and_is_said_for_it(ledger: Ledger, uid: str):
+async def test_a_goodbye_waits_for_a_re_registration_in_flight_and_is_said_for_it(ledger: Writer, uid: str):
     """Leaving while a re-registration is in flight: the goodbye is said for the incarnation that lands,
     not for the old one, so no incarnation is left that never beats (and is later declared dead)."""
     store, real_submit = ledger.store, ledger.store.submit
@@ -350,7 +350,7 @@ async def test_a_goodbye_waits_for_a_re_registration_in_flight_and_is_said_for_i
             first = a.incarnation
             await ledger.store.append(authorized(ev.AgentGoodbye(producer=FORGER, agent_id=a.agent_id,
                                                       instance_id=a.instance_id, incarnation=first)))
-            await eventually(lambda: a.registration.pending is not None, what="a re-registration in flight")
+            await eventually(lambda: a.registration.in_flight is not None, what="a re-registration in flight")
     finally:
         del store.submit
         await asyncio.gather(*tasks)

@@ -13,11 +13,11 @@ from helpers import eventually
 
 from ledger import events as ev
 from ledger import lifecycle as lc
-from ledger.client import Ledger
 from ledger.codec import Recorded
 from ledger.ids import new_id
 from ledger.settings import Settings
 from ledger.store import EventStore
+from ledger.writer import Writer
 
 HERE = Path(__file__).parent
 
@@ -77,7 +77,7 @@ async def test_signal_to_a_ledger_agent_process_gives_one_goodbye_and_exit_0(
 async def test_reference_agents_share_a_pool_and_take_over_on_goodbye(store: EventStore, settings: Settings,
                                                                        uid: str):
     pool = f"{uid}-pool"
-    ledger = Ledger(store, ev.Producer(id="operator-test", instance=new_id()))
+    ledger = Writer(store, ev.Producer(id="operator-test", instance=new_id()))
     sessions = [(await ledger.create_session(pool, session_id=f"{uid}-s{i}"))[0] for i in range(6)]
     procs = {name: spawn("-m", "ledgerctl", "agent", "--agent-id", f"{uid}-{name}", "--pool", pool, "--capacity", "6",
                          "--heartbeat", "0.2", "--ttl", "2", "--nats-url", settings.nats_url)

@@ -16,27 +16,27 @@ from nats.js.api import DiscardPolicy
 from ledger import events as ev
 from ledger import lifecycle as lc
 from ledger.agent import Agent
-from ledger.client import Ledger
 from ledger.ids import new_id
 from ledger.settings import Settings
 from ledger.store import EventStore
+from ledger.writer import Writer
 from ledgerctl.server import EmbeddedServer
 
 MONITOR = ev.Producer(id="monitor-test", instance="m")
 
 
-def agent_of(ledger: Ledger, agent_id: str, **kw: object) -> Agent:
+def agent_of(ledger: Writer, agent_id: str, **kw: object) -> Agent:
     options = {"pool": "p", "heartbeat": 0.1, "ttl": 3.0, **kw}
     return Agent(ledger, agent_id=agent_id, **options)  # type: ignore[arg-type]
 
 
 @pytest.fixture
-async def private(fresh_server: EmbeddedServer) -> AsyncIterator[Ledger]:
+async def private(fresh_server: EmbeddedServer) -> AsyncIterator[Writer]:
     """A server of our own: the tests change the LEDGER stream's limits. The server answers a message over
     the limit with 503, which the store retries as "try later" until `append_deadline`."""
     settings = Settings(nats_url=fresh_server.url, request_timeout=0.5, append_deadline=2)
     async with EventStore.connect(settings, ensure=True) as store:
-        yield Ledger(store, ev.Producer(id="operator-test", instance=new_id()))
+        yield Writer(store, ev.Producer(id="operator-test", instance=new_id()))
 
 
 async def _room_for(store: EventStore, more: int) -> None:
@@ -59,13 +59,13 @@ def _said(caplog: pytest.LogCaptureFixture, *words: str) -> bool:
     return any(all(w in r.getMessage() for w in words) for r in caplog.records)
 
 
-async def _status(ledger: Ledger, agent: Agent) -> tuple[int, str] | None:
+async def _status(ledger: Writer, agent: Agent) -> tuple[int, str] | None:
     state, _ = await ledger.agent(agent.agent_id)
     return (state.incarnation, state.status) if state is not None else None
 
 
 async def test_a_drain_refused_when_the_agent_comes_back_is_written_again(
-        private: Ledger, caplog: pytest.LogCaptureFixture):
+        private: Writer, caplog: pytest.LogCaptureFixture):
     """Declared dead while draining, the agent fences and registers again - and must drain again, or any claimer
     could hand it sessions. The server refuses that drain: it is written again once it can be, then drained."""
     ledger = private
@@ -86,13 +86,13 @@ async def test_a_drain_refused_when_the_agent_comes_back_is_written_again(
         await eventually(lambda: _drained(ledger, a), timeout=20, what="the new incarnation drained")
 
 
-async def _drained(ledger: Ledger, agent: Agent) -> bool:
+async def _drained(ledger: Writer, agent: Agent) -> bool:
     """The log says the agent's current incarnation drained."""
     return await _status(ledger, agent) == (agent.incarnation, lc.A_DRAINED)
 
 
 async def test_a_drained_refused_after_the_last_session_moved_is_written_again(
-        private: Ledger, caplog: pytest.LogCaptureFixture):
+        private: Writer, caplog: pytest.LogCaptureFixture):
     ledger = private
     caplog.set_level(logging.INFO, logger="ledger.agent")
     sid, _ = await ledger.create_session("p", session_id="s1")
@@ -117,14 +117,14 @@ def _no_trace(agent: Agent, sid: str) -> bool:
             and agent.sessions.get(sid) is None and agent.sessions.traces(sid) == [])
 
 
-async def _owned_and_busy(agent: Agent, ledger: Ledger, sid: str) -> None:
+async def _owned_and_busy(agent: Agent, ledger: Writer, sid: str) -> None:
     await agent.claim(sid)
     agent.learn_idle_ttl(sid, 30.0)
     record = agent.sessions.get(sid)
     assert record is not None and record.idle_ttl == 30.0 and agent.sessions.traces(sid) == ["record"]
 
 
-async def test_a_fence_leaves_no_trace_of_the_sessions_it_dropped(ledger: Ledger, uid: str):
+async def test_a_fence_leaves_no_trace_of_the_sessions_it_dropped(ledger: Writer, uid: str):
     sid, _ = await ledger.create_session("p", session_id=f"{uid}-s")
     lost: list[tuple[str, str]] = []
     async with agent_of(ledger, f"{uid}-a", on_lost=lambda s, why: lost.append((s, why))) as a:
@@ -141,7 +141,7 @@ async def test_a_fence_leaves_no_trace_of_the_sessions_it_dropped(ledger: Ledger
         assert a.activity()[sid].in_flight == 0 and a.needs_idle_ttl() == [] and a.activity()[sid].idle_ttl is None
 
 
-async def test_a_session_taken_over_released_or_terminated_leaves_no_trace(ledger: Ledger, uid: str):
+async def test_a_session_taken_over_released_or_terminated_leaves_no_trace(ledger: Writer, uid: str):
     taken, _ = await ledger.create_session("p", session_id=f"{uid}-taken")
     released, _ = await ledger.create_session("p", session_id=f"{uid}-released")
     ended, _ = await ledger.create_session("p", session_id=f"{uid}-ended")

@@ -19,17 +19,17 @@ from ledger import codec
 from ledger import events as ev
 from ledger import lifecycle as lc
 from ledger.agent import Agent
-from ledger.client import Ledger
 from ledger.codec import Recorded
 from ledger.errors import LedgerError
 from ledger.ids import new_id
 from ledger.subjects import HEARTBEAT_STREAM
+from ledger.writer import Writer
 from ledgerctl.cli.check import run_check
 from ledgerctl.server import EmbeddedServer
 from projections.beats import KEEP, evolve_beat, of_incarnation
 
 
-async def agrees_with_the_ledger(ledger: Ledger, agent: Agent, session_ids: list[str]) -> bool:
+async def agrees_with_the_ledger(ledger: Writer, agent: Agent, session_ids: list[str]) -> bool:
     """The agent runs exactly the sessions the fold gives its current incarnation, and the fold's current
     incarnation of the agent is the agent's own."""
     state, _ = await ledger.agent(agent.agent_id)
@@ -43,7 +43,7 @@ async def agrees_with_the_ledger(ledger: Ledger, agent: Agent, session_ids: list
 
 
 async def test_a_forged_registration_naming_the_agents_own_instance_does_not_leave_it_a_zombie_owner(
-        ledger: Ledger, uid: str):
+        ledger: Writer, uid: str):
     """A registration carrying the agent's own instance id (visible in the log) is not 'another process', so
     superseded_by ignores it; but every fold takes it as the agent's current incarnation. The agent must not
     go on claiming as the old incarnation (the fold flags each claim superseded_incarnation while the agent
@@ -130,7 +130,7 @@ async def test_check_is_clean_when_a_lagging_reclaimer_claims_for_an_agent_the_m
         monitor = ev.Producer(id="liveness-monitor", instance=new_id())
         await ledger.store.append(ev.AgentDeclaredDead(producer=monitor, agent_id="a1", incarnation=a1.incarnation,
                                                        reason="missed_heartbeats"))
-        reclaimer = Reclaimer(Ledger(ledger.store, ev.Producer(id="reclaimer", instance=new_id())), follower)
+        reclaimer = Reclaimer(Writer(ledger.store, ev.Producer(id="reclaimer", instance=new_id())), follower)
         actions = await reclaimer.step(follower.clock.now(ev.utcnow))
         assert [type(a).__name__ for a in actions] == ["ClaimFor"]  # the lagging view gives s1 to a1
         report = await run_check(ledger.store)
@@ -141,7 +141,7 @@ async def test_check_is_clean_when_a_lagging_reclaimer_claims_for_an_agent_the_m
 
 
 async def test_a_forged_death_with_a_reason_of_the_longest_allowed_text_does_not_keep_the_agent_from_coming_back(
-        ledger: Ledger, uid: str):
+        ledger: Writer, uid: str):
     """The agent fences on a death written about it and writes down why (AgentFenced) before registering again;
     its reason quotes the forged one's. A forged reason of exactly the allowed 4096 characters makes that
     reason longer than the codec allows: the fence record can never be written, and the agent, which writes
@@ -181,16 +181,16 @@ async def test_a_health_detail_of_the_longest_allowed_text_does_not_hold_a_route
 # --- the agent's watch: reads per forged event ------------------------------------------------------------
 
 
-async def given_by_a_reclaimer(ledger: Ledger, agent: Agent, session_id: str) -> None:
+async def given_by_a_reclaimer(ledger: Writer, agent: Agent, session_id: str) -> None:
     """A legitimate claim for `agent` written by someone else; returns once the agent runs it (its watch is
     then past everything appended before)."""
     await ledger.create_session("p", session_id=session_id)
-    reclaimer = Ledger(ledger.store, ev.Producer(id="reclaimer-test", instance=new_id()))  # claims for others
+    reclaimer = Writer(ledger.store, ev.Producer(id="reclaimer-test", instance=new_id()))  # claims for others
     await reclaimer.claim_session(session_id, agent.ref, reason="failover")
     await eventually(lambda: session_id in agent.owned, timeout=30.0, what=f"{agent.agent_id} gaining {session_id}")
 
 
-async def test_forged_claims_for_the_agent_cost_its_watch_a_bounded_number_of_reads_each(ledger: Ledger, uid: str):
+async def test_forged_claims_for_the_agent_cost_its_watch_a_bounded_number_of_reads_each(ledger: Writer, uid: str):
     """Each claim naming the agent makes its watch fold the session's history, reading the registrations of
     every agent that history names. A session carrying claims for many made-up agents (each flagged, cheap
     to write) turns every later forged claim for the agent into that many reads, one after the other in the
@@ -235,7 +235,7 @@ async def test_forged_claims_for_the_agent_cost_its_watch_a_bounded_number_of_re
 # --- route timers: stored time, not the writer's ----------------------------------------------------------
 
 
-async def _running_route(ledger: Ledger, a1: Agent, probe: ev.Probe) -> str:
+async def _running_route(ledger: Writer, a1: Agent, probe: ev.Probe) -> str:
     sid, _ = await ledger.create_session("gpu", session_id="s1")
     await a1.claim(sid)
     await a1.report_resource(sid, "pod/1", address="127.0.0.1:9")
@@ -243,7 +243,7 @@ async def _running_route(ledger: Ledger, a1: Agent, probe: ev.Probe) -> str:
     return sid
 
 
-async def _route(ledger: Ledger) -> lc.RouteState:
+async def _route(ledger: Writer) -> lc.RouteState:
     route, _ = await ledger.route("r1")
     assert route is not None
     return route
@@ -284,6 +284,6 @@ async def test_a_transition_dated_in_the_future_does_not_hold_off_the_start_time
                              what="r1 failed to start after its start_timeout of 1 s")
 
 
-async def _route_state(ledger: Ledger, state: str, traffic: str | None = None) -> bool:
+async def _route_state(ledger: Writer, state: str, traffic: str | None = None) -> bool:
     route = await _route(ledger)
     return route.state == state and (traffic is None or route.traffic == traffic)

@@ -15,13 +15,13 @@ from test_agent_judges import FORGER, agent_of, given_by_a_reclaimer
 from ledger import events as ev
 from ledger import lifecycle as lc
 from ledger.agent import Agent
-from ledger.client import Ledger
 from ledger.subjects import event_subject
+from ledger.writer import Writer
 from ledgerctl.server import EmbeddedServer
 
 
 async def test_an_unreadable_message_on_the_agents_registration_subject_does_not_keep_it_fenced_for_ever(
-        ledger: Ledger, uid: str):
+        ledger: Writer, uid: str):
     """Garbage published raw on `ledger.agent.<id>.registered.*` is no registration (every reader skips it),
     yet it is the subject's last sequence: a re-registration whose compare-and-set expects the last
     registration the watch knows of conflicts with it, every time. Fenced by a forged goodbye, the agent must
@@ -76,7 +76,7 @@ async def test_a_forged_drain_and_drained_for_an_agent_holding_a_session_does_no
                              what="s1 served by an agent the log says is alive, and by no other")
 
 
-async def test_a_forged_goodbye_during_a_drain_does_not_undo_the_drain(ledger: Ledger, uid: str):
+async def test_a_forged_goodbye_during_a_drain_does_not_undo_the_drain(ledger: Writer, uid: str):
     """The process asked to drain (no new claims, its sessions handed off). A forged goodbye for its incarnation
     fences it and it registers again - as an agent that is not draining: one forged event silently undoes the
     drain, and every claimer may give it sessions again."""
@@ -125,7 +125,7 @@ async def test_a_claim_for_an_agent_that_has_drained_does_not_leave_the_session_
             await eventually(with_a2_only, timeout=20, what="s1 handed from the drained a1 to a2")
 
 
-async def test_a_flood_of_registrations_of_made_up_agents_is_not_kept_by_the_watch(ledger: Ledger, uid: str):
+async def test_a_flood_of_registrations_of_made_up_agents_is_not_kept_by_the_watch(ledger: Writer, uid: str):
     """The watch follows every agent's registrations; a flood of them (made-up agents, no session names them)
     must cost it no memory and no reads, and it still judges what comes after."""
     async with agent_of(ledger, f"{uid}-a1") as a1:
@@ -139,7 +139,7 @@ async def test_a_flood_of_registrations_of_made_up_agents_is_not_kept_by_the_wat
         assert set(a1.watch.registrations.known) == known
 
 
-async def test_forged_lifecycle_events_for_a_huge_incarnation_of_the_agent_change_nothing(ledger: Ledger, uid: str):
+async def test_forged_lifecycle_events_for_a_huge_incarnation_of_the_agent_change_nothing(ledger: Writer, uid: str):
     """Death, goodbye, fence, drain and drained for an incarnation that never registered: every fold flags
     them (unknown incarnation), so the agent neither fences, drains nor loses a session."""
     async with agent_of(ledger, f"{uid}-a1") as a1:
@@ -161,7 +161,7 @@ async def test_forged_lifecycle_events_for_a_huge_incarnation_of_the_agent_chang
         assert state is not None and (state.incarnation, state.status) == (first, lc.A_ALIVE)
 
 
-async def test_an_acknowledgement_never_moves_the_agent_back_to_an_older_incarnation(ledger: Ledger, uid: str):
+async def test_an_acknowledgement_never_moves_the_agent_back_to_an_older_incarnation(ledger: Writer, uid: str):
     """The watch adopted a later copy of our registration (every fold takes the newest as current); the
     original's acknowledgement, arriving after, must not move the agent back to the older sequence."""
     async with agent_of(ledger, f"{uid}-a") as a:

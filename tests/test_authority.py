@@ -23,9 +23,9 @@ from ledger import authority, codec
 from ledger import events as ev
 from ledger import lifecycle as lc
 from ledger.agent import Agent
-from ledger.client import Ledger
 from ledger.errors import InvalidInput, NotAuthorized
 from ledger.subjects import HEARTBEAT_STREAM, LEDGER_STREAM
+from ledger.writer import Writer
 from ledgerctl.server import EmbeddedServer
 from projections.projector import Projector
 from projections.query import Query
@@ -285,19 +285,19 @@ def test_the_folds_never_apply_an_event_its_producer_may_not_write(items: list):
 
 
 async def test_an_agent_id_may_not_create_or_terminate_sessions(store, uid: str):  # type: ignore[no-untyped-def]
-    scheduler = Ledger(store, ev.Producer(id="scheduler", instance="x"))
+    scheduler = Writer(store, ev.Producer(id="scheduler", instance="x"))
     with pytest.raises(NotAuthorized) as refused:
         await scheduler.create_session("p", session_id=f"{uid}-s1")
     message = str(refused.value)
     assert "\n" not in message and "operator" in message and "'cli'" in message and "scheduler" in message
     assert isinstance(refused.value, InvalidInput)
-    operator = Ledger(store, ev.Producer(id="operator-sched", instance="x"))
+    operator = Writer(store, ev.Producer(id="operator-sched", instance="x"))
     sid, _ = await operator.create_session("p", session_id=f"{uid}-s1")
     with pytest.raises(NotAuthorized):
         await scheduler.terminate_session(sid)
     with pytest.raises(NotAuthorized):
         await scheduler.create_route(f"{uid}-r1", session_id=sid, endpoint="e")
-    monitor = Ledger(store, ev.Producer(id="monitor-x", instance="x"))
+    monitor = Writer(store, ev.Producer(id="monitor-x", instance="x"))
     with pytest.raises(NotAuthorized):
         await monitor.create_route(f"{uid}-r1", session_id=sid, endpoint="e")
     await operator.create_route(f"{uid}-r1", session_id=sid, endpoint="e")
@@ -312,12 +312,12 @@ async def test_an_agent_id_may_not_create_or_terminate_sessions(store, uid: str)
 
 
 @pytest.mark.parametrize("agent_id", ["monitor", "reclaimer-x", "watchdog-2", "operator", "cli", "demo-1"])
-async def test_an_agent_may_not_take_a_roles_name(ledger: Ledger, agent_id: str):
+async def test_an_agent_may_not_take_a_roles_name(ledger: Writer, agent_id: str):
     with pytest.raises(NotAuthorized, match="reserved"):
         Agent(ledger, agent_id=agent_id, pool="p")
 
 
-async def test_an_agent_writes_routes_of_the_sessions_it_owns_only(ledger: Ledger, uid: str):
+async def test_an_agent_writes_routes_of_the_sessions_it_owns_only(ledger: Writer, uid: str):
     async with Agent(ledger, agent_id=f"{uid}-a1", pool=uid, heartbeat=0.5, ttl=10) as a1, \
             Agent(ledger, agent_id=f"{uid}-a2", pool=uid, heartbeat=0.5, ttl=10) as a2:
         sid, _ = await ledger.create_session(uid, session_id=f"{uid}-s1")
@@ -340,7 +340,7 @@ async def test_a_death_forged_by_an_agent_does_not_count_toward_the_pool_breaker
     from consumers.monitor import LivenessMonitor
 
     follower = Follower(store, heartbeats=False)
-    monitor = LivenessMonitor(Ledger(store, MONITOR), follower)
+    monitor = LivenessMonitor(Writer(store, MONITOR), follower)
     log = Log()
     items = []
     for p in (A1, A2):

@@ -18,13 +18,13 @@ from test_agent import race_agents
 
 from ledger import subjects
 from ledger.agent import Agent
-from ledger.client import Ledger
 from ledger.codec import Recorded
 from ledger.errors import Conflict
 from ledger.events import Producer
 from ledger.ids import new_id
 from ledger.settings import Settings
 from ledger.store import EventStore
+from ledger.writer import Writer
 from ledgerctl.server import EmbeddedCluster
 
 pytestmark = pytest.mark.cluster
@@ -123,7 +123,7 @@ async def test_killing_the_stream_leader_mid_load_loses_no_acknowledged_event(ow
 
 async def test_fifty_agents_race_to_claim_one_session_on_the_cluster(cluster_store: EventStore,
                                                                      cluster_settings: Settings, uid: str):
-    ledger = Ledger(cluster_store, Producer(id="operator-test", instance=new_id()))
+    ledger = Writer(cluster_store, Producer(id="operator-test", instance=new_id()))
     sid, seq = await ledger.create_session("p", session_id=f"{uid}-s")
     await race_agents(cluster_settings, sid, f"{uid}-racer", 50)
     claims = [r for r in await cluster_store.history("session", sid, min_last_seq=seq + 1)
@@ -205,11 +205,11 @@ async def freeze_under_agents(cluster: EmbeddedCluster, uid: str, ttl: float,
     async with contextlib.AsyncExitStack() as stack:
         agents: list[Agent] = []
         for i in range(3):
-            ledger = await stack.enter_async_context(Ledger.connect(settings, producer_id=f"{uid}-a{i}"))
+            ledger = await stack.enter_async_context(Writer.connect(settings, producer_id=f"{uid}-a{i}"))
             agent = await stack.enter_async_context(Agent(
                 ledger, agent_id=f"{uid}-a{i}", pool=uid, heartbeat=heartbeat, ttl=ttl,
                 on_fenced=lambda why, i=i: fences.append(f"a{i}: {why}")))
-            operator = Ledger(ledger.store, Producer(id="operator-test", instance=new_id()))  # creates sessions
+            operator = Writer(ledger.store, Producer(id="operator-test", instance=new_id()))  # creates sessions
             sid, _ = await operator.create_session(uid, session_id=f"{uid}-s{i}")
             await agent.claim(sid)
             agents.append(agent)

@@ -13,8 +13,8 @@ from helpers import eventually
 
 from ledger import events as ev
 from ledger import lifecycle as lc
-from ledger.client import Ledger
 from ledger.codec import Recorded
+from ledger.writer import Writer
 from ledgerctl.server import EmbeddedServer
 
 HEARTBEAT, TTL = 0.2, 1.5
@@ -254,7 +254,7 @@ async def test_failure_reports_make_an_agent_suspect(server: EmbeddedServer):
         async with consumers(server.url, reclaimer=False, watchdog=False):
             # Three clients (one reporting three times counts once: its newest report).
             for reporter in ("operator-r1", "operator-r2", "operator-r2", "operator-r3"):
-                await Ledger(ledger.store, ev.Producer(id=reporter, instance="i")).report_unreachable(
+                await Writer(ledger.store, ev.Producer(id=reporter, instance="i")).report_unreachable(
                     "a1", error="connection refused")
 
             async def suspected() -> list[ev.Event]:

@@ -29,9 +29,9 @@ from consumers.route_rules import next_step
 from ledger import codec
 from ledger import events as ev
 from ledger import lifecycle as lc
-from ledger.client import Ledger
 from ledger.decide import AgentRef
 from ledger.subjects import LEDGER_STREAM
+from ledger.writer import Writer
 from ledgerctl.server import EmbeddedServer
 from projections.health import route_health
 from projections.state import LedgerState
@@ -206,12 +206,12 @@ def test_no_declared_time_reaches_an_agent_session_or_route(items: list, data: s
 
 
 
-async def route_state(ledger: Ledger, rid: str) -> lc.RouteState:
+async def route_state(ledger: Writer, rid: str) -> lc.RouteState:
     state, _ = await ledger.route(rid)
     return state
 
 
-async def reaches(ledger: Ledger, rid: str, *states: str, timeout: float = 15) -> lc.RouteState:
+async def reaches(ledger: Writer, rid: str, *states: str, timeout: float = 15) -> lc.RouteState:
     async def there() -> lc.RouteState | None:
         st_ = await route_state(ledger, rid)
         return st_ if st_.state in states else None
@@ -219,7 +219,7 @@ async def reaches(ledger: Ledger, rid: str, *states: str, timeout: float = 15) -
     return await eventually(there, timeout=timeout, what=f"route {rid} reaching {states}")
 
 
-async def forge_start(ledger: Ledger, rid: str, sid: str, *, start_timeout: float, time: datetime) -> None:
+async def forge_start(ledger: Writer, rid: str, sid: str, *, start_timeout: float, time: datetime) -> None:
     await ledger.create_route(rid, session_id=sid, endpoint="e", start_timeout=start_timeout)
     await ledger.append(ev.RouteTransitioned(producer=FORGER, route_id=rid, from_state=lc.PENDING,
                                              to_state=lc.STARTING, reason="forged", time=time))
@@ -316,7 +316,7 @@ async def test_the_idle_reaper_ignores_the_times_sessions_declare(store, uid: st
     from ledger.agent import Agent
     from ledger.ids import new_id
 
-    ledger = Ledger(store, ev.Producer(id="operator-test", instance=new_id()))
+    ledger = Writer(store, ev.Producer(id="operator-test", instance=new_id()))
     future, past = f"{uid}-future", f"{uid}-past"
     await ledger.append(ev.SessionCreated(producer=CLI, session_id=future, pool=uid, idle_ttl=0.2, time=FAR_FUTURE))
     await ledger.append(ev.SessionCreated(producer=CLI, session_id=past, pool=uid, idle_ttl=HOUR,

@@ -20,10 +20,10 @@ from consumers.reclaimer import Reclaimer
 from ledger import events as ev
 from ledger import lifecycle as lc
 from ledger.agent import Agent
-from ledger.client import Ledger
 from ledger.codec import Recorded
 from ledger.decide import AgentRef
 from ledger.ids import new_id
+from ledger.writer import Writer
 from ledgerctl.server import EmbeddedServer
 from projections.health import agent_health
 
@@ -32,7 +32,7 @@ HEARTBEAT, TTL = 0.2, 1.5
 
 
 
-async def last_beat_seq(ledger: Ledger, agent_id: str) -> int:
+async def last_beat_seq(ledger: Writer, agent_id: str) -> int:
     newest = await ledger.store.last("hb", agent_id)
     return newest.seq if isinstance(newest, Recorded) else 0
 
@@ -82,7 +82,7 @@ async def test_an_incarnation_that_dies_before_its_first_beat_is_declared_dead_f
             producer=ev.Producer(id="a1", instance="i2"), agent_id="a1", instance_id="i2", pool="gpu",
             heartbeat_interval=HEARTBEAT, ttl=TTL))
         sid, _ = await ledger.create_session("gpu", session_id="s1")
-        reclaimer = Ledger(ledger.store, ev.Producer(id="reclaimer-test", instance=new_id()))  # claims for others
+        reclaimer = Writer(ledger.store, ev.Producer(id="reclaimer-test", instance=new_id()))  # claims for others
         await reclaimer.claim_session(sid, AgentRef("a1", "i2", second))
         async with consumers(server.url, watchdog=False):
             async def declared() -> list[ev.Event]:
@@ -99,7 +99,7 @@ async def test_an_incarnation_that_dies_before_its_first_beat_is_declared_dead_f
             await eventually(freed, timeout=10, what="the session of the dead incarnation set free")
 
 
-async def session_moves(ledger: Ledger, sid: str, after: int) -> list[ev.Event]:
+async def session_moves(ledger: Writer, sid: str, after: int) -> list[ev.Event]:
     return [r.event for r in await ledger.store.history("session", sid)
             if isinstance(r, Recorded) and r.seq > after and isinstance(r.event, (ev.SessionClaimed,
                                                                                   ev.SessionOrphaned))]
@@ -151,7 +151,7 @@ async def test_the_reclaimers_pipelined_claims_never_push_an_agent_past_its_capa
             following.cancel()  # from here the reclaimer's view stands still: its claims stay unseen
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await following
-        reclaimer = Reclaimer(Ledger(ledger.store, ev.Producer(id="reclaimer", instance=new_id())), follower)
+        reclaimer = Reclaimer(Writer(ledger.store, ev.Producer(id="reclaimer", instance=new_id())), follower)
         now = follower.clock.now(ev.utcnow)
         for _ in range(3):  # consecutive plans before the first claims are seen, as under load
             await reclaimer.step(now)

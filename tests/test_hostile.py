@@ -23,15 +23,15 @@ from helpers import eventually
 from nats.js.errors import NotFoundError
 from test_cli_entities import ledger_cli, ok, one_line_error
 
+from consumers.group import ConsumerGroup
 from consumers.liveness_rules import LivenessSettings
-from consumers.service import Consumers
 from ledger import codec
 from ledger import events as ev
 from ledger.agent import Agent
-from ledger.client import Ledger
 from ledger.settings import Settings
 from ledger.store import EventStore
 from ledger.subjects import DLQ_STREAM, HEARTBEAT_STREAM, LEDGER_STREAM
+from ledger.writer import Writer
 from ledgerctl.server import EmbeddedServer
 from projections.projector import Projector
 from projections.query import Query
@@ -44,9 +44,9 @@ CLI = ev.Producer(id="cli", instance="hostile")
 
 
 @contextlib.asynccontextmanager
-async def running_consumers(store: EventStore) -> AsyncIterator[tuple[Consumers, asyncio.Task[None]]]:
+async def running_consumers(store: EventStore) -> AsyncIterator[tuple[ConsumerGroup, asyncio.Task[None]]]:
     """The consumers of `ledger up`, in this process; the task is handed out so a test can see it still runs."""
-    parts = Consumers(store, liveness=LivenessSettings(grace=0.3))
+    parts = ConsumerGroup(store, liveness=LivenessSettings(grace=0.3))
     task = asyncio.create_task(parts.run())
     try:
         await asyncio.wait_for(parts.follower.caught_up.wait(), 20)
@@ -150,7 +150,7 @@ async def test_a_hostile_corpus_on_every_subject_family_is_dead_lettered_and_wor
     settings = Settings(nats_url=server.url)
     db = tmp_path / "projection.sqlite3"
     async with EventStore.connect(settings) as store:
-        ledger = Ledger(store, ev.Producer(id="operator-test", instance="t"))
+        ledger = Writer(store, ev.Producer(id="operator-test", instance="t"))
         async with Projector(store, ProjectionSettings(db=str(db))) as projector, \
                 running_consumers(store) as (_, consumers_task), \
                 Agent(ledger, agent_id="a1", pool="gpu", capacity=50, heartbeat=0.2, ttl=5) as a1, \
@@ -217,7 +217,7 @@ async def test_a_hostile_corpus_on_every_subject_family_is_dead_lettered_and_wor
 async def test_the_monitor_survives_a_deeply_nested_newest_beat_and_declares_the_agent_dead(
         server: EmbeddedServer):
     async with EventStore.connect(Settings(nats_url=server.url)) as store:
-        ledger = Ledger(store, ev.Producer(id="operator-test", instance="t"))
+        ledger = Writer(store, ev.Producer(id="operator-test", instance="t"))
         me = ev.Producer(id="gone", instance="g1")
         incarnation = await store.append(ev.AgentRegistered(producer=me, agent_id="gone", instance_id="g1",
                                                             pool="p", heartbeat_interval=0.2, ttl=1.0))

@@ -37,10 +37,10 @@ from consumers.monitor import LivenessMonitor
 from ledger import codec, decide, subjects
 from ledger import events as ev
 from ledger import lifecycle as lc
-from ledger.client import Ledger
 from ledger.connection import open_connection
 from ledger.errors import AuthFailed, InvalidInput, LedgerError, TlsFailed
 from ledger.settings import Settings, redact_url
+from ledger.writer import Writer
 from ledgerctl import permissions
 from ledgerctl.cli import cli
 from ledgerctl.server import EmbeddedServer
@@ -57,12 +57,12 @@ def secured(tmp_path: Path) -> Iterator[Secured]:
 
 
 @pytest.fixture
-async def admin(secured: Secured) -> AsyncIterator[Ledger]:
+async def admin(secured: Secured) -> AsyncIterator[Writer]:
     async with ledger_as(secured, permissions.ADMIN, "admin") as (ledger, _):
         yield ledger
 
 
-async def register(ledger: Ledger, pool: str, *, heartbeat: float = 60.0, ttl: float = 600.0) -> int:
+async def register(ledger: Writer, pool: str, *, heartbeat: float = 60.0, ttl: float = 600.0) -> int:
     """Register the ledger's producer as an agent (its incarnation is the registration's sequence)."""
     return await ledger.store.append(ev.AgentRegistered(
         producer=ledger.producer, agent_id=ledger.producer.id, instance_id=ledger.producer.instance, pool=pool,
@@ -96,7 +96,7 @@ async def caught_up_to(monitor: LivenessMonitor, seq: int) -> None:
 # --- reply subjects: the server publishes where the requester says -------------------------------------------------
 
 
-async def test_a1_cannot_forge_a2s_goodbye_through_a_direct_get_reply(secured: Secured, admin: Ledger):
+async def test_a1_cannot_forge_a2s_goodbye_through_a_direct_get_reply(secured: Secured, admin: Writer):
     async with ledger_as(secured, "agent-a2", "a2") as (a2, _):
         incarnation = await register(a2, "p-reply")
     a1 = await connect(secured, "agent-a1")
@@ -118,7 +118,7 @@ async def test_a1_cannot_forge_a2s_goodbye_through_a_direct_get_reply(secured: S
 
 
 async def test_no_server_answer_steered_by_a1_lands_on_a_subject_a1_may_not_publish(secured: Secured,
-                                                                                    admin: Ledger):
+                                                                                    admin: Writer):
     a1 = await connect(secured, "agent-a1")
     try:
         await a1.nc.jetstream().publish("ledger.hb.a1.heartbeat.a1", b"{}", timeout=5)
@@ -147,7 +147,7 @@ async def test_no_server_answer_steered_by_a1_lands_on_a_subject_a1_may_not_publ
     assert not landed, f"a1 wrote on other producers' subjects: {landed}"
 
 
-async def test_a1_cannot_replay_a2s_registration_through_a_pull_reply(secured: Secured, admin: Ledger):
+async def test_a1_cannot_replay_a2s_registration_through_a_pull_reply(secured: Secured, admin: Writer):
     jsm = admin.store.nc.jsm()
     config = (await jsm.stream_info(subjects.LEDGER_STREAM)).config
     config.duplicate_window = 1.0  # the default 120 s only delays the attack; the test need not wait for it
@@ -186,7 +186,7 @@ async def test_a1_cannot_replay_a2s_registration_through_a_pull_reply(secured: S
 
 
 async def test_an_agent_squatting_the_monitors_death_event_id_cannot_keep_a_silent_agent_alive(
-        secured: Secured, admin: Ledger):
+        secured: Secured, admin: Writer):
     async with ledger_as(secured, "agent-a2", "a2") as (a2, _):
         incarnation = await register(a2, "p-squat", heartbeat=0.2, ttl=1.0)  # and never beats: a crash
     async with ledger_as(secured, "agent-a1", "a1") as (a1, conn):
@@ -203,7 +203,7 @@ async def test_an_agent_squatting_the_monitors_death_event_id_cannot_keep_a_sile
 
 
 async def test_an_append_whose_event_id_another_user_took_first_is_not_reported_as_written(secured: Secured,
-                                                                                         admin: Ledger):
+                                                                                         admin: Writer):
     async with ledger_as(secured, "agent-a1", "a1") as (a1, _):
         taken = await a1.report_unreachable("a2", error="squat")
         squatted = next(e for e in await recorded(admin.store, "agent", "a2")).event_id
@@ -219,7 +219,7 @@ async def test_an_append_whose_event_id_another_user_took_first_is_not_reported_
     assert (seq is None) == (state is None)
 
 
-async def test_one_reporter_alone_cannot_make_an_agent_suspect(secured: Secured, admin: Ledger):
+async def test_one_reporter_alone_cannot_make_an_agent_suspect(secured: Secured, admin: Writer):
     async with ledger_as(secured, "agent-a2", "a2") as (a2, _):
         incarnation = await register(a2, "p-reports")
     async with ledger_as(secured, "agent-a1", "a1") as (a1, _):
@@ -239,7 +239,7 @@ async def test_one_reporter_alone_cannot_make_an_agent_suspect(secured: Secured,
         assert [type(e) for e in written] == [ev.AgentSuspected]
 
 
-async def test_reports_in_bulk_from_one_agent_never_make_a_beating_agent_dead(secured: Secured, admin: Ledger):
+async def test_reports_in_bulk_from_one_agent_never_make_a_beating_agent_dead(secured: Secured, admin: Writer):
     """Death comes from missed heartbeats only: however many reports a1 writes, a2 (beating within its ttl) is
     not declared dead, and nothing but the monitor may declare it (the server refuses a1's declaration)."""
     async with ledger_as(secured, "agent-a2", "a2") as (a2, _):
@@ -271,7 +271,7 @@ async def a_session_owned_by_a2(secured: Secured, pool: str) -> tuple[str, int, 
     return sid, token, incarnation
 
 
-async def test_a1_writing_for_a2_through_every_subject_it_may_use_changes_nothing(secured: Secured, admin: Ledger):
+async def test_a1_writing_for_a2_through_every_subject_it_may_use_changes_nothing(secured: Secured, admin: Writer):
     """Every verb a1 may publish, aimed at a2: on a2's session and route, naming a2 or a2's token, signed a1.
     The server lets them land (the subjects end in a1); the folds flag each one, and a2's session, route and
     liveness are as before. What the server refuses (a2's own entity, a2's producer token) is refused."""
@@ -316,7 +316,7 @@ async def test_a1_writing_for_a2_through_every_subject_it_may_use_changes_nothin
     assert forged_seqs and {seq for seq, _ in anomalies} >= forged_seqs  # each one flagged, none applied
 
 
-async def test_a1_cannot_take_a_live_a2s_session_by_naming_its_token(secured: Secured, admin: Ledger):
+async def test_a1_cannot_take_a_live_a2s_session_by_naming_its_token(secured: Secured, admin: Writer):
     sid, token, _ = await a_session_owned_by_a2(secured, "p-take")
     async with ledger_as(secured, "agent-a1", "a1") as (a1, _):
         mine = await register(a1, "p-take")
@@ -328,7 +328,7 @@ async def test_a1_cannot_take_a_live_a2s_session_by_naming_its_token(secured: Se
     assert state is not None and state.owner == "a2", f"a1 took a live a2's session: owner {state.owner}"
 
 
-async def test_a1_cannot_squat_the_id_of_a_session_or_route_before_it_is_created(secured: Secured, admin: Ledger):
+async def test_a1_cannot_squat_the_id_of_a_session_or_route_before_it_is_created(secured: Secured, admin: Writer):
     """Any agent may publish on any session's or route's subjects under its own token (a claim for itself, an
     owner's transition): one such event on an id not created yet must not make the operator's creation of that
     id "already exist" (the folds flag it; the creation applies)."""
@@ -388,7 +388,7 @@ async def test_an_agent_cannot_rewrite_or_expire_a_durable_consumer_it_knows_the
         await admin_conn.nc.close()
 
 
-async def test_forbidden_api_and_system_subjects_are_refused_to_an_agent(secured: Secured, admin: Ledger):
+async def test_forbidden_api_and_system_subjects_are_refused_to_an_agent(secured: Secured, admin: Writer):
     """Everything outside an agent's list: stream admin, leader step-downs (a step-down would put the liveness
     monitor in its grace period), KV and object stores, the account purge, $SYS, acks and other users' inboxes
     (a forged PubAck or API reply)."""
@@ -418,7 +418,7 @@ async def test_forbidden_api_and_system_subjects_are_refused_to_an_agent(secured
 
 
 async def test_headers_on_an_agents_own_subjects_cannot_roll_up_expire_schedule_or_batch(secured: Secured,
-                                                                                        admin: Ledger):
+                                                                                        admin: Writer):
     """Headers a1 may put on what it publishes: a rollup would purge the log, a TTL expire the event, a schedule
     publish onto another subject later; the streams' settings refuse each (and doctor checks those settings)."""
     conn = await connect(secured, "agent-a1")
@@ -441,7 +441,7 @@ async def test_headers_on_an_agents_own_subjects_cannot_roll_up_expire_schedule_
 
 
 async def test_a_push_consumer_cannot_relay_an_agents_bytes_onto_the_api_or_the_monitors_advisories(
-        secured: Secured, admin: Ledger):
+        secured: Secured, admin: Writer):
     """An agent may create push consumers. Delivered onto `$JS.API.STREAM.UPDATE.LEDGER`, its own heartbeat bytes
     (a stream config with max_age 1 s) would be an update under nobody's permissions; onto the leader-election
     advisory the service user listens to, a fake election at every delivery (or idle heartbeat) would hold the
@@ -492,7 +492,7 @@ async def all_refused(secured: Secured, user: str, refused: list[str]) -> None:
         await conn.nc.close()
 
 
-async def test_the_reader_writes_nothing_the_operator_and_service_change_no_stream(secured: Secured, admin: Ledger):
+async def test_the_reader_writes_nothing_the_operator_and_service_change_no_stream(secured: Secured, admin: Writer):
     every_event = [subjects.event_subject(cls.family, "x", cls.verb(), producer) for cls in ev.EVENT_TYPES
                    for producer in ("reader", "a1", "cli", "operator", "monitor", "reclaimer", "watchdog")]
     await all_refused(secured, permissions.READER, [*every_event, *STREAM_ADMIN, *CONSUMER_ADMIN,

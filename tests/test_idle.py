@@ -11,10 +11,10 @@ from consumers.idle import IdleReaper, select_idle
 from ledger import events as ev
 from ledger import lifecycle as lc
 from ledger.agent import Activity, Agent
-from ledger.client import Ledger
 from ledger.errors import NotFound
 from ledger.ids import new_id
 from ledger.store import EventStore
+from ledger.writer import Writer
 
 
 def test_selection_never_picks_a_busy_or_fresh_session():
@@ -29,7 +29,7 @@ def test_selection_never_picks_a_busy_or_fresh_session():
 
 
 async def test_idle_sessions_are_released_and_busy_ones_kept(store: EventStore, uid: str):
-    ledger = Ledger(store, ev.Producer(id="operator-test", instance=new_id()))
+    ledger = Writer(store, ev.Producer(id="operator-test", instance=new_id()))
     idle, _ = await ledger.create_session("p", session_id=f"{uid}-idle", idle_ttl=0.2)
     busy, _ = await ledger.create_session("p", session_id=f"{uid}-busy", idle_ttl=0.2)
     forever, _ = await ledger.create_session("p", session_id=f"{uid}-forever")

@@ -21,12 +21,12 @@ from ledger import codec
 from ledger import events as ev
 from ledger import lifecycle as lc
 from ledger.agent import Agent
-from ledger.client import Ledger
 from ledger.codec import Recorded
 from ledger.errors import ConfigError
 from ledger.ids import new_id
 from ledger.settings import DEFAULT_NATS_URL, Settings
 from ledger.store import EventStore
+from ledger.writer import Writer
 from ledgerctl.agent_process import SelfClaimer
 from ledgerctl.cli import cli
 from ledgerctl.cli.up import env_line
@@ -136,12 +136,12 @@ async def test_the_reclaimer_judges_eligibility_by_the_flags_given_to_ledger_con
     it is silent past the bound after a second, so the session goes to a2, which beats."""
     pool = f"{uid}-pool"
     silent, beating = f"{uid}-a1", f"{uid}-a2"
-    me = Ledger(store, ev.Producer(id=silent, instance=new_id()))
+    me = Writer(store, ev.Producer(id=silent, instance=new_id()))
     registered = await me.append(ev.AgentRegistered(producer=me.producer, agent_id=silent, instance_id=new_id(),
                                                     pool=pool, capacity=4, heartbeat_interval=interval, ttl=1000.0))
     [stored] = [r for r in await store.history("agent", silent) if isinstance(r, Recorded) and r.seq == registered]
-    operator = Ledger(store, ev.Producer(id="operator-test", instance=new_id()))
-    async with Agent(Ledger(store, ev.Producer(id=beating, instance=new_id())), agent_id=beating, pool=pool,
+    operator = Writer(store, ev.Producer(id="operator-test", instance=new_id()))
+    async with Agent(Writer(store, ev.Producer(id=beating, instance=new_id())), agent_id=beating, pool=pool,
                      capacity=4, heartbeat=0.2, ttl=5.0):
         with ledger_consumers(settings.nats_url, flag, value):
             # The bound is one second after a1's registration (stored time, the server's clock on this machine).
@@ -163,10 +163,10 @@ async def _follower_sees(claimer: SelfClaimer, check) -> None:  # type: ignore[n
 
 async def test_a_self_claimer_judges_itself_by_the_policy_it_is_given(store: EventStore, uid: str):
     pool = f"{uid}-pool"
-    operator = Ledger(store, ev.Producer(id="operator-test", instance=new_id()))
+    operator = Writer(store, ev.Producer(id="operator-test", instance=new_id()))
     sid, _ = await operator.create_session(pool, session_id=f"{uid}-s1")
     agent_id = f"{uid}-a1"
-    async with Agent(Ledger(store, ev.Producer(id=agent_id, instance=new_id())), agent_id=agent_id, pool=pool,
+    async with Agent(Writer(store, ev.Producer(id=agent_id, instance=new_id())), agent_id=agent_id, pool=pool,
                      capacity=4, heartbeat=1.0, ttl=1000.0) as agent:
         strict = SelfClaimer(agent, lambda _: None, HealthPolicy(suspect_after_missed=1))
         default = SelfClaimer(agent, lambda _: None)
@@ -190,12 +190,12 @@ async def test_a_self_claimer_judges_itself_by_the_policy_it_is_given(store: Eve
 
 async def test_a_suspected_agent_does_not_claim_for_itself(store: EventStore, uid: str):
     pool = f"{uid}-pool"
-    operator = Ledger(store, ev.Producer(id="operator-test", instance=new_id()))
-    monitor = Ledger(store, ev.Producer(id="monitor", instance=new_id()))
+    operator = Writer(store, ev.Producer(id="operator-test", instance=new_id()))
+    monitor = Writer(store, ev.Producer(id="monitor", instance=new_id()))
     sid, _ = await operator.create_session(pool, session_id=f"{uid}-s1")
     agent_id = f"{uid}-a1"
     # A long interval: its first beat is its last for the length of the test, so nothing clears the suspicion.
-    async with Agent(Ledger(store, ev.Producer(id=agent_id, instance=new_id())), agent_id=agent_id, pool=pool,
+    async with Agent(Writer(store, ev.Producer(id=agent_id, instance=new_id())), agent_id=agent_id, pool=pool,
                      capacity=4, heartbeat=100.0, ttl=1000.0) as agent:
         claimer = SelfClaimer(agent, lambda _: None)
         follow = asyncio.create_task(claimer.follower.run())

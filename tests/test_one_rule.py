@@ -17,8 +17,7 @@ from ledger import lifecycle as lc
 from ledger.errors import Conflict, DataDirInUse, IllegalTransition, StaleToken
 from ledgerctl.server import lock_data_dir
 from projections.errors import DatabaseBusy
-from projections.filelock import try_lock
-from projections.process import FileLock
+from projections.filelock import FileLock, try_lock
 
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
 RECLAIMER = ev.Producer(id="reclaimer", instance="r1")

@@ -138,9 +138,9 @@ def test_only_a_later_registration_by_another_process_supersedes(regs: list[tupl
 
 
 async def test_an_owner_termination_under_a_stale_token_is_refused_before_it_is_written(store):
-    from ledger.client import Ledger
+    from ledger.writer import Writer
 
-    ledger = Ledger(store, ev.Producer(id="operator-ops", instance="i"))
+    ledger = Writer(store, ev.Producer(id="operator-ops", instance="i"))
     sid, _ = await ledger.create_session("p")
     with pytest.raises(StaleToken):
         await ledger.terminate_session(sid, token=12345)  # the fold would flag it: it is never written
@@ -269,7 +269,7 @@ def test_every_take_over_the_reclaimers_rules_plan_is_one_the_fold_applies(
 
 @given(items=histories())
 def test_one_sessions_history_folded_with_its_agents_histories_agrees_with_the_whole_log(items: list):
-    """`Ledger.session` folds one session's history with lookups built from the histories of the agents it names
+    """`Writer.session` folds one session's history with lookups built from the histories of the agents it names
     (registrations; the states of those a take-over may replace, `owners_judged`): the same states and the same
     flagged events as the whole-log fold, whose agent states are current as of each event."""
     whole = LedgerState()
@@ -338,12 +338,12 @@ async def test_an_agents_watch_keeps_a_session_a_live_agent_claims_by_naming_its
     from helpers import eventually
 
     from ledger.agent import Agent
-    from ledger.client import Ledger
+    from ledger.writer import Writer
 
     lost: list[str] = []
 
     def agent_of(agent_id: str, **kw: object) -> Agent:
-        return Agent(Ledger(ledger.store, ev.Producer(id=agent_id, instance=agent_id)), agent_id=agent_id,
+        return Agent(Writer(ledger.store, ev.Producer(id=agent_id, instance=agent_id)), agent_id=agent_id,
                      pool="p", heartbeat=0.1, ttl=5.0, **kw)  # type: ignore[arg-type]
 
     sid, _ = await ledger.create_session("p", session_id=f"{uid}-s")

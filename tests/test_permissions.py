@@ -31,16 +31,16 @@ from nats.aio.client import Client as NATS
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import api
 
+from consumers.group import ConsumerGroup
 from consumers.liveness_rules import LivenessSettings
-from consumers.service import Consumers
 from ledger import authority, codec, subjects
 from ledger import events as ev
 from ledger.agent import Agent
-from ledger.client import Ledger
 from ledger.codec import Recorded
 from ledger.ids import new_id
 from ledger.settings import Settings
 from ledger.store import EventStore, ServerInfo
+from ledger.writer import Writer
 from ledgerctl import permissions
 from ledgerctl.cli import cli
 from ledgerctl.cli.doctor import security_finding
@@ -103,12 +103,12 @@ async def connect(secured: Secured, user: str, *, tls_user: str | None = None) -
 
 
 @contextlib.asynccontextmanager
-async def ledger_as(secured: Secured, user: str, producer: str) -> AsyncIterator[tuple[Ledger, Conn]]:
+async def ledger_as(secured: Secured, user: str, producer: str) -> AsyncIterator[tuple[Writer, Conn]]:
     conn = await connect(secured, user)
     store = EventStore(conn.nc, Settings(nats_url=secured.url))
     await store.start()
     try:
-        yield Ledger(store, ev.Producer(id=producer, instance=new_id())), conn
+        yield Writer(store, ev.Producer(id=producer, instance=new_id())), conn
     finally:
         await store.close()
         await conn.nc.close()
@@ -145,7 +145,7 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
 
 
 @pytest.fixture
-async def admin(secured: Secured) -> AsyncIterator[Ledger]:
+async def admin(secured: Secured) -> AsyncIterator[Writer]:
     async with ledger_as(secured, permissions.ADMIN, "admin") as (ledger, _):
         yield ledger
 
@@ -298,7 +298,7 @@ def test_reserved_names_and_unknown_users_are_refused():
 # --- against the server -----------------------------------------------------------------------------------------
 
 
-async def test_a1_cannot_register_beat_or_say_goodbye_as_a2(secured: Secured, admin: Ledger):
+async def test_a1_cannot_register_beat_or_say_goodbye_as_a2(secured: Secured, admin: Writer):
     conn = await connect(secured, "agent-a1")
     try:
         a1 = ev.Producer(id="a1", instance=new_id())
@@ -318,7 +318,7 @@ async def test_a1_cannot_register_beat_or_say_goodbye_as_a2(secured: Secured, ad
     assert await recorded(admin.store, "hb", "a2") == []
 
 
-async def test_a1_runs_its_whole_flow_without_a_violation(secured: Secured, admin: Ledger):
+async def test_a1_runs_its_whole_flow_without_a_violation(secured: Secured, admin: Writer):
     async with ledger_as(secured, permissions.OPERATOR, "cli") as (operator, op_conn):
         sid, _ = await operator.create_session("p1")
     async with ledger_as(secured, "agent-a1", "a1") as (ledger, conn), \
@@ -334,7 +334,7 @@ async def test_a1_runs_its_whole_flow_without_a_violation(secured: Secured, admi
     assert await recorded(admin.store, "hb", "a1")
 
 
-async def test_an_agent_cannot_change_delete_or_purge_the_ledger_nor_touch_consumers(secured: Secured, admin: Ledger):
+async def test_an_agent_cannot_change_delete_or_purge_the_ledger_nor_touch_consumers(secured: Secured, admin: Writer):
     jsm_admin = admin.store.nc.jsm()
     before = (await jsm_admin.stream_info(subjects.LEDGER_STREAM)).config
     await jsm_admin.add_consumer(subjects.LEDGER_STREAM, api.ConsumerConfig(durable_name="audit",
@@ -409,7 +409,7 @@ async def test_a_pull_delivered_onto_a1s_own_subject_stores_nothing_again(own_se
 
 
 async def test_nobody_subscribes_to_event_subjects_so_a_push_consumer_cannot_relay_onto_a2s(secured: Secured,
-                                                                                           admin: Ledger):
+                                                                                           admin: Writer):
     """An agent may create ephemeral consumers (to read), push ones too: one on LEDGER_HB delivering a1's own
     bytes onto a2's goodbye subject would land in LEDGER as a2's goodbye - if anyone subscribed to that subject
     (a stream's own capture is no interest, on a single node or a cluster). No user may subscribe to event
@@ -437,7 +437,7 @@ async def test_nobody_subscribes_to_event_subjects_so_a_push_consumer_cannot_rel
 
 
 async def test_the_operator_creates_sessions_and_cannot_change_streams_or_claim_as_the_reclaimer(
-        secured: Secured, admin: Ledger):
+        secured: Secured, admin: Writer):
     async with ledger_as(secured, permissions.OPERATOR, "operator") as (operator, conn):
         sid, _ = await operator.create_session("p2")
         jsm = conn.nc.jsm(timeout=REFUSED)
@@ -454,7 +454,7 @@ async def test_the_operator_creates_sessions_and_cannot_change_streams_or_claim_
 
 
 async def test_the_service_user_checks_the_streams_as_ledger_up_does_and_dead_letters(secured: Secured,
-                                                                                      admin: Ledger):
+                                                                                      admin: Writer):
     """`ledger up --nats-url` as the service user: ensure_streams finds the streams as admin made them (reading
     only); the projector's dead letters go to LEDGER_DLQ, which no agent may write. (The projector itself opens
     a second connection from Settings, which learns credentials on the connection-security branch.)"""
@@ -498,7 +498,7 @@ def spawn_agent(secured: Secured, agent_id: str, session_id: str) -> subprocess.
         text=True)
 
 
-async def test_kill_9_failover_under_generated_credentials(secured: Secured, admin: Ledger):
+async def test_kill_9_failover_under_generated_credentials(secured: Secured, admin: Writer):
     async with ledger_as(secured, permissions.OPERATOR, "cli") as (operator, _):
         sid, _ = await operator.create_session("p")
     proc = spawn_agent(secured, "a2", sid)
@@ -508,7 +508,7 @@ async def test_kill_9_failover_under_generated_credentials(secured: Secured, adm
         async with ledger_as(secured, permissions.SERVICE, "service") as (service, service_conn), \
                 ledger_as(secured, "agent-a3", "a3") as (a3_ledger, a3_conn), \
                 Agent(a3_ledger, agent_id="a3", pool="p", heartbeat=0.2, ttl=3.0) as a3:
-            running = Consumers(service.store, liveness=LivenessSettings(grace=0.3))  # monitor, reclaimer, watchdog
+            running = ConsumerGroup(service.store, liveness=LivenessSettings(grace=0.3))  # monitor, reclaimer, watchdog
             task = asyncio.create_task(running.run())
             try:
                 await asyncio.wait_for(running.follower.caught_up.wait(), 20)

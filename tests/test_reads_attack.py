@@ -1,5 +1,5 @@
 """Hostile tests of the code that READS the log to judge take-overs and duplicates: `lc.owners_judged` /
-`agent_at`, `Ledger.session()`, the Agent's watch reading an owner's history, the appender's duplicate check and
+`agent_at`, `Writer.session()`, the Agent's watch reading an owner's history, the appender's duplicate check and
 the monitor's per-reporter reports. A real nats-server WITHOUT auth: forgeries are appended raw, as a hostile
 client would (`authorized` gives them a producer that may write them). Waiting is bounded polling on a
 condition (helpers.eventually), never a bare sleep. Each case either holds (asserted) or is an xfail(strict)
@@ -22,12 +22,12 @@ from consumers.monitor import MAX_REPORTERS, LivenessMonitor
 from ledger import codec, decide
 from ledger import events as ev
 from ledger import lifecycle as lc
-from ledger.client import Ledger
 from ledger.codec import Recorded
 from ledger.errors import EventIdTaken, LedgerError, StoreError
 from ledger.ids import new_id
 from ledger.store import EventStore
 from ledger.subjects import HEARTBEAT_STREAM, LEDGER_STREAM, event_subject
+from ledger.writer import Writer
 
 MONITOR = ev.Producer(id="monitor", instance="m")
 
@@ -117,10 +117,10 @@ def test_agent_at_ignores_a_forged_death_before_the_registration_and_unknown_age
     assert agent_at("nobody", 10**9) is None
 
 
-# --- (3) Ledger.session(): reads per forged take-over -----------------------------------------------------
+# --- (3) Writer.session(): reads per forged take-over -----------------------------------------------------
 
 
-async def _owned_by_b(ledger: Ledger, uid: str) -> tuple[str, str, int, int]:
+async def _owned_by_b(ledger: Writer, uid: str) -> tuple[str, str, int, int]:
     """A session owned by a registered (not running) agent b: (session, b, b's incarnation, token)."""
     b = f"{uid}-b"
     inc = await ledger.store.append(_registered(b))
@@ -130,7 +130,7 @@ async def _owned_by_b(ledger: Ledger, uid: str) -> tuple[str, str, int, int]:
 
 
 async def test_session_read_after_take_overs_for_made_up_agents_reads_only_the_real_owners_history(
-        ledger: Ledger, uid: str):
+        ledger: Writer, uid: str):
     sid, b, _, token = await _owned_by_b(ledger, uid)
     for i in range(60):
         await ledger.store.append(_claim(f"{uid}-ghost{i}", sid, 1, previous_token=token))
@@ -141,14 +141,14 @@ async def test_session_read_after_take_overs_for_made_up_agents_reads_only_the_r
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "Ledger.session() reads the registrations of EVERY agent named by a claim in the history (lc.agents_acting), "
+    "Writer.session() reads the registrations of EVERY agent named by a claim in the history (lc.agents_acting), "
     "one request after the other, on every read: 60 forged claims for made-up agents (written once; on a server "
     "without auth anyone can, with auth each needs its own credentials) make every later session read - and so "
     "every compare-and-set write of its owner - cost 60+ round trips. Fix: read the registrations the fold needs "
     "in one batched request (Direct Get multi_last on `agent.<a>.registered.<a>` for all a), or fold first without "
     "incarnation_at and read only for the claims that would apply (an overlapping claim is flagged whatever its "
     "incarnation)."))
-async def test_session_read_after_many_forged_claims_costs_a_bounded_number_of_requests(ledger: Ledger, uid: str):
+async def test_session_read_after_many_forged_claims_costs_a_bounded_number_of_requests(ledger: Writer, uid: str):
     sid, _, _, token = await _owned_by_b(ledger, uid)
     for i in range(60):
         await ledger.store.append(_claim(f"{uid}-ghost{i}", sid, 1, previous_token=token))
@@ -157,7 +157,7 @@ async def test_session_read_after_many_forged_claims_costs_a_bounded_number_of_r
     assert counts["read"] + counts["agent"] + counts["session"] <= 8, counts
 
 
-async def test_take_over_judged_on_an_owners_history_with_unreadable_bytes_on_its_subjects(ledger: Ledger, uid: str):
+async def test_take_over_judged_on_an_owners_history_with_unreadable_bytes_on_its_subjects(ledger: Writer, uid: str):
     """Garbage on the owner's agent subjects (its registration, goodbye and death subjects) is skipped by
     agent_at: a take-over of a live owner stays flagged, one after its real death applies."""
     sid, b, inc, token = await _owned_by_b(ledger, uid)
@@ -175,8 +175,8 @@ async def test_take_over_judged_on_an_owners_history_with_unreadable_bytes_on_it
     assert state is not None and state.owner == c and state.token == take_over
 
 
-async def test_route_read_judges_its_owner_through_the_same_take_over_lookup(ledger: Ledger, uid: str):
-    """Ledger.route() builds session_at from the same lookups: after a flagged take-over by c of b's live
+async def test_route_read_judges_its_owner_through_the_same_take_over_lookup(ledger: Writer, uid: str):
+    """Writer.route() builds session_at from the same lookups: after a flagged take-over by c of b's live
     session, c's route write is flagged (c is not the owner), b's applies."""
     sid, b, _, token = await _owned_by_b(ledger, uid)
     c = f"{uid}-c"
@@ -199,11 +199,11 @@ async def test_route_read_judges_its_owner_through_the_same_take_over_lookup(led
     "lc.owners_judged names every REGISTERED agent that claimed the session at its current incarnation, even "
     "those whose claims the fold flags (a take-over of a live owner, an overlapping claim): 40 registered agents "
     "(free on a server without auth; with auth, 40 credentials) each naming the current token make every "
-    "Ledger.session() read 40 agent histories, for ever. Fix: make agent_at lazy in the fold's order - the owner "
+    "Writer.session() read 40 agent histories, for ever. Fix: make agent_at lazy in the fold's order - the owner "
     "at each take-over is known from the claims applied before it - and read only the histories of agents that "
     "really owned the session when a take-over names them (bounded by applied claims)."))
 async def test_take_overs_by_many_registered_agents_do_not_make_every_session_read_read_their_histories(
-        ledger: Ledger, uid: str):
+        ledger: Writer, uid: str):
     sid, b, _, token = await _owned_by_b(ledger, uid)
     for i in range(40):
         c = f"{uid}-c{i}"
@@ -216,13 +216,13 @@ async def test_take_overs_by_many_registered_agents_do_not_make_every_session_re
 
 
 async def test_session_for_claim_refuses_a_take_over_of_a_live_owner_and_allows_it_of_a_dead_one(
-        ledger: Ledger, uid: str):
+        ledger: Writer, uid: str):
     """The reclaimer's decision reads the owner's state (session_for_claim) and applies the same rule as the
     fold: nothing is written while b lives; after b's death the take-over is written and the fold applies it."""
     sid, b, inc, token = await _owned_by_b(ledger, uid)
     c = f"{uid}-c"
     inc_c = await ledger.store.append(_registered(c))
-    reclaimer = Ledger(ledger.store, ev.Producer(id="reclaimer-test", instance=new_id()))
+    reclaimer = Writer(ledger.store, ev.Producer(id="reclaimer-test", instance=new_id()))
     who = decide.AgentRef(c, f"i-{c}", inc_c)
     last = await ledger.store.last_seq()
     with pytest.raises(LedgerError):
@@ -238,7 +238,7 @@ async def test_session_for_claim_refuses_a_take_over_of_a_live_owner_and_allows_
 
 
 async def test_take_over_claims_for_made_up_agents_read_the_owners_history_at_most_once_per_batch(
-        ledger: Ledger, uid: str):
+        ledger: Writer, uid: str):
     async with agent_of(ledger, f"{uid}-a1") as a1:
         sid, _ = await ledger.create_session("p", session_id=f"{uid}-s")
         token = (await a1.claim(sid)).token
@@ -267,7 +267,7 @@ async def test_take_over_claims_for_made_up_agents_read_the_owners_history_at_mo
     "grow the agent's memory without bound. Fix: bound the cache (LRU, or keep only agents that are registered "
     "and were seen acting), or skip the registration read for a claim the fold flags whatever the incarnation "
     "(an overlapping one) / for an unregistered agent keep no entry."))
-async def test_forged_take_over_claims_for_made_up_agents_do_not_grow_the_agents_memory(ledger: Ledger, uid: str):
+async def test_forged_take_over_claims_for_made_up_agents_do_not_grow_the_agents_memory(ledger: Writer, uid: str):
     async with agent_of(ledger, f"{uid}-a1") as a1:
         sid, _ = await ledger.create_session("p", session_id=f"{uid}-s")
         token = (await a1.claim(sid)).token
@@ -288,7 +288,7 @@ async def test_forged_take_over_claims_for_made_up_agents_do_not_grow_the_agents
     "`after=`), or - for the agent's own id - fold its own timeline from the watch, which delivers every event on "
     "its subjects anyway."))
 async def test_take_overs_on_an_owner_with_a_bloated_history_cost_reads_bounded_by_the_history_once(
-        ledger: Ledger, uid: str):
+        ledger: Writer, uid: str):
     history, claims = 400, 6
     async with agent_of(ledger, f"{uid}-a1") as a1:
         sid, _ = await ledger.create_session("p", session_id=f"{uid}-s")
@@ -307,7 +307,7 @@ async def test_take_overs_on_an_owner_with_a_bloated_history_cost_reads_bounded_
 
 
 async def test_a_take_over_of_the_agents_session_by_a_registered_agent_while_it_is_alive_changes_nothing(
-        ledger: Ledger, uid: str):
+        ledger: Writer, uid: str):
     """c (registered) names a1's current token while a1 is alive: the watch reads a1's history, flags it
     live_owner like the fold, and a1 keeps running the session."""
     async with agent_of(ledger, f"{uid}-a1") as a1:
@@ -323,7 +323,7 @@ async def test_a_take_over_of_the_agents_session_by_a_registered_agent_while_it_
 
 
 async def test_a_take_over_in_the_same_batch_as_the_owners_drain_moves_the_session_as_the_fold_does(
-        ledger: Ledger, uid: str):
+        ledger: Writer, uid: str):
     """A drain the agent did not write (forged on its own subject) and c's take-over right after it, likely in
     one watch batch: agent_at read at the batch's end must still see the drain before the claim, so a1 lets
     the session go exactly as the fold gives it to c (no two owners)."""
@@ -343,7 +343,7 @@ async def test_a_take_over_in_the_same_batch_as_the_owners_drain_moves_the_sessi
 # --- (4) the appender's duplicate check -------------------------------------------------------------------
 
 
-async def test_a_duplicate_ack_on_garbage_under_our_event_id_is_not_reported_as_written(ledger: Ledger, uid: str):
+async def test_a_duplicate_ack_on_garbage_under_our_event_id_is_not_reported_as_written(ledger: Writer, uid: str):
     sid, b, inc, token = await _owned_by_b(ledger, uid)
     event_id = f"takeover-{uid}"
     js = ledger.store.nc.jetstream()
@@ -360,7 +360,7 @@ async def test_a_duplicate_ack_on_garbage_under_our_event_id_is_not_reported_as_
 
 
 async def test_garbage_under_the_monitors_derived_death_id_does_not_swallow_the_death(store: EventStore, uid: str):
-    ledger = Ledger(store, MONITOR)
+    ledger = Writer(store, MONITOR)
     a1 = f"{uid}-a1"
     inc = await store.append(_registered(a1))
     event_id = f"dead-{a1}-{inc}"
@@ -373,7 +373,7 @@ async def test_garbage_under_the_monitors_derived_death_id_does_not_swallow_the_
     assert state is not None and state.status == lc.A_DEAD
 
 
-async def test_a_duplicate_ack_on_another_verbs_message_under_our_event_id_is_refused(ledger: Ledger, uid: str):
+async def test_a_duplicate_ack_on_another_verbs_message_under_our_event_id_is_refused(ledger: Writer, uid: str):
     """The same trick on another verb of the entity (garbage on `session.<sid>.released.mallory`) is refused."""
     sid, b, inc, token = await _owned_by_b(ledger, uid)
     event_id = f"takeover-{uid}"
@@ -389,7 +389,7 @@ async def test_a_duplicate_ack_on_another_verbs_message_under_our_event_id_is_re
     assert state is not None and state.token == token
 
 
-async def test_a_real_retry_of_our_own_event_is_still_taken_as_written(ledger: Ledger, uid: str):
+async def test_a_real_retry_of_our_own_event_is_still_taken_as_written(ledger: Writer, uid: str):
     """The honest duplicate (our own event id, our own subject, already stored) settles with its sequence."""
     sid, b, inc, token = await _owned_by_b(ledger, uid)
     event = ev.SessionReleased(producer=ev.Producer(id=b, instance="x"), session_id=sid, agent_id=b,
@@ -398,7 +398,7 @@ async def test_a_real_retry_of_our_own_event_is_still_taken_as_written(ledger: L
     assert await ledger.store.append(event) == first
 
 
-async def test_a_duplicate_whose_read_back_fails_is_retried_and_settles_as_written(ledger: Ledger, uid: str):
+async def test_a_duplicate_whose_read_back_fails_is_retried_and_settles_as_written(ledger: Writer, uid: str):
     """The read-back of an honest duplicate fails (the leader is away: injected here as two StoreErrors on the
     real read-back); the append is retried through the sweeper, reads back again and settles with the stored
     sequence - neither a false EventIdTaken nor a second copy."""
@@ -430,7 +430,7 @@ async def test_a_duplicate_whose_read_back_fails_is_retried_and_settles_as_writt
 
 def _monitor(store: EventStore, log: Log, agent_id: str) -> tuple[LivenessMonitor, Follower, int]:
     follower = Follower(store, heartbeats=False)
-    monitor = LivenessMonitor(Ledger(store, MONITOR), follower)
+    monitor = LivenessMonitor(Writer(store, MONITOR), follower)
     reg = log(_registered(agent_id), int(ev.utcnow().timestamp() * 1e9))  # registered just now: not overdue
     monitor._heard(LEDGER_STREAM, [reg], follower.state.apply_all([reg]))
     return monitor, follower, reg.seq

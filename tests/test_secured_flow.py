@@ -28,12 +28,12 @@ from helpers import eventually
 
 from ledger import events as ev
 from ledger import subjects
-from ledger.client import Ledger
 from ledger.codec import Recorded
 from ledger.errors import StreamMismatch, StreamMissing
 from ledger.ids import new_id
 from ledger.settings import Settings
 from ledger.streams import needs_admin
+from ledger.writer import Writer
 from ledgerctl.server import EmbeddedServer
 
 LEDGER = [sys.executable, "-m", "ledgerctl"]
@@ -350,7 +350,7 @@ async def normal_flow(d: Deployment, pool: str) -> None:
             assert "Traceback" not in proc.stderr(), (proc.name, proc.stderr()[-3000:])
             assert proc.violations() == [], (proc.name, proc.violations())
         # The log itself: the monitor (not an agent) declared the owner dead; the reclaimer (or the survivor) claimed.
-        async with Ledger.connect(Settings.from_env(d.env("reader"))) as reader:
+        async with Writer.connect(Settings.from_env(d.env("reader"))) as reader:
             history = [r.event for r in await reader.store.history("agent", owner) if isinstance(r, Recorded)]
             claims = [r.event for r in await reader.store.history("session", sid)
                       if isinstance(r, Recorded) and isinstance(r.event, ev.SessionClaimed)]
@@ -375,7 +375,7 @@ async def test_the_whole_flow_runs_over_mutual_tls(tmp_path: Path):
 
 
 async def a2_registrations_and_a1s_writes(d: Deployment) -> tuple[list[int], list[ev.Event]]:
-    async with Ledger.connect(Settings.from_env(d.env("reader"))) as reader:
+    async with Writer.connect(Settings.from_env(d.env("reader"))) as reader:
         history = [r for r in await reader.store.history("agent", "a2") if isinstance(r, Recorded)]
     return ([r.seq for r in history if isinstance(r.event, ev.AgentRegistered)],
             [r.event for r in history if r.event.producer.id == "a1"])
@@ -410,10 +410,10 @@ async def test_an_agent_cannot_create_sessions_under_any_name(deployment: Deploy
 async def test_the_reader_cannot_reset_a_breaker_nor_end_a_session(deployment: Deployment):
     pool = "tripped"
     # The monitor's trip, written by admin (who may write anything) to have an open breaker to reset.
-    async with Ledger.connect(Settings.from_env(deployment.env("admin")), producer_id="monitor") as admin:
+    async with Writer.connect(Settings.from_env(deployment.env("admin")), producer_id="monitor") as admin:
         await admin.store.append(ev.PoolBreakerTripped(producer=admin.producer, pool=pool, reason="test", dead=("x",),
                                                        agents=3), expect=0)
-        sid, _ = await Ledger(admin.store, ev.Producer(id="operator", instance=new_id())).create_session(pool)
+        sid, _ = await Writer(admin.store, ev.Producer(id="operator", instance=new_id())).create_session(pool)
 
     one_line_error(await deployment.run("reader", "pool", "reset-breaker", pool), "permission denied",
                    f"ledger.pool.{pool}.breaker_reset.cli")

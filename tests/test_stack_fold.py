@@ -11,12 +11,12 @@ from consumers.follow import Item
 from consumers.liveness_rules import LivenessSettings
 from ledger import events as ev
 from ledger.agent import Agent
-from ledger.client import Ledger
 from ledger.codec import Recorded
 from ledger.ids import new_id
 from ledger.settings import Settings
 from ledger.store import EventStore
 from ledger.subjects import HEARTBEAT_STREAM, LEDGER_STREAM
+from ledger.writer import Writer
 from ledgerctl.server import EmbeddedServer
 from ledgerctl.stack import Stack, UpSettings, running_stack
 from projections.state import Change
@@ -44,7 +44,7 @@ async def one_reader(store: EventStore, stream: str) -> bool:
 
 
 async def create_sessions(stack: Stack, ids: list[str]) -> int:
-    ledger = Ledger(stack.store, ev.Producer(id="operator-test", instance=new_id()))
+    ledger = Writer(stack.store, ev.Producer(id="operator-test", instance=new_id()))
     seq = 0
     for sid in ids:
         _, seq = await ledger.create_session("gpu", session_id=sid)
@@ -99,16 +99,16 @@ async def test_up_resumes_its_one_state_from_the_projection_instead_of_the_whole
 async def test_up_restarted_remembers_the_failure_reports_made_before_within_the_monitors_window(
         server: EmbeddedServer, tmp_path: Path):
     s = up_settings(server, tmp_path, liveness=LivenessSettings(grace=0))
-    async with Ledger.connect(Settings(nats_url=server.url), producer_id="operator-test") as ledger, \
+    async with Writer.connect(Settings(nats_url=server.url), producer_id="operator-test") as ledger, \
             Agent(ledger, agent_id="a1", pool="gpu", heartbeat=0.2, ttl=30):
         async with running_stack(s, lambda line: None) as stack:
             for reporter in ("operator-r1", "operator-r2"):  # two reports: one short of a suspicion
-                last = await Ledger(ledger.store, ev.Producer(id=reporter, instance="i")).report_unreachable("a1")
+                last = await Writer(ledger.store, ev.Producer(id=reporter, instance="i")).report_unreachable("a1")
             await stack.projector.wait_for(last)
 
         async with running_stack(s, lambda line: None) as stack:
             assert stack.follower.state.ledger.seq >= last  # resumed from the file, not from the log's start
-            await Ledger(ledger.store, ev.Producer(id="operator-r3", instance="i")).report_unreachable("a1")
+            await Writer(ledger.store, ev.Producer(id="operator-r3", instance="i")).report_unreachable("a1")
 
             def suspected() -> bool:
                 agent = stack.follower.state.agents.get("a1")

@@ -6,14 +6,14 @@ import asyncio
 
 import pytest
 
-from ledger import tasks
+from ledger import cancellation
 
 
 async def test_wait_for_does_not_swallow_a_cancel_that_races_the_result():
     event = asyncio.Event()
 
     async def waiter() -> str:
-        await tasks.wait_for(event.wait(), 10)
+        await cancellation.wait_for(event.wait(), 10)
         return "carried on"
 
     task = asyncio.create_task(waiter())
@@ -26,8 +26,8 @@ async def test_wait_for_does_not_swallow_a_cancel_that_races_the_result():
 
 async def test_wait_for_times_out():
     with pytest.raises(TimeoutError):
-        await tasks.wait_for(asyncio.Event().wait(), 0.01)
-    assert await tasks.wait_for(asyncio.sleep(0, "done"), 1) == "done"
+        await cancellation.wait_for(asyncio.Event().wait(), 0.01)
+    assert await cancellation.wait_for(asyncio.sleep(0, "done"), 1) == "done"
 
 
 async def test_a_swallowed_cancel_is_raised_at_the_next_check():
@@ -39,7 +39,7 @@ async def test_a_swallowed_cancel_is_raised_at_the_next_check():
         except asyncio.CancelledError:
             pass  # what nats-py's internal wait_for can do on Python 3.11
         checked.set()
-        tasks.raise_if_cancelled()
+        cancellation.raise_if_cancelled()
 
     task = asyncio.create_task(loop())
     await asyncio.sleep(0)
@@ -63,5 +63,5 @@ async def test_stop_cancels_again_until_the_task_ends():
 
     task = asyncio.create_task(stubborn())
     await asyncio.sleep(0)
-    await tasks.stop([task], patience=0.01)
+    await cancellation.stop([task], patience=0.01)
     assert task.cancelled() and swallowed == 2

@@ -15,8 +15,8 @@ from pathlib import Path
 from helpers import eventually
 
 from ledger.agent import Agent
-from ledger.client import Ledger
 from ledger.settings import Settings
+from ledger.writer import Writer
 from ledgerctl.server import free_port
 
 LEDGER = [sys.executable, "-m", "ledgerctl"]
@@ -57,7 +57,7 @@ async def test_up_runs_server_projector_and_consumers_and_stops_on_ctrl_c(tmp_pa
 
         # The consumers work: the reclaimer gives a new session to an agent and, once that agent says
         # goodbye, to another one, at once.
-        async with Ledger.connect(Settings(nats_url=url), producer_id="operator-test") as ledger:
+        async with Writer.connect(Settings(nats_url=url), producer_id="operator-test") as ledger:
             async with Agent(ledger, agent_id="a", pool="gpu", heartbeat=0.2, ttl=5) as a:
                 sid, _ = await ledger.create_session("gpu", session_id="s1")
                 await eventually(lambda: sid in a.owned, what="the reclaimer giving s1 to a")

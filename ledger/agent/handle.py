@@ -10,10 +10,9 @@ from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta
 from types import TracebackType
 
-from ledger import authority, codec, decide, subjects, tasks
+from ledger import authority, cancellation, codec, decide, subjects
 from ledger import events as ev
 from ledger import lifecycle as lc
-from ledger.client import Ledger
 from ledger.codec import Recorded
 from ledger.errors import (
     CapacityExhausted,
@@ -26,6 +25,7 @@ from ledger.errors import (
     Superseded,
 )
 from ledger.ids import check_token, new_id
+from ledger.writer import Writer
 
 from .drain import Drain
 from .lease import AgentStats, Lease, warn_if_slow_to_notice_a_silent_server
@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 class Agent:
     """One agent process's membership in the ledger (an async context manager)."""
 
-    def __init__(self, ledger: Ledger, *, agent_id: str, pool: str, platform: str = "default",
+    def __init__(self, ledger: Writer, *, agent_id: str, pool: str, platform: str = "default",
                  region: str = "default", labels: dict[str, str] | None = None, capacity: int = 1,
                  heartbeat: float = 5.0, ttl: float = 30.0, handle_signals: bool = False,
                  on_fenced: Callable[[str], None] | None = None,
@@ -58,7 +58,7 @@ class Agent:
             raise InvalidInput(f"need 0 < heartbeat < ttl, got heartbeat {heartbeat} s and ttl {ttl} s")
         if ledger.producer.id != agent_id:
             # An agent writes as itself: the subject's producer token is its id (permissions bind to it).
-            ledger = Ledger(ledger.store, ev.Producer(id=agent_id, instance=ledger.producer.instance))
+            ledger = Writer(ledger.store, ev.Producer(id=agent_id, instance=ledger.producer.instance))
         # Who we are.
         self.ledger = ledger
         self.store = ledger.store
@@ -171,7 +171,7 @@ class Agent:
             event = ev.AgentGoodbye(producer=self.producer, agent_id=self.agent_id, instance_id=self.instance_id,
                                     incarnation=self.incarnation, reason=reason)
             try:
-                self.goodbye_seq = await tasks.wait_for(self.store.append(event), GOODBYE_TIMEOUT)
+                self.goodbye_seq = await cancellation.wait_for(self.store.append(event), GOODBYE_TIMEOUT)
                 log.info("%s: goodbye (incarnation %d, %s)", self.agent_id, self.incarnation, reason)
             except (TimeoutError, LedgerError) as e:
                 log.warning("%s: goodbye not acknowledged (%s); the liveness monitor will notice",

@@ -11,12 +11,12 @@ import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
+from ledger import cancellation, subjects
 from ledger import events as ev
 from ledger import lifecycle as lc
-from ledger import subjects, tasks
-from ledger.client import Ledger
 from ledger.codec import Recorded
 from ledger.errors import LedgerError
+from ledger.writer import Writer
 
 if TYPE_CHECKING:
     from .handle import Agent
@@ -40,7 +40,7 @@ class KnownRegistrations:
     by the watch, which follows every registration. Reading them per judged event let a session full of forged
     claimers cost a read per claimer, each time."""
 
-    def __init__(self, ledger: Ledger) -> None:
+    def __init__(self, ledger: Writer) -> None:
         self._ledger = ledger
         self.known: dict[str, list[int]] = {}
 
@@ -76,7 +76,7 @@ class Registration:
 
     def __init__(self, agent: Agent) -> None:
         self._agent = agent
-        self.pending: tuple[asyncio.Future[int], float, ev.AgentRegistered] | None = None
+        self.in_flight: tuple[asyncio.Future[int], float, ev.AgentRegistered] | None = None
         """A re-registration sent and not yet settled: (its future, when it started, the event)."""
         self.fence_record: ev.AgentFenced | None = None
         """The fence we decided alone, written just before registering again."""
@@ -104,7 +104,7 @@ class Registration:
     async def again(self) -> None:
         """Register a new incarnation; an attempt in flight is never abandoned (it may still land)."""
         a = self._agent
-        if self.pending is None:
+        if self.in_flight is None:
             started = time.monotonic()
             try:
                 if self.fence_record is not None:
@@ -122,12 +122,12 @@ class Registration:
                 log.debug("%s: cannot register yet: %s", a.agent_id, e)
                 await asyncio.sleep(min(a.lease.heartbeat, 1.0))
                 return
-            self.pending = (future, started, registration)
-        future, started, registration = self.pending
+            self.in_flight = (future, started, registration)
+        future, started, registration = self.in_flight
         done, _ = await asyncio.wait({future}, timeout=a.lease.heartbeat)
         if not done:
             return
-        self.pending = None
+        self.in_flight = None
         if future.exception() is not None:
             # Conflict: a registration we have not seen yet; the watch brings it (and says if we were superseded).
             log.debug("%s: registration failed: %s", a.agent_id, future.exception())
@@ -136,16 +136,16 @@ class Registration:
         a._adopt(future.result(), started, registration)
 
     def is_pending(self, event_id: str) -> bool:
-        return self.pending is not None and self.pending[2].event_id == event_id
+        return self.in_flight is not None and self.in_flight[2].event_id == event_id
 
     async def settle_pending(self) -> None:
         """A re-registration still in flight may land after our goodbye: a new incarnation that never beats,
         declared dead later. Wait for it (briefly), so the goodbye is said for the newest incarnation."""
-        if self.pending is None:
+        if self.in_flight is None:
             return
-        future, started, registration = self.pending
+        future, started, registration = self.in_flight
         try:
-            incarnation = await tasks.wait_for(asyncio.shield(future), GOODBYE_TIMEOUT)
+            incarnation = await cancellation.wait_for(asyncio.shield(future), GOODBYE_TIMEOUT)
         except (TimeoutError, LedgerError):
             return
         self._agent._adopt(incarnation, started, registration)

@@ -6,7 +6,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Coroutine
 
-from ledger import tasks
+from ledger import cancellation
 
 log = logging.getLogger(__name__)
 
@@ -50,4 +50,4 @@ class TaskSet:
                 self._on_vital_failure(task.get_name())
 
     async def stop(self) -> None:
-        await tasks.stop(list(self._tasks))
+        await cancellation.stop(list(self._tasks))

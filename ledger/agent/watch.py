@@ -111,8 +111,8 @@ class Watch:
             case ev.AgentRegistered() if a.registration.is_pending(e.event_id):
                 # Our re-registration, seen before its acknowledgement: adopt it now, so that what follows it
                 # in the log (a claim for it, a death written about it) is judged as ours.
-                assert a.registration.pending is not None
-                a._adopt(rec.seq, a.registration.pending[1], e, rec.timestamp_ns)
+                assert a.registration.in_flight is not None
+                a._adopt(rec.seq, a.registration.in_flight[1], e, rec.timestamp_ns)
             case ev.AgentRegistered():  # (noted with its batch)
                 if rec.seq == a.incarnation:
                     self.self_state, _ = lc.evolve_agent(None, rec)

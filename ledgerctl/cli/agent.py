@@ -6,7 +6,7 @@ from datetime import datetime
 
 import click
 
-from ledger.client import Ledger
+from ledger.writer import Writer
 
 from .common import async_command, echo, nats_url_option, settings_from
 
@@ -42,7 +42,7 @@ async def agent_command(agent_id: str, pool: str, platform: str, region: str, ca
         echo(f"{datetime.now().strftime('%H:%M:%S.%f')[:-3]} {agent_id}: {line}")
 
     settings = settings_from(nats_url).for_lease(ttl)  # a frozen server is left well within the lease
-    async with Ledger.connect(settings, producer_id=agent_id, name=f"ledger-agent-{agent_id}") as ledger:
+    async with Writer.connect(settings, producer_id=agent_id, name=f"ledger-agent-{agent_id}") as ledger:
         from ledgerctl import agent_process
 
         await agent_process.run(ledger, agent_id=agent_id, pool=pool, platform=platform, region=region,

@@ -8,11 +8,11 @@ import click
 
 from ledger import events as ev
 from ledger import lifecycle as lc
-from ledger.client import Ledger
 from ledger.codec import Recorded
 from ledger.errors import InvalidInput
 from ledger.settings import redact_url
 from ledger.store import EventStore
+from ledger.writer import Writer
 from projections.health import HealthPolicy
 
 from .common import async_command, echo, nats_url_option, producer_id_option, settings_from, stop_signals
@@ -40,8 +40,8 @@ async def consumers_command(monitor: bool, reclaimer: bool, watchdog: bool, name
     declared once, and claims and transitions are compare-and-set. The monitor
     and the reclaimer judge agents by the same --suspect-after/--dead-after.
     """
+    from consumers.group import ConsumerGroup
     from consumers.liveness_rules import LivenessSettings  # the CLI is where the packages meet
-    from consumers.service import Consumers
 
     if not (monitor or reclaimer or watchdog):
         raise click.UsageError("nothing to run: every consumer is switched off")
@@ -49,7 +49,7 @@ async def consumers_command(monitor: bool, reclaimer: bool, watchdog: bool, name
                                 breaker_window=breaker_window)
     stop = stop_signals()
     async with EventStore.connect(settings_from(nats_url), name=f"ledger-consumers{'-' + name if name else ''}") as store:
-        running = Consumers(store, name=name, monitor=monitor, reclaimer=reclaimer, watchdog=watchdog,
+        running = ConsumerGroup(store, name=name, monitor=monitor, reclaimer=reclaimer, watchdog=watchdog,
                             liveness=liveness)
         task = asyncio.create_task(running.run())
         echo(f"running {', '.join(running.parts)} on {redact_url(store.settings.nats_url)} - Ctrl-C to stop")
@@ -74,7 +74,7 @@ def pool_group() -> None:
 @async_command
 async def reset_breaker(pool: str, reason: str, nats_url: str, producer_id: str) -> None:
     """Close POOL's mass-failure breaker: orphaning of its dead agents' sessions resumes."""
-    async with Ledger.connect(settings_from(nats_url), producer_id=producer_id) as ledger:
+    async with Writer.connect(settings_from(nats_url), producer_id=producer_id) as ledger:
 
         async def read(min_seq: int | None) -> tuple[lc.PoolState | None, int]:
             items = await ledger.store.history("pool", pool, min_last_seq=min_seq)

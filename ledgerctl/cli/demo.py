@@ -16,16 +16,16 @@ import click
 
 from consumers.follow import Item
 from consumers.liveness_rules import LivenessSettings
+from ledger import cancellation
 from ledger import events as ev
-from ledger import tasks
-from ledger.client import Ledger
 from ledger.codec import Recorded
 from ledger.events import Producer
 from ledger.ids import new_id
 from ledger.subjects import LEDGER_STREAM
+from ledger.writer import Writer
 from ledgerctl.server import free_port
 from ledgerctl.stack import Stack, UpSettings, running_stack
-from projections.process import tune_gc
+from projections.gc_tuning import tune_gc
 from projections.query import Query
 from projections.state import Change, LifecycleState
 
@@ -68,7 +68,7 @@ class Fleet:
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
         try:
-            return await tasks.wait_for(proc.wait(), STEP_TIMEOUT)
+            return await cancellation.wait_for(proc.wait(), STEP_TIMEOUT)
         except TimeoutError:
             proc.kill()
             raise DemoFailed(f"{agent_id} did not exit {STEP_TIMEOUT:g} s after SIGTERM; "
@@ -81,7 +81,7 @@ class Fleet:
             self.procs[agent_id].send_signal(signal.SIGTERM)
         for agent_id in alive:
             try:
-                await tasks.wait_for(self.procs[agent_id].wait(), STEP_TIMEOUT)
+                await cancellation.wait_for(self.procs[agent_id].wait(), STEP_TIMEOUT)
             except TimeoutError:
                 self.procs[agent_id].kill()
                 await self.procs[agent_id].wait()
@@ -183,7 +183,7 @@ async def story(stack: Stack, fleet: Fleet, feed: Feed, names: list[str], sessio
     await feed.until(lambda: set(names) <= feed.state.agents.keys(), "the agents' registration")
 
     say(f"\n2. {sessions} sessions, bound to the pool (never to an agent): the agents claim them")
-    ledger = Ledger(stack.store, Producer(id="demo", instance=new_id()))
+    ledger = Writer(stack.store, Producer(id="demo", instance=new_id()))
     ids = [f"s{i:02d}" for i in range(1, sessions + 1)]
     for sid in ids:
         await ledger.create_session(POOL, session_id=sid)
@@ -281,7 +281,7 @@ async def demo_command(count: int, sessions: int, heartbeat: float, ttl: float, 
                         echo(f"agent logs in {root / 'agents'}; press Ctrl-C to stop")
                         await stack.run_until(stop)
                 else:
-                    await tasks.stop([told])
+                    await cancellation.stop([told])
                 told_all = True
             finally:
                 echo("\nstopping the fleet (each agent says goodbye) ...")

@@ -6,8 +6,8 @@ import click
 import msgspec
 
 from ledger import lifecycle as lc
-from ledger.client import Ledger
 from ledger.events import Probe
+from ledger.writer import Writer
 
 from .common import async_command, echo, nats_url_option, producer_id_option, settings_from, to_json
 
@@ -49,7 +49,7 @@ async def session_create(pool: str, platform: str, region: str, session_id: str 
         if not sep or not key:
             raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--label")
         label_map[key] = value
-    async with Ledger.connect(settings_from(nats_url), producer_id=producer_id) as ledger:
+    async with Writer.connect(settings_from(nats_url), producer_id=producer_id) as ledger:
         sid, seq = await ledger.create_session(pool, session_id=session_id, platform=platform, region=region,
                                                labels=label_map, idle_ttl=idle_ttl)
     echo(f"created session {sid} in pool {pool}/{platform}/{region} (#{seq})")
@@ -63,7 +63,7 @@ async def session_create(pool: str, platform: str, region: str, session_id: str 
 @async_command
 async def session_terminate(session_id: str, reason: str, nats_url: str, producer_id: str) -> None:
     """End a session for good."""
-    async with Ledger.connect(settings_from(nats_url), producer_id=producer_id) as ledger:
+    async with Writer.connect(settings_from(nats_url), producer_id=producer_id) as ledger:
         seq = await ledger.terminate_session(session_id, reason=reason)
     echo(f"terminated session {session_id} (#{seq})")
 
@@ -75,7 +75,7 @@ async def session_terminate(session_id: str, reason: str, nats_url: str, produce
 @async_command
 async def session_show(session_id: str, as_json: bool, nats_url: str) -> None:
     """A session's current state, folded from its history."""
-    async with Ledger.connect(settings_from(nats_url)) as ledger:
+    async with Writer.connect(settings_from(nats_url)) as ledger:
         state, last = await ledger.session(session_id)
     _show(state, last, as_json, f"session {session_id}")
 
@@ -115,7 +115,7 @@ async def route_create(route_id: str, session_id: str, endpoint: str, deployment
                        on_stale: str, nats_url: str, producer_id: str) -> None:
     """Create a route in PENDING for a session."""
     spec = Probe(initial_delay=initial_delay, stale_after=stale_after, on_stale=on_stale) if probe else None
-    async with Ledger.connect(settings_from(nats_url), producer_id=producer_id) as ledger:
+    async with Writer.connect(settings_from(nats_url), producer_id=producer_id) as ledger:
         seq = await ledger.create_route(route_id, session_id=session_id, endpoint=endpoint, deployment=deployment,
                                         probe=spec, start_timeout=start_timeout, stop_timeout=stop_timeout)
     echo(f"created route {route_id} for session {session_id} in PENDING (#{seq})")
@@ -133,7 +133,7 @@ async def route_create(route_id: str, session_id: str, endpoint: str, deployment
 async def route_transition(route_id: str, to_state: str, reason: str, address: str | None, traffic: str | None,
                            nats_url: str, producer_id: str) -> None:
     """Move a route to TO_STATE (refused, naming both states, when illegal)."""
-    async with Ledger.connect(settings_from(nats_url), producer_id=producer_id) as ledger:
+    async with Writer.connect(settings_from(nats_url), producer_id=producer_id) as ledger:
         before, _ = await ledger.route(route_id)
         seq = await ledger.transition_route(route_id, to_state.upper(), reason=reason, address=address,
                                             traffic=traffic)
@@ -149,7 +149,7 @@ async def route_transition(route_id: str, to_state: str, reason: str, address: s
 @async_command
 async def route_health(route_id: str, healthy: bool, detail: str, nats_url: str, producer_id: str) -> None:
     """Report a health probe result for a route."""
-    async with Ledger.connect(settings_from(nats_url), producer_id=producer_id) as ledger:
+    async with Writer.connect(settings_from(nats_url), producer_id=producer_id) as ledger:
         state, _ = await ledger.route(route_id)
         if state is None:
             raise click.ClickException(f"route {route_id} does not exist")
@@ -164,7 +164,7 @@ async def route_health(route_id: str, healthy: bool, detail: str, nats_url: str,
 @async_command
 async def route_show(route_id: str, as_json: bool, nats_url: str) -> None:
     """A route's current state, folded from its history."""
-    async with Ledger.connect(settings_from(nats_url)) as ledger:
+    async with Writer.connect(settings_from(nats_url)) as ledger:
         state, last = await ledger.route(route_id)
     _show(state, last, as_json, f"route {route_id}")
 
@@ -177,6 +177,6 @@ async def route_show(route_id: str, as_json: bool, nats_url: str) -> None:
 @async_command
 async def unreachable_command(agent_id: str, error: str, nats_url: str, producer_id: str) -> None:
     """Report that this client failed to reach AGENT_ID (usage-time failure report)."""
-    async with Ledger.connect(settings_from(nats_url), producer_id=producer_id) as ledger:
+    async with Writer.connect(settings_from(nats_url), producer_id=producer_id) as ledger:
         seq = await ledger.report_unreachable(agent_id, error=error)
     echo(f"reported {agent_id} unreachable (#{seq})")

@@ -10,7 +10,7 @@ import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ledger.store import EventStore
-from projections.process import tune_gc
+from projections.gc_tuning import tune_gc
 from projections.projector import Progress as Committed
 from projections.projector import Projector
 from projections.rebuild import rebuild

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ledger import tasks
+from ledger import cancellation
 from ledger.store import EventStore
 
 from ..server import DEFAULT_DATA_DIR, EmbeddedServer, ServerConfig
@@ -48,7 +48,7 @@ async def server_command(host: str, port: int, data_dir: Path, monitor_port: int
         echo("ready - press Ctrl-C to stop")
         while not stop.is_set() and server.running:
             try:
-                await tasks.wait_for(stop.wait(), 0.5)
+                await cancellation.wait_for(stop.wait(), 0.5)
             except asyncio.TimeoutError:
                 pass
         if not server.running and not stop.is_set():

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +11,8 @@ import click
 
 from consumers.liveness_rules import LivenessSettings
 from ledger.settings import DEFAULT_NATS_URL, redact_url
+from projections.gc_tuning import tune_gc
 from projections.health import DEFAULT_POLICY, HealthPolicy
-from projections.process import tune_gc
 from projections.settings import DB_ENV, ProjectionSettings
 
 from ..server import DEFAULT_DATA_DIR

@@ -9,10 +9,10 @@ from __future__ import annotations
 import asyncio
 from dataclasses import InitVar, dataclass, field
 
-from ledger.client import Ledger
 from ledger.events import Producer
 from ledger.ids import check_token, new_id
 from ledger.store import EventStore
+from ledger.writer import Writer
 
 from .follow import Follower
 from .liveness_rules import LivenessSettings
@@ -22,7 +22,7 @@ from .watchdog import RouteWatchdog
 
 
 @dataclass
-class Consumers:
+class ConsumerGroup:
     """The consumers that run in this process (any may be left out; replicas elsewhere are fine)."""
 
     store: EventStore
@@ -51,9 +51,9 @@ class Consumers:
         if self.watchdog:
             self.parts["watchdog"] = RouteWatchdog(self._ledger("watchdog"), self.follower)
 
-    def _ledger(self, role: str) -> Ledger:
+    def _ledger(self, role: str) -> Writer:
         producer = f"{role}-{self.name}" if self.name else role
-        return Ledger(self.store, Producer(id=producer, instance=new_id()))
+        return Writer(self.store, Producer(id=producer, instance=new_id()))
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tasks:

@@ -30,7 +30,7 @@ from .state import (
 )
 
 
-class Pending:
+class Uncommitted:
     __slots__ = ("dirty", "anomalies", "dead", "events", "since")
 
     def __init__(self) -> None:

@@ -1,6 +1,6 @@
-"""Ledger: the operations any client may perform, and reading one entity's current state.
+"""Writer: the operations any client may perform, and reading one entity's current state.
 
-    async with Ledger.connect(Settings.from_env(), producer_id="operator-scheduler") as ledger:
+    async with Writer.connect(Settings.from_env(), producer_id="operator-scheduler") as ledger:
         sid, _ = await ledger.create_session(pool="gpu")
         await ledger.create_route("r-1", session_id=sid, endpoint="chat")
         await ledger.transition_route("r-1", "STARTING")
@@ -73,7 +73,7 @@ CAS_ATTEMPTS = 8
 T = TypeVar("T")
 
 
-class Ledger:
+class Writer:
     """Writes and entity reads on an EventStore, as one producer."""
 
     def __init__(self, store: EventStore, producer: Producer) -> None:
@@ -83,7 +83,7 @@ class Ledger:
     @classmethod
     @contextlib.asynccontextmanager
     async def connect(cls, settings: Settings | None = None, *, producer_id: str = "cli",
-                      name: str | None = None) -> AsyncIterator[Ledger]:
+                      name: str | None = None) -> AsyncIterator[Writer]:
         check_token(producer_id, "producer id")
         async with EventStore.connect(settings, name=name or f"ledger-{producer_id}") as store:
             yield cls(store, Producer(id=producer_id, instance=new_id()))
