@@ -27,13 +27,12 @@ from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import APIError
 
 from . import cancellation, codec
-from .codec import Recorded, Unreadable
+from .codec import Item
 from .connection import watch_of
 from .errors import StoreError, StreamMissing, Unavailable
 
 T = TypeVar("T")
 
-Item = Recorded | Unreadable
 
 API_PREFIX = "$JS.API"
 LEADER_ADVISORY = "$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.*"

@@ -24,13 +24,12 @@ from nats.js import api
 from nats.js.errors import APIError
 
 from . import cancellation, codec, jsapi
-from .codec import Recorded, Unreadable
+from .codec import Item
 from .connection import watch_of
 from .errors import StoreError, Unavailable
 
 log = logging.getLogger(__name__)
 
-Item = Recorded | Unreadable
 
 CONSUMER_DELETE = f"{jsapi.API_PREFIX}.CONSUMER.DELETE."
 PULL_EXPIRES = 30.0

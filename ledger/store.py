@@ -30,7 +30,7 @@ from nats.js.errors import APIError
 
 from . import cancellation, codec, dlq, jsapi, lifecycle, subjects
 from .appender import Appender
-from .codec import Recorded, Unreadable
+from .codec import Item, Recorded, Unreadable
 from .connection import open_connection, watch_of
 from .errors import InvalidInput, PermissionDenied, Unavailable
 from .events import Event
@@ -42,7 +42,6 @@ from .streams import CHANGE_REQUESTS, StreamReport, check_streams, ensure_stream
 
 log = logging.getLogger(__name__)
 
-Item = Recorded | Unreadable
 T = TypeVar("T")
 
 __all__ = ["AccountFacts", "EventStore", "Item", "Replay", "ServerInfo", "StreamFacts", "open_connection"]

@@ -34,7 +34,7 @@ from collections.abc import Callable
 from datetime import timedelta
 
 from ledger import cancellation, subjects
-from ledger.codec import Recorded, Unreadable, from_ns
+from ledger.codec import Item, from_ns
 from ledger.errors import LedgerError
 from ledger.replay import Replay
 from ledger.store import EventStore
@@ -44,7 +44,6 @@ from .state import Change, LedgerState
 
 log = logging.getLogger(__name__)
 
-Item = Recorded | Unreadable
 Listener = Callable[[str, list[Item], list[Change]], None]
 """(stream, items, changes) after the items were applied to the state; changes[i] is what items[i] did."""
 
