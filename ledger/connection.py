@@ -48,6 +48,12 @@ def parse_permission_violation(text: str) -> tuple[str, str] | None:
     return (m[1].lower(), m[2].lower()) if m else None
 
 
+def is_client_error(e: BaseException) -> bool:
+    """An error of the NATS client itself that nothing below mapped to a ledger error (its text starts with
+    "nats:"): what a command's boundary may print as it is, without knowing nats-py."""
+    return isinstance(e, NatsError)
+
+
 def check_server_version(version: tuple[int, int, int], url: str) -> None:
     """Refuse a server below the floor: it silently ignores Nats-Expected-Last-Subject-Sequence-Subject."""
     if version < MIN_VERSION:

@@ -91,6 +91,9 @@ async def test_reference_agents_share_a_pool_and_take_over_on_goodbye(store: Eve
             return o if all(o.values()) else None
 
         await eventually(all_owned, timeout=20, what="every session claimed")
+        # b may have claimed all six before a even started: a SIGTERM before a's handlers exist kills it
+        # without a goodbye. "registered" is printed once they are installed.
+        await asyncio.to_thread(wait_for_line, procs["a"], "registered")
         procs["a"].send_signal(signal.SIGTERM)
         await asyncio.to_thread(procs["a"].communicate, timeout=30)
         assert procs["a"].returncode == 0

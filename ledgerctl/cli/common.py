@@ -17,8 +17,8 @@ from typing import Any, TypeVar
 
 import click
 import msgspec
-import nats.errors
 
+from ledger.connection import is_client_error
 from ledger.errors import LedgerError
 from ledger.settings import DEFAULT_NATS_URL, ENV_PREFIX, Settings
 from projections.errors import InvalidQuery
@@ -144,7 +144,7 @@ def failure_message(e: BaseException) -> str | None:
         return str(e) or type(e).__name__
     if isinstance(e, ssl.SSLError):  # before OSError, of which it is one
         return f"TLS: {e.reason or e}"
-    if isinstance(e, nats.errors.Error):  # one nats-py did not map below us: its text starts with "nats:"
+    if is_client_error(e):  # one nats-py error that nothing below mapped
         return _one_line(str(e) or type(e).__name__)
     if isinstance(e, OSError):
         return _os_error(e)
