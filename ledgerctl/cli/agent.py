@@ -7,8 +7,10 @@ from datetime import datetime
 import click
 
 from ledger.writer import Writer
+from projections.health import HealthPolicy
 
 from .common import async_command, echo, nats_url_option, settings_from
+from .liveness import policy_options
 
 
 @click.command("agent")
@@ -24,16 +26,19 @@ from .common import async_command, echo, nats_url_option, settings_from
 @click.option("--self-claim/--no-self-claim", default=True, show_default=True,
               help="Claim the pool's sessions that need an owner itself (it then follows the whole log); "
                    "with --no-self-claim it runs only what a reclaimer (`ledger up` / `ledger consumers`) gives it.")
+@policy_options
 @nats_url_option
 @async_command
 async def agent_command(agent_id: str, pool: str, platform: str, region: str, capacity: int, heartbeat: float,
-                        ttl: float, self_claim: bool, nats_url: str) -> None:
+                        ttl: float, self_claim: bool, policy: HealthPolicy, nats_url: str) -> None:
     """Run a reference agent: register, heartbeat, claim the pool's sessions, goodbye on SIGTERM.
 
     It claims sessions of its pool/platform/region that are pending, orphaned,
     or owned by an agent that said goodbye, was declared dead or was replaced,
     up to --capacity (with --no-self-claim: only what a reclaimer gives it).
-    SIGTERM or Ctrl-C writes one goodbye and exits 0.
+    SIGTERM or Ctrl-C writes one goodbye and exits 0. --suspect-after and
+    --dead-after say which agents it counts as unable to keep a session (give
+    it the consumers' values, as `ledger up` prints them).
     """
     if ttl <= heartbeat:
         raise click.BadParameter(f"--ttl ({ttl:g}) must be longer than --heartbeat ({heartbeat:g})", param_hint="--ttl")
@@ -46,4 +51,5 @@ async def agent_command(agent_id: str, pool: str, platform: str, region: str, ca
         from ledgerctl import agent_process
 
         await agent_process.run(ledger, agent_id=agent_id, pool=pool, platform=platform, region=region,
-                                  capacity=capacity, heartbeat=heartbeat, ttl=ttl, say=say, self_claim=self_claim)
+                                  capacity=capacity, heartbeat=heartbeat, ttl=ttl, say=say, self_claim=self_claim,
+                                  policy=policy)

@@ -1,8 +1,8 @@
 """The liveness policy's options, for every command that judges agents by time.
 
-`ledger consumers`, `ledger up`, `ledger agents` and `ledger pools` take the same
+`ledger consumers`, `ledger up`, `ledger agent`, `ledger agents` and `ledger pools` take the same
 `--suspect-after` and `--dead-after`, and fall back on the same variables
-(LEDGER_SUSPECT_AFTER_MISSED, LEDGER_DEAD_AFTER) that `ledger agent` reads: one
+(LEDGER_SUSPECT_AFTER_MISSED, LEDGER_DEAD_AFTER): one
 policy, so the views show what the monitor declares and the claimers act on.
 """
 
