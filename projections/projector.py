@@ -336,7 +336,7 @@ class Projector:
                     raise ProjectionError("the projector stopped")
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise TimeoutError(f"{stream} not projected up to #{seq} within {timeout} s "
+                    raise NotCaughtUp(f"{stream} not projected up to #{seq} within {timeout} s "
                                        f"(at #{self.committed[stream]})")
                 try:
                     await cancellation.wait_for(self._commit_cond.wait(), min(left, 0.5))
