@@ -13,6 +13,11 @@ setting differs, and reads every stream back to verify the result.
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +34,27 @@ IMMUTABLE = ("storage", "retention", "deny_delete", "deny_purge")
 CHANGE_REQUESTS = ("$JS.API.STREAM.CREATE.", "$JS.API.STREAM.UPDATE.")
 """The API requests of `ensure_streams` that change streams: in a secured deployment, only admin may make them."""
 ADMIN_HINT = "run `ledger init` with admin credentials"
+NO_PLACEMENT = 10005
+"""'no suitable peers for placement': a cluster whose nodes have not all joined JetStream's meta group yet (a
+fresh or just restarted cluster): worth asking again for a while, unlike every other refusal."""
+PLACEMENT_PATIENCE = 30.0
+
+log = logging.getLogger(__name__)
+
+
+async def _placed(change: Callable[[], Awaitable[object]], name: str) -> None:
+    """Run a stream create/update, asking again while the cluster has too few peers to place it."""
+    give_up, delay = time.monotonic() + PLACEMENT_PATIENCE, 0.25
+    while True:
+        try:
+            await change()
+            return
+        except APIError as e:
+            if e.err_code != NO_PLACEMENT or time.monotonic() + delay > give_up:
+                raise
+            log.info("stream %s: %s; asking again in %.2f s", name, e.description, delay)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 2.0)
 
 
 def specs(settings: Settings) -> list[StreamConfig]:
@@ -146,7 +172,7 @@ async def ensure_streams(jsm: JetStreamManager, settings: Settings) -> list[Stre
             info = await jsm.stream_info(name)
         except NotFoundError:
             try:
-                await jsm.add_stream(spec)
+                await _placed(functools.partial(jsm.add_stream, spec), name)
             except APIError as e:
                 raise StreamMismatch(f"cannot create stream {name}: {e.description} (error {e.err_code})") from None
             report = StreamReport(name, "created")
@@ -162,7 +188,7 @@ async def ensure_streams(jsm: JetStreamManager, settings: Settings) -> list[Stre
                 )
             if diff:
                 try:
-                    await jsm.update_stream(spec)
+                    await _placed(functools.partial(jsm.update_stream, spec), name)
                 except APIError as e:
                     raise StreamMismatch(
                         f"cannot update stream {name}: {e.description} (error {e.err_code})") from None

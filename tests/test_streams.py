@@ -8,6 +8,7 @@ import time
 import nats
 import pytest
 from nats.js.api import StreamConfig
+from nats.js.errors import APIError
 
 from ledger import codec, streams, subjects
 from ledger.errors import StreamMismatch
@@ -118,3 +119,35 @@ def test_specs_match_the_subject_layout():
     for event_family in ("agent", "session", "route", "pool"):
         assert f"ledger.{event_family}.*.*.*" in by_name[subjects.LEDGER_STREAM].subjects
     assert codec.MAX_EVENT_BYTES < 1024 * 1024  # below nats-server's default max_payload
+
+
+async def test_a_cluster_not_yet_able_to_place_a_stream_is_asked_again_and_other_refusals_are_not(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A fresh cluster whose nodes have not all joined answers 10005 for a while; nothing else is worth a retry.
+    monkeypatch.setattr(streams, "PLACEMENT_PATIENCE", 5.0)
+    answers = [APIError(code=500, description="no suitable peers for placement", err_code=10005)] * 2
+    calls: list[int] = []
+
+    async def change() -> None:
+        calls.append(1)
+        if answers:
+            raise answers.pop()
+
+    await streams._placed(change, "LEDGER")
+    assert len(calls) == 3
+
+    async def refused() -> None:
+        calls.append(1)
+        raise APIError(code=400, description="insufficient resources", err_code=10023)
+
+    calls.clear()
+    with pytest.raises(APIError):
+        await streams._placed(refused, "LEDGER")
+    assert len(calls) == 1
+
+    monkeypatch.setattr(streams, "PLACEMENT_PATIENCE", 0.1)  # patience over: the refusal is the answer
+    answers[:] = [APIError(code=500, description="no suitable peers for placement", err_code=10005)] * 9
+    calls.clear()
+    with pytest.raises(APIError):
+        await streams._placed(change, "LEDGER")
+    assert len(calls) == 1
