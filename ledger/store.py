@@ -203,6 +203,11 @@ class EventStore:
     def appends_in_flight(self) -> int:
         return self._appender.in_flight
 
+    def drop_replies(self, reply_filter: Callable[[Msg], bool] | None) -> None:
+        """A fault-injection seam: acknowledgements for which `reply_filter` says False are dropped on arrival,
+        as if lost on the way back (None: none dropped)."""
+        self._appender.reply_filter = reply_filter
+
     async def _first_after(self, subject_filter: str, seq: int) -> tuple[int, str | None, str] | None:
         return await jsapi.get_first_after(self.nc, subjects.stream_for_filter(subject_filter), subject_filter,
                                            seq, self.settings.request_timeout)
