@@ -54,7 +54,7 @@ def parse_version(text: str) -> tuple[int, int, int] | None:
 
 def binary_version(path: str | os.PathLike[str]) -> tuple[int, int, int]:
     try:
-        out = subprocess.run([str(path), "--version"], capture_output=True, text=True, timeout=10)
+        out = subprocess.run([str(path), "--version"], capture_output=True, text=True, timeout=10, check=False)
     except OSError as e:
         raise ServerBinaryNotFound(f"cannot run nats-server at {path}: {e.strerror or e}") from None
     except subprocess.TimeoutExpired:

@@ -167,10 +167,8 @@ class Projector:
         try:
             if task is not None:
                 task.cancel()
-                try:
+                with contextlib.suppress(asyncio.CancelledError):
                     await task
-                except asyncio.CancelledError:
-                    pass
         finally:
             await self.close()
 
@@ -266,12 +264,12 @@ class Projector:
             await self._wake.wait()
             self._wake.clear()
             p = self._pending
-            if p.events and not (self._closing or self._live_edge) and p.events < self.settings.commit_every:
-                if time.monotonic() - p.since < self.settings.commit_interval:
-                    with contextlib.suppress(TimeoutError):
-                        await cancellation.wait_for(self._wake.wait(), self.settings.commit_interval)
-                    self._wake.set()  # look again
-                    continue
+            if (p.events and not (self._closing or self._live_edge) and p.events < self.settings.commit_every
+                    and time.monotonic() - p.since < self.settings.commit_interval):
+                with contextlib.suppress(TimeoutError):
+                    await cancellation.wait_for(self._wake.wait(), self.settings.commit_interval)
+                self._wake.set()  # look again
+                continue
             self._live_edge = False
             if self._pending.events:
                 await self._flush()
@@ -338,7 +336,5 @@ class Projector:
                 if left <= 0:
                     raise NotCaughtUp(f"{stream} not projected up to #{seq} within {timeout} s "
                                        f"(at #{self.committed[stream]})")
-                try:
+                with contextlib.suppress(TimeoutError):
                     await cancellation.wait_for(self._commit_cond.wait(), min(left, 0.5))
-                except TimeoutError:
-                    pass
