@@ -31,6 +31,7 @@ from collections.abc import Awaitable, Callable
 import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.errors import ConnectionClosedError, OutboundBufferLimitError
 from nats.errors import Error as NatsError
 
@@ -95,7 +96,7 @@ class Appender:
         self._pending: dict[str, _Pending] = {}
         self._tokens = itertools.count(1)
         self._prefix = ""
-        self._sub = None
+        self._sub: Subscription | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()

@@ -129,7 +129,8 @@ def find_binary(explicit: str | None = None) -> tuple[str, tuple[int, int, int]]
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]  # (host, port) for AF_INET
+        return port
 
 
 def check_port_free(host: str, port: int, what: str = "client") -> None:

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from ledger import cancellation
-from ledger.codec import Unreadable
+from ledger.codec import Item, Unreadable
 from ledger.store import EventStore, open_connection
 from ledger.subjects import HEARTBEAT_STREAM, LEDGER_STREAM
 
@@ -44,7 +44,7 @@ from . import deadletters, snapshots
 from .db import Batch, ProjectionDB
 from .errors import NotCaughtUp, ProjectionError, StreamChanged
 from .filelock import FileLock
-from .follow import Follower, Item
+from .follow import Follower
 from .settings import ProjectionSettings
 from .state import STREAMS, Change, HeartbeatState, LedgerState, LifecycleState
 from .uncommitted import Uncommitted
@@ -64,7 +64,7 @@ class Progress(NamedTuple):
     elapsed: float
 
 
-def _first_error(group: BaseExceptionGroup) -> BaseException:  # type: ignore[type-arg]
+def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
     for e in group.exceptions:
         if isinstance(e, BaseExceptionGroup):
             return _first_error(e)

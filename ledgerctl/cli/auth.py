@@ -31,6 +31,7 @@ import json
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 import click
 import nkeys
@@ -82,7 +83,7 @@ class AuthDir:
 
     def __init__(self, out: Path, env_dir: str | None = None) -> None:
         self.out = out
-        self.manifest: dict = {"users": {}, "replicas": list(DEFAULT_REPLICAS), "tls_hosts": [],
+        self.manifest: dict[str, Any] = {"users": {}, "replicas": list(DEFAULT_REPLICAS), "tls_hosts": [],
                                "env_dir": env_dir or str(out.resolve())}
         self._server_tls_confs_due = False
 
