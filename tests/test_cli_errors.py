@@ -338,7 +338,8 @@ def test_an_unexpected_exception_is_one_line_saying_it_is_a_bug_and_where_its_tr
 
 def test_minus_v_shows_the_traceback_of_an_expected_failure_too(tmp_path: Path):
     args = ["session", "show", "s1", "--nats-url", f"nats://127.0.0.1:{free_port()}"]
-    quiet = subprocess.run([*LEDGER, *args], capture_output=True, text=True, timeout=60, env=_env(), cwd=tmp_path, check=False)
+    quiet = subprocess.run([*LEDGER, *args], capture_output=True, text=True, timeout=60, env=_env(), cwd=tmp_path,
+                           check=False)
     loud = subprocess.run([*LEDGER, "-v", *args], capture_output=True, text=True, timeout=60, env=_env(),
                           cwd=tmp_path, check=False)
     assert "Traceback" not in quiet.stderr and len(_error_lines(quiet.stderr)) == 1, quiet.stderr
