@@ -7,9 +7,10 @@ consumers act on the state the projection commits and resume from it.
 
 from __future__ import annotations
 
+from ledger.codec import Item
 from ledger.store import EventStore
 from projections.follow import Follower as StateFollower
-from projections.follow import Item, Listener
+from projections.follow import Listener
 from projections.state import LedgerState
 
 from .server_clock import ServerClock

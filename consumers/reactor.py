@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from datetime import datetime
 
@@ -39,10 +40,8 @@ class Reactor:
         await self.follower.caught_up.wait()
         while True:
             cancellation.raise_if_cancelled()  # a cancel that nats-py swallowed in the last step still stops us
-            try:
+            with contextlib.suppress(TimeoutError):
                 await cancellation.wait_for(self._wake.wait(), self.tick)
-            except TimeoutError:
-                pass
             self._wake.clear()
             try:
                 await self.step(self.follower.clock.now(ev.utcnow))

@@ -19,7 +19,7 @@ from .store import EventStore
 
 __version__ = "0.1.0"
 
-__all__ = [
+__all__ = [  # noqa: PLE0604 - _event_names is events.__all__, strings ruff cannot see through the import
     *_event_names,
     "AppendTimeout",
     "Conflict",

@@ -31,12 +31,14 @@ from collections.abc import Awaitable, Callable
 import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.errors import ConnectionClosedError, OutboundBufferLimitError
+from nats.errors import Error as NatsError
 
 from . import authority
 from .codec import MSG_ID, Outgoing
 from .connection import INBOX_HINT, watch_of
-from .errors import AppendTimeout, Conflict, EventIdTaken, PermissionDenied, StoreError, Unavailable
+from .errors import AppendTimeout, Conflict, EventIdTaken, LedgerError, PermissionDenied, StoreError, Unavailable
 from .jsapi import ApiError, store_error
 
 log = logging.getLogger(__name__)
@@ -63,6 +65,9 @@ _ack_decoder = msgspec.json.Decoder(_PubAck)
 
 ReadBack = Callable[[str, int], Awaitable[tuple[int, str | None, str] | None]]
 """(entity filter, expected seq) -> (seq, msg id, subject) of the first message after it, or None."""
+
+_READ_BACK_FAILED = (LedgerError, NatsError, msgspec.DecodeError)
+"""How a read-back can fail: unanswered or refused (translated), the connection's own errors, a garbled answer."""
 
 
 class _Pending:
@@ -91,7 +96,7 @@ class Appender:
         self._pending: dict[str, _Pending] = {}
         self._tokens = itertools.count(1)
         self._prefix = ""
-        self._sub = None
+        self._sub: Subscription | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
@@ -149,7 +154,8 @@ class Appender:
         """Wait until every submitted append is settled."""
         await self._idle.wait()
 
-    async def submit(self, out: Outgoing, expect: int | None = None, expect_filter: str | None = None) -> asyncio.Future[int]:
+    async def submit(self, out: Outgoing, expect: int | None = None,
+                     expect_filter: str | None = None) -> asyncio.Future[int]:
         """Send one append; the returned future gives its stream sequence (or raises)."""
         if self._denied is not None:
             raise self._denied
@@ -232,7 +238,7 @@ class Appender:
         assert p.expect is not None and p.expect_filter is not None
         try:
             found = await self._read_back(p.expect_filter, p.expect)
-        except Exception as e:  # keep retrying through the sweeper until the deadline
+        except _READ_BACK_FAILED as e:  # keep retrying through the sweeper until the deadline
             log.debug("read-back for %s failed: %s", p.out.subject, e)
             p.due = time.monotonic() + RETRY_BACKOFF
             return
@@ -253,7 +259,7 @@ class Appender:
         same_type = p.out.subject.rsplit(".", 1)[0] + ".*"
         try:
             found = await self._read_back(same_type, seq - 1)
-        except Exception as e:  # keep trying through the sweeper until the deadline
+        except _READ_BACK_FAILED as e:  # keep trying through the sweeper until the deadline
             log.debug("read-back of duplicate %s failed: %s", p.out.subject, e)
             p.due = time.monotonic() + RETRY_BACKOFF
             return

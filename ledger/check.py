@@ -429,7 +429,8 @@ class Checker:
             if self._treats_as_applied(_int(e, "token"), tag) or self._incarnation_problem(e, tag):
                 return
             token, agent_id = _int(e, "token"), _str(e, "agent_id")
-            if s.status != "assigned" or token != s.token or agent_id != s.owner or _int(e, "incarnation") != s.incarnation:
+            if (s.status != "assigned" or token != s.token or agent_id != s.owner
+                    or _int(e, "incarnation") != s.incarnation):
                 self._flag(STALE_TOKEN, f"{tag} by {agent_id} under token {token}; the session is {s.status}"
                                         f"{f' under token {s.token} of {s.owner}' if s.token else ''}", s.token)
                 return

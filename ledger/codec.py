@@ -191,7 +191,7 @@ def decode(data: bytes, subject: str) -> Event:
         raise DecodeFailed(f"oversized: {len(data)} bytes > {MAX_EVENT_BYTES}", subject=subject)
     token = DECODING.set(True)
     try:
-        event = _decoder.decode(data)
+        event: Event = _decoder.decode(data)
     except msgspec.ValidationError as e:
         text = str(e)
         raise _refuse("unknown-type" if "at `$.type`" in text else "invalid", text, subject) from None

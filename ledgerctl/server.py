@@ -54,7 +54,7 @@ def parse_version(text: str) -> tuple[int, int, int] | None:
 
 def binary_version(path: str | os.PathLike[str]) -> tuple[int, int, int]:
     try:
-        out = subprocess.run([str(path), "--version"], capture_output=True, text=True, timeout=10)
+        out = subprocess.run([str(path), "--version"], capture_output=True, text=True, timeout=10, check=False)
     except OSError as e:
         raise ServerBinaryNotFound(f"cannot run nats-server at {path}: {e.strerror or e}") from None
     except subprocess.TimeoutExpired:
@@ -129,7 +129,8 @@ def find_binary(explicit: str | None = None) -> tuple[str, tuple[int, int, int]]
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]  # (host, port) for AF_INET
+        return port
 
 
 def check_port_free(host: str, port: int, what: str = "client") -> None:

@@ -103,7 +103,7 @@ class Stack:
 
     async def _server_exit(self) -> None:
         assert self.server is not None
-        while self.server.running:
+        while self.server.running:  # noqa: ASYNC110 - a Popen child has no exit to await: poll it
             await asyncio.sleep(0.5)
         raise StackStopped(f"nats-server exited unexpectedly; see {self.server.log_path}")
 

@@ -41,7 +41,7 @@ class ProjectionDB(ProjectionWriter):
             path.parent.mkdir(parents=True, exist_ok=True)
         try:
             conn = await aiosqlite.connect(path, isolation_level=None)
-        except Exception as e:  # sqlite3.OperationalError: a directory, no permission, ...
+        except (sqlite3.Error, OSError) as e:  # sqlite3.OperationalError: a directory, no permission, ...
             raise ProjectionError(f"cannot open the projection at {path}: {e}") from None
         db = cls(conn, path)
         try:
@@ -71,7 +71,8 @@ class ProjectionDB(ProjectionWriter):
         await self.close()
 
     async def _version(self) -> int | None:
-        if not await self.conn.execute_fetchall("SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'meta'"):
+        meta_table = "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+        if not await self.conn.execute_fetchall(meta_table):
             return None
         value = await self.meta("schema_version")
         return int(value) if value is not None else None

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from ledger import cancellation
-from ledger.codec import Unreadable
+from ledger.codec import Item, Unreadable
 from ledger.store import EventStore, open_connection
 from ledger.subjects import HEARTBEAT_STREAM, LEDGER_STREAM
 
@@ -44,7 +44,7 @@ from . import deadletters, snapshots
 from .db import Batch, ProjectionDB
 from .errors import NotCaughtUp, ProjectionError, StreamChanged
 from .filelock import FileLock
-from .follow import Follower, Item
+from .follow import Follower
 from .settings import ProjectionSettings
 from .state import STREAMS, Change, HeartbeatState, LedgerState, LifecycleState
 from .uncommitted import Uncommitted
@@ -64,7 +64,7 @@ class Progress(NamedTuple):
     elapsed: float
 
 
-def _first_error(group: BaseExceptionGroup) -> BaseException:  # type: ignore[type-arg]
+def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
     for e in group.exceptions:
         if isinstance(e, BaseExceptionGroup):
             return _first_error(e)
@@ -167,10 +167,8 @@ class Projector:
         try:
             if task is not None:
                 task.cancel()
-                try:
+                with contextlib.suppress(asyncio.CancelledError):
                     await task
-                except asyncio.CancelledError:
-                    pass
         finally:
             await self.close()
 
@@ -266,12 +264,12 @@ class Projector:
             await self._wake.wait()
             self._wake.clear()
             p = self._pending
-            if p.events and not (self._closing or self._live_edge) and p.events < self.settings.commit_every:
-                if time.monotonic() - p.since < self.settings.commit_interval:
-                    with contextlib.suppress(TimeoutError):
-                        await cancellation.wait_for(self._wake.wait(), self.settings.commit_interval)
-                    self._wake.set()  # look again
-                    continue
+            if (p.events and not (self._closing or self._live_edge) and p.events < self.settings.commit_every
+                    and time.monotonic() - p.since < self.settings.commit_interval):
+                with contextlib.suppress(TimeoutError):
+                    await cancellation.wait_for(self._wake.wait(), self.settings.commit_interval)
+                self._wake.set()  # look again
+                continue
             self._live_edge = False
             if self._pending.events:
                 await self._flush()
@@ -338,7 +336,5 @@ class Projector:
                 if left <= 0:
                     raise NotCaughtUp(f"{stream} not projected up to #{seq} within {timeout} s "
                                        f"(at #{self.committed[stream]})")
-                try:
+                with contextlib.suppress(TimeoutError):
                     await cancellation.wait_for(self._commit_cond.wait(), min(left, 0.5))
-                except TimeoutError:
-                    pass

@@ -104,17 +104,17 @@ class Query:
         if isinstance(as_of, datetime):
             as_of = aware(as_of)
         key = ("seq", as_of) if isinstance(as_of, int) else ("time", int(as_of.timestamp() * 1e6))
-        found = self._cache.get(key)  # type: ignore[arg-type]
+        found = self._cache.get(key)
         if found is None:
             if isinstance(as_of, int):
                 found = await state_as_of(self.store, self.db, seq=as_of)
             else:
                 found = await state_as_of(self.store, self.db, time=as_of)
-            self._cache[key] = found  # type: ignore[index]
+            self._cache[key] = found
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         else:
-            self._cache.move_to_end(key)  # type: ignore[arg-type]
+            self._cache.move_to_end(key)
         return found
 
     async def _as_of(self, as_of: AsOf, now: datetime | None) -> _Snapshot | None:

@@ -81,7 +81,8 @@ class ProjectionReads:
         return found[0][0] if found else None
 
     async def checkpoints(self) -> list[Checkpoint]:
-        found = await self.conn.execute_fetchall("SELECT stream, seq, stored_ns, anomalies, updated_ns FROM checkpoints")
+        found = await self.conn.execute_fetchall(
+            "SELECT stream, seq, stored_ns, anomalies, updated_ns FROM checkpoints")
         by_stream = {r[0]: Checkpoint(*r) for r in found}
         return [by_stream.get(s, Checkpoint(s, 0, 0, 0, 0)) for s in (LEDGER_STREAM, HEARTBEAT_STREAM)]
 
@@ -95,7 +96,8 @@ class ProjectionReads:
         else:
             where, arg = "1 = ?", 1
         found = list(await self.conn.execute_fetchall(
-            f"SELECT stream, seq, stored_ns, data FROM snapshots WHERE stream = ? AND {where} ORDER BY seq DESC LIMIT 1",
+            f"SELECT stream, seq, stored_ns, data FROM snapshots WHERE stream = ? AND {where} "
+            "ORDER BY seq DESC LIMIT 1",
             (stream, arg)))
         return SnapshotRow(*found[0]) if found else None
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import nats
 import pytest
+from nats.errors import Error as NatsError
 
 from ledger import events as ev
 from ledger.ids import new_id
@@ -74,11 +75,13 @@ def docker_engine_reachable() -> bool:
         import docker
 
         client = docker.from_env(timeout=3)
-    except Exception:
+    except ImportError:
+        return False
+    except docker.errors.DockerException:
         return False
     try:
         return bool(client.ping())
-    except Exception:
+    except (docker.errors.DockerException, OSError):  # an API error; the socket's (requests' errors are OSErrors)
         return False
     finally:
         client.close()
@@ -102,7 +105,7 @@ async def wait_for_jetstream(url: str, timeout: float = 30.0) -> None:
                 return
             finally:
                 await nc.close()
-        except Exception as e:  # not ready yet
+        except (NatsError, OSError, TimeoutError) as e:  # not ready yet
             last = e
             await asyncio.sleep(0.1)
     raise TimeoutError(f"JetStream at {url} not ready after {timeout} s: {last!r}")

@@ -176,7 +176,8 @@ def _step(draw: st.DrawFn, b: Builder, action: str) -> None:
         case "resource":
             b.add(ev.SessionResourceReported(producer=me, session_id=session, agent_id=agent, time=at,
                                              incarnation=_incarnation(draw, b, agent),
-                                             token=_token(draw, b, session) or 0, platform_resource_id=f"pod-{b.clock}"))
+                                             token=_token(draw, b, session) or 0,
+                                             platform_resource_id=f"pod-{b.clock}"))
         case "orphan":
             b.add(ev.SessionOrphaned(producer=RECLAIMER, session_id=session, reason="owner_gone", time=at,
                                      previous_token=_token(draw, b, session)))

@@ -280,7 +280,8 @@ async def test_a_re_registration_the_watch_sees_before_its_acknowledgement_is_ju
 
             async def later() -> None:
                 seq = await future
-                await eventually(lambda: seq in a.watch.registrations.known.get(a.agent_id, []), what="the watch seeing it")
+                await eventually(lambda: seq in a.watch.registrations.known.get(a.agent_id, []),
+                                 what="the watch seeing it")
                 late.set_result(seq)
 
             waiting.append(asyncio.create_task(later()))
@@ -292,7 +293,8 @@ async def test_a_re_registration_the_watch_sees_before_its_acknowledgement_is_ju
                 before = a.incarnation
                 await ledger.store.append(authorized(ev.AgentGoodbye(producer=FORGER, agent_id=a.agent_id,
                                                           instance_id=a.instance_id, incarnation=before)))
-                await eventually(lambda: a.incarnation > before and a.fenced is None, what="a new incarnation")
+                await eventually(lambda before=before: a.incarnation > before and a.fenced is None,
+                                 what="a new incarnation")
         finally:
             del store.submit
             await asyncio.gather(*waiting)

@@ -137,7 +137,8 @@ async def test_a_fence_leaves_no_trace_of_the_sessions_it_dropped(ledger: Writer
             assert lost == [(sid, "fenced")] and sid not in a.activity()
         await eventually(lambda: _no_trace(a, sid), what="no trace of the fenced session")
         await eventually(lambda: a.incarnation > first and a.fenced is None, what="a new incarnation")
-        await a.claim(sid, reason="failover", previous_token=token)  # ours again: a new record, not the old one's busy count or idle TTL
+        # ours again: a new record, not the old one's busy count or idle TTL
+        await a.claim(sid, reason="failover", previous_token=token)
         assert a.activity()[sid].in_flight == 0 and a.needs_idle_ttl() == [] and a.activity()[sid].idle_ttl is None
 
 

@@ -143,8 +143,9 @@ async def test_agents_added_one_after_the_other_each_work_after_one_reload(secur
         assert auth("add-agent", agent_id, "--out", str(secured.creds))[0] == 0
         assert secured.server.pid is not None
         os.kill(secured.server.pid, signal.SIGHUP)
-        await eventually(lambda n=reloads: secured.server.log_path.read_text().count("Reloaded server configuration") >= n,
-                         timeout=10, what=f"reload {reloads}")
+        await eventually(
+            lambda n=reloads: secured.server.log_path.read_text().count("Reloaded server configuration") >= n,
+            timeout=10, what=f"reload {reloads}")
         conn: Conn = await connect(secured, permissions.agent_user(agent_id))
         try:
             ack = await conn.nc.jetstream().publish(f"ledger.hb.{agent_id}.heartbeat.{agent_id}", b"{}", timeout=5)

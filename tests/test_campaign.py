@@ -50,7 +50,8 @@ def assert_whole(result: FaultResult, live: Path, rebuilt: Path) -> None:
     assert result.servers_whole, f"after {result.fault}: the cluster did not become whole again"
     assert result.missing == [], f"after {result.fault}: acknowledged appends missing {result.missing[:5]}"
     assert result.violations == [], f"after {result.fault}: `ledger check` found {result.violations[:5]}"
-    assert result.unsettled_agents == [], f"after {result.fault}: agents not alive and beating {result.unsettled_agents}"
+    assert result.unsettled_agents == [], (
+        f"after {result.fault}: agents not alive and beating {result.unsettled_agents}")
     assert result.lost_owner_sessions == [], f"after {result.fault}: sessions left with a lost owner"
     assert result.projection_equal, f"after {result.fault}: projection != rebuild in {result.differing_tables}"
     assert dump(live) == dump(rebuilt)  # and by the tests' own equivalence helper

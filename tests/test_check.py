@@ -590,7 +590,8 @@ async def test_violations_planted_with_raw_publishes_are_named_with_their_sequen
                                                                   instance_id="i", incarnation=a2)),
             ck.STALE_TOKEN: await raw(ev.SessionReleased(producer=who("a2"), session_id="s1", agent_id="a2",
                                                          incarnation=a2, token=c1 + 1)),
-            ck.ILLEGAL_TRANSITION: await raw(ev.SessionOrphaned(producer=who("reclaimer"), session_id="s9", reason="x")),
+            ck.ILLEGAL_TRANSITION: await raw(ev.SessionOrphaned(producer=who("reclaimer"), session_id="s9",
+                                                                reason="x")),
             ck.SUPERSEDED_INCARNATION: await applied_claim_of_a_superseded_incarnation(),
             ck.MISSING_EVENT_ID: await raw(ev.SessionCreated(producer=CLI, session_id="s5", pool="p"),
                                            drop=("event_id",)),
@@ -679,7 +680,8 @@ def test_an_event_a_decoder_must_refuse_is_not_acted_upon(payload: dict[str, Any
     """A registration every reader dead-letters registers nobody: the claim for a9 stays a violation."""
     h = History()
     verb = payload["type"].split(".")[1]
-    h.raw(f"ledger.agent.a9.{verb}.a9", json.dumps({"event_id": "x", "time": "2026-01-01T00:00:00Z", **payload}).encode())
+    h.raw(f"ledger.agent.a9.{verb}.a9",
+          json.dumps({"event_id": "x", "time": "2026-01-01T00:00:00Z", **payload}).encode())
     h.create("s1")
     claim = h.claim("s1", "a9", 1)
     report = h.check()

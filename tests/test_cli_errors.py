@@ -231,7 +231,7 @@ def _auth_dirs(tmp: Path) -> None:
         (tmp / name).mkdir()
         (tmp / name / "auth.json").write_text(manifest)
     made = subprocess.run([*LEDGER, "auth", "init", "--out", str(tmp / "junk-ca"), "--tls", "--host", "localhost"],
-                          capture_output=True, text=True, timeout=60, env=_env())
+                          capture_output=True, text=True, timeout=60, env=_env(), check=False)
     assert made.returncode == 0, made.stderr
     (tmp / "junk-ca" / "ca.pem").write_text("not a certificate\n")
 
@@ -242,7 +242,7 @@ def projection(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
     url = request.getfixturevalue("nats_server").url
     db = tmp_path_factory.mktemp("projection") / "p.sqlite3"
     made = subprocess.run([*LEDGER, "rebuild", "--nats-url", url, "--db", str(db)], capture_output=True, text=True,
-                          timeout=120, env=_env())
+                          timeout=120, env=_env(), check=False)
     assert made.returncode == 0, made.stderr
     return db
 
@@ -284,7 +284,7 @@ def test_a_failure_is_one_line_naming_the_problem(case: Case, request: pytest.Fi
     args = [part.format(**values) for part in _split(case.args)]
     env = _env(TMPDIR=str(tmp_path), **dict([case.env.split("=", 1)] if case.env else []))  # a bug's traceback: here
     result = subprocess.run([*LEDGER, *args], capture_output=True, text=True, timeout=60, env=env,
-                            cwd=case.cwd.format(**values))
+                            cwd=case.cwd.format(**values), check=False)
     shown = f"ledger {' '.join(args)}\nexit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
     assert result.returncode != 0, shown
     assert "Traceback" not in result.stderr + result.stdout, shown
@@ -338,9 +338,10 @@ def test_an_unexpected_exception_is_one_line_saying_it_is_a_bug_and_where_its_tr
 
 def test_minus_v_shows_the_traceback_of_an_expected_failure_too(tmp_path: Path):
     args = ["session", "show", "s1", "--nats-url", f"nats://127.0.0.1:{free_port()}"]
-    quiet = subprocess.run([*LEDGER, *args], capture_output=True, text=True, timeout=60, env=_env(), cwd=tmp_path)
+    quiet = subprocess.run([*LEDGER, *args], capture_output=True, text=True, timeout=60, env=_env(), cwd=tmp_path,
+                           check=False)
     loud = subprocess.run([*LEDGER, "-v", *args], capture_output=True, text=True, timeout=60, env=_env(),
-                          cwd=tmp_path)
+                          cwd=tmp_path, check=False)
     assert "Traceback" not in quiet.stderr and len(_error_lines(quiet.stderr)) == 1, quiet.stderr
     assert "Traceback" in loud.stderr, loud.stderr
     assert _error_lines(loud.stderr) == _error_lines(quiet.stderr), loud.stderr

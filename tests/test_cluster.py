@@ -219,7 +219,8 @@ async def freeze_under_agents(cluster: EmbeddedCluster, uid: str, ttl: float,
         enough = int(1.5 * ttl / heartbeat)
         os.kill(frozen.pid, signal.SIGSTOP)
         try:
-            await eventually(lambda: fences or all(a.stats.beats_acked >= n + enough for a, n in zip(agents, acked, strict=False)),
+            await eventually(lambda: fences or all(a.stats.beats_acked >= n + enough
+                                                   for a, n in zip(agents, acked, strict=False)),
                              timeout=20 * ttl, interval=0.1, what=f"{enough} heartbeats of each agent acknowledged")
             moved_to = {a.store.nc.connected_url.port for a in agents}  # type: ignore[union-attr]
             after = [(a.incarnation, sorted(a.owned)) for a in agents]

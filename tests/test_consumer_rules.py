@@ -114,7 +114,8 @@ def test_the_breaker_resets_once_the_pool_recovered():
 def session(sid: str, status: str = lc.S_ASSIGNED, owner: str | None = "a1", *, incarnation: int = 10,
             token: int | None = 5, pool: str = "p", seq: int = 1) -> lc.SessionState:
     return lc.SessionState(session_id=sid, pool=pool, platform="default", region="default", labels={},
-                           idle_ttl=None, status=status, created_at=T0, owner=owner if status == lc.S_ASSIGNED else None,
+                           idle_ttl=None, status=status, created_at=T0,
+                           owner=owner if status == lc.S_ASSIGNED else None,
                            owner_incarnation=incarnation if status == lc.S_ASSIGNED else None,
                            token=token if status == lc.S_ASSIGNED else None, last_seq=seq, cause_id=f"c-{sid}")
 

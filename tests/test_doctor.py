@@ -21,7 +21,8 @@ CLI = ev.Producer(id="cli", instance="test")
 
 def doctor(url: str, db: Path, *args: str) -> tuple[int, list[dict[str, str]]]:
     result = subprocess.run([sys.executable, "-m", "ledgerctl", "doctor", "--json", "--db", str(db), *args],
-                            capture_output=True, text=True, timeout=60, env={**os.environ, "LEDGER_NATS_URL": url}, check=False)
+                            capture_output=True, text=True, timeout=60, env={**os.environ, "LEDGER_NATS_URL": url},
+                            check=False)
     assert "Traceback" not in result.stderr, result.stderr
     return result.returncode, [json.loads(line) for line in result.stdout.splitlines()]
 

@@ -11,7 +11,8 @@ from ledger.settings import Settings
 from projections.settings import ProjectionSettings
 
 HERE = Path(__file__).parent
-CHILD = "import os; print(sorted(k for k in os.environ if k.startswith('LEDGER_') and not k.startswith('LEDGER_TEST_')))"
+CHILD = ("import os; "
+         "print(sorted(k for k in os.environ if k.startswith('LEDGER_') and not k.startswith('LEDGER_TEST_')))")
 
 
 def test_no_ledger_setting_is_left_but_the_suites_own():

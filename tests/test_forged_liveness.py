@@ -68,7 +68,8 @@ def test_a_forged_beat_of_an_unregistered_incarnation_never_hides_the_registered
         # ... and when the agent really stops beating, it dies ttl after its last real beat.
         assert agent_health(a1, state.beats["a1"], at(132))[0] == "dead"
         current = state.current_beat("a1")
-        verdict = lr.judge(a1, lr.LastBeat(current.seq, codec.from_ns(current.stored_ns)), [], at(132), lr.LivenessSettings())
+        verdict = lr.judge(a1, lr.LastBeat(current.seq, codec.from_ns(current.stored_ns)), [], at(132),
+                           lr.LivenessSettings())
         assert verdict is not None and verdict.kind == lr.DEAD
 
 
@@ -93,7 +94,8 @@ def test_a_suspicion_counts_from_when_it_was_stored_not_from_its_own_time():
         # A beat after the suspicion clears it at once, not an hour later.
         assert agent_health(a1, state.beats["a1"], at(13)) == ("alive", "heartbeat 1s ago")
         current = state.current_beat("a1")
-        assert lr.judge(a1, lr.LastBeat(current.seq, codec.from_ns(current.stored_ns)), [], at(13), lr.LivenessSettings()) is None
+        last = lr.LastBeat(current.seq, codec.from_ns(current.stored_ns))
+        assert lr.judge(a1, last, [], at(13), lr.LivenessSettings()) is None
 
 
 @pytest.mark.parametrize("declared", [at(86_400), at(-86_400)])

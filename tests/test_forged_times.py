@@ -46,7 +46,8 @@ A1 = ev.Producer(id="a1", instance="i1")
 FAR_FUTURE = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
 HOUR = 3600.0
 
-declared_times = st.datetimes(min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 31),
+# hypothesis takes naive bounds and makes each value aware in `timezones`
+declared_times = st.datetimes(min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 31),  # noqa: DTZ001
                               timezones=st.just(UTC))
 """Any time a writer may declare, from the first years of the calendar to its last."""
 

@@ -477,7 +477,8 @@ async def test_a_push_consumer_cannot_relay_an_agents_bytes_onto_the_api_or_the_
 
 STREAM_ADMIN = [f"$JS.API.STREAM.{verb}.{stream}" for verb in ("CREATE", "UPDATE", "DELETE", "PURGE", "MSG.DELETE")
                 for stream in (subjects.LEDGER_STREAM, subjects.HEARTBEAT_STREAM, subjects.DLQ_STREAM)]
-CONSUMER_ADMIN = [f"$JS.API.CONSUMER.{verb}.{subjects.LEDGER_STREAM}.c" for verb in ("CREATE", "DELETE", "DURABLE.CREATE")]
+CONSUMER_ADMIN = [f"$JS.API.CONSUMER.{verb}.{subjects.LEDGER_STREAM}.c"
+                  for verb in ("CREATE", "DELETE", "DURABLE.CREATE")]
 
 
 async def all_refused(secured: Secured, user: str, refused: list[str]) -> None:
@@ -525,7 +526,8 @@ async def test_a_revoked_agent_is_cut_off_at_the_reload_and_cannot_come_back(sec
     conn = await connect(secured, "agent-a1")
     try:
         revoke(secured, "agent-a1")
-        await eventually(lambda: conn.nc.is_closed, timeout=10, what="the server closing the revoked agent's connection")
+        await eventually(lambda: conn.nc.is_closed, timeout=10,
+                         what="the server closing the revoked agent's connection")
     finally:
         await conn.nc.close()
     settings = Settings(nats_url=secured.url, nkey_seed_file=str(secured.creds / "agent-a1.nk"),
@@ -540,8 +542,9 @@ def spawn_cli_agent(secured: Secured, agent_id: str, out: Path) -> subprocess.Po
     env = {**os.environ, "LEDGER_NATS_URL": secured.url, "LEDGER_NKEY_SEED_FILE": str(secured.creds / f"{user}.nk"),
            "LEDGER_INBOX_PREFIX": permissions.inbox_prefix(user)}
     with open(out / "stdout", "wb") as stdout, open(out / "stderr", "wb") as stderr:
-        return subprocess.Popen([sys.executable, "-m", "ledgerctl", "agent", "--agent-id", agent_id, "--pool", "p-revoked",
-                                 "--heartbeat", "0.2", "--ttl", "2"], env=env, stdout=stdout, stderr=stderr)
+        return subprocess.Popen([sys.executable, "-m", "ledgerctl", "agent", "--agent-id", agent_id,
+                                 "--pool", "p-revoked", "--heartbeat", "0.2", "--ttl", "2"],
+                                env=env, stdout=stdout, stderr=stderr)
 
 
 async def test_a_revoked_agent_process_fences_itself_and_says_why_in_one_line(secured: Secured, tmp_path: Path):
@@ -600,7 +603,8 @@ def client_cert(creds: Path, out: Path, *, not_before: datetime, not_after: date
             .sign(ca_key, hashes.SHA256()))  # type: ignore[arg-type]
     name = f"cert-{not_before:%Y%m%d%H%M}"
     (out / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (out / f"{name}-key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+    (out / f"{name}-key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                            serialization.PrivateFormat.PKCS8,
                                                             serialization.NoEncryption()))
     return str(out / f"{name}.pem"), str(out / f"{name}-key.pem")
 
@@ -697,8 +701,8 @@ def password_server(tmp_path: Path) -> Iterator[EmbeddedServer]:
 
 
 def ledger_run(*args: str, env: dict[str, str] | None = None) -> str:
-    result = subprocess.run([sys.executable, "-m", "ledgerctl", "-vv", *args], check=False, capture_output=True, text=True,
-                            timeout=60, env={**os.environ, **(env or {})})
+    result = subprocess.run([sys.executable, "-m", "ledgerctl", "-vv", *args], check=False, capture_output=True,
+                            text=True, timeout=60, env={**os.environ, **(env or {})})
     return result.stdout + result.stderr
 
 

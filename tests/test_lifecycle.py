@@ -242,7 +242,8 @@ def test_route_writes_under_a_stale_session_token_are_flagged(log: Log):
     assert same is r and a.kind == lc.STALE_TOKEN
     r, a = lc.evolve_route(r, log(transition(lc.PENDING, lc.STARTING, token=history[-1].seq)), token_at)
     assert a is None and r.state == lc.STARTING
-    r, a = lc.evolve_route(r, log(transition(lc.STARTING, lc.FAILED_TO_START)), token_at)  # no token: not an owner write
+    # no token: not an owner write
+    r, a = lc.evolve_route(r, log(transition(lc.STARTING, lc.FAILED_TO_START)), token_at)
     assert a is None
 
 

@@ -96,7 +96,8 @@ def test_ledger_up_tells_the_agents_and_views_the_policy_its_consumers_use():
                                                                                     dead_after=12)))
     line = env_line(up, DEFAULT_NATS_URL) or ""
     assert "LEDGER_SUSPECT_AFTER_MISSED=2" in line and "LEDGER_DEAD_AFTER=12" in line
-    assert HealthPolicy.from_env(dict(kv.split("=") for kv in line.split()[1:] if kv.startswith(("LEDGER_S", "LEDGER_DEAD")))) == up.liveness.policy
+    policy_env = dict(kv.split("=") for kv in line.split()[1:] if kv.startswith(("LEDGER_S", "LEDGER_DEAD")))
+    assert HealthPolicy.from_env(policy_env) == up.liveness.policy
     assert "LEDGER_SUSPECT" not in (env_line(UpSettings(nats_url=None), DEFAULT_NATS_URL) or "")
 
 

@@ -64,7 +64,8 @@ def test_the_projector_and_the_embedded_server_lock_alike(tmp_path: Path):
     assert held is not None
     assert try_lock(tmp_path / "x.lock") is None
     os.close(held)
-    assert (freed := try_lock(tmp_path / "x.lock")) is not None
+    freed = try_lock(tmp_path / "x.lock")
+    assert freed is not None
     os.close(freed)
     server_lock = try_lock(tmp_path / "nats-server.lock")
     assert server_lock is not None

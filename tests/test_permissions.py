@@ -597,7 +597,8 @@ def deploy_cluster(tmp_path: Path) -> Iterator[tuple[list[str], Path, list[int]]
     try:
         for i in range(3):
             conf = template.replace("listen: 0.0.0.0:4222", f"listen: 127.0.0.1:{ports[i]}")
-            conf = conf.replace("http: 0.0.0.0:8222", "").replace("listen: 0.0.0.0:6222", f"listen: 127.0.0.1:{cports[i]}")
+            conf = conf.replace("http: 0.0.0.0:8222", "")
+            conf = conf.replace("listen: 0.0.0.0:6222", f"listen: 127.0.0.1:{cports[i]}")
             conf = conf.replace("store_dir: /data/jetstream", f'store_dir: "{tmp_path / f"n{i}" / "jetstream"}"')
             for k in range(3):
                 conf = conf.replace(f"nats-route://nats-{k + 1}:6222", f"nats-route://127.0.0.1:{cports[k]}")

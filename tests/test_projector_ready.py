@@ -1,4 +1,5 @@
-"""`Projector.ready` that runs out of time raises the projections' own error, which the command line shows as one line."""
+"""`Projector.ready` that runs out of time raises the projections' own error, which the command line shows as one
+line."""
 
 from __future__ import annotations
 

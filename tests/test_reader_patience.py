@@ -69,14 +69,16 @@ async def test_a_one_shot_replay_waits_out_a_jetstream_that_answers_temporarily_
 
     port = free_port()
     binary, _ = find_binary()
-    proc = subprocess.Popen([binary, "-a", "127.0.0.1", "-p", str(port)],  # no JetStream: we answer for it
+    # Popen returns at once (ASYNC220): the server runs beside the loop. No JetStream: we answer for it.
+    proc = subprocess.Popen([binary, "-a", "127.0.0.1", "-p", str(port)],  # noqa: ASYNC220
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         url = f"nats://127.0.0.1:{port}"
         await eventually_connectable(url)
         nc = await nats.connect(url)
         answers: list[str] = []
-        unavailable = b'{"error": {"code": 503, "err_code": 10008, "description": "JetStream system temporarily unavailable"}}'
+        unavailable = (b'{"error": {"code": 503, "err_code": 10008, '
+                       b'"description": "JetStream system temporarily unavailable"}}')
 
         async def stream_info(msg: nats.aio.msg.Msg) -> None:
             answers.append(msg.subject)
@@ -108,7 +110,7 @@ async def eventually_connectable(url: str) -> None:
     async def up() -> bool:
         try:
             nc = await nats.connect(url, connect_timeout=0.5, max_reconnect_attempts=0, allow_reconnect=False)
-        except Exception:
+        except (nats.errors.Error, OSError, TimeoutError):
             return False
         await nc.close()
         return True

@@ -284,9 +284,9 @@ async def test_forged_take_over_claims_for_made_up_agents_do_not_grow_the_agents
     "Each watch batch holding a claim of a session the agent owns re-reads the owner's (its own) WHOLE agent "
     "history (`_agents_read` is cleared per batch): an attacker who once bloats it (unreachable reports, which "
     "any agent may write) then pays one claim per batch for a full history read each - reads grow as history x "
-    "claims. The bloating is reachable with auth (one agent credential). Fix: keep `_agents_read` across batches and read only what follows its floor (store.history has "
-    "`after=`), or - for the agent's own id - fold its own timeline from the watch, which delivers every event on "
-    "its subjects anyway."))
+    "claims. The bloating is reachable with auth (one agent credential). Fix: keep `_agents_read` across batches "
+    "and read only what follows its floor (store.history has `after=`), or - for the agent's own id - fold its "
+    "own timeline from the watch, which delivers every event on its subjects anyway."))
 async def test_take_overs_on_an_owner_with_a_bloated_history_cost_reads_bounded_by_the_history_once(
         ledger: Writer, uid: str):
     history, claims = 400, 6

@@ -24,7 +24,8 @@ async def test_a_slow_reader_still_gets_every_message_in_order(store: EventStore
     seen: list[int] = []
     async for batch in store.replay(subjects.type_filter("session", "created", uid), batch=100):
         seen.extend(item.seq for item in batch)
-        time.sleep(0.001)  # a reader that does real work: the server outpaces it and its queue fills
+        # a reader that does real work, blocking the loop on purpose: the server outpaces it and its queue fills
+        time.sleep(0.001)  # noqa: ASYNC251
     assert seen == seqs
 
 

@@ -18,7 +18,10 @@ def at(seconds: float) -> datetime:
     return T0 + timedelta(seconds=seconds)
 
 
-def route(state: str, *, probe: Probe | None = Probe(initial_delay=60, stale_after=30), since: float = 0,
+PROBE = Probe(initial_delay=60, stale_after=30)
+
+
+def route(state: str, *, probe: Probe | None = PROBE, since: float = 0,
           **more: object) -> lc.RouteState:
     return lc.RouteState(route_id="r1", session_id="s1", endpoint="e", deployment="", probe=probe,
                          start_timeout=300, stop_timeout=120, state=state, state_since=at(since), state_seq=1,

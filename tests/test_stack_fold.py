@@ -114,7 +114,8 @@ async def test_up_restarted_remembers_the_failure_reports_made_before_within_the
                 agent = stack.follower.state.agents.get("a1")
                 return agent is not None and agent.suspected_at is not None
 
-            await eventually(suspected, timeout=10, what="a1 suspected on three reports, two of them before the restart")
+            await eventually(suspected, timeout=10,
+                             what="a1 suspected on three reports, two of them before the restart")
             [suspicion] = [r.event for r in await ledger.store.history("agent", "a1")
                            if isinstance(r, Recorded) and isinstance(r.event, ev.AgentSuspected)]
             assert suspicion.evidence.reports == 3

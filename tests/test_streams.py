@@ -56,7 +56,8 @@ async def test_a_ledger_stream_that_allows_purge_is_refused(fresh_server: Embedd
     await nc.jetstream().add_stream(StreamConfig(name=subjects.LEDGER_STREAM, subjects=subjects.LEDGER_SUBJECTS))
     await nc.close()
     async with EventStore.connect(Settings(nats_url=fresh_server.url), check=False) as store:
-        with pytest.raises(StreamMismatch, match=r"cannot change: deny_delete=False \(want True\), deny_purge=False \(want True\)"):
+        with pytest.raises(StreamMismatch,
+                           match=r"cannot change: deny_delete=False \(want True\), deny_purge=False \(want True\)"):
             await store.ensure_streams()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 
@@ -34,10 +35,8 @@ async def test_a_swallowed_cancel_is_raised_at_the_next_check():
     checked = asyncio.Event()
 
     async def loop() -> None:
-        try:
+        with contextlib.suppress(asyncio.CancelledError):  # what nats-py's internal wait_for can do on Python 3.11
             await asyncio.sleep(10)
-        except asyncio.CancelledError:
-            pass  # what nats-py's internal wait_for can do on Python 3.11
         checked.set()
         cancellation.raise_if_cancelled()
 

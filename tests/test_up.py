@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -20,6 +21,7 @@ from ledger.writer import Writer
 from ledgerctl.server import free_port
 
 LEDGER = [sys.executable, "-m", "ledgerctl"]
+"""Each test starts it with Popen, which returns at once (the `noqa: ASYNC220`s): the child runs beside the loop."""
 
 
 def read_until(proc: subprocess.Popen[str], prefix: str, timeout: float = 30) -> str:
@@ -45,8 +47,9 @@ def views(db: Path, url: str, *args: str) -> object:
 
 async def test_up_runs_server_projector_and_consumers_and_stops_on_ctrl_c(tmp_path: Path):
     port, data = free_port(), tmp_path / "data"
-    proc = subprocess.Popen([*LEDGER, "up", "--port", str(port), "--data-dir", str(data), "--grace", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(  # noqa: ASYNC220
+        [*LEDGER, "up", "--port", str(port), "--data-dir", str(data), "--grace", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"nats://127.0.0.1:{port}"
     try:
         out = read_until(proc, "ready")
@@ -67,8 +70,8 @@ async def test_up_runs_server_projector_and_consumers_and_stops_on_ctrl_c(tmp_pa
                     # The projector works: the views read what happened from the file.
                     db = data / "projection.sqlite3"
 
-                    def owned_by_b() -> bool:
-                        rows = views(db, url, "sessions")["items"]  # type: ignore[index]
+                    async def owned_by_b() -> bool:  # in a thread: the agents on this loop keep beating meanwhile
+                        rows = (await asyncio.to_thread(views, db, url, "sessions"))["items"]  # type: ignore[index]
                         return [(r["session_id"], r["owner"], r["claims"]) for r in rows] == [("s1", "b", 2)]
 
                     await eventually(owned_by_b, timeout=20, what="the projection showing s1 owned by b")
@@ -87,7 +90,7 @@ async def test_up_runs_server_projector_and_consumers_and_stops_on_ctrl_c(tmp_pa
 
 async def test_up_on_an_existing_server_starts_none_of_its_own(settings: Settings, tmp_path: Path):
     db = tmp_path / "p.sqlite3"
-    proc = subprocess.Popen([*LEDGER, "up", "--nats-url", settings.nats_url, "--db", str(db)],
+    proc = subprocess.Popen([*LEDGER, "up", "--nats-url", settings.nats_url, "--db", str(db)],  # noqa: ASYNC220
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out = read_until(proc, "ready")
@@ -128,7 +131,7 @@ def exited(pid: int) -> bool:
 async def test_kill_9_of_up_takes_its_nats_server_along_and_up_starts_again(tmp_path: Path):
     port, data = free_port(), tmp_path / "data"
     command = [*LEDGER, "up", "--port", str(port), "--data-dir", str(data), "--grace", "0"]
-    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # noqa: ASYNC220
     try:
         read_until(first, "ready")
         [(server, name)] = [c for c in children(first.pid) if "nats" in c[1]]
@@ -139,7 +142,7 @@ async def test_kill_9_of_up_takes_its_nats_server_along_and_up_starts_again(tmp_
         if first.poll() is None:
             first.kill()
             first.communicate()
-    again = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    again = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # noqa: ASYNC220
     try:
         out = read_until(again, "ready")
         assert "LEDGER: ok" in out, out

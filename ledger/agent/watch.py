@@ -245,6 +245,7 @@ class Watch:
         await self._learn_registrations(lc.agents_acting(records), seq)
         incarnation_at = self.registrations.lookup()
         agent_at = await self._agents_at(lc.owners_judged(records, incarnation_at), seq)
+        state: lc.SessionState | None
         state, _ = lc.fold(lc.evolve_session, records, incarnation_at, agent_at)
         return state
 

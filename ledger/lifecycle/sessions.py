@@ -44,7 +44,8 @@ from .anomalies import (
     writer_problem,
 )
 
-S_PENDING, S_ASSIGNED, S_ORPHANED, S_RELEASED, S_TERMINATED = "pending", "assigned", "orphaned", "released", "terminated"
+S_PENDING, S_ASSIGNED, S_ORPHANED, S_RELEASED, S_TERMINATED = (
+    "pending", "assigned", "orphaned", "released", "terminated")
 SESSION_STATES = (S_PENDING, S_ASSIGNED, S_ORPHANED, S_RELEASED, S_TERMINATED)
 CLAIMABLE = frozenset({S_PENDING, S_ORPHANED, S_RELEASED})
 """States in which a session has no owner and may be claimed."""

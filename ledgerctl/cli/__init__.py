@@ -35,9 +35,9 @@ def cli(verbose: int) -> None:
     setup_logging(verbose)
 
 
-for command in (auth_group, up_command, demo_command, doctor_command, check_command, server_command, init_command, agent_command, session_group,
-                route_group, unreachable_command, replay_command, consumers_command, pool_group, *VIEW_COMMANDS,
-                *PROJECTOR_COMMANDS):
+for command in (auth_group, up_command, demo_command, doctor_command, check_command, server_command, init_command,
+                agent_command, session_group, route_group, unreachable_command, replay_command, consumers_command,
+                pool_group, *VIEW_COMMANDS, *PROJECTOR_COMMANDS):
     cli.add_command(command)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 
 import click
 
@@ -19,7 +19,8 @@ from .liveness import policy_options
 @click.option("--platform", default="default", show_default=True)
 @click.option("--region", default="default", show_default=True)
 @click.option("--capacity", default=4, show_default=True, type=click.IntRange(1), help="Sessions it can own at once.")
-@click.option("--heartbeat", default=5.0, show_default=True, type=click.FloatRange(0.05), help="Seconds between heartbeats.")
+@click.option("--heartbeat", default=5.0, show_default=True, type=click.FloatRange(0.05),
+              help="Seconds between heartbeats.")
 @click.option("--ttl", default=30.0, show_default=True, type=click.FloatRange(0.1),
               help="Lease: with no heartbeat acknowledged for this long the agent fences itself "
                    "(and the liveness monitor may declare it dead).")
@@ -44,7 +45,7 @@ async def agent_command(agent_id: str, pool: str, platform: str, region: str, ca
         raise click.BadParameter(f"--ttl ({ttl:g}) must be longer than --heartbeat ({heartbeat:g})", param_hint="--ttl")
 
     def say(line: str) -> None:
-        echo(f"{datetime.now().strftime('%H:%M:%S.%f')[:-3]} {agent_id}: {line}")
+        echo(f"{datetime.now(UTC).astimezone().strftime('%H:%M:%S.%f')[:-3]} {agent_id}: {line}")
 
     settings = settings_from(nats_url).for_lease(ttl)  # a frozen server is left well within the lease
     async with Writer.connect(settings, producer_id=agent_id, name=f"ledger-agent-{agent_id}") as ledger:

@@ -31,6 +31,7 @@ import json
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 import click
 import nkeys
@@ -82,7 +83,7 @@ class AuthDir:
 
     def __init__(self, out: Path, env_dir: str | None = None) -> None:
         self.out = out
-        self.manifest: dict = {"users": {}, "replicas": list(DEFAULT_REPLICAS), "tls_hosts": [],
+        self.manifest: dict[str, Any] = {"users": {}, "replicas": list(DEFAULT_REPLICAS), "tls_hosts": [],
                                "env_dir": env_dir or str(out.resolve())}
         self._server_tls_confs_due = False
 
@@ -312,7 +313,8 @@ def auth_init(out: Path, agents: tuple[str, ...], replicas: tuple[str, ...], tls
     # absolute path - so say it that way (deploy/nats-secure.conf: `include "secrets/server/auth.conf"`).
     server = out / SERVER_DIR
     click.echo(f"server: give it {server} only; include {server / AUTH_CONF}"
-               + (f" and {server / TLS_CONF}" if tls else "") + ", by a path relative to the server's configuration file")
+               + (f" and {server / TLS_CONF}" if tls else "")
+               + ", by a path relative to the server's configuration file")
     click.echo(f"clients: give each user's processes {out / USERS_DIR}/<user> only, and load its <user>.env "
                "(LEDGER_NKEY_SEED_FILE, LEDGER_INBOX_PREFIX" + (", LEDGER_TLS_*)" if tls else ")"))
 

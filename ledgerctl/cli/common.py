@@ -121,7 +121,7 @@ class LedgerGroup(click.Group):
             raise
         except BrokenPipeError:
             raise  # click's main exits quietly when the reader of our output goes away
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - the CLI's last line: a known failure as one line, else a bug report
             verbose = int(ctx.params.get("verbose") or 0)
             if verbose:
                 traceback.print_exception(e, file=sys.stderr)

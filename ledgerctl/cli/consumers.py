@@ -48,7 +48,8 @@ async def consumers_command(monitor: bool, reclaimer: bool, watchdog: bool, name
     liveness = LivenessSettings(policy=policy, grace=grace, breaker_share=breaker_share,
                                 breaker_window=breaker_window)
     stop = stop_signals()
-    async with EventStore.connect(settings_from(nats_url), name=f"ledger-consumers{'-' + name if name else ''}") as store:
+    client_name = f"ledger-consumers{'-' + name if name else ''}"
+    async with EventStore.connect(settings_from(nats_url), name=client_name) as store:
         running = ConsumerGroup(store, name=name, monitor=monitor, reclaimer=reclaimer, watchdog=watchdog,
                             liveness=liveness)
         task = asyncio.create_task(running.run())

@@ -142,8 +142,8 @@ async def projection_findings(store: EventStore, db: Path, stale_after: float) -
         else:
             found.append(Finding(OK, "anomalies", "none flagged"))
         for d in await pdb.dead_letters():
-            found.append(Finding(WARN, "dead letters", f"{d.count:,} x {d.stream} {d.reason}; the newest, #{d.last_seq} "
-                                                       f"on {d.last_subject}: {d.last_detail[:200]}"))
+            found.append(Finding(WARN, "dead letters", f"{d.count:,} x {d.stream} {d.reason}; the newest, "
+                                                       f"#{d.last_seq} on {d.last_subject}: {d.last_detail[:200]}"))
     for cp in checkpoints:
         try:
             state = await store.stream_facts(cp.stream)

