@@ -66,8 +66,9 @@ _ack_decoder = msgspec.json.Decoder(_PubAck)
 ReadBack = Callable[[str, int], Awaitable[tuple[int, str | None, str] | None]]
 """(entity filter, expected seq) -> (seq, msg id, subject) of the first message after it, or None."""
 
-_READ_BACK_FAILED = (LedgerError, NatsError, msgspec.DecodeError)
-"""How a read-back can fail: unanswered or refused (translated), the connection's own errors, a garbled answer."""
+_READ_BACK_FAILED = (LedgerError, NatsError, TimeoutError, OSError, msgspec.DecodeError)
+"""How a read-back can fail: unanswered or refused (translated), the connection's own errors, a timeout or a reset
+socket not yet translated, a garbled answer."""
 
 
 class _Pending:
@@ -274,7 +275,14 @@ class Appender:
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
         self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Future[None]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and (e := task.exception()) is not None:
+            # A bug in a read-back's handling: said at once, and the sweeper still settles that append at its
+            # deadline (an AppendTimeout), so no caller waits for ever.
+            log.error("appender background task failed", exc_info=e)
 
     async def _sweep(self) -> None:
         """Re-send appends whose ack is overdue; give up on those past their deadline."""
