@@ -37,7 +37,7 @@ from nats.errors import Error as NatsError
 
 from . import authority
 from .codec import MSG_ID, Outgoing
-from .connection import INBOX_HINT, watch_of
+from .connection import GONE, INBOX_HINT, watch_of
 from .errors import AppendTimeout, Conflict, EventIdTaken, LedgerError, PermissionDenied, StoreError, Unavailable
 from .jsapi import ApiError, store_error
 
@@ -144,7 +144,7 @@ class Appender:
         if self._watch is not None:
             self._watch.remove_listener(self._on_violation)
         if self._sub is not None:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(*GONE):
                 await self._sub.unsubscribe()
 
     @property

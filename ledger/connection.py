@@ -48,6 +48,11 @@ def parse_permission_violation(text: str) -> tuple[str, str] | None:
     return (m[1].lower(), m[2].lower()) if m else None
 
 
+GONE = (NatsError, OSError, TimeoutError)
+"""What flushing, closing or unsubscribing on a connection that may already be gone can raise: nothing to do
+about it on the way out, unlike any other exception (a bug, which must surface)."""
+
+
 def is_client_error(e: BaseException) -> bool:
     """An error of the NATS client itself that nothing below mapped to a ledger error (its text starts with
     "nats:"): what a command's boundary may print as it is, without knowing nats-py."""

@@ -28,7 +28,7 @@ from nats.js.errors import APIError
 
 from . import cancellation, codec
 from .codec import Item
-from .connection import watch_of
+from .connection import GONE, watch_of
 from .errors import StoreError, StreamMissing, Unavailable
 
 T = TypeVar("T")
@@ -302,7 +302,7 @@ async def direct_batch(nc: NATS, stream: str, subject_filter: str, start_seq: in
         except TimeoutError:
             raise Unavailable(f"direct get on {stream} timed out after {timeout:.1f} s") from None
     finally:
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(*GONE):
             await sub.unsubscribe()
     return items, pending
 

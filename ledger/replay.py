@@ -25,7 +25,7 @@ from nats.js.errors import APIError
 
 from . import cancellation, codec, jsapi
 from .codec import Item
-from .connection import watch_of
+from .connection import GONE, watch_of
 from .errors import StoreError, Unavailable
 
 log = logging.getLogger(__name__)
@@ -376,12 +376,12 @@ class Replay:
         watch = watch_of(self._nc)
         if self._nc.is_closed or (watch is not None and watch.refused_under(CONSUMER_DELETE)):
             return  # refused once on this connection: it would only be refused (and logged) again
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(*GONE):
             await self._nc.publish(f"{CONSUMER_DELETE}{self._stream}.{consumer}", b"",
                                    reply=self._nc.new_inbox())
 
     async def close_subscription(self) -> None:
         if self._sub is not None:
             sub, self._sub = self._sub, None
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(*GONE):
                 await sub.unsubscribe()

@@ -31,7 +31,7 @@ from nats.js.errors import APIError
 from . import cancellation, codec, dlq, jsapi, lifecycle, subjects
 from .appender import Appender
 from .codec import Item, Recorded, Unreadable
-from .connection import open_connection, watch_of
+from .connection import GONE, open_connection, watch_of
 from .errors import InvalidInput, PermissionDenied, Unavailable
 from .events import Event
 from .ids import check_token
@@ -138,9 +138,9 @@ class EventStore:
         if self._owns and not self.nc.is_closed:
             # Not drain(): it waits up to 30 s for every subscription to empty. Our appends are
             # settled above, so flushing what is buffered and closing is all that is left.
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(*GONE):
                 await self.nc.flush(timeout=2)
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(*GONE):
                 await self.nc.close()
 
     async def __aenter__(self) -> EventStore:
@@ -374,5 +374,5 @@ class EventStore:
         try:
             yield
         finally:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(*GONE):
                 await sub.unsubscribe()

@@ -7,6 +7,7 @@ inside one transaction (`reading`), so a query sees a single committed batch.
 from __future__ import annotations
 
 import contextlib
+import sqlite3
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -67,7 +68,7 @@ class ProjectionReads:
         try:
             yield
         except BaseException:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(sqlite3.Error):  # no transaction left to roll back (SQLite ended it)
                 await self.conn.execute("ROLLBACK")
             raise
         await self.conn.execute("COMMIT")
