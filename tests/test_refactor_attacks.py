@@ -1,0 +1,173 @@
+"""Hostile tests of issue 11's one-fold stack: kill -9, a listener that raises, a projection file that fails.
+
+`ledger up` folds the log once: one follower, whose listeners are the projector and the consumers. These
+tests attack that sharing - a kill between commits, a listener's failure, an SQLite writer that cannot
+write - and check that the file still equals a rebuild and that a failure is seen, not a silent stall.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import eventually
+from projection_helpers import dump, until
+from test_projector_crash import checkpoint, publish_fleet
+from test_stack_fold import create_sessions, up_settings
+
+from consumers.follow import Item
+from ledger import events as ev
+from ledger.codec import Recorded
+from ledger.settings import Settings
+from ledger.store import EventStore
+from ledger.subjects import DLQ_STREAM, HEARTBEAT_STREAM, LEDGER_STREAM
+from ledgerctl.server import EmbeddedServer
+from ledgerctl.stack import running_stack
+from projections.projector import Projector
+from projections.rebuild import rebuild
+from projections.settings import ProjectionSettings
+from projections.state import Change
+
+HERE = Path(__file__).parent
+
+
+async def start_up(url: str, tmp_path: Path, db: Path, **env: str) -> asyncio.subprocess.Process:
+    """A real `ledger up` on an existing server; small projection batches so that a kill lands between commits."""
+    full = {**os.environ, "LEDGER_PROJECTION_BATCH": "500", "LEDGER_PROJECTION_COMMIT_EVERY": "1500",
+            "LEDGER_PROJECTION_MAX_PENDING": "2000", "LEDGER_PROJECTION_SNAPSHOT_EVERY": "4000", **env}
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "ledgerctl", "up", "--nats-url", url, "--db", str(db), "--data-dir", str(tmp_path),
+        env=full, cwd=HERE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+
+
+async def finish_standalone(store: EventStore, db: Path) -> None:
+    """Bring the file to the log's end with a projector of its own (it resumes from the file's checkpoints)."""
+    projector = Projector(store, ProjectionSettings(db=str(db)))
+    await projector.open()
+    try:
+        await projector.catch_up()
+    finally:
+        await projector.close()
+
+
+async def test_kill_9_of_up_mid_catch_up_leaves_a_file_that_resumes_into_the_rebuilds_state(
+        fresh_server: EmbeddedServer, tmp_path: Path):
+    """The projector fed by the stack's follower commits rows and checkpoints together, like the standalone one.
+
+    Two kill -9s of `ledger up` while it catches up (its consumers acting on the same state meanwhile), a
+    clean restart and stop: a projector then resuming from the file ends where a rebuild does, and every
+    unreadable message was dead-lettered exactly once however often it was re-read.
+    """
+    db = tmp_path / "projection.sqlite3"
+    async with EventStore.connect(Settings(nats_url=fresh_server.url), ensure=True) as store:
+        garbage = await publish_fleet(store, 15_000)
+        last = await store.last_seq(LEDGER_STREAM)
+        killed_at = []
+        for fraction in (0.25, 0.6):
+            proc = await start_up(fresh_server.url, tmp_path, db)
+            target = int(last * fraction)
+
+            async def progressed(target: int = target, proc: asyncio.subprocess.Process = proc) -> bool:
+                return checkpoint(db) >= target or proc.returncode is not None
+
+            await until(progressed, timeout=90, what=f"ledger up's projector to pass #{target}")
+            assert proc.returncode is None, (await proc.stderr.read()).decode()  # type: ignore[union-attr]
+            proc.send_signal(signal.SIGKILL)
+            await proc.wait()
+            killed_at.append(checkpoint(db))
+            assert killed_at[-1] < last, "killed too late to prove anything"
+
+        proc = await start_up(fresh_server.url, tmp_path, db)
+
+        async def caught_up() -> bool:
+            assert proc.returncode is None, (await proc.stderr.read()).decode()  # type: ignore[union-attr]
+            return checkpoint(db) >= last and checkpoint(db, HEARTBEAT_STREAM) >= await store.last_seq(HEARTBEAT_STREAM)
+
+        await until(caught_up, timeout=90, what="the restarted ledger up to catch up")
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 0, err.decode()
+
+        await finish_standalone(store, db)  # what the consumers wrote after the last commit, if anything
+        await rebuild(store, ProjectionSettings(db=str(tmp_path / "rebuilt.sqlite3")))
+        dead_letters = (await store.nc.jsm().stream_info(DLQ_STREAM)).state.messages
+
+    assert killed_at[0] < killed_at[1] < last
+    assert dump(db) == dump(tmp_path / "rebuilt.sqlite3")
+    assert dead_letters == garbage  # one dead letter per unreadable message, through two kills
+
+
+class Poisoned(Exception):
+    """A listener's bug."""
+
+
+def raising_on(session_id: str):  # type: ignore[no-untyped-def]
+    """A listener (the demo's narrator, say) with a bug: it raises when it hears `session_id` change."""
+    def listener(stream: str, items: list[Item], changes: list[Change]) -> None:
+        for item in items:
+            if changes and isinstance(item, Recorded) and getattr(item.event, "session_id", None) == session_id:
+                raise Poisoned(f"heard {session_id} at #{item.seq}")
+    return listener
+
+
+async def test_a_listener_that_raises_stops_the_stack_visibly_and_the_file_still_holds_what_was_applied(
+        server: EmbeddedServer, tmp_path: Path):
+    s = up_settings(server, tmp_path)
+    raised: list[BaseException] = []
+    try:
+        async with running_stack(s, lambda line: None, listeners=[raising_on("poison")]) as stack:
+            await create_sessions(stack, ["s1", "s2", "poison", "s3"])
+            await asyncio.wait_for(stack.run_until(asyncio.Event()), 30)  # the follower's failure ends the stack
+    except* Poisoned as group:
+        raised.append(group)
+    assert raised, "the listener's failure did not surface"
+    poisoned = checkpoint(s.db_path)
+    assert poisoned >= 3, "the batch the projector heard before the failing listener was not committed"
+
+    # Restarted without the bug: it resumes from the file, and the file ends as a rebuild does.
+    async with running_stack(s, lambda line: None) as stack:
+        last = await create_sessions(stack, ["s4"])
+        await stack.projector.wait_for(last)
+        assert {"s1", "s2", "poison", "s3", "s4"} <= set(stack.follower.state.sessions)
+    async with EventStore.connect(Settings(nats_url=server.url)) as store:
+        await finish_standalone(store, s.db_path)
+        await rebuild(store, ProjectionSettings(db=str(tmp_path / "rebuilt.sqlite3")))
+    assert dump(s.db_path) == dump(tmp_path / "rebuilt.sqlite3")
+
+
+async def test_up_whose_projection_file_cannot_be_written_exits_with_one_line(server: EmbeddedServer, tmp_path: Path):
+    """Another process holds the file's write lock: the projector's commit fails. That must end `ledger up` with
+    one `Error:` line and a non-zero code - not leave the consumers running on a projection that stalled."""
+    db = tmp_path / "projection.sqlite3"
+    proc = await start_up(server.url, tmp_path, db)
+    try:
+        async with EventStore.connect(Settings(nats_url=server.url)) as store:
+            seq = await store.append(ev.SessionCreated(producer=ev.Producer(id="operator-t", instance="i"),
+                                                       session_id="before", pool="gpu"))
+
+            async def committed() -> bool:
+                assert proc.returncode is None, (await proc.stderr.read()).decode()  # type: ignore[union-attr]
+                return checkpoint(db) >= seq
+
+            await until(committed, timeout=60, what="ledger up to commit the first session")
+            holder = sqlite3.connect(db, timeout=0, isolation_level=None)
+            try:
+                holder.execute("BEGIN EXCLUSIVE")  # a writer elsewhere that never lets go
+                await store.append(ev.SessionCreated(producer=ev.Producer(id="operator-t", instance="i"),
+                                                     session_id="after", pool="gpu"))
+                _, err = await asyncio.wait_for(proc.communicate(), 90)
+            finally:
+                holder.close()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    lines = [line for line in err.decode().splitlines() if line.strip()]
+    assert proc.returncode not in (0, None)
+    assert any(line.startswith("Error:") and "SQLite" in line for line in lines), lines
+    assert not any("Traceback" in line for line in lines), lines
