@@ -14,18 +14,19 @@ import sqlite3
 import sys
 from pathlib import Path
 
-import pytest
-from helpers import eventually
+import fleet
 from projection_helpers import dump, until
 from test_projector_crash import checkpoint, publish_fleet
 from test_stack_fold import create_sessions, up_settings
 
 from consumers.follow import Item
 from ledger import events as ev
+from ledger.check import HEARTBEATS, LEDGER, Report, check
 from ledger.codec import Recorded
 from ledger.settings import Settings
 from ledger.store import EventStore
 from ledger.subjects import DLQ_STREAM, HEARTBEAT_STREAM, LEDGER_STREAM
+from ledgerctl.cli.check import read_raw
 from ledgerctl.server import EmbeddedServer
 from ledgerctl.stack import running_stack
 from projections.projector import Projector
@@ -36,13 +37,24 @@ from projections.state import Change
 HERE = Path(__file__).parent
 
 
-async def start_up(url: str, tmp_path: Path, db: Path, **env: str) -> asyncio.subprocess.Process:
+async def start_up(url: str, tmp_path: Path, db: Path, *args: str, **env: str) -> asyncio.subprocess.Process:
     """A real `ledger up` on an existing server; small projection batches so that a kill lands between commits."""
     full = {**os.environ, "LEDGER_PROJECTION_BATCH": "500", "LEDGER_PROJECTION_COMMIT_EVERY": "1500",
             "LEDGER_PROJECTION_MAX_PENDING": "2000", "LEDGER_PROJECTION_SNAPSHOT_EVERY": "4000", **env}
     return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "ledgerctl", "up", "--nats-url", url, "--db", str(db), "--data-dir", str(tmp_path),
+        sys.executable, "-m", "ledgerctl", "up", "--nats-url", url, "--db", str(db), "--data-dir", str(tmp_path), *args,
         env=full, cwd=HERE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+
+
+async def ready(proc: asyncio.subprocess.Process, timeout: float = 60.0) -> None:
+    """Wait for `ledger up` to say it is ready (its signal handlers are set by then)."""
+    assert proc.stdout is not None
+
+    async def read() -> None:
+        while b"ready" not in (line := await proc.stdout.readline()):  # type: ignore[union-attr]
+            assert line, f"ledger up ended: {(await proc.stderr.read()).decode()}"  # type: ignore[union-attr]
+
+    await asyncio.wait_for(read(), timeout)
 
 
 async def finish_standalone(store: EventStore, db: Path) -> None:
@@ -89,6 +101,7 @@ async def test_kill_9_of_up_mid_catch_up_leaves_a_file_that_resumes_into_the_reb
             return checkpoint(db) >= last and checkpoint(db, HEARTBEAT_STREAM) >= await store.last_seq(HEARTBEAT_STREAM)
 
         await until(caught_up, timeout=90, what="the restarted ledger up to catch up")
+        await ready(proc)
         proc.send_signal(signal.SIGTERM)
         _, err = await asyncio.wait_for(proc.communicate(), 60)
         assert proc.returncode == 0, err.decode()
@@ -97,6 +110,7 @@ async def test_kill_9_of_up_mid_catch_up_leaves_a_file_that_resumes_into_the_reb
         await rebuild(store, ProjectionSettings(db=str(tmp_path / "rebuilt.sqlite3")))
         dead_letters = (await store.nc.jsm().stream_info(DLQ_STREAM)).state.messages
 
+    print("killed at", killed_at, "of", last, "garbage", garbage)
     assert killed_at[0] < killed_at[1] < last
     assert dump(db) == dump(tmp_path / "rebuilt.sqlite3")
     assert dead_letters == garbage  # one dead letter per unreadable message, through two kills
@@ -171,3 +185,64 @@ async def test_up_whose_projection_file_cannot_be_written_exits_with_one_line(se
     assert proc.returncode not in (0, None)
     assert any(line.startswith("Error:") and "SQLite" in line for line in lines), lines
     assert not any("Traceback" in line for line in lines), lines
+
+
+async def raw_check(store: EventStore) -> Report:
+    """`ledger check`'s rules over the whole log as the server stores it."""
+    messages = [m for stream in (LEDGER, HEARTBEATS) for m in await read_raw(store, stream)]
+    return check(messages)
+
+
+async def test_up_killed_right_after_a_death_resumes_without_a_doubly_owned_or_stranded_session(
+        server: EmbeddedServer, tmp_path: Path):
+    """kill -9 of `ledger up` just after its monitor declared a death: the file (and so the resumed state) may
+    be behind the log, the reclaimer's in-flight claims are forgotten. Restarted, every session of the dead agent
+    goes to the survivor once - no second owner, no claim loop - and `ledger check` finds the log clean."""
+    db = tmp_path / "projection.sqlite3"
+    sessions = [f"s{i}" for i in range(1, 7)]
+    async with fleet.ledger_on(server.url) as ledger:
+        async with fleet.agents(server.url, "gpu", ["a1", "a2"], self_claim=False) as procs:
+            up = await start_up(server.url, tmp_path, db, "--grace", "0")
+            try:
+                for sid in sessions:
+                    await ledger.create_session("gpu", session_id=sid)
+
+                async def owners() -> dict[str, str | None]:
+                    return {sid: (await ledger.session(sid))[0].owner for sid in sessions}  # type: ignore[union-attr]
+
+                async def all_owned() -> bool:
+                    assert up.returncode is None, (await up.stderr.read()).decode()  # type: ignore[union-attr]
+                    return None not in (await owners()).values()
+
+                await until(all_owned, timeout=60, what="every session claimed")
+                victim = next(o for o in (await owners()).values() if o is not None)
+                survivor = "a2" if victim == "a1" else "a1"
+                procs[victim].kill9()
+
+                async def declared_dead() -> bool:
+                    return any(isinstance(e, ev.AgentDeclaredDead) for e in await fleet.events(ledger.store, "agent",
+                                                                                                 victim))
+
+                await until(declared_dead, timeout=60, what=f"{victim} declared dead")
+                up.send_signal(signal.SIGKILL)  # at once: the death (and perhaps a claim) not yet committed
+                await up.wait()
+                up = await start_up(server.url, tmp_path, db, "--grace", "0")
+
+                async def all_with_survivor() -> bool:
+                    assert up.returncode is None, (await up.stderr.read()).decode()  # type: ignore[union-attr]
+                    return set((await owners()).values()) == {survivor}
+
+                await until(all_with_survivor, timeout=60, what=f"every session with {survivor}")
+                await ready(up)
+                up.send_signal(signal.SIGTERM)
+                _, err = await asyncio.wait_for(up.communicate(), 60)
+                assert up.returncode == 0, err.decode()
+            finally:
+                if up.returncode is None:
+                    up.kill()
+                    await up.wait()
+        claims = {sid: sum(isinstance(e, ev.SessionClaimed) for e in await fleet.events(ledger.store, "session", sid))
+                  for sid in sessions}
+        report = await raw_check(ledger.store)
+    assert report.clean, report.violations
+    assert all(n <= 2 for n in claims.values()), claims  # the first claim, and at most one failover each
