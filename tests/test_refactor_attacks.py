@@ -11,21 +11,25 @@ import asyncio
 import os
 import signal
 import sqlite3
+import subprocess
 import sys
 from pathlib import Path
 
 import fleet
+from helpers import eventually
 from projection_helpers import dump, until
 from test_projector_crash import checkpoint, publish_fleet
 from test_stack_fold import create_sessions, up_settings
 
 from consumers.follow import Item
+from consumers.liveness_rules import LivenessSettings
 from ledger import events as ev
 from ledger.check import HEARTBEATS, LEDGER, Report, check
 from ledger.codec import Recorded
 from ledger.settings import Settings
 from ledger.store import EventStore
 from ledger.subjects import DLQ_STREAM, HEARTBEAT_STREAM, LEDGER_STREAM
+from ledger.writer import Writer
 from ledgerctl.cli.check import read_raw
 from ledgerctl.server import EmbeddedServer
 from ledgerctl.stack import running_stack
@@ -246,3 +250,68 @@ async def test_up_killed_right_after_a_death_resumes_without_a_doubly_owned_or_s
         report = await raw_check(ledger.store)
     assert report.clean, report.violations
     assert all(n <= 2 for n in claims.values()), claims  # the first claim, and at most one failover each
+
+
+def test_up_on_a_projection_file_that_is_not_a_database_is_one_line(server: EmbeddedServer, tmp_path: Path):
+    """A torn or overwritten file: `ledger up` stops at once with one line (no traceback, no stall)."""
+    db = tmp_path / "projection.sqlite3"
+    db.write_bytes(b"\x00garbage, not SQLite" * 512)
+    done = subprocess.run([sys.executable, "-m", "ledgerctl", "up", "--nats-url", server.url, "--db", str(db),
+                           "--data-dir", str(tmp_path)], capture_output=True, text=True, timeout=60, cwd=HERE)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 1, (done.returncode, done.stderr)
+    assert len(lines) == 1 and lines[0].startswith(f"Error: {db}"), lines
+
+
+async def test_a_slow_projection_writer_never_holds_back_the_consumers(server: EmbeddedServer, tmp_path: Path):
+    """The follower never waits for the file: while another process holds the file's write lock, the reclaimer
+    still claims a new session for a live agent; once the lock goes, the file catches up with that claim."""
+    s = up_settings(server, tmp_path, liveness=LivenessSettings(grace=0))
+    async with fleet.agents(server.url, "gpu", ["a1"], self_claim=False), \
+            running_stack(s, lambda line: None) as stack:
+        ledger = Writer(stack.store, ev.Producer(id="operator-test", instance="i"))
+        await stack.projector.wait_for(await stack.store.last_seq(LEDGER_STREAM))
+        holder = sqlite3.connect(s.db_path, timeout=0, isolation_level=None)
+        try:
+            holder.execute("BEGIN EXCLUSIVE")
+            _, created = await ledger.create_session("gpu", session_id="slow")
+
+            async def claimed() -> int:
+                state, seq = await ledger.session("slow")
+                return seq if state is not None and state.owner == "a1" else 0
+
+            claim = await eventually(claimed, timeout=4, what="the claim while the file is locked")
+            assert checkpoint(s.db_path) < claim  # the file had not seen it: the claim came from the follower
+        finally:
+            holder.close()
+        await stack.projector.wait_for(claim, timeout=30)
+        assert all(not t.done() for t in stack.running)
+
+
+HOSTILE_PAYLOADS = [
+    ("ledger.session.h1.created.operator-x", b""),
+    ("ledger.session.h2.created.operator-x", b"\xff\xfe not json"),
+    ("ledger.session.h3.created.operator-x", b"{}"),
+    ("ledger.agent.a1.declared_dead.monitor", b"[" * 5000 + b"]" * 5000),
+    ("ledger.session.h4.claimed.a1", b'{"type": "agent.declared_dead", "agent_id": "a1"}'),
+    ("ledger.pool.gpu.breaker_tripped.monitor", b'{"type": "pool.breaker_tripped", "pool": 7}'),
+]
+
+
+async def test_unreadable_lifecycle_items_in_the_shared_follower_are_dead_lettered_once_and_crash_nobody(
+        server: EmbeddedServer, tmp_path: Path):
+    """Hostile bytes on lifecycle subjects reach every listener of the one follower (projector, monitor,
+    reclaimer, watchdog): each is one dead letter, through two restarts, and no piece stops."""
+    s = up_settings(server, tmp_path, liveness=LivenessSettings(grace=0))
+    for _ in range(2):
+        async with running_stack(s, lambda line: None) as stack:
+            if not await stack.store.last_seq(LEDGER_STREAM):
+                for subject, data in HOSTILE_PAYLOADS:
+                    await stack.store.nc.jetstream().publish(subject, data)
+            last = await create_sessions(stack, [f"after-{await stack.store.last_seq(LEDGER_STREAM)}"])
+            await stack.projector.wait_for(last)
+            assert stack.follower.state.ledger.dead_letters and all(not t.done() for t in stack.running)
+    async with EventStore.connect(Settings(nats_url=server.url)) as store:
+        dead_letters = (await store.nc.jsm().stream_info(DLQ_STREAM)).state.messages
+    assert dead_letters == len(HOSTILE_PAYLOADS)
+    assert sum(stack.follower.state.ledger.dead_letters.values()) == len(HOSTILE_PAYLOADS)
