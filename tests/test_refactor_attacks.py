@@ -26,6 +26,7 @@ from consumers.liveness_rules import LivenessSettings
 from ledger import events as ev
 from ledger.check import HEARTBEATS, LEDGER, Report, check
 from ledger.codec import Recorded
+from ledger.errors import LedgerError
 from ledger.settings import Settings
 from ledger.store import EventStore
 from ledger.subjects import DLQ_STREAM, HEARTBEAT_STREAM, LEDGER_STREAM
@@ -315,3 +316,36 @@ async def test_unreadable_lifecycle_items_in_the_shared_follower_are_dead_letter
         dead_letters = (await store.nc.jsm().stream_info(DLQ_STREAM)).state.messages
     assert dead_letters == len(HOSTILE_PAYLOADS)
     assert sum(stack.follower.state.ledger.dead_letters.values()) == len(HOSTILE_PAYLOADS)
+
+
+async def test_a_frozen_server_stops_no_piece_of_the_stack_and_the_one_follower_goes_on_after(
+        server: EmbeddedServer, tmp_path: Path):
+    """SIGSTOP of the server under a running stack, long enough for the follower's pull to miss its idle
+    heartbeats (it starts over) and for requests to time out: on SIGCONT the same follower, projector and
+    consumers go on - nothing ended, what is written after is folded once and committed."""
+    assert server.pid is not None
+    s = up_settings(server, tmp_path)
+    async with running_stack(s, lambda line: None) as stack, \
+            EventStore.connect(Settings(nats_url=server.url, request_timeout=1.0)) as probe:
+        before = await create_sessions(stack, ["before-freeze"])
+        await stack.projector.wait_for(before)
+        failed: list[str] = []
+
+        async def probe_times_out() -> bool:
+            try:
+                await probe.stream_facts(LEDGER_STREAM)
+            except LedgerError as e:
+                failed.append(type(e).__name__)
+            return len(failed) >= 4  # about 4 s frozen: two idle heartbeats of the follower's pull missed
+
+        os.kill(server.pid, signal.SIGSTOP)
+        try:
+            await eventually(probe_times_out, timeout=60, interval=0.1, what="requests timing out while frozen")
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+        assert all(not t.done() for t in stack.running), [t for t in stack.running if t.done()]
+        after = await create_sessions(stack, ["after-freeze"])
+        await stack.projector.wait_for(after, timeout=60)
+        assert "after-freeze" in stack.follower.state.sessions
+        assert all(not t.done() for t in stack.running), [t for t in stack.running if t.done()]
+        assert stack.projector.events == after  # each item folded and noted once, through the freeze
