@@ -24,6 +24,7 @@ from test_stack_fold import create_sessions, up_settings
 from consumers.follow import Item
 from consumers.liveness_rules import LivenessSettings
 from ledger import events as ev
+from ledger.agent import Agent
 from ledger.check import HEARTBEATS, LEDGER, Report, check
 from ledger.codec import Recorded
 from ledger.errors import LedgerError
@@ -44,7 +45,7 @@ HERE = Path(__file__).parent
 
 async def start_up(url: str, tmp_path: Path, db: Path, *args: str, **env: str) -> asyncio.subprocess.Process:
     """A real `ledger up` on an existing server; small projection batches so that a kill lands between commits."""
-    full = {**os.environ, "LEDGER_PROJECTION_BATCH": "500", "LEDGER_PROJECTION_COMMIT_EVERY": "1500",
+    full = {**os.environ, "LEDGER_PROJECTION_BATCH": "200", "LEDGER_PROJECTION_COMMIT_EVERY": "400",
             "LEDGER_PROJECTION_MAX_PENDING": "2000", "LEDGER_PROJECTION_SNAPSHOT_EVERY": "4000", **env}
     return await asyncio.create_subprocess_exec(
         sys.executable, "-m", "ledgerctl", "up", "--nats-url", url, "--db", str(db), "--data-dir", str(tmp_path), *args,
@@ -82,7 +83,7 @@ async def test_kill_9_of_up_mid_catch_up_leaves_a_file_that_resumes_into_the_reb
     """
     db = tmp_path / "projection.sqlite3"
     async with EventStore.connect(Settings(nats_url=fresh_server.url), ensure=True) as store:
-        garbage = await publish_fleet(store, 15_000)
+        garbage = await publish_fleet(store, 30_000)
         last = await store.last_seq(LEDGER_STREAM)
         killed_at = []
         for fraction in (0.25, 0.6):
@@ -349,3 +350,41 @@ async def test_a_frozen_server_stops_no_piece_of_the_stack_and_the_one_follower_
         assert "after-freeze" in stack.follower.state.sessions
         assert all(not t.done() for t in stack.running), [t for t in stack.running if t.done()]
         assert stack.projector.events == after  # each item folded and noted once, through the freeze
+
+
+async def suspicions(store: EventStore, agent_id: str) -> list[int]:
+    """The incarnations of `agent_id` the log says were suspected."""
+    return [e.incarnation for e in await fleet.events(store, "agent", agent_id) if isinstance(e, ev.AgentSuspected)]
+
+
+async def test_reports_about_an_earlier_incarnation_recalled_after_a_restart_do_not_suspect_the_current_one(
+        server: EmbeddedServer, tmp_path: Path):
+    """Failure reports that name no incarnation count against the one registered when they were stored.
+
+    Live, three such reports about incarnation 1 suspect it, and a new incarnation 2 starts with none. After a
+    restart of `ledger up` within the report window, the recall tells the monitor those reports again - on a
+    state that already holds incarnation 2: they must still not count against it.
+    """
+    s = up_settings(server, tmp_path, liveness=LivenessSettings(grace=0))
+    async with Writer.connect(Settings(nats_url=server.url), producer_id="operator-test") as ledger:
+        async with running_stack(s, lambda line: None) as stack:
+            async with Agent(ledger, agent_id="a1", pool="gpu", heartbeat=0.2, ttl=30) as first:
+                for reporter in ("operator-r1", "operator-r2", "operator-r3"):
+                    await Writer(ledger.store, ev.Producer(id=reporter, instance="i")).report_unreachable("a1")
+                await eventually(lambda: suspicions(ledger.store, "a1"), what="incarnation 1 suspected on reports")
+        async with Agent(ledger, agent_id="a1", pool="gpu", heartbeat=0.2, ttl=30) as second:
+            async with running_stack(s, lambda line: None) as stack:
+                monitor = stack.consumers.parts["monitor"]
+                await eventually(lambda: stack.follower.state.agents["a1"].incarnation == second.incarnation,
+                                 what="the stack seeing incarnation 2")
+                await monitor.check(stack.follower.clock.now(ev.utcnow))  # live: the old reports are not about it
+                assert await suspicions(ledger.store, "a1") == [first.incarnation]
+                await stack.projector.wait_for(await ledger.store.last_seq(LEDGER_STREAM))
+
+            async with running_stack(s, lambda line: None) as stack:  # restarted: the file holds incarnation 2
+                monitor = stack.consumers.parts["monitor"]
+                assert stack.follower.state.agents["a1"].incarnation == second.incarnation
+                await stack.follower.caught_up.wait()  # the recall is told before it
+                await stack.follower.heartbeats_caught_up.wait()
+                await monitor.check(stack.follower.clock.now(ev.utcnow))
+                assert await suspicions(ledger.store, "a1") == [first.incarnation]
