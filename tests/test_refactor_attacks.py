@@ -14,6 +14,7 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from typing import cast
 
 import fleet
 from helpers import eventually
@@ -23,6 +24,7 @@ from test_stack_fold import create_sessions, up_settings
 
 from consumers.follow import Item
 from consumers.liveness_rules import LivenessSettings
+from consumers.monitor import LivenessMonitor
 from ledger import events as ev
 from ledger.agent import Agent
 from ledger.check import HEARTBEATS, LEDGER, Report, check
@@ -258,8 +260,9 @@ def test_up_on_a_projection_file_that_is_not_a_database_is_one_line(server: Embe
     """A torn or overwritten file: `ledger up` stops at once with one line (no traceback, no stall)."""
     db = tmp_path / "projection.sqlite3"
     db.write_bytes(b"\x00garbage, not SQLite" * 512)
-    done = subprocess.run([sys.executable, "-m", "ledgerctl", "up", "--nats-url", server.url, "--db", str(db),
-                           "--data-dir", str(tmp_path)], capture_output=True, text=True, timeout=60, cwd=HERE)
+    command = [sys.executable, "-m", "ledgerctl", "up", "--nats-url", server.url, "--db", str(db),
+               "--data-dir", str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=HERE, check=False)
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode == 1, (done.returncode, done.stderr)
     assert len(lines) == 1 and lines[0].startswith(f"Error: {db}"), lines
@@ -357,6 +360,10 @@ async def suspicions(store: EventStore, agent_id: str) -> list[int]:
     return [e.incarnation for e in await fleet.events(store, "agent", agent_id) if isinstance(e, ev.AgentSuspected)]
 
 
+async def suspected(store: EventStore, agent_id: str) -> bool:
+    return bool(await suspicions(store, agent_id))
+
+
 async def test_reports_about_an_earlier_incarnation_recalled_after_a_restart_do_not_suspect_the_current_one(
         server: EmbeddedServer, tmp_path: Path):
     """Failure reports that name no incarnation count against the one registered when they were stored.
@@ -371,10 +378,10 @@ async def test_reports_about_an_earlier_incarnation_recalled_after_a_restart_do_
             async with Agent(ledger, agent_id="a1", pool="gpu", heartbeat=0.2, ttl=30) as first:
                 for reporter in ("operator-r1", "operator-r2", "operator-r3"):
                     await Writer(ledger.store, ev.Producer(id=reporter, instance="i")).report_unreachable("a1")
-                await eventually(lambda: suspicions(ledger.store, "a1"), what="incarnation 1 suspected on reports")
+                await eventually(lambda: suspected(ledger.store, "a1"), what="incarnation 1 suspected on reports")
         async with Agent(ledger, agent_id="a1", pool="gpu", heartbeat=0.2, ttl=30) as second:
             async with running_stack(s, lambda line: None) as stack:
-                monitor = stack.consumers.parts["monitor"]
+                monitor = cast(LivenessMonitor, stack.consumers.parts["monitor"])
                 await eventually(lambda: stack.follower.state.agents["a1"].incarnation == second.incarnation,
                                  what="the stack seeing incarnation 2")
                 await monitor.check(stack.follower.clock.now(ev.utcnow))  # live: the old reports are not about it
@@ -382,7 +389,7 @@ async def test_reports_about_an_earlier_incarnation_recalled_after_a_restart_do_
                 await stack.projector.wait_for(await ledger.store.last_seq(LEDGER_STREAM))
 
             async with running_stack(s, lambda line: None) as stack:  # restarted: the file holds incarnation 2
-                monitor = stack.consumers.parts["monitor"]
+                monitor = cast(LivenessMonitor, stack.consumers.parts["monitor"])
                 assert stack.follower.state.agents["a1"].incarnation == second.incarnation
                 await stack.follower.caught_up.wait()  # the recall is told before it
                 await stack.follower.heartbeats_caught_up.wait()
