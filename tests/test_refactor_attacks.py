@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import cast
 
 import fleet
+from conftest import RunningNats
 from helpers import eventually
 from projection_helpers import dump, until
 from test_projector_crash import checkpoint, publish_fleet
@@ -26,6 +27,7 @@ from consumers.follow import Item
 from consumers.liveness_rules import LivenessSettings
 from consumers.monitor import LivenessMonitor
 from ledger import events as ev
+from ledger import lifecycle as lc
 from ledger.agent import Agent
 from ledger.check import HEARTBEATS, LEDGER, Report, check
 from ledger.codec import Recorded
@@ -395,3 +397,52 @@ async def test_reports_about_an_earlier_incarnation_recalled_after_a_restart_do_
                 await stack.follower.heartbeats_caught_up.wait()
                 await monitor.check(stack.follower.clock.now(ev.utcnow))
                 assert await suspicions(ledger.store, "a1") == [first.incarnation]
+
+
+async def records_agree_with_the_log(agent: Agent, ledger: Writer, sessions: list[str]) -> bool:
+    """The agent's one record per session says exactly what the log says this incarnation owns, with its token;
+    its views (owned, activity) name the same sessions, and no record is left of a session it lost."""
+    in_log = {}
+    for sid in sessions:
+        state, _ = await ledger.session(sid)
+        if lc.owns(state, agent.agent_id, agent.incarnation):
+            assert state is not None
+            in_log[sid] = state.token
+    held = {sid: claim.token for sid, claim in agent.owned.items()}
+    return held == in_log and set(agent.activity()) == set(held) and not any(
+        "record" in agent.sessions.traces(sid) for sid in sessions if sid not in held)
+
+
+async def test_forged_take_over_terminate_and_fence_during_a_drain_leave_no_record_out_of_step(
+        nats_server: RunningNats, uid: str):
+    """Without auth anyone may publish as anyone. While a1 drains (no reclaimer hands its sessions off), a forged
+    take-over, a terminate and finally a fence of a1 land: after each, a1's records are what the log says."""
+    async with Writer.connect(Settings(nats_url=nats_server.url), producer_id="operator-test") as ledger:
+        sessions = [f"{uid}-s{i}" for i in range(3)]
+        async with Agent(ledger, agent_id=f"{uid}-a1", pool=uid, capacity=5, heartbeat=0.2, ttl=30) as a1, \
+                Agent(ledger, agent_id=f"{uid}-a2", pool=uid, capacity=5, heartbeat=0.2, ttl=30) as a2:
+            for sid in sessions:
+                await ledger.create_session(uid, session_id=sid)
+                await a1.claim(sid)
+            await a1.drain(deadline=3600, reason="hostile test")
+            await eventually(lambda: records_agree_with_the_log(a1, ledger, sessions), what="records before")
+
+            forger = Writer(ledger.store, ev.Producer(id="reclaimer-mallory", instance="m"))
+            token = a1.owned[sessions[0]].token
+            await forger.claim_session(sessions[0], a2.ref, reason="drain", previous_token=token)
+            await eventually(lambda: sessions[0] not in a1.owned and sessions[0] in a2.owned, what="s0 taken over")
+            await eventually(lambda: records_agree_with_the_log(a1, ledger, sessions), what="records after take-over")
+
+            operator = Writer(ledger.store, ev.Producer(id="operator-mallory", instance="m"))
+            await operator.terminate_session(sessions[1], reason="forged")
+            await eventually(lambda: sessions[1] not in a1.owned, what="s1 terminated")
+            await eventually(lambda: records_agree_with_the_log(a1, ledger, sessions), what="records after terminate")
+
+            fenced = a1.incarnation
+            await ledger.store.append(ev.AgentFenced(
+                producer=ev.Producer(id=a1.agent_id, instance="mallory"), agent_id=a1.agent_id, incarnation=fenced,
+                reason="forged fence", fenced_at=ev.utcnow(), ttl=30))
+            await eventually(lambda: a1.incarnation > fenced or (a1.fenced is not None and not a1.owned),
+                             what="a1 acting on the fence")
+            await eventually(lambda: records_agree_with_the_log(a1, ledger, sessions), what="records after fence")
+            assert sessions[2] not in a1.owned
