@@ -446,3 +446,24 @@ async def test_forged_take_over_terminate_and_fence_during_a_drain_leave_no_reco
                              what="a1 acting on the fence")
             await eventually(lambda: records_agree_with_the_log(a1, ledger, sessions), what="records after fence")
             assert sessions[2] not in a1.owned
+
+
+async def test_a_client_that_deletes_the_followers_consumers_stops_nothing(server: EmbeddedServer, tmp_path: Path):
+    """Without auth any client may call the JetStream API: deleting the one follower's consumers (both streams)
+    must make it start over where it was, not end the stack or lose an item."""
+    s = up_settings(server, tmp_path)
+    async with running_stack(s, lambda line: None) as stack:
+        first = await create_sessions(stack, ["before-delete"])
+        await stack.projector.wait_for(first)
+        jsm = stack.store.nc.jsm()
+        deleted = 0
+        for stream in (LEDGER_STREAM, HEARTBEAT_STREAM):
+            for info in await jsm.consumers_info(stream):
+                await jsm.delete_consumer(stream, info.name)
+                deleted += 1
+        assert deleted >= 2
+        after = await create_sessions(stack, ["after-delete"])
+        await stack.projector.wait_for(after, timeout=60)
+        assert "after-delete" in stack.follower.state.sessions
+        assert all(not t.done() for t in stack.running), [t for t in stack.running if t.done()]
+        assert stack.projector.events == after  # nothing folded twice or skipped
