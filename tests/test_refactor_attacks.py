@@ -19,6 +19,7 @@ from typing import cast
 import fleet
 from conftest import RunningNats
 from helpers import eventually
+from nats.aio.msg import Msg
 from projection_helpers import dump, until
 from test_projector_crash import checkpoint, publish_fleet
 from test_stack_fold import create_sessions, up_settings
@@ -120,7 +121,6 @@ async def test_kill_9_of_up_mid_catch_up_leaves_a_file_that_resumes_into_the_reb
         await rebuild(store, ProjectionSettings(db=str(tmp_path / "rebuilt.sqlite3")))
         dead_letters = (await store.nc.jsm().stream_info(DLQ_STREAM)).state.messages
 
-    print("killed at", killed_at, "of", last, "garbage", garbage)
     assert killed_at[0] < killed_at[1] < last
     assert dump(db) == dump(tmp_path / "rebuilt.sqlite3")
     assert dead_letters == garbage  # one dead letter per unreadable message, through two kills
@@ -227,14 +227,17 @@ async def test_up_killed_right_after_a_death_resumes_without_a_doubly_owned_or_s
                 await until(all_owned, timeout=60, what="every session claimed")
                 victim = next(o for o in (await owners()).values() if o is not None)
                 survivor = "a2" if victim == "a1" else "a1"
+                killed = asyncio.Event()
+
+                async def on_death(msg: Msg) -> None:
+                    if ".declared_dead." in msg.subject and not killed.is_set():
+                        up.send_signal(signal.SIGKILL)  # the moment it is stored: the death not yet committed
+                        killed.set()
+
+                watching = await ledger.store.nc.subscribe(f"ledger.agent.{victim}.>", cb=on_death)
                 procs[victim].kill9()
-
-                async def declared_dead() -> bool:
-                    return any(isinstance(e, ev.AgentDeclaredDead) for e in await fleet.events(ledger.store, "agent",
-                                                                                                 victim))
-
-                await until(declared_dead, timeout=60, what=f"{victim} declared dead")
-                up.send_signal(signal.SIGKILL)  # at once: the death (and perhaps a claim) not yet committed
+                await asyncio.wait_for(killed.wait(), 60)
+                await watching.unsubscribe()
                 await up.wait()
                 up = await start_up(server.url, tmp_path, db, "--grace", "0")
 
