@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import cast
 
 import fleet
+import pytest
 from conftest import RunningNats
 from helpers import eventually
 from nats.aio.msg import Msg
@@ -203,11 +204,13 @@ async def raw_check(store: EventStore) -> Report:
     return check(messages)
 
 
-async def test_up_killed_right_after_a_death_resumes_without_a_doubly_owned_or_stranded_session(
-        server: EmbeddedServer, tmp_path: Path):
-    """kill -9 of `ledger up` just after its monitor declared a death: the file (and so the resumed state) may
-    be behind the log, the reclaimer's in-flight claims are forgotten. Restarted, every session of the dead agent
-    goes to the survivor once - no second owner, no claim loop - and `ledger check` finds the log clean."""
+@pytest.mark.parametrize("moment", [".declared_dead.", ".claimed."])
+async def test_up_killed_right_after_a_death_or_claim_resumes_without_a_doubly_owned_or_stranded_session(
+        server: EmbeddedServer, tmp_path: Path, moment: str):
+    """kill -9 of `ledger up` the moment its monitor's death (or the reclaimer's first failover claim) is stored:
+    the file (and so the resumed state) is behind the log, the reclaimer's in-flight claims are forgotten.
+    Restarted, every session of the dead agent goes to the survivor once - no second owner, no claim loop - and
+    `ledger check` finds the log clean."""
     db = tmp_path / "projection.sqlite3"
     sessions = [f"s{i}" for i in range(1, 7)]
     async with fleet.ledger_on(server.url) as ledger:
@@ -230,12 +233,12 @@ async def test_up_killed_right_after_a_death_resumes_without_a_doubly_owned_or_s
                 killed = asyncio.Event()
 
                 async def on_death(msg: Msg) -> None:
-                    if ".declared_dead." in msg.subject and not killed.is_set():
+                    if moment in msg.subject and not killed.is_set():
                         up.send_signal(signal.SIGKILL)  # the moment it is stored: the death not yet committed
                         killed.set()
 
-                watching = await ledger.store.nc.subscribe(f"ledger.agent.{victim}.>", cb=on_death)
-                procs[victim].kill9()
+                procs[victim].kill9()  # (a claim from here on is a failover)
+                watching = await ledger.store.nc.subscribe("ledger.>", cb=on_death)
                 await asyncio.wait_for(killed.wait(), 60)
                 await watching.unsubscribe()
                 await up.wait()
