@@ -19,7 +19,7 @@ from typing import cast
 import fleet
 import pytest
 from conftest import RunningNats
-from helpers import eventually
+from helpers import authorized, eventually
 from nats.aio.msg import Msg
 from projection_helpers import dump, until
 from test_projector_crash import checkpoint, publish_fleet
@@ -473,3 +473,38 @@ async def test_a_client_that_deletes_the_followers_consumers_stops_nothing(serve
         assert "after-delete" in stack.follower.state.sessions
         assert all(not t.done() for t in stack.running), [t for t in stack.running if t.done()]
         assert stack.projector.events == after  # nothing folded twice or skipped
+
+
+def deaths_by_pool(monitor: LivenessMonitor) -> dict[str, list[str]]:
+    """The monitor's memory of recent deaths (what its pool breakers judge), agent ids by pool."""
+    return {pool: [agent for agent, _ in deaths] for pool, deaths in monitor._deaths.items() if deaths}
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "the recall re-tells a death with the state as of the resume point: LivenessMonitor._heard files it under the "
+    "pool the agent is registered in NOW, so a death in pool A of an agent that re-registered in pool B counts "
+    "towards B's breaker after a restart (live it counted towards A). Fix: remember each incarnation's pool (the "
+    "fold's AgentState keeps only the current one) or have the recall tell deaths with the pool of their time, "
+    "e.g. from the agent's history up to the death's sequence"))
+async def test_a_death_recalled_after_a_restart_counts_towards_the_pool_it_happened_in(
+        server: EmbeddedServer, tmp_path: Path):
+    s = up_settings(server, tmp_path, liveness=LivenessSettings(grace=0))
+    async with Writer.connect(Settings(nats_url=server.url), producer_id="operator-test") as ledger:
+        async with running_stack(s, lambda line: None) as stack:
+            live = cast(LivenessMonitor, stack.consumers.parts["monitor"])
+            async with Agent(ledger, agent_id="a1", pool="pool-a", heartbeat=0.2, ttl=30) as first:
+                death = authorized(ev.AgentDeclaredDead(
+                    producer=ev.Producer(id="monitor", instance="x"), agent_id="a1", incarnation=first.incarnation,
+                    reason="missed_heartbeats", evidence=ev.Evidence(dead_after=30.0)))
+                await ledger.store.append(death)
+                await eventually(lambda: deaths_by_pool(live).get("pool-a"), what="the death heard live")
+            async with Agent(ledger, agent_id="a1", pool="pool-b", heartbeat=0.2, ttl=30) as second:
+                await eventually(lambda: stack.follower.state.agents["a1"].incarnation == second.incarnation,
+                                 what="a1 registered again, in pool-b")
+                await stack.projector.wait_for(await ledger.store.last_seq(LEDGER_STREAM))
+                heard_live = deaths_by_pool(live)
+        assert heard_live == {"pool-a": ["a1"]}
+
+        async with running_stack(s, lambda line: None) as stack:  # restarted within the breaker window
+            await stack.follower.caught_up.wait()  # the recall is told before it
+            assert deaths_by_pool(cast(LivenessMonitor, stack.consumers.parts["monitor"])) == heard_live
