@@ -77,8 +77,10 @@ class LivenessMonitor:
             e = item.event
             if isinstance(e, ev.AgentUnreachableReported) and e.agent_id in agents:
                 current = agents[e.agent_id].incarnation
-                if e.incarnation and e.incarnation != current:
-                    continue  # no evidence about the incarnation judged (and no key to grow memory with)
+                if (e.incarnation and e.incarnation != current) or item.seq < current:
+                    # no evidence about the incarnation judged (and no key to grow memory with); a report stored
+                    # before its registration (recalled after a restart) is about an earlier one
+                    continue
                 if self._reported.get(e.agent_id, current) != current:  # registered again: the old reports go
                     self._reports.pop((e.agent_id, self._reported[e.agent_id]), None)
                 self._reported[e.agent_id] = current
