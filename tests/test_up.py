@@ -239,3 +239,35 @@ def test_catch_up_progress_is_told_until_the_projector_has_caught_up():
     caught_up = True
     report(Progress({"LEDGER": 10000, "LEDGER_HB": 0}, {"LEDGER": 10000, "LEDGER_HB": 0}, 10000, 4.0))
     assert lines == ["projector catching up: LEDGER #5,000 of #10,000, LEDGER_HB #0 of #0 (2,500 events/s)"]
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(stat[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def test_demo_ends_with_the_error_of_a_piece_that_fails_mid_story():
+    # While the story runs, the stack is supervised too: the embedded server dying is said as such, at once,
+    # not as a step that "did not happen within 30 s" long after.
+    proc = subprocess.Popen([*LEDGER, "demo", "--exit", "--agents", "3", "--sessions", "6"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        read_until(proc, "1. A fleet")
+        [server] = [c for c in _children(proc.pid) if b"nats-server" in Path(f"/proc/{c}/cmdline").read_bytes()]
+        os.kill(server, signal.SIGKILL)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 1
+    assert err.strip().splitlines()[-1].startswith("Error: nats-server exited unexpectedly; see "), err
+    assert "did not happen" not in err

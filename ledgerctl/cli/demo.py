@@ -266,8 +266,19 @@ async def demo_command(count: int, sessions: int, heartbeat: float, ttl: float, 
             feed = Feed(stack, echo, fleet.log_dir)
             try:
                 told = asyncio.create_task(story(stack, fleet, feed, names, sessions))
-                await asyncio.wait({told, asyncio.ensure_future(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
-                if told.done():
+                # The stack is supervised while the story runs too: a piece that fails ends the demo with its
+                # error, rather than a step that "did not happen within 30 s".
+                told_or_stopped = asyncio.Event()
+                told.add_done_callback(lambda _: told_or_stopped.set())
+                stopped = asyncio.ensure_future(stop.wait())
+                stopped.add_done_callback(lambda _: told_or_stopped.set())
+                try:
+                    await stack.run_until(told_or_stopped)
+                finally:
+                    stopped.cancel()
+                    if not told.done():
+                        await cancellation.stop([told])
+                if told.done() and not told.cancelled():
                     before_kill = told.result()
                     if not then_exit:
                         echo(f"\nThe ledger stays up with {len(names) - 2} agent(s) running. In another terminal:")
@@ -280,8 +291,6 @@ async def demo_command(count: int, sessions: int, heartbeat: float, ttl: float, 
                             echo(f"  {command:<42}# {what}")
                         echo(f"agent logs in {root / 'agents'}; press Ctrl-C to stop")
                         await stack.run_until(stop)
-                else:
-                    await cancellation.stop([told])
                 told_all = True
             finally:
                 echo("\nstopping the fleet (each agent says goodbye) ...")
