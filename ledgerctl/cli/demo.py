@@ -110,8 +110,8 @@ class Feed:
     def _heard(self, stream: str, batch: list[Item], changes: list[Change]) -> None:
         if stream != LEDGER_STREAM:
             return  # beats tell nothing; the monitor's verdicts about them do
-        for item in batch:
-            if isinstance(item, Recorded):
+        for item, change in zip(batch, changes, strict=True):
+            if isinstance(item, Recorded) and change.applied:  # a refused event (a forgery, a race) changed nothing
                 self._tell(item)
         self._changed.set()
 
