@@ -37,7 +37,7 @@ from .events import Event
 from .ids import check_token
 from .jsapi import AccountFacts, StreamFacts
 from .replay import Replay
-from .settings import Settings
+from .settings import Settings, redact_url
 from .streams import CHANGE_REQUESTS, StreamReport, check_streams, ensure_streams, why_admin_is_needed
 
 log = logging.getLogger(__name__)
@@ -154,6 +154,12 @@ class EventStore:
     async def ensure_streams(self) -> list[StreamReport]:
         """Create or upgrade the streams. A user who may only read them (all but admin, in a secured deployment)
         gets them as they are, or is told which stream is missing or differs and to run `ledger init` as admin."""
+        replicas = self.settings.replicas or 1
+        if replicas > 1 and not self.nc._server_info.get("cluster"):
+            # A single nats-server stores num_replicas as asked and keeps one copy: the setting would be a lie.
+            raise InvalidInput(f"{replicas} replicas need a cluster: the server at "
+                               f"{redact_url(self.settings.nats_url)} is a single node, where a stream has one copy "
+                               "whatever its setting (use --replicas 1)")
         jsm = self.nc.jsm(timeout=self.settings.request_timeout)
         watch = watch_of(self.nc)
         if watch is None:

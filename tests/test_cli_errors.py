@@ -125,6 +125,7 @@ CASES: dict[str, list[Case]] = {
                 time_case("history session s1 --nats-url {url} --as-of -999999999d")],
     "init": [*connecting("init"),
              Case("init --nats-url {url} --replicas 2", "--replicas"),
+             Case("init --nats-url {url} --replicas 3", "3 replicas need a cluster"),
              Case("init --nats-url {refused} --tls-cert {garbage} --tls-key {garbage}", "garbage")],
     "pool reset-breaker": [*connecting("pool reset-breaker gpu"),
                            Case("pool reset-breaker 'bad pool' --nats-url {url}", "bad pool")],
