@@ -125,7 +125,7 @@ class LedgerGroup(click.Group):
         except Exception as e:  # noqa: BLE001 - the CLI's last line: a known failure as one line, else a bug report
             verbose = int(ctx.params.get("verbose") or 0)
             if verbose:
-                traceback.print_exception(e, file=sys.stderr)
+                show_traceback(e)
             message = failure_message(e)
             if message is not None:
                 raise click.ClickException(_one_line(message) if "\n" in message else message) from None
@@ -219,7 +219,21 @@ class JsonLogFormatter(logging.Formatter):
         return msgspec.json.encode(doc).decode()  # one line: newlines inside strings are escaped
 
 
+_json_logs = False
+"""Whether stderr carries JSON log records (`setup_logging`): a traceback then goes there as one, not as text."""
+
+
+def show_traceback(e: BaseException) -> None:
+    """A failure's traceback on stderr (with -v): as text, or as one JSON log record with --log-format json."""
+    if _json_logs:
+        logging.getLogger("ledgerctl.cli").error("%s: %s", type(e).__name__, e, exc_info=e)
+    else:
+        traceback.print_exception(e, file=sys.stderr)
+
+
 def setup_logging(verbose: int, log_format: str = "text") -> None:
+    global _json_logs  # noqa: PLW0603 - one process, one log format, set once by the `ledger` group
+    _json_logs = log_format == "json"
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonLogFormatter() if log_format == "json"
