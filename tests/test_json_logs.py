@@ -34,7 +34,7 @@ def test_a_commands_log_lines_parse_as_json(settings: Settings, uid: str, how: s
     lines = log_lines(result.stderr)
     assert lines, result.stderr  # -vv: at least the debug records of the connection
     records = [json.loads(line) for line in lines]
-    assert all(isinstance(r, dict) and KEYS <= r.keys() for r in records), records
+    assert all(isinstance(r, dict) and r.keys() >= KEYS for r in records), records
     assert {r["level"] for r in records} <= {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}
     # -v shows the failure's traceback: a record of its own too, not raw text among the JSON lines.
     assert [r["exception"].splitlines()[-1] for r in records if "exception" in r] == [
