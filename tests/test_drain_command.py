@@ -14,7 +14,7 @@ import sys
 from datetime import timedelta
 
 import pytest
-from fleet import consumers, events, ledger_on
+from fleet import agents, consumers, events, ledger_on
 from helpers import eventually
 
 from ledger import authority, codec
@@ -93,6 +93,29 @@ async def test_ledger_drain_moves_every_session_to_the_pool_and_the_agent_writes
         assert state is not None and state.status == lc.A_DRAINED
         assert (state.drain_requested_by, state.drain_request_id) == ("cli", request.event_id)
         assert state.drain_request_deadline == request.deadline
+
+
+async def test_ledger_agent_processes_drain_on_request(server: EmbeddedServer):
+    """The same with the reference agent (`ledger agent` processes, in push mode): the drained process's
+    sessions all end with the other one, and it stays up, drained."""
+    async with ledger_on(server.url) as ledger, \
+            agents(server.url, "gpu", ["p1"], heartbeat=HEARTBEAT, ttl=TTL, self_claim=False) as first:
+        async with consumers(server.url, watchdog=False, monitor=False):
+            sessions = [(await ledger.create_session("gpu", session_id=f"ps{i}"))[0] for i in range(3)]
+            await eventually(lambda: _owners(ledger, sessions, {"p1"}), what="p1 owning every session")
+            async with agents(server.url, "gpu", ["p2"], heartbeat=HEARTBEAT, ttl=TTL, self_claim=False):
+                code, out, err = await ledger_cli(server.url, "drain", "p1", "--deadline", "2m", "--wait")
+                assert code == 0, err
+                assert out.rstrip().splitlines()[-1].startswith("agent p1 drained")
+                await eventually(lambda: _owners(ledger, sessions, {"p2"}), what="p2 owning every session")
+                assert first["p1"].proc.poll() is None  # drained, not gone: it stays up, owning nothing
+        state, _ = await ledger.agent("p1")
+        assert state is not None and state.status == lc.A_DRAINED and state.drain_requested_by == "cli"
+
+
+async def _owners(ledger: Writer, sessions: list[str], expected: set[str]) -> bool:
+    owners = {(await ledger.session(sid))[0].owner for sid in sessions}  # type: ignore[union-attr]
+    return owners == expected
 
 
 async def test_a_request_for_an_older_incarnation_is_flagged_and_drains_nothing(server: EmbeddedServer):
