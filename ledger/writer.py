@@ -44,7 +44,8 @@ def check_writer(event: ev.Event, owner: object = lc.UNKNOWN_OWNER) -> None:
 
 _HINTS = {"session.created": "sessions are created by operators",
           "session.terminated": "sessions are terminated by operators, or by their owner",
-          "route.created": "routes are created by operators, or by the agent owning the session"}
+          "route.created": "routes are created by operators, or by the agent owning the session",
+          "agent.drain_requested": "drains are requested by operators, an agent drains only itself with Agent.drain"}
 
 
 def _advice(detail: str, event: ev.Event) -> str:
