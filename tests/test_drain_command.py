@@ -195,3 +195,53 @@ async def test_drain_explains_itself_and_refuses_in_one_line(server: EmbeddedSer
                        "only an alive agent can drain")
         assert not [r for r in await agent_records(ledger, "gone-agent")
                     if isinstance(r.event, ev.AgentDrainRequested)]
+
+
+# --- the fold of a request, alone ------------------------------------------------------------------------------
+
+
+def _rec(event: ev.Event, seq: int) -> Recorded:
+    return Recorded("LEDGER", seq, codec.subject_of(event), 1_800_000_000_000_000_000 + seq, event)
+
+
+def _request(incarnation: int, producer: str = "operator-ops") -> ev.AgentDrainRequested:
+    return ev.AgentDrainRequested(producer=ev.Producer(id=producer, instance="i"), agent_id="a",
+                                  incarnation=incarnation, deadline=ev.utcnow() + timedelta(minutes=5))
+
+
+def _registered() -> Recorded:
+    return _rec(ev.AgentRegistered(producer=ev.Producer(id="a", instance="i1"), agent_id="a", instance_id="i1",
+                                   pool="gpu"), 1)
+
+
+def test_the_fold_records_a_request_without_changing_the_status():
+    state, _ = lc.evolve_agent(None, _registered())
+    request = _request(1)
+    after, anomaly = lc.evolve_agent(state, _rec(request, 2))
+    assert anomaly is None and after is not None
+    assert (after.status, after.status_seq) == (lc.A_ALIVE, 1)  # the agent's own `draining` moves it
+    assert (after.drain_requested_by, after.drain_request_id, after.last_seq) == ("operator-ops", request.event_id, 2)
+    assert after.drain_request_deadline == request.deadline
+
+
+@pytest.mark.parametrize(("incarnation", "producer", "kind"), [
+    (0, "operator-ops", lc.SUPERSEDED_INCARNATION),
+    (5, "operator-ops", lc.UNKNOWN_INCARNATION),
+    (1, "b", lc.UNAUTHORIZED_PRODUCER),
+    (1, "a", lc.UNAUTHORIZED_PRODUCER),
+])
+def test_the_fold_flags_a_request_for_another_incarnation_or_by_an_agent(incarnation: int, producer: str,
+                                                                        kind: str):
+    state, _ = lc.evolve_agent(None, _registered())
+    after, anomaly = lc.evolve_agent(state, _rec(_request(incarnation, producer), 2))
+    assert anomaly is not None and anomaly.kind == kind
+    assert after == state
+
+
+def test_the_fold_flags_a_request_for_an_agent_that_left():
+    state, _ = lc.evolve_agent(None, _registered())
+    gone, _ = lc.evolve_agent(state, _rec(ev.AgentGoodbye(producer=ev.Producer(id="a", instance="i1"), agent_id="a",
+                                                          instance_id="i1", incarnation=1), 2))
+    after, anomaly = lc.evolve_agent(gone, _rec(_request(1), 3))
+    assert anomaly is not None and anomaly.kind == lc.ILLEGAL_TRANSITION and "while agent is gone" in anomaly.detail
+    assert after == gone
