@@ -62,6 +62,8 @@ WRITERS: Final[dict[str, frozenset[str]]] = {
     "agent.drained": frozenset({SELF}),
     "agent.goodbye": frozenset({SELF}),
     "agent.fenced": frozenset({SELF}),
+    # An operator asks an agent to drain; the agent then writes its own `draining` and `drained`.
+    "agent.drain_requested": frozenset({OPERATOR}),
     # Verdicts on an agent: the liveness monitor.
     "agent.suspected": frozenset({MONITOR}),
     "agent.declared_dead": frozenset({MONITOR}),

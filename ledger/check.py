@@ -127,6 +127,7 @@ _REQUIRED: dict[str, dict[str, type]] = {
     "agent.declared_dead": {"agent_id": _S, "incarnation": _I, "reason": _S},
     "agent.unreachable_reported": {"agent_id": _S},
     "agent.fenced": {"agent_id": _S, "incarnation": _I, "reason": _S, "fenced_at": _S},
+    "agent.drain_requested": {"agent_id": _S, "incarnation": _I, "deadline": _S},
     "session.created": {"session_id": _S, "pool": _S},
     "session.claimed": {"session_id": _S, "agent_id": _S, "instance_id": _S, "incarnation": _I},
     "session.released": {"session_id": _S, "agent_id": _S, "incarnation": _I, "token": _I},

@@ -54,6 +54,7 @@ __all__ = [
     "AgentDeclaredDead",
     "AgentUnreachableReported",
     "AgentFenced",
+    "AgentDrainRequested",
     "SessionEvent",
     "SessionCreated",
     "SessionClaimed",
@@ -283,6 +284,18 @@ class AgentFenced(AgentEvent, frozen=True, tag="agent.fenced"):
     ttl: Seconds | None = None
 
 
+class AgentDrainRequested(AgentEvent, frozen=True, tag="agent.drain_requested"):
+    """An operator asks one incarnation of the agent to drain by `deadline` (`ledger drain`).
+
+    A request, not a status: the agent itself, seeing it on its own subjects, writes `draining` and later
+    `drained`, as for a drain it decided. One for another incarnation than the current one drains nothing.
+    """
+
+    incarnation: Count
+    deadline: Time
+    reason: Text = ""
+
+
 # --- sessions -----------------------------------------------------------------
 
 
@@ -449,6 +462,7 @@ AnyEvent = (
     | AgentFenced
     | PoolBreakerTripped
     | PoolBreakerReset
+    | AgentDrainRequested
 )
 """Every event type the ledger knows: the closed union the codec decodes."""
 

@@ -19,14 +19,14 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from . import authority, codec, decide, subjects
 from . import events as ev
 from . import lifecycle as lc
 from .codec import Recorded
-from .errors import Conflict, InvalidInput, NotAuthorized, NotFound, StaleToken
+from .errors import Conflict, IllegalTransition, InvalidInput, NotAuthorized, NotFound, StaleToken
 from .events import Producer
 from .ids import check_token, new_id
 from .settings import Settings
@@ -44,7 +44,8 @@ def check_writer(event: ev.Event, owner: object = lc.UNKNOWN_OWNER) -> None:
 
 _HINTS = {"session.created": "sessions are created by operators",
           "session.terminated": "sessions are terminated by operators, or by their owner",
-          "route.created": "routes are created by operators, or by the agent owning the session"}
+          "route.created": "routes are created by operators, or by the agent owning the session",
+          "agent.drain_requested": "drains are requested by operators, an agent drains only itself with Agent.drain"}
 
 
 def _advice(detail: str, event: ev.Event) -> str:
@@ -280,6 +281,39 @@ class Writer:
                                             error=error)
         check_writer(event)
         return await self.store.append(event)
+
+    async def request_drain(self, agent_id: str, *, deadline: float | datetime = 3600.0, reason: str = "",
+                            incarnation: int | None = None) -> tuple[int, ev.AgentDrainRequested]:
+        """Ask the agent's current incarnation (or `incarnation`, which must be the current one) to drain by
+        `deadline` (seconds from now, or a time): an operator's write. The agent answers by writing its own
+        `draining`, then `drained` once its sessions were handed off. Returns (sequence, the request).
+
+        Compare-and-set on the agent's history: a registration that lands between the read and the write (a new
+        incarnation) makes it read again, and a request never names an incarnation that is already superseded.
+        """
+        check_token(agent_id, "agent id")
+        when = deadline if isinstance(deadline, datetime) else ev.utcnow() + timedelta(seconds=deadline)
+
+        def request(n: int) -> ev.AgentDrainRequested:
+            return ev.AgentDrainRequested(producer=self.producer, agent_id=agent_id, incarnation=n, deadline=when,
+                                          reason=reason)
+
+        check_writer(request(incarnation or 0))  # an agent may not ask, whatever the target's state
+
+        def decide_request(state: lc.AgentState | None) -> ev.Event:
+            if state is None:
+                raise NotFound(f"agent {agent_id} is not registered")
+            if incarnation is not None and incarnation != state.incarnation:
+                raise IllegalTransition(f"agent {agent_id}: incarnation {incarnation} is not the current one "
+                                        f"({state.incarnation})", current=state.status, requested="drain")
+            if state.status not in (lc.A_ALIVE, lc.A_DRAINING):
+                raise IllegalTransition(f"agent {agent_id} is {state.status} (incarnation {state.incarnation}); "
+                                        f"only an alive agent can drain", current=state.status, requested="drain")
+            return request(state.incarnation)
+
+        seq, event = await self.cas(lambda floor: self.agent(agent_id, min_last_seq=floor), decide_request)
+        assert isinstance(event, ev.AgentDrainRequested)
+        return seq, event
 
     async def append(self, event: ev.Event, **kwargs: Any) -> int:
         """Append an event decided elsewhere (the consumers' verdicts); one its producer's role may never

@@ -47,6 +47,8 @@ def sample(cls: type[ev.Event], **over: object) -> ev.Event:
         ev.PoolBreakerTripped: dict(producer=MONITOR, pool="gpu", reason="3 of 4 agents died within 60s",
                                     dead=("agent-1", "agent-2", "agent-3"), agents=4, window=60.0, threshold=0.5),
         ev.PoolBreakerReset: dict(producer=CLI, pool="gpu", reason="operator"),
+        ev.AgentDrainRequested: dict(producer=CLI, agent_id="agent-1", incarnation=7, deadline=T0,
+                                     reason="kernel upgrade"),
     }
     return cls(**{**base, **fields[cls], **over})  # type: ignore[arg-type]
 

@@ -4,6 +4,10 @@ A drain this process asked for outlives a re-registration: coming back as a new 
 a death written about us, say) must not undo it, or any claimer could give us sessions again. Each incarnation's
 `draining`, then its `drained`, is written until the log has it: a write that failed (the server was electing,
 or refused it) is tried again with the next heartbeat, never dropped after one warning.
+
+An operator asks for a drain by writing `agent.drain_requested` for our current incarnation (`ledger drain`); the
+watch hands it here, and it becomes this process's own drain, written by us like any other: the folds flag a
+request for another incarnation, so one meant for an earlier process never drains this one.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ class Drain:
         """The incarnation whose `drained` we wrote (once per incarnation: a second is an illegal transition)."""
         self._writing = False
         """A `draining` or `drained` of ours in flight: one at a time."""
+        self.cause: str | None = None
+        """Event id of the operator's request this drain answers (the `draining` names it as its causation)."""
         self.wrote: set[str] = set()
         """Ids of the drain events this process wrote about itself (few: one per drain), so the watch does not
         take them for drain events written about us."""
@@ -41,12 +47,26 @@ class Drain:
     async def start(self, deadline: datetime, reason: str) -> int:
         a = self._agent
         incarnation = a.incarnation
+        self.cause = None  # our own decision
         seq = await self._write_draining(incarnation, deadline, reason)
         self.draining = True
         self.asked = (deadline, reason)
         if not a.sessions:
             await self.write_drained()
         return seq
+
+    def requested(self, request: ev.AgentDrainRequested) -> None:
+        """The watch saw an operator's drain request for our current incarnation, which the fold applied."""
+        a = self._agent
+        if self.draining or a.fenced is not None or a._closing:
+            return  # draining already (the request changes nothing), or no longer acting as this incarnation
+        log.warning("%s: drain of incarnation %d requested by %s%s; draining", a.agent_id, a.incarnation,
+                    request.producer.id, f" ({request.reason})" if request.reason else "")
+        why = f"requested by {request.producer.id}" + (f": {request.reason}" if request.reason else "")
+        self.asked = (request.deadline, why)
+        self.cause = request.event_id
+        self.draining = True  # no new claims from here, even before our `draining` is written
+        a.tasks.spawn(self._redrain(a.incarnation), "requested drain")
 
     def new_incarnation(self, incarnation: int) -> None:
         self.draining = self.asked is not None
@@ -84,7 +104,7 @@ class Drain:
     async def _write_draining(self, incarnation: int, deadline: datetime, reason: str) -> int:
         a = self._agent
         event = ev.AgentDraining(producer=a.producer, agent_id=a.agent_id, incarnation=incarnation,
-                                 deadline=deadline, reason=reason)
+                                 deadline=deadline, reason=reason, causation_id=self.cause)
         self.wrote.add(event.event_id)
         seq = await a.store.append(event)
         self._said_draining = max(self._said_draining, incarnation)

@@ -136,9 +136,15 @@ class Watch:
             return  # the watch has not reached our current registration yet: older events are not ours
         after, anomaly = lc.evolve_agent(before, rec)
         if anomaly is not None or after is None:
+            if isinstance(rec.event, ev.AgentDrainRequested) and anomaly is not None:
+                log.warning("%s: ignoring drain request #%d by %s, which the ledger does not apply: %s: %s",
+                            a.agent_id, rec.seq, rec.event.producer.id, anomaly.kind, anomaly.detail)
             return  # flagged, not applied: no reader acts on it, nor do we
         self.self_state = after
         e = rec.event
+        if isinstance(e, ev.AgentDrainRequested):
+            a._drain.requested(e)  # applied: for this incarnation, which is alive or draining
+            return
         if a.fenced is not None or after.status == before.status:
             return
         why = getattr(e, "reason", "")

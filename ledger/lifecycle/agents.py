@@ -48,6 +48,13 @@ class AgentState(msgspec.Struct, frozen=True, kw_only=True):
     suspected_at: datetime | None = None
     suspect_reason: str | None = None
     drain_deadline: datetime | None = None
+    drain_requested_at: datetime | None = None
+    """When an operator last asked this incarnation to drain (`agent.drain_requested`); the agent answers with
+    `draining`, which sets `status` - the request alone never does (an agent that cannot answer stays alive)."""
+    drain_requested_by: str | None = None
+    drain_request_deadline: datetime | None = None
+    drain_request_id: str | None = None
+    """Event id of the request: the cause the agent's `draining` names."""
     unreachable_reports: int = 0
     last_report_at: datetime | None = None
     last_seq: int = 0
@@ -103,6 +110,12 @@ def evolve_agent(state: AgentState | None, rec: Recorded) -> Evolved[AgentState 
         case ev.AgentDeclaredDead(reason=reason):
             if status in (A_ALIVE, A_DRAINING):
                 return moved(A_DEAD, f"declared dead: {reason}"), None
+        case ev.AgentDrainRequested(deadline=deadline):
+            # Only an agent that can still drain; a request for an older incarnation was flagged above, so it
+            # never drains the process that registered since.
+            if status in (A_ALIVE, A_DRAINING):
+                return _replace(state, drain_requested_at=at, drain_requested_by=e.producer.id,
+                                drain_request_deadline=deadline, drain_request_id=e.event_id, last_seq=seq), None
         case ev.AgentDraining(deadline=deadline, reason=reason):
             if status in (A_ALIVE, A_DRAINING):
                 return moved(A_DRAINING, f"draining: {reason}" if reason else "draining",

@@ -9,10 +9,11 @@ from ledger import __version__
 from .agent import agent_command
 from .auth import auth_group
 from .check import check_command
-from .common import LedgerGroup, setup_logging
+from .common import LOG_FORMATS, LedgerGroup, setup_logging
 from .consumers import consumers_command, pool_group
 from .demo import demo_command
 from .doctor import doctor_command
+from .drain import drain_command
 from .entities import route_group, session_group, unreachable_command
 from .project import PROJECTOR_COMMANDS
 from .replay import replay_command
@@ -24,7 +25,10 @@ from .views import VIEW_COMMANDS
 @click.group(cls=LedgerGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="ledger")
 @click.option("-v", "--verbose", count=True, help="More log output on stderr (-v info, -vv debug).")
-def cli(verbose: int) -> None:
+@click.option("--log-format", type=click.Choice(LOG_FORMATS), default="text", show_default=True,
+              envvar="LEDGER_LOG_FORMAT", show_envvar=True,
+              help="Log records on stderr: text, or one JSON object a line (time, level, logger, message).")
+def cli(verbose: int, log_format: str) -> None:
     """Session ledger: who owns what in a fleet that fails, as an event log on NATS JetStream.
 
     Start with `ledger up` (an embedded JetStream server on loopback, the
@@ -32,12 +36,12 @@ def cli(verbose: int) -> None:
     fleet that fails); every other command talks to it through --nats-url /
     LEDGER_NATS_URL and reads the projection file through --db / LEDGER_DB.
     """
-    setup_logging(verbose)
+    setup_logging(verbose, log_format)
 
 
 for command in (auth_group, up_command, demo_command, doctor_command, check_command, server_command, init_command,
                 agent_command, session_group, route_group, unreachable_command, replay_command, consumers_command,
-                pool_group, *VIEW_COMMANDS, *PROJECTOR_COMMANDS):
+                pool_group, drain_command, *VIEW_COMMANDS, *PROJECTOR_COMMANDS):
     cli.add_command(command)
 
 

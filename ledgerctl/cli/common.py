@@ -13,6 +13,7 @@ import sys
 import tempfile
 import traceback
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import click
@@ -124,7 +125,7 @@ class LedgerGroup(click.Group):
         except Exception as e:  # noqa: BLE001 - the CLI's last line: a known failure as one line, else a bug report
             verbose = int(ctx.params.get("verbose") or 0)
             if verbose:
-                traceback.print_exception(e, file=sys.stderr)
+                show_traceback(e)
             message = failure_message(e)
             if message is not None:
                 raise click.ClickException(_one_line(message) if "\n" in message else message) from None
@@ -199,9 +200,45 @@ def stop_signals() -> asyncio.Event:
     return stop
 
 
-def setup_logging(verbose: int) -> None:
+LOG_FORMATS = ("text", "json")
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per record and line (for log shippers): time, level, logger, message, and the exception's
+    traceback (`exc_info`) or the stack (`stack_info`) when the record has one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, object] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname, "logger": record.name, "message": record.getMessage(),
+        }
+        if record.exc_info:
+            doc["exception"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            doc["stack"] = self.formatStack(record.stack_info)
+        return msgspec.json.encode(doc).decode()  # one line: newlines inside strings are escaped
+
+
+_json_logs = False
+"""Whether stderr carries JSON log records (`setup_logging`): a traceback then goes there as one, not as text."""
+
+
+def show_traceback(e: BaseException) -> None:
+    """A failure's traceback on stderr (with -v): as text, or as one JSON log record with --log-format json."""
+    if _json_logs:
+        logging.getLogger("ledgerctl.cli").error("%s: %s", type(e).__name__, e, exc_info=e)
+    else:
+        traceback.print_exception(e, file=sys.stderr)
+
+
+def setup_logging(verbose: int, log_format: str = "text") -> None:
+    global _json_logs  # noqa: PLW0603 - one process, one log format, set once by the `ledger` group
+    _json_logs = log_format == "json"
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLogFormatter() if log_format == "json"
+                         else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
 
 
 def echo(msg: str) -> None:
