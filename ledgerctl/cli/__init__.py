@@ -16,6 +16,7 @@ from .doctor import doctor_command
 from .entities import route_group, session_group, unreachable_command
 from .project import PROJECTOR_COMMANDS
 from .replay import replay_command
+from .schema import schema_command
 from .server import init_command, server_command
 from .up import up_command
 from .views import VIEW_COMMANDS
@@ -37,7 +38,7 @@ def cli(verbose: int) -> None:
 
 for command in (auth_group, up_command, demo_command, doctor_command, check_command, server_command, init_command,
                 agent_command, session_group, route_group, unreachable_command, replay_command, consumers_command,
-                pool_group, *VIEW_COMMANDS, *PROJECTOR_COMMANDS):
+                pool_group, schema_command, *VIEW_COMMANDS, *PROJECTOR_COMMANDS):
     cli.add_command(command)
 
 
