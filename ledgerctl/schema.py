@@ -29,9 +29,11 @@ from ledger.ids import TOKEN_PATTERN
 DRAFT = "https://json-schema.org/draft/2020-12/schema"
 SCHEMA_ID = "https://session-ledger.invalid/schema/events.json"
 
-TIME_PATTERN = (r"^(?!0000)[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-5][0-9](?:\.[0-9]{1,9})?"
-                r"(?:[Zz]|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])$")
-"""ECMA-262: the RFC 3339 times the decoder reads, without leap seconds (hours and dates are left to `format`)."""
+TIME_PATTERN = (r"^(?!0000)[0-9]{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12][0-9]|3[01])"
+                r"T(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]{1,9})?"
+                r"(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])$")
+"""ECMA-262: RFC 3339 times as the ledger writes them (upper-case T and Z), which the decoder reads; no leap
+seconds (the decoder refuses them). Day-of-month validity is left to `format`."""
 
 # --- Python regex -> ECMA-262 -------------------------------------------------------------
 
@@ -112,7 +114,7 @@ def _rewrite(node: Any) -> Any:
     """A copy of a schema tree with every `pattern` in ECMA-262."""
     if isinstance(node, dict):
         return {k: (to_ecma(v) if k == "pattern" and isinstance(v, str) else _rewrite(v)) for k, v in node.items()}
-    if isinstance(node, list):
+    if isinstance(node, list | tuple):  # a tuple default `()` too: as the list JSON has
         return [_rewrite(v) for v in node]
     return node
 
