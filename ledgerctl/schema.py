@@ -73,9 +73,7 @@ def to_ecma(pattern: str) -> str:
             n = pattern[i + 1]
             if not in_class and n in _ESCAPES_OUTSIDE:
                 out.append(_ESCAPES_OUTSIDE[n])
-            elif n in _SAME_MEANING and (n != "-" or in_class):
-                out.append(c + n)
-            elif n in "nrtfv":
+            elif (n in _SAME_MEANING and (n != "-" or in_class)) or n in "nrtfv":
                 out.append(c + n)
             else:
                 raise UntranslatablePattern(f"{pattern!r}: escape \\{n} differs between Python and ECMA-262")
@@ -133,7 +131,7 @@ def _time_fields(node: Any) -> None:
 
 ENVELOPE_REQUIRED = ("event_id", "time")
 """Defaults in Python only: a stored payload without them is refused (`missing-envelope`, ledger/events.py rule 8)."""
-EVENT_ID_PATTERN = to_ecma(codec._MSG_ID_RE.pattern)  # noqa: SLF001 - the codec's own rule, not a copy of it
+EVENT_ID_PATTERN = to_ecma(codec._MSG_ID_RE.pattern)  # the codec's own rule, not a copy of it
 
 
 def envelope(defs: dict[str, Any]) -> None:

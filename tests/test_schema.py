@@ -128,7 +128,7 @@ _ALPHABET = "aZz09-_:@=+~.*> \n\r\tA\u00e9\u2028"
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
 @given(st.text(alphabet=_ALPHABET, max_size=12) | st.sampled_from(["a" * 128, "a" * 129, "x\n", "\nx"]),
-       st.sampled_from([TOKEN_PATTERN, codec._MSG_ID_RE.pattern,  # noqa: SLF001 - the codec's own rule
+       st.sampled_from([TOKEN_PATTERN, codec._MSG_ID_RE.pattern,  # the codec's own rule
                         r"^a.c$", r"^[^\]a]+\Z", r"\Aab\Z", r"^[a\-z]{1,3}$"]))
 def test_to_ecma_keeps_every_match(text: str, pattern: str):
     assert bool(re.search(pattern, text)) == (_ecma(to_ecma(pattern)).find(text) is not None)
@@ -280,8 +280,8 @@ def test_the_readme_lists_every_event_type_and_field_and_the_rules():
     for cls in ev.EVENT_TYPES:
         table = section[section.index(f"`{cls.type_tag()}`"):]
         table = table[:table.index("\n\n", table.index("|---"))]
-        for name in msgspec.structs.fields(cls):
-            assert f"`{name.encode_name}`" in table or name.encode_name in ENVELOPE, (cls.type_tag(), name.name)
+        for f in msgspec.structs.fields(cls):
+            assert f"`{f.encode_name}`" in table or f.encode_name in ENVELOPE, (cls.type_tag(), f.name)
     for name in ENVELOPE:
         assert f"`{name}`" in section
     for tag, rule in COMPARE_AND_SET.items():
