@@ -180,7 +180,7 @@ class CasRule(NamedTuple):
 
 
 _HISTORY = "ledger.{family}.<id>.>"
-_LAST = "the stream sequence of the newest message on the filter (0 if none): the state the write was decided on"
+_LAST = "the newest sequence on the filter, as read when the write was decided (0 if none)"
 COMPARE_AND_SET: dict[str, CasRule] = {
     "session.created": CasRule("ledger.session.<id>.created.*", "0 (no creation yet: create-if-absent)"),
     "route.created": CasRule("ledger.route.<id>.created.*", "0 (no creation yet: create-if-absent)"),
@@ -310,29 +310,76 @@ def asyncapi() -> dict[str, Any]:
 
 # --- the README's field tables ---------------------------------------------------------------
 
+ENVELOPE_FIELDS = ("type", "event_id", "time", "producer", "causation_id", "correlation_id", "v")
+_TOKEN = to_ecma(TOKEN_PATTERN)
+
+
+def _num(x: float) -> str:
+    return f"{int(x):,}" if float(x).is_integer() else f"{x:g}"
+
+
+def _bounds(prop: dict[str, Any], unit: str) -> str:
+    lo = (f"> {_num(prop['exclusiveMinimum'])}" if "exclusiveMinimum" in prop else
+          f">= {_num(prop['minimum'])}" if "minimum" in prop else "")
+    hi = f"<= {_num(prop['maximum'])}" if "maximum" in prop and prop["maximum"] < ev.MAX_COUNT else ""
+    return " ".join(x for x in (unit, lo, hi) if x)
+
 
 def _type_text(prop: dict[str, Any]) -> str:
+    """A schema property in a few words: its type and bounds."""
     if "$ref" in prop:
-        return str(prop["$ref"]).rsplit("/", 1)[1]
+        return f"{str(prop['$ref']).rsplit('/', 1)[1]} object"
     if "anyOf" in prop:
         return " or ".join(_type_text(p) for p in prop["anyOf"])
     t = prop.get("type", "")
     if prop.get("format") == "date-time":
         return "time"
-    if t == "array":
-        return f"list of {_type_text(prop.get('items', {}))}"
-    if t == "object":
-        return "object of strings"
-    if prop.get("pattern") == to_ecma(TOKEN_PATTERN):
+    if prop.get("pattern") == _TOKEN:
         return "id"
+    if t == "string":
+        return f"string {prop.get('minLength', 0)}-{prop['maxLength']} chars" if "maxLength" in prop else "string"
+    if t == "array":
+        return f"list of {_type_text(prop.get('items', {}))}, <= {prop.get('maxItems', 'any'):,} items"
+    if t == "object":
+        return f"object: string -> {_type_text(prop.get('additionalProperties', {}))}"
+    if t in ("integer", "number"):
+        return _bounds(prop, t)
     return str(t)
 
 
-def field_table(cls: type[ev.Event]) -> str:
-    """A Markdown table of one event type's payload fields (the envelope is described once)."""
+def _rows(event: str, d: dict[str, Any], skip: tuple[str, ...] = ()) -> list[str]:
+    rows = []
+    for name, prop in d["properties"].items():
+        if name in skip:
+            continue
+        default = "required" if name in d.get("required", ()) else (
+            f"`{msgspec.json.encode(prop['default']).decode()}`" if "default" in prop else "optional")
+        rows.append(f"| {event} | `{name}` | {_type_text(prop)} | {default} |")
+    return rows
+
+
+def readme_tables() -> str:
+    """The README's tables of every event's fields, one per family (`ledger.<family>`), plus the nested objects."""
     _, defs = components("#/$defs/{name}")
-    d = defs[cls.__name__]
-    envelope_fields = {"type", "event_id", "time", "producer", "causation_id", "correlation_id", "v"}
-    rows = [f"| `{n}` | {_type_text(p)} | {'yes' if n in d['required'] else 'no'} |"
-            for n, p in d["properties"].items() if n not in envelope_fields]
-    return "\n".join([f"`{cls.type_tag()}`", "", "| field | type | required |", "|---|---|---|", *rows])
+    head = ["| event | field | type | default |", "|---|---|---|---|"]
+    out: list[str] = []
+    families: dict[str, list[type[ev.Event]]] = {}
+    for cls in ev.EVENT_TYPES:
+        families.setdefault(cls.family, []).append(cls)
+    for family, classes in families.items():
+        rows = [r for cls in classes for r in _rows(f"`{cls.type_tag()}`", defs[cls.__name__], ENVELOPE_FIELDS)]
+        out += [f"Family `{family}` (subjects `ledger.{family}.<id>.<verb>.<producer>`):", "", *head, *rows, ""]
+    envelope_rows = _rows("every event", defs[ev.SessionCreated.__name__])
+    out += ["The envelope, on every event:", "", *head,
+            *[r for r in envelope_rows if r.split("`")[1] in ENVELOPE_FIELDS and r.split("`")[1] != "type"], ""]
+    for nested in ("Producer", "Evidence", "Probe"):
+        out += [f"`{nested}` object:", "", *head, *_rows(nested, defs[nested]), ""]
+    out += ["Who writes each event (the producer token's role, `ledger/authority.py`) and how:", "",
+            "| event | written by | compare-and-set: `...-Subject` | `Nats-Expected-Last-Subject-Sequence` |",
+            "|---|---|---|---|"]
+    for cls in ev.EVENT_TYPES:
+        tag = cls.type_tag()
+        rule = COMPARE_AND_SET.get(tag)
+        how = f"`{rule.filter}` | {rule.expected}" if rule else "no (a plain append) | -"
+        out.append(f"| `{tag}` | {authority.describe_writers(tag)} | {how} |")
+    return "\n".join(out).rstrip() + "\n"
