@@ -3,7 +3,8 @@
 It uses only raw nats-py requests - no ledger code - and follows the README literally: register an agent, create
 a session with compare-and-set (expected 0 on the creations), claim it with compare-and-set on the session's
 history (the expected sequence is the creation's, from its acknowledgement: nothing is read first), replay the
-history. Only the checks of the result use the ledger (its fold, `Writer.session`).
+history. Only the checks of the result use the ledger (its fold, `Writer.session`); the second test checks the
+README's compare-and-set table against what the SDK itself sends.
 """
 
 from __future__ import annotations
@@ -15,8 +16,11 @@ from typing import Any
 
 from nats.aio.client import Client as NATS
 
+from ledger import events as ev
 from ledger import lifecycle as lc
+from ledger.decide import AgentRef
 from ledger.writer import Writer
+from ledgerctl.schema import COMPARE_AND_SET
 
 
 def iso_now() -> str:
@@ -86,3 +90,30 @@ async def test_a_client_from_the_readme_creates_claims_and_replays(ledger: Write
     assert state is not None and last == claimed["seq"]
     assert (state.status, state.owner, state.token, state.owner_incarnation) == (
         lc.S_ASSIGNED, agent, claimed["seq"], incarnation)
+
+
+async def test_the_documented_compare_and_set_headers_are_the_ones_the_sdk_sends(ledger: Writer, nats_server: Any,
+                                                                                  uid: str):
+    """The README's table (ledgerctl.schema.COMPARE_AND_SET) against what the SDK's own writes carry, as a plain
+    subscriber sees them on the wire."""
+    session = f"{uid}-sdk-s"
+    nc = NATS()
+    await nc.connect(nats_server.url)
+    try:
+        sub = await nc.subscribe(f"ledger.session.{session}.>")
+        created = (await ledger.create_session("gpu", session_id=session))[1]
+        reclaimer = Writer(ledger.store, ev.Producer(id="reclaimer-test", instance="r-1"))
+        claimed = await reclaimer.claim_session(session, AgentRef(f"{uid}-a", "i-1", 1))
+        terminated = await ledger.terminate_session(session, reason="done")
+        seen = [await sub.next_msg(timeout=10) for _ in range(3)]
+    finally:
+        await nc.close()
+    expected_last = {"session.created": 0, "session.claimed": created, "session.terminated": claimed}
+    for msg in seen:
+        tag = json.loads(msg.data)["type"]
+        rule = COMPARE_AND_SET[tag]
+        assert msg.headers is not None
+        assert msg.headers["Nats-Msg-Id"] == json.loads(msg.data)["event_id"]
+        assert msg.headers["Nats-Expected-Last-Subject-Sequence-Subject"] == rule.filter.replace("<id>", session)
+        assert msg.headers["Nats-Expected-Last-Subject-Sequence"] == str(expected_last[tag]), tag
+    assert terminated > claimed > created

@@ -286,6 +286,9 @@ def test_the_readme_lists_every_event_type_and_field_and_the_rules():
         assert f"`{name}`" in section
     for tag, rule in COMPARE_AND_SET.items():
         assert f"`{tag}`" in section and f"`{rule.filter}`" in section, tag
+    for rule in ("`agent.heartbeat` goes on family `hb`", "`<entity id>` is the body's `agent_id`", "`session_id`",
+                 "`route_id`", "or `pool`", "`<producer id>` is the body's `producer.id`"):
+        assert rule in section, rule  # the rules readme_subject() follows
     for phrase in ("Nats-Msg-Id", "Nats-Expected-Last-Subject-Sequence", "Nats-Expected-Last-Subject-Sequence-Subject",
                    "wrong-subject", "missing-envelope", *codec.REASONS, str(codec.MAX_EVENT_BYTES)):
         assert phrase in section, phrase
