@@ -101,6 +101,7 @@ async def test_the_documented_compare_and_set_headers_are_the_ones_the_sdk_sends
     await nc.connect(nats_server.url)
     try:
         sub = await nc.subscribe(f"ledger.session.{session}.>")
+        await nc.flush()  # the server has the subscription before the SDK, on its own connection, publishes
         created = (await ledger.create_session("gpu", session_id=session))[1]
         reclaimer = Writer(ledger.store, ev.Producer(id="reclaimer-test", instance="r-1"))
         claimed = await reclaimer.claim_session(session, AgentRef(f"{uid}-a", "i-1", 1))
