@@ -165,6 +165,7 @@ CASES: dict[str, list[Case]] = {
     "routes": [Case(f"routes {VIEW} {{garbage}}", r"garbage is not a projection"),
                Case(f"routes {VIEW} {NO_DIR}/p.sqlite3", f"no projection at {NO_DIR}"),
                time_case(f"routes {VIEW} {{projection}} --as-of -999999999d")],
+    "schema": [Case("schema --out {file}/x", r"cannot write .*file/x")],
     "server": [Case(f"server --port {{port}} --data-dir {NO_DIR}", NO_DIR),
                Case("server --port {port} --data-dir {file}/x", r"file/x"),
                Case("server --port {port} --data-dir {file}", r"'--data-dir'.* is a file"),
