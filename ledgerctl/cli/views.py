@@ -11,9 +11,11 @@ from typing import Any
 import click
 import msgspec
 
+from ledger.errors import StreamMissing, Unavailable
 from ledger.lifecycle import ROUTE_STATES, SESSION_STATES
 from ledger.store import EventStore
-from projections.errors import InvalidQuery
+from ledgerctl.query_client import RemoteQuery
+from projections.errors import InvalidQuery, ProjectionError
 from projections.health import AGENT_HEALTH, DEFAULT_POLICY, HealthPolicy
 from projections.history import KINDS
 from projections.query import ROUTE_STATUSES, AsOf, Query
@@ -49,20 +51,45 @@ def as_of_from(as_of: datetime | None, at_seq: int | None) -> AsOf:
     return at_seq if at_seq is not None else as_of
 
 
+class NoSource(ProjectionError):
+    """Neither a projection file nor a query service to answer a view."""
+
+
+Views = Query | RemoteQuery
+"""What answers a view: the projection file here, or the query service over NATS (same methods, same types)."""
+
+
 @contextlib.asynccontextmanager
 async def open_query(db: Path, nats_url: str, as_of: AsOf, *, policy: HealthPolicy = DEFAULT_POLICY,
-                     needs_db: bool = True) -> AsyncIterator[Query]:
-    """A Query on the file; with a NATS connection only when the answer needs the stream."""
-    if as_of is None and needs_db:
-        async with Query.open(db, policy=policy) as q:
+                     needs_db: bool = True) -> AsyncIterator[Views]:
+    """The projection file if there is one here; else the query service, found on NATS by `$SRV.PING`.
+
+    The file answers "now" alone and the past with a NATS connection; a history needs only the stream. Without
+    a file, a query service answers (a view from any machine that reaches NATS); without either, the past is
+    still replayed from the start of the stream, and "now" is a one-line error naming both.
+    """
+    if db.exists() and needs_db:
+        if as_of is None:
+            async with Query.open(db, policy=policy) as q:
+                yield q
+            return
+        async with EventStore.connect(settings_from(nats_url), name="ledger-query") as store, \
+                Query.open(db, store, policy=policy) as q:
             yield q
         return
-    async with EventStore.connect(settings_from(nats_url), name="ledger-query") as store:
-        if db.exists() and needs_db:
-            async with Query.open(db, store, policy=policy) as q:
-                yield q
-        else:  # no projection file: the past is replayed from the start of the stream
-            yield Query(None, store, policy=policy)
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            store = await stack.enter_async_context(EventStore.connect(settings_from(nats_url), name="ledger-query"))
+        except (Unavailable, StreamMissing) as e:
+            if not needs_db:
+                raise
+            raise NoSource(f"no projection file at {db} and no query service answered on NATS at {nats_url} "
+                           f"({e}): run `ledger up`, or pass --db") from None
+        remote = await RemoteQuery.find(store.nc) if needs_db else None
+        if remote is None and as_of is None and needs_db:
+            raise NoSource(f"no projection file at {db} and no query service answered on NATS at {nats_url}: "
+                           "run `ledger up` (or `ledger query-service`), or pass --db")
+        yield remote if remote is not None else Query(None, store, policy=policy)
 
 
 def emit(result: Any, as_json: bool, render: Callable[[Any], Any]) -> None:
