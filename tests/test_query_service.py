@@ -5,8 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import signal
+import sqlite3
+import sys
 from collections.abc import AsyncIterator, Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import msgspec
@@ -24,13 +28,14 @@ from ledgerctl import query_protocol as qp
 from ledgerctl.cli import cli
 from ledgerctl.query_client import RemoteQuery
 from ledgerctl.query_service import QueryService
+from ledgerctl.server import EmbeddedServer
 from projections.errors import InvalidQuery, UnknownEntity
 from projections.projector import Projector
 from projections.query import Query
 from projections.settings import ProjectionSettings
 
 CLI = ev.Producer(id="cli", instance="t")
-NOW = datetime(2026, 12, 1, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
 
 
 async def ledger(*args: str) -> Result:
@@ -58,15 +63,15 @@ async def project(url: str, db: Path) -> dict[str, object]:
         created = await store.append(ev.SessionCreated(producer=CLI, session_id=session, pool=pool))
         token = await store.append(ev.SessionClaimed(producer=me, session_id=session, agent_id=agent,
                                                      instance_id="i", incarnation=inc))
-        claimed_at = datetime.now(timezone.utc)  # after the claim's ack, before the route: same host, same clock
+        claimed_at = datetime.now(UTC)  # after the claim's ack, before the route: same host, same clock
         await store.append(ev.RouteCreated(producer=CLI, route_id=route, session_id=session, endpoint="chat"))
         # a flagged event: a route transition with a stale token
         last = await store.append(ev.RouteTransitioned(producer=me, route_id=route, from_state="PENDING",
                                                 to_state="STARTING", token=token + 1000))
         async with Projector(store, ProjectionSettings(db=str(db))) as projector:
             await projector.ready(timeout=30)
-    return {"claimed_at": claimed_at, "last": last, "db": str(db), "url": url, "agent": agent, "pool": pool, "session": session, "route": route,
-            "created": created, "token": token}
+    return {"db": str(db), "url": url, "agent": agent, "pool": pool, "session": session, "route": route,
+            "created": created, "token": token, "claimed_at": claimed_at, "last": last}
 
 
 @contextlib.asynccontextmanager
@@ -255,3 +260,85 @@ async def test_with_neither_a_file_nor_a_service_the_view_says_so_in_one_line(pr
     assert result.exit_code == 1 and len(lines) == 1, result.output
     assert f"no projection file at {db} and no query service answered on NATS at {projected['url']}" in lines[0]
     assert "ledger up" in lines[0]
+
+
+LEDGER = [sys.executable, "-m", "ledgerctl"]
+
+
+def _env() -> dict[str, str]:
+    return {**{k: v for k, v in os.environ.items() if not k.startswith("LEDGER_")}, "COLUMNS": "200"}
+
+
+async def _line(proc: asyncio.subprocess.Process, timeout: float = 60) -> bytes:
+    assert proc.stdout is not None
+    line = await asyncio.wait_for(proc.stdout.readline(), timeout)
+    if not line:
+        assert proc.stderr is not None
+        raise AssertionError(f"exited {await proc.wait()}: {(await proc.stderr.read()).decode()}")
+    return line
+
+
+@contextlib.asynccontextmanager
+async def running(*args: str, cwd: Path) -> AsyncIterator[asyncio.subprocess.Process]:
+    proc = await asyncio.create_subprocess_exec(*LEDGER, *args, cwd=cwd, env=_env(), stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE)
+    try:
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def stopped_by_sigint(proc: asyncio.subprocess.Process) -> int:
+    proc.send_signal(signal.SIGINT)
+    return await asyncio.wait_for(proc.wait(), 30)
+
+
+@pytest.mark.parametrize("source", ["file", "service"])
+async def test_watch_shows_the_view_again_after_an_event_and_ends_on_sigint(server: EmbeddedServer, tmp_path: Path,
+                                                                            source: str):
+    db = tmp_path / "p.sqlite3"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    async with EventStore.connect(Settings(nats_url=server.url)) as store, \
+            Projector(store, ProjectionSettings(db=str(db))) as projector:
+        await store.append(ev.SessionCreated(producer=CLI, session_id="s-before", pool="p"))
+        await projector.ready(timeout=30)
+        args = ["sessions", "--watch", "--json", "--nats-url", server.url]
+        async with contextlib.AsyncExitStack() as stack:
+            if source == "service":
+                query = await stack.enter_async_context(Query.open(db, store))
+                await stack.enter_async_context(QueryService.start(store, query))
+            else:
+                args += ["--db", str(db)]
+            proc = await stack.enter_async_context(running(*args, cwd=elsewhere))
+            first = json.loads(await _line(proc))
+            assert [s["session_id"] for s in first["items"]] == ["s-before"]
+            assert first["position"]["source"].startswith("query service" if source == "service" else "projection")
+            await store.append(ev.SessionCreated(producer=CLI, session_id="s-after", pool="p"))
+            for _ in range(100):  # each line is one rendering; the barrier: one lists the new session
+                ids = [s["session_id"] for s in json.loads(await _line(proc))["items"]]
+                if "s-after" in ids:
+                    break
+            else:
+                raise AssertionError("no rendering showed s-after")
+            assert ids == ["s-after", "s-before"]
+            assert await stopped_by_sigint(proc) == 0
+
+
+async def test_query_service_command_waits_for_its_file_then_answers_and_ends_on_sigint(
+        projected: dict[str, object], tmp_path: Path):
+    db = tmp_path / "later.sqlite3"
+    async with running("query-service", "--db", str(db), "--nats-url", str(projected["url"]), cwd=tmp_path) as proc, \
+            client(projected) as c:
+        assert b"query service ledger-query" in await _line(proc)
+        reply = await c.nc.request(qp.query_subject("sessions"), b"{}", timeout=30)
+        assert error_of(reply) == (qp.NOT_READY, f"not ready: no projection file at {db} yet")
+        with sqlite3.connect(str(projected["db"])) as src, sqlite3.connect(db) as dst:
+            src.backup(dst)
+        assert f"answering from {db}".encode() in await _line(proc)
+        reply = await c.nc.request(qp.query_subject("sessions"), b"{}", timeout=30)
+        assert error_of(reply) is None
+        assert [s["session_id"] for s in json.loads(reply.data)["items"]] == [projected["session"]]
+        assert await stopped_by_sigint(proc) == 0
