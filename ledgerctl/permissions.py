@@ -11,9 +11,12 @@ Users:
 * `admin`    - everything (`ledger init` creates and upgrades the streams), but subscribing to event subjects.
 * `operator` - the operator role's events as `operator` and `cli` (sessions, routes, breaker reset).
 * `service`  - one connection for the liveness monitor, the reclaimer and the watchdog (each as its role's
-               name and `<role>-<replica>` for the replicas named), plus the projector's dead letters.
+               name and `<role>-<replica>` for the replicas named), plus the projector's dead letters; it serves
+               the query service (subscribes to its subjects and `$SRV.>`, answers each request once).
 * `reader`   - reads only (dashboards, `ledger doctor`, views).
 * `agent-<id>` - one per agent: subjects ending in its id; its own lifecycle only on its own entity.
+
+Every user but admin and service may ask the query service (`QUERY_REQUESTS`).
 
 Every user but admin subscribes only to its own inbox prefix (`_INBOX_<user>.>`), so nobody reads
 another user's replies, and creates only ephemeral consumers (`$JS.API.CONSUMER.CREATE.<stream>` with no
@@ -23,7 +26,8 @@ Accounts (`accounts_config`): NATS checks the subject a client publishes to, nev
 and the server publishes its answers (PubAcks, Direct Gets, pull deliveries) to that reply subject in the
 requester's account. So the streams live in an account of their own, LEDGER (admin's), and every other user is
 alone in an account that imports from LEDGER exactly the subjects it may publish: an answer steered onto another
-producer's subject lands where nothing captures it.
+producer's subject lands where nothing captures it. The query subjects are the one exception: the service user's
+account (SERVICE) exports them, and the accounts that may ask import them from there.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ from ledger import authority, subjects
 from ledger import events as ev
 from ledger.errors import InvalidInput
 from ledger.ids import check_token
+
+from .query_protocol import DISCOVERY_SUBJECTS, QUERY_SUBJECTS
 
 ADMIN = "admin"
 OPERATOR = "operator"
@@ -53,6 +59,8 @@ READ_STREAMS = (subjects.LEDGER_STREAM, subjects.HEARTBEAT_STREAM, subjects.DLQ_
 AGENT_READ_STREAMS = (subjects.LEDGER_STREAM, subjects.HEARTBEAT_STREAM)
 LEADER_ADVISORY = "$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.*"
 """The liveness monitor listens for stream leader elections (consumers/monitor.py)."""
+QUERY_REQUESTS = (QUERY_SUBJECTS, DISCOVERY_SUBJECTS)
+"""What asking the query service publishes (a query, `$SRV.PING/INFO/STATS`) and what the service subscribes to."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +69,8 @@ class Permissions:
     """Allowed publish subjects (`(">",)` for admin)."""
     subscribe: tuple[str, ...]
     subscribe_deny: tuple[str, ...] = ()
+    answers_requests: bool = False
+    """May answer the requests it receives (nats-server `allow_responses`: once each, to their reply subject)."""
 
 
 NO_EVENT_SUBSCRIPTIONS = (f"{subjects.PREFIX}.>",)
@@ -147,18 +157,20 @@ def permissions_for(user: str, *, replicas: Sequence[str] = ()) -> Permissions:
         return Permissions(publish=(">",), subscribe=(">",), subscribe_deny=NO_EVENT_SUBSCRIPTIONS)
     if user == OPERATOR:
         pub = event_subjects_for_role(authority.OPERATOR, OPERATOR_PRODUCERS)
-        return Permissions(tuple(pub + js_read_api(READ_STREAMS)), inbox)
+        return Permissions(tuple(pub + js_read_api(READ_STREAMS)) + QUERY_REQUESTS, inbox)
     if user == SERVICE:
         pub = []
         for role in SERVICE_PRODUCER_ROLES:
             pub += event_subjects_for_role(role, service_producers(role, replicas))
         pub += subjects.DLQ_SUBJECTS  # the projector's dead letters
-        return Permissions(tuple(pub + js_read_api(READ_STREAMS)), (*inbox, LEADER_ADVISORY))
+        return Permissions(tuple(pub + js_read_api(READ_STREAMS)), (*inbox, LEADER_ADVISORY, *QUERY_REQUESTS),
+                           answers_requests=True)
     if user == READER:
-        return Permissions(tuple(js_read_api(READ_STREAMS)), inbox)
+        return Permissions(tuple(js_read_api(READ_STREAMS)) + QUERY_REQUESTS, inbox)
     if user.startswith(AGENT_USER_PREFIX):
         agent_id = check_agent_id(user.removeprefix(AGENT_USER_PREFIX))
-        return Permissions(tuple(event_subjects_for_agent(agent_id) + js_read_api(AGENT_READ_STREAMS)), inbox)
+        return Permissions(tuple(event_subjects_for_agent(agent_id) + js_read_api(AGENT_READ_STREAMS))
+                           + QUERY_REQUESTS, inbox)
     raise InvalidInput(f"unknown user {user!r}: one of {', '.join(ROLE_USERS)} or {AGENT_USER_PREFIX}<agent id>")
 
 
@@ -210,16 +222,22 @@ class Share:
 
     services: tuple[str, ...]
     streams: tuple[str, ...] = ()
+    queries: tuple[str, ...] = ()
+    """The query service's subjects it may ask, imported from the SERVICE account (not LEDGER)."""
 
 
 def share_for(user: str, *, replicas: Sequence[str] = ()) -> Share:
-    """Exactly what `user` may publish (its permissions) is what reaches LEDGER: one list, two enforcements."""
+    """Exactly what `user` may publish (its permissions) is what reaches LEDGER - or, for the query subjects, the
+    query service's account: one list, two enforcements."""
     perms = permissions_for(user, replicas=replicas)
     streams = (LEADER_ADVISORY,) if LEADER_ADVISORY in perms.subscribe else ()
-    return Share(perms.publish, streams)
+    return Share(tuple(s for s in perms.publish if s not in QUERY_REQUESTS), streams,
+                 tuple(s for s in perms.publish if s in QUERY_REQUESTS))
 
 
 def _response_type(subject: str) -> str:
+    if subject == DISCOVERY_SUBJECTS:
+        return "stream"  # `$SRV.PING` is answered by every replica
     return "stream" if subject.startswith(MANY_ANSWERS) and not subject.endswith(".>") else "singleton"
 
 
@@ -227,8 +245,10 @@ def _user_entry(user: str, key: str, *, replicas: Sequence[str]) -> dict[str, An
     perms = permissions_for(user, replicas=replicas)
     if user == ADMIN:
         return {"nkey": key, "permissions": {"subscribe": {"deny": list(perms.subscribe_deny)}}}
-    return {"nkey": key, "permissions": {"publish": {"allow": list(perms.publish)},
-                                         "subscribe": {"allow": list(perms.subscribe)}}}
+    entry: dict[str, Any] = {"publish": {"allow": list(perms.publish)}, "subscribe": {"allow": list(perms.subscribe)}}
+    if perms.answers_requests:
+        entry["allow_responses"] = True
+    return {"nkey": key, "permissions": entry}
 
 
 def _ordered(users: Iterable[str]) -> list[str]:
@@ -245,7 +265,8 @@ def accounts_config(users: dict[str, str], *, replicas: Sequence[str] = (),
     """The nats-server `accounts` map for `users` (user name -> public nkey `U...`): account name -> its settings.
 
     LEDGER holds the streams and admin, and exports each subject only to the accounts of the users that may publish
-    it; every other user is alone in an account that imports exactly what it may publish (`share_for`).
+    it; every other user is alone in an account that imports exactly what it may publish (`share_for`), the query
+    subjects from SERVICE (which exports them) when there is a service user to answer them.
     `agent_accounts` (agent user -> `AGENT_<n>`, from the manifest) keeps each agent in the account it has; agents
     not in it get the next slots. One spare, empty agent account ends the map (AGENT_ACCOUNT_PREFIX says why).
     """
@@ -259,6 +280,8 @@ def accounts_config(users: dict[str, str], *, replicas: Sequence[str] = (),
     # subject -> accounts that import it, in first-seen order (dicts as ordered sets).
     services: dict[str, dict[str, None]] = {}
     streams: dict[str, dict[str, None]] = {}
+    queries: dict[str, dict[str, None]] = {}
+    served = SERVICE in users
     out: dict[str, dict[str, Any]] = {STREAMS_ACCOUNT: {}}
     for user in ordered:
         if user == ADMIN:
@@ -268,10 +291,17 @@ def accounts_config(users: dict[str, str], *, replicas: Sequence[str] = (),
             services.setdefault(subject, {})[account[user]] = None
         for subject in share.streams:
             streams.setdefault(subject, {})[account[user]] = None
+        asks = share.queries if served else ()
+        for subject in asks:
+            queries.setdefault(subject, {})[account[user]] = None
         out[account[user]] = {
             "users": [_user_entry(user, users[user], replicas=replicas)],
             "imports": [{"service": {"account": STREAMS_ACCOUNT, "subject": s}} for s in share.services]
-            + [{"stream": {"account": STREAMS_ACCOUNT, "subject": s}} for s in share.streams]}
+            + [{"stream": {"account": STREAMS_ACCOUNT, "subject": s}} for s in share.streams]
+            + [{"service": {"account": ROLE_ACCOUNTS[SERVICE], "subject": s}} for s in asks]}
+    if served and queries:
+        out[ROLE_ACCOUNTS[SERVICE]]["exports"] = [
+            {"service": s, "response_type": _response_type(s), "accounts": list(a)} for s, a in queries.items()]
     out[STREAMS_ACCOUNT] = {
         "jetstream": "enabled",
         "users": [_user_entry(ADMIN, users[ADMIN], replicas=replicas)] if ADMIN in users else [],

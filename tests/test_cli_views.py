@@ -105,7 +105,7 @@ async def test_rebuild_command(projected: dict[str, object]):
 @pytest.mark.parametrize("args, message, code", [
     (["agents", "--as-of", "yesterday"], "'yesterday' is not a time", 2),  # a usage error, as for every time option
     (["agents", "--as-of", "-5m", "--at-seq", "3"], "use --as-of or --at-seq, not both", 1),
-    (["sessions"], "no projection at", 1),
+    (["sessions"], "no projection file at", 1),
     (["anomalies", "--entity", "widget:w1"], "--entity is KIND:ID", 1),
 ])
 async def test_user_mistakes_are_one_line_errors(projected: dict[str, object], tmp_path: Path, args: list[str],

@@ -244,8 +244,20 @@ def test_only_admin_may_publish_anything_and_the_reader_publishes_no_event():
     admin = permissions.permissions_for("admin")
     assert admin.publish == (">",) and admin.subscribe_deny == ("ledger.>",)
     for user in users("a1"):
-        assert not [s for s in permissions.permissions_for(user).subscribe if s.startswith(("ledger", ">", "*"))]
-    assert not [s for s in permissions.permissions_for("reader").publish if not s.startswith("$JS.API.")]
+        assert not [s for s in permissions.permissions_for(user).subscribe
+                    if s.startswith(("ledger", ">", "*")) and s not in permissions.QUERY_REQUESTS]
+    assert not [s for s in permissions.permissions_for("reader").publish
+                if not s.startswith("$JS.API.") and s not in permissions.QUERY_REQUESTS]
+
+
+def test_the_service_user_serves_queries_and_every_other_user_but_admin_may_ask():
+    service = permissions.permissions_for(permissions.SERVICE)
+    assert set(permissions.QUERY_REQUESTS) <= set(service.subscribe) and service.answers_requests
+    assert not set(permissions.QUERY_REQUESTS) & set(service.publish)
+    for user in [permissions.OPERATOR, permissions.READER, permissions.agent_user("a1")]:
+        perms = permissions.permissions_for(user)
+        assert set(permissions.QUERY_REQUESTS) <= set(perms.publish) and not perms.answers_requests, user
+        assert not set(permissions.QUERY_REQUESTS) & set(perms.subscribe), user
 
 
 @given(st.lists(agent_ids, min_size=1, max_size=4, unique=True))
@@ -265,12 +277,16 @@ def test_each_user_but_admin_is_alone_in_an_account_that_imports_exactly_what_it
         (user,) = [u for u, k in keys.items() if k == entry["nkey"]]
         perms = permissions.permissions_for(user, replicas=["b"])
         assert entry["permissions"]["publish"]["allow"] == list(perms.publish)
-        services = [i["service"]["subject"] for i in acc["imports"] if "service" in i]
-        assert services == list(perms.publish)
+        services = [i["service"]["subject"] for i in acc["imports"]
+                    if "service" in i and i["service"]["account"] == permissions.STREAMS_ACCOUNT]
+        asks = [i["service"]["subject"] for i in acc["imports"]
+                if "service" in i and i["service"]["account"] == permissions.ROLE_ACCOUNTS[permissions.SERVICE]]
+        assert services + asks == list(perms.publish)  # from LEDGER, and the queries from the service's account
+        assert asks == (list(permissions.QUERY_REQUESTS) if user != permissions.SERVICE else [])
+        assert ("allow_responses" in entry["permissions"]) == (user == permissions.SERVICE)
         assert [i["stream"]["subject"] for i in acc["imports"] if "stream" in i] == (
             [permissions.LEADER_ADVISORY] if user == permissions.SERVICE else [])
         for subject in services:
-            assert all(i["service"]["account"] == permissions.STREAMS_ACCOUNT for i in acc["imports"] if "service" in i)
             # exported to this account; an event subject to this account only
             assert name in exported[subject]["accounts"], (name, subject)
             if subject.startswith("ledger."):
@@ -278,6 +294,10 @@ def test_each_user_but_admin_is_alone_in_an_account_that_imports_exactly_what_it
     assert exported["$JS.API.DIRECT.GET.LEDGER"]["response_type"] == "stream"
     assert exported["$JS.API.CONSUMER.MSG.NEXT.LEDGER.*"]["response_type"] == "stream"
     assert exported["$JS.API.DIRECT.GET.LEDGER.>"]["response_type"] == "singleton"
+    served = {e["service"]: e for e in accounts[permissions.ROLE_ACCOUNTS[permissions.SERVICE]]["exports"]}
+    askers = sorted(name for name, acc in accounts.items() if acc["users"] and name != "SERVICE")
+    assert {s: (e["response_type"], sorted(e["accounts"])) for s, e in served.items()} == {
+        "ledger-query.>": ("singleton", askers), "$SRV.>": ("stream", askers)}
 
 
 def test_an_agent_keeps_its_account_and_a_new_one_takes_the_spare():
@@ -488,6 +508,45 @@ async def test_the_reader_runs_ledger_doctors_checks_without_a_violation(secured
     assert findings[1].message.startswith("authentication required")
     assert conn.unexpected_violations() == [
         'nats: permissions violation for publish to "ledger.agent.a1.unreachable_reported.reader"']
+
+
+async def test_the_service_user_serves_queries_that_the_reader_an_agent_and_the_operator_ask(
+        secured: Secured, admin: Writer, tmp_path: Path):
+    """The query service under the service user's credentials, asked from three other accounts: PING finds it
+    across accounts, each view and history answers, and nobody meets a permissions violation."""
+    from ledgerctl.query_client import RemoteQuery
+    from ledgerctl.query_service import QueryService
+    from projections.projector import Projector
+    from projections.query import Query
+    from projections.settings import ProjectionSettings
+
+    session = f"s-{new_id()}"
+    await admin.store.append(ev.SessionCreated(producer=ev.Producer(id="operator", instance="t"),
+                                               session_id=session, pool="queried"))
+    db = tmp_path / "p.sqlite3"
+    as_service = Settings(nats_url=secured.url, nkey_seed_file=str(secured.creds / "service.nk"),
+                          inbox_prefix=permissions.inbox_prefix(permissions.SERVICE))
+    async with EventStore.connect(as_service) as store, Projector(store, ProjectionSettings(db=str(db))) as projector:
+        await projector.ready(timeout=30)  # as `ledger up` runs it under the service user
+    async with ledger_as(secured, permissions.SERVICE, "service") as (service, service_conn), \
+            Query.open(db, service.store) as query, QueryService.start(service.store, query) as served:
+        askers = []
+        for user in (permissions.READER, "agent-a1", permissions.OPERATOR):
+            async with ledger_as(secured, user, "ask") as (_, conn):
+                askers.append(conn)
+                remote = await RemoteQuery.find(conn.nc, timeout=10)
+                assert remote is not None, user
+                page = await remote.sessions(pool="queried")
+                assert [s.session_id for s in page.items] == [session], user
+                assert served.id in page.position.source
+                history = await remote.history("session", session)
+                assert [e.type for e in history.entries] == ["session.created"]
+                past = await remote.sessions(pool="queried", as_of=history.entries[0].seq)
+                assert [s.session_id for s in past.items] == [session]
+                info = json.loads((await conn.nc.request("$SRV.INFO.ledger-query", b"", timeout=10)).data)
+                assert info["id"] == served.id
+    assert service_conn.unexpected_violations() == []
+    assert [c.unexpected_violations() for c in askers] == [[], [], []]
 
 
 def spawn_agent(secured: Secured, agent_id: str, session_id: str) -> subprocess.Popen[str]:

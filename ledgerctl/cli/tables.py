@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
@@ -44,12 +44,14 @@ def header(p: Position) -> str:
     return f"as of {ledger}, {beats}; health judged at {p.now:%Y-%m-%d %H:%M:%S} UTC; from {p.source}"
 
 
+def view(page: Page[Any], table: Table) -> Group:
+    """A page for people: where it stands, its notes, its table (printed once, or redrawn by `--watch`)."""
+    notes = [Text(f"note: {note}", style="yellow") for note in page.position.notes]
+    return Group(Text(header(page.position), style="dim"), *notes, table)
+
+
 def show(page: Page[Any], table: Table) -> None:
-    out = console()
-    out.print(header(page.position), style="dim")
-    for note in page.position.notes:
-        out.print(f"note: {note}", style="yellow")
-    out.print(table)
+    console().print(view(page, table))
 
 
 def agents(page: Page[Any]) -> Table:

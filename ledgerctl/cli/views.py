@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -11,18 +11,22 @@ from typing import Any
 import click
 import msgspec
 
+from ledger.errors import StreamMissing, Unavailable
 from ledger.lifecycle import ROUTE_STATES, SESSION_STATES
 from ledger.store import EventStore
-from projections.errors import InvalidQuery
+from ledgerctl.query_client import RemoteQuery
+from projections.errors import InvalidQuery, ProjectionError
 from projections.health import AGENT_HEALTH, DEFAULT_POLICY, HealthPolicy
 from projections.history import KINDS
 from projections.query import ROUTE_STATUSES, AsOf, Query
 from projections.settings import DB_ENV, DEFAULT_DB
 from projections.timespec import EXAMPLES
+from projections.views import Page
 
 from . import tables
-from .common import TimeParam, async_command, echo, nats_url_option, settings_from
+from .common import TimeParam, async_command, echo, nats_url_option, settings_from, stop_signals
 from .liveness import policy_options
+from .watch import shower, watch
 
 
 def db_option(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -49,20 +53,45 @@ def as_of_from(as_of: datetime | None, at_seq: int | None) -> AsOf:
     return at_seq if at_seq is not None else as_of
 
 
+class NoSource(ProjectionError):
+    """Neither a projection file nor a query service to answer a view."""
+
+
+Views = Query | RemoteQuery
+"""What answers a view: the projection file here, or the query service over NATS (same methods, same types)."""
+
+
 @contextlib.asynccontextmanager
 async def open_query(db: Path, nats_url: str, as_of: AsOf, *, policy: HealthPolicy = DEFAULT_POLICY,
-                     needs_db: bool = True) -> AsyncIterator[Query]:
-    """A Query on the file; with a NATS connection only when the answer needs the stream."""
-    if as_of is None and needs_db:
-        async with Query.open(db, policy=policy) as q:
+                     needs_db: bool = True) -> AsyncIterator[Views]:
+    """The projection file if there is one here; else the query service, found on NATS by `$SRV.PING`.
+
+    The file answers "now" alone and the past with a NATS connection; a history needs only the stream. Without
+    a file, a query service answers (a view from any machine that reaches NATS); without either, the past is
+    still replayed from the start of the stream, and "now" is a one-line error naming both.
+    """
+    if db.exists() and needs_db:
+        if as_of is None:
+            async with Query.open(db, policy=policy) as q:
+                yield q
+            return
+        async with EventStore.connect(settings_from(nats_url), name="ledger-query") as store, \
+                Query.open(db, store, policy=policy) as q:
             yield q
         return
-    async with EventStore.connect(settings_from(nats_url), name="ledger-query") as store:
-        if db.exists() and needs_db:
-            async with Query.open(db, store, policy=policy) as q:
-                yield q
-        else:  # no projection file: the past is replayed from the start of the stream
-            yield Query(None, store, policy=policy)
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            store = await stack.enter_async_context(EventStore.connect(settings_from(nats_url), name="ledger-query"))
+        except (Unavailable, StreamMissing) as e:
+            if not needs_db:
+                raise
+            raise NoSource(f"no projection file at {db} and no query service answered on NATS at {nats_url} "
+                           f"({e}): run `ledger up`, or pass --db") from None
+        remote = await RemoteQuery.find(store.nc) if needs_db else None
+        if remote is None and as_of is None and needs_db:
+            raise NoSource(f"no projection file at {db} and no query service answered on NATS at {nats_url}: "
+                           "run `ledger up` (or `ledger query-service`), or pass --db")
+        yield remote if remote is not None else Query(None, store, policy=policy)
 
 
 def emit(result: Any, as_json: bool, render: Callable[[Any], Any]) -> None:
@@ -72,8 +101,31 @@ def emit(result: Any, as_json: bool, render: Callable[[Any], Any]) -> None:
         tables.show(result, render(result))
 
 
+def watch_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--watch", "-w", "watching", is_flag=True,
+                        help="Show the view again each time the ledger changes, until Ctrl-C (as kubectl get -w)."
+                        )(f)
+
+
+async def present(db: Path, nats_url: str, when: AsOf, ask: Callable[[Views], Awaitable[Page[Any]]], as_json: bool,
+                  render: Callable[[Any], Any], watching: bool, *, policy: HealthPolicy = DEFAULT_POLICY) -> None:
+    """Answer a view once, or - with --watch - now and after each change of the ledger."""
+    if watching and when is not None:
+        raise InvalidQuery("--watch follows the ledger as it changes: not with --as-of or --at-seq")
+    async with open_query(db, nats_url, when, policy=policy) as q:
+        if watching:
+            stop = stop_signals()
+            async with EventStore.connect(settings_from(nats_url), name="ledger-watch") as store:
+                with shower(as_json, render) as show:
+                    await watch(store, lambda: ask(q), show, stop)
+            return
+        page = await ask(q)
+    emit(page, as_json, render)
+
+
 @click.command("agents")
 @view_options
+@watch_option
 @click.option("--pool", help="Only this pool.")
 @click.option("--health", type=click.Choice(AGENT_HEALTH), help="Only agents of this health.")
 @click.option("--platform", help="Only this platform.")
@@ -81,75 +133,73 @@ def emit(result: Any, as_json: bool, render: Callable[[Any], Any]) -> None:
 @policy_options
 @async_command
 async def agents_command(db: Path, nats_url: str, as_of: datetime | None, at_seq: int | None, as_json: bool,
-                         pool: str | None, health: str | None, platform: str | None, region: str | None,
+                         watching: bool, pool: str | None, health: str | None, platform: str | None, region: str | None,
                          policy: HealthPolicy) -> None:
     """Agents with their health and the rule that made it so."""
     when = as_of_from(as_of, at_seq)
-    async with open_query(db, nats_url, when, policy=policy) as q:
-        page = await q.agents(pool=pool, health=health, platform=platform, region=region, as_of=when)
-    emit(page, as_json, tables.agents)
+    await present(db, nats_url, when, lambda q: q.agents(pool=pool, health=health, platform=platform, region=region,
+                                                         as_of=when), as_json, tables.agents, watching, policy=policy)
 
 
 @click.command("sessions")
 @view_options
+@watch_option
 @click.option("--pool", help="Only this pool.")
 @click.option("--state", type=click.Choice(SESSION_STATES), help="Only sessions in this state.")
 @click.option("--owner", metavar="AGENT", help="Only sessions this agent owns.")
 @async_command
 async def sessions_command(db: Path, nats_url: str, as_of: datetime | None, at_seq: int | None, as_json: bool,
-                           pool: str | None, state: str | None, owner: str | None) -> None:
+                           watching: bool, pool: str | None, state: str | None, owner: str | None) -> None:
     """Sessions: owner, claim token, state, and why they are orphaned or released."""
     when = as_of_from(as_of, at_seq)
-    async with open_query(db, nats_url, when) as q:
-        page = await q.sessions(pool=pool, state=state, owner=owner, as_of=when)
-    emit(page, as_json, tables.sessions)
+    await present(db, nats_url, when, lambda q: q.sessions(pool=pool, state=state, owner=owner, as_of=when), as_json,
+                  tables.sessions, watching)
 
 
 @click.command("routes")
 @view_options
+@watch_option
 @click.option("--session", metavar="ID", help="Only routes of this session.")
 @click.option("--status", type=click.Choice(ROUTE_STATUSES), help="Only routes with this status.")
 @click.option("--state", type=click.Choice(ROUTE_STATES), help="Only routes in this state.")
 @async_command
 async def routes_command(db: Path, nats_url: str, as_of: datetime | None, at_seq: int | None, as_json: bool,
-                         session: str | None, status: str | None, state: str | None) -> None:
+                         watching: bool, session: str | None, status: str | None, state: str | None) -> None:
     """Routes: status, sub-status, traffic, and health with its staleness."""
     when = as_of_from(as_of, at_seq)
-    async with open_query(db, nats_url, when) as q:
-        page = await q.routes(session=session, status=status, state=state, as_of=when)
-    emit(page, as_json, tables.routes)
+    await present(db, nats_url, when, lambda q: q.routes(session=session, status=status, state=state, as_of=when),
+                  as_json, tables.routes, watching)
 
 
 @click.command("pools")
 @view_options
+@watch_option
 @policy_options
 @async_command
 async def pools_command(db: Path, nats_url: str, as_of: datetime | None, at_seq: int | None, as_json: bool,
-                        policy: HealthPolicy) -> None:
+                        watching: bool, policy: HealthPolicy) -> None:
     """Pools: agents by health, sessions by state, free capacity."""
     when = as_of_from(as_of, at_seq)
-    async with open_query(db, nats_url, when, policy=policy) as q:
-        page = await q.pools(as_of=when)
-    emit(page, as_json, tables.pools)
+    await present(db, nats_url, when, lambda q: q.pools(as_of=when), as_json, tables.pools, watching, policy=policy)
 
 
 @click.command("anomalies")
 @view_options
+@watch_option
 @click.option("--kind", help="Only this kind (illegal_transition, superseded_incarnation, stale_token, ...).")
 @click.option("--entity", metavar="KIND:ID", help="Only this entity, e.g. session:s-42.")
 @click.option("--limit", default=100, show_default=True, type=click.IntRange(min=1, max=2**63 - 1))  # SQLite's INTEGER
 @async_command
 async def anomalies_command(db: Path, nats_url: str, as_of: datetime | None, at_seq: int | None, as_json: bool,
-                            kind: str | None, entity: str | None, limit: int) -> None:
+                            watching: bool, kind: str | None, entity: str | None, limit: int) -> None:
     """Events that reached the log but were flagged and not applied, newest first."""
     when = as_of_from(as_of, at_seq)
     entity_kind, _, entity_id = (entity or "").partition(":")
     if entity and (entity_kind not in KINDS or not entity_id):
         raise InvalidQuery(f"--entity is KIND:ID with KIND one of {', '.join(KINDS)}, e.g. session:s-42")
-    async with open_query(db, nats_url, when) as q:
-        page = await q.anomalies(kind=kind, entity_kind=entity_kind or None, entity_id=entity_id or None,
-                                 limit=limit, as_of=when)
-    emit(page, as_json, tables.anomalies)
+    await present(db, nats_url, when, lambda q: q.anomalies(kind=kind, entity_kind=entity_kind or None,
+                                                            entity_id=entity_id or None, limit=limit, as_of=when),
+                  as_json, tables.anomalies, watching)
 
 
 @click.command("history")
