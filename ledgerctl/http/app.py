@@ -201,7 +201,8 @@ async def anomalies(ledger: Deps, kind: Text = None, entity_kind: Text = None,
 
 
 @get("/api/history/{kind:str}/{entity_id:str}")
-async def history(ledger: Deps, kind: FromPath[str], entity_id: FromPath[str], as_of_: AsOfParam = None) -> EntityHistory:
+async def history(ledger: Deps, kind: FromPath[str], entity_id: FromPath[str],
+                  as_of_: AsOfParam = None) -> EntityHistory:
     return await ledger.query.history(kind, entity_id, as_of=as_of(as_of_))
 
 
