@@ -73,6 +73,11 @@ async def test_the_api_answers_as_query_does_now_and_as_of_the_past(server: Embe
             got = (await client.get("/api/anomalies")).json()
             assert got["items"] == msgspec.to_builtins((await q.anomalies()).items)
 
+        # A page asks for everything at once: each answer stands (one read transaction at a time).
+        paths = ["/api/agents", "/api/sessions", "/api/routes", "/api/pools", "/api/anomalies"] * 3
+        replies = await asyncio.gather(*(client.get(p) for p in paths))
+        assert [x.status_code for x in replies] == [200] * len(paths), [x.text for x in replies]
+
 
 async def test_bad_filters_times_and_unknown_entities_are_one_line_json_errors(server: EmbeddedServer,
                                                                                 tmp_path: Path):

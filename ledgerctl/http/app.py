@@ -10,7 +10,9 @@ sequence, 404 for an unknown entity, 503 when the projection cannot answer.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +43,8 @@ from .metrics import STREAMS, FailoverClock, LedgerCollector
 from .sse import EventFeed, StoredEvent
 
 STATIC = Path(__file__).parent / "static"
+
+log = logging.getLogger(__name__)
 
 
 class _Ready(Protocol):
@@ -105,18 +109,23 @@ class Ledger:
         parts.follower.listen(self.feed.heard, recall=False)
         parts.follower.listen(self.clock.heard, recall=False)
 
-    @property
-    def query(self) -> Query:
-        return self.parts.query
+        self.lock = asyncio.Lock()
+        """One question at a time: a Query reads through one SQLite connection, whose read transactions do not
+        nest (a page asks five things at once)."""
+
+    @contextlib.asynccontextmanager
+    async def asking(self) -> AsyncIterator[Query]:
+        async with self.lock:
+            yield self.parts.query
 
     async def metrics(self) -> bytes:
         facts = self.collector.facts
         for stream in STREAMS:
             with contextlib.suppress(LedgerError):  # the server unreachable: the gauge is left out, not made up
                 facts.stream_last[stream] = await self.parts.store.last_seq(stream)
-        db = self.query.db
-        if db is not None:
-            facts.anomalies = await db.anomaly_counts()
+        async with self.asking() as query:
+            if query.db is not None:
+                facts.anomalies = await query.db.anomaly_counts()
         return generate_latest(self.registry)
 
 
@@ -155,6 +164,11 @@ def _ledger_error(_: Request[Any, Any, Any], exc: Exception) -> Response[ApiErro
     return _error(503, "unavailable", f"{type(exc).__name__}: {exc}")
 
 
+def _internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[ApiError]:
+    log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+    return _error(500, "internal", f"{type(exc).__name__}: {exc}")
+
+
 def _http_error(_: Request[Any, Any, Any], exc: Exception) -> Response[ApiError]:
     if isinstance(exc, ValidationException):
         extra = exc.extra if isinstance(exc.extra, list) else []
@@ -172,38 +186,44 @@ def _http_error(_: Request[Any, Any, Any], exc: Exception) -> Response[ApiError]
 @get("/api/agents")
 async def agents(ledger: Deps, pool: Text = None, health: Text = None, platform: Text = None,
                  region: Text = None, as_of_: AsOfParam = None) -> Page[AgentView]:
-    return await ledger.query.agents(pool=pool, health=health, platform=platform, region=region, as_of=as_of(as_of_))
+    async with ledger.asking() as q:
+        return await q.agents(pool=pool, health=health, platform=platform, region=region, as_of=as_of(as_of_))
 
 
 @get("/api/sessions")
 async def sessions(ledger: Deps, pool: Text = None, state_: StateParam = None, owner: Text = None,
                    as_of_: AsOfParam = None) -> Page[SessionView]:
-    return await ledger.query.sessions(pool=pool, state=state_, owner=owner, as_of=as_of(as_of_))
+    async with ledger.asking() as q:
+        return await q.sessions(pool=pool, state=state_, owner=owner, as_of=as_of(as_of_))
 
 
 @get("/api/routes")
 async def routes(ledger: Deps, session: Text = None, status: Text = None, state_: StateParam = None,
                  as_of_: AsOfParam = None) -> Page[RouteView]:
-    return await ledger.query.routes(session=session, status=status, state=state_, as_of=as_of(as_of_))
+    async with ledger.asking() as q:
+        return await q.routes(session=session, status=status, state=state_, as_of=as_of(as_of_))
 
 
 @get("/api/pools")
 async def pools(ledger: Deps, as_of_: AsOfParam = None) -> Page[PoolView]:
-    return await ledger.query.pools(as_of=as_of(as_of_))
+    async with ledger.asking() as q:
+        return await q.pools(as_of=as_of(as_of_))
 
 
 @get("/api/anomalies")
 async def anomalies(ledger: Deps, kind: Text = None, entity_kind: Text = None,
                     entity_id: Text = None, limit: FromQuery[int] = 100,
                     as_of_: AsOfParam = None) -> Page[AnomalyRecord]:
-    return await ledger.query.anomalies(kind=kind, entity_kind=entity_kind, entity_id=entity_id, limit=limit,
+    async with ledger.asking() as q:
+        return await q.anomalies(kind=kind, entity_kind=entity_kind, entity_id=entity_id, limit=limit,
                                         as_of=as_of(as_of_))
 
 
 @get("/api/history/{kind:str}/{entity_id:str}")
 async def history(ledger: Deps, kind: FromPath[str], entity_id: FromPath[str],
                   as_of_: AsOfParam = None) -> EntityHistory:
-    return await ledger.query.history(kind, entity_id, as_of=as_of(as_of_))
+    async with ledger.asking() as q:
+        return await q.history(kind, entity_id, as_of=as_of(as_of_))
 
 
 @get("/api/events/recent")
@@ -268,7 +288,7 @@ def create_app(parts: Parts) -> Litestar:
                         create_static_files_router(path="/static", directories=[STATIC], include_in_schema=False)],
         dependencies={"ledger": Provide(lambda: ledger, sync_to_thread=False)},
         signature_namespace={"Ledger": Ledger, "Deps": Deps, "Text": Text},
-        exception_handlers={LedgerError: _ledger_error, HTTPException: _http_error},
+        exception_handlers={LedgerError: _ledger_error, HTTPException: _http_error, Exception: _internal_error},
         openapi_config=OpenAPIConfig(title="session ledger", version="0.1.0", path="/schema"),
         debug=False,
     )
