@@ -34,8 +34,10 @@ function fill(id, rows, columns, key) {
     body.innerHTML = rows.map((row) => {
       const cells = columns.map(([cls, render]) => `<td class="${cls}">${render(row)}</td>`).join("");
       const rowKey = key(row);
-      after.set(rowKey, cells);
-      const flash = before.size && before.get(rowKey) !== cells ? ' class="changed"' : "";
+      // A row flashes when what it says changed; ages (the "beat" column) change at every refresh.
+      const said = columns.filter(([cls]) => cls !== "beat").map(([, render]) => render(row)).join("|");
+      after.set(rowKey, said);
+      const flash = before.size && before.get(rowKey) !== said ? ' class="changed"' : "";
       return `<tr data-id="${esc(rowKey)}"${flash}>${cells}</tr>`;
     }).join("");
   }
