@@ -1,5 +1,6 @@
 """The dashboard in headless Chromium (Debian's, driven by Playwright): it loads, shows a failover live, shows the
-past through its as-of control, and tells an entity's history with the causal chain of each change."""
+past through its as-of control, and tells an entity's history with the causal chain of each change (a goodbye,
+a kill -9)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import contextlib
 from pathlib import Path
 
 import pytest
+from fleet import agents as fleet_processes
 from helpers import eventually
 from http_stack import agent, running
 
@@ -28,15 +30,16 @@ async def test_the_dashboard_shows_a_failover_live_the_past_and_the_causal_chain
         agents = {name: await fleet.enter_async_context(contextlib.AsyncExitStack()) for name in ("a1", "a2")}
         for name, held in agents.items():
             await held.enter_async_context(agent(server, name))
-        async with agent(server, "c1", pool="cpu"):
+        async with fleet_processes(server.url, "cpu", ["c1", "c2"]) as cpu:
             await r.operator.create_session("cpu", session_id="batch-1")
             await r.operator.create_session("gpu", session_id="s1")
             await r.operator.create_route("r1", session_id="s1", endpoint="chat")
 
-            async def owner_of_s1() -> str | None:
-                state, _ = await r.operator.session("s1")
+            async def owner(session_id: str) -> str | None:
+                state, _ = await r.operator.session(session_id)
                 return state.owner if state is not None and state.status == "assigned" else None
-            first = await eventually(owner_of_s1, timeout=30, what="s1 claimed")
+            first = await eventually(lambda: owner("s1"), timeout=30, what="s1 claimed")
+            batch_owner = await eventually(lambda: owner("batch-1"), timeout=30, what="batch-1 claimed")
             other = next(n for n in agents if n != first)
             before_failover = await r.stack.store.last_seq(LEDGER_STREAM)
             await r.stack.projector.wait_for(before_failover, timeout=30)
@@ -82,6 +85,16 @@ async def test_the_dashboard_shows_a_failover_live_the_past_and_the_causal_chain
                     await expect(story).to_contain_text(f"s1 moved from {first} to {other}", timeout=30_000)
                     await expect(story).to_contain_text(f"because {first} said goodbye", timeout=30_000)
                     await expect(page.locator("#entity-state")).to_contain_text(f"owner {other}")
+
+                    # kill -9 of batch-1's owner: the monitor declares it dead when its beats stop; the page tells why.
+                    batch_other = next(n for n in cpu if n != batch_owner)
+                    cpu[batch_owner].kill9()
+                    await page.goto(r.url + "/#/session/batch-1")
+                    story = page.locator("#entity-story")
+                    await expect(story).to_contain_text(f"batch-1 moved from {batch_owner} to {batch_other}",
+                                                        timeout=60_000)
+                    await expect(story).to_contain_text(f"because the monitor declared {batch_owner} dead")
+                    await expect(story).to_contain_text("last beat #")
                     await page.screenshot(path=str(SCREENSHOT.with_name("entity.png")), full_page=True)
                     assert not errors, errors
                 finally:

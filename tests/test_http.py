@@ -4,14 +4,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 import msgspec
 from helpers import eventually
-from http_stack import agent, running
+from http_stack import agent, running, up_settings
 from prometheus_client.parser import text_string_to_metric_families
 
 from ledger import events as ev
@@ -19,9 +21,10 @@ from ledger.codec import Recorded
 from ledger.settings import Settings
 from ledger.store import EventStore
 from ledger.subjects import LEDGER_STREAM
-from ledgerctl.http import Parts, serve
+from ledgerctl.http import Parts, http_server, serve
 from ledgerctl.http.sse import EventFeed
 from ledgerctl.server import EmbeddedServer
+from ledgerctl.stack import running_stack
 from projections.follow import Follower
 from projections.projector import Projector
 from projections.query import Query
@@ -238,3 +241,27 @@ async def test_metrics_parse_as_prometheus_text_and_time_a_failover(server: Embe
     assert last >= value("ledger_projected_seq", "ledger_projected_seq", stream=LEDGER_STREAM) > 0
     assert value("ledger_events_applied", "ledger_events_applied_total", stream=LEDGER_STREAM) > 0
     assert value("ledger_failover_latency_seconds", "ledger_failover_latency_seconds_count") == len(moved)
+
+
+
+async def test_a_browser_left_open_on_the_event_stream_does_not_hold_the_server_shutdown(server: EmbeddedServer,
+                                                                                         tmp_path: Path):
+    async with running_stack(up_settings(server, tmp_path), lambda line: None) as stack, \
+            contextlib.AsyncExitStack() as http:
+        url = await http.enter_async_context(http_server(stack, "127.0.0.1", 0))
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client, client.stream("GET", "/api/events") as stream:
+            lines = stream.aiter_lines()
+            assert (await asyncio.wait_for(anext(lines), 30)).startswith(":")  # the hello's comment line
+            await asyncio.wait_for(http.aclose(), 30)  # the server stops with the stream open
+            # The stream ends as a response does (not cut off by uvicorn's forced close after its grace period).
+            rest = await asyncio.wait_for(_drain(lines), 30)
+            assert len(rest) < 100 and not any(line.startswith("event: stored") for line in rest), rest
+
+
+async def _drain(lines: AsyncIterator[str]) -> list[str]:
+    rest = []
+    async for line in lines:
+        rest.append(line)
+        if len(rest) > 100:
+            break
+    return rest

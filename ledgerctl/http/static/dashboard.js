@@ -125,7 +125,7 @@ function sentence(entry, kind, id) {
     case "session.orphaned": text = `${e.session_id} was orphaned ${at}: ${e.reason}${e.previous_owner ? `, owner was ${e.previous_owner}` : ""}`; break;
     case "session.released": text = `${e.agent_id} released ${e.session_id} ${at}${e.reason ? ` (${e.reason})` : ""}`; break;
     case "session.terminated": text = `${e.session_id} was terminated ${at}${e.reason ? ` (${e.reason})` : ""}`; break;
-    case "agent.registered": text = `${e.agent_id} registered in pool ${e.pool} ${at} (incarnation ${e.incarnation})`; break;
+    case "agent.registered": text = `${e.agent_id} registered in pool ${e.pool} ${at} (incarnation #${entry.seq}, heartbeat every ${e.heartbeat_interval} s, ttl ${e.ttl} s)`; break;
     case "agent.goodbye": text = `${e.agent_id} said goodbye ${at} (${e.reason})`; break;
     case "agent.declared_dead": text = `the monitor declared ${e.agent_id} dead ${at}${beat}${ttl}`; break;
     case "agent.suspected": text = `the monitor suspected ${e.agent_id} ${at} (${e.reason})${beat}`; break;
@@ -168,13 +168,17 @@ async function refreshEntity() {
   $("#entity-title").innerHTML = `${esc(kind)} ${esc(id)} <a class="muted" href="#/">back</a>`;
   let history;
   try {
-    history = await historyOf(kind, id);
+    history = await api(`/api/history/${kind}/${encodeURIComponent(id)}`);
+    histories.set(`${kind}/${id}`, Promise.resolve(history));
     if (!history) throw new Error(`no history for ${kind} ${id}`);
   } catch (err) {
     $("#entity-state").textContent = String(err.message || err);
     $("#entity-story").innerHTML = "";
     return;
   }
+  const last = history.entries[history.entries.length - 1];
+  $("#position").textContent = `${history.entries.length} events of ${kind} ${id}, the last LEDGER #${last.seq} at ${when(last.stored_at)}` +
+    (view.asOf === null ? "" : ` (as of ${view.asOf})`);
   const state = history.state || {};
   const summary = kind === "session" ? `${state.status || "?"}, owner ${state.owner || "-"}, token ${state.token ?? "-"}`
     : kind === "agent" ? `${state.status || "?"} in pool ${state.pool || "?"}, incarnation ${state.incarnation ?? "?"}`
