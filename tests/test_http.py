@@ -110,6 +110,7 @@ async def test_the_openapi_document_describes_the_api_from_the_query_structs(ser
                                                                               tmp_path: Path):
     async with running(server, tmp_path) as r, httpx.AsyncClient(base_url=r.url, timeout=30) as client:
         doc = (await client.get("/schema/openapi.json")).json()
+        assert (await client.get("/schema")).json() == doc  # JSON, not a viewer that loads scripts from a CDN
     assert {"/api/agents", "/api/sessions", "/api/routes", "/api/pools", "/api/anomalies",
             "/api/history/{kind}/{entity_id}", "/api/events", "/healthz", "/readyz"} <= set(doc["paths"])
     params = {p["name"] for p in doc["paths"]["/api/sessions"]["get"]["parameters"]}

@@ -23,6 +23,7 @@ from litestar import Litestar, MediaType, Request, Response, get
 from litestar.di import NamedDependency, Provide
 from litestar.exceptions import HTTPException, NotFoundException, ValidationException
 from litestar.openapi.config import OpenAPIConfig
+from litestar.openapi.plugins import JsonRenderPlugin
 from litestar.params import FromPath, FromQuery, QueryParameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 from litestar.static_files import create_static_files_router
@@ -289,7 +290,9 @@ def create_app(parts: Parts) -> Litestar:
         dependencies={"ledger": Provide(lambda: ledger, sync_to_thread=False)},
         signature_namespace={"Ledger": Ledger, "Deps": Deps, "Text": Text},
         exception_handlers={LedgerError: _ledger_error, HTTPException: _http_error, Exception: _internal_error},
-        openapi_config=OpenAPIConfig(title="session ledger", version="0.1.0", path="/schema"),
+        # The document as JSON only: Litestar's HTML viewers would load their scripts from a CDN.
+        openapi_config=OpenAPIConfig(title="session ledger", version="0.1.0", path="/schema",
+                                     render_plugins=[JsonRenderPlugin(path=["/", "/openapi.json"])]),
         debug=False,
     )
     app.state.ledger = ledger
