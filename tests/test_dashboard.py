@@ -5,6 +5,7 @@ a kill -9)."""
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,9 @@ from ledger.subjects import LEDGER_STREAM
 from ledgerctl.server import EmbeddedServer
 
 CHROMIUM = Path("/usr/bin/chromium")
-SCREENSHOT = Path(__file__).parent.parent / "docs" / "dashboard.png"
+DOCS = Path(__file__).parent.parent / "docs"
+"""Where the README's screenshots live: rewritten only with LEDGER_UPDATE_SCREENSHOTS=1 (a test run leaves the
+tree clean otherwise; the shots go to the test's tmp directory)."""
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium "
                                 "(apt-get install chromium; .ci/run installs it when root)")
@@ -26,6 +29,7 @@ async def test_the_dashboard_shows_a_failover_live_the_past_and_the_causal_chain
                                                                                   tmp_path: Path):
     from playwright.async_api import async_playwright, expect
 
+    shots = DOCS if os.environ.get("LEDGER_UPDATE_SCREENSHOTS") == "1" else tmp_path
     async with running(server, tmp_path) as r, contextlib.AsyncExitStack() as fleet:
         agents = {name: await fleet.enter_async_context(contextlib.AsyncExitStack()) for name in ("a1", "a2")}
         for name, held in agents.items():
@@ -66,8 +70,7 @@ async def test_the_dashboard_shows_a_failover_live_the_past_and_the_causal_chain
                     await expect(page.locator(f'#agents tr[data-id="{first}"] td.health')).to_have_text("gone")
                     assert await page.evaluate("window.notReloaded === true"), "the page was reloaded"
                     await expect(page.locator("#events tbody")).to_contain_text("agent.goodbye")
-                    SCREENSHOT.parent.mkdir(exist_ok=True)
-                    await page.screenshot(path=str(SCREENSHOT), full_page=True)
+                    await page.screenshot(path=str(shots / "dashboard.png"), full_page=True)
 
                     # As of the sequence before the failover: the first owner again, said to be the past.
                     await page.locator("#asof-seq").evaluate(
@@ -95,8 +98,8 @@ async def test_the_dashboard_shows_a_failover_live_the_past_and_the_causal_chain
                                                         timeout=60_000)
                     await expect(story).to_contain_text(f"because the monitor declared {batch_owner} dead")
                     await expect(story).to_contain_text("last beat #")
-                    await page.screenshot(path=str(SCREENSHOT.with_name("entity.png")), full_page=True)
+                    await page.screenshot(path=str(shots / "entity.png"), full_page=True)
                     assert not errors, errors
                 finally:
                     await browser.close()
-    assert SCREENSHOT.stat().st_size > 10_000
+    assert (shots / "dashboard.png").stat().st_size > 10_000 and (shots / "entity.png").stat().st_size > 10_000
