@@ -18,7 +18,7 @@ from ledgerctl.server import EmbeddedServer
 
 CHROMIUM = Path("/usr/bin/chromium")
 DOCS = Path(__file__).parent.parent / "docs"
-"""Where the README's screenshots live: rewritten only with LEDGER_UPDATE_SCREENSHOTS=1 (a test run leaves the
+"""Where the README's screenshots live: rewritten only with LEDGER_TEST_SCREENSHOTS=1 (a test run leaves the
 tree clean otherwise; the shots go to the test's tmp directory)."""
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium "
@@ -29,7 +29,7 @@ async def test_the_dashboard_shows_a_failover_live_the_past_and_the_causal_chain
                                                                                   tmp_path: Path):
     from playwright.async_api import async_playwright, expect
 
-    shots = DOCS if os.environ.get("LEDGER_UPDATE_SCREENSHOTS") == "1" else tmp_path
+    shots = DOCS if os.environ.get("LEDGER_TEST_SCREENSHOTS") == "1" else tmp_path
     async with running(server, tmp_path) as r, contextlib.AsyncExitStack() as fleet:
         agents = {name: await fleet.enter_async_context(contextlib.AsyncExitStack()) for name in ("a1", "a2")}
         for name, held in agents.items():
