@@ -12,6 +12,7 @@ import pytest
 from fleet import agents as fleet_processes
 from helpers import eventually
 from http_stack import agent, running
+from prometheus_client.parser import text_string_to_metric_families
 
 from ledger.subjects import LEDGER_STREAM
 from ledgerctl.server import EmbeddedServer
@@ -99,6 +100,13 @@ async def test_the_dashboard_shows_a_failover_live_the_past_and_the_causal_chain
                     await expect(story).to_contain_text(f"because the monitor declared {batch_owner} dead")
                     await expect(story).to_contain_text("last beat #")
                     await page.screenshot(path=str(shots / "entity.png"), full_page=True)
+
+                    # The same death in /metrics: the monitor's verdict counted, both failovers timed.
+                    reply = await page.request.get(r.url + "/metrics")
+                    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                               for f in text_string_to_metric_families(await reply.text()) for s in f.samples}
+                    assert samples[("ledger_consumer_writes_total", (("consumer", "monitor"),))] >= 1
+                    assert samples[("ledger_failover_latency_seconds_count", ())] == 2
                     assert not errors, errors
                 finally:
                     await browser.close()
