@@ -48,6 +48,8 @@ class LivenessMonitor:
         self.tick = tick
         self.grace_until = time.monotonic() + self.settings.grace
         self.grace_reason = "starting"
+        self.writes = 0
+        """Verdicts written (as the reclaimer's and watchdog's `writes`: exported by /metrics)."""
         self._reports: dict[tuple[str, int], dict[str, tuple[int, datetime]]] = defaultdict(dict)
         """(agent, incarnation) -> reporter -> its newest report: a reporter counts once, however often it reports."""
         self._reported: dict[str, int] = {}
@@ -230,4 +232,5 @@ class LivenessMonitor:
             log.warning("%s; writing it under a fresh id", e)
             event = msgspec.structs.replace(event, event_id=new_id())
             await self.ledger.append(event)
+        self.writes += 1
         return event

@@ -175,6 +175,10 @@ class ProjectionReads:
         return [AnomalyRecord(stream=r[0], seq=r[1], stored_at=from_ns(r[2]), entity_kind=r[3], entity_id=r[4],
                               event_type=r[5], producer=r[6], kind=r[7], detail=r[8]) for r in found]
 
+    async def anomaly_counts(self) -> dict[str, int]:
+        """Kind -> flagged events of that kind (what /metrics exports)."""
+        return dict(await self.conn.execute_fetchall("SELECT kind, count(*) FROM anomalies GROUP BY kind"))  # type: ignore[arg-type]
+
     async def dead_letters(self) -> list[DeadLetterCount]:
         found = await self.conn.execute_fetchall("SELECT * FROM dead_letters ORDER BY stream, reason")
         return [DeadLetterCount(stream=r[0], reason=r[1], count=r[2], last_seq=r[3], last_subject=r[4],
