@@ -6,6 +6,7 @@ inside one transaction (`reading`), so a query sees a single committed batch.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import sqlite3
 from collections.abc import AsyncIterator, Iterable
@@ -61,17 +62,22 @@ class ProjectionReads:
     def __init__(self, conn: aiosqlite.Connection, path: Path) -> None:
         self.conn = conn
         self.path = path
+        self._one_transaction = asyncio.Lock()
+        """A connection holds one transaction at a time: two callers (an HTTP request and a query-service request,
+        say) each beginning one would fail ("cannot start a transaction within a transaction") or read inside the
+        other's. They take turns."""
 
     @contextlib.asynccontextmanager
     async def transaction(self, mode: str = "IMMEDIATE") -> AsyncIterator[None]:
-        await self.conn.execute(f"BEGIN {mode}")
-        try:
-            yield
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):  # no transaction left to roll back (SQLite ended it)
-                await self.conn.execute("ROLLBACK")
-            raise
-        await self.conn.execute("COMMIT")
+        async with self._one_transaction:
+            await self.conn.execute(f"BEGIN {mode}")
+            try:
+                yield
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):  # no transaction left to roll back (SQLite ended it)
+                    await self.conn.execute("ROLLBACK")
+                raise
+            await self.conn.execute("COMMIT")
 
     def reading(self) -> contextlib.AbstractAsyncContextManager[None]:
         """One consistent view of the file across several SELECTs."""
