@@ -25,15 +25,20 @@ from consumers.follow import Follower, Listener
 from consumers.group import ConsumerGroup
 from consumers.liveness_rules import LivenessSettings
 from ledger import cancellation
-from ledger.errors import LedgerError
+from ledger.errors import LedgerError, PortInUse
 from ledger.settings import Settings
 from ledger.store import EventStore
 from projections.projector import Progress, Projector
+from projections.query import Query
 from projections.settings import ProjectionSettings
 
-from .server import DEFAULT_DATA_DIR, EmbeddedServer, ServerConfig
+from .http import http_server
+from .query_protocol import SERVICE_NAME
+from .query_service import QueryService
+from .server import DEFAULT_DATA_DIR, EmbeddedServer, ServerConfig, check_port_free
 
 Say = Callable[[str], None]
+DEFAULT_HTTP_PORT = 8080
 
 
 class StackStopped(LedgerError):
@@ -56,6 +61,14 @@ class UpSettings:
     connection: Settings | None = None
     """How to connect (credentials, timeouts); None: from the environment. An embedded server drops the
     credentials, which are meant for another server."""
+    http_host: str = "127.0.0.1"
+    http_port: int | None = None
+    """The HTTP API and dashboard (`ledger up`: DEFAULT_HTTP_PORT); 0: any free port; None: none."""
+    http_port_fallback: bool = False
+    """When `http_port` is taken, serve on a free port instead (and say so) rather than fail: for the default port,
+    which the user did not ask for."""
+    query_service: bool = False
+    """Serve the views as the NATS micro service `ledger-query` (`ledger up` does; any number of replicas may run)."""
 
     @property
     def db_path(self) -> Path:
@@ -83,6 +96,9 @@ class Stack:
     consumers: ConsumerGroup
     server: EmbeddedServer | None
     running: list[asyncio.Task[Any]]
+    http_url: str | None = None
+    """Where the HTTP API and the dashboard answer (None: not served)."""
+    query_service: QueryService | None = None
 
     async def run_until(self, stop: asyncio.Event) -> None:
         """Return when `stop` is set; raise when a piece fails or the embedded server exits."""
@@ -153,8 +169,23 @@ async def running_stack(s: UpSettings, say: Say, *, name: str = "ledger-up",
         say(f"consumers           {', '.join(consumers.parts)}")
         assert projector.task is not None
         projector.task.set_name("projector")
-        yield Stack(url=url, store=store, follower=follower, projector=projector, consumers=consumers,
-                    server=server, running=[projector.task, following, consumers_task])
+        running = Stack(url=url, store=store, follower=follower, projector=projector, consumers=consumers,
+                        server=server, running=[projector.task, following, consumers_task])
+        if s.query_service:
+            query = await stack.enter_async_context(Query.open(s.db_path, store, policy=s.liveness.policy))
+            running.query_service = await stack.enter_async_context(QueryService.start(store, query))
+            say(f"query service       {SERVICE_NAME} on NATS ($SRV.PING.{SERVICE_NAME} finds it)")
+        if s.http_port is not None:
+            port = s.http_port
+            if s.http_port_fallback and port:
+                try:
+                    check_port_free(s.http_host, port, "HTTP")
+                except PortInUse as e:
+                    say(f"{e}; serving HTTP on a free port instead")
+                    port = 0
+            running.http_url = await stack.enter_async_context(http_server(running, s.http_host, port))
+            say(f"dashboard           {running.http_url}/  (API {running.http_url}/api, {running.http_url}/metrics)")
+        yield running
 
 
 def catch_up_reporter(say: Say, caught_up: Callable[[], bool], every: float = 2.0) -> Callable[[Progress], None]:

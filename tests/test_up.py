@@ -271,3 +271,65 @@ def test_demo_ends_with_the_error_of_a_piece_that_fails_mid_story():
     assert proc.returncode == 1
     assert err.strip().splitlines()[-1].startswith("Error: nats-server exited unexpectedly; see "), err
     assert "did not happen" not in err
+
+
+async def test_up_serves_the_dashboard_the_metrics_and_the_query_service(tmp_path: Path):
+    """`ledger up` says where the dashboard is; it answers, /metrics parses, `$SRV.PING` finds the query
+    service, and `ledger sessions` run where there is no projection file answers from it."""
+    import urllib.request
+
+    import nats
+    from prometheus_client.parser import text_string_to_metric_families
+
+    port, data = free_port(), tmp_path / "data"
+    proc = subprocess.Popen(  # noqa: ASYNC220
+        [*LEDGER, "up", "--port", str(port), "--data-dir", str(data), "--http-port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"nats://127.0.0.1:{port}"
+    try:
+        out = read_until(proc, "ready")
+        [http] = re.findall(r"^dashboard +(http://127\.0\.0\.1:\d+)/ ", out, re.M)
+        assert f"open {http}/" in out and "query service       ledger-query" in out, out
+
+        def get(path: str) -> tuple[int, str]:
+            try:
+                with urllib.request.urlopen(http + path, timeout=10) as r:
+                    return r.status, r.read().decode()
+            except urllib.error.HTTPError as e:
+                return e.code, e.read().decode()
+
+        async def ready() -> bool:
+            return (await asyncio.to_thread(get, "/readyz"))[0] == 200
+
+        await eventually(ready, timeout=20, what="/readyz answering 200")
+        status, page = await asyncio.to_thread(get, "/")
+        assert status == 200 and "<html" in page.lower()
+        async with Writer.connect(Settings(nats_url=url), producer_id="operator-test") as ledger:
+            await ledger.create_session("gpu", session_id="s-net")
+        status, text = await asyncio.to_thread(get, "/metrics")
+        assert status == 200 and "ledger_sessions" in {f.name for f in text_string_to_metric_families(text)}
+
+        nc = await nats.connect(url)
+        try:
+            ping = await nc.request("$SRV.PING.ledger-query", b"", timeout=5)
+            assert json.loads(ping.data)["name"] == "ledger-query"
+        finally:
+            await nc.close()
+
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+
+        async def answered_from_the_service() -> bool:
+            result = await asyncio.to_thread(
+                subprocess.run, [*LEDGER, "sessions", "--json", "--nats-url", url], capture_output=True, text=True,
+                timeout=60, cwd=elsewhere, check=False)
+            return result.returncode == 0 and "s-net" in result.stdout and "query service" in result.stdout
+
+        await eventually(answered_from_the_service, timeout=20, what="ledger sessions answered by the service")
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0 and "Traceback" not in err, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()

@@ -24,14 +24,14 @@ from ledger.ids import new_id
 from ledger.subjects import LEDGER_STREAM
 from ledger.writer import Writer
 from ledgerctl.server import free_port
-from ledgerctl.stack import Stack, UpSettings, running_stack
+from ledgerctl.stack import DEFAULT_HTTP_PORT, Stack, UpSettings, running_stack
 from projections.gc_tuning import tune_gc
 from projections.query import Query
 from projections.state import Change, LifecycleState
 
 from . import tables
 from .common import async_command, echo, stop_signals
-from .up import env_line
+from .up import env_line, web_settings
 
 POOL = "demo"
 STEP_TIMEOUT = 30.0
@@ -234,9 +234,12 @@ async def story(stack: Stack, fleet: Fleet, feed: Feed, names: list[str], sessio
               help="Keep the demo's ledger here [default: a temporary directory, removed at the end].")
 @click.option("--port", type=click.IntRange(1, 65535), default=None, help="Client port [default: a free one].")
 @click.option("--exit", "then_exit", is_flag=True, help="End after the story instead of staying up for Ctrl-C.")
+@click.option("--http-port", type=click.IntRange(0, 65535), default=None,
+              help=f"The dashboard's port; 0: any free one [default: {DEFAULT_HTTP_PORT}, or a free one when taken].")
+@click.option("--http/--no-http", "http", default=True, show_default=True, help="Serve the dashboard and the API.")
 @async_command
 async def demo_command(count: int, sessions: int, heartbeat: float, ttl: float, data_dir: Path | None,
-                       port: int | None, then_exit: bool) -> None:
+                       port: int | None, then_exit: bool, http_port: int | None, http: bool) -> None:
     """`ledger up` on a fresh embedded server, plus a fleet that fails: watch failover happen.
 
     Starts reference agents (`ledger agent` processes), creates sessions they
@@ -254,7 +257,8 @@ async def demo_command(count: int, sessions: int, heartbeat: float, ttl: float, 
     root = Path(tempfile.mkdtemp(prefix="ledger-demo-")) if data_dir is None else data_dir
     told_all = False
     s = UpSettings(nats_url=None, data_dir=root, port=port or free_port(),
-                   liveness=LivenessSettings(grace=min(1.0, ttl / 2)))
+                   liveness=LivenessSettings(grace=min(1.0, ttl / 2)),
+                   **web_settings(http, "127.0.0.1", http_port, query_service=True))
     tune_gc()
     if not logging.getLogger().isEnabledFor(logging.INFO):
         logging.getLogger("consumers").setLevel(logging.ERROR)  # the story tells of deaths itself
@@ -289,6 +293,8 @@ async def demo_command(count: int, sessions: int, heartbeat: float, ttl: float, 
                                               (f"ledger sessions --at-seq {before_kill}", "the past: before the kill"),
                                               ("ledger replay --type agent.declared_dead", "the log itself")]:
                             echo(f"  {command:<42}# {what}")
+                        if stack.http_url:
+                            echo(f"  {'open ' + stack.http_url + '/':<42}# the dashboard: the story, live and past")
                         echo(f"agent logs in {root / 'agents'}; press Ctrl-C to stop")
                         await stack.run_until(stop)
                 told_all = True

@@ -1,4 +1,5 @@
-"""`ledger up`: everything on one machine - nats-server (unless --nats-url), streams, projector, consumers."""
+"""`ledger up`: everything on one machine - nats-server (unless --nats-url), streams, projector, consumers, the
+query service and the HTTP API with the dashboard."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import click
 from consumers.liveness_rules import LivenessSettings
 from ledger.settings import DEFAULT_NATS_URL, redact_url
 from ledgerctl.server import DEFAULT_DATA_DIR
-from ledgerctl.stack import UpSettings, running_stack
+from ledgerctl.stack import DEFAULT_HTTP_PORT, UpSettings, running_stack
 from projections.gc_tuning import tune_gc
 from projections.health import DEFAULT_POLICY, HealthPolicy
 from projections.settings import DB_ENV, ProjectionSettings
@@ -36,6 +37,16 @@ def up_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--replicas", type=click.Choice(["1", "3", "5"]), default=None, envvar="LEDGER_REPLICAS",
                      show_envvar=True, help="Stream replicas (3 on a cluster). "
                                             "[default: 1 for a new stream; an existing one keeps its own]"),
+        click.option("--http-host", default="127.0.0.1", show_default=True, envvar="LEDGER_HTTP_HOST",
+                     show_envvar=True, help="Where the HTTP API and dashboard listen (0.0.0.0: every interface)."),
+        click.option("--http-port", type=click.IntRange(0, 65535), default=None, envvar="LEDGER_HTTP_PORT",
+                     show_envvar=True, help=f"The HTTP API and dashboard's port; 0: any free one. [default: "
+                                            f"{DEFAULT_HTTP_PORT}, or a free port when that one is taken]"),
+        click.option("--http/--no-http", "http", default=True, show_default=True,
+                     help="Serve the HTTP API, the dashboard and /metrics."),
+        click.option("--query-service/--no-query-service", default=True, show_default=True,
+                     help="Serve the views on NATS as the micro service ledger-query (for `ledger sessions` and "
+                          "friends on any machine)."),
     ]):
         f = option(f)
     return f
@@ -56,10 +67,18 @@ def env_line(s: UpSettings, url: str) -> str | None:
     return f"  export {' '.join(env)}" if env else None
 
 
-def hints(s: UpSettings, url: str) -> list[str]:
+def web_settings(http: bool, http_host: str, http_port: int | None, query_service: bool) -> dict[str, Any]:
+    """UpSettings fields from the HTTP and query-service options: the default port gives way when it is taken."""
+    return {"http_host": http_host, "http_port": (DEFAULT_HTTP_PORT if http_port is None else http_port) if http
+            else None, "http_port_fallback": http_port is None, "query_service": query_service}
+
+
+def hints(s: UpSettings, url: str, http_url: str | None = None) -> list[str]:
     """What to run next, in another terminal, to use this stack."""
     export = env_line(s, url)
     lines = [export] if export else []
+    if http_url:
+        lines.append(f"  {'open ' + http_url + '/':<40}# the dashboard, live (as of any past moment too)")
     for command, what in [("ledger agent --agent-id a1 --pool gpu", "a reference agent"),
                           ("ledger session create --pool gpu", "a session for it to claim"),
                           ("ledger agents | sessions | pools", "the projection, now (or --as-of TIME)"),
@@ -75,19 +94,21 @@ def hints(s: UpSettings, url: str) -> list[str]:
 @policy_options
 @async_command
 async def up_command(nats_url: str | None, data_dir: Path, port: int, db: Path | None, replicas: str | None,
-                     grace: float, policy: HealthPolicy) -> None:
+                     http_host: str, http_port: int | None, http: bool, query_service: bool, grace: float,
+                     policy: HealthPolicy) -> None:
     """Run everything on one machine until Ctrl-C.
 
     Without --nats-url (or LEDGER_NATS_URL) it starts an embedded JetStream
     server on loopback with its data in --data-dir; then it creates or
     checks the streams, and runs the projector (into the SQLite file the
     `ledger agents | sessions | ...` views read) and the consumers (liveness
-    monitor, orphan reclaimer, route watchdog). Ctrl-C or SIGTERM stops them
-    cleanly, in reverse order.
+    monitor, orphan reclaimer, route watchdog), the query service (the views
+    on NATS, for any machine) and the HTTP API with the dashboard and
+    /metrics. Ctrl-C or SIGTERM stops them cleanly, in reverse order.
     """
     s = UpSettings(nats_url=nats_url, data_dir=data_dir, port=port, db=db,
                    liveness=LivenessSettings(policy=policy, grace=grace), replicas=int(replicas) if replicas else None,
-                   connection=settings_from(nats_url))
+                   connection=settings_from(nats_url), **web_settings(http, http_host, http_port, query_service))
     tune_gc()
     stop = stop_signals()
     async with running_stack(s, echo) as stack:
@@ -100,7 +121,7 @@ async def up_command(nats_url: str | None, data_dir: Path, port: int, db: Path |
         caught_up = asyncio.ensure_future(projector.caught_up.wait())
         caught_up.add_done_callback(report_caught_up)
         echo("next, in another terminal:")
-        for line in hints(s, stack.url):
+        for line in hints(s, stack.url, stack.http_url):
             echo(line)
         echo("ready - press Ctrl-C to stop")
         try:

@@ -290,6 +290,9 @@ def create_app(parts: Parts) -> Litestar:
         dependencies={"ledger": Provide(lambda: ledger, sync_to_thread=False)},
         signature_namespace={"Ledger": Ledger, "Deps": Deps, "Text": Text},
         exception_handlers={LedgerError: _ledger_error, HTTPException: _http_error, Exception: _internal_error},
+        # The process's logging is the command's (`-v`, `--log-format json`): Litestar's default config would take
+        # over the root logger's format and level.
+        logging_config=None,
         # The document as JSON only: Litestar's HTML viewers would load their scripts from a CDN.
         openapi_config=OpenAPIConfig(title="session ledger", version="0.1.0", path="/schema",
                                      render_plugins=[JsonRenderPlugin(path=["/", "/openapi.json"])]),

@@ -50,7 +50,8 @@ async def serve(parts: Parts, host: str = "127.0.0.1", port: int = 0, *,
                 start_timeout: float = 30.0) -> AsyncIterator[str]:
     """Serve the app on the parts; yield its URL (http://host:port)."""
     app = create_app(parts)
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on",
+    # log_config=None: uvicorn's own would reconfigure the root logger (format and level) of the whole process.
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", log_config=None, lifespan="on",
                             timeout_graceful_shutdown=5)
     server = _Server(config)
     task = asyncio.create_task(server.run_here(), name="http")
