@@ -19,6 +19,7 @@ from nats.errors import TimeoutError as NatsTimeout
 from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER
 
 from ledger.errors import LedgerError
+from ledger.store import EventStore
 from projections.errors import InvalidQuery, UnknownEntity
 from projections.history import EntityHistory
 from projections.query import AsOf
@@ -50,9 +51,11 @@ class RemoteQuery:
         self.where = where or (nc.connected_url.netloc if nc.connected_url else "NATS")
 
     @classmethod
-    async def find(cls, nc: NATS, *, timeout: float = FIND_TIMEOUT, query_timeout: float = TIMEOUT
+    async def find(cls, on: EventStore | NATS, *, timeout: float = FIND_TIMEOUT, query_timeout: float = TIMEOUT
                    ) -> RemoteQuery | None:
-        """A RemoteQuery if a replica answers `$SRV.PING.ledger-query`, else None."""
+        """A RemoteQuery (on the store's connection, or `on` itself) if a replica answers
+        `$SRV.PING.ledger-query`, else None."""
+        nc = on.nc if isinstance(on, EventStore) else on
         try:
             reply = await nc.request(f"$SRV.PING.{qp.SERVICE_NAME}", b"", timeout=timeout)
             ping = _PING.decode(reply.data)

@@ -87,7 +87,7 @@ async def open_query(db: Path, nats_url: str, as_of: AsOf, *, policy: HealthPoli
                 raise
             raise NoSource(f"no projection file at {db} and no query service answered on NATS at {nats_url} "
                            f"({e}): run `ledger up`, or pass --db") from None
-        remote = await RemoteQuery.find(store.nc) if needs_db else None
+        remote = await RemoteQuery.find(store) if needs_db else None
         if remote is None and as_of is None and needs_db:
             raise NoSource(f"no projection file at {db} and no query service answered on NATS at {nats_url}: "
                            "run `ledger up` (or `ledger query-service`), or pass --db")
