@@ -15,7 +15,10 @@ do not all reach for the same session first.
 
 With an address template the process reports each session it gains as
 running at an address (it runs nothing itself: the report stands in for a
-workload starting), so the route watchdog can warm the session's routes up.
+workload starting), so the route watchdog can warm the session's routes up;
+with health reports it says each route of its sessions that has a probe is
+healthy, at the probe's period, so the route runs - and goes stale when the
+agent dies, until the session's next owner reports it.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from collections.abc import Callable
 from datetime import datetime
 
@@ -32,6 +36,7 @@ from consumers.follow import Follower
 from consumers.idle import IdleReaper
 from ledger import cancellation
 from ledger import events as ev
+from ledger import lifecycle as lc
 from ledger.agent import Agent, Claim
 from ledger.codec import Item
 from ledger.errors import CapacityExhausted, Conflict, Draining, Fenced, LedgerError, NotClaimable, NotFound
@@ -43,6 +48,8 @@ log = logging.getLogger(__name__)
 
 STAGGER_PER_SESSION = 0.01
 """Seconds a claimer waits per session it already owns before claiming more."""
+HEALTH_TICK = 0.1
+"""Seconds between looks for routes whose probe period has passed since their last report."""
 
 
 class SelfClaimer:
@@ -148,6 +155,39 @@ class ResourceReporter:
         await cancellation.stop(list(self._tasks))
 
 
+class HealthReporter:
+    """Reports each probed route of the agent's sessions healthy, once per probe period, while it warms up or runs.
+
+    The routes come from the log the self-claimer follows; the reference agent serves nothing, so "healthy"
+    means "its owner is alive" - which is what a failover shows: the dead owner's routes go stale.
+    """
+
+    def __init__(self, agent: Agent, follower: Follower) -> None:
+        self.agent, self.follower = agent, follower
+        self._reported: dict[str, float] = {}
+
+    async def run(self) -> None:
+        await self.follower.caught_up.wait()
+        while True:
+            cancellation.raise_if_cancelled()
+            await self.report_due(time.monotonic())
+            await asyncio.sleep(HEALTH_TICK)
+
+    async def report_due(self, now: float) -> None:
+        owned = self.agent.owned
+        for route in list(self.follower.state.ledger.routes.values()):
+            if route.probe is None or route.session_id not in owned or route.state not in (lc.WARMING_UP, lc.RUNNING):
+                continue
+            if now - self._reported.get(route.route_id, -route.probe.period) < route.probe.period:
+                continue
+            self._reported[route.route_id] = now
+            try:
+                await self.agent.report_health(route.route_id, healthy=True,
+                                               detail=f"{self.agent.agent_id} serves it")
+            except LedgerError as e:  # lost the session meanwhile: its next owner reports
+                log.debug("health of route %s not reported: %s", route.route_id, e)
+
+
 def address(template: str, agent_id: str, session_id: str) -> str:
     """The address a session runs at; KeyError, IndexError or ValueError for a template that names other fields."""
     return template.format(agent=agent_id, session=session_id)
@@ -155,7 +195,8 @@ def address(template: str, agent_id: str, session_id: str) -> str:
 
 async def run(ledger: Writer, *, agent_id: str, pool: str, platform: str, region: str, capacity: int,
               heartbeat: float, ttl: float, say: Callable[[str], None], self_claim: bool = True,
-              policy: HealthPolicy | None = None, address_template: str | None = None) -> None:
+              policy: HealthPolicy | None = None, address_template: str | None = None,
+              report_health: bool = False) -> None:
     """Run until SIGTERM or SIGINT, then say goodbye once.
 
     Without `self_claim` the agent only runs what reclaimers give it (push mode):
@@ -163,6 +204,7 @@ async def run(ledger: Writer, *, agent_id: str, pool: str, platform: str, region
     `policy`: the liveness policy the consumers use; None: from the environment
     (LEDGER_SUSPECT_AFTER_MISSED, LEDGER_DEAD_AFTER), as `ledger consumers` and `ledger up` read it.
     `address_template`: report each session gained as running there (`address`); None: report nothing.
+    `report_health`: report the probed routes of its sessions healthy (needs `self_claim`: it reads the routes).
     """
     policy = policy if policy is not None else HealthPolicy.from_env()
     agent = Agent(ledger, agent_id=agent_id, pool=pool, platform=platform, region=region, capacity=capacity,
@@ -181,7 +223,10 @@ async def run(ledger: Writer, *, agent_id: str, pool: str, platform: str, region
             f"capacity {capacity}, heartbeat {heartbeat:g} s, ttl {ttl:g} s")
         running = [asyncio.create_task(IdleReaper(agent).run())]
         if self_claim:
-            running.append(asyncio.create_task(SelfClaimer(agent, say, policy, reporter.gained).run()))
+            claimer = SelfClaimer(agent, say, policy, reporter.gained)
+            running.append(asyncio.create_task(claimer.run()))
+            if report_health:
+                running.append(asyncio.create_task(HealthReporter(agent, claimer.follower).run()))
         try:
             await agent.wait_stopped()
         finally:

@@ -60,7 +60,7 @@ class Fleet:
             self.procs[agent_id] = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "ledgerctl", "agent", "--agent-id", agent_id, "--pool", pool,
                 "--capacity", str(self.capacity), "--heartbeat", str(self.heartbeat), "--ttl", str(self.ttl),
-                "--report-address", ADDRESS % pool, "--nats-url", self.url,
+                "--report-address", ADDRESS % pool, "--report-health", "--nats-url", self.url,
                 stdout=log, stderr=log, stdin=asyncio.subprocess.DEVNULL,
                 start_new_session=True)  # Ctrl-C reaches the demo, which then stops its agents one by one
 
@@ -184,6 +184,13 @@ class Feed:
         route = self.state.routes.get(route_id)
         return route.state if route is not None else None
 
+    def route_served(self, route: lc.RouteState) -> bool:
+        """Whether the route runs with traffic, reported healthy since its session's latest claim."""
+        session = self.state.sessions.get(route.session_id)
+        return (route.state == lc.RUNNING and route.traffic == lc.TRAFFIC_ACTIVE and session is not None
+                and route.health_checked_at is not None and session.status_since is not None
+                and route.health_checked_at >= session.status_since)
+
     def routes_of(self, sessions: list[str]) -> list[lc.RouteState]:
         return sorted((r for r in self.state.routes.values() if r.session_id in sessions), key=lambda r: r.route_id)
 
@@ -201,20 +208,32 @@ def pools_of(names: list[str]) -> dict[str, str]:
     return {name: POOLS[0] if i < half else POOLS[1] for i, name in enumerate(names)}
 
 
-def tell_routes(feed: Feed, sessions: list[str]) -> None:
+async def routes_served_again(feed: Feed, sessions: list[str]) -> None:
+    """Wait for the routes of `sessions` to run with traffic, reported healthy by the new owner; tell them."""
+    routes = [r.route_id for r in feed.routes_of(sessions)]
+    await feed.until(lambda: all(feed.route_served(feed.state.routes[r]) for r in routes),
+                     f"routes {' '.join(routes)} reported healthy by their new owner")
     for r in feed.routes_of(sessions):
         session = feed.state.sessions[r.session_id]
-        echo(f"   route {r.route_id} stays {r.state} {r.traffic} at {r.address} (the watchdog moves a route only as "
-             f"its session starts and ends); {r.session_id} now runs on {session.owner} at {session.address}")
+        echo(f"   route {r.route_id}: {r.state} {r.traffic}, healthy per {session.owner} (its address stays "
+             f"{r.address}, set as it warmed up; {r.session_id} now runs at {session.address})")
 
 
-async def story(stack: Stack, fleet: Fleet, feed: Feed, names: list[str], sessions: int) -> int:
+async def story(stack: Stack, fleet: Fleet, feed: Feed, names: list[str], sessions: int, pause: float = 0.0) -> int:
     """Start the fleet in two pools, give it sessions and routes, kill -9 one agent, SIGTERM another; show the
     projection.
 
+    `pause`: seconds to wait before each failure, for a look at the dashboard.
     Returns the last sequence before the kill, for a look at the past.
     """
     say = echo
+
+    async def wait_a_moment(what: str) -> None:
+        if pause > 0:  # a pace for a person watching, not a wait for anything to happen
+            where = f" - watch it live on {stack.http_url}/" if stack.http_url else ""
+            say(f"   ({what} in {pause:g} s{where})")
+            await asyncio.sleep(pause)
+
     pool_of = pools_of(names)
     say(f"\n1. A fleet of {len(names)} agents (heartbeat {fleet.heartbeat:g} s, ttl {fleet.ttl:g} s) in two pools:")
     for pool in POOLS:
@@ -225,17 +244,23 @@ async def story(stack: Stack, fleet: Fleet, feed: Feed, names: list[str], sessio
 
     ids = [f"s{i:02d}" for i in range(1, sessions + 1)]
     routed = {sid: f"r{sid[1:]}" for sid in ids[:(sessions + 1) // 2]}
+    # Stale well before the owner's death is declared (its last report is at most a period before the kill),
+    # yet a report late by more than a period is not stale yet; a third of the ttl keeps the log from filling up.
+    probe = ev.Probe(initial_delay=STEP_TIMEOUT, period=max(fleet.heartbeat, fleet.ttl / 3),
+                     stale_after=fleet.ttl * 0.75)
     say(f"\n2. {sessions} sessions, each bound to a pool (never to an agent), and routes to the first "
-        f"{len(routed)}: the agents claim the sessions, say where each runs, and the route watchdog moves "
-        f"the routes {lc.PENDING} -> {lc.STARTING} -> {lc.WARMING_UP} -> {lc.RUNNING} (no health probe)")
+        f"{len(routed)}: the agents claim the sessions and say where each runs; the route watchdog moves "
+        f"the routes {lc.PENDING} -> {lc.STARTING} -> {lc.WARMING_UP} -> {lc.RUNNING} once the owner reports "
+        f"them healthy (every {probe.period:g} s; stale after {probe.stale_after:g} s: traffic off)")
     ledger = Writer(stack.store, Producer(id="demo", instance=new_id()))
     for i, sid in enumerate(ids):
         pool = POOLS[i % len(POOLS)]
         await ledger.create_session(pool, session_id=sid)
         if sid in routed:
-            await ledger.create_route(routed[sid], session_id=sid, endpoint=f"https://{sid}.{pool}.demo")
+            await ledger.create_route(routed[sid], session_id=sid, endpoint=f"https://{sid}.{pool}.demo", probe=probe)
     await feed.until(lambda: all(feed.serving(s) for s in ids), "every session claimed and running")
-    await feed.until(lambda: all(feed.route_state(r) == lc.RUNNING for r in routed.values()), "every route RUNNING")
+    await feed.until(lambda: all(feed.route_served(feed.state.routes[r]) for r in routed.values() if r in
+                                 feed.state.routes), "every route RUNNING with traffic")
     for name in names:
         say(f"   {name} ({pool_of[name]}) owns {' '.join(feed.owned_by(name)) or 'nothing'}")
 
@@ -245,24 +270,27 @@ async def story(stack: Stack, fleet: Fleet, feed: Feed, names: list[str], sessio
                    key=lambda n: (len(set(feed.owned_by(n)) & routed.keys()), len(feed.owned_by(n))))
 
     victim, leaver = busiest(POOLS[0]), busiest(POOLS[1])
+    await wait_a_moment(f"the kill -9 of {victim}")
     lost = feed.owned_by(victim)
     say(f"\n3. kill -9 {victim} (pool {POOLS[0]}): no goodbye. Its {sessions_(lost)} wait until the liveness "
-        f"monitor declares it dead ({fleet.ttl:g} s without a heartbeat); a survivor of {POOLS[0]} takes them")
+        f"monitor declares it dead ({fleet.ttl:g} s without a heartbeat), and its routes lose traffic when "
+        f"their health goes stale; a survivor of {POOLS[0]} takes the sessions and reports the routes healthy")
     before = feed.state.seq
     killed = time.time_ns()
     fleet.kill9(victim)
     dead = await feed.moved_on(victim, lost, "dead", f"the death of {victim} and the re-claim of its sessions")
     after = feed.reowned(lost, dead, "the declaration")
     say(f"   -> declared dead {(dead - killed) / 1e9:.2f} s after the kill{after}")
-    tell_routes(feed, lost)
+    await routes_served_again(feed, lost)
 
+    await wait_a_moment(f"the SIGTERM of {leaver}")
     moved = feed.owned_by(leaver)
     say(f"\n4. SIGTERM {leaver} (pool {POOLS[1]}): it says goodbye once and exits 0; its {sessions_(moved)} "
         f"move at once to a survivor of {POOLS[1]}")
     code = await fleet.terminate(leaver)
     bye = await feed.moved_on(leaver, moved, "goodbye", f"the goodbye of {leaver} and the re-claim of its sessions")
     say(f"   -> exit code {code}{feed.reowned(moved, bye, 'the goodbye')}")
-    tell_routes(feed, moved)
+    await routes_served_again(feed, moved)
 
     say("\n5. The projection (SQLite), caught up with the log:")
     await stack.projector.wait_for(feed.state.seq)
@@ -293,10 +321,13 @@ async def story(stack: Stack, fleet: Fleet, feed: Feed, names: list[str], sessio
 @click.option("--exit", "then_exit", is_flag=True, help="End after the story instead of staying up for Ctrl-C.")
 @click.option("--http-port", type=click.IntRange(0, 65535), default=None,
               help=f"The dashboard's port; 0: any free one [default: {DEFAULT_HTTP_PORT}, or a free one when taken].")
+@click.option("--pause", type=click.FloatRange(min=0), default=None,
+              help="Seconds to wait before each failure, to watch it in the dashboard [default: 10; 0 with --exit].")
 @click.option("--http/--no-http", "http", default=True, show_default=True, help="Serve the dashboard and the API.")
 @async_command
 async def demo_command(count: int, sessions: int, heartbeat: float, ttl: float, data_dir: Path | None,
-                       port: int | None, then_exit: bool, http_port: int | None, http: bool) -> None:
+                       port: int | None, then_exit: bool, pause: float | None, http_port: int | None,
+                       http: bool) -> None:
     """`ledger up` on a fresh embedded server, plus a fleet that fails: watch failover happen.
 
     Starts reference agents (`ledger agent` processes) in two pools, gpu and
@@ -328,7 +359,8 @@ async def demo_command(count: int, sessions: int, heartbeat: float, ttl: float, 
             fleet = Fleet(stack.url, root / "agents", heartbeat=heartbeat, ttl=ttl, capacity=sessions)
             feed = Feed(stack, echo, fleet.log_dir)
             try:
-                told = asyncio.create_task(story(stack, fleet, feed, names, sessions))
+                pace = pause if pause is not None else 0.0 if then_exit else 10.0
+                told = asyncio.create_task(story(stack, fleet, feed, names, sessions, pace))
                 # The stack is supervised while the story runs too: a piece that fails ends the demo with its
                 # error, rather than a step that "did not happen within 30 s".
                 told_or_stopped = asyncio.Event()
