@@ -222,11 +222,12 @@ def test_demo_tells_a_failover_story_and_cleans_up():
     assert len(rows) == 9 and {pool for _, pool, *_ in rows} == {"gpu", "cpu"}, out
     assert all(owner == survivors[pool] == resource_agent and sid == resource_sid
                for sid, pool, owner, resource_agent, resource_sid in rows), out
-    # The first five sessions have routes, which went through their lifecycle to RUNNING and stayed there.
+    # The first five sessions have routes, which went through their lifecycle to RUNNING (their owners report
+    # them healthy) and, after the failures, run with traffic, reported healthy by the new owners.
     for r in ("r01", "r02", "r03", "r04", "r05"):
         for before, after in (("PENDING", "STARTING"), ("STARTING", "WARMING_UP"), ("WARMING_UP", "RUNNING ACTIVE")):
             assert re.search(rf"#\d+ +route {r} {before} -> {after}: ", out), (r, before, out)
-    routes = re.findall(r"^ (r\d\d) +(s\d\d) +RUNNING +- +ACTIVE ", out, re.M)
+    routes = re.findall(r"^ (r\d\d) +(s\d\d) +RUNNING +- +ACTIVE +healthy ", out, re.M)
     assert routes == [(f"r{i:02d}", f"s{i:02d}") for i in range(1, 6)], out
     data_dir = re.search(r"data in (\S+)", out).group(1)  # type: ignore[union-attr]
     assert not Path(data_dir).exists()  # the temporary ledger is removed
