@@ -180,15 +180,12 @@ class Feed:
         session = self.state.sessions.get(session_id)
         return session is not None and session.owner is not None and session.address is not None
 
-    def route_state(self, route_id: str) -> str | None:
-        route = self.state.routes.get(route_id)
-        return route.state if route is not None else None
-
-    def route_served(self, route: lc.RouteState) -> bool:
+    def route_served(self, route_id: str) -> bool:
         """Whether the route runs with traffic, reported healthy since its session's latest claim."""
-        session = self.state.sessions.get(route.session_id)
-        return (route.state == lc.RUNNING and route.traffic == lc.TRAFFIC_ACTIVE and session is not None
-                and route.health_checked_at is not None and session.status_since is not None
+        route = self.state.routes.get(route_id)
+        session = self.state.sessions.get(route.session_id) if route is not None else None
+        return (route is not None and route.state == lc.RUNNING and route.traffic == lc.TRAFFIC_ACTIVE
+                and session is not None and route.health_checked_at is not None and session.status_since is not None
                 and route.health_checked_at >= session.status_since)
 
     def routes_of(self, sessions: list[str]) -> list[lc.RouteState]:
@@ -211,7 +208,7 @@ def pools_of(names: list[str]) -> dict[str, str]:
 async def routes_served_again(feed: Feed, sessions: list[str]) -> None:
     """Wait for the routes of `sessions` to run with traffic, reported healthy by the new owner; tell them."""
     routes = [r.route_id for r in feed.routes_of(sessions)]
-    await feed.until(lambda: all(feed.route_served(feed.state.routes[r]) for r in routes),
+    await feed.until(lambda: all(feed.route_served(r) for r in routes),
                      f"routes {' '.join(routes)} reported healthy by their new owner")
     for r in feed.routes_of(sessions):
         session = feed.state.sessions[r.session_id]
@@ -228,10 +225,10 @@ async def story(stack: Stack, fleet: Fleet, feed: Feed, names: list[str], sessio
     """
     say = echo
 
-    async def wait_a_moment(what: str) -> None:
+    async def wait_a_moment() -> None:
         if pause > 0:  # a pace for a person watching, not a wait for anything to happen
-            where = f" - watch it live on {stack.http_url}/" if stack.http_url else ""
-            say(f"   ({what} in {pause:g} s{where})")
+            where = f"; watch it live on {stack.http_url}/" if stack.http_url else ""
+            say(f"   (in {pause:g} s{where})")
             await asyncio.sleep(pause)
 
     pool_of = pools_of(names)
@@ -259,8 +256,7 @@ async def story(stack: Stack, fleet: Fleet, feed: Feed, names: list[str], sessio
         if sid in routed:
             await ledger.create_route(routed[sid], session_id=sid, endpoint=f"https://{sid}.{pool}.demo", probe=probe)
     await feed.until(lambda: all(feed.serving(s) for s in ids), "every session claimed and running")
-    await feed.until(lambda: all(feed.route_served(feed.state.routes[r]) for r in routed.values() if r in
-                                 feed.state.routes), "every route RUNNING with traffic")
+    await feed.until(lambda: all(feed.route_served(r) for r in routed.values()), "every route RUNNING with traffic")
     for name in names:
         say(f"   {name} ({pool_of[name]}) owns {' '.join(feed.owned_by(name)) or 'nothing'}")
 
@@ -270,11 +266,11 @@ async def story(stack: Stack, fleet: Fleet, feed: Feed, names: list[str], sessio
                    key=lambda n: (len(set(feed.owned_by(n)) & routed.keys()), len(feed.owned_by(n))))
 
     victim, leaver = busiest(POOLS[0]), busiest(POOLS[1])
-    await wait_a_moment(f"the kill -9 of {victim}")
     lost = feed.owned_by(victim)
     say(f"\n3. kill -9 {victim} (pool {POOLS[0]}): no goodbye. Its {sessions_(lost)} wait until the liveness "
         f"monitor declares it dead ({fleet.ttl:g} s without a heartbeat), and its routes lose traffic when "
         f"their health goes stale; a survivor of {POOLS[0]} takes the sessions and reports the routes healthy")
+    await wait_a_moment()
     before = feed.state.seq
     killed = time.time_ns()
     fleet.kill9(victim)
@@ -283,10 +279,10 @@ async def story(stack: Stack, fleet: Fleet, feed: Feed, names: list[str], sessio
     say(f"   -> declared dead {(dead - killed) / 1e9:.2f} s after the kill{after}")
     await routes_served_again(feed, lost)
 
-    await wait_a_moment(f"the SIGTERM of {leaver}")
     moved = feed.owned_by(leaver)
     say(f"\n4. SIGTERM {leaver} (pool {POOLS[1]}): it says goodbye once and exits 0; its {sessions_(moved)} "
         f"move at once to a survivor of {POOLS[1]}")
+    await wait_a_moment()
     code = await fleet.terminate(leaver)
     bye = await feed.moved_on(leaver, moved, "goodbye", f"the goodbye of {leaver} and the re-claim of its sessions")
     say(f"   -> exit code {code}{feed.reowned(moved, bye, 'the goodbye')}")
