@@ -12,6 +12,13 @@ Claims race with other agents and reclaimers; the compare-and-set picks one
 winner, the losers move on. A more loaded agent waits a moment before
 claiming, so the least loaded tends to win; the order is shuffled so agents
 do not all reach for the same session first.
+
+With an address template the process reports each session it gains as
+running at an address (it runs nothing itself: the report stands in for a
+workload starting), so the route watchdog can warm the session's routes up;
+with health reports it says each route of its sessions that has a probe is
+healthy, at the probe's period, so the route runs - and goes stale when the
+agent dies, until the session's next owner reports it.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from collections.abc import Callable
 from datetime import datetime
 
@@ -28,7 +36,8 @@ from consumers.follow import Follower
 from consumers.idle import IdleReaper
 from ledger import cancellation
 from ledger import events as ev
-from ledger.agent import Agent
+from ledger import lifecycle as lc
+from ledger.agent import Agent, Claim
 from ledger.codec import Item
 from ledger.errors import CapacityExhausted, Conflict, Draining, Fenced, LedgerError, NotClaimable, NotFound
 from ledger.writer import Writer
@@ -39,12 +48,16 @@ log = logging.getLogger(__name__)
 
 STAGGER_PER_SESSION = 0.01
 """Seconds a claimer waits per session it already owns before claiming more."""
+HEALTH_TICK = 0.1
+"""Seconds between looks for routes whose probe period has passed since their last report."""
 
 
 class SelfClaimer:
-    def __init__(self, agent: Agent, say: Callable[[str], None], policy: HealthPolicy = DEFAULT_POLICY) -> None:
+    def __init__(self, agent: Agent, say: Callable[[str], None], policy: HealthPolicy = DEFAULT_POLICY,
+                 on_claimed: Callable[[str], None] | None = None) -> None:
         self.agent = agent
         self.say = say
+        self.on_claimed = on_claimed
         self.policy = policy
         """The operator's liveness policy, the reclaimer's: a claimer judges itself as the reclaimer judges it."""
         # Its own beats only: it judges itself with the reclaimer's rule, which needs its newest beat.
@@ -112,35 +125,113 @@ class SelfClaimer:
             origin = f" from {c.previous_owner}" if c.previous_owner else ""
             self.say(f"claimed {c.session_id} (token {claim.token}, {c.reason}{origin}); "
                      f"load {agent.load}/{agent.capacity}")
+            if self.on_claimed is not None:
+                self.on_claimed(c.session_id)
+
+
+class ResourceReporter:
+    """Reports each session the agent gains as running at `template` ({agent} and {session} filled in)."""
+
+    def __init__(self, agent: Agent, template: str | None, say: Callable[[str], None]) -> None:
+        self.agent, self.template, self.say = agent, template, say
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def gained(self, session_id: str) -> None:
+        if self.template is None:
+            return
+        task = asyncio.create_task(self._report(session_id, address(self.template, self.agent.agent_id, session_id)))
+        self._tasks.add(task)  # held until done: the loop keeps only a weak reference
+        task.add_done_callback(self._tasks.discard)
+
+    async def _report(self, session_id: str, at: str) -> None:
+        try:
+            await self.agent.report_resource(session_id, f"{self.agent.agent_id}/{session_id}", address=at)
+        except LedgerError as e:  # lost it meanwhile, or fenced: the new owner reports its own
+            log.warning("resource of %s not reported: %s", session_id, e)
+            return
+        self.say(f"{session_id} runs at {at}")
+
+    async def stop(self) -> None:
+        await cancellation.stop(list(self._tasks))
+
+
+class HealthReporter:
+    """Reports each probed route of the agent's sessions healthy, once per probe period, while it warms up or runs.
+
+    The routes come from the log the self-claimer follows; the reference agent serves nothing, so "healthy"
+    means "its owner is alive" - which is what a failover shows: the dead owner's routes go stale.
+    """
+
+    def __init__(self, agent: Agent, follower: Follower) -> None:
+        self.agent, self.follower = agent, follower
+        self._reported: dict[str, float] = {}
+
+    async def run(self) -> None:
+        await self.follower.caught_up.wait()
+        while True:
+            cancellation.raise_if_cancelled()
+            await self.report_due(time.monotonic())
+            await asyncio.sleep(HEALTH_TICK)
+
+    async def report_due(self, now: float) -> None:
+        owned = self.agent.owned
+        for route in list(self.follower.state.ledger.routes.values()):
+            if route.probe is None or route.session_id not in owned or route.state not in (lc.WARMING_UP, lc.RUNNING):
+                continue
+            if now - self._reported.get(route.route_id, -route.probe.period) < route.probe.period:
+                continue
+            self._reported[route.route_id] = now
+            try:
+                await self.agent.report_health(route.route_id, healthy=True,
+                                               detail=f"{self.agent.agent_id} serves it")
+            except LedgerError as e:  # lost the session meanwhile: its next owner reports
+                log.debug("health of route %s not reported: %s", route.route_id, e)
+
+
+def address(template: str, agent_id: str, session_id: str) -> str:
+    """The address a session runs at; KeyError, IndexError or ValueError for a template that names other fields."""
+    return template.format(agent=agent_id, session=session_id)
 
 
 async def run(ledger: Writer, *, agent_id: str, pool: str, platform: str, region: str, capacity: int,
               heartbeat: float, ttl: float, say: Callable[[str], None], self_claim: bool = True,
-              policy: HealthPolicy | None = None) -> None:
+              policy: HealthPolicy | None = None, address_template: str | None = None,
+              report_health: bool = False) -> None:
     """Run until SIGTERM or SIGINT, then say goodbye once.
 
     Without `self_claim` the agent only runs what reclaimers give it (push mode):
     it does not fold the whole log, so it starts at once however long the log is.
     `policy`: the liveness policy the consumers use; None: from the environment
     (LEDGER_SUSPECT_AFTER_MISSED, LEDGER_DEAD_AFTER), as `ledger consumers` and `ledger up` read it.
+    `address_template`: report each session gained as running there (`address`); None: report nothing.
+    `report_health`: report the probed routes of its sessions healthy (needs `self_claim`: it reads the routes).
     """
     policy = policy if policy is not None else HealthPolicy.from_env()
     agent = Agent(ledger, agent_id=agent_id, pool=pool, platform=platform, region=region, capacity=capacity,
                   heartbeat=heartbeat, ttl=ttl, handle_signals=True,
                   on_fenced=lambda why: say(f"fenced: {why}"),
                   on_lost=lambda sid, why: say(f"lost {sid}: {why}"),
-                  on_gained=lambda claim, by: say(f"now owns {claim.session_id} (token {claim.token}, "
-                                                  f"{claim.reason}, claimed by {by})"))
+                  on_gained=lambda claim, by: gained(claim, by))
+    reporter = ResourceReporter(agent, address_template, say)
+
+    def gained(claim: Claim, by: str) -> None:
+        say(f"now owns {claim.session_id} (token {claim.token}, {claim.reason}, claimed by {by})")
+        reporter.gained(claim.session_id)
+
     async with agent:
         say(f"registered {agent_id} (incarnation {agent.incarnation}) in pool {pool}/{platform}/{region}, "
             f"capacity {capacity}, heartbeat {heartbeat:g} s, ttl {ttl:g} s")
         running = [asyncio.create_task(IdleReaper(agent).run())]
         if self_claim:
-            running.append(asyncio.create_task(SelfClaimer(agent, say, policy).run()))
+            claimer = SelfClaimer(agent, say, policy, reporter.gained)
+            running.append(asyncio.create_task(claimer.run()))
+            if report_health:
+                running.append(asyncio.create_task(HealthReporter(agent, claimer.follower).run()))
         try:
             await agent.wait_stopped()
         finally:
             await cancellation.stop(running)
+            await reporter.stop()
         say(f"stopping: saying goodbye (owned {agent.load} session(s))")
     said = "goodbye written" if agent.goodbye_seq is not None else f"no goodbye written ({agent.fenced or 'no ack'})"
     say(f"{said}; bye")

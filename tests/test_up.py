@@ -201,22 +201,34 @@ def test_up_on_a_taken_port_is_one_clear_line(tmp_path: Path):
 
 
 def test_demo_tells_a_failover_story_and_cleans_up():
-    result = subprocess.run([*LEDGER, "demo", "--exit", "--agents", "3", "--sessions", "9"],
+    result = subprocess.run([*LEDGER, "demo", "--exit", "--agents", "4", "--sessions", "9"],
                             capture_output=True, text=True, timeout=120, check=False)
     out = result.stdout
     assert result.returncode == 0, out + result.stderr
     assert "Traceback" not in result.stderr
-    # The SIGKILLed agent is declared dead, the SIGTERMed one says goodbye, and both lose all their sessions.
-    victim = re.search(r"^3\. kill -9 (a\d):", out, re.M).group(1)  # type: ignore[union-attr]
-    leaver = re.search(r"^4\. SIGTERM (a\d):", out, re.M).group(1)  # type: ignore[union-attr]
+    # Two pools, two agents each; the SIGKILLed agent (gpu) is declared dead, the SIGTERMed one (cpu) says
+    # goodbye, and both lose all their sessions to the survivor of their own pool.
+    assert re.search(r"^   gpu: a1 a2$", out, re.M) and re.search(r"^   cpu: a3 a4$", out, re.M), out
+    victim = re.search(r"^3\. kill -9 (a\d) \(pool gpu\):", out, re.M).group(1)  # type: ignore[union-attr]
+    leaver = re.search(r"^4\. SIGTERM (a\d) \(pool cpu\):", out, re.M).group(1)  # type: ignore[union-attr]
     assert re.search(rf"#\d+ +{victim} declared dead by monitor", out), out
     assert re.search(rf"#\d+ +{leaver} said goodbye \(signal SIGTERM\)", out), out
     assert re.search(r"-> declared dead [\d.]+ s after the kill; \d+ sessions? owned again", out), out
     assert re.search(r"-> exit code 0; \d+ sessions? owned again", out), out
     assert "no anomalies" in out and "9 sessions" in out
-    # At the end every session belongs to the one agent left.
-    rows = re.findall(r"^ (s\d\d) +demo +assigned +(a\d) ", out, re.M)
-    assert len(rows) == 9 and {owner for _, owner in rows} == {"a1", "a2", "a3"} - {victim, leaver}, out
+    # At the end every session of a pool belongs to the one agent of that pool left, which reported where it runs.
+    survivors = {"gpu": ({"a1", "a2"} - {victim}).pop(), "cpu": ({"a3", "a4"} - {leaver}).pop()}
+    rows = re.findall(r"^ (s\d\d) +(gpu|cpu) +assigned +(a\d) .* (a\d)/(s\d\d) *$", out, re.M)
+    assert len(rows) == 9 and {pool for _, pool, *_ in rows} == {"gpu", "cpu"}, out
+    assert all(owner == survivors[pool] == resource_agent and sid == resource_sid
+               for sid, pool, owner, resource_agent, resource_sid in rows), out
+    # The first five sessions have routes, which went through their lifecycle to RUNNING (their owners report
+    # them healthy) and, after the failures, run with traffic, reported healthy by the new owners.
+    for r in ("r01", "r02", "r03", "r04", "r05"):
+        for before, after in (("PENDING", "STARTING"), ("STARTING", "WARMING_UP"), ("WARMING_UP", "RUNNING ACTIVE")):
+            assert re.search(rf"#\d+ +route {r} {before} -> {after}: ", out), (r, before, out)
+    routes = re.findall(r"^ (r\d\d) +(s\d\d) +RUNNING +- +ACTIVE +healthy ", out, re.M)
+    assert routes == [(f"r{i:02d}", f"s{i:02d}") for i in range(1, 6)], out
     data_dir = re.search(r"data in (\S+)", out).group(1)  # type: ignore[union-attr]
     assert not Path(data_dir).exists()  # the temporary ledger is removed
 
@@ -257,7 +269,7 @@ def _children(pid: int) -> list[int]:
 def test_demo_ends_with_the_error_of_a_piece_that_fails_mid_story():
     # While the story runs, the stack is supervised too: the embedded server dying is said as such, at once,
     # not as a step that "did not happen within 30 s" long after.
-    proc = subprocess.Popen([*LEDGER, "demo", "--exit", "--agents", "3", "--sessions", "6"],
+    proc = subprocess.Popen([*LEDGER, "demo", "--exit", "--agents", "4", "--sessions", "6"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         read_until(proc, "1. A fleet")

@@ -27,11 +27,18 @@ from .liveness import policy_options
 @click.option("--self-claim/--no-self-claim", default=True, show_default=True,
               help="Claim the pool's sessions that need an owner itself (it then follows the whole log); "
                    "with --no-self-claim it runs only what a reclaimer (`ledger up` / `ledger consumers`) gives it.")
+@click.option("--report-address", "address_template", default=None, metavar="TEMPLATE",
+              help="Report each session it gains as running at TEMPLATE, with {agent} and {session} filled in "
+                   "(e.g. '{agent}.local:8000'), so the session's routes warm up [default: report nothing].")
+@click.option("--report-health", is_flag=True,
+              help="Report each route of its sessions that has a health probe healthy, at the probe's period "
+                   "(it reads the routes from the log it follows: not with --no-self-claim).")
 @policy_options
 @nats_url_option
 @async_command
 async def agent_command(agent_id: str, pool: str, platform: str, region: str, capacity: int, heartbeat: float,
-                        ttl: float, self_claim: bool, policy: HealthPolicy, nats_url: str) -> None:
+                        ttl: float, self_claim: bool, address_template: str | None, report_health: bool,
+                        policy: HealthPolicy, nats_url: str) -> None:
     """Run a reference agent: register, heartbeat, claim the pool's sessions, goodbye on SIGTERM.
 
     It claims sessions of its pool/platform/region that are pending, orphaned,
@@ -43,6 +50,17 @@ async def agent_command(agent_id: str, pool: str, platform: str, region: str, ca
     """
     if ttl <= heartbeat:
         raise click.BadParameter(f"--ttl ({ttl:g}) must be longer than --heartbeat ({heartbeat:g})", param_hint="--ttl")
+    if report_health and not self_claim:
+        raise click.BadParameter("needs the routes of the log, which only a self-claiming agent follows",
+                                 param_hint="--report-health")
+    if address_template is not None:
+        from ledgerctl.agent_process import address
+
+        try:
+            address(address_template, agent_id, "s")
+        except (KeyError, IndexError, ValueError) as e:
+            raise click.BadParameter(f"{address_template!r}: only {{agent}} and {{session}} may be filled in ({e})",
+                                     param_hint="--report-address") from None
 
     def say(line: str) -> None:
         echo(f"{datetime.now(UTC).astimezone().strftime('%H:%M:%S.%f')[:-3]} {agent_id}: {line}")
@@ -53,4 +71,5 @@ async def agent_command(agent_id: str, pool: str, platform: str, region: str, ca
 
         await agent_process.run(ledger, agent_id=agent_id, pool=pool, platform=platform, region=region,
                                   capacity=capacity, heartbeat=heartbeat, ttl=ttl, say=say, self_claim=self_claim,
-                                  policy=policy)
+                                  policy=policy, address_template=address_template,
+                                  report_health=report_health)

@@ -18,6 +18,7 @@ from consumers.follow import Item
 from consumers.liveness_rules import LivenessSettings
 from ledger import cancellation
 from ledger import events as ev
+from ledger import lifecycle as lc
 from ledger.codec import Recorded
 from ledger.events import Producer
 from ledger.ids import new_id
@@ -33,7 +34,10 @@ from . import tables
 from .common import async_command, echo, stop_signals
 from .up import env_line, web_settings
 
-POOL = "demo"
+POOLS = ("gpu", "cpu")
+"""The demo's pools; the first gets the kill -9, the second the goodbye."""
+ADDRESS = "{agent}.%s.demo:8000"
+"""Where an agent of a pool says its sessions run (`ledger agent --report-address`)."""
 STEP_TIMEOUT = 30.0
 """Seconds any one step of the story may take before the demo gives up and says which."""
 
@@ -50,13 +54,14 @@ class Fleet:
         self.heartbeat, self.ttl, self.capacity = heartbeat, ttl, capacity
         self.procs: dict[str, asyncio.subprocess.Process] = {}
 
-    async def start(self, agent_id: str) -> None:
+    async def start(self, agent_id: str, pool: str) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_dir / f"{agent_id}.log", "ab") as log:  # noqa: ASYNC230 - a local file, opened at once
             self.procs[agent_id] = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "ledgerctl", "agent", "--agent-id", agent_id, "--pool", POOL,
+                sys.executable, "-m", "ledgerctl", "agent", "--agent-id", agent_id, "--pool", pool,
                 "--capacity", str(self.capacity), "--heartbeat", str(self.heartbeat), "--ttl", str(self.ttl),
-                "--nats-url", self.url, stdout=log, stderr=log, stdin=asyncio.subprocess.DEVNULL,
+                "--report-address", ADDRESS % pool, "--report-health", "--nats-url", self.url,
+                stdout=log, stderr=log, stdin=asyncio.subprocess.DEVNULL,
                 start_new_session=True)  # Ctrl-C reaches the demo, which then stops its agents one by one
 
     def kill9(self, agent_id: str) -> None:
@@ -132,6 +137,13 @@ class Feed:
         elif isinstance(e, ev.AgentGoodbye):
             line = f"{e.agent_id} said goodbye ({e.reason})"
             self.stored_ns[f"goodbye:{e.agent_id}"] = item.timestamp_ns
+        elif isinstance(e, ev.SessionResourceReported):
+            line = f"{e.session_id} runs on {e.agent_id} at {e.address}"
+        elif isinstance(e, ev.RouteCreated):
+            line = f"route {e.route_id} created for {e.session_id} -> {e.endpoint} ({lc.PENDING})"
+        elif isinstance(e, ev.RouteTransitioned):
+            traffic = f" {e.traffic}" if e.to_state == lc.RUNNING and e.traffic else ""
+            line = f"route {e.route_id} {e.from_state} -> {e.to_state}{traffic}: {e.reason}"
         elif isinstance(e, ev.PoolBreakerTripped):
             line = f"pool {e.pool}: breaker tripped - {e.reason}"
         if line:
@@ -155,13 +167,29 @@ class Feed:
         """Wait for the agent's `event` ("dead" or "goodbye") and for `sessions` to have owners; its stored time."""
         key = f"{event}:{agent_id}"
         await self.until(lambda: key in self.stored_ns and not self.owned_by(agent_id)
-                         and all(self.owner(s) for s in sessions), what)
+                         and all(self.serving(s) for s in sessions), what)
         return self.stored_ns[key]
 
     def reowned(self, sessions: list[str], since_ns: int, since: str) -> str:
         if not sessions:
             return ""
         return f"; {sessions_(sessions)} owned again {(self.stored_ns['claim'] - since_ns) / 1e6:.0f} ms after {since}"
+
+    def serving(self, session_id: str) -> bool:
+        """Whether the session's owner has reported where it runs (a claim clears the address)."""
+        session = self.state.sessions.get(session_id)
+        return session is not None and session.owner is not None and session.address is not None
+
+    def route_served(self, route_id: str) -> bool:
+        """Whether the route runs with traffic, reported healthy since its session's latest claim."""
+        route = self.state.routes.get(route_id)
+        session = self.state.sessions.get(route.session_id) if route is not None else None
+        return (route is not None and route.state == lc.RUNNING and route.traffic == lc.TRAFFIC_ACTIVE
+                and session is not None and route.health_checked_at is not None and session.status_since is not None
+                and route.health_checked_at >= session.status_since)
+
+    def routes_of(self, sessions: list[str]) -> list[lc.RouteState]:
+        return sorted((r for r in self.state.routes.values() if r.session_id in sessions), key=lambda r: r.route_id)
 
     def owned_by(self, agent_id: str) -> list[str]:
         return sorted(s.session_id for s in self.state.sessions.values() if s.owner == agent_id)
@@ -171,49 +199,102 @@ def sessions_(ids: list[str]) -> str:
     return "1 session" if len(ids) == 1 else f"{len(ids)} sessions"
 
 
-async def story(stack: Stack, fleet: Fleet, feed: Feed, names: list[str], sessions: int) -> int:
-    """Start the fleet, give it sessions, kill -9 one agent, SIGTERM another; check the projection.
+def pools_of(names: list[str]) -> dict[str, str]:
+    """Agent -> pool: the first half (rounded up) in the first pool, the rest in the second."""
+    half = (len(names) + 1) // 2
+    return {name: POOLS[0] if i < half else POOLS[1] for i, name in enumerate(names)}
 
+
+async def routes_served_again(feed: Feed, sessions: list[str]) -> None:
+    """Wait for the routes of `sessions` to run with traffic, reported healthy by the new owner; tell them."""
+    routes = [r.route_id for r in feed.routes_of(sessions)]
+    await feed.until(lambda: all(feed.route_served(r) for r in routes),
+                     f"routes {' '.join(routes)} reported healthy by their new owner")
+    for r in feed.routes_of(sessions):
+        session = feed.state.sessions[r.session_id]
+        echo(f"   route {r.route_id}: {r.state} {r.traffic}, healthy per {session.owner} (its address stays "
+             f"{r.address}, set as it warmed up; {r.session_id} now runs at {session.address})")
+
+
+async def story(stack: Stack, fleet: Fleet, feed: Feed, names: list[str], sessions: int, pause: float = 0.0) -> int:
+    """Start the fleet in two pools, give it sessions and routes, kill -9 one agent, SIGTERM another; show the
+    projection.
+
+    `pause`: seconds to wait before each failure, for a look at the dashboard.
     Returns the last sequence before the kill, for a look at the past.
     """
     say = echo
-    say(f"\n1. A fleet of {len(names)} agents in pool {POOL!r} (heartbeat {fleet.heartbeat:g} s, ttl {fleet.ttl:g} s)")
+
+    async def wait_a_moment() -> None:
+        if pause > 0:  # a pace for a person watching, not a wait for anything to happen
+            where = f"; watch it live on {stack.http_url}/" if stack.http_url else ""
+            say(f"   (in {pause:g} s{where})")
+            await asyncio.sleep(pause)
+
+    pool_of = pools_of(names)
+    say(f"\n1. A fleet of {len(names)} agents (heartbeat {fleet.heartbeat:g} s, ttl {fleet.ttl:g} s) in two pools:")
+    for pool in POOLS:
+        say(f"   {pool}: {' '.join(n for n in names if pool_of[n] == pool)}")
     for name in names:
-        await fleet.start(name)
+        await fleet.start(name, pool_of[name])
     await feed.until(lambda: set(names) <= feed.state.agents.keys(), "the agents' registration")
 
-    say(f"\n2. {sessions} sessions, bound to the pool (never to an agent): the agents claim them")
-    ledger = Writer(stack.store, Producer(id="demo", instance=new_id()))
     ids = [f"s{i:02d}" for i in range(1, sessions + 1)]
-    for sid in ids:
-        await ledger.create_session(POOL, session_id=sid)
-    await feed.until(lambda: all(feed.owner(s) for s in ids), "every session claimed")
+    routed = {sid: f"r{sid[1:]}" for sid in ids[:(sessions + 1) // 2]}
+    # Stale well before the owner's death is declared (its last report is at most a period before the kill),
+    # yet a report late by more than a period is not stale yet; a third of the ttl keeps the log from filling up.
+    probe = ev.Probe(initial_delay=STEP_TIMEOUT, period=max(fleet.heartbeat, fleet.ttl / 3),
+                     stale_after=fleet.ttl * 0.75)
+    say(f"\n2. {sessions} sessions, each bound to a pool (never to an agent), and routes to the first "
+        f"{len(routed)}: the agents claim the sessions and say where each runs; the route watchdog moves "
+        f"the routes {lc.PENDING} -> {lc.STARTING} -> {lc.WARMING_UP} -> {lc.RUNNING} once the owner reports "
+        f"them healthy (every {probe.period:g} s; stale after {probe.stale_after:g} s: traffic off)")
+    ledger = Writer(stack.store, Producer(id="demo", instance=new_id()))
+    for i, sid in enumerate(ids):
+        pool = POOLS[i % len(POOLS)]
+        await ledger.create_session(pool, session_id=sid)
+        if sid in routed:
+            await ledger.create_route(routed[sid], session_id=sid, endpoint=f"https://{sid}.{pool}.demo", probe=probe)
+    await feed.until(lambda: all(feed.serving(s) for s in ids), "every session claimed and running")
+    await feed.until(lambda: all(feed.route_served(r) for r in routed.values()), "every route RUNNING with traffic")
     for name in names:
-        say(f"   {name} owns {' '.join(feed.owned_by(name)) or 'nothing'}")
+        say(f"   {name} ({pool_of[name]}) owns {' '.join(feed.owned_by(name)) or 'nothing'}")
 
-    # The two busiest agents fail; the rest take over.
-    victim, leaver = sorted(names, key=lambda n: -len(feed.owned_by(n)))[:2]
+    # The busiest agent of each pool fails (routed sessions first, so the routes show it); the rest take over.
+    def busiest(pool: str) -> str:
+        return max((n for n in names if pool_of[n] == pool),
+                   key=lambda n: (len(set(feed.owned_by(n)) & routed.keys()), len(feed.owned_by(n))))
+
+    victim, leaver = busiest(POOLS[0]), busiest(POOLS[1])
     lost = feed.owned_by(victim)
-    say(f"\n3. kill -9 {victim}: no goodbye. Its {sessions_(lost)} wait until the liveness monitor "
-        f"declares it dead ({fleet.ttl:g} s without a heartbeat)")
+    say(f"\n3. kill -9 {victim} (pool {POOLS[0]}): no goodbye. Its {sessions_(lost)} wait until the liveness "
+        f"monitor declares it dead ({fleet.ttl:g} s without a heartbeat), and its routes lose traffic when "
+        f"their health goes stale; a survivor of {POOLS[0]} takes the sessions and reports the routes healthy")
+    await wait_a_moment()
     before = feed.state.seq
     killed = time.time_ns()
     fleet.kill9(victim)
     dead = await feed.moved_on(victim, lost, "dead", f"the death of {victim} and the re-claim of its sessions")
     after = feed.reowned(lost, dead, "the declaration")
     say(f"   -> declared dead {(dead - killed) / 1e9:.2f} s after the kill{after}")
+    await routes_served_again(feed, lost)
 
     moved = feed.owned_by(leaver)
-    say(f"\n4. SIGTERM {leaver}: it says goodbye once and exits 0; its {sessions_(moved)} move at once")
+    say(f"\n4. SIGTERM {leaver} (pool {POOLS[1]}): it says goodbye once and exits 0; its {sessions_(moved)} "
+        f"move at once to a survivor of {POOLS[1]}")
+    await wait_a_moment()
     code = await fleet.terminate(leaver)
     bye = await feed.moved_on(leaver, moved, "goodbye", f"the goodbye of {leaver} and the re-claim of its sessions")
     say(f"   -> exit code {code}{feed.reowned(moved, bye, 'the goodbye')}")
+    await routes_served_again(feed, moved)
 
     say("\n5. The projection (SQLite), caught up with the log:")
     await stack.projector.wait_for(feed.state.seq)
     async with Query.open(stack.projector.path) as q:
-        page = await q.sessions(pool=POOL)
+        page = await q.sessions()
         tables.show(page, tables.sessions(page))
+        route_page = await q.routes()
+        tables.show(route_page, tables.routes(route_page))
         anomalies = await q.anomalies()
     if anomalies.items:
         say(f"   {len(anomalies.items)} anomalies flagged (see `ledger anomalies`)")
@@ -223,8 +304,8 @@ async def story(stack: Stack, fleet: Fleet, feed: Feed, names: list[str], sessio
 
 
 @click.command("demo")
-@click.option("--agents", "count", default=3, show_default=True, type=click.IntRange(3, 9),
-              help="Agents in the demo fleet (two of them fail).")
+@click.option("--agents", "count", default=4, show_default=True, type=click.IntRange(4, 9),
+              help="Agents in the demo fleet, split over two pools (one of each pool fails).")
 @click.option("--sessions", default=12, show_default=True, type=click.IntRange(1, 500))
 @click.option("--heartbeat", default=0.5, show_default=True, type=click.FloatRange(min=0.05),
               help="The agents' heartbeat interval, seconds.")
@@ -236,17 +317,22 @@ async def story(stack: Stack, fleet: Fleet, feed: Feed, names: list[str], sessio
 @click.option("--exit", "then_exit", is_flag=True, help="End after the story instead of staying up for Ctrl-C.")
 @click.option("--http-port", type=click.IntRange(0, 65535), default=None,
               help=f"The dashboard's port; 0: any free one [default: {DEFAULT_HTTP_PORT}, or a free one when taken].")
+@click.option("--pause", type=click.FloatRange(min=0), default=None,
+              help="Seconds to wait before each failure, to watch it in the dashboard [default: 10; 0 with --exit].")
 @click.option("--http/--no-http", "http", default=True, show_default=True, help="Serve the dashboard and the API.")
 @async_command
 async def demo_command(count: int, sessions: int, heartbeat: float, ttl: float, data_dir: Path | None,
-                       port: int | None, then_exit: bool, http_port: int | None, http: bool) -> None:
+                       port: int | None, then_exit: bool, pause: float | None, http_port: int | None,
+                       http: bool) -> None:
     """`ledger up` on a fresh embedded server, plus a fleet that fails: watch failover happen.
 
-    Starts reference agents (`ledger agent` processes), creates sessions they
-    claim, kills one with SIGKILL (its sessions move once the liveness monitor
-    declares it dead) and stops another with SIGTERM (its goodbye moves them at
-    once), then shows the projection. Afterwards it stays up so you can look
-    around with the commands it prints, until Ctrl-C.
+    Starts reference agents (`ledger agent` processes) in two pools, gpu and
+    cpu, creates sessions they claim and routes the watchdog moves to RUNNING,
+    kills a gpu agent with SIGKILL (its sessions move once the liveness monitor
+    declares it dead) and stops a cpu agent with SIGTERM (its goodbye moves
+    them at once), then shows the projection. The dashboard shows it all live.
+    Afterwards it stays up so you can look around with the commands it prints,
+    until Ctrl-C.
     """
     if ttl <= heartbeat:
         raise click.BadParameter(f"--ttl ({ttl:g}) must be longer than --heartbeat ({heartbeat:g})", param_hint="--ttl")
@@ -269,7 +355,8 @@ async def demo_command(count: int, sessions: int, heartbeat: float, ttl: float, 
             fleet = Fleet(stack.url, root / "agents", heartbeat=heartbeat, ttl=ttl, capacity=sessions)
             feed = Feed(stack, echo, fleet.log_dir)
             try:
-                told = asyncio.create_task(story(stack, fleet, feed, names, sessions))
+                pace = pause if pause is not None else 0.0 if then_exit else 10.0
+                told = asyncio.create_task(story(stack, fleet, feed, names, sessions, pace))
                 # The stack is supervised while the story runs too: a piece that fails ends the demo with its
                 # error, rather than a step that "did not happen within 30 s".
                 told_or_stopped = asyncio.Event()
@@ -291,6 +378,7 @@ async def demo_command(count: int, sessions: int, heartbeat: float, ttl: float, 
                         for command, what in [(f"ledger history session {min(feed.state.sessions)}",
                                                "each change of a session, and its cause"),
                                               (f"ledger sessions --at-seq {before_kill}", "the past: before the kill"),
+                                              ("ledger routes", "the routes and their lifecycle"),
                                               ("ledger replay --type agent.declared_dead", "the log itself")]:
                             echo(f"  {command:<42}# {what}")
                         if stack.http_url:
