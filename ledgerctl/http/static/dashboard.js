@@ -88,8 +88,13 @@ async function refreshOverview() {
   showEvents();
 }
 
+// Routine reports that change nothing an operator watches for: a route's healthy probe every second would push
+// every real event (a claim, a death) out of the panel. The route table shows the health.
+const ROUTINE = new Set(["route.health_reported", "agent.heartbeat"]);
+
 function showEvents() {
-  const shown = view.asOf === null ? view.events : view.events.filter((e) => e.stream !== "LEDGER" || e.seq <= view.latestShown);
+  const news = view.events.filter((e) => !ROUTINE.has(e.type) || e.anomaly);
+  const shown = view.asOf === null ? news : news.filter((e) => e.stream !== "LEDGER" || e.seq <= view.latestShown);
   fill("events", shown.slice(0, 25), [
     ["seq", (e) => e.seq], ["stored", (e) => hms(e.stored_at)], ["event", (e) => esc(e.type)],
     ["entity", (e) => e.entity ? link(...e.entity.split("/")) : esc(e.anomaly)],
