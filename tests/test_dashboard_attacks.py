@@ -140,7 +140,7 @@ async def test_stored_markup_is_shown_as_text_and_never_runs(server: EmbeddedSer
         await not_pwned(page)
 
         # Each entity page: the story, the causal chains, and every entry (opened).
-        stories = {"session/xs": f"xs was claimed by evil", "agent/evil": "evil said goodbye",
+        stories = {"session/xs": "xs was claimed by evil", "agent/evil": "evil said goodbye",
                    "route/rx": "route.created", "pool/gpu": "pool.breaker_tripped", "session/xt": "terminated"}
         for entity, said in stories.items():
             await page.goto(f"{r.url}/#/{entity}")
@@ -151,13 +151,15 @@ async def test_stored_markup_is_shown_as_text_and_never_runs(server: EmbeddedSer
         await page.goto(f"{r.url}/#/session/xs")
         await page.reload()
         story = page.locator("#entity-story")
-        await expect(story).to_contain_text(f"xs was claimed by evil", timeout=30_000)
+        await expect(story).to_contain_text("xs was claimed by evil", timeout=30_000)
         await expect(story).to_contain_text(f"({PAYLOAD}, token #")
-        await expect(story).to_contain_text(f"because evil said goodbye ({PAYLOAD})")
+        await expect(story.locator("ol.chain li")).to_contain_text("because evil said goodbye at")
+        await expect(story.locator("ol.chain li")).to_contain_text(f"({PAYLOAD})")
         await page.goto(f"{r.url}/#/agent/evil")
         await page.reload()
-        await expect(page.locator("#entity-story")).to_contain_text(f"evil said goodbye ({PAYLOAD})", timeout=30_000)
-        await expect(page.locator("#entity-story")).to_contain_text(f"suspected evil", timeout=30_000)
+        goodbye = page.locator("#entity-story > li", has_text="evil said goodbye at")
+        await expect(goodbye.first).to_contain_text(f"({PAYLOAD})", timeout=30_000)
+        await expect(page.locator("#entity-story")).to_contain_text("suspected evil", timeout=30_000)
         await not_pwned(page)
 
         # Every link on every page goes to an entity of this dashboard or its JSON, never a javascript: URL.
