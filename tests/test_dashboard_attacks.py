@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from ledger import events as ev
 from ledger.subjects import LEDGER_STREAM
 from ledger.writer import Writer
+from ledgerctl.http import app as app_module
 from ledgerctl.http import server as http_server_module
 from ledgerctl.http.sse import EventFeed
 from ledgerctl.server import EmbeddedServer
@@ -46,7 +47,7 @@ def writer(r: Running, producer: str) -> Writer:
 def app_feeds(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[EventFeed]]:
     """The live feed of each app the HTTP server makes (the real create_app, its result kept)."""
     feeds: list[EventFeed] = []
-    real = http_server_module.create_app
+    real = app_module.create_app
 
     def keeping(parts: Any) -> Any:
         app = real(parts)
@@ -256,7 +257,7 @@ async def raw_get(url: str, path: str) -> httpx.Response:
         writer.close()
     head, _, body = raw.partition(b"\r\n\r\n")
     status = int(head.split(b" ", 2)[1])
-    headers = [tuple(line.split(b": ", 1)) for line in head.split(b"\r\n")[1:] if b": " in line]
+    headers = [(name, value) for name, _, value in (line.partition(b": ") for line in head.split(b"\r\n")[1:])]
     return httpx.Response(status, headers=headers, content=body)
 
 
@@ -282,3 +283,28 @@ async def test_absurd_parameters_and_path_traversal_are_one_line_4xx(server: Emb
             if not ok:
                 failures.append(f"{path} -> {reply.status_code} {body[:200]!r}")
         assert not failures, "\n".join(failures)
+
+
+async def test_a_flood_of_big_events_drops_a_subscriber_that_does_not_read_at_its_byte_bound(
+        server: EmbeddedServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The queue's 1,000 events are a count: one event may be 64 KB (codec.MAX_EVENT_BYTES), so 1,000 of them
+    would be 64 MB encoded, several times that as Python objects, held for one slow client. The feed bounds bytes
+    too."""
+    with app_feeds(monkeypatch) as feeds:
+        async with running(server, tmp_path) as r:
+            feed = feeds[0]
+            before = feed.subscribers
+            slow = feed.subscribe()
+            waiting = asyncio.ensure_future(slow.__anext__())
+            await eventually(lambda: feed.subscribers == before + 1, timeout=30, what="slow subscriber")
+            evil = writer(r, "evil")
+            labels = {f"k{i}": "x" * 4000 for i in range(15)}  # ~60 KB, under codec.MAX_EVENT_BYTES
+            events = (feed.queue_bytes // 60_000) + 5
+            assert events < feed.queue_size, "the count bound alone would never drop this subscriber"
+            for i in range(events):
+                await evil.store.append(ev.SessionCreated(producer=evil.producer, session_id=f"big-{i}", pool="gpu",
+                                                          labels=labels))
+            await eventually(lambda: feed.dropped == 1 and feed.subscribers == before, timeout=60,
+                             what="the slow subscriber dropped at its byte bound")
+            await waiting
+            assert [e async for e in slow] == []
