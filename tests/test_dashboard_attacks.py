@@ -37,6 +37,7 @@ PAYLOAD = f"{IMG} {SCRIPT} {QUOTE}"
 JS_URL = "javascript:window.__pwned=1"
 METRIC_TEXT = 'a"b\nc\\d}{x="y"'
 """Quotes, a newline, a backslash and braces: what a hand-built Prometheus line would break on."""
+FORGED_SSE = 'x\n\nevent: stored\ndata: {"type": "forged"}\n\nretry: 1\n'
 
 
 def writer(r: Running, producer: str) -> Writer:
@@ -194,11 +195,18 @@ async def test_a_flood_drops_a_subscriber_that_does_not_read_and_a_gone_client_i
             async with httpx.AsyncClient(timeout=30) as client:
                 async with client.stream("GET", r.url + "/api/events") as stream:
                     await eventually(lambda: feed.subscribers == before + 1, timeout=30, what="subscribed")
+                    # A reason that would end the SSE message and forge another if it reached the wire raw.
                     await r.operator.create_session("gpu", session_id="hello")
-                    lines = stream.aiter_lines()
-                    async for line in lines:
-                        if line.startswith("event: stored"):
+                    await r.operator.terminate_session("hello", reason=FORGED_SSE)
+                    data: list[dict[str, Any]] = []
+                    async for line in stream.aiter_lines():
+                        assert not line.startswith("event:") or line in ("event: hello", "event: stored"), line
+                        if line.startswith("data:"):
+                            data.append(json.loads(line.removeprefix("data:")))
+                        if data and data[-1].get("type") == "session.terminated":
                             break
+                    assert data[-1]["body"]["reason"] == FORGED_SSE
+                    assert [d.get("type") for d in data[1:]] == ["session.created", "session.terminated"], data
             await eventually(lambda: feed.subscribers == before, timeout=30, what="the gone client forgotten")
 
             # A subscriber that never reads while a forger floods: its queue stops at its bound and it is dropped.
