@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from http_stack import Running, running
 from prometheus_client.parser import text_string_to_metric_families
 
 from ledger import events as ev
+from ledger.ids import TOKEN_PATTERN
 from ledger.subjects import LEDGER_STREAM
 from ledger.writer import Writer
 from ledgerctl.http import app as app_module
@@ -180,6 +182,10 @@ async def test_metrics_parse_whatever_text_was_stored(server: EmbeddedServer, tm
         assert {"ledger_dead_letters", "ledger_anomalies", "ledger_agents", "ledger_pool_breaker_open"} <= names
         dead = [s for f in families if f.name == "ledger_dead_letters" for s in f.samples]
         assert dead and sum(s.value for s in dead) >= 1, dead
+        # No stored free text becomes a label value: labels are ids, pool names and codes (tokens), so neither
+        # escaping nor a reason's cardinality is at stake; prometheus_client writes the text (no hand-built lines).
+        values = {v for f in families for s in f.samples for k, v in s.labels.items() if k != "le"}
+        assert values and all(re.match(TOKEN_PATTERN, v) for v in values), values
         breaker = {s.labels["pool"]: s.value for f in families if f.name == "ledger_pool_breaker_open"
                    for s in f.samples}
         assert breaker.get("gpu") == 1, breaker
