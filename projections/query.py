@@ -53,6 +53,9 @@ from .views import (
 AsOf = int | datetime | None
 """None: now; an int: a LEDGER stream sequence; a datetime: a moment."""
 
+MAX_LIMIT = 2**63 - 1
+"""SQLite's largest INTEGER: a larger LIMIT is not an integer to it (a datatype mismatch, not an answer)."""
+
 ROUTE_STATUSES = ("PROVISIONING", "RUNNING", "FAILED_TO_START", "TERMINATING", "TERMINATED")
 
 
@@ -247,8 +250,8 @@ class Query:
     async def anomalies(self, *, kind: str | None = None, entity_kind: str | None = None,
                         entity_id: str | None = None, limit: int = 100, as_of: AsOf = None) -> Page[AnomalyRecord]:
         """Events flagged and not applied, newest first."""
-        if limit < 1:
-            raise InvalidQuery(f"limit must be at least 1, got {limit}")
+        if not 1 <= limit <= MAX_LIMIT:
+            raise InvalidQuery(f"limit must be 1 to {MAX_LIMIT}, got {limit}")
         past = await self._as_of(as_of, None)
         db = self.db
         if past is None:

@@ -4,7 +4,8 @@
     follower.listen(feed.heard, recall=False)   # every applied batch, told once
     async for message in feed.subscribe(): ...  # a client's stream
 
-Each subscriber has a bounded queue; a client too slow to drain it is dropped
+Each subscriber has a queue bounded in events and in bytes (one event may be nearly
+the server's max_payload); a client too slow to drain it is dropped
 (its stream ends, the browser's EventSource reconnects and re-fetches) rather
 than buffered without bound in the server. Heartbeats are told only to
 subscribers that ask for them: a fleet beats many times a second, a page
@@ -54,33 +55,50 @@ def stored_event(item: Item, change: Change) -> StoredEvent:
                        type="dead_letter", entity=None, anomaly=item.reason)
 
 
+_encoder = msgspec.json.Encoder()
+
+
 class _Subscriber:
-    def __init__(self, size: int, heartbeats: bool) -> None:
-        self.queue: asyncio.Queue[StoredEvent | None] = asyncio.Queue(size)
+    def __init__(self, size: int, budget: int, heartbeats: bool) -> None:
+        self.queue: asyncio.Queue[tuple[StoredEvent, int] | None] = asyncio.Queue(size)
+        self.budget = budget
+        """Bytes (JSON-encoded) the queue may hold: one event may be nearly the server's max_payload."""
+        self.held = 0
         self.heartbeats = heartbeats
         self.dropped = False
 
-    def offer(self, event: StoredEvent) -> None:
+    def offer(self, event: StoredEvent, size: int) -> None:
         if self.dropped:
             return
+        if self.held + size > self.budget:
+            self.end(dropped=True)
+            return
         try:
-            self.queue.put_nowait(event)
+            self.queue.put_nowait((event, size))
         except asyncio.QueueFull:
             self.end(dropped=True)
+            return
+        self.held += size
+
+    def taken(self, size: int) -> None:
+        self.held -= size
 
     def end(self, *, dropped: bool = False) -> None:
         """Empty the queue and leave the end mark in it: the client's stream stops at once."""
         self.dropped = self.dropped or dropped
         while not self.queue.empty():
             self.queue.get_nowait()
+        self.held = 0
         self.queue.put_nowait(None)
 
 
 class EventFeed:
     """Fans the follower's applied items out to subscribers; keeps the newest for a page's first view."""
 
-    def __init__(self, *, queue_size: int = 1000, recent: int = 50) -> None:
+    def __init__(self, *, queue_size: int = 1000, queue_bytes: int = 8 * 2**20, recent: int = 50) -> None:
         self.queue_size = queue_size
+        self.queue_bytes = queue_bytes
+        """A subscriber holding more than this (JSON-encoded) is dropped, whatever the count."""
         self.recent: deque[StoredEvent] = deque(maxlen=recent)
         """The newest lifecycle items applied since this process started."""
         self.dropped = 0
@@ -97,9 +115,10 @@ class EventFeed:
             event = stored_event(item, change)
             if not beats:
                 self.recent.append(event)
+            size = len(_encoder.encode(event)) if self._subscribers else 0
             for sub in list(self._subscribers):
                 if sub.heartbeats or not beats:
-                    sub.offer(event)
+                    sub.offer(event, size)
                     if sub.dropped:
                         self._subscribers.discard(sub)
                         self.dropped += 1
@@ -112,13 +131,15 @@ class EventFeed:
         """The items applied from now on, until the client goes, falls behind, or the feed closes."""
         if self._closed:
             return
-        sub = _Subscriber(self.queue_size, heartbeats)
+        sub = _Subscriber(self.queue_size, self.queue_bytes, heartbeats)
         self._subscribers.add(sub)
         try:
             while True:
-                event = await sub.queue.get()
-                if event is None:
+                queued = await sub.queue.get()
+                if queued is None:
                     return
+                event, size = queued
+                sub.taken(size)
                 yield event
         finally:
             self._subscribers.discard(sub)
