@@ -21,7 +21,7 @@ import msgspec
 
 from projections.errors import InvalidQuery
 from projections.history import EntityHistory
-from projections.query import AsOf
+from projections.query import MAX_LIMIT, AsOf
 from projections.state import AnomalyRecord
 from projections.views import AgentView, Page, PoolView, RouteView, SessionView
 
@@ -50,7 +50,7 @@ MAX_SEQ = 2**63 - 1
 
 Filter = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_FILTER)]
 Seq = Annotated[int, msgspec.Meta(ge=0, le=MAX_SEQ)]
-Limit = Annotated[int, msgspec.Meta(ge=1, le=MAX_SEQ)]
+Limit = Annotated[int, msgspec.Meta(ge=1, le=MAX_LIMIT)]  # Query's own bound
 
 
 def query_subject(view: str) -> str:

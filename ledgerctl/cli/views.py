@@ -18,7 +18,7 @@ from ledgerctl.query_client import RemoteQuery
 from projections.errors import InvalidQuery, ProjectionError
 from projections.health import AGENT_HEALTH, DEFAULT_POLICY, HealthPolicy
 from projections.history import KINDS
-from projections.query import ROUTE_STATUSES, AsOf, Query
+from projections.query import MAX_LIMIT, ROUTE_STATUSES, AsOf, Query
 from projections.settings import DB_ENV, DEFAULT_DB
 from projections.timespec import EXAMPLES
 from projections.views import Page
@@ -188,7 +188,7 @@ async def pools_command(db: Path, nats_url: str, as_of: datetime | None, at_seq:
 @watch_option
 @click.option("--kind", help="Only this kind (illegal_transition, superseded_incarnation, stale_token, ...).")
 @click.option("--entity", metavar="KIND:ID", help="Only this entity, e.g. session:s-42.")
-@click.option("--limit", default=100, show_default=True, type=click.IntRange(min=1, max=2**63 - 1))  # SQLite's INTEGER
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(min=1, max=MAX_LIMIT))
 @async_command
 async def anomalies_command(db: Path, nats_url: str, as_of: datetime | None, at_seq: int | None, as_json: bool,
                             watching: bool, kind: str | None, entity: str | None, limit: int) -> None:
