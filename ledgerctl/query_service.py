@@ -24,6 +24,7 @@ from nats.micro import add_service
 from nats.micro.request import Request, ServiceError
 from nats.micro.service import Service
 
+from ledger.connection import GONE
 from ledger.errors import InvalidInput, LedgerError, StoreError
 from ledger.store import EventStore
 from projections.errors import DatabaseMissing, NeedsEventStore, NotCaughtUp, UnknownEntity
@@ -118,7 +119,7 @@ class QueryService:
             await nc.flush()
             yield self
         finally:
-            with contextlib.suppress(Exception):  # a closed connection has nothing left to unsubscribe
+            with contextlib.suppress(*GONE):  # a closed connection has nothing left to unsubscribe
                 await self.service.stop()
 
     @property
