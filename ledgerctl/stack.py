@@ -177,10 +177,12 @@ async def running_stack(s: UpSettings, say: Say, *, name: str = "ledger-up",
             say(f"query service       {SERVICE_NAME} on NATS ($SRV.PING.{SERVICE_NAME} finds it)")
         if s.http_port is not None:
             port = s.http_port
-            if s.http_port_fallback and port:
+            if port:  # a taken port is said in one line naming its holder (uvicorn would only log and exit)
                 try:
                     check_port_free(s.http_host, port, "HTTP")
                 except PortInUse as e:
+                    if not s.http_port_fallback:
+                        raise
                     say(f"{e}; serving HTTP on a free port instead")
                     port = 0
             running.http_url = await stack.enter_async_context(http_server(running, s.http_host, port))

@@ -197,6 +197,8 @@ CASES: dict[str, list[Case]] = {
     "up": [Case(f"up --port {{port}} --data-dir {NO_DIR}", NO_DIR),
            Case("up --port {port} --data-dir {file}/x", r"file/x"),
            Case("up --port {busy} --data-dir {tmp}/d", r"port 127\.0\.0\.1:\d+ is already in use"),
+           Case("up --port {port} --http-port {busy} --data-dir {tmp}/d",
+                r"HTTP port 127\.0\.0\.1:\d+ is already in use"),
            Case(f"up --port {RANGE}", "--port"),
            Case("up --port {port} --data-dir {tmp}/d --db {garbage}", r"garbage is not a projection"),
            Case("up --nats-url {refused}", r"cannot reach NATS at nats://127\.0\.0\.1:\d+"),

@@ -95,7 +95,7 @@ class ApiError(msgspec.Struct, frozen=True):
     message: str
 
 
-class Ledger:
+class AppState:
     """The app's state: the parts, the live feed and the metrics, wired to the follower once."""
 
     def __init__(self, parts: Parts) -> None:
@@ -134,7 +134,7 @@ AsOfParam = Annotated[str | None, QueryParameter(
     name="as_of", description="A LEDGER sequence number, or a time (ISO-8601 or relative: -5m); absent: now")]
 
 
-Deps = NamedDependency[Ledger]
+Deps = NamedDependency[AppState]
 Text = FromQuery[str | None]
 StateParam = Annotated[str | None, QueryParameter(name="state")]
 """`state` is a name Litestar keeps for the app's state."""
@@ -282,13 +282,13 @@ async def dashboard() -> Response[bytes]:
 
 
 def create_app(parts: Parts) -> Litestar:
-    ledger = Ledger(parts)
+    ledger = AppState(parts)
     app = Litestar(
         route_handlers=[agents, sessions, routes, pools, anomalies, history, recent_events, events, metrics,
                         healthz, readyz, dashboard,
                         create_static_files_router(path="/static", directories=[STATIC], include_in_schema=False)],
         dependencies={"ledger": Provide(lambda: ledger, sync_to_thread=False)},
-        signature_namespace={"Ledger": Ledger, "Deps": Deps, "Text": Text},
+        signature_namespace={"AppState": AppState, "Deps": Deps, "Text": Text},
         exception_handlers={LedgerError: _ledger_error, HTTPException: _http_error, Exception: _internal_error},
         # The process's logging is the command's (`-v`, `--log-format json`): Litestar's default config would take
         # over the root logger's format and level.

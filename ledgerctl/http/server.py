@@ -22,7 +22,7 @@ import uvicorn
 from ledger.errors import LedgerError
 from projections.query import Query
 
-from .app import Ledger, Parts, StackLike, create_app
+from .app import AppState, Parts, StackLike, create_app
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ async def serve(parts: Parts, host: str = "127.0.0.1", port: int = 0, *,
         bound = server.servers[0].sockets[0].getsockname()
         yield f"http://{host if ':' not in host else f'[{host}]'}:{bound[1]}"
     finally:
-        ledger: Ledger = app.state.ledger
+        ledger: AppState = app.state.ledger
         ledger.feed.close()
         server.should_exit = True
         with contextlib.suppress(asyncio.CancelledError, HttpServerFailed):
