@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import ssl
+import time
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -69,10 +70,27 @@ def check_server_version(version: tuple[int, int, int], url: str) -> None:
             "so two agents could own one session); upgrade the server")
 
 
-def classify_connect_failure(seen: Sequence[BaseException], final: BaseException | None, url: str
-                             ) -> AuthFailed | TlsFailed | Unavailable:
+def _outside_validity(cert_file: str) -> bool:
+    """Whether a PEM certificate's dates exclude now. CPython's ssl reads them only through a private helper;
+    if that ever goes, we just do not know (False)."""
+    try:
+        decoded = ssl._ssl._test_decode_cert(cert_file)  # type: ignore[attr-defined]
+        not_before, not_after = ssl.cert_time_to_seconds(decoded["notBefore"]), ssl.cert_time_to_seconds(
+            decoded["notAfter"])
+    except (AttributeError, KeyError, ValueError, OSError, ssl.SSLError):
+        return False
+    return not not_before <= time.time() <= not_after
+
+
+def classify_connect_failure(seen: Sequence[BaseException], final: BaseException | None, url: str,
+                             client_cert: str | None = None) -> AuthFailed | TlsFailed | Unavailable:
     """What went wrong with a first connect, from the errors nats-py reported while trying."""
     where = redact_url(url)
+    if client_cert and _outside_validity(client_cert):
+        # With TLS 1.3 the server checks our certificate after the client's side of the handshake is done: its
+        # alert can lose the race with the connection closing, and all we see is a broken pipe or a reset.
+        return TlsFailed(f"TLS handshake with {where} failed: our client certificate is expired or not yet valid "
+                         f"({client_cert}); renew the certificate given with --tls-cert")
     for e in seen:
         text = str(e).lower()
         if isinstance(e, AuthorizationError) or "authorization violation" in text:
@@ -323,14 +341,14 @@ async def open_connection(settings: Settings, name: str = "session-ledger",
         if isinstance(e, _GiveUp) and nc._transport is not None:
             # No wait: waiting for a failed TLS transport to close is what hangs. (nats-py leaves close unannotated.)
             nc._transport.close()  # type: ignore[no-untyped-call]
-        raise classify_connect_failure(watch.seen, e, settings.nats_url) from None
+        raise classify_connect_failure(watch.seen, e, settings.nats_url, settings.tls_cert_file) from None
     try:
         # nats-py's connect() returns without an error when the server closes the socket instead of answering
         # its PING (it only looks for PONG or -ERR): one more round trip proves the server accepted us.
         await nc.flush(timeout=settings.connect_timeout)  # type: ignore[arg-type] # int-annotated, used as a float
     except Exception as e:  # noqa: BLE001 - whatever it was, this connection is not usable
         await _close(nc)
-        raise classify_connect_failure(watch.seen, e, settings.nats_url) from None
+        raise classify_connect_failure(watch.seen, e, settings.nats_url, settings.tls_cert_file) from None
     watch.connecting = False
     url = nc.connected_url.geturl() if nc.connected_url else settings.nats_url
     try:

@@ -140,3 +140,35 @@ def test_a_server_below_the_floor_is_refused():
                                                     r"ledger needs 2\.11\.0") as e:
         check_server_version((2, 9, 10), "nats://u:pw@h:1")
     assert isinstance(e.value, ServerTooOld) and "Nats-Expected-Last-Subject-Sequence-Subject" in str(e.value)
+
+
+def _self_signed(path: Path, *, days_ago_start: int, days_ago_end: int) -> str:
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "agent")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(days=days_ago_start))
+            .not_valid_after(now - dt.timedelta(days=days_ago_end)).sign(key, hashes.SHA256()))
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return str(path)
+
+
+def test_a_broken_pipe_with_an_expired_client_certificate_is_said_to_be_the_certificate(tmp_path: Path) -> None:
+    # TLS 1.3: the server judges our certificate after our side of the handshake; its alert can lose the race
+    # with the close, and nats-py reports only a broken pipe. The certificate's own dates say why.
+    url = "tls://127.0.0.1:4222"
+    expired = _self_signed(tmp_path / "expired.pem", days_ago_start=30, days_ago_end=1)
+    valid = _self_signed(tmp_path / "valid.pem", days_ago_start=1, days_ago_end=-30)
+    pipe = [BrokenPipeError(32, "Broken pipe")]
+    failure = classify_connect_failure(pipe, NoServersError(), url, expired)
+    assert isinstance(failure, TlsFailed) and "expired or not yet valid" in str(failure)
+    assert isinstance(classify_connect_failure(pipe, NoServersError(), url, valid), Unavailable)
+    assert isinstance(classify_connect_failure(pipe, NoServersError(), url, str(tmp_path / "missing.pem")),
+                      Unavailable)
