@@ -16,6 +16,7 @@ from typing import Any
 
 import click
 from rich.cells import cell_len
+from rich.color import ColorSystem
 from rich.console import Console
 from rich.style import Style
 from rich.text import Text
@@ -57,9 +58,13 @@ def text_of(cell: Cell) -> str:
 class Painter:
     """Styles as ANSI codes for this console, each (text, style) rendered once; none where rich would not colour."""
 
-    def __init__(self, out: Console) -> None:
-        self.system = out._color_system if out.is_terminal and not out.no_color else None
+    def __init__(self, system: ColorSystem | None) -> None:
+        self.system = system
         self._done: dict[Span, str] = {}
+
+    @classmethod
+    def of(cls, out: Console) -> Painter:
+        return cls(out._color_system if out.is_terminal and not out.no_color else None)  # rich's own choice
 
     def paint(self, text: str, style: str) -> str:
         if self.system is None or not style or not text:
@@ -164,7 +169,7 @@ def view_lines(page: Page[Any], grid: Grid, paging: Paging, painter: Painter) ->
 
 def view(page: Page[Any], grid: Grid, paging: Paging = FROM_START) -> Text:
     """The page as one renderable (what `--watch` redraws in place: a page, so small)."""
-    return Text.from_ansi("\n".join(view_lines(page, grid, paging, Painter(console()))))
+    return Text.from_ansi("\n".join(view_lines(page, grid, paging, Painter.of(console()))))
 
 
 def write(lines: Iterable[str]) -> None:
@@ -181,7 +186,7 @@ def write(lines: Iterable[str]) -> None:
 
 
 def show(page: Page[Any], grid: Grid, paging: Paging = FROM_START) -> None:
-    write(view_lines(page, grid, paging, Painter(console())))
+    write(view_lines(page, grid, paging, Painter.of(console())))
 
 
 def agents(page: Page[Any]) -> Grid:
@@ -259,6 +264,6 @@ def history(h: EntityHistory) -> None:
             effect = _effect(e.changes)
         t.add(str(e.seq), f"{e.stored_at:%Y-%m-%d %H:%M:%S.%f}"[:-3], e.type, e.producer or "-",
               e.causation_id or "-", effect)
-    painter = Painter(console())
+    painter = Painter.of(console())
     write([*t.lines(painter), f"{h.kind} {h.id}: {len(h.entries)} events",
            *(painter.paint(f"note: {note}", "dim") for note in h.notes)])
