@@ -7,6 +7,7 @@ need no NATS server: "now" is read from the file alone.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import re
 from datetime import timedelta
@@ -16,13 +17,15 @@ import msgspec
 import pytest
 from click.testing import CliRunner, Result
 from rich.color import ColorSystem
+from rich.console import Console
 
 from ledger.events import utcnow
 from ledger.lifecycle import AgentState, RouteState, SessionState
 from ledger.subjects import HEARTBEAT_STREAM, LEDGER_STREAM
-from ledgerctl.cli import cli
+from ledgerctl.cli import cli, tables
 from ledgerctl.cli import views as cli_views
 from ledgerctl.cli.tables import Grid, Paging, Painter, footer
+from ledgerctl.cli.watch import shower
 from projections.beats import Beat
 from projections.db import ProjectionDB
 from projections.query import Query
@@ -173,3 +176,16 @@ def test_coloured_cells_line_up_as_plain_ones():
     page: Page[object] = Page(position=None, items=[], total=5)  # type: ignore[arg-type]
     more = "(next: --offset 2 or --after agent-two; --limit N, --all)"
     assert footer(page, grid, Paging()) == f"showing 1-2 of 5 things {more}"
+
+
+async def test_watch_shows_each_change_as_the_same_page_with_its_footer(db: str, capsys: pytest.CaptureFixture[str]):
+    async with Query.open(db) as q:
+        page = await q.sessions(limit=2)
+    with shower(False, tables.sessions, Paging()) as show:  # not a terminal: one rendering per change
+        show(page)
+        show(page)
+    out = capsys.readouterr().out
+    assert rows(out, "s-") == ["s-000", "s-001"] * 2 and out.count(f"showing 1-2 of {N:,} sessions") == 2
+    redrawn = Console(file=io.StringIO(), force_terminal=True, width=200)  # what rich.live redraws on a terminal
+    redrawn.print(tables.view(page, tables.sessions(page)))
+    assert f"showing 1-2 of {N:,} sessions" in redrawn.file.getvalue()  # type: ignore[attr-defined]
