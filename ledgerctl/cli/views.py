@@ -113,13 +113,13 @@ class Pages:
 
     @classmethod
     def of(cls, limit: int | None, offset: int, after: str | None, everything: bool, as_json: bool, *,
-           default: int | None = PAGE, keyset: bool = True) -> Pages:
-        """A table shows `default` rows unless told; JSON gives the whole answer, as it always did (and a total)."""
+           table: int | None = PAGE, json: int | None = None, keyset: bool = True) -> Pages:
+        """Unless told, a table shows `table` rows and JSON `json` (None: all, as it always did; with a total)."""
         if everything and limit is not None:
             raise InvalidQuery("use --limit N or --all, not both")
         if everything:
             return cls(None, offset, after, keyset)
-        return cls(limit if limit is not None else (None if as_json and keyset else default), offset, after, keyset)
+        return cls(limit if limit is not None else json if as_json else table, offset, after, keyset)
 
     @property
     def paging(self) -> Paging:
@@ -272,7 +272,7 @@ async def anomalies_command(db: Path, nats_url: str, as_of: datetime | None, at_
                             everything: bool) -> None:
     """Events that reached the log but were flagged and not applied, newest first."""
     when = as_of_from(as_of, at_seq)
-    p = Pages.of(limit, offset, None, everything, as_json, default=ANOMALIES_PAGE, keyset=False)
+    p = Pages.of(limit, offset, None, everything, as_json, table=ANOMALIES_PAGE, json=ANOMALIES_PAGE, keyset=False)
     entity_kind, _, entity_id = (entity or "").partition(":")
     if entity and (entity_kind not in KINDS or not entity_id):
         raise InvalidQuery(f"--entity is KIND:ID with KIND one of {', '.join(KINDS)}, e.g. session:s-42")
