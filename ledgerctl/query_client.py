@@ -64,7 +64,8 @@ class RemoteQuery:
         return cls(nc, timeout=query_timeout) if ping.get("name") == qp.SERVICE_NAME else None
 
     async def _ask(self, view: str, **fields: Any) -> Any:
-        request = qp.REQUESTS[view](**{k: v for k, v in fields.items() if v is not None})
+        # None is a field's default, but for a limit it says "all" (the anomalies' default is 100)
+        request = qp.REQUESTS[view](**{k: v for k, v in fields.items() if v is not None or k == "limit"})
         try:
             reply = await self.nc.request(qp.query_subject(view), msgspec.json.encode(request), timeout=self.timeout)
         except NoRespondersError:
@@ -89,25 +90,29 @@ class RemoteQuery:
         if isinstance(found, Page):  # say who answered, as a local view says "projection"
             by = headers.get(qp.SERVED_BY, "?")
             source = f"query service {qp.SERVICE_NAME} {by} via {self.where} ({found.position.source})"
-            found = Page(msgspec.structs.replace(found.position, source=source), found.items)
+            found = Page(msgspec.structs.replace(found.position, source=source), found.items, found.total)
         return found
 
     async def agents(self, *, pool: str | None = None, health: str | None = None, platform: str | None = None,
-                     region: str | None = None, as_of: AsOf = None, now: datetime | None = None) -> Page[AgentView]:
+                     region: str | None = None, as_of: AsOf = None, now: datetime | None = None,
+                     limit: int | None = None, offset: int = 0, after: str | None = None) -> Page[AgentView]:
         found: Page[AgentView] = await self._ask("agents", pool=pool, health=health, platform=platform,
-                                                 region=region, now=now, **qp.as_of_fields(as_of))
+                                                 region=region, now=now, limit=limit, offset=offset, after=after,
+                                                 **qp.as_of_fields(as_of))
         return found
 
     async def sessions(self, *, pool: str | None = None, state: str | None = None, owner: str | None = None,
-                       as_of: AsOf = None, now: datetime | None = None) -> Page[SessionView]:
+                       as_of: AsOf = None, now: datetime | None = None, limit: int | None = None, offset: int = 0,
+                       after: str | None = None) -> Page[SessionView]:
         found: Page[SessionView] = await self._ask("sessions", pool=pool, state=state, owner=owner, now=now,
-                                                   **qp.as_of_fields(as_of))
+                                                   limit=limit, offset=offset, after=after, **qp.as_of_fields(as_of))
         return found
 
     async def routes(self, *, session: str | None = None, status: str | None = None, state: str | None = None,
-                     as_of: AsOf = None, now: datetime | None = None) -> Page[RouteView]:
+                     as_of: AsOf = None, now: datetime | None = None, limit: int | None = None, offset: int = 0,
+                     after: str | None = None) -> Page[RouteView]:
         found: Page[RouteView] = await self._ask("routes", session=session, status=status, state=state, now=now,
-                                                 **qp.as_of_fields(as_of))
+                                                 limit=limit, offset=offset, after=after, **qp.as_of_fields(as_of))
         return found
 
     async def pools(self, *, as_of: AsOf = None, now: datetime | None = None) -> Page[PoolView]:
@@ -115,9 +120,11 @@ class RemoteQuery:
         return found
 
     async def anomalies(self, *, kind: str | None = None, entity_kind: str | None = None,
-                        entity_id: str | None = None, limit: int = 100, as_of: AsOf = None) -> Page[AnomalyRecord]:
+                        entity_id: str | None = None, limit: int | None = 100, offset: int = 0,
+                        as_of: AsOf = None) -> Page[AnomalyRecord]:
         found: Page[AnomalyRecord] = await self._ask("anomalies", kind=kind, entity_kind=entity_kind,
-                                                     entity_id=entity_id, limit=limit, **qp.as_of_fields(as_of))
+                                                     entity_id=entity_id, limit=limit, offset=offset,
+                                                     **qp.as_of_fields(as_of))
         return found
 
     async def history(self, kind: str, entity_id: str, *, as_of: AsOf = None) -> EntityHistory:

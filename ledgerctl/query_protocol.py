@@ -51,6 +51,7 @@ MAX_SEQ = 2**63 - 1
 Filter = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_FILTER)]
 Seq = Annotated[int, msgspec.Meta(ge=0, le=MAX_SEQ)]
 Limit = Annotated[int, msgspec.Meta(ge=1, le=MAX_LIMIT)]  # Query's own bound
+Offset = Annotated[int, msgspec.Meta(ge=0, le=MAX_LIMIT)]
 
 
 def query_subject(view: str) -> str:
@@ -74,20 +75,28 @@ class _ViewRequest(_Request, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     """Judge health at this moment (default: the service's clock now, or the as-of moment)."""
 
 
-class AgentsRequest(_ViewRequest, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class _ListRequest(_ViewRequest, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    limit: Limit | None = None
+    """At most this many items (absent: all); the reply's `total` counts every match."""
+    offset: Offset = 0
+    after: Filter | None = None
+    """Only items whose id sorts after this one (the next page after the last id seen)."""
+
+
+class AgentsRequest(_ListRequest, frozen=True, kw_only=True, forbid_unknown_fields=True):
     pool: Filter | None = None
     health: Filter | None = None
     platform: Filter | None = None
     region: Filter | None = None
 
 
-class SessionsRequest(_ViewRequest, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class SessionsRequest(_ListRequest, frozen=True, kw_only=True, forbid_unknown_fields=True):
     pool: Filter | None = None
     state: Filter | None = None
     owner: Filter | None = None
 
 
-class RoutesRequest(_ViewRequest, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class RoutesRequest(_ListRequest, frozen=True, kw_only=True, forbid_unknown_fields=True):
     session: Filter | None = None
     status: Filter | None = None
     state: Filter | None = None
@@ -101,7 +110,9 @@ class AnomaliesRequest(_Request, frozen=True, kw_only=True, forbid_unknown_field
     kind: Filter | None = None
     entity_kind: Filter | None = None
     entity_id: Filter | None = None
-    limit: Limit = 100
+    limit: Limit | None = 100
+    """At most this many, newest first (null: all)."""
+    offset: Offset = 0
 
 
 class HistoryRequest(_Request, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -47,15 +47,18 @@ def one_line(text: str) -> str:
 
 
 def _agents(q: Query, r: qp.AgentsRequest) -> Awaitable[msgspec.Struct]:
-    return q.agents(pool=r.pool, health=r.health, platform=r.platform, region=r.region, as_of=r.when(), now=r.now)
+    return q.agents(pool=r.pool, health=r.health, platform=r.platform, region=r.region, as_of=r.when(), now=r.now,
+                    limit=r.limit, offset=r.offset, after=r.after)
 
 
 def _sessions(q: Query, r: qp.SessionsRequest) -> Awaitable[msgspec.Struct]:
-    return q.sessions(pool=r.pool, state=r.state, owner=r.owner, as_of=r.when(), now=r.now)
+    return q.sessions(pool=r.pool, state=r.state, owner=r.owner, as_of=r.when(), now=r.now, limit=r.limit,
+                      offset=r.offset, after=r.after)
 
 
 def _routes(q: Query, r: qp.RoutesRequest) -> Awaitable[msgspec.Struct]:
-    return q.routes(session=r.session, status=r.status, state=r.state, as_of=r.when(), now=r.now)
+    return q.routes(session=r.session, status=r.status, state=r.state, as_of=r.when(), now=r.now, limit=r.limit,
+                    offset=r.offset, after=r.after)
 
 
 def _pools(q: Query, r: qp.PoolsRequest) -> Awaitable[msgspec.Struct]:
@@ -63,7 +66,8 @@ def _pools(q: Query, r: qp.PoolsRequest) -> Awaitable[msgspec.Struct]:
 
 
 def _anomalies(q: Query, r: qp.AnomaliesRequest) -> Awaitable[msgspec.Struct]:
-    return q.anomalies(kind=r.kind, entity_kind=r.entity_kind, entity_id=r.entity_id, limit=r.limit, as_of=r.when())
+    return q.anomalies(kind=r.kind, entity_kind=r.entity_kind, entity_id=r.entity_id, limit=r.limit, offset=r.offset,
+                       as_of=r.when())
 
 
 def _history(q: Query, r: qp.HistoryRequest) -> Awaitable[msgspec.Struct]:

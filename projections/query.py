@@ -23,14 +23,14 @@ from datetime import datetime
 from pathlib import Path
 
 from ledger.events import utcnow
-from ledger.lifecycle import ROUTE_STATES, SESSION_STATES, AgentState, RouteState, SessionState
+from ledger.lifecycle import ROUTE_STATES, SESSION_STATES, AgentState, RouteState, SessionState, route_status
 from ledger.store import EventStore
 from ledger.subjects import HEARTBEAT_STREAM, LEDGER_STREAM
 
 from .beats import Beat
 from .db import DeadLetterCount, ProjectionDB
 from .errors import InvalidQuery, NeedsEventStore, UnknownEntity
-from .health import AGENT_HEALTH, DEFAULT_POLICY, HealthPolicy
+from .health import AGENT_HEALTH, DEFAULT_POLICY, HealthPolicy, agent_health
 from .history import EntityHistory, entity_history
 from .state import AnomalyRecord
 from .timespec import aware
@@ -44,6 +44,7 @@ from .views import (
     SessionView,
     agent_view,
     owned_counts,
+    paged,
     pool_views,
     position_time,
     route_view,
@@ -57,6 +58,22 @@ MAX_LIMIT = 2**63 - 1
 """SQLite's largest INTEGER: a larger LIMIT is not an integer to it (a datatype mismatch, not an answer)."""
 
 ROUTE_STATUSES = ("PROVISIONING", "RUNNING", "FAILED_TO_START", "TERMINATING", "TERMINATED")
+
+
+def _check_page(limit: int | None, offset: int) -> None:
+    if limit is not None and not 1 <= limit <= MAX_LIMIT:
+        raise InvalidQuery(f"limit must be 1 to {MAX_LIMIT}, got {limit}")
+    if not 0 <= offset <= MAX_LIMIT:
+        raise InvalidQuery(f"offset must be 0 to {MAX_LIMIT}, got {offset}")
+
+
+SMALL_PAGE = 500
+"""A page at most this long reads its agents' beats and owned counts by id; a longer one reads them all at once
+(cheaper than a huge IN list, and within SQLite's bound on parameters)."""
+
+
+def _ids(ids: list[str]) -> list[str] | None:
+    return ids if len(ids) <= SMALL_PAGE else None
 
 
 def _check(value: str | None, allowed: Iterable[str], what: str) -> None:
@@ -148,9 +165,14 @@ class Query:
     # --- the views ------------------------------------------------------------------
 
     async def agents(self, *, pool: str | None = None, health: str | None = None, platform: str | None = None,
-                     region: str | None = None, as_of: AsOf = None, now: datetime | None = None) -> Page[AgentView]:
+                     region: str | None = None, as_of: AsOf = None, now: datetime | None = None,
+                     limit: int | None = None, offset: int = 0, after: str | None = None) -> Page[AgentView]:
+        """Agents by id; `limit`/`offset`/`after` (an agent id) pick one page, `total` counts every match."""
         _check(health, AGENT_HEALTH, "health")
+        _check_page(limit, offset)
         past = await self._as_of(as_of, now)
+        judged = health is not None or platform is not None or region is not None  # filters SQL cannot apply
+        total: int | None = None
         if past is not None:
             agents = [a for a in past.agents.values() if pool is None or a.pool == pool]
             beats, owned, position = past.beats, owned_counts(past.sessions.values()), past.position  # type: ignore[union-attr]
@@ -158,15 +180,22 @@ class Query:
             db = self._need_db()
             async with db.reading():
                 position = await self.position(now)
-                agents = await db.agent_states(pool=pool)
-                beats = await db.beats([a.agent_id for a in agents] if pool else None)
-                owned = Counter(await db.owned_counts())
+                if judged:
+                    agents = await db.agent_states(pool=pool)
+                else:
+                    agents = await db.agent_states(pool=pool, limit=limit, offset=offset, after=after)
+                    total = await db.count_agents(pool=pool)
+                ids = [a.agent_id for a in agents]
+                beats = await db.beats(_ids(ids) if pool or total is not None else None)
+                owned = Counter(await db.owned_counts(_ids(ids) if total is not None else None))
         views = [agent_view(a, beats.get(a.agent_id), position.now, owned.get(a.agent_id, 0), self.policy,
                             past.beats_known if past else True)
                  for a in sorted(agents, key=lambda a: a.agent_id)]
+        if total is not None:  # SQL paged and counted
+            return Page(position, views, total)
         views = [v for v in views if (health is None or v.health == health) and
                  (platform is None or v.platform == platform) and (region is None or v.region == region)]
-        return Page(position, views)
+        return Page(position, paged(views, _agent_id, limit=limit, offset=offset, after=after), len(views))
 
     async def agent(self, agent_id: str, *, as_of: AsOf = None, now: datetime | None = None) -> AgentView:
         page = await self.agents(as_of=as_of, now=now) if as_of is not None else None
@@ -186,45 +215,60 @@ class Query:
         raise UnknownEntity(f"no agent {agent_id} in the projection")
 
     async def sessions(self, *, pool: str | None = None, state: str | None = None, owner: str | None = None,
-                       as_of: AsOf = None, now: datetime | None = None) -> Page[SessionView]:
+                       as_of: AsOf = None, now: datetime | None = None, limit: int | None = None, offset: int = 0,
+                       after: str | None = None) -> Page[SessionView]:
+        """Sessions by id; `limit`/`offset`/`after` (a session id) pick one page, `total` counts every match."""
         _check(state, SESSION_STATES, "session state")
+        _check_page(limit, offset)
         past = await self._as_of(as_of, now)
         if past is not None:
-            sessions = [s for s in past.sessions.values()  # type: ignore[union-attr]
-                        if (pool is None or s.pool == pool) and (state is None or s.status == state)
-                        and (owner is None or s.owner == owner)]
+            matching = sorted((s for s in past.sessions.values()  # type: ignore[union-attr]
+                               if (pool is None or s.pool == pool) and (state is None or s.status == state)
+                               and (owner is None or s.owner == owner)), key=_session_id)
+            total = len(matching)
+            sessions = paged(matching, _session_id, limit=limit, offset=offset, after=after)
             agents = {k: past.agents[k] for k in {s.owner for s in sessions if s.owner} if k in past.agents}
             beats, position = past.beats, past.position
         else:
             db = self._need_db()
             async with db.reading():
                 position = await self.position(now)
-                sessions = await db.session_states(pool=pool, state=state, owner=owner)
+                sessions = await db.session_states(pool=pool, state=state, owner=owner, limit=limit, offset=offset,
+                                                   after=after)
+                total = await db.count_sessions(pool=pool, state=state, owner=owner)
                 owners = sorted({s.owner for s in sessions if s.owner})
                 agents = {a.agent_id: a for a in await db.agent_states(ids=owners)}
                 beats = await db.beats(owners)
-        health = {k: agent_view(a, beats.get(k), position.now, 0, self.policy,
-                                past.beats_known if past else True).health for k, a in agents.items()}
+        health = {k: agent_health(a, beats.get(k), position.now, self.policy,  # the owner's view less the rest
+                                  beats_known=past.beats_known if past else True)[0] for k, a in agents.items()}
         views = [session_view(s, health.get(s.owner) if s.owner else None)
-                 for s in sorted(sessions, key=lambda s: s.session_id)]
-        return Page(position, views)
+                 for s in sorted(sessions, key=_session_id)]
+        return Page(position, views, total)
 
     async def routes(self, *, session: str | None = None, status: str | None = None, state: str | None = None,
-                     as_of: AsOf = None, now: datetime | None = None) -> Page[RouteView]:
+                     as_of: AsOf = None, now: datetime | None = None, limit: int | None = None, offset: int = 0,
+                     after: str | None = None) -> Page[RouteView]:
+        """Routes by id; `limit`/`offset`/`after` (a route id) pick one page, `total` counts every match."""
         _check(status, ROUTE_STATUSES, "route status")
         _check(state, ROUTE_STATES, "route state")
+        _check_page(limit, offset)
+        states = [s for s in ROUTE_STATES if route_status(s)[0] == status] if status is not None else None
         past = await self._as_of(as_of, now)
         if past is not None:
-            routes = [r for r in past.routes.values()  # type: ignore[union-attr]
-                      if (session is None or r.session_id == session) and (state is None or r.state == state)]
+            matching = sorted((r for r in past.routes.values()  # type: ignore[union-attr]
+                               if (session is None or r.session_id == session) and (state is None or r.state == state)
+                               and (states is None or r.state in states)), key=_route_id)
+            total = len(matching)
+            routes = paged(matching, _route_id, limit=limit, offset=offset, after=after)
             position = past.position
         else:
             db = self._need_db()
             async with db.reading():
                 position = await self.position(now)
-                routes = await db.route_states(session_id=session, state=state)
-        views = [route_view(r, position.now) for r in sorted(routes, key=lambda r: r.route_id)]
-        return Page(position, [v for v in views if status is None or v.status == status])
+                routes = await db.route_states(session_id=session, state=state, states=states, limit=limit,
+                                               offset=offset, after=after)
+                total = await db.count_routes(session_id=session, state=state, states=states)
+        return Page(position, [route_view(r, position.now) for r in sorted(routes, key=_route_id)], total)
 
     async def pools(self, *, as_of: AsOf = None, now: datetime | None = None) -> Page[PoolView]:
         past = await self._as_of(as_of, now)
@@ -245,30 +289,39 @@ class Query:
                 breakers = await db.pool_states()
         views = [agent_view(a, beats.get(a.agent_id), position.now, 0, self.policy,
                             past.beats_known if past else True) for a in agents]
-        return Page(position, pool_views(views, counts, breakers))
+        found = pool_views(views, counts, breakers)
+        return Page(position, found, len(found))
 
     async def anomalies(self, *, kind: str | None = None, entity_kind: str | None = None,
-                        entity_id: str | None = None, limit: int = 100, as_of: AsOf = None) -> Page[AnomalyRecord]:
-        """Events flagged and not applied, newest first."""
-        if not 1 <= limit <= MAX_LIMIT:
-            raise InvalidQuery(f"limit must be 1 to {MAX_LIMIT}, got {limit}")
+                        entity_id: str | None = None, limit: int | None = 100, offset: int = 0,
+                        as_of: AsOf = None) -> Page[AnomalyRecord]:
+        """Events flagged and not applied, newest first; `total` counts every match (None: all of them)."""
+        _check_page(limit, offset)
         past = await self._as_of(as_of, None)
         db = self.db
         if past is None:
-            position = await self.position()
-            found = await self._need_db().anomalies(kind=kind, entity_kind=entity_kind, entity_id=entity_id,
-                                                    limit=limit)
-            return Page(position, found)
+            db = self._need_db()
+            async with db.reading():
+                position = await self.position()
+                found = await db.anomalies(kind=kind, entity_kind=entity_kind, entity_id=entity_id, limit=limit,
+                                           offset=offset)
+                total = await db.count_anomalies(kind=kind, entity_kind=entity_kind, entity_id=entity_id)
+            return Page(position, found, total)
         assert past.rebuilt is not None
         snaps = past.rebuilt.snapshots
         # Anomalies up to the snapshots are in the table; the replayed stretch found the rest.
-        older = await db.anomalies(kind=kind, entity_kind=entity_kind, entity_id=entity_id, upto=snaps,
-                                   limit=limit) if db is not None and any(snaps.values()) else []
+        stored = any(snaps.values())
+        older, counted = [], 0
+        if db is not None and stored:
+            older = await db.anomalies(kind=kind, entity_kind=entity_kind, entity_id=entity_id, upto=snaps,
+                                       limit=None if limit is None else offset + limit)
+            counted = await db.count_anomalies(kind=kind, entity_kind=entity_kind, entity_id=entity_id, upto=snaps)
         newer = [a for a in past.rebuilt.anomalies
                  if (kind is None or a.kind == kind) and (entity_kind is None or a.entity_kind == entity_kind)
                  and (entity_id is None or a.entity_id == entity_id)]
         merged = sorted(newer + older, key=lambda a: (a.stored_at, a.stream, a.seq), reverse=True)
-        return Page(past.position, merged[:limit])
+        return Page(past.position, merged[offset:] if limit is None else merged[offset:offset + limit],
+                    counted + len(newer))
 
     async def dead_letters(self) -> list[DeadLetterCount]:
         return await self._need_db().dead_letters()
@@ -280,3 +333,15 @@ class Query:
         if isinstance(as_of, datetime):
             return await entity_history(self.store, kind, entity_id, time=as_of)
         return await entity_history(self.store, kind, entity_id, seq=as_of)
+
+
+def _agent_id(a: AgentView) -> str:
+    return a.agent_id
+
+
+def _session_id(s: SessionState | SessionView) -> str:
+    return s.session_id
+
+
+def _route_id(r: RouteState) -> str:
+    return r.route_id

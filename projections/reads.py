@@ -56,6 +56,22 @@ def _in(column: str, values: Iterable[str] | None) -> tuple[str, list[Any]]:
     return f" AND {column} IN ({','.join('?' * len(values))})", values
 
 
+def _page(key: str, limit: int | None, offset: int, after: str | None) -> tuple[str, str, list[Any], list[Any]]:
+    """(where clause, ORDER BY/LIMIT tail, their args) for one page by `key`: the SQL twin of views.paged."""
+    where, args = (f" AND {key} > ?", [after]) if after is not None else ("", [])
+    tail = f" ORDER BY {key}" + (" LIMIT ? OFFSET ?" if limit is not None or offset else "")
+    return where, tail, args, ([-1 if limit is None else limit, offset] if limit is not None or offset else [])
+
+
+def _equal(filters: Iterable[tuple[str, str | None]]) -> tuple[str, list[Any]]:
+    sql, args = "", []
+    for column, value in filters:
+        if value is not None:
+            sql += f" AND {column} = ?"
+            args.append(value)
+    return sql, args
+
+
 class ProjectionReads:
     """Queries over one aiosqlite connection to a projection file."""
 
@@ -108,13 +124,23 @@ class ProjectionReads:
             (stream, arg)))
         return SnapshotRow(*found[0]) if found else None
 
-    async def agent_states(self, *, pool: str | None = None, ids: Iterable[str] | None = None) -> list[AgentState]:
-        sql, args = "SELECT doc FROM agents WHERE 1=1", []
-        if pool is not None:
-            sql, args = sql + " AND pool = ?", [pool]
+    async def agent_states(self, *, pool: str | None = None, ids: Iterable[str] | None = None,
+                           limit: int | None = None, offset: int = 0, after: str | None = None) -> list[AgentState]:
+        sql, args = _equal([("pool", pool)])
         clause, more = _in("agent_id", ids)
-        found = await self.conn.execute_fetchall(sql + clause + " ORDER BY agent_id", args + more)
+        where, tail, page, bounds = _page("agent_id", limit, offset, after)
+        found = await self.conn.execute_fetchall("SELECT doc FROM agents WHERE 1=1" + sql + clause + where + tail,
+                                                 args + more + page + bounds)
         return [rows.agent_of(r[0]) for r in found]
+
+    async def count_agents(self, *, pool: str | None = None) -> int:
+        """How many agents `agent_states` would give without a page (one COUNT on the same filters)."""
+        sql, args = _equal([("pool", pool)])
+        return await self._count("agents", sql, args)
+
+    async def _count(self, table: str, where: str, args: list[Any]) -> int:
+        found = list(await self.conn.execute_fetchall(f"SELECT count(*) FROM {table} WHERE 1=1" + where, args))
+        return int(found[0][0])
 
     async def beats(self, ids: Iterable[str] | None = None) -> dict[str, Beat]:
         clause, args = _in("agent_id", ids)
@@ -122,34 +148,48 @@ class ProjectionReads:
         return {b.agent_id: b for b in (rows.beat_of(r[0]) for r in found)}
 
     async def session_states(self, *, pool: str | None = None, state: str | None = None, owner: str | None = None,
-                             ids: Iterable[str] | None = None) -> list[SessionState]:
-        sql, args = "SELECT doc FROM sessions WHERE 1=1", []
-        for column, value in (("pool", pool), ("status", state), ("owner", owner)):
-            if value is not None:
-                sql += f" AND {column} = ?"
-                args.append(value)
+                             ids: Iterable[str] | None = None, limit: int | None = None, offset: int = 0,
+                             after: str | None = None) -> list[SessionState]:
+        sql, args = _equal([("pool", pool), ("status", state), ("owner", owner)])
         clause, more = _in("session_id", ids)
-        found = await self.conn.execute_fetchall(sql + clause + " ORDER BY session_id", args + more)
+        where, tail, page, bounds = _page("session_id", limit, offset, after)
+        found = await self.conn.execute_fetchall("SELECT doc FROM sessions WHERE 1=1" + sql + clause + where + tail,
+                                                 args + more + page + bounds)
         return [rows.session_of(r[0]) for r in found]
 
+    async def count_sessions(self, *, pool: str | None = None, state: str | None = None,
+                             owner: str | None = None) -> int:
+        """How many sessions `session_states` would give without a page (one COUNT, indexed by pool or owner)."""
+        sql, args = _equal([("pool", pool), ("status", state), ("owner", owner)])
+        return await self._count("sessions", sql, args)
+
     async def route_states(self, *, session_id: str | None = None, state: str | None = None,
-                           ids: Iterable[str] | None = None) -> list[RouteState]:
-        sql, args = "SELECT doc FROM routes WHERE 1=1", []
-        for column, value in (("session_id", session_id), ("state", state)):
-            if value is not None:
-                sql += f" AND {column} = ?"
-                args.append(value)
+                           ids: Iterable[str] | None = None, states: Iterable[str] | None = None,
+                           limit: int | None = None, offset: int = 0, after: str | None = None) -> list[RouteState]:
+        sql, args = _equal([("session_id", session_id), ("state", state)])
         clause, more = _in("route_id", ids)
-        found = await self.conn.execute_fetchall(sql + clause + " ORDER BY route_id", args + more)
+        among, of = _in("state", states)
+        where, tail, page, bounds = _page("route_id", limit, offset, after)
+        found = await self.conn.execute_fetchall("SELECT doc FROM routes WHERE 1=1" + sql + clause + among + where
+                                                 + tail, args + more + of + page + bounds)
         return [rows.route_of(r[0]) for r in found]
+
+    async def count_routes(self, *, session_id: str | None = None, state: str | None = None,
+                           states: Iterable[str] | None = None) -> int:
+        """How many routes `route_states` would give without a page (one COUNT on the same filters)."""
+        sql, args = _equal([("session_id", session_id), ("state", state)])
+        among, of = _in("state", states)
+        return await self._count("routes", sql + among, args + of)
 
     async def pool_states(self) -> dict[str, PoolState]:
         found = await self.conn.execute_fetchall("SELECT pool, doc FROM pools")
         return {key: rows.pool_of(doc) for key, doc in found}
 
-    async def owned_counts(self) -> dict[str, int]:
+    async def owned_counts(self, owners: Iterable[str] | None = None) -> dict[str, int]:
+        clause, args = _in("owner", owners)
         found = await self.conn.execute_fetchall(
-            "SELECT owner, count(*) FROM sessions WHERE owner IS NOT NULL AND status = 'assigned' GROUP BY owner")
+            "SELECT owner, count(*) FROM sessions WHERE owner IS NOT NULL AND status = 'assigned'" + clause
+            + " GROUP BY owner", args)
         return dict(found)  # type: ignore[arg-type]
 
     async def session_counts(self) -> dict[str, dict[str, int]]:
@@ -161,25 +201,22 @@ class ProjectionReads:
 
     async def anomalies(self, *, kind: str | None = None, entity_kind: str | None = None,
                         entity_id: str | None = None, upto: dict[str, int] | None = None,
-                        limit: int | None = None) -> list[AnomalyRecord]:
+                        limit: int | None = None, offset: int = 0) -> list[AnomalyRecord]:
         """Flagged events, newest first; `upto` = {stream: last sequence to include}."""
-        sql = "SELECT * FROM anomalies WHERE 1=1"
-        args: list[Any] = []
-        for column, value in (("kind", kind), ("entity_kind", entity_kind), ("entity_id", entity_id)):
-            if value is not None:
-                sql += f" AND {column} = ?"
-                args.append(value)
-        if upto is not None:
-            parts = " OR ".join("(stream = ? AND seq <= ?)" for _ in upto)
-            sql += f" AND ({parts})"
-            for stream, seq in upto.items():
-                args += [stream, seq]
-        sql += " ORDER BY stored_ns DESC, stream, seq DESC"
-        if limit is not None:
-            sql += f" LIMIT {int(limit)}"
+        where, args = _anomalies_where(kind, entity_kind, entity_id, upto)
+        sql = "SELECT * FROM anomalies WHERE 1=1" + where + " ORDER BY stored_ns DESC, stream, seq DESC"
+        if limit is not None or offset:
+            sql += " LIMIT ? OFFSET ?"
+            args += [-1 if limit is None else limit, offset]
         found = await self.conn.execute_fetchall(sql, args)
         return [AnomalyRecord(stream=r[0], seq=r[1], stored_at=from_ns(r[2]), entity_kind=r[3], entity_id=r[4],
                               event_type=r[5], producer=r[6], kind=r[7], detail=r[8]) for r in found]
+
+    async def count_anomalies(self, *, kind: str | None = None, entity_kind: str | None = None,
+                              entity_id: str | None = None, upto: dict[str, int] | None = None) -> int:
+        """How many flagged events `anomalies` would give without a limit (one COUNT on the same filters)."""
+        where, args = _anomalies_where(kind, entity_kind, entity_id, upto)
+        return await self._count("anomalies", where, args)
 
     async def anomaly_counts(self) -> dict[str, int]:
         """Kind -> flagged events of that kind (what /metrics exports)."""
@@ -189,3 +226,13 @@ class ProjectionReads:
         found = await self.conn.execute_fetchall("SELECT * FROM dead_letters ORDER BY stream, reason")
         return [DeadLetterCount(stream=r[0], reason=r[1], count=r[2], last_seq=r[3], last_subject=r[4],
                                 last_detail=r[5]) for r in found]
+
+
+def _anomalies_where(kind: str | None, entity_kind: str | None, entity_id: str | None,
+                     upto: dict[str, int] | None) -> tuple[str, list[Any]]:
+    sql, args = _equal([("kind", kind), ("entity_kind", entity_kind), ("entity_id", entity_id)])
+    if upto is not None:
+        sql += " AND (" + " OR ".join("(stream = ? AND seq <= ?)" for _ in upto) + ")"
+        for stream, seq in upto.items():
+            args += [stream, seq]
+    return sql, args

@@ -7,7 +7,7 @@ rebuilt in memory from a snapshot and the stream), so both answer alike.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from typing import Generic, TypeVar
 
@@ -39,6 +39,18 @@ class Position(msgspec.Struct, frozen=True, kw_only=True):
 class Page(msgspec.Struct, Generic[T], frozen=True):
     position: Position
     items: list[T]
+    total: int | None = None
+    """How many items match the filters: `items` may be one page of them (None: not counted)."""
+
+
+def paged(items: list[T], key: Callable[[T], str], *, limit: int | None = None, offset: int = 0,
+          after: str | None = None) -> list[T]:
+    """One page of `items` (sorted by `key`): those after the key `after`, less the first `offset`, at most `limit`.
+
+    The in-memory twin of the SQL `WHERE key > after ORDER BY key LIMIT limit OFFSET offset` (reads.py)."""
+    if after is not None:
+        items = [i for i in items if key(i) > after]
+    return items[offset:] if limit is None else items[offset:offset + limit]
 
 
 class AgentView(msgspec.Struct, frozen=True, kw_only=True):

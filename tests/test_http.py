@@ -62,6 +62,11 @@ async def test_the_api_answers_as_query_does_now_and_as_of_the_past(server: Embe
             assert items(got, "route_id", "state") == [(v.route_id, v.state) for v in (await q.routes()).items]
             got = (await client.get("/api/pools")).json()
             assert items(got, "pool", "sessions") == [(p.pool, p.sessions) for p in (await q.pools()).items]
+            # One page of them, and how many there are in all (a page after s1 holds s2 alone)
+            got = (await client.get("/api/sessions", params={"limit": "1"})).json()
+            assert (items(got, "session_id"), got["total"]) == ([("s1",)], 2)
+            got = (await client.get("/api/sessions", params={"after": "s1"})).json()
+            assert (items(got, "session_id"), got["total"]) == ([("s2",)], 2)
 
             # As of s1's creation: pending, no owner - from JetStream, as Query answers it.
             past = (await client.get("/api/sessions", params={"as_of": str(created)})).json()
@@ -93,6 +98,8 @@ async def test_bad_filters_times_and_unknown_entities_are_one_line_json_errors(s
             ("/api/sessions?as_of=not-a-time", 400, "invalid_query", "not-a-time"),
             ("/api/anomalies?limit=0", 400, "invalid_query", "limit"),
             ("/api/anomalies?limit=many", 400, "invalid_query", "limit"),
+            ("/api/sessions?limit=0", 400, "invalid_query", "limit"),
+            ("/api/routes?offset=-1", 400, "invalid_query", "offset"),
             ("/api/history/planet/p1", 400, "invalid_query", "planet"),
             ("/api/history/session/nobody", 404, "unknown_entity", "nobody"),
             ("/api/nothing-here", 404, "not_found", ""),
@@ -114,7 +121,7 @@ async def test_the_openapi_document_describes_the_api_from_the_query_structs(ser
     assert {"/api/agents", "/api/sessions", "/api/routes", "/api/pools", "/api/anomalies",
             "/api/history/{kind}/{entity_id}", "/api/events", "/healthz", "/readyz"} <= set(doc["paths"])
     params = {p["name"] for p in doc["paths"]["/api/sessions"]["get"]["parameters"]}
-    assert params == {"pool", "state", "owner", "as_of"}
+    assert params == {"pool", "state", "owner", "as_of", "limit", "offset", "after"}
     schemas = doc["components"]["schemas"]
     assert {"SessionView", "AgentView", "RouteView", "PoolView", "EntityHistory"} <= set(schemas)
     assert "token" in schemas["SessionView"]["properties"]

@@ -134,6 +134,11 @@ async def test_each_endpoint_answers_what_query_answers_in_process(projected: di
             ("agents", {"pool": p["pool"], "now": NOW}, await q.agents(pool=str(p["pool"]), now=NOW)),
             ("agents", {"health": "dead", "now": NOW}, await q.agents(health="dead", now=NOW)),
             ("sessions", {"owner": p["agent"], "now": NOW}, await q.sessions(owner=str(p["agent"]), now=NOW)),
+            ("sessions", {"owner": p["agent"], "limit": 1, "offset": 1, "now": NOW},  # none left, one in all
+             await q.sessions(owner=str(p["agent"]), limit=1, offset=1, now=NOW)),
+            ("agents", {"after": p["agent"], "now": NOW}, await q.agents(after=str(p["agent"]), now=NOW)),
+            ("routes", {"limit": 1, "now": NOW}, await q.routes(limit=1, now=NOW)),
+            ("anomalies", {"limit": None}, await q.anomalies(limit=None)),  # null: all of them (one, as above)
             ("sessions", {"at_seq": seq, "now": NOW}, await q.sessions(as_of=seq, now=NOW)),
             ("sessions", {"as_of": moment.isoformat(), "now": NOW}, await q.sessions(as_of=moment, now=NOW)),
             ("routes", {"session": p["session"], "now": NOW}, await q.routes(session=str(p["session"]), now=NOW)),
@@ -159,7 +164,7 @@ async def test_each_endpoint_answers_what_query_answers_in_process(projected: di
               if view == "sessions" and "owner" not in body]
     assert states == [["pending"], ["assigned"]]  # as of the creation, as of just after the claim
     assert [a.entity_id for view, _, page in cases if view == "anomalies"
-            for a in page.items] == [p["route"]] * 2, "the stale-token transition is flagged"  # type: ignore[attr-defined]
+            for a in page.items] == [p["route"]] * 3, "the stale-token transition is flagged"  # type: ignore[attr-defined]
 
 
 async def test_remote_query_returns_the_same_structs_and_says_who_answered(projected: dict[str, object]):
@@ -171,9 +176,11 @@ async def test_remote_query_returns_the_same_structs_and_says_who_answered(proje
         for local, there in [(await q.agents(now=NOW), await remote.agents(now=NOW)),
                              (await q.sessions(as_of=seq, now=NOW), await remote.sessions(as_of=seq, now=NOW)),
                              (await q.routes(now=NOW), await remote.routes(now=NOW)),
+                             (await q.sessions(limit=1, now=NOW), await remote.sessions(limit=1, now=NOW)),
+                             (await q.anomalies(limit=None), await remote.anomalies(limit=None)),
                              (await q.pools(now=NOW), await remote.pools(now=NOW)),
                              (await q.anomalies(limit=5), await remote.anomalies(limit=5))]:
-            assert there.items == local.items
+            assert (there.items, there.total) == (local.items, local.total)
             assert there.position.source.startswith(f"query service {qp.SERVICE_NAME} {service.id}")
             # anomalies are judged at the clock's now (Query.anomalies takes no `now`)
             assert msgspec.structs.replace(there.position, source=local.position.source,
@@ -196,6 +203,9 @@ async def test_remote_query_returns_the_same_structs_and_says_who_answered(proje
     ("sessions", b"{\"at_seq\": 3, \"as_of\": \"2026-01-01T00:00:00Z\"}", qp.BAD_REQUEST, "not both"),
     ("anomalies", b"{\"limit\": 99999999999999999999999}", qp.BAD_REQUEST, "limit"),
     ("anomalies", b"{\"limit\": 0}", qp.BAD_REQUEST, "limit"),
+    ("sessions", b"{\"limit\": 0}", qp.BAD_REQUEST, "limit"),
+    ("routes", b"{\"offset\": -1}", qp.BAD_REQUEST, "offset"),
+    ("agents", b"{\"after\": \"\"}", qp.BAD_REQUEST, "length"),
     ("pools", b"{\"at_seq\": -1}", qp.BAD_REQUEST, "at_seq"),
     ("pools", b"{\"at_seq\": 9223372036854775807}", qp.BAD_REQUEST, "9223372036854775807"),
     ("history", b"{}", qp.BAD_REQUEST, "kind"),

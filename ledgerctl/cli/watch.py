@@ -86,16 +86,16 @@ async def watch(store: EventStore, fetch: Callable[[], Awaitable[Any]], show: Ca
 
 
 @contextlib.contextmanager
-def shower(as_json: bool, render: Callable[[Any], Any]) -> Any:
+def shower(as_json: bool, render: Callable[[Any], Any], paging: tables.Paging = tables.FROM_START) -> Any:
     """A `show` for `watch`: a JSON line per change, a table redrawn in place on a terminal, else one per change."""
     out = tables.console()
     if as_json:
         yield lambda result: echo(to_json(result))
     elif not out.is_terminal:
-        yield lambda result: out.print(tables.view(result, render(result)))
+        yield lambda result: tables.show(result, render(result), paging)
     else:
         with Live(console=out, auto_refresh=False, transient=False) as live:
             def redraw(result: Any) -> None:
-                view: RenderableType = tables.view(result, render(result))
+                view: RenderableType = tables.view(result, render(result), paging)
                 live.update(view, refresh=True)
             yield redraw

@@ -138,6 +138,9 @@ Deps = NamedDependency[AppState]
 Text = FromQuery[str | None]
 StateParam = Annotated[str | None, QueryParameter(name="state")]
 """`state` is a name Litestar keeps for the app's state."""
+LimitParam = Annotated[int | None, QueryParameter(description="At most this many items (absent: all); `total` "
+                                                              "counts every match")]
+Offset = FromQuery[int]
 
 
 def as_of(text: str | None) -> AsOf:
@@ -186,23 +189,29 @@ def _http_error(_: Request[Any, Any, Any], exc: Exception) -> Response[ApiError]
 
 @get("/api/agents")
 async def agents(ledger: Deps, pool: Text = None, health: Text = None, platform: Text = None,
-                 region: Text = None, as_of_: AsOfParam = None) -> Page[AgentView]:
+                 region: Text = None, as_of_: AsOfParam = None, limit: LimitParam = None, offset: Offset = 0,
+                 after: Text = None) -> Page[AgentView]:
     async with ledger.asking() as q:
-        return await q.agents(pool=pool, health=health, platform=platform, region=region, as_of=as_of(as_of_))
+        return await q.agents(pool=pool, health=health, platform=platform, region=region, as_of=as_of(as_of_),
+                              limit=limit, offset=offset, after=after)
 
 
 @get("/api/sessions")
 async def sessions(ledger: Deps, pool: Text = None, state_: StateParam = None, owner: Text = None,
-                   as_of_: AsOfParam = None) -> Page[SessionView]:
+                   as_of_: AsOfParam = None, limit: LimitParam = None, offset: Offset = 0,
+                   after: Text = None) -> Page[SessionView]:
     async with ledger.asking() as q:
-        return await q.sessions(pool=pool, state=state_, owner=owner, as_of=as_of(as_of_))
+        return await q.sessions(pool=pool, state=state_, owner=owner, as_of=as_of(as_of_), limit=limit,
+                                offset=offset, after=after)
 
 
 @get("/api/routes")
 async def routes(ledger: Deps, session: Text = None, status: Text = None, state_: StateParam = None,
-                 as_of_: AsOfParam = None) -> Page[RouteView]:
+                 as_of_: AsOfParam = None, limit: LimitParam = None, offset: Offset = 0,
+                 after: Text = None) -> Page[RouteView]:
     async with ledger.asking() as q:
-        return await q.routes(session=session, status=status, state=state_, as_of=as_of(as_of_))
+        return await q.routes(session=session, status=status, state=state_, as_of=as_of(as_of_), limit=limit,
+                              offset=offset, after=after)
 
 
 @get("/api/pools")
@@ -213,11 +222,11 @@ async def pools(ledger: Deps, as_of_: AsOfParam = None) -> Page[PoolView]:
 
 @get("/api/anomalies")
 async def anomalies(ledger: Deps, kind: Text = None, entity_kind: Text = None,
-                    entity_id: Text = None, limit: FromQuery[int] = 100,
+                    entity_id: Text = None, limit: FromQuery[int] = 100, offset: Offset = 0,
                     as_of_: AsOfParam = None) -> Page[AnomalyRecord]:
     async with ledger.asking() as q:
         return await q.anomalies(kind=kind, entity_kind=entity_kind, entity_id=entity_id, limit=limit,
-                                        as_of=as_of(as_of_))
+                                        offset=offset, as_of=as_of(as_of_))
 
 
 @get("/api/history/{kind:str}/{entity_id:str}")
