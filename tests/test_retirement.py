@@ -1,0 +1,257 @@
+"""Retirement: final entities leave the in-memory fold deterministically, and keep their rows and history.
+
+The rule (projections.state): a terminated session or route, a route that failed to start, an agent gone, dead
+or fenced, leaves its table once the stream's clock is `retain` seconds past the event that made it final.
+Folding in one go, in batches through a snapshot, or resuming from the projection's rows must give one state.
+"""
+
+from __future__ import annotations
+
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+import pytest
+from histories import histories
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from projection_helpers import commit_batches, dump, load
+
+from ledger import codec
+from ledger import events as ev
+from ledger.codec import Recorded, Unreadable
+from ledger.subjects import HEARTBEAT_STREAM, LEDGER_STREAM
+from projections import snapshots
+from projections.state import (
+    AGENT,
+    DEAD_LETTER,
+    ROUTE,
+    SESSION,
+    HeartbeatState,
+    LedgerState,
+    LifecycleState,
+    final_at,
+)
+
+RETAINS = st.sampled_from((0.0, 2.0, 5.0, 15.0))
+"""Seconds of log time: generated histories store one item a second, so each of these retires something."""
+
+
+def fresh(retain: float) -> LedgerState:
+    return LedgerState(ledger=LifecycleState(retain=retain))
+
+
+def fold(items: list[Any], retain: float) -> LedgerState:
+    state = fresh(retain)
+    state.apply_all(items)
+    return state
+
+
+def cuts(data: st.DataObject, n: int) -> list[tuple[int, int]]:
+    return list(pairwise([0, *sorted(data.draw(st.lists(st.integers(0, n), max_size=6))), n]))
+
+
+def tables(part: LifecycleState) -> dict[str, dict[str, Any]]:
+    return {AGENT: part.agents, SESSION: part.sessions, ROUTE: part.routes}
+
+
+class Rows:
+    """What the projector's file holds: the last state of every entity ever changed, retired or not."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, dict[str, Any]] = {AGENT: {}, SESSION: {}, ROUTE: {}}
+
+    def note(self, state: LedgerState, change: Any) -> None:
+        if change is None:
+            return
+        for gone in change.retired:
+            self.rows[gone.kind][gone.id] = gone.final
+        if change.kind in self.rows and change.applied and change.id in tables(state.ledger)[change.kind]:
+            self.rows[change.kind][change.id] = tables(state.ledger)[change.kind][change.id]
+
+    def loaded(self, state: LedgerState) -> LedgerState:
+        """The state as `load_state` reads it back: rows, pools, checkpoints and counters (then the projector
+        settles it with its retain)."""
+        ledger = LifecycleState(agents=dict(self.rows[AGENT]), sessions=dict(self.rows[SESSION]),
+                                routes=dict(self.rows[ROUTE]), pools=dict(state.ledger.pools),
+                                dead_letters=dict(state.ledger.dead_letters), seq=state.ledger.seq,
+                                stored_ns=state.ledger.stored_ns, anomalies=state.ledger.anomalies)
+        beats = snapshots.unpack(snapshots.pack(state.heartbeats), HeartbeatState)
+        return LedgerState(ledger=ledger, heartbeats=beats)
+
+
+@settings(max_examples=120, deadline=None)
+@given(items=histories(max_size=90), retain=RETAINS, data=st.data())
+def test_one_go_equals_batches_through_snapshots_equals_a_resume_from_rows(items: list[Any], retain: float,
+                                                                          data: st.DataObject):
+    whole = fold(items, retain)
+
+    batched = fresh(retain)
+    for start, end in cuts(data, len(items)):
+        batched.apply_all(items[start:end])
+        batched = LedgerState(ledger=snapshots.unpack(snapshots.pack(batched.ledger), LifecycleState),
+                              heartbeats=snapshots.unpack(snapshots.pack(batched.heartbeats), HeartbeatState))
+    assert batched == whole
+
+    k = data.draw(st.integers(0, len(items)))
+    state, rows = fresh(retain), Rows()
+    for item in items[:k]:
+        rows.note(state, state.apply(item))
+    resumed = rows.loaded(state)
+    resumed.ledger.settle(retain)
+    assert resumed == state  # what the projector's file gives back is what the fold had
+    for item in items[k:]:
+        resumed.apply(item)
+    assert resumed == whole
+
+
+@settings(max_examples=120, deadline=None)
+@given(items=histories(max_size=90), retain=RETAINS)
+def test_after_every_item_no_entity_final_for_retain_is_left_and_each_retired_one_was(items: list[Any],
+                                                                                    retain: float):
+    state = fresh(retain)
+    for item in items:
+        change = state.apply(item)
+        part = state.ledger
+        for kind, table in tables(part).items():
+            for entity in table.values():
+                final = final_at(kind, entity)
+                assert final is None or final[1] + round(retain * 1e9) > part.stored_ns
+        for gone in change.retired if change is not None else ():
+            final = final_at(gone.kind, gone.final)
+            assert final is not None and final[1] + round(retain * 1e9) <= part.stored_ns
+            assert tables(part)[gone.kind].get(gone.id) is not gone.final
+
+
+@settings(max_examples=60, deadline=None)
+@given(items=histories(max_size=90), retain=RETAINS)
+def test_retirement_reads_the_lifecycle_stream_only(items: list[Any], retain: float):
+    ledger_first = [i for i in items if i.stream == LEDGER_STREAM] + [i for i in items if i.stream == HEARTBEAT_STREAM]
+    assert fold(ledger_first, retain) == fold(items, retain)
+
+
+# --- bounded by what is live and recent, not by history --------------------------------------------------
+
+OPERATOR = ev.Producer(id="cli", instance="c")
+WATCHDOG = ev.Producer(id="watchdog", instance="w")
+T0_NS = codec.to_ns(ev.utcnow())
+STEP_NS = 50_000_000
+"""Stored 50 ms apart: the default retention (ten minutes) spans 12,000 items of the workload."""
+
+
+class Log:
+    def __init__(self) -> None:
+        self.seq = 0
+
+    def __call__(self, event: ev.Event) -> Recorded:
+        self.seq += 1
+        return Recorded(LEDGER_STREAM, self.seq, codec.subject_of(event), T0_NS + self.seq * STEP_NS, event)
+
+
+def churn(sessions: int) -> list[Recorded]:
+    """Agents come and go, each serving sessions that are created, claimed, routed and terminated."""
+    log, items = Log(), []
+    agent, incarnation = "", 0
+    for n in range(sessions):
+        if n % 50 == 0:
+            if agent:
+                items.append(log(ev.AgentGoodbye(producer=ev.Producer(id=agent, instance="i"), agent_id=agent,
+                                                 instance_id="i", incarnation=incarnation)))
+            agent = f"a{n // 50}"
+            me = ev.Producer(id=agent, instance="i")
+            registered = log(ev.AgentRegistered(producer=me, agent_id=agent, instance_id="i", pool="p", ttl=60))
+            items.append(registered)
+            incarnation = registered.seq
+        sid, rid = f"s{n}", f"r{n}"
+        items += [log(ev.SessionCreated(producer=OPERATOR, session_id=sid, pool="p")),
+                  log(ev.RouteCreated(producer=OPERATOR, route_id=rid, session_id=sid, endpoint="e"))]
+        claim = log(ev.SessionClaimed(producer=me, session_id=sid, agent_id=agent, instance_id="i",
+                                      incarnation=incarnation, reason="initial"))
+        items += [claim,
+                  log(ev.RouteTransitioned(producer=WATCHDOG, route_id=rid, from_state="PENDING",
+                                           to_state="TERMINATING")),
+                  log(ev.RouteTransitioned(producer=WATCHDOG, route_id=rid, from_state="TERMINATING",
+                                           to_state="TERMINATED")),
+                  log(ev.SessionTerminated(producer=OPERATOR, session_id=sid, token=None))]
+    return items
+
+
+def entries(state: LedgerState) -> int:
+    part = state.ledger
+    return len(part.agents) + len(part.sessions) + len(part.routes)
+
+
+def test_20k_sessions_created_and_terminated_leave_the_fold_as_small_as_10k_did():
+    items = churn(20_000)
+    half = next(i for i, item in enumerate(items) if getattr(item.event, "session_id", None) == "s10000")
+    state = LedgerState()
+    state.apply_all(items[:half])
+    at_10k = entries(state)
+    state.apply_all(items[half:])
+    at_20k = entries(state)
+    # Ten minutes of log time hold 12,000 items: about 2,000 sessions with their routes, and 40 agents.
+    window = 600 * 1e9 / STEP_NS
+    assert at_20k <= window / 6 * 2 + window / 300 + 10
+    assert abs(at_20k - at_10k) <= 0.05 * at_10k
+    assert all(s.status == "terminated" for s in state.ledger.sessions.values())
+    assert len(state.ledger._retiring) <= at_20k  # the heap is bounded by what it may still retire
+
+
+def test_a_late_event_on_a_retired_session_is_an_unknown_entity_and_a_re_creation_a_new_session():
+    log = Log()
+    items = churn(1)
+    log.seq = items[-1].seq
+    state = LedgerState(ledger=LifecycleState(retain=0))
+    changes = state.apply_all(items)
+    assert {(g.kind, g.id) for c in changes for g in c.retired} == {(SESSION, "s0"), (ROUTE, "r0")}
+    late = state.apply(log(ev.SessionTerminated(producer=OPERATOR, session_id="s0", token=None)))
+    assert late is not None and late.anomaly is not None and late.anomaly.kind == "unknown_entity"
+    again = state.apply(log(ev.SessionCreated(producer=OPERATOR, session_id="s0", pool="p")))
+    assert again is not None and again.applied and state.sessions["s0"].status == "pending"
+
+
+def test_a_dead_letter_moves_the_clock_and_retires_too():
+    items = churn(1)
+    state = LedgerState(ledger=LifecycleState(retain=1.0))
+    state.apply_all(items)
+    assert "s0" in state.sessions
+    last = items[-1]
+    change = state.apply(Unreadable(LEDGER_STREAM, last.seq + 1, "ledger.session.x.created.cli",
+                                    last.timestamp_ns + 2 * 10**9, b"{", "malformed: JSON is malformed"))
+    assert change is not None and change.kind == DEAD_LETTER
+    assert {g.id for g in change.retired} == {"s0", "r0"} and "s0" not in state.sessions
+
+
+# --- the projection keeps the rows ------------------------------------------------------------------------
+
+async def test_an_entity_retired_within_one_batch_keeps_its_terminal_row(tmp_path: Path):
+    items = churn(300)
+    retiring, keeping = fresh(1.0), fresh(10**9)
+    await commit_batches(tmp_path / "retiring.sqlite3", [items], state=retiring)
+    await commit_batches(tmp_path / "keeping.sqlite3", [items[:500], items[500:]], state=keeping)
+    assert len(retiring.sessions) < 30 < len(keeping.sessions) == 300
+    rows = dump(tmp_path / "retiring.sqlite3")
+    assert rows == dump(tmp_path / "keeping.sqlite3")  # retirement changes the memory, never the file
+    assert len(rows["sessions"]) == 300 and {r[2] for r in rows["sessions"]} == {"terminated"}
+    assert {r[2] for r in rows["routes"]} == {"TERMINATED"}
+
+
+async def test_a_projection_loaded_back_is_settled_to_the_fold(tmp_path: Path):
+    path = tmp_path / "p.sqlite3"
+    items = churn(300)
+    state = await commit_batches(path, [items[:700], items[700:]], state=fresh(1.0))
+    loaded = await load(path)
+    assert len(loaded.sessions) == 300  # the file keeps every row
+    loaded.ledger.settle(1.0)  # what Projector.open does with its settings' retain
+    assert loaded == state
+
+
+def test_the_retention_is_a_projection_setting():
+    from ledger.errors import ConfigError
+    from projections.settings import ProjectionSettings
+    from projections.state import DEFAULT_RETAIN
+
+    assert ProjectionSettings().retain == DEFAULT_RETAIN == 600.0
+    assert ProjectionSettings.from_env({"LEDGER_PROJECTION_RETAIN": "30"}).retain == 30.0
+    with pytest.raises(ConfigError):
+        ProjectionSettings(retain=-1)
