@@ -255,3 +255,56 @@ def test_the_retention_is_a_projection_setting():
     assert ProjectionSettings.from_env({"LEDGER_PROJECTION_RETAIN": "30"}).retain == 30.0
     with pytest.raises(ConfigError):
         ProjectionSettings(retain=-1)
+
+
+# --- a retired id against a real server: the writer decides from the history, which still says terminated ----
+
+async def test_a_forged_re_creation_of_a_retired_session_gives_it_no_owner_through_the_writer(server: Any):
+    from fleet import ledger_on
+
+    from ledger.decide import AgentRef
+    from ledger.errors import NotClaimable
+    from ledger.writer import Writer
+
+    state = LedgerState(ledger=LifecycleState(retain=0))
+
+    async def fold_log(store: Any) -> None:
+        async for batch in store.replay("ledger.>", stream=LEDGER_STREAM, start_seq=state.ledger.seq + 1):
+            state.apply_all(batch)
+
+    async with ledger_on(server.url) as operator:
+        store = operator.store
+        refs, writers = {}, {}
+        for agent in ("a1", "a2"):
+            me = ev.Producer(id=agent, instance=f"{agent}-i")
+            seq = await store.append(ev.AgentRegistered(producer=me, agent_id=agent, instance_id=f"{agent}-i",
+                                                        pool="gpu", ttl=3600))
+            refs[agent], writers[agent] = AgentRef(agent, f"{agent}-i", seq), Writer(store, me)
+        sid, _ = await operator.create_session(pool="gpu")
+        await writers["a1"].claim_session(sid, refs["a1"])
+        await operator.terminate_session(sid, reason="done")
+        await fold_log(store)
+        assert sid not in state.sessions  # retired at once (retain 0): the fold no longer knows it
+
+        # An operator's raw publish re-creates the id (Writer.create_session would refuse: it expects no creation).
+        await store.append(ev.SessionCreated(producer=operator.producer, session_id=sid, pool="gpu"))
+        await fold_log(store)
+        assert state.sessions[sid].status == "pending"  # the fold takes it for a new session, as documented
+        for agent in ("a1", "a2"):  # but every claim is decided on the whole history: still terminated
+            with pytest.raises(NotClaimable):
+                await writers[agent].claim_session(sid, refs[agent])
+
+        # Claims forged past the writer: the fold lets one owner in at most, and the history stays terminated.
+        for agent in ("a2", "a1"):
+            await store.append(ev.SessionClaimed(producer=writers[agent].producer, session_id=sid, agent_id=agent,
+                                                 instance_id=refs[agent].instance_id,
+                                                 incarnation=refs[agent].incarnation, reason="initial"))
+        changes = []
+        async for batch in store.replay("ledger.>", stream=LEDGER_STREAM, start_seq=state.ledger.seq + 1):
+            changes += state.apply_all(batch)
+        assert [c.anomaly.kind if c.anomaly else None for c in changes] == [None, "overlapping_claim"]
+        assert state.sessions[sid].owner == "a2"
+        history, _ = await operator.session(sid)
+        assert history is not None and history.status == "terminated" and history.owner is None
+        with pytest.raises(NotClaimable):
+            await writers["a1"].claim_session(sid, refs["a1"], previous_token=state.sessions[sid].token)
