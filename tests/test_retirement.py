@@ -24,6 +24,7 @@ from ledger import events as ev
 from ledger.codec import Recorded, Unreadable
 from ledger.subjects import HEARTBEAT_STREAM, LEDGER_STREAM
 from projections import snapshots
+from projections.db import ProjectionDB
 from projections.state import (
     AGENT,
     DEAD_LETTER,
@@ -329,3 +330,25 @@ async def test_a_forged_re_creation_of_a_retired_session_gives_it_no_owner_throu
         assert history is not None and history.status == "terminated" and history.owner is None
         with pytest.raises(NotClaimable):
             await writers["a1"].claim_session(sid, refs["a1"], previous_token=state.sessions[sid].token)
+
+
+async def test_the_projector_retires_from_memory_keeps_the_rows_and_settles_on_restart(server: Any, tmp_path: Path):
+    from ledger.settings import Settings
+    from ledger.store import EventStore
+    from projections.projector import Projector
+    from projections.settings import ProjectionSettings
+
+    settings = ProjectionSettings(db=str(tmp_path / "p.sqlite3"), retain=0)
+    async with EventStore.connect(Settings(nats_url=server.url)) as store:
+        ended = [await store.append(r.event) for r in churn(3)]  # a fresh stream: the same sequences
+        async with Projector(store, settings) as projector:
+            await projector.wait_for(ended[-1], timeout=20)
+            assert entries(projector.state) == 1  # the agent serving: every session and route ended
+        async with await ProjectionDB.open(settings.db, readonly=True) as db:
+            assert [s.status for s in await db.session_states()] == ["terminated"] * 3
+            assert [r.state for r in await db.route_states()] == ["TERMINATED"] * 3
+        async with Projector(store, settings) as projector:  # loaded from the rows, which keep everything
+            assert entries(projector.state) == 1
+            created = await store.append(ev.SessionCreated(producer=OPERATOR, session_id="s-new", pool="p"))
+            await projector.wait_for(created, timeout=20)
+            assert set(projector.state.sessions) == {"s-new"}
