@@ -59,6 +59,15 @@ state stays in the projection's SQLite row, and its history in the log.
   the store (compare-and-set), which still says terminated: a retired id gains
   no owner through it, so the at-most-one-owner rule stands; only a raw,
   forged publish can re-create it, and that shows in this fold and its row.
+  A route that failed to start is final here as for the watchdog; an
+  operator's later move to TERMINATED, once it is retired, is flagged and its
+  row stays FAILED_TO_START (the log has the move).
+* Time travel folds with the same rule, so a snapshot plus the rest still
+  equals a replay from zero; a view of a past moment does not list what was
+  retired before it (its row and history still do).
+* Beats (LEDGER_HB) are not retired: that fold cannot see whether an agent is
+  gone, and a beat outliving `retain` may still be the one a long-TTL agent is
+  judged by. They grow with the agents ever seen, not with sessions.
 """
 
 from __future__ import annotations
