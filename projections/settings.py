@@ -11,6 +11,8 @@ import msgspec
 from ledger.errors import ConfigError
 from ledger.settings import settings_from_env
 
+from .state import DEFAULT_RETAIN
+
 DEFAULT_DB = os.path.join("ledger-data", "projection.sqlite3")
 ENV_PREFIX = "LEDGER_PROJECTION_"
 DB_ENV = "LEDGER_DB"
@@ -38,6 +40,10 @@ class ProjectionSettings(msgspec.Struct, frozen=True, kw_only=True):
     """Snapshots kept at full density; older ones thin out (projections.snapshots)."""
     cache_mb: int = 8
     """SQLite page cache of the projector's connection (the OS caches the file too; this bounds our RSS)."""
+    retain: float = DEFAULT_RETAIN
+    """Seconds of log time a terminated session or route, or a gone, dead or fenced agent, stays in the in-memory
+    fold (and its snapshots) before it is retired; its row stays in the file (projections.state). Every process
+    folding the same log should use the same value: it decides which late events find their entity."""
 
     def __post_init__(self) -> None:
         if self.commit_interval <= 0:
@@ -45,6 +51,8 @@ class ProjectionSettings(msgspec.Struct, frozen=True, kw_only=True):
         for name in ("batch", "commit_every", "max_pending", "snapshot_recent", "cache_mb"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.retain >= 0 or self.retain == float("inf"):
+            raise ConfigError(f"retain must be 0 or more seconds, got {self.retain}")
         if self.snapshot_every < 0:
             raise ConfigError(f"snapshot_every must be 0 (never) or positive, got {self.snapshot_every}")
         if not self.db:

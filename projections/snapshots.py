@@ -5,6 +5,10 @@ thin out so that their spacing doubles with age (one per power-of-two bucket
 of distance from the newest). A long log keeps about `recent + log2(age /
 every)` snapshots; a view of the last hours replays at most `every` events,
 a view of last year at most about half its age.
+
+A snapshot holds what the fold holds: entities retired from it (projections.state) are not in it, so its size
+follows what is live and recent, not history; it records the `retain` it was folded with, and a state resumed
+from it goes on retiring with that one.
 """
 
 from __future__ import annotations

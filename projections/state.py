@@ -14,10 +14,65 @@ they may be consumed independently and still give the same state.
 An item at or below its stream's position is ignored, which makes redelivery
 harmless. Nothing here does I/O: the SQLite projector, time travel and the
 long-running consumers of `consumers/` all keep this same state.
+
+Retirement: the fold lets go of an entity that can no longer change
+--------------------------------------------------------------------
+Terminated sessions and routes, and agents gone, dead or fenced, would
+otherwise stay in memory (and in every snapshot, and in every consumer's scan)
+forever. An entity is *final* when `final_at` says so - a session
+`terminated`; a route `TERMINATED` or `FAILED_TO_START`; an agent `gone`,
+`dead` or `fenced` - and it is *retired* (removed from its table) once the
+stream's clock is `retain` seconds past the event that made it final. Its last
+state stays in the projection's SQLite row, and its history in the log.
+
+* Determinism. The rule reads the log alone: the clock is `stored_ns`, the
+  highest time the server stored any item of the stream with (a high-water
+  mark, so a server clock stepping back never un-retires anything), and the
+  moment an entity became final is in its own state (`final_at`). After every
+  applied item, every entity final at least `retain` before the clock is gone.
+  That is a property of the state alone, so folding in one go, in batches,
+  from a snapshot, or from the projection's rows (`settle`) all agree.
+* Cost. Each entity that becomes final is pushed once on a heap keyed by when
+  it falls due; an apply pops only what is due (O(log n) each, amortised over
+  the pushes), never scans. An entry whose entity moved on (an agent that
+  registered again, a dead agent that then said goodbye) is dropped when it
+  comes up: the entity is retired only if it is still final as of that entry.
+  The heap is not serialised: it is rebuilt from the tables on decode.
+* Settings. `retain` (DEFAULT_RETAIN: ten minutes of log time) is a field of
+  the state, so a snapshot records what it was made with, and every process
+  folding the same log with the same setting agrees. The projector sets it
+  from ProjectionSettings.retain (LEDGER_PROJECTION_RETAIN); a state built
+  without one (an agent's own fold, time travel from zero) uses the default.
+* Reporting. A retirement rides on the Change of the item after which it
+  happened (`Change.retired`, with the entity's last state), so whatever keeps
+  rows beside the state (the projector's Uncommitted) writes the final row of
+  an entity retired before its batch committed.
+* Events after retirement. The fold no longer knows the entity, so an event
+  naming it is judged as for an id never created: a session or route event is
+  flagged unknown_entity (it would have been after_final, since only final
+  entities retire), an agent's event "for an unregistered agent", a claim or
+  owner write by a retired agent's incarnation unknown_entity, and a take-over
+  from a retired owner applies as from an unknown one (owner_unknown). A
+  SessionCreated or RouteCreated reusing a retired id starts a new entity here.
+  The SDK's writer never writes one (its creations expect no earlier creation
+  on the subject) and decides every claim from the entity's whole history in
+  the store (compare-and-set), which still says terminated: a retired id gains
+  no owner through it, so the at-most-one-owner rule stands; only a raw,
+  forged publish can re-create it, and that shows in this fold and its row.
+  A route that failed to start is final here as for the watchdog; an
+  operator's later move to TERMINATED, once it is retired, is flagged and its
+  row stays FAILED_TO_START (the log has the move).
+* Time travel folds with the same rule, so a snapshot plus the rest still
+  equals a replay from zero; a view of a past moment does not list what was
+  retired before it (its row and history still do).
+* Beats (LEDGER_HB) are not retired: that fold cannot see whether an agent is
+  gone, and a beat outliving `retain` may still be the one a long-TTL agent is
+  judged by. They grow with the agents ever seen, not with sessions.
 """
 
 from __future__ import annotations
 
+import heapq
 import re
 from collections.abc import Iterable
 from datetime import datetime
@@ -25,10 +80,16 @@ from typing import Any, NamedTuple, TypeVar, overload
 
 import msgspec
 
-from ledger.codec import Recorded, Unreadable, from_ns, reason_code
+from ledger.codec import Recorded, Unreadable, from_ns, reason_code, to_ns
 from ledger.events import AgentEvent, PoolEvent, RouteEvent, SessionEvent
 from ledger.lifecycle import (
+    A_DEAD,
+    A_FENCED,
+    A_GONE,
+    FAILED_TO_START,
     ILLEGAL_TRANSITION,
+    S_TERMINATED,
+    TERMINATED,
     AgentState,
     Anomaly,
     PoolState,
@@ -61,6 +122,35 @@ class AnomalyRecord(msgspec.Struct, frozen=True, kw_only=True):
     detail: str
 
 
+DEFAULT_RETAIN = 600.0
+"""Seconds of log time a final entity stays in the fold before it is retired (see the module's docstring)."""
+
+FINAL_AGENT_STATUSES = frozenset({A_GONE, A_DEAD, A_FENCED})
+FINAL_ROUTE_STATES = frozenset({TERMINATED, FAILED_TO_START})
+
+
+def final_at(kind: str, state: Any) -> tuple[int, int] | None:
+    """(sequence, stored time in ns) of the event that made the entity final, or None while it may still change.
+
+    The one rule of which entities retire, and from when: the fold, `settle` and the tests all ask it.
+    """
+    if kind == SESSION:
+        return (state.last_seq, to_ns(state.status_since)) if state.status == S_TERMINATED else None
+    if kind == ROUTE:
+        return (state.state_seq, to_ns(state.state_since)) if state.state in FINAL_ROUTE_STATES else None
+    if kind == AGENT:
+        return (state.status_seq, to_ns(state.status_since)) if state.status in FINAL_AGENT_STATUSES else None
+    return None
+
+
+class Retired(NamedTuple):
+    """An entity the fold let go of, with its last state (what its row keeps)."""
+
+    kind: str
+    id: str
+    final: Any
+
+
 class Change(NamedTuple):
     """What one applied item did: the entity it concerned and, if it was refused, why."""
 
@@ -71,6 +161,8 @@ class Change(NamedTuple):
     before: Any
     """The entity's state before the item (None if it did not exist); the new one is in the state."""
     anomaly: AnomalyRecord | None
+    retired: tuple[Retired, ...] = ()
+    """Entities retired right after this item (the clock it brought made them due)."""
 
     @property
     def applied(self) -> bool:
@@ -95,13 +187,13 @@ def _flag(item: Recorded, kind: str, entity_id: str, anomaly: Anomaly) -> Anomal
                          detail=anomaly.detail)
 
 
-class LifecycleState(msgspec.Struct, kw_only=True):
-    """The LEDGER stream folded: every agent, session and route, as of `seq`."""
+class LifecycleState(msgspec.Struct, kw_only=True, dict=True):
+    """The LEDGER stream folded: every agent, session and route not yet retired, as of `seq`."""
 
     seq: int = 0
     """The last stream sequence applied."""
     stored_ns: int = 0
-    """When the server stored that message."""
+    """The latest time the server stored a message of the stream with, up to `seq` (the retirement clock)."""
     agents: dict[str, AgentState] = {}
     sessions: dict[str, SessionState] = {}
     routes: dict[str, RouteState] = {}
@@ -110,6 +202,52 @@ class LifecycleState(msgspec.Struct, kw_only=True):
     dead_letters: dict[str, int] = {}
     """Reason code -> messages of this stream that were not events."""
     anomalies: int = 0
+    retain: float = DEFAULT_RETAIN
+    """Seconds of log time a final entity is kept before it is retired (part of the state: snapshots record it)."""
+
+    def __post_init__(self) -> None:  # also after decoding: the heap is rebuilt, never serialised
+        self._index()
+
+    def _index(self) -> None:
+        """The retirement heap, from the tables: one (due ns, final seq, kind, id) per final entity."""
+        retain_ns = round(self.retain * 1e9)
+        heap = []
+        for kind, table in ((AGENT, self.agents), (SESSION, self.sessions), (ROUTE, self.routes)):
+            for key, entity in table.items():
+                final = final_at(kind, entity)
+                if final is not None:
+                    heap.append((final[1] + retain_ns, final[0], kind, key))
+        heapq.heapify(heap)
+        self._retiring: list[tuple[int, int, str, str]] = heap
+        self._retain_ns = retain_ns
+
+    def settle(self, retain: float | None = None) -> int:
+        """Take `retain` (if given) and retire what is due: for a state whose tables were filled from rows.
+
+        The projection's rows keep retired entities too; loaded back, they leave exactly as the fold let go of
+        them, since the rule is a function of each entity's state and the clock. Returns how many retired.
+        """
+        if retain is not None:
+            self.retain = retain
+        self._index()
+        return len(self._retire())
+
+    def _retire(self) -> tuple[Retired, ...]:
+        heap = self._retiring
+        clock = self.stored_ns
+        out: list[Retired] = []
+        while heap and heap[0][0] <= clock:
+            _, seq, kind, key = heapq.heappop(heap)
+            table: dict[str, Any] = self.sessions if kind == SESSION else self.routes if kind == ROUTE else self.agents
+            entity = table.get(key)
+            if entity is None:
+                continue
+            final = final_at(kind, entity)
+            if final is None or final[0] != seq:  # it moved on since (registered again, died then left)
+                continue
+            del table[key]
+            out.append(Retired(kind, key, entity))
+        return tuple(out)
 
     def incarnation_at(self, agent_id: str, seq: int) -> int | None:
         # Items are applied in log order, so "as of seq" is simply "now".
@@ -127,7 +265,16 @@ class LifecycleState(msgspec.Struct, kw_only=True):
         if seq <= self.seq:
             return None
         self.seq = seq
-        self.stored_ns = item.timestamp_ns
+        if item.timestamp_ns > self.stored_ns:
+            self.stored_ns = item.timestamp_ns
+        change = self._apply(item)
+        if self._retiring and self._retiring[0][0] <= self.stored_ns:
+            retired = self._retire()
+            if retired:
+                return change._replace(retired=retired)
+        return change
+
+    def _apply(self, item: Recorded | Unreadable) -> Change:
         if isinstance(item, Unreadable):
             code = dead_letter_code(item.reason)
             self.dead_letters[code] = self.dead_letters.get(code, 0) + 1
@@ -157,6 +304,10 @@ class LifecycleState(msgspec.Struct, kw_only=True):
             return self._flagged(item, kind, key, before, anomaly)
         assert after is not None, "a fold returns a state for every event it accepts"
         table[key] = after
+        if kind != POOL:
+            final = final_at(kind, after)
+            if final is not None and (before is None or final_at(kind, before) != final):
+                heapq.heappush(self._retiring, (final[1] + self._retain_ns, final[0], kind, key))
         return Change(kind, key, before, None)
 
     def _flagged(self, item: Recorded, kind: str, key: str, before: object, anomaly: Anomaly) -> Change:

@@ -30,11 +30,18 @@ from .state import (
 )
 
 
+def _rows(table: dict[str, Any], dirty: set[str], retired: dict[str, Any]) -> dict[str, Any]:
+    """Each dirty entity's state now, or its last one if the fold retired it since (a re-created id: the new one)."""
+    return {k: v if (v := table.get(k)) is not None else retired[k] for k in dirty}
+
+
 class Uncommitted:
-    __slots__ = ("dirty", "anomalies", "dead", "events", "since")
+    __slots__ = ("dirty", "retired", "anomalies", "dead", "events", "since")
 
     def __init__(self) -> None:
         self.dirty: dict[str, set[str]] = {AGENT: set(), SESSION: set(), ROUTE: set(), POOL: set(), HEARTBEAT: set()}
+        self.retired: dict[str, dict[str, Any]] = {AGENT: {}, SESSION: {}, ROUTE: {}}
+        """The last state of each dirty entity the fold retired before this commit: its row must still land."""
         self.anomalies: list[AnomalyRecord] = []
         self.dead: list[Unreadable] = []
         self.events = 0
@@ -51,6 +58,9 @@ class Uncommitted:
             self.dirty[change.kind].add(change.id)
         else:
             self.anomalies.append(change.anomaly)
+        for gone in change.retired:
+            if gone.id in self.dirty[gone.kind]:
+                self.retired[gone.kind][gone.id] = gone.final
 
     def batch(self, state: LedgerState, plan: snapshots.Plan | None = None, now_ns: int | None = None) -> Batch:
         """Everything to commit for these changes, as of `state` now; `plan` adds any snapshot that is due."""
@@ -61,9 +71,9 @@ class Uncommitted:
             last_dead[(item.stream, dead_letter_code(item.reason))] = item
         snaps, drops = plan.due(state, stamp) if plan is not None else ([], [])
         return Batch(
-            agents={k: ledger.agents[k] for k in self.dirty[AGENT]},
-            sessions={k: ledger.sessions[k] for k in self.dirty[SESSION]},
-            routes={k: ledger.routes[k] for k in self.dirty[ROUTE]},
+            agents=_rows(ledger.agents, self.dirty[AGENT], self.retired[AGENT]),
+            sessions=_rows(ledger.sessions, self.dirty[SESSION], self.retired[SESSION]),
+            routes=_rows(ledger.routes, self.dirty[ROUTE], self.retired[ROUTE]),
             pools={k: ledger.pools[k] for k in self.dirty[POOL]},
             beats={k: hb.beats[k] for k in self.dirty[HEARTBEAT] if k in hb.beats},
             anomalies=[(a.stream, a.seq, to_ns(a.stored_at), a.entity_kind, a.entity_id, a.event_type, a.producer,

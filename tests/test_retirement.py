@@ -1,0 +1,354 @@
+"""Retirement: final entities leave the in-memory fold deterministically, and keep their rows and history.
+
+The rule (projections.state): a terminated session or route, a route that failed to start, an agent gone, dead
+or fenced, leaves its table once the stream's clock is `retain` seconds past the event that made it final.
+Folding in one go, in batches through a snapshot, or resuming from the projection's rows must give one state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+import pytest
+from histories import histories
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from projection_helpers import commit_batches, dump, load
+
+from ledger import codec
+from ledger import events as ev
+from ledger.codec import Recorded, Unreadable
+from ledger.subjects import HEARTBEAT_STREAM, LEDGER_STREAM
+from projections import snapshots
+from projections.db import ProjectionDB
+from projections.state import (
+    AGENT,
+    DEAD_LETTER,
+    ROUTE,
+    SESSION,
+    HeartbeatState,
+    LedgerState,
+    LifecycleState,
+    final_at,
+)
+
+RETAINS = st.sampled_from((0.0, 2.0, 5.0, 15.0))
+"""Seconds of log time: generated histories store one item a second, so each of these retires something."""
+
+
+def fresh(retain: float) -> LedgerState:
+    return LedgerState(ledger=LifecycleState(retain=retain))
+
+
+def fold(items: list[Any], retain: float) -> LedgerState:
+    state = fresh(retain)
+    state.apply_all(items)
+    return state
+
+
+def cuts(data: st.DataObject, n: int) -> list[tuple[int, int]]:
+    return list(pairwise([0, *sorted(data.draw(st.lists(st.integers(0, n), max_size=6))), n]))
+
+
+def tables(part: LifecycleState) -> dict[str, dict[str, Any]]:
+    return {AGENT: part.agents, SESSION: part.sessions, ROUTE: part.routes}
+
+
+class Rows:
+    """What the projector's file holds: the last state of every entity ever changed, retired or not."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, dict[str, Any]] = {AGENT: {}, SESSION: {}, ROUTE: {}}
+
+    def note(self, state: LedgerState, change: Any) -> None:
+        if change is None:
+            return
+        for gone in change.retired:
+            self.rows[gone.kind][gone.id] = gone.final
+        if change.kind in self.rows and change.applied and change.id in tables(state.ledger)[change.kind]:
+            self.rows[change.kind][change.id] = tables(state.ledger)[change.kind][change.id]
+
+    def loaded(self, state: LedgerState) -> LedgerState:
+        """The state as `load_state` reads it back: rows, pools, checkpoints and counters (then the projector
+        settles it with its retain)."""
+        ledger = LifecycleState(agents=dict(self.rows[AGENT]), sessions=dict(self.rows[SESSION]),
+                                routes=dict(self.rows[ROUTE]), pools=dict(state.ledger.pools),
+                                dead_letters=dict(state.ledger.dead_letters), seq=state.ledger.seq,
+                                stored_ns=state.ledger.stored_ns, anomalies=state.ledger.anomalies)
+        beats = snapshots.unpack(snapshots.pack(state.heartbeats), HeartbeatState)
+        return LedgerState(ledger=ledger, heartbeats=beats)
+
+
+@settings(max_examples=120, deadline=None)
+@given(items=histories(max_size=90), retain=RETAINS, data=st.data())
+def test_one_go_equals_batches_through_snapshots_equals_a_resume_from_rows(items: list[Any], retain: float,
+                                                                          data: st.DataObject):
+    whole = fold(items, retain)
+
+    batched = fresh(retain)
+    for start, end in cuts(data, len(items)):
+        batched.apply_all(items[start:end])
+        batched = LedgerState(ledger=snapshots.unpack(snapshots.pack(batched.ledger), LifecycleState),
+                              heartbeats=snapshots.unpack(snapshots.pack(batched.heartbeats), HeartbeatState))
+    assert batched == whole
+
+    k = data.draw(st.integers(0, len(items)))
+    state, rows = fresh(retain), Rows()
+    for item in items[:k]:
+        rows.note(state, state.apply(item))
+    resumed = rows.loaded(state)
+    resumed.ledger.settle(retain)
+    assert resumed == state  # what the projector's file gives back is what the fold had
+    for item in items[k:]:
+        resumed.apply(item)
+    assert resumed == whole
+
+
+@settings(max_examples=120, deadline=None)
+@given(items=histories(max_size=90), retain=RETAINS)
+def test_after_every_item_no_entity_final_for_retain_is_left_and_each_retired_one_was(items: list[Any],
+                                                                                    retain: float):
+    state = fresh(retain)
+    for item in items:
+        change = state.apply(item)
+        part = state.ledger
+        for kind, table in tables(part).items():
+            for entity in table.values():
+                final = final_at(kind, entity)
+                assert final is None or final[1] + round(retain * 1e9) > part.stored_ns
+        for gone in change.retired if change is not None else ():
+            final = final_at(gone.kind, gone.final)
+            assert final is not None and final[1] + round(retain * 1e9) <= part.stored_ns
+            assert tables(part)[gone.kind].get(gone.id) is not gone.final
+
+
+@settings(max_examples=60, deadline=None)
+@given(items=histories(max_size=90), retain=RETAINS)
+def test_retirement_reads_the_lifecycle_stream_only(items: list[Any], retain: float):
+    ledger_first = [i for i in items if i.stream == LEDGER_STREAM] + [i for i in items if i.stream == HEARTBEAT_STREAM]
+    assert fold(ledger_first, retain) == fold(items, retain)
+
+
+# --- bounded by what is live and recent, not by history --------------------------------------------------
+
+OPERATOR = ev.Producer(id="cli", instance="c")
+WATCHDOG = ev.Producer(id="watchdog", instance="w")
+T0_NS = codec.to_ns(ev.utcnow())
+STEP_NS = 50_000_000
+"""Stored 50 ms apart: the default retention (ten minutes) spans 12,000 items of the workload."""
+
+
+class Log:
+    def __init__(self) -> None:
+        self.seq = 0
+
+    def __call__(self, event: ev.Event) -> Recorded:
+        self.seq += 1
+        return Recorded(LEDGER_STREAM, self.seq, codec.subject_of(event), T0_NS + self.seq * STEP_NS, event)
+
+
+def churn(sessions: int, routed: int = 1) -> list[Recorded]:
+    """Agents come and go, each serving sessions that are created, claimed and terminated; every `routed`-th
+    with a route that ends too."""
+    log, items = Log(), []
+    agent, incarnation = "", 0
+    for n in range(sessions):
+        if n % 50 == 0:
+            if agent:
+                items.append(log(ev.AgentGoodbye(producer=ev.Producer(id=agent, instance="i"), agent_id=agent,
+                                                 instance_id="i", incarnation=incarnation)))
+            agent = f"a{n // 50}"
+            me = ev.Producer(id=agent, instance="i")
+            registered = log(ev.AgentRegistered(producer=me, agent_id=agent, instance_id="i", pool="p", ttl=60))
+            items.append(registered)
+            incarnation = registered.seq
+        sid, rid = f"s{n}", f"r{n}"
+        route = n % routed == 0
+        items.append(log(ev.SessionCreated(producer=OPERATOR, session_id=sid, pool="p")))
+        if route:
+            items.append(log(ev.RouteCreated(producer=OPERATOR, route_id=rid, session_id=sid, endpoint="e")))
+        items.append(log(ev.SessionClaimed(producer=me, session_id=sid, agent_id=agent, instance_id="i",
+                                           incarnation=incarnation, reason="initial")))
+        if route:
+            items += [log(ev.RouteTransitioned(producer=WATCHDOG, route_id=rid, from_state="PENDING",
+                                               to_state="TERMINATING")),
+                      log(ev.RouteTransitioned(producer=WATCHDOG, route_id=rid, from_state="TERMINATING",
+                                               to_state="TERMINATED"))]
+        items.append(log(ev.SessionTerminated(producer=OPERATOR, session_id=sid, token=None)))
+    return items
+
+
+def entries(state: LedgerState) -> int:
+    part = state.ledger
+    return len(part.agents) + len(part.sessions) + len(part.routes)
+
+
+def test_20k_sessions_created_and_terminated_leave_the_fold_as_small_as_10k_did():
+    items = churn(20_000, routed=10)
+    half = next(i for i, item in enumerate(items) if getattr(item.event, "session_id", None) == "s10000")
+    state = LedgerState()
+    state.apply_all(items[:half])
+    at_10k = entries(state)
+    state.apply_all(items[half:])
+    at_20k = entries(state)
+    # Ten minutes of log time hold 12,000 items (3.3 per session, 5 per route, 1 per 25 sessions per agent).
+    window = 600 * 1e9 / STEP_NS
+    assert at_20k <= window / 3.3 * 1.1 + 100
+    assert abs(at_20k - at_10k) <= 0.05 * at_10k
+    assert all(s.status == "terminated" for s in state.ledger.sessions.values())
+    assert len(state.ledger._retiring) <= at_20k  # the heap is bounded by what it may still retire
+
+
+def test_a_late_event_on_a_retired_session_is_an_unknown_entity_and_a_re_creation_a_new_session():
+    log = Log()
+    items = churn(1)
+    log.seq = items[-1].seq
+    state = LedgerState(ledger=LifecycleState(retain=0))
+    changes = state.apply_all(items)
+    assert {(g.kind, g.id) for c in changes for g in c.retired} == {(SESSION, "s0"), (ROUTE, "r0")}
+    late = state.apply(log(ev.SessionTerminated(producer=OPERATOR, session_id="s0", token=None)))
+    assert late is not None and late.anomaly is not None and late.anomaly.kind == "unknown_entity"
+    again = state.apply(log(ev.SessionCreated(producer=OPERATOR, session_id="s0", pool="p")))
+    assert again is not None and again.applied and state.sessions["s0"].status == "pending"
+
+
+def test_a_dead_letter_moves_the_clock_and_retires_too():
+    items = churn(1)
+    state = LedgerState(ledger=LifecycleState(retain=1.0))
+    state.apply_all(items)
+    assert "s0" in state.sessions
+    last = items[-1]
+    change = state.apply(Unreadable(LEDGER_STREAM, last.seq + 1, "ledger.session.x.created.cli",
+                                    last.timestamp_ns + 2 * 10**9, b"{", "malformed: JSON is malformed"))
+    assert change is not None and change.kind == DEAD_LETTER
+    assert {g.id for g in change.retired} == {"s0", "r0"} and "s0" not in state.sessions
+
+
+# --- the projection keeps the rows ------------------------------------------------------------------------
+
+async def test_an_entity_retired_within_one_batch_keeps_its_terminal_row(tmp_path: Path):
+    items = churn(300)
+    retiring, keeping = fresh(1.0), fresh(10**9)
+    await commit_batches(tmp_path / "retiring.sqlite3", [items], state=retiring)
+    await commit_batches(tmp_path / "keeping.sqlite3", [items[:500], items[500:]], state=keeping)
+    assert len(retiring.sessions) < 30 < len(keeping.sessions) == 300
+    rows = dump(tmp_path / "retiring.sqlite3")
+    assert rows == dump(tmp_path / "keeping.sqlite3")  # retirement changes the memory, never the file
+    assert len(rows["sessions"]) == 300 and {r[2] for r in rows["sessions"]} == {"terminated"}
+    assert {r[2] for r in rows["routes"]} == {"TERMINATED"}
+
+
+async def test_a_projection_loaded_back_is_settled_to_the_fold(tmp_path: Path):
+    path = tmp_path / "p.sqlite3"
+    items = churn(300)
+    state = await commit_batches(path, [items[:700], items[700:]], state=fresh(1.0))
+    loaded = await load(path)
+    assert len(loaded.sessions) == 300  # the file keeps every row
+    loaded.ledger.settle(1.0)  # what Projector.open does with its settings' retain
+    assert loaded == state
+
+
+@settings(max_examples=15, deadline=None)
+@given(items=histories(max_size=90), retain=RETAINS, data=st.data())
+def test_a_projection_committed_in_batches_and_loaded_back_settles_to_the_fold(items: list[Any], retain: float,
+                                                                              data: st.DataObject):
+    batches = [items[start:end] for start, end in cuts(data, len(items))]
+
+    async def committed_and_loaded(path: Path) -> LedgerState:
+        await commit_batches(path, batches, state=fresh(retain))
+        return await load(path)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        loaded = asyncio.run(committed_and_loaded(Path(tmp) / "p.sqlite3"))
+    loaded.ledger.settle(retain)
+    assert loaded == fold(items, retain)
+
+
+def test_the_retention_is_a_projection_setting():
+    from ledger.errors import ConfigError
+    from projections.settings import ProjectionSettings
+    from projections.state import DEFAULT_RETAIN
+
+    assert ProjectionSettings().retain == DEFAULT_RETAIN == 600.0
+    assert ProjectionSettings.from_env({"LEDGER_PROJECTION_RETAIN": "30"}).retain == 30.0
+    with pytest.raises(ConfigError):
+        ProjectionSettings(retain=-1)
+
+
+# --- a retired id against a real server: the writer decides from the history, which still says terminated ----
+
+async def test_a_forged_re_creation_of_a_retired_session_gives_it_no_owner_through_the_writer(server: Any):
+    from fleet import ledger_on
+
+    from ledger.decide import AgentRef
+    from ledger.errors import NotClaimable
+    from ledger.writer import Writer
+
+    state = LedgerState(ledger=LifecycleState(retain=0))
+
+    async def fold_log(store: Any) -> None:
+        async for batch in store.replay("ledger.>", stream=LEDGER_STREAM, start_seq=state.ledger.seq + 1):
+            state.apply_all(batch)
+
+    async with ledger_on(server.url) as operator:
+        store = operator.store
+        refs, writers = {}, {}
+        for agent in ("a1", "a2"):
+            me = ev.Producer(id=agent, instance=f"{agent}-i")
+            seq = await store.append(ev.AgentRegistered(producer=me, agent_id=agent, instance_id=f"{agent}-i",
+                                                        pool="gpu", ttl=3600))
+            refs[agent], writers[agent] = AgentRef(agent, f"{agent}-i", seq), Writer(store, me)
+        sid, _ = await operator.create_session(pool="gpu")
+        await writers["a1"].claim_session(sid, refs["a1"])
+        await operator.terminate_session(sid, reason="done")
+        await fold_log(store)
+        assert sid not in state.sessions  # retired at once (retain 0): the fold no longer knows it
+
+        # An operator's raw publish re-creates the id (Writer.create_session would refuse: it expects no creation).
+        await store.append(ev.SessionCreated(producer=operator.producer, session_id=sid, pool="gpu"))
+        await fold_log(store)
+        assert state.sessions[sid].status == "pending"  # the fold takes it for a new session, as documented
+        for agent in ("a1", "a2"):  # but every claim is decided on the whole history: still terminated
+            with pytest.raises(NotClaimable):
+                await writers[agent].claim_session(sid, refs[agent])
+
+        # Claims forged past the writer: the fold lets one owner in at most, and the history stays terminated.
+        for agent in ("a2", "a1"):
+            await store.append(ev.SessionClaimed(producer=writers[agent].producer, session_id=sid, agent_id=agent,
+                                                 instance_id=refs[agent].instance_id,
+                                                 incarnation=refs[agent].incarnation, reason="initial"))
+        changes = []
+        async for batch in store.replay("ledger.>", stream=LEDGER_STREAM, start_seq=state.ledger.seq + 1):
+            changes += state.apply_all(batch)
+        assert [c.anomaly.kind if c.anomaly else None for c in changes] == [None, "overlapping_claim"]
+        assert state.sessions[sid].owner == "a2"
+        history, _ = await operator.session(sid)
+        assert history is not None and history.status == "terminated" and history.owner is None
+        with pytest.raises(NotClaimable):
+            await writers["a1"].claim_session(sid, refs["a1"], previous_token=state.sessions[sid].token)
+
+
+async def test_the_projector_retires_from_memory_keeps_the_rows_and_settles_on_restart(server: Any, tmp_path: Path):
+    from ledger.settings import Settings
+    from ledger.store import EventStore
+    from projections.projector import Projector
+    from projections.settings import ProjectionSettings
+
+    settings = ProjectionSettings(db=str(tmp_path / "p.sqlite3"), retain=0)
+    async with EventStore.connect(Settings(nats_url=server.url)) as store:
+        ended = [await store.append(r.event) for r in churn(3)]  # a fresh stream: the same sequences
+        async with Projector(store, settings) as projector:
+            await projector.wait_for(ended[-1], timeout=20)
+            assert entries(projector.state) == 1  # the agent serving: every session and route ended
+        async with await ProjectionDB.open(settings.db, readonly=True) as db:
+            assert [s.status for s in await db.session_states()] == ["terminated"] * 3
+            assert [r.state for r in await db.route_states()] == ["TERMINATED"] * 3
+        async with Projector(store, settings) as projector:  # loaded from the rows, which keep everything
+            assert entries(projector.state) == 1
+            created = await store.append(ev.SessionCreated(producer=OPERATOR, session_id="s-new", pool="p"))
+            await projector.wait_for(created, timeout=20)
+            assert set(projector.state.sessions) == {"s-new"}
