@@ -123,7 +123,8 @@ async def run(url: str, events: int, rounds: int, cas: bool, profile: bool) -> N
                 if cas:
                     rates["cas"].append(await store_round(store, make_events(events, f"c{tag}"), expect=0))
                 print(f"round {r + 1}: minimal raw {rates['minimal'][-1]:>8,.0f}/s   "
-                      f"+msg-id {rates['minimal_id'][-1]:>8,.0f}/s   publish_async {rates['publish_async'][-1]:>8,.0f}/s"
+                      f"+msg-id {rates['minimal_id'][-1]:>8,.0f}/s   "
+                      f"publish_async {rates['publish_async'][-1]:>8,.0f}/s"
                       f"   EventStore.submit {rates['store'][-1]:>8,.0f}/s"
                       + (f"   +CAS {rates['cas'][-1]:>8,.0f}/s" if cas else ""), flush=True)
             if profile:

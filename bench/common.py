@@ -20,7 +20,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ledgerctl.server import EmbeddedServer, ServerConfig, free_port
+from ledgerctl.server import EmbeddedServer, ServerConfig, free_port  # noqa: E402 - after the path is set
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -144,13 +144,16 @@ class LedgerUp:
         return self.data_dir / "projection.sqlite3"
 
 
+def _spawn(argv: list[str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env())
+
+
 @contextlib.asynccontextmanager
 async def ledger_up(data_dir: Path, *extra: str, ready_within: float = 120.0) -> AsyncIterator[LedgerUp]:
     """Start `ledger up` on a free port (no HTTP), wait for its "ready" line, SIGTERM it on exit."""
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ledgerctl", "up", "--data-dir", str(data_dir), "--port", str(port), "--no-http",
-         *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env())
+    proc = _spawn([sys.executable, "-m", "ledgerctl", "up", "--data-dir", str(data_dir), "--port", str(port),
+                   "--no-http", *extra])
     lines: list[str] = []
     drain: asyncio.Future[None] | None = None
     assert proc.stdout is not None
@@ -198,3 +201,55 @@ def projection_checkpoint(db: Path, stream: str) -> int:
     finally:
         con.close()
     return int(row[0]) if row else 0
+
+
+# --- the floor of a pipelined, acknowledged publish --------------------------------------------
+
+
+class RawPublisher:
+    """Pipelined raw publishes: one reply inbox, one wildcard subscription counting acknowledgements, a window.
+
+    Per acknowledgement it only releases the window (and looks for an error by a byte search): the least a
+    pipelined acknowledged publish costs in nats-py, used as the benchmarks' raw baseline and to pre-fill logs.
+    """
+
+    def __init__(self, nc: Any, window: int = 4096) -> None:
+        self.nc = nc
+        self._window = asyncio.Semaphore(window)
+        self._size = window
+        self.sent = 0
+        self.acked = 0
+        self.errors = 0
+        self.first_error = b""
+        self._prefix = ""
+        self._sub: Any = None
+
+    async def __aenter__(self) -> RawPublisher:
+        self._prefix = self.nc.new_inbox() + "."
+        self._sub = await self.nc.subscribe(self._prefix + "*", cb=self._on_ack)
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self._sub.unsubscribe()
+
+    async def _on_ack(self, msg: Any) -> None:
+        if b'"error"' in msg.data:
+            self.errors += 1
+            self.first_error = self.first_error or msg.data
+        self.acked += 1
+        self._window.release()
+
+    async def publish(self, subject: str, payload: bytes, headers: dict[str, str] | None = None) -> None:
+        await self._window.acquire()
+        self.sent += 1
+        await self.nc.publish(subject, payload, reply=f"{self._prefix}{self.sent}", headers=headers)
+
+    async def drain(self, within: float = 300.0) -> None:
+        """Wait until every publish is acknowledged (SystemExit past `within` seconds or on a refusal)."""
+        deadline = time.monotonic() + within
+        while self.acked < self.sent:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"raw publishes: {self.acked} of {self.sent} acknowledged after {within:.0f} s")
+            await asyncio.sleep(0.01)
+        if self.errors:
+            raise SystemExit(f"raw publishes: {self.errors} refused, first: {self.first_error[:300]!r}")

@@ -297,7 +297,7 @@ async def fleet_run(n: int, args: argparse.Namespace) -> None:
     print(f"figure   false verdicts: suspected {verdicts['suspected']:,}  declared dead {verdicts['declared_dead']:,}  "
           f"fenced {verdicts['fenced']:,}  (generator: {fenced:,} fenced at the end, {again:,} registered again)   "
           f"{'ok' if false_verdicts == 0 and fenced == 0 else 'FALSE VERDICTS'} (goal: 0)")
-    print(f"figure   `ledger agents` by status at the end: "
+    print("figure   `ledger agents` by status at the end: "
           + ", ".join(f"{k} {v:,}" for k, v in sorted(status.items())))
     print(f"figure   projector lag behind LEDGER_HB: p50 {pct(msgs, 50):,} msgs / {pct(secs, 50):.2f} s   "
           f"p99 {pct(msgs, 99):,} msgs / {pct(secs, 99):.2f} s   max {max(msgs):,} msgs / {max(secs):.2f} s "
