@@ -34,6 +34,7 @@ import uuid
 
 import nats
 from common import run_against_server, server_options
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from ledger import codec
@@ -55,7 +56,7 @@ def raw_messages(n: int, tag: str) -> list[tuple[str, bytes, str]]:
     return [(codec.subject_of(e), codec.encode_payload(e), e.event_id) for e in make_events(n, tag)]
 
 
-async def minimal_round(nc: nats.NATS, messages: list[tuple[str, bytes, str]], *, msg_id: bool) -> float:
+async def minimal_round(nc: NATS, messages: list[tuple[str, bytes, str]], *, msg_id: bool) -> float:
     """The floor: pipelined publishes with a reply inbox, acknowledgements counted in one wildcard subscription."""
     window = asyncio.Semaphore(WINDOW)
     done = asyncio.Event()
@@ -88,7 +89,7 @@ async def minimal_round(nc: nats.NATS, messages: list[tuple[str, bytes, str]], *
     return len(messages) / elapsed
 
 
-async def publish_async_round(nc: nats.NATS, messages: list[tuple[str, bytes, str]]) -> float:
+async def publish_async_round(nc: NATS, messages: list[tuple[str, bytes, str]]) -> float:
     js = nc.jetstream(publish_async_max_pending=WINDOW)
     started = time.perf_counter()
     for subject, payload, _ in messages:

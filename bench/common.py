@@ -12,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +47,7 @@ def run_against_server(args: argparse.Namespace, run: Callable[[str], Coroutine[
             asyncio.run(run(server.url))
 
 
-def pct(values: list[float], p: float) -> float:
+def pct(values: Sequence[float], p: float) -> float:
     """The p-th percentile (nearest rank) of values."""
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
@@ -253,3 +253,12 @@ class RawPublisher:
             await asyncio.sleep(0.01)
         if self.errors:
             raise SystemExit(f"raw publishes: {self.errors} refused, first: {self.first_error[:300]!r}")
+
+
+async def stream_state(nc: Any, stream: str) -> dict[str, Any]:
+    """A stream's state as the server reports it (nats-py's StreamState leaves out num_subjects)."""
+    import json
+
+    reply = await nc.request(f"$JS.API.STREAM.INFO.{stream}", b"", timeout=10)
+    state: dict[str, Any] = json.loads(reply.data)["state"]
+    return state

@@ -78,7 +78,13 @@ async def claim_all_for(store: EventStore, producer: ev.Producer, agent: decide.
 
 
 async def last_seqs(store: EventStore, sessions: list[str]) -> dict[str, int]:
-    return {sid: (await store.last("session", sid)).seq for sid in sessions}
+    out = {}
+    for sid in sessions:
+        last = await store.last("session", sid)
+        if last is None:
+            raise SystemExit(f"session {sid} is not in the log")
+        out[sid] = last.seq
+    return out
 
 
 class ClaimWatch:
@@ -205,11 +211,13 @@ async def contention(url: str, claimers: int, orphans: int) -> None:
         registrations: dict[str, list[int]] = {}
         async for batch in ledger.store.replay("ledger.agent.*.registered.*"):
             for r in batch:
-                registrations.setdefault(r.event.agent_id, []).append(r.seq)
+                if isinstance(r, Recorded) and isinstance(r.event, ev.AgentRegistered):
+                    registrations.setdefault(r.event.agent_id, []).append(r.seq)
         histories: dict[str, list[Recorded]] = {sid: [] for sid in sessions}
         async for batch in ledger.store.replay("ledger.session.>"):
             for r in batch:
-                if isinstance(r, Recorded) and r.event.session_id in histories:
+                if isinstance(r, Recorded) and isinstance(r.event, ev.SessionEvent) and \
+                        r.event.session_id in histories:
                     histories[r.event.session_id].append(r)
         lookup = lc.registrations_lookup(registrations)
         problems = 0

@@ -320,8 +320,8 @@ async def baseline_run(n: int, args: argparse.Namespace, sdk_rate: float, meters
         with EmbeddedServer(cfg) as server:
             async with EventStore.connect(Settings(nats_url=server.url), ensure=True):
                 pass
-            assert server._proc is not None
-            server_meter = Meter("nats-server", server._proc.pid)
+            assert server.pid is not None
+            server_meter = Meter("nats-server", server.pid)
             g = await Generator.start("raw-worker", "--url", server.url, "--count", str(n), "--interval",
                                       str(args.interval), "--seconds", str(args.baseline_seconds))
             await g.expect("registered", 60)
