@@ -149,10 +149,11 @@ async def run(url: str, events: int, rounds: int, cas: bool, profile: bool) -> N
     print(f"ratio     submit / raw + msg-id  : {med['store'] / med['minimal_id']:.2f}")
     print(f"ratio     submit / publish_async : {med['store'] / med['publish_async']:.2f}   (the old, flattering one)")
     if profile:
-        out = io.StringIO()
-        pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(15)
-        print("\nEventStore.submit profile (tottime, top 15):")
-        print("\n".join(line for line in out.getvalue().splitlines() if line.strip()))
+        for order, top in (("tottime", 15), ("cumulative", 30)):
+            out = io.StringIO()
+            pstats.Stats(profiler, stream=out).sort_stats(order).print_stats(top)
+            print(f"\nEventStore.submit profile ({order}, top {top}):")
+            print("\n".join(line for line in out.getvalue().splitlines() if line.strip()))
 
 
 def main() -> None:

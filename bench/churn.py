@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import os
 import tempfile
 import time
@@ -174,60 +175,75 @@ def session_events(sid: str, agent: ev.Producer) -> list[ev.Event]:
             ev.SessionTerminated(producer=agent, session_id=sid, token=2, reason="done")]
 
 
-async def raw_layout(name: str, layout: Layout, args: argparse.Namespace) -> float:
-    """nats-server bytes per session under this layout."""
-    with tempfile.TemporaryDirectory(prefix=f"ledger-churn-{name}-") as tmp, \
-            EmbeddedServer(ServerConfig(data_dir=Path(tmp), port=free_port(), sync_always=args.sync_always)) as server:
-        assert server.pid is not None
-        pid = server.pid
-        nc = await nats.connect(server.url, name=f"churn-{name}")
-        try:
-            js = nc.jetstream()
-            config = StreamConfig(name="CHURN", subjects=layout.subjects, retention=RetentionPolicy.LIMITS,
-                                  storage=StorageType.FILE, discard=DiscardPolicy.NEW, max_age=0, max_msgs=-1,
-                                  max_bytes=-1, duplicate_window=Settings().duplicate_window, deny_delete=True,
-                                  deny_purge=not layout.purge, allow_direct=True, subject_transform=layout.transform)
-            await js.add_stream(config)
-            await asyncio.sleep(1.0)
-            before = rss_bytes(pid)
-            agent = ev.Producer(id="churner-0", instance="churn")
-            started = time.monotonic()
-            samples: list[tuple[int, int]] = []
-            async with RawPublisher(nc) as raw:
-                done = 0
-                while done < args.raw_sessions:
-                    n = min(args.every, args.raw_sessions - done)
-                    ids = [f"r{done + i}-{new_id()[:6]}" for i in range(n)]
-                    for sid in ids:
-                        for event in session_events(sid, agent):
-                            out = codec.encode(event)
-                            subject = layout.stored(sid) if layout.stored else out.subject
-                            await raw.publish(subject, out.payload, out.headers if layout.msg_id else None)
-                    await raw.drain()
-                    if layout.purge:
-                        for i in range(0, n, 256):
-                            await asyncio.gather(*(js.purge_stream("CHURN", subject=subjects.entity_filter(
-                                "session", sid)) for sid in ids[i:i + 256]))
-                    done += n
-                    state = await stream_state(nc, "CHURN")
-                    samples.append((done, rss_bytes(pid)))
-                    print(f"  {name:<12} {done:>9,} sessions  nats-server {mib(rss_bytes(pid))}   "
-                          f"{state['messages']:>9,} msgs {state.get('num_subjects', 0):>9,} subjects", flush=True)
-            elapsed = time.monotonic() - started
-            after = rss_bytes(pid)
-            if args.settle > 0:
-                await asyncio.sleep(args.settle)
+async def raw_layout(name: str, layout: Layout, args: argparse.Namespace) -> tuple[float, float]:
+    """nats-server bytes per session under this layout: while it runs, and once restarted on the same data (what it
+    keeps for good: no write cache, no message ids of the duplicate window, a fresh heap)."""
+    with tempfile.TemporaryDirectory(prefix=f"ledger-churn-{name}-") as tmp:
+        config = ServerConfig(data_dir=Path(tmp), port=free_port(), sync_always=args.sync_always)
+        with EmbeddedServer(config) as server:
+            assert server.pid is not None
+            pid = server.pid
+            nc = await nats.connect(server.url, name=f"churn-{name}")
+            try:
+                js = nc.jetstream()
+                await js.add_stream(StreamConfig(
+                    name="CHURN", subjects=layout.subjects, retention=RetentionPolicy.LIMITS, storage=StorageType.FILE,
+                    discard=DiscardPolicy.NEW, max_age=0, max_msgs=-1, max_bytes=-1,
+                    duplicate_window=Settings().duplicate_window, deny_delete=True, deny_purge=not layout.purge,
+                    allow_direct=True, subject_transform=layout.transform))
+                await asyncio.sleep(1.0)
+                before = rss_bytes(pid)
+                agent = ev.Producer(id="churner-0", instance="churn")
+                started = time.monotonic()
+                samples: list[tuple[int, int]] = []
+                async with RawPublisher(nc) as raw:
+                    done = 0
+                    while done < args.raw_sessions:
+                        n = min(args.every, args.raw_sessions - done)
+                        ids = [f"r{done + i}-{new_id()[:6]}" for i in range(n)]
+                        for sid in ids:
+                            for event in session_events(sid, agent):
+                                out = codec.encode(event)
+                                subject = layout.stored(sid) if layout.stored else out.subject
+                                await raw.publish(subject, out.payload, out.headers if layout.msg_id else None)
+                        await raw.drain()
+                        if layout.purge:
+                            for i in range(0, n, 256):
+                                await asyncio.gather(*(js.purge_stream("CHURN", subject=subjects.entity_filter(
+                                    "session", sid)) for sid in ids[i:i + 256]))
+                        done += n
+                        state = await stream_state(nc, "CHURN")
+                        samples.append((done, rss_bytes(pid)))
+                        print(f"  {name:<12} {done:>9,} sessions  nats-server {mib(samples[-1][1])}   "
+                              f"{state['messages']:>9,} msgs {state.get('num_subjects', 0):>9,} subjects", flush=True)
+                elapsed = time.monotonic() - started
                 after = rss_bytes(pid)
-            state = await stream_state(nc, "CHURN")
-        finally:
-            await nc.close()
-    per = (after - before) / args.raw_sessions
-    print(f"figure  {name:<12} nats-server {mib(before)} -> {mib(after)}: {per:6.0f} B/session, "
-          f"{marginal(samples):6.0f} B/session past the first sample "
-          f"({state.get('num_subjects', 0):,} subjects, {state['bytes'] / MiB:.0f} MiB stored, "
-          f"{args.raw_sessions / elapsed:,.0f} sessions/s); at 1 M {mib(per * 1e6)}, at 10 M {mib(per * 1e7)}",
-          flush=True)
-    return float(per)
+                if args.settle > 0:
+                    await asyncio.sleep(args.settle)
+                    after = rss_bytes(pid)
+                    print(f"  {name:<12} after {args.settle:g} s idle: nats-server {mib(after)}", flush=True)
+                state = await stream_state(nc, "CHURN")
+            finally:
+                await nc.close()
+        # The same data, a fresh server: the state it rebuilds and keeps (per-subject index, block index).
+        with EmbeddedServer(dataclasses.replace(config, port=free_port())) as again:
+            assert again.pid is not None
+            nc = await nats.connect(again.url, name=f"churn-{name}-restarted")
+            try:
+                await stream_state(nc, "CHURN")  # the stream is loaded
+                await asyncio.sleep(2.0)
+                restarted = rss_bytes(again.pid)
+            finally:
+                await nc.close()
+    live = (after - before) / args.raw_sessions
+    kept = (restarted - before) / args.raw_sessions
+    print(f"figure  {name:<12} nats-server {mib(before)} -> {mib(after)} live: {live:6.0f} B/session "
+          f"({marginal(samples):6.0f} past the first sample); restarted on the same data {mib(restarted)}: "
+          f"{kept:6.0f} B/session kept   [{state.get('num_subjects', 0):,} subjects, {state['bytes'] / MiB:.0f} MiB "
+          f"stored, {args.raw_sessions / elapsed:,.0f} sessions/s]", flush=True)
+    print(f"figure  {name:<12} extrapolated: 1 M sessions {mib(live * 1e6)} live / {mib(kept * 1e6)} kept;  "
+          f"10 M {mib(live * 1e7)} live / {mib(kept * 1e7)} kept", flush=True)
+    return float(live), float(kept)
 
 
 def marginal(samples: list[tuple[int, int]]) -> float:
@@ -238,13 +254,14 @@ def marginal(samples: list[tuple[int, int]]) -> float:
 
 
 async def raw_layouts(args: argparse.Namespace) -> None:
-    results: dict[str, float] = {}
+    results: dict[str, tuple[float, float]] = {}
     for name in args.layouts:
         results[name] = await raw_layout(name, LAYOUTS[name], args)
     if "project" in results:
-        base = results["project"]
-        for name, per in results.items():
-            print(f"ratio   {name:<12} / project: {per / base if base > 0 else float('nan'):.2f}")
+        live, kept = results["project"]
+        for name, (lv, kp) in results.items():
+            print(f"ratio   {name:<12} / project: live {lv / live if live > 0 else float('nan'):.2f}   "
+                  f"kept {kp / kept if kept > 0 else float('nan'):.2f}")
 
 
 def main() -> None:

@@ -292,7 +292,7 @@ async def fleet_run(n: int, args: argparse.Namespace) -> None:
     secs = [s for _, s in lags] or [0.0]
     false_verdicts = sum(verdicts.values())
     print(f"figure   {n:>6,} agents x {args.interval:g} s for {args.seconds:g} s: {sent / args.seconds:8,.0f} beats/s "
-          f"sent, {acked:,} of {sent:,} acknowledged, ack p99 "
+          f"sent, {acked:,} of {sent:,} acknowledged by the end ({acked / args.seconds:,.0f}/s), ack p99 "
           f"{max(g.stats['ack_p99_ms'] for g in gens):.0f} ms")
     print(f"figure   false verdicts: suspected {verdicts['suspected']:,}  declared dead {verdicts['declared_dead']:,}  "
           f"fenced {verdicts['fenced']:,}  (generator: {fenced:,} fenced at the end, {again:,} registered again)   "
@@ -345,7 +345,8 @@ async def baseline_run(n: int, args: argparse.Namespace, sdk_rate: float, meters
     raw_rate = stats["beats_sent"] / args.baseline_seconds
     gen_sdk = sum(mean(x.meter) for x in gens)
     print(f"baseline raw beats, same rate, bare nats-server (fsync always), {args.baseline_seconds:g} s: "
-          f"{raw_rate:,.0f} beats/s, {stats['beats_acked']:,} of {stats['beats_sent']:,} acknowledged")
+          f"{raw_rate:,.0f} beats/s, {stats['beats_acked']:,} of {stats['beats_sent']:,} acknowledged by the end "
+          f"({stats['beats_acked'] / args.baseline_seconds:,.0f}/s)")
     print(f"baseline {server_meter.summary()}")
     g.meter.name = "raw generator"
     print(f"baseline {g.meter.summary()}")
