@@ -27,6 +27,9 @@ by subject layout.
                    one subject per entity instead of one per (verb, producer);
    * transform   - publishers keep the project's subjects; the stream stores
                    them as ledger.session.<id> (a subject transform);
+   * entity-producer - the same, stored as ledger.session.<id>.<producer>
+                   (the producer token, which permissions and the folds'
+                   authority checks read, survives; the verb does not);
    * sharded     - ledger.session.<crc32(id) % 256>: a bounded set of
                    subjects (the per-entity compare-and-set is lost);
    * purge       - the project's layout, each terminated session's subjects
@@ -161,6 +164,8 @@ LAYOUTS: dict[str, Layout] = {
     "one-subject": Layout(["ledger.session.*"], lambda sid: f"ledger.session.{sid}"),
     "transform": Layout(["ledger.session.*.*.*"], None, transform=SubjectTransform(
         src="ledger.session.*.*.*", dest="ledger.session.{{wildcard(1)}}")),
+    "entity-producer": Layout(["ledger.session.*.*.*"], None, transform=SubjectTransform(
+        src="ledger.session.*.*.*", dest="ledger.session.{{wildcard(1)}}.{{wildcard(3)}}")),
     "sharded": Layout(["ledger.session.*"], lambda sid: f"ledger.session.{zlib.crc32(sid.encode()) % 256}"),
     "purge": Layout(["ledger.session.*.*.*"], None, purge=True),
 }
@@ -214,14 +219,14 @@ async def raw_layout(name: str, layout: Layout, args: argparse.Namespace) -> tup
                         done += n
                         state = await stream_state(nc, "CHURN")
                         samples.append((done, rss_bytes(pid)))
-                        print(f"  {name:<12} {done:>9,} sessions  nats-server {mib(samples[-1][1])}   "
+                        print(f"  {name:<15} {done:>9,} sessions  nats-server {mib(samples[-1][1])}   "
                               f"{state['messages']:>9,} msgs {state.get('num_subjects', 0):>9,} subjects", flush=True)
                 elapsed = time.monotonic() - started
                 after = rss_bytes(pid)
                 if args.settle > 0:
                     await asyncio.sleep(args.settle)
                     after = rss_bytes(pid)
-                    print(f"  {name:<12} after {args.settle:g} s idle: nats-server {mib(after)}", flush=True)
+                    print(f"  {name:<15} after {args.settle:g} s idle: nats-server {mib(after)}", flush=True)
                 state = await stream_state(nc, "CHURN")
             finally:
                 await nc.close()
@@ -237,11 +242,11 @@ async def raw_layout(name: str, layout: Layout, args: argparse.Namespace) -> tup
                 await nc.close()
     live = (after - before) / args.raw_sessions
     kept = (restarted - before) / args.raw_sessions
-    print(f"figure  {name:<12} nats-server {mib(before)} -> {mib(after)} live: {live:6.0f} B/session "
+    print(f"figure  {name:<15} nats-server {mib(before)} -> {mib(after)} live: {live:6.0f} B/session "
           f"({marginal(samples):6.0f} past the first sample); restarted on the same data {mib(restarted)}: "
           f"{kept:6.0f} B/session kept   [{state.get('num_subjects', 0):,} subjects, {state['bytes'] / MiB:.0f} MiB "
           f"stored, {args.raw_sessions / elapsed:,.0f} sessions/s]", flush=True)
-    print(f"figure  {name:<12} extrapolated: 1 M sessions {mib(live * 1e6)} live / {mib(kept * 1e6)} kept;  "
+    print(f"figure  {name:<15} extrapolated: 1 M sessions {mib(live * 1e6)} live / {mib(kept * 1e6)} kept;  "
           f"10 M {mib(live * 1e7)} live / {mib(kept * 1e7)} kept", flush=True)
     return float(live), float(kept)
 
@@ -260,7 +265,7 @@ async def raw_layouts(args: argparse.Namespace) -> None:
     if "project" in results:
         live, kept = results["project"]
         for name, (lv, kp) in results.items():
-            print(f"ratio   {name:<12} / project: live {lv / live if live > 0 else float('nan'):.2f}   "
+            print(f"ratio   {name:<15} / project: live {lv / live if live > 0 else float('nan'):.2f}   "
                   f"kept {kp / kept if kept > 0 else float('nan'):.2f}")
 
 
