@@ -55,13 +55,17 @@ from ledger.writer import Writer
 from ledgerctl.server import EmbeddedServer, ServerConfig, free_port
 
 
-async def create_sessions(store: EventStore, producer: ev.Producer, pool: str, n: int, tag: str) -> list[str]:
+async def create_sessions(store: EventStore, producer: ev.Producer, pool: str, n: int, tag: str,
+                          chunk: int = 1000) -> list[str]:
+    """Create n sessions, pipelined a chunk at a time (a server that fsyncs every write is not flooded)."""
     ids = [f"{tag}-{i}" for i in range(n)]
-    futures = [await store.submit(ev.SessionCreated(producer=producer, session_id=sid, pool=pool), expect=0)
-               for sid in ids]
-    await store.flush()
-    for f in futures:
-        f.result()
+    for i in range(0, n, chunk):
+        futures = [await store.submit(ev.SessionCreated(producer=producer, session_id=sid, pool=pool), expect=0)
+                   for sid in ids[i:i + chunk]]
+        await store.flush()
+        failed = [e for f in futures if (e := f.exception()) is not None]
+        if failed:
+            raise SystemExit(f"{len(failed)} of {len(futures)} session creations failed, first: {failed[0]}")
     return ids
 
 
