@@ -246,6 +246,9 @@ async def raw_layout(name: str, layout: Layout, args: argparse.Namespace) -> tup
           f"({marginal(samples):6.0f} past the first sample); restarted on the same data {mib(restarted)}: "
           f"{kept:6.0f} B/session kept   [{state.get('num_subjects', 0):,} subjects, {state['bytes'] / MiB:.0f} MiB "
           f"stored, {args.raw_sessions / elapsed:,.0f} sessions/s]", flush=True)
+    if args.settle < Settings().duplicate_window:
+        print(f"note    {name:<15} 'kept' includes the message ids of the last {Settings().duplicate_window:g} s, "
+              "which a restarted server rebuilds: --settle 130 for the floor", flush=True)
     print(f"figure  {name:<15} extrapolated: 1 M sessions {mib(live * 1e6)} live / {mib(kept * 1e6)} kept;  "
           f"10 M {mib(live * 1e7)} live / {mib(kept * 1e7)} kept", flush=True)
     return float(live), float(kept)
