@@ -7,7 +7,7 @@ import time
 
 import nats
 import pytest
-from nats.js.api import StreamConfig
+from nats.js.api import PersistMode, StreamConfig
 from nats.js.errors import APIError
 
 from ledger import codec, streams, subjects
@@ -36,6 +36,29 @@ async def test_streams_are_created_with_their_settings_then_ok(fresh_server: Emb
         assert ledger.duplicate_window == 120.0
         hb = (await jsm.stream_info(subjects.HEARTBEAT_STREAM)).config
         assert hb.max_age == 3600 and hb.max_msgs_per_subject == 50 and hb.discard == "old"
+        # Beats are acknowledged before their fsync on a single node; lifecycle events after theirs.
+        assert hb.persist_mode == PersistMode.ASYNC and ledger.persist_mode is None
+
+
+async def test_a_heartbeat_stream_created_with_fsynced_writes_is_kept_as_it_is(fresh_server: EmbeddedServer):
+    # JetStream cannot change a stream's persist mode: a stream from before async beats is a working ledger.
+    settings = Settings(nats_url=fresh_server.url)
+    spec = next(s for s in streams.specs(settings) if s.name == subjects.HEARTBEAT_STREAM)
+    spec.persist_mode = None
+    nc = await nats.connect(fresh_server.url)
+    await nc.jetstream().add_stream(spec)
+    await nc.close()
+    async with EventStore.connect(settings, check=False) as store:
+        reports = {r.name: r for r in await store.ensure_streams()}
+        assert reports[subjects.HEARTBEAT_STREAM].action == "ok"
+        assert await store.check_streams() == {name: {} for name in reports}
+        assert (await store.nc.jsm().stream_info(subjects.HEARTBEAT_STREAM)).config.persist_mode is None
+
+
+def test_replicated_heartbeats_keep_the_servers_default_persist_mode():
+    # (ADR-56: the async persist mode is for R1 streams; a replicated stream gets its durability from its quorum)
+    hb = next(s for s in streams.specs(Settings(replicas=3)) if s.name == subjects.HEARTBEAT_STREAM)
+    assert hb.num_replicas == 3 and hb.persist_mode is None
 
 
 async def test_changed_settings_upgrade_the_streams(fresh_server: EmbeddedServer):
