@@ -129,16 +129,21 @@ def _name(spec: StreamConfig) -> str:
     return spec.name
 
 
+CREATION_ONLY = ("persist_mode",)
+"""Asked for when a stream is created, never compared: JetStream cannot change it later, a server before 2.12
+ignores it, and either mode is a working ledger."""
+
+
 def _wanted(spec: StreamConfig) -> dict[str, Any]:
     wanted = spec.as_dict()
-    wanted.pop("name", None)
-    wanted.pop("description", None)
+    for key in ("name", "description", *CREATION_ONLY):
+        wanted.pop(key, None)
     return wanted
 
 
 def keep_existing(spec: StreamConfig, actual: StreamConfig, settings: Settings) -> None:
     """What an existing stream keeps of its own: its replicas (without an explicit replicas setting), and its
-    persist mode (chosen at creation; JetStream cannot change it, and either is a working ledger)."""
+    persist mode (`CREATION_ONLY`: an update must not ask to change it, which JetStream refuses)."""
     if settings.replicas is None:
         spec.num_replicas = actual.num_replicas
     spec.persist_mode = actual.persist_mode
