@@ -4,7 +4,7 @@
     state, last = await reads.run(lambda: ledger.route(route_id))   # at most 8 at once; Unavailable retried
 
     backoff = Backoff[str]()
-    backoff.failed("r-1", now)        # -> when "r-1" may be tried again (0.5 s, 1 s, 2 s ... up to 30 s)
+    backoff.failed("r-1", now)        # -> when "r-1" may be tried again (2 s, 4 s, 8 s ... up to 30 s)
     backoff.blocked("r-1", now)       # True until then
     backoff.succeeded("r-1")          # forgotten: the next failure waits the shortest delay again
 
@@ -30,7 +30,7 @@ K = TypeVar("K", bound=Hashable)
 READ_LIMIT = 8
 """Histories read at once by one consumer: enough to keep a round trip busy, few enough that none times out."""
 READ_ATTEMPTS = 4
-FIRST_DELAY = 0.5
+FIRST_DELAY = 2.0
 MAX_DELAY = 30.0
 
 
