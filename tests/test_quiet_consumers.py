@@ -336,7 +336,7 @@ async def test_consumers_restarted_on_a_log_act_from_the_fold_without_reading_an
             try:
                 def failed() -> bool:
                     routes = group.follower.state.ledger.routes
-                    return all(routes[r].state == lc.FAILED_TO_START for r in due)
+                    return all(r in routes and routes[r].state == lc.FAILED_TO_START for r in due)
 
                 await eventually(failed, timeout=20, what="the due routes failed to start")
                 assert all(group.follower.state.ledger.routes[r].state == lc.STARTING for r in quiet)
