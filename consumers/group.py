@@ -17,6 +17,7 @@ from ledger.writer import Writer
 from .follow import Follower
 from .liveness_rules import LivenessSettings
 from .monitor import LivenessMonitor
+from .reactor import Reactor
 from .reclaimer import Reclaimer
 from .watchdog import RouteWatchdog
 
@@ -54,6 +55,23 @@ class ConsumerGroup:
     def _ledger(self, role: str) -> Writer:
         producer = f"{role}-{self.name}" if self.name else role
         return Writer(self.store, Producer(id=producer, instance=new_id()))
+
+    def catching_up(self) -> list[str]:
+        """The parts not yet acting live: each waits for the follower to catch up with the log, and the reclaimer
+        and the watchdog then work off what they found in the fold (their first step)."""
+        follower = self.follower
+        folded = follower.caught_up.is_set() and (not follower.heartbeats or follower.heartbeats_caught_up.is_set())
+        return [role for role, part in self.parts.items()
+                if not folded or (isinstance(part, Reactor) and not part.caught_up.is_set())]
+
+    async def ready(self) -> None:
+        """Return once every part is acting live (`catching_up` is empty)."""
+        await self.follower.caught_up.wait()
+        if self.follower.heartbeats:
+            await self.follower.heartbeats_caught_up.wait()
+        for part in self.parts.values():
+            if isinstance(part, Reactor):
+                await part.caught_up.wait()
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tasks:
