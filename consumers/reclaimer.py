@@ -66,7 +66,9 @@ class Reclaimer(Reactor):
         self._healthy_until = Deadlines[str]()
         """Eligible agent -> when (server time) its silence alone would make it ineligible: judged again then."""
         self._noted: set[str] = set()
-        """Agents changed (an event or a beat) since the last step."""
+        """Agents with an event since the last step: judged again."""
+        self._beaten: set[str] = set()
+        """Agents that beat since the last step: an eligible one only has its deadline moved (see `_refresh`)."""
         self._replan = True
         self._slots = asyncio.Semaphore(MAX_WRITES)
         self.writes = 0
@@ -77,7 +79,7 @@ class Reclaimer(Reactor):
 
     def changed(self, change: Change) -> bool:
         if change.kind == HEARTBEAT:
-            self._noted.add(change.id)
+            self._beaten.add(change.id)
             return False  # a beat changes the agent's eligibility at most: the next tick judges it again
         if change.kind == SESSION:
             self._touched.setdefault(change.id, change.before)
@@ -137,6 +139,7 @@ class Reclaimer(Reactor):
     def _refresh(self, now: datetime) -> None:
         if self._load is None:  # the first: every agent of the fold
             self._noted.clear()
+            self._beaten.clear()
             for agent_id in self.follower.state.ledger.agents:
                 self._assess(agent_id, now)
             self._count_load()
@@ -144,6 +147,18 @@ class Reclaimer(Reactor):
             return
         self._count_load()
         due, self._noted = self._noted, set()
+        beaten, self._beaten = self._beaten - due, set()
+        beats, agents = self.follower.state.heartbeats.beats, self.follower.state.ledger.agents
+        for agent_id in beaten:
+            agent = agents.get(agent_id)
+            if agent_id in self._able and agent is not None:
+                # A newer beat never makes an eligible agent ineligible (it is younger, and it clears a
+                # suspicion): only the moment its silence would is later now - unless the beat names another
+                # incarnation, which `eligible_until` does not count (that moment may then be now).
+                until = rules.eligible_until(agent, beats.get(agent_id), self.policy).timestamp()
+                self._healthy_until.set(agent_id, max(until, now.timestamp() + self.tick))
+            else:
+                due.add(agent_id)
         due.update(self._healthy_until.pop_due(now.timestamp()))
         for agent_id in due:
             if self._assess(agent_id, now):

@@ -202,7 +202,8 @@ async def test_the_reclaimer_judges_only_agents_that_changed_or_whose_health_dea
         await reclaimer.step(now + timedelta(seconds=tick * 0.5))
     assert judged == [] and plans == []
 
-    # One agent beats and one says goodbye: those two are judged again, and the goodbye makes a plan.
+    # One agent beats (only the moment it would turn suspect moves) and one says goodbye (judged again; the
+    # goodbye makes a plan).
     first, second = ids[0], ids[1]
     b.clock += 6000  # stored 6 s later than the fleet's first beats
     agent = follower.state.ledger.agents[first]
@@ -211,7 +212,7 @@ async def test_the_reclaimer_judges_only_agents_that_changed_or_whose_health_dea
     b.told(follower, ev.AgentGoodbye(producer=ev.Producer(id=second, instance="i"), agent_id=second, instance_id="i",
                                      incarnation=follower.state.ledger.agents[second].incarnation))
     await reclaimer.step(now + timedelta(seconds=6))
-    assert sorted(a.agent_id for a in judged) == sorted([first, second]) and len(plans) == 1
+    assert [a.agent_id for a in judged] == [second] and len(plans) == 1
     assert sum(len(c) for c in reclaimer.eligible(now + timedelta(seconds=6)).values()) == 999
 
     # 15 s after its last beat (3 missed intervals) each other agent turns suspect: judged once each then.
@@ -219,6 +220,18 @@ async def test_the_reclaimer_judges_only_agents_that_changed_or_whose_health_dea
     await reclaimer.step(now + timedelta(seconds=16))
     assert len(judged) == 998  # all but the one that beat again (due later) and the one that left
     assert sum(len(c) for c in reclaimer.eligible(now + timedelta(seconds=16)).values()) == 1
+
+    # A suspect agent that beats again is judged again, and may take sessions again.
+    judged.clear()
+    third = ids[2]
+    b.clock += 11_000
+    b.told(follower, ev.AgentHeartbeat(producer=ev.Producer(id=third, instance="i"), agent_id=third,
+                                       instance_id="i", incarnation=follower.state.ledger.agents[third].incarnation,
+                                       beat=2))
+    await reclaimer.step(now + timedelta(seconds=17))
+    assert [a.agent_id for a in judged] == [third]
+    assert sorted(c.agent.agent_id for cs in reclaimer.eligible(now + timedelta(seconds=17)).values()
+                  for c in cs) == sorted([first, third])
 
 
 def test_eligible_until_is_when_assess_stops_saying_alive():
