@@ -3,10 +3,18 @@
 It reacts within milliseconds: after every batch that changed an agent, a
 session or a pool it plans (`consumers.reclaim_rules`) and writes. Each claim
 is a compare-and-set on the session's last sequence as the in-memory state
-knows it - one append, pipelined with the others; when the session moved on
-meanwhile, the claim is decided again from the session's history. Replicas and
-self-claiming agents may race: one claim wins per session, the others lose
-their compare-and-set and move on.
+knows it - one append, pipelined with the others; only when the session moved
+on meanwhile is the claim decided again from the session's history (at most
+`retry.READ_LIMIT` such reads at once). Replicas and self-claiming agents may
+race: one claim wins per session, the others lose their compare-and-set and
+move on. A session whose write failed waits a backoff before it is planned again.
+
+What a plan starts from is kept as it changes, not recomputed: each agent's
+eligibility (`reclaim_rules.ineligible`, the one rule) is judged again only when
+the agent has an event, beats while ineligible, or reaches the moment its
+silence alone would make it ineligible (`reclaim_rules.eligible_until`, a
+deadline); the load of each agent follows the session changes. With nothing
+changed and nothing due, a tick does no work at all.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ from ledger import cancellation
 from ledger.errors import LedgerError, PortInUse
 from ledger.settings import Settings
 from ledger.store import EventStore
+from ledger.subjects import HEARTBEAT_STREAM, LEDGER_STREAM
 from projections.projector import Progress, Projector
 from projections.query import Query
 from projections.settings import ProjectionSettings
@@ -114,8 +115,11 @@ class Stack:
         """One line: how far the fold is in each stream, and what still catches up."""
         f = self.follower
         streams = []
+        ended = {LEDGER_STREAM: f.caught_up, HEARTBEAT_STREAM: f.heartbeats_caught_up}
         for stream in STREAMS:
             at, behind = f.state.position(stream), f.behind.get(stream)
+            if behind is None and ended[stream].is_set():
+                behind = 0  # read to its end without a batch: nothing (more) was there
             streams.append(f"{stream} {at:,} / {at + behind:,}" if behind is not None else f"{stream} {at:,} / ?")
         waiting = ([] if self.projector.caught_up.is_set() else ["projector"]) + self.consumers.catching_up()
         return f"catching up: {', '.join(streams)} ({', '.join(waiting) or 'done'})"
