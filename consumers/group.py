@@ -19,6 +19,7 @@ from .liveness_rules import LivenessSettings
 from .monitor import LivenessMonitor
 from .reactor import Reactor
 from .reclaimer import Reclaimer
+from .retry import BoundedReads
 from .watchdog import RouteWatchdog
 
 
@@ -47,10 +48,14 @@ class ConsumerGroup:
         self.follower = shared
         if self.monitor:
             self.parts["monitor"] = LivenessMonitor(self._ledger("monitor"), self.follower, self.liveness)
+        # The reclaimer's and the watchdog's history reads (only when a compare-and-set on the fold lost) share one
+        # bound: they go over the monitor's connection, whose reads before a death must not wait behind thousands.
+        reads = BoundedReads()
         if self.reclaimer:
-            self.parts["reclaimer"] = Reclaimer(self._ledger("reclaimer"), self.follower, policy=self.liveness.policy)
+            self.parts["reclaimer"] = Reclaimer(self._ledger("reclaimer"), self.follower, policy=self.liveness.policy,
+                                                reads=reads)
         if self.watchdog:
-            self.parts["watchdog"] = RouteWatchdog(self._ledger("watchdog"), self.follower)
+            self.parts["watchdog"] = RouteWatchdog(self._ledger("watchdog"), self.follower, reads=reads)
 
     def _ledger(self, role: str) -> Writer:
         producer = f"{role}-{self.name}" if self.name else role
