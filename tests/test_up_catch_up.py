@@ -156,3 +156,14 @@ async def test_sigterm_to_ledger_up_catching_up_on_a_log_ends_it_cleanly(server:
             proc.communicate()
 
 
+
+
+def test_the_last_resort_exits_a_process_that_a_stop_could_not_end():
+    """What `ledger up` arms on a stop: the process exits even while its only thread is held (here: sleeping
+    in a loop that would last a minute), saying it was forced."""
+    hold = ("from ledgerctl.cli.up import exit_after; import time\n"
+            "exit_after(0.2)\n"
+            "for _ in range(600): time.sleep(0.1)\n")
+    result = subprocess.run([sys.executable, "-c", hold], capture_output=True, text=True, timeout=STOP_BOUND,
+                            check=False)
+    assert result.returncode == 1 and "stopped (forced" in result.stderr

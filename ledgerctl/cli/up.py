@@ -4,7 +4,10 @@ query service and the HTTP API with the dashboard."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import logging
+import os
+import sys
+import threading
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -12,6 +15,7 @@ from typing import Any
 import click
 
 from consumers.liveness_rules import LivenessSettings
+from ledger import cancellation
 from ledger.settings import DEFAULT_NATS_URL, redact_url
 from ledgerctl.server import DEFAULT_DATA_DIR
 from ledgerctl.stack import DEFAULT_HTTP_PORT, Stack, UpSettings, running_stack
@@ -22,10 +26,14 @@ from projections.settings import DB_ENV, ProjectionSettings
 from .common import async_command, connection_options, echo, settings_from, stop_signals
 from .liveness import policy_options
 
+log = logging.getLogger(__name__)
+
 PROGRESS_EVERY = 2.0
 """Seconds between the "catching up: ..." lines on stderr until `ledger up` is ready."""
 SHUTDOWN_PATIENCE = 3.5
 """Seconds an ordered shutdown may take before what is left is cancelled: Ctrl-C is honoured within 5 s."""
+FORCED_EXIT_AFTER = 4.5
+"""Seconds after a stop at which the process exits whatever is still running (the last resort of the 5 s)."""
 
 
 def up_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -118,7 +126,12 @@ async def up_command(nats_url: str | None, data_dir: Path, port: int, db: Path |
     tune_gc()
     stop = stop_signals()
     started = asyncio.Event()
-    await until_stopped(serve(s, stop, lambda stack: started.set()), stop, started)
+    last_resort = asyncio.ensure_future(stop.wait())
+    last_resort.add_done_callback(lambda f: None if f.cancelled() else exit_after(FORCED_EXIT_AFTER))
+    try:
+        await until_stopped(serve(s, stop, lambda stack: started.set()), stop, started)
+    finally:
+        last_resort.cancel()
 
 
 async def serve(s: UpSettings, stop: asyncio.Event, started: Callable[[Stack], None] = lambda stack: None) -> None:
@@ -169,7 +182,27 @@ async def until_stopped(body: Coroutine[Any, Any, None], stop: asyncio.Event, st
     if task.done():
         task.result()
         return
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    # Cancelled again until it is done: a cancel can be swallowed (asyncio.wait_for in nats-py on Python 3.11, a
+    # connect to a server that accepts and never answers), and one cancel would then leave it running.
+    await cancellation.stop([task])
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("stopped while starting: %s", task.exception())  # what a start interrupted by a stop raised
     echo("stopped")
+
+
+def exit_after(seconds: float) -> None:
+    """Exit the process in `seconds` if it has not exited by then, whatever holds it: a thread that does not
+    return (a file commit, a child that does not stop), a task that swallows every cancel, a blocked loop.
+
+    Nothing is lost by it: the projection resumes from its last commit (as after kill -9), an unacknowledged
+    append is retried under the same event id by whoever wrote it, and the embedded nats-server stops with us.
+    """
+    def force() -> None:
+        sys.stdout.flush()
+        sys.stderr.write(f"stopped (forced: the shutdown took more than {seconds:g} s)\n")
+        sys.stderr.flush()
+        os._exit(1)
+
+    timer = threading.Timer(seconds, force)
+    timer.daemon = True  # an exit that comes in time is not held by the timer
+    timer.start()
