@@ -28,7 +28,7 @@ from datetime import datetime
 from ledger import decide
 from ledger import events as ev
 from ledger import lifecycle as lc
-from ledger.errors import Conflict, IllegalTransition, LedgerError, NotClaimable, NotFound, StaleToken
+from ledger.errors import IllegalTransition, LedgerError, NotClaimable, NotFound, StaleToken
 from ledger.writer import Writer
 from projections.health import DEFAULT_POLICY, HealthPolicy
 from projections.state import AGENT, HEARTBEAT, POOL, SESSION, Change
@@ -224,12 +224,14 @@ class Reclaimer(Reactor):
         sid = action.session_id
         state = self.follower.state.ledger.sessions.get(sid)
         try:
+            async def read(floor: int | None) -> tuple[lc.SessionState | None, int]:
+                return await self.reads.run(lambda: self.ledger.session(sid, min_last_seq=floor))
+
+            # Decided on the fold, guarded by its last sequence: no read unless the session moved meanwhile.
             async with self._slots:
-                event = self._event(action, state)
-                try:  # decided on the fold, guarded by its last sequence: no read unless it was behind
-                    await self.ledger.append(event, expect=state.last_seq if state else 0)
-                except Conflict:
-                    event = await self._decide_again(action)
+                with moved_on_conflict("session", sid):
+                    await self.ledger.cas(read, lambda current: self._event(action, current),
+                                          known=(state, state.last_seq if state else 0))
             self.writes += 1
             self.backoff.succeeded(sid)
         except (NotClaimable, NotFound, Moved) as e:
@@ -258,12 +260,3 @@ class Reclaimer(Reactor):
                                         causation_id=action.cause_id)
         except (StaleToken, IllegalTransition) as e:  # no longer assigned under that token: nothing to orphan
             raise Moved("session", action.session_id, str(e)) from e
-
-    async def _decide_again(self, action: rules.ClaimFor | rules.Orphan) -> ev.Event:
-        """The session moved since our view of it: decide from its history instead."""
-        async def read(floor: int | None) -> tuple[lc.SessionState | None, int]:
-            return await self.reads.run(lambda: self.ledger.session(action.session_id, min_last_seq=floor))
-
-        with moved_on_conflict("session", action.session_id):
-            _, event = await self.ledger.cas(read, lambda state: self._event(action, state))
-        return event

@@ -23,7 +23,7 @@ from datetime import datetime
 from ledger import decide
 from ledger import events as ev
 from ledger import lifecycle as lc
-from ledger.errors import Conflict, IllegalTransition, LedgerError, NotFound
+from ledger.errors import IllegalTransition, LedgerError, NotFound
 from ledger.writer import Writer
 from projections.state import ROUTE, SESSION, Change
 
@@ -151,12 +151,11 @@ class RouteWatchdog(Reactor):
             return await self.reads.run(lambda: self.ledger.route(route_id, min_last_seq=floor))
 
         try:
+            # Decided on the fold, guarded by its last sequence: no read unless the fold was behind.
+            known: tuple[lc.RouteState | None, int] = (route, route.last_seq)
             async with self._slots:
-                try:  # decided on the fold, guarded by its last sequence: no read unless it was behind
-                    await self.ledger.append(decide_step(route), expect=route.last_seq)
-                except Conflict:
-                    with moved_on_conflict("route", route_id):
-                        await self.ledger.cas(read, decide_step)
+                with moved_on_conflict("route", route_id):
+                    await self.ledger.cas(read, decide_step, known=known)
         except (IllegalTransition, Moved, NotFound) as e:
             log.debug("route %s: %s", route_id, e)  # it moved on meanwhile
             self.backoff.succeeded(route_id)
