@@ -357,3 +357,31 @@ async def test_consumers_restarted_on_a_log_act_from_the_fold_without_reading_an
             finally:
                 await cancellation.stop([running])
             assert reads == [] and lookups == []
+
+
+async def test_a_watchdog_write_decided_on_a_fold_that_lags_reads_the_history_once_and_moves_on(settings: Settings,
+                                                                                              uid: str):
+    """The fold says STARTING (past its timeout); the log says someone failed the route meanwhile: the
+    compare-and-set on the fold's sequence loses, the history is read, and nothing is written twice."""
+    rid, sid = f"{uid}-r", f"{uid}-s"
+    async with EventStore.connect(settings) as store:
+        ops = writer(store, "operator-test")
+        await ops.create_session("gpu", session_id=sid)
+        await ops.create_route(rid, session_id=sid, endpoint="chat", start_timeout=1.0)
+        await ops.transition_route(rid, lc.STARTING)
+        follower = Follower(store, heartbeats=False)
+        following = asyncio.create_task(follower.run())
+        try:
+            await eventually(lambda: rid in follower.state.ledger.routes and
+                             follower.state.ledger.routes[rid].state == lc.STARTING, what="the route folded")
+        finally:
+            await cancellation.stop([following])
+        await ops.transition_route(rid, lc.FAILED_TO_START, reason="by hand")  # the fold does not see it
+        route = follower.state.ledger.routes[rid]
+        watchdog = RouteWatchdog(writer(store, "watchdog"), follower)
+        reads = counting_async(store, "history")
+        appends = counting_async(store, "append")
+        assert await watchdog.step(route.state_since + timedelta(seconds=60)) == []
+        assert [args[:2] for args in reads] == [("route", rid)] and len(appends) == 1 and watchdog.writes == 0
+        last = (await store.history("route", rid))[-1]
+        assert last.event.to_state == lc.FAILED_TO_START and last.event.reason == "by hand"  # type: ignore[union-attr]
