@@ -17,7 +17,9 @@ from ledger.writer import Writer
 from .follow import Follower
 from .liveness_rules import LivenessSettings
 from .monitor import LivenessMonitor
+from .reactor import Reactor
 from .reclaimer import Reclaimer
+from .retry import BoundedReads
 from .watchdog import RouteWatchdog
 
 
@@ -46,14 +48,35 @@ class ConsumerGroup:
         self.follower = shared
         if self.monitor:
             self.parts["monitor"] = LivenessMonitor(self._ledger("monitor"), self.follower, self.liveness)
+        # The reclaimer's and the watchdog's history reads (only when a compare-and-set on the fold lost) share one
+        # bound: they go over the monitor's connection, whose reads before a death must not wait behind thousands.
+        reads = BoundedReads()
         if self.reclaimer:
-            self.parts["reclaimer"] = Reclaimer(self._ledger("reclaimer"), self.follower, policy=self.liveness.policy)
+            self.parts["reclaimer"] = Reclaimer(self._ledger("reclaimer"), self.follower, policy=self.liveness.policy,
+                                                reads=reads)
         if self.watchdog:
-            self.parts["watchdog"] = RouteWatchdog(self._ledger("watchdog"), self.follower)
+            self.parts["watchdog"] = RouteWatchdog(self._ledger("watchdog"), self.follower, reads=reads)
 
     def _ledger(self, role: str) -> Writer:
         producer = f"{role}-{self.name}" if self.name else role
         return Writer(self.store, Producer(id=producer, instance=new_id()))
+
+    def catching_up(self) -> list[str]:
+        """The parts not yet acting live: each waits for the follower to catch up with the log, and the reclaimer
+        and the watchdog then work off what they found in the fold (their first step)."""
+        follower = self.follower
+        folded = follower.caught_up.is_set() and (not follower.heartbeats or follower.heartbeats_caught_up.is_set())
+        return [role for role, part in self.parts.items()
+                if not folded or (isinstance(part, Reactor) and not part.caught_up.is_set())]
+
+    async def ready(self) -> None:
+        """Return once every part is acting live (`catching_up` is empty)."""
+        await self.follower.caught_up.wait()
+        if self.follower.heartbeats:
+            await self.follower.heartbeats_caught_up.wait()
+        for part in self.parts.values():
+            if isinstance(part, Reactor):
+                await part.caught_up.wait()
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tasks:

@@ -13,14 +13,15 @@ held where they are (goodbyes, which are deliberate, still move at once).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import msgspec
 
 from ledger import lifecycle as lc
 from ledger.decide import AgentRef
-from projections.beats import Beat
-from projections.health import ALIVE, DEFAULT_POLICY, HealthPolicy, agent_health
+from projections.beats import Beat, of_incarnation
+from projections.health import ALIVE, DEFAULT_POLICY, HealthPolicy, agent_health, beat_time
+from projections.timespec import aware
 
 OWNER_GONE, OWNER_DEAD, OWNER_FENCED = lc.OWNER_GONE, lc.OWNER_DEAD, lc.OWNER_FENCED
 OWNER_SUPERSEDED, OWNER_UNKNOWN, OWNER_DRAINING = lc.OWNER_SUPERSEDED, lc.OWNER_UNKNOWN, lc.OWNER_DRAINING
@@ -85,6 +86,22 @@ def ineligible(agent: lc.AgentState | None, beat: Beat | None, now: datetime, *,
         return f"{agent.status} ({agent.reason})"
     health, rule = agent_health(agent, beat, now, policy)
     return None if health == ALIVE else f"{health} ({rule})"
+
+
+def eligible_until(agent: lc.AgentState, beat: Beat | None, policy: HealthPolicy = DEFAULT_POLICY) -> datetime:
+    """For an agent `ineligible` passes now: the moment after which its silence alone (no new event) makes it
+    ineligible - suspect once `suspect_after_missed` intervals passed since its newest beat (or registration),
+    dead after `dead_after` - whichever comes first. These are the bounds `projections.health.assess` compares
+    the age against; the reclaimer judges the agent again (with `ineligible`) only then, or when it changes.
+    """
+    # TODO(issue 13): one "when does the verdict change" function beside `assess` in projections/health.py
+    # (another helper adds one for the monitor); this one should become a call to it.
+    own = of_incarnation(beat, agent.incarnation)
+    since = beat_time(own) if own is not None else agent.registered_at
+    bound = policy.dead_after if policy.dead_after is not None else agent.ttl
+    if agent.heartbeat_interval > 0:
+        bound = min(bound, agent.heartbeat_interval * policy.suspect_after_missed)
+    return aware(since) + timedelta(seconds=bound)
 
 
 class Capacity(msgspec.Struct):

@@ -19,7 +19,7 @@ follower sees it - so neither a writer's declared time nor this machine's clock 
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import msgspec
 
@@ -120,4 +120,28 @@ def _running_step(route: lc.RouteState, now: datetime) -> Step | None:
                     reason=f"health probe failed ({route.health_detail or 'unhealthy'})")
     if route.healthy and not stale and not active:
         return Step(to_state=lc.RUNNING, traffic=lc.TRAFFIC_ACTIVE, reason="health probe passed again")
+    return None
+
+
+def next_check(route: lc.RouteState) -> datetime | None:
+    """The moment after which `next_step` may answer differently with no new event (a timeout or a staleness
+    passing), or None when only an event can change its answer: the watchdog's deadline for the route.
+
+    Each is the bound `next_step` compares an age against (strictly: the step is due just after it).
+    """
+    state = route.state
+    since = route.state_since
+    if state in (lc.PENDING, lc.FAILED_TO_START, lc.TERMINATED):
+        return None
+    if state == lc.STARTING:
+        return aware(since) + timedelta(seconds=route.start_timeout)
+    if state == lc.WARMING_UP:
+        return None if route.probe is None else aware(since) + timedelta(seconds=route.probe.initial_delay)
+    if state == lc.RUNNING:
+        probe = route.probe
+        if probe is None or (probe.on_stale if probe.on_stale in ON_STALE else "deactivate") == "ignore":
+            return None
+        return aware(route.health_checked_at or since) + timedelta(seconds=probe.stale_after)
+    if state == lc.TERMINATING:
+        return aware(since) + timedelta(seconds=route.stop_timeout)
     return None

@@ -135,15 +135,17 @@ class Writer:
     # --- compare-and-set writes ---------------------------------------------------
 
     async def cas(self, read: Callable[[int | None], Awaitable[tuple[T, int]]],
-                  decide_event: Callable[[T], ev.Event]) -> tuple[int, ev.Event]:
+                  decide_event: Callable[[T], ev.Event], *, known: tuple[T, int] | None = None) -> tuple[int, ev.Event]:
         """Read, decide, append with an expectation on the read's last sequence; on a lost race, again.
 
         `read(min_last_seq)` returns (state, last sequence); `decide_event(state)`
-        returns the event or raises why it may not be written.
+        returns the event or raises why it may not be written. With `known` (a state and its last sequence
+        held already, as a consumer's in-memory fold holds them) the first attempt decides on it without a
+        read: the expectation still guards it, and only a lost race reads.
         """
         min_seq: int | None = None
-        for _ in range(CAS_ATTEMPTS):
-            state, last = await read(min_seq)
+        for attempt in range(CAS_ATTEMPTS):
+            state, last = known if known is not None and attempt == 0 else await read(min_seq)
             event = decide_event(state)
             check_writer(event, state.owner if isinstance(state, lc.SessionState) else lc.UNKNOWN_OWNER)
             try:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,9 +28,11 @@ from ledger import cancellation
 from ledger.errors import LedgerError, PortInUse
 from ledger.settings import Settings
 from ledger.store import EventStore
+from ledger.subjects import HEARTBEAT_STREAM, LEDGER_STREAM
 from projections.projector import Progress, Projector
 from projections.query import Query
 from projections.settings import ProjectionSettings
+from projections.state import STREAMS
 
 from .http import http_server
 from .query_protocol import SERVICE_NAME
@@ -102,18 +104,67 @@ class Stack:
 
     async def run_until(self, stop: asyncio.Event) -> None:
         """Return when `stop` is set; raise when a piece fails or the embedded server exits."""
-        stopped = asyncio.ensure_future(stop.wait())
-        watched = [stopped, *self.running]
+        await self._watch(stop.wait())
+
+    @property
+    def caught_up(self) -> bool:
+        """Whether the projector committed the log as it was at the start, and every consumer acts live."""
+        return self.projector.caught_up.is_set() and not self.consumers.catching_up()
+
+    def progress(self) -> str:
+        """One line: how far the fold is in each stream, and what still catches up."""
+        f = self.follower
+        streams = []
+        ended = {LEDGER_STREAM: f.caught_up, HEARTBEAT_STREAM: f.heartbeats_caught_up}
+        for stream in STREAMS:
+            at, behind = f.state.position(stream), f.behind.get(stream)
+            if behind is None and ended[stream].is_set():
+                behind = 0  # read to its end without a batch: nothing (more) was there
+            streams.append(f"{stream} {at:,} / {at + behind:,}" if behind is not None else f"{stream} {at:,} / ?")
+        waiting = ([] if self.projector.caught_up.is_set() else ["projector"]) + self.consumers.catching_up()
+        return f"catching up: {', '.join(streams)} ({', '.join(waiting) or 'done'})"
+
+    async def until_caught_up(self, stop: asyncio.Event, say: Say, *, every: float = 2.0) -> bool:
+        """Wait until `caught_up`, saying `progress` every `every` seconds meanwhile; False when `stop` came
+        first. Raises as `run_until` when a piece fails."""
+        done = asyncio.Event()
+
+        async def caught_up() -> None:
+            await self.projector.caught_up.wait()
+            await self.consumers.ready()
+            done.set()
+
+        async def told() -> None:
+            while True:
+                await asyncio.sleep(every)
+                say(self.progress())
+
+        async def either() -> None:
+            async with asyncio.TaskGroup() as tasks:
+                waiter = tasks.create_task(caught_up())
+                teller = tasks.create_task(told())
+                stopping = tasks.create_task(stop.wait())
+                await asyncio.wait([waiter, stopping], return_when=asyncio.FIRST_COMPLETED)
+                for task in (waiter, teller, stopping):
+                    task.cancel()
+
+        await self._watch(either())
+        return done.is_set()
+
+    async def _watch(self, until: Coroutine[Any, Any, object]) -> None:
+        """Await `until`; raise when a piece fails or the embedded server exits first."""
+        waited = asyncio.ensure_future(until)
+        watched = [waited, *self.running]
         if self.server is not None:
             watched.append(asyncio.ensure_future(self._server_exit()))
         try:
             done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            stopped.cancel()
+            waited.cancel()
             for extra in watched[1 + len(self.running):]:
                 extra.cancel()
         for task in done:
-            if task is not stopped:
+            if task is not waited:
                 task.result()  # a failed piece: let its error surface
                 raise StackStopped(f"{task.get_name()} stopped unexpectedly")
 

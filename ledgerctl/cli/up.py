@@ -4,22 +4,36 @@ query service and the HTTP API with the dashboard."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import logging
+import os
+import sys
+import threading
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
 import click
 
 from consumers.liveness_rules import LivenessSettings
+from ledger import cancellation
 from ledger.settings import DEFAULT_NATS_URL, redact_url
 from ledgerctl.server import DEFAULT_DATA_DIR
-from ledgerctl.stack import DEFAULT_HTTP_PORT, UpSettings, running_stack
+from ledgerctl.stack import DEFAULT_HTTP_PORT, Stack, UpSettings, running_stack
 from projections.gc_tuning import tune_gc
 from projections.health import DEFAULT_POLICY, HealthPolicy
 from projections.settings import DB_ENV, ProjectionSettings
 
 from .common import async_command, connection_options, echo, settings_from, stop_signals
 from .liveness import policy_options
+
+log = logging.getLogger(__name__)
+
+PROGRESS_EVERY = 2.0
+"""Seconds between the "catching up: ..." lines on stderr until `ledger up` is ready."""
+SHUTDOWN_PATIENCE = 3.5
+"""Seconds an ordered shutdown may take before what is left is cancelled: Ctrl-C is honoured within 5 s."""
+FORCED_EXIT_AFTER = 4.5
+"""Seconds after a stop at which the process exits whatever is still running (the last resort of the 5 s)."""
 
 
 def up_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -111,7 +125,22 @@ async def up_command(nats_url: str | None, data_dir: Path, port: int, db: Path |
                    connection=settings_from(nats_url), **web_settings(http, http_host, http_port, query_service))
     tune_gc()
     stop = stop_signals()
+    started = asyncio.Event()
+    last_resort = asyncio.ensure_future(stop.wait())
+    last_resort.add_done_callback(lambda f: None if f.cancelled() else exit_after(FORCED_EXIT_AFTER))
+    try:
+        await until_stopped(serve(s, stop, lambda stack: started.set()), stop, started)
+    finally:
+        last_resort.cancel()
+
+
+async def serve(s: UpSettings, stop: asyncio.Event, started: Callable[[Stack], None] = lambda stack: None) -> None:
+    """Start the stack, say "ready" once it has caught up (and how far it is until then), run until `stop`.
+
+    `started(stack)` is called once every piece runs, just before it watches `stop` itself (from then on a stop
+    is an ordered shutdown)."""
     async with running_stack(s, echo) as stack:
+        started(stack)
         projector = stack.projector
 
         def report_caught_up(f: asyncio.Future[Any]) -> None:
@@ -123,10 +152,57 @@ async def up_command(nats_url: str | None, data_dir: Path, port: int, db: Path |
         echo("next, in another terminal:")
         for line in hints(s, stack.url, stack.http_url):
             echo(line)
-        echo("ready - press Ctrl-C to stop")
         try:
-            await stack.run_until(stop)
+            # "ready" means acting on the log as it is: the projection and every consumer caught up with it.
+            if await stack.until_caught_up(stop, lambda line: click.echo(line, err=True), every=PROGRESS_EVERY):
+                echo("ready - press Ctrl-C to stop")
+                await stack.run_until(stop)
         finally:
             caught_up.cancel()
         echo("stopping ...")
     echo("stopped")
+
+
+async def until_stopped(body: Coroutine[Any, Any, None], stop: asyncio.Event, started: asyncio.Event,
+                        patience: float = SHUTDOWN_PATIENCE) -> None:
+    """Run `body` until it returns; Ctrl-C or SIGTERM (`stop`) is honoured at any moment.
+
+    While it is still starting (the server, the streams, opening the projection: it does not look at `stop`
+    yet) a stop cancels the start, which unwinds what it had started. Once started, it stops itself in order;
+    what takes longer than `patience` is cancelled (the projection resumes from its last commit, as after a
+    crash, and nothing written is lost: appends are idempotent and either acknowledged or not)."""
+    task = asyncio.ensure_future(body)
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait([task, stopping], return_when=asyncio.FIRST_COMPLETED)
+        if not task.done() and started.is_set():
+            await asyncio.wait([task], timeout=patience)
+    finally:
+        stopping.cancel()
+    if task.done():
+        task.result()
+        return
+    # Cancelled again until it is done: a cancel can be swallowed (asyncio.wait_for in nats-py on Python 3.11, a
+    # connect to a server that accepts and never answers), and one cancel would then leave it running.
+    await cancellation.stop([task])
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("stopped while starting: %s", task.exception())  # what a start interrupted by a stop raised
+    echo("stopped")
+
+
+def exit_after(seconds: float) -> None:
+    """Exit the process in `seconds` if it has not exited by then, whatever holds it: a thread that does not
+    return (a file commit, a child that does not stop), a task that swallows every cancel, a blocked loop.
+
+    Nothing is lost by it: the projection resumes from its last commit (as after kill -9), an unacknowledged
+    append is retried under the same event id by whoever wrote it, and the embedded nats-server stops with us.
+    """
+    def force() -> None:
+        sys.stdout.flush()
+        sys.stderr.write(f"stopped (forced: the shutdown took more than {seconds:g} s)\n")
+        sys.stderr.flush()
+        os._exit(1)
+
+    timer = threading.Timer(seconds, force)
+    timer.daemon = True  # an exit that comes in time is not held by the timer
+    timer.start()
