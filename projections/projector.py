@@ -303,6 +303,8 @@ class Projector:
     async def _publish_and_commit(self, dead: list[Unreadable], batch: Batch) -> None:
         for item in dead:  # before the commit that moves the checkpoint past them
             await deadletters.publish(self.store, item, consumer=self.name)
+        if any(row[0] == HEARTBEAT_STREAM for row in batch.snapshots):  # now and then: beat versions past retention go
+            batch = batch._replace(prune_beats_below=(await self.store.stream_facts(HEARTBEAT_STREAM)).first_seq)
         assert self.db is not None
         await self.db.commit(batch)
 

@@ -7,9 +7,11 @@
 
 "Now" reads the projection's SQLite file (as of its checkpoints) and judges
 health at the current time. `as_of` (an int: a LEDGER sequence; a datetime: a
-moment) rebuilds the state from the nearest snapshot plus JetStream and judges
-health at that moment; rebuilt states are cached, so a dashboard asking for
-agents, sessions and pools of one moment pays once. Every answer is a msgspec
+moment) reads the state of that moment from the file's version rows (an
+indexed query; without a file, or past what it has committed, it is rebuilt
+from the nearest snapshot plus JetStream) and judges health at that moment;
+past states are cached, so a dashboard asking for agents, sessions and pools
+of one moment pays once. Every answer is a msgspec
 Struct (`msgspec.json.encode` gives the JSON the CLI, the NATS query service
 and the HTTP API return).
 """
@@ -23,7 +25,7 @@ from datetime import datetime
 from pathlib import Path
 
 from ledger.events import utcnow
-from ledger.lifecycle import ROUTE_STATES, SESSION_STATES, AgentState, RouteState, SessionState
+from ledger.lifecycle import ROUTE_STATES, SESSION_STATES, AgentState, PoolState, RouteState, SessionState
 from ledger.store import EventStore
 from ledger.subjects import HEARTBEAT_STREAM, LEDGER_STREAM
 
@@ -34,7 +36,7 @@ from .health import AGENT_HEALTH, DEFAULT_POLICY, HealthPolicy
 from .history import EntityHistory, entity_history
 from .state import AnomalyRecord
 from .timespec import aware
-from .timetravel import Rebuilt, state_as_of
+from .timetravel import Past, Rebuilt, past_as_of, state_as_of
 from .views import (
     AgentView,
     Page,
@@ -70,9 +72,13 @@ class _Snapshot:
 
     def __init__(self, agents: dict[str, AgentState], beats: dict[str, Beat], position: Position,
                  beats_known: bool = True, sessions: dict[str, SessionState] | None = None,
-                 routes: dict[str, RouteState] | None = None, rebuilt: Rebuilt | None = None) -> None:
+                 routes: dict[str, RouteState] | None = None, rebuilt: Rebuilt | None = None,
+                 pools: dict[str, PoolState] | None = None, upto: dict[str, int] | None = None) -> None:
         self.agents, self.beats, self.position, self.beats_known = agents, beats, position, beats_known
         self.sessions, self.routes, self.rebuilt = sessions, routes, rebuilt
+        self.pools = pools if pools is not None else {}
+        self.upto = upto
+        """Read from the version rows: the projection's anomalies up to these sequences are those of the moment."""
 
 
 class Query:
@@ -83,7 +89,7 @@ class Query:
         self.db = db
         self.store = store
         self.policy = policy
-        self._cache: OrderedDict[tuple[str, int], Rebuilt] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, int], Past | Rebuilt] = OrderedDict()
         self._cache_size = cache
 
     @classmethod
@@ -99,7 +105,8 @@ class Query:
 
     # --- where answers come from ----------------------------------------------------
 
-    async def _rebuilt(self, as_of: int | datetime) -> Rebuilt:
+    async def _past(self, as_of: int | datetime) -> Past | Rebuilt:
+        """The moment from the version rows when the file covers it, else rebuilt by a replay."""
         if self.store is None:
             raise NeedsEventStore("a view of the past replays the stream: connect to NATS (--nats-url)")
         if isinstance(as_of, bool) or not isinstance(as_of, (int, datetime)):
@@ -109,10 +116,11 @@ class Query:
         key = ("seq", as_of) if isinstance(as_of, int) else ("time", int(as_of.timestamp() * 1e6))
         found = self._cache.get(key)
         if found is None:
-            if isinstance(as_of, int):
-                found = await state_as_of(self.store, self.db, seq=as_of)
-            else:
-                found = await state_as_of(self.store, self.db, time=as_of)
+            seq, time = (as_of, None) if isinstance(as_of, int) else (None, as_of)
+            if self.db is not None:
+                found = await past_as_of(self.store, self.db, seq=seq, time=time)
+            if found is None:
+                found = await state_as_of(self.store, self.db, seq=seq, time=time)
             self._cache[key] = found
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
@@ -124,7 +132,15 @@ class Query:
         """The rebuilt past, or None for "now" (the caller reads SQLite)."""
         if as_of is None:
             return None
-        r = await self._rebuilt(as_of)
+        r = await self._past(as_of)
+        if isinstance(r, Past):
+            moment = now or (as_of if isinstance(as_of, datetime) else position_time(r.cut_ns)) or utcnow()
+            position = Position(ledger_seq=r.ledger_seq, ledger_time=position_time(r.ledger_ns),
+                                heartbeat_seq=r.hb_seq, heartbeat_time=position_time(r.hb_ns), now=moment,
+                                source=f"the projection's versions as of {LEDGER_STREAM} #{r.ledger_seq}",
+                                notes=r.notes)
+            return _Snapshot(r.agents, r.beats, position, r.beats_known, r.sessions, r.routes, None, r.pools,
+                             {LEDGER_STREAM: r.ledger_seq, HEARTBEAT_STREAM: r.hb_seq})
         led, hb = r.state.ledger, r.state.heartbeats
         starts = [f"{s} #{r.snapshots[s]}" for s in (LEDGER_STREAM, HEARTBEAT_STREAM) if r.snapshots[s]]
         source = (f"snapshots {', '.join(starts)} + {r.replayed} events replayed" if starts
@@ -132,7 +148,7 @@ class Query:
         moment = now or (as_of if isinstance(as_of, datetime) else position_time(r.cut_ns)) or utcnow()
         position = Position(ledger_seq=led.seq, ledger_time=position_time(led.stored_ns), heartbeat_seq=hb.seq,
                             heartbeat_time=position_time(hb.stored_ns), now=moment, source=source, notes=r.notes)
-        return _Snapshot(led.agents, hb.beats, position, r.beats_known, led.sessions, led.routes, r)
+        return _Snapshot(led.agents, hb.beats, position, r.beats_known, led.sessions, led.routes, r, led.pools)
 
     def _need_db(self) -> ProjectionDB:
         if self.db is None:
@@ -234,7 +250,7 @@ class Query:
                 by_state = counts.setdefault(s.pool, {})
                 by_state[s.status] = by_state.get(s.status, 0) + 1
             agents, beats, position = list(past.agents.values()), past.beats, past.position
-            breakers = past.rebuilt.state.ledger.pools if past.rebuilt is not None else {}
+            breakers = past.pools
         else:
             db = self._need_db()
             async with db.reading():
@@ -259,6 +275,11 @@ class Query:
             found = await self._need_db().anomalies(kind=kind, entity_kind=entity_kind, entity_id=entity_id,
                                                     limit=limit)
             return Page(position, found)
+        if past.upto is not None:  # the version rows' moment: every anomaly up to it is in the table
+            assert db is not None
+            found = await db.anomalies(kind=kind, entity_kind=entity_kind, entity_id=entity_id, upto=past.upto,
+                                       limit=limit)
+            return Page(past.position, found)
         assert past.rebuilt is not None
         snaps = past.rebuilt.snapshots
         # Anomalies up to the snapshots are in the table; the replayed stretch found the rest.

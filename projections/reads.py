@@ -49,6 +49,22 @@ class SnapshotRow(NamedTuple):
     data: bytes
 
 
+_KEYS = {"agent": "agent_id", "session": "session_id", "route": "route_id", "pool": "pool"}
+
+# Per entity that existed at :n (its creating version is at or before it), its newest version at or before :n:
+# a range of the partial index on creations, then one seek each on (id, seq).
+_AS_OF = """
+SELECT {key}, doc FROM {table} WHERE seq IN (
+    SELECT (SELECT v.seq FROM {table} AS v WHERE v.{key} = f.{key} AND v.seq <= :n ORDER BY v.seq DESC LIMIT 1)
+    FROM {table} AS f WHERE f.first = 1 AND f.seq <= :n)
+"""
+_BEATS_AS_OF = """
+SELECT (SELECT doc FROM beat_versions AS v WHERE v.agent_id = ids.value AND v.seq <= :n ORDER BY v.seq DESC LIMIT 1)
+FROM json_each(CAST(:ids AS TEXT)) AS ids
+"""
+_DECODE = {"agent": rows.agent_of, "session": rows.session_of, "route": rows.route_of, "pool": rows.pool_of}
+
+
 def _in(column: str, values: Iterable[str] | None) -> tuple[str, list[Any]]:
     if values is None:
         return "", []
@@ -93,20 +109,34 @@ class ProjectionReads:
         by_stream = {r[0]: Checkpoint(*r) for r in found}
         return [by_stream.get(s, Checkpoint(s, 0, 0, 0, 0)) for s in (LEDGER_STREAM, HEARTBEAT_STREAM)]
 
-    async def nearest_snapshot(self, stream: str, *, seq: int | None = None,
-                               stored_ns: int | None = None) -> SnapshotRow | None:
-        """The newest snapshot at or before a sequence or a stored time."""
+    async def nearest_snapshot(self, stream: str, *, seq: int | None = None, stored_ns: int | None = None,
+                               with_data: bool = True) -> SnapshotRow | None:
+        """The newest snapshot at or before a sequence or a stored time (`with_data=False`: data is b"")."""
         if seq is not None:
             where, arg = "seq <= ?", seq
         elif stored_ns is not None:
             where, arg = "stored_ns <= ?", stored_ns
         else:
             where, arg = "1 = ?", 1
+        data = "data" if with_data else "x''"
         found = list(await self.conn.execute_fetchall(
-            f"SELECT stream, seq, stored_ns, data FROM snapshots WHERE stream = ? AND {where} "
+            f"SELECT stream, seq, stored_ns, {data} FROM snapshots "
+            f"WHERE stream = ? AND {where} "
             "ORDER BY seq DESC LIMIT 1",
             (stream, arg)))
         return SnapshotRow(*found[0]) if found else None
+
+    async def states_as_of(self, kind: str, seq: int) -> dict[str, Any]:
+        """{id: state} of every `kind` entity (agent, session, route, pool) as of LEDGER #`seq`, from the
+        version rows: what the fold held right after applying #`seq`."""
+        table, key, decode = f"{kind}_versions", _KEYS[kind], _DECODE[kind]
+        found = await self.conn.execute_fetchall(_AS_OF.format(table=table, key=key), {"n": seq})
+        return {k: decode(doc) for k, doc in found}
+
+    async def beats_as_of(self, hb_seq: int, ids: Iterable[str]) -> dict[str, Beat]:
+        """The kept beats of these agents as of LEDGER_HB #`hb_seq` (agents without any are left out)."""
+        found = await self.conn.execute_fetchall(_BEATS_AS_OF, {"n": hb_seq, "ids": rows.ids(ids)})
+        return {b.agent_id: b for b in (rows.beat_of(r[0]) for r in found if r[0] is not None)}
 
     async def agent_states(self, *, pool: str | None = None, ids: Iterable[str] | None = None) -> list[AgentState]:
         sql, args = "SELECT doc FROM agents WHERE 1=1", []

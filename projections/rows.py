@@ -10,7 +10,7 @@ other core.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import msgspec
@@ -79,6 +79,27 @@ ON CONFLICT (stream) DO UPDATE SET seq = excluded.seq, stored_ns = excluded.stor
     anomalies = excluded.anomalies, updated_ns = excluded.updated_ns
 """
 
+# Version rows (time travel): one JSON array of [seq, first, state] per statement; beats [seq, state].
+_VERSIONS = """
+INSERT OR REPLACE INTO {table} (seq, {key}, first, doc)
+SELECT json_extract(value, '$[0]'), json_extract(value, '$[2].{key}'), json_extract(value, '$[1]'),
+       json_extract(value, '$[2]')
+FROM json_each(CAST(? AS TEXT))
+"""
+INSERT_VERSIONS = {kind: _VERSIONS.format(table=f"{kind}_versions", key=key)
+                   for kind, key in (("agent", "agent_id"), ("session", "session_id"), ("route", "route_id"),
+                                     ("pool", "pool"))}
+INSERT_VERSIONS["heartbeat"] = """
+INSERT OR REPLACE INTO beat_versions (seq, agent_id, doc)
+SELECT json_extract(value, '$[0]'), json_extract(value, '$[1].agent_id'), json_extract(value, '$[1]')
+FROM json_each(CAST(? AS TEXT))
+"""
+# Beat versions no moment still backed by the stream can need: superseded before its first kept sequence.
+PRUNE_BEAT_VERSIONS = """
+DELETE FROM beat_versions WHERE seq < :below AND EXISTS (
+    SELECT 1 FROM beat_versions AS newer
+    WHERE newer.agent_id = beat_versions.agent_id AND newer.seq > beat_versions.seq AND newer.seq < :below)
+"""
 
 CHUNK = 500
 """Documents per statement: enough to stay off the GIL, few enough that SQLite's JSON parse stays small."""
@@ -89,6 +110,19 @@ def chunks(picked: Mapping[str, Any], size: int = CHUNK) -> Iterator[bytes]:
     items = list(picked.items())
     for start in range(0, len(items), size):
         yield _encode(dict(items[start:start + size]))
+
+
+def version_chunks(kind: str, versions: Sequence[Any], size: int = CHUNK) -> Iterator[bytes]:
+    """Versions ((seq, first, state) named tuples) as JSON arrays of at most `size` rows each."""
+    beats = kind == "heartbeat"
+    for start in range(0, len(versions), size):
+        part = versions[start:start + size]
+        yield _encode([(v.seq, v.state) for v in part] if beats else part)
+
+
+def ids(values: Iterable[str]) -> bytes:
+    """A JSON array of ids, for `json_each` (one parameter however many)."""
+    return _encode(list(values))
 
 
 def anomalies(rows: list[tuple[Any, ...]]) -> bytes | None:

@@ -13,7 +13,7 @@ from typing import Any
 
 from ledger.codec import Unreadable, to_ns
 
-from . import snapshots
+from . import snapshots, versions
 from .db import Batch
 from .state import (
     AGENT,
@@ -31,7 +31,7 @@ from .state import (
 
 
 class Uncommitted:
-    __slots__ = ("dirty", "anomalies", "dead", "events", "since")
+    __slots__ = ("dirty", "anomalies", "dead", "events", "since", "noted")
 
     def __init__(self) -> None:
         self.dirty: dict[str, set[str]] = {AGENT: set(), SESSION: set(), ROUTE: set(), POOL: set(), HEARTBEAT: set()}
@@ -40,6 +40,8 @@ class Uncommitted:
         self.events = 0
         """Items folded (including ones already applied before, which change nothing)."""
         self.since = time.monotonic()
+        self.noted: list[versions.Noted] = []
+        """Every applied change in order, for the version rows (time travel)."""
 
     def note(self, change: Change | None, item: Any) -> None:
         self.events += 1
@@ -49,6 +51,7 @@ class Uncommitted:
             self.dead.append(item)
         elif change.anomaly is None:
             self.dirty[change.kind].add(change.id)
+            self.noted.append((change.kind, change.id, item.seq, change.before))
         else:
             self.anomalies.append(change.anomaly)
 
@@ -60,7 +63,7 @@ class Uncommitted:
         for item in self.dead:
             last_dead[(item.stream, dead_letter_code(item.reason))] = item
         snaps, drops = plan.due(state, stamp) if plan is not None else ([], [])
-        return Batch(
+        batch = Batch(
             agents={k: ledger.agents[k] for k in self.dirty[AGENT]},
             sessions={k: ledger.sessions[k] for k in self.dirty[SESSION]},
             routes={k: ledger.routes[k] for k in self.dirty[ROUTE]},
@@ -75,3 +78,6 @@ class Uncommitted:
             snapshots=snaps,
             drop_snapshots=drops,
         )
+        committed: dict[str, dict[str, Any]] = {AGENT: batch.agents, SESSION: batch.sessions, ROUTE: batch.routes,
+                                                POOL: batch.pools, HEARTBEAT: batch.beats}
+        return batch._replace(versions=versions.versions(self.noted, committed))

@@ -1,0 +1,47 @@
+"""Every state an entity had, by the sequence that made it: the rows behind time travel as an index (pure).
+
+A commit writes each changed entity's current row once, however often it changed in the batch. Time travel
+needs every state in between as well: the state after change i of an entity is the state the fold had
+*before* its change i + 1 (`Change.before`), and after its last change it is the state the batch commits.
+So the projector notes (kind, id, seq, before) for each applied change, and `versions` turns the notes of a
+batch into one version per change - without keeping anything in the fold, so it does not matter whether
+the fold still holds an entity later (terminated ones may leave it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+from .state import AGENT, HEARTBEAT, POOL, ROUTE, SESSION
+
+VERSIONED = (AGENT, SESSION, ROUTE, POOL, HEARTBEAT)
+"""The kinds of change that leave a version row (every applied change of them)."""
+
+
+Noted = tuple[str, str, int, Any]
+"""One applied change as the projector notes it: (kind, id, seq, the state before it - None if it created the
+entity). A plain tuple: one is made per event folded."""
+
+
+class Version(NamedTuple):
+    seq: int
+    first: bool
+    """This change created the entity."""
+    state: Any
+
+
+def versions(noted: Sequence[Noted], committed: Mapping[str, Mapping[str, Any]]) -> dict[str, list[Version]]:
+    """Kind -> the versions the noted changes made, oldest first; `committed` is kind -> {id: state} of the
+    batch (each entity's state after its last change). An entity missing from it leaves no version."""
+    out: dict[str, list[Version]] = {kind: [] for kind in VERSIONED}
+    after: dict[tuple[str, str], Any] = {}
+    for kind, id_, seq, before in reversed(noted):
+        key = (kind, id_)
+        state = after[key] if key in after else committed[kind].get(id_)
+        if state is not None:
+            out[kind].append(Version(seq, before is None, state))
+        after[key] = before
+    for rows in out.values():
+        rows.reverse()
+    return out

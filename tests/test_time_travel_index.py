@@ -1,0 +1,148 @@
+"""Time travel as an index: the version rows the projector writes give, at every past sequence, exactly the state
+the fold had there - whatever the batches, restarts and re-deliveries, and whatever the fold keeps later."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import tempfile
+from pathlib import Path
+
+import pytest
+from histories import histories
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from projection_contract import cut, fold_and_commit
+
+from ledger.codec import Recorded, Unreadable
+from ledger.subjects import HEARTBEAT_STREAM, LEDGER_STREAM
+from projections.db import ProjectionDB
+from projections.errors import ProjectionError
+from projections.schema import DDL
+from projections.state import AGENT, POOL, ROUTE, SESSION, HeartbeatState, LedgerState, LifecycleState
+from projections.uncommitted import Uncommitted
+
+Item = Recorded | Unreadable
+
+
+def fold_ledger(items: list[Item], upto: int) -> LifecycleState:
+    part = LifecycleState()
+    for item in items:
+        if item.stream == LEDGER_STREAM and item.seq <= upto:
+            part.apply(item)
+    return part
+
+
+def fold_beats(items: list[Item], upto: int) -> HeartbeatState:
+    part = HeartbeatState()
+    for item in items:
+        if item.stream == HEARTBEAT_STREAM and item.seq <= upto:
+            part.apply(item)
+    return part
+
+
+def last(items: list[Item], stream: str) -> int:
+    return max((i.seq for i in items if i.stream == stream), default=0)
+
+
+async def commit_in_lives(path: Path, items: list[Item], data: st.DataObject) -> None:
+    """Commit `items` over several writer lifetimes, each resuming from the file with some re-delivered."""
+    position = 0
+    while position < len(items):
+        async with await ProjectionDB.open(path) as db:
+            state = await db.load_state()
+            resume = data.draw(st.integers(0, position), label="re-delivered from")
+            committed = data.draw(st.integers(position + 1, len(items)), label="last commit of this life")
+            await fold_and_commit(db, cut(data, items[resume:committed]), state)
+        position = committed
+
+
+@settings(max_examples=30, deadline=None)
+@given(items=histories(), data=st.data())
+def test_the_state_as_of_any_sequence_read_from_the_versions_is_the_fold_up_to_it(items: list[Item],
+                                                                                  data: st.DataObject):
+    async def scenario(path: Path) -> None:
+        await commit_in_lives(path, items, data)
+        end, hb_end = last(items, LEDGER_STREAM), last(items, HEARTBEAT_STREAM)
+        seqs = data.draw(st.lists(st.integers(0, end), min_size=1, max_size=6), label="as of LEDGER")
+        hb_seqs = data.draw(st.lists(st.integers(0, hb_end), min_size=1, max_size=4), label="as of LEDGER_HB")
+        agents_ever = {i.event.entity_id for i in items if isinstance(i, Recorded)}
+        async with await ProjectionDB.open(path, readonly=True) as db, db.reading():
+            for seq in seqs:
+                expected = fold_ledger(items, seq)
+                assert await db.states_as_of(AGENT, seq) == expected.agents, seq
+                assert await db.states_as_of(SESSION, seq) == expected.sessions, seq
+                assert await db.states_as_of(ROUTE, seq) == expected.routes, seq
+                assert await db.states_as_of(POOL, seq) == expected.pools, seq
+            for hb_seq in hb_seqs:
+                beats = fold_beats(items, hb_seq).beats
+                assert await db.beats_as_of(hb_seq, agents_ever) == beats, hb_seq
+
+    with tempfile.TemporaryDirectory() as tmp:
+        asyncio.run(scenario(Path(tmp) / "p.sqlite3"))
+
+
+@settings(max_examples=20, deadline=None)
+@given(items=histories(), data=st.data())
+def test_pruned_beat_versions_still_answer_every_moment_from_the_prune_point_on(items: list[Item],
+                                                                                data: st.DataObject):
+    async def scenario(path: Path) -> None:
+        hb_end = last(items, HEARTBEAT_STREAM)
+        below = data.draw(st.integers(1, hb_end + 1), label="first kept heartbeat")
+        async with await ProjectionDB.open(path) as db:
+            state = await fold_and_commit(db, cut(data, items), LedgerState())
+            await db.commit(Uncommitted().batch(state)._replace(prune_beats_below=below))
+            kept = await db.conn.execute_fetchall("SELECT count(*) FROM beat_versions WHERE seq < ?", (below,))
+        older = {i.event.entity_id for i in items if i.stream == HEARTBEAT_STREAM and i.seq < below}
+        assert kept[0][0] <= len(older)  # at most one per agent below the prune point: the one it had there
+        agents_ever = {i.event.entity_id for i in items if isinstance(i, Recorded)}
+        async with await ProjectionDB.open(path, readonly=True) as db, db.reading():
+            for hb_seq in range(max(0, below - 1), hb_end + 1):
+                assert await db.beats_as_of(hb_seq, agents_ever) == fold_beats(items, hb_seq).beats, hb_seq
+
+    with tempfile.TemporaryDirectory() as tmp:
+        asyncio.run(scenario(Path(tmp) / "p.sqlite3"))
+
+
+def test_versions_do_not_depend_on_what_the_fold_keeps_after_the_commit(tmp_path: Path):
+    """Terminated entities may leave the in-memory fold: the versions were written when they changed."""
+    from histories import CLI, Builder
+
+    from ledger import events as ev
+
+    b = Builder()
+    created = [b.add(ev.SessionCreated(producer=CLI, session_id=f"s{n}", pool="p")) for n in range(3)]
+    ended = b.add(ev.SessionTerminated(producer=CLI, session_id="s1", reason="done"))
+
+    async def scenario() -> None:
+        async with await ProjectionDB.open(tmp_path / "p.sqlite3") as db:
+            state = await fold_and_commit(db, [created, [ended]], LedgerState())
+            del state.ledger.sessions["s1"]  # retired from memory
+            later = b.add(ev.SessionCreated(producer=CLI, session_id="s9", pool="p"))
+            await fold_and_commit(db, [[later]], state)
+        async with await ProjectionDB.open(tmp_path / "p.sqlite3", readonly=True) as db, db.reading():
+            at_end = await db.states_as_of(SESSION, later.seq)
+            assert sorted(at_end) == ["s0", "s1", "s2", "s9"] and at_end["s1"].status == "terminated"
+            assert (await db.states_as_of(SESSION, ended.seq - 1))["s1"].status != "terminated"
+
+    asyncio.run(scenario())
+
+
+def schema_1_file(path: Path) -> None:
+    """A projection file as schema 1 made it: the same tables, none of the version rows."""
+    with sqlite3.connect(path) as conn:
+        for statement in (s.strip() for s in DDL.split(";") if s.strip()):
+            conn.execute(statement)
+        conn.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+
+
+async def test_a_file_without_version_rows_is_refused_to_readers_and_rebuilt_by_the_projector(tmp_path: Path):
+    path = tmp_path / "old.sqlite3"
+    schema_1_file(path)
+    with pytest.raises(ProjectionError, match=r"schema 1.*`ledger project`") as refused:
+        await ProjectionDB.open(path, readonly=True)
+    assert "\n" not in str(refused.value)
+    async with await ProjectionDB.open(path) as db:  # the projector: drops it, and rebuilds from the log
+        assert db.reset
+        tables = {r[0] for r in await db.conn.execute_fetchall("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"agent_versions", "session_versions", "route_versions", "pool_versions", "beat_versions"} <= tables
