@@ -94,11 +94,12 @@ INSERT OR REPLACE INTO beat_versions (seq, agent_id, doc)
 SELECT json_extract(value, '$[0]'), json_extract(value, '$[1].agent_id'), json_extract(value, '$[1]')
 FROM json_each(CAST(? AS TEXT))
 """
-# Beat versions no moment still backed by the stream can need: superseded before its first kept sequence.
+# Beat versions no moment the stream still holds can need: superseded at or before its first kept sequence
+# (:below), so every LEDGER_HB sequence from :below on still finds each agent's beats.
 PRUNE_BEAT_VERSIONS = """
 DELETE FROM beat_versions WHERE seq < :below AND EXISTS (
     SELECT 1 FROM beat_versions AS newer
-    WHERE newer.agent_id = beat_versions.agent_id AND newer.seq > beat_versions.seq AND newer.seq < :below)
+    WHERE newer.agent_id = beat_versions.agent_id AND newer.seq > beat_versions.seq AND newer.seq <= :below)
 """
 
 CHUNK = 500
