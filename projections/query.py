@@ -73,12 +73,27 @@ class _Snapshot:
     def __init__(self, agents: dict[str, AgentState], beats: dict[str, Beat], position: Position,
                  beats_known: bool = True, sessions: dict[str, SessionState] | None = None,
                  routes: dict[str, RouteState] | None = None, rebuilt: Rebuilt | None = None,
-                 pools: dict[str, PoolState] | None = None, upto: dict[str, int] | None = None) -> None:
+                 pools: dict[str, PoolState] | None = None, upto: dict[str, int] | None = None,
+                 owned: Counter[str] | None = None, counts: dict[str, dict[str, int]] | None = None) -> None:
         self.agents, self.beats, self.position, self.beats_known = agents, beats, position, beats_known
         self.sessions, self.routes, self.rebuilt = sessions, routes, rebuilt
         self.pools = pools if pools is not None else {}
         self.upto = upto
         """Read from the version rows: the projection's anomalies up to these sequences are those of the moment."""
+        self._owned, self._counts = owned, counts
+
+    def owned_counts(self) -> Counter[str]:
+        return self._owned if self._owned is not None else owned_counts((self.sessions or {}).values())
+
+    def session_counts(self) -> dict[str, dict[str, int]]:
+        """Pool -> session state -> sessions."""
+        if self._counts is not None:
+            return self._counts
+        counts: dict[str, dict[str, int]] = {}
+        for s in (self.sessions or {}).values():
+            by_state = counts.setdefault(s.pool, {})
+            by_state[s.status] = by_state.get(s.status, 0) + 1
+        return counts
 
 
 class Query:
@@ -128,8 +143,9 @@ class Query:
             self._cache.move_to_end(key)
         return found
 
-    async def _as_of(self, as_of: AsOf, now: datetime | None) -> _Snapshot | None:
-        """The rebuilt past, or None for "now" (the caller reads SQLite)."""
+    async def _as_of(self, as_of: AsOf, now: datetime | None, need: Iterable[str] = ()) -> _Snapshot | None:
+        """The past, or None for "now" (the caller reads SQLite). Read from the version rows, the agents and their
+        beats come with it, and what the view `need`s of: sessions, routes, pools, owned (counts), counts."""
         if as_of is None:
             return None
         r = await self._past(as_of)
@@ -139,8 +155,15 @@ class Query:
                                 heartbeat_seq=r.hb_seq, heartbeat_time=position_time(r.hb_ns), now=moment,
                                 source=f"the projection's versions as of {LEDGER_STREAM} #{r.ledger_seq}",
                                 notes=r.notes)
-            return _Snapshot(r.agents, r.beats, position, r.beats_known, r.sessions, r.routes, None, r.pools,
-                             {LEDGER_STREAM: r.ledger_seq, HEARTBEAT_STREAM: r.hb_seq})
+            db, at, need = self._need_db(), r.ledger_seq, set(need)
+            async with db.reading():
+                sessions = {s.session_id: s for s in await db.session_states(as_of=at)} if "sessions" in need else None
+                routes = {x.route_id: x for x in await db.route_states(as_of=at)} if "routes" in need else None
+                pools = await db.pool_states(as_of=at) if "pools" in need else None
+                owned = Counter(await db.owned_counts(as_of=at)) if "owned" in need else None
+                counts = await db.session_counts(as_of=at) if "counts" in need else None
+            return _Snapshot(r.agents, r.beats, position, r.beats_known, sessions, routes, None, pools,
+                             {LEDGER_STREAM: r.ledger_seq, HEARTBEAT_STREAM: r.hb_seq}, owned, counts)
         led, hb = r.state.ledger, r.state.heartbeats
         starts = [f"{s} #{r.snapshots[s]}" for s in (LEDGER_STREAM, HEARTBEAT_STREAM) if r.snapshots[s]]
         source = (f"snapshots {', '.join(starts)} + {r.replayed} events replayed" if starts
@@ -166,10 +189,10 @@ class Query:
     async def agents(self, *, pool: str | None = None, health: str | None = None, platform: str | None = None,
                      region: str | None = None, as_of: AsOf = None, now: datetime | None = None) -> Page[AgentView]:
         _check(health, AGENT_HEALTH, "health")
-        past = await self._as_of(as_of, now)
+        past = await self._as_of(as_of, now, ("owned",))
         if past is not None:
             agents = [a for a in past.agents.values() if pool is None or a.pool == pool]
-            beats, owned, position = past.beats, owned_counts(past.sessions.values()), past.position  # type: ignore[union-attr]
+            beats, owned, position = past.beats, past.owned_counts(), past.position
         else:
             db = self._need_db()
             async with db.reading():
@@ -204,7 +227,7 @@ class Query:
     async def sessions(self, *, pool: str | None = None, state: str | None = None, owner: str | None = None,
                        as_of: AsOf = None, now: datetime | None = None) -> Page[SessionView]:
         _check(state, SESSION_STATES, "session state")
-        past = await self._as_of(as_of, now)
+        past = await self._as_of(as_of, now, ("sessions",))
         if past is not None:
             sessions = [s for s in past.sessions.values()  # type: ignore[union-attr]
                         if (pool is None or s.pool == pool) and (state is None or s.status == state)
@@ -229,7 +252,7 @@ class Query:
                      as_of: AsOf = None, now: datetime | None = None) -> Page[RouteView]:
         _check(status, ROUTE_STATUSES, "route status")
         _check(state, ROUTE_STATES, "route state")
-        past = await self._as_of(as_of, now)
+        past = await self._as_of(as_of, now, ("routes",))
         if past is not None:
             routes = [r for r in past.routes.values()  # type: ignore[union-attr]
                       if (session is None or r.session_id == session) and (state is None or r.state == state)]
@@ -243,12 +266,9 @@ class Query:
         return Page(position, [v for v in views if status is None or v.status == status])
 
     async def pools(self, *, as_of: AsOf = None, now: datetime | None = None) -> Page[PoolView]:
-        past = await self._as_of(as_of, now)
+        past = await self._as_of(as_of, now, ("counts", "pools"))
         if past is not None:
-            counts: dict[str, dict[str, int]] = {}
-            for s in past.sessions.values():  # type: ignore[union-attr]
-                by_state = counts.setdefault(s.pool, {})
-                by_state[s.status] = by_state.get(s.status, 0) + 1
+            counts = past.session_counts()
             agents, beats, position = list(past.agents.values()), past.beats, past.position
             breakers = past.pools
         else:

@@ -49,20 +49,32 @@ class SnapshotRow(NamedTuple):
     data: bytes
 
 
-_KEYS = {"agent": "agent_id", "session": "session_id", "route": "route_id", "pool": "pool"}
+_COLUMNS = {"agents": ("agent", "agent_id", ("pool", "status", "incarnation")),
+            "sessions": ("session", "session_id", ("pool", "status", "owner")),
+            "routes": ("route", "route_id", ("session_id", "state")),
+            "pools": ("pool", "pool", ("breaker_open",))}
+"""Table -> (its kind, key, the columns derived from `doc`), as `rows.UPSERT_*` derives them."""
 
-# Per entity that existed at :n (its creating version is at or before it), its newest version at or before :n:
-# a range of the partial index on creations, then one seek each on (id, seq).
-_AS_OF = """
-SELECT {key}, doc FROM {table} WHERE seq IN (
-    SELECT (SELECT v.seq FROM {table} AS v WHERE v.{key} = f.{key} AND v.seq <= :n ORDER BY v.seq DESC LIMIT 1)
-    FROM {table} AS f WHERE f.first = 1 AND f.seq <= :n)
-"""
+# Per entity that existed at #{n} (its creating version is at or before it), its newest version at or before
+# #{n}: a range of the partial index on creations, then one seek each on (id, seq).
+_AS_OF = """(
+SELECT {key}, {columns}, doc FROM {kind}_versions WHERE seq IN (
+    SELECT (SELECT v.seq FROM {kind}_versions AS v WHERE v.{key} = f.{key} AND v.seq <= {n} ORDER BY v.seq DESC
+            LIMIT 1)
+    FROM {kind}_versions AS f WHERE f.first = 1 AND f.seq <= {n}))"""
 _BEATS_AS_OF = """
 SELECT (SELECT doc FROM beat_versions AS v WHERE v.agent_id = ids.value AND v.seq <= :n ORDER BY v.seq DESC LIMIT 1)
 FROM json_each(CAST(:ids AS TEXT)) AS ids
 """
-_DECODE = {"agent": rows.agent_of, "session": rows.session_of, "route": rows.route_of, "pool": rows.pool_of}
+
+
+def _table(name: str, as_of: int | None) -> str:
+    """The table of current rows, or (`as_of` a LEDGER sequence) the same rows as they were right after it."""
+    if as_of is None:
+        return name
+    kind, key, columns = _COLUMNS[name]
+    derived = ", ".join(f"json_extract(doc, '$.{c}') AS {c}" for c in columns)
+    return _AS_OF.format(kind=kind, key=key, columns=derived, n=int(as_of))
 
 
 def _in(column: str, values: Iterable[str] | None) -> tuple[str, list[Any]]:
@@ -126,20 +138,17 @@ class ProjectionReads:
             (stream, arg)))
         return SnapshotRow(*found[0]) if found else None
 
-    async def states_as_of(self, kind: str, seq: int) -> dict[str, Any]:
-        """{id: state} of every `kind` entity (agent, session, route, pool) as of LEDGER #`seq`, from the
-        version rows: what the fold held right after applying #`seq`."""
-        table, key, decode = f"{kind}_versions", _KEYS[kind], _DECODE[kind]
-        found = await self.conn.execute_fetchall(_AS_OF.format(table=table, key=key), {"n": seq})
-        return {k: decode(doc) for k, doc in found}
-
     async def beats_as_of(self, hb_seq: int, ids: Iterable[str]) -> dict[str, Beat]:
         """The kept beats of these agents as of LEDGER_HB #`hb_seq` (agents without any are left out)."""
         found = await self.conn.execute_fetchall(_BEATS_AS_OF, {"n": hb_seq, "ids": rows.ids(ids)})
         return {b.agent_id: b for b in (rows.beat_of(r[0]) for r in found if r[0] is not None)}
 
-    async def agent_states(self, *, pool: str | None = None, ids: Iterable[str] | None = None) -> list[AgentState]:
-        sql, args = "SELECT doc FROM agents WHERE 1=1", []
+    # Each read below is of the current rows, or with `as_of` (a LEDGER sequence) of the version rows: the
+    # state the fold had right after applying it.
+
+    async def agent_states(self, *, pool: str | None = None, ids: Iterable[str] | None = None,
+                           as_of: int | None = None) -> list[AgentState]:
+        sql, args = f"SELECT doc FROM {_table('agents', as_of)} WHERE 1=1", []
         if pool is not None:
             sql, args = sql + " AND pool = ?", [pool]
         clause, more = _in("agent_id", ids)
@@ -152,8 +161,8 @@ class ProjectionReads:
         return {b.agent_id: b for b in (rows.beat_of(r[0]) for r in found)}
 
     async def session_states(self, *, pool: str | None = None, state: str | None = None, owner: str | None = None,
-                             ids: Iterable[str] | None = None) -> list[SessionState]:
-        sql, args = "SELECT doc FROM sessions WHERE 1=1", []
+                             ids: Iterable[str] | None = None, as_of: int | None = None) -> list[SessionState]:
+        sql, args = f"SELECT doc FROM {_table('sessions', as_of)} WHERE 1=1", []
         for column, value in (("pool", pool), ("status", state), ("owner", owner)):
             if value is not None:
                 sql += f" AND {column} = ?"
@@ -163,8 +172,8 @@ class ProjectionReads:
         return [rows.session_of(r[0]) for r in found]
 
     async def route_states(self, *, session_id: str | None = None, state: str | None = None,
-                           ids: Iterable[str] | None = None) -> list[RouteState]:
-        sql, args = "SELECT doc FROM routes WHERE 1=1", []
+                           ids: Iterable[str] | None = None, as_of: int | None = None) -> list[RouteState]:
+        sql, args = f"SELECT doc FROM {_table('routes', as_of)} WHERE 1=1", []
         for column, value in (("session_id", session_id), ("state", state)):
             if value is not None:
                 sql += f" AND {column} = ?"
@@ -173,19 +182,20 @@ class ProjectionReads:
         found = await self.conn.execute_fetchall(sql + clause + " ORDER BY route_id", args + more)
         return [rows.route_of(r[0]) for r in found]
 
-    async def pool_states(self) -> dict[str, PoolState]:
-        found = await self.conn.execute_fetchall("SELECT pool, doc FROM pools")
+    async def pool_states(self, *, as_of: int | None = None) -> dict[str, PoolState]:
+        found = await self.conn.execute_fetchall(f"SELECT pool, doc FROM {_table('pools', as_of)}")
         return {key: rows.pool_of(doc) for key, doc in found}
 
-    async def owned_counts(self) -> dict[str, int]:
+    async def owned_counts(self, *, as_of: int | None = None) -> dict[str, int]:
         found = await self.conn.execute_fetchall(
-            "SELECT owner, count(*) FROM sessions WHERE owner IS NOT NULL AND status = 'assigned' GROUP BY owner")
+            f"SELECT owner, count(*) FROM {_table('sessions', as_of)} WHERE owner IS NOT NULL AND status = 'assigned' "
+            "GROUP BY owner")
         return dict(found)  # type: ignore[arg-type]
 
-    async def session_counts(self) -> dict[str, dict[str, int]]:
+    async def session_counts(self, *, as_of: int | None = None) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {}
         for pool, status, n in await self.conn.execute_fetchall(
-                "SELECT pool, status, count(*) FROM sessions GROUP BY pool, status"):
+                f"SELECT pool, status, count(*) FROM {_table('sessions', as_of)} GROUP BY pool, status"):
             out.setdefault(pool, {})[status] = n
         return out
 

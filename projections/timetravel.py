@@ -26,7 +26,7 @@ from datetime import datetime
 from typing import NamedTuple
 
 from ledger.codec import from_ns, to_ns
-from ledger.lifecycle import AgentState, PoolState, RouteState, SessionState
+from ledger.lifecycle import AgentState
 from ledger.store import EventStore
 from ledger.subjects import HEARTBEAT_STREAM, LEDGER_STREAM
 
@@ -35,7 +35,7 @@ from .beats import Beat
 from .db import ProjectionDB
 from .errors import InvalidQuery
 from .projector import FILTERS
-from .state import AGENT, POOL, ROUTE, SESSION, AnomalyRecord, HeartbeatState, LedgerState, LifecycleState
+from .state import AnomalyRecord, HeartbeatState, LedgerState, LifecycleState
 
 
 class Rebuilt(NamedTuple):
@@ -115,7 +115,8 @@ async def state_as_of(store: EventStore, db: ProjectionDB | None, *, seq: int | 
 
 
 class Past(NamedTuple):
-    """The past as the version rows give it: what a `Rebuilt` holds, read by index instead of replayed."""
+    """A moment the version rows cover: where each stream stood, the agents and their beats then (sessions,
+    routes and pools are read as of `ledger_seq` by the view that needs them: `ProjectionReads(as_of=...)`)."""
 
     ledger_seq: int
     ledger_ns: int
@@ -124,9 +125,6 @@ class Past(NamedTuple):
     cut_ns: int
     """The moment heartbeats were cut at (and health is judged at)."""
     agents: dict[str, AgentState]
-    sessions: dict[str, SessionState]
-    routes: dict[str, RouteState]
-    pools: dict[str, PoolState]
     beats: dict[str, Beat]
     beats_known: bool
     notes: list[str]
@@ -182,10 +180,7 @@ async def past_as_of(store: EventStore, db: ProjectionDB, *, seq: int | None = N
         if hb_seq > committed_hb.seq:
             return None
     async with db.reading():
-        agents = await db.states_as_of(AGENT, seq)
-        sessions = await db.states_as_of(SESSION, seq)
-        routes = await db.states_as_of(ROUTE, seq)
-        pools = await db.states_as_of(POOL, seq)
+        agents = {a.agent_id: a for a in await db.agent_states(as_of=seq)}
         if from_stream:
             beats = await db.beats_as_of(hb_seq, agents)
         else:  # nothing of the stream is left for this moment: the snapshot is all there is (as for a replay)
@@ -202,4 +197,4 @@ async def past_as_of(store: EventStore, db: ProjectionDB, *, seq: int | None = N
                          f"{from_ns(hb_facts.first_ns).isoformat()}): the health of running agents is unknown")
     elif gap and agents:
         notes.append(f"heartbeats stored before {from_ns(hb_facts.first_ns).isoformat()} are no longer kept")
-    return Past(seq, ledger_ns, hb_seq, hb_ns, cut_ns, agents, sessions, routes, pools, beats, beats_known, notes)
+    return Past(seq, ledger_ns, hb_seq, hb_ns, cut_ns, agents, beats, beats_known, notes)

@@ -7,6 +7,7 @@ import asyncio
 import sqlite3
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 from histories import histories
@@ -19,8 +20,9 @@ from ledger.subjects import HEARTBEAT_STREAM, LEDGER_STREAM
 from projections.db import ProjectionDB
 from projections.errors import ProjectionError
 from projections.schema import DDL
-from projections.state import AGENT, POOL, ROUTE, SESSION, HeartbeatState, LedgerState, LifecycleState
+from projections.state import HeartbeatState, LedgerState, LifecycleState
 from projections.uncommitted import Uncommitted
+from projections.views import owned_counts
 
 Item = Recorded | Unreadable
 
@@ -39,6 +41,17 @@ def fold_beats(items: list[Item], upto: int) -> HeartbeatState:
         if item.stream == HEARTBEAT_STREAM and item.seq <= upto:
             part.apply(item)
     return part
+
+
+def by_id(states: dict[str, Any]) -> list[Any]:
+    return [states[k] for k in sorted(states)]
+
+
+def session_counts(part: LifecycleState) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    for s in part.sessions.values():
+        out.setdefault(s.pool, {})[s.status] = out.setdefault(s.pool, {}).get(s.status, 0) + 1
+    return out
 
 
 def last(items: list[Item], stream: str) -> int:
@@ -70,10 +83,18 @@ def test_the_state_as_of_any_sequence_read_from_the_versions_is_the_fold_up_to_i
         async with await ProjectionDB.open(path, readonly=True) as db, db.reading():
             for seq in seqs:
                 expected = fold_ledger(items, seq)
-                assert await db.states_as_of(AGENT, seq) == expected.agents, seq
-                assert await db.states_as_of(SESSION, seq) == expected.sessions, seq
-                assert await db.states_as_of(ROUTE, seq) == expected.routes, seq
-                assert await db.states_as_of(POOL, seq) == expected.pools, seq
+                assert await db.agent_states(as_of=seq) == by_id(expected.agents), seq
+                assert await db.session_states(as_of=seq) == by_id(expected.sessions), seq
+                assert await db.route_states(as_of=seq) == by_id(expected.routes), seq
+                assert await db.pool_states(as_of=seq) == expected.pools, seq
+                assert await db.owned_counts(as_of=seq) == owned_counts(expected.sessions.values()), seq
+                assert await db.session_counts(as_of=seq) == session_counts(expected), seq
+                # the filters the views pass read the derived columns of the versions
+                pool = data.draw(st.sampled_from(["p", "q"]), label="pool")
+                assert await db.session_states(pool=pool, state="assigned", as_of=seq) == [
+                    s for s in by_id(expected.sessions) if s.pool == pool and s.status == "assigned"]
+                some = sorted(expected.agents)[:2]
+                assert await db.agent_states(ids=some, as_of=seq) == [expected.agents[k] for k in some]
             for hb_seq in hb_seqs:
                 beats = fold_beats(items, hb_seq).beats
                 assert await db.beats_as_of(hb_seq, agents_ever) == beats, hb_seq
@@ -122,9 +143,10 @@ def test_versions_do_not_depend_on_what_the_fold_keeps_after_the_commit(tmp_path
             later = b.add(ev.SessionCreated(producer=CLI, session_id="s9", pool="p"))
             await fold_and_commit(db, [[later]], state)
         async with await ProjectionDB.open(tmp_path / "p.sqlite3", readonly=True) as db, db.reading():
-            at_end = await db.states_as_of(SESSION, later.seq)
+            at_end = {s.session_id: s for s in await db.session_states(as_of=later.seq)}
             assert sorted(at_end) == ["s0", "s1", "s2", "s9"] and at_end["s1"].status == "terminated"
-            assert (await db.states_as_of(SESSION, ended.seq - 1))["s1"].status != "terminated"
+            before = {s.session_id: s for s in await db.session_states(as_of=ended.seq - 1)}
+            assert before["s1"].status != "terminated"
 
     asyncio.run(scenario())
 
