@@ -79,20 +79,21 @@ ON CONFLICT (stream) DO UPDATE SET seq = excluded.seq, stored_ns = excluded.stor
     anomalies = excluded.anomalies, updated_ns = excluded.updated_ns
 """
 
-# Version rows (time travel): one JSON array of [seq, first, state] per statement; beats [seq, state].
+# Version rows (time travel): a JSON object {seq: state} per statement, and a JSON array of the sequences that
+# created their entity (few). `value` is the document itself: nothing is extracted from it but the id.
 _VERSIONS = """
 INSERT OR REPLACE INTO {table} (seq, {key}, first, doc)
-SELECT json_extract(value, '$[0]'), json_extract(value, '$[2].{key}'), json_extract(value, '$[1]'),
-       json_extract(value, '$[2]')
-FROM json_each(CAST(? AS TEXT))
+SELECT CAST(key AS INTEGER), json_extract(value, '$.{key}'),
+       CAST(key AS INTEGER) IN (SELECT value FROM json_each(CAST(:firsts AS TEXT))), value
+FROM json_each(CAST(:versions AS TEXT)) WHERE true
 """
 INSERT_VERSIONS = {kind: _VERSIONS.format(table=f"{kind}_versions", key=key)
                    for kind, key in (("agent", "agent_id"), ("session", "session_id"), ("route", "route_id"),
                                      ("pool", "pool"))}
 INSERT_VERSIONS["heartbeat"] = """
 INSERT OR REPLACE INTO beat_versions (seq, agent_id, doc)
-SELECT json_extract(value, '$[0]'), json_extract(value, '$[1].agent_id'), json_extract(value, '$[1]')
-FROM json_each(CAST(? AS TEXT))
+SELECT CAST(key AS INTEGER), json_extract(value, '$.agent_id'), value FROM json_each(CAST(:versions AS TEXT))
+WHERE :firsts IS NOT NULL
 """
 # Beat versions no moment the stream still holds can need: superseded at or before its first kept sequence
 # (:below), so every LEDGER_HB sequence from :below on still finds each agent's beats.
@@ -113,12 +114,11 @@ def chunks(picked: Mapping[str, Any], size: int = CHUNK) -> Iterator[bytes]:
         yield _encode(dict(items[start:start + size]))
 
 
-def version_chunks(kind: str, versions: Sequence[Any], size: int = CHUNK) -> Iterator[bytes]:
-    """Versions ((seq, first, state) named tuples) as JSON arrays of at most `size` rows each."""
-    beats = kind == "heartbeat"
+def version_chunks(versions: Sequence[Any], size: int = CHUNK) -> Iterator[dict[str, bytes]]:
+    """Versions ((seq, first, state) named tuples) as the parameters of `INSERT_VERSIONS`, `size` at a time."""
     for start in range(0, len(versions), size):
         part = versions[start:start + size]
-        yield _encode([(v.seq, v.state) for v in part] if beats else part)
+        yield {"versions": _encode({v.seq: v.state for v in part}), "firsts": _encode([v.seq for v in part if v.first])}
 
 
 def ids(values: Iterable[str]) -> bytes:

@@ -72,8 +72,8 @@ class ProjectionWriter(ProjectionReads):
                 await c.executemany(rows.UPSERT_DEAD_LETTERS, b.dead_letters)
             await c.executemany(rows.UPSERT_CHECKPOINT, b.checkpoints)
             for kind, versions in b.versions.items():
-                for chunk in rows.version_chunks(kind, versions):
-                    await c.execute(rows.INSERT_VERSIONS[kind], (chunk,))
+                for chunk in rows.version_chunks(versions):
+                    await c.execute(rows.INSERT_VERSIONS[kind], chunk)
             if b.prune_beats_below:
                 await c.execute(rows.PRUNE_BEAT_VERSIONS, {"below": b.prune_beats_below})
             for snapshot in packed:
