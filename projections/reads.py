@@ -49,16 +49,11 @@ class SnapshotRow(NamedTuple):
     data: bytes
 
 
-_COLUMNS = {"agents": ("agent", "agent_id", ("pool", "status", "incarnation")),
-            "sessions": ("session", "session_id", ("pool", "status", "owner")),
-            "routes": ("route", "route_id", ("session_id", "state")),
-            "pools": ("pool", "pool", ("breaker_open",))}
-"""Table -> (its kind, key, the columns derived from `doc`), as `rows.UPSERT_*` derives them."""
-
 # Per entity that existed at #{n} (its creating version is at or before it), its newest version at or before
-# #{n}: a range of the partial index on creations, then one seek each on (id, seq).
+# #{n}: a range of the partial index on creations, then one seek each on (id, seq). It has the columns of the
+# table of current rows.
 _AS_OF = """(
-SELECT {key}, {columns}, doc FROM {kind}_versions WHERE seq IN (
+SELECT * FROM {kind}_versions WHERE seq IN (
     SELECT (SELECT v.seq FROM {kind}_versions AS v WHERE v.{key} = f.{key} AND v.seq <= {n} ORDER BY v.seq DESC
             LIMIT 1)
     FROM {kind}_versions AS f WHERE f.first = 1 AND f.seq <= {n}))"""
@@ -72,9 +67,8 @@ def _table(name: str, as_of: int | None) -> str:
     """The table of current rows, or (`as_of` a LEDGER sequence) the same rows as they were right after it."""
     if as_of is None:
         return name
-    kind, key, columns = _COLUMNS[name]
-    derived = ", ".join(f"json_extract(doc, '$.{c}') AS {c}" for c in columns)
-    return _AS_OF.format(kind=kind, key=key, columns=derived, n=int(as_of))
+    kind = name.removesuffix("s")
+    return _AS_OF.format(kind=kind, key=rows.VERSION_COLUMNS[kind][0], n=int(as_of))
 
 
 def _in(column: str, values: Iterable[str] | None) -> tuple[str, list[Any]]:

@@ -82,14 +82,20 @@ ON CONFLICT (stream) DO UPDATE SET seq = excluded.seq, stored_ns = excluded.stor
 # Version rows (time travel): a JSON object {seq: state} per statement, and a JSON array of the sequences that
 # created their entity (few). `value` is the document itself: nothing is extracted from it but the id.
 _VERSIONS = """
-INSERT OR REPLACE INTO {table} (seq, {key}, first, doc)
+INSERT OR REPLACE INTO {table} (seq, {key}, first, {columns}, doc)
 SELECT CAST(key AS INTEGER), json_extract(value, '$.{key}'),
-       CAST(key AS INTEGER) IN (SELECT value FROM json_each(CAST(:firsts AS TEXT))), value
+       CAST(key AS INTEGER) IN (SELECT value FROM json_each(CAST(:firsts AS TEXT))), {derived}, value
 FROM json_each(CAST(:versions AS TEXT)) WHERE true
 """
-INSERT_VERSIONS = {kind: _VERSIONS.format(table=f"{kind}_versions", key=key)
-                   for kind, key in (("agent", "agent_id"), ("session", "session_id"), ("route", "route_id"),
-                                     ("pool", "pool"))}
+VERSION_COLUMNS = {"agent": ("agent_id", ("pool", "status", "incarnation")),
+                   "session": ("session_id", ("pool", "status", "owner")),
+                   "route": ("route_id", ("session_id", "state")),
+                   "pool": ("pool", ("breaker_open",))}
+"""Kind -> (key, the columns derived from the document), as the current rows derive them (UPSERT_*)."""
+INSERT_VERSIONS = {
+    kind: _VERSIONS.format(table=f"{kind}_versions", key=key, columns=", ".join(columns),
+                           derived=", ".join(f"json_extract(value, '$.{c}')" for c in columns))
+    for kind, (key, columns) in VERSION_COLUMNS.items()}
 INSERT_VERSIONS["heartbeat"] = """
 INSERT OR REPLACE INTO beat_versions (seq, agent_id, doc)
 SELECT CAST(key AS INTEGER), json_extract(value, '$.agent_id'), value FROM json_each(CAST(:versions AS TEXT))

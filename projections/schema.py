@@ -114,11 +114,15 @@ VERSIONS_DDL = """
 -- LEDGER sequence changes at most one entity, each LEDGER_HB one agent's beats, so the sequence is the rowid).
 -- "As of #N" is, per entity, its newest version at or before N: one seek on (id, seq). `first` marks the
 -- version that created the entity, so the entities that existed at N are a range of a small partial index.
+-- The columns derived from `doc` are those of the current rows, so a view filters and counts the past alike.
 CREATE TABLE agent_versions (
-    seq      INTEGER PRIMARY KEY,
-    agent_id TEXT NOT NULL,
-    first    INTEGER NOT NULL,
-    doc      TEXT NOT NULL
+    seq         INTEGER PRIMARY KEY,
+    agent_id    TEXT NOT NULL,
+    first       INTEGER NOT NULL,
+    pool        TEXT NOT NULL,
+    status      TEXT NOT NULL,
+    incarnation INTEGER NOT NULL,
+    doc         TEXT NOT NULL
 );
 CREATE INDEX agent_versions_by_id ON agent_versions (agent_id, seq);
 CREATE INDEX agent_versions_first ON agent_versions (seq) WHERE first = 1;
@@ -127,25 +131,31 @@ CREATE TABLE session_versions (
     seq        INTEGER PRIMARY KEY,
     session_id TEXT NOT NULL,
     first      INTEGER NOT NULL,
+    pool       TEXT NOT NULL,
+    status     TEXT NOT NULL,
+    owner      TEXT,
     doc        TEXT NOT NULL
 );
 CREATE INDEX session_versions_by_id ON session_versions (session_id, seq);
 CREATE INDEX session_versions_first ON session_versions (seq) WHERE first = 1;
 
 CREATE TABLE route_versions (
-    seq      INTEGER PRIMARY KEY,
-    route_id TEXT NOT NULL,
-    first    INTEGER NOT NULL,
-    doc      TEXT NOT NULL
+    seq        INTEGER PRIMARY KEY,
+    route_id   TEXT NOT NULL,
+    first      INTEGER NOT NULL,
+    session_id TEXT NOT NULL,
+    state      TEXT NOT NULL,
+    doc        TEXT NOT NULL
 );
 CREATE INDEX route_versions_by_id ON route_versions (route_id, seq);
 CREATE INDEX route_versions_first ON route_versions (seq) WHERE first = 1;
 
 CREATE TABLE pool_versions (
-    seq   INTEGER PRIMARY KEY,
-    pool  TEXT NOT NULL,
-    first INTEGER NOT NULL,
-    doc   TEXT NOT NULL
+    seq          INTEGER PRIMARY KEY,
+    pool         TEXT NOT NULL,
+    first        INTEGER NOT NULL,
+    breaker_open INTEGER NOT NULL,
+    doc          TEXT NOT NULL
 );
 CREATE INDEX pool_versions_by_id ON pool_versions (pool, seq);
 CREATE INDEX pool_versions_first ON pool_versions (seq) WHERE first = 1;
