@@ -121,10 +121,12 @@ def chunks(picked: Mapping[str, Any], size: int = CHUNK) -> Iterator[bytes]:
 
 
 def version_chunks(versions: Sequence[Any], size: int = CHUNK) -> Iterator[dict[str, bytes]]:
-    """Versions ((seq, first, state) named tuples) as the parameters of `INSERT_VERSIONS`, `size` at a time."""
+    """Versions ((seq, first, state): `projections.versions`) as the parameters of `INSERT_VERSIONS`, `size` at a
+    time."""
     for start in range(0, len(versions), size):
         part = versions[start:start + size]
-        yield {"versions": _encode({v.seq: v.state for v in part}), "firsts": _encode([v.seq for v in part if v.first])}
+        yield {"versions": _encode({seq: state for seq, _, state in part}),
+               "firsts": _encode([seq for seq, first, _ in part if first])}
 
 
 def ids(values: Iterable[str]) -> bytes:

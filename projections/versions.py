@@ -11,7 +11,7 @@ the fold still holds an entity later (terminated ones may leave it).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 from .state import AGENT, HEARTBEAT, POOL, ROUTE, SESSION
 
@@ -24,24 +24,26 @@ Noted = tuple[str, str, int, Any]
 entity). A plain tuple: one is made per event folded."""
 
 
-class Version(NamedTuple):
-    seq: int
-    first: bool
-    """This change created the entity."""
-    state: Any
+Version = tuple[int, bool, Any]
+"""(seq, whether this change created the entity, the state it made)."""
+
+_MISSING = object()
 
 
 def versions(noted: Sequence[Noted], committed: Mapping[str, Mapping[str, Any]]) -> dict[str, list[Version]]:
     """Kind -> the versions the noted changes made, oldest first; `committed` is kind -> {id: state} of the
     batch (each entity's state after its last change). An entity missing from it leaves no version."""
     out: dict[str, list[Version]] = {kind: [] for kind in VERSIONED}
-    after: dict[tuple[str, str], Any] = {}
+    later: dict[str, dict[str, Any]] = {kind: {} for kind in VERSIONED}
+    """Per kind, id -> the state before the entity's next change (walking back from the last one)."""
     for kind, id_, seq, before in reversed(noted):
-        key = (kind, id_)
-        state = after[key] if key in after else committed[kind].get(id_)
+        after = later[kind]
+        state = after.get(id_, _MISSING)
+        if state is _MISSING:
+            state = committed[kind].get(id_)
         if state is not None:
-            out[kind].append(Version(seq, before is None, state))
-        after[key] = before
+            out[kind].append((seq, before is None, state))
+        after[id_] = before
     for rows in out.values():
         rows.reverse()
     return out
