@@ -10,13 +10,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from histories import histories
+from click.testing import CliRunner
+from histories import CLI, Builder, histories
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from projection_contract import cut, fold_and_commit
 
+from ledger import events as ev
 from ledger.codec import Recorded, Unreadable
 from ledger.subjects import HEARTBEAT_STREAM, LEDGER_STREAM
+from ledgerctl.cli import cli
 from projections.db import ProjectionDB
 from projections.errors import ProjectionError
 from projections.schema import DDL
@@ -128,10 +131,6 @@ def test_pruned_beat_versions_still_answer_every_moment_from_the_prune_point_on(
 
 def test_versions_do_not_depend_on_what_the_fold_keeps_after_the_commit(tmp_path: Path):
     """Terminated entities may leave the in-memory fold: the versions were written when they changed."""
-    from histories import CLI, Builder
-
-    from ledger import events as ev
-
     b = Builder()
     created = [b.add(ev.SessionCreated(producer=CLI, session_id=f"s{n}", pool="p")) for n in range(3)]
     ended = b.add(ev.SessionTerminated(producer=CLI, session_id="s1", reason="done"))
@@ -169,3 +168,10 @@ async def test_a_file_without_version_rows_is_refused_to_readers_and_rebuilt_by_
         assert db.reset
         tables = {r[0] for r in await db.conn.execute_fetchall("SELECT name FROM sqlite_master WHERE type='table'")}
     assert {"agent_versions", "session_versions", "route_versions", "pool_versions", "beat_versions"} <= tables
+
+
+def test_the_cli_refuses_a_file_without_version_rows_in_one_line(tmp_path: Path):
+    schema_1_file(tmp_path / "old.sqlite3")
+    result = CliRunner().invoke(cli, ["sessions", "--db", str(tmp_path / "old.sqlite3"), "--json"])
+    assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+    assert "schema 1" in result.output and "`ledger project`" in result.output, result.output
