@@ -6,6 +6,15 @@ needs every state in between as well: the state after change i of an entity is t
 So the projector notes (kind, id, seq, before) for each applied change, and `versions` turns the notes of a
 batch into one version per change - without keeping anything in the fold, so it does not matter whether
 the fold still holds an entity later (terminated ones may leave it).
+
+Heartbeats get versions too (`beat_versions`: an agent's kept beats after each beat), because health as of a
+moment needs each agent's newest beat at or before it, exactly, and views show the beat's time and load. The
+trade-off: that is a row per beat (~250 bytes of JSON plus its index entry), so the file grows with the
+heartbeat stream - at 20,000 agents beating every 5 s, ~1 MB/s. It is bounded by the stream's own retention:
+when a heartbeat snapshot is taken, versions superseded at or before the stream's first kept beat are pruned
+(each agent keeps the one it had there), and a moment older than the stream uses the newest snapshot before
+it, as a replay would. Keeping fewer beat versions (only those that change a verdict, or one per bucket) would
+make "as of T" answer with an older beat than the log holds, or replay again.
 """
 
 from __future__ import annotations
