@@ -74,13 +74,15 @@ class _Snapshot:
                  beats_known: bool = True, sessions: dict[str, SessionState] | None = None,
                  routes: dict[str, RouteState] | None = None, rebuilt: Rebuilt | None = None,
                  pools: dict[str, PoolState] | None = None, upto: dict[str, int] | None = None,
-                 owned: Counter[str] | None = None, counts: dict[str, dict[str, int]] | None = None) -> None:
+                 owned: Counter[str] | None = None, counts: dict[str, dict[str, int]] | None = None,
+                 lagged: list[AnomalyRecord] | None = None) -> None:
         self.agents, self.beats, self.position, self.beats_known = agents, beats, position, beats_known
         self.sessions, self.routes, self.rebuilt = sessions, routes, rebuilt
         self.pools = pools if pools is not None else {}
         self.upto = upto
-        """Read from the version rows: the projection's anomalies up to these sequences are those of the moment."""
-        self._owned, self._counts = owned, counts
+        """Read from the version rows: the projection's anomalies up to these sequences are those of the moment,
+        with `lagged`: those of heartbeats it had not committed yet."""
+        self._owned, self._counts, self.lagged = owned, counts, lagged or []
 
     def owned_counts(self) -> Counter[str]:
         return self._owned if self._owned is not None else owned_counts((self.sessions or {}).values())
@@ -163,7 +165,7 @@ class Query:
                 owned = Counter(await db.owned_counts(as_of=at)) if "owned" in need else None
                 counts = await db.session_counts(as_of=at) if "counts" in need else None
             return _Snapshot(r.agents, r.beats, position, r.beats_known, sessions, routes, None, pools,
-                             {LEDGER_STREAM: r.ledger_seq, HEARTBEAT_STREAM: r.hb_seq}, owned, counts)
+                             {LEDGER_STREAM: r.ledger_seq, HEARTBEAT_STREAM: r.hb_seq}, owned, counts, r.lagged)
         led, hb = r.state.ledger, r.state.heartbeats
         starts = [f"{s} #{r.snapshots[s]}" for s in (LEDGER_STREAM, HEARTBEAT_STREAM) if r.snapshots[s]]
         source = (f"snapshots {', '.join(starts)} + {r.replayed} events replayed" if starts
@@ -295,17 +297,15 @@ class Query:
             found = await self._need_db().anomalies(kind=kind, entity_kind=entity_kind, entity_id=entity_id,
                                                     limit=limit)
             return Page(position, found)
-        if past.upto is not None:  # the version rows' moment: every anomaly up to it is in the table
-            assert db is not None
-            found = await db.anomalies(kind=kind, entity_kind=entity_kind, entity_id=entity_id, upto=past.upto,
-                                       limit=limit)
-            return Page(past.position, found)
-        assert past.rebuilt is not None
-        snaps = past.rebuilt.snapshots
-        # Anomalies up to the snapshots are in the table; the replayed stretch found the rest.
-        older = await db.anomalies(kind=kind, entity_kind=entity_kind, entity_id=entity_id, upto=snaps,
-                                   limit=limit) if db is not None and any(snaps.values()) else []
-        newer = [a for a in past.rebuilt.anomalies
+        if past.upto is not None:  # the version rows' moment
+            upto, replayed = past.upto, past.lagged
+        else:
+            assert past.rebuilt is not None
+            upto, replayed = past.rebuilt.snapshots, past.rebuilt.anomalies
+        # Anomalies up to `upto` are in the table; the replayed stretch found the rest.
+        older = await db.anomalies(kind=kind, entity_kind=entity_kind, entity_id=entity_id, upto=upto,
+                                   limit=limit) if db is not None and any(upto.values()) else []
+        newer = [a for a in replayed
                  if (kind is None or a.kind == kind) and (entity_kind is None or a.entity_kind == entity_kind)
                  and (entity_id is None or a.entity_id == entity_id)]
         merged = sorted(newer + older, key=lambda a: (a.stored_at, a.stream, a.seq), reverse=True)

@@ -128,6 +128,8 @@ class Past(NamedTuple):
     beats: dict[str, Beat]
     beats_known: bool
     notes: list[str]
+    lagged: list[AnomalyRecord]
+    """Anomalies of heartbeats the file has not committed yet, replayed (the table has the others)."""
 
 
 async def last_stored_by(store: EventStore, stream: str, time_ns: int, first: int, last: int) -> tuple[int, int]:
@@ -148,7 +150,8 @@ async def last_stored_by(store: EventStore, stream: str, time_ns: int, first: in
 async def past_as_of(store: EventStore, db: ProjectionDB, *, seq: int | None = None,
                      time: datetime | None = None) -> Past | None:
     """The state as of LEDGER sequence `seq` or moment `time` (exactly one), from the version rows; None when
-    the file has not committed that far (the caller replays instead: `state_as_of`)."""
+    the file has not committed that far on LEDGER (the caller replays instead: `state_as_of`). Heartbeats the
+    file has not committed yet (a projector a moment behind) are replayed onto the committed ones."""
     if (seq is None) == (time is None):
         raise InvalidQuery("as of needs exactly one of a sequence or a time")
     if seq is not None and seq < 0:
@@ -177,16 +180,19 @@ async def past_as_of(store: EventStore, db: ProjectionDB, *, seq: int | None = N
     from_stream = bool(hb_facts.messages) and cut_ns >= hb_facts.first_ns
     if from_stream:
         hb_seq, hb_ns = await last_stored_by(store, HEARTBEAT_STREAM, cut_ns, hb_facts.first_seq, hb_facts.last_seq)
-        if hb_seq > committed_hb.seq:
-            return None
     async with db.reading():
         agents = {a.agent_id: a for a in await db.agent_states(as_of=seq)}
         if from_stream:
-            beats = await db.beats_as_of(hb_seq, agents)
+            beats = await db.beats_as_of(min(hb_seq, committed_hb.seq), agents)
         else:  # nothing of the stream is left for this moment: the snapshot is all there is (as for a replay)
             found = await db.nearest_snapshot(HEARTBEAT_STREAM, stored_ns=cut_ns) if hb_snap else None
             kept = snapshots.unpack(found.data, HeartbeatState) if found else HeartbeatState()
             beats, hb_seq, hb_ns = {k: b for k, b in kept.beats.items() if k in agents}, kept.seq, kept.stored_ns
+    lagged: list[AnomalyRecord] = []
+    if from_stream and hb_seq > committed_hb.seq:  # the file's beats lag the moment: replay only the lag
+        lag = HeartbeatState(seq=committed_hb.seq, beats=beats)
+        _, lagged = await _replay_into(store, lag, HEARTBEAT_STREAM, end_seq=hb_seq)
+        beats = {k: b for k, b in lag.beats.items() if k in agents}
     if not from_stream and gap:
         if snap_seq:
             notes.append(f"heartbeats after {from_ns(hb_ns).isoformat()} up to this moment are no longer "
@@ -197,4 +203,4 @@ async def past_as_of(store: EventStore, db: ProjectionDB, *, seq: int | None = N
                          f"{from_ns(hb_facts.first_ns).isoformat()}): the health of running agents is unknown")
     elif gap and agents:
         notes.append(f"heartbeats stored before {from_ns(hb_facts.first_ns).isoformat()} are no longer kept")
-    return Past(seq, ledger_ns, hb_seq, hb_ns, cut_ns, agents, beats, beats_known, notes)
+    return Past(seq, ledger_ns, hb_seq, hb_ns, cut_ns, agents, beats, beats_known, notes, lagged)

@@ -169,3 +169,26 @@ async def test_beyond_the_heartbeat_retention_the_index_says_what_the_replay_say
                 assert 1 not in kept and last in kept  # the expired #1, superseded since, was pruned
     finally:
         server.stop()
+
+
+async def test_heartbeats_the_file_has_not_committed_yet_are_replayed_onto_the_committed_ones(
+        store: EventStore, tmp_path: Path):
+    await project(store, tmp_path / "p.sqlite3")
+    agents = {a.agent_id: a for a in (await Query(None, store).agents(as_of=await store.last_seq())).items}
+    for n, agent in enumerate(("a1", "a2", "a1")):  # no projector now: the file's beats lag these
+        await store.append(ev.AgentHeartbeat(producer=me(agent), agent_id=agent, instance_id="i",
+                                             incarnation=agents[agent].incarnation, beat=100 + n, load=2))
+    await store.append(ev.AgentHeartbeat(producer=me("a2"), agent_id="a1", instance_id="i",  # flagged: not a1's
+                                         incarnation=agents["a1"].incarnation, beat=200))
+    last = (await everything(store))[-1]
+    assert last.stream == HEARTBEAT_STREAM
+    async with Query.open(tmp_path / "p.sqlite3", store) as indexed:
+        for moment in (last.stored_at, last.stored_at - timedelta(microseconds=1)):
+            from_index, from_replay = await views(indexed, moment), await views(Query(None, store), moment)
+            assert from_index.pop("source").startswith(INDEXED)
+            from_replay.pop("source")
+            assert from_index == from_replay, moment
+        page = await indexed.agents(as_of=last.stored_at)
+        assert {a.agent_id: a.last_heartbeat_seq for a in page.items} == {"a1": last.seq - 1, "a2": last.seq - 2}
+        flagged = await indexed.anomalies(as_of=last.stored_at)
+        assert [(a.stream, a.seq) for a in flagged.items][:1] == [(HEARTBEAT_STREAM, last.seq)]
