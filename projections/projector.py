@@ -37,6 +37,7 @@ from typing import NamedTuple
 
 from ledger import cancellation
 from ledger.codec import Item, Unreadable
+from ledger.errors import StoreError
 from ledger.store import EventStore, open_connection
 from ledger.subjects import HEARTBEAT_STREAM, LEDGER_STREAM
 
@@ -304,6 +305,9 @@ class Projector:
     async def _publish_and_commit(self, dead: list[Unreadable], batch: Batch) -> None:
         for item in dead:  # before the commit that moves the checkpoint past them
             await deadletters.publish(self.store, item, consumer=self.name)
+        if any(row[0] == HEARTBEAT_STREAM for row in batch.snapshots):  # now and then: beat versions past retention go
+            with contextlib.suppress(StoreError):  # no answer now: a later snapshot prunes them
+                batch = batch._replace(prune_beats_below=(await self.store.stream_facts(HEARTBEAT_STREAM)).first_seq)
         assert self.db is not None
         await self.db.commit(batch)
 

@@ -7,9 +7,11 @@
 
 "Now" reads the projection's SQLite file (as of its checkpoints) and judges
 health at the current time. `as_of` (an int: a LEDGER sequence; a datetime: a
-moment) rebuilds the state from the nearest snapshot plus JetStream and judges
-health at that moment; rebuilt states are cached, so a dashboard asking for
-agents, sessions and pools of one moment pays once. Every answer is a msgspec
+moment) reads the state of that moment from the file's version rows (an
+indexed query; without a file, or past what it has committed, it is rebuilt
+from the nearest snapshot plus JetStream) and judges health at that moment;
+past states are cached, so a dashboard asking for agents, sessions and pools
+of one moment pays once. Every answer is a msgspec
 Struct (`msgspec.json.encode` gives the JSON the CLI, the NATS query service
 and the HTTP API return).
 """
@@ -23,7 +25,7 @@ from datetime import datetime
 from pathlib import Path
 
 from ledger.events import utcnow
-from ledger.lifecycle import ROUTE_STATES, SESSION_STATES, AgentState, RouteState, SessionState, route_status
+from ledger.lifecycle import ROUTE_STATES, SESSION_STATES, AgentState, PoolState, RouteState, SessionState, route_status
 from ledger.store import EventStore
 from ledger.subjects import HEARTBEAT_STREAM, LEDGER_STREAM
 
@@ -34,7 +36,7 @@ from .health import AGENT_HEALTH, DEFAULT_POLICY, HealthPolicy, agent_health
 from .history import EntityHistory, entity_history
 from .state import AnomalyRecord
 from .timespec import aware
-from .timetravel import Rebuilt, state_as_of
+from .timetravel import Past, Rebuilt, past_as_of, state_as_of
 from .views import (
     AgentView,
     Page,
@@ -87,9 +89,30 @@ class _Snapshot:
 
     def __init__(self, agents: dict[str, AgentState], beats: dict[str, Beat], position: Position,
                  beats_known: bool = True, sessions: dict[str, SessionState] | None = None,
-                 routes: dict[str, RouteState] | None = None, rebuilt: Rebuilt | None = None) -> None:
+                 routes: dict[str, RouteState] | None = None, rebuilt: Rebuilt | None = None,
+                 pools: dict[str, PoolState] | None = None, upto: dict[str, int] | None = None,
+                 owned: Counter[str] | None = None, counts: dict[str, dict[str, int]] | None = None,
+                 lagged: list[AnomalyRecord] | None = None) -> None:
         self.agents, self.beats, self.position, self.beats_known = agents, beats, position, beats_known
         self.sessions, self.routes, self.rebuilt = sessions, routes, rebuilt
+        self.pools = pools if pools is not None else {}
+        self.upto = upto
+        """Read from the version rows: the projection's anomalies up to these sequences are those of the moment,
+        with `lagged`: those of heartbeats it had not committed yet."""
+        self._owned, self._counts, self.lagged = owned, counts, lagged or []
+
+    def owned_counts(self) -> Counter[str]:
+        return self._owned if self._owned is not None else owned_counts((self.sessions or {}).values())
+
+    def session_counts(self) -> dict[str, dict[str, int]]:
+        """Pool -> session state -> sessions."""
+        if self._counts is not None:
+            return self._counts
+        counts: dict[str, dict[str, int]] = {}
+        for s in (self.sessions or {}).values():
+            by_state = counts.setdefault(s.pool, {})
+            by_state[s.status] = by_state.get(s.status, 0) + 1
+        return counts
 
 
 class Query:
@@ -100,7 +123,7 @@ class Query:
         self.db = db
         self.store = store
         self.policy = policy
-        self._cache: OrderedDict[tuple[str, int], Rebuilt] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, int], Past | Rebuilt] = OrderedDict()
         self._cache_size = cache
 
     @classmethod
@@ -116,7 +139,8 @@ class Query:
 
     # --- where answers come from ----------------------------------------------------
 
-    async def _rebuilt(self, as_of: int | datetime) -> Rebuilt:
+    async def _past(self, as_of: int | datetime) -> Past | Rebuilt:
+        """The moment from the version rows when the file covers it, else rebuilt by a replay."""
         if self.store is None:
             raise NeedsEventStore("a view of the past replays the stream: connect to NATS (--nats-url)")
         if isinstance(as_of, bool) or not isinstance(as_of, (int, datetime)):
@@ -126,10 +150,11 @@ class Query:
         key = ("seq", as_of) if isinstance(as_of, int) else ("time", int(as_of.timestamp() * 1e6))
         found = self._cache.get(key)
         if found is None:
-            if isinstance(as_of, int):
-                found = await state_as_of(self.store, self.db, seq=as_of)
-            else:
-                found = await state_as_of(self.store, self.db, time=as_of)
+            seq, time = (as_of, None) if isinstance(as_of, int) else (None, as_of)
+            if self.db is not None:
+                found = await past_as_of(self.store, self.db, seq=seq, time=time)
+            if found is None:
+                found = await state_as_of(self.store, self.db, seq=seq, time=time)
             self._cache[key] = found
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
@@ -137,11 +162,27 @@ class Query:
             self._cache.move_to_end(key)
         return found
 
-    async def _as_of(self, as_of: AsOf, now: datetime | None) -> _Snapshot | None:
-        """The rebuilt past, or None for "now" (the caller reads SQLite)."""
+    async def _as_of(self, as_of: AsOf, now: datetime | None, need: Iterable[str] = ()) -> _Snapshot | None:
+        """The past, or None for "now" (the caller reads SQLite). Read from the version rows, the agents and their
+        beats come with it, and what the view `need`s of: sessions, routes, pools, owned (counts), counts."""
         if as_of is None:
             return None
-        r = await self._rebuilt(as_of)
+        r = await self._past(as_of)
+        if isinstance(r, Past):
+            moment = now or (as_of if isinstance(as_of, datetime) else position_time(r.cut_ns)) or utcnow()
+            position = Position(ledger_seq=r.ledger_seq, ledger_time=position_time(r.ledger_ns),
+                                heartbeat_seq=r.hb_seq, heartbeat_time=position_time(r.hb_ns), now=moment,
+                                source=f"the projection's versions as of {LEDGER_STREAM} #{r.ledger_seq}",
+                                notes=r.notes)
+            db, at, need = self._need_db(), r.ledger_seq, set(need)
+            async with db.reading():
+                sessions = {s.session_id: s for s in await db.session_states(as_of=at)} if "sessions" in need else None
+                routes = {x.route_id: x for x in await db.route_states(as_of=at)} if "routes" in need else None
+                pools = await db.pool_states(as_of=at) if "pools" in need else None
+                owned = Counter(await db.owned_counts(as_of=at)) if "owned" in need else None
+                counts = await db.session_counts(as_of=at) if "counts" in need else None
+            return _Snapshot(r.agents, r.beats, position, r.beats_known, sessions, routes, None, pools,
+                             {LEDGER_STREAM: r.ledger_seq, HEARTBEAT_STREAM: r.hb_seq}, owned, counts, r.lagged)
         led, hb = r.state.ledger, r.state.heartbeats
         starts = [f"{s} #{r.snapshots[s]}" for s in (LEDGER_STREAM, HEARTBEAT_STREAM) if r.snapshots[s]]
         source = (f"snapshots {', '.join(starts)} + {r.replayed} events replayed" if starts
@@ -149,7 +190,7 @@ class Query:
         moment = now or (as_of if isinstance(as_of, datetime) else position_time(r.cut_ns)) or utcnow()
         position = Position(ledger_seq=led.seq, ledger_time=position_time(led.stored_ns), heartbeat_seq=hb.seq,
                             heartbeat_time=position_time(hb.stored_ns), now=moment, source=source, notes=r.notes)
-        return _Snapshot(led.agents, hb.beats, position, r.beats_known, led.sessions, led.routes, r)
+        return _Snapshot(led.agents, hb.beats, position, r.beats_known, led.sessions, led.routes, r, led.pools)
 
     def _need_db(self) -> ProjectionDB:
         if self.db is None:
@@ -170,12 +211,12 @@ class Query:
         """Agents by id; `limit`/`offset`/`after` (an agent id) pick one page, `total` counts every match."""
         _check(health, AGENT_HEALTH, "health")
         _check_page(limit, offset)
-        past = await self._as_of(as_of, now)
+        past = await self._as_of(as_of, now, ("owned",))
         judged = health is not None or platform is not None or region is not None  # filters SQL cannot apply
         total: int | None = None
         if past is not None:
             agents = [a for a in past.agents.values() if pool is None or a.pool == pool]
-            beats, owned, position = past.beats, owned_counts(past.sessions.values()), past.position  # type: ignore[union-attr]
+            beats, owned, position = past.beats, past.owned_counts(), past.position
         else:
             db = self._need_db()
             async with db.reading():
@@ -220,7 +261,7 @@ class Query:
         """Sessions by id; `limit`/`offset`/`after` (a session id) pick one page, `total` counts every match."""
         _check(state, SESSION_STATES, "session state")
         _check_page(limit, offset)
-        past = await self._as_of(as_of, now)
+        past = await self._as_of(as_of, now, ("sessions",))
         if past is not None:
             matching = sorted((s for s in past.sessions.values()  # type: ignore[union-attr]
                                if (pool is None or s.pool == pool) and (state is None or s.status == state)
@@ -253,7 +294,7 @@ class Query:
         _check(state, ROUTE_STATES, "route state")
         _check_page(limit, offset)
         states = [s for s in ROUTE_STATES if route_status(s)[0] == status] if status is not None else None
-        past = await self._as_of(as_of, now)
+        past = await self._as_of(as_of, now, ("routes",))
         if past is not None:
             matching = sorted((r for r in past.routes.values()  # type: ignore[union-attr]
                                if (session is None or r.session_id == session) and (state is None or r.state == state)
@@ -271,14 +312,11 @@ class Query:
         return Page(position, [route_view(r, position.now) for r in sorted(routes, key=_route_id)], total)
 
     async def pools(self, *, as_of: AsOf = None, now: datetime | None = None) -> Page[PoolView]:
-        past = await self._as_of(as_of, now)
+        past = await self._as_of(as_of, now, ("counts", "pools"))
         if past is not None:
-            counts: dict[str, dict[str, int]] = {}
-            for s in past.sessions.values():  # type: ignore[union-attr]
-                by_state = counts.setdefault(s.pool, {})
-                by_state[s.status] = by_state.get(s.status, 0) + 1
+            counts = past.session_counts()
             agents, beats, position = list(past.agents.values()), past.beats, past.position
-            breakers = past.rebuilt.state.ledger.pools if past.rebuilt is not None else {}
+            breakers = past.pools
         else:
             db = self._need_db()
             async with db.reading():
@@ -307,16 +345,18 @@ class Query:
                                            offset=offset)
                 total = await db.count_anomalies(kind=kind, entity_kind=entity_kind, entity_id=entity_id)
             return Page(position, found, total)
-        assert past.rebuilt is not None
-        snaps = past.rebuilt.snapshots
-        # Anomalies up to the snapshots are in the table; the replayed stretch found the rest.
-        stored = any(snaps.values())
+        if past.upto is not None:  # the version rows' moment
+            upto, replayed = past.upto, past.lagged
+        else:
+            assert past.rebuilt is not None
+            upto, replayed = past.rebuilt.snapshots, past.rebuilt.anomalies
+        # Anomalies up to `upto` are in the table; the replayed stretch found the rest.
         older, counted = [], 0
-        if db is not None and stored:
-            older = await db.anomalies(kind=kind, entity_kind=entity_kind, entity_id=entity_id, upto=snaps,
+        if db is not None and any(upto.values()):
+            older = await db.anomalies(kind=kind, entity_kind=entity_kind, entity_id=entity_id, upto=upto,
                                        limit=None if limit is None else offset + limit)
-            counted = await db.count_anomalies(kind=kind, entity_kind=entity_kind, entity_id=entity_id, upto=snaps)
-        newer = [a for a in past.rebuilt.anomalies
+            counted = await db.count_anomalies(kind=kind, entity_kind=entity_kind, entity_id=entity_id, upto=upto)
+        newer = [a for a in replayed
                  if (kind is None or a.kind == kind) and (entity_kind is None or a.entity_kind == entity_kind)
                  and (entity_id is None or a.entity_id == entity_id)]
         merged = sorted(newer + older, key=lambda a: (a.stored_at, a.stream, a.seq), reverse=True)

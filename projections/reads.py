@@ -49,6 +49,28 @@ class SnapshotRow(NamedTuple):
     data: bytes
 
 
+# Per entity that existed at #{n} (its creating version is at or before it), its newest version at or before
+# #{n}: a range of the partial index on creations, then one seek each on (id, seq). It has the columns of the
+# table of current rows.
+_AS_OF = """(
+SELECT * FROM {kind}_versions WHERE seq IN (
+    SELECT (SELECT v.seq FROM {kind}_versions AS v WHERE v.{key} = f.{key} AND v.seq <= {n} ORDER BY v.seq DESC
+            LIMIT 1)
+    FROM {kind}_versions AS f WHERE f.first = 1 AND f.seq <= {n}))"""
+_BEATS_AS_OF = """
+SELECT (SELECT doc FROM beat_versions AS v WHERE v.agent_id = ids.value AND v.seq <= :n ORDER BY v.seq DESC LIMIT 1)
+FROM json_each(CAST(:ids AS TEXT)) AS ids
+"""
+
+
+def _table(name: str, as_of: int | None) -> str:
+    """The table of current rows, or (`as_of` a LEDGER sequence) the same rows as they were right after it."""
+    if as_of is None:
+        return name
+    kind = name.removesuffix("s")
+    return _AS_OF.format(kind=kind, key=rows.VERSION_COLUMNS[kind][0], n=int(as_of))
+
+
 def _in(column: str, values: Iterable[str] | None) -> tuple[str, list[Any]]:
     if values is None:
         return "", []
@@ -109,34 +131,46 @@ class ProjectionReads:
         by_stream = {r[0]: Checkpoint(*r) for r in found}
         return [by_stream.get(s, Checkpoint(s, 0, 0, 0, 0)) for s in (LEDGER_STREAM, HEARTBEAT_STREAM)]
 
-    async def nearest_snapshot(self, stream: str, *, seq: int | None = None,
-                               stored_ns: int | None = None) -> SnapshotRow | None:
-        """The newest snapshot at or before a sequence or a stored time."""
+    async def nearest_snapshot(self, stream: str, *, seq: int | None = None, stored_ns: int | None = None,
+                               with_data: bool = True) -> SnapshotRow | None:
+        """The newest snapshot at or before a sequence or a stored time (`with_data=False`: data is b"")."""
         if seq is not None:
             where, arg = "seq <= ?", seq
         elif stored_ns is not None:
             where, arg = "stored_ns <= ?", stored_ns
         else:
             where, arg = "1 = ?", 1
+        data = "data" if with_data else "x''"
         found = list(await self.conn.execute_fetchall(
-            f"SELECT stream, seq, stored_ns, data FROM snapshots WHERE stream = ? AND {where} "
+            f"SELECT stream, seq, stored_ns, {data} FROM snapshots "
+            f"WHERE stream = ? AND {where} "
             "ORDER BY seq DESC LIMIT 1",
             (stream, arg)))
         return SnapshotRow(*found[0]) if found else None
 
+    async def beats_as_of(self, hb_seq: int, ids: Iterable[str]) -> dict[str, Beat]:
+        """The kept beats of these agents as of LEDGER_HB #`hb_seq` (agents without any are left out)."""
+        found = await self.conn.execute_fetchall(_BEATS_AS_OF, {"n": hb_seq, "ids": rows.ids(ids)})
+        return {b.agent_id: b for b in (rows.beat_of(r[0]) for r in found if r[0] is not None)}
+
+    # Each read below is of the current rows, or with `as_of` (a LEDGER sequence) of the version rows: the
+    # state the fold had right after applying it.
+
     async def agent_states(self, *, pool: str | None = None, ids: Iterable[str] | None = None,
-                           limit: int | None = None, offset: int = 0, after: str | None = None) -> list[AgentState]:
+                           limit: int | None = None, offset: int = 0, after: str | None = None,
+                           as_of: int | None = None) -> list[AgentState]:
         sql, args = _equal([("pool", pool)])
         clause, more = _in("agent_id", ids)
         where, tail, page, bounds = _page("agent_id", limit, offset, after)
-        found = await self.conn.execute_fetchall("SELECT doc FROM agents WHERE 1=1" + sql + clause + where + tail,
+        found = await self.conn.execute_fetchall(f"SELECT doc FROM {_table('agents', as_of)} WHERE 1=1" + sql + clause
+                                                 + where + tail,
                                                  args + more + page + bounds)
         return [rows.agent_of(r[0]) for r in found]
 
-    async def count_agents(self, *, pool: str | None = None) -> int:
+    async def count_agents(self, *, pool: str | None = None, as_of: int | None = None) -> int:
         """How many agents `agent_states` would give without a page (one COUNT on the same filters)."""
         sql, args = _equal([("pool", pool)])
-        return await self._count("agents", sql, args)
+        return await self._count(_table("agents", as_of), sql, args)
 
     async def _count(self, table: str, where: str, args: list[Any]) -> int:
         found = list(await self.conn.execute_fetchall(f"SELECT count(*) FROM {table} WHERE 1=1" + where, args))
@@ -149,53 +183,56 @@ class ProjectionReads:
 
     async def session_states(self, *, pool: str | None = None, state: str | None = None, owner: str | None = None,
                              ids: Iterable[str] | None = None, limit: int | None = None, offset: int = 0,
-                             after: str | None = None) -> list[SessionState]:
+                             after: str | None = None, as_of: int | None = None) -> list[SessionState]:
         sql, args = _equal([("pool", pool), ("status", state), ("owner", owner)])
         clause, more = _in("session_id", ids)
         where, tail, page, bounds = _page("session_id", limit, offset, after)
-        found = await self.conn.execute_fetchall("SELECT doc FROM sessions WHERE 1=1" + sql + clause + where + tail,
+        found = await self.conn.execute_fetchall(f"SELECT doc FROM {_table('sessions', as_of)} WHERE 1=1" + sql
+                                                 + clause + where + tail,
                                                  args + more + page + bounds)
         return [rows.session_of(r[0]) for r in found]
 
     async def count_sessions(self, *, pool: str | None = None, state: str | None = None,
-                             owner: str | None = None) -> int:
+                             owner: str | None = None, as_of: int | None = None) -> int:
         """How many sessions `session_states` would give without a page (one COUNT, indexed by pool or owner)."""
         sql, args = _equal([("pool", pool), ("status", state), ("owner", owner)])
-        return await self._count("sessions", sql, args)
+        return await self._count(_table("sessions", as_of), sql, args)
 
     async def route_states(self, *, session_id: str | None = None, state: str | None = None,
                            ids: Iterable[str] | None = None, states: Iterable[str] | None = None,
-                           limit: int | None = None, offset: int = 0, after: str | None = None) -> list[RouteState]:
+                           limit: int | None = None, offset: int = 0, after: str | None = None,
+                           as_of: int | None = None) -> list[RouteState]:
         sql, args = _equal([("session_id", session_id), ("state", state)])
         clause, more = _in("route_id", ids)
         among, of = _in("state", states)
         where, tail, page, bounds = _page("route_id", limit, offset, after)
-        found = await self.conn.execute_fetchall("SELECT doc FROM routes WHERE 1=1" + sql + clause + among + where
+        found = await self.conn.execute_fetchall(f"SELECT doc FROM {_table('routes', as_of)} WHERE 1=1" + sql + clause
+                                                 + among + where
                                                  + tail, args + more + of + page + bounds)
         return [rows.route_of(r[0]) for r in found]
 
     async def count_routes(self, *, session_id: str | None = None, state: str | None = None,
-                           states: Iterable[str] | None = None) -> int:
+                           states: Iterable[str] | None = None, as_of: int | None = None) -> int:
         """How many routes `route_states` would give without a page (one COUNT on the same filters)."""
         sql, args = _equal([("session_id", session_id), ("state", state)])
         among, of = _in("state", states)
-        return await self._count("routes", sql + among, args + of)
+        return await self._count(_table("routes", as_of), sql + among, args + of)
 
-    async def pool_states(self) -> dict[str, PoolState]:
-        found = await self.conn.execute_fetchall("SELECT pool, doc FROM pools")
+    async def pool_states(self, *, as_of: int | None = None) -> dict[str, PoolState]:
+        found = await self.conn.execute_fetchall(f"SELECT pool, doc FROM {_table('pools', as_of)}")
         return {key: rows.pool_of(doc) for key, doc in found}
 
-    async def owned_counts(self, owners: Iterable[str] | None = None) -> dict[str, int]:
+    async def owned_counts(self, owners: Iterable[str] | None = None, *, as_of: int | None = None) -> dict[str, int]:
         clause, args = _in("owner", owners)
         found = await self.conn.execute_fetchall(
-            "SELECT owner, count(*) FROM sessions WHERE owner IS NOT NULL AND status = 'assigned'" + clause
-            + " GROUP BY owner", args)
+            f"SELECT owner, count(*) FROM {_table('sessions', as_of)} WHERE owner IS NOT NULL AND status = 'assigned'"
+            + clause + " GROUP BY owner", args)
         return dict(found)  # type: ignore[arg-type]
 
-    async def session_counts(self) -> dict[str, dict[str, int]]:
+    async def session_counts(self, *, as_of: int | None = None) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {}
         for pool, status, n in await self.conn.execute_fetchall(
-                "SELECT pool, status, count(*) FROM sessions GROUP BY pool, status"):
+                f"SELECT pool, status, count(*) FROM {_table('sessions', as_of)} GROUP BY pool, status"):
             out.setdefault(pool, {})[status] = n
         return out
 

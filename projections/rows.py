@@ -10,7 +10,7 @@ other core.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import msgspec
@@ -79,6 +79,35 @@ ON CONFLICT (stream) DO UPDATE SET seq = excluded.seq, stored_ns = excluded.stor
     anomalies = excluded.anomalies, updated_ns = excluded.updated_ns
 """
 
+# Version rows (time travel): a JSON object {seq: state} per statement, and a JSON array of the sequences that
+# created their entity (few). `value` is the document itself: nothing is extracted from it but the id.
+_VERSIONS = """
+INSERT OR REPLACE INTO {table} (seq, {key}, first, {columns}, doc)
+SELECT CAST(key AS INTEGER), json_extract(value, '$.{key}'),
+       CAST(key AS INTEGER) IN (SELECT value FROM json_each(CAST(:firsts AS TEXT))), {derived}, value
+FROM json_each(CAST(:versions AS TEXT)) WHERE true
+"""
+VERSION_COLUMNS = {"agent": ("agent_id", ("pool", "status", "incarnation")),
+                   "session": ("session_id", ("pool", "status", "owner")),
+                   "route": ("route_id", ("session_id", "state")),
+                   "pool": ("pool", ("breaker_open",))}
+"""Kind -> (key, the columns derived from the document), as the current rows derive them (UPSERT_*)."""
+INSERT_VERSIONS = {
+    kind: _VERSIONS.format(table=f"{kind}_versions", key=key, columns=", ".join(columns),
+                           derived=", ".join(f"json_extract(value, '$.{c}')" for c in columns))
+    for kind, (key, columns) in VERSION_COLUMNS.items()}
+INSERT_VERSIONS["heartbeat"] = """
+INSERT OR REPLACE INTO beat_versions (seq, agent_id, doc)
+SELECT CAST(key AS INTEGER), json_extract(value, '$.agent_id'), value FROM json_each(CAST(:versions AS TEXT))
+WHERE :firsts IS NOT NULL
+"""
+# Beat versions no moment the stream still holds can need: superseded at or before its first kept sequence
+# (:below), so every LEDGER_HB sequence from :below on still finds each agent's beats.
+PRUNE_BEAT_VERSIONS = """
+DELETE FROM beat_versions WHERE seq < :below AND EXISTS (
+    SELECT 1 FROM beat_versions AS newer
+    WHERE newer.agent_id = beat_versions.agent_id AND newer.seq > beat_versions.seq AND newer.seq <= :below)
+"""
 
 CHUNK = 500
 """Documents per statement: enough to stay off the GIL, few enough that SQLite's JSON parse stays small."""
@@ -89,6 +118,20 @@ def chunks(picked: Mapping[str, Any], size: int = CHUNK) -> Iterator[bytes]:
     items = list(picked.items())
     for start in range(0, len(items), size):
         yield _encode(dict(items[start:start + size]))
+
+
+def version_chunks(versions: Sequence[Any], size: int = CHUNK) -> Iterator[dict[str, bytes]]:
+    """Versions ((seq, first, state): `projections.versions`) as the parameters of `INSERT_VERSIONS`, `size` at a
+    time."""
+    for start in range(0, len(versions), size):
+        part = versions[start:start + size]
+        yield {"versions": _encode({seq: state for seq, _, state in part}),
+               "firsts": _encode([seq for seq, first, _ in part if first])}
+
+
+def ids(values: Iterable[str]) -> bytes:
+    """A JSON array of ids, for `json_each` (one parameter however many)."""
+    return _encode(list(values))
 
 
 def anomalies(rows: list[tuple[Any, ...]]) -> bytes | None:

@@ -9,11 +9,11 @@ never the truth.
 
 from __future__ import annotations
 
-PROJECTION_SCHEMA_VERSION = 1
-"""Bump whenever the tables, the row encoding or the meaning of a fold change."""
+PROJECTION_SCHEMA_VERSION = 2
+"""Bump whenever the tables, the row encoding or the meaning of a fold change (2: the *_versions tables)."""
 
 TABLES = ("meta", "checkpoints", "agents", "beats", "sessions", "routes", "pools", "anomalies", "dead_letters",
-          "snapshots")
+          "snapshots", "agent_versions", "session_versions", "route_versions", "pool_versions", "beat_versions")
 
 DDL = """
 CREATE TABLE meta (
@@ -109,6 +109,68 @@ CREATE TABLE snapshots (
 """
 
 
+VERSIONS_DDL = """
+-- Time travel as an index: every state each entity ever had, one row per stream sequence that made it (each
+-- LEDGER sequence changes at most one entity, each LEDGER_HB one agent's beats, so the sequence is the rowid).
+-- "As of #N" is, per entity, its newest version at or before N: one seek on (id, seq). `first` marks the
+-- version that created the entity, so the entities that existed at N are a range of a small partial index.
+-- The columns derived from `doc` are those of the current rows, so a view filters and counts the past alike.
+CREATE TABLE agent_versions (
+    seq         INTEGER PRIMARY KEY,
+    agent_id    TEXT NOT NULL,
+    first       INTEGER NOT NULL,
+    pool        TEXT NOT NULL,
+    status      TEXT NOT NULL,
+    incarnation INTEGER NOT NULL,
+    doc         TEXT NOT NULL
+);
+CREATE INDEX agent_versions_by_id ON agent_versions (agent_id, seq);
+CREATE INDEX agent_versions_first ON agent_versions (seq) WHERE first = 1;
+
+CREATE TABLE session_versions (
+    seq        INTEGER PRIMARY KEY,
+    session_id TEXT NOT NULL,
+    first      INTEGER NOT NULL,
+    pool       TEXT NOT NULL,
+    status     TEXT NOT NULL,
+    owner      TEXT,
+    doc        TEXT NOT NULL
+);
+CREATE INDEX session_versions_by_id ON session_versions (session_id, seq);
+CREATE INDEX session_versions_first ON session_versions (seq) WHERE first = 1;
+
+CREATE TABLE route_versions (
+    seq        INTEGER PRIMARY KEY,
+    route_id   TEXT NOT NULL,
+    first      INTEGER NOT NULL,
+    session_id TEXT NOT NULL,
+    state      TEXT NOT NULL,
+    doc        TEXT NOT NULL
+);
+CREATE INDEX route_versions_by_id ON route_versions (route_id, seq);
+CREATE INDEX route_versions_first ON route_versions (seq) WHERE first = 1;
+
+CREATE TABLE pool_versions (
+    seq          INTEGER PRIMARY KEY,
+    pool         TEXT NOT NULL,
+    first        INTEGER NOT NULL,
+    breaker_open INTEGER NOT NULL,
+    doc          TEXT NOT NULL
+);
+CREATE INDEX pool_versions_by_id ON pool_versions (pool, seq);
+CREATE INDEX pool_versions_first ON pool_versions (seq) WHERE first = 1;
+
+-- Each agent's kept beats after each LEDGER_HB sequence that touched them. Versions older than the stream's
+-- retention are pruned down to the one each agent had at its start (older moments use the snapshots).
+CREATE TABLE beat_versions (
+    seq      INTEGER PRIMARY KEY,
+    agent_id TEXT NOT NULL,
+    doc      TEXT NOT NULL
+);
+CREATE INDEX beat_versions_by_id ON beat_versions (agent_id, seq);
+"""
+
+
 def statements() -> list[str]:
     """The DDL one statement at a time (no comment in it contains a semicolon)."""
-    return [s.strip() for s in DDL.split(";") if s.strip()]
+    return [s.strip() for s in (DDL + VERSIONS_DDL).split(";") if s.strip()]

@@ -1,11 +1,22 @@
-"""The folded state as of a LEDGER sequence or a moment: nearest snapshot, then replay the rest.
+"""The folded state as of a LEDGER sequence or a moment: read from the version rows, or rebuilt by a replay.
 
 As of sequence N: the LEDGER fold up to N, and heartbeats stored up to the
 moment N was stored. As of time T: everything stored at or before T on both
-streams. Each stream starts from its newest snapshot at or before the target
-(so nothing replays from zero once snapshots exist) and replays the remainder
-from JetStream into memory. Heartbeats exist only within their stream's
-retention; the answer says so when the moment lies beyond it.
+streams. Heartbeats exist only within their stream's retention; the answer
+says so when the moment lies beyond it.
+
+Two ways to the same answer:
+
+- `past_as_of` (a projection file that covers the moment): indexed reads of
+  the version rows the projector wrote (`projections.versions`), so the cost
+  grows with the entities, not with the history. A moment is mapped to each
+  stream's last sequence stored at or before it by bisection on the stream's
+  stored times (a few direct gets). Beats come from the beat versions while
+  the heartbeat stream still holds the moment; before its retention, from the
+  newest heartbeat snapshot at or before the moment alone (what a replay
+  would find then too: the stream has nothing left to replay).
+- `state_as_of` (no file, or a moment past what the file has committed): the
+  nearest snapshot of each stream, then a replay of the rest from JetStream.
 """
 
 from __future__ import annotations
@@ -15,10 +26,12 @@ from datetime import datetime
 from typing import NamedTuple
 
 from ledger.codec import from_ns, to_ns
+from ledger.lifecycle import AgentState
 from ledger.store import EventStore
 from ledger.subjects import HEARTBEAT_STREAM, LEDGER_STREAM
 
 from . import snapshots
+from .beats import Beat
 from .db import ProjectionDB
 from .errors import InvalidQuery
 from .projector import FILTERS
@@ -99,3 +112,95 @@ async def state_as_of(store: EventStore, db: ProjectionDB | None, *, seq: int | 
     return Rebuilt(state, anomalies, {LEDGER_STREAM: snap.seq if snap else 0,
                                       HEARTBEAT_STREAM: hb_snap.seq if hb_snap else 0},
                    replayed, cut_ns, beats_known, notes)
+
+
+class Past(NamedTuple):
+    """A moment the version rows cover: where each stream stood, the agents and their beats then (sessions,
+    routes and pools are read as of `ledger_seq` by the view that needs them: `ProjectionReads(as_of=...)`)."""
+
+    ledger_seq: int
+    ledger_ns: int
+    hb_seq: int
+    hb_ns: int
+    cut_ns: int
+    """The moment heartbeats were cut at (and health is judged at)."""
+    agents: dict[str, AgentState]
+    beats: dict[str, Beat]
+    beats_known: bool
+    notes: list[str]
+    lagged: list[AnomalyRecord]
+    """Anomalies of heartbeats the file has not committed yet, replayed (the table has the others)."""
+
+
+async def last_stored_by(store: EventStore, stream: str, time_ns: int, first: int, last: int) -> tuple[int, int]:
+    """(seq, stored_ns) of the last message of `stream` in first..last stored at or before `time_ns`; (first - 1,
+    0) if none. Bisection on the leader's stored times, which rise with the sequence: where a replay with
+    `end_time` stops."""
+    lo, lo_ns, hi = first - 1, 0, last + 1
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        ns = await store.stored_ns(mid, stream)
+        if ns is None or ns <= time_ns:  # None: gone since (retention takes the oldest first)
+            lo, lo_ns = mid, ns or 0
+        else:
+            hi = mid
+    return lo, lo_ns
+
+
+async def past_as_of(store: EventStore, db: ProjectionDB, *, seq: int | None = None,
+                     time: datetime | None = None) -> Past | None:
+    """The state as of LEDGER sequence `seq` or moment `time` (exactly one), from the version rows; None when
+    the file has not committed that far on LEDGER (the caller replays instead: `state_as_of`). Heartbeats the
+    file has not committed yet (a projector a moment behind) are replayed onto the committed ones."""
+    if (seq is None) == (time is None):
+        raise InvalidQuery("as of needs exactly one of a sequence or a time")
+    if seq is not None and seq < 0:
+        raise InvalidQuery(f"a stream sequence is 0 or more, got {seq}")
+    ledger_facts, hb_facts = await asyncio.gather(store.stream_facts(LEDGER_STREAM),
+                                                  store.stream_facts(HEARTBEAT_STREAM))
+    if seq is not None and seq > ledger_facts.last_seq:
+        raise InvalidQuery(f"the {LEDGER_STREAM} stream ends at #{ledger_facts.last_seq}; there is no #{seq}")
+    if time is not None:
+        cut_ns = to_ns(time) + 999  # a datetime covers its whole microsecond
+        seq, ledger_ns = await last_stored_by(store, LEDGER_STREAM, cut_ns, ledger_facts.first_seq,
+                                              ledger_facts.last_seq)
+        seq, ledger_ns = (seq, ledger_ns) if ledger_ns else (0, 0)
+    else:
+        assert seq is not None
+        ledger_ns = cut_ns = (await store.stored_ns(seq, LEDGER_STREAM) or 0) if seq else 0
+    committed_ledger, committed_hb = await db.checkpoints()
+    if seq > committed_ledger.seq:
+        return None
+    async with db.reading():
+        hb_snap = await db.nearest_snapshot(HEARTBEAT_STREAM, stored_ns=cut_ns, with_data=False)
+    snap_seq = hb_snap.seq if hb_snap else 0
+    gap = bool(hb_facts.messages) and hb_facts.first_seq > snap_seq + 1
+    notes: list[str] = []
+    beats_known = True
+    from_stream = bool(hb_facts.messages) and cut_ns >= hb_facts.first_ns
+    if from_stream:
+        hb_seq, hb_ns = await last_stored_by(store, HEARTBEAT_STREAM, cut_ns, hb_facts.first_seq, hb_facts.last_seq)
+    async with db.reading():
+        agents = {a.agent_id: a for a in await db.agent_states(as_of=seq)}
+        if from_stream:
+            beats = await db.beats_as_of(min(hb_seq, committed_hb.seq), agents)
+        else:  # nothing of the stream is left for this moment: the snapshot is all there is (as for a replay)
+            found = await db.nearest_snapshot(HEARTBEAT_STREAM, stored_ns=cut_ns) if hb_snap else None
+            kept = snapshots.unpack(found.data, HeartbeatState) if found else HeartbeatState()
+            beats, hb_seq, hb_ns = {k: b for k, b in kept.beats.items() if k in agents}, kept.seq, kept.stored_ns
+    lagged: list[AnomalyRecord] = []
+    if from_stream and hb_seq > committed_hb.seq:  # the file's beats lag the moment: replay only the lag
+        lag = HeartbeatState(seq=committed_hb.seq, beats=beats)
+        _, lagged = await _replay_into(store, lag, HEARTBEAT_STREAM, end_seq=hb_seq)
+        beats = {k: b for k, b in lag.beats.items() if k in agents}
+    if not from_stream and gap:
+        if snap_seq:
+            notes.append(f"heartbeats after {from_ns(hb_ns).isoformat()} up to this moment are no longer "
+                         "kept; health uses the last ones known then")
+        else:
+            beats_known = False
+            notes.append(f"no heartbeat history is kept for this moment (the heartbeat stream starts at "
+                         f"{from_ns(hb_facts.first_ns).isoformat()}): the health of running agents is unknown")
+    elif gap and agents:
+        notes.append(f"heartbeats stored before {from_ns(hb_facts.first_ns).isoformat()} are no longer kept")
+    return Past(seq, ledger_ns, hb_seq, hb_ns, cut_ns, agents, beats, beats_known, notes, lagged)

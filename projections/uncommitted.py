@@ -13,7 +13,7 @@ from typing import Any
 
 from ledger.codec import Unreadable, to_ns
 
-from . import snapshots
+from . import snapshots, versions
 from .db import Batch
 from .state import (
     AGENT,
@@ -36,7 +36,7 @@ def _rows(table: dict[str, Any], dirty: set[str], retired: dict[str, Any]) -> di
 
 
 class Uncommitted:
-    __slots__ = ("dirty", "retired", "anomalies", "dead", "events", "since")
+    __slots__ = ("dirty", "retired", "anomalies", "dead", "events", "since", "noted")
 
     def __init__(self) -> None:
         self.dirty: dict[str, set[str]] = {AGENT: set(), SESSION: set(), ROUTE: set(), POOL: set(), HEARTBEAT: set()}
@@ -47,6 +47,8 @@ class Uncommitted:
         self.events = 0
         """Items folded (including ones already applied before, which change nothing)."""
         self.since = time.monotonic()
+        self.noted: list[versions.Noted] = []
+        """Every applied change in order, for the version rows (time travel)."""
 
     def note(self, change: Change | None, item: Any) -> None:
         self.events += 1
@@ -56,6 +58,7 @@ class Uncommitted:
             self.dead.append(item)
         elif change.anomaly is None:
             self.dirty[change.kind].add(change.id)
+            self.noted.append((change.kind, change.id, item.seq, change.before))
         else:
             self.anomalies.append(change.anomaly)
         for gone in change.retired:
@@ -70,7 +73,7 @@ class Uncommitted:
         for item in self.dead:
             last_dead[(item.stream, dead_letter_code(item.reason))] = item
         snaps, drops = plan.due(state, stamp) if plan is not None else ([], [])
-        return Batch(
+        batch = Batch(
             agents=_rows(ledger.agents, self.dirty[AGENT], self.retired[AGENT]),
             sessions=_rows(ledger.sessions, self.dirty[SESSION], self.retired[SESSION]),
             routes=_rows(ledger.routes, self.dirty[ROUTE], self.retired[ROUTE]),
@@ -85,3 +88,6 @@ class Uncommitted:
             snapshots=snaps,
             drop_snapshots=drops,
         )
+        committed: dict[str, dict[str, Any]] = {AGENT: batch.agents, SESSION: batch.sessions, ROUTE: batch.routes,
+                                                POOL: batch.pools, HEARTBEAT: batch.beats}
+        return batch._replace(versions=versions.versions(self.noted, committed))

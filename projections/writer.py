@@ -9,7 +9,9 @@ state the last checkpoints name.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from ledger.lifecycle import AgentState, PoolState, RouteState, SessionState
@@ -18,6 +20,7 @@ from . import rows, snapshots
 from .beats import Beat
 from .reads import ProjectionReads
 from .state import LedgerState
+from .versions import Version
 
 _compressor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="projection-snapshots")
 """One thread for zlib (which releases the GIL): one malloc arena, not one per default-executor thread."""
@@ -38,6 +41,10 @@ class Batch(NamedTuple):
     snapshots: list[tuple[Any, ...]]
     """(stream, seq, stored_ns, created_ns, encoded state): compressed on the way in."""
     drop_snapshots: list[tuple[str, int]]
+    versions: Mapping[str, Sequence[Version]] = MappingProxyType({})
+    """Kind -> every state the batch's changes made, by sequence (`projections.versions`)."""
+    prune_beats_below: int = 0
+    """The heartbeat stream's first kept sequence, now and then: older beat versions nobody can ask for go."""
 
 
 class ProjectionWriter(ProjectionReads):
@@ -64,6 +71,11 @@ class ProjectionWriter(ProjectionReads):
             if b.dead_letters:
                 await c.executemany(rows.UPSERT_DEAD_LETTERS, b.dead_letters)
             await c.executemany(rows.UPSERT_CHECKPOINT, b.checkpoints)
+            for kind, versions in b.versions.items():
+                for chunk in rows.version_chunks(versions):
+                    await c.execute(rows.INSERT_VERSIONS[kind], chunk)
+            if b.prune_beats_below:
+                await c.execute(rows.PRUNE_BEAT_VERSIONS, {"below": b.prune_beats_below})
             for snapshot in packed:
                 await c.execute("INSERT OR REPLACE INTO snapshots VALUES (?, ?, ?, ?, ?)", snapshot)
             if b.drop_snapshots:

@@ -24,6 +24,8 @@ STATE_TABLES = {
     "dead_letters": "SELECT * FROM dead_letters ORDER BY stream, reason",
     "checkpoints": "SELECT stream, seq, stored_ns, anomalies FROM checkpoints ORDER BY stream",
     "meta": "SELECT * FROM meta ORDER BY key",
+    **{f"{kind}_versions": f"SELECT * FROM {kind}_versions ORDER BY seq" for kind in ("agent", "session", "route",
+                                                                                      "pool", "beat")},
 }
 """Everything a projection holds (checkpoints without their wall-clock commit time)."""
 

@@ -78,6 +78,7 @@ async def test_views_of_the_past(projected: dict[str, object]):
     sessions = json.loads((await ledger("sessions", *past, "--pool", str(p["pool"]))).output)
     assert [(s["state"], s["owner"]) for s in sessions["items"]] == [("pending", None)]
     assert sessions["position"]["ledger_seq"] == p["created"]
+    assert sessions["position"]["source"].startswith("the projection's versions")  # an index, not a replay
     history = json.loads((await ledger("history", "session", str(p["session"]), "--nats-url", str(p["url"]),
                                        "--json")).output)
     assert [e["type"] for e in history["entries"]] == ["session.created", "session.claimed"]
