@@ -17,6 +17,7 @@ from ledger.writer import Writer
 from .follow import Follower
 from .liveness_rules import LivenessSettings
 from .monitor import LivenessMonitor
+from .partition import EVERYTHING, Partition
 from .reactor import Reactor
 from .reclaimer import Reclaimer
 from .retry import BoundedReads
@@ -34,6 +35,8 @@ class ConsumerGroup:
     reclaimer: bool = True
     watchdog: bool = True
     liveness: LivenessSettings = field(default_factory=LivenessSettings)
+    partition: Partition = EVERYTHING
+    """The pools this replica acts on (`consumers.partition`); every replica still folds the whole log."""
     shared: InitVar[Follower | None] = None
     """A follower whose state to act on, run by whoever gave it; None: one of their own, run with them."""
     follower: Follower = field(init=False)
@@ -53,9 +56,10 @@ class ConsumerGroup:
         reads = BoundedReads()
         if self.reclaimer:
             self.parts["reclaimer"] = Reclaimer(self._ledger("reclaimer"), self.follower, policy=self.liveness.policy,
-                                                reads=reads)
+                                                reads=reads, partition=self.partition)
         if self.watchdog:
-            self.parts["watchdog"] = RouteWatchdog(self._ledger("watchdog"), self.follower, reads=reads)
+            self.parts["watchdog"] = RouteWatchdog(self._ledger("watchdog"), self.follower, reads=reads,
+                                                   partition=self.partition)
 
     def _ledger(self, role: str) -> Writer:
         producer = f"{role}-{self.name}" if self.name else role

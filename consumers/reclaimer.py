@@ -37,6 +37,7 @@ from . import reclaim_rules as rules
 from .deadlines import Deadlines
 from .errors import Moved, moved_on_conflict
 from .follow import Follower
+from .partition import EVERYTHING, Partition
 from .reactor import Reactor
 from .retry import Backoff, BoundedReads
 
@@ -51,13 +52,15 @@ MAX_WRITES = 256
 class Reclaimer(Reactor):
     kinds = (AGENT, SESSION, POOL, HEARTBEAT)
 
-    def __init__(self, ledger: Writer, follower: Follower, *, tick: float = 0.5,
+    def __init__(self, ledger: Writer, follower: Follower, *, tick: float = 0.5, partition: Partition = EVERYTHING,
                  policy: HealthPolicy = DEFAULT_POLICY, reads: BoundedReads | None = None) -> None:
         super().__init__(follower, tick=tick)
         self.ledger = ledger
         self.policy = policy
         """Who is healthy enough to take sessions: the liveness monitor's policy (`ConsumerGroup` passes it)."""
         self.reads = reads or BoundedReads()
+        self.partition = partition
+        """The pools whose sessions this replica places (another replica places the rest)."""
         self.backoff = Backoff[str]()
         """Sessions whose write failed: left out of the plans until their retry is due."""
         self._inflight: dict[str, tuple[int, tuple[str, int] | None]] = {}
@@ -209,7 +212,9 @@ class Reclaimer(Reactor):
         self._replan = False
         self.plans += 1
         skip = set(self._inflight) | self.backoff.waiting(t)
-        actions = rules.plan(sessions.values(), self.follower.state.ledger.agents, self._capacities(),
+        part = self.partition
+        mine = sessions.values() if part.everything else (s for s in sessions.values() if part.owns(s.pool))
+        actions = rules.plan(mine, self.follower.state.ledger.agents, self._capacities(),
                              self.follower.state.ledger.pools, skip=skip)
         writes = [a for a in actions if not isinstance(a, rules.Hold)]
         for a in writes:

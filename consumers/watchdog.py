@@ -30,6 +30,7 @@ from projections.state import ROUTE, SESSION, Change
 from .deadlines import Deadlines
 from .errors import Moved, moved_on_conflict
 from .follow import Follower
+from .partition import EVERYTHING, Partition
 from .reactor import Reactor
 from .retry import Backoff, BoundedReads
 from .route_rules import Step, next_check, next_step
@@ -47,10 +48,12 @@ class RouteWatchdog(Reactor):
     kinds = (ROUTE, SESSION)
 
     def __init__(self, ledger: Writer, follower: Follower, *, tick: float = 0.5,
-                 reads: BoundedReads | None = None) -> None:
+                 reads: BoundedReads | None = None, partition: Partition = EVERYTHING) -> None:
         super().__init__(follower, tick=tick)
         self.ledger = ledger
         self.reads = reads or BoundedReads()
+        self.partition = partition
+        """The pools whose routes (by their session's pool) this replica moves."""
         self.backoff = Backoff[str]()
         self._inflight: dict[str, int] = {}
         """route id -> its last sequence when we wrote, until the log shows it moved (or patience ran out)."""
@@ -76,6 +79,14 @@ class RouteWatchdog(Reactor):
             self._noted.update(routes)
         return bool(routes)
 
+    def _mine(self, route: lc.RouteState) -> bool:
+        """Is the route in one of this replica's pools? A route's pool is its session's; one whose session the
+        fold does not know (yet, or any more) falls to the replica of pool "", so exactly one judges it."""
+        if self.partition.everything:
+            return True
+        session = self.follower.state.ledger.sessions.get(route.session_id)
+        return self.partition.owns(session.pool if session is not None else "")
+
     def _forget(self, route_id: str, session_id: str | None) -> None:
         self._due.discard(route_id)
         self._inflight.pop(route_id, None)
@@ -100,7 +111,7 @@ class RouteWatchdog(Reactor):
         due: list[tuple[lc.RouteState, Step]] = []
         for route_id in todo:
             route = state.routes.get(route_id)
-            if route is None or route.state in FINAL:  # ended, or retired from the fold
+            if route is None or route.state in FINAL or not self._mine(route):  # ended, retired, or not ours
                 self._forget(route_id, route.session_id if route is not None else None)
                 continue
             self._of_session.setdefault(route.session_id, set()).add(route_id)

@@ -6,6 +6,7 @@ import asyncio
 
 import click
 
+from consumers.partition import Partition, parse_partition
 from ledger import events as ev
 from ledger import lifecycle as lc
 from ledger.codec import Recorded
@@ -29,37 +30,64 @@ from .liveness import policy_options
 @click.option("--breaker-share", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.5,
               show_default=True, help="Share of a pool dying within --breaker-window that trips its breaker.")
 @click.option("--breaker-window", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True)
+@click.option("--pools", metavar="P1,P2", default=None,
+              help="Act only on these pools' agents, sessions and routes (other replicas take the rest).")
+@click.option("--partition", metavar="I/N", default=None,
+              help="Act only on the pools that hash to slot I of N replicas (0 <= I < N; e.g. 0/3, 1/3, 2/3).")
 @nats_url_option
 @policy_options
 @async_command
 async def consumers_command(monitor: bool, reclaimer: bool, watchdog: bool, name: str, policy: HealthPolicy,
-                            grace: float, breaker_share: float, breaker_window: float, nats_url: str) -> None:
+                            grace: float, breaker_share: float, breaker_window: float, pools: str | None,
+                            partition: str | None, nats_url: str) -> None:
     """Run the liveness monitor, orphan reclaimer and route watchdog until Ctrl-C.
 
     Any number of replicas may run against the same ledger: deaths are
     declared once, and claims and transitions are compare-and-set. The monitor
     and the reclaimer judge agents by the same --suspect-after/--dead-after.
+
+    A fleet larger than one process can serve is split by pool: run N replicas
+    with --partition 0/N ... N-1/N (or name each replica's --pools). Every
+    replica still reads the whole log; each acts on its own pools only.
     """
     from consumers.group import ConsumerGroup
     from consumers.liveness_rules import LivenessSettings  # the CLI is where the packages meet
 
     if not (monitor or reclaimer or watchdog):
         raise click.UsageError("nothing to run: every consumer is switched off")
+    part = _partition(pools, partition)
     liveness = LivenessSettings(policy=policy, grace=grace, breaker_share=breaker_share,
                                 breaker_window=breaker_window)
     stop = stop_signals()
     client_name = f"ledger-consumers{'-' + name if name else ''}"
     async with EventStore.connect(settings_from(nats_url), name=client_name) as store:
         running = ConsumerGroup(store, name=name, monitor=monitor, reclaimer=reclaimer, watchdog=watchdog,
-                            liveness=liveness)
+                                liveness=liveness, partition=part)
         task = asyncio.create_task(running.run())
-        echo(f"running {', '.join(running.parts)} on {redact_url(store.settings.nats_url)} - Ctrl-C to stop")
+        scope = "" if part.everything else f" for {part.describe()}"
+        echo(f"running {', '.join(running.parts)}{scope} on {redact_url(store.settings.nats_url)} - Ctrl-C to stop")
         done, _ = await asyncio.wait({task, asyncio.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
         if task in done:
             task.result()  # a consumer failed: let its error surface
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
     echo("stopped")
+
+
+def _partition(pools: str | None, partition: str | None) -> Partition:
+    """--pools and --partition as one Partition (both: the named pools that also fall on the slot)."""
+    named = None
+    if pools is not None:
+        named = frozenset(p.strip() for p in pools.split(",") if p.strip())
+        if not named:
+            raise click.BadParameter("name at least one pool, e.g. --pools gpu,cpu", param_hint="--pools")
+    replica, replicas = 0, 1
+    if partition is not None:
+        try:
+            replica, replicas = parse_partition(partition)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--partition") from None
+    return Partition(pools=named, replica=replica, replicas=replicas)
 
 
 @click.group("pool")
