@@ -35,8 +35,14 @@ OWNER: Final = "owner"
 """A writer that is an agent owning the session concerned at that point of the log (checked by the fold)."""
 
 
+_RESERVED: Final = frozenset((*SERVICE_ROLES, *OPERATOR_ALIASES))
+_RESERVED_PREFIXES: Final = tuple(f"{name}-" for name in (*SERVICE_ROLES, *OPERATOR_ALIASES))
+
+
 def role_of(producer: str) -> str:
     """The role a producer token names: a service role (its name, or `<name>-<replica>`), else `agent`."""
+    if producer not in _RESERVED and not producer.startswith(_RESERVED_PREFIXES):
+        return AGENT  # the common case in two C calls: the folds ask for every event (a catch-up spent ~3 % here)
     for role in SERVICE_ROLES:
         if producer == role or producer.startswith(role + "-"):
             return role
