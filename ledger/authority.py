@@ -35,13 +35,20 @@ OWNER: Final = "owner"
 """A writer that is an agent owning the session concerned at that point of the log (checked by the fold)."""
 
 
+_NAMED: Final = tuple((name, f"{name}-", role) for name, role in (*((r, r) for r in SERVICE_ROLES),
+                                                                   *((a, OPERATOR) for a in OPERATOR_ALIASES)))
+"""(token, replica prefix, role), in the order roles are tried; built once (the folds ask for every event)."""
+_NAMES: Final = frozenset(name for name, _, _ in _NAMED)
+_PREFIXES: Final = tuple(prefix for _, prefix, _ in _NAMED)
+
+
 def role_of(producer: str) -> str:
     """The role a producer token names: a service role (its name, or `<name>-<replica>`), else `agent`."""
-    for role in SERVICE_ROLES:
-        if producer == role or producer.startswith(role + "-"):
+    if producer not in _NAMES and not producer.startswith(_PREFIXES):
+        return AGENT  # the common case, in two C calls
+    for name, prefix, role in _NAMED:
+        if producer == name or producer.startswith(prefix):
             return role
-    if producer in OPERATOR_ALIASES or any(producer.startswith(a + "-") for a in OPERATOR_ALIASES):
-        return OPERATOR
     return AGENT
 
 
