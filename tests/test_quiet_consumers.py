@@ -152,20 +152,24 @@ async def test_a_failed_route_step_waits_its_backoff_instead_of_the_next_tick(se
         lossy.drop_replies(lambda msg: False)
         appends = counting_async(lossy, "append")
         reads = counting_async(lossy, "history")
+
+        def ours(calls: list[Any]) -> list[Any]:
+            # The shared server's log holds other tests' routes too: the first step judges those once as well.
+            return [args for args in calls if rid in repr(args[:2])]
         watchdog = RouteWatchdog(writer(lossy, "watchdog"), follower)
         assert await watchdog.step(due_at) == []
-        assert len(appends) == 1 and watchdog.writes == 0
-        tried = len(appends) + len(reads)
+        assert len(ours(appends)) == 1 and watchdog.writes == 0
+        tried = len(ours(appends)) + len(ours(reads))
         for tick in range(1, 4):  # the next ticks (inside the first backoff) leave it alone
             assert tick * watchdog.tick < delay(1)
             await watchdog.step(due_at + timedelta(seconds=tick * watchdog.tick))
-        assert len(appends) + len(reads) == tried
+        assert len(ours(appends)) + len(ours(reads)) == tried
         await watchdog.step(due_at + timedelta(seconds=delay(1)))  # the backoff is over: tried again
-        assert len(appends) == 2
+        assert len(ours(appends)) == 2
         await watchdog.step(due_at + timedelta(seconds=delay(1) + watchdog.tick))  # failed again: waits longer
-        assert len(appends) == 2
+        assert len(ours(appends)) == 2
         await watchdog.step(due_at + timedelta(seconds=delay(1) + delay(2)))
-        assert len(appends) == 3
+        assert len(ours(appends)) == 3
     assert watchdog.tick < FIRST_DELAY  # what "not on the next tick" rests on
 
 
