@@ -13,8 +13,9 @@ from __future__ import annotations
 import itertools
 from collections import Counter, defaultdict
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
-from hypothesis import HealthCheck, given
+from hypothesis import HealthCheck, example, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
@@ -29,11 +30,12 @@ from ledger.ids import new_id
 from ledger.store import EventStore
 from ledger.subjects import HEARTBEAT_STREAM, LEDGER_STREAM
 from ledger.writer import Writer
+from projections.health import DEAD, HealthPolicy, assess, turns
 from projections.state import LedgerState
 
 MONITOR = ev.Producer(id="monitor", instance="m")
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
-SETTINGS = rules.LivenessSettings(report_threshold=2, report_window=4.0, grace=0.0, breaker_window=6.0,
+SETTINGS = rules.LivenessSettings(report_threshold=2, report_window=2.0, grace=0.0, breaker_window=6.0,
                                   breaker_min_agents=2)
 DERIVED = ("dead-", "suspect-", "breaker-")
 """The monitor's own event ids; any other is a fresh one (the derived id was taken by other content)."""
@@ -267,8 +269,40 @@ FLEET = st.lists(st.tuples(st.just("register"), st.integers(0, AGENTS - 1), st.i
 HISTORIES = st.tuples(FLEET, st.lists(STEPS, min_size=20, max_size=80)).map(lambda h: [*h[0], *h[1]])
 
 
-@hsettings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+R0 = ("register", 0, 0, 1.0, 4.0)
+FOUND: list[list[tuple[object, ...]]] = [
+    # a report leaving its window makes the suspicion name the next one (no beat or change in between)
+    [("register", 0, 0, 2.0, 10.0), ("report", 0, 0, True), ("tick", 0.5, False), ("report", 0, 1, True),
+     ("report", 0, 2, True), ("tick", 0.5, False), ("tick", 1.2, False)],
+    # a beat after a suspicion: suspect again (another id) once that beat is overdue, not when it is dead
+    [R0, ("beat", 0, "current"), ("tick", 3.0, True), ("fold",), ("beat", 0, "current"), ("tick", 2.0, True),
+     ("tick", 1.0, False), ("tick", 0.5, False)],
+    # shrunk from failures of broken deadlines: a beat is a change; a breaker's last death leaving the window,
+    # an agent of an open pool changing, a check at an earlier moment
+    [R0] * 6 + [("beat", 0, "current")] + [R0] * 8 + [("register", 0, 0, 0.5, 4.0), ("beat", 0, "current"),
+     ("tick", 2.0, False), ("beat", 0, "current"), ("register", 1, 0, 1.0, 4.0), ("retire", 0), ("tick", 1.5, False)],
+    [R0] * 13 + [("register", 0, 0, 1.0, 2.5), ("register", 1, 0, 1.0, 7.0), ("tick", 3.0, False), R0,
+                 ("beat", 1, "current"), R0, R0, ("register", 0, 0, 1.0, 7.0), ("tick", 0.2, True)],
+    [R0, ("register", 0, 1, 1.0, 4.0), ("beat", 0, "current"), ("beat", 0, "current"), ("catch_up",),
+     ("register", 1, 1, 1.0, 2.5), ("tick", 3.0, False), ("fold",), ("restart",), ("beat", 0, "current"),
+     ("earlier", 0.5), ("retire", 0), ("register", 0, 1, 1.0, 4.0), ("beat", 0, "current"), ("beat", 0, "current"),
+     ("earlier", 0.5), ("beat", 0, "current")],
+    [R0, ("register", 1, 0, 1.0, 4.0)] + [R0] * 5 + [("beat", 0, "current"), ("tick", 1.0, False), R0, ("retire", 0),
+     R0, ("beat", 0, "current"), ("tick", 0.2, False), ("beat", 0, "current"), ("beat", 0, "current"),
+     ("tick", 1.0, False), ("tick", 2.0, False), R0, ("earlier", 0.5)],
+]
+"""Histories that once told a broken deadline from the full scan (run on every test run, before the drawn ones)."""
+
+
+def with_found(test: Any) -> Any:
+    for steps in FOUND:
+        test = example(steps=steps)(test)
+    return test
+
+
+@hsettings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(steps=HISTORIES)
+@with_found
 async def test_the_deadline_monitor_writes_what_judging_every_agent_at_every_check_writes(
         store: EventStore, steps: list[tuple[object, ...]]):
     await play(World(store, new_id()[-10:].lower()), steps)
@@ -286,3 +320,28 @@ async def test_the_histories_reach_every_verdict_and_the_breaker(store: EventSto
     wrote = Counter(e.type_tag() for e in world.log)
     assert wrote["agent.suspected"] >= 1 and wrote["agent.declared_dead"] >= 3, wrote
     assert wrote["pool.breaker_tripped"] >= 1 and wrote["pool.breaker_reset"] == 1, wrote
+
+
+def agent_state(registered_at: datetime, interval: float, ttl: float) -> lc.AgentState:
+    return lc.AgentState(agent_id="a1", incarnation=1, instance_id="i", pool="p", platform="default",
+                         region="default", labels={}, capacity=1, heartbeat_interval=interval, ttl=ttl,
+                         registered_at=registered_at, status=lc.A_ALIVE, reason="registered",
+                         status_since=registered_at, status_seq=1)
+
+
+@hsettings(max_examples=500, deadline=None)
+@given(micros=st.integers(0, 10**13), interval=st.floats(1e-3, 1e6), ttl=st.floats(1e-3, 1e8),
+       missed=st.integers(1, 10), dead_after=st.none() | st.floats(1e-3, 1e6), beat=st.booleans())
+def test_turns_says_when_assess_turns_overdue_and_dead_never_later_and_only_microseconds_earlier(
+        micros: int, interval: float, ttl: float, missed: int, dead_after: float | None, beat: bool):
+    since = T0 + timedelta(microseconds=micros)
+    agent = agent_state(since - timedelta(seconds=1) if beat else since, interval, ttl)
+    policy = HealthPolicy(suspect_after_missed=missed, dead_after=dead_after)
+    last = since if beat else None
+    overdue_at, dead_at = turns(agent, last, policy)
+    assert overdue_at is not None and dead_at is not None
+    tick, few = timedelta(microseconds=1), timedelta(microseconds=4)
+    assert not assess(agent, last, overdue_at - tick, policy).overdue
+    assert assess(agent, last, overdue_at + few, policy).overdue
+    assert assess(agent, last, dead_at - tick, policy).health != DEAD
+    assert assess(agent, last, dead_at + few, policy).health == DEAD
