@@ -345,3 +345,35 @@ def test_turns_says_when_assess_turns_overdue_and_dead_never_later_and_only_micr
     assert assess(agent, last, overdue_at + few, policy).overdue
     assert assess(agent, last, dead_at - tick, policy).health != DEAD
     assert assess(agent, last, dead_at + few, policy).health == DEAD
+
+
+async def test_a_check_judges_only_the_agents_that_changed_or_turned(store: EventStore):
+    """1,000 agents beating as they should: once each judged, a check judges none, however many checks; a beat
+    makes its agent judged once; an agent that stops beating is judged when it turns overdue, and only it."""
+    world = World(store, new_id()[-10:].lower())
+    fleet = range(1000)
+    for n in fleet:
+        world.add(ev.AgentRegistered(producer=ev.Producer(id=world.agent(n), instance="i"), agent_id=world.agent(n),
+                                     instance_id="i", pool=f"p-{world.uid}", heartbeat_interval=5.0, ttl=30.0))
+    incarnation = {n: world.state.agents[world.agent(n)].incarnation for n in fleet}
+    for n in fleet:
+        world.add(world.beat(n, incarnation[n]))
+    monitor = world.monitor
+
+    async def judged_at(seconds: float) -> tuple[int, list[ev.Event]]:
+        before = monitor.judged
+        wrote = await monitor.check(T0 + timedelta(seconds=seconds))
+        return monitor.judged - before, wrote
+
+    assert await judged_at(1.0) == (1000, [])  # the first check: everyone once
+    for moment in (1.2, 1.4, 5.0, 9.8):
+        assert await judged_at(moment) == (0, []), moment
+    world.now = T0 + timedelta(seconds=10)
+    for n in fleet[10:]:
+        world.add(world.beat(n, incarnation[n]))
+    assert await judged_at(10.2) == (990, [])
+    assert await judged_at(14.9) == (0, [])
+    judged, wrote = await judged_at(15.1)  # the ten silent since T0 missed 3 beats (5 s apart)
+    assert judged == 10 and sorted(e.entity_id for e in wrote) == sorted(world.agent(n) for n in fleet[:10])
+    assert all(isinstance(e, ev.AgentSuspected) for e in wrote)
+    assert await judged_at(15.3) == (0, [])
