@@ -94,6 +94,9 @@ class LivenessMonitor:
         self._indexed: LedgerState | None = None
         """The state the deadlines and pools were built from: another (resumed) or None (a reconnect): rebuilt."""
         self._checked_at = 0
+        self._quiet: dict[str, int] = {}
+        """agent -> stored time (ns; -1: none) of the beat it was last judged with, when that judgement was quiet:
+        no verdict, no suspicion, no report. A later beat of it need not make it due (see `_beat`)."""
         follower.listen(self._heard)
         ledger.store.add_connection_listener(self._connection)
 
@@ -112,7 +115,7 @@ class LivenessMonitor:
         state = self.follower.state.ledger
         for change in changes:  # what changed is due: judged at the next check
             if change.kind == HEARTBEAT:
-                self._due.set(change.id, NOW)
+                self._beat(change.id)
             elif change.kind == AGENT:
                 self._agent_changed(change.id)
             elif change.kind == POOL:
@@ -137,6 +140,7 @@ class LivenessMonitor:
                 while len(reports) > MAX_REPORTERS:
                     del reports[next(iter(reports))]
                 self._due.set(e.agent_id, NOW)  # (a recalled report comes with no change)
+                self._quiet.pop(e.agent_id, None)
             elif isinstance(e, ev.AgentDeclaredDead) and e.agent_id in agents and lc.writer_problem(e) is None:
                 # (a death only the monitor may declare: one forged by another producer never trips a breaker)
                 deaths = self._deaths[agents[e.agent_id].pool]
@@ -144,8 +148,24 @@ class LivenessMonitor:
                 while len(deaths) > 1000:
                     deaths.popleft()
 
+    def _beat(self, agent_id: str) -> None:
+        """A beat of an agent judged quiet leaves its deadline as it is: the deadline is when that quiet could
+        end (overdue, dead) reckoned from an older beat, so it comes no later than it would from this one, and
+        nothing else a beat changes matters to a verdict of nothing (no suspicion to clear, no report to count).
+        Any other beat - of another incarnation, after a suspicion, with reports - makes the agent due."""
+        judged = self._quiet.get(agent_id)
+        if judged is not None and agent_id in self._due:
+            state = self.follower.state
+            agent, beat = state.ledger.agents.get(agent_id), state.heartbeats.beats.get(agent_id)
+            if agent is not None and beat is not None and beat.incarnation == agent.incarnation and \
+                    beat.stored_ns >= judged:
+                return
+        self._quiet.pop(agent_id, None)
+        self._due.set(agent_id, NOW)
+
     def _agent_changed(self, agent_id: str) -> None:
         self._due.set(agent_id, NOW)
+        self._quiet.pop(agent_id, None)
         agent = self.follower.state.ledger.agents.get(agent_id)
         pool, before = agent.pool if agent is not None else None, self._pool_of.get(agent_id)
         if pool != before:
@@ -183,6 +203,7 @@ class LivenessMonitor:
         """Every live agent due, every open breaker due, the pools indexed: once per state, and after a grace."""
         self._indexed = state
         self._due.clear()
+        self._quiet.clear()
         self._breakers.clear()
         self._members.clear()
         self._pool_of.clear()
@@ -237,6 +258,7 @@ class LivenessMonitor:
         for agent_id in due:
             agent = agents.get(agent_id)
             if agent is None:
+                self._quiet.pop(agent_id, None)
                 continue  # gone from the state: nothing to judge, no deadline kept
             self._flag_unregistered(agent)
             beat = state.current_beat(agent_id)  # a beat of any other incarnation says nothing about this one
@@ -245,6 +267,10 @@ class LivenessMonitor:
             verdict, turns = rules.judgement(agent, last, reports, now, self.settings, self.ledger.producer.id)
             if turns is not None:
                 self._due.set(agent_id, _micros(turns))
+            if verdict is None and agent.suspected_at is None and not reports:
+                self._quiet[agent_id] = beat.stored_ns if beat is not None else -1
+            else:
+                self._quiet.pop(agent_id, None)
             if verdict is not None and verdict.event_id not in self._written:
                 verdicts.append((agent, last, verdict))
         # per pool with a death, the agents that missed their beats: dying together trips the breaker at the first
