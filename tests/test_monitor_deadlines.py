@@ -282,6 +282,9 @@ FOUND: list[list[tuple[object, ...]]] = [
      ("beat", 0, "current"), ("tick", 1.2, False),
      *[step for n in (1, 2, 3, 1) for step in [("beat", 0, "forged"), ("register", n, 1, 1.0, 10.0)]],
      ("tick", 0.5, False), ("tick", 2.0, False)],
+    # half a pool dies, the other half beats: no trip (as many alive as dead is not more than half)
+    [*(("register", n, 0, 1.0, 4.0) for n in range(4)),
+     *[step for _ in range(5) for step in [("beat", 0, "current"), ("beat", 1, "current"), ("tick", 1.0, True)]]],
     # shrunk from failures of broken deadlines: a beat is a change; a breaker's last death leaving the window,
     # an agent of an open pool changing, a check at an earlier moment
     [R0] * 6 + [("beat", 0, "current")] + [R0] * 8 + [("register", 0, 0, 0.5, 4.0), ("beat", 0, "current"),
