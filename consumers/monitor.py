@@ -14,11 +14,13 @@ that would make too much of a pool die at once, it trips the pool's breaker.
 A tick costs what changed, not the fleet: each agent has a deadline, the
 moment its verdict may next be another (`liveness_rules.judgement`), and a
 check judges only the agents due - those whose deadline passed, and those the
-follower said changed (a registration, a beat, a report...). A fleet beating
-as it should is judged about once per `suspect_after_missed` intervals per
-agent, not five times a second; with nothing live, a tick is nothing. The
-pools' breakers likewise: only open ones, when one of their agents changed or
-their last death leaves the window.
+follower said changed (a registration, a report, a beat that may matter...).
+A beat of an agent judged quiet leaves its deadline alone (it can only come
+early), so a fleet beating as it should is judged about once per
+`suspect_after_missed` intervals per agent, not five times a second, and a
+beat costs a few dictionary look-ups; with nothing live, a tick is nothing.
+The pools' breakers likewise: only open ones, when one of their agents
+changed or their last death leaves the window.
 """
 
 from __future__ import annotations
@@ -267,7 +269,7 @@ class LivenessMonitor:
             verdict, turns = rules.judgement(agent, last, reports, now, self.settings, self.ledger.producer.id)
             if turns is not None:
                 self._due.set(agent_id, _micros(turns))
-            if verdict is None and agent.suspected_at is None and not reports:
+            if turns is not None and verdict is None and agent.suspected_at is None and not reports:
                 self._quiet[agent_id] = beat.stored_ns if beat is not None else -1
             else:
                 self._quiet.pop(agent_id, None)
