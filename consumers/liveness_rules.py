@@ -7,6 +7,8 @@
 
 Time is judged by `projections.health.assess` under the settings' `policy`, the one liveness assessment the
 views, the reclaimer and self-claiming agents call too: what the monitor declares is what they show and act on.
+`judgement` also says when the verdict may next be another (`health.turns`, a report leaving its window), so
+the monitor judges an agent when it changes or turns, not on every tick.
 
 Beats, registrations and suspicions are timed by the server's clock (when they
 were stored), so an agent's clock skew - or a forged `time` - does not matter;
@@ -31,7 +33,7 @@ from msgspec.structs import replace
 from ledger import events as ev
 from ledger import lifecycle as lc
 from projections.health import DEAD as HEALTH_DEAD
-from projections.health import HealthPolicy, assess
+from projections.health import HealthPolicy, Liveness, assess, turns
 from projections.timespec import aware
 
 SUSPECT, DEAD = "suspect", "dead"
@@ -76,33 +78,85 @@ class Verdict(msgspec.Struct, frozen=True, kw_only=True):
 def judge(agent: lc.AgentState, beat: LastBeat | None, reports: Sequence[tuple[int, datetime]], now: datetime,
           settings: LivenessSettings, decided_by: str = "") -> Verdict | None:
     """Suspect or dead, with evidence - or None while the agent is fine (or already judged)."""
+    return judgement(agent, beat, reports, now, settings, decided_by)[0]
+
+
+def judgement(agent: lc.AgentState, beat: LastBeat | None, reports: Sequence[tuple[int, datetime]], now: datetime,
+              settings: LivenessSettings, decided_by: str = "") -> tuple[Verdict | None, datetime | None]:
+    """`judge`'s verdict at `now`, and the next moment at which it may be another for this same state.
+
+    None for the moment: time alone will not change it - only a change to the agent, its beat or its reports
+    can. Until that moment the verdict's event id stays what it is at `now`, so judging an agent then and
+    whenever it changes writes what judging it on every tick would (the monitor keeps one deadline per agent).
+    The moments are `health.turns` (overdue, dead) and a report leaving `report_window`.
+    """
     if agent.status not in (lc.A_ALIVE, lc.A_DRAINING):
-        return None
-    live = assess(agent, beat.stored_at if beat else None, now, settings.policy)
-    age, dead_after = live.age, live.dead_after
-    evidence = ev.Evidence(last_heartbeat_at=beat.stored_at if beat else None,
-                           last_heartbeat_seq=beat.seq if beat else None, heartbeat_interval=agent.heartbeat_interval,
-                           suspect_after_missed=settings.policy.suspect_after_missed, dead_after=dead_after,
-                           observed_at=now)
-    since = "a beat" if beat else "registering"
+        return None, None
+    stored = beat.stored_at if beat else None
+    live = assess(agent, stored, now, settings.policy)
     if live.health == HEALTH_DEAD:
-        return Verdict(kind=DEAD, reason=MISSED_HEARTBEATS, event_id=f"dead-{agent.agent_id}-{agent.incarnation}",
-                       evidence=replace(evidence, detail=f"{age:.1f}s since {since}; dead after {dead_after:g}s"
-                                        + (f" (by {decided_by})" if decided_by else "")))
+        return _verdict(DEAD, agent, beat, live, now, settings, decided_by), None  # dead stays dead
+    overdue_at, dead_at = turns(agent, stored, settings.policy)
+    soonest = now + _MICROSECOND  # a turn not reached yet, though `turns` may answer a little early
+    moments = [max(dead_at, soonest)] if dead_at is not None else []
     if live.suspected:
-        return None
+        return None, min(moments, default=None)  # suspected: nothing more until dead (or a beat, a change)
     if live.overdue:
-        return Verdict(kind=SUSPECT, reason=MISSED_HEARTBEATS,
-                       event_id=f"suspect-{agent.agent_id}-{agent.incarnation}-b{beat.seq if beat else 0}",
-                       evidence=replace(evidence, detail=f"{live.missed} heartbeat intervals missed ({age:.1f}s)"))
+        return _verdict(SUSPECT, agent, beat, live, now, settings), min(moments, default=None)
+    if overdue_at is not None:
+        moments.append(max(overdue_at, soonest))
+    recent = _recent(reports, now, settings)
+    if len(recent) < settings.report_threshold:
+        return None, min(moments, default=None)  # fewer reports only, as time passes
+    # the oldest leaving the window makes the verdict name the next one (or no verdict)
+    moments.append(min(_leaves_window(at, settings) for _, at in recent))
+    verdict = Verdict(kind=SUSPECT, reason=UNREACHABLE_REPORTS,
+                      event_id=f"suspect-{agent.agent_id}-{agent.incarnation}-r{recent[0][0]}",
+                      evidence=replace(_evidence(agent, beat, live, now, settings), reports=len(recent),
+                                       report_window=settings.report_window,
+                                       detail=f"{len(recent)} failure reports in {settings.report_window:g}s"))
+    return verdict, min(moments)
+
+
+_MICROSECOND = timedelta(microseconds=1)
+
+
+def _recent(reports: Sequence[tuple[int, datetime]], now: datetime,
+            settings: LivenessSettings) -> list[tuple[int, datetime]]:
     window_start = now - timedelta(seconds=settings.report_window)
-    recent = [(seq, at) for seq, at in reports if aware(at) >= window_start]
-    if len(recent) >= settings.report_threshold:
-        return Verdict(kind=SUSPECT, reason=UNREACHABLE_REPORTS,
-                       event_id=f"suspect-{agent.agent_id}-{agent.incarnation}-r{recent[0][0]}",
-                       evidence=replace(evidence, reports=len(recent), report_window=settings.report_window,
-                                        detail=f"{len(recent)} failure reports in {settings.report_window:g}s"))
-    return None
+    return [(seq, at) for seq, at in reports if aware(at) >= window_start]
+
+
+def _leaves_window(at: datetime, settings: LivenessSettings) -> datetime:
+    """The first moment a report stored `at` is no longer inside `report_window` (as `_recent` reckons)."""
+    return _past(at, settings.report_window)
+
+
+def _past(at: datetime, window: float) -> datetime:
+    """The first moment `at` is before `now - window` (where `now - window <= at` stops holding)."""
+    return aware(at) + timedelta(seconds=window) + _MICROSECOND
+
+
+def _evidence(agent: lc.AgentState, beat: LastBeat | None, live: Liveness, now: datetime,
+              settings: LivenessSettings) -> ev.Evidence:
+    return ev.Evidence(last_heartbeat_at=beat.stored_at if beat else None,
+                       last_heartbeat_seq=beat.seq if beat else None, heartbeat_interval=agent.heartbeat_interval,
+                       suspect_after_missed=settings.policy.suspect_after_missed, dead_after=live.dead_after,
+                       observed_at=now)
+
+
+def _verdict(kind: str, agent: lc.AgentState, beat: LastBeat | None, live: Liveness, now: datetime,
+             settings: LivenessSettings, decided_by: str = "") -> Verdict:
+    """The verdict of missed heartbeats: dead, or suspect (overdue)."""
+    evidence, age = _evidence(agent, beat, live, now, settings), live.age
+    if kind == DEAD:
+        since = "a beat" if beat else "registering"
+        return Verdict(kind=DEAD, reason=MISSED_HEARTBEATS, event_id=f"dead-{agent.agent_id}-{agent.incarnation}",
+                       evidence=replace(evidence, detail=f"{age:.1f}s since {since}; dead after {live.dead_after:g}s"
+                                        + (f" (by {decided_by})" if decided_by else "")))
+    return Verdict(kind=SUSPECT, reason=MISSED_HEARTBEATS,
+                   event_id=f"suspect-{agent.agent_id}-{agent.incarnation}-b{beat.seq if beat else 0}",
+                   evidence=replace(evidence, detail=f"{live.missed} heartbeat intervals missed ({age:.1f}s)"))
 
 
 def overdue(agent: lc.AgentState, beat: LastBeat | None, now: datetime, settings: LivenessSettings) -> bool:
@@ -152,3 +206,11 @@ def breaker_recovered(pool: lc.PoolState, pool_agents: Iterable[lc.AgentState],
     if alive >= needed:
         return f"recovered: {alive} agents alive (needed {needed}), no death for {settings.breaker_window:g}s"
     return None
+
+
+def breaker_quiet_from(deaths: Iterable[tuple[str, datetime]], settings: LivenessSettings) -> datetime | None:
+    """The first moment no death of `deaths` is inside `breaker_window` any more (None: there are none).
+
+    Until then `breaker_recovered` says None whatever the agents do; after it, only its agents' states count.
+    """
+    return max((_past(at, settings.breaker_window) for _, at in deaths), default=None)

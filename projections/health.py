@@ -20,7 +20,7 @@ LEDGER_DEAD_AFTER). Each answer of `agent_health` comes with the rule that made 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import msgspec
 
@@ -98,7 +98,7 @@ def assess(agent: AgentState, last_beat: datetime | None, now: datetime, policy:
     """
     since = last_beat if last_beat is not None else agent.registered_at
     age = seconds_between(since, now)
-    dead_after = policy.dead_after if policy.dead_after is not None else agent.ttl
+    dead_after = _dead_after(agent, policy)
     interval = agent.heartbeat_interval
     missed = int(age // interval) if interval > 0 else 0
     suspected = agent.suspected_at is not None and (last_beat is None or aware(last_beat) <= aware(agent.suspected_at))
@@ -106,6 +106,36 @@ def assess(agent: AgentState, last_beat: datetime | None, now: datetime, policy:
     health = DEAD if age > dead_after else SUSPECT if suspected or overdue else ALIVE
     return Liveness(health=health, age=age, since_beat=last_beat is not None, missed=missed, overdue=overdue,
                     suspected=suspected, dead_after=dead_after)
+
+
+def turns(agent: AgentState, last_beat: datetime | None, policy: HealthPolicy = DEFAULT_POLICY
+          ) -> tuple[datetime | None, datetime | None]:
+    """When time alone turns `assess`'s answer for this state: (overdue from, DEAD from); None: never.
+
+    Reckoned as `assess` reckons (from the newest beat, else the registration). Never later than the turn, and
+    a few microseconds earlier at most (the clock counts microseconds, the bounds are floats): a caller that
+    looks at one of these moments and finds the answer not turned yet looks again just after. So a consumer can
+    wake when an agent turns instead of assessing every agent on every tick, and still agree with every view.
+    """
+    since = aware(last_beat if last_beat is not None else agent.registered_at)
+    interval = agent.heartbeat_interval
+    return (_after(since, interval * policy.suspect_after_missed) if interval > 0 else None,
+            _after(since, _dead_after(agent, policy)))
+
+
+TURN_SLACK = timedelta(microseconds=2)
+"""How early `turns` answers: more than rounding a float of seconds to microseconds can move a moment."""
+
+
+def _after(since: datetime, seconds: float) -> datetime | None:
+    try:
+        return since + timedelta(seconds=seconds) - TURN_SLACK
+    except OverflowError:  # beyond the calendar: never
+        return None
+
+
+def _dead_after(agent: AgentState, policy: HealthPolicy) -> float:
+    return policy.dead_after if policy.dead_after is not None else agent.ttl
 
 
 def seconds_between(earlier: datetime, later: datetime) -> float:
