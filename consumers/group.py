@@ -50,7 +50,8 @@ class ConsumerGroup:
             shared = self._own_follower = Follower(self.store)
         self.follower = shared
         if self.monitor:
-            self.parts["monitor"] = LivenessMonitor(self._ledger("monitor"), self.follower, self.liveness)
+            self.parts["monitor"] = LivenessMonitor(self._ledger("monitor"), self.follower, self.liveness,
+                                                    partition=self.partition)
         # The reclaimer's and the watchdog's history reads (only when a compare-and-set on the fold lost) share one
         # bound: they go over the monitor's connection, whose reads before a death must not wait behind thousands.
         reads = BoundedReads()

@@ -45,6 +45,7 @@ from projections.timespec import aware
 from . import liveness_rules as rules
 from .deadlines import Deadlines
 from .follow import Follower, Item
+from .partition import EVERYTHING, Partition
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +66,13 @@ def _micros(when: datetime) -> int:
 
 class LivenessMonitor:
     def __init__(self, ledger: Writer, follower: Follower, settings: rules.LivenessSettings | None = None, *,
-                 tick: float = 0.2) -> None:
+                 tick: float = 0.2, partition: Partition = EVERYTHING) -> None:
         self.ledger = ledger
         self.follower = follower
         self.settings = settings or rules.LivenessSettings()
         self.tick = tick
+        self.partition = partition
+        """The pools whose agents (and breakers) this replica judges; another replica judges the rest."""
         self.grace_until = time.monotonic() + self.settings.grace
         self.grace_reason = "starting"
         self.writes = 0
@@ -259,9 +262,9 @@ class LivenessMonitor:
         verdicts = []
         for agent_id in due:
             agent = agents.get(agent_id)
-            if agent is None:
+            if agent is None or not self.partition.owns(agent.pool):
                 self._quiet.pop(agent_id, None)
-                continue  # gone from the state: nothing to judge, no deadline kept
+                continue  # gone from the state, or another replica's pool: nothing to judge, no deadline kept
             self._flag_unregistered(agent)
             beat = state.current_beat(agent_id)  # a beat of any other incarnation says nothing about this one
             last = rules.LastBeat(beat.seq, from_ns(beat.stored_ns)) if beat is not None else None
@@ -390,7 +393,7 @@ class LivenessMonitor:
         try:
             for name in due:
                 pool = pools.get(name)
-                if pool is not None and pool.breaker_open:
+                if pool is not None and pool.breaker_open and self.partition.owns(name):
                     deaths = list(self._deaths.get(name, ()))
                     why = rules.breaker_recovered(pool, self._members_of(name), deaths, now, self.settings)
                     event_id = f"breaker-reset-{name}-{pool.trips}"

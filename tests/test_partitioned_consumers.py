@@ -8,6 +8,7 @@ from datetime import timedelta
 from histories import CLI, WATCHDOG, Builder
 
 from consumers.follow import Follower
+from consumers.monitor import LivenessMonitor
 from consumers.partition import Partition, pool_slot
 from consumers.reclaim_rules import ClaimFor
 from consumers.reclaimer import Reclaimer
@@ -97,3 +98,21 @@ async def test_named_pools_leave_the_others_alone(store: EventStore, uid: str):
     everything = Reclaimer(writer(store, "reclaimer"), Follower(store, b.model))
     assert {a.session_id for a in await everything.step(b.now()) if isinstance(a, ClaimFor)} == (
         sessions[first] | sessions[second])
+
+
+async def test_monitor_replicas_each_judge_only_their_pools_agents(store: EventStore, uid: str):
+    b = Builder()
+    first, second = two_pools(uid)
+    for pool in (first, second):
+        for i in range(3):
+            agent_id = f"{pool}-quiet{i}"
+            b.add(ev.AgentRegistered(producer=ev.Producer(id=agent_id, instance="i"), agent_id=agent_id,
+                                     instance_id="i", pool=pool, capacity=1, heartbeat_interval=5.0, ttl=600.0))
+    now = b.now() + timedelta(seconds=60)  # no beat for 12 intervals: every agent is suspect (dead only after 600 s)
+    suspected: dict[int, set[str]] = {}
+    for replica in (0, 1):
+        monitor = LivenessMonitor(writer(store, f"monitor-{uid}-{replica}"), Follower(store, b.model),
+                                  partition=Partition(replica=replica, replicas=2))
+        suspected[replica] = {e.agent_id for e in await monitor.check(now) if isinstance(e, ev.AgentSuspected)}
+    for pool in (first, second):
+        assert suspected[pool_slot(pool, 2)] == {f"{pool}-quiet{i}" for i in range(3)}
