@@ -64,6 +64,7 @@ class Uncommitted:
         for gone in change.retired:
             if gone.id in self.dirty[gone.kind]:
                 self.retired[gone.kind][gone.id] = gone.final
+                self.noted.append((gone.kind, gone.id, versions.RETIRED, gone.final))
 
     def batch(self, state: LedgerState, plan: snapshots.Plan | None = None, now_ns: int | None = None) -> Batch:
         """Everything to commit for these changes, as of `state` now; `plan` adds any snapshot that is due."""

@@ -30,7 +30,11 @@ VERSIONED = (AGENT, SESSION, ROUTE, POOL, HEARTBEAT)
 
 Noted = tuple[str, str, int, Any]
 """One applied change as the projector notes it: (kind, id, seq, the state before it - None if it created the
-entity). A plain tuple: one is made per event folded."""
+entity). A plain tuple: one is made per event folded. A retirement is noted too, as (kind, id, RETIRED, its
+final state): a change after it (a re-creation) has no state before, yet the version before it ended as that."""
+
+RETIRED = -1
+"""The seq of a noted retirement (no version of its own)."""
 
 
 Version = tuple[int, bool, Any]
@@ -47,6 +51,9 @@ def versions(noted: Sequence[Noted], committed: Mapping[str, Mapping[str, Any]])
     """Per kind, id -> the state before the entity's next change (walking back from the last one)."""
     for kind, id_, seq, before in reversed(noted):
         after = later[kind]
+        if seq == RETIRED:
+            after[id_] = before
+            continue
         state = after.get(id_, _MISSING)
         if state is _MISSING:
             state = committed[kind].get(id_)
