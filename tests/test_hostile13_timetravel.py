@@ -1,0 +1,97 @@
+"""Hostile cases for time travel on version rows (issue 13): #0, a sequence in the middle of a commit, pages with
+`after` (an id that exists and one that does not) and offsets on past views, and a projection whose retention
+is 0 - every answer from the index must equal the replay's, on a real nats-server and a real SQLite file."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from test_time_travel_views import CLI, INDEXED, everything, fleet, me, project
+
+from ledger import events as ev
+from ledger.settings import Settings
+from ledger.store import EventStore
+from ledger.subjects import LEDGER_STREAM
+from ledgerctl.server import EmbeddedServer
+from projections.errors import InvalidQuery
+from projections.projector import Projector
+from projections.query import Query
+from projections.settings import ProjectionSettings
+from projections.timetravel import state_as_of
+
+
+@pytest.fixture
+async def store(fresh_server: EmbeddedServer) -> AsyncIterator[EventStore]:
+    async with EventStore.connect(Settings(nats_url=fresh_server.url), ensure=True) as s:
+        yield s
+
+
+def plain(page: Any) -> Any:
+    out = msgspec.to_builtins(page)
+    out["position"].pop("source")
+    return out
+
+
+async def test_pages_of_the_past_equal_the_replay_s_pages(store: EventStore, tmp_path: Path):
+    await project(store, tmp_path / "p.sqlite3")
+    end = await store.last_seq(LEDGER_STREAM)
+    replayed = Query(None, store)
+    async with Query.open(tmp_path / "p.sqlite3", store) as indexed:
+        for moment in (1, end // 2, end):
+            for paging in ({"limit": 1}, {"limit": 2, "offset": 1}, {"after": "s0"}, {"after": "s0", "limit": 1},
+                           {"after": "zzz-no-such-id"}, {"after": ""}, {"after": "s"}, {"offset": 10_000}):
+                for view in ("sessions", "routes", "agents"):
+                    kw = dict(paging)
+                    if view != "sessions" and "after" in kw:
+                        kw["after"] = str(kw["after"]).replace("s", {"routes": "r", "agents": "a"}[view])
+                    page = await getattr(indexed, view)(as_of=moment, **kw)
+                    assert page.position.source.startswith(INDEXED)
+                    assert plain(page) == plain(await getattr(replayed, view)(as_of=moment, **kw)), (view, moment, kw)
+
+
+async def test_seq_zero_and_a_seq_inside_one_commit_equal_the_replay(store: EventStore, tmp_path: Path):
+    db = tmp_path / "p.sqlite3"
+    await fleet(store)  # all written before the projector starts: its catch-up commits them in one batch
+    async with Projector(store, ProjectionSettings(db=str(db))) as projector:
+        await projector.wait_for(await store.last_seq(LEDGER_STREAM), timeout=20)
+    end = await store.last_seq(LEDGER_STREAM)
+    replayed = Query(None, store)
+    async with Query.open(db, store) as indexed:
+        zero = await indexed.sessions(as_of=0)
+        assert zero.items == [] and zero.total == 0
+        for seq in range(1, end + 1):
+            for view in ("sessions", "routes"):
+                got = await getattr(indexed, view)(as_of=seq)
+                assert got.position.source.startswith(INDEXED), seq
+                assert plain(got) == plain(await getattr(replayed, view)(as_of=seq)), (view, seq)
+        with pytest.raises(InvalidQuery):
+            await indexed.sessions(as_of=end + 1)
+        with pytest.raises(InvalidQuery):
+            await indexed.sessions(as_of=2**70)  # past what SQLite can bind: the stream's end says no first
+
+
+@pytest.mark.xfail(strict=True, reason="the replay (state_as_of) starts from a snapshot of the fold, which has "
+                   "retired terminated entities (retain), and replays with the snapshot's retain; the version rows "
+                   "keep them. With retain=0 a session terminated before the moment is in the index's view of the "
+                   "past and missing from the replay's. Fix: make the replay keep retired entities (replay with an "
+                   "infinite retain and fill retired rows from the file), or drop retired ones from as-of reads.")
+async def test_a_past_view_with_retirement_equals_the_replay(store: EventStore, tmp_path: Path):
+    db = tmp_path / "p.sqlite3"
+    settings = ProjectionSettings(db=str(db), retain=0, snapshot_every=1, snapshot_recent=2)
+    async with Projector(store, settings) as projector:
+        await projector.ready(timeout=20)
+        await store.append(ev.AgentRegistered(producer=me("a1"), agent_id="a1", instance_id="i", pool="p"))
+        await store.append(ev.SessionCreated(producer=CLI, session_id="s1", pool="p"))
+        await store.append(ev.SessionTerminated(producer=CLI, session_id="s1", token=None))
+        last = await store.append(ev.SessionCreated(producer=CLI, session_id="s2", pool="p"))
+        await projector.wait_for(last, timeout=20)
+    async with Query.open(db, store) as indexed:
+        assert indexed.db is not None
+        from_index = {s.session_id: s.state for s in (await indexed.sessions(as_of=last)).items}
+        rebuilt = await state_as_of(store, indexed.db, seq=last)  # the replay past the file: from its snapshots
+    assert from_index == {"s1": "terminated", "s2": "pending"}
+    assert {k: s.status for k, s in rebuilt.state.ledger.sessions.items()} == from_index
