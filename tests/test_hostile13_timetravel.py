@@ -10,7 +10,7 @@ from typing import Any
 
 import msgspec
 import pytest
-from test_time_travel_views import CLI, INDEXED, everything, fleet, me, project
+from test_time_travel_views import CLI, INDEXED, fleet, me, project
 
 from ledger import events as ev
 from ledger.settings import Settings
