@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from histories import CLI, WATCHDOG, Builder
 
 from consumers.follow import Follower
+from consumers.monitor import LivenessMonitor
 from consumers.partition import Partition, pool_slot
 from consumers.reclaim_rules import ClaimFor
 from consumers.reclaimer import Reclaimer
@@ -123,3 +124,24 @@ async def test_overlapping_replicas_claim_a_session_once(store: EventStore, uid:
     history = await store.history("session", sid)
     claimed = [i for i in history if isinstance(getattr(i, "event", None), ev.SessionClaimed)]
     assert len(claimed) == 1  # ... one claim is in the log
+
+
+async def test_overlapping_monitor_replicas_suspect_an_agent_once(store: EventStore, uid: str):
+    """Two monitors owning one pool (named on one, by hash slot on the other) judge the same silence: the
+    verdict's id is derived from its evidence, so the log holds one suspicion."""
+    pool, agent_id = f"{uid}-pool", f"{uid}-quiet"
+    me = ev.Producer(id=agent_id, instance="i")
+    await Writer(store, me).append(ev.AgentRegistered(producer=me, agent_id=agent_id, instance_id="i", pool=pool,
+                                                      capacity=1, heartbeat_interval=5.0, ttl=600.0))
+    state = LedgerState()
+    items = await store.history("agent", agent_id)
+    for item in items:
+        state.apply(item)
+    now = from_ns(items[-1].timestamp_ns) + timedelta(seconds=60)  # 12 intervals without a beat: suspect
+    monitors = [LivenessMonitor(writer(store, f"monitor-{uid}-{n}"), Follower(store, state), partition=part)
+                for n, part in enumerate((Partition(pools=frozenset({pool})),
+                                          Partition(replica=pool_slot(pool, 3), replicas=3)))]
+    verdicts = await asyncio.gather(*(m.check(now) for m in monitors))
+    assert all(any(isinstance(e, ev.AgentSuspected) for e in found) for found in verdicts)  # both judged ...
+    suspected = [i for i in await store.history("agent", agent_id) if isinstance(i.event, ev.AgentSuspected)]
+    assert len(suspected) == 1  # ... one suspicion in the log
