@@ -180,12 +180,6 @@ async def test_a_route_whose_session_retires_as_it_ends_is_ended_by_a_watchdog_o
     assert await ended_by(store, uid, (Partition(),)) == [{f"{uid}-r"}]
 
 
-@pytest.mark.xfail(strict=True, reason="a session retired in the same item that ended it (retain 0, or a watchdog "
-                   "lagging retain behind) leaves its live route sessionless: the replica of the session's pool "
-                   "drops it (now pool ''), and the replica of '' is never told (changed() only wakes routes of "
-                   "sessions it knows), so nobody ends the route until a replica restarts. Fix: decide a route's "
-                   "pool once (remember it in _of_session / the route's last known pool) or let the watchdog "
-                   "judge a route whose session was retired in this change before dropping it")
 async def test_a_route_whose_session_retires_as_it_ends_is_ended_by_one_hash_replica(store: EventStore, uid: str):
     tried = await ended_by(store, uid, (Partition(replica=0, replicas=2), Partition(replica=1, replicas=2)))
     assert sorted(len(t) for t in tried) == [0, 1]  # one replica ends the route
