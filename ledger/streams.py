@@ -195,6 +195,11 @@ async def ensure_streams(jsm: JetStreamManager, settings: Settings) -> list[Stre
         else:
             keep_existing(spec, info.config, settings)
             diff = differences(spec, info.config)
+            if (spec.num_replicas or 1) > 1 and info.config.persist_mode == PersistMode.ASYNC:
+                raise StreamMismatch(
+                    f"stream {name} was made for a single node (persist_mode async), which JetStream can neither "
+                    f"replicate nor change: remove it (`nats stream rm {name}`: the agents' next beats refill it, "
+                    "and projections rebuild) and run `ledger init` again")
             fixed = {k: v for k, v in diff.items() if k in IMMUTABLE}
             if fixed:
                 what = ", ".join(f"{k}={found!r} (want {want!r})" for k, (want, found) in fixed.items())
