@@ -13,7 +13,7 @@ held where they are (goodbyes, which are deliberate, still move at once).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from datetime import datetime, timedelta
+from datetime import UTC, datetime
 
 import msgspec
 
@@ -21,7 +21,7 @@ from ledger import lifecycle as lc
 from ledger.decide import AgentRef
 from projections.beats import Beat, of_incarnation
 from projections.health import ALIVE, DEFAULT_POLICY, HealthPolicy, agent_health, beat_time
-from projections.timespec import aware
+from projections.health import turns as health_turns
 
 OWNER_GONE, OWNER_DEAD, OWNER_FENCED = lc.OWNER_GONE, lc.OWNER_DEAD, lc.OWNER_FENCED
 OWNER_SUPERSEDED, OWNER_UNKNOWN, OWNER_DRAINING = lc.OWNER_SUPERSEDED, lc.OWNER_UNKNOWN, lc.OWNER_DRAINING
@@ -91,17 +91,17 @@ def ineligible(agent: lc.AgentState | None, beat: Beat | None, now: datetime, *,
 def eligible_until(agent: lc.AgentState, beat: Beat | None, policy: HealthPolicy = DEFAULT_POLICY) -> datetime:
     """For an agent `ineligible` passes now: the moment after which its silence alone (no new event) makes it
     ineligible - suspect once `suspect_after_missed` intervals passed since its newest beat (or registration),
-    dead after `dead_after` - whichever comes first. These are the bounds `projections.health.assess` compares
-    the age against; the reclaimer judges the agent again (with `ineligible`) only then, or when it changes.
+    dead after `dead_after` - whichever comes first: `projections.health.turns`, the moments `assess` itself
+    turns (the monitor wakes by them too); the reclaimer judges the agent again (with `ineligible`) only then,
+    or when it changes.
     """
-    # TODO(issue 13): one "when does the verdict change" function beside `assess` in projections/health.py
-    # (another helper adds one for the monitor); this one should become a call to it.
     own = of_incarnation(beat, agent.incarnation)
-    since = beat_time(own) if own is not None else agent.registered_at
-    bound = policy.dead_after if policy.dead_after is not None else agent.ttl
-    if agent.heartbeat_interval > 0:
-        bound = min(bound, agent.heartbeat_interval * policy.suspect_after_missed)
-    return aware(since) + timedelta(seconds=bound)
+    turns = [t for t in health_turns(agent, beat_time(own) if own is not None else None, policy) if t is not None]
+    return min(turns) if turns else NEVER
+
+
+NEVER = datetime.max.replace(tzinfo=UTC)
+"""An agent that no silence makes ineligible (no heartbeat interval and a ttl beyond the calendar)."""
 
 
 class Capacity(msgspec.Struct):
