@@ -209,7 +209,7 @@ async def test_readyz_is_503_until_the_projector_has_caught_up_and_healthz_is_al
 FAMILIES = {"ledger_stream_last_seq", "ledger_stream_applied_seq", "ledger_projected_seq", "ledger_projection_lag",
             "ledger_dead_letters", "ledger_anomalies", "ledger_agents", "ledger_sessions", "ledger_orphaned_sessions",
             "ledger_pool_breaker_open", "ledger_pool_breaker_trips", "ledger_consumer_writes",
-            "ledger_events_applied", "ledger_failover_latency_seconds"}
+            "ledger_consumer_judged", "ledger_events_applied", "ledger_failover_latency_seconds"}
 
 
 async def test_metrics_parse_as_prometheus_text_and_time_a_failover(server: EmbeddedServer, tmp_path: Path):

@@ -36,6 +36,10 @@ FAILOVER_BUCKETS = (0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 
 """Seconds: a failover waits out a ttl (seconds) and a grace; minutes means something is wrong."""
 
 
+JUDGED = ("judged", "assessed", "looked")
+"""The counter of entities judged, as each consumer names it (monitor, reclaimer, watchdog)."""
+
+
 @dataclass
 class ScrapeFacts:
     """What a scrape needs that is read asynchronously (NATS, SQLite) just before it."""
@@ -165,3 +169,13 @@ class LedgerCollector(Collector):
             if isinstance(count, int):
                 writes.add_metric([role], count)
         yield writes
+
+        # What each consumer looked at: it grows with change, not with the fleet (a quiet fleet adds nothing).
+        judged = CounterMetricFamily("ledger_consumer_judged", "Entities each consumer of this process judged "
+                                     "(the monitor's agents, the reclaimer's agents, the watchdog's routes)",
+                                     labels=["consumer"])
+        for role, part in sorted(self.consumers.items()):
+            count = next((c for c in (getattr(part, name, None) for name in JUDGED) if isinstance(c, int)), None)
+            if count is not None:
+                judged.add_metric([role], count)
+        yield judged
