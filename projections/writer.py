@@ -75,7 +75,7 @@ class ProjectionWriter(ProjectionReads):
             for kind, versions in b.versions.items():
                 for chunk in rows.version_chunks(versions):
                     await c.execute(rows.INSERT_VERSIONS[kind], chunk)
-            if b.prune_beats_below:
+            if b.prune_beats_below > 1:  # below #1 nothing goes, and nothing is noted (a rebuild would not note it)
                 await c.execute(rows.PRUNE_BEAT_VERSIONS, {"below": b.prune_beats_below})
                 await c.execute(rows.NOTE_BEATS_FROM, {"below": b.prune_beats_below})
             for snapshot in packed:
