@@ -48,6 +48,7 @@ from .filelock import FileLock
 from .follow import Follower
 from .settings import ProjectionSettings
 from .state import STREAMS, Change, HeartbeatState, LedgerState, LifecycleState
+from .stored import last_stored_by
 from .uncommitted import Uncommitted
 
 log = logging.getLogger(__name__)
@@ -305,11 +306,23 @@ class Projector:
     async def _publish_and_commit(self, dead: list[Unreadable], batch: Batch) -> None:
         for item in dead:  # before the commit that moves the checkpoint past them
             await deadletters.publish(self.store, item, consumer=self.name)
-        if any(row[0] == HEARTBEAT_STREAM for row in batch.snapshots):  # now and then: beat versions past retention go
-            with contextlib.suppress(StoreError):  # no answer now: a later snapshot prunes them
-                batch = batch._replace(prune_beats_below=(await self.store.stream_facts(HEARTBEAT_STREAM)).first_seq)
+        for stream, seq, stored_ns, *_ in batch.snapshots:  # now and then: beat versions past the kept history go
+            if stream == HEARTBEAT_STREAM:
+                with contextlib.suppress(StoreError):  # no answer now: a later snapshot prunes them
+                    batch = batch._replace(prune_beats_below=await self._beats_kept_from(seq, stored_ns))
         assert self.db is not None
         await self.db.commit(batch)
+
+    async def _beats_kept_from(self, seq: int, stored_ns: int) -> int:
+        """The first LEDGER_HB sequence whose beat versions stay: the last beat stored `beat_history` seconds
+        before the newest committed one (#`seq`, stored at `stored_ns`), or the stream's first kept one if later.
+        Pruned at heartbeat snapshots, not at every commit: the DELETE reads every row below the boundary (one per
+        agent once pruned), and a view of an older moment replays from a heartbeat snapshot anyway."""
+        facts = await self.store.stream_facts(HEARTBEAT_STREAM)
+        boundary_ns = stored_ns - int(self.settings.beat_history * 1e9)
+        at, _ = await last_stored_by(self.store, HEARTBEAT_STREAM, boundary_ns, facts.first_seq,
+                                     min(seq, facts.last_seq))
+        return max(facts.first_seq, at)
 
     def _note_caught_up(self) -> None:
         if not self.caught_up.is_set() and all(self.committed[s] >= self.targets[s] for s in STREAMS):

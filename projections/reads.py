@@ -148,8 +148,14 @@ class ProjectionReads:
             (stream, arg)))
         return SnapshotRow(*found[0]) if found else None
 
+    async def beats_from(self) -> int:
+        """The first LEDGER_HB sequence `beats_as_of` answers exactly (older beat versions are pruned; 0: none)."""
+        value = await self.meta(rows.BEATS_FROM)
+        return int(value) if value is not None else 0
+
     async def beats_as_of(self, hb_seq: int, ids: Iterable[str]) -> dict[str, Beat]:
-        """The kept beats of these agents as of LEDGER_HB #`hb_seq` (agents without any are left out)."""
+        """The kept beats of these agents as of LEDGER_HB #`hb_seq` (agents without any are left out), for
+        `hb_seq` at or after `beats_from()`."""
         found = await self.conn.execute_fetchall(_BEATS_AS_OF, {"n": hb_seq, "ids": rows.ids(ids)})
         return {b.agent_id: b for b in (rows.beat_of(r[0]) for r in found if r[0] is not None)}
 

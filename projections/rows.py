@@ -101,12 +101,20 @@ INSERT OR REPLACE INTO beat_versions (seq, agent_id, doc)
 SELECT CAST(key AS INTEGER), json_extract(value, '$.agent_id'), value FROM json_each(CAST(:versions AS TEXT))
 WHERE :firsts IS NOT NULL
 """
-# Beat versions no moment the stream still holds can need: superseded at or before its first kept sequence
-# (:below), so every LEDGER_HB sequence from :below on still finds each agent's beats.
+# Beat versions no indexed moment can need: superseded at or before :below (the first sequence of the kept beat
+# history: `ProjectionSettings.beat_history`, or the stream's first kept one if later), so every LEDGER_HB
+# sequence from :below on still finds each agent's beats. Earlier ones are replayed (projections.timetravel).
+# A range of the rowid, then one seek each on (agent_id, seq): what is left below :below is one row per agent.
 PRUNE_BEAT_VERSIONS = """
 DELETE FROM beat_versions WHERE seq < :below AND EXISTS (
     SELECT 1 FROM beat_versions AS newer
     WHERE newer.agent_id = beat_versions.agent_id AND newer.seq > beat_versions.seq AND newer.seq <= :below)
+"""
+BEATS_FROM = "beats_from"
+"""The meta key of the first LEDGER_HB sequence the beat versions answer exactly (0 or missing: every one)."""
+NOTE_BEATS_FROM = f"""
+INSERT INTO meta VALUES ('{BEATS_FROM}', :below)
+ON CONFLICT (key) DO UPDATE SET value = max(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER))
 """
 
 CHUNK = 500

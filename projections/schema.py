@@ -160,8 +160,9 @@ CREATE TABLE pool_versions (
 CREATE INDEX pool_versions_by_id ON pool_versions (pool, seq);
 CREATE INDEX pool_versions_first ON pool_versions (seq) WHERE first = 1;
 
--- Each agent's kept beats after each LEDGER_HB sequence that touched them. Versions older than the stream's
--- retention are pruned down to the one each agent had at its start (older moments use the snapshots).
+-- Each agent's kept beats after each LEDGER_HB sequence that touched them. Versions older than the kept beat
+-- history (ProjectionSettings.beat_history) are pruned down to the one each agent had at its boundary, noted in
+-- meta as beats_from (older moments replay from the heartbeat snapshots).
 CREATE TABLE beat_versions (
     seq      INTEGER PRIMARY KEY,
     agent_id TEXT NOT NULL,

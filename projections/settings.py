@@ -47,6 +47,11 @@ class ProjectionSettings(msgspec.Struct, frozen=True, kw_only=True):
     """Seconds of log time a terminated session or route, or a gone, dead or fenced agent, stays in the in-memory
     fold (and its snapshots) before it is retired; its row stays in the file (projections.state). Every process
     folding the same log should use the same value: it decides which late events find their entity."""
+    beat_history: float = 3600.0
+    """Seconds of heartbeat history (server time, before the newest committed beat) kept as version rows in the
+    file, so views of those moments are indexed reads. Older beat versions are pruned at each heartbeat snapshot,
+    down to each agent's beat at the boundary; a view of an older moment replays the heartbeat stream from the
+    nearest heartbeat snapshot instead (slower, same answer). A row per beat: this bounds the file."""
 
     def __post_init__(self) -> None:
         if self.commit_interval <= 0:
@@ -56,6 +61,8 @@ class ProjectionSettings(msgspec.Struct, frozen=True, kw_only=True):
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not self.retain >= 0 or self.retain == float("inf"):
             raise ConfigError(f"retain must be 0 or more seconds, got {self.retain}")
+        if not self.beat_history >= 0 or self.beat_history == float("inf"):
+            raise ConfigError(f"beat_history must be 0 or more seconds, got {self.beat_history}")
         if self.snapshot_every < 0:
             raise ConfigError(f"snapshot_every must be 0 (never) or positive, got {self.snapshot_every}")
         if not self.db:

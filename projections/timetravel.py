@@ -12,9 +12,12 @@ Two ways to the same answer:
   grows with the entities, not with the history. A moment is mapped to each
   stream's last sequence stored at or before it by bisection on the stream's
   stored times (a few direct gets). Beats come from the beat versions while
-  the heartbeat stream still holds the moment; before its retention, from the
-  newest heartbeat snapshot at or before the moment alone (what a replay
-  would find then too: the stream has nothing left to replay).
+  the moment lies within the file's kept beat history
+  (`ProjectionSettings.beat_history`, pruned at heartbeat snapshots: the file
+  notes from which sequence on its beats answer, `beats_from`); for an older
+  moment, from `beats_as_of_cut`, the one rule a replay uses too: the newest
+  heartbeat snapshot at or before it, then what the stream still holds up to
+  it (nothing, before the stream's retention).
 - `state_as_of` (no file, or a moment past what the file has committed): the
   nearest snapshot of each stream, then a replay of the rest from JetStream.
 """
@@ -27,7 +30,7 @@ from typing import NamedTuple
 
 from ledger.codec import from_ns, to_ns
 from ledger.lifecycle import AgentState
-from ledger.store import EventStore
+from ledger.store import EventStore, StreamFacts
 from ledger.subjects import HEARTBEAT_STREAM, LEDGER_STREAM
 
 from . import snapshots
@@ -36,6 +39,9 @@ from .db import ProjectionDB
 from .errors import InvalidQuery
 from .projector import FILTERS
 from .state import AnomalyRecord, HeartbeatState, LedgerState, LifecycleState
+from .stored import last_stored_by
+
+__all__ = ["Beats", "Past", "Rebuilt", "beats_as_of_cut", "last_stored_by", "past_as_of", "state_as_of"]
 
 
 class Rebuilt(NamedTuple):
@@ -65,6 +71,46 @@ async def _replay_into(store: EventStore, part: LifecycleState | HeartbeatState,
     return n, anomalies
 
 
+class Beats(NamedTuple):
+    """The heartbeat fold as of a cut, rebuilt: the nearest heartbeat snapshot at or before it, then a replay of
+    what the stream still holds up to it."""
+
+    state: HeartbeatState
+    snapshot: int
+    """The snapshot it started from (0: none)."""
+    replayed: int
+    anomalies: list[AnomalyRecord]
+    beats_known: bool
+    notes: list[str]
+    lost: bool
+    """Replayed, though the stream no longer holds beats between the snapshot and its start (the caller notes it
+    when there are agents: `_lost`)."""
+
+
+def _lost(hb_facts: StreamFacts) -> str:
+    return f"heartbeats stored before {from_ns(hb_facts.first_ns).isoformat()} are no longer kept"
+
+
+async def beats_as_of_cut(store: EventStore, db: ProjectionDB | None, cut_ns: int, hb_facts: StreamFacts) -> Beats:
+    """The heartbeats as of the moment `cut_ns` (0: none yet), as a replay finds them: the one rule for a moment
+    the file's beat versions do not cover (no file, older than its kept beat history, older than the stream)."""
+    hb_snap = await db.nearest_snapshot(HEARTBEAT_STREAM, stored_ns=cut_ns) if db else None
+    beats = snapshots.unpack(hb_snap.data, HeartbeatState) if hb_snap else HeartbeatState()
+    snap_seq = hb_snap.seq if hb_snap else 0
+    gap = bool(hb_facts.messages) and hb_facts.first_seq > beats.seq + 1
+    if gap and hb_facts.first_ns > cut_ns:  # the moment lies before the oldest heartbeat still kept
+        if beats.seq:
+            return Beats(beats, snap_seq, 0, [], True, [
+                f"heartbeats after {from_ns(beats.stored_ns).isoformat()} up to this moment are no longer kept; "
+                "health uses the last ones known then"], False)
+        return Beats(beats, snap_seq, 0, [], False, [
+            f"no heartbeat history is kept for this moment (the heartbeat stream starts at "
+            f"{from_ns(hb_facts.first_ns).isoformat()}): the health of running agents is unknown"], False)
+    n, anomalies = await _replay_into(store, beats, HEARTBEAT_STREAM, end_time=from_ns(cut_ns) if cut_ns else None,
+                                      end_seq=None if cut_ns else 0)
+    return Beats(beats, snap_seq, n, anomalies, True, [], gap)
+
+
 async def state_as_of(store: EventStore, db: ProjectionDB | None, *, seq: int | None = None,
                       time: datetime | None = None) -> Rebuilt:
     """The state as of LEDGER sequence `seq` or moment `time` (exactly one); `db` supplies snapshots."""
@@ -72,7 +118,6 @@ async def state_as_of(store: EventStore, db: ProjectionDB | None, *, seq: int | 
         raise InvalidQuery("as of needs exactly one of a sequence or a time")
     if seq is not None and seq < 0:
         raise InvalidQuery(f"a stream sequence is 0 or more, got {seq}")
-    notes: list[str] = []
     time_ns = to_ns(time) + 999 if time is not None else None  # a datetime covers its whole microsecond
 
     ledger_facts = await store.stream_facts(LEDGER_STREAM)
@@ -87,31 +132,15 @@ async def state_as_of(store: EventStore, db: ProjectionDB | None, *, seq: int | 
         cut_ns = 0
     snap = await db.nearest_snapshot(LEDGER_STREAM, seq=seq, stored_ns=time_ns) if db else None
     ledger = snapshots.unpack(snap.data, LifecycleState) if snap else LifecycleState()
-    hb_snap = await db.nearest_snapshot(HEARTBEAT_STREAM, stored_ns=cut_ns) if db else None
-    beats = snapshots.unpack(hb_snap.data, HeartbeatState) if hb_snap else HeartbeatState()
     hb_facts = await store.stream_facts(HEARTBEAT_STREAM)
-    beats_known = True
-    gap = hb_facts.messages and hb_facts.first_seq > beats.seq + 1
-    replays = [_replay_into(store, ledger, LEDGER_STREAM, end_seq=seq, end_time=time)]
-    if gap and hb_facts.first_ns > cut_ns:  # the moment lies before the oldest heartbeat still kept
-        if beats.seq:
-            notes.append(f"heartbeats after {from_ns(beats.stored_ns).isoformat()} up to this moment are no longer "
-                         "kept; health uses the last ones known then")
-        else:
-            beats_known = False
-            notes.append(f"no heartbeat history is kept for this moment (the heartbeat stream starts at "
-                         f"{from_ns(hb_facts.first_ns).isoformat()}): the health of running agents is unknown")
-    else:
-        replays.append(_replay_into(store, beats, HEARTBEAT_STREAM, end_time=from_ns(cut_ns) if cut_ns else None,
-                                    end_seq=None if cut_ns else 0))
-    done = await asyncio.gather(*replays)
-    replayed, anomalies = sum(n for n, _ in done), [a for _, found in done for a in found]
-    if len(replays) == 2 and gap and ledger.agents:
-        notes.append(f"heartbeats stored before {from_ns(hb_facts.first_ns).isoformat()} are no longer kept")
-    state = LedgerState(ledger=ledger, heartbeats=beats)
-    return Rebuilt(state, anomalies, {LEDGER_STREAM: snap.seq if snap else 0,
-                                      HEARTBEAT_STREAM: hb_snap.seq if hb_snap else 0},
-                   replayed, cut_ns, beats_known, notes)
+    (replayed, anomalies), hb = await asyncio.gather(
+        _replay_into(store, ledger, LEDGER_STREAM, end_seq=seq, end_time=time),
+        beats_as_of_cut(store, db, cut_ns, hb_facts))
+    notes = hb.notes + ([_lost(hb_facts)] if hb.lost and ledger.agents else [])
+    state = LedgerState(ledger=ledger, heartbeats=hb.state)
+    return Rebuilt(state, anomalies + hb.anomalies, {LEDGER_STREAM: snap.seq if snap else 0,
+                                                     HEARTBEAT_STREAM: hb.snapshot},
+                   replayed + hb.replayed, cut_ns, hb.beats_known, notes)
 
 
 class Past(NamedTuple):
@@ -130,21 +159,6 @@ class Past(NamedTuple):
     notes: list[str]
     lagged: list[AnomalyRecord]
     """Anomalies of heartbeats the file has not committed yet, replayed (the table has the others)."""
-
-
-async def last_stored_by(store: EventStore, stream: str, time_ns: int, first: int, last: int) -> tuple[int, int]:
-    """(seq, stored_ns) of the last message of `stream` in first..last stored at or before `time_ns`; (first - 1,
-    0) if none. Bisection on the leader's stored times, which rise with the sequence: where a replay with
-    `end_time` stops."""
-    lo, lo_ns, hi = first - 1, 0, last + 1
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        ns = await store.stored_ns(mid, stream)
-        if ns is None or ns <= time_ns:  # None: gone since (retention takes the oldest first)
-            lo, lo_ns = mid, ns or 0
-        else:
-            hi = mid
-    return lo, lo_ns
 
 
 async def past_as_of(store: EventStore, db: ProjectionDB, *, seq: int | None = None,
@@ -168,39 +182,30 @@ async def past_as_of(store: EventStore, db: ProjectionDB, *, seq: int | None = N
     else:
         assert seq is not None
         ledger_ns = cut_ns = (await store.stored_ns(seq, LEDGER_STREAM) or 0) if seq else 0
-    committed_ledger, committed_hb = await db.checkpoints()
-    if seq > committed_ledger.seq:
-        return None
-    async with db.reading():
-        hb_snap = await db.nearest_snapshot(HEARTBEAT_STREAM, stored_ns=cut_ns, with_data=False)
-    snap_seq = hb_snap.seq if hb_snap else 0
-    gap = bool(hb_facts.messages) and hb_facts.first_seq > snap_seq + 1
-    notes: list[str] = []
-    beats_known = True
-    from_stream = bool(hb_facts.messages) and cut_ns >= hb_facts.first_ns
-    if from_stream:
+    hb_seq = hb_ns = 0
+    if hb_facts.messages and cut_ns >= hb_facts.first_ns:
         hb_seq, hb_ns = await last_stored_by(store, HEARTBEAT_STREAM, cut_ns, hb_facts.first_seq, hb_facts.last_seq)
-    async with db.reading():
+    async with db.reading():  # one committed batch: the checkpoints, the agents, and beats not pruned under us
+        committed_ledger, committed_hb = await db.checkpoints()
+        if seq > committed_ledger.seq:
+            return None
         agents = {a.agent_id: a for a in await db.agent_states(as_of=seq)}
-        if from_stream:
+        indexed = bool(hb_seq) and min(hb_seq, committed_hb.seq) >= await db.beats_from()
+        if indexed:  # the moment lies within the file's kept beat history
+            hb_snap = await db.nearest_snapshot(HEARTBEAT_STREAM, stored_ns=cut_ns, with_data=False)
             beats = await db.beats_as_of(min(hb_seq, committed_hb.seq), agents)
-        else:  # nothing of the stream is left for this moment: the snapshot is all there is (as for a replay)
-            found = await db.nearest_snapshot(HEARTBEAT_STREAM, stored_ns=cut_ns) if hb_snap else None
-            kept = snapshots.unpack(found.data, HeartbeatState) if found else HeartbeatState()
-            beats, hb_seq, hb_ns = {k: b for k, b in kept.beats.items() if k in agents}, kept.seq, kept.stored_ns
     lagged: list[AnomalyRecord] = []
-    if from_stream and hb_seq > committed_hb.seq:  # the file's beats lag the moment: replay only the lag
+    if not indexed:  # older than the file's kept beat history (or the stream's): as a replay finds them
+        cut = await beats_as_of_cut(store, db, cut_ns, hb_facts)
+        beats = {k: b for k, b in cut.state.beats.items() if k in agents}
+        hb_seq, hb_ns, beats_known = cut.state.seq, cut.state.stored_ns, cut.beats_known
+        notes = cut.notes + ([_lost(hb_facts)] if cut.lost and agents else [])
+        lagged = [a for a in cut.anomalies if a.seq > committed_hb.seq]
+        return Past(seq, ledger_ns, hb_seq, hb_ns, cut_ns, agents, beats, beats_known, notes, lagged)
+    if hb_seq > committed_hb.seq:  # the file's beats lag the moment: replay only the lag
         lag = HeartbeatState(seq=committed_hb.seq, beats=beats)
         _, lagged = await _replay_into(store, lag, HEARTBEAT_STREAM, end_seq=hb_seq)
         beats = {k: b for k, b in lag.beats.items() if k in agents}
-    if not from_stream and gap:
-        if snap_seq:
-            notes.append(f"heartbeats after {from_ns(hb_ns).isoformat()} up to this moment are no longer "
-                         "kept; health uses the last ones known then")
-        else:
-            beats_known = False
-            notes.append(f"no heartbeat history is kept for this moment (the heartbeat stream starts at "
-                         f"{from_ns(hb_facts.first_ns).isoformat()}): the health of running agents is unknown")
-    elif gap and agents:
-        notes.append(f"heartbeats stored before {from_ns(hb_facts.first_ns).isoformat()} are no longer kept")
-    return Past(seq, ledger_ns, hb_seq, hb_ns, cut_ns, agents, beats, beats_known, notes, lagged)
+    gap = hb_facts.first_seq > (hb_snap.seq if hb_snap else 0) + 1
+    return Past(seq, ledger_ns, hb_seq, hb_ns, cut_ns, agents, beats, True, [_lost(hb_facts)] if gap and agents else [],
+                lagged)

@@ -9,12 +9,14 @@ the fold still holds an entity later (terminated ones may leave it).
 
 Heartbeats get versions too (`beat_versions`: an agent's kept beats after each beat), because health as of a
 moment needs each agent's newest beat at or before it, exactly, and views show the beat's time and load. The
-trade-off: that is a row per beat (~250 bytes of JSON plus its index entry), so the file grows with the
-heartbeat stream - at 20,000 agents beating every 5 s, ~1 MB/s. It is bounded by the stream's own retention:
-when a heartbeat snapshot is taken, versions superseded at or before the stream's first kept beat are pruned
-(each agent keeps the one it had there), and a moment older than the stream uses the newest snapshot before
-it, as a replay would. Keeping fewer beat versions (only those that change a verdict, or one per bucket) would
-make "as of T" answer with an older beat than the log holds, or replay again.
+trade-off: that is a row per beat (~250 bytes of JSON plus its index entry) - at 20,000 agents beating every
+5 s, ~4,000 rows/s. So they are bounded by a window of their own, `ProjectionSettings.beat_history` (an hour by
+default, not the stream's day): when a heartbeat snapshot is taken, versions superseded at or before the last
+beat stored `beat_history` before the newest committed one (or the stream's first kept beat, if later) are
+pruned - each agent keeps the one it had there - and the file notes that sequence (`beats_from`). A moment
+older than it takes its beats as a replay does (`timetravel.beats_as_of_cut`: the nearest heartbeat snapshot,
+then the stream up to the moment). Keeping fewer beat versions within the window (only those that change a
+verdict, or one per bucket) would make "as of T" answer with an older beat than the log holds.
 """
 
 from __future__ import annotations

@@ -44,7 +44,8 @@ class Batch(NamedTuple):
     versions: Mapping[str, Sequence[Version]] = MappingProxyType({})
     """Kind -> every state the batch's changes made, by sequence (`projections.versions`)."""
     prune_beats_below: int = 0
-    """The heartbeat stream's first kept sequence, now and then: older beat versions nobody can ask for go."""
+    """Now and then, the first LEDGER_HB sequence of the kept beat history: older beat versions go (each agent
+    keeps its beat there), and the file notes from where its beats answer (`beats_from`)."""
 
 
 class ProjectionWriter(ProjectionReads):
@@ -74,8 +75,9 @@ class ProjectionWriter(ProjectionReads):
             for kind, versions in b.versions.items():
                 for chunk in rows.version_chunks(versions):
                     await c.execute(rows.INSERT_VERSIONS[kind], chunk)
-            if b.prune_beats_below:
+            if b.prune_beats_below > 1:  # below #1 nothing goes, and nothing is noted (a rebuild would not note it)
                 await c.execute(rows.PRUNE_BEAT_VERSIONS, {"below": b.prune_beats_below})
+                await c.execute(rows.NOTE_BEATS_FROM, {"below": b.prune_beats_below})
             for snapshot in packed:
                 await c.execute("INSERT OR REPLACE INTO snapshots VALUES (?, ?, ?, ?, ?)", snapshot)
             if b.drop_snapshots:
