@@ -220,7 +220,7 @@ async def run(url: str, events: int, work: Path) -> None:
               f"{result.seconds:.1f} s for {result.events:,}; goal < 15 s)", flush=True)
         times = await as_of_times(store, work / "rebuilt.sqlite3", ends[LEDGER_STREAM])
         print(f"(e) sessions view as of a past seq : p50 {times[len(times) // 2] * 1e3:.0f} ms, "
-              f"max {times[-1] * 1e3:.0f} ms over {len(times)} random sequences (snapshot + replay)", flush=True)
+              f"max {times[-1] * 1e3:.0f} ms over {len(times)} random sequences (version rows)", flush=True)
     rss = child_rss(url, work / "child.sqlite3")
     final_events, final_kb = rss["final"]
     print(f"(d) projector peak RSS            : {final_kb / 1024:.0f} MiB after {final_events:,} events (subprocess)")
