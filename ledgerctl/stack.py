@@ -34,7 +34,6 @@ from projections.query import Query
 from projections.settings import ProjectionSettings
 from projections.state import STREAMS
 
-from .http import http_server
 from .query_protocol import SERVICE_NAME
 from .query_service import QueryService
 from .server import DEFAULT_DATA_DIR, EmbeddedServer, ServerConfig, check_port_free
@@ -236,6 +235,8 @@ async def running_stack(s: UpSettings, say: Say, *, name: str = "ledger-up",
                         raise
                     say(f"{e}; serving HTTP on a free port instead")
                     port = 0
+            from .http import http_server  # litestar and uvicorn load only where the HTTP API is served
+
             running.http_url = await stack.enter_async_context(http_server(running, s.http_host, port))
             say(f"dashboard           {running.http_url}/  (API {running.http_url}/api, {running.http_url}/metrics)")
         yield running
