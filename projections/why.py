@@ -389,7 +389,7 @@ async def build_chain(head: EntityHistory, source: Source, *, at: str = "now") -
                      end=f"LEDGER #{start.seq} is no longer in the log")
     links = [_link(found, "state", await walk.registration_of(found))]
     seen = {(LEDGER_STREAM, found.record.seq)}
-    end = "its first event"
+    end = ""
     frontier: Found | None = found
     while frontier is not None:
         causes, stop = await walk.causes(frontier)
@@ -417,7 +417,7 @@ async def build_chain(head: EntityHistory, source: Source, *, at: str = "now") -
             end = stop
             break
     return Chain(kind=kind, id=entity_id, at=at, summary=headline(kind, entity_id, head.state, links[0]), links=links,
-                 end=end)
+                 end=end or "its first event")
 
 
 def _head_entry(head: EntityHistory) -> HistoryEntry | None:
