@@ -99,6 +99,11 @@ async def test_the_dashboard_shows_a_failover_live_the_past_and_the_causal_chain
                                                         timeout=60_000)
                     await expect(story).to_contain_text(f"because the monitor declared {batch_owner} dead")
                     await expect(story).to_contain_text("last beat #")
+                    why = page.locator("#entity-why")  # the chain `ledger why` tells, above the history
+                    await expect(why).to_contain_text(f"Why: batch-1 is owned by {batch_other}", timeout=30_000)
+                    await expect(why).to_contain_text("`monitor` (instance")
+                    await expect(why).to_contain_text(f"declared {batch_owner} dead")
+                    await expect(why.locator('li[data-stream="LEDGER_HB"]')).to_contain_text("on the heartbeat stream")
                     await page.screenshot(path=str(shots / "entity.png"), full_page=True)
 
                     # The same death in /metrics: the monitor's verdict counted, both failovers timed.

@@ -6,11 +6,15 @@ from __future__ import annotations
 import asyncio
 import json
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
+import httpx
+import msgspec
 import pytest
 from click.testing import CliRunner
 from fleet import agents, consumers, ledger_on
 from helpers import eventually
+from http_stack import running
 
 from ledger import events as ev
 from ledger import lifecycle as lc
@@ -259,6 +263,26 @@ async def test_the_command_prints_the_chain_or_json_and_one_line_errors(store: E
     assert helped.exit_code == 0 and "Example" in helped.output and "--at-seq" in helped.output
 
 
+async def test_the_http_api_tells_the_same_chain_and_maps_errors_as_the_history_does(server: EmbeddedServer,
+                                                                                       tmp_path: Path) -> None:
+    async with running(server, tmp_path) as r, httpx.AsyncClient(base_url=r.url) as client:
+        _, created = await r.operator.create_session("p", session_id="h1")
+        ended = await r.operator.terminate_session("h1", reason="done")
+        reply = await client.get("/api/why/session/h1")
+        assert reply.status_code == 200, reply.text
+        assert reply.json() == msgspec.to_builtins(await why(r.stack.store, "session", "h1"))
+        assert [link["seq"] for link in reply.json()["links"]] == [ended]
+        past = (await client.get("/api/why/session/h1", params={"at_seq": created})).json()
+        assert [link["type"] for link in past["links"]] == ["session.created"] and past["at"] == f"LEDGER #{created}"
+        for path, status, code in [("/api/why/planet/p1", 400, "invalid_query"),
+                                   ("/api/why/session/nobody", 404, "unknown_entity"),
+                                   (f"/api/why/session/h1?at_seq={created - 1}", 404, "unknown_entity"),
+                                   ("/api/why/session/h1?at=whenever", 400, "invalid_query"),
+                                   ("/api/why/session/h1?at=now&at_seq=1", 400, "invalid_query")]:
+            reply = await client.get(path)
+            assert (reply.status_code, reply.json()["code"]) == (status, code), (path, reply.text)
+
+
 # --- pure: the walk and the sentences without a server -----------------------------------------------------------
 
 
@@ -326,8 +350,8 @@ async def test_the_pure_walk_reads_a_failover_as_claim_death_beat() -> None:
     assert [(link.type, link.seq, link.stream) for link in chain.links] == [
         ("session.claimed", 32, LEDGER_STREAM), ("agent.declared_dead", 30, LEDGER_STREAM),
         ("agent.heartbeat", 34, HEARTBEAT_STREAM)]
-    assert chain.summary == "s1 is owned by a3 (incarnation 20, token 32, reason failover) since 07:21:32 " \
-                            "(session.claimed #32)"
+    assert chain.summary == ("s1 is owned by a3 (incarnation 20, token 32, reason failover) since 07:21:32 "
+                             "(session.claimed #32)")
     dead = chain.links[1].sentence
     assert dead.startswith("`monitor` (instance `m-1`) declared a2 dead (incarnation 3): missed_heartbeats")
     assert "last beat heartbeat-stream #34 at 07:21:27" in dead and "dead after 5 s" in dead and "ttl 5 s" in dead

@@ -39,6 +39,7 @@ from projections.query import AsOf, Query
 from projections.state import AnomalyRecord
 from projections.timespec import parse_time
 from projections.views import AgentView, Page, PoolView, RouteView, SessionView
+from projections.why import Chain, why
 
 from .metrics import STREAMS, FailoverClock, LedgerCollector
 from .sse import EventFeed, StoredEvent
@@ -236,6 +237,15 @@ async def history(ledger: Deps, kind: FromPath[str], entity_id: FromPath[str],
         return await q.history(kind, entity_id, as_of=as_of(as_of_))
 
 
+@get("/api/why/{kind:str}/{entity_id:str}")
+async def why_chain(ledger: Deps, kind: FromPath[str], entity_id: FromPath[str], at: Text = None,
+                    at_seq: FromQuery[int | None] = None) -> Chain:
+    """The chain of causes behind the entity's state (`ledger why`): now, at a time, or after a LEDGER sequence."""
+    if at is not None and at_seq is not None:
+        raise InvalidQuery("use at or at_seq, not both")
+    return await why(ledger.parts.store, kind, entity_id, seq=at_seq, time=parse_time(at) if at else None)
+
+
 @get("/api/events/recent")
 async def recent_events(ledger: Deps) -> list[StoredEvent]:
     """The newest lifecycle items this process applied, newest last."""
@@ -293,7 +303,7 @@ async def dashboard() -> Response[bytes]:
 def create_app(parts: Parts) -> Litestar:
     ledger = AppState(parts)
     app = Litestar(
-        route_handlers=[agents, sessions, routes, pools, anomalies, history, recent_events, events, metrics,
+        route_handlers=[agents, sessions, routes, pools, anomalies, history, why_chain, recent_events, events, metrics,
                         healthz, readyz, dashboard,
                         create_static_files_router(path="/static", directories=[STATIC], include_in_schema=False)],
         dependencies={"ledger": Provide(lambda: ledger, sync_to_thread=False)},

@@ -167,6 +167,25 @@ async function chainOf(entry, kind, id) {
   return chain;
 }
 
+// The chain of causes behind the entity's state, as `ledger why` tells it (GET /api/why), above its history.
+async function showWhy(kind, id) {
+  const el = $("#entity-why");
+  if (kind === "pool") { el.innerHTML = ""; return; }
+  const params = new URLSearchParams();
+  if (view.asOf !== null) params.set(/^\d+$/.test(String(view.asOf)) ? "at_seq" : "at", view.asOf);
+  try {
+    const reply = await fetch(`/api/why/${kind}/${encodeURIComponent(id)}${params.size ? "?" + params : ""}`);
+    const chain = await reply.json();
+    if (!reply.ok) throw new Error(chain.message || reply.status);
+    el.innerHTML = `<li class="why-summary">Why: ${esc(chain.summary)}</li>` + chain.links.map((l, i) =>
+      `<li data-seq="${l.seq}" data-stream="${esc(l.stream)}"${l.flag ? ' class="flag"' : ""}>${i ? "because " : ""}` +
+      `${esc(l.stream)} #${l.seq} at ${hms(l.time)}: ${esc(l.sentence)}</li>`).join("") +
+      `<li class="muted">(${esc(chain.end)})</li>`;
+  } catch (err) {
+    el.innerHTML = `<li class="muted">why: ${esc(String(err.message || err))}</li>`;
+  }
+}
+
 async function refreshEntity() {
   const { kind, id } = view.entity;
   histories.clear();
@@ -189,6 +208,7 @@ async function refreshEntity() {
     : kind === "agent" ? `${state.status || "?"} in pool ${state.pool || "?"}, incarnation ${state.incarnation ?? "?"}`
     : Object.entries(state).slice(0, 4).map(([k, v]) => `${k} ${JSON.stringify(v)}`).join(", ");
   $("#entity-state").textContent = `Now: ${summary}. ${history.notes.join(" ")}`;
+  await showWhy(kind, id);
   const items = [];
   for (const entry of history.entries) {
     const chain = await chainOf(entry, kind, id);
