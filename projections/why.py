@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import msgspec
 
 from ledger import events as ev
-from ledger.codec import Item, Recorded
+from ledger.codec import Item, Recorded, to_ns
 from ledger.store import EventStore
 from ledger.subjects import HEARTBEAT_STREAM, LEDGER_STREAM, entity_filter
 
@@ -82,6 +82,9 @@ class Chain(msgspec.Struct, frozen=True, kw_only=True):
     """Newest first: the event that set the state, then its cause, then that one's cause..."""
     end: str
     """Why the chain stops (its last link has no recorded cause, a cause is missing, a loop was cut...)."""
+    notes: list[str] = []
+    """What else held the state then: a session's owner no longer alive, its pool's breaker open (which stops the
+    reclaimer from orphaning), the breaker a death tripped."""
 
 
 class Found(msgspec.Struct, frozen=True):
@@ -121,8 +124,9 @@ def by(e: ev.Event) -> str:
     return f"`{e.producer.id}` (instance `{e.producer.instance}`)"
 
 
-def _evidence(x: ev.Evidence) -> str:
-    parts = []
+def _evidence(x: ev.Evidence, registration: ev.AgentRegistered | None = None) -> str:
+    """The evidence a verdict names: its own account first, then the facts it was judged on."""
+    parts = [x.detail] if x.detail else []
     if x.last_heartbeat_seq is not None:
         at = f" at {_hms(x.last_heartbeat_at)}" if x.last_heartbeat_at else ""
         parts.append(f"last beat heartbeat-stream #{x.last_heartbeat_seq}{at}")
@@ -130,6 +134,8 @@ def _evidence(x: ev.Evidence) -> str:
         parts.append("no beat since registering")
     if x.heartbeat_interval is not None:
         parts.append(f"interval {_s(x.heartbeat_interval)}")
+    if registration is not None:
+        parts.append(f"ttl {_s(registration.ttl)}")
     if x.suspect_after_missed is not None:
         parts.append(f"suspect after {x.suspect_after_missed} missed")
     if x.dead_after is not None:
@@ -138,9 +144,7 @@ def _evidence(x: ev.Evidence) -> str:
         parts.append(f"{x.reports} failure reports in {_s(x.report_window)}")
     if x.observed_at is not None:
         parts.append(f"judged at {_hms(x.observed_at)}")
-    if x.detail:
-        parts.append(x.detail)
-    return ", ".join(parts)
+    return "; ".join(parts)
 
 
 def describe(rec: Recorded, registration: ev.AgentRegistered | None = None) -> str:
@@ -180,11 +184,9 @@ def describe(rec: Recorded, registration: ev.AgentRegistered | None = None) -> s
         case ev.AgentDeclaredDead() | ev.AgentSuspected():
             verb = "declared" if isinstance(e, ev.AgentDeclaredDead) else "suspected"
             what = " dead" if isinstance(e, ev.AgentDeclaredDead) else ""
-            reg = f"; registered with ttl {_s(registration.ttl)}, interval {_s(registration.heartbeat_interval)}" \
-                if registration is not None else ""
-            more = _evidence(e.evidence)
-            return (f"{w} {verb} {e.agent_id}{what} (incarnation {e.incarnation}): {e.reason}"
-                    + (f"; {more}" if more else "") + reg)
+            more = _evidence(e.evidence, registration)
+            return f"{w} {verb} {e.agent_id}{what} (incarnation {e.incarnation}): {e.reason}" + (
+                f"; {more}" if more else "")
         case ev.AgentGoodbye():
             return f"{w} said goodbye for {e.agent_id} (incarnation {e.incarnation}): {e.reason}"
         case ev.AgentDraining():
@@ -245,6 +247,7 @@ def render(chain: Chain) -> list[str]:
         lead = "" if i == 0 else "because "
         lines.append(f"  {lead}{where} at {_hms(link.time)}: {link.sentence}{flag}")
     lines.append(f"  ({chain.end})")
+    lines.extend(f"  note: {note}" for note in chain.notes)
     return lines
 
 
@@ -373,8 +376,10 @@ class _Walk:
         return out, f"no beat named in its evidence and no registration #{e.incarnation} of {e.agent_id}"
 
 
-async def build_chain(head: EntityHistory, source: Source, *, at: str = "now") -> Chain:
-    """The chain behind `head`'s state (the entity's history up to the moment asked about)."""
+async def build_chain(head: EntityHistory, source: Source, *, at: str = "now",
+                      within: Callable[[Recorded], bool] = lambda rec: True) -> Chain:
+    """The chain behind `head`'s state (the entity's history up to the moment asked about; `within` says whether
+    another entity's event was stored by then)."""
     kind, entity_id = head.kind, head.id
     if kind not in KINDS:
         raise InvalidQuery(f"why is told for {', '.join(KINDS)}; not {kind!r}")
@@ -417,7 +422,39 @@ async def build_chain(head: EntityHistory, source: Source, *, at: str = "now") -
             end = stop
             break
     return Chain(kind=kind, id=entity_id, at=at, summary=headline(kind, entity_id, head.state, links[0]), links=links,
-                 end=end or "its first event")
+                 end=end or "its first event", notes=await _notes(walk, head, within))
+
+
+async def _notes(walk: _Walk, head: EntityHistory, within: Callable[[Recorded], bool]) -> list[str]:
+    """What held the state besides its chain: a session's owner lost but not replaced (the breaker of its pool
+    open, or the reclaimer not there yet), the breaker a death tripped."""
+    state = head.state or {}
+    notes = []
+
+    def where(f: Found) -> str:
+        return f"{f.record.stream} #{f.record.seq} at {_hms(f.record.stored_at)}"
+
+    if head.kind == "session" and state.get("status") == "assigned" and state.get("owner"):
+        owner = str(state["owner"])
+        status = next((f for f in reversed(await walk.events("agent", owner))
+                       if within(f.record) and f.flag is None and isinstance(f.record.event, _STATUS_SETTERS)), None)
+        if status is not None and not isinstance(status.record.event, ev.AgentRegistered):
+            notes.append(f"its owner {owner} is no longer alive: {where(status)}, {describe(status.record)}")
+            pool = str(state.get("pool") or "")
+            breakers = [f for f in await walk.events("pool", pool) if within(f.record) and f.flag is None
+                        and isinstance(f.record.event, ev.PoolBreakerTripped | ev.PoolBreakerReset)] if pool else []
+            breaker = breakers[-1] if breakers else None
+            if breaker is not None and isinstance(breaker.record.event, ev.PoolBreakerTripped):
+                notes.append(f"pool {pool}'s breaker is open, so the reclaimer holds the session rather than orphan "
+                             f"it: {where(breaker)}, {describe(breaker.record)}")
+    if head.kind == "agent" and state.get("status") == "dead" and state.get("pool"):
+        pool = str(state["pool"])
+        for f in await walk.events("pool", pool):
+            e = f.record.event
+            if within(f.record) and isinstance(e, ev.PoolBreakerTripped) and head.id in e.dead \
+                    and f.record.seq >= int(state.get("incarnation") or 0):
+                notes.append(f"this death tripped pool {pool}'s breaker: {where(f)}, {describe(f.record)}")
+    return notes
 
 
 def _head_entry(head: EntityHistory) -> HistoryEntry | None:
@@ -470,4 +507,14 @@ async def why(store: EventStore, kind: str, entity_id: str, *, seq: int | None =
         raise InvalidQuery(f"why is told for {', '.join(KINDS)}; not {kind!r}")
     head = await entity_history(store, kind, entity_id, seq=seq, time=time)
     at = f"LEDGER #{seq}" if seq is not None else time.isoformat() if time is not None else "now"
-    return await build_chain(head, StoreSource(store), at=at)
+    return await build_chain(head, StoreSource(store), at=at, within=_within(seq, time))
+
+
+def _within(seq: int | None, time: datetime | None) -> Callable[[Recorded], bool]:
+    """Whether a LEDGER event was stored by the moment asked about (as `entity_history` bounds the entity's)."""
+    if seq is not None:
+        return lambda rec: rec.seq <= seq
+    if time is not None:
+        limit = to_ns(time) + 999
+        return lambda rec: rec.timestamp_ns <= limit
+    return lambda rec: True

@@ -396,3 +396,27 @@ def test_sentences_name_the_writer_as_recorded_and_the_evidence() -> None:
         "a1 (incarnation 4) is gone (goodbye: shutdown)"
     flagged = Found("agent", "a2", forged, Flag("unauthorized_producer", "only the monitor"))
     assert flagged.flag is not None
+
+
+async def test_a_session_held_by_a_dead_owner_notes_the_open_breaker_and_the_death_the_trip() -> None:
+    found, beats = failover_log()
+    found = found[:-1]  # no take-over: the breaker held it
+    found.append(Found("pool", "p", rec(29, ev.PoolBreakerTripped(producer=MONITOR, pool="p", reason="2 of 3 died",
+                                                                  dead=("a1", "a2"), agents=3))))
+    state = {"status": "assigned", "owner": "a2", "owner_incarnation": 3, "token": 7, "claim_reason": "initial",
+             "pool": "p", "cause_id": "c1"}
+    chain = await build_chain(head_of("session", "s1", found, state), Log(found, beats))
+    assert [link.seq for link in chain.links] == [7, 5]
+    assert len(chain.notes) == 2
+    assert chain.notes[0].startswith("its owner a2 is no longer alive: LEDGER #30 at 07:21:30, `monitor`")
+    assert "pool p's breaker is open" in chain.notes[1] and "LEDGER #29" in chain.notes[1]
+    assert render(chain)[-1] == f"  note: {chain.notes[1]}"
+    # before the death (a moment the notes respect): nothing to note
+    early = await build_chain(head_of("session", "s1", found, state), Log(found, beats),
+                              within=lambda r: r.seq <= 20)
+    assert early.notes == []
+    dead = await build_chain(head_of("agent", "a2", found, {"status": "dead", "incarnation": 3, "pool": "p",
+                                                            "reason": "declared dead", "status_seq": 30}),
+                             Log(found, beats))
+    assert [link.type for link in dead.links] == ["agent.declared_dead", "agent.heartbeat"]
+    assert dead.notes == [f"this death tripped pool p's breaker: LEDGER #29 at 07:21:29, {describe(found[-1].record)}"]
