@@ -220,6 +220,11 @@ CASES: dict[str, list[Case]] = {
            Case(f"up --nats-url {{url}} --db {NO_DIR}/p.sqlite3", NO_DIR),
            Case("up --nats-url {url} --db {file}/p.sqlite3", r"file"),
            Case("up --nats-url {url} --data-dir {file}/x", r"file/x")],
+    "why": [*connecting("why session s1"),
+            Case("why session no-such-session --nats-url {url}", "no-such-session"),
+            Case("why planet p1 --nats-url {url}", "planet"),
+            Case("why session s1 --nats-url {url} --at now --at-seq 1", "--at or --at-seq, not both"),
+            time_case("why session s1 --nats-url {url} --at -999999999d")],
 }
 
 
