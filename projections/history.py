@@ -9,6 +9,7 @@ very answer the log-order fold gave it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -98,13 +99,20 @@ async def _lookups(store: EventStore, records: list[Recorded]) -> tuple[Incarnat
     return await store.session_lookups(records, min_last_seq=records[-1].seq if records else None)
 
 
-def _upto(items: list[Recorded | Unreadable], seq: int | None, time: datetime | None) -> list[Recorded | Unreadable]:
+def stored_by(seq: int | None, time: datetime | None) -> Callable[[Recorded | Unreadable], bool]:
+    """Whether a LEDGER item was stored by the moment asked about: just after sequence `seq`, or by `time` (a
+    datetime covers its whole microsecond); neither: now."""
     if seq is not None:
-        return [i for i in items if i.seq <= seq]
+        return lambda i: i.seq <= seq
     if time is not None:
         limit = to_ns(time) + 999
-        return [i for i in items if i.timestamp_ns <= limit]
-    return items
+        return lambda i: i.timestamp_ns <= limit
+    return lambda i: True
+
+
+def _upto(items: list[Recorded | Unreadable], seq: int | None, time: datetime | None) -> list[Recorded | Unreadable]:
+    keep = stored_by(seq, time)
+    return [i for i in items if keep(i)]
 
 
 async def entity_history(store: EventStore, kind: str, entity_id: str, *, seq: int | None = None,

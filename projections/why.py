@@ -29,12 +29,12 @@ from typing import Any, Protocol
 import msgspec
 
 from ledger import events as ev
-from ledger.codec import Item, Recorded, to_ns
+from ledger.codec import Item, Recorded
 from ledger.store import EventStore
 from ledger.subjects import HEARTBEAT_STREAM, LEDGER_STREAM, entity_filter
 
 from .errors import InvalidQuery, UnknownEntity
-from .history import EntityHistory, Flag, HistoryEntry, entity_history
+from .history import EntityHistory, Flag, HistoryEntry, entity_history, stored_by
 
 __all__ = ["KINDS", "MAX_LINKS", "Chain", "Found", "Link", "Source", "StoreSource", "build_chain", "describe",
            "headline", "render", "why"]
@@ -507,14 +507,4 @@ async def why(store: EventStore, kind: str, entity_id: str, *, seq: int | None =
         raise InvalidQuery(f"why is told for {', '.join(KINDS)}; not {kind!r}")
     head = await entity_history(store, kind, entity_id, seq=seq, time=time)
     at = f"LEDGER #{seq}" if seq is not None else time.isoformat() if time is not None else "now"
-    return await build_chain(head, StoreSource(store), at=at, within=_within(seq, time))
-
-
-def _within(seq: int | None, time: datetime | None) -> Callable[[Recorded], bool]:
-    """Whether a LEDGER event was stored by the moment asked about (as `entity_history` bounds the entity's)."""
-    if seq is not None:
-        return lambda rec: rec.seq <= seq
-    if time is not None:
-        limit = to_ns(time) + 999
-        return lambda rec: rec.timestamp_ns <= limit
-    return lambda rec: True
+    return await build_chain(head, StoreSource(store), at=at, within=stored_by(seq, time))
