@@ -298,11 +298,14 @@ class _Walk:
                 self.route_sessions[entity_id] = created.session_id if created else None
         return self.histories[key]
 
-    async def by_id(self, event_id: str, places: list[tuple[str, str]]) -> Found | None:
+    async def by_id(self, event_id: str, places: list[tuple[str, str]], effect: Recorded) -> Found | None:
+        """The event with this id, in the first place holding one: the newest stored before `effect` (an id
+        written twice - a forger's copy - reads as the one the effect could have seen), else any."""
         for kind, entity_id in places:
-            for f in await self.events(kind, entity_id):
-                if f.record.event.event_id == event_id:
-                    return f
+            matches = [f for f in await self.events(kind, entity_id) if f.record.event.event_id == event_id]
+            before = [f for f in matches if f.record.seq < effect.seq]
+            if before or matches:
+                return (before or matches)[-1]
         return None
 
     async def registration(self, agent_id: str, incarnation: int) -> Found | None:
@@ -330,7 +333,7 @@ class _Walk:
             return await self._liveness_causes(found, e)
         if e.causation_id:
             await self.events(found.kind, found.entity)  # a route's session becomes known
-            cause = await self.by_id(e.causation_id, _places(found, self.route_sessions.get))
+            cause = await self.by_id(e.causation_id, _places(found, self.route_sessions.get), rec)
             if cause is None:
                 return [], f"cause not found in the log (causation id {e.causation_id})"
             return [(cause, "causation_id")], None

@@ -420,3 +420,19 @@ async def test_a_session_held_by_a_dead_owner_notes_the_open_breaker_and_the_dea
                              Log(found, beats))
     assert [link.type for link in dead.links] == ["agent.declared_dead", "agent.heartbeat"]
     assert dead.notes == [f"this death tripped pool p's breaker: LEDGER #29 at 07:21:29, {describe(found[-1].record)}"]
+
+
+async def test_an_event_id_written_twice_reads_as_the_newest_stored_before_the_effect() -> None:
+    p = Producer(id="x", instance="i")
+    found = [Found("agent", "x", rec(9, ev.AgentRegistered(producer=p, agent_id="x", instance_id="i", pool="p"))),
+             Found("agent", "x", rec(10, ev.AgentDrainRequested(producer=p, agent_id="x", incarnation=9,
+                                                                deadline=T0, event_id="dup", reason="older"))),
+             Found("agent", "x", rec(11, ev.AgentDrainRequested(producer=p, agent_id="x", incarnation=9,
+                                                                deadline=T0, event_id="dup", reason="newer"))),
+             Found("agent", "x", rec(12, ev.AgentDraining(producer=p, agent_id="x", incarnation=9, deadline=T0,
+                                                          causation_id="dup"))),
+             Found("agent", "x", rec(13, ev.AgentDrainRequested(producer=p, agent_id="x", incarnation=9,
+                                                                deadline=T0, event_id="dup", reason="after")))]
+    chain = await build_chain(head_of("agent", "x", found, {"status": "draining", "incarnation": 9,
+                                                            "reason": "draining", "status_seq": 12}), Log(found))
+    assert [link.seq for link in chain.links] == [12, 11] and chain.links[1].fields["reason"] == "newer"
