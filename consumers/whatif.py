@@ -41,7 +41,7 @@ from ledger import lifecycle as lc
 from ledger.codec import Item, Recorded, from_ns
 from ledger.subjects import HEARTBEAT_STREAM, LEDGER_STREAM
 from projections.beats import of_incarnation
-from projections.health import HealthPolicy
+from projections.health import HealthPolicy, assess
 from projections.state import LedgerState
 from projections.timespec import aware
 
@@ -500,8 +500,10 @@ def _compare(run: _Run, tolerance: float, pool: str | None, end: int) -> list[Di
             agent = run.agents.get(subject)
             if agent is not None and agent.incarnation == incarnation and agent.status in (lc.A_ALIVE,
                                                                                           lc.A_DRAINING):
-                silent = (end - run.last_beat.get((subject, incarnation), end)) / 1e6
-                note = f"still alive when the window ends, silent for {silent:.1f}s"
+                silent_from = run.last_beat.get((subject, incarnation), end)
+                dies = _moment(silent_from) + timedelta(seconds=rules_dead_after(run.settings, agent))
+                note = (f"still alive when the window ends, silent for {(end - silent_from) / 1e6:.1f}s "
+                        f"(dead at {dies:%H:%M:%S} if it stayed silent)")
             elif agent is not None and agent.incarnation == incarnation:
                 note = f"then {agent.reason}"
             else:
@@ -510,6 +512,11 @@ def _compare(run: _Run, tolerance: float, pool: str | None, end: int) -> list[Di
                               incarnation=incarnation if what != BREAKER else None, recorded=rec, whatif=cf,
                               shift=shift, longest_gap=round(longest, 3) if longest is not None else None, note=note))
     return out
+
+
+def rules_dead_after(settings: rules.LivenessSettings, agent: lc.AgentState) -> float:
+    """The silence after which `agent` is dead under `settings` (as `assess` reckons it)."""
+    return assess(agent, None, agent.registered_at, settings.policy).dead_after
 
 
 def _first_time(run: _Run, key: Key) -> datetime:

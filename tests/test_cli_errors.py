@@ -220,6 +220,13 @@ CASES: dict[str, list[Case]] = {
            Case(f"up --nats-url {{url}} --db {NO_DIR}/p.sqlite3", NO_DIR),
            Case("up --nats-url {url} --db {file}/p.sqlite3", r"file"),
            Case("up --nats-url {url} --data-dir {file}/x", r"file/x")],
+    "whatif": [*connecting("whatif"),
+               Case("whatif --nats-url {url} --dead-after -60s", "--dead-after"),
+               Case("whatif --nats-url {url} --dead-after soon", "not a duration"),
+               Case("whatif --nats-url {url} --suspect-after 0", "--suspect-after"),
+               Case("whatif --nats-url {url} --breaker-share 1.5", "--breaker-share"),
+               Case("whatif --nats-url {url} --since -1m --until -1h", "--until is before --since"),
+               time_case("whatif --nats-url {url} --since -999999999d")],
 }
 
 

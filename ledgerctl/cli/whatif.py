@@ -93,6 +93,10 @@ def _recorded(r: wi.RecordedSettings) -> str:
             f"breaker share {r.breaker_share:g} in {r.breaker_window:g}s ({trips})")
 
 
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def _when(t: datetime | None) -> str:
     return t.strftime("%H:%M:%S.%f")[:-3] if t is not None else "-"
 
@@ -111,8 +115,9 @@ def show(report: wi.Report) -> None:
     echo(_recorded(report.recorded_settings))
     start = _when(report.since) if report.since else "the start"
     window = f"{start} to {_when(report.until) if report.until else 'the end'}"
-    echo(f"replayed from {window}: recorded {report.recorded.deaths} deaths, {report.recorded.suspicions} suspicions, "
-         f"{report.recorded.trips} breaker trips, {report.recorded.failovers} failovers")
+    r = report.recorded
+    echo(f"replayed from {window}: recorded {_n(r.deaths, 'death')}, {_n(r.suspicions, 'suspicion')}, "
+         f"{_n(r.trips, 'breaker trip')}, {_n(r.failovers, 'failover')}")
     for note in report.notes:
         echo(f"note: {note}")
     if report.differences:
