@@ -328,3 +328,17 @@ def test_nonsense_is_refused_in_one_line():
         result = runner.invoke(cli, ["whatif", *args, "--nats-url", "nats://127.0.0.1:1"])
         assert result.exit_code == 2 and what in result.output, (args, result.output)
         assert "Traceback" not in result.output
+
+
+def test_a_pool_failing_together_trips_the_breaker_unless_the_share_is_higher():
+    # four agents of one pool: three stop beating together at 2 s, and the recorded monitor trips the breaker
+    together = [[1000, 1000], [1000, 1000], [1000, 1000], [1000] * 12]
+    log = monitored(together, 1, rules.LivenessSettings(breaker_share=0.5, breaker_window=2.0))
+    recorded = wi.recorded_settings(log.items)
+    assert recorded.trips == 1 and recorded.breaker_share == 0.5
+    same = wi.whatif(log.items, recorded.liveness(), recorded=recorded)
+    assert same.differences == [] and same.recorded.trips == 1 and same.recorded.deaths == 4  # the 4th: at the end
+    higher = wi.whatif(log.items, recorded.liveness(breaker_share=0.9), recorded=recorded)
+    assert [(d.what, d.kind, d.subject) for d in higher.differences] == [(wi.BREAKER, wi.AVOIDED, "p0")]
+    assert higher.summary.endswith("1 breaker trip avoided")
+    assert wi.whatif(log.items, recorded.liveness(breaker_share=0.9), recorded=recorded, pool="p1").differences == []

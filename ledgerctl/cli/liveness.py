@@ -37,16 +37,19 @@ class Duration(click.ParamType):
         return seconds
 
 
-def dead_after_option(f: Callable[..., Any]) -> Callable[..., Any]:
+Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+def dead_after_option(default: str = "LEDGER_DEAD_AFTER, else each agent's ttl") -> Decorator:
+    """--dead-after (a Duration, None when not given); `default` says in the help what applies then."""
     return click.option("--dead-after", type=Duration(), default=None,
-                        help="Seconds without a heartbeat before an agent is dead (60, 60s, 2m) "
-                             "[default: LEDGER_DEAD_AFTER, else each agent's ttl].")(f)
+                        help=f"Seconds without a heartbeat before an agent is dead (60, 60s, 2m) [default: {default}].")
 
 
-def suspect_after_option(f: Callable[..., Any]) -> Callable[..., Any]:
+def suspect_after_option(default: str = "LEDGER_SUSPECT_AFTER_MISSED, else 3") -> Decorator:
+    """--suspect-after (None when not given); `default` says in the help what applies then."""
     return click.option("--suspect-after", type=click.IntRange(1), default=None,
-                        help="Missed heartbeat intervals before an agent is suspect "
-                             "[default: LEDGER_SUSPECT_AFTER_MISSED, else 3].")(f)
+                        help=f"Missed heartbeat intervals before an agent is suspect [default: {default}].")
 
 
 def policy_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -56,7 +59,7 @@ def policy_options(f: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, suspect_after: int | None, dead_after: float | None, **kwargs: Any) -> Any:
         return f(*args, policy=policy_from(suspect_after, dead_after), **kwargs)
 
-    return suspect_after_option(dead_after_option(wrapper))
+    return suspect_after_option()(dead_after_option()(wrapper))
 
 
 def policy_from(suspect_after: int | None, dead_after: float | None) -> HealthPolicy:

@@ -21,8 +21,8 @@ KIND_STYLE = {wi.AVOIDED: "green", wi.ADDED: "red", wi.EARLIER: "yellow", wi.LAT
 
 
 @click.command("whatif")
-@dead_after_option
-@suspect_after_option
+@dead_after_option("as recorded")
+@suspect_after_option("as recorded")
 @click.option("--breaker-share", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
               help="Share of a pool dying within the breaker window that trips its breaker [default: as recorded].")
 @click.option("--since", type=TimeParam(), default=None,
@@ -64,6 +64,8 @@ async def whatif_command(dead_after: float | None, suspect_after: int | None, br
             notes.append(f"heartbeats before {oldest:%Y-%m-%d %H:%M:%S} are no longer kept (LEDGER_HB keeps them "
                          f"24 h by default): replayed from then, the log before it taken as recorded")
         since = oldest
+    if not beats_facts.messages:
+        notes.append("no heartbeat is kept (LEDGER_HB keeps them 24 h by default): every live agent looks silent")
     recorded = wi.recorded_settings(lifecycle)
     try:
         settings = recorded.liveness(dead_after=dead_after, suspect_after_missed=suspect_after,
