@@ -53,6 +53,7 @@ AVOIDED, ADDED, EARLIER, LATER = "avoided", "added", "earlier", "later"
 TOLERANCE = 1.0
 """Seconds within which a recorded and a counterfactual verdict are the same one (the monitor judges on a tick)."""
 
+_ENDED = frozenset({lc.A_GONE, lc.A_DRAINED, lc.A_FENCED})
 _VERDICTS = (ev.AgentSuspected, ev.AgentDeclaredDead)
 _BREAKER_EVENTS = (ev.PoolBreakerTripped, ev.PoolBreakerReset)
 _PRODUCER = ev.Producer(id="monitor", instance="whatif")
@@ -113,7 +114,8 @@ class Difference(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     shift: float | None = None
     """Seconds the verdict moved (earlier or later)."""
     longest_gap: float | None = None
-    """The longest silence of this agent's incarnation in the replayed window (to the window's end when silent)."""
+    """The longest silence of this agent's incarnation in the replayed window (its last: to its goodbye, its next
+    registration or the window's end)."""
     note: str = ""
 
 
@@ -224,6 +226,8 @@ class _Run:
         self.last_beat: dict[tuple[str, int], int] = {}
         """(agent, incarnation) -> stored time (µs) of its newest beat (or its registration)."""
         self.longest: dict[tuple[str, int], float] = {}
+        self.ended: dict[tuple[str, int], int] = {}
+        """(agent, incarnation) -> when it stopped being expected to beat: goodbye, drained, fenced, a new one."""
         self.clock = 0
 
     # --- the clock ---------------------------------------------------------------------------
@@ -301,6 +305,10 @@ class _Run:
         self.agents[e.agent_id] = after
         if isinstance(e, ev.AgentRegistered):
             self.last_beat[(e.agent_id, after.incarnation)] = at
+            if before is not None:
+                self.ended.setdefault((e.agent_id, before.incarnation), at)
+        elif after.status in _ENDED:
+            self.ended.setdefault((e.agent_id, after.incarnation), at)
         self._changed(after, at)
 
     def _changed(self, agent: lc.AgentState, at: int) -> None:
@@ -423,14 +431,13 @@ class _Run:
                        gap=_gap(evidence, agent.registered_at), detail=evidence.detail)
 
     def finish(self, end: int) -> None:
-        """Judge up to the end of the window; count each live agent's silence up to it."""
+        """Judge up to the end of the window; count each incarnation's last silence, up to its end or the window's
+        (a death does not end it: the log's silence is the evidence, whoever judged it)."""
         self.advance(end, inclusive=True)
-        for (agent_id, incarnation), at in self.last_beat.items():
-            agent = self.agents.get(agent_id)
-            if agent is not None and agent.incarnation == incarnation and agent.status in (lc.A_ALIVE,
-                                                                                          lc.A_DRAINING):
-                key = (agent_id, incarnation)
-                self.longest[key] = max(self.longest.get(key, 0.0), (end - max(at, self.since or 0)) / 1e6)
+        for key, at in self.last_beat.items():
+            stop = min(self.ended.get(key, end), end)
+            if stop > at:
+                self.longest[key] = max(self.longest.get(key, 0.0), (stop - max(at, self.since or 0)) / 1e6)
 
 
 def _key(e: ev.AgentSuspected | ev.AgentDeclaredDead, evidence: ev.Evidence) -> Key:

@@ -43,7 +43,8 @@ async def whatif_command(dead_after: float | None, suspect_after: int | None, br
     trips that would have been avoided, added, earlier or later, with each agent's evidence.
 
     Settings not given are the recorded ones (read from the recorded verdicts' evidence). Heartbeats are
-    kept 24 h by default (LEDGER_HB): the replay starts at the oldest beat kept, or --since if later.
+    kept 24 h by default (LEDGER_HB): once older ones expired, the replay starts at the oldest beat kept
+    (or --since if later); the log before it is taken as recorded.
 
     \b
     ledger whatif --dead-after 60s                    # would a longer ttl have saved them?
@@ -58,8 +59,8 @@ async def whatif_command(dead_after: float | None, suspect_after: int | None, br
         beats = await _read(store, subjects.family_filter(subjects.HEARTBEAT_FAMILY), subjects.HEARTBEAT_STREAM,
                             until)
     notes = []
-    oldest = from_ns(beats_facts.first_ns) if beats_facts.messages else None
-    if oldest is not None and (since is None or since < oldest):
+    oldest = from_ns(beats_facts.first_ns) if beats_facts.messages and beats_facts.first_seq > 1 else None
+    if oldest is not None and (since is None or since < oldest):  # beats before it expired: silence is no evidence
         if since is not None:
             notes.append(f"heartbeats before {oldest:%Y-%m-%d %H:%M:%S} are no longer kept (LEDGER_HB keeps them "
                          f"24 h by default): replayed from then, the log before it taken as recorded")
