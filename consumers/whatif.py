@@ -456,37 +456,49 @@ def whatif(items: Iterable[Item], settings: rules.LivenessSettings, *, recorded:
            since: datetime | None = None, until: datetime | None = None, pool: str | None = None,
            tolerance: float = TOLERANCE, notes: Sequence[str] = ()) -> Report:
     """Re-judge the log under `settings` from `since` (the log before it is folded as recorded) to `until`
-    (default: the newest item), and compare with what the monitor recorded. `items`: both streams, merged
+    (default: the newest item; items up to `tolerance` after it are read to match verdicts near the end, the
+    reader should pass them), and compare with what the monitor recorded. `items`: both streams, merged
     in stored-time order (`merged`)."""
     run = _Run(settings, since)
     last = 0
+    # a verdict up to `tolerance` after the window's end may be the match of one inside it: judged, not reported
+    bound = _micros(until) + round(tolerance * 1e6) if until is not None else None
     for item in items:
+        if bound is not None and item.timestamp_ns // 1000 > bound:
+            break
         run.apply(item)
         last = max(last, item.timestamp_ns // 1000)
-    end = _micros(until) if until is not None else last
+    end = bound if bound is not None else last
     run.finish(end)
-    differences = _compare(run, tolerance, pool, end)
-    recorded_tally = _tally(run.was, pool)
-    whatif_tally = _tally(run.would, pool)
+    notes = list(notes)
+    if pool is not None and not any(a.pool == pool for a in run.agents.values()):
+        notes.append(f"no agent of pool {pool} in the log")
+    differences = _compare(run, tolerance, pool, end, _micros(until) if until is not None else end)
+
+    window_end = _micros(until) if until is not None else end
+    recorded_tally = _tally(run.was, pool, window_end)
+    whatif_tally = _tally(run.would, pool, window_end)
     choice = {"dead_after": settings.policy.dead_after, "suspect_after_missed": settings.policy.suspect_after_missed,
               "breaker_share": settings.breaker_share, "breaker_window": settings.breaker_window}
     return Report(settings=choice, recorded_settings=recorded, since=since, until=until, recorded=recorded_tally,
                   whatif=whatif_tally, differences=differences, summary=summary(settings, recorded, recorded_tally,
                                                                                  differences),
-                  notes=list(notes))
+                  notes=notes)
 
 
-def _tally(verdicts: dict[Key, tuple[str, Outcome]], pool: str | None) -> Tally:
-    mine = [(k, o) for k, (p, o) in verdicts.items() if pool is None or p == pool]
+def _tally(verdicts: dict[Key, tuple[str, Outcome]], pool: str | None, until: int) -> Tally:
+    mine = [(k, o) for k, (p, o) in verdicts.items() if (pool is None or p == pool) and _micros(o.at) <= until]
     return Tally(deaths=sum(1 for k, _ in mine if k[0] == DEATH), suspicions=sum(1 for k, _ in mine
                                                                                  if k[0] == SUSPICION),
                  trips=sum(1 for k, _ in mine if k[0] == BREAKER),
                  failovers=sum(o.sessions for k, o in mine if k[0] == DEATH))
 
 
-def _compare(run: _Run, tolerance: float, pool: str | None, end: int) -> list[Difference]:
+def _compare(run: _Run, tolerance: float, pool: str | None, end: int, until: int) -> list[Difference]:
     out = []
     for key in sorted(run.was.keys() | run.would.keys(), key=lambda k: _first_time(run, k)):
+        if _micros(_first_time(run, key)) > until:
+            continue  # after the window (judged only to match those inside it)
         what, subject, incarnation, _ = key
         was, would = run.was.get(key), run.would.get(key)
         where = was[0] if was is not None else would[0] if would is not None else ""

@@ -213,9 +213,10 @@ def monitored(fleet: list[list[int]], pools: int, settings_: rules.LivenessSetti
 @settings(max_examples=25, deadline=None)
 @given(fleet=st.lists(gaps, min_size=1, max_size=5), pools=st.integers(1, 2), suspect_after=st.integers(1, 4),
        dead_after=st.one_of(st.none(), st.integers(1, 4).map(lambda s: s + 0.55)),
-       share=st.sampled_from((0.3, 0.5, 0.7)), window=st.sampled_from((2.0, 60.0)))
+       share=st.sampled_from((0.3, 0.5, 0.7)), window=st.sampled_from((2.0, 60.0)), cut=st.integers(0, 40_000))
 def test_the_recorded_settings_replay_to_no_difference(fleet: list[list[int]], pools: int, suspect_after: int,
-                                                       dead_after: float | None, share: float, window: float):
+                                                       dead_after: float | None, share: float, window: float,
+                                                       cut: int):
     made_with = rules.LivenessSettings(policy=HealthPolicy(suspect_after_missed=suspect_after, dead_after=dead_after),
                                        breaker_share=share, breaker_window=window, breaker_min_agents=3)
     log = monitored(fleet, pools, made_with)
@@ -228,6 +229,8 @@ def test_the_recorded_settings_replay_to_no_difference(fleet: list[list[int]], p
     report = wi.whatif(log.items, made_with, recorded=recorded)
     assert report.differences == [], report.differences
     assert ": no difference (" in report.summary
+    window = wi.whatif(log.items, made_with, recorded=recorded, until=ms(cut))  # a window ending anywhere
+    assert window.differences == [], window.differences
     # and a much longer dead-after avoids every recorded death, with the agents' evidence
     longer = wi.whatif(log.items, recorded.liveness(dead_after=1000.0), recorded=recorded)
     avoided = [d for d in longer.differences if d.what == wi.DEATH]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import click
 
@@ -55,9 +55,10 @@ async def whatif_command(dead_after: float | None, suspect_after: int | None, br
         raise click.UsageError("--until is before --since")
     async with EventStore.connect(settings_from(nats_url), name="ledger-whatif") as store:
         beats_facts = await store.stream_facts(subjects.HEARTBEAT_STREAM)
-        lifecycle = await _read(store, subjects.family_filter("*"), subjects.LEDGER_STREAM, until)
+        read_until = until + timedelta(seconds=tolerance) if until is not None else None  # (see wi.whatif)
+        lifecycle = await _read(store, subjects.family_filter("*"), subjects.LEDGER_STREAM, read_until)
         beats = await _read(store, subjects.family_filter(subjects.HEARTBEAT_FAMILY), subjects.HEARTBEAT_STREAM,
-                            until)
+                            read_until)
     notes = []
     oldest = from_ns(beats_facts.first_ns) if beats_facts.messages and beats_facts.first_seq > 1 else None
     if oldest is not None and (since is None or since < oldest):  # beats before it expired: silence is no evidence
