@@ -345,3 +345,13 @@ def test_a_pool_failing_together_trips_the_breaker_unless_the_share_is_higher():
     assert [(d.what, d.kind, d.subject) for d in higher.differences] == [(wi.BREAKER, wi.AVOIDED, "p0")]
     assert higher.summary.endswith("1 breaker trip avoided")
     assert wi.whatif(log.items, recorded.liveness(breaker_share=0.9), recorded=recorded, pool="p1").differences == []
+
+
+def test_a_window_ending_between_a_turn_and_the_monitors_next_tick_shows_no_difference():
+    made_with = rules.LivenessSettings()
+    log = monitored([[1030]], 1, made_with)  # one beat at 1 s: suspect at 4 s, written on the tick at 4.06 s
+    recorded = wi.recorded_settings(log.items)
+    [suspected] = [r for r in log.items if isinstance(r, Recorded) and isinstance(r.event, ev.AgentSuspected)]
+    assert suspected.stored_at == ms(4060)
+    report = wi.whatif(log.items, made_with, recorded=recorded, until=ms(4030))
+    assert report.differences == [] and report.whatif.suspicions == 1 and report.recorded.suspicions == 0
