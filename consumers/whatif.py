@@ -167,7 +167,9 @@ def recorded_settings(items: Iterable[Item]) -> RecordedSettings:
                 suspect_after[e.evidence.suspect_after_missed] += 1
             if e.evidence.dead_after is not None:
                 dead_after[None if e.evidence.dead_after == agent.ttl else e.evidence.dead_after] += 1
-        agents[e.agent_id] = lc.evolve_agent(agent, item)[0] or agents.get(e.agent_id)  # type: ignore[assignment]
+        after, _ = lc.evolve_agent(agent, item)
+        if after is not None:
+            agents[e.agent_id] = after
     defaults = rules.LivenessSettings()
     return RecordedSettings(
         dead_after=_most_common(dead_after, defaults.policy.dead_after),
@@ -288,8 +290,7 @@ class _Run:
         if isinstance(e, ev.AgentEvent):
             self._agent_event(item, e, at)
         elif isinstance(e, ev.PoolEvent):
-            self.pools[e.pool] = lc.evolve_pool(self.pools.get(e.pool), item)[0] or self.pools.get(e.pool)  # type: ignore[assignment]
-            self.breakers.set(e.pool, at)
+            self._pool_event(item, e, at)
         if isinstance(e, ev.AgentDeclaredDead) and not self.judging and change.applied:
             self.deaths[self._pool_of(e.agent_id)].append((e.agent_id, item.stored_at))
 
@@ -310,6 +311,12 @@ class _Run:
         elif after.status in _ENDED:
             self.ended.setdefault((e.agent_id, after.incarnation), at)
         self._changed(after, at)
+
+    def _pool_event(self, item: Recorded, e: ev.PoolEvent, at: int) -> None:
+        after, anomaly = lc.evolve_pool(self.pools.get(e.pool), item)
+        if anomaly is None and after is not None:
+            self.pools[e.pool] = after
+        self.breakers.set(e.pool, at)
 
     def _changed(self, agent: lc.AgentState, at: int) -> None:
         self.due.set(agent.agent_id, at)
@@ -422,8 +429,7 @@ class _Run:
         if isinstance(e, ev.AgentEvent):
             self._agent_event(item, e, at)
         elif isinstance(e, ev.PoolEvent):
-            self.pools[e.pool] = lc.evolve_pool(self.pools.get(e.pool), item)[0] or self.pools.get(e.pool)  # type: ignore[assignment]
-            self.breakers.set(e.pool, at)
+            self._pool_event(item, e, at)
 
     def _outcome(self, agent: lc.AgentState, verdict: rules.Verdict, now: datetime) -> Outcome:
         evidence = verdict.evidence

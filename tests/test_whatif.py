@@ -245,10 +245,13 @@ def test_a_goodbye_is_no_death_and_a_new_incarnation_is_judged_afresh():
     log.beat("a1", first, ms(1000))
     log.add(ev.AgentGoodbye(producer=ev.Producer(id="a1", instance="a1-i"), agent_id="a1", instance_id="a1-i",
                             incarnation=first), ms(1500))
+    log.add(ev.AgentDeclaredDead(producer=MONITOR, agent_id="a1", incarnation=first, reason=rules.MISSED_HEARTBEATS,
+                                 evidence=ev.Evidence(last_heartbeat_seq=1, dead_after=3.0)), ms(4100))  # no death
     second = log.register("a1", "p", ms(20_000), 1.0, 3.0)
     log.beat("a1", second, ms(21_000))  # then silent: dies 3 s later
     log.add(ev.SessionCreated(producer=ev.Producer(id="cli", instance="c"), session_id="end", pool="p"), ms(30_000))
     report = wi.whatif(log.items, rules.LivenessSettings(), recorded=wi.recorded_settings(log.items))
+    assert report.recorded.deaths == 0  # a death declared after a goodbye is no death (the fold flags it)
     [death] = [d for d in report.differences if d.what == wi.DEATH]
     assert death.incarnation == second and death.kind == wi.ADDED and death.whatif is not None
     assert close(death.whatif.at, ms(24_000))
