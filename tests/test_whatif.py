@@ -29,6 +29,7 @@ from ledgerctl.cli import cli
 from ledgerctl.server import EmbeddedServer
 from projections.health import HealthPolicy
 from projections.state import LedgerState
+from projections.timespec import parse_duration
 
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
 MONITOR = ev.Producer(id="monitor", instance="m")
@@ -358,3 +359,9 @@ def test_a_window_ending_between_a_turn_and_the_monitors_next_tick_shows_no_diff
     assert suspected.stored_at == ms(4060)
     report = wi.whatif(log.items, made_with, recorded=recorded, until=ms(4030))
     assert report.differences == [] and report.whatif.suspicions == 1 and report.recorded.suspicions == 0
+
+
+@given(h=st.integers(0, 48), m=st.integers(0, 59), sec=st.integers(0, 59))
+def test_a_duration_reads_as_the_seconds_it_names(h: int, m: int, sec: int):
+    total = h * 3600 + m * 60 + sec
+    assert parse_duration(f"{h}h{m}m{sec}s") == total == parse_duration(str(total)) == parse_duration(f"{total}s")
