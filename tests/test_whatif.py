@@ -365,3 +365,20 @@ def test_a_window_ending_between_a_turn_and_the_monitors_next_tick_shows_no_diff
 def test_a_duration_reads_as_the_seconds_it_names(h: int, m: int, sec: int):
     total = h * 3600 + m * 60 + sec
     assert parse_duration(f"{h}h{m}m{sec}s") == total == parse_duration(str(total)) == parse_duration(f"{total}s")
+
+
+def test_the_replay_judges_with_the_monitors_own_rule_functions(monkeypatch):  # type: ignore[no-untyped-def]
+    """One rule in one place: whatif calls liveness_rules' functions, it has no copy of them."""
+    calls: dict[str, int] = {}
+    for name in ("judgement", "overdue", "breaker_before_death"):
+        real = getattr(rules, name)
+
+        def counted(*args, _real=real, _name=name, **kwargs):  # type: ignore[no-untyped-def]
+            calls[_name] = calls.get(_name, 0) + 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(rules, name, counted)
+    log = monitored([[1000, 1000], [1000, 1000], [1000] * 8], 1, rules.LivenessSettings())
+    calls.clear()
+    report = wi.whatif(log.items, rules.LivenessSettings(), recorded=wi.recorded_settings(log.items))
+    assert report.whatif.deaths >= 2 and set(calls) == {"judgement", "overdue", "breaker_before_death"}
