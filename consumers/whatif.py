@@ -479,9 +479,8 @@ def whatif(items: Iterable[Item], settings: rules.LivenessSettings, *, recorded:
     notes = list(notes)
     if pool is not None and not any(a.pool == pool for a in run.agents.values()):
         notes.append(f"no agent of pool {pool} in the log")
-    differences = _compare(run, tolerance, pool, end, _micros(until) if until is not None else end)
-
     window_end = _micros(until) if until is not None else end
+    differences = _compare(run, tolerance, pool, end, window_end)
     recorded_tally = _tally(run.was, pool, window_end)
     whatif_tally = _tally(run.would, pool, window_end)
     choice = {"dead_after": settings.policy.dead_after, "suspect_after_missed": settings.policy.suspect_after_missed,
@@ -526,7 +525,7 @@ def _compare(run: _Run, tolerance: float, pool: str | None, end: int, until: int
             if agent is not None and agent.incarnation == incarnation and agent.status in (lc.A_ALIVE,
                                                                                           lc.A_DRAINING):
                 silent_from = run.last_beat.get((subject, incarnation), end)
-                dies = _moment(silent_from) + timedelta(seconds=rules_dead_after(run.settings, agent))
+                dies = _moment(silent_from) + timedelta(seconds=_dead_after(run.settings, agent))
                 note = (f"still alive when the window ends, silent for {(end - silent_from) / 1e6:.1f}s "
                         f"(dead at {dies:%H:%M:%S} if it stayed silent)")
             elif agent is not None and agent.incarnation == incarnation:
@@ -539,7 +538,7 @@ def _compare(run: _Run, tolerance: float, pool: str | None, end: int, until: int
     return out
 
 
-def rules_dead_after(settings: rules.LivenessSettings, agent: lc.AgentState) -> float:
+def _dead_after(settings: rules.LivenessSettings, agent: lc.AgentState) -> float:
     """The silence after which `agent` is dead under `settings` (as `assess` reckons it)."""
     return assess(agent, None, agent.registered_at, settings.policy).dead_after
 
