@@ -59,3 +59,18 @@ def _in_range(text: str, when: datetime) -> datetime:
 def _out_of_range(text: str) -> InvalidQuery:
     return InvalidQuery(f"{text!r} is out of range: the ledger's times run from {EARLIEST:%Y-%m-%d} "
                         f"to {LATEST:%Y-%m-%d}")
+
+
+_DURATION = re.compile(r"^(?:\d+(?:\.\d+)?[smhdw])+$")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from "90", "90s", "1m30s", "2h" (the relative times' units); InvalidQuery says what is accepted."""
+    value = text.strip().lower()
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    if not _DURATION.match(value):
+        raise InvalidQuery(f"{text!r} is not a duration: use seconds (60) or units (60s, 1m30s, 2h)")
+    return sum(float(n) * _UNITS[u] for n, u in _PART.findall(value))

@@ -225,6 +225,13 @@ CASES: dict[str, list[Case]] = {
             Case("why planet p1 --nats-url {url}", "planet"),
             Case("why session s1 --nats-url {url} --at now --at-seq 1", "--at or --at-seq, not both"),
             time_case("why session s1 --nats-url {url} --at -999999999d")],
+    "whatif": [*connecting("whatif"),
+               Case("whatif --nats-url {url} --dead-after -60s", "--dead-after"),
+               Case("whatif --nats-url {url} --dead-after soon", "not a duration"),
+               Case("whatif --nats-url {url} --suspect-after 0", "--suspect-after"),
+               Case("whatif --nats-url {url} --breaker-share 1.5", "--breaker-share"),
+               Case("whatif --nats-url {url} --since -1m --until -1h", "--until is before --since"),
+               time_case("whatif --nats-url {url} --since -999999999d")],
 }
 
 

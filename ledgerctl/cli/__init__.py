@@ -22,6 +22,7 @@ from .schema import schema_command
 from .server import init_command, server_command
 from .up import up_command
 from .views import VIEW_COMMANDS
+from .whatif import whatif_command
 from .why import why_command
 
 
@@ -45,7 +46,7 @@ def cli(verbose: int, log_format: str) -> None:
 for command in (auth_group, up_command, demo_command, doctor_command, check_command, server_command, init_command,
                 agent_command, session_group, route_group, unreachable_command, replay_command, consumers_command,
                 pool_group, drain_command, schema_command, *VIEW_COMMANDS, *PROJECTOR_COMMANDS,
-                query_service_command, why_command):
+                query_service_command, why_command, whatif_command):
     cli.add_command(command)
 
 

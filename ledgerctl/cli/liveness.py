@@ -15,7 +15,41 @@ from typing import Any
 import click
 
 from ledger.errors import LedgerError
+from projections.errors import InvalidQuery
 from projections.health import HealthPolicy
+from projections.timespec import parse_duration
+
+
+class Duration(click.ParamType):
+    """Seconds, as a number (60) or with units (60s, 1m30s); positive."""
+
+    name = "DURATION"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> object:
+        if not isinstance(value, str):
+            return value
+        try:
+            seconds = parse_duration(value)
+        except InvalidQuery as e:
+            self.fail(str(e), param, ctx)
+        if not seconds > 0:
+            self.fail(f"{value!r} must be more than 0 seconds", param, ctx)
+        return seconds
+
+
+Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+def dead_after_option(default: str = "LEDGER_DEAD_AFTER, else each agent's ttl") -> Decorator:
+    """--dead-after (a Duration, None when not given); `default` says in the help what applies then."""
+    return click.option("--dead-after", type=Duration(), default=None,
+                        help=f"Seconds without a heartbeat before an agent is dead (60, 60s, 2m) [default: {default}].")
+
+
+def suspect_after_option(default: str = "LEDGER_SUSPECT_AFTER_MISSED, else 3") -> Decorator:
+    """--suspect-after (None when not given); `default` says in the help what applies then."""
+    return click.option("--suspect-after", type=click.IntRange(1), default=None,
+                        help=f"Missed heartbeat intervals before an agent is suspect [default: {default}].")
 
 
 def policy_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -25,12 +59,7 @@ def policy_options(f: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, suspect_after: int | None, dead_after: float | None, **kwargs: Any) -> Any:
         return f(*args, policy=policy_from(suspect_after, dead_after), **kwargs)
 
-    wrapper = click.option("--dead-after", type=click.FloatRange(min=0, min_open=True), default=None,
-                           help="Seconds without a heartbeat before an agent is dead "
-                                "[default: LEDGER_DEAD_AFTER, else each agent's ttl].")(wrapper)
-    return click.option("--suspect-after", type=click.IntRange(1), default=None,
-                        help="Missed heartbeat intervals before an agent is suspect "
-                             "[default: LEDGER_SUSPECT_AFTER_MISSED, else 3].")(wrapper)
+    return suspect_after_option()(dead_after_option()(wrapper))
 
 
 def policy_from(suspect_after: int | None, dead_after: float | None) -> HealthPolicy:
