@@ -189,6 +189,7 @@ COMPARE_AND_SET: dict[str, CasRule] = {
     "session.claimed": CasRule(_HISTORY.format(family="session"), _LAST),
     "session.released": CasRule(_HISTORY.format(family="session"), _LAST),
     "session.resource_reported": CasRule(_HISTORY.format(family="session"), _LAST),
+    "session.checkpointed": CasRule(_HISTORY.format(family="session"), _LAST),
     "session.orphaned": CasRule(_HISTORY.format(family="session"), _LAST),
     "session.terminated": CasRule(_HISTORY.format(family="session"), _LAST),
     "route.transitioned": CasRule(_HISTORY.format(family="route"), _LAST),
