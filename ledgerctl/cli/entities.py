@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+
 import click
 import msgspec
 
@@ -12,16 +14,52 @@ from ledger.writer import Writer
 from .common import async_command, echo, nats_url_option, producer_id_option, settings_from, to_json
 
 
+def checkpoint_data(data: bytes) -> tuple[str, str]:
+    """(encoding, text) to show a checkpoint's bytes safely: as text if they are printable UTF-8 (newlines and
+    tabs allowed), else as base64 - never raw bytes that could drive the terminal."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is not None and text.replace("\n", "").replace("\t", "").isprintable():
+        return "utf-8", text
+    return "base64", base64.b64encode(data).decode("ascii")
+
+
+def checkpoint_json(cp: lc.Checkpoint) -> dict[str, object]:
+    encoding, shown = checkpoint_data(cp.data)
+    return {"seq": cp.seq, "size": len(cp.data), "agent_id": cp.agent_id, "token": cp.token, "at": cp.at,
+            "note": cp.note, "encoding": encoding, "data": shown}
+
+
+def checkpoint_lines(cp: lc.Checkpoint) -> list[str]:
+    encoding, shown = checkpoint_data(cp.data)
+    head = (f"#{cp.seq} by {cp.agent_id} (token {cp.token}) at {cp.at}, {len(cp.data)} bytes"
+            + (f" ({encoding})" if encoding != "utf-8" else "") + (f": {cp.note}" if cp.note else ""))
+    return [head, *(shown.splitlines() or [""])] if cp.data else [head]
+
+
 def _show(state: msgspec.Struct | None, last_seq: int, as_json: bool, what: str) -> None:
     if state is None:
         raise click.ClickException(f"{what} does not exist")
+    checkpoint = state.checkpoint if isinstance(state, lc.SessionState) else None
     if as_json:
-        echo(to_json({"state": state, "last_seq": last_seq}))
+        doc: dict[str, object] = {"state": state, "last_seq": last_seq}
+        if isinstance(state, lc.SessionState):  # the state has the bytes as base64; this says how to read them
+            doc["checkpoint"] = checkpoint_json(checkpoint) if checkpoint is not None else None
+        echo(to_json(doc))
         return
     for key, value in msgspec.structs.asdict(state).items():
+        if key == "checkpoint":
+            continue
         if value not in (None, "", {}, ()):
             echo(f"{key:>22}: {value}")
     echo(f"{'last_seq':>22}: {last_seq}")
+    if checkpoint is not None:
+        first, *rest = checkpoint_lines(checkpoint)
+        echo(f"{'checkpoint':>22}: {first}")
+        for line in rest:
+            echo(f"{'':>22}  | {line}")
 
 
 @click.group("session")
