@@ -168,7 +168,8 @@ def claim_problem(state: SessionState | None, agent_id: str, incarnation: int, p
 
 def owner_write_problem(state: SessionState | None, agent_id: str, incarnation: int, token: int | None,
                         current: CurrentIncarnation | None = None, what: str = "owner write") -> Anomaly | None:
-    """Why an owner write (release, resource report, checkpoint) by `agent_id`/`incarnation` under `token` must not apply.
+    """Why an owner write (release, resource report, checkpoint) by `agent_id`/`incarnation` under `token` must not
+    apply.
 
     The one rule for both sides: the fold flags such a write, and `decide.check_owner`
     refuses it before it is written. The write must carry the session's current
