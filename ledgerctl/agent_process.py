@@ -283,10 +283,10 @@ async def run(ledger: Writer, *, agent_id: str, pool: str, platform: str, region
         if self_claim:
             claimer = SelfClaimer(agent, say, policy, got)
             running.append(asyncio.create_task(claimer.run()))
-        if progress is not None:
-            running.append(asyncio.create_task(progress.run()))
             if report_health:
                 running.append(asyncio.create_task(HealthReporter(agent, claimer.follower).run()))
+        if progress is not None:
+            running.append(asyncio.create_task(progress.run()))
         try:
             await agent.wait_stopped()
         finally:

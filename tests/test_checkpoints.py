@@ -273,3 +273,22 @@ async def test_session_show_prints_the_checkpoint_as_text_or_base64_and_json_has
 
         assert base64.b64decode(doc["checkpoint"]["data"]) == hostile
         assert base64.b64decode(doc["state"]["checkpoint"]["data"]) == hostile
+
+
+async def test_session_show_in_the_past_and_the_history_show_which_checkpoint_was_current(
+        settings: Settings, ledger: Writer, uid: str):
+    sid, _ = await ledger.create_session("p", session_id=f"{uid}-s")
+    async with agent_of(ledger, f"{uid}-a1") as a1:
+        await a1.claim(sid)
+        first = await a1.checkpoint(sid, b"progress=1")
+        second = await a1.checkpoint(sid, b"progress=22")
+    then = json.loads(ledger_cli(settings, "session", "show", sid, "--at-seq", str(first), "--json").stdout)
+    assert (then["checkpoint"]["seq"], then["checkpoint"]["data"], then["last_seq"]) == (first, "progress=1", first)
+    now = json.loads(ledger_cli(settings, "session", "show", sid, "--json").stdout)
+    assert (now["checkpoint"]["seq"], now["checkpoint"]["data"]) == (second, "progress=22")
+    both = ledger_cli(settings, "session", "show", sid, "--at-seq", "1", "--as-of", "now")
+    assert both.returncode != 0 and "not both" in both.stderr and "Traceback" not in both.stderr
+    history = ledger_cli(settings, "history", "session", sid, "--db", "/nonexistent/x.db")
+    assert history.returncode == 0, history.stderr
+    assert f"checkpoint: None -> #{first} (10 bytes)" in history.stdout
+    assert f"checkpoint: #{first} (10 bytes) -> #{second} (11 bytes)" in history.stdout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from datetime import datetime
 
 import click
 import msgspec
@@ -10,8 +11,10 @@ import msgspec
 from ledger import lifecycle as lc
 from ledger.events import Probe
 from ledger.writer import Writer
+from projections.history import session_as_of
+from projections.timespec import EXAMPLES
 
-from .common import async_command, echo, nats_url_option, producer_id_option, settings_from, to_json
+from .common import TimeParam, async_command, echo, nats_url_option, producer_id_option, settings_from, to_json
 
 
 def checkpoint_data(data: bytes) -> tuple[str, str]:
@@ -108,14 +111,30 @@ async def session_terminate(session_id: str, reason: str, nats_url: str, produce
 
 @session_group.command("show")
 @click.argument("session_id")
-@click.option("--json", "as_json", is_flag=True, help="JSON output.")
+@click.option("--json", "as_json", is_flag=True, help="JSON output (a checkpoint's bytes as text or base64, "
+                                                      "with its size).")
+@click.option("--as-of", "as_of", type=TimeParam(), default=None, help=f"The session as it was at TIME: {EXAMPLES}.")
+@click.option("--at-seq", type=click.IntRange(min=0), default=None, metavar="N",
+              help="The session as it was just after LEDGER stream sequence N.")
 @nats_url_option
 @async_command
-async def session_show(session_id: str, as_json: bool, nats_url: str) -> None:
-    """A session's current state, folded from its history."""
+async def session_show(session_id: str, as_json: bool, as_of: datetime | None, at_seq: int | None,
+                       nats_url: str) -> None:
+    """A session's current state, folded from its history, with the newest checkpoint its owners recorded.
+
+    \b
+    Example:
+      ledger session show s-42
+      ledger session show s-42 --as-of '10 minutes ago' --json
+    """
+    if as_of is not None and at_seq is not None:
+        raise click.UsageError("use --as-of or --at-seq, not both")
     async with Writer.connect(settings_from(nats_url)) as ledger:
-        state, last = await ledger.session(session_id)
-    _show(state, last, as_json, f"session {session_id}")
+        if as_of is None and at_seq is None:
+            state, last = await ledger.session(session_id)
+        else:
+            state, last = await session_as_of(ledger.store, session_id, seq=at_seq, time=as_of)
+    _show(state, last, as_json, f"session {session_id}" + (" at that point" if as_of or at_seq is not None else ""))
 
 
 @click.group("route")
