@@ -337,6 +337,8 @@ def _type_text(prop: dict[str, Any]) -> str:
         return "time"
     if prop.get("pattern") == _TOKEN:
         return "id"
+    if prop.get("contentEncoding") == "base64":
+        return f"bytes, base64 (<= {prop['maxLength']} chars)" if "maxLength" in prop else "bytes, base64"
     if t == "string":
         return f"string {prop.get('minLength', 0)}-{prop['maxLength']} chars" if "maxLength" in prop else "string"
     if t == "array":
