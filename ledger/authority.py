@@ -82,6 +82,7 @@ WRITERS: Final[dict[str, frozenset[str]]] = {
     "session.claimed": frozenset({SELF, RECLAIMER}),
     "session.released": frozenset({SELF}),
     "session.resource_reported": frozenset({SELF}),
+    "session.checkpointed": frozenset({SELF}),
     "session.orphaned": frozenset({RECLAIMER}),
     "session.terminated": frozenset({OPERATOR, OWNER}),
     # Routes: operators, the watchdog (timeouts, stale health), and the agent owning the route's session.

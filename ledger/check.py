@@ -135,6 +135,7 @@ _REQUIRED: dict[str, dict[str, type]] = {
                                   "platform_resource_id": _S},
     "session.orphaned": {"session_id": _S, "reason": _S},
     "session.terminated": {"session_id": _S},
+    "session.checkpointed": {"session_id": _S, "agent_id": _S, "incarnation": _I, "token": _I},
     "route.created": {"route_id": _S, "session_id": _S, "endpoint": _S},
     "route.transitioned": {"route_id": _S, "from_state": _S, "to_state": _S},
     "route.health_reported": {"route_id": _S, "healthy": bool, "checked_at": _S},
@@ -426,7 +427,7 @@ class Checker:
             return
         if tag == "session.claimed":
             self._claim(s, e, m)
-        elif tag in ("session.released", "session.resource_reported"):
+        elif tag in ("session.released", "session.resource_reported", "session.checkpointed"):
             if self._treats_as_applied(_int(e, "token"), tag) or self._incarnation_problem(e, tag):
                 return
             token, agent_id = _int(e, "token"), _str(e, "agent_id")

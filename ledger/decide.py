@@ -87,6 +87,14 @@ def check_owner(state: lc.SessionState | None, session_id: str, who: AgentRef, t
     raise StaleToken(session_id, token, state.token, state.owner)
 
 
+def check_checkpoint_size(data: bytes) -> None:
+    """Refuse a checkpoint too large to record, before anything is read or appended."""
+    if len(data) > ev.MAX_CHECKPOINT_BYTES:
+        raise InvalidInput(f"checkpoint of {len(data)} bytes is larger than the {ev.MAX_CHECKPOINT_BYTES} bytes a "
+                           f"checkpoint may hold (record progress, not state: put large state elsewhere and "
+                           f"checkpoint where it is)")
+
+
 def decide_orphan(state: lc.SessionState | None, session_id: str, *, producer: ev.Producer, reason: str,
                   previous_token: int, previous_owner: str | None = None,
                   causation_id: str | None = None) -> ev.SessionOrphaned:

@@ -62,6 +62,7 @@ __all__ = [
     "SessionResourceReported",
     "SessionOrphaned",
     "SessionTerminated",
+    "SessionCheckpointed",
     "RouteEvent",
     "Probe",
     "RouteCreated",
@@ -74,6 +75,7 @@ __all__ = [
     "EVENT_TYPES",
     "BY_TAG",
     "SCHEMA_VERSION",
+    "MAX_CHECKPOINT_BYTES",
     "utcnow",
     "CLOCK",
 ]
@@ -127,6 +129,10 @@ Ref = Annotated[str, Meta(min_length=1, max_length=128)]
 value would cost every decode, and a heartbeat lists every session of its agent)."""
 Labels = Annotated[dict[Annotated[str, Meta(min_length=1, max_length=256)], Text], Meta(max_length=256)]
 Ids = Annotated[tuple[Ref, ...], Meta(max_length=100_000)]
+MAX_CHECKPOINT_BYTES = 16 * 1024
+"""The largest checkpoint an owner may record: a progress marker, not a state store (base64 in JSON, it stays
+well inside `codec.MAX_EVENT_BYTES`)."""
+CheckpointData = Annotated[bytes, Meta(max_length=MAX_CHECKPOINT_BYTES)]
 
 # While the codec decodes, a missing envelope field must stay visibly missing (a new random id
 # or the reader's clock would make two readings of one log differ). The default factories
@@ -360,6 +366,20 @@ class SessionTerminated(SessionEvent, frozen=True, tag="session.terminated"):
     reason: Text = ""
 
 
+class SessionCheckpointed(SessionEvent, frozen=True, tag="session.checkpointed"):
+    """The owner's progress so far, for whoever owns the session next (after a failover, a drain, a take-over).
+
+    An owner write like a release: under the claim token, from the incarnation that holds it. The fold keeps
+    the newest one across releases, orphanings and claims; a termination drops it.
+    """
+
+    agent_id: Token
+    incarnation: Count
+    token: Seq
+    data: CheckpointData = b""
+    note: Text = ""
+
+
 # --- routes -------------------------------------------------------------------
 
 
@@ -463,6 +483,7 @@ AnyEvent = (
     | PoolBreakerTripped
     | PoolBreakerReset
     | AgentDrainRequested
+    | SessionCheckpointed
 )
 """Every event type the ledger knows: the closed union the codec decodes."""
 

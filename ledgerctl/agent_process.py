@@ -188,6 +188,54 @@ class HealthReporter:
                 log.debug("health of route %s not reported: %s", route.route_id, e)
 
 
+PROGRESS = b"progress="
+"""The reference agent's checkpoint: `progress=<N>`, a counter of the work units done on the session so far."""
+
+
+def progress_of(checkpoint: lc.Checkpoint | None) -> int | None:
+    """The counter a checkpoint of the reference agent's holds (None: no checkpoint, or another program's)."""
+    if checkpoint is None or not checkpoint.data.startswith(PROGRESS):
+        return None
+    digits = checkpoint.data[len(PROGRESS):]
+    return int(digits) if digits.isdigit() and len(digits) <= 18 else None
+
+
+class Progress:
+    """A stand-in for real work: one unit per session per `every` seconds, checkpointed after each, so the
+    session's next owner (after a failover or a drain) resumes from the last checkpoint instead of from zero."""
+
+    def __init__(self, agent: Agent, every: float, say: Callable[[str], None]) -> None:
+        self.agent, self.every, self.say = agent, every, say
+        self.done: dict[str, int] = {}
+        """Session -> work units done on it (by all its owners, as far as the checkpoints tell)."""
+
+    def gained(self, claim: Claim) -> None:
+        n = progress_of(claim.checkpoint)
+        self.done[claim.session_id] = n or 0
+        if n is not None and claim.checkpoint is not None:
+            self.say(f"resuming {claim.session_id} from checkpoint {n} "
+                     f"(#{claim.checkpoint.seq}, written by {claim.checkpoint.agent_id})")
+
+    async def run(self) -> None:
+        while True:
+            cancellation.raise_if_cancelled()
+            await asyncio.sleep(self.every)
+            await self.step()
+
+    async def step(self) -> None:
+        owned = self.agent.owned
+        for sid in [s for s in self.done if s not in owned]:
+            del self.done[sid]  # lost: its next owner goes on from our last checkpoint
+        for sid, claim in owned.items():
+            n = self.done.setdefault(sid, progress_of(claim.checkpoint) or 0) + 1
+            try:
+                await self.agent.checkpoint(sid, PROGRESS + str(n).encode(), note=f"{n} unit(s) done")
+            except LedgerError as e:  # lost it meanwhile, or fenced: the work unit is not counted
+                log.info("checkpoint of %s not written: %s", sid, e)
+                continue
+            self.done[sid] = n
+
+
 def address(template: str, agent_id: str, session_id: str) -> str:
     """The address a session runs at; KeyError, IndexError or ValueError for a template that names other fields."""
     return template.format(agent=agent_id, session=session_id)
@@ -196,7 +244,7 @@ def address(template: str, agent_id: str, session_id: str) -> str:
 async def run(ledger: Writer, *, agent_id: str, pool: str, platform: str, region: str, capacity: int,
               heartbeat: float, ttl: float, say: Callable[[str], None], self_claim: bool = True,
               policy: HealthPolicy | None = None, address_template: str | None = None,
-              report_health: bool = False) -> None:
+              report_health: bool = False, checkpoint_every: float | None = None) -> None:
     """Run until SIGTERM or SIGINT, then say goodbye once.
 
     Without `self_claim` the agent only runs what reclaimers give it (push mode):
@@ -205,6 +253,8 @@ async def run(ledger: Writer, *, agent_id: str, pool: str, platform: str, region
     (LEDGER_SUSPECT_AFTER_MISSED, LEDGER_DEAD_AFTER), as `ledger consumers` and `ledger up` read it.
     `address_template`: report each session gained as running there (`address`); None: report nothing.
     `report_health`: report the probed routes of its sessions healthy (needs `self_claim`: it reads the routes).
+    `checkpoint_every`: do a unit of (pretend) work on each session every so many seconds and checkpoint the count
+    (`Progress`); a session gained with a checkpoint resumes from it. None: no work, no checkpoints.
     """
     policy = policy if policy is not None else HealthPolicy.from_env()
     agent = Agent(ledger, agent_id=agent_id, pool=pool, platform=platform, region=region, capacity=capacity,
@@ -213,20 +263,30 @@ async def run(ledger: Writer, *, agent_id: str, pool: str, platform: str, region
                   on_lost=lambda sid, why: say(f"lost {sid}: {why}"),
                   on_gained=lambda claim, by: gained(claim, by))
     reporter = ResourceReporter(agent, address_template, say)
+    progress = Progress(agent, checkpoint_every, say) if checkpoint_every is not None else None
 
     def gained(claim: Claim, by: str) -> None:
         say(f"now owns {claim.session_id} (token {claim.token}, {claim.reason}, claimed by {by})")
-        reporter.gained(claim.session_id)
+        got(claim.session_id)
+
+    def got(session_id: str) -> None:
+        """A session became ours (given by a reclaimer, or claimed ourselves)."""
+        reporter.gained(session_id)
+        claim = agent.owned.get(session_id)
+        if progress is not None and claim is not None:
+            progress.gained(claim)
 
     async with agent:
         say(f"registered {agent_id} (incarnation {agent.incarnation}) in pool {pool}/{platform}/{region}, "
             f"capacity {capacity}, heartbeat {heartbeat:g} s, ttl {ttl:g} s")
         running = [asyncio.create_task(IdleReaper(agent).run())]
         if self_claim:
-            claimer = SelfClaimer(agent, say, policy, reporter.gained)
+            claimer = SelfClaimer(agent, say, policy, got)
             running.append(asyncio.create_task(claimer.run()))
             if report_health:
                 running.append(asyncio.create_task(HealthReporter(agent, claimer.follower).run()))
+        if progress is not None:
+            running.append(asyncio.create_task(progress.run()))
         try:
             await agent.wait_stopped()
         finally:

@@ -189,6 +189,7 @@ COMPARE_AND_SET: dict[str, CasRule] = {
     "session.claimed": CasRule(_HISTORY.format(family="session"), _LAST),
     "session.released": CasRule(_HISTORY.format(family="session"), _LAST),
     "session.resource_reported": CasRule(_HISTORY.format(family="session"), _LAST),
+    "session.checkpointed": CasRule(_HISTORY.format(family="session"), _LAST),
     "session.orphaned": CasRule(_HISTORY.format(family="session"), _LAST),
     "session.terminated": CasRule(_HISTORY.format(family="session"), _LAST),
     "route.transitioned": CasRule(_HISTORY.format(family="route"), _LAST),
@@ -336,6 +337,8 @@ def _type_text(prop: dict[str, Any]) -> str:
         return "time"
     if prop.get("pattern") == _TOKEN:
         return "id"
+    if prop.get("contentEncoding") == "base64":
+        return f"bytes, base64 (<= {prop['maxLength']} chars)" if "maxLength" in prop else "bytes, base64"
     if t == "string":
         return f"string {prop.get('minLength', 0)}-{prop['maxLength']} chars" if "maxLength" in prop else "string"
     if t == "array":

@@ -20,11 +20,13 @@ from ledger.codec import Recorded, Unreadable, to_ns
 from ledger.lifecycle import (
     AgentAt,
     IncarnationAt,
+    SessionState,
     claims_lookup,
     evolve_agent,
     evolve_pool,
     evolve_route,
     evolve_session,
+    fold,
 )
 from ledger.store import EventStore
 
@@ -160,3 +162,13 @@ async def entity_history(store: EventStore, kind: str, entity_id: str, *, seq: i
                          f"is not a heartbeat (dead letter: {last.reason[:200]})")
     return EntityHistory(kind=kind, id=entity_id, entries=entries,
                          state=msgspec.to_builtins(state) if state is not None else None, notes=notes)
+
+
+async def session_as_of(store: EventStore, session_id: str, *, seq: int | None = None,
+                        time: datetime | None = None) -> tuple[SessionState | None, int]:
+    """A session's state just after LEDGER sequence `seq`, or at `time` (its history cut there as a history is
+    cut, and folded with the same lookups), and the sequence of its last event up to there (0: none)."""
+    items = _upto(await store.history("session", session_id), seq, time)
+    records = [i for i in items if isinstance(i, Recorded)]
+    state, _ = fold(evolve_session, records, *await _lookups(store, records))
+    return state, items[-1].seq if items else 0

@@ -9,8 +9,9 @@ never the truth.
 
 from __future__ import annotations
 
-PROJECTION_SCHEMA_VERSION = 2
-"""Bump whenever the tables, the row encoding or the meaning of a fold change (2: the *_versions tables)."""
+PROJECTION_SCHEMA_VERSION = 3
+"""Bump whenever the tables, the row encoding or the meaning of a fold change (2: the *_versions tables;
+3: a session's document carries its newest checkpoint, `session.checkpointed`)."""
 
 TABLES = ("meta", "checkpoints", "agents", "beats", "sessions", "routes", "pools", "anomalies", "dead_letters",
           "snapshots", "agent_versions", "session_versions", "route_versions", "pool_versions", "beat_versions")

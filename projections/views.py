@@ -107,6 +107,9 @@ class SessionView(msgspec.Struct, frozen=True, kw_only=True):
     state_since: datetime | None
     created_at: datetime
     last_seq: int
+    checkpoint_seq: int | None = None
+    """Sequence of the newest checkpoint an owner recorded (`ledger session show` prints its data)."""
+    checkpoint_bytes: int | None = None
 
 
 class RouteView(msgspec.Struct, frozen=True, kw_only=True):
@@ -174,6 +177,8 @@ def session_view(session: SessionState, owner_health: str | None = None) -> Sess
         orphaned=session.status == S_ORPHANED, reason=session.reason,
         platform_resource_id=session.platform_resource_id, state_since=session.status_since,
         created_at=session.created_at, last_seq=session.last_seq,
+        checkpoint_seq=session.checkpoint.seq if session.checkpoint else None,
+        checkpoint_bytes=len(session.checkpoint.data) if session.checkpoint else None,
     )
 
 

@@ -26,12 +26,13 @@ class AgentProcess:
     """A `ledger agent` child process."""
 
     def __init__(self, url: str, agent_id: str, pool: str, *, capacity: int = 10, heartbeat: float = 0.2,
-                 ttl: float = 1.5, self_claim: bool = True) -> None:
+                 ttl: float = 1.5, self_claim: bool = True, checkpoint_every: float | None = None) -> None:
         self.agent_id = agent_id
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "ledgerctl", "agent", "--agent-id", agent_id, "--pool", pool, "--capacity",
              str(capacity), "--heartbeat", str(heartbeat), "--ttl", str(ttl), "--nats-url", url,
-             "--self-claim" if self_claim else "--no-self-claim"],
+             "--self-claim" if self_claim else "--no-self-claim",
+             *(("--checkpoint-every", str(checkpoint_every)) if checkpoint_every is not None else ())],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)
 
     async def registered(self) -> None:

@@ -39,7 +39,7 @@ PRODUCERS = (*(ev.Producer(id=a, instance=f"{a}-i") for a in AGENTS), MONITOR, C
 ACTIONS = ("register", "heartbeat", "heartbeat", "heartbeat", "goodbye", "suspect", "dead", "drain", "drained",
            "unreachable", "create_session", "claim", "claim", "claim", "release", "release", "resource", "orphan",
            "orphan", "terminate", "create_route", "transition", "transition", "transition", "transition", "health",
-           "duplicate", "unreadable", "trip", "reset", "fenced", "impersonate")
+           "duplicate", "unreadable", "trip", "reset", "fenced", "impersonate", "checkpoint", "checkpoint")
 BAD_PAYLOADS = (
     (b"{not json", "malformed: JSON is malformed"),
     (b'{"type": "agent.teleported", "agent_id": "a0"}', "unknown-type: Invalid value 'agent.teleported' - at `$.type`"),
@@ -178,6 +178,10 @@ def _step(draw: st.DrawFn, b: Builder, action: str) -> None:
                                              incarnation=_incarnation(draw, b, agent),
                                              token=_token(draw, b, session) or 0,
                                              platform_resource_id=f"pod-{b.clock}"))
+        case "checkpoint":
+            b.add(ev.SessionCheckpointed(producer=me, session_id=session, agent_id=agent, time=at,
+                                         incarnation=_incarnation(draw, b, agent), token=_token(draw, b, session) or 0,
+                                         data=draw(st.binary(max_size=24)), note=draw(st.sampled_from(("", "n")))))
         case "orphan":
             b.add(ev.SessionOrphaned(producer=RECLAIMER, session_id=session, reason="owner_gone", time=at,
                                      previous_token=_token(draw, b, session)))

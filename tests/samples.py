@@ -49,6 +49,8 @@ def sample(cls: type[ev.Event], **over: object) -> ev.Event:
         ev.PoolBreakerReset: dict(producer=CLI, pool="gpu", reason="operator"),
         ev.AgentDrainRequested: dict(producer=CLI, agent_id="agent-1", incarnation=7, deadline=T0,
                                      reason="kernel upgrade"),
+        ev.SessionCheckpointed: dict(producer=AGENT, session_id="s-1", agent_id="agent-1", incarnation=7, token=12,
+                                     data=b"step=41\n\x00\xff", note="after step 41"),
     }
     return cls(**{**base, **fields[cls], **over})  # type: ignore[arg-type]
 

@@ -23,7 +23,7 @@ RELEASED_TAGS = [
     "session.orphaned", "session.terminated",
     "route.created", "route.transitioned", "route.health_reported",
     "agent.fenced", "pool.breaker_tripped", "pool.breaker_reset",
-    "agent.drain_requested",
+    "agent.drain_requested", "session.checkpointed",
 ]
 
 

@@ -345,12 +345,13 @@ async def test_a1_runs_its_whole_flow_without_a_violation(secured: Secured, admi
             Agent(ledger, agent_id="a1", pool="p1", heartbeat=0.2, ttl=3.0) as agent:
         claim = await agent.claim(sid)
         await eventually(lambda: agent.stats.beats_acked >= 2, what="two heartbeats")
+        await agent.checkpoint(sid, b"progress=1")
         await agent.release(sid, token=claim.token)
     assert conn.unexpected_violations() == [] and op_conn.unexpected_violations() == []
     kinds = [type(e) for e in await recorded(admin.store, "agent", "a1")]
     assert kinds[0] is ev.AgentRegistered and kinds[-1] is ev.AgentGoodbye
     assert [type(e) for e in await recorded(admin.store, "session", sid)] == [
-        ev.SessionCreated, ev.SessionClaimed, ev.SessionReleased]
+        ev.SessionCreated, ev.SessionClaimed, ev.SessionCheckpointed, ev.SessionReleased]
     assert await recorded(admin.store, "hb", "a1")
 
 

@@ -393,6 +393,9 @@ def _value_of(t: mi.Type) -> st.SearchStrategy[Any]:
         if t.pattern is not None:
             return st.from_regex(t.pattern, fullmatch=True)
         return st.text(min_size=t.min_length or 0, max_size=min(t.max_length or 20, 20))
+    if isinstance(t, mi.BytesType):
+        return st.one_of(st.binary(max_size=20), st.binary(min_size=t.max_length, max_size=t.max_length)
+                         if t.max_length else st.nothing())
     if isinstance(t, mi.DateTimeType):
         return st.datetimes(timezones=st.sampled_from([UTC, timezone(timedelta(hours=-5, minutes=-30))]))
     if isinstance(t, mi.VarTupleType):

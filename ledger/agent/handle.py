@@ -240,9 +240,11 @@ class Agent:
             if held is not None:
                 held.state = after
                 if held.claim.token != after.token:
-                    held.claim = Claim(session_id, after.token, after.claim_reason or "")
+                    held.claim = Claim(session_id, after.token, after.claim_reason or "", after.checkpoint)
                 return
-            record = self.sessions.own(Claim(session_id, after.token, after.claim_reason or ""), after)
+            # The fold's state carries the newest checkpoint: the claim hands it on without another read.
+            record = self.sessions.own(Claim(session_id, after.token, after.claim_reason or "", after.checkpoint),
+                                       after)
             if e.producer.id != self.agent_id:
                 self._call(self._on_gained, record.claim, e.producer.id)  # a reclaimer gave it to us
             self._shed_excess()
@@ -337,7 +339,8 @@ class Agent:
         self._learn(session_id, seen[-1], token, event)
         record = self.sessions.get(session_id)
         if record is None:
-            return Claim(session_id, token, reason)  # gone again already (the watch saw it move on)
+            # Gone again already (the watch saw it move on).
+            return Claim(session_id, token, reason, seen[-1].checkpoint if seen and seen[-1] else None)
         record.idle_ttl, record.idle_ttl_known = (seen[-1].idle_ttl if seen and seen[-1] else None), True
         record.touch()
         return record.claim
@@ -387,6 +390,20 @@ class Agent:
         return await self._owner_write(session_id, lambda t: ev.SessionResourceReported(
             producer=self.producer, session_id=session_id, agent_id=self.agent_id, incarnation=self.incarnation,
             token=t, platform_resource_id=platform_resource_id, address=address), token)
+
+    async def checkpoint(self, session_id: str, data: bytes, *, note: str = "", token: int | None = None) -> int:
+        """Record progress on a session this agent owns, for whoever owns it next (a failover, a drain, a take-over
+        hands it on: `Claim.checkpoint`, in `on_gained` and from `claim`). An owner write under the claim token,
+        refused like a release (StaleToken, Superseded, Fenced) once the session is not ours; at most
+        `events.MAX_CHECKPOINT_BYTES` bytes (InvalidInput before anything is read or written). Returns its
+        sequence. A separate event, never on the heartbeat: checkpoint as often as progress is worth saving."""
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise InvalidInput(f"checkpoint data must be bytes, got {type(data).__name__} (encode text first)")
+        data = bytes(data)
+        decide.check_checkpoint_size(data)
+        return await self._owner_write(session_id, lambda t: ev.SessionCheckpointed(
+            producer=self.producer, session_id=session_id, agent_id=self.agent_id, incarnation=self.incarnation,
+            token=t, data=data, note=note), token)
 
     async def terminate(self, session_id: str, *, reason: str = "", token: int | None = None) -> int:
         """End a session this agent owns."""

@@ -21,6 +21,9 @@ class Claim(msgspec.Struct, frozen=True):
     session_id: str
     token: int
     reason: str
+    checkpoint: lc.Checkpoint | None = None
+    """The newest checkpoint recorded on the session when this claim was made (by a previous owner, or an earlier
+    claim of ours): where to resume from. None if no owner ever recorded one (or the session was terminated)."""
 
 
 class Activity(msgspec.Struct, frozen=True):

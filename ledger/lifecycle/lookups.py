@@ -35,7 +35,8 @@ def agents_acting(records: Iterable[Recorded]) -> set[str]:
     """The agents whose registrations a session history's fold needs: those it names as claimers or owners, in
     events their producers may write (the fold flags any other before it looks at a registration)."""
     return {e.agent_id for e in (r.event for r in records)
-            if isinstance(e, (ev.SessionClaimed, ev.SessionReleased, ev.SessionResourceReported))
+            if isinstance(e, (ev.SessionClaimed, ev.SessionReleased, ev.SessionResourceReported,
+                              ev.SessionCheckpointed))
             and writer_problem(e) is None}
 
 

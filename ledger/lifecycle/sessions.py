@@ -52,6 +52,21 @@ CLAIMABLE = frozenset({S_PENDING, S_ORPHANED, S_RELEASED})
 CLAIM_REASONS = ("initial", "failover", "drain", "rebalance", "manual")
 
 
+class Checkpoint(msgspec.Struct, frozen=True, kw_only=True):
+    """The newest progress checkpoint an owner recorded on a session (`session.checkpointed`)."""
+
+    data: bytes
+    seq: int
+    """Stream sequence of the checkpoint event."""
+    agent_id: str
+    """The owner that wrote it."""
+    token: int
+    """The claim it was written under."""
+    at: datetime
+    """When the server stored it."""
+    note: str = ""
+
+
 class SessionState(msgspec.Struct, frozen=True, kw_only=True):
     session_id: str
     pool: str
@@ -78,6 +93,9 @@ class SessionState(msgspec.Struct, frozen=True, kw_only=True):
     status_since: datetime | None = None
     last_owner_write_at: datetime | None = None
     last_seq: int = 0
+    checkpoint: Checkpoint | None = None
+    """The newest checkpoint of any owner: kept across releases, orphanings and claims (the next owner resumes from
+    it), dropped by a termination."""
 
 
 SessionAt = Callable[[str, int], "SessionState | None"]
@@ -150,7 +168,8 @@ def claim_problem(state: SessionState | None, agent_id: str, incarnation: int, p
 
 def owner_write_problem(state: SessionState | None, agent_id: str, incarnation: int, token: int | None,
                         current: CurrentIncarnation | None = None, what: str = "owner write") -> Anomaly | None:
-    """Why an owner write (release, resource report) by `agent_id`/`incarnation` under `token` must not apply.
+    """Why an owner write (release, resource report, checkpoint) by `agent_id`/`incarnation` under `token` must not
+    apply.
 
     The one rule for both sides: the fold flags such a write, and `decide.check_owner`
     refuses it before it is written. The write must carry the session's current
@@ -205,7 +224,7 @@ def session_event_problem(state: SessionState | None, rec: Recorded,
             if agent_at is not None and state is not None and state.owner is not None:
                 owner = agent_at(state.owner, seq)
             return claim_problem(state, e.agent_id, e.incarnation, e.previous_token, current, owner)
-        case ev.SessionReleased() | ev.SessionResourceReported():
+        case ev.SessionReleased() | ev.SessionResourceReported() | ev.SessionCheckpointed():
             return owner_write_problem(state, e.agent_id, e.incarnation, e.token, current, e.type_tag())
     if state is None:
         return Anomaly(UNKNOWN_ENTITY, f"{e.type_tag()} for unknown session {e.entity_id}")
@@ -265,13 +284,17 @@ def evolve_session(state: SessionState | None, rec: Recorded, incarnation_at: In
             return _replace(state, platform_resource_id=e.platform_resource_id,
                             address=e.address if e.address is not None else state.address,
                             last_owner_write_at=at, last_seq=seq), None
+        case ev.SessionCheckpointed():
+            return _replace(state, checkpoint=Checkpoint(data=e.data, seq=seq, agent_id=e.agent_id, token=e.token,
+                                                         at=at, note=e.note),
+                            last_owner_write_at=at, last_seq=seq), None
         case ev.SessionOrphaned():
             return _replace(state, status=S_ORPHANED, owner=None, owner_instance=None, owner_incarnation=None,
                             token=None, reason=e.reason, status_since=at, cause_id=e.event_id, last_seq=seq), None
         case ev.SessionTerminated():
             return _replace(state, status=S_TERMINATED, owner=None, owner_instance=None, owner_incarnation=None,
                             token=None, reason=e.reason or "terminated", status_since=at, cause_id=e.event_id,
-                            last_seq=seq), None
+                            checkpoint=None, last_seq=seq), None
     return state, Anomaly(ILLEGAL_TRANSITION, f"{e.type_tag()} does not apply to a session")
 
 

@@ -33,12 +33,16 @@ from .liveness import policy_options
 @click.option("--report-health", is_flag=True,
               help="Report each route of its sessions that has a health probe healthy, at the probe's period "
                    "(it reads the routes from the log it follows: not with --no-self-claim).")
+@click.option("--checkpoint-every", type=click.FloatRange(0.01), default=None, metavar="SECONDS",
+              help="Do a unit of pretend work on each session every SECONDS and checkpoint the count "
+                   "(`progress=N`); a session gained with a checkpoint resumes from it and says so "
+                   "[default: no work, no checkpoints].")
 @policy_options
 @nats_url_option
 @async_command
 async def agent_command(agent_id: str, pool: str, platform: str, region: str, capacity: int, heartbeat: float,
                         ttl: float, self_claim: bool, address_template: str | None, report_health: bool,
-                        policy: HealthPolicy, nats_url: str) -> None:
+                        checkpoint_every: float | None, policy: HealthPolicy, nats_url: str) -> None:
     """Run a reference agent: register, heartbeat, claim the pool's sessions, goodbye on SIGTERM.
 
     It claims sessions of its pool/platform/region that are pending, orphaned,
@@ -72,4 +76,4 @@ async def agent_command(agent_id: str, pool: str, platform: str, region: str, ca
         await agent_process.run(ledger, agent_id=agent_id, pool=pool, platform=platform, region=region,
                                   capacity=capacity, heartbeat=heartbeat, ttl=ttl, say=say, self_claim=self_claim,
                                   policy=policy, address_template=address_template,
-                                  report_health=report_health)
+                                  report_health=report_health, checkpoint_every=checkpoint_every)

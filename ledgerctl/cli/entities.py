@@ -2,26 +2,67 @@
 
 from __future__ import annotations
 
+import base64
+from datetime import datetime
+
 import click
 import msgspec
 
 from ledger import lifecycle as lc
 from ledger.events import Probe
 from ledger.writer import Writer
+from projections.history import session_as_of
+from projections.timespec import EXAMPLES
 
-from .common import async_command, echo, nats_url_option, producer_id_option, settings_from, to_json
+from .common import TimeParam, async_command, echo, nats_url_option, producer_id_option, settings_from, to_json
+
+
+def checkpoint_data(data: bytes) -> tuple[str, str]:
+    """(encoding, text) to show a checkpoint's bytes safely: as text if they are printable UTF-8 (newlines and
+    tabs allowed), else as base64 - never raw bytes that could drive the terminal."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is not None and text.replace("\n", "").replace("\t", "").isprintable():
+        return "utf-8", text
+    return "base64", base64.b64encode(data).decode("ascii")
+
+
+def checkpoint_json(cp: lc.Checkpoint) -> dict[str, object]:
+    encoding, shown = checkpoint_data(cp.data)
+    return {"seq": cp.seq, "size": len(cp.data), "agent_id": cp.agent_id, "token": cp.token, "at": cp.at,
+            "note": cp.note, "encoding": encoding, "data": shown}
+
+
+def checkpoint_lines(cp: lc.Checkpoint) -> list[str]:
+    encoding, shown = checkpoint_data(cp.data)
+    head = (f"#{cp.seq} by {cp.agent_id} (token {cp.token}) at {cp.at}, {len(cp.data)} bytes"
+            + (f" ({encoding})" if encoding != "utf-8" else "") + (f": {cp.note}" if cp.note else ""))
+    return [head, *(shown.splitlines() or [""])] if cp.data else [head]
 
 
 def _show(state: msgspec.Struct | None, last_seq: int, as_json: bool, what: str) -> None:
     if state is None:
         raise click.ClickException(f"{what} does not exist")
+    checkpoint = state.checkpoint if isinstance(state, lc.SessionState) else None
     if as_json:
-        echo(to_json({"state": state, "last_seq": last_seq}))
+        doc: dict[str, object] = {"state": state, "last_seq": last_seq}
+        if isinstance(state, lc.SessionState):  # the state has the bytes as base64; this says how to read them
+            doc["checkpoint"] = checkpoint_json(checkpoint) if checkpoint is not None else None
+        echo(to_json(doc))
         return
     for key, value in msgspec.structs.asdict(state).items():
+        if key == "checkpoint":
+            continue
         if value not in (None, "", {}, ()):
             echo(f"{key:>22}: {value}")
     echo(f"{'last_seq':>22}: {last_seq}")
+    if checkpoint is not None:
+        first, *rest = checkpoint_lines(checkpoint)
+        echo(f"{'checkpoint':>22}: {first}")
+        for line in rest:
+            echo(f"{'':>22}  | {line}")
 
 
 @click.group("session")
@@ -70,14 +111,30 @@ async def session_terminate(session_id: str, reason: str, nats_url: str, produce
 
 @session_group.command("show")
 @click.argument("session_id")
-@click.option("--json", "as_json", is_flag=True, help="JSON output.")
+@click.option("--json", "as_json", is_flag=True, help="JSON output (a checkpoint's bytes as text or base64, "
+                                                      "with its size).")
+@click.option("--as-of", "as_of", type=TimeParam(), default=None, help=f"The session as it was at TIME: {EXAMPLES}.")
+@click.option("--at-seq", type=click.IntRange(min=0), default=None, metavar="N",
+              help="The session as it was just after LEDGER stream sequence N.")
 @nats_url_option
 @async_command
-async def session_show(session_id: str, as_json: bool, nats_url: str) -> None:
-    """A session's current state, folded from its history."""
+async def session_show(session_id: str, as_json: bool, as_of: datetime | None, at_seq: int | None,
+                       nats_url: str) -> None:
+    """A session's current state, folded from its history, with the newest checkpoint its owners recorded.
+
+    \b
+    Example:
+      ledger session show s-42
+      ledger session show s-42 --as-of '10 minutes ago' --json
+    """
+    if as_of is not None and at_seq is not None:
+        raise click.UsageError("use --as-of or --at-seq, not both")
     async with Writer.connect(settings_from(nats_url)) as ledger:
-        state, last = await ledger.session(session_id)
-    _show(state, last, as_json, f"session {session_id}")
+        if as_of is None and at_seq is None:
+            state, last = await ledger.session(session_id)
+        else:
+            state, last = await session_as_of(ledger.store, session_id, seq=at_seq, time=as_of)
+    _show(state, last, as_json, f"session {session_id}" + (" at that point" if as_of or at_seq is not None else ""))
 
 
 @click.group("route")

@@ -250,7 +250,16 @@ def _effect(changes: dict[str, list[Any]]) -> str:
         shown = [f"{k}={changes[k][1]}" for k in CREATED_FIELDS if k in changes]
         return "created" + (f" ({', '.join(shown)})" if shown else "")
     keep = {k: v for k, v in changes.items() if k not in ("last_seq", "status_seq", "state_seq")}
-    return ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in keep.items()) or "no visible change"
+    return ", ".join(f"{k}: {_checkpoint(old)} -> {_checkpoint(new)}" if k == "checkpoint" else f"{k}: {old} -> {new}"
+                     for k, (old, new) in keep.items()) or "no visible change"
+
+
+def _checkpoint(value: Any) -> str:
+    """A checkpoint in a history's effect: where and how large, not its (up to 16 KiB of) data."""
+    if not isinstance(value, dict):
+        return str(value)
+    size = len(value.get("data") or "") * 3 // 4 - str(value.get("data") or "").count("=")  # base64 -> bytes
+    return f"#{value.get('seq')} ({size} bytes)"
 
 
 def history(h: EntityHistory) -> None:
