@@ -37,7 +37,7 @@ from .errors import InvalidQuery, UnknownEntity
 from .history import EntityHistory, Flag, HistoryEntry, entity_history, stored_by
 
 __all__ = ["KINDS", "MAX_LINKS", "Chain", "Found", "Link", "Source", "StoreSource", "build_chain", "describe",
-           "headline", "render", "why"]
+           "headline", "printable", "render", "why"]
 
 KINDS = ("agent", "session", "route")
 MAX_LINKS = 12
@@ -238,8 +238,22 @@ def headline(kind: str, entity_id: str, state: dict[str, Any] | None, head: Link
     return f"{entity_id} is {state.get('state')}{traffic}{reason}{since}"
 
 
+def printable(line: str) -> str:
+    """`line` with what is not printable escaped (`\\n`, `\\x1b`, `\\u202e`: control, format and separator
+    characters): any client may write a reason, and a newline in it would forge a line of the chain, an escape
+    sequence reach the terminal, a right-to-left override reorder what it shows."""
+    if line.isprintable():
+        return line
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in line)
+
+
 def render(chain: Chain) -> list[str]:
-    """The chain as lines of text: the summary, then each link with its position, newest first."""
+    """The chain as lines of text: the summary, then each link with its position, newest first (every line
+    `printable`)."""
+    return [printable(line) for line in _lines(chain)]
+
+
+def _lines(chain: Chain) -> list[str]:
     lines = [chain.summary + (f" (as of {chain.at})" if chain.at != "now" else "")]
     for i, link in enumerate(chain.links):
         where = f"{link.stream} #{link.seq}"
@@ -299,13 +313,15 @@ class _Walk:
         return self.histories[key]
 
     async def by_id(self, event_id: str, places: list[tuple[str, str]], effect: Recorded) -> Found | None:
-        """The event with this id, in the first place holding one: the newest stored before `effect` (an id
-        written twice - a forger's copy - reads as the one the effect could have seen), else any."""
-        for kind, entity_id in places:
-            matches = [f for f in await self.events(kind, entity_id) if f.record.event.event_id == event_id]
-            before = [f for f in matches if f.record.seq < effect.seq]
-            if before or matches:
-                return (before or matches)[-1]
+        """The event with this id in the places named: an id written twice - a forger's copy, on any of them -
+        reads as the newest the effect could have seen, stored before it and applied; else stored before it;
+        else any (a later one, which ends the chain)."""
+        matches = [f for kind, entity_id in places for f in await self.events(kind, entity_id)
+                   if f.record.event.event_id == event_id]
+        before = [f for f in matches if f.record.seq < effect.seq]
+        for tier in ([f for f in before if f.flag is None], before, matches):
+            if tier:
+                return max(tier, key=lambda f: f.record.seq)
         return None
 
     async def registration(self, agent_id: str, incarnation: int) -> Found | None:
@@ -454,8 +470,8 @@ async def _notes(walk: _Walk, head: EntityHistory, within: Callable[[Recorded], 
         pool = str(state["pool"])
         for f in await walk.events("pool", pool):
             e = f.record.event
-            if within(f.record) and isinstance(e, ev.PoolBreakerTripped) and head.id in e.dead \
-                    and f.record.seq >= int(state.get("incarnation") or 0):
+            if within(f.record) and f.flag is None and isinstance(e, ev.PoolBreakerTripped) and head.id in e.dead \
+                    and f.record.seq >= int(state.get("incarnation") or 0):  # a forged (flagged) trip tripped nothing
                 notes.append(f"this death tripped pool {pool}'s breaker: {where(f)}, {describe(f.record)}")
     return notes
 
@@ -508,6 +524,8 @@ async def why(store: EventStore, kind: str, entity_id: str, *, seq: int | None =
     """The chain behind the entity's state now, just after LEDGER #`seq`, or at `time`."""
     if kind not in KINDS:
         raise InvalidQuery(f"why is told for {', '.join(KINDS)}; not {kind!r}")
+    if seq is not None and seq < 0:
+        raise InvalidQuery(f"a LEDGER sequence is 0 or more, not {seq}")
     head = await entity_history(store, kind, entity_id, seq=seq, time=time)
     at = f"LEDGER #{seq}" if seq is not None else time.isoformat() if time is not None else "now"
     return await build_chain(head, StoreSource(store), at=at, within=stored_by(seq, time))

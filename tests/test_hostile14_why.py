@@ -79,11 +79,11 @@ async def test_forged_evidence_naming_absent_foreign_or_later_beats_ends_the_cha
     await store.append(ev.AgentRegistered(producer=other, agent_id=other.id, instance_id="i", pool="p"))
     foreign = await store.append(ev.AgentHeartbeat(producer=other, agent_id=other.id, instance_id="i",
                                                    incarnation=1, beat=1))
-    for name, beat_seq in (("huge", MAX_COUNT), ("foreign", foreign), ("later", None)):
+    for name, named in (("huge", MAX_COUNT), ("foreign", foreign), ("later", None)):
         me = Producer(id=f"{name}-{uid}", instance="i")
         reg = await store.append(ev.AgentRegistered(producer=me, agent_id=me.id, instance_id="i", pool="p"))
-        if beat_seq is None:  # a beat of its own, stored after the death that names it
-            beat_seq = (await store.last_seq("LEDGER_HB")) + 2
+        beat_seq = named if named is not None else (await store.last_seq("LEDGER_HB")) + 2
+        if named is None:  # a beat of its own, stored after the death that names it
             await store.append(authorized(ev.AgentDeclaredDead(
                 producer=me, agent_id=me.id, incarnation=reg, reason="r",
                 evidence=ev.Evidence(last_heartbeat_seq=beat_seq,
@@ -99,7 +99,8 @@ async def test_forged_evidence_naming_absent_foreign_or_later_beats_ends_the_cha
                 evidence=ev.Evidence(last_heartbeat_seq=beat_seq))))
         chain = await why(store, "agent", me.id)
         assert [link.type for link in chain.links] == ["agent.declared_dead"], (name, chain)
-        assert f"heartbeat-stream #{beat_seq}" in chain.end or "stored after it" in chain.end, (name, chain.end)
+        said = "stored after it" if named is None else f"heartbeat-stream #{beat_seq}, is not kept"
+        assert said in chain.end, (name, chain.end)
 
 
 async def test_a_dead_letter_under_the_causation_id_and_on_the_heartbeat_named_end_the_chain(
@@ -152,7 +153,7 @@ async def test_absurd_moments_and_ids_over_http_are_api_errors_never_500(server:
         for path, params in ok:
             reply = await client.get(path, params=params)
             assert reply.status_code == 200, (path, params, reply.text)
-        bad = [("/api/why/session/hw", {"at_seq": "-1"}, 400), ("/api/why/session/hw", {"at_seq": "1e3"}, 400),
+        bad = [("/api/why/session/hw", {"at_seq": "-1"}, 400), ("/api/why/session/hw", {"at_seq": "abc"}, 400),
                ("/api/why/session/hw", {"at": "1971-01-01T00:00:00Z"}, 404),
                ("/api/why/session/a.b", {}, 400), ("/api/why/session/%2A", {}, 400),
                ("/api/why/session/%3E", {}, 400), ("/api/why/session/" + "x" * 3000, {}, 400),
