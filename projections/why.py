@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import msgspec
 
@@ -495,12 +495,30 @@ def _head_entry(head: EntityHistory) -> HistoryEntry | None:
 # --- reads from JetStream -----------------------------------------------------------------------------------------
 
 
+class _ReadOnce:
+    """The store, with each entity's history read once for a chain: the head's fold, the walk's fold and the
+    records behind it would read it three times (a long history, a forger's flood, is costly enough once)."""
+
+    def __init__(self, store: EventStore) -> None:
+        self._store = store
+        self._read: dict[tuple[str, str, tuple[tuple[str, Any], ...]], list[Item]] = {}
+
+    async def history(self, family: str, entity_id: str, **kw: Any) -> list[Item]:
+        key = (family, entity_id, tuple(sorted(kw.items())))
+        if key not in self._read:
+            self._read[key] = await self._store.history(family, entity_id, **kw)
+        return self._read[key]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+
 class StoreSource:
     """A chain's reads from the event store: entity histories folded with the projection's rules (so each event
     carries the fold's flag), heartbeats by sequence."""
 
     def __init__(self, store: EventStore) -> None:
-        self.store = store
+        self.store = cast(EventStore, store if isinstance(store, _ReadOnce) else _ReadOnce(store))
 
     async def events(self, kind: str, entity_id: str) -> list[Found]:
         try:
@@ -526,6 +544,7 @@ async def why(store: EventStore, kind: str, entity_id: str, *, seq: int | None =
         raise InvalidQuery(f"why is told for {', '.join(KINDS)}; not {kind!r}")
     if seq is not None and seq < 0:
         raise InvalidQuery(f"a LEDGER sequence is 0 or more, not {seq}")
-    head = await entity_history(store, kind, entity_id, seq=seq, time=time)
+    source = StoreSource(store)
+    head = await entity_history(source.store, kind, entity_id, seq=seq, time=time)
     at = f"LEDGER #{seq}" if seq is not None else time.isoformat() if time is not None else "now"
-    return await build_chain(head, StoreSource(store), at=at, within=stored_by(seq, time))
+    return await build_chain(head, source, at=at, within=stored_by(seq, time))

@@ -212,3 +212,34 @@ async def test_a_flagged_copy_of_an_id_on_the_effects_own_entity_does_not_shadow
                      event_id=f.record.event.event_id, applied=f.flag is None, event={"x": 1}) for f in mine])
     chain = await build_chain(head, Log())
     assert [link.seq for link in chain.links][:2] == [6, 5], render(chain)
+
+
+async def test_a_session_flooded_with_forged_claims_is_explained_reading_each_history_once(store: EventStore) -> None:
+    """300 take-overs forged for made-up agents: why reads the session's history once (not once per fold), and no
+    history of the made-up agents the forgeries name."""
+    uid = new_id()[:8]
+    owner = Producer(id=f"o-{uid}", instance="i")
+    sid = f"s-{uid}"
+    inc = await store.append(ev.AgentRegistered(producer=owner, agent_id=owner.id, instance_id="i", pool="p"))
+    await store.append(ev.SessionCreated(producer=Producer(id="operator-x", instance="o"), session_id=sid, pool="p"))
+    token = await store.append(ev.SessionClaimed(producer=owner, session_id=sid, agent_id=owner.id, instance_id="i",
+                                                 incarnation=inc))
+    for i in range(300):
+        await store.append(authorized(ev.SessionClaimed(
+            producer=owner, session_id=sid, agent_id=f"ghost{i}-{uid}", instance_id="g", incarnation=1,
+            reason="failover", previous_owner=f"ghost{i}-{uid}", previous_token=token)))
+    reads: list[tuple[str, str]] = []
+    real = store.history
+
+    async def history(family: str, entity_id: str, **kw: object) -> list[object]:
+        if not kw:  # the plain reads; a session's lookups ask a replica for at least its last event
+            reads.append((family, entity_id))
+        return await real(family, entity_id, **kw)  # type: ignore[arg-type,return-value]
+
+    store.history = history  # type: ignore[assignment,method-assign]
+    try:
+        chain = await why(store, "session", sid)
+    finally:
+        del store.history
+    assert chain.links[0].seq == token and chain.summary.startswith(f"{sid} is owned by {owner.id}")
+    assert sorted(reads) == [("agent", owner.id), ("session", sid)], reads
