@@ -337,8 +337,10 @@ class _Walk:
         return reg.record.event if reg is not None and isinstance(reg.record.event, ev.AgentRegistered) else None
 
     async def last_before(self, kind: str, entity_id: str, seq: int, match: Callable[[Found], bool]) -> Found | None:
-        return next((f for f in reversed(await self.events(kind, entity_id)) if f.record.seq < seq and match(f)),
-                    None)
+        """The newest applied event matching, stored before `seq`: a fact a verdict followed (a flagged forgery
+        stored in between is no fact)."""
+        return next((f for f in reversed(await self.events(kind, entity_id))
+                     if f.record.seq < seq and f.flag is None and match(f)), None)
 
     async def causes(self, found: Found) -> tuple[list[tuple[Found | Recorded, str]], str | None]:
         """The next link(s) back from `found` and how each was found, or none and why the chain ends there."""
@@ -355,7 +357,7 @@ class _Walk:
             return [(cause, "causation_id")], None
         if isinstance(e, ev.SessionClaimed | ev.SessionOrphaned) and e.previous_owner:
             owner = await self.last_before("agent", e.previous_owner, rec.seq,
-                                           lambda f: isinstance(f.record.event, _STATUS_SETTERS) and f.flag is None)
+                                           lambda f: isinstance(f.record.event, _STATUS_SETTERS))
             if owner is not None:
                 return [(owner, "previous_owner")], None
             return [], f"no causation id recorded, and no event of the previous owner {e.previous_owner} before it"

@@ -16,10 +16,11 @@ from helpers import authorized
 from http_stack import running
 
 from ledger import events as ev
+from ledger.codec import Recorded
 from ledger.events import MAX_COUNT, Producer
 from ledger.ids import new_id
 from ledger.store import EventStore
-from ledger.subjects import event_subject
+from ledger.subjects import HEARTBEAT_STREAM, LEDGER_STREAM, event_subject
 from ledgerctl.cli import cli
 from ledgerctl.server import EmbeddedServer
 from projections.history import EntityHistory, Flag, HistoryEntry
@@ -165,23 +166,75 @@ async def test_absurd_moments_and_ids_over_http_are_api_errors_never_500(server:
             assert set(body) == {"code", "message"} and "\n" not in body["message"], body
 
 
-# --- pure: a forged copy of an event id ------------------------------------------------------------------------
+# --- pure: forged copies and forged facts ----------------------------------------------------------------------
 
 T0 = datetime(2026, 11, 1, 7, 0, 0, tzinfo=UTC)
+
+
+def rec(seq: int, event: ev.Event, stream: str = LEDGER_STREAM) -> Recorded:
+    return Recorded(stream=stream, seq=seq, subject="x",
+                    timestamp_ns=int((T0 + timedelta(seconds=seq)).timestamp()) * 10**9, event=event)
+
+
+class Log:
+    def __init__(self, found: list[Found], beats: tuple[Recorded, ...] = ()) -> None:
+        self.found, self.beats = found, {b.seq: b for b in beats}
+
+    async def events(self, kind: str, entity_id: str) -> list[Found]:
+        return [f for f in self.found if (f.kind, f.entity) == (kind, entity_id)]
+
+    async def beat(self, agent_id: str, seq: int) -> Recorded | None:
+        return self.beats.get(seq)
+
+
+def head_of(kind: str, entity_id: str, found: list[Found], state: dict[str, object]) -> EntityHistory:
+    return EntityHistory(kind=kind, id=entity_id, state=state, entries=[
+        HistoryEntry(seq=f.record.seq, stored_at=f.record.stored_at, type=f.record.event.type_tag(),
+                     event_id=f.record.event.event_id, applied=f.flag is None, event={"x": 1})
+        for f in found if (f.kind, f.entity) == (kind, entity_id)])
+
+
+MALLORY, MONITOR = Producer(id="mallory", instance="m"), Producer(id="monitor", instance="m")
+FORGED = Flag("unauthorized_producer", "only the monitor")
+
+
+async def test_a_forged_suspicion_or_draining_is_not_taken_as_the_fact_a_verdict_follows() -> None:
+    """A death names its suspicion, a `drained` its `draining`, by fact: a flagged forgery stored between the real
+    fact and the verdict is not that fact (nor are the beats its evidence names)."""
+    a = Producer(id="a", instance="i")
+    beat = rec(7, ev.AgentHeartbeat(producer=a, agent_id="a", instance_id="i", incarnation=1, beat=3),
+               stream=HEARTBEAT_STREAM)
+    found = [
+        Found("agent", "a", rec(1, ev.AgentRegistered(producer=a, agent_id="a", instance_id="i", pool="p"))),
+        Found("agent", "a", rec(20, ev.AgentSuspected(producer=MONITOR, agent_id="a", incarnation=1, reason="late",
+                                                      evidence=ev.Evidence(last_heartbeat_seq=7)))),
+        Found("agent", "a", rec(25, ev.AgentSuspected(producer=MALLORY, agent_id="a", incarnation=1,
+                                                      reason="forged", evidence=ev.Evidence(last_heartbeat_seq=8))),
+              FORGED),
+        Found("agent", "a", rec(30, ev.AgentDeclaredDead(producer=MONITOR, agent_id="a", incarnation=1,
+                                                         reason="missed"))),
+    ]
+    chain = await build_chain(head_of("agent", "a", found, {"status": "dead", "incarnation": 1, "reason": "dead",
+                                                            "status_seq": 30}), Log(found, (beat,)))
+    assert [(link.seq, link.found_by) for link in chain.links] == [(30, "state"), (20, "suspicion"), (7, "evidence")]
+    drained = [
+        found[0],
+        Found("agent", "a", rec(40, ev.AgentDraining(producer=a, agent_id="a", incarnation=1, deadline=T0,
+                                                     reason="real"))),
+        Found("agent", "a", rec(45, ev.AgentDraining(producer=MALLORY, agent_id="a", incarnation=1, deadline=T0,
+                                                     reason="forged")), FORGED),
+        Found("agent", "a", rec(50, ev.AgentDrained(producer=a, agent_id="a", incarnation=1))),
+    ]
+    chain = await build_chain(head_of("agent", "a", drained, {"status": "drained", "incarnation": 1,
+                                                              "reason": "drained", "status_seq": 50}), Log(drained))
+    assert [(link.seq, link.found_by) for link in chain.links][:2] == [(50, "state"), (40, "draining")]
 
 
 async def test_a_flagged_copy_of_an_id_on_the_effects_own_entity_does_not_shadow_the_applied_cause() -> None:
     """A forger stores, on the session's own subject, an event carrying the id of the owner's real death: the claim
     that names that id is explained by the death that applied, not by the flagged copy."""
-    from ledger.codec import Recorded
-    from ledger.subjects import LEDGER_STREAM
-
-    def rec(seq: int, event: ev.Event) -> Recorded:
-        return Recorded(stream=LEDGER_STREAM, seq=seq, subject="x",
-                        timestamp_ns=int((T0 + timedelta(seconds=seq)).timestamp()) * 10**9, event=event)
-
-    a1, mallory = Producer(id="a1", instance="i"), Producer(id="mallory", instance="m")
-    monitor, reclaimer = Producer(id="monitor", instance="m"), Producer(id="reclaimer", instance="r")
+    a1, mallory, monitor = Producer(id="a1", instance="i"), MALLORY, MONITOR
+    reclaimer = Producer(id="reclaimer", instance="r")
     found = [
         Found("agent", "a1", rec(1, ev.AgentRegistered(producer=a1, agent_id="a1", instance_id="i", pool="p"))),
         Found("session", "s", rec(2, ev.SessionCreated(producer=monitor, session_id="s", pool="p"))),
@@ -199,18 +252,7 @@ async def test_a_flagged_copy_of_an_id_on_the_effects_own_entity_does_not_shadow
                                                        causation_id="dead-a1-1"))),
     ]
 
-    class Log:
-        async def events(self, kind: str, entity_id: str) -> list[Found]:
-            return [f for f in found if (f.kind, f.entity) == (kind, entity_id)]
-
-        async def beat(self, agent_id: str, seq: int) -> Recorded | None:
-            return None
-
-    mine = [f for f in found if f.kind == "session"]
-    head = EntityHistory(kind="session", id="s", state={"status": "assigned", "owner": "a2"}, entries=[
-        HistoryEntry(seq=f.record.seq, stored_at=f.record.stored_at, type=f.record.event.type_tag(),
-                     event_id=f.record.event.event_id, applied=f.flag is None, event={"x": 1}) for f in mine])
-    chain = await build_chain(head, Log())
+    chain = await build_chain(head_of("session", "s", found, {"status": "assigned", "owner": "a2"}), Log(found))
     assert [link.seq for link in chain.links][:2] == [6, 5], render(chain)
 
 
