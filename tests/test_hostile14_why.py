@@ -14,6 +14,7 @@ import httpx
 from click.testing import CliRunner, Result
 from helpers import authorized
 from http_stack import running
+from test_dashboard_attacks import PAYLOAD, browser_page, needs_chromium, not_pwned
 
 from ledger import events as ev
 from ledger.codec import Recorded
@@ -164,6 +165,25 @@ async def test_absurd_moments_and_ids_over_http_are_api_errors_never_500(server:
             assert reply.status_code == status, (path, params, reply.status_code, reply.text)
             body = reply.json()
             assert set(body) == {"code", "message"} and "\n" not in body["message"], body
+
+
+@needs_chromium
+async def test_the_dashboards_chain_shows_stored_markup_as_text(server: EmbeddedServer, tmp_path: Path) -> None:
+    """A reason and a causation id full of markup reach the entity page's chain (its sentence and why it ends)."""
+    from playwright.async_api import expect
+
+    async with running(server, tmp_path) as r, browser_page() as page:
+        store = r.stack.store
+        me = Producer(id="xss", instance="i")
+        reg = await store.append(ev.AgentRegistered(producer=me, agent_id="xss", instance_id="i", pool="p"))
+        await store.append(ev.AgentGoodbye(producer=me, agent_id="xss", instance_id="i", incarnation=reg,
+                                           reason=PAYLOAD, causation_id=PAYLOAD))
+        await r.stack.projector.wait_for(await store.last_seq(LEDGER_STREAM), timeout=30)
+        await page.goto(f"{r.url}/#/agent/xss")
+        chain = page.locator("#entity-why")
+        await expect(chain).to_contain_text(f"goodbye for xss (incarnation {reg}): {PAYLOAD}", timeout=30_000)
+        await expect(chain).to_contain_text(f"(causation id {PAYLOAD})")
+        await not_pwned(page)
 
 
 # --- pure: forged copies and forged facts ----------------------------------------------------------------------
