@@ -23,12 +23,13 @@ The sentences are pure functions of the events (`describe`, `headline`); the rea
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Protocol, cast
 
 import msgspec
 
 from ledger import events as ev
+from ledger import lifecycle as lc
 from ledger.codec import Item, Recorded
 from ledger.store import EventStore
 from ledger.subjects import HEARTBEAT_STREAM, LEDGER_STREAM, entity_filter
@@ -455,12 +456,31 @@ async def _notes(walk: _Walk, head: EntityHistory, within: Callable[[Recorded], 
     def where(f: Found) -> str:
         return f"{f.record.stream} #{f.record.seq} at {_hms(f.record.stored_at)}"
 
-    if head.kind == "session" and state.get("status") == "assigned" and state.get("owner"):
-        owner = str(state["owner"])
-        status = next((f for f in reversed(await walk.events("agent", owner))
-                       if within(f.record) and f.flag is None and isinstance(f.record.event, _STATUS_SETTERS)), None)
-        if status is not None and not isinstance(status.record.event, ev.AgentRegistered):
-            notes.append(f"its owner {owner} is no longer alive: {where(status)}, {describe(status.record)}")
+    if head.kind == "session" and state.get("status") == lc.S_ASSIGNED and state.get("owner"):
+        owner, held = str(state["owner"]), state.get("owner_incarnation")
+        history = [f for f in await walk.events("agent", owner) if within(f.record) and f.flag is None]
+        agent: lc.AgentState | None = None
+        for f in history:
+            agent, _ = lc.evolve_agent(agent, f.record)
+        # The one rule of take-overs reads the session's status, owner and owner's incarnation alone.
+        session = lc.SessionState(session_id=head.id, pool=str(state.get("pool") or ""), platform="", region="",
+                                  labels={}, idle_ttl=None, status=lc.S_ASSIGNED,
+                                  created_at=datetime.min.replace(tzinfo=UTC), owner=owner, owner_incarnation=held)
+        replaceable = lc.owner_replaceable(session, agent)
+        if replaceable is not None:
+            # what says so: the held incarnation's last status, else the registration that superseded it
+            status = next((f for f in reversed(history) if isinstance(f.record.event, _STATUS_SETTERS)
+                           and not isinstance(f.record.event, ev.AgentRegistered)
+                           and getattr(f.record.event, "incarnation", None) == held), None)
+            newer = next((f for f in reversed(history) if isinstance(f.record.event, ev.AgentRegistered)
+                          and f.record.seq != held), None)
+            if status is not None:
+                notes.append(f"its owner {owner} is no longer alive: {where(status)}, {describe(status.record)}")
+            elif newer is not None:
+                notes.append(f"its owner {owner}'s incarnation {held} is superseded: {where(newer)}, "
+                             f"{describe(newer.record)}")
+            else:
+                notes.append(f"its owner {owner} may be replaced: {replaceable[0]}")
             pool = str(state.get("pool") or "")
             breakers = [f for f in await walk.events("pool", pool) if within(f.record) and f.flag is None
                         and isinstance(f.record.event, ev.PoolBreakerTripped | ev.PoolBreakerReset)] if pool else []

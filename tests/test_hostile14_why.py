@@ -305,3 +305,26 @@ async def test_a_session_flooded_with_forged_claims_is_explained_reading_each_hi
         del store.history
     assert chain.links[0].seq == token and chain.summary.startswith(f"{sid} is owned by {owner.id}")
     assert sorted(reads) == [("agent", owner.id), ("session", sid)], reads
+
+
+async def test_a_session_held_by_a_dead_incarnation_of_a_restarted_owner_notes_it() -> None:
+    """The owner died and came back as a new incarnation while the pool's breaker held its session: the session is
+    still held by the dead incarnation (the reclaimer may replace it, and does not while the breaker is open)."""
+    a2 = Producer(id="a2", instance="i2")
+    found = [
+        Found("agent", "a2", rec(3, ev.AgentRegistered(producer=a2, agent_id="a2", instance_id="i2", pool="p"))),
+        Found("session", "s1", rec(5, ev.SessionCreated(producer=MONITOR, session_id="s1", pool="p"))),
+        Found("session", "s1", rec(7, ev.SessionClaimed(producer=a2, session_id="s1", agent_id="a2", instance_id="i2",
+                                                        incarnation=3))),
+        Found("pool", "p", rec(29, ev.PoolBreakerTripped(producer=MONITOR, pool="p", reason="2 of 3 died",
+                                                         dead=("a1", "a2"), agents=3))),
+        Found("agent", "a2", rec(30, ev.AgentDeclaredDead(producer=MONITOR, agent_id="a2", incarnation=3,
+                                                          reason="missed_heartbeats"))),
+        Found("agent", "a2", rec(40, ev.AgentRegistered(producer=a2, agent_id="a2", instance_id="i3", pool="p"))),
+    ]
+    state = {"status": "assigned", "owner": "a2", "owner_incarnation": 3, "token": 7, "claim_reason": "initial",
+             "pool": "p"}
+    chain = await build_chain(head_of("session", "s1", found, state), Log(found))
+    assert len(chain.notes) == 2, chain.notes
+    assert "a2" in chain.notes[0] and "LEDGER #30" in chain.notes[0] and "declared a2 dead" in chain.notes[0]
+    assert "pool p's breaker is open" in chain.notes[1]
