@@ -124,7 +124,7 @@ async def entity_history(store: EventStore, kind: str, entity_id: str, *, seq: i
         raise InvalidQuery(f"history is kept for {', '.join(KINDS)}; not {kind!r}")
     items = _upto(await store.history(kind, entity_id), seq, time)
     if not items:
-        at = " at that point" if seq or time else ""
+        at = " at that point" if seq is not None or time is not None else ""
         raise UnknownEntity(f"the ledger holds no event for {kind} {entity_id}{at}")
     records = [i for i in items if isinstance(i, Recorded)]
     notes: list[str] = []

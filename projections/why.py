@@ -23,12 +23,13 @@ The sentences are pure functions of the events (`describe`, `headline`); the rea
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime
-from typing import Any, Protocol
+from datetime import UTC, datetime
+from typing import Any, Protocol, cast
 
 import msgspec
 
 from ledger import events as ev
+from ledger import lifecycle as lc
 from ledger.codec import Item, Recorded
 from ledger.store import EventStore
 from ledger.subjects import HEARTBEAT_STREAM, LEDGER_STREAM, entity_filter
@@ -37,7 +38,7 @@ from .errors import InvalidQuery, UnknownEntity
 from .history import EntityHistory, Flag, HistoryEntry, entity_history, stored_by
 
 __all__ = ["KINDS", "MAX_LINKS", "Chain", "Found", "Link", "Source", "StoreSource", "build_chain", "describe",
-           "headline", "render", "why"]
+           "headline", "printable", "render", "why"]
 
 KINDS = ("agent", "session", "route")
 MAX_LINKS = 12
@@ -238,8 +239,22 @@ def headline(kind: str, entity_id: str, state: dict[str, Any] | None, head: Link
     return f"{entity_id} is {state.get('state')}{traffic}{reason}{since}"
 
 
+def printable(line: str) -> str:
+    """`line` with what is not printable escaped (`\\n`, `\\x1b`, `\\u202e`: control, format and separator
+    characters): any client may write a reason, and a newline in it would forge a line of the chain, an escape
+    sequence reach the terminal, a right-to-left override reorder what it shows."""
+    if line.isprintable():
+        return line
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in line)
+
+
 def render(chain: Chain) -> list[str]:
-    """The chain as lines of text: the summary, then each link with its position, newest first."""
+    """The chain as lines of text: the summary, then each link with its position, newest first (every line
+    `printable`)."""
+    return [printable(line) for line in _lines(chain)]
+
+
+def _lines(chain: Chain) -> list[str]:
     lines = [chain.summary + (f" (as of {chain.at})" if chain.at != "now" else "")]
     for i, link in enumerate(chain.links):
         where = f"{link.stream} #{link.seq}"
@@ -299,13 +314,15 @@ class _Walk:
         return self.histories[key]
 
     async def by_id(self, event_id: str, places: list[tuple[str, str]], effect: Recorded) -> Found | None:
-        """The event with this id, in the first place holding one: the newest stored before `effect` (an id
-        written twice - a forger's copy - reads as the one the effect could have seen), else any."""
-        for kind, entity_id in places:
-            matches = [f for f in await self.events(kind, entity_id) if f.record.event.event_id == event_id]
-            before = [f for f in matches if f.record.seq < effect.seq]
-            if before or matches:
-                return (before or matches)[-1]
+        """The event with this id in the places named: an id written twice - a forger's copy, on any of them -
+        reads as the newest the effect could have seen, stored before it and applied; else stored before it;
+        else any (a later one, which ends the chain)."""
+        matches = [f for kind, entity_id in places for f in await self.events(kind, entity_id)
+                   if f.record.event.event_id == event_id]
+        before = [f for f in matches if f.record.seq < effect.seq]
+        for tier in ([f for f in before if f.flag is None], before, matches):
+            if tier:
+                return max(tier, key=lambda f: f.record.seq)
         return None
 
     async def registration(self, agent_id: str, incarnation: int) -> Found | None:
@@ -321,8 +338,10 @@ class _Walk:
         return reg.record.event if reg is not None and isinstance(reg.record.event, ev.AgentRegistered) else None
 
     async def last_before(self, kind: str, entity_id: str, seq: int, match: Callable[[Found], bool]) -> Found | None:
-        return next((f for f in reversed(await self.events(kind, entity_id)) if f.record.seq < seq and match(f)),
-                    None)
+        """The newest applied event matching, stored before `seq`: a fact a verdict followed (a flagged forgery
+        stored in between is no fact)."""
+        return next((f for f in reversed(await self.events(kind, entity_id))
+                     if f.record.seq < seq and f.flag is None and match(f)), None)
 
     async def causes(self, found: Found) -> tuple[list[tuple[Found | Recorded, str]], str | None]:
         """The next link(s) back from `found` and how each was found, or none and why the chain ends there."""
@@ -339,7 +358,7 @@ class _Walk:
             return [(cause, "causation_id")], None
         if isinstance(e, ev.SessionClaimed | ev.SessionOrphaned) and e.previous_owner:
             owner = await self.last_before("agent", e.previous_owner, rec.seq,
-                                           lambda f: isinstance(f.record.event, _STATUS_SETTERS) and f.flag is None)
+                                           lambda f: isinstance(f.record.event, _STATUS_SETTERS))
             if owner is not None:
                 return [(owner, "previous_owner")], None
             return [], f"no causation id recorded, and no event of the previous owner {e.previous_owner} before it"
@@ -437,12 +456,31 @@ async def _notes(walk: _Walk, head: EntityHistory, within: Callable[[Recorded], 
     def where(f: Found) -> str:
         return f"{f.record.stream} #{f.record.seq} at {_hms(f.record.stored_at)}"
 
-    if head.kind == "session" and state.get("status") == "assigned" and state.get("owner"):
-        owner = str(state["owner"])
-        status = next((f for f in reversed(await walk.events("agent", owner))
-                       if within(f.record) and f.flag is None and isinstance(f.record.event, _STATUS_SETTERS)), None)
-        if status is not None and not isinstance(status.record.event, ev.AgentRegistered):
-            notes.append(f"its owner {owner} is no longer alive: {where(status)}, {describe(status.record)}")
+    if head.kind == "session" and state.get("status") == lc.S_ASSIGNED and state.get("owner"):
+        owner, held = str(state["owner"]), state.get("owner_incarnation")
+        history = [f for f in await walk.events("agent", owner) if within(f.record) and f.flag is None]
+        agent: lc.AgentState | None = None
+        for f in history:
+            agent, _ = lc.evolve_agent(agent, f.record)
+        # The one rule of take-overs reads the session's status, owner and owner's incarnation alone.
+        session = lc.SessionState(session_id=head.id, pool=str(state.get("pool") or ""), platform="", region="",
+                                  labels={}, idle_ttl=None, status=lc.S_ASSIGNED,
+                                  created_at=datetime.min.replace(tzinfo=UTC), owner=owner, owner_incarnation=held)
+        replaceable = lc.owner_replaceable(session, agent)
+        if replaceable is not None:
+            # what says so: the held incarnation's last status, else the registration that superseded it
+            status = next((f for f in reversed(history) if isinstance(f.record.event, _STATUS_SETTERS)
+                           and not isinstance(f.record.event, ev.AgentRegistered)
+                           and getattr(f.record.event, "incarnation", None) == held), None)
+            newer = next((f for f in reversed(history) if isinstance(f.record.event, ev.AgentRegistered)
+                          and f.record.seq != held), None)
+            if status is not None:
+                notes.append(f"its owner {owner} is no longer alive: {where(status)}, {describe(status.record)}")
+            elif newer is not None:
+                notes.append(f"its owner {owner}'s incarnation {held} is superseded: {where(newer)}, "
+                             f"{describe(newer.record)}")
+            else:
+                notes.append(f"its owner {owner} may be replaced: {replaceable[0]}")
             pool = str(state.get("pool") or "")
             breakers = [f for f in await walk.events("pool", pool) if within(f.record) and f.flag is None
                         and isinstance(f.record.event, ev.PoolBreakerTripped | ev.PoolBreakerReset)] if pool else []
@@ -454,8 +492,8 @@ async def _notes(walk: _Walk, head: EntityHistory, within: Callable[[Recorded], 
         pool = str(state["pool"])
         for f in await walk.events("pool", pool):
             e = f.record.event
-            if within(f.record) and isinstance(e, ev.PoolBreakerTripped) and head.id in e.dead \
-                    and f.record.seq >= int(state.get("incarnation") or 0):
+            if within(f.record) and f.flag is None and isinstance(e, ev.PoolBreakerTripped) and head.id in e.dead \
+                    and f.record.seq >= int(state.get("incarnation") or 0):  # a forged (flagged) trip tripped nothing
                 notes.append(f"this death tripped pool {pool}'s breaker: {where(f)}, {describe(f.record)}")
     return notes
 
@@ -479,12 +517,30 @@ def _head_entry(head: EntityHistory) -> HistoryEntry | None:
 # --- reads from JetStream -----------------------------------------------------------------------------------------
 
 
+class _ReadOnce:
+    """The store, with each entity's history read once for a chain: the head's fold, the walk's fold and the
+    records behind it would read it three times (a long history, a forger's flood, is costly enough once)."""
+
+    def __init__(self, store: EventStore) -> None:
+        self._store = store
+        self._read: dict[tuple[str, str, tuple[tuple[str, Any], ...]], list[Item]] = {}
+
+    async def history(self, family: str, entity_id: str, **kw: Any) -> list[Item]:
+        key = (family, entity_id, tuple(sorted(kw.items())))
+        if key not in self._read:
+            self._read[key] = await self._store.history(family, entity_id, **kw)
+        return self._read[key]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+
 class StoreSource:
     """A chain's reads from the event store: entity histories folded with the projection's rules (so each event
     carries the fold's flag), heartbeats by sequence."""
 
     def __init__(self, store: EventStore) -> None:
-        self.store = store
+        self.store = cast(EventStore, store if isinstance(store, _ReadOnce) else _ReadOnce(store))
 
     async def events(self, kind: str, entity_id: str) -> list[Found]:
         try:
@@ -508,6 +564,9 @@ async def why(store: EventStore, kind: str, entity_id: str, *, seq: int | None =
     """The chain behind the entity's state now, just after LEDGER #`seq`, or at `time`."""
     if kind not in KINDS:
         raise InvalidQuery(f"why is told for {', '.join(KINDS)}; not {kind!r}")
-    head = await entity_history(store, kind, entity_id, seq=seq, time=time)
+    if seq is not None and seq < 0:
+        raise InvalidQuery(f"a LEDGER sequence is 0 or more, not {seq}")
+    source = StoreSource(store)
+    head = await entity_history(source.store, kind, entity_id, seq=seq, time=time)
     at = f"LEDGER #{seq}" if seq is not None else time.isoformat() if time is not None else "now"
-    return await build_chain(head, StoreSource(store), at=at, within=stored_by(seq, time))
+    return await build_chain(head, source, at=at, within=stored_by(seq, time))
