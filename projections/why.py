@@ -36,6 +36,7 @@ from ledger.subjects import HEARTBEAT_STREAM, LEDGER_STREAM, entity_filter
 
 from .errors import InvalidQuery, UnknownEntity
 from .history import EntityHistory, Flag, HistoryEntry, entity_history, stored_by
+from .text import printable
 
 __all__ = ["KINDS", "MAX_LINKS", "Chain", "Found", "Link", "Source", "StoreSource", "build_chain", "describe",
            "headline", "printable", "render", "why"]
@@ -237,15 +238,6 @@ def headline(kind: str, entity_id: str, state: dict[str, Any] | None, head: Link
     traffic = f", traffic {state.get('traffic')}" if state.get("traffic") else ""
     reason = f", {state['reason']}" if state.get("reason") else ""
     return f"{entity_id} is {state.get('state')}{traffic}{reason}{since}"
-
-
-def printable(line: str) -> str:
-    """`line` with what is not printable escaped (`\\n`, `\\x1b`, `\\u202e`: control, format and separator
-    characters): any client may write a reason, and a newline in it would forge a line of the chain, an escape
-    sequence reach the terminal, a right-to-left override reorder what it shows."""
-    if line.isprintable():
-        return line
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in line)
 
 
 def render(chain: Chain) -> list[str]:

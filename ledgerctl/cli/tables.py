@@ -23,6 +23,7 @@ from rich.text import Text
 
 from projections.health import human
 from projections.history import EntityHistory
+from projections.text import printable
 from projections.views import Page, Position
 
 HEALTH_STYLE = {
@@ -104,6 +105,8 @@ class Grid:
         self.ascii = True
 
     def add(self, *cells: Cell) -> None:
+        # every cell may hold text any client wrote (a reason, a label, an anomaly's detail): escaped here, once
+        cells = tuple(printable(c) if isinstance(c, str) else tuple((printable(t), s) for t, s in c) for c in cells)
         texts = tuple(c if isinstance(c, str) else text_of(c) for c in cells)
         self.rows.append(cells)
         self.texts.append(texts)
