@@ -48,9 +48,15 @@ def publish_headers(headers: Mapping[str, str], stored_ns: int, *, escape_msg_id
 
 
 def restored_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    """The original headers of a message read from an imported stream (the inverse of `publish_headers`)."""
-    return {(name[len(ESCAPE):] if name.lower().startswith(ESCAPE.lower()) else name): value
-            for name, value in headers.items() if name.lower() != STORED_NS.lower()}
+    """The original headers of a message read from an imported stream (the inverse of `publish_headers`): every
+    reserved name not escaped is the import's own (its stored time, its sequence guard) and goes."""
+    out = {}
+    for name, value in headers.items():
+        if name.lower().startswith(ESCAPE.lower()):
+            out[name[len(ESCAPE):]] = value
+        elif not _reserved(name):
+            out[name] = value
+    return out
 
 
 def stored_ns(headers: Mapping[str, str] | None, server_ns: int) -> int:

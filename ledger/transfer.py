@@ -58,7 +58,7 @@ async def window(store: EventStore, stream: str, since: datetime | None, until: 
 
 async def export_log(store: EventStore, write: Callable[[bytes], object], *, since: datetime | None = None,
                      until: datetime | None = None, source: str = "", say: Say | None = None,
-                     now: datetime | None = None) -> End:
+                     now: datetime | None = None, on_header: Callable[[Header], object] | None = None) -> End:
     """Write the stored messages of every ledger stream (in since..until) as an incident file; the end line's
     counts are returned."""
     ranges = []
@@ -70,10 +70,13 @@ async def export_log(store: EventStore, write: Callable[[bytes], object], *, sin
                 continue  # no dead letter was ever kept
             raise
         ranges.append(StreamRange(stream, first, last, await store.stream_config(stream)))
-    write(incident.encode(Header(
-        format=incident.FORMAT, version=incident.VERSION, ledger_version=__version__,
-        exported_at=(now or datetime.now(UTC)).isoformat(), streams=ranges,
-        since=since.isoformat() if since else None, until=until.isoformat() if until else None, source=source)))
+    header = Header(format=incident.FORMAT, version=incident.VERSION, ledger_version=__version__,
+                    exported_at=(now or datetime.now(UTC)).isoformat(), streams=ranges,
+                    since=since.isoformat() if since else None, until=until.isoformat() if until else None,
+                    source=source)
+    if on_header is not None:
+        on_header(header)
+    write(incident.encode(header))
     counts = {}
     progress = _progress(say, "exporting")
     for r in ranges:
