@@ -52,7 +52,8 @@ async def window(store: EventStore, stream: str, since: datetime | None, until: 
         at, _ = await store.last_stored_by(stream, to_ns(since) - 1, first, last)
         first = at + 1
     if facts.messages and until is not None:
-        last, _ = await store.last_stored_by(stream, to_ns(until), first, last)
+        # datetimes stop at microseconds, stored times do not: `until` covers its whole microsecond (as in a replay).
+        last, _ = await store.last_stored_by(stream, to_ns(until) + 999, first, last)
     return first, max(last, first - 1)
 
 
