@@ -12,7 +12,7 @@ import click
 
 from ledger.settings import redact_url
 from ledger.store import EventStore
-from ledger.transfer import export_log, load_file
+from ledger.transfer import export_log, load_file, read_file
 from ledgerctl.server import EmbeddedServer, ServerConfig, free_port
 from projections.timespec import EXAMPLES
 
@@ -93,6 +93,7 @@ async def import_command(file: Path, data_dir: Path | None, nats_url: str | None
     ledger import incident.ledger --data-dir incident-data
     ledger up --data-dir incident-data --port 4333
     """
+    read_file(file)  # a file that is not one is told before any server starts
     say = None if quiet else _say
     if click.get_current_context().get_parameter_source("nats_url") != click.core.ParameterSource.COMMANDLINE:
         nats_url = None

@@ -17,6 +17,7 @@ import click
 from consumers.liveness_rules import LivenessSettings
 from ledger import cancellation
 from ledger.settings import DEFAULT_NATS_URL, redact_url
+from ledger.transfer import read_file
 from ledgerctl.server import DEFAULT_DATA_DIR, free_port
 from ledgerctl.stack import DEFAULT_HTTP_PORT, Stack, UpSettings, running_stack
 from projections.gc_tuning import tune_gc
@@ -136,6 +137,7 @@ async def up_command(nats_url: str | None, data_dir: Path, port: int, db: Path |
     """
     sync_always = True
     if from_file is not None:
+        read_file(from_file)  # a file that is not one is told before any server starts
         ctx = click.get_current_context()
         given = {name: ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
                  for name in ("nats_url", "data_dir", "port")}
