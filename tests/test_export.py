@@ -239,3 +239,12 @@ def test_up_from_a_file_runs_read_only_on_the_copy(inc: Incident, tmp_path: Path
     assert parts == {}
     assert committed[LEDGER_STREAM] == asyncio.run(raw(inc.source.url, LEDGER_STREAM))[0][1]
     assert any("none: an imported log is read-only" in line for line in said)
+
+
+def test_a_server_holding_a_ledger_is_never_loaded_into(inc: Incident) -> None:
+    r = CliRunner().invoke(cli, ["import", str(inc.file), "--nats-url", inc.source.url, "-q"])
+    assert r.exit_code == 1
+    assert r.output == (f"Error: the server already holds a ledger of its own: import {inc.file} into a fresh "
+                        "server (a new --data-dir)\n")
+    again = CliRunner().invoke(cli, ["import", str(inc.file), "--data-dir", str(inc.base / "copy"), "--json", "-q"])
+    assert json.loads(again.output)["reused"] is True  # the very same export: nothing to do

@@ -95,9 +95,10 @@ def hints(s: UpSettings, url: str, http_url: str | None = None) -> list[str]:
     lines = [export] if export else []
     if http_url:
         lines.append(f"  {'open ' + http_url + '/':<40}# the dashboard, live (as of any past moment too)")
-    for command, what in [("ledger agent --agent-id a1 --pool gpu", "a reference agent"),
-                          ("ledger session create --pool gpu", "a session for it to claim"),
-                          ("ledger agents | sessions | pools", "the projection, now (or --as-of TIME)"),
+    writes = [] if s.from_file is not None else [  # an imported log is sealed: nothing can be added to it
+        ("ledger agent --agent-id a1 --pool gpu", "a reference agent"),
+        ("ledger session create --pool gpu", "a session for it to claim")]
+    for command, what in [*writes, ("ledger agents | sessions | pools", "the projection, now (or --as-of TIME)"),
                           ("ledger replay --follow", "the log itself")]:
         lines.append(f"  {command:<40}# {what}")
     return lines
