@@ -246,5 +246,8 @@ def test_a_server_holding_a_ledger_is_never_loaded_into(inc: Incident) -> None:
     assert r.exit_code == 1
     assert r.output == (f"Error: the server already holds a ledger of its own: import {inc.file} into a fresh "
                         "server (a new --data-dir)\n")
-    again = CliRunner().invoke(cli, ["import", str(inc.file), "--data-dir", str(inc.base / "copy"), "--json", "-q"])
+    into = str(inc.base / "twice")
+    first, again = (CliRunner().invoke(cli, ["import", str(inc.file), "--data-dir", into, "--json", "-q"])
+                    for _ in range(2))
+    assert json.loads(first.output)["reused"] is False
     assert json.loads(again.output)["reused"] is True  # the very same export: nothing to do
