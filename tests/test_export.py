@@ -21,6 +21,8 @@ import nats
 import pytest
 from click.testing import CliRunner, Result
 from conftest import start_binary_server
+from hypothesis import given
+from hypothesis import strategies as st
 
 from ledger import codec, imported, incident
 from ledger import events as ev
@@ -251,3 +253,37 @@ def test_a_server_holding_a_ledger_is_never_loaded_into(inc: Incident) -> None:
                     for _ in range(2))
     assert json.loads(first.output)["reused"] is False
     assert json.loads(again.output)["reused"] is True  # the very same export: nothing to do
+
+
+_names = st.one_of(st.sampled_from(["Nats-Msg-Id", "Nats-Expected-Last-Sequence", "Nats-TTL", "nats-rollup",
+                                    imported.STORED_NS, "Ledger-Imported-Nats-TTL", "Ledger-Imported-X", "X-Trace"]),
+                   st.from_regex(r"[A-Za-z][A-Za-z0-9-]{0,20}", fullmatch=True))
+
+
+@given(headers=st.dictionaries(_names, st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=20),
+                               max_size=6),
+       stored=st.integers(0, 2**63 - 1), escape=st.booleans())
+def test_the_headers_a_copy_is_loaded_with_give_back_the_originals_and_their_time(
+        headers: dict[str, str], stored: int, escape: bool) -> None:
+    if len({k.lower() for k in headers}) < len(headers):
+        return  # one header per name, whatever its case: what a NATS client reads
+    loaded = imported.publish_headers(headers, stored, escape_msg_id=escape)
+    assert imported.restored_headers(loaded) == headers
+    assert imported.stored_ns(loaded, 0) == stored
+    acted_on = {k for k in loaded if k.lower().startswith("nats-")}  # what the server reads when it is published
+    assert acted_on <= ({"Nats-Msg-Id"} if not escape else set())
+
+
+@given(st.lists(st.tuples(st.integers(1, 50), st.binary(max_size=40),
+                          st.dictionaries(st.from_regex(r"[A-Z][a-z-]{0,8}", fullmatch=True), st.text(max_size=8),
+                                          max_size=2)), max_size=8))
+def test_an_incident_file_reads_back_what_was_written(msgs: list[tuple[int, bytes, dict[str, str]]]) -> None:
+    seqs = sorted({seq for seq, _, _ in msgs})
+    written = [incident.Message(LEDGER_STREAM, seq, "ledger.x", seq * 7, h, data)
+               for seq, (_, data, h) in zip(seqs, msgs, strict=False)]
+    header = incident.Header(format=incident.FORMAT, version=incident.VERSION, ledger_version="t", exported_at="t",
+                             streams=[incident.StreamRange(LEDGER_STREAM, 1, 50)])
+    lines = [incident.encode(header), *map(incident.encode, written),
+             incident.encode(incident.End({LEDGER_STREAM: len(written)}))]
+    _, read = incident.read(lines)
+    assert list(read) == written
