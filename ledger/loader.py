@@ -37,8 +37,11 @@ KEPT = ("name", "description", "subjects", "retention", "max_consumers", "max_ms
         "max_msgs_per_subject", "max_msg_size", "discard", "storage", "duplicate_window", "allow_direct",
         "allow_rollup_hdrs", "compression", "allow_msg_ttl", "persist_mode", "deny_delete", "deny_purge")
 """What a copy keeps of the original's configuration (not its cluster, placement, sources, counters, schedules)."""
-LIMITS: dict[str, Any] = {"max_msgs": -1, "max_bytes": -1, "max_age": 0, "max_msgs_per_subject": -1}
-"""While loading: nothing may push a message out (fillers count as messages)."""
+LIMITS: dict[str, Any] = {"max_msgs": -1, "max_bytes": -1, "max_age": 0, "max_msgs_per_subject": -1,
+                          "duplicate_window": 100_000_000}
+"""While loading: nothing may push a message out (fillers count as messages), and a message id is a duplicate
+only within 100 ms, the least JetStream allows: the original may hold an id twice, further apart than its own
+window; each such pair loaded closer than 100 ms costs a retry of the rest of a chunk."""
 
 Progress = Callable[[str, int, int], None]
 """(stream, sequence loaded up to, last sequence)"""
@@ -50,6 +53,7 @@ def copy_config(original: dict[str, Any], name: str) -> dict[str, Any]:
     config = {k: original[k] for k in KEPT if k in original}
     config["name"] = name
     config["num_replicas"] = 1
+    config["allow_direct"] = True  # the store's reads are direct gets
     config.setdefault("subjects", [f"{name.lower()}.>"])
     metadata = {k: v for k, v in (original.get("metadata") or {}).items() if not str(k).startswith("_nats.")}
     metadata.pop(imported.MARK, None)
