@@ -26,7 +26,7 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import APIError
 
-from . import cancellation, codec
+from . import cancellation, codec, imported
 from .codec import Item
 from .connection import GONE, watch_of
 from .errors import StoreError, StreamMissing, Unavailable
@@ -134,6 +134,9 @@ class StreamFacts(msgspec.Struct, frozen=True, kw_only=True):
     peers: tuple[Peer, ...] = ()
     subjects: dict[str, int] = {}
     """Messages per subject, only when asked for (`with_subjects`)."""
+    imported: str | None = None
+    """What an imported copy was loaded from (`ledger.imported`: its stored times are the original's); None for a
+    stream of a live ledger."""
 
 
 class _State(msgspec.Struct):
@@ -146,6 +149,7 @@ class _State(msgspec.Struct):
 
 class _Config(msgspec.Struct):
     num_replicas: int = 1
+    metadata: dict[str, str] | None = None
 
 
 class _Cluster(msgspec.Struct):
@@ -170,8 +174,12 @@ async def stream_facts(nc: NATS, stream: str, timeout: float, *, with_subjects: 
     if info.error is not None:
         raise store_error(info.error, stream, f"stream info {stream}")
     s, cluster = info.state, info.cluster
+    first_ns = parse_stamp(s.first_ts) if s.messages and s.first_ts else 0
+    mark = (info.config.metadata or {}).get(imported.MARK)
+    if mark is not None and s.messages:  # the server's first_ts is when the copy was loaded
+        first_ns = await stored_ns(nc, stream, s.first_seq, timeout, trusted=True) or first_ns
     return StreamFacts(name=stream, created=info.created, messages=s.messages, first_seq=s.first_seq,
-                       first_ns=parse_stamp(s.first_ts) if s.messages and s.first_ts else 0, last_seq=s.last_seq,
+                       first_ns=first_ns, last_seq=s.last_seq, imported=mark,
                        replicas=info.config.num_replicas or 1, leader=cluster.leader if cluster else None,
                        clustered=cluster is not None,
                        peers=tuple(cluster.replicas or ()) if cluster else (), subjects=s.subjects or {})
@@ -220,14 +228,25 @@ class _MsgGetResponse(msgspec.Struct):
 _msg_get_decoder = msgspec.json.Decoder(_MsgGetResponse)
 
 
+def _header_map(raw: str | None) -> dict[str, str]:
+    """A stored message's header block (base64, as STREAM.MSG.GET answers) as a dict (the last of repeated names)."""
+    out: dict[str, str] = {}
+    if raw:
+        for line in base64.b64decode(raw).decode(errors="replace").split("\r\n")[1:]:
+            name, sep, value = line.partition(":")
+            if sep:
+                out[name.strip()] = value.strip()
+    return out
+
+
 def _msg_id_from_headers(raw: str | None) -> str | None:
-    if not raw:
-        return None
-    for line in base64.b64decode(raw).decode(errors="replace").split("\r\n")[1:]:
-        name, sep, value = line.partition(":")
-        if sep and name.strip().lower() == codec.MSG_ID.lower():
-            return value.strip()
-    return None
+    return next((v for k, v in _header_map(raw).items() if k.lower() == codec.MSG_ID.lower()), None)
+
+
+def _stored_ns_of(m: _StoredMsg, trusted: bool) -> int:
+    """When `m` was stored: the server's time, or on an imported stream (`trusted`) the original's."""
+    ns = parse_stamp(m.time) if m.time else 0
+    return imported.stored_ns(_header_map(m.hdrs), ns) if trusted else ns
 
 
 async def _msg_get(nc: NATS, stream: str, body: dict[str, object], timeout: float) -> _StoredMsg | None:
@@ -246,33 +265,97 @@ async def get_first_after(nc: NATS, stream: str, subject_filter: str, seq: int,
     return None if m is None else (m.seq, _msg_id_from_headers(m.hdrs), m.subject)
 
 
-async def stored_ns(nc: NATS, stream: str, seq: int, timeout: float) -> int | None:
-    """When the leader stored message `seq` (ns since the epoch), or None if there is no such message."""
+async def stored_ns(nc: NATS, stream: str, seq: int, timeout: float, *, trusted: bool = False) -> int | None:
+    """When the leader stored message `seq` (ns since the epoch), or None if there is no such message.
+    `trusted`: the stream is an imported copy, whose messages carry their original stored times."""
     m = await _msg_get(nc, stream, {"seq": seq}, timeout)
-    return None if m is None or not m.time else parse_stamp(m.time)
+    return None if m is None or not m.time else _stored_ns_of(m, trusted)
 
 
-async def get_last(nc: NATS, stream: str, subject_filter: str, timeout: float) -> Item | None:
+async def last_stored_by(nc: NATS, stream: str, time_ns: int, first: int, last: int, timeout: float, *,
+                         trusted: bool = False) -> tuple[int, int]:
+    """(seq, stored_ns) of the last message of `stream` in first..last stored at or before `time_ns`; (first - 1,
+    0) if none. Bisection on the leader's stored times, which rise with the sequence: where a replay with
+    `end_time` stops, and one with a start time starts (after it). A few gets (log2 of the range)."""
+    lo, lo_ns, hi = first - 1, 0, last + 1
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        ns = await stored_ns(nc, stream, mid, timeout, trusted=trusted)
+        if ns is None or ns <= time_ns:  # None: gone since (retention takes the oldest first)
+            lo, lo_ns = mid, ns or 0
+        else:
+            hi = mid
+    return lo, lo_ns
+
+
+async def get_last(nc: NATS, stream: str, subject_filter: str, timeout: float, *,
+                   trusted: bool = False) -> Item | None:
     """The newest message on the filter, from the leader."""
     m = await _msg_get(nc, stream, {"last_by_subj": subject_filter}, timeout)
     if m is None:
         return None
-    return codec.read(stream, m.seq, m.subject, parse_stamp(m.time) if m.time else 0, base64.b64decode(m.data))
+    return codec.read(stream, m.seq, m.subject, _stored_ns_of(m, trusted), base64.b64decode(m.data))
 
 
 async def direct_batch(nc: NATS, stream: str, subject_filter: str, start_seq: int, *, batch: int = 1000,
                        min_last_seq: int | None = None, timeout: float = 5.0,
                        make: Callable[[str, int, str, int, bytes], T] = codec.read,  # type: ignore[assignment]
-                       ) -> tuple[list[T], int]:
+                       trusted: bool = False) -> tuple[list[T], int]:
     """Up to `batch` messages on the filter from `start_seq`; returns (items, number still pending).
 
     `make(stream, seq, subject, stored_ns, data)` turns each message into an item: the codec's read by
     default, or anything that keeps the raw bytes (`ledger check` must see what the codec would refuse).
+    `trusted`: the stream is an imported copy, whose messages carry their original stored times.
     """
+    items: list[T] = []
+
+    def on_item(h: dict[str, str], data: bytes) -> None:
+        ns = parse_stamp(h["Nats-Time-Stamp"])
+        items.append(make(stream, int(h["Nats-Sequence"]), h["Nats-Subject"],
+                          imported.stored_ns(h, ns) if trusted else ns, data))
+
+    pending = await _direct(nc, stream, subject_filter, start_seq, batch, min_last_seq, timeout, on_item)
+    return items, pending
+
+
+class RawStored(msgspec.Struct, frozen=True):
+    """A stored message as the server keeps it: what `ledger export` writes."""
+
+    seq: int
+    subject: str
+    stored_ns: int
+    headers: dict[str, str]
+    data: bytes
+
+
+DIRECT_GET_HEADERS = frozenset(h.lower() for h in ("Nats-Stream", "Nats-Subject", "Nats-Sequence", "Nats-Time-Stamp",
+                                                    "Nats-Num-Pending", "Nats-Last-Sequence", "Nats-UpTo-Sequence"))
+"""What Direct Get adds to a message's own headers."""
+
+
+async def raw_batch(nc: NATS, stream: str, start_seq: int, *, batch: int = 1000, timeout: float = 5.0,
+                    min_last_seq: int | None = None, trusted: bool = False) -> tuple[list[RawStored], int]:
+    """Up to `batch` stored messages of the stream from `start_seq`, with their own headers (those of the import
+    taken off again on an imported copy, `trusted`); returns (messages, number still pending)."""
+    items: list[RawStored] = []
+
+    def on_item(h: dict[str, str], data: bytes) -> None:
+        own = {k: v for k, v in h.items() if k.lower() not in DIRECT_GET_HEADERS}
+        ns = parse_stamp(h["Nats-Time-Stamp"])
+        if trusted:
+            ns, own = imported.stored_ns(own, ns), imported.restored_headers(own)
+        items.append(RawStored(int(h["Nats-Sequence"]), h["Nats-Subject"], ns, own, data))
+
+    pending = await _direct(nc, stream, ">", start_seq, batch, min_last_seq, timeout, on_item)
+    return items, pending
+
+
+async def _direct(nc: NATS, stream: str, subject_filter: str, start_seq: int, batch: int, min_last_seq: int | None,
+                  timeout: float, on_item: Callable[[dict[str, str], bytes], None]) -> int:
+    """One batched Direct Get: `on_item(headers, data)` for each message; returns how many are still pending."""
     req: dict[str, object] = {"seq": max(start_seq, 1), "next_by_subj": subject_filter, "batch": batch}
     if min_last_seq:
         req["min_last_seq"] = min_last_seq
-    items: list[T] = []
     done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
     async def on_msg(msg: Msg) -> None:
@@ -290,8 +373,7 @@ async def direct_batch(nc: NATS, stream: str, subject_filter: str, start_seq: in
             else:
                 done.set_exception(StoreError(f"direct get on {stream}: {status} {h.get('Description', '')}"))
             return
-        items.append(make(stream, int(h["Nats-Sequence"]), h["Nats-Subject"], parse_stamp(h["Nats-Time-Stamp"]),
-                          msg.data))
+        on_item(h, msg.data)
 
     inbox = nc.new_inbox()
     sub = await nc.subscribe(inbox, cb=on_msg)
@@ -304,19 +386,82 @@ async def direct_batch(nc: NATS, stream: str, subject_filter: str, start_seq: in
     finally:
         with contextlib.suppress(*GONE):
             await sub.unsubscribe()
-    return items, pending
+    return pending
 
 
 async def history(nc: NATS, stream: str, subject_filter: str, *, after: int = 0,
-                  min_last_seq: int | None = None, timeout: float = 5.0) -> list[Item]:
+                  min_last_seq: int | None = None, timeout: float = 5.0, trusted: bool = False) -> list[Item]:
     """Every message on the filter with a sequence above `after`, oldest first."""
     out: list[Item] = []
     start = after + 1
     while True:
         items: list[Item]
         items, pending = await direct_batch(nc, stream, subject_filter, start,
-                                            min_last_seq=min_last_seq, timeout=timeout)
+                                            min_last_seq=min_last_seq, timeout=timeout, trusted=trusted)
         out.extend(items)
         if not items or pending == 0:
             return out
         start = items[-1].seq + 1
+
+
+# --- loading a copy (`ledger import`) ------------------------------------------------------------------------------
+
+_config_answer = msgspec.json.Decoder(dict[str, object])
+
+
+async def _stream_request(nc: NATS, verb: str, stream: str, body: dict[str, object] | None,
+                          timeout: float) -> dict[str, object]:
+    answer = _config_answer.decode(await request(nc, f"{API_PREFIX}.STREAM.{verb}.{stream}", body, timeout))
+    error = answer.get("error")
+    if isinstance(error, dict):
+        raise store_error(msgspec.convert(error, ApiError), stream, f"stream {verb.lower()} {stream}")
+    return answer
+
+
+async def stream_config(nc: NATS, stream: str, timeout: float) -> dict[str, object]:
+    """The stream's configuration, as the server answers it (every field, for a copy to be made from)."""
+    config = (await _stream_request(nc, "INFO", stream, None, timeout)).get("config")
+    return config if isinstance(config, dict) else {}
+
+
+async def create_stream(nc: NATS, config: dict[str, object], timeout: float) -> None:
+    await _stream_request(nc, "CREATE", str(config["name"]), config, timeout)
+
+
+async def update_stream(nc: NATS, config: dict[str, object], timeout: float) -> None:
+    await _stream_request(nc, "UPDATE", str(config["name"]), config, timeout)
+
+
+async def delete_stream(nc: NATS, stream: str, timeout: float) -> None:
+    await _stream_request(nc, "DELETE", stream, None, timeout)
+
+
+async def purge_subject(nc: NATS, stream: str, subject: str, timeout: float) -> None:
+    """Remove every message on `subject` (the stream's sequences stay as they are)."""
+    await _stream_request(nc, "PURGE", stream, {"filter": subject}, timeout)
+
+
+class Stored(msgspec.Struct, frozen=True):
+    """The server's answer to one publish: where it stored it, or why not."""
+
+    seq: int = 0
+    duplicate: bool = False
+    error: ApiError | None = None
+
+
+_ack_decoder = msgspec.json.Decoder(Stored)
+
+
+async def publish_each(nc: NATS, messages: list[tuple[str, dict[str, str], bytes]], timeout: float) -> list[Stored]:
+    """Publish every (subject, headers, data) at once, in order, and the server's answer to each."""
+    async def one(subject: str, headers: dict[str, str], data: bytes) -> Stored:
+        try:
+            return _ack_decoder.decode((await nc.request(subject, data, timeout=timeout, headers=headers)).data)
+        except NoRespondersError:
+            raise Unavailable(f"no stream stores {subject} (no responders)") from None
+        except NatsTimeout:
+            raise Unavailable(f"the server did not acknowledge {subject} within {timeout:.1f} s") from None
+        except msgspec.DecodeError:
+            raise StoreError(f"publish to {subject}: not an acknowledgement") from None
+
+    return list(await asyncio.gather(*(one(*m) for m in messages)))

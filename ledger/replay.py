@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -23,7 +23,7 @@ from nats.errors import TimeoutError as NatsTimeout
 from nats.js import api
 from nats.js.errors import APIError
 
-from . import cancellation, codec, jsapi
+from . import cancellation, codec, imported, jsapi
 from .codec import Item
 from .connection import GONE, watch_of
 from .errors import StoreError, Unavailable
@@ -82,7 +82,8 @@ class Replay:
     def __init__(self, nc: NATS, stream: str, filters: Sequence[str], *, start_seq: int | None = None,
                  start_time: datetime | None = None, end_seq: int | None = None, end_time: datetime | None = None,
                  follow: bool = False, last_per_subject: bool = False, batch: int = 2000,
-                 timeout: float = 5.0, patience: float | None = None) -> None:
+                 timeout: float = 5.0, patience: float | None = None,
+                 imported: Callable[[str], Awaitable[bool]] | None = None) -> None:
         self._nc = nc
         self._stream = stream
         self._filters = list(filters)
@@ -111,6 +112,9 @@ class Replay:
         self._inbox = ""
         self._empty_at_start = False
         self._sub: Subscription | None = None
+        self._is_imported = imported
+        self._trusted = False
+        """The stream is an imported copy: its messages' stored times are the original ones they carry."""
         self.last_seq = 0
         """Sequence of the newest message received so far (handed out, or waiting in the buffer)."""
         self.remaining: int | None = None
@@ -148,6 +152,8 @@ class Replay:
             self._on_status(msg.headers or {})
             return
         info = codec.parse_ack_subject(msg.reply)
+        if self._trusted:
+            info = info._replace(timestamp_ns=imported.stored_ns(msg.headers, info.timestamp_ns))
         if info.consumer != self._consumer:
             return  # a late delivery of a consumer we replaced
         if info.delivery != self._delivery + 1:
@@ -317,8 +323,30 @@ class Replay:
         """End the iteration after what was already delivered (a follower then starts a new one)."""
         self._finish()
 
+    async def _learn_clock(self) -> None:
+        """Whether the stream is an imported copy, whose stored times its messages carry: then a start time is
+        found by bisection on those (the server's own times are when the copy was loaded)."""
+        if self._is_imported is None:
+            return
+        started, attempts = time.monotonic(), 0
+        while True:
+            try:
+                self._trusted = await self._is_imported(self._stream)
+                break
+            except Unavailable:
+                attempts += 1
+                if not self._follow and self._out_of_patience(time.monotonic() - started):
+                    raise
+                await asyncio.sleep(retry_delay(attempts))
+        if self._trusted and self._start_time is not None and not (self._start_seq and self._start_seq > 1):
+            facts = await self._stream_facts()
+            at, _ = await jsapi.last_stored_by(self._nc, self._stream, codec.to_ns(self._start_time) - 1,
+                                               facts.first_seq, facts.last_seq, self._timeout, trusted=True)
+            self._start_seq, self._start_time = at + 1, None
+
     async def _start(self) -> bool:
         """Create the consumer and ask for the first batch; False when there is nothing to deliver."""
+        await self._learn_clock()
         if not self._follow:
             state = await self._stream_facts()
             end = state.last_seq if self._end_seq is None else min(self._end_seq, state.last_seq)

@@ -32,10 +32,11 @@ from . import cancellation, codec, dlq, jsapi, lifecycle, subjects
 from .appender import Appender
 from .codec import Item, Recorded, Unreadable
 from .connection import GONE, open_connection, watch_of
-from .errors import InvalidInput, PermissionDenied, Unavailable
+from .errors import InvalidInput, PermissionDenied, StreamMissing, Unavailable
 from .events import Event
 from .ids import check_token
-from .jsapi import AccountFacts, StreamFacts
+from .jsapi import AccountFacts, RawStored, StreamFacts
+from .loader import Loader
 from .replay import Replay
 from .settings import Settings, redact_url
 from .streams import CHANGE_REQUESTS, StreamReport, check_streams, ensure_streams, why_admin_is_needed
@@ -80,6 +81,8 @@ class EventStore:
                                   deadline=settings.append_deadline, max_pending=max_pending)
         self._started = False
         self._listeners: list[Callable[[str], None]] = []
+        self._imported: dict[str, bool] = {}
+        """Per stream, whether it is an imported copy (`ledger.imported`), as its STREAM.INFO said."""
 
     def add_connection_listener(self, listener: Callable[[str], None]) -> None:
         """Call `listener("disconnected" | "reconnected")` when the connection drops or comes back."""
@@ -226,18 +229,21 @@ class EventStore:
         check_token(entity_id, f"{family} id")
         stream = subjects.stream_for_family(family)
         return await jsapi.history(self.nc, stream, subjects.entity_filter(family, entity_id), after=after,
-                                   min_last_seq=min_last_seq, timeout=self.settings.request_timeout)
+                                   min_last_seq=min_last_seq, timeout=self.settings.request_timeout,
+                                   trusted=await self.is_imported(stream))
 
     async def read(self, subject_filter: str, *, after: int = 0, min_last_seq: int | None = None) -> list[Item]:
         """Every message on a subject filter after sequence `after` (for short filtered histories)."""
-        return await jsapi.history(self.nc, subjects.stream_for_filter(subject_filter), subject_filter,
-                                   after=after, min_last_seq=min_last_seq, timeout=self.settings.request_timeout)
+        stream = subjects.stream_for_filter(subject_filter)
+        return await jsapi.history(self.nc, stream, subject_filter, after=after, min_last_seq=min_last_seq,
+                                   timeout=self.settings.request_timeout, trusted=await self.is_imported(stream))
 
     async def last(self, family: str, entity_id: str) -> Item | None:
         """The entity's newest event, read from the stream leader (never stale)."""
         check_token(entity_id, f"{family} id")
-        return await jsapi.get_last(self.nc, subjects.stream_for_family(family),
-                                    subjects.entity_filter(family, entity_id), self.settings.request_timeout)
+        stream = subjects.stream_for_family(family)
+        return await jsapi.get_last(self.nc, stream, subjects.entity_filter(family, entity_id),
+                                    self.settings.request_timeout, trusted=await self.is_imported(stream))
 
     async def last_seq(self, stream: str = subjects.LEDGER_STREAM) -> int:
         """The stream's last sequence (0 when empty)."""
@@ -251,7 +257,8 @@ class EventStore:
         subject, stored_ns, data)` (the codec's read by default; `ledger check` keeps the raw bytes), and how many
         are still pending after them. Any replica may answer: `min_last_seq` asks for one holding at least that."""
         return await jsapi.direct_batch(self.nc, stream, subject_filter, start_seq, batch=batch,
-                                        min_last_seq=min_last_seq, timeout=self.settings.request_timeout, make=make)
+                                        min_last_seq=min_last_seq, timeout=self.settings.request_timeout, make=make,
+                                        trusted=await self.is_imported(stream))
 
     def replay(self, filters: str | Sequence[str] = subjects.family_filter("*"), *, stream: str | None = None,
                start_seq: int | None = None, start_time: datetime | None = None, end_seq: int | None = None,
@@ -276,18 +283,55 @@ class EventStore:
             stream = streams.pop()
         return Replay(self.nc, stream, filters, start_seq=start_seq, start_time=start_time,
                       end_seq=end_seq, end_time=end_time, follow=follow, last_per_subject=last_per_subject,
-                      batch=batch, timeout=self.settings.request_timeout, patience=patience)
+                      batch=batch, timeout=self.settings.request_timeout, patience=patience,
+                      imported=self.is_imported)
 
     # --- what the stream holds --------------------------------------------------
 
     async def stream_facts(self, stream: str = subjects.LEDGER_STREAM, *, with_subjects: bool = False) -> StreamFacts:
         """The stream's range (first and last sequence, count, when its oldest message was stored), its identity
         (when it was created) and replicas; `with_subjects` adds the count of messages per subject."""
-        return await jsapi.stream_facts(self.nc, stream, self.settings.request_timeout, with_subjects=with_subjects)
+        facts = await jsapi.stream_facts(self.nc, stream, self.settings.request_timeout, with_subjects=with_subjects)
+        self._imported[stream] = facts.imported is not None
+        return facts
+
+    async def is_imported(self, stream: str) -> bool:
+        """Whether `stream` is an imported copy of another ledger's (`ledger import`): sealed, and read with the
+        original stored times its messages carry (`ledger.imported`). Asked once per stream and connection."""
+        known = self._imported.get(stream)
+        if known is None:
+            try:
+                await self.stream_facts(stream)
+            except (PermissionDenied, StreamMissing):  # a user who may not ask reads no copy: none is made for one
+                return False
+            known = self._imported[stream]
+        return known
 
     async def stored_ns(self, seq: int, stream: str = subjects.LEDGER_STREAM) -> int | None:
         """When the stream leader stored message `seq` (ns since the epoch); None when there is no such message."""
-        return await jsapi.stored_ns(self.nc, stream, seq, self.settings.request_timeout)
+        return await jsapi.stored_ns(self.nc, stream, seq, self.settings.request_timeout,
+                                     trusted=await self.is_imported(stream))
+
+    async def last_stored_by(self, stream: str, time_ns: int, first: int, last: int) -> tuple[int, int]:
+        """(seq, stored_ns) of the last message of `stream` in first..last stored at or before `time_ns`; (first - 1,
+        0) if none (bisection on stored times: `jsapi.last_stored_by`)."""
+        return await jsapi.last_stored_by(self.nc, stream, time_ns, first, last, self.settings.request_timeout,
+                                          trusted=await self.is_imported(stream))
+
+    async def raw_batch(self, stream: str, start_seq: int, *, batch: int = 1000,
+                        min_last_seq: int | None = None) -> tuple[list[RawStored], int]:
+        """Up to `batch` stored messages of `stream` from `start_seq` as the server keeps them (subject, headers,
+        bytes, stored time; an imported copy's as the original had them), and how many are still pending."""
+        return await jsapi.raw_batch(self.nc, stream, start_seq, batch=batch, timeout=self.settings.request_timeout,
+                                     min_last_seq=min_last_seq, trusted=await self.is_imported(stream))
+
+    async def stream_config(self, stream: str) -> dict[str, Any]:
+        """The stream's whole configuration as the server answers it."""
+        return await jsapi.stream_config(self.nc, stream, self.settings.request_timeout)
+
+    def loader(self) -> Loader:
+        """What loads an exported log into this (fresh) server's streams: `ledger import`."""
+        return Loader(self.nc, self.settings.request_timeout)
 
     # --- registrations: which incarnation of an agent an event belongs to -------------
 
@@ -328,6 +372,9 @@ class EventStore:
         harmless (its id is the original's position). Unavailable when it could not be kept, StoreError when
         JetStream refused it.
         """
+        if await self.is_imported(item.stream):  # a sealed copy: its own dead letters came with it, if it had any
+            log.debug("not dead-lettering %s #%d of an imported copy", item.stream, item.seq)
+            return
         headers, payload = dlq.letter(item, consumer, self.nc.max_payload)
         subject = subjects.dlq_subject(item.stream, reason)
         what = f"cannot dead-letter {item.stream} #{item.seq} to {subject}"

@@ -33,7 +33,7 @@ from nats.js.api import DiscardPolicy, PersistMode, RetentionPolicy, StorageType
 from nats.js.errors import APIError, NotFoundError
 from nats.js.manager import JetStreamManager
 
-from . import subjects
+from . import imported, subjects
 from .errors import StreamMismatch, StreamMissing
 from .settings import Settings
 
@@ -169,7 +169,7 @@ def differences(spec: StreamConfig, actual: StreamConfig) -> dict[str, tuple[Any
 @dataclass
 class StreamReport:
     name: str
-    action: str  # "created", "updated" or "ok"
+    action: str  # "created", "updated", "ok" or "imported" (a sealed copy of another ledger's, left as it is)
     changed: dict[str, tuple[Any, Any]] = field(default_factory=dict)
 
     def __str__(self) -> str:
@@ -193,6 +193,9 @@ async def ensure_streams(jsm: JetStreamManager, settings: Settings) -> list[Stre
                 raise StreamMismatch(f"cannot create stream {name}: {e.description} (error {e.err_code})") from None
             report = StreamReport(name, "created")
         else:
+            if imported.is_imported(info.config.metadata):  # a sealed copy (`ledger import`): kept as it is
+                reports.append(StreamReport(name, "imported"))
+                continue
             keep_existing(spec, info.config, settings)
             diff = differences(spec, info.config)
             if (spec.num_replicas or 1) > 1 and info.config.persist_mode == PersistMode.ASYNC:
@@ -249,6 +252,8 @@ async def _check(jsm: JetStreamManager, spec: StreamConfig, settings: Settings) 
         info = await jsm.stream_info(_name(spec))
     except NotFoundError:
         return None
+    if imported.is_imported(info.config.metadata):
+        return {}  # a sealed copy (`ledger import`) is as it was exported, whatever this ledger's settings
     keep_existing(spec, info.config, settings)
     return differences(spec, info.config)
 

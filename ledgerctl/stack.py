@@ -29,6 +29,7 @@ from ledger.errors import LedgerError, PortInUse
 from ledger.settings import Settings
 from ledger.store import EventStore
 from ledger.subjects import HEARTBEAT_STREAM, LEDGER_STREAM
+from ledger.transfer import load_file
 from projections.projector import Progress, Projector
 from projections.query import Query
 from projections.settings import ProjectionSettings
@@ -70,6 +71,8 @@ class UpSettings:
     which the user did not ask for."""
     query_service: bool = False
     """Serve the views as the NATS micro service `ledger-query` (`ledger up` does; any number of replicas may run)."""
+    from_file: Path | None = None
+    """An incident file (`ledger export`) to load into the (fresh) embedded server first: `ledger up --from`."""
 
     @property
     def db_path(self) -> Path:
@@ -194,8 +197,15 @@ async def running_stack(s: UpSettings, say: Say, *, name: str = "ledger-up",
                 f"  (fsync {'always' if s.sync_always else 'by interval'})")
         settings = s.settings_for(url, embedded=server is not None)
         store = await stack.enter_async_context(EventStore.connect(settings, name=name, check=False))
+        if s.from_file is not None:
+            loaded = await load_file(store, s.from_file, say=say)
+            say(f"imported            {s.from_file}: " + (", ".join(f"{k} {n:,}" for k, n in loaded.items())
+                                                          + " messages" if loaded is not None else "loaded before"))
         reports = await store.ensure_streams()
         say("streams             " + "; ".join(str(r) for r in reports))
+        # A sealed copy of another ledger's log: no verdicts (a death declared, a session reclaimed) on an incident
+        # that is over; the server would refuse them anyway.
+        read_only = any(r.action == "imported" for r in reports)
 
         projection = ProjectionSettings.from_env(db=str(s.db_path))
         # The follower reads on a connection of its own, so the consumers' writes never queue behind a catch-up.
@@ -209,18 +219,22 @@ async def running_stack(s: UpSettings, say: Say, *, name: str = "ledger-up",
         await stack.enter_async_context(projector)
         say(f"projector           {s.db_path.resolve()}")
 
-        consumers = ConsumerGroup(store, liveness=s.liveness, shared=follower)
+        consumers = ConsumerGroup(store, liveness=s.liveness, shared=follower, monitor=not read_only,
+                                  reclaimer=not read_only, watchdog=not read_only)
         for listener in listeners:
             follower.listen(listener)
         following = asyncio.create_task(follower.run(), name="follower")
         stack.push_async_callback(cancellation.stop, [following])  # stopped before the projector commits its last batch
-        consumers_task = asyncio.create_task(consumers.run(), name="consumers")
-        stack.push_async_callback(cancellation.stop, [consumers_task])
-        say(f"consumers           {', '.join(consumers.parts)}")
+        pieces = [following]
+        if consumers.parts:
+            consumers_task = asyncio.create_task(consumers.run(), name="consumers")
+            stack.push_async_callback(cancellation.stop, [consumers_task])
+            pieces.append(consumers_task)
+        say(f"consumers           {', '.join(consumers.parts) or 'none: an imported log is read-only'}")
         assert projector.task is not None
         projector.task.set_name("projector")
         running = Stack(url=url, store=store, follower=follower, projector=projector, consumers=consumers,
-                        server=server, running=[projector.task, following, consumers_task])
+                        server=server, running=[projector.task, *pieces])
         if s.query_service:
             query = await stack.enter_async_context(Query.open(s.db_path, store, policy=s.liveness.policy))
             running.query_service = await stack.enter_async_context(QueryService.start(store, query))

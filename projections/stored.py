@@ -9,12 +9,4 @@ async def last_stored_by(store: EventStore, stream: str, time_ns: int, first: in
     """(seq, stored_ns) of the last message of `stream` in first..last stored at or before `time_ns`; (first - 1,
     0) if none. Bisection on the leader's stored times, which rise with the sequence: where a replay with
     `end_time` stops. A few direct gets (log2 of the range)."""
-    lo, lo_ns, hi = first - 1, 0, last + 1
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        ns = await store.stored_ns(mid, stream)
-        if ns is None or ns <= time_ns:  # None: gone since (retention takes the oldest first)
-            lo, lo_ns = mid, ns or 0
-        else:
-            hi = mid
-    return lo, lo_ns
+    return await store.last_stored_by(stream, time_ns, first, last)

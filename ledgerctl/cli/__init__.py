@@ -15,6 +15,7 @@ from .demo import demo_command
 from .doctor import doctor_command
 from .drain import drain_command
 from .entities import route_group, session_group, unreachable_command
+from .export import export_command, import_command
 from .project import PROJECTOR_COMMANDS
 from .query_service import query_service_command
 from .replay import replay_command
@@ -46,7 +47,7 @@ def cli(verbose: int, log_format: str) -> None:
 for command in (auth_group, up_command, demo_command, doctor_command, check_command, server_command, init_command,
                 agent_command, session_group, route_group, unreachable_command, replay_command, consumers_command,
                 pool_group, drain_command, schema_command, *VIEW_COMMANDS, *PROJECTOR_COMMANDS,
-                query_service_command, why_command, whatif_command):
+                query_service_command, why_command, whatif_command, export_command, import_command):
     cli.add_command(command)
 
 

@@ -17,13 +17,15 @@ import click
 from consumers.liveness_rules import LivenessSettings
 from ledger import cancellation
 from ledger.settings import DEFAULT_NATS_URL, redact_url
-from ledgerctl.server import DEFAULT_DATA_DIR
+from ledger.transfer import read_file
+from ledgerctl.server import DEFAULT_DATA_DIR, free_port
 from ledgerctl.stack import DEFAULT_HTTP_PORT, Stack, UpSettings, running_stack
 from projections.gc_tuning import tune_gc
 from projections.health import DEFAULT_POLICY, HealthPolicy
 from projections.settings import DB_ENV, ProjectionSettings
 
 from .common import async_command, connection_options, echo, settings_from, stop_signals
+from .export import default_data_dir
 from .liveness import policy_options
 
 log = logging.getLogger(__name__)
@@ -93,9 +95,10 @@ def hints(s: UpSettings, url: str, http_url: str | None = None) -> list[str]:
     lines = [export] if export else []
     if http_url:
         lines.append(f"  {'open ' + http_url + '/':<40}# the dashboard, live (as of any past moment too)")
-    for command, what in [("ledger agent --agent-id a1 --pool gpu", "a reference agent"),
-                          ("ledger session create --pool gpu", "a session for it to claim"),
-                          ("ledger agents | sessions | pools", "the projection, now (or --as-of TIME)"),
+    writes = [] if s.from_file is not None else [  # an imported log is sealed: nothing can be added to it
+        ("ledger agent --agent-id a1 --pool gpu", "a reference agent"),
+        ("ledger session create --pool gpu", "a session for it to claim")]
+    for command, what in [*writes, ("ledger agents | sessions | pools", "the projection, now (or --as-of TIME)"),
                           ("ledger replay --follow", "the log itself")]:
         lines.append(f"  {command:<40}# {what}")
     return lines
@@ -103,13 +106,19 @@ def hints(s: UpSettings, url: str, http_url: str | None = None) -> list[str]:
 
 @click.command("up")
 @up_options
+@click.option("--from", "from_file", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="Load this incident file (`ledger export`) into a fresh embedded server first, and run read-only: "
+                   "the projector, views and dashboard, but no monitor, reclaimer or watchdog, whose verdicts on an "
+                   "incident that is over would be new history the original never had (the imported streams are "
+                   "sealed: the server refuses any write). [data: FILE-data unless --data-dir; port: a free one "
+                   "unless --port]")
 @click.option("--grace", type=click.FloatRange(min=0), default=10.0, show_default=True,
               help="Seconds after a reconnect or leader change during which the monitor declares nobody dead.")
 @policy_options
 @async_command
 async def up_command(nats_url: str | None, data_dir: Path, port: int, db: Path | None, replicas: str | None,
-                     http_host: str, http_port: int | None, http: bool, query_service: bool, grace: float,
-                     policy: HealthPolicy) -> None:
+                     http_host: str, http_port: int | None, http: bool, query_service: bool, from_file: Path | None,
+                     grace: float, policy: HealthPolicy) -> None:
     """Run everything on one machine until Ctrl-C.
 
     Without --nats-url (or LEDGER_NATS_URL) it starts an embedded JetStream
@@ -119,10 +128,30 @@ async def up_command(nats_url: str | None, data_dir: Path, port: int, db: Path |
     monitor, orphan reclaimer, route watchdog), the query service (the views
     on NATS, for any machine) and the HTTP API with the dashboard and
     /metrics. Ctrl-C or SIGTERM stops them cleanly, in reverse order.
+
+    With --from FILE it debugs an incident on any machine: a fresh embedded
+    server loaded from the file (same sequences, same stored times), read-only.
+
+    \b
+    ledger up
+    ledger up --from incident.ledger      # then: ledger sessions --as-of ..., ledger check, ledger replay
     """
-    s = UpSettings(nats_url=nats_url, data_dir=data_dir, port=port, db=db,
+    sync_always = True
+    if from_file is not None:
+        read_file(from_file)  # a file that is not one is told before any server starts
+        ctx = click.get_current_context()
+        given = {name: ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
+                 for name in ("nats_url", "data_dir", "port")}
+        if given["nats_url"]:
+            raise click.UsageError("--from loads the file into an embedded server of its own: drop --nats-url")
+        nats_url = None  # LEDGER_NATS_URL names the live ledger, never the place for a copy
+        data_dir = data_dir if given["data_dir"] else default_data_dir(from_file)
+        port = port if given["port"] else free_port()
+        sync_always = False  # a copy: the file is the durable original
+    s = UpSettings(nats_url=nats_url, data_dir=data_dir, port=port, db=db, sync_always=sync_always,
                    liveness=LivenessSettings(policy=policy, grace=grace), replicas=int(replicas) if replicas else None,
-                   connection=settings_from(nats_url), **web_settings(http, http_host, http_port, query_service))
+                   connection=settings_from(nats_url), from_file=from_file,
+                   **web_settings(http, http_host, http_port, query_service))
     tune_gc()
     stop = stop_signals()
     started = asyncio.Event()
