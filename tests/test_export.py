@@ -163,6 +163,22 @@ def test_check_and_replay_say_the_same(inc: Incident) -> None:
         assert original.stdout
 
 
+def test_why_and_whatif_say_the_same(inc: Incident) -> None:
+    deaths = ledger("replay", "--nats-url", inc.source.url, "--type", "session.claimed", "--json")
+    failed_over = [d["event"]["session_id"] for d in map(json.loads, deaths.output.splitlines())
+                   if d["event"].get("reason") == "failover"]
+    assert failed_over, "the demo's log holds a failover"
+    dead = ledger("replay", "--nats-url", inc.source.url, "--type", "agent.declared_dead", "--json")
+    agent = json.loads(dead.output.splitlines()[0])["event"]["agent_id"]
+    for command in (("why", "session", failed_over[0], "--json"), ("why", "session", failed_over[0]),
+                    ("why", "agent", agent, "--json"), ("whatif", "--json"), ("whatif", "--dead-after", "60s"),
+                    ("whatif", "--dead-after", "1s", "--json")):
+        original = ledger(*command, "--nats-url", inc.source.url)
+        copied = ledger(*command, "--nats-url", inc.copy.url)
+        assert (copied.exit_code, copied.stdout) == (original.exit_code, original.stdout), command
+        assert original.exit_code == 0 and original.stdout, (command, original.output)
+
+
 def test_a_forged_stored_time_is_ignored_on_a_live_ledger_and_not_carried_into_the_copy(inc: Incident) -> None:
     async def stored(url: str) -> tuple[int, int | None, bool]:
         async with EventStore.connect(Settings(nats_url=url)) as store:
