@@ -22,6 +22,7 @@ The sentences are pure functions of the events (`describe`, `headline`); the rea
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Protocol, cast
@@ -177,6 +178,10 @@ def describe(rec: Recorded, registration: ev.AgentRegistered | None = None) -> s
             return f"{w} terminated {e.session_id}{token}: {e.reason or 'terminated'}"
         case ev.SessionResourceReported():
             return f"{w} reported {e.session_id}'s resource {e.platform_resource_id} at {e.address or '-'}"
+        case ev.SessionCheckpointed():
+            note = f": {e.note}" if e.note else ""
+            return (f"{w} checkpointed {e.session_id} for {e.agent_id} under token {e.token} "
+                    f"({len(e.data)} bytes{note})")
         case ev.AgentRegistered():
             return (f"{w} registered {e.agent_id} as incarnation {rec.seq} in pool {e.pool}: beats every "
                     f"{_s(e.heartbeat_interval)}, ttl {_s(e.ttl)}")
@@ -448,6 +453,11 @@ async def _notes(walk: _Walk, head: EntityHistory, within: Callable[[Recorded], 
     def where(f: Found) -> str:
         return f"{f.record.stream} #{f.record.seq} at {_hms(f.record.stored_at)}"
 
+    checkpoint = state.get("checkpoint") if head.kind == "session" else None
+    if isinstance(checkpoint, dict):  # what the next owner resumes from
+        size = len(base64.b64decode(checkpoint.get("data") or ""))
+        notes.append(f"its last checkpoint is LEDGER #{checkpoint.get('seq')}, written by {checkpoint.get('agent_id')} "
+                     f"under token {checkpoint.get('token')} ({size} bytes)")
     if head.kind == "session" and state.get("status") == lc.S_ASSIGNED and state.get("owner"):
         owner, held = str(state["owner"]), state.get("owner_incarnation")
         history = [f for f in await walk.events("agent", owner) if within(f.record) and f.flag is None]

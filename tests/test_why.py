@@ -217,6 +217,27 @@ async def test_a_forged_death_reads_as_written_by_its_forger(store: EventStore) 
     assert "flagged, not applied" in render(chain)[2]
 
 
+async def test_a_checkpointed_session_keeps_its_claim_as_the_cause_and_notes_the_checkpoint(store: EventStore) -> None:
+    """A checkpoint changes no owner: the chain still starts at the claim, and a note says what the next owner
+    would resume from; `--at-seq` before it has no such note."""
+    uid = new_id()[:8]
+    me = Producer(id=f"c-{uid}", instance="i")
+    reg = await store.append(ev.AgentRegistered(producer=me, agent_id=me.id, instance_id="i", pool="p"))
+    await store.append(ev.SessionCreated(producer=Producer(id="cli", instance="t"), session_id=f"s-{uid}", pool="p"))
+    token = await store.append(ev.SessionClaimed(producer=me, session_id=f"s-{uid}", agent_id=me.id,
+                                                 instance_id="i", incarnation=reg))
+    saved = await store.append(ev.SessionCheckpointed(producer=me, session_id=f"s-{uid}", agent_id=me.id,
+                                                      incarnation=reg, token=token, data=b"step=41", note="n"))
+    chain = await why(store, "session", f"s-{uid}")
+    assert chain.links[0].seq == token and chain.links[0].type == "session.claimed"
+    assert chain.notes == [f"its last checkpoint is LEDGER #{saved}, written by {me.id} under token {token} (7 bytes)"]
+    earlier = await why(store, "session", f"s-{uid}", seq=token)
+    assert earlier.notes == []
+    [rec] = [r for r in await records(store, "session", f"s-{uid}") if r.seq == saved]
+    assert describe(rec) == (f"`{me.id}` (instance `i`) checkpointed s-{uid} for {me.id} under token {token} "
+                             "(7 bytes: n)")
+
+
 async def test_an_unknown_entity_or_a_moment_before_it_is_one_error(store: EventStore) -> None:
     with pytest.raises(UnknownEntity, match="no event for session nope"):
         await why(store, "session", f"nope-{new_id()[:6]}")
