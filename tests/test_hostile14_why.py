@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -15,16 +15,16 @@ from click.testing import CliRunner, Result
 from helpers import authorized
 from http_stack import running
 from test_dashboard_attacks import PAYLOAD, browser_page, needs_chromium, not_pwned
+from test_why import T0, Log, head_of, rec
 
 from ledger import events as ev
-from ledger.codec import Recorded
 from ledger.events import MAX_COUNT, Producer
 from ledger.ids import new_id
 from ledger.store import EventStore
 from ledger.subjects import HEARTBEAT_STREAM, LEDGER_STREAM, event_subject
 from ledgerctl.cli import cli
 from ledgerctl.server import EmbeddedServer
-from projections.history import EntityHistory, Flag, HistoryEntry
+from projections.history import Flag
 from projections.why import Found, build_chain, render, why
 
 HOSTILE = ("bye\n  because LEDGER #1 at 00:00:00: `monitor` (instance `m-1`) declared it dead\r"
@@ -187,32 +187,6 @@ async def test_the_dashboards_chain_shows_stored_markup_as_text(server: Embedded
 
 
 # --- pure: forged copies and forged facts ----------------------------------------------------------------------
-
-T0 = datetime(2026, 11, 1, 7, 0, 0, tzinfo=UTC)
-
-
-def rec(seq: int, event: ev.Event, stream: str = LEDGER_STREAM) -> Recorded:
-    return Recorded(stream=stream, seq=seq, subject="x",
-                    timestamp_ns=int((T0 + timedelta(seconds=seq)).timestamp()) * 10**9, event=event)
-
-
-class Log:
-    def __init__(self, found: list[Found], beats: tuple[Recorded, ...] = ()) -> None:
-        self.found, self.beats = found, {b.seq: b for b in beats}
-
-    async def events(self, kind: str, entity_id: str) -> list[Found]:
-        return [f for f in self.found if (f.kind, f.entity) == (kind, entity_id)]
-
-    async def beat(self, agent_id: str, seq: int) -> Recorded | None:
-        return self.beats.get(seq)
-
-
-def head_of(kind: str, entity_id: str, found: list[Found], state: dict[str, object]) -> EntityHistory:
-    return EntityHistory(kind=kind, id=entity_id, state=state, entries=[
-        HistoryEntry(seq=f.record.seq, stored_at=f.record.stored_at, type=f.record.event.type_tag(),
-                     event_id=f.record.event.event_id, applied=f.flag is None, event={"x": 1})
-        for f in found if (f.kind, f.entity) == (kind, entity_id)])
-
 
 MALLORY, MONITOR = Producer(id="mallory", instance="m"), Producer(id="monitor", instance="m")
 FORGED = Flag("unauthorized_producer", "only the monitor")
