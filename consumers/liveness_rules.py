@@ -194,6 +194,31 @@ def breaker_before_death(pool_agents: Iterable[lc.AgentState], deaths: Sequence[
     return BreakerCall(trip=False)
 
 
+def verdict_events(agent: lc.AgentState, verdict: Verdict, pool: lc.PoolState | None,
+                   pool_agents: Iterable[lc.AgentState], deaths: Sequence[tuple[str, datetime]], overdue: set[str],
+                   now: datetime, settings: LivenessSettings, producer: ev.Producer) -> list[ev.Event]:
+    """What the monitor writes for one verdict, in order: a suspicion; or a death, after the pool's breaker trip
+    when this death (with the pool's `overdue` agents and its recent `deaths`) trips it. The monitor writes them
+    and `ledger whatif` folds them: one decision for both."""
+    if verdict.kind != DEAD:
+        return [ev.AgentSuspected(producer=producer, agent_id=agent.agent_id, incarnation=agent.incarnation,
+                                  reason=verdict.reason, evidence=verdict.evidence, event_id=verdict.event_id,
+                                  causation_id=agent.cause_id)]
+    out: list[ev.Event] = []
+    if pool is None or not pool.breaker_open:
+        call = breaker_before_death(pool_agents, deaths, overdue | {agent.agent_id}, now, settings)
+        if call.trip:
+            trips = pool.trips if pool else 0
+            out.append(ev.PoolBreakerTripped(producer=producer, pool=agent.pool, reason=call.reason, dead=call.dead,
+                                             agents=call.agents, window=settings.breaker_window,
+                                             threshold=settings.breaker_share,
+                                             event_id=f"breaker-{agent.pool}-{trips + 1}"))
+    out.append(ev.AgentDeclaredDead(producer=producer, agent_id=agent.agent_id, incarnation=agent.incarnation,
+                                    reason=verdict.reason, evidence=verdict.evidence, event_id=verdict.event_id,
+                                    causation_id=agent.cause_id))
+    return out
+
+
 def breaker_recovered(pool: lc.PoolState, pool_agents: Iterable[lc.AgentState],
                       deaths: Sequence[tuple[str, datetime]], now: datetime,
                       settings: LivenessSettings) -> str | None:

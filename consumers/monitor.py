@@ -286,17 +286,10 @@ class LivenessMonitor:
             for agent, last, verdict in verdicts:
                 if verdict.event_id in self._written:
                     pass
-                elif verdict.kind == rules.DEAD:
-                    if await self._view_lags(agent, last):
-                        self._due.set(agent.agent_id, at)  # no death on stale evidence: judged again next check
-                    else:
-                        written += await self._declare_dead(agent, verdict, now, overdue[agent.pool])
-                        self._written.add(verdict.event_id)
+                elif verdict.kind == rules.DEAD and await self._view_lags(agent, last):
+                    self._due.set(agent.agent_id, at)  # no death on stale evidence: judged again next check
                 else:
-                    written.append(await self._write(ev.AgentSuspected(
-                        producer=self.ledger.producer, agent_id=agent.agent_id, incarnation=agent.incarnation,
-                        reason=verdict.reason, evidence=verdict.evidence, event_id=verdict.event_id,
-                        causation_id=agent.cause_id)))
+                    written += await self._declare(agent, verdict, now, overdue.get(agent.pool, set()))
                     self._written.add(verdict.event_id)
                 done += 1
         finally:
@@ -360,28 +353,22 @@ class LivenessMonitor:
         registrations = await self.ledger.registrations(agent.agent_id)
         return bool(registrations) and registrations[-1] > agent.incarnation
 
-    async def _declare_dead(self, agent: lc.AgentState, verdict: rules.Verdict, now: datetime,
-                            overdue: set[str]) -> list[ev.Event]:
+    async def _declare(self, agent: lc.AgentState, verdict: rules.Verdict, now: datetime,
+                       overdue: set[str]) -> list[ev.Event]:
+        """Write what the verdict decides (`rules.verdict_events`): a suspicion, or a death after its breaker trip."""
         state = self.follower.state.ledger
         written: list[ev.Event] = []
-        pool = state.pools.get(agent.pool)
-        if pool is None or not pool.breaker_open:
-            members = self._members_of(agent.pool)
-            call = rules.breaker_before_death(members, list(self._deaths[agent.pool]), overdue | {agent.agent_id},
-                                              now, self.settings)
-            if call.trip:
-                trips = pool.trips if pool else 0
-                written.append(await self._write(ev.PoolBreakerTripped(
-                    producer=self.ledger.producer, pool=agent.pool, reason=call.reason, dead=call.dead,
-                    agents=call.agents, window=self.settings.breaker_window, threshold=self.settings.breaker_share,
-                    event_id=f"breaker-{agent.pool}-{trips + 1}")))
-                log.warning("pool %s: breaker tripped: %s", agent.pool, call.reason)
-        written.append(await self._write(ev.AgentDeclaredDead(
-            producer=self.ledger.producer, agent_id=agent.agent_id, incarnation=agent.incarnation,
-            reason=verdict.reason, evidence=verdict.evidence, event_id=verdict.event_id, causation_id=agent.cause_id)))
-        self._deaths[agent.pool].append((agent.agent_id, now))
-        log.warning("agent %s (incarnation %d) declared dead: %s", agent.agent_id, agent.incarnation,
-                    verdict.evidence.detail)
+        events = rules.verdict_events(agent, verdict, state.pools.get(agent.pool), self._members_of(agent.pool),
+                                      list(self._deaths[agent.pool]), overdue, now, self.settings,
+                                      self.ledger.producer)
+        for e in events:
+            written.append(await self._write(e))
+            if isinstance(e, ev.PoolBreakerTripped):
+                log.warning("pool %s: breaker tripped: %s", e.pool, e.reason)
+            elif isinstance(e, ev.AgentDeclaredDead):
+                self._deaths[agent.pool].append((agent.agent_id, now))
+                log.warning("agent %s (incarnation %d) declared dead: %s", agent.agent_id, agent.incarnation,
+                            verdict.evidence.detail)
         return written
 
     async def _close_recovered_breakers(self, now: datetime, at: int) -> list[ev.Event]:

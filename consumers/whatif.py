@@ -368,13 +368,7 @@ class _Run:
         overdue = {pool: self._overdue(pool, now) for pool in {a.pool for a, _, v in verdicts if v.kind == rules.DEAD}}
         for agent, _, verdict in verdicts:
             self.written.add(verdict.event_id)
-            if verdict.kind == rules.DEAD:
-                self._declare_dead(agent, verdict, now, overdue[agent.pool])
-            else:
-                self._write(ev.AgentSuspected(producer=_PRODUCER, agent_id=agent.agent_id,
-                                              incarnation=agent.incarnation, reason=verdict.reason,
-                                              evidence=verdict.evidence, event_id=verdict.event_id), at)
-                self.would[_key_of(verdict, agent)] = (agent.pool, self._outcome(agent, verdict, now))
+            self._declare(agent, verdict, now, overdue.get(agent.pool, set()))
         for name in self.breakers.pop_due(at):
             self._breaker_may_close(name, now)
 
@@ -388,26 +382,23 @@ class _Run:
     def _overdue(self, pool: str, now: datetime) -> set[str]:
         return {a.agent_id for a in self._members(pool) if rules.overdue(a, self._last(a), now, self.settings)}
 
-    def _declare_dead(self, agent: lc.AgentState, verdict: rules.Verdict, now: datetime, overdue: set[str]) -> None:
+    def _declare(self, agent: lc.AgentState, verdict: rules.Verdict, now: datetime, overdue: set[str]) -> None:
+        """Fold what the monitor would write for the verdict (`rules.verdict_events`, the monitor's own decision)."""
         at = _micros(now)
         pool = self.pools.get(agent.pool)
-        if pool is None or not pool.breaker_open:
-            call = rules.breaker_before_death(self._members(agent.pool), self.deaths[agent.pool],
-                                              overdue | {agent.agent_id}, now, self.settings)
-            if call.trip:
+        for e in rules.verdict_events(agent, verdict, pool, self._members(agent.pool), self.deaths[agent.pool],
+                                      overdue, now, self.settings, _PRODUCER):
+            self._write(e, at)
+            if isinstance(e, ev.PoolBreakerTripped):
                 trips = pool.trips if pool else 0
-                self._write(ev.PoolBreakerTripped(producer=_PRODUCER, pool=agent.pool, reason=call.reason,
-                                                  dead=call.dead, agents=call.agents,
-                                                  window=self.settings.breaker_window,
-                                                  threshold=self.settings.breaker_share), at)
-                self.would[(BREAKER, agent.pool, 0, trips + 1)] = (agent.pool, Outcome(at=now, detail=call.reason))
-        self._write(ev.AgentDeclaredDead(producer=_PRODUCER, agent_id=agent.agent_id, incarnation=agent.incarnation,
-                                         reason=verdict.reason, evidence=verdict.evidence,
-                                         event_id=verdict.event_id), at)
-        self.deaths[agent.pool].append((agent.agent_id, now))
-        outcome = self._outcome(agent, verdict, now)
-        self.would[_key_of(verdict, agent)] = (agent.pool, msgspec.structs.replace(
-            outcome, sessions=_owned(self.recorded, agent.agent_id, agent.incarnation)))
+                self.would[(BREAKER, agent.pool, 0, trips + 1)] = (agent.pool, Outcome(at=now, detail=e.reason))
+            elif isinstance(e, ev.AgentDeclaredDead):
+                self.deaths[agent.pool].append((agent.agent_id, now))
+                outcome = self._outcome(agent, verdict, now)
+                self.would[_key_of(verdict, agent)] = (agent.pool, msgspec.structs.replace(
+                    outcome, sessions=_owned(self.recorded, agent.agent_id, agent.incarnation)))
+            else:
+                self.would[_key_of(verdict, agent)] = (agent.pool, self._outcome(agent, verdict, now))
 
     def _breaker_may_close(self, name: str, now: datetime) -> None:
         pool = self.pools.get(name)

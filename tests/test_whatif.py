@@ -182,25 +182,13 @@ def monitored(fleet: list[list[int]], pools: int, settings_: rules.LivenessSetti
 
         dying = {a.pool: overdue(a.pool) for a, v in verdicts if v.kind == rules.DEAD}
         for agent, verdict in verdicts:
+            members = [a for a in state.agents.values() if a.pool == agent.pool]
+            for e in rules.verdict_events(agent, verdict, state.ledger.pools.get(agent.pool), members,
+                                          deaths.get(agent.pool, []), dying.get(agent.pool, set()), now, settings_,
+                                          MONITOR):
+                state.apply(log.add(e, now))
             if verdict.kind == rules.DEAD:
-                pool = state.ledger.pools.get(agent.pool)
-                if pool is None or not pool.breaker_open:
-                    members = [a for a in state.agents.values() if a.pool == agent.pool]
-                    call = rules.breaker_before_death(members, deaths.get(agent.pool, []),
-                                                      dying[agent.pool] | {agent.agent_id}, now, settings_)
-                    if call.trip:
-                        state.apply(log.add(ev.PoolBreakerTripped(
-                            producer=MONITOR, pool=agent.pool, reason=call.reason, dead=call.dead,
-                            agents=call.agents, window=settings_.breaker_window,
-                            threshold=settings_.breaker_share), now))
-                state.apply(log.add(ev.AgentDeclaredDead(producer=MONITOR, agent_id=agent.agent_id,
-                                                         incarnation=agent.incarnation, reason=verdict.reason,
-                                                         evidence=verdict.evidence), now))
                 deaths.setdefault(agent.pool, []).append((agent.agent_id, now))
-            else:
-                state.apply(log.add(ev.AgentSuspected(producer=MONITOR, agent_id=agent.agent_id,
-                                                      incarnation=agent.incarnation, reason=verdict.reason,
-                                                      evidence=verdict.evidence), now))
         for name, pool in list(state.ledger.pools.items()):
             if pool.breaker_open:
                 members = [a for a in state.agents.values() if a.pool == name]
@@ -370,7 +358,7 @@ def test_a_duration_reads_as_the_seconds_it_names(h: int, m: int, sec: int):
 def test_the_replay_judges_with_the_monitors_own_rule_functions(monkeypatch):  # type: ignore[no-untyped-def]
     """One rule in one place: whatif calls liveness_rules' functions, it has no copy of them."""
     calls: dict[str, int] = {}
-    for name in ("judgement", "overdue", "breaker_before_death"):
+    for name in ("judgement", "overdue", "breaker_before_death", "verdict_events"):
         real = getattr(rules, name)
 
         def counted(*args, _real=real, _name=name, **kwargs):  # type: ignore[no-untyped-def]
@@ -381,4 +369,5 @@ def test_the_replay_judges_with_the_monitors_own_rule_functions(monkeypatch):  #
     log = monitored([[1000, 1000], [1000, 1000], [1000] * 8], 1, rules.LivenessSettings())
     calls.clear()
     report = wi.whatif(log.items, rules.LivenessSettings(), recorded=wi.recorded_settings(log.items))
-    assert report.whatif.deaths >= 2 and set(calls) == {"judgement", "overdue", "breaker_before_death"}
+    assert report.whatif.deaths >= 2
+    assert set(calls) == {"judgement", "overdue", "breaker_before_death", "verdict_events"}
