@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import run_against_server, server_options
-from projection import publish, raw_rate
+from projection import Cpu, publish, raw_rate
 
 from ledger.settings import Settings
 from ledger.store import EventStore
@@ -101,7 +101,7 @@ async def run(url: str, events: int, work: Path) -> None:
         ledger_events, beats, rate = await publish(store, events)
         ends = {s: await store.last_seq(s) for s in (LEDGER_STREAM, HEARTBEAT_STREAM)}
     print(f"published {ledger_events:,} lifecycle events and {beats:,} heartbeats ({rate:,.0f}/s)", flush=True)
-    raw, total = await raw_rate(url, ends)
+    raw, total = await raw_rate(url, ends, Cpu())
     raw_seconds = total / raw
     print(f"(a) raw read of the log: {total:,} messages in {raw_seconds:.2f} s ({raw:,.0f}/s)", flush=True)
     db = work / "projection.sqlite3"

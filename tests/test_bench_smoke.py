@@ -1,4 +1,4 @@
-"""The scale and churn benchmarks run end to end at a tiny size and print their labelled figures (the numbers
+"""The scale, churn and restart benchmarks run end to end at a tiny size and print their labelled figures (the numbers
 themselves belong to the benchmark runs, not to tests). Both run at once: each mostly waits on its own stack."""
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ RUNS = {
     "churn.py": (["--sessions", "40", "--every", "20", "--concurrency", "20", "--agents", "2", "--raw-sessions", "0"],
                  ["before ", "40 sessions ", "after (caught up)", "figure  ledger up   RSS",
                   "figure  nats-server RSS"]),
+    "restart.py": (["--events", "3000"], ["(a) raw read of the log", "(b) first ledger up", "(c) restart: ready",
+                                          "(d) SIGTERM"]),
 }
 
 
