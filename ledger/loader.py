@@ -25,7 +25,7 @@ from nats.aio.client import Client as NATS
 
 from . import imported, jsapi
 from .errors import StoreError
-from .incident import Message
+from .incident import SUBJECTS, Message
 
 CHUNK = 256
 """Publishes in flight at once."""
@@ -33,10 +33,12 @@ ATTEMPTS = 3
 """Tries at one sequence before the load gives up (each retry follows a change: an escaped id, a reordering)."""
 WRONG_LAST_SEQUENCE = 10071
 
-KEPT = ("name", "description", "subjects", "retention", "max_consumers", "max_msgs", "max_bytes", "max_age",
+KEPT = ("name", "description", "max_consumers", "max_msgs", "max_bytes", "max_age",
         "max_msgs_per_subject", "max_msg_size", "discard", "storage", "duplicate_window", "allow_direct",
         "allow_rollup_hdrs", "compression", "allow_msg_ttl", "persist_mode", "deny_delete", "deny_purge")
-"""What a copy keeps of the original's configuration (not its cluster, placement, sources, counters, schedules)."""
+"""What a copy keeps of the original's configuration (not its cluster, placement, sources, counters, schedules; not
+its subjects nor retention either: a file is anyone's, and a copy stores the ledger's own subjects and keeps what it
+stores)."""
 LIMITS: dict[str, Any] = {"max_msgs": -1, "max_bytes": -1, "max_age": 0, "max_msgs_per_subject": -1,
                           "duplicate_window": 100_000_000}
 """While loading: nothing may push a message out (fillers count as messages), and a message id is a duplicate
@@ -54,7 +56,8 @@ def copy_config(original: dict[str, Any], name: str) -> dict[str, Any]:
     config["name"] = name
     config["num_replicas"] = 1
     config["allow_direct"] = True  # the store's reads are direct gets
-    config.setdefault("subjects", [f"{name.lower()}.>"])
+    config["subjects"] = list(SUBJECTS[name])
+    config["retention"] = "limits"
     metadata = {k: v for k, v in (original.get("metadata") or {}).items() if not str(k).startswith("_nats.")}
     metadata.pop(imported.MARK, None)
     if metadata:

@@ -1,0 +1,152 @@
+"""`ledger import` of a crafted incident file: the file is the attacker's, the server is the user's.
+
+A file comes from another machine (a bug report, a colleague, a stranger). Whatever it says, an import never
+writes outside the streams of the copy it makes, never makes a stream the ledger does not have, never lets a
+message capture or configure anything of the user's, and every refusal is one line, exit 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+from click.testing import CliRunner, Result
+
+from ledger import incident, subjects
+from ledger.subjects import LEDGER_STREAM
+from ledgerctl.cli import cli
+from ledgerctl.server import EmbeddedServer
+
+SUBJECT = "ledger.session.s1.created.p1"
+
+
+def msg(seq: int, subject: str = SUBJECT, headers: dict[str, str] | None = None, stream: str = LEDGER_STREAM,
+        data: bytes = b"{}", stored_ns: int = 1_700_000_000_000_000_000) -> dict[str, Any]:
+    return {"kind": "msg", "stream": stream, "seq": seq, "subject": subject, "stored_ns": stored_ns,
+            "headers": headers or {}, "data": base64.b64encode(data).decode()}
+
+
+def craft(path: Path, messages: list[dict[str, Any]], streams: list[dict[str, Any]] | None = None) -> Path:
+    """An incident file as an attacker writes it: raw JSON lines, the end line's counts made to match."""
+    if streams is None:
+        last = max((m["seq"] for m in messages), default=0)
+        streams = [{"name": LEDGER_STREAM, "first_seq": 1, "last_seq": last, "config": {}}]
+    header = {"kind": "header", "format": incident.FORMAT, "version": incident.VERSION, "ledger_version": "x",
+              "exported_at": "2026-01-01T00:00:00+00:00", "streams": streams}
+    counts = {s["name"]: sum(1 for m in messages if m["stream"] == s["name"]) for s in streams}
+    lines = [header, *messages, {"kind": "end", "messages": counts}]
+    path.write_bytes(b"".join(json.dumps(line).encode() + b"\n" for line in lines))
+    return path
+
+
+def load(file: Path, *into: str) -> Result:
+    return CliRunner().invoke(cli, ["import", str(file), *(into or ("--data-dir", str(file) + "-d")), "-q"])
+
+
+def refused(r: Result, says: str) -> None:
+    assert r.exit_code == 1, r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)  # no traceback
+    assert r.output.count("\n") == 1 and r.output.startswith("Error: ") and says in r.output, r.output
+
+
+async def streams_of(url: str) -> dict[str, dict[str, Any]]:
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        return {str(s.config.name): {"subjects": s.config.subjects, "messages": s.state.messages,
+                                "retention": str(s.config.retention)}
+                for s in await js.streams_info()}
+    finally:
+        await nc.close()
+
+
+@pytest.mark.parametrize(("subject", "says"), [
+    ("ledger.session.s1 created.p1", "subject"),  # a space: the protocol line's separator
+    ("ledger.session.s1.created.p1\r\nPUB ledger.x 1", "subject"),  # protocol injection
+    ("ledger.session.*.created.p1", "subject"),  # a wildcard is no subject one can publish to
+    ("ledger.session.>", "subject"),
+    ("", "subject"),
+])
+def test_a_subject_that_is_not_one_is_refused_in_one_line(tmp_path: Path, subject: str, says: str) -> None:
+    refused(load(craft(tmp_path / "f", [msg(1, subject)])), says)
+
+
+@pytest.mark.parametrize(("headers", "says"), [
+    ({"X-Evil": "a\r\nNats-Rollup: all"}, "header"),  # CRLF: a header of the attacker's choice
+    ({"X-Evil": "a\nb"}, "header"),
+    ({"Bad Name": "v"}, "header"),
+    ({"Bad:Name": "v"}, "header"),
+    ({"": "v"}, "header"),
+    ({"X-Pad": " padded "}, "header"),  # a client trims it: the copy would not hold what the file says
+])
+def test_a_header_that_nats_cannot_carry_is_refused_in_one_line(tmp_path: Path, headers: dict[str, str],
+                                                                says: str) -> None:
+    refused(load(craft(tmp_path / "f", [msg(1, headers=headers)])), says)
+
+
+@pytest.mark.parametrize("name", ["EVIL", "KV_config", "LEDGER.x", "LEDGER>", "OBJ_x", ""])
+def test_a_stream_the_ledger_does_not_have_is_never_made(tmp_path: Path, fresh_server: EmbeddedServer,
+                                                         name: str) -> None:
+    streams = [{"name": name, "first_seq": 1, "last_seq": 0, "config": {"subjects": ["$KV.config.>"]}}]
+    refused(load(craft(tmp_path / "f", [], streams), "--nats-url", fresh_server.url), "stream")
+    assert asyncio.run(streams_of(fresh_server.url)) == {}
+
+
+def test_the_copy_captures_only_the_ledgers_own_subjects(tmp_path: Path, fresh_server: EmbeddedServer) -> None:
+    """A configuration in the file that would capture the user's other traffic (or all of it) is not copied."""
+    config = {"subjects": [">"], "retention": "interest", "mirror": {"name": "SECRET"},
+              "sources": [{"name": "SECRET"}], "metadata": {"_nats.req.level": "0", "x": "y"}}
+    streams = [{"name": LEDGER_STREAM, "first_seq": 1, "last_seq": 1, "config": config}]
+    r = load(craft(tmp_path / "f", [msg(1, stream=LEDGER_STREAM)], streams), "--nats-url", fresh_server.url)
+    assert r.exit_code == 0, r.output
+    made = asyncio.run(streams_of(fresh_server.url))
+    assert made == {LEDGER_STREAM: {"subjects": subjects.LEDGER_SUBJECTS, "messages": 1,
+                                    "retention": "limits"}}
+
+
+def test_a_message_on_another_streams_subject_never_lands_there(tmp_path: Path, fresh_server: EmbeddedServer) -> None:
+    """The sequence guard is the message's, not the stream's: published on a subject another stream of the
+    user's stores, it would land in that stream (at the very sequence the guard names)."""
+    async def other() -> None:
+        nc = await nats.connect(fresh_server.url)
+        try:
+            await nc.jetstream().add_stream(name="OTHER", subjects=["other.>"])
+        finally:
+            await nc.close()
+
+    asyncio.run(other())
+    refused(load(craft(tmp_path / "f", [msg(1, "other.evil")]), "--nats-url", fresh_server.url), "other.evil")
+    assert asyncio.run(streams_of(fresh_server.url))["OTHER"]["messages"] == 0
+    assert LEDGER_STREAM not in asyncio.run(streams_of(fresh_server.url))  # the half-made copy is gone
+
+
+def test_a_heartbeat_in_the_ledger_stream_is_refused(tmp_path: Path) -> None:
+    refused(load(craft(tmp_path / "f", [msg(1, "ledger.hb.a1.heartbeat.a1")])), "ledger.hb.a1.heartbeat.a1")
+
+
+@pytest.mark.parametrize(("first", "last", "says"), [
+    (0, 1, "#0"),
+    (-5, 1, "#-5"),
+    (2**63, 2**63, "#9223372036854775808"),
+    (1, 2**64 + 5, "#18446744073709551621"),
+    (3, 1, "#3..#1"),
+])
+def test_a_range_no_stream_can_have_is_refused(tmp_path: Path, first: int, last: int, says: str) -> None:
+    streams = [{"name": LEDGER_STREAM, "first_seq": first, "last_seq": last, "config": {}}]
+    refused(load(craft(tmp_path / "f", [], streams)), says)
+
+
+def test_the_same_stream_twice_in_the_header_is_refused(tmp_path: Path) -> None:
+    streams = [{"name": LEDGER_STREAM, "first_seq": 1, "last_seq": 0, "config": {}}] * 2
+    refused(load(craft(tmp_path / "f", [], streams)), "twice")
+
+
+def test_invalid_base64_is_one_line(tmp_path: Path) -> None:
+    bad = {**msg(1), "data": "!!!not base64"}
+    refused(load(craft(tmp_path / "f", [bad])), "line 2")
+
