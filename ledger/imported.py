@@ -25,8 +25,11 @@ ESCAPE = "Ledger-Imported-"
 MSG_ID = "Nats-Msg-Id"
 
 
-def is_imported(metadata: Mapping[str, str] | None) -> bool:
-    return bool(metadata) and MARK in metadata  # type: ignore[operator]
+def is_imported(metadata: Mapping[str, str] | None, sealed: bool | None) -> bool:
+    """Whether a stream so configured is an imported copy: marked, and sealed. The import seals what it marks, and
+    a live stream cannot be sealed (it would take no more events): a mark on one is someone else's, believed by
+    nothing (its stored times stay the server's, its consumers run)."""
+    return bool(sealed) and bool(metadata) and MARK in metadata  # type: ignore[operator]
 
 
 def _reserved(name: str) -> bool:

@@ -17,7 +17,10 @@ import nats
 import pytest
 from click.testing import CliRunner, Result
 
-from ledger import incident, subjects
+from ledger import imported, incident, subjects
+from ledger.settings import Settings
+from ledger.store import EventStore
+from ledger.streams import ensure_streams
 from ledger.subjects import LEDGER_STREAM
 from ledgerctl.cli import cli
 from ledgerctl.server import EmbeddedServer
@@ -150,3 +153,35 @@ def test_invalid_base64_is_one_line(tmp_path: Path) -> None:
     bad = {**msg(1), "data": "!!!not base64"}
     refused(load(craft(tmp_path / "f", [bad])), "line 2")
 
+
+
+async def mark_live(url: str) -> int:
+    """What someone with stream admin can do to a live ledger: mark its (unsealed) LEDGER stream as an imported
+    copy; then an event whose headers claim an original stored time."""
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        config = (await js.stream_info(LEDGER_STREAM)).config
+        config.metadata = {**(config.metadata or {}), imported.MARK: "exported yesterday from nowhere"}
+        await js.update_stream(config)
+        ack = await js.publish(SUBJECT, b"{}", headers={imported.STORED_NS: "1000000000"})
+        return ack.seq
+    finally:
+        await nc.close()
+
+
+def test_a_marked_stream_that_is_not_sealed_is_no_copy(server: EmbeddedServer) -> None:
+    """Only a sealed stream can be an imported copy (the import seals what it marks, and a sealed stream takes no
+    write): a live ledger's stream with the mark is still live - its stored times the server's, its settings
+    checked, its consumers running - whoever marked it."""
+    seq = asyncio.run(mark_live(server.url))
+
+    async def seen() -> tuple[int | None, bool, list[str]]:
+        async with EventStore.connect(Settings(nats_url=server.url), ensure=True) as store:
+            reports = await ensure_streams(store.nc.jetstream(), store.settings)
+            return await store.stored_ns(seq), await store.is_imported(LEDGER_STREAM), [r.action for r in reports]
+
+    stored, trusted, actions = asyncio.run(seen())
+    assert stored is not None and stored > 1_000_000_000 * 10**9  # the server's time, not the forged 1970 one
+    assert trusted is False
+    assert "imported" not in actions
