@@ -19,6 +19,9 @@ from collections.abc import Mapping
 
 MARK = "ledger.imported"
 """Config metadata of an imported stream: the value says from what (the export's source and time)."""
+LOADING = "ledger.importing"
+"""Config metadata of a stream an import is still loading (the value as MARK's): one that stays so was cut off
+half-way (kill -9, a crash), and is never taken for a copy."""
 STORED_NS = "Ledger-Stored-Ns"
 """The original stored time (ns since the epoch) of a message of an imported stream."""
 ESCAPE = "Ledger-Imported-"

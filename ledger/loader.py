@@ -60,6 +60,7 @@ def copy_config(original: dict[str, Any], name: str) -> dict[str, Any]:
     config["retention"] = "limits"
     metadata = {k: v for k, v in (original.get("metadata") or {}).items() if not str(k).startswith("_nats.")}
     metadata.pop(imported.MARK, None)
+    metadata.pop(imported.LOADING, None)
     if metadata:
         config["metadata"] = metadata
     return config
@@ -100,7 +101,8 @@ class Loader:
         sequences, then seal it with the original configuration marked `mark`; returns how many were loaded."""
         config = copy_config(original, name)
         loading: dict[str, Any] = {**config, **LIMITS, "deny_delete": False, "deny_purge": False,
-                                   "first_seq": max(first_seq, 1)}
+                                   "first_seq": max(first_seq, 1),
+                                   "metadata": {**(config.get("metadata") or {}), imported.LOADING: mark}}
         await jsapi.create_stream(self._nc, loading, self._timeout)
         filler = filler_subject(config)
         counts = [0, 0]  # messages, fillers

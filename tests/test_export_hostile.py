@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ from ledger import imported, incident, subjects
 from ledger.settings import Settings
 from ledger.store import EventStore
 from ledger.streams import ensure_streams
-from ledger.subjects import LEDGER_STREAM
+from ledger.subjects import HEARTBEAT_STREAM, LEDGER_STREAM
 from ledgerctl.cli import cli
 from ledgerctl.server import EmbeddedServer
 
@@ -62,7 +64,8 @@ async def streams_of(url: str) -> dict[str, dict[str, Any]]:
     try:
         js = nc.jetstream()
         return {str(s.config.name): {"subjects": s.config.subjects, "messages": s.state.messages,
-                                "retention": str(s.config.retention)}
+                                     "retention": str(s.config.retention), "sealed": s.config.sealed,
+                                     "metadata": sorted(k for k in s.config.metadata or {} if k.startswith("ledger."))}
                 for s in await js.streams_info()}
     finally:
         await nc.close()
@@ -108,8 +111,8 @@ def test_the_copy_captures_only_the_ledgers_own_subjects(tmp_path: Path, fresh_s
     r = load(craft(tmp_path / "f", [msg(1, stream=LEDGER_STREAM)], streams), "--nats-url", fresh_server.url)
     assert r.exit_code == 0, r.output
     made = asyncio.run(streams_of(fresh_server.url))
-    assert made == {LEDGER_STREAM: {"subjects": subjects.LEDGER_SUBJECTS, "messages": 1,
-                                    "retention": "limits"}}
+    assert made == {LEDGER_STREAM: {"subjects": subjects.LEDGER_SUBJECTS, "messages": 1, "retention": "limits",
+                                    "sealed": True, "metadata": [imported.MARK]}}
 
 
 def test_a_message_on_another_streams_subject_never_lands_there(tmp_path: Path, fresh_server: EmbeddedServer) -> None:
@@ -185,3 +188,39 @@ def test_a_marked_stream_that_is_not_sealed_is_no_copy(server: EmbeddedServer) -
     assert stored is not None and stored > 1_000_000_000 * 10**9  # the server's time, not the forged 1970 one
     assert trusted is False
     assert "imported" not in actions
+
+
+DIE = """
+import asyncio, os, sys
+from pathlib import Path
+from ledger import incident, transfer
+from ledger.settings import Settings
+from ledger.store import EventStore
+
+async def main(url: str, path: str, stream: str, seq: int) -> None:
+    header = transfer.read_file(Path(path))
+    async with EventStore.connect(Settings(nats_url=url), check=False) as store:
+        with open(path, "rb") as f:
+            _, messages = incident.read(incident.lines_of(f))
+            def dying():
+                for m in messages:
+                    if (m.stream, m.seq) == (stream, seq):
+                        os._exit(9)  # as kill -9: no clean-up runs
+                    yield m
+            await transfer.import_log(store, header, dying())
+
+asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])))
+"""
+
+
+@pytest.mark.parametrize(("stream", "seq"), [(LEDGER_STREAM, 300), (HEARTBEAT_STREAM, 2)])
+def test_an_import_killed_half_way_is_never_taken_for_the_copy(tmp_path: Path, fresh_server: EmbeddedServer,
+                                                               stream: str, seq: int) -> None:
+    beats = [msg(s, "ledger.hb.a1.heartbeat.a1", stream=HEARTBEAT_STREAM) for s in range(1, 4)]
+    streams = [{"name": LEDGER_STREAM, "first_seq": 1, "last_seq": 600, "config": {}},
+               {"name": HEARTBEAT_STREAM, "first_seq": 1, "last_seq": 3, "config": {}}]
+    file = craft(tmp_path / "f", [*(msg(s) for s in range(1, 601)), *beats], streams)
+    died = subprocess.run([sys.executable, "-c", DIE, fresh_server.url, str(file), stream, str(seq)], check=False,
+                          capture_output=True, text=True, timeout=120)
+    assert died.returncode == 9, died.stderr
+    refused(load(file, "--nats-url", fresh_server.url), "interrupted")
