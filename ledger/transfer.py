@@ -62,6 +62,8 @@ async def export_log(store: EventStore, write: Callable[[bytes], object], *, sin
                      now: datetime | None = None, on_header: Callable[[Header], object] | None = None) -> End:
     """Write the stored messages of every ledger stream (in since..until) as an incident file; the end line's
     counts are returned."""
+    if since is not None and until is not None and until < since:
+        raise InvalidInput(f"the window ends ({until.isoformat()}) before it starts ({since.isoformat()})")
     ranges = []
     for stream in STREAMS:
         try:

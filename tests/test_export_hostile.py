@@ -23,7 +23,7 @@ from ledger import imported, incident, subjects
 from ledger.settings import Settings
 from ledger.store import EventStore
 from ledger.streams import ensure_streams
-from ledger.subjects import HEARTBEAT_STREAM, LEDGER_STREAM
+from ledger.subjects import DLQ_STREAM, HEARTBEAT_STREAM, LEDGER_STREAM
 from ledgerctl.cli import cli
 from ledgerctl.server import EmbeddedServer
 
@@ -224,3 +224,30 @@ def test_an_import_killed_half_way_is_never_taken_for_the_copy(tmp_path: Path, f
                           capture_output=True, text=True, timeout=120)
     assert died.returncode == 9, died.stderr
     refused(load(file, "--nats-url", fresh_server.url), "interrupted")
+
+
+def test_writing_to_a_copy_is_one_line(tmp_path: Path, fresh_server: EmbeddedServer) -> None:
+    streams = [{"name": LEDGER_STREAM, "first_seq": 1, "last_seq": 1, "config": {}},
+               *({"name": name, "first_seq": 1, "last_seq": 0, "config": {}} for name in (HEARTBEAT_STREAM,
+                                                                               DLQ_STREAM))]
+    file = craft(tmp_path / "f", [msg(1)], streams)
+    assert load(file, "--nats-url", fresh_server.url).exit_code == 0
+    r = CliRunner().invoke(cli, ["session", "create", "--pool", "gpu", "--nats-url", fresh_server.url])
+    refused(r, "")
+    assert asyncio.run(streams_of(fresh_server.url))[LEDGER_STREAM]["messages"] == 1
+
+
+def test_a_window_that_ends_before_it_starts_is_one_line(server: EmbeddedServer, tmp_path: Path) -> None:
+    r = CliRunner().invoke(cli, ["export", "--nats-url", server.url, "--since", "-1h", "--until", "-2h",
+                                 "-o", str(tmp_path / "w")])
+    refused(r, "before")
+
+
+def test_a_message_over_the_streams_size_is_one_line(tmp_path: Path) -> None:
+    streams = [{"name": LEDGER_STREAM, "first_seq": 1, "last_seq": 1, "config": {"max_msg_size": 16}}]
+    refused(load(craft(tmp_path / "f", [msg(1, data=b"x" * 100)], streams)), "LEDGER #1")
+
+
+def test_a_line_longer_than_any_message_is_refused_unread(tmp_path: Path) -> None:
+    file = craft(tmp_path / "f", [msg(1, data=b"x" * (incident.MAX_LINE))])
+    refused(load(file), "longer than")
