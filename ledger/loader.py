@@ -32,6 +32,9 @@ CHUNK = 256
 ATTEMPTS = 3
 """Tries at one sequence before the load gives up (each retry follows a change: an escaped id, a reordering)."""
 WRONG_LAST_SEQUENCE = 10071
+PURGE_EVERY = 65_536
+"""Fillers loaded between purges: a file's gaps are the file's to claim (2**62 sequences of nothing take a line),
+and the disk holds no more than this many fillers at once, whatever it claims."""
 
 KEPT = ("name", "description", "max_consumers", "max_msgs", "max_bytes", "max_age",
         "max_msgs_per_subject", "max_msg_size", "discard", "storage", "duplicate_window", "allow_direct",
@@ -122,7 +125,7 @@ class Loader:
                 yield _Planned(expect, filler, {}, b"", None)
                 expect += 1
 
-        await self._publish(name, planned(), last_seq, progress)
+        await self._publish(name, planned(), last_seq, progress, filler)
         if counts[1]:
             await jsapi.purge_subject(self._nc, name, filler, self._timeout)
         metadata = {**(config.get("metadata") or {}), imported.MARK: mark}
@@ -134,8 +137,10 @@ class Loader:
         """Delete a stream this loader made (a load that failed half-way leaves nothing to mistake for a copy)."""
         await jsapi.delete_stream(self._nc, name, self._timeout)
 
-    async def _publish(self, stream: str, plan: Iterator[_Planned], last_seq: int, progress: Progress | None) -> None:
+    async def _publish(self, stream: str, plan: Iterator[_Planned], last_seq: int, progress: Progress | None,
+                       filler: str) -> None:
         window: list[_Planned] = []
+        fillers = 0  # loaded since the last purge
         while True:
             window.extend(item for _, item in zip(range(CHUNK - len(window)), plan, strict=False))
             if not window:
@@ -157,6 +162,10 @@ class Loader:
                     raise StoreError(f"cannot load {stream} #{item.seq}: {answer.error.description} "
                                      f"(error {answer.error.err_code})")
                 break  # everything after it was refused by its guard: again from here
+            fillers += sum(1 for item in window[:done] if item.stored_ns is None)
+            if fillers >= PURGE_EVERY:
+                await jsapi.purge_subject(self._nc, stream, filler, self._timeout)
+                fillers = 0
             window = window[done:]
             if progress is not None and done:
                 progress(stream, window[0].seq - 1 if window else last_seq, last_seq)

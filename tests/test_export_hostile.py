@@ -12,6 +12,7 @@ import base64
 import json
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import nats
 import pytest
 from click.testing import CliRunner, Result
 
-from ledger import imported, incident, subjects
+from ledger import imported, incident, loader, subjects
 from ledger.settings import Settings
 from ledger.store import EventStore
 from ledger.streams import ensure_streams
@@ -251,3 +252,32 @@ def test_a_message_over_the_streams_size_is_one_line(tmp_path: Path) -> None:
 def test_a_line_longer_than_any_message_is_refused_unread(tmp_path: Path) -> None:
     file = craft(tmp_path / "f", [msg(1, data=b"x" * (incident.MAX_LINE))])
     refused(load(file), "longer than")
+
+
+def test_a_file_claiming_a_huge_gap_never_fills_the_disk_with_fillers(fresh_server: EmbeddedServer,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A gap costs the file nothing (a range in its header) and the import a filler per sequence: they are purged
+    on the way, so the stream never holds more than PURGE_EVERY of them (plus one chunk in flight)."""
+    monkeypatch.setattr(loader, "PURGE_EVERY", 2 * loader.CHUNK, raising=False)
+    last = 12 * loader.CHUNK
+    held: list[int] = []
+
+    async def stored() -> int:
+        nc = await nats.connect(fresh_server.url)
+        try:
+            return int((await nc.jetstream().stream_info(LEDGER_STREAM)).state.messages)
+        finally:
+            await nc.close()
+
+    def seen(stream: str, at: int, end: int) -> None:  # the loader waits while the stream is looked at
+        with ThreadPoolExecutor(1) as pool:
+            held.append(pool.submit(asyncio.run, stored()).result())
+
+    async def load_gap() -> int:
+        async with EventStore.connect(Settings(nats_url=fresh_server.url), check=False) as store:
+            m = incident.Message(LEDGER_STREAM, last, SUBJECT, 1, {}, b"{}")
+            return await store.loader().load(LEDGER_STREAM, {}, 1, last, [m], "test", seen)
+
+    assert asyncio.run(load_gap()) == 1
+    assert len(held) >= 10 and max(held) <= loader.PURGE_EVERY + loader.CHUNK, held
+    assert asyncio.run(stored()) == 1
