@@ -160,6 +160,9 @@ def _check(line: Message, name: str, number: int) -> None:
         if not _HEADER_NAME.fullmatch(key) or not _HEADER_VALUE.fullmatch(value):
             raise UnreadableIncident(f"{name}, line {number}: {line.stream} #{line.seq}: header {key!r}: "
                                      f"{value!r} is not one NATS carries as it is")
+    if len({key.lower() for key in line.headers}) < len(line.headers):
+        raise UnreadableIncident(f"{name}, line {number}: {line.stream} #{line.seq}: a header twice (names differing "
+                                 "in case only are one header to NATS)")
     if line.stored_ns < 0:
         raise UnreadableIncident(f"{name}, line {number}: {line.stream} #{line.seq}: stored before 1970")
 

@@ -113,6 +113,10 @@ class Loader:
         def planned() -> Iterator[_Planned]:
             expect = max(first_seq, 1)
             for m in messages:
+                size = len(m.data) + sum(len(k) + len(v) + 4 for k, v in m.headers.items())
+                if size > self._nc.max_payload:  # the client would refuse it, naming nothing
+                    raise StoreError(f"cannot load {name} #{m.seq}: {size:,} bytes, more than the server takes "
+                                     f"({self._nc.max_payload:,})")
                 while expect < m.seq:  # a gap of the original
                     counts[1] += 1
                     yield _Planned(expect, filler, {}, b"", None)

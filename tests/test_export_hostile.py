@@ -281,3 +281,12 @@ def test_a_file_claiming_a_huge_gap_never_fills_the_disk_with_fillers(fresh_serv
     assert asyncio.run(load_gap()) == 1
     assert len(held) >= 10 and max(held) <= loader.PURGE_EVERY + loader.CHUNK, held
     assert asyncio.run(stored()) == 1
+
+
+def test_a_message_over_the_servers_payload_limit_is_one_line(tmp_path: Path) -> None:
+    refused(load(craft(tmp_path / "f", [msg(1, data=b"x" * (2 * 1024 * 1024))])), "LEDGER #1")
+
+
+def test_a_header_the_client_refuses_is_one_line(tmp_path: Path) -> None:
+    """Two names differing in case only: one header to NATS, two in the file (the copy could not hold both)."""
+    refused(load(craft(tmp_path / "f", [msg(1, headers={"X-A": "1", "x-a": "2"})])), "header")
