@@ -19,14 +19,20 @@ from collections.abc import Mapping
 
 MARK = "ledger.imported"
 """Config metadata of an imported stream: the value says from what (the export's source and time)."""
+LOADING = "ledger.importing"
+"""Config metadata of a stream an import is still loading (the value as MARK's): one that stays so was cut off
+half-way (kill -9, a crash), and is never taken for a copy."""
 STORED_NS = "Ledger-Stored-Ns"
 """The original stored time (ns since the epoch) of a message of an imported stream."""
 ESCAPE = "Ledger-Imported-"
 MSG_ID = "Nats-Msg-Id"
 
 
-def is_imported(metadata: Mapping[str, str] | None) -> bool:
-    return bool(metadata) and MARK in metadata  # type: ignore[operator]
+def is_imported(metadata: Mapping[str, str] | None, sealed: bool | None) -> bool:
+    """Whether a stream so configured is an imported copy: marked, and sealed. The import seals what it marks, and
+    a live stream cannot be sealed (it would take no more events): a mark on one is someone else's, believed by
+    nothing (its stored times stay the server's, its consumers run)."""
+    return bool(sealed) and bool(metadata) and MARK in metadata  # type: ignore[operator]
 
 
 def _reserved(name: str) -> bool:

@@ -20,17 +20,30 @@ Every reading failure is `UnreadableIncident`, one line naming the line number.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Iterator
 from typing import IO, Any
 
 import msgspec
 
+from . import subjects
 from .errors import InvalidInput
 
 FORMAT = "ledger-incident"
 VERSION = 1
 MAX_LINE = 8 * 1024 * 1024
 """Longest line read (a message of the largest payload NATS allows, in base64, and its headers)."""
+MAX_SEQ = 2**63 - 1
+"""The largest stream sequence a file may name (JetStream's are unsigned 64-bit; nothing real comes near)."""
+SUBJECTS = {subjects.LEDGER_STREAM: subjects.LEDGER_SUBJECTS, subjects.HEARTBEAT_STREAM: subjects.HEARTBEAT_SUBJECTS,
+            subjects.DLQ_STREAM: subjects.DLQ_SUBJECTS}
+"""The streams a file may hold, and the subjects each stores: a file comes from anywhere, and an import makes no
+stream the ledger does not have and publishes on no subject of anything else's (the sequence guard is the
+message's: on another stream's subject it would land in that stream)."""
+_TOKEN = re.compile(r"[^\s.\x00-\x1f\x7f]+")
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 7230 token: what NATS clients send
+_HEADER_VALUE = re.compile(r"(?:[^\s\x00-\x1f\x7f](?:[^\r\n\x00-\x08\x0a-\x1f\x7f]*[^\s\x00-\x1f\x7f])?)?")
+"""A value a client sends as it is: no CR/LF (a header of its own), no edge whitespace (trimmed away)."""
 
 
 class UnreadableIncident(InvalidInput):
@@ -107,7 +120,51 @@ def read_header(raw: bytes, name: str = "the file") -> Header:
     if head.version != VERSION:
         raise UnreadableIncident(f"{name}, line 1: incident format version {head.version}; this ledger reads "
                                  f"version {VERSION} (exported by ledger {head.ledger_version})")
+    seen: set[str] = set()
+    for s in head.streams:
+        if s.name not in SUBJECTS:
+            raise UnreadableIncident(f"{name}, line 1: stream {s.name!r} is not a ledger stream (those are "
+                                     f"{', '.join(SUBJECTS)})")
+        if s.name in seen:
+            raise UnreadableIncident(f"{name}, line 1: stream {s.name} twice")
+        seen.add(s.name)
+        if not (1 <= s.first_seq <= MAX_SEQ and s.first_seq - 1 <= s.last_seq <= MAX_SEQ):
+            raise UnreadableIncident(f"{name}, line 1: {s.name} #{s.first_seq}..#{s.last_seq} is no stream's range")
     return head
+
+
+def publishable(subject: str, patterns: Iterable[str]) -> bool:
+    """Whether `subject` is one a message can be published on (no wildcard, no whitespace or control character,
+    no empty token) and one of `patterns` takes it."""
+    tokens = subject.split(".")
+    if not all(_TOKEN.fullmatch(t) and t not in ("*", ">") for t in tokens):
+        return False
+    for pattern in patterns:
+        want = pattern.split(".")
+        if want[-1] == ">" and len(tokens) >= len(want):
+            want, got = want[:-1], tokens[:len(want) - 1]
+        elif len(want) == len(tokens):
+            got = tokens
+        else:
+            continue
+        if all(w in ("*", t) for w, t in zip(want, got, strict=True)):
+            return True
+    return False
+
+
+def _check(line: Message, name: str, number: int) -> None:
+    if not publishable(line.subject, SUBJECTS[line.stream]):
+        raise UnreadableIncident(f"{name}, line {number}: {line.stream} #{line.seq}: subject {line.subject!r} is "
+                                 f"not one of {line.stream}'s")
+    for key, value in line.headers.items():
+        if not _HEADER_NAME.fullmatch(key) or not _HEADER_VALUE.fullmatch(value):
+            raise UnreadableIncident(f"{name}, line {number}: {line.stream} #{line.seq}: header {key!r}: "
+                                     f"{value!r} is not one NATS carries as it is")
+    if len({key.lower() for key in line.headers}) < len(line.headers):
+        raise UnreadableIncident(f"{name}, line {number}: {line.stream} #{line.seq}: a header twice (names differing "
+                                 "in case only are one header to NATS)")
+    if line.stored_ns < 0:
+        raise UnreadableIncident(f"{name}, line {number}: {line.stream} #{line.seq}: stored before 1970")
 
 
 def read(lines: Iterable[bytes], name: str = "the file") -> tuple[Header, Iterator[Message]]:
@@ -154,6 +211,7 @@ def _messages(header: Header, lines: Iterator[bytes], name: str) -> Iterator[Mes
         if not (where.first_seq <= line.seq <= where.last_seq) or line.seq <= last:
             raise UnreadableIncident(f"{name}, line {number}: {line.stream} #{line.seq} out of order or outside "
                                      f"#{where.first_seq}..#{where.last_seq}")
+        _check(line, name, number)
         last = line.seq
         counts[line.stream] += 1
         yield line

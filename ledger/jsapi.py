@@ -150,6 +150,7 @@ class _State(msgspec.Struct):
 class _Config(msgspec.Struct):
     num_replicas: int = 1
     metadata: dict[str, str] | None = None
+    sealed: bool = False
 
 
 class _Cluster(msgspec.Struct):
@@ -175,7 +176,8 @@ async def stream_facts(nc: NATS, stream: str, timeout: float, *, with_subjects: 
         raise store_error(info.error, stream, f"stream info {stream}")
     s, cluster = info.state, info.cluster
     first_ns = parse_stamp(s.first_ts) if s.messages and s.first_ts else 0
-    mark = (info.config.metadata or {}).get(imported.MARK)
+    mark = (info.config.metadata or {}).get(imported.MARK) if imported.is_imported(info.config.metadata,
+                                                                                   info.config.sealed) else None
     if mark is not None and s.messages:  # the server's first_ts is when the copy was loaded
         first_ns = await stored_ns(nc, stream, s.first_seq, timeout, trusted=True) or first_ns
     return StreamFacts(name=stream, created=info.created, messages=s.messages, first_seq=s.first_seq,

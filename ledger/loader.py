@@ -25,18 +25,23 @@ from nats.aio.client import Client as NATS
 
 from . import imported, jsapi
 from .errors import StoreError
-from .incident import Message
+from .incident import SUBJECTS, Message
 
 CHUNK = 256
 """Publishes in flight at once."""
 ATTEMPTS = 3
 """Tries at one sequence before the load gives up (each retry follows a change: an escaped id, a reordering)."""
 WRONG_LAST_SEQUENCE = 10071
+PURGE_EVERY = 65_536
+"""Fillers loaded between purges: a file's gaps are the file's to claim (2**62 sequences of nothing take a line),
+and the disk holds no more than this many fillers at once, whatever it claims."""
 
-KEPT = ("name", "description", "subjects", "retention", "max_consumers", "max_msgs", "max_bytes", "max_age",
+KEPT = ("name", "description", "max_consumers", "max_msgs", "max_bytes", "max_age",
         "max_msgs_per_subject", "max_msg_size", "discard", "storage", "duplicate_window", "allow_direct",
         "allow_rollup_hdrs", "compression", "allow_msg_ttl", "persist_mode", "deny_delete", "deny_purge")
-"""What a copy keeps of the original's configuration (not its cluster, placement, sources, counters, schedules)."""
+"""What a copy keeps of the original's configuration (not its cluster, placement, sources, counters, schedules; not
+its subjects nor retention either: a file is anyone's, and a copy stores the ledger's own subjects and keeps what it
+stores)."""
 LIMITS: dict[str, Any] = {"max_msgs": -1, "max_bytes": -1, "max_age": 0, "max_msgs_per_subject": -1,
                           "duplicate_window": 100_000_000}
 """While loading: nothing may push a message out (fillers count as messages), and a message id is a duplicate
@@ -54,9 +59,11 @@ def copy_config(original: dict[str, Any], name: str) -> dict[str, Any]:
     config["name"] = name
     config["num_replicas"] = 1
     config["allow_direct"] = True  # the store's reads are direct gets
-    config.setdefault("subjects", [f"{name.lower()}.>"])
+    config["subjects"] = list(SUBJECTS[name])
+    config["retention"] = "limits"
     metadata = {k: v for k, v in (original.get("metadata") or {}).items() if not str(k).startswith("_nats.")}
     metadata.pop(imported.MARK, None)
+    metadata.pop(imported.LOADING, None)
     if metadata:
         config["metadata"] = metadata
     return config
@@ -97,7 +104,8 @@ class Loader:
         sequences, then seal it with the original configuration marked `mark`; returns how many were loaded."""
         config = copy_config(original, name)
         loading: dict[str, Any] = {**config, **LIMITS, "deny_delete": False, "deny_purge": False,
-                                   "first_seq": max(first_seq, 1)}
+                                   "first_seq": max(first_seq, 1),
+                                   "metadata": {**(config.get("metadata") or {}), imported.LOADING: mark}}
         await jsapi.create_stream(self._nc, loading, self._timeout)
         filler = filler_subject(config)
         counts = [0, 0]  # messages, fillers
@@ -105,6 +113,10 @@ class Loader:
         def planned() -> Iterator[_Planned]:
             expect = max(first_seq, 1)
             for m in messages:
+                size = len(m.data) + sum(len(k) + len(v) + 4 for k, v in m.headers.items())
+                if size > self._nc.max_payload:  # the client would refuse it, naming nothing
+                    raise StoreError(f"cannot load {name} #{m.seq}: {size:,} bytes, more than the server takes "
+                                     f"({self._nc.max_payload:,})")
                 while expect < m.seq:  # a gap of the original
                     counts[1] += 1
                     yield _Planned(expect, filler, {}, b"", None)
@@ -117,7 +129,7 @@ class Loader:
                 yield _Planned(expect, filler, {}, b"", None)
                 expect += 1
 
-        await self._publish(name, planned(), last_seq, progress)
+        await self._publish(name, planned(), last_seq, progress, filler)
         if counts[1]:
             await jsapi.purge_subject(self._nc, name, filler, self._timeout)
         metadata = {**(config.get("metadata") or {}), imported.MARK: mark}
@@ -129,8 +141,10 @@ class Loader:
         """Delete a stream this loader made (a load that failed half-way leaves nothing to mistake for a copy)."""
         await jsapi.delete_stream(self._nc, name, self._timeout)
 
-    async def _publish(self, stream: str, plan: Iterator[_Planned], last_seq: int, progress: Progress | None) -> None:
+    async def _publish(self, stream: str, plan: Iterator[_Planned], last_seq: int, progress: Progress | None,
+                       filler: str) -> None:
         window: list[_Planned] = []
+        fillers = 0  # loaded since the last purge
         while True:
             window.extend(item for _, item in zip(range(CHUNK - len(window)), plan, strict=False))
             if not window:
@@ -152,6 +166,10 @@ class Loader:
                     raise StoreError(f"cannot load {stream} #{item.seq}: {answer.error.description} "
                                      f"(error {answer.error.err_code})")
                 break  # everything after it was refused by its guard: again from here
+            fillers += sum(1 for item in window[:done] if item.stored_ns is None)
+            if fillers >= PURGE_EVERY:
+                await jsapi.purge_subject(self._nc, stream, filler, self._timeout)
+                fillers = 0
             window = window[done:]
             if progress is not None and done:
                 progress(stream, window[0].seq - 1 if window else last_seq, last_seq)

@@ -193,7 +193,7 @@ async def ensure_streams(jsm: JetStreamManager, settings: Settings) -> list[Stre
                 raise StreamMismatch(f"cannot create stream {name}: {e.description} (error {e.err_code})") from None
             report = StreamReport(name, "created")
         else:
-            if imported.is_imported(info.config.metadata):  # a sealed copy (`ledger import`): kept as it is
+            if imported.is_imported(info.config.metadata, info.config.sealed):  # a copy (`ledger import`): kept as is
                 reports.append(StreamReport(name, "imported"))
                 continue
             keep_existing(spec, info.config, settings)
@@ -252,7 +252,7 @@ async def _check(jsm: JetStreamManager, spec: StreamConfig, settings: Settings) 
         info = await jsm.stream_info(_name(spec))
     except NotFoundError:
         return None
-    if imported.is_imported(info.config.metadata):
+    if imported.is_imported(info.config.metadata, info.config.sealed):
         return {}  # a sealed copy (`ledger import`) is as it was exported, whatever this ledger's settings
     keep_existing(spec, info.config, settings)
     return differences(spec, info.config)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
-from . import __version__, incident, subjects
+from . import __version__, imported, incident, subjects
 from .codec import to_ns
 from .errors import InvalidInput, LedgerError, StreamMissing
 from .incident import End, Header, Message, StreamRange
@@ -62,6 +62,8 @@ async def export_log(store: EventStore, write: Callable[[bytes], object], *, sin
                      now: datetime | None = None, on_header: Callable[[Header], object] | None = None) -> End:
     """Write the stored messages of every ledger stream (in since..until) as an incident file; the end line's
     counts are returned."""
+    if since is not None and until is not None and until < since:
+        raise InvalidInput(f"the window ends ({until.isoformat()}) before it starts ({since.isoformat()})")
     ranges = []
     for stream in STREAMS:
         try:
@@ -164,15 +166,21 @@ async def load_file(store: EventStore, path: Path, *, say: Say | None = None) ->
     this very export already (a second `ledger up --from` on the same data directory reuses it). A server
     holding anything else is refused."""
     header = read_file(path)
-    first = header.streams[0].name if header.streams else subjects.LEDGER_STREAM
-    try:
-        facts = await store.stream_facts(first)
-    except StreamMissing:
-        facts = None
-    if facts is not None:
-        if facts.imported == mark_of(header):
-            return None
-        what = f"a copy {facts.imported}" if facts.imported else "a ledger of its own"
+    mark = mark_of(header)
+    held = {}
+    for r in header.streams or [StreamRange(subjects.LEDGER_STREAM, 1, 0)]:
+        with contextlib.suppress(StreamMissing):
+            config = await store.stream_config(r.name)
+            held[r.name] = (config.get("metadata") or {}, bool(config.get("sealed")))
+    if held:
+        copies = {name: metadata.get(imported.MARK) if sealed else None for name, (metadata, sealed) in held.items()}
+        if len(held) == len(header.streams) and all(m == mark for m in copies.values()):
+            return None  # every stream of the file, loaded to its end (the mark comes last, with the seal)
+        cut = [name for name, (metadata, _) in held.items() if imported.LOADING in metadata]
+        if cut or mark in copies.values():
+            raise InvalidInput(f"the server holds this export half-loaded ({', '.join(cut) or 'streams missing'}: "
+                               f"an import was interrupted): import {path} into a fresh server (a new --data-dir)")
+        what = next((f"a copy {m}" for m in copies.values() if m), "a ledger of its own")
         raise InvalidInput(f"the server already holds {what}: import {path} into a fresh server (a new --data-dir)")
     with path.open("rb") as f:
         _, messages = incident.read(incident.lines_of(f), str(path))
