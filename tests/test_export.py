@@ -179,6 +179,13 @@ def test_why_and_whatif_say_the_same(inc: Incident) -> None:
         assert original.exit_code == 0 and original.stdout, (command, original.output)
 
 
+def test_doctor_tells_an_imported_copy_from_a_live_ledger(inc: Incident) -> None:
+    copy = ledger("doctor", "--nats-url", inc.copy.url, "--no-check", "--db", str(inc.copy_db))
+    live = ledger("doctor", "--nats-url", inc.source.url, "--no-check", "--db", str(inc.source_db))
+    assert "LEDGER: an imported copy" in copy.output, copy.output
+    assert "imported copy" not in live.output, live.output
+
+
 def test_a_forged_stored_time_is_ignored_on_a_live_ledger_and_not_carried_into_the_copy(inc: Incident) -> None:
     async def stored(url: str) -> tuple[int, int | None, bool]:
         async with EventStore.connect(Settings(nats_url=url)) as store:

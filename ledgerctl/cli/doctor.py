@@ -89,6 +89,10 @@ async def stream_findings(store: EventStore) -> list[Finding]:
             how = (f"JetStream cannot change {', '.join(fixed)} of an existing stream: it was made by something "
                    "else" if fixed else "run `ledger init` (as admin) to restore them")
             found.append(Finding(FAIL, "streams", f"{name}: {changes}: {how}"))
+        elif await store.is_imported(name):
+            found.append(Finding(OK, "streams", f"{name}: an imported copy (`ledger import`: sealed, read-only, "
+                                                f"original stored times), {facts.messages:,} messages, "
+                                                f"#{facts.first_seq}..#{facts.last_seq}"))
         else:
             found.append(Finding(OK, "streams", f"{name}: {facts.messages:,} messages, #{facts.first_seq}..#"
                                                 f"{facts.last_seq}, {facts.replicas} replica(s), settings as "
