@@ -38,6 +38,8 @@ API_PREFIX = "$JS.API"
 LEADER_ADVISORY = "$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.*"
 """Published by the server when a stream elects a leader; the last token is the stream's name."""
 
+STREAM_SEALED = 10109
+"""JSStreamSealedErr: a write, delete or purge on a sealed stream (an imported copy)."""
 STREAM_NOT_FOUND = 10059
 NO_MESSAGE = 404
 """A message get that found no message (with any error code but STREAM_NOT_FOUND)."""
@@ -65,6 +67,8 @@ def store_error(err: ApiError, stream: str, what: str) -> StoreError:
     if err.err_code == STREAM_NOT_FOUND:
         return StreamMissing(missing_stream(stream))
     detail = f"{what}: {err.description} (error {err.err_code})"
+    if err.err_code == STREAM_SEALED:
+        return StoreError(f"{detail}: {stream} is sealed - an imported copy (`ledger import`) is read-only")
     if err.code >= SERVER_TROUBLE:  # "JetStream system temporarily unavailable" and the like
         return Unavailable(detail)
     return StoreError(detail)

@@ -234,7 +234,7 @@ def test_writing_to_a_copy_is_one_line(tmp_path: Path, fresh_server: EmbeddedSer
     file = craft(tmp_path / "f", [msg(1)], streams)
     assert load(file, "--nats-url", fresh_server.url).exit_code == 0
     r = CliRunner().invoke(cli, ["session", "create", "--pool", "gpu", "--nats-url", fresh_server.url])
-    refused(r, "")
+    refused(r, "an imported copy (`ledger import`) is read-only")
     assert asyncio.run(streams_of(fresh_server.url))[LEDGER_STREAM]["messages"] == 1
 
 
