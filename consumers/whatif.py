@@ -216,6 +216,8 @@ class _Run:
         self.recorded = LedgerState()
         self.agents: dict[str, lc.AgentState] = {}
         """The counterfactual fold of agents: the log's events, the counterfactual verdicts."""
+        self.members: dict[str, dict[str, None]] = defaultdict(dict)
+        """Pool -> its agents in `agents` (ordered): a death asks about its pool, not the whole fleet."""
         self.pools: dict[str, lc.PoolState] = {}
         self.deaths: dict[str, list[tuple[str, datetime]]] = defaultdict(list)
         self.written: set[str] = set()
@@ -304,6 +306,10 @@ class _Run:
         if anomaly is not None or after is None:
             return
         self.agents[e.agent_id] = after
+        if before is None or before.pool != after.pool:
+            if before is not None:
+                self.members[before.pool].pop(e.agent_id, None)
+            self.members[after.pool][e.agent_id] = None
         if isinstance(e, ev.AgentRegistered):
             self.last_beat[(e.agent_id, after.incarnation)] = at
             if before is not None:
@@ -383,7 +389,7 @@ class _Run:
         return rules.LastBeat(beat.seq, from_ns(beat.stored_ns)) if beat is not None else None
 
     def _members(self, pool: str) -> list[lc.AgentState]:
-        return [a for a in self.agents.values() if a.pool == pool]
+        return [self.agents[agent_id] for agent_id in self.members.get(pool, ())]
 
     def _overdue(self, pool: str, now: datetime) -> set[str]:
         return {a.agent_id for a in self._members(pool) if rules.overdue(a, self._last(a), now, self.settings)}
