@@ -1,0 +1,123 @@
+"""Hostile checkpoints: what a client may write into one (a note, bytes) and what it may put on the wire past the SDK
+(bad base64, oversize data) must reach `ledger session show`, the agent SDK and the reference agent as data - never
+as terminal control, a crash or a traceback. Real nats-server."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import subprocess
+import sys
+
+import nats
+import pytest
+
+from ledger import codec
+from ledger import events as ev
+from ledger.agent import Agent, Claim
+from ledger.codec import Unreadable
+from ledger.settings import Settings
+from ledger.writer import Writer
+from ledgerctl.agent_process import Progress, progress_of
+
+HOSTILE = "\x1b[2J\x1b]0;owned\x07\r\nforged: line\u202e"
+"""Clears the screen, sets the window title, forges a line of output, reverses what follows."""
+
+
+def agent_of(ledger: Writer, agent_id: str) -> Agent:
+    return Agent(ledger, agent_id=agent_id, pool="p", heartbeat=0.1, ttl=2.0, capacity=4)
+
+
+def ledger_cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "LEDGER_NATS_URL": settings.nats_url}
+    return subprocess.run([sys.executable, "-m", "ledgerctl", *args], capture_output=True, text=True, timeout=60,
+                          env=env, check=False)
+
+
+def shows_no_control(out: str) -> None:
+    for bad in ("\x1b", "\x07", "\r", "\u202e", "\nforged: line"):
+        assert bad not in out, (bad, out)
+
+
+async def test_session_show_escapes_what_a_client_wrote_in_a_checkpoint_note_and_a_reason(
+        settings: Settings, ledger: Writer, uid: str):
+    sid, _ = await ledger.create_session("p", session_id=f"{uid}-s")
+    async with agent_of(ledger, f"{uid}-a1") as a1:
+        await a1.claim(sid)
+        await a1.checkpoint(sid, b"progress=1", note=HOSTILE)
+        shown = ledger_cli(settings, "session", "show", sid)
+        assert shown.returncode == 0, shown.stderr
+        shows_no_control(shown.stdout)
+        assert "\\x1b[2J" in shown.stdout  # escaped, still there to read
+        doc = json.loads(ledger_cli(settings, "session", "show", sid, "--json").stdout)
+        assert doc["checkpoint"]["note"] == HOSTILE  # JSON keeps the exact text (its own escaping)
+        await a1.release(sid, reason=HOSTILE)
+    shown = ledger_cli(settings, "session", "show", sid)
+    assert shown.returncode == 0, shown.stderr
+    shows_no_control(shown.stdout)
+
+
+async def raw_publish(settings: Settings, subject: str, body: dict[str, object], msg_id: str) -> None:
+    nc = await nats.connect(settings.nats_url)
+    try:
+        await nc.jetstream().publish(subject, json.dumps(body).encode(), headers={"Nats-Msg-Id": msg_id})
+    finally:
+        await nc.close()
+
+
+@pytest.mark.parametrize("data", ["!!! not base64 !!!", "eA", base64.b64encode(b"x" * (ev.MAX_CHECKPOINT_BYTES + 1))
+                                  .decode(), 12345, None])
+async def test_a_checkpoint_unreadable_on_the_wire_is_a_dead_letter_and_the_session_reads_on(
+        settings: Settings, ledger: Writer, uid: str, data: object):
+    sid, _ = await ledger.create_session("p", session_id=f"{uid}-s")
+    async with agent_of(ledger, f"{uid}-a1") as a1:
+        claim = await a1.claim(sid)
+        good = await a1.checkpoint(sid, b"progress=5")
+        event = ev.SessionCheckpointed(producer=a1.producer, session_id=sid, agent_id=a1.agent_id,
+                                       incarnation=a1.incarnation, token=claim.token, data=b"")
+        body = json.loads(codec.encode(event).payload)
+        body["data"] = data
+        await raw_publish(settings, codec.subject_of(event), body, event.event_id)
+        items = await ledger.store.history("session", sid)
+        assert isinstance(items[-1], Unreadable), items[-1]
+        state, last = await ledger.session(sid)
+        assert state is not None and state.checkpoint is not None and state.checkpoint.seq == good
+        assert last == items[-1].seq
+        await a1.checkpoint(sid, b"progress=6")  # the owner goes on writing past it
+    shown = ledger_cli(settings, "session", "show", sid)
+    assert shown.returncode == 0 and "progress=6" in shown.stdout, shown.stderr
+
+
+@pytest.mark.parametrize("data", [b"progress=abc", b"progress=-1", b"progress=" + str(10**100).encode(),
+                                  b"progress=", b"progress=+7", b"progress= 7", "progress=\u0661\u0662".encode(),
+                                  b"progress=7\n", b"\xff\xfe", b""])
+def test_the_reference_agent_restarts_from_zero_on_a_checkpoint_it_did_not_write(data: bytes):
+    cp = ev_checkpoint(data)
+    assert progress_of(cp) is None
+    said: list[str] = []
+    progress = Progress(agent=None, every=1.0, say=said.append)  # type: ignore[arg-type]
+    progress.gained(Claim("s1", 3, "failover", cp))
+    assert progress.done == {"s1": 0} and said == []
+
+
+def ev_checkpoint(data: bytes):  # type: ignore[no-untyped-def]
+    from datetime import UTC, datetime
+
+    from ledger import lifecycle as lc
+
+    return lc.Checkpoint(data=data, seq=9, agent_id="mallory", token=3, at=datetime(2026, 1, 1, tzinfo=UTC))
+
+
+async def test_a_flood_of_checkpoints_keeps_one_in_the_fold(ledger: Writer, uid: str):
+    """The fold keeps only the newest checkpoint: N writes, one kept (the log holds the others, as it must)."""
+    sid, _ = await ledger.create_session("p", session_id=f"{uid}-s")
+    async with agent_of(ledger, f"{uid}-a1") as a1:
+        await a1.claim(sid)
+        seqs = await asyncio.gather(*[a1.checkpoint(sid, b"progress=%d" % i) for i in range(1, 4)],
+                                    return_exceptions=True)
+        written = [s for s in seqs if isinstance(s, int)]
+        assert written, seqs
+        state, _ = await ledger.session(sid)
+        assert state is not None and state.checkpoint is not None and state.checkpoint.seq == max(written)
