@@ -475,12 +475,16 @@ def whatif(items: Iterable[Item], settings: rules.LivenessSettings, *, recorded:
     last = 0
     # a verdict up to `tolerance` after the window's end may be the match of one inside it: judged, not reported
     bound = _micros(until) + round(tolerance * 1e6) if until is not None else None
+    beyond = False
     for item in items:
         if bound is not None and item.timestamp_ns // 1000 > bound:
+            beyond = True
             break
         run.apply(item)
         last = max(last, item.timestamp_ns // 1000)
-    end = bound if bound is not None else last
+    # Judged up to the bound only if the log goes on past it: after the log's newest item there is no evidence of
+    # silence (an --until in the future would kill every live agent at the log's end plus its ttl).
+    end = bound if bound is not None and beyond else min(last, bound) if bound is not None else last
     run.finish(end)
     notes = list(notes)
     if pool is not None and not any(a.pool == pool for a in run.agents.values()):

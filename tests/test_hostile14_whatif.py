@@ -140,3 +140,16 @@ def test_a_death_reads_its_own_pool_not_the_whole_fleet(monkeypatch: pytest.Monk
     report = replay(log)
     assert report.whatif.deaths == n
     assert CountingAgents.scanned <= 2 * n, CountingAgents.scanned
+
+
+def test_an_until_past_the_logs_end_adds_no_death_for_the_silence_after_it():
+    """The log ends; the agents did not stop beating. Judging past its newest item would kill every live agent."""
+    log = Log()
+    incarnation = log.register("a", "p", T0, 1.0, 3.0)
+    for k in range(1, 6):
+        log.beat("a", incarnation, ms(1000 * k))
+    recorded = wi.recorded_settings(log.items)
+    for until in (ms(5000), ms(5000 + 3500), ms(3_600_000)):
+        report = wi.whatif(log.items, recorded.liveness(), recorded=recorded, until=until)
+        assert report.differences == [], (until, report.differences)
+        assert report.whatif == wi.Tally(deaths=0, suspicions=0, trips=0, failovers=0)
