@@ -9,13 +9,17 @@ import json
 import msgspec
 import pytest
 from click.testing import CliRunner
+from fleet import consumers, ledger_on
+from helpers import eventually
 from test_whatif import T0, Log, ms
 
 from consumers import whatif as wi
 from ledger import events as ev
+from ledger import lifecycle as lc
 from ledger.settings import Settings
 from ledger.writer import Writer
 from ledgerctl.cli import cli
+from ledgerctl.server import EmbeddedServer
 from projections.timespec import LATEST
 
 
@@ -153,3 +157,23 @@ def test_an_until_past_the_logs_end_adds_no_death_for_the_silence_after_it():
         report = wi.whatif(log.items, recorded.liveness(), recorded=recorded, until=until)
         assert report.differences == [], (until, report.differences)
         assert report.whatif == wi.Tally(deaths=0, suspicions=0, trips=0, failovers=0)
+
+
+async def test_the_monitor_judges_an_agent_registered_with_the_smallest_interval_and_goes_on(
+        server: EmbeddedServer):
+    """A client may register itself with heartbeat_interval 5e-324 (the codec's least): the one liveness rule
+    computed int(inf) missed beats and stopped the monitor for every agent; it is declared dead after its ttl."""
+    async with ledger_on(server.url) as ledger:
+        tiny = ev.Producer(id="tiny", instance="t")
+        await ledger.store.append(ev.AgentRegistered(producer=tiny, agent_id="tiny", instance_id="t", pool="p",
+                                                     heartbeat_interval=5e-324, ttl=0.5))
+        plain = ev.Producer(id="plain", instance="q")
+        await ledger.store.append(ev.AgentRegistered(producer=plain, agent_id="plain", instance_id="q", pool="q",
+                                                     heartbeat_interval=0.1, ttl=0.5))
+        async with consumers(server.url, watchdog=False):
+            for agent_id in ("tiny", "plain"):
+                async def dead(agent_id: str = agent_id) -> bool:
+                    state, _ = await ledger.agent(agent_id)
+                    return state is not None and state.status == lc.A_DEAD
+
+                await eventually(dead, timeout=20, what=f"{agent_id} declared dead")
