@@ -198,3 +198,49 @@ async def test_an_agent_of_another_pool_may_not_own_nor_checkpoint_a_session(led
             await stranger.checkpoint(sid, b"progress=999999")
     state, _ = await ledger.session(sid)
     assert state is not None and state.checkpoint is None
+
+
+def test_a_checkpoint_under_the_old_token_after_a_failover_never_reaches_a_later_owner():
+    """The old owner writes under its token after the reclaimer gave the session on (a race the SDK's
+    compare-and-set refuses; a raw append lands): flagged, and the owner after next resumes from the last
+    checkpoint written under a current claim."""
+    from ledger import lifecycle as lc
+    from ledger.codec import Recorded
+    from ledger.subjects import LEDGER_STREAM
+    from projections.state import LedgerState
+
+    cli, reclaimer = ev.Producer(id="cli", instance="c"), ev.Producer(id="reclaimer", instance="r")
+    producers = {a: ev.Producer(id=a, instance=f"{a}-i") for a in ("a1", "a2", "a3")}
+    state = LedgerState()
+    seq = 0
+
+    flagged: dict[int, str] = {}
+
+    def add(e: ev.Event) -> int:
+        nonlocal seq
+        seq += 1
+        change = state.apply(Recorded(LEDGER_STREAM, seq, codec.subject_of(e), 1_000_000_000 * seq, e))
+        assert change is not None
+        if change.anomaly is not None:
+            flagged[seq] = change.anomaly.kind
+        return seq
+
+    for a, p in producers.items():
+        add(ev.AgentRegistered(producer=p, agent_id=a, instance_id=p.instance, pool="p"))
+    add(ev.SessionCreated(producer=cli, session_id="s1", pool="p"))
+    first = add(ev.SessionClaimed(producer=producers["a1"], session_id="s1", agent_id="a1", instance_id="a1-i",
+                                  incarnation=1))
+    good = add(ev.SessionCheckpointed(producer=producers["a1"], session_id="s1", agent_id="a1", incarnation=1,
+                                      token=first, data=b"progress=1"))
+    add(ev.SessionOrphaned(producer=reclaimer, session_id="s1", reason="owner_dead", previous_token=first))
+    second = add(ev.SessionClaimed(producer=reclaimer, session_id="s1", agent_id="a2", instance_id="a2-i",
+                                   incarnation=2, reason="failover"))
+    late = add(ev.SessionCheckpointed(producer=producers["a1"], session_id="s1", agent_id="a1", incarnation=1,
+                                      token=first, data=b"progress=999"))
+    add(ev.SessionOrphaned(producer=reclaimer, session_id="s1", reason="owner_dead", previous_token=second))
+    add(ev.SessionClaimed(producer=reclaimer, session_id="s1", agent_id="a3", instance_id="a3-i", incarnation=3,
+                          reason="failover"))
+    now = state.sessions["s1"]
+    assert now.owner == "a3" and now.checkpoint is not None
+    assert (now.checkpoint.seq, now.checkpoint.data, now.checkpoint.agent_id) == (good, b"progress=1", "a1")
+    assert flagged == {late: lc.STALE_TOKEN}
