@@ -216,6 +216,8 @@ class _Run:
         self.recorded = LedgerState()
         self.agents: dict[str, lc.AgentState] = {}
         """The counterfactual fold of agents: the log's events, the counterfactual verdicts."""
+        self.members: dict[str, dict[str, None]] = defaultdict(dict)
+        """Pool -> its agents in `agents` (ordered): a death asks about its pool, not the whole fleet."""
         self.pools: dict[str, lc.PoolState] = {}
         self.deaths: dict[str, list[tuple[str, datetime]]] = defaultdict(list)
         self.written: set[str] = set()
@@ -304,6 +306,10 @@ class _Run:
         if anomaly is not None or after is None:
             return
         self.agents[e.agent_id] = after
+        if before is None or before.pool != after.pool:
+            if before is not None:
+                self.members[before.pool].pop(e.agent_id, None)
+            self.members[after.pool][e.agent_id] = None
         if isinstance(e, ev.AgentRegistered):
             self.last_beat[(e.agent_id, after.incarnation)] = at
             if before is not None:
@@ -377,7 +383,7 @@ class _Run:
         return rules.LastBeat(beat.seq, from_ns(beat.stored_ns)) if beat is not None else None
 
     def _members(self, pool: str) -> list[lc.AgentState]:
-        return [a for a in self.agents.values() if a.pool == pool]
+        return [self.agents[agent_id] for agent_id in self.members.get(pool, ())]
 
     def _overdue(self, pool: str, now: datetime) -> set[str]:
         return {a.agent_id for a in self._members(pool) if rules.overdue(a, self._last(a), now, self.settings)}
@@ -460,12 +466,16 @@ def whatif(items: Iterable[Item], settings: rules.LivenessSettings, *, recorded:
     last = 0
     # a verdict up to `tolerance` after the window's end may be the match of one inside it: judged, not reported
     bound = _micros(until) + round(tolerance * 1e6) if until is not None else None
+    beyond = False
     for item in items:
         if bound is not None and item.timestamp_ns // 1000 > bound:
+            beyond = True
             break
         run.apply(item)
         last = max(last, item.timestamp_ns // 1000)
-    end = bound if bound is not None else last
+    # Judged up to the bound only if the log goes on past it: after the log's newest item there is no evidence of
+    # silence (an --until in the future would kill every live agent at the log's end plus its ttl).
+    end = bound if bound is not None and beyond else min(last, bound) if bound is not None else last
     run.finish(end)
     notes = list(notes)
     if pool is not None and not any(a.pool == pool for a in run.agents.values()):

@@ -25,7 +25,7 @@ from datetime import datetime, timedelta
 import msgspec
 
 from ledger.codec import from_ns
-from ledger.events import Probe
+from ledger.events import MAX_COUNT, Probe
 from ledger.lifecycle import A_DEAD, A_DRAINED, A_DRAINING, A_FENCED, A_GONE, AgentState, RouteState
 from ledger.settings import settings_from_env
 
@@ -100,7 +100,7 @@ def assess(agent: AgentState, last_beat: datetime | None, now: datetime, policy:
     age = seconds_between(since, now)
     dead_after = _dead_after(agent, policy)
     interval = agent.heartbeat_interval
-    missed = int(age // interval) if interval > 0 else 0
+    missed = _missed(age, interval)
     suspected = agent.suspected_at is not None and (last_beat is None or aware(last_beat) <= aware(agent.suspected_at))
     overdue = interval > 0 and missed >= policy.suspect_after_missed
     health = DEAD if age > dead_after else SUSPECT if suspected or overdue else ALIVE
@@ -121,6 +121,15 @@ def turns(agent: AgentState, last_beat: datetime | None, policy: HealthPolicy = 
     interval = agent.heartbeat_interval
     return (_after(since, interval * policy.suspect_after_missed) if interval > 0 else None,
             _after(since, _dead_after(agent, policy)))
+
+
+def _missed(age: float, interval: float) -> int:
+    """Whole intervals in `age`. The codec lets an interval be as small as a float can be: `age // 5e-324` is
+    infinite, and counts as the most a count can be (int(inf) would stop every consumer that judges it)."""
+    if not interval > 0:
+        return 0
+    n = age // interval
+    return int(n) if n < MAX_COUNT else MAX_COUNT
 
 
 TURN_SLACK = timedelta(microseconds=2)

@@ -12,6 +12,7 @@ from ledger import lifecycle as lc
 from ledger.events import Probe
 from ledger.writer import Writer
 from projections.history import session_as_of
+from projections.text import printable
 from projections.timespec import EXAMPLES
 
 from .common import TimeParam, async_command, echo, nats_url_option, producer_id_option, settings_from, to_json
@@ -38,7 +39,7 @@ def checkpoint_json(cp: lc.Checkpoint) -> dict[str, object]:
 def checkpoint_lines(cp: lc.Checkpoint) -> list[str]:
     encoding, shown = checkpoint_data(cp.data)
     head = (f"#{cp.seq} by {cp.agent_id} (token {cp.token}) at {cp.at}, {len(cp.data)} bytes"
-            + (f" ({encoding})" if encoding != "utf-8" else "") + (f": {cp.note}" if cp.note else ""))
+            + (f" ({encoding})" if encoding != "utf-8" else "") + (f": {printable(cp.note)}" if cp.note else ""))
     return [head, *(shown.splitlines() or [""])] if cp.data else [head]
 
 
@@ -56,7 +57,7 @@ def _show(state: msgspec.Struct | None, last_seq: int, as_json: bool, what: str)
         if key == "checkpoint":
             continue
         if value not in (None, "", {}, ()):
-            echo(f"{key:>22}: {value}")
+            echo(f"{key:>22}: {printable(str(value))}")  # a reason, a label: any client's text
     echo(f"{'last_seq':>22}: {last_seq}")
     if checkpoint is not None:
         first, *rest = checkpoint_lines(checkpoint)

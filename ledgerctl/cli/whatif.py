@@ -7,11 +7,12 @@ from datetime import datetime, timedelta
 import click
 
 from consumers import whatif as wi
+from ledger import events as ev
 from ledger import subjects
 from ledger.codec import Item, from_ns
 from ledger.store import EventStore
 from projections.health import human
-from projections.timespec import EXAMPLES
+from projections.timespec import EXAMPLES, LATEST
 
 from .common import TimeParam, async_command, echo, nats_url_option, settings_from, to_json
 from .liveness import dead_after_option, suspect_after_option
@@ -30,7 +31,8 @@ KIND_STYLE = {wi.AVOIDED: "green", wi.ADDED: "red", wi.EARLIER: "yellow", wi.LAT
                    "[default: the oldest heartbeat kept].")
 @click.option("--until", type=TimeParam(), default=None, help=f"Up to this time [default: the log's end]: {EXAMPLES}.")
 @click.option("--pool", default=None, help="Report only this pool's agents and breaker.")
-@click.option("--tolerance", type=click.FloatRange(min=0), default=wi.TOLERANCE, show_default=True,
+@click.option("--tolerance", type=click.FloatRange(min=0, max=ev.MAX_SECONDS), default=wi.TOLERANCE,
+              show_default=True,
               help="Seconds within which a recorded and a replayed verdict count as the same (the monitor ticks).")
 @click.option("--json", "as_json", is_flag=True, help="The report as one JSON object.")
 @nats_url_option
@@ -55,7 +57,8 @@ async def whatif_command(dead_after: float | None, suspect_after: int | None, br
         raise click.UsageError("--until is before --since")
     async with EventStore.connect(settings_from(nats_url), name="ledger-whatif") as store:
         beats_facts = await store.stream_facts(subjects.HEARTBEAT_STREAM)
-        read_until = until + timedelta(seconds=tolerance) if until is not None else None  # (see wi.whatif)
+        # (see wi.whatif; never past the ledger's last time, which a stored time cannot be either)
+        read_until = min(until + timedelta(seconds=tolerance), LATEST) if until is not None else None
         lifecycle = await _read(store, subjects.family_filter("*"), subjects.LEDGER_STREAM, read_until)
         beats = await _read(store, subjects.family_filter(subjects.HEARTBEAT_FAMILY), subjects.HEARTBEAT_STREAM,
                             read_until)
