@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -42,21 +43,38 @@ LEDGER = [sys.executable, "-m", "ledgerctl"]
 
 
 def up(url: str, db: Path) -> subprocess.Popen[str]:
+    # One pipe for both outputs, read line by line: `catching up:` progress goes to stderr every 2 s, and a pipe
+    # nobody reads fills and blocks `ledger up` (the bench hung that way on 1 M events).
     return subprocess.Popen([*LEDGER, "up", "--nats-url", url, "--db", str(db), "--no-http", "--no-query-service"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def lines(proc: subprocess.Popen[str], patience: float) -> Iterator[str]:
+    """The process's output lines as they come, for at most `patience` seconds (then it is killed)."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + patience
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        while time.monotonic() < deadline:
+            if sel.select(timeout=0.5):
+                line = proc.stdout.readline()
+                if not line:
+                    return
+                yield line
+    proc.kill()
+    raise SystemExit(f"ledger up: nothing expected within {patience:.0f} s")
 
 
 def until_ready(proc: subprocess.Popen[str], patience: float) -> float:
     """Seconds from now until the process says "ready"."""
     started = time.perf_counter()
-    assert proc.stdout is not None
-    for line in proc.stdout:
+    seen: list[str] = []
+    for line in lines(proc, patience):
         if line.startswith("ready"):
             return time.perf_counter() - started
-        if time.perf_counter() - started > patience:
-            break
+        seen = [*seen[-20:], line]
     proc.kill()
-    raise SystemExit(f"ledger up did not say ready within {patience:.0f} s: {proc.communicate()[1][-2000:]}")
+    raise SystemExit(f"ledger up ended before it said ready: {''.join(seen)[-2000:]}")
 
 
 def stop(proc: subprocess.Popen[str], patience: float = 60.0) -> float:
@@ -72,26 +90,17 @@ def stop(proc: subprocess.Popen[str], patience: float = 60.0) -> float:
     return time.perf_counter() - started
 
 
-def stop_while_catching_up(proc: subprocess.Popen[str]) -> tuple[float, str]:
-    """SIGTERM at the first "catching up" line on stderr, else once the consumers run; (seconds to exit, when)."""
-    assert proc.stdout is not None and proc.stderr is not None
-    for line in proc.stdout:
-        if line.startswith("consumers"):
+def stop_while_catching_up(proc: subprocess.Popen[str], patience: float) -> tuple[float, str]:
+    """SIGTERM at the first "catching up" line, else at "ready" if the catch-up ended first; (seconds to exit,
+    when)."""
+    when = f"after {patience:.0f} s without either"
+    for line in lines(proc, patience):
+        if line.startswith("catching up"):
+            when = "at the first 'catching up' line"
             break
-    when = "after 'consumers'"
-    with selectors.DefaultSelector() as sel:
-        sel.register(proc.stderr, selectors.EVENT_READ)
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        deadline = time.monotonic() + 5.0
-        while time.monotonic() < deadline:
-            for key, _ in sel.select(timeout=0.1):
-                line = key.fileobj.readline()  # type: ignore[union-attr]
-                if key.fileobj is proc.stderr and line.startswith("catching up"):
-                    when = "at the first 'catching up' line"
-                    deadline = 0.0
-                elif key.fileobj is proc.stdout and line.startswith("ready"):
-                    when = "after 'ready' (the catch-up was over first)"
-                    deadline = 0.0
+        if line.startswith("ready"):
+            when = "after 'ready' (the catch-up was over first)"
+            break
     return stop(proc), when
 
 
@@ -116,7 +125,7 @@ async def run(url: str, events: int, work: Path) -> None:
     print(f"(c) restart: ready after {ready:.2f} s = {ready / raw_seconds:.2f} x the raw read (goal <= 2); "
           f"stopped in {stopped:.2f} s", flush=True)
     third = up(url, db)
-    seconds, when = await asyncio.to_thread(stop_while_catching_up, third)
+    seconds, when = await asyncio.to_thread(stop_while_catching_up, third, patience)
     print(f"(d) SIGTERM {when}: exited after {seconds:.2f} s (goal <= 5)", flush=True)
 
 
