@@ -328,15 +328,22 @@ class Replay:
         found by bisection on those (the server's own times are when the copy was loaded)."""
         if self._is_imported is None:
             return
-        started, attempts = time.monotonic(), 0
+        started, attempts, told = time.monotonic(), 0, 0.0
         while True:
+            if self._finished:
+                return  # closed or interrupted while we were trying
             try:
                 self._trusted = await self._is_imported(self._stream)
                 break
-            except Unavailable:
+            except Unavailable as e:
                 attempts += 1
-                if not self._follow and self._out_of_patience(time.monotonic() - started):
+                waited = time.monotonic() - started
+                if not self._follow and self._out_of_patience(waited):
                     raise
+                if self._follow and waited - told >= CREATE_LOG_EVERY:  # as `_create` says it while it waits
+                    told = waited
+                    log.warning("replay of %s: no answer about the stream yet after %.0f s (%s); the cluster may "
+                                "be electing a leader - still trying", self._stream, waited, e)
                 await asyncio.sleep(retry_delay(attempts))
         if self._trusted and self._start_time is not None and not (self._start_seq and self._start_seq > 1):
             facts = await self._stream_facts()
