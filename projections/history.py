@@ -9,6 +9,7 @@ very answer the log-order fold gave it.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -69,6 +70,11 @@ class EntityHistory(msgspec.Struct, frozen=True, kw_only=True):
     state: dict[str, Any] | None
     """The entity's state after the last entry."""
     notes: list[str] = []
+
+
+def checkpoint_size(doc: dict[str, Any]) -> int:
+    """Bytes of a checkpoint as an entity's state document holds it (`data` in base64, as msgspec writes bytes)."""
+    return len(base64.b64decode(doc.get("data") or ""))
 
 
 def diff(before: msgspec.Struct | None, after: msgspec.Struct | None) -> dict[str, list[Any]]:

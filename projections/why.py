@@ -22,7 +22,6 @@ The sentences are pure functions of the events (`describe`, `headline`); the rea
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Protocol, cast
@@ -36,7 +35,7 @@ from ledger.store import EventStore
 from ledger.subjects import HEARTBEAT_STREAM, LEDGER_STREAM, entity_filter
 
 from .errors import InvalidQuery, UnknownEntity
-from .history import EntityHistory, Flag, HistoryEntry, entity_history, stored_by
+from .history import EntityHistory, Flag, HistoryEntry, checkpoint_size, entity_history, stored_by
 from .text import printable
 
 __all__ = ["KINDS", "MAX_LINKS", "Chain", "Found", "Link", "Source", "StoreSource", "build_chain", "describe",
@@ -455,7 +454,7 @@ async def _notes(walk: _Walk, head: EntityHistory, within: Callable[[Recorded], 
 
     checkpoint = state.get("checkpoint") if head.kind == "session" else None
     if isinstance(checkpoint, dict):  # what the next owner resumes from
-        size = len(base64.b64decode(checkpoint.get("data") or ""))
+        size = checkpoint_size(checkpoint)
         notes.append(f"its last checkpoint is LEDGER #{checkpoint.get('seq')}, written by {checkpoint.get('agent_id')} "
                      f"under token {checkpoint.get('token')} ({size} bytes)")
     if head.kind == "session" and state.get("status") == lc.S_ASSIGNED and state.get("owner"):

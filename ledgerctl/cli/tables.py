@@ -22,7 +22,7 @@ from rich.style import Style
 from rich.text import Text
 
 from projections.health import human
-from projections.history import EntityHistory
+from projections.history import EntityHistory, checkpoint_size
 from projections.text import printable
 from projections.views import Page, Position
 
@@ -261,8 +261,7 @@ def _checkpoint(value: Any) -> str:
     """A checkpoint in a history's effect: where and how large, not its (up to 16 KiB of) data."""
     if not isinstance(value, dict):
         return str(value)
-    size = len(value.get("data") or "") * 3 // 4 - str(value.get("data") or "").count("=")  # base64 -> bytes
-    return f"#{value.get('seq')} ({size} bytes)"
+    return f"#{value.get('seq')} ({checkpoint_size(value)} bytes)"
 
 
 def history(h: EntityHistory) -> None:
