@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 from nats.aio.client import Client as NATS
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import api
+from nats.js.errors import NoStreamResponseError
 
 from consumers.group import ConsumerGroup
 from consumers.liveness_rules import LivenessSettings
@@ -750,6 +751,16 @@ async def _ensure(store: EventStore) -> bool:
         return False
 
 
+async def _beat(agent: NATS, agent_id: str) -> object:
+    """One heartbeat, or None while the reload's new account has not reached the stream's leader yet: a node logs
+    "Reloaded" before the account's interest has crossed the routes, and a publish in that window gets no responders
+    (seen once in CI). The claim under test is "one reload suffices", so the test waits for it without a second one."""
+    try:
+        return await agent.jetstream().publish(f"ledger.hb.{agent_id}.heartbeat.{agent_id}", b"{}", timeout=5)
+    except (nats.errors.NoRespondersError, NoStreamResponseError, NatsTimeout):
+        return None
+
+
 async def test_on_the_deploy_cluster_each_agent_added_works_after_one_reload_of_every_node(
         deploy_cluster: tuple[list[str], Path, list[int]], tmp_path: Path):
     """`ledger auth add-agent` then a reload of the three nodes (the compose file's `kill -s HUP`): the new agent
@@ -778,7 +789,8 @@ async def test_on_the_deploy_cluster_each_agent_added_works_after_one_reload_of_
             agent = await nats.connect(url, nkeys_seed=str(secrets / f"{user}.nk"), tls=servers.ssl_context(user),
                                        inbox_prefix=permissions.inbox_prefix(user), connect_timeout=5)
             try:
-                ack = await agent.jetstream().publish(f"ledger.hb.{agent_id}.heartbeat.{agent_id}", b"{}", timeout=10)
+                ack = await eventually(lambda a=agent, i=agent_id: _beat(a, i), timeout=30, interval=0.5,
+                                       what=f"{agent_id}'s first beat through {url}")
                 assert ack.stream == subjects.HEARTBEAT_STREAM
                 assert (await agent.jsm(timeout=10).stream_info(subjects.LEDGER_STREAM)).config.num_replicas == 3
             finally:
