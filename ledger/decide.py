@@ -84,7 +84,8 @@ def check_owner(state: lc.SessionState | None, session_id: str, who: AgentRef, t
         raise NotFound(f"session {session_id} does not exist")
     if problem.kind in (lc.SUPERSEDED_INCARNATION, lc.UNKNOWN_ENTITY):
         raise Superseded(f"session {session_id}: {problem.detail}")
-    raise StaleToken(session_id, token, state.token, state.owner)
+    same_claim = token == state.token and who.agent_id == state.owner  # then only the incarnation differs
+    raise StaleToken(session_id, token, state.token, state.owner, why=problem.detail if same_claim else None)
 
 
 def check_checkpoint_size(data: bytes) -> None:

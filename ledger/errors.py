@@ -160,14 +160,18 @@ class Fenced(LedgerError):
 class StaleToken(Fenced):
     """An owner write carried a claim token that is no longer the session's current claim."""
 
-    def __init__(self, session_id: str, held: int | None, current: int | None, owner: str | None) -> None:
+    def __init__(self, session_id: str, held: int | None, current: int | None, owner: str | None,
+                 why: str | None = None) -> None:
         self.session_id = session_id
         self.held = held
         self.current = current
         self.owner = owner
+        # `why` is the rule's own detail when the token alone does not explain it: the same token held by another
+        # incarnation (this process was fenced and re-registered) read "token 861 is stale; the current claim is 861".
         super().__init__(
-            f"session {session_id}: token {held} is stale; the current claim is "
-            f"{current if current is not None else 'none'}" + (f" (owner {owner})" if owner else "")
+            f"session {session_id}: token {held} is stale; " + (why or (
+                f"the current claim is {current if current is not None else 'none'}"
+                + (f" (owner {owner})" if owner else "")))
         )
 
 

@@ -31,7 +31,9 @@ HEARTBEAT, TTL = 0.2, 1.5
 
 
 def agent_of(ledger: Writer, agent_id: str, **kw: object) -> Agent:
-    options = {"pool": "p", "heartbeat": 0.1, "ttl": 2.0, "capacity": 4, **kw}
+    # ttl 5 s: these tests spawn `ledger` subprocesses, and on a loaded 2-core machine a 2 s ttl fenced the agent
+    # mid-test once (its claim then belonged to the fenced incarnation). No test here waits for a death.
+    options = {"pool": "p", "heartbeat": 0.1, "ttl": 5.0, "capacity": 4, **kw}
     return Agent(ledger, agent_id=agent_id, **options)  # type: ignore[arg-type]
 
 

@@ -377,3 +377,16 @@ def test_claims_for_made_up_agents_add_no_agent_history_to_read():
     registered = lc.registrations_lookup({"a1": [1], "a2": [60]})
     assert lc.owners_judged(records, registered) == {"a1", "a2"}
     assert lc.owners_judged(records[:-1], registered) == set()  # no take-over: nothing to read
+
+
+def test_a_refused_write_under_the_current_token_by_a_newer_incarnation_says_so() -> None:
+    """A fenced agent that re-registered still holds its predecessor's token: the refusal names the incarnations,
+    not "token 6 is stale; the current claim is 6" (what a CI run once printed)."""
+    state = session(lc.S_ASSIGNED, "a1", 1, 6)
+    with pytest.raises(StaleToken) as refused:
+        decide.check_owner(state, SID, decide.AgentRef("a1", "i", 2), 6)
+    assert str(refused.value) == ("session s1: token 6 is stale; write by a1 incarnation 2 under token 6, which "
+                                  "incarnation 1 holds")
+    with pytest.raises(StaleToken) as other:  # an old token keeps the plain wording
+        decide.check_owner(state, SID, decide.AgentRef("a1", "i", 1), 5)
+    assert str(other.value) == "session s1: token 5 is stale; the current claim is 6 (owner a1)"
