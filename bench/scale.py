@@ -289,6 +289,7 @@ async def fleet_run(n: int, args: argparse.Namespace) -> None:
                 for g in gens:
                     await g.expect("done", 60 + n / 100)
                     await g.proc.wait()
+                idle = await idle_run(js, meters, args.idle_seconds) if args.idle_seconds > 0 else None
             finally:
                 await nc.close()
     sent = sum(g.stats["beats_sent"] for g in gens)
@@ -319,8 +320,37 @@ async def fleet_run(n: int, args: argparse.Namespace) -> None:
         print(f"figure   {g.meter.summary()}")
     total = sum(sum(s for s, _ in m.samples) / max(1, len(m.samples)) for m in meters)
     print(f"figure   ledger up + nats-server: {100 * total:.1f} % of a core (goal: under one core)", flush=True)
+    if idle is not None:
+        print(f"figure   idle after the fleet said goodbye ({n:,} agents came and went; {args.idle_seconds:g} s "
+              f"with no event): ledger up {100 * idle[0]:.1f} %, nats-server {100 * idle[1]:.1f} % of a core "
+              "(goal ~0 %)", flush=True)
     if args.baseline_seconds > 0:
         await baseline_run(n, args, sent / args.seconds, meters, gens)
+
+
+async def idle_run(js: Any, meters: list[Meter], seconds: float) -> tuple[float, float]:
+    """CPU share of `ledger up` and its nats-server over `seconds` in which nothing is written.
+
+    Measured once the log is quiet: the goodbyes and the verdicts they lead to are in, and no message arrived in
+    the last second. The goal (issue 13): ~0 % when nothing changes, however many agents came and went.
+    """
+    last = -1
+    for _ in range(60):  # at most a minute for the goodbyes' consequences to settle
+        now = sum([(await js.stream_info(stream)).state.last_seq
+                   for stream in (subjects.LEDGER_STREAM, subjects.HEARTBEAT_STREAM)])
+        if now == last:
+            break
+        last = now
+        await asyncio.sleep(1.0)
+    for m in meters:
+        m.read()
+    await asyncio.sleep(seconds)
+    up, server = (m.read()[0] for m in meters)
+    after = sum([(await js.stream_info(stream)).state.last_seq
+                 for stream in (subjects.LEDGER_STREAM, subjects.HEARTBEAT_STREAM)])
+    if after != last:
+        print(f"WARNING  {after - last:,} messages were written during the idle window: not idle", flush=True)
+    return up, server
 
 
 async def baseline_run(n: int, args: argparse.Namespace, sdk_rate: float, meters: list[Meter],
@@ -398,6 +428,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0, help="how long each fleet beats (default 60)")
     parser.add_argument("--procs", type=int, default=0, help="load-generator processes (default: one per 10k)")
     parser.add_argument("--connections", type=int, default=4, help="NATS connections per generator (default 4)")
+    parser.add_argument("--idle-seconds", type=float, default=20.0,
+                        help="seconds of CPU measured with nothing written once the fleet said goodbye (default 20; "
+                             "0: none)")
     parser.add_argument("--baseline-seconds", type=float, default=15.0,
                         help="seconds of the raw baseline after each fleet (default 15; 0: none)")
     args = parser.parse_args()

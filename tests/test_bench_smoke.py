@@ -10,9 +10,10 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 RUNS = {
-    "scale.py": (["--agents", "20", "--seconds", "1", "--interval", "0.5", "--ttl", "5", "--baseline-seconds", "0"],
+    "scale.py": (["--agents", "20", "--seconds", "1", "--interval", "0.5", "--ttl", "5", "--baseline-seconds", "0",
+                  "--idle-seconds", "1"],
                  ["20 agents registered", "false verdicts: suspected", "projector lag behind LEDGER_HB",
-                  "ledger up ", "nats-server ", "generator 1 "]),
+                  "ledger up ", "nats-server ", "generator 1 ", "idle after the fleet said goodbye"]),
     "churn.py": (["--sessions", "40", "--every", "20", "--concurrency", "20", "--agents", "2", "--raw-sessions", "0"],
                  ["before ", "40 sessions ", "after (caught up)", "figure  ledger up   RSS",
                   "figure  nats-server RSS"]),
