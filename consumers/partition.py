@@ -17,6 +17,7 @@ replicas acting on one pool make one write; they only duplicate work.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Iterable
 
 import msgspec
 
@@ -47,6 +48,19 @@ class Partition(msgspec.Struct, frozen=True, kw_only=True):
         if self.pools is not None and pool not in self.pools:
             return False
         return self.replicas == 1 or pool_slot(pool, self.replicas) == self.replica
+
+    def off_slot(self) -> dict[str, int]:
+        """Named pools whose hash falls on another replica's slot, with that slot: this replica never acts on them."""
+        if self.pools is None or self.replicas == 1:
+            return {}
+        return {p: pool_slot(p, self.replicas) for p in sorted(self.pools)
+                if pool_slot(p, self.replicas) != self.replica}
+
+    def unknown(self, in_use: Iterable[str]) -> list[str]:
+        """Named pools that nothing in `in_use` (the pools the log's agents, sessions and breakers name) is in."""
+        if self.pools is None:
+            return []
+        return sorted(self.pools - set(in_use))
 
     def describe(self) -> str:
         parts = []

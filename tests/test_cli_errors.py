@@ -115,7 +115,11 @@ CASES: dict[str, list[Case]] = {
                   Case("consumers --nats-url {url} --breaker-share 2", "--breaker-share"),
                   Case("consumers --nats-url {url} --partition 3/3", r"--partition.*0 <= I < N"),
                   Case("consumers --nats-url {url} --partition half", r"--partition.*expected I/N"),
-                  Case("consumers --nats-url {url} --pools ,", r"--pools.*at least one pool")],
+                  Case("consumers --nats-url {url} --pools ,", r"--pools.*at least one pool"),
+                  Case("consumers --nats-url {url} --pools 'gpu x'", r"--pools.*invalid pool 'gpu x'"),
+                  # cpu and b hash to slot 2 of 3 (consumers.partition.pool_slot): slot 0 would serve nothing
+                  Case("consumers --nats-url {url} --pools cpu,b --partition 0/3",
+                       r"none of these pools falls on slot 0 of 3 \(b falls on slot 2, cpu falls on slot 2\)")],
     "demo": [Case(f"demo --exit --port {{port}} --data-dir {NO_DIR}", NO_DIR),
              Case("demo --exit --port {port} --data-dir {file}/x", r"file/x"),
              Case("demo --exit --port {busy} --data-dir {tmp}/d", r"port 127\.0\.0\.1:\d+ is already in use"),

@@ -48,3 +48,43 @@ def test_a_bad_partition_is_one_message(text: str) -> None:
 
 def test_a_good_partition_parses() -> None:
     assert parse_partition("2/5") == (2, 5)
+
+
+def test_named_pools_off_this_slot_and_unknown_ones_are_named() -> None:
+    slot = {p: pool_slot(p, 3) for p in ("gpu", "cpu", "edge")}  # 0, 2, 1
+    part = Partition(pools=frozenset(slot), replica=slot["gpu"], replicas=3)
+    assert part.off_slot() == {"cpu": 2, "edge": 1}
+    assert Partition(pools=frozenset(slot)).off_slot() == {} and EVERYTHING.off_slot() == {}
+    assert Partition(replica=1, replicas=3).off_slot() == {}  # no names: every pool of the slot, none left out
+    assert part.unknown({"gpu", "tpu"}) == ["cpu", "edge"] and EVERYTHING.unknown(set()) == []
+
+
+async def test_consumers_warn_of_a_named_pool_nothing_is_in_once_caught_up(settings, ledger, uid) -> None:  # type: ignore[no-untyped-def]
+    """`--pools gpu,gpx`: a typo would serve nothing, silently; the replica says so once it has read the log."""
+    import asyncio
+    import os
+    import signal
+
+    pool = f"{uid}-gpu"
+    await ledger.create_session(pool)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "ledgerctl", "consumers", "--no-monitor", "--no-reclaimer", "--pools",
+        f"{pool},{pool}x", env={**os.environ, "LEDGER_NATS_URL": settings.nats_url},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert proc.stderr is not None
+    try:
+        line = await asyncio.wait_for(proc.stderr.readline(), 60)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        rest = (await asyncio.wait_for(proc.communicate(), 30))[1].decode()
+    assert line.decode().strip() == (f"warning: --pools {pool}x: no agent, session or breaker of the ledger is in it "
+                                     "yet (a typo?); this replica acts on it once one appears"), rest
+    assert proc.returncode == 0 and "warning" not in rest, rest
+
+
+def test_pools_partly_off_the_slot_are_served_with_a_warning(capsys: pytest.CaptureFixture[str]) -> None:
+    from ledgerctl.cli.consumers import _partition
+
+    part = _partition("gpu,cpu", "0/3")  # gpu falls on slot 0, cpu on 2
+    assert part.owns("gpu") and not part.owns("cpu")
+    assert capsys.readouterr().err == "warning: --partition 0/3 leaves out some of --pools: cpu falls on slot 2\n"

@@ -245,6 +245,11 @@ def echo(msg: str) -> None:
     click.echo(msg)
 
 
+def warn(msg: str) -> None:
+    """A line on stderr for a setting that works but is likely not what was meant."""
+    click.echo(f"warning: {msg}", err=True)
+
+
 class TimeParam(click.ParamType):
     """A time option (--as-of, --since, --until): the one grammar, `projections.timespec.parse_time`.
 

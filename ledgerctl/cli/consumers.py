@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import TYPE_CHECKING
 
 import click
 
@@ -11,13 +12,17 @@ from ledger import events as ev
 from ledger import lifecycle as lc
 from ledger.codec import Recorded
 from ledger.errors import InvalidInput
+from ledger.ids import check_token
 from ledger.settings import redact_url
 from ledger.store import EventStore
 from ledger.writer import Writer
 from projections.health import HealthPolicy
 
-from .common import async_command, echo, nats_url_option, producer_id_option, settings_from, stop_signals
+from .common import async_command, echo, nats_url_option, producer_id_option, settings_from, stop_signals, warn
 from .liveness import policy_options
+
+if TYPE_CHECKING:
+    from consumers.group import ConsumerGroup
 
 
 @click.command("consumers")
@@ -66,12 +71,27 @@ async def consumers_command(monitor: bool, reclaimer: bool, watchdog: bool, name
         task = asyncio.create_task(running.run())
         scope = "" if part.everything else f" for {part.describe()}"
         echo(f"running {', '.join(running.parts)}{scope} on {redact_url(store.settings.nats_url)} - Ctrl-C to stop")
+        warning = asyncio.create_task(_warn_unknown_pools(running, part)) if part.pools is not None else None
         done, _ = await asyncio.wait({task, asyncio.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
+        if warning is not None:
+            warning.cancel()
         if task in done:
             task.result()  # a consumer failed: let its error surface
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
     echo("stopped")
+
+
+async def _warn_unknown_pools(running: ConsumerGroup, part: Partition) -> None:
+    """Once caught up, say which --pools nothing in the ledger is in: a typo serves nothing, silently otherwise."""
+    await running.ready()
+    ledger = running.follower.state.ledger
+    in_use = {a.pool for a in ledger.agents.values()} | {s.pool for s in ledger.sessions.values()} | set(ledger.pools)
+    unknown = part.unknown(in_use)
+    if unknown:
+        warn(f"--pools {','.join(unknown)}: no agent, session or breaker of the ledger is in "
+             f"{'it' if len(unknown) == 1 else 'them'} yet (a typo?); this replica acts on "
+             f"{'it' if len(unknown) == 1 else 'them'} once one appears")
 
 
 def _partition(pools: str | None, partition: str | None) -> Partition:
@@ -81,13 +101,26 @@ def _partition(pools: str | None, partition: str | None) -> Partition:
         named = frozenset(p.strip() for p in pools.split(",") if p.strip())
         if not named:
             raise click.BadParameter("name at least one pool, e.g. --pools gpu,cpu", param_hint="--pools")
+        for pool in sorted(named):
+            try:
+                check_token(pool, "pool")
+            except InvalidInput as e:
+                raise click.BadParameter(str(e), param_hint="--pools") from None
     replica, replicas = 0, 1
     if partition is not None:
         try:
             replica, replicas = parse_partition(partition)
         except ValueError as e:
             raise click.BadParameter(str(e), param_hint="--partition") from None
-    return Partition(pools=named, replica=replica, replicas=replicas)
+    part = Partition(pools=named, replica=replica, replicas=replicas)
+    off = part.off_slot()
+    if off:  # --pools and --partition both: only the named pools on this slot are served
+        elsewhere = ", ".join(f"{p} falls on slot {slot}" for p, slot in off.items())
+        if named is not None and len(off) == len(named):
+            raise click.BadParameter(f"none of these pools falls on slot {replica} of {replicas} ({elsewhere}): "
+                                     "this replica would act on nothing", param_hint="--pools/--partition")
+        warn(f"--partition {replica}/{replicas} leaves out some of --pools: {elsewhere}")
+    return part
 
 
 @click.group("pool")
