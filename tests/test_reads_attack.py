@@ -140,14 +140,6 @@ async def test_session_read_after_take_overs_for_made_up_agents_reads_only_the_r
     assert counts["agent"] <= 1, counts  # b's history only: no ghost's
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Writer.session() reads the registrations of EVERY agent named by a claim in the history (lc.agents_acting), "
-    "one request after the other, on every read: 60 forged claims for made-up agents (written once; on a server "
-    "without auth anyone can, with auth each needs its own credentials) make every later session read - and so "
-    "every compare-and-set write of its owner - cost 60+ round trips. Fix: read the registrations the fold needs "
-    "in one batched request (Direct Get multi_last on `agent.<a>.registered.<a>` for all a), or fold first without "
-    "incarnation_at and read only for the claims that would apply (an overlapping claim is flagged whatever its "
-    "incarnation)."))
 async def test_session_read_after_many_forged_claims_costs_a_bounded_number_of_requests(ledger: Writer, uid: str):
     sid, _, _, token = await _owned_by_b(ledger, uid)
     for i in range(60):
@@ -195,13 +187,6 @@ async def test_route_read_judges_its_owner_through_the_same_take_over_lookup(led
     assert route is not None and route.state == lc.STARTING
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "lc.owners_judged names every REGISTERED agent that claimed the session at its current incarnation, even "
-    "those whose claims the fold flags (a take-over of a live owner, an overlapping claim): 40 registered agents "
-    "(free on a server without auth; with auth, 40 credentials) each naming the current token make every "
-    "Writer.session() read 40 agent histories, for ever. Fix: make agent_at lazy in the fold's order - the owner "
-    "at each take-over is known from the claims applied before it - and read only the histories of agents that "
-    "really owned the session when a take-over names them (bounded by applied claims)."))
 async def test_take_overs_by_many_registered_agents_do_not_make_every_session_read_read_their_histories(
         ledger: Writer, uid: str):
     sid, b, _, token = await _owned_by_b(ledger, uid)
@@ -261,12 +246,6 @@ async def test_take_over_claims_for_made_up_agents_read_the_owners_history_at_mo
         assert counts["agent"] <= batches[0], (counts, batches)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "The watch keeps every agent id named by a claim of a session it owns in Agent._registered for ever (one "
-    "registrations read each, then an entry that is never dropped): forged take-over claims for made-up agents "
-    "grow the agent's memory without bound. Fix: bound the cache (LRU, or keep only agents that are registered "
-    "and were seen acting), or skip the registration read for a claim the fold flags whatever the incarnation "
-    "(an overlapping one) / for an unregistered agent keep no entry."))
 async def test_forged_take_over_claims_for_made_up_agents_do_not_grow_the_agents_memory(ledger: Writer, uid: str):
     async with agent_of(ledger, f"{uid}-a1") as a1:
         sid, _ = await ledger.create_session("p", session_id=f"{uid}-s")
@@ -280,13 +259,6 @@ async def test_forged_take_over_claims_for_made_up_agents_do_not_grow_the_agents
         assert len(a1.watch.registrations.known) <= 50, f"{len(a1.watch.registrations.known)} agents remembered"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Each watch batch holding a claim of a session the agent owns re-reads the owner's (its own) WHOLE agent "
-    "history (`_agents_read` is cleared per batch): an attacker who once bloats it (unreachable reports, which "
-    "any agent may write) then pays one claim per batch for a full history read each - reads grow as history x "
-    "claims. The bloating is reachable with auth (one agent credential). Fix: keep `_agents_read` across batches "
-    "and read only what follows its floor (store.history has `after=`), or - for the agent's own id - fold its "
-    "own timeline from the watch, which delivers every event on its subjects anyway."))
 async def test_take_overs_on_an_owner_with_a_bloated_history_cost_reads_bounded_by_the_history_once(
         ledger: Writer, uid: str):
     history, claims = 400, 6
