@@ -138,7 +138,10 @@ def test_every_claim_decide_claim_produces_is_one_the_fold_applies(
                                       agent_id=agent_id, instance_id="i", incarnation=incarnation, reason=reason,
                                       previous_token=previous if state.status == lc.S_ASSIGNED else None)
             rec = codec.Recorded("LEDGER", WRITE_SEQ, codec.subject_of(event), WRITE_SEQ, event)
-            for lookups in ((None, None, lambda a, seq: registered), (None, lambda a, seq: registered)):
+            def claimer(a: str, seq: int) -> lc.AgentState | None:
+                return registered if a == agent_id else None  # (an owner not registered may be replaced)
+
+            for lookups in ((None, None, claimer), (None, claimer)):
                 problem = lc.session_event_problem(state, rec, *lookups)
                 assert problem is not None and problem.kind == lc.FOREIGN_PLACEMENT
         return
@@ -418,10 +421,23 @@ async def test_an_agents_watch_keeps_a_session_a_live_agent_claims_by_naming_its
 
 
 def test_claims_for_made_up_agents_add_no_agent_history_to_read():
-    """Reading a session with a take-over reads the histories of the agents that may have owned it: claims for
-    agents never registered (cheap to forge, each flagged) must not make it read theirs."""
-    records = [claim_rec("a1", 1, None, seq=2), *(claim_rec(f"ghost{i}", 1, None, seq=3 + i) for i in range(50)),
-               claim_rec("a2", 60, 2, seq=70)]
-    registered = lc.registrations_lookup({"a1": [1], "a2": [60]})
-    assert lc.owners_judged(records, registered) == {"a1", "a2"}
-    assert lc.owners_judged(records[:-1], registered) == set()  # no take-over: nothing to read
+    """Reading a session reads a claimer's registrations only where its claim may apply, and a history only of the
+    owner a take-over would replace: 50 claims for agents never registered after a1's (cheap to forge, each
+    flagged overlapping) cost no read, and a2's take-over of live a1 reads a1's history, nothing of a2's."""
+    def registered(agent_id: str, seq: int) -> codec.Recorded:
+        event = ev.AgentRegistered(producer=ev.Producer(id=agent_id, instance="i"), agent_id=agent_id,
+                                   instance_id="i", pool="p")
+        return codec.Recorded("LEDGER", seq, codec.subject_of(event), seq, event)
+
+    agents = {"a1": [registered("a1", 1)], "a2": [registered("a2", 60)]}
+    created = ev.SessionCreated(producer=ev.Producer(id="cli", instance="c"), session_id=SID, pool="p")
+    records = [codec.Recorded("LEDGER", 2, codec.subject_of(created), 2, created), claim_rec("a1", 1, None, seq=3),
+               *(claim_rec(f"ghost{i}", 1, None, seq=4 + i) for i in range(50)), claim_rec("a2", 60, 3, seq=70)]
+    folded = lc.SessionFold(records)
+    asked = []
+    while (need := folded.advance()) is not None:
+        asked.append(need)
+        folded.learn(*need, agents.get(need[1], []))
+    assert asked == [(lc.REGISTRATIONS, "a1"), (lc.HISTORY, "a1")]
+    assert folded.state is not None and (folded.state.owner, folded.state.token) == ("a1", 3)
+    assert [a.kind for _, a in folded.anomalies] == [lc.OVERLAPPING_CLAIM] * 50 + [lc.LIVE_OWNER]

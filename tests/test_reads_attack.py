@@ -1,4 +1,4 @@
-"""Hostile tests of the code that READS the log to judge take-overs and duplicates: `lc.owners_judged` /
+"""Hostile tests of the code that READS the log to judge take-overs and duplicates: `lc.SessionFold` /
 `agent_at`, `Writer.session()`, the Agent's watch reading an owner's history, the appender's duplicate check and
 the monitor's per-reporter reports. A real nats-server WITHOUT auth: forgeries are appended raw, as a hostile
 client would (`authorized` gives them a producer that may write them). Waiting is bounded polling on a
@@ -82,12 +82,12 @@ def counting(store: EventStore) -> Iterator[dict[str, int]]:
         del store.history, store.read
 
 
-# --- (1) lifecycle: owners_judged / agent_at ------------------------------------------------------------
+# --- (1) lifecycle: SessionFold / agent_at -----------------------------------------------------------------
 
 
-def test_owners_judged_names_no_made_up_agent_nor_one_named_by_another_producer():
+def test_a_session_fold_reads_nothing_of_made_up_agents_nor_of_one_named_by_another_producer():
     """Take-over claims for 500 made-up agents, and claims for a real agent c written by mallory, must not widen
-    the set of agent histories a read fetches: only b, who really claimed."""
+    what a read of the session fetches: only b's registrations and history, who really claimed."""
     log = Log()
     recs = [log(_registered(a)) for a in ("b", "c")]
     inc = {"b": recs[0].seq, "c": recs[1].seq}
@@ -96,12 +96,15 @@ def test_owners_judged_names_no_made_up_agent_nor_one_named_by_another_producer(
     token = session[-1].seq
     session += [log(_claim(f"ghost{i}", "s1", 1, previous_token=token)) for i in range(500)]
     session.append(log(_claim("c", "s1", inc["c"], previous_token=token, producer="mallory")))
-    incarnation_at = lc.registrations_lookup({"b": [inc["b"]], "c": [inc["c"]]})
-    assert lc.owners_judged(session, incarnation_at) == {"b"}
-    # And the fold with the lookup keeps b: every take-over above is flagged.
-    agent_at = lc.agents_lookup({"b": [recs[0]]})
-    state, anomalies = lc.fold(lc.evolve_session, session, incarnation_at, agent_at)
-    assert state is not None and state.owner == "b" and state.token == token and len(anomalies) == 501
+    folded = lc.SessionFold(session)
+    asked = []
+    while (need := folded.advance()) is not None:
+        asked.append(need)
+        folded.learn(*need, [r for r in recs if r.event.entity_id == need[1]])
+    assert asked == [(lc.REGISTRATIONS, "b"), (lc.HISTORY, "b")]  # b's claim, then b's state at the take-overs
+    # And the fold keeps b: every take-over above is flagged.
+    state = folded.state
+    assert state is not None and state.owner == "b" and state.token == token and len(folded.anomalies) == 501
 
 
 def test_agent_at_ignores_a_forged_death_before_the_registration_and_unknown_agents():

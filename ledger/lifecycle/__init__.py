@@ -82,7 +82,6 @@ from .lookups import (
     as_registered,
     claims_lookup,
     fold,
-    owners_judged,
     registered_lookup,
     registrations_lookup,
 )
@@ -223,7 +222,6 @@ __all__ = [
     "as_registered",
     "claims_lookup",
     "fold",
-    "owners_judged",
     "registered_lookup",
     "registrations_lookup",
 ]

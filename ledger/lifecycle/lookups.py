@@ -33,25 +33,13 @@ def fold(evolve: Callable[..., Evolved[Any]], records: Iterable[Recorded],
 
 
 def agents_acting(records: Iterable[Recorded]) -> set[str]:
-    """The agents whose registrations a session history's fold needs: those it names as claimers or owners, in
-    events their producers may write (the fold flags any other before it looks at a registration)."""
+    """Every agent whose registrations a session history's fold may need: those it names as claimers or owners, in
+    events their producers may write (the fold flags any other before it looks at a registration). A superset of
+    what it does need: `SessionFold` reads only those."""
     return {e.agent_id for e in (r.event for r in records)
             if isinstance(e, (ev.SessionClaimed, ev.SessionReleased, ev.SessionResourceReported,
                               ev.SessionCheckpointed))
             and writer_problem(e) is None}
-
-
-def owners_judged(records: Iterable[Recorded], incarnation_at: IncarnationAt | None = None) -> set[str]:
-    """The agents whose states a session history's fold needs (`agent_at`): none without a take-over (a claim
-    naming a previous token); otherwise those that may have owned it - named by a claim their producer may write
-    and, with `incarnation_at`, by their incarnation current at the claim (the fold applies no other claim).
-    Claims for made-up agents, cheap to forge, must not make every read of the session read their histories."""
-    records = list(records)
-    if not any(isinstance(r.event, ev.SessionClaimed) and r.event.previous_token is not None for r in records):
-        return set()
-    return {e.agent_id for e, seq in ((r.event, r.seq) for r in records)
-            if isinstance(e, ev.SessionClaimed) and writer_problem(e) is None
-            and (incarnation_at is None or incarnation_at(e.agent_id, seq) == e.incarnation)}
 
 
 _EVER = 2**63 - 1
