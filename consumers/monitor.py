@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import defaultdict, deque
+from collections import OrderedDict, defaultdict, deque
 from datetime import UTC, datetime, timedelta
 
 import msgspec
@@ -48,6 +48,11 @@ from .follow import Follower, Item
 from .partition import EVERYTHING, Partition
 
 log = logging.getLogger(__name__)
+
+MAX_DEATHS = 1000
+"""Recent deaths kept per pool (the oldest go first), and deaths waiting for their pool to be read."""
+MAX_POOLS_KEPT = 10_000
+"""Registrations whose pool the monitor remembers (the oldest go first): a forgotten one is read if needed."""
 
 MAX_REPORTERS = 64
 """Reporters remembered per agent incarnation (the oldest go first); far above any `report_threshold`."""
@@ -82,6 +87,12 @@ class LivenessMonitor:
         self._reported: dict[str, int] = {}
         """agent -> the incarnation its kept reports are about (one key per agent in `_reports`)."""
         self._deaths: dict[str, deque[tuple[str, datetime]]] = defaultdict(deque)
+        """pool -> its recent deaths (agent, when): each filed under the pool of the incarnation that died."""
+        self._pools: OrderedDict[tuple[str, int], str] = OrderedDict()
+        """(agent, incarnation) -> the pool it registered in, for the registrations heard (also recalled ones): a
+        death recalled after a restart names an incarnation the state may have left for one in another pool."""
+        self._unfiled: list[tuple[str, int, datetime]] = []
+        """Deaths (agent, incarnation, when) of an incarnation whose pool is not known yet: read at the next check."""
         self._written: set[str] = set()
         self._flagged: set[tuple[str, int]] = set()
         """(agent, incarnation) of beats already reported as naming no registration."""
@@ -146,12 +157,40 @@ class LivenessMonitor:
                     del reports[next(iter(reports))]
                 self._due.set(e.agent_id, NOW)  # (a recalled report comes with no change)
                 self._quiet.pop(e.agent_id, None)
+            elif isinstance(e, ev.AgentRegistered) and lc.writer_problem(e) is None:
+                self._pools[(e.agent_id, item.seq)] = e.pool
+                self._pools.move_to_end((e.agent_id, item.seq))
+                while len(self._pools) > MAX_POOLS_KEPT:
+                    self._pools.popitem(last=False)
             elif isinstance(e, ev.AgentDeclaredDead) and e.agent_id in agents and lc.writer_problem(e) is None:
                 # (a death only the monitor may declare: one forged by another producer never trips a breaker)
-                deaths = self._deaths[agents[e.agent_id].pool]
-                deaths.append((e.agent_id, from_ns(item.timestamp_ns)))
-                while len(deaths) > 1000:
-                    deaths.popleft()
+                # It counts towards the pool of the incarnation that died - live, the agent's pool; recalled after
+                # a restart, the state may hold a later incarnation of it, registered in another pool.
+                agent, at = agents[e.agent_id], from_ns(item.timestamp_ns)
+                pool = agent.pool if agent.incarnation == e.incarnation else self._pools.get((e.agent_id,
+                                                                                            e.incarnation))
+                if pool is not None:
+                    self._file_death(pool, e.agent_id, at)
+                elif len(self._unfiled) < MAX_DEATHS:
+                    self._unfiled.append((e.agent_id, e.incarnation, at))
+
+    def _file_death(self, pool: str, agent_id: str, at: datetime) -> None:
+        deaths = self._deaths[pool]
+        deaths.append((agent_id, at))
+        while len(deaths) > MAX_DEATHS:
+            deaths.popleft()
+
+    async def _file_unfiled(self) -> None:
+        """File the deaths heard of incarnations whose pool was not heard: their agents' registrations say it (a
+        death naming no registration of its agent is flagged by every fold, and counts nowhere)."""
+        while self._unfiled:
+            agent_id, incarnation, at = self._unfiled[0]
+            registered = await self.ledger.store.registered(agent_id)
+            pool = next((r.event.pool for r in registered
+                         if r.seq == incarnation and isinstance(r.event, ev.AgentRegistered)), None)
+            if pool is not None:
+                self._file_death(pool, agent_id, at)
+            self._unfiled.pop(0)
 
     def _beat(self, agent_id: str) -> None:
         """A beat of an agent judged quiet leaves its deadline as it is: the deadline is when that quiet could
@@ -255,6 +294,7 @@ class LivenessMonitor:
         if state is not self._indexed or at < self._checked_at:
             self._index(state)  # a new state, a grace, or an earlier moment than the last check: judge everyone
         self._checked_at = at
+        await self._file_unfiled()  # before any breaker is judged on the deaths
         agents = state.ledger.agents
         due = self._due.pop_due(at)
         self.judged += len(due)

@@ -133,7 +133,8 @@ class Reclaimer(Reactor):
             self._able.pop(agent_id, None)
             self._healthy_until.discard(agent_id)
             return was is not None
-        able = ((a.pool, a.platform, a.region), decide.AgentRef(a.agent_id, a.instance_id, a.incarnation), a.capacity)
+        able = ((a.pool, a.platform, a.region), decide.AgentRef(a.agent_id, a.instance_id, a.incarnation,
+                                                           lc.placement_of(a)), a.capacity)
         self._able[agent_id] = able
         until = rules.eligible_until(a, beat, self.policy).timestamp()
         self._healthy_until.set(agent_id, max(until, now.timestamp() + self.tick))

@@ -31,11 +31,12 @@ hide itself by being applied twice. The rules are the invariants of the brief
   an incarnation that is no registration of the agent at all is a violation
   at once;
 * claim_for_unavailable_agent - a claim for an agent that is not registered,
-  not in the session's pool, or drained at that point, or that is dead, gone
-  or fenced since more than `grace` before the claim was stored (a reclaimer
-  whose view is an event behind writes such a claim a moment after the
-  status, and its next step orphans the session: counted, not a violation;
-  one never repaired is stranded);
+  not in the session's pool, platform and region (not applied: every fold
+  flags it), or drained at that point, or that is dead, gone or fenced
+  since more than `grace` before the claim was stored (a reclaimer whose
+  view is an event behind writes such a claim a moment after the status,
+  and its next step orphans the session: counted, not a violation; one
+  never repaired is stranded);
 * stranded - a session still assigned, at the end of the history ("now"), to
   an owner that was lost (declared dead, gone, fenced, superseded, or silent:
   no beat of its incarnation for its ttl) longer than ttl + grace before;
@@ -194,6 +195,8 @@ class Report(msgspec.Struct, kw_only=True):
 class _Incarnation(msgspec.Struct, kw_only=True):
     seq: int
     pool: str
+    placement: str = ""
+    """Where it registered: pool/platform/region."""
     ttl: float
     registered_ns: int
     status: str = "alive"
@@ -203,6 +206,8 @@ class _Incarnation(msgspec.Struct, kw_only=True):
 
 class _Session(msgspec.Struct, kw_only=True):
     pool: str
+    placement: str = ""
+    """Where it must be served: pool/platform/region."""
     created_seq: int
     status: str = "pending"
     owner: str | None = None
@@ -228,6 +233,11 @@ class _Breaker(msgspec.Struct, kw_only=True):
     open: bool = False
     since_ns: int = 0
     seq: int = 0
+
+
+def _placement(d: dict[str, Any]) -> str:
+    """pool/platform/region of a registration or a session's creation (platform and region default so)."""
+    return "/".join((_str(d, "pool") or "", _str(d, "platform") or "default", _str(d, "region") or "default"))
 
 
 def _str(d: dict[str, Any], key: str) -> str | None:
@@ -348,8 +358,8 @@ class Checker:
             return
         if tag == "agent.registered":
             self.agents.setdefault(agent_id, []).append(_Incarnation(
-                seq=m.seq, pool=_str(e, "pool") or "", ttl=_num(e, "ttl", DEFAULT_TTL), registered_ns=m.stored_ns,
-                status_seq=m.seq, status_ns=m.stored_ns))
+                seq=m.seq, pool=_str(e, "pool") or "", placement=_placement(e), ttl=_num(e, "ttl", DEFAULT_TTL),
+                registered_ns=m.stored_ns, status_seq=m.seq, status_ns=m.stored_ns))
             return
         cur = self.current(agent_id)
         # Events of an older incarnation change nothing (the folds flag them; they are not violations).
@@ -417,7 +427,8 @@ class Checker:
                 self._flag(ILLEGAL_TRANSITION, f"session {sid} created again (first at #{s.created_seq})",
                            s.created_seq)
             else:
-                self.sessions[sid] = _Session(pool=_str(e, "pool") or "", created_seq=m.seq)
+                self.sessions[sid] = _Session(pool=_str(e, "pool") or "", placement=_placement(e),
+                                              created_seq=m.seq)
             return
         if s is None:
             self._flag(ILLEGAL_TRANSITION, f"{tag} for session {sid}, which was never created")
@@ -482,10 +493,12 @@ class Checker:
         assert cur is not None
         # A claim for an agent that cannot run it still lands (the compare-and-set guards the session only):
         # it is flagged, and the session is taken as owned, as every reader of the log takes it.
-        if cur.pool != s.pool:
-            self._flag(CLAIM_FOR_UNAVAILABLE_AGENT, f"claim for {agent_id} of pool {cur.pool!r}; the session is in "
-                                                    f"{s.pool!r}", cur.seq)
-        elif cur.status in ("dead", "gone", "fenced") and m.stored_ns - cur.status_ns <= int(self.grace * 1e9):
+        if cur.placement != s.placement:
+            # Every fold flags it (and the SDK never writes one): not applied, so the session stays as it was.
+            self._flag(CLAIM_FOR_UNAVAILABLE_AGENT, f"claim for {agent_id} of {cur.placement!r}; the session is in "
+                                                    f"{s.placement!r}", cur.seq)
+            return
+        if cur.status in ("dead", "gone", "fenced") and m.stored_ns - cur.status_ns <= int(self.grace * 1e9):
             # A claimer one event behind the monitor (or the agent's goodbye or fence): the next reclaimer step
             # orphans it, and the stranded rule catches one that is never repaired.
             self._count(CLAIM_FOR_UNAVAILABLE_AGENT)

@@ -23,6 +23,9 @@ class AgentRef(msgspec.Struct, frozen=True):
     agent_id: str
     instance_id: str
     incarnation: int
+    placement: tuple[str, str, str] | None = None
+    """Where this incarnation registered (pool, platform, region): a claim is only for an agent of the session's
+    own (`lifecycle.claim_problem`). None: the caller cannot tell, and vouches."""
 
 
 def decide_claim(state: lc.SessionState | None, session_id: str, who: AgentRef, *, producer: ev.Producer,
@@ -36,6 +39,7 @@ def decide_claim(state: lc.SessionState | None, session_id: str, who: AgentRef, 
     deliberate take-over (failover from a dead owner, drain hand-off) - and only
     while its owner may be replaced (`lifecycle.owner_replaceable`, judged on
     `owner`, the owner agent's current state; left out, the caller vouches).
+    Only for an agent of the session's pool, platform and region (`who.placement`).
     """
     if reason not in lc.CLAIM_REASONS:
         raise InvalidInput(f"claim reason must be one of {', '.join(lc.CLAIM_REASONS)}, got {reason!r}")
@@ -48,10 +52,11 @@ def decide_claim(state: lc.SessionState | None, session_id: str, who: AgentRef, 
     if state.status != lc.S_ASSIGNED:
         previous_token = None
     # The fold's own rule (the caller vouches for `who` being its agent's current incarnation).
-    problem = lc.claim_problem(state, who.agent_id, who.incarnation, previous_token, owner=owner)
+    problem = lc.claim_problem(state, who.agent_id, who.incarnation, previous_token, owner=owner,
+                               placement=who.placement)
     if problem is not None and problem.kind == lc.AFTER_FINAL:
         raise NotClaimable(f"session {session_id} is terminated")
-    if problem is not None and problem.kind == lc.LIVE_OWNER:
+    if problem is not None and problem.kind in (lc.LIVE_OWNER, lc.FOREIGN_PLACEMENT):
         raise NotClaimable(f"session {session_id}: {problem.detail}")
     if problem is not None:
         raise NotClaimable(

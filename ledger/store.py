@@ -335,15 +335,20 @@ class EventStore:
 
     # --- registrations: which incarnation of an agent an event belongs to -------------
 
+    async def registered(self, agent_id: str, *, min_last_seq: int | None = None) -> list[Recorded]:
+        """Every registration of `agent_id` the folds take (its own producer token: its own subject), oldest
+        first: its incarnations, and where each registered (pool, platform, region)."""
+        check_token(agent_id, "agent id")
+        items = await self.read(subjects.event_subject("agent", agent_id, "registered", agent_id),
+                                min_last_seq=min_last_seq)
+        return [i for i in items if isinstance(i, Recorded)]
+
     async def registrations(self, agent_id: str, *, min_last_seq: int | None = None) -> list[int]:
         """Stream sequences of every registration of `agent_id` (its incarnations), oldest first.
 
         Only those the agent wrote itself (its id as producer token): the folds flag any other.
         """
-        check_token(agent_id, "agent id")
-        items = await self.read(subjects.event_subject("agent", agent_id, "registered", agent_id),
-                                min_last_seq=min_last_seq)
-        return [i.seq for i in items if isinstance(i, Recorded)]
+        return [r.seq for r in await self.registered(agent_id, min_last_seq=min_last_seq)]
 
     async def incarnations(self, records: Iterable[Recorded], *,
                            min_last_seq: int | None = None) -> lifecycle.IncarnationAt:
@@ -352,16 +357,29 @@ class EventStore:
         return lifecycle.registrations_lookup({a: await self.registrations(a, min_last_seq=min_last_seq)
                                                for a in sorted(acting)})
 
+    async def session_fold(self, records: list[Recorded], *,
+                           min_last_seq: int | None = None) -> lifecycle.SessionFold:
+        """A session history folded with the lookups the whole-log fold has at each event, reading an agent's
+        registrations or history only when the fold asks for them (`lifecycle.SessionFold`): claims for made-up
+        agents, or take-overs the fold flags whatever their claimer, cost no read. `min_last_seq`: at least the
+        history's last event - a replica lagging behind the one that served the history would miss an agent's
+        death before a take-over."""
+        folded = lifecycle.SessionFold(records)
+        while (need := folded.advance()) is not None:
+            what, agent_id = need
+            if what == lifecycle.REGISTRATIONS:
+                read = await self.registered(agent_id, min_last_seq=min_last_seq)
+            else:
+                read = [i for i in await self.history("agent", agent_id, min_last_seq=min_last_seq)
+                        if isinstance(i, Recorded)]
+            folded.learn(what, agent_id, read)
+        return folded
+
     async def session_lookups(self, records: list[Recorded], *, min_last_seq: int | None = None,
-                              ) -> tuple[lifecycle.IncarnationAt, lifecycle.AgentAt]:
-        """The lookups a session history's fold takes, as the whole-log fold has them at each event: the
-        registrations of the agents it names, and the histories of those a take-over in it may replace (none
-        read when it holds no take-over). `min_last_seq`: at least the history's last event - a replica lagging
-        behind the one that served the history would miss an agent's death before a take-over."""
-        incarnation_at = await self.incarnations(records, min_last_seq=min_last_seq)
-        histories = {a: [i for i in await self.history("agent", a, min_last_seq=min_last_seq)
-                         if isinstance(i, Recorded)] for a in sorted(lifecycle.owners_judged(records, incarnation_at))}
-        return incarnation_at, lifecycle.agents_lookup(histories)
+                              ) -> tuple[lifecycle.IncarnationAt, lifecycle.AgentAt, lifecycle.RegisteredAt]:
+        """The lookups a session history's fold takes (incarnation_at, agent_at, registered_at), as the whole-log
+        fold has them at each event: read as `session_fold` reads them, for folding these records again."""
+        return (await self.session_fold(records, min_last_seq=min_last_seq)).lookups()
 
     # --- dead letters -------------------------------------------------------------
 

@@ -22,6 +22,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
+import msgspec
+
 from . import authority, codec, decide, subjects
 from . import events as ev
 from . import lifecycle as lc
@@ -98,8 +100,8 @@ class Writer:
         """
         return await self.store.registrations(agent_id, min_last_seq=min_last_seq)
 
-    async def _session_lookups(self, records: list[Recorded],
-                               min_last_seq: int | None) -> tuple[lc.IncarnationAt, lc.AgentAt]:
+    async def _session_lookups(self, records: list[Recorded], min_last_seq: int | None
+                               ) -> tuple[lc.IncarnationAt, lc.AgentAt, lc.RegisteredAt]:
         return await self.store.session_lookups(records, min_last_seq=min_last_seq)
 
     async def session(self, session_id: str, *, min_last_seq: int | None = None
@@ -107,9 +109,8 @@ class Writer:
         """(current state, last sequence of its history); state None if it was never created."""
         items = await self.store.history("session", session_id, min_last_seq=min_last_seq)
         records = [i for i in items if isinstance(i, Recorded)]
-        lookups = await self._session_lookups(records, _floor(items, min_last_seq))
-        state, _ = lc.fold(lc.evolve_session, records, *lookups)
-        return state, items[-1].seq if items else 0
+        folded = await self.store.session_fold(records, min_last_seq=_floor(items, min_last_seq))
+        return folded.state, items[-1].seq if items else 0
 
     async def route(self, route_id: str, *, min_last_seq: int | None = None) -> tuple[lc.RouteState | None, int]:
         items = await self.store.history("route", route_id, min_last_seq=min_last_seq)
@@ -199,7 +200,15 @@ class Writer:
 
     async def claim_session(self, session_id: str, who: decide.AgentRef, *, reason: str = "initial",
                             previous_token: int | None = None, causation_id: str | None = None) -> int:
-        """Claim a session for `who` (also on its behalf, as a reclaimer does); returns the claim token."""
+        """Claim a session for `who` (also on its behalf, as a reclaimer does); returns the claim token.
+
+        Without `who.placement`, where its incarnation registered is read first: a claim for an agent of another
+        pool, platform or region is refused, as every fold flags it."""
+        if who.placement is None:
+            registered = next((r for r in lc.as_registered(await self.store.registered(who.agent_id))
+                               if r.incarnation == who.incarnation), None)
+            if registered is not None:
+                who = msgspec.structs.replace(who, placement=lc.placement_of(registered))
         seq, _ = await self.cas(
             lambda m: self.session_for_claim(session_id, min_last_seq=m),
             lambda read: decide.decide_claim(read[0], session_id, who, producer=self.producer, reason=reason,

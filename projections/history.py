@@ -21,6 +21,7 @@ from ledger.codec import Recorded, Unreadable, to_ns
 from ledger.lifecycle import (
     AgentAt,
     IncarnationAt,
+    RegisteredAt,
     SessionState,
     claims_lookup,
     evolve_agent,
@@ -101,7 +102,7 @@ def entry(item: Recorded | Unreadable, before: Any, after: Any, flag: Any) -> Hi
     )
 
 
-async def _lookups(store: EventStore, records: list[Recorded]) -> tuple[IncarnationAt, AgentAt]:
+async def _lookups(store: EventStore, records: list[Recorded]) -> tuple[IncarnationAt, AgentAt, RegisteredAt]:
     """A session history's lookups (the SDK's own: `EventStore.session_lookups`), read from a replica that has the
     whole session history."""
     return await store.session_lookups(records, min_last_seq=records[-1].seq if records else None)

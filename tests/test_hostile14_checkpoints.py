@@ -182,11 +182,6 @@ async def test_a_checkpoint_is_stored_once_in_the_projection_not_once_per_later_
     assert versions < 3 * logged, (versions, logged)  # the log's own bytes, a small factor more at most
 
 
-@pytest.mark.xfail(strict=True, reason="neither decide nor the fold checks that a claimer is in the session's pool "
-                   "(claim_problem knows the claimer's incarnation, not its pool), so an agent of another pool may "
-                   "claim a session and checkpoint it, and the pool's next owner resumes from a stranger's progress. "
-                   "Fix: claim_problem judges the claimer's registration (pool/platform/region) as it judges its "
-                   "incarnation - a rule change for claims, not checkpoints")
 async def test_an_agent_of_another_pool_may_not_own_nor_checkpoint_a_session(ledger: Writer, uid: str):
     from ledger.errors import LedgerError
 

@@ -100,18 +100,60 @@ def test_the_incarnation_that_counts_is_the_one_that_claimed():
     assert refusal(held, zombie, 5, lambda a: 1) is None
 
 
+PLACEMENTS = (("p", "default", "default"), ("q", "default", "default"), ("p", "gpu", "default"),
+              ("p", "default", "eu"))
+
+
+def registered_as(agent_id: str, incarnation: int, placement: tuple[str, str, str]) -> lc.AgentState:
+    pool, platform, region = placement
+    rec = codec.Recorded("LEDGER", incarnation, f"ledger.agent.{agent_id}.registered.{agent_id}", incarnation,
+                         ev.AgentRegistered(producer=ev.Producer(id=agent_id, instance="i"), agent_id=agent_id,
+                                            instance_id="i", pool=pool, platform=platform, region=region))
+    state, problem = lc.evolve_agent(None, rec)
+    assert problem is None and state is not None
+    return state
+
+
 @given(state=states, agent_id=st.sampled_from((*AGENTS, "ghost")), incarnation=st.sampled_from((1, 2, 3)),
-       previous=st.sampled_from((5, 6, None)), reason=st.sampled_from(("initial", "failover")))
+       previous=st.sampled_from((5, 6, None)), reason=st.sampled_from(("initial", "failover")),
+       placement=st.sampled_from(PLACEMENTS), told=st.booleans())
 def test_every_claim_decide_claim_produces_is_one_the_fold_applies(
-        state: lc.SessionState | None, agent_id: str, incarnation: int, previous: int | None, reason: str):
-    who = decide.AgentRef(agent_id, "i", incarnation)
+        state: lc.SessionState | None, agent_id: str, incarnation: int, previous: int | None, reason: str,
+        placement: tuple[str, str, str], told: bool):
+    """Also where the claimer registered: a claim decide lets through for an agent of another pool, platform or
+    region than the session's never happens when it is told (`AgentRef.placement`), and the fold flags exactly
+    those (foreign_placement), judged on the claimer's registration (`registered_at`) or, in the whole-log fold,
+    its agent state (`agent_at`)."""
+    who = decide.AgentRef(agent_id, "i", incarnation, placement if told else None)
+    registered = registered_as(agent_id, incarnation, placement)
+    foreign = state is not None and placement != lc.placement_of(state)
     try:
         event = decide.decide_claim(state, SID, who, producer=ev.Producer(id=agent_id, instance="i"),
                                     reason=reason, previous_token=previous)
+    except NotClaimable as refused:
+        if told and foreign and "pool/platform/region" in str(refused):
+            # Refused for its placement alone: the fold flags the same claim for it, on either lookup.
+            assert state is not None
+            event = ev.SessionClaimed(producer=ev.Producer(id=agent_id, instance="i"), session_id=SID,
+                                      agent_id=agent_id, instance_id="i", incarnation=incarnation, reason=reason,
+                                      previous_token=previous if state.status == lc.S_ASSIGNED else None)
+            rec = codec.Recorded("LEDGER", WRITE_SEQ, codec.subject_of(event), WRITE_SEQ, event)
+            def claimer(a: str, seq: int) -> lc.AgentState | None:
+                return registered if a == agent_id else None  # (an owner not registered may be replaced)
+
+            for lookups in ((None, None, claimer), (None, claimer)):
+                problem = lc.session_event_problem(state, rec, *lookups)
+                assert problem is not None and problem.kind == lc.FOREIGN_PLACEMENT
+        return
     except LedgerError:
         return
+    assert not (told and foreign)
     rec = codec.Recorded("LEDGER", WRITE_SEQ, codec.subject_of(event), WRITE_SEQ, event)
     assert lc.session_event_problem(state, rec, lambda a, seq: incarnation if a == agent_id else None) is None
+    problem = lc.session_event_problem(state, rec, lambda a, seq: incarnation if a == agent_id else None, None,
+                                       lambda a, seq: registered if a == agent_id else None)
+    assert (problem is not None) == foreign
+    assert problem is None or problem.kind == lc.FOREIGN_PLACEMENT
     after, _ = lc.evolve_session(state, rec)
     assert lc.owns(after, agent_id, incarnation)
 
@@ -269,26 +311,35 @@ def test_every_take_over_the_reclaimers_rules_plan_is_one_the_fold_applies(
 
 @given(items=histories())
 def test_one_sessions_history_folded_with_its_agents_histories_agrees_with_the_whole_log(items: list):
-    """`Writer.session` folds one session's history with lookups built from the histories of the agents it names
-    (registrations; the states of those a take-over may replace, `owners_judged`): the same states and the same
-    flagged events as the whole-log fold, whose agent states are current as of each event."""
+    """`Writer.session` folds one session's history with `lc.SessionFold`, reading an agent's registrations or
+    history only when the fold asks: the same state and the same flagged events (and kinds) as the whole-log fold,
+    whose agent states are current as of each event - and it asks nothing twice, reads the history only of agents
+    that owned the session (claimers of applied claims), and the registrations only of agents named by events
+    their producer may write."""
     whole = LedgerState()
-    flagged: dict[str, set[int]] = {}
+    flagged: dict[str, set[tuple[int, str]]] = {}
     for change in whole.apply_all(items):
         if change.kind == "session" and change.anomaly is not None:
-            flagged.setdefault(change.id, set()).add(change.anomaly.seq)
+            flagged.setdefault(change.id, set()).add((change.anomaly.seq, change.anomaly.kind))
     ledger = [r for r in items if isinstance(r, codec.Recorded) and r.stream == "LEDGER"]
     for sid in {r.event.entity_id for r in ledger if r.event.family == "session"}:
         records = [r for r in ledger if r.event.family == "session" and r.event.entity_id == sid]
-        acting = lc.agents_acting(records)
-        registrations = {a: [r.seq for r in ledger if isinstance(r.event, ev.AgentRegistered)
-                             and r.event.agent_id == a and r.event.producer.id == a] for a in acting}
-        incarnation_at = lc.registrations_lookup(registrations)
-        histories_of = {a: [r for r in ledger if r.event.family == "agent" and r.event.entity_id == a]
-                        for a in lc.owners_judged(records, incarnation_at)}
-        state, anomalies = lc.fold(lc.evolve_session, records, incarnation_at, lc.agents_lookup(histories_of))
-        assert state == whole.sessions.get(sid)
-        assert {seq for seq, _ in anomalies} == flagged.get(sid, set())
+        folded = lc.SessionFold(records)
+        asked: list[tuple[str, str]] = []
+        while (need := folded.advance()) is not None:
+            asked.append(need)
+            what, agent = need
+            history = [r for r in ledger if r.event.family == "agent" and r.event.entity_id == agent]
+            folded.learn(what, agent, history if what == lc.HISTORY
+                         else [r for r in history if isinstance(r.event, ev.AgentRegistered)])
+        assert folded.state == whole.sessions.get(sid)
+        assert {(seq, a.kind) for seq, a in folded.anomalies} == flagged.get(sid, set())
+        assert len(asked) == len(set(asked))
+        refused = {seq for seq, _ in folded.anomalies}
+        owners = {r.event.agent_id for r in records if isinstance(r.event, ev.SessionClaimed) and r.seq not in refused}
+        assert {a for what, a in asked if what == lc.HISTORY} <= owners
+        named = {getattr(r.event, "agent_id", None) for r in records if lc.writer_problem(r.event) is None}
+        assert {a for what, a in asked if what == lc.REGISTRATIONS} <= named
 
 
 def test_the_checker_counts_a_take_over_of_a_live_owner_as_flagged_and_keeps_the_session_with_it():
@@ -370,13 +421,26 @@ async def test_an_agents_watch_keeps_a_session_a_live_agent_claims_by_naming_its
 
 
 def test_claims_for_made_up_agents_add_no_agent_history_to_read():
-    """Reading a session with a take-over reads the histories of the agents that may have owned it: claims for
-    agents never registered (cheap to forge, each flagged) must not make it read theirs."""
-    records = [claim_rec("a1", 1, None, seq=2), *(claim_rec(f"ghost{i}", 1, None, seq=3 + i) for i in range(50)),
-               claim_rec("a2", 60, 2, seq=70)]
-    registered = lc.registrations_lookup({"a1": [1], "a2": [60]})
-    assert lc.owners_judged(records, registered) == {"a1", "a2"}
-    assert lc.owners_judged(records[:-1], registered) == set()  # no take-over: nothing to read
+    """Reading a session reads a claimer's registrations only where its claim may apply, and a history only of the
+    owner a take-over would replace: 50 claims for agents never registered after a1's (cheap to forge, each
+    flagged overlapping) cost no read, and a2's take-over of live a1 reads a1's history, nothing of a2's."""
+    def registered(agent_id: str, seq: int) -> codec.Recorded:
+        event = ev.AgentRegistered(producer=ev.Producer(id=agent_id, instance="i"), agent_id=agent_id,
+                                   instance_id="i", pool="p")
+        return codec.Recorded("LEDGER", seq, codec.subject_of(event), seq, event)
+
+    agents = {"a1": [registered("a1", 1)], "a2": [registered("a2", 60)]}
+    created = ev.SessionCreated(producer=ev.Producer(id="cli", instance="c"), session_id=SID, pool="p")
+    records = [codec.Recorded("LEDGER", 2, codec.subject_of(created), 2, created), claim_rec("a1", 1, None, seq=3),
+               *(claim_rec(f"ghost{i}", 1, None, seq=4 + i) for i in range(50)), claim_rec("a2", 60, 3, seq=70)]
+    folded = lc.SessionFold(records)
+    asked = []
+    while (need := folded.advance()) is not None:
+        asked.append(need)
+        folded.learn(*need, agents.get(need[1], []))
+    assert asked == [(lc.REGISTRATIONS, "a1"), (lc.HISTORY, "a1")]
+    assert folded.state is not None and (folded.state.owner, folded.state.token) == ("a1", 3)
+    assert [a.kind for _, a in folded.anomalies] == [lc.OVERLAPPING_CLAIM] * 50 + [lc.LIVE_OWNER]
 
 
 def test_a_refused_write_under_the_current_token_by_a_newer_incarnation_says_so() -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import cast
 
 import fleet
+import msgspec
 import pytest
 from conftest import RunningNats
 from helpers import authorized, eventually
@@ -480,12 +481,6 @@ def deaths_by_pool(monitor: LivenessMonitor) -> dict[str, list[str]]:
     return {pool: [agent for agent, _ in deaths] for pool, deaths in monitor._deaths.items() if deaths}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the recall re-tells a death with the state as of the resume point: LivenessMonitor._heard files it under the "
-    "pool the agent is registered in NOW, so a death in pool A of an agent that re-registered in pool B counts "
-    "towards B's breaker after a restart (live it counted towards A). Fix: remember each incarnation's pool (the "
-    "fold's AgentState keeps only the current one) or have the recall tell deaths with the pool of their time, "
-    "e.g. from the agent's history up to the death's sequence"))
 async def test_a_death_recalled_after_a_restart_counts_towards_the_pool_it_happened_in(
         server: EmbeddedServer, tmp_path: Path):
     s = up_settings(server, tmp_path, liveness=LivenessSettings(grace=0))
@@ -508,3 +503,33 @@ async def test_a_death_recalled_after_a_restart_counts_towards_the_pool_it_happe
         async with running_stack(s, lambda line: None) as stack:  # restarted within the breaker window
             await stack.follower.caught_up.wait()  # the recall is told before it
             assert deaths_by_pool(cast(LivenessMonitor, stack.consumers.parts["monitor"])) == heard_live
+
+
+async def test_a_recalled_death_whose_registration_was_not_recalled_is_filed_under_the_pool_it_registered_in(
+        store: EventStore, uid: str):
+    """The recall tells only what was stored within its window: a death of an incarnation registered before it,
+    heard with a state that holds a later registration in another pool, is filed (before the next check judges
+    any breaker) under the pool its own registration names, read from the log. A death naming no registration
+    of its agent (every fold flags it) counts towards no pool."""
+    from consumers.follow import Follower
+
+    a1 = f"{uid}-a1"
+
+    def registration(pool: str) -> ev.AgentRegistered:
+        return ev.AgentRegistered(producer=ev.Producer(id=a1, instance="i"), agent_id=a1, instance_id=f"i-{pool}",
+                                  pool=pool, ttl=30)
+
+    first = await store.append(registration(f"{uid}-pool-a"))
+    death = ev.AgentDeclaredDead(producer=ev.Producer(id="monitor", instance="m"), agent_id=a1, incarnation=first,
+                                 reason="missed_heartbeats")
+    died = await store.append(death)
+    second = await store.append(registration(f"{uid}-pool-b"))
+    forged = await store.append(msgspec.structs.replace(death, incarnation=second + 1000, event_id=f"{uid}-x"))
+    items = {r.seq: r for r in await store.history("agent", a1) if isinstance(r, Recorded)}
+    follower = Follower(store, heartbeats=False)
+    follower.state.apply_all([items[first], items[died], items[second]])  # the state the restart resumes from
+    monitor = LivenessMonitor(Writer(store, ev.Producer(id="monitor", instance="m")), follower)
+    monitor._heard(LEDGER_STREAM, [items[died], items[forged]], [])  # recalled: no registration of its time
+    assert deaths_by_pool(monitor) == {}  # not under pool-b, where a1 is registered now
+    await monitor.check(ev.utcnow())
+    assert deaths_by_pool(monitor) == {f"{uid}-pool-a": [a1]}

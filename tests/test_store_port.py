@@ -91,8 +91,10 @@ def test_the_scan_sees_each_way_past_the_store(tmp_path: Path) -> None:
         "probe.py:9 uses .nc", "probe.py:10 uses .nc", "probe.py:10 uses ._server_info"])
 
 
-LOOKUP_BUILDERS = {"registrations_lookup", "agents_acting", "agents_lookup", "owners_judged"}
-"""What the session lookups are built from: above the store only `EventStore.session_lookups` / `incarnations` do."""
+LOOKUP_BUILDERS = {"registrations_lookup", "registered_lookup", "agents_acting", "agents_lookup", "SessionFold",
+                   "AgentTimeline"}
+"""What the session lookups are built from: above the store only `EventStore.session_fold` / `session_lookups` /
+`incarnations` do."""
 
 
 def test_the_session_lookups_are_built_in_one_place() -> None:

@@ -93,7 +93,8 @@ class Agent:
 
     @property
     def ref(self) -> decide.AgentRef:
-        return decide.AgentRef(self.agent_id, self.instance_id, self.incarnation)
+        return decide.AgentRef(self.agent_id, self.instance_id, self.incarnation,
+                               (self.pool, self.platform, self.region))
 
     @property
     def load(self) -> int:
@@ -186,11 +187,11 @@ class Agent:
             # landed later, which every fold takes as the current one: never move back to an older incarnation.
             return
         self.incarnation = incarnation
-        self.watch.registrations.note(incarnation, self.agent_id)
         # Our own lifecycle from here, as the fold sees it (from an acknowledgement, the stored time is ours until
         # the watch brings the registration).
         rec = Recorded(subjects.LEDGER_STREAM, incarnation, codec.subject_of(registration),
                        stored_ns or time.time_ns(), registration)
+        self.watch.registrations.note(rec)
         self.watch.self_state, _ = lc.evolve_agent(None, rec)
         self.lease.renewed_at(started)
         self.fenced = None

@@ -8,6 +8,7 @@ import asyncio
 import bisect
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -35,36 +36,63 @@ def outcome_seen(future: asyncio.Future[int]) -> None:
         future.exception()
 
 
+MAX_KNOWN_AGENTS = 1024
+"""Agents whose registrations the watch keeps (besides its own): the oldest learnt is let go first, and read again
+if a judged event needs it again. Forged claims for made-up agents never reach it (the rule asks a claimer's
+registrations only for a claim that may apply), yet nothing a client writes may grow the watch for ever."""
+
+
 class KnownRegistrations:
-    """Registrations (ascending) of each agent a judged session named: read once per agent, then kept current
-    by the watch, which follows every registration. Reading them per judged event let a session full of forged
-    claimers cost a read per claimer, each time."""
+    """Registrations (ascending, as registered: `lifecycle.as_registered`) of each agent a judged session event
+    needed: read once per agent, then kept current by the watch, which follows every registration. Reading them
+    per judged event let a session full of forged claimers cost a read per claimer, each time. At most
+    MAX_KNOWN_AGENTS of them besides our own."""
 
-    def __init__(self, ledger: Writer) -> None:
+    def __init__(self, ledger: Writer, own: str) -> None:
         self._ledger = ledger
-        self.known: dict[str, list[int]] = {}
+        self._own = own
+        self.table: OrderedDict[str, list[lc.AgentState]] = OrderedDict()
+        """agent id -> its registrations as registered: what a `lifecycle.SessionFold` judging for the watch reads
+        (and learns into)."""
 
-    def note(self, seq: int, agent_id: str) -> None:
-        seqs = self.known.get(agent_id)
-        if seqs is None:
+    @property
+    def known(self) -> dict[str, list[int]]:
+        """agent id -> the sequences of its registrations (its incarnations)."""
+        return {a: [r.incarnation for r in regs] for a, regs in self.table.items()}
+
+    def note(self, rec: Recorded) -> None:
+        """A registration the watch (or our own append) saw land: kept if its agent is known."""
+        regs = self.table.get(rec.event.entity_id)
+        if regs is None:
             return  # not known yet: read whole when first needed (a partial list would mislead the lookup)
-        i = bisect.bisect_left(seqs, seq)
-        if i == len(seqs) or seqs[i] != seq:
-            seqs.insert(i, seq)
+        for registered in lc.as_registered([rec]):
+            seqs = [r.incarnation for r in regs]
+            i = bisect.bisect_left(seqs, registered.incarnation)
+            if i == len(seqs) or seqs[i] != registered.incarnation:
+                regs.insert(i, registered)
 
     def newest(self, agent_id: str) -> int | None:
-        seqs = self.known.get(agent_id)
-        return seqs[-1] if seqs else None
+        regs = self.table.get(agent_id)
+        return regs[-1].incarnation if regs else None
 
     async def learn(self, agents: Iterable[str], floor: int) -> None:
         """Read, once per agent, its registrations up to (at least) `floor`; the watch delivers later ones."""
-        missing = sorted({a for a in agents if a not in self.known})
+        missing = sorted({a for a in agents if a not in self.table})
         for i in range(0, len(missing), PREFETCH_CONCURRENCY):
             chunk = missing[i:i + PREFETCH_CONCURRENCY]
-            found = await asyncio.gather(*(self._ledger.registrations(a, min_last_seq=floor) for a in chunk))
-            for agent_id, seqs in zip(chunk, found, strict=False):
-                if agent_id not in self.known:
-                    self.known[agent_id] = sorted(seqs)
+            found = await asyncio.gather(*(self._ledger.store.registered(a, min_last_seq=floor) for a in chunk))
+            for agent_id, records in zip(chunk, found, strict=False):
+                if agent_id not in self.table:
+                    self.table[agent_id] = lc.as_registered(records)
+        self.trim()
+
+    def trim(self) -> None:
+        while len(self.table) > MAX_KNOWN_AGENTS + 1:
+            oldest = next(iter(self.table))
+            if oldest == self._own:
+                self.table.move_to_end(oldest)  # ours is never let go: re-registering expects its newest
+                continue
+            del self.table[oldest]
 
     def lookup(self) -> lc.IncarnationAt:
         return lc.registrations_lookup(self.known)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 _REGISTRATIONS = subjects.type_filter("agent", "registered")
 _AGENT_VERBS = sorted({cls.verb() for cls in ev.EVENT_TYPES if cls.family == "agent"} - {"registered"})
 """Our own agent's events other than registrations, which the watch follows for every agent."""
+MAX_TIMELINES = 256
+"""Agent histories the watch keeps folded for judging take-overs (see Watch.timelines)."""
 JUDGE_ATTEMPTS = 5
 """Times the watch re-judges one session event when our own writes to that session land while it reads."""
 _MISSING = object()
@@ -39,16 +42,18 @@ _MISSING = object()
 class Watch:
     def __init__(self, agent: Agent) -> None:
         self._agent = agent
-        self.registrations = KnownRegistrations(agent.ledger)
+        self.registrations = KnownRegistrations(agent.ledger, agent.agent_id)
         self.self_state: lc.AgentState | None = None
         """Our current incarnation's lifecycle as the fold sees it (from the watch, starting at our registration)."""
         self._batch_end = 0
         """Last sequence of the batch the watch is judging."""
         self._prefetched: dict[tuple[str, int], lc.SessionState | None] = {}
         """(session, sequence) -> the session's state just before that sequence, read ahead for one batch."""
-        self._agents_read: dict[str, tuple[int, lc.AgentAt]] = {}
-        """agent id -> (the floor its history was read at, agent_at from it), for judging take-overs: read once
-        per watch batch (a reclaimer hands over a lost agent's sessions hundreds at a time)."""
+        self.timelines: OrderedDict[str, lc.AgentTimeline] = OrderedDict()
+        """agent id -> its history folded so far, for judging take-overs (the owner's state as of the claim): read
+        once, then only what follows what was read (an owner's history may be long - anyone may report it
+        unreachable - and a take-over claim is cheap to write). At most MAX_TIMELINES, the least recently used let
+        go first."""
 
     async def run(self) -> None:
         a = self._agent
@@ -77,7 +82,7 @@ class Watch:
                         for item in batch:  # first: a claim is judged on the registrations stored before it
                             if isinstance(item, Recorded) and isinstance(item.event, ev.AgentRegistered) \
                                     and lc.writer_problem(item.event) is None:  # one the folds take
-                                self.registrations.note(item.seq, item.event.agent_id)
+                                self.registrations.note(item)
                         await self.prefetch(batch)
                         for item in batch:
                             if isinstance(item, Recorded):
@@ -202,10 +207,9 @@ class Watch:
                 prefetched = self._prefetched.pop((sid, rec.seq), _MISSING)
                 before = (await self._session_before(sid, rec.seq) if prefetched is _MISSING
                           else prefetched)  # type: ignore[assignment]
-            await self._learn_registrations([getattr(e, "agent_id", None) or a.agent_id], rec.seq)
-            incarnation_at = self.registrations.lookup()
-            owner = before.owner if isinstance(e, ev.SessionClaimed) and before is not None else None
-            agent_at = await self._agents_at([owner] if owner else [], rec.seq)
+            # The fold's rule, reading what it asks for: a claim it flags whatever the claimer (overlapping, of a
+            # live owner) reads nothing of the claimer.
+            judged = await self._fold([rec], before, rec.seq)
             now = a.sessions.get(sid)
             if a.sessions.judged_through(sid) == known and now is cached \
                     and (now is None or now.state is before):
@@ -215,21 +219,20 @@ class Watch:
             log.warning("%s: could not judge #%d on session %s (our own writes kept landing)",
                         a.agent_id, rec.seq, sid)
             return
-        after, anomaly = lc.evolve_session(before, rec, incarnation_at, agent_at)
         a.sessions.judged(sid, rec.seq)
-        if anomaly is not None:
+        if judged.anomalies:
+            _, anomaly = judged.anomalies[0]
             if cached is not None or self._may_gain(e):
                 log.warning("%s: ignoring #%d on session %s, which the ledger does not apply: %s: %s",
                             a.agent_id, rec.seq, sid, anomaly.kind, anomaly.detail)
             return
-        a._settle(sid, after, e)
+        a._settle(sid, judged.state, e)
 
     async def prefetch(self, batch: list[Recorded | Unreadable]) -> None:
         """Read at once, concurrently, the states the batch's claims for us will be judged on (a reclaimer
         hands over hundreds of sessions at a time; one read after the other would hold the watch up)."""
         a = self._agent
         self._prefetched.clear()
-        self._agents_read.clear()  # read again for each batch (its floor is the batch's end)
         wanted: dict[str, int] = {}
         for item in batch:
             e = item.event if isinstance(item, Recorded) else None
@@ -248,30 +251,32 @@ class Watch:
         a = self._agent
         items = await a.store.history("session", session_id, min_last_seq=seq)  # a replica that has `seq`
         records = [i for i in items if isinstance(i, Recorded) and i.seq < seq]
-        await self._learn_registrations(lc.agents_acting(records), seq)
-        incarnation_at = self.registrations.lookup()
-        agent_at = await self._agents_at(lc.owners_judged(records, incarnation_at), seq)
-        state: lc.SessionState | None
-        state, _ = lc.fold(lc.evolve_session, records, incarnation_at, agent_at)
-        return state
+        return (await self._fold(records, None, seq)).state
 
-    async def _agents_at(self, agents: Iterable[str], floor: int) -> lc.AgentAt:
-        """agent_at over these agents' histories (the fold's take-over check needs the owner's state as of the
-        claim), each read at most once per watch batch: from a replica that has the whole batch."""
-        a = self._agent
-        agents = sorted(set(agents))
+    async def _fold(self, records: list[Recorded], before: lc.SessionState | None, floor: int) -> lc.SessionFold:
+        """Fold session records on `before` by the fold's rule, reading (from a replica that has the whole batch)
+        what it asks for and the watch does not know yet: an agent's registrations (then kept current by the
+        watch), what follows of an agent's history."""
         floor = max(floor, self._batch_end)
-        missing = [x for x in agents if x not in self._agents_read or self._agents_read[x][0] < floor]
-        for i in range(0, len(missing), PREFETCH_CONCURRENCY):
-            chunk = missing[i:i + PREFETCH_CONCURRENCY]
-            found = await asyncio.gather(*(a.store.history("agent", x, min_last_seq=floor) for x in chunk))
-            for agent_id, items in zip(chunk, found, strict=False):
-                records = [r for r in items if isinstance(r, Recorded)]
-                self._agents_read[agent_id] = (floor, lc.agents_lookup({agent_id: records}))
-        known = {x: self._agents_read[x][1] for x in agents}
+        folded = lc.SessionFold(records, before, self.registrations.table, self.timelines)
+        while (need := folded.advance()) is not None:
+            what, agent_id = need
+            if what == lc.REGISTRATIONS:
+                await self.registrations.learn([agent_id], floor)
+                if agent_id not in self.registrations.table:  # let go already (a flood of learning meanwhile)
+                    folded.learn(what, agent_id, await self._agent.store.registered(agent_id, min_last_seq=floor))
+            else:
+                await self._read_history(agent_id, floor)
+        return folded
 
-        def agent_at(agent_id: str, seq: int) -> lc.AgentState | None:
-            lookup = known.get(agent_id)
-            return lookup(agent_id, seq) if lookup is not None else None
-
-        return agent_at
+    async def _read_history(self, agent_id: str, floor: int) -> None:
+        """Bring the agent's timeline up to `floor`: its whole history the first time, then only what follows
+        the part read (concurrent readers may extend it twice: `AgentTimeline.extend` folds nothing twice)."""
+        timeline = self.timelines.get(agent_id) or lc.AgentTimeline(through=0)
+        if timeline.through < floor:
+            items = await self._agent.store.history("agent", agent_id, after=timeline.through, min_last_seq=floor)
+            timeline.extend([i for i in items if isinstance(i, Recorded)], floor)
+        self.timelines[agent_id] = timeline
+        self.timelines.move_to_end(agent_id)
+        while len(self.timelines) > MAX_TIMELINES:
+            self.timelines.popitem(last=False)

@@ -16,7 +16,7 @@ One module per concern, all re-exported here (`from ledger import lifecycle as l
   pools      the mass-failure breaker, `PoolState`, `evolve_pool`
   lookups    `fold` of one history, and the lookups built from histories
 
-Two checks need more than the entity's own history, and are passed in as
+Some checks need more than the entity's own history, and are passed in as
 lookups so that every caller applies them identically, as of the event's
 position in the log:
 
@@ -30,6 +30,10 @@ position in the log:
   never registered). A take-over (a claim of an assigned session naming its
   token) applies only while the owner may be replaced (`owner_replaceable`):
   any agent can read the token, so naming it proves nothing (live_owner).
+* `registered_at(agent_id, seq)` - the agent's current registration just
+  before `seq`: a claim applies only for an agent registered in the session's
+  pool, platform and region (foreign_placement). The whole-log fold answers
+  it with `agent_at` (its agent table holds each current registration).
 
 Without a lookup the check is skipped (a caller that has only one history).
 """
@@ -54,6 +58,7 @@ from .agents import (
 from .anomalies import (
     AFTER_FINAL,
     DUPLICATE,
+    FOREIGN_PLACEMENT,
     ILLEGAL_TRANSITION,
     LIVE_OWNER,
     OVERLAPPING_CLAIM,
@@ -68,11 +73,16 @@ from .anomalies import (
     writer_problem,
 )
 from .lookups import (
+    HISTORY,
+    REGISTRATIONS,
+    AgentTimeline,
+    SessionFold,
     agents_acting,
     agents_lookup,
+    as_registered,
     claims_lookup,
     fold,
-    owners_judged,
+    registered_lookup,
     registrations_lookup,
 )
 from .pools import (
@@ -113,6 +123,8 @@ from .sessions import (
     S_TERMINATED,
     SESSION_STATES,
     Checkpoint,
+    Placement,
+    RegisteredAt,
     SessionAt,
     SessionState,
     claim_problem,
@@ -121,6 +133,7 @@ from .sessions import (
     owner_replaceable,
     owner_write_problem,
     owns,
+    placement_of,
     session_event_problem,
     terminate_problem,
 )
@@ -128,6 +141,7 @@ from .sessions import (
 __all__ = [
     "AFTER_FINAL",
     "DUPLICATE",
+    "FOREIGN_PLACEMENT",
     "ILLEGAL_TRANSITION",
     "LIVE_OWNER",
     "OVERLAPPING_CLAIM",
@@ -169,6 +183,8 @@ __all__ = [
     "S_PENDING",
     "S_RELEASED",
     "S_TERMINATED",
+    "Placement",
+    "RegisteredAt",
     "SessionAt",
     "SessionState",
     "claim_problem",
@@ -177,6 +193,7 @@ __all__ = [
     "orphan_problem",
     "owner_write_problem",
     "owns",
+    "placement_of",
     "session_event_problem",
     "terminate_problem",
     "FAILED_TO_START",
@@ -196,10 +213,15 @@ __all__ = [
     "route_transition_error",
     "PoolState",
     "evolve_pool",
+    "HISTORY",
+    "REGISTRATIONS",
+    "AgentTimeline",
+    "SessionFold",
     "agents_acting",
     "agents_lookup",
+    "as_registered",
     "claims_lookup",
     "fold",
-    "owners_judged",
+    "registered_lookup",
     "registrations_lookup",
 ]

@@ -38,6 +38,8 @@ AFTER_FINAL = "after_final"
 UNAUTHORIZED_PRODUCER = "unauthorized_producer"
 LIVE_OWNER = "live_owner"
 """A take-over (a claim naming the current token) while the log says the owner may keep the session."""
+FOREIGN_PLACEMENT = "foreign_placement"
+"""A claim for an agent registered in another pool, platform or region than the session's."""
 
 
 S = TypeVar("S")

@@ -33,6 +33,7 @@ from .agents import (
 from .anomalies import (
     AFTER_FINAL,
     DUPLICATE,
+    FOREIGN_PLACEMENT,
     ILLEGAL_TRANSITION,
     LIVE_OWNER,
     OVERLAPPING_CLAIM,
@@ -137,19 +138,41 @@ def owner_replaceable(session: SessionState, owner: AgentState | None) -> tuple[
 NO_OWNER_STATE: Any = object()
 """`claim_problem`'s owner state when the caller cannot tell the owner's state (the take-over check is skipped)."""
 
+Placement = tuple[str, str, str]
+"""(pool, platform, region): where an agent serves, and where a session must be served."""
+
+RegisteredAt = Callable[[str, int], "AgentState | None"]
+"""(agent id, seq) -> the agent's current registration just before `seq`, as registered (its pool, platform and
+region; its status is not followed). None: it never registered before it."""
+
+
+def placement_of(x: AgentState | SessionState) -> Placement:
+    return x.pool, x.platform, x.region
+
 
 def claim_problem(state: SessionState | None, agent_id: str, incarnation: int, previous_token: int | None,
-                  current: CurrentIncarnation | None = None, owner: Any = NO_OWNER_STATE) -> Anomaly | None:
+                  current: CurrentIncarnation | None = None, owner: Any = NO_OWNER_STATE,
+                  placement: Placement | None = None) -> Anomaly | None:
     """Why a claim of the session in `state` for `agent_id`/`incarnation` must not apply (None: it applies).
 
     Without `current` the registration check is skipped (the caller vouches for the incarnation). `owner`: the
     state of the session's owner agent as of the claim (AgentState, or None if it is not registered); left out,
-    a take-over naming the current token is not judged against it (a caller that cannot tell).
+    a take-over naming the current token is not judged against it (a caller that cannot tell). `placement`: the
+    claimer's (pool, platform, region) as registered by that incarnation; None, the caller vouches.
     """
-    if current is not None:
-        problem = incarnation_problem("session.claimed", agent_id, incarnation, current(agent_id))
-        if problem:
-            return problem
+    return _claim_problem(state, agent_id, incarnation, previous_token, current, lambda: owner, lambda: placement)
+
+
+def _claim_problem(state: SessionState | None, agent_id: str, incarnation: int, previous_token: int | None,
+                   current: CurrentIncarnation | None, owner_of: Callable[[], Any],
+                   placement_of_claimer: Callable[[], Placement | None]) -> Anomaly | None:
+    """`claim_problem`, asking for the owner's state and the claimer's placement only when it needs them.
+
+    The checks that need the session's state alone come first, then the owner's state (a take-over), then the
+    claimer's registration: a claim flagged whatever its claimer (overlapping, of a live owner) costs a reader
+    who holds only the session's history no read of the claimer's registrations - claims for made-up agents are
+    cheap to forge, and every later read of the session would pay for them.
+    """
     if state is None:
         return Anomaly(UNKNOWN_ENTITY, "session.claimed for an unknown session")
     if state.status == S_TERMINATED:
@@ -158,11 +181,23 @@ def claim_problem(state: SessionState | None, agent_id: str, incarnation: int, p
         return Anomaly(OVERLAPPING_CLAIM,
                        f"{agent_id} claimed while {state.owner} owns it under token {state.token} "
                        f"(claim names previous token {previous_token})")
-    if state.status == S_ASSIGNED and owner is not NO_OWNER_STATE and owner_replaceable(state, owner) is None:
-        return Anomaly(LIVE_OWNER,
-                       f"take-over for {agent_id} of token {state.token} while its owner {state.owner} "
-                       f"(incarnation {state.owner_incarnation}) is {owner.status}; a take-over applies only from "
-                       f"an owner that is gone, dead, fenced, draining, drained or superseded")
+    if state.status == S_ASSIGNED:
+        owner = owner_of()
+        if owner is not NO_OWNER_STATE and owner_replaceable(state, owner) is None:
+            return Anomaly(LIVE_OWNER,
+                           f"take-over for {agent_id} of token {state.token} while its owner {state.owner} "
+                           f"(incarnation {state.owner_incarnation}) is {owner.status}; a take-over applies only "
+                           f"from an owner that is gone, dead, fenced, draining, drained or superseded")
+    if current is not None:
+        problem = incarnation_problem("session.claimed", agent_id, incarnation, current(agent_id))
+        if problem:
+            return problem
+    placement = placement_of_claimer()
+    if placement is not None and placement != placement_of(state):
+        return Anomaly(FOREIGN_PLACEMENT,
+                       f"claim for {agent_id} (pool/platform/region {'/'.join(placement)}) of a session of "
+                       f"{'/'.join(placement_of(state))}: only an agent of the session's own pool, platform and "
+                       f"region may own it")
     return None
 
 
@@ -175,12 +210,9 @@ def owner_write_problem(state: SessionState | None, agent_id: str, incarnation: 
     refuses it before it is written. The write must carry the session's current
     token, come from its owner, and from the very incarnation that claimed it (a
     new incarnation of the same agent does not inherit its predecessor's claims).
-    With `current`, the writer must also still be the agent's current incarnation.
+    With `current`, the writer must also still be the agent's current incarnation - asked last, so that a
+    write by anyone but the owner's claiming incarnation costs a reader no read of the writer's registrations.
     """
-    if current is not None:
-        problem = incarnation_problem(what, agent_id, incarnation, current(agent_id))
-        if problem:
-            return problem
     if state is None:
         return Anomaly(UNKNOWN_ENTITY, f"{what} for an unknown session")
     if state.status == S_TERMINATED:
@@ -194,17 +226,24 @@ def owner_write_problem(state: SessionState | None, agent_id: str, incarnation: 
         kind = SUPERSEDED_INCARNATION if incarnation < (state.owner_incarnation or 0) else STALE_TOKEN
         return Anomaly(kind, f"write by {agent_id} incarnation {incarnation} under token {token}, "
                              f"which incarnation {state.owner_incarnation} holds")
+    if current is not None:
+        problem = incarnation_problem(what, agent_id, incarnation, current(agent_id))
+        if problem:
+            return problem
     return None
 
 
 def session_event_problem(state: SessionState | None, rec: Recorded,
                           incarnation_at: IncarnationAt | None = None,
-                          agent_at: AgentAt | None = None) -> Anomaly | None:
+                          agent_at: AgentAt | None = None,
+                          registered_at: RegisteredAt | None = None) -> Anomaly | None:
     """Why this stored session event must not change `state` (None when it applies).
 
     The one rule: `evolve_session` applies exactly the events this accepts, and an
     Agent judges what its watch delivers with it, so an agent never gains or loses
-    a session on an event the projections flag.
+    a session on an event the projections flag. A claimer's placement comes from `registered_at`, or else from
+    `agent_at` (the whole-log fold's agent table holds each agent's current registration); with neither, it is
+    not judged. The lookups are asked only when the rule needs them (`_claim_problem`).
     """
     e, seq = rec.event, rec.seq
     unauthorized = writer_problem(e, state.owner if state is not None else None)
@@ -220,10 +259,21 @@ def session_event_problem(state: SessionState | None, rec: Recorded,
                 return Anomaly(DUPLICATE, f"session {e.session_id} was already created at #{state.last_seq}")
             return None
         case ev.SessionClaimed():
-            owner: Any = NO_OWNER_STATE
-            if agent_at is not None and state is not None and state.owner is not None:
-                owner = agent_at(state.owner, seq)
-            return claim_problem(state, e.agent_id, e.incarnation, e.previous_token, current, owner)
+            claim = e
+
+            def owner() -> Any:
+                if agent_at is None or state is None or state.owner is None:
+                    return NO_OWNER_STATE
+                return agent_at(state.owner, seq)
+
+            def placement() -> Placement | None:
+                lookup = registered_at or agent_at
+                claimer = lookup(claim.agent_id, seq) if lookup is not None else None
+                # Another incarnation's registration says nothing of this one's (the incarnation check flags it).
+                return placement_of(claimer) if claimer is not None and claimer.incarnation == claim.incarnation \
+                    else None
+
+            return _claim_problem(state, e.agent_id, e.incarnation, e.previous_token, current, owner, placement)
         case ev.SessionReleased() | ev.SessionResourceReported() | ev.SessionCheckpointed():
             return owner_write_problem(state, e.agent_id, e.incarnation, e.token, current, e.type_tag())
     if state is None:
@@ -255,13 +305,14 @@ def terminate_problem(state: SessionState, token: int | None) -> Anomaly | None:
 
 
 def evolve_session(state: SessionState | None, rec: Recorded, incarnation_at: IncarnationAt | None = None,
-                   agent_at: AgentAt | None = None) -> Evolved[SessionState | None]:
+                   agent_at: AgentAt | None = None,
+                   registered_at: RegisteredAt | None = None) -> Evolved[SessionState | None]:
     """Next state of one session after one of its events (`session_event_problem` decides whether it applies).
 
     Its times are when the server stored the events, as for agents: they compare with the agents' times, and
     a writer's own `time` (skewed, or forged into the year 9999) must not date a claim or an owner's activity.
     """
-    problem = session_event_problem(state, rec, incarnation_at, agent_at)
+    problem = session_event_problem(state, rec, incarnation_at, agent_at, registered_at)
     if problem is not None:
         return state, problem
     e, seq, at = rec.event, rec.seq, rec.stored_at
