@@ -173,7 +173,9 @@ async def ledger_up(data_dir: Path, *extra: str, ready_within: float = 120.0) ->
         # Keep draining its output, so a chatty process never blocks on a full pipe.
         drain = asyncio.ensure_future(asyncio.to_thread(lambda: lines.extend(
             ln.decode(errors="replace") for ln in iter(stdout.readline, b""))))
-        yield LedgerUp(proc, f"nats://127.0.0.1:{port}", data_dir, lines)
+        # With --nats-url it serves that server (started by the caller) instead of one of its own.
+        url = extra[extra.index("--nats-url") + 1] if "--nats-url" in extra else f"nats://127.0.0.1:{port}"
+        yield LedgerUp(proc, url, data_dir, lines)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)

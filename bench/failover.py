@@ -314,8 +314,18 @@ async def write_floor(url: str, n: int) -> tuple[float, float]:
 
 async def run(data_dir: Path, args: argparse.Namespace, start_seq: int) -> None:
     started = time.monotonic()
-    extra = [] if args.sync_always else ["--no-sync-always"]
     fsync = "always" if args.sync_always else "off"
+    with contextlib.ExitStack() as own:
+        extra = []
+        if not args.sync_always:  # `ledger up` always fsyncs a server of its own: serve the log without, point it there
+            server = own.enter_context(EmbeddedServer(ServerConfig(data_dir=data_dir, port=free_port(),
+                                                                   sync_always=False)))
+            extra = ["--nats-url", server.url]
+        await measure(data_dir, args, start_seq, started, fsync, extra)
+
+
+async def measure(data_dir: Path, args: argparse.Namespace, start_seq: int, started: float, fsync: str,
+                  extra: list[str]) -> None:
     async with ledger_up(data_dir, "--no-query-service", *extra, ready_within=600) as up:
         print(f"ledger up ready in {time.monotonic() - started:.1f} s (fsync {fsync}, {start_seq:,} events in the log)",
               flush=True)

@@ -26,7 +26,7 @@ HOSTILE = "\x1b[2J\x1b]0;owned\x07\r\nforged: line\u202e"
 
 
 def agent_of(ledger: Writer, agent_id: str) -> Agent:
-    return Agent(ledger, agent_id=agent_id, pool="p", heartbeat=0.1, ttl=2.0, capacity=4)
+    return Agent(ledger, agent_id=agent_id, pool="p", heartbeat=0.1, ttl=5.0, capacity=4)
 
 
 def ledger_cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
@@ -186,7 +186,7 @@ async def test_an_agent_of_another_pool_may_not_own_nor_checkpoint_a_session(led
     from ledger.errors import LedgerError
 
     sid, _ = await ledger.create_session("p", session_id=f"{uid}-s")
-    stranger = Agent(ledger, agent_id=f"{uid}-q1", pool="q", heartbeat=0.1, ttl=2.0, capacity=4)
+    stranger = Agent(ledger, agent_id=f"{uid}-q1", pool="q", heartbeat=0.1, ttl=5.0, capacity=4)
     async with stranger:
         with pytest.raises(LedgerError):
             await stranger.claim(sid)
