@@ -21,6 +21,7 @@ Up to `max_pending` appends are in flight at once; `submit` waits for room.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import logging
@@ -35,7 +36,7 @@ from nats.aio.subscription import Subscription
 from nats.errors import ConnectionClosedError, OutboundBufferLimitError
 from nats.errors import Error as NatsError
 
-from . import authority
+from . import authority, wire
 from .codec import MSG_ID, Outgoing
 from .connection import GONE, INBOX_HINT, watch_of
 from .errors import AppendTimeout, Conflict, EventIdTaken, LedgerError, PermissionDenied, StoreError, Unavailable
@@ -71,19 +72,59 @@ _READ_BACK_FAILED = (LedgerError, NatsError, TimeoutError, OSError, msgspec.Deco
 socket not yet translated, a garbled answer."""
 
 
-class _Pending:
-    __slots__ = ("out", "headers", "expect", "expect_filter", "future", "attempts", "due", "deadline")
+class _Pending(msgspec.Struct):
+    """One append in flight (a Struct: built per append, in C)."""
 
-    def __init__(self, out: Outgoing, headers: dict[str, str], expect: int | None, expect_filter: str | None,
-                 future: asyncio.Future[int], due: float, deadline: float) -> None:
-        self.out = out
-        self.headers = headers
-        self.expect = expect
-        self.expect_filter = expect_filter
-        self.future = future
-        self.attempts = 1
-        self.due = due
-        self.deadline = deadline
+    out: Outgoing
+    headers: dict[str, str]
+    frame: bytes | None
+    """The HPUB command of every attempt (ledger.wire), or None: nc.publish decides."""
+    expect: int | None
+    expect_filter: str | None
+    future: asyncio.Future[int]
+    due: float
+    deadline: float
+    attempts: int = 1
+
+
+class _Window:
+    """At most `size` appends in flight: asyncio.Semaphore's rules (first come, first served; a cancelled waiter
+    gives its turn on), with no coroutine to enter while there is room - `submit` asks per append."""
+
+    def __init__(self, size: int) -> None:
+        self.room = size
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    def free(self) -> bool:
+        """Take a place now if one is free and nobody waits for one."""
+        if self.room > 0 and not self._waiters:
+            self.room -= 1
+            return True
+        return False
+
+    async def wait(self) -> None:
+        """Take a place, waiting for it (after `free` said no)."""
+        if self.free():
+            return
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(turn)
+        try:
+            await turn  # release() hands its place over by resolving it
+        except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled():
+                self.release()  # handed a place, then cancelled: pass it on
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(turn)
+            raise
+
+    def release(self) -> None:
+        while self._waiters:
+            turn = self._waiters.popleft()
+            if not turn.done():
+                turn.set_result(None)
+                return
+        self.room += 1
 
 
 class Appender:
@@ -93,10 +134,12 @@ class Appender:
         self._read_back = read_back
         self._ack_timeout = ack_timeout
         self._deadline = deadline
-        self._window = asyncio.Semaphore(max_pending)
+        self._window = _Window(max_pending)
         self._pending: dict[str, _Pending] = {}
         self._tokens = itertools.count(1)
         self._prefix = ""
+        self._framed = False
+        """Appends are sent as frames built once (ledger.wire), rather than through nc.publish each attempt."""
         self._sub: Subscription | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
@@ -110,6 +153,7 @@ class Appender:
 
     async def start(self) -> None:
         self._prefix = self._nc.new_inbox() + "."
+        self._framed = wire.subject_ok(self._prefix)  # a token is digits: every reply is then publishable as it is
         if self._watch is not None:
             self._watch.add_listener(self._on_violation)
         self._sub = await self._nc.subscribe(self._prefix + "*", cb=self._on_reply)
@@ -160,7 +204,8 @@ class Appender:
         """Send one append; the returned future gives its stream sequence (or raises)."""
         if self._denied is not None:
             raise self._denied
-        await self._window.acquire()
+        if not self._window.free():
+            await self._window.wait()
         headers = out.headers
         if expect is not None:
             headers = {
@@ -170,17 +215,28 @@ class Appender:
             }
         now = time.monotonic()
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        p = _Pending(out, headers, expect, expect_filter or out.subject, future,
-                     now + self._ack_timeout, now + self._deadline)
         token = str(next(self._tokens))
+        frame = wire.frame(out.subject, self._prefix + token, headers, out.payload) if self._framed else None
+        p = _Pending(out, headers, frame, expect, expect_filter or out.subject, future, now + self._ack_timeout,
+                     now + self._deadline)
         self._pending[token] = p
         self._idle.clear()
-        await self._send(token, p)
+        nc = self._nc
+        if frame is not None and wire.enqueue(nc, frame, len(out.payload)):  # _send's fast path, inline
+            if wire.kick_due(nc):
+                await wire.kick(nc)
+        else:
+            await self._send(token, p)
         return future
 
     async def _send(self, token: str, p: _Pending) -> None:
+        nc = self._nc
+        if p.frame is not None and wire.enqueue(nc, p.frame, len(p.out.payload)):
+            if wire.kick_due(nc):
+                await wire.kick(nc)
+            return
         try:
-            await self._nc.publish(p.out.subject, p.out.payload, reply=self._prefix + token, headers=p.headers)
+            await nc.publish(p.out.subject, p.out.payload, reply=self._prefix + token, headers=p.headers)
         except OutboundBufferLimitError:
             p.due = time.monotonic() + RETRY_BACKOFF  # disconnected and the buffer is full: try again soon
         except ConnectionClosedError:
