@@ -72,8 +72,13 @@ _READ_BACK_FAILED = (LedgerError, NatsError, TimeoutError, OSError, msgspec.Deco
 socket not yet translated, a garbled answer."""
 
 
-class _Pending(msgspec.Struct):
-    """One append in flight (a Struct: built per append, in C)."""
+class _Pending(msgspec.Struct, gc=False):
+    """One append in flight (a Struct: built per append, in C).
+
+    gc=False: up to max_pending of them live long enough to be promoted through every generation, and nothing
+    they hold leads back to them (the future's callbacks are its awaiters', which never see a _Pending), so
+    they can be no part of a cycle: the collector need not track them.
+    """
 
     out: Outgoing
     headers: dict[str, str]
@@ -139,6 +144,7 @@ class Appender:
         self._tokens = itertools.count(1)
         self._prefix = ""
         self._framed = False
+        self._prefix_size = 0
         """Appends are sent as frames built once (ledger.wire), rather than through nc.publish each attempt."""
         self._sub: Subscription | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -156,7 +162,9 @@ class Appender:
         self._framed = wire.subject_ok(self._prefix)  # a token is digits: every reply is then publishable as it is
         if self._watch is not None:
             self._watch.add_listener(self._on_violation)
+        self._prefix_size = len(self._prefix.encode())
         self._sub = await self._nc.subscribe(self._prefix + "*", cb=self._on_reply)
+        wire.deliver_directly(self._nc, self._sub._id, self._on_direct)
         self._sweeper = asyncio.create_task(self._sweep(), name="ledger-append-sweeper")
 
     def _on_violation(self, operation: str, subject: str) -> None:
@@ -188,6 +196,7 @@ class Appender:
         if self._watch is not None:
             self._watch.remove_listener(self._on_violation)
         if self._sub is not None:
+            wire.stop_delivering(self._nc, self._sub._id)
             with contextlib.suppress(*GONE):
                 await self._sub.unsubscribe()
 
@@ -257,20 +266,31 @@ class Appender:
             p.future.set_result(seq)  # type: ignore[arg-type]
 
     async def _on_reply(self, msg: Msg) -> None:
+        """nats-py's callback: the replies that come with headers (status messages), and every reply while a
+        reply_filter is set."""
         if self.reply_filter is not None and not self.reply_filter(msg):
             return
-        token = msg.subject[len(self._prefix):]
+        self._on_ack(msg.subject[len(self._prefix):], msg.data, msg.headers)
+
+    def _on_direct(self, subject: bytes, data: bytes) -> bool:
+        """A reply without headers, straight from the parser (ledger.wire); False: let nats-py deliver it."""
+        if self.reply_filter is not None:
+            return False  # the seam sees a Msg, as it always did
+        self._on_ack(subject[self._prefix_size:].decode(), data, None)
+        return True
+
+    def _on_ack(self, token: str, data: bytes, headers: dict[str, str] | None) -> None:
         p = self._pending.get(token)
         if p is None:
             return  # a late reply to an attempt already settled
-        if not msg.data:
-            if msg.headers and msg.headers.get("Status") == "503":
+        if not data:
+            if headers and headers.get("Status") == "503":
                 p.due = time.monotonic() + RETRY_BACKOFF  # no responders: stream leader not there yet
             return
         try:
-            ack = _ack_decoder.decode(msg.data)
+            ack = _ack_decoder.decode(data)
         except msgspec.DecodeError:
-            self._settle(token, error=StoreError(f"unreadable acknowledgement: {msg.data[:200]!r}"))
+            self._settle(token, error=StoreError(f"unreadable acknowledgement: {data[:200]!r}"))
             return
         err = ack.error
         if err is None and ack.duplicate:

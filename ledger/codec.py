@@ -152,12 +152,16 @@ def _pattern_check(lifted: Lifted) -> Callable[[Event], bool]:
     return check
 
 
-def _fast_validator(cls: type[Event]) -> tuple[msgspec.json.Decoder[Any], Callable[[Event], bool]] | None:
+def _always(event: Event) -> bool:
+    return True
+
+
+def _twin_validator(cls: type[Event]) -> tuple[msgspec.json.Decoder[Any], Callable[[Event], bool]]:
+    """The twin's decoder and its pattern check (a type without patterns: its own decoder, nothing to check)."""
     twin, lifted = twin_of(cls)
-    return (msgspec.json.Decoder(twin), _pattern_check(lifted)) if lifted else None
-
-
-_fast_validators = {cls: fv for cls in BY_TAG.values() if (fv := _fast_validator(cls)) is not None}
+    if not lifted:
+        return _validators[cls], _always
+    return msgspec.json.Decoder(twin), _pattern_check(lifted)
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -173,7 +177,10 @@ def to_ns(when: datetime) -> int:
     return (when - _EPOCH) // timedelta(microseconds=1) * 1000
 
 
-class Outgoing(NamedTuple):
+class Outgoing(msgspec.Struct, frozen=True, gc=False):
+    """What one append publishes. (gc=False: it holds strings, a dict of strings and bytes, so it is never part of
+    a cycle; untracked, the appends in flight cost the garbage collector nothing.)"""
+
     subject: str
     headers: dict[str, str]
     payload: bytes
@@ -222,8 +229,8 @@ def subject_of(event: Event) -> str:
 
 def encode(event: Event) -> Outgoing:
     """Subject, headers and payload of `event`; InvalidInput (one line, naming the field) if readers would refuse it."""
-    validator = _validators.get(type(event))
-    if validator is None:
+    plan = _plans.get(type(event))
+    if plan is None:
         raise InvalidInput(f"{type(event).__name__} is not a ledger event type")
     if not isinstance(event.event_id, str) or not _MSG_ID_RE.match(event.event_id):
         raise InvalidInput(f"event {event.type_tag()}: event_id {event.event_id!r} must be 1-200 printable ASCII "
@@ -236,31 +243,27 @@ def encode(event: Event) -> Outgoing:
         raise InvalidInput(
             f"event {event.type_tag()} is {len(payload)} bytes; the limit is {MAX_EVENT_BYTES}"
         )
-    bad = _non_finite(event)
-    if bad:  # msgspec writes NaN and infinity as null: an optional field would silently read back as None
+    validator, twin, patterns_pass, has_floats = plan
+    if has_floats and (bad := _non_finite(event)):
+        # msgspec writes NaN and infinity as null: an optional field would silently read back as None
         raise InvalidInput(f"event {event.type_tag()} refused: {bad} is not a finite number")
     # msgspec checks the Meta constraints on decode, never on __init__: read the payload back
     # with the same Struct (its type's own decoder: the tag, subject and envelope are right by
-    # construction), so what is appended is always readable. The twin's read-back (above) first: about 1 us
-    # rather than 2.5 on a session.created; whatever it does not pass, the type's own decoder judges.
-    fast = _fast_validators.get(type(event))
-    if fast is not None and _passes(fast, event, payload):
-        return Outgoing(subject_of_unchecked(event), {MSG_ID: event.event_id}, payload)
+    # construction), so what is appended is always readable. The twin's read-back first (above: about 1 us
+    # rather than 2.5 on a session.created); whatever it does not pass, the type's own decoder judges.
+    # The ids are valid subject tokens then (the Token pattern was checked): no second regex for the subject.
     try:
-        validator.decode(payload)
-    except Exception as e:  # noqa: BLE001 - ValidationError, or anything else: never written
-        subject_of(event)  # a bad id is refused as the SDK always said it ("invalid session id ...")
-        raise InvalidInput(f"event {event.type_tag()} refused: {_field_first(_one_line(str(e)))}") from None
-    # The ids are valid subject tokens now (the Token pattern was just checked): no second regex.
-    return Outgoing(subject_of_unchecked(event), {MSG_ID: event.event_id}, payload)
-
-
-def _passes(fast: tuple[msgspec.json.Decoder[Any], Callable[[Event], bool]], event: Event, payload: bytes) -> bool:
-    try:
-        fast[0].decode(payload)
+        twin.decode(payload)
+        passed = patterns_pass(event)
     except Exception:  # noqa: BLE001 - refused: the type's own decoder says why
-        return False
-    return fast[1](event)
+        passed = False
+    if not passed:
+        try:
+            validator.decode(payload)
+        except Exception as e:  # noqa: BLE001 - ValidationError, or anything else: never written
+            subject_of(event)  # a bad id is refused as the SDK always said it ("invalid session id ...")
+            raise InvalidInput(f"event {event.type_tag()} refused: {_field_first(_one_line(str(e)))}") from None
+    return Outgoing(subject_of_unchecked(event), {MSG_ID: event.event_id}, payload)
 
 
 def _float_paths(t: mi.Type, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
@@ -290,6 +293,11 @@ def _non_finite(event: Event) -> str | None:
         if isinstance(value, float) and not math.isfinite(value):
             return ".".join(path)
     return None
+
+
+_plans = {cls: (_validators[cls], *_twin_validator(cls), bool(_FLOATS[cls])) for cls in BY_TAG.values()}
+"""Per event type, what encode() does with it: its decoder, the twin's and its pattern check, whether it holds
+floats."""
 
 
 def encode_payload(event: Event) -> bytes:

@@ -21,9 +21,13 @@ those attributes, so an upgrade fails there loudly rather than here quietly.
 
 from __future__ import annotations
 
+import logging
 import re
+from collections.abc import Awaitable, Callable
 
 from nats.aio.client import Client as NATS
+
+log = logging.getLogger(__name__)
 
 NATS_PY_VERSION = "2.16.0"
 """The nats-py release whose publish internals `enqueue` repeats (pyproject pins it)."""
@@ -108,3 +112,66 @@ async def kick(nc: NATS) -> None:
         await nc._flush_pending(force_flush=True)
     if nc._flush_queue is not None and nc._flush_queue.empty():
         await nc._flush_pending()
+
+
+# --- acknowledgements, straight from the parser ---------------------------------------------------------------
+# nats-py hands every message to `Client._process_msg`, which builds a Msg, queues it on the subscription and
+# wakes the subscription's task, which awaits the callback: about as much per acknowledgement as the rest of an
+# append. The appender's acknowledgements need none of it (they are settled synchronously, never slow), so for
+# its subscription the connection's `_process_msg` is wrapped: a message without headers on a registered sid
+# goes to the appender's handler at once; anything else (a status message, another subscription's message, a
+# handler that declines) goes the usual way.
+
+DirectHandler = Callable[[bytes, bytes], bool]
+"""(subject, payload) of a message without headers -> True when handled (False: deliver it as nats-py does)."""
+
+
+class _Direct:
+    """Stands in for one connection's `_process_msg` (the parser looks it up on the instance each message)."""
+
+    def __init__(self, nc: NATS, original: Callable[..., Awaitable[None]]) -> None:
+        self.nc = nc
+        self.original = original
+        self.own = nc.__dict__.get("_process_msg")
+        """What the instance itself had in place of the class's method (put back when the last handler goes)."""
+        self.handlers: dict[int, DirectHandler] = {}
+
+    async def __call__(self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
+        handler = self.handlers.get(sid)
+        if handler is not None and headers is None:
+            nc = self.nc
+            sub = nc._subs.get(sid)
+            if sub is not None and sub._max_msgs == 0:  # still subscribed (and no auto-unsubscribe to count)
+                try:
+                    handled = handler(subject, data)
+                except Exception:  # never into the parser: nats-py reports a failing callback, so do we
+                    log.exception("handling a message on %s failed", subject[:200])
+                    handled = True
+                if handled:
+                    stats = nc.stats
+                    stats["in_msgs"] += 1
+                    stats["in_bytes"] += len(data)
+                    sub._received += 1
+                    return
+        await self.original(sid, subject, reply, data, headers)
+
+
+def deliver_directly(nc: NATS, sid: int, handler: DirectHandler) -> None:
+    """Hand the header-less messages of subscription `sid` to `handler` as the parser reads them."""
+    direct = nc.__dict__.get("_process_msg")
+    if not isinstance(direct, _Direct):
+        direct = _Direct(nc, nc._process_msg)
+        nc._process_msg = direct  # type: ignore[method-assign] # looked up per message on the instance
+    direct.handlers[sid] = handler
+
+
+def stop_delivering(nc: NATS, sid: int) -> None:
+    """Undo `deliver_directly` for `sid`; the last one gone, the connection's own `_process_msg` is back."""
+    direct = nc.__dict__.get("_process_msg")
+    if isinstance(direct, _Direct):
+        direct.handlers.pop(sid, None)
+        if not direct.handlers:
+            if direct.own is None:
+                del nc._process_msg  # the class's method again
+            else:
+                nc._process_msg = direct.own  # type: ignore[method-assign]
