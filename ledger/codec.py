@@ -110,46 +110,36 @@ _MEMO_SIZE = 4096
 
 
 def _pattern_check(lifted: Lifted) -> Callable[[Event], bool]:
+    """Whether the values at the lifted paths of an event (of the right types: the twin just read them back) match
+    their pattern, as msgspec matches (`re.search`); False sends the event to its own decoder."""
+    if len({rx for _, rx in lifted}) != 1:
+        return _never  # not so today (one pattern, the Token one): such a type is read back the slow way
     getter = operator.attrgetter(*(".".join(path) for path, _ in lifted))
     single = len(lifted) == 1
-    if len({rx for _, rx in lifted}) == 1:  # one regex for all of them (the Token pattern): one memo, no zip
-        search = re.compile(lifted[0][1]).search
-        memo = _token_memo.setdefault(lifted[0][1], set())
-
-        def check_one(event: Event) -> bool:
-            try:
-                values = getter(event)
-            except AttributeError:  # a None on an Optional struct on the way: the full read-back decides
-                return False
-            for value in (values,) if single else values:
-                if value in memo or value is None:
-                    continue
-                if search(value) is None:
-                    return False
-                if len(memo) >= _MEMO_SIZE:
-                    memo.clear()
-                memo.add(value)
-            return True
-
-        return check_one
-    checks = [(re.compile(rx).search, _token_memo.setdefault(rx, set())) for _, rx in lifted]
+    search = re.compile(lifted[0][1]).search
+    memo = _token_memo.setdefault(lifted[0][1], set())
 
     def check(event: Event) -> bool:
         try:
             values = getter(event)
-        except AttributeError:
+        except AttributeError:  # a None on an Optional struct on the way: the full read-back decides
             return False
-        for value, (search, memo) in zip((values,) if single else values, checks, strict=True):
-            if value in memo or value is None:
+        for value in (values,) if single else values:
+            if value is None or (type(value) is str and value in memo):  # exactly str: a subclass may fake __eq__
                 continue
-            if search(value) is None:
+            if search(value) is None:  # (not a str at all - a UUID msgspec writes as one: TypeError, the slow way)
                 return False
-            if len(memo) >= _MEMO_SIZE:
-                memo.clear()
-            memo.add(value)
+            if type(value) is str:
+                if len(memo) >= _MEMO_SIZE:
+                    memo.clear()
+                memo.add(value)
         return True
 
     return check
+
+
+def _never(event: Event) -> bool:
+    return False
 
 
 def _always(event: Event) -> bool:

@@ -137,3 +137,21 @@ def test_the_memo_of_matching_values_is_bounded() -> None:
     with pytest.raises(InvalidInput):
         codec.encode(ev.SessionCreated(producer=producer, session_id="s-x", pool="no way"))
     assert all("no way" not in memo for memo in codec._token_memo.values())
+
+
+class _Liar(str):
+    """A str that says it equals anything (and hashes as a value the memo holds)."""
+
+    def __eq__(self, other: object) -> bool:
+        return True
+
+    def __hash__(self) -> int:
+        return hash("p")
+
+
+def test_a_str_subclass_cannot_pass_for_a_remembered_value() -> None:
+    producer = ev.Producer(id="cli", instance="i")
+    codec.encode(ev.SessionCreated(producer=producer, session_id="s-1", pool="p"))  # "p" is remembered now
+    liar = ev.SessionCreated(producer=producer, session_id="s-1", pool=_Liar("not a token"))
+    assert _outcome(codec.encode, liar) == _outcome(_old_encode, liar)
+    assert _outcome(codec.encode, liar)[0] == "refused"  # (msgspec writes no str subclass; the memo would not ask)
