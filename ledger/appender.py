@@ -75,9 +75,10 @@ socket not yet translated, a garbled answer."""
 class _Pending(msgspec.Struct, gc=False):
     """One append in flight (a Struct: built per append, in C).
 
-    gc=False: up to max_pending of them live long enough to be promoted through every generation, and nothing
-    they hold leads back to them (the future's callbacks are its awaiters', which never see a _Pending), so
-    they can be no part of a cycle: the collector need not track them.
+    gc=False: up to max_pending of them live long enough to be promoted through every generation, so untracked
+    they spare the collector its longest walks. It would miss a cycle through one (its future's awaiter may hold
+    the store), but none becomes garbage: a _Pending is held only by `_pending` while its future is unresolved,
+    the appender is held by its sweeper task until close(), and close() settles and drops every one.
     """
 
     out: Outgoing
@@ -143,8 +144,8 @@ class Appender:
         self._pending: dict[str, _Pending] = {}
         self._tokens = itertools.count(1)
         self._prefix = ""
-        self._framed = False
         self._prefix_size = 0
+        self._framed = False
         """Appends are sent as frames built once (ledger.wire), rather than through nc.publish each attempt."""
         self._sub: Subscription | None = None
         self._sweeper: asyncio.Task[None] | None = None

@@ -1,5 +1,5 @@
-"""The appender's publish, cheaper than nats-py's: the HPUB frame is built once per append and queued as nats-py
-queues its own.
+"""The appender's publish and acknowledgements, cheaper than nats-py's: the HPUB frame is built once per append and
+queued as nats-py queues its own; the acknowledgements are handed over as the parser reads them (below).
 
 Why: `nc.publish(subject, payload, reply=..., headers=...)` validates both subjects with a regex, builds the
 header block key by key (a regex, a strip and a translate per header) and goes through three coroutines, for
@@ -14,9 +14,10 @@ buffers, or raises OutboundBufferLimitError / ConnectionClosedError as before). 
 normalise or refuse (an odd header key or value, a subject with white space, a payload over max_payload) gets
 no frame and goes through `nc.publish` too, so its errors stay nats-py's.
 
-This leans on private attributes of nats-py 2.16.0 (`_status`, `_pending`, `_pending_data_size`,
-`_max_pending_size`, `_max_payload`, `_flush_queue`, `_flush_pending`); tests/test_wire.py pins the version and
-those attributes, so an upgrade fails there loudly rather than here quietly.
+This leans on private parts of nats-py 2.16.0 (the client's `_status`, `_pending`, `_pending_data_size`,
+`_max_pending_size`, `_max_payload`, `_flush_queue`, `_flush_pending`, `_process_msg` and `_subs`, a
+subscription's `_id`, `_max_msgs` and `_received`); tests/test_wire.py pins the version and those parts, so an
+upgrade fails there loudly rather than here quietly.
 """
 
 from __future__ import annotations
