@@ -18,7 +18,23 @@ flatters).
 Both sides publish the same JSON bytes to the same kind of subject on the
 LEDGER stream; the SDK side also encodes and validates each event (msgspec),
 tracks a timeout and retry per append. Rounds alternate and the median of
-each side is reported.
+each side is reported, with this process's CPU per event (steadier than the
+rates when the machine is shared).
+
+Measured 2026-12-02 on the 2-core development machine, beside other work
+(load 5-6: test runs and bench/timetravel.py; rates a third of an idle
+machine's): median of 7 rounds, two runs, submit / minimal raw **0.79-0.85**
+(the code before this change, run alternately with it: 0.47-0.51), 0.71-0.90
+against raw + Nats-Msg-Id; client CPU per event 0.69-0.70 of the baseline's.
+Where an append's time goes now that the SDK's publish and acknowledgement
+paths are cheaper than nats-py's (ledger/wire.py: a frame built once and
+queued as nats-py would, acknowledgements from the parser without a Msg,
+queue or task): the encode and validation of the event (msgspec encode, the
+read-back through the type's twin, the id patterns: ~3 us here, ~1.5 us idle),
+which the baseline does before its clock starts; a Future per append, and a
+full collection per round walking the caller's 20 k events and futures; and
+the server's de-duplication of the Nats-Msg-Id (the raw + msg-id reference
+runs at 0.7-0.9 of the minimal one).
 """
 
 from __future__ import annotations
@@ -31,6 +47,8 @@ import pstats
 import statistics
 import time
 import uuid
+from collections.abc import Coroutine
+from typing import Any
 
 import nats
 from common import run_against_server, server_options
@@ -112,17 +130,25 @@ async def store_round(store: EventStore, events: list[SessionCreated], expect: i
 async def run(url: str, events: int, rounds: int, cas: bool, profile: bool) -> None:
     settings = Settings(nats_url=url)
     rates: dict[str, list[float]] = {"minimal": [], "minimal_id": [], "publish_async": [], "store": [], "cas": []}
+    cpu: dict[str, list[float]] = {k: [] for k in rates}
+    """This process's CPU per event (µs), per side: steadier than the rates on a machine shared with other work."""
+
+    async def timed(side: str, round_: Coroutine[Any, Any, float]) -> None:
+        started = time.process_time()
+        rates[side].append(await round_)
+        cpu[side].append((time.process_time() - started) / events * 1e6)
+
     async with EventStore.connect(settings, ensure=True, name="bench-store") as store:
         nc = await nats.connect(url, name="bench-raw")
         try:
             for r in range(rounds):
                 tag = uuid.uuid4().hex[:8]
-                rates["minimal"].append(await minimal_round(nc, raw_messages(events, f"m{tag}"), msg_id=False))
-                rates["store"].append(await store_round(store, make_events(events, f"s{tag}")))
-                rates["minimal_id"].append(await minimal_round(nc, raw_messages(events, f"i{tag}"), msg_id=True))
-                rates["publish_async"].append(await publish_async_round(nc, raw_messages(events, f"p{tag}")))
+                await timed("minimal", minimal_round(nc, raw_messages(events, f"m{tag}"), msg_id=False))
+                await timed("store", store_round(store, make_events(events, f"s{tag}")))
+                await timed("minimal_id", minimal_round(nc, raw_messages(events, f"i{tag}"), msg_id=True))
+                await timed("publish_async", publish_async_round(nc, raw_messages(events, f"p{tag}")))
                 if cas:
-                    rates["cas"].append(await store_round(store, make_events(events, f"c{tag}"), expect=0))
+                    await timed("cas", store_round(store, make_events(events, f"c{tag}"), expect=0))
                 print(f"round {r + 1}: minimal raw {rates['minimal'][-1]:>8,.0f}/s   "
                       f"+msg-id {rates['minimal_id'][-1]:>8,.0f}/s   "
                       f"publish_async {rates['publish_async'][-1]:>8,.0f}/s"
@@ -148,6 +174,11 @@ async def run(url: str, events: int, rounds: int, cas: bool, profile: bool) -> N
     print(f"ratio     submit / minimal raw   : {med['store'] / med['minimal']:.2f}   (goal >= 0.90)")
     print(f"ratio     submit / raw + msg-id  : {med['store'] / med['minimal_id']:.2f}")
     print(f"ratio     submit / publish_async : {med['store'] / med['publish_async']:.2f}   (the old, flattering one)")
+    cpu_med = {k: statistics.median(v) for k, v in cpu.items() if v}
+    print(f"client CPU per event (this process, median): minimal raw {cpu_med['minimal']:.1f} µs, "
+          f"+msg-id {cpu_med['minimal_id']:.1f} µs, EventStore.submit {cpu_med['store']:.1f} µs"
+          + (f", +CAS {cpu_med['cas']:.1f} µs" if cas else "")
+          + f"   (minimal / submit: {cpu_med['minimal'] / cpu_med['store']:.2f})")
     if profile:
         for order, top in (("tottime", 15), ("cumulative", 30)):
             out = io.StringIO()

@@ -21,6 +21,7 @@ Up to `max_pending` appends are in flight at once; `submit` waits for room.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import logging
@@ -35,7 +36,7 @@ from nats.aio.subscription import Subscription
 from nats.errors import ConnectionClosedError, OutboundBufferLimitError
 from nats.errors import Error as NatsError
 
-from . import authority
+from . import authority, wire
 from .codec import MSG_ID, Outgoing
 from .connection import GONE, INBOX_HINT, watch_of
 from .errors import AppendTimeout, Conflict, EventIdTaken, LedgerError, PermissionDenied, StoreError, Unavailable
@@ -71,19 +72,65 @@ _READ_BACK_FAILED = (LedgerError, NatsError, TimeoutError, OSError, msgspec.Deco
 socket not yet translated, a garbled answer."""
 
 
-class _Pending:
-    __slots__ = ("out", "headers", "expect", "expect_filter", "future", "attempts", "due", "deadline")
+class _Pending(msgspec.Struct, gc=False):
+    """One append in flight (a Struct: built per append, in C).
 
-    def __init__(self, out: Outgoing, headers: dict[str, str], expect: int | None, expect_filter: str | None,
-                 future: asyncio.Future[int], due: float, deadline: float) -> None:
-        self.out = out
-        self.headers = headers
-        self.expect = expect
-        self.expect_filter = expect_filter
-        self.future = future
-        self.attempts = 1
-        self.due = due
-        self.deadline = deadline
+    gc=False: up to max_pending of them live long enough to be promoted through every generation, so untracked
+    they spare the collector its longest walks. It would miss a cycle through one (its future's awaiter may hold
+    the store), but none becomes garbage: a _Pending is held only by `_pending` while its future is unresolved,
+    the appender is held by its sweeper task until close(), and close() settles and drops every one.
+    """
+
+    out: Outgoing
+    headers: dict[str, str]
+    frame: bytes | None
+    """The HPUB command of every attempt (ledger.wire), or None: nc.publish decides."""
+    expect: int | None
+    expect_filter: str | None
+    future: asyncio.Future[int]
+    due: float
+    deadline: float
+    attempts: int = 1
+
+
+class _Window:
+    """At most `size` appends in flight: asyncio.Semaphore's rules (first come, first served; a cancelled waiter
+    gives its turn on), with no coroutine to enter while there is room - `submit` asks per append."""
+
+    def __init__(self, size: int) -> None:
+        self.room = size
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    def free(self) -> bool:
+        """Take a place now if one is free and nobody waits for one."""
+        if self.room > 0 and not self._waiters:
+            self.room -= 1
+            return True
+        return False
+
+    async def wait(self) -> None:
+        """Take a place, waiting for it (after `free` said no)."""
+        if self.free():
+            return
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(turn)
+        try:
+            await turn  # release() hands its place over by resolving it
+        except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled():
+                self.release()  # handed a place, then cancelled: pass it on
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(turn)
+            raise
+
+    def release(self) -> None:
+        while self._waiters:
+            turn = self._waiters.popleft()
+            if not turn.done():
+                turn.set_result(None)
+                return
+        self.room += 1
 
 
 class Appender:
@@ -93,10 +140,13 @@ class Appender:
         self._read_back = read_back
         self._ack_timeout = ack_timeout
         self._deadline = deadline
-        self._window = asyncio.Semaphore(max_pending)
+        self._window = _Window(max_pending)
         self._pending: dict[str, _Pending] = {}
         self._tokens = itertools.count(1)
         self._prefix = ""
+        self._prefix_size = 0
+        self._framed = False
+        """Appends are sent as frames built once (ledger.wire), rather than through nc.publish each attempt."""
         self._sub: Subscription | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
@@ -110,9 +160,12 @@ class Appender:
 
     async def start(self) -> None:
         self._prefix = self._nc.new_inbox() + "."
+        self._framed = wire.subject_ok(self._prefix)  # a token is digits: every reply is then publishable as it is
         if self._watch is not None:
             self._watch.add_listener(self._on_violation)
+        self._prefix_size = len(self._prefix.encode())
         self._sub = await self._nc.subscribe(self._prefix + "*", cb=self._on_reply)
+        wire.deliver_directly(self._nc, self._sub._id, self._on_direct)
         self._sweeper = asyncio.create_task(self._sweep(), name="ledger-append-sweeper")
 
     def _on_violation(self, operation: str, subject: str) -> None:
@@ -144,6 +197,7 @@ class Appender:
         if self._watch is not None:
             self._watch.remove_listener(self._on_violation)
         if self._sub is not None:
+            wire.stop_delivering(self._nc, self._sub._id)
             with contextlib.suppress(*GONE):
                 await self._sub.unsubscribe()
 
@@ -160,7 +214,8 @@ class Appender:
         """Send one append; the returned future gives its stream sequence (or raises)."""
         if self._denied is not None:
             raise self._denied
-        await self._window.acquire()
+        if not self._window.free():
+            await self._window.wait()
         headers = out.headers
         if expect is not None:
             headers = {
@@ -170,17 +225,28 @@ class Appender:
             }
         now = time.monotonic()
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        p = _Pending(out, headers, expect, expect_filter or out.subject, future,
-                     now + self._ack_timeout, now + self._deadline)
         token = str(next(self._tokens))
+        frame = wire.frame(out.subject, self._prefix + token, headers, out.payload) if self._framed else None
+        p = _Pending(out, headers, frame, expect, expect_filter or out.subject, future, now + self._ack_timeout,
+                     now + self._deadline)
         self._pending[token] = p
         self._idle.clear()
-        await self._send(token, p)
+        nc = self._nc
+        if frame is not None and wire.enqueue(nc, frame, len(out.payload)):  # _send's fast path, inline
+            if wire.kick_due(nc):
+                await wire.kick(nc)
+        else:
+            await self._send(token, p)
         return future
 
     async def _send(self, token: str, p: _Pending) -> None:
+        nc = self._nc
+        if p.frame is not None and wire.enqueue(nc, p.frame, len(p.out.payload)):
+            if wire.kick_due(nc):
+                await wire.kick(nc)
+            return
         try:
-            await self._nc.publish(p.out.subject, p.out.payload, reply=self._prefix + token, headers=p.headers)
+            await nc.publish(p.out.subject, p.out.payload, reply=self._prefix + token, headers=p.headers)
         except OutboundBufferLimitError:
             p.due = time.monotonic() + RETRY_BACKOFF  # disconnected and the buffer is full: try again soon
         except ConnectionClosedError:
@@ -201,20 +267,31 @@ class Appender:
             p.future.set_result(seq)  # type: ignore[arg-type]
 
     async def _on_reply(self, msg: Msg) -> None:
+        """nats-py's callback: the replies that come with headers (status messages), and every reply while a
+        reply_filter is set."""
         if self.reply_filter is not None and not self.reply_filter(msg):
             return
-        token = msg.subject[len(self._prefix):]
+        self._on_ack(msg.subject[len(self._prefix):], msg.data, msg.headers)
+
+    def _on_direct(self, subject: bytes, data: bytes) -> bool:
+        """A reply without headers, straight from the parser (ledger.wire); False: let nats-py deliver it."""
+        if self.reply_filter is not None:
+            return False  # the seam sees a Msg, as it always did
+        self._on_ack(subject[self._prefix_size:].decode(), data, None)
+        return True
+
+    def _on_ack(self, token: str, data: bytes, headers: dict[str, str] | None) -> None:
         p = self._pending.get(token)
         if p is None:
             return  # a late reply to an attempt already settled
-        if not msg.data:
-            if msg.headers and msg.headers.get("Status") == "503":
+        if not data:
+            if headers and headers.get("Status") == "503":
                 p.due = time.monotonic() + RETRY_BACKOFF  # no responders: stream leader not there yet
             return
         try:
-            ack = _ack_decoder.decode(msg.data)
+            ack = _ack_decoder.decode(data)
         except msgspec.DecodeError:
-            self._settle(token, error=StoreError(f"unreadable acknowledgement: {msg.data[:200]!r}"))
+            self._settle(token, error=StoreError(f"unreadable acknowledgement: {data[:200]!r}"))
             return
         err = ack.error
         if err is None and ack.duplicate:
