@@ -360,7 +360,9 @@ async def test_consumers_restarted_on_a_log_act_from_the_fold_without_reading_an
                 assert watchdog.writes >= len(due)
             finally:
                 await cancellation.stop([running])
-            assert reads == [] and lookups == []
+            # Only this test's entities: on the shared server the fold also holds what earlier tests left behind
+            # (test_reads_attack's forged sessions need a read to decide), which is not what this test is about.
+            assert [r for r in reads if uid in repr(r)] == [] and [r for r in lookups if uid in repr(r)] == []
 
 
 async def test_a_watchdog_write_decided_on_a_fold_that_lags_reads_the_history_once_and_moves_on(settings: Settings,
