@@ -70,6 +70,10 @@ class Reclaimer(Reactor):
         """session id -> when (monotonic) to stop waiting for the log to show our write."""
         self._load: dict[tuple[str, int], int] | None = None
         """(agent, incarnation) -> sessions assigned to it, kept from the session changes (None: not counted yet)."""
+        self._open: set[str] = set()
+        """Sessions not terminated, kept from the session changes with `_load`: what a plan looks at. A log's
+        sessions are mostly terminated ones (kept in the fold for `retain`); planning over all of them cost a
+        failover of 1,000 sessions ~25 ms a plan on a log of 50 k ended sessions, and it plans after each batch."""
         self._touched: dict[str, lc.SessionState | None] = {}
         """Sessions changed since the last step, with their state before the first of those changes."""
         self._able: dict[str, tuple[tuple[str, str, str], decide.AgentRef, int]] = {}
@@ -109,9 +113,15 @@ class Reclaimer(Reactor):
             for s in sessions.values():
                 if s.status == lc.S_ASSIGNED and s.owner is not None:
                     load[(s.owner, s.owner_incarnation or 0)] += 1
+            self._open = {sid for sid, s in sessions.items() if s.status != lc.S_TERMINATED}
             self._touched.clear()
             return load
         for sid, before in self._touched.items():
+            now_state = sessions.get(sid)
+            if now_state is None or now_state.status == lc.S_TERMINATED:
+                self._open.discard(sid)
+            else:
+                self._open.add(sid)
             pair: tuple[tuple[lc.SessionState | None, int], ...] = ((before, -1), (sessions.get(sid), 1))
             for one, by in pair:
                 if one is not None and one.status == lc.S_ASSIGNED and one.owner is not None:
@@ -214,7 +224,8 @@ class Reclaimer(Reactor):
         self.plans += 1
         skip = set(self._inflight) | self.backoff.waiting(t)
         part = self.partition
-        mine = sessions.values() if part.everything else (s for s in sessions.values() if part.owns(s.pool))
+        open_ = [sessions[sid] for sid in self._open if sid in sessions]
+        mine = open_ if part.everything else [s for s in open_ if part.owns(s.pool)]
         actions = rules.plan(mine, self.follower.state.ledger.agents, self._capacities(),
                              self.follower.state.ledger.pools, skip=skip)
         writes = [a for a in actions if not isinstance(a, rules.Hold)]
