@@ -70,10 +70,14 @@ class Reclaimer(Reactor):
         """session id -> when (monotonic) to stop waiting for the log to show our write."""
         self._load: dict[tuple[str, int], int] | None = None
         """(agent, incarnation) -> sessions assigned to it, kept from the session changes (None: not counted yet)."""
-        self._open: set[str] = set()
-        """Sessions not terminated, kept from the session changes with `_load`: what a plan looks at. A log's
-        sessions are mostly terminated ones (kept in the fold for `retain`); planning over all of them cost a
-        failover of 1,000 sessions ~25 ms a plan on a log of 50 k ended sessions, and it plans after each batch."""
+        self._waiting: set[str] = set()
+        self._held: dict[tuple[str, int], set[str]] = {}
+        self._where: dict[str, tuple[str, int] | None] = {}
+        """What a plan looks at, kept from the session changes with `_load`: the sessions waiting for an owner,
+        and the assigned ones by (owner, incarnation) - a plan takes those of an owner the one take-over rule
+        says may be replaced (it holds for all of them or none). A log's sessions are mostly ended or well held:
+        planning over every session of the fold cost a failover of 1,000 sessions ~25 ms a plan on a log of
+        50 k ended ones, and a plan follows every batch while a failover is acked."""
         self._touched: dict[str, lc.SessionState | None] = {}
         """Sessions changed since the last step, with their state before the first of those changes."""
         self._able: dict[str, tuple[tuple[str, str, str], decide.AgentRef, int]] = {}
@@ -113,15 +117,12 @@ class Reclaimer(Reactor):
             for s in sessions.values():
                 if s.status == lc.S_ASSIGNED and s.owner is not None:
                     load[(s.owner, s.owner_incarnation or 0)] += 1
-            self._open = {sid for sid, s in sessions.items() if s.status != lc.S_TERMINATED}
+            for sid, s in sessions.items():
+                self._index(sid, s)
             self._touched.clear()
             return load
         for sid, before in self._touched.items():
-            now_state = sessions.get(sid)
-            if now_state is None or now_state.status == lc.S_TERMINATED:
-                self._open.discard(sid)
-            else:
-                self._open.add(sid)
+            self._index(sid, sessions.get(sid))
             pair: tuple[tuple[lc.SessionState | None, int], ...] = ((before, -1), (sessions.get(sid), 1))
             for one, by in pair:
                 if one is not None and one.status == lc.S_ASSIGNED and one.owner is not None:
@@ -131,6 +132,37 @@ class Reclaimer(Reactor):
                         del load[key]
         self._touched.clear()
         return load
+
+    def _index(self, sid: str, state: lc.SessionState | None) -> None:
+        """File `sid` where a plan finds it: waiting, held by (owner, incarnation), or nowhere."""
+        if sid in self._where:
+            old = self._where.pop(sid)
+            if old is None:
+                self._waiting.discard(sid)
+            else:
+                held = self._held[old]
+                held.discard(sid)
+                if not held:
+                    del self._held[old]
+        if state is None:
+            return
+        if state.status in (lc.S_PENDING, lc.S_ORPHANED):
+            self._where[sid] = None
+            self._waiting.add(sid)
+        elif state.status == lc.S_ASSIGNED and state.owner is not None:
+            key = (state.owner, state.owner_incarnation or 0)
+            self._where[sid] = key
+            self._held.setdefault(key, set()).add(sid)
+
+    def _candidates(self) -> list[lc.SessionState]:
+        """The sessions a plan may act on: waiting ones, and those of owners that may be replaced."""
+        sessions, agents = self.follower.state.ledger.sessions, self.follower.state.ledger.agents
+        out = [sessions[sid] for sid in self._waiting if sid in sessions]
+        for (owner, _), sids in self._held.items():
+            sample = sessions.get(next(iter(sids)))
+            if sample is not None and lc.owner_replaceable(sample, agents.get(owner)) is not None:
+                out += [sessions[sid] for sid in sids if sid in sessions]
+        return out
 
     def _assess(self, agent_id: str, now: datetime) -> bool:
         """Judge one agent with `reclaim_rules.ineligible` (the one rule); whether what the plan sees changed."""
@@ -224,8 +256,8 @@ class Reclaimer(Reactor):
         self.plans += 1
         skip = set(self._inflight) | self.backoff.waiting(t)
         part = self.partition
-        open_ = [sessions[sid] for sid in self._open if sid in sessions]
-        mine = open_ if part.everything else [s for s in open_ if part.owns(s.pool)]
+        candidates = self._candidates()
+        mine = candidates if part.everything else [s for s in candidates if part.owns(s.pool)]
         actions = rules.plan(mine, self.follower.state.ledger.agents, self._capacities(),
                              self.follower.state.ledger.pools, skip=skip)
         writes = [a for a in actions if not isinstance(a, rules.Hold)]

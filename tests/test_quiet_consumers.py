@@ -8,13 +8,15 @@ Folds built in memory stand for a large log where the behaviour needs no server;
 from __future__ import annotations
 
 import asyncio
+import types
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
 import pytest
 from helpers import eventually
-from histories import CLI, T0, T0_NS, WATCHDOG, Builder
+from histories import CLI, T0, T0_NS, WATCHDOG, Builder, histories
+from hypothesis import given, settings
 
 from consumers import reclaim_rules, route_rules
 from consumers import watchdog as watchdog_module
@@ -263,6 +265,52 @@ async def test_the_reclaimer_plans_over_the_open_sessions_only(store: EventStore
     b.told(follower, ev.SessionCreated(producer=CLI, session_id=f"{uid}-new", pool="gpu"))
     await reclaimer.step(b.now())
     assert planned() == sorted([waiting[1], f"{uid}-new"]) and reclaimer.writes == 0
+
+    # Sessions held by a live owner are not looked at; once it says goodbye, all of them are.
+    owner = f"{uid}-a"
+    me = ev.Producer(id=owner, instance="i")
+    b.told(follower, ev.AgentRegistered(producer=me, agent_id=owner, instance_id="i", pool="gpu", capacity=10,
+                                        heartbeat_interval=5.0, ttl=30.0))
+    incarnation = follower.state.ledger.agents[owner].incarnation
+    held = sorted([waiting[1], f"{uid}-new"])
+    for sid in held:
+        b.told(follower, ev.SessionClaimed(producer=me, session_id=sid, agent_id=owner, instance_id="i",
+                                           incarnation=incarnation, reason="initial"))
+    assert [follower.state.ledger.sessions[sid].owner for sid in held] == [owner, owner]
+    await reclaimer.step(b.now())
+    assert planned() == []
+    b.told(follower, ev.AgentGoodbye(producer=me, agent_id=owner, instance_id="i", incarnation=incarnation))
+    await reclaimer.step(b.now())
+    assert planned() == held
+
+
+@settings(max_examples=200, deadline=None)
+@given(histories(max_size=80))
+def test_a_plan_over_the_reclaimers_candidates_is_the_plan_over_every_session(items: list[Any]) -> None:
+    """The index leaves out only sessions the plan would leave alone: the same actions, from the same fold."""
+    from ledger.decide import AgentRef
+    from projections.state import LedgerState
+
+    state = LedgerState()
+    state.apply_all(items)
+    # The plan reads nothing but the follower's state: a stand-in for a follower (no store, no writes here).
+    follower = types.SimpleNamespace(state=state, listen=lambda heard: None)
+    reclaimer = Reclaimer(None, follower)  # type: ignore[arg-type]
+    reclaimer._count_load()  # the index, as a first step builds it
+
+    def eligible() -> dict[tuple[str, str, str], list[reclaim_rules.Capacity]]:
+        out: dict[tuple[str, str, str], list[reclaim_rules.Capacity]] = {}
+        for a in state.ledger.agents.values():
+            if a.status == lc.A_ALIVE:
+                ref = AgentRef(a.agent_id, a.instance_id, a.incarnation, lc.placement_of(a))
+                out.setdefault(lc.placement_of(a), []).append(reclaim_rules.Capacity(agent=ref, load=0, capacity=3))
+        return out
+
+    for capacities in (dict, eligible):  # nobody to take sessions (orphanings only), and agents with room
+        every = reclaim_rules.plan(state.ledger.sessions.values(), state.ledger.agents, capacities(),
+                                   state.ledger.pools)
+        indexed = reclaim_rules.plan(reclaimer._candidates(), state.ledger.agents, capacities(), state.ledger.pools)
+        assert indexed == every
 
 
 def test_eligible_until_is_when_assess_stops_saying_alive():
