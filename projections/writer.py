@@ -19,7 +19,7 @@ from ledger.lifecycle import AgentState, PoolState, RouteState, SessionState
 from . import rows, snapshots
 from .beats import Beat
 from .reads import ProjectionReads
-from .state import LedgerState
+from .state import SESSION, LedgerState
 from .versions import Version
 
 _compressor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="projection-snapshots")
@@ -73,8 +73,11 @@ class ProjectionWriter(ProjectionReads):
                 await c.executemany(rows.UPSERT_DEAD_LETTERS, b.dead_letters)
             await c.executemany(rows.UPSERT_CHECKPOINT, b.checkpoints)
             for kind, versions in b.versions.items():
-                for chunk in rows.version_chunks(versions):
+                for chunk in rows.version_chunks(kind, versions):
                     await c.execute(rows.INSERT_VERSIONS[kind], chunk)
+                if kind == SESSION:
+                    for cps in rows.checkpoint_chunks(versions):
+                        await c.execute(rows.INSERT_CHECKPOINTS, (cps,))
             if b.prune_beats_below > 1:  # below #1 nothing goes, and nothing is noted (a rebuild would not note it)
                 await c.execute(rows.PRUNE_BEAT_VERSIONS, {"below": b.prune_beats_below})
                 await c.execute(rows.NOTE_BEATS_FROM, {"below": b.prune_beats_below})
