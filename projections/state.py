@@ -63,8 +63,9 @@ state stays in the projection's SQLite row, and its history in the log.
   operator's later move to TERMINATED, once it is retired, is flagged and its
   row stays FAILED_TO_START (the log has the move).
 * Time travel folds with the same rule, so a snapshot plus the rest still
-  equals a replay from zero; a view of a past moment does not list what was
-  retired before it (its row and history still do).
+  equals a replay from zero; a view of a past moment lists what was retired
+  before it as it ended, as the version rows do (`projections.timetravel`
+  puts those back into the answer).
 * Beats (LEDGER_HB) are not retired: that fold cannot see whether an agent is
   gone, and a beat outliving `retain` may still be the one a long-TTL agent is
   judged by. They grow with the agents ever seen, not with sessions.
