@@ -17,9 +17,9 @@ from typing import Any, NamedTuple
 from ledger.lifecycle import AgentState, PoolState, RouteState, SessionState
 
 from . import rows, snapshots
-from .beats import Beat
+from .beats import Beat, merged
 from .reads import ProjectionReads
-from .state import SESSION, LedgerState
+from .state import HEARTBEAT, SESSION, LedgerState
 from .versions import Version
 
 _compressor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="projection-snapshots")
@@ -46,6 +46,10 @@ class Batch(NamedTuple):
     prune_beats_below: int = 0
     """Now and then, the first LEDGER_HB sequence of the kept beat history: older beat versions go (each agent
     keeps its beat there), and the file notes from where its beats answer (`beats_from`)."""
+    beat_slots: Sequence[tuple[int, str, Beat]] = ()
+    """The batch's accepted beats in order: (seq, agent id, slot). Their rows and versions are folded here onto
+    each agent's record (`beat_bases`, or its stored row), as the heartbeat stream alone folds them."""
+    beat_bases: Mapping[str, Beat | None] = MappingProxyType({})
 
 
 class ProjectionWriter(ProjectionReads):
@@ -62,9 +66,10 @@ class ProjectionWriter(ProjectionReads):
                   for row in b.snapshots]
         c = self.conn
         async with self.transaction():
+            beat_rows, beat_versions = await self._beats(b)
             for sql, table in ((rows.UPSERT_AGENTS, b.agents), (rows.UPSERT_SESSIONS, b.sessions),
                                (rows.UPSERT_ROUTES, b.routes), (rows.UPSERT_POOLS, b.pools),
-                               (rows.UPSERT_BEATS, b.beats)):
+                               (rows.UPSERT_BEATS, beat_rows)):
                 for doc in rows.chunks(table):
                     await c.execute(sql, (doc,))
             if b.anomalies:
@@ -72,7 +77,7 @@ class ProjectionWriter(ProjectionReads):
             if b.dead_letters:
                 await c.executemany(rows.UPSERT_DEAD_LETTERS, b.dead_letters)
             await c.executemany(rows.UPSERT_CHECKPOINT, b.checkpoints)
-            for kind, versions in b.versions.items():
+            for kind, versions in (*b.versions.items(), (HEARTBEAT, beat_versions)):
                 for chunk in rows.version_chunks(kind, versions):
                     await c.execute(rows.INSERT_VERSIONS[kind], chunk)
                 if kind == SESSION:
@@ -86,8 +91,24 @@ class ProjectionWriter(ProjectionReads):
             if b.drop_snapshots:
                 await c.executemany("DELETE FROM snapshots WHERE stream = ? AND seq = ?", b.drop_snapshots)
 
+    async def _beats(self, b: Batch) -> tuple[dict[str, Beat], list[Version]]:
+        """The beat rows and versions of a batch: its beats folded onto each agent's record before them, read back
+        from the row when the fold in memory did not hold it whole (trimmed by retirement, or a new agent)."""
+        if not b.beat_slots:
+            return dict(b.beats), []
+        bases = dict(b.beat_bases)
+        missing = [k for k, v in bases.items() if v is None]
+        if missing:
+            for key, doc in await self.conn.execute_fetchall(
+                    "SELECT agent_id, doc FROM beats WHERE agent_id IN (SELECT value FROM json_each(CAST(? AS TEXT)))",
+                    (rows.ids(missing),)):
+                bases[key] = rows.beat_of(doc)
+        records, versions = merged(bases, list(b.beat_slots))
+        return {**b.beats, **records}, versions
+
     async def load_state(self) -> LedgerState:
-        """The folded state as committed: exactly what the fold had at the checkpoints."""
+        """The folded state as committed: exactly what the fold had at the checkpoints, once settled with the
+        fold's retain (`LedgerState.settle`: the rows keep the entities the fold retired)."""
         state = LedgerState()
         async with self.reading():
             for key, doc in await self.conn.execute_fetchall("SELECT agent_id, doc FROM agents"):
@@ -100,11 +121,17 @@ class ProjectionWriter(ProjectionReads):
                 state.ledger.pools[key] = rows.pool_of(doc)
             for key, doc in await self.conn.execute_fetchall("SELECT agent_id, doc FROM beats"):
                 state.heartbeats.beats[key] = rows.beat_of(doc)
+            agents, lives = state.ledger.agents, state.ledger.lives  # the version that made each agent known
+            for key, seq in await self.conn.execute_fetchall(
+                    "SELECT agent_id, max(seq) FROM agent_versions WHERE first = 1 GROUP BY agent_id"):
+                if key in agents:
+                    lives[key] = seq
             for cp in await self.checkpoints():
                 part = state.part(cp.stream)
                 part.seq, part.stored_ns, part.anomalies = cp.seq, cp.stored_ns, cp.anomalies
             for d in await self.dead_letters():
                 state.part(d.stream).dead_letters[d.reason] = d.count
+        state.trim_beats()  # the rows are the heartbeat stream's fold; the fold in memory lets go of the past
         return state
 
     async def snapshot_seqs(self, stream: str) -> list[int]:
