@@ -141,8 +141,8 @@ def slot_of(rec: Recorded) -> Beat:
 def merged(bases: dict[str, Beat | None], slots: list[tuple[int, str, Beat]]) -> tuple[dict[str, Beat],
                                                                                      list[tuple[int, bool, Beat]]]:
     """Each agent's record after the batch's beats (`slots`: (seq, agent id, slot), in stream order) placed on
-    its record before them (`bases`), and the record after each beat (a version), as the stream alone folds them.
-    The projector's rows are this, not the in-memory fold's records, which retirement trims (`trimmed`)."""
+    its record before them (`bases`; none: a new agent), and the record after each beat (a version), as the
+    stream alone folds them. The projector's rows are this, not the in-memory records retirement trims."""
     records = dict(bases)
     versions: list[tuple[int, bool, Beat]] = []
     for seq, agent_id, slot in slots:

@@ -77,8 +77,9 @@ state stays in the projection's SQLite row, and its history in the log.
   were interleaved. What no view reads goes (a view reads the beat of the
   agent's registered incarnation, or one above it); a beat arriving for such
   an agent is not kept. The projection's rows are not trimmed: the projector
-  folds each beat onto the agent's stored record (`beats.merged`), and
-  `Change.before` of a beat is None when the record in memory was trimmed.
+  folds each beat onto the agent's stored record (`beats.merged`); the record
+  in memory cannot tell whether it lost slots before (a record dropped, then
+  begun again by a new life), so `Change.before` of a beat is not that row.
 """
 
 from __future__ import annotations
@@ -371,23 +372,14 @@ class LedgerState(msgspec.Struct, kw_only=True, dict=True):
     heartbeats: HeartbeatState = msgspec.field(default_factory=HeartbeatState)
 
     def __post_init__(self) -> None:  # also after decoding, and for a state put together from two snapshots
-        self._trimmed: set[str] = set()
-        """Agents whose record here lacks slots the stream's fold has (their `Change.before` is None)."""
-        self._index_beats(whole=False)
+        self.trim_beats()
 
     def trim_beats(self) -> None:
-        """Trim the beats by what the lifecycle fold knows: for records filled from the projection's rows, which
-        are the heartbeat stream's fold (`settle` does it too, after retiring)."""
-        self._index_beats(whole=True)
-
-    def _index_beats(self, *, whole: bool) -> None:
-        """Trim every record, and rebuild the heap of slots whose registration the lifecycle fold has not reached.
-        `whole`: the records are as the heartbeat stream folds them (the projection's rows), so those left as they
-        were stay whole; otherwise (a snapshot: trimmed already, or not) none is taken for whole."""
-        for agent_id, beat in list(self.heartbeats.beats.items()):
-            if self._trim(agent_id) is not beat or not whole:
-                self._trimmed.add(agent_id)
-        self._trimmed &= self.heartbeats.beats.keys()
+        """Trim every record by what the lifecycle fold knows (records filled from the projection's rows, which are
+        the heartbeat stream's fold; `settle` does it too), and rebuild the heap of slots whose registration the
+        lifecycle fold has not reached."""
+        for agent_id in list(self.heartbeats.beats):
+            self._trim(agent_id)
         self._index_pending()
 
     def _index_pending(self) -> None:
@@ -400,7 +392,7 @@ class LedgerState(msgspec.Struct, kw_only=True, dict=True):
     def settle(self, retain: float | None = None) -> int:
         """`LifecycleState.settle`, then the beats' trim: for a state whose tables were filled from the rows."""
         retired = self.ledger.settle(retain)
-        self._index_beats(whole=True)
+        self.trim_beats()
         return retired
 
     def _gone(self, agent_id: str) -> Callable[[Beat], bool]:
@@ -422,18 +414,14 @@ class LedgerState(msgspec.Struct, kw_only=True, dict=True):
         kept = trimmed(beat, self._gone(agent_id))
         if kept is None:
             del beats[agent_id]
-            self._trimmed.discard(agent_id)
         elif kept is not beat:
             beats[agent_id] = kept
-            self._trimmed.add(agent_id)
         return kept
 
     def apply(self, item: Recorded | Unreadable) -> Change | None:
         """Fold one stored item; None if its stream's position is already past it."""
         if item.stream == HEARTBEAT_STREAM:
             hb = self.heartbeats
-            key = item.event.entity_id if isinstance(item, Recorded) else None
-            whole = key is not None and key not in self._trimmed
             change = hb.apply(item)
             if change is None or change.kind != HEARTBEAT or change.anomaly is not None:
                 return change
@@ -442,8 +430,7 @@ class LedgerState(msgspec.Struct, kw_only=True, dict=True):
                 heapq.heappush(self._pending, (item.event.incarnation, change.id))  # type: ignore[union-attr]
                 if len(self._pending) > 64 and len(self._pending) > 2 * KEEP * len(hb.beats):
                     self._index_pending()  # forged incarnations: the heap stays within a constant of the slots
-            # `before` is the record the stream's fold had: when retirement trimmed it, the projector reads it back
-            return change if whole else change._replace(before=None)
+            return change
         change = self.ledger.apply(item)
         if change is not None and self.heartbeats.beats:
             if change.kind == AGENT and change.anomaly is None:

@@ -37,7 +37,7 @@ def _rows(table: dict[str, Any], dirty: set[str], retired: dict[str, Any]) -> di
 
 
 class Uncommitted:
-    __slots__ = ("dirty", "retired", "anomalies", "dead", "events", "since", "noted", "beat_slots", "beat_bases")
+    __slots__ = ("dirty", "retired", "anomalies", "dead", "events", "since", "noted", "beat_slots")
 
     def __init__(self) -> None:
         self.dirty: dict[str, set[str]] = {AGENT: set(), SESSION: set(), ROUTE: set(), POOL: set()}
@@ -51,9 +51,8 @@ class Uncommitted:
         self.noted: list[versions.Noted] = []
         """Every applied change in order, for the version rows (time travel)."""
         self.beat_slots: list[tuple[int, str, Beat]] = []
-        """Every accepted beat in order: (seq, agent id, the slot it makes)."""
-        self.beat_bases: dict[str, Beat | None] = {}
-        """Each beating agent's record before its first beat here (None: the writer reads its stored row)."""
+        """Every accepted beat in order, (seq, agent id, the slot it makes): the writer folds them onto the agents'
+        stored records (the fold in memory trims what retirement lets go of; the rows keep the stream's fold)."""
 
     def note(self, change: Change | None, item: Any) -> None:
         self.events += 1
@@ -62,7 +61,6 @@ class Uncommitted:
         if change.kind == DEAD_LETTER:
             self.dead.append(item)
         elif change.kind == HEARTBEAT and change.anomaly is None:
-            self.beat_bases.setdefault(change.id, change.before)
             self.beat_slots.append((item.seq, change.id, slot_of(item)))
         elif change.anomaly is None:
             self.dirty[change.kind].add(change.id)
@@ -97,7 +95,6 @@ class Uncommitted:
             snapshots=snaps,
             drop_snapshots=drops,
             beat_slots=self.beat_slots,
-            beat_bases=self.beat_bases,
         )
         committed: dict[str, dict[str, Any]] = {AGENT: batch.agents, SESSION: batch.sessions, ROUTE: batch.routes,
                                                 POOL: batch.pools}

@@ -48,8 +48,7 @@ class Batch(NamedTuple):
     keeps its beat there), and the file notes from where its beats answer (`beats_from`)."""
     beat_slots: Sequence[tuple[int, str, Beat]] = ()
     """The batch's accepted beats in order: (seq, agent id, slot). Their rows and versions are folded here onto
-    each agent's record (`beat_bases`, or its stored row), as the heartbeat stream alone folds them."""
-    beat_bases: Mapping[str, Beat | None] = MappingProxyType({})
+    each agent's stored record, as the heartbeat stream alone folds them (`beats.merged`)."""
 
 
 class ProjectionWriter(ProjectionReads):
@@ -92,17 +91,17 @@ class ProjectionWriter(ProjectionReads):
                 await c.executemany("DELETE FROM snapshots WHERE stream = ? AND seq = ?", b.drop_snapshots)
 
     async def _beats(self, b: Batch) -> tuple[dict[str, Beat], list[Version]]:
-        """The beat rows and versions of a batch: its beats folded onto each agent's record before them, read back
-        from the row when the fold in memory did not hold it whole (trimmed by retirement, or a new agent)."""
+        """The beat rows and versions of a batch: its beats folded onto each agent's stored record. Read back, not
+        taken from the fold in memory: retirement trims that one, and it cannot tell what it lost (a record
+        dropped, then begun again by the agent's next life) - one indexed read per beating agent and batch."""
         if not b.beat_slots:
             return dict(b.beats), []
-        bases = dict(b.beat_bases)
-        missing = [k for k, v in bases.items() if v is None]
-        if missing:
-            for key, doc in await self.conn.execute_fetchall(
-                    "SELECT agent_id, doc FROM beats WHERE agent_id IN (SELECT value FROM json_each(CAST(? AS TEXT)))",
-                    (rows.ids(missing),)):
-                bases[key] = rows.beat_of(doc)
+        bases: dict[str, Beat | None] = {}
+        found = await self.conn.execute_fetchall(
+            "SELECT agent_id, doc FROM beats WHERE agent_id IN (SELECT value FROM json_each(CAST(? AS TEXT)))",
+            (rows.ids({agent_id for _, agent_id, _ in b.beat_slots}),))
+        for key, doc in found:
+            bases[key] = rows.beat_of(doc)
         records, versions = merged(bases, list(b.beat_slots))
         return {**b.beats, **records}, versions
 

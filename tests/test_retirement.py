@@ -337,6 +337,24 @@ def test_agents_that_come_and_go_leave_the_heartbeat_fold_after_retain():
     assert len(state._pending) <= 4 * len(state.heartbeats.beats)  # the heap of slots ahead of the lifecycle
 
 
+
+async def test_an_agent_back_in_a_new_life_keeps_its_old_beats_in_its_row(tmp_path: Path):
+    """The fold drops a retired agent's record; its next life begins a new one in memory. Its row must still be
+    the stream's record - the old life's beat in `earlier` - batch after batch (the writer reads the row back)."""
+    log, me = Log(), ev.Producer(id="a1", instance="i")
+    first = log(ev.AgentRegistered(producer=me, agent_id="a1", instance_id="i", pool="p"))
+    items: list[Any] = [first, beat("a1", first.seq, 1, first.timestamp_ns),
+                        log(ev.AgentGoodbye(producer=me, agent_id="a1", instance_id="i", incarnation=first.seq))]
+    again = log(ev.AgentRegistered(producer=me, agent_id="a1", instance_id="i", pool="p"))  # retires it (retain 0)
+    items += [again, beat("a1", again.seq, 2, again.timestamp_ns), beat("a1", again.seq, 3, again.timestamp_ns)]
+    state = await commit_batches(tmp_path / "p.sqlite3", [items[:5], items[5:]], state=fresh(0.0))
+    assert state.beats["a1"].slots() == (state.current_beat("a1"),)  # memory: the new life only
+    async with await ProjectionDB.open(tmp_path / "p.sqlite3", readonly=True) as db, db.reading():
+        assert await db.beats() == stream_only(items).beats
+        assert [b.incarnation for b in (await db.beats())["a1"].slots()] == [again.seq, first.seq]
+        assert await db.beats_as_of(3, ["a1"]) == stream_only(items).beats
+
+
 def test_a_late_event_on_a_retired_session_is_an_unknown_entity_and_a_re_creation_a_new_session():
     log = Log()
     items = churn(1)
