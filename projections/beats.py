@@ -24,6 +24,11 @@ first, so a1 may not keep a2 alive, nor push a2's real beats out.
 Keeping the `KEEP` incarnations whose newest beats are the newest is a
 function of the set of beats, so the fold stays deterministic and
 order-independent. The top slot is the highest incarnation kept.
+
+`HeartbeatState` is this fold alone, and the projection's rows and beat
+versions are it too (`merged`). The fold in memory beside the lifecycle one
+(`state.LedgerState`) also lets go of the slots of an agent's past
+(`trimmed`), so beats do not outlive retired agents.
 """
 
 from __future__ import annotations
