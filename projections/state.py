@@ -425,7 +425,11 @@ class LedgerState(msgspec.Struct, kw_only=True, dict=True):
             change = hb.apply(item)
             if change is None or change.kind != HEARTBEAT or change.anomaly is not None:
                 return change
-            beat = self._trim(change.id)
+            beat = hb.beats.get(change.id)
+            agent = self.ledger.agents.get(change.id)
+            if beat is not None and (agent is None or beat.earlier or beat.incarnation < self.ledger.lives.get(
+                    change.id, 0)):  # else its one slot is the registered life's: nothing to trim (most beats)
+                beat = self._trim(change.id)
             if beat is not None and item.event.incarnation > self.ledger.seq:  # type: ignore[union-attr]
                 heapq.heappush(self._pending, (item.event.incarnation, change.id))  # type: ignore[union-attr]
                 if len(self._pending) > 64 and len(self._pending) > 2 * KEEP * len(hb.beats):
