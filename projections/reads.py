@@ -144,20 +144,25 @@ class ProjectionReads:
         return [by_stream.get(s, Checkpoint(s, 0, 0, 0, 0)) for s in (LEDGER_STREAM, HEARTBEAT_STREAM)]
 
     async def nearest_snapshot(self, stream: str, *, seq: int | None = None, stored_ns: int | None = None,
-                               with_data: bool = True) -> SnapshotRow | None:
-        """The newest snapshot at or before a sequence or a stored time (`with_data=False`: data is b"")."""
+                               with_data: bool = True, ledger_seq: int | None = None,
+                               ledger_ns: int | None = None) -> SnapshotRow | None:
+        """The newest snapshot at or before a sequence or a stored time (`with_data=False`: data is b""), taken
+        while the lifecycle fold stood at or before `ledger_seq` and `ledger_ns` (if given)."""
         if seq is not None:
-            where, arg = "seq <= ?", seq
+            where, args = "seq <= ?", [seq]
         elif stored_ns is not None:
-            where, arg = "stored_ns <= ?", stored_ns
+            where, args = "stored_ns <= ?", [stored_ns]
         else:
-            where, arg = "1 = ?", 1
+            where, args = "1 = ?", [1]
+        for column, bound in (("ledger_seq", ledger_seq), ("ledger_ns", ledger_ns)):
+            if bound is not None:
+                where, args = where + f" AND {column} <= ?", [*args, bound]
         data = "data" if with_data else "x''"
         found = list(await self.conn.execute_fetchall(
             f"SELECT stream, seq, stored_ns, {data} FROM snapshots "
             f"WHERE stream = ? AND {where} "
             "ORDER BY seq DESC LIMIT 1",
-            (stream, arg)))
+            (stream, *args)))
         return SnapshotRow(*found[0]) if found else None
 
     async def beats_from(self) -> int:

@@ -12,7 +12,8 @@ from __future__ import annotations
 PROJECTION_SCHEMA_VERSION = 4
 """Bump whenever the tables, the row encoding or the meaning of a fold change (2: the *_versions tables;
 3: a session's document carries its newest checkpoint, `session.checkpointed`; 4: a session version names its
-checkpoint by sequence, the checkpoint itself is in `session_checkpoints`, once)."""
+checkpoint by sequence, the checkpoint itself is in `session_checkpoints`, once; a snapshot notes where the
+lifecycle fold stood, as the heartbeat fold lets go of retired agents' beats)."""
 
 TABLES = ("meta", "checkpoints", "agents", "beats", "sessions", "routes", "pools", "anomalies", "dead_letters",
           "snapshots", "agent_versions", "session_versions", "session_checkpoints", "route_versions", "pool_versions",
@@ -100,13 +101,18 @@ CREATE TABLE dead_letters (
 ) WITHOUT ROWID;
 
 -- Serialised fold state of one stream at `seq` (zlib-compressed msgpack), so a
--- view "as of" the past replays only from the nearest snapshot.
+-- view "as of" the past replays only from the nearest snapshot. `ledger_seq` and
+-- `ledger_ns`: where the lifecycle fold stood when it was taken (a heartbeat
+-- snapshot lacks the beats of agents retired by then: a moment before that
+-- starts from an older one).
 CREATE TABLE snapshots (
     stream     TEXT NOT NULL,
     seq        INTEGER NOT NULL,
     stored_ns  INTEGER NOT NULL,
     created_ns INTEGER NOT NULL,
     data       BLOB NOT NULL,
+    ledger_seq INTEGER NOT NULL,
+    ledger_ns  INTEGER NOT NULL,
     PRIMARY KEY (stream, seq)
 );
 """

@@ -129,10 +129,15 @@ def _lost(hb_facts: StreamFacts) -> str:
     return f"heartbeats stored before {from_ns(hb_facts.first_ns).isoformat()} are no longer kept"
 
 
-async def beats_as_of_cut(store: EventStore, db: ProjectionDB | None, cut_ns: int, hb_facts: StreamFacts) -> Beats:
+async def beats_as_of_cut(store: EventStore, db: ProjectionDB | None, cut_ns: int, hb_facts: StreamFacts,
+                          ledger_seq: int | None = None) -> Beats:
     """The heartbeats as of the moment `cut_ns` (0: none yet), as a replay finds them: the one rule for a moment
-    the file's beat versions do not cover (no file, older than its kept beat history, older than the stream)."""
-    hb_snap = await db.nearest_snapshot(HEARTBEAT_STREAM, stored_ns=cut_ns) if db else None
+    the file's beat versions do not cover (no file, older than its kept beat history, older than the stream).
+    `ledger_seq`: the moment's LEDGER sequence, if it is one. A heartbeat snapshot lacks the beats of agents the
+    lifecycle fold had retired when it was taken, so only one taken while that fold stood within the moment
+    will do (the beats it lacks are then of agents retired by the moment, or of their earlier lives)."""
+    hb_snap = await db.nearest_snapshot(HEARTBEAT_STREAM, stored_ns=cut_ns, ledger_seq=ledger_seq,
+                                        ledger_ns=cut_ns) if db else None
     beats = snapshots.unpack(hb_snap.data, HeartbeatState) if hb_snap else HeartbeatState()
     snap_seq = hb_snap.seq if hb_snap else 0
     gap = bool(hb_facts.messages) and hb_facts.first_seq > beats.seq + 1
@@ -174,7 +179,7 @@ async def state_as_of(store: EventStore, db: ProjectionDB | None, *, seq: int | 
     hb_facts = await store.stream_facts(HEARTBEAT_STREAM)
     (replayed, anomalies), hb = await asyncio.gather(
         _replay_into(store, ledger, LEDGER_STREAM, end_seq=seq, end_time=time, retired=retired),
-        beats_as_of_cut(store, db, cut_ns, hb_facts))
+        beats_as_of_cut(store, db, cut_ns, hb_facts, seq))
     _put_back(ledger, retired)
     notes = hb.notes + ([_lost(hb_facts)] if hb.lost and ledger.agents else [])
     state = LedgerState(ledger=ledger, heartbeats=hb.state)
@@ -236,7 +241,7 @@ async def past_as_of(store: EventStore, db: ProjectionDB, *, seq: int | None = N
             beats = await db.beats_as_of(min(hb_seq, committed_hb.seq), agents)
     lagged: list[AnomalyRecord] = []
     if not indexed:  # older than the file's kept beat history (or the stream's): as a replay finds them
-        cut = await beats_as_of_cut(store, db, cut_ns, hb_facts)
+        cut = await beats_as_of_cut(store, db, cut_ns, hb_facts, seq)
         beats = {k: b for k, b in cut.state.beats.items() if k in agents}
         hb_seq, hb_ns, beats_known = cut.state.seq, cut.state.stored_ns, cut.beats_known
         notes = cut.notes + ([_lost(hb_facts)] if cut.lost and agents else [])

@@ -39,7 +39,7 @@ class Batch(NamedTuple):
     dead_letters: list[tuple[Any, ...]]
     checkpoints: list[tuple[Any, ...]]
     snapshots: list[tuple[Any, ...]]
-    """(stream, seq, stored_ns, created_ns, encoded state): compressed on the way in."""
+    """(stream, seq, stored_ns, created_ns, encoded state, ledger seq, ledger stored ns): compressed on the way in."""
     drop_snapshots: list[tuple[str, int]]
     versions: Mapping[str, Sequence[Version]] = MappingProxyType({})
     """Kind -> every state the batch's changes made, by sequence (`projections.versions`)."""
@@ -61,7 +61,7 @@ class ProjectionWriter(ProjectionReads):
     async def commit(self, b: Batch) -> None:
         """Write one batch, atomically. Encoding and compression happen here, a piece at a time."""
         loop = asyncio.get_running_loop()
-        packed = [(*row[:4], await loop.run_in_executor(_compressor, snapshots.compress, row[4]))
+        packed = [(*row[:4], await loop.run_in_executor(_compressor, snapshots.compress, row[4]), *row[5:])
                   for row in b.snapshots]
         c = self.conn
         async with self.transaction():
@@ -86,7 +86,7 @@ class ProjectionWriter(ProjectionReads):
                 await c.execute(rows.PRUNE_BEAT_VERSIONS, {"below": b.prune_beats_below})
                 await c.execute(rows.NOTE_BEATS_FROM, {"below": b.prune_beats_below})
             for snapshot in packed:
-                await c.execute("INSERT OR REPLACE INTO snapshots VALUES (?, ?, ?, ?, ?)", snapshot)
+                await c.execute("INSERT OR REPLACE INTO snapshots VALUES (?, ?, ?, ?, ?, ?, ?)", snapshot)
             if b.drop_snapshots:
                 await c.executemany("DELETE FROM snapshots WHERE stream = ? AND seq = ?", b.drop_snapshots)
 

@@ -108,3 +108,39 @@ async def test_a_past_view_with_retirement_equals_the_replay(store: EventStore, 
             assert rebuilt.state.ledger.sessions == sessions, seq
             assert rebuilt.state.ledger.agents == agents, seq
         assert 0 in started and len(started) > 1  # from zero, and from snapshots taken after retirements
+
+
+async def test_a_replay_never_starts_from_a_heartbeat_snapshot_taken_after_the_moment_s_retirements(
+        store: EventStore, tmp_path: Path):
+    """The heartbeat fold lets go of a retired agent's beats, so a heartbeat snapshot taken while the lifecycle
+    fold stood past a retirement lacks them. A moment before the retirement - when the agent was alive and beating
+    - must not start from it. Here the file folds the lifecycle stream first (as a projector whose LEDGER reader
+    ran ahead would): the heartbeat snapshot has no beat of a1, and a replay of the moment still finds it."""
+    from projection_helpers import commit_batches
+    from test_timetravel import everything
+
+    from ledger.subjects import HEARTBEAT_STREAM
+    from projections.db import ProjectionDB
+    from projections.state import LedgerState, LifecycleState
+
+    inc = await store.append(ev.AgentRegistered(producer=me("a1"), agent_id="a1", instance_id="i", pool="p"))
+    for n in range(3):
+        await store.append(ev.AgentHeartbeat(producer=me("a1"), agent_id="a1", instance_id="i", incarnation=inc,
+                                             beat=n))
+    moment = await store.append(ev.SessionCreated(producer=CLI, session_id="s1", pool="p"))
+    await store.append(ev.AgentGoodbye(producer=me("a1"), agent_id="a1", instance_id="i", incarnation=inc))
+    await store.append(ev.SessionCreated(producer=CLI, session_id="s2", pool="p"))  # retires a1 (retain 0)
+    items = await everything(store)
+    ledger_first = [[i for i in items if i.stream == LEDGER_STREAM], [i for i in items if i.stream != LEDGER_STREAM]]
+    path = tmp_path / "p.sqlite3"
+    folded = await commit_batches(path, ledger_first, snapshot_every=1,
+                                  state=LedgerState(ledger=LifecycleState(retain=0)))
+    assert "a1" not in folded.heartbeats.beats  # retired: its beats left the fold, and the snapshot
+    async with await ProjectionDB.open(path, readonly=True) as db:
+        snap = await db.nearest_snapshot(HEARTBEAT_STREAM)
+        assert snap is not None and snap.seq == 3
+        rebuilt = await state_as_of(store, db, seq=moment)
+        assert (await db.beats())["a1"].seq == 3  # the row keeps it
+    assert rebuilt.snapshots[HEARTBEAT_STREAM] == 0  # not the snapshot taken past the goodbye
+    beat = rebuilt.state.current_beat("a1")
+    assert beat is not None and beat.seq == 3 and rebuilt.state.ledger.agents["a1"].status == "alive"
