@@ -24,10 +24,16 @@ first, so a1 may not keep a2 alive, nor push a2's real beats out.
 Keeping the `KEEP` incarnations whose newest beats are the newest is a
 function of the set of beats, so the fold stays deterministic and
 order-independent. The top slot is the highest incarnation kept.
+
+`HeartbeatState` is this fold alone, and the projection's rows and beat
+versions are it too (`merged`). The fold in memory beside the lifecycle one
+(`state.LedgerState`) also lets go of the slots of an agent's past
+(`trimmed`), so beats do not outlive retired agents.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 
 import msgspec
@@ -101,22 +107,70 @@ def evolve_beat(current: Beat | None, rec: Recorded) -> tuple[Beat | None, Anoma
         if rec.seq <= current.seq:
             return current, None  # an older delivery of what we already hold
         return _beat(rec, e, current.earlier), None
-    new = _beat(rec, e, ())
+    return place(current, _beat(rec, e, ()))
+
+
+def place(current: Beat | None, new: Beat) -> tuple[Beat, Anomaly | None]:
+    """The record with the slot of one accepted beat (`new`, without `earlier`) in it: the rule of `evolve_beat`,
+    also what the projector folds onto an agent's stored record (`merged`)."""
     if current is None:
         return new, None
+    if new.incarnation == current.incarnation:
+        return (current if new.seq <= current.seq else msgspec.structs.replace(new, earlier=current.earlier)), None
     slots = list(current.slots())
     for i, b in enumerate(slots):
-        if b.incarnation == e.incarnation:
-            if rec.seq <= b.seq:
+        if b.incarnation == new.incarnation:
+            if new.seq <= b.seq:
                 return current, None  # an older delivery of what we already hold
             slots[i] = new
             return _pack(slots), None
     if len(slots) >= KEEP:
         stalest = min(slots, key=lambda b: b.seq)
-        if rec.seq < stalest.seq:
-            return current, Anomaly(SUPERSEDED_INCARNATION, f"heartbeat #{rec.seq} from incarnation {e.incarnation}, "
-                                                            f"older than the newest beats of the {KEEP} kept")
+        if new.seq < stalest.seq:
+            return current, Anomaly(SUPERSEDED_INCARNATION, f"heartbeat #{new.seq} from incarnation "
+                                                            f"{new.incarnation}, older than the newest beats of the "
+                                                            f"{KEEP} kept")
         slots.remove(stalest)
     slots.append(new)
     slots.sort(key=lambda b: b.incarnation, reverse=True)
     return _pack(slots), None
+
+
+def slot_of(rec: Recorded) -> Beat:
+    """The slot an accepted heartbeat makes (what `place` puts in its agent's record)."""
+    e = rec.event
+    assert isinstance(e, ev.AgentHeartbeat)
+    return _beat(rec, e, ())
+
+
+def merged(bases: dict[str, Beat | None], slots: list[tuple[int, str, Beat]]) -> tuple[dict[str, Beat],
+                                                                                     list[tuple[int, bool, Beat]]]:
+    """Each agent's record after the batch's beats (`slots`: (seq, agent id, slot), in stream order) placed on
+    its record before them (`bases`; none: a new agent), and the record after each beat (a version), as the
+    stream alone folds them. The projector's rows are this, not the in-memory records retirement trims."""
+    records = dict(bases)
+    versions: list[tuple[int, bool, Beat]] = []
+    for seq, agent_id, slot in slots:
+        record, _ = place(records.get(agent_id), slot)
+        records[agent_id] = record
+        versions.append((seq, False, record))
+    return {k: v for k, v in records.items() if v is not None}, versions
+
+
+def trimmed(beat: Beat, gone: Callable[[Beat], bool]) -> Beat | None:
+    """The record without the slots `gone` says belong to an agent's past (retired, or an earlier life) that no
+    later beat can bring back into play: those older than every slot still in play. None if none is in play.
+
+    Why only those: a slot takes part in the choice of the stalest, the one a new incarnation's beat pushes out.
+    A gone slot older than every slot in play would be pushed out before any of them, so without it the slots in
+    play end the same; a gone one newer than one in play could still spare that one, so it stays (a shell nobody
+    reads: `gone` never says so of the slot of the agent's registered incarnation, nor of a higher one). That
+    makes the result a function of the beats and of what the lifecycle stream says, whatever the order the two
+    streams were folded in (`LedgerState`)."""
+    slots = beat.slots()
+    in_play = [s.seq for s in slots if not gone(s)]
+    if not in_play:
+        return None
+    oldest = min(in_play)
+    kept = [s for s in slots if s.seq > oldest or not gone(s)]
+    return beat if len(kept) == len(slots) else _pack(kept)

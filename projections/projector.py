@@ -124,7 +124,7 @@ class Projector:
             if self.db.reset:
                 log.warning("projection schema changed: %s is rebuilt from zero", self.path)
             self.state = await self.db.load_state()
-            self.state.ledger.settle(self.settings.retain)  # the rows hold retired entities too: let them go
+            self.state.settle(self.settings.retain)  # the rows hold retired entities and whole beats: let them go
             if self.follower is not None:
                 self.follower.resume(self.state)  # the one state of the process starts where the file is
             self.committed = {s: self.state.position(s) for s in STREAMS}

@@ -57,6 +57,16 @@ SELECT * FROM {kind}_versions WHERE seq IN (
     SELECT (SELECT v.seq FROM {kind}_versions AS v WHERE v.{key} = f.{key} AND v.seq <= {n} ORDER BY v.seq DESC
             LIMIT 1)
     FROM {kind}_versions AS f WHERE f.first = 1 AND f.seq <= {n}))"""
+_SESSIONS_AS_OF = """(
+SELECT v.seq, v.session_id, v.first, v.pool, v.status, v.owner, v.checkpoint,
+       iif(v.checkpoint IS NULL, v.doc, json_set(v.doc, '$.checkpoint', json(c.doc))) AS doc
+FROM session_versions AS v LEFT JOIN session_checkpoints AS c ON c.seq = v.checkpoint
+WHERE v.seq IN (
+    SELECT (SELECT w.seq FROM session_versions AS w WHERE w.session_id = f.session_id AND w.seq <= {n}
+            ORDER BY w.seq DESC LIMIT 1)
+    FROM session_versions AS f WHERE f.first = 1 AND f.seq <= {n}))"""
+"""The same for sessions, each version's document given back its checkpoint (kept once, by the sequence that
+wrote it: `session_checkpoints`). A view that does not read `doc` (a count) joins nothing."""
 _BEATS_AS_OF = """
 SELECT (SELECT doc FROM beat_versions AS v WHERE v.agent_id = ids.value AND v.seq <= :n ORDER BY v.seq DESC LIMIT 1)
 FROM json_each(CAST(:ids AS TEXT)) AS ids
@@ -68,6 +78,8 @@ def _table(name: str, as_of: int | None) -> str:
     if as_of is None:
         return name
     kind = name.removesuffix("s")
+    if kind == "session":
+        return _SESSIONS_AS_OF.format(n=int(as_of))
     return _AS_OF.format(kind=kind, key=rows.VERSION_COLUMNS[kind][0], n=int(as_of))
 
 
@@ -132,20 +144,25 @@ class ProjectionReads:
         return [by_stream.get(s, Checkpoint(s, 0, 0, 0, 0)) for s in (LEDGER_STREAM, HEARTBEAT_STREAM)]
 
     async def nearest_snapshot(self, stream: str, *, seq: int | None = None, stored_ns: int | None = None,
-                               with_data: bool = True) -> SnapshotRow | None:
-        """The newest snapshot at or before a sequence or a stored time (`with_data=False`: data is b"")."""
+                               with_data: bool = True, ledger_seq: int | None = None,
+                               ledger_ns: int | None = None) -> SnapshotRow | None:
+        """The newest snapshot at or before a sequence or a stored time (`with_data=False`: data is b""), taken
+        while the lifecycle fold stood at or before `ledger_seq` and `ledger_ns` (if given)."""
         if seq is not None:
-            where, arg = "seq <= ?", seq
+            where, args = "seq <= ?", [seq]
         elif stored_ns is not None:
-            where, arg = "stored_ns <= ?", stored_ns
+            where, args = "stored_ns <= ?", [stored_ns]
         else:
-            where, arg = "1 = ?", 1
+            where, args = "1 = ?", [1]
+        for column, bound in (("ledger_seq", ledger_seq), ("ledger_ns", ledger_ns)):
+            if bound is not None:
+                where, args = where + f" AND {column} <= ?", [*args, bound]
         data = "data" if with_data else "x''"
         found = list(await self.conn.execute_fetchall(
             f"SELECT stream, seq, stored_ns, {data} FROM snapshots "
             f"WHERE stream = ? AND {where} "
             "ORDER BY seq DESC LIMIT 1",
-            (stream, arg)))
+            (stream, *args)))
         return SnapshotRow(*found[0]) if found else None
 
     async def beats_from(self) -> int:

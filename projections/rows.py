@@ -80,7 +80,8 @@ ON CONFLICT (stream) DO UPDATE SET seq = excluded.seq, stored_ns = excluded.stor
 """
 
 # Version rows (time travel): a JSON object {seq: state} per statement, and a JSON array of the sequences that
-# created their entity (few). `value` is the document itself: nothing is extracted from it but the id.
+# created their entity (few). `value` is the document itself: nothing is extracted from it but the id and the
+# columns derived as for the current rows.
 _VERSIONS = """
 INSERT OR REPLACE INTO {table} (seq, {key}, first, {columns}, doc)
 SELECT CAST(key AS INTEGER), json_extract(value, '$.{key}'),
@@ -88,14 +89,22 @@ SELECT CAST(key AS INTEGER), json_extract(value, '$.{key}'),
 FROM json_each(CAST(:versions AS TEXT)) WHERE true
 """
 VERSION_COLUMNS = {"agent": ("agent_id", ("pool", "status", "incarnation")),
-                   "session": ("session_id", ("pool", "status", "owner")),
+                   "session": ("session_id", ("pool", "status", "owner", "checkpoint.seq")),
                    "route": ("route_id", ("session_id", "state")),
                    "pool": ("pool", ("breaker_open",))}
-"""Kind -> (key, the columns derived from the document), as the current rows derive them (UPSERT_*)."""
+"""Kind -> (key, the paths in the document of the derived columns), as the current rows derive them (UPSERT_*);
+a column is named by the path's first part (a session version's `checkpoint` is the sequence it names)."""
 INSERT_VERSIONS = {
-    kind: _VERSIONS.format(table=f"{kind}_versions", key=key, columns=", ".join(columns),
+    kind: _VERSIONS.format(table=f"{kind}_versions", key=key, columns=", ".join(c.split(".")[0] for c in columns),
                            derived=", ".join(f"json_extract(value, '$.{c}')" for c in columns))
     for kind, (key, columns) in VERSION_COLUMNS.items()}
+# One JSON array of [seq, session_id, checkpoint] per checkpoint the batch's session versions name. A checkpoint
+# is the same whichever version names it (the event at its seq wrote it), so a second write of it changes nothing.
+INSERT_CHECKPOINTS = """
+INSERT OR IGNORE INTO session_checkpoints (seq, session_id, doc)
+SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]')
+FROM json_each(CAST(? AS TEXT))
+"""
 INSERT_VERSIONS["heartbeat"] = """
 INSERT OR REPLACE INTO beat_versions (seq, agent_id, doc)
 SELECT CAST(key AS INTEGER), json_extract(value, '$.agent_id'), value FROM json_each(CAST(:versions AS TEXT))
@@ -128,13 +137,37 @@ def chunks(picked: Mapping[str, Any], size: int = CHUNK) -> Iterator[bytes]:
         yield _encode(dict(items[start:start + size]))
 
 
-def version_chunks(versions: Sequence[Any], size: int = CHUNK) -> Iterator[dict[str, bytes]]:
-    """Versions ((seq, first, state): `projections.versions`) as the parameters of `INSERT_VERSIONS`, `size` at a
-    time."""
+class CheckpointRef(msgspec.Struct, frozen=True):
+    """What a session version's document holds in place of its checkpoint: the sequence of its row in
+    session_checkpoints."""
+
+    seq: int
+
+
+def _versioned(kind: str, state: Any) -> Any:
+    """The document a version row keeps: the state, a session's checkpoint replaced by a reference to its row.
+    (`replace` does not check types: the struct with a CheckpointRef in it only lives to be encoded.)"""
+    if kind == "session" and state.checkpoint is not None:
+        return msgspec.structs.replace(state, checkpoint=CheckpointRef(state.checkpoint.seq))
+    return state
+
+
+def version_chunks(kind: str, versions: Sequence[Any], size: int = CHUNK) -> Iterator[dict[str, bytes]]:
+    """Versions of one kind ((seq, first, state): `projections.versions`) as the parameters of `INSERT_VERSIONS`,
+    `size` at a time."""
     for start in range(0, len(versions), size):
         part = versions[start:start + size]
-        yield {"versions": _encode({seq: state for seq, _, state in part}),
+        yield {"versions": _encode({seq: _versioned(kind, state) for seq, _, state in part}),
                "firsts": _encode([seq for seq, first, _ in part if first])}
+
+
+def checkpoint_chunks(versions: Sequence[Any], size: int = CHUNK) -> Iterator[bytes]:
+    """The checkpoints session versions name, each once, as the parameter of `INSERT_CHECKPOINTS`."""
+    named = {s.checkpoint.seq: [s.checkpoint.seq, s.session_id, s.checkpoint]
+             for _, _, s in versions if s.checkpoint is not None}
+    rows_ = list(named.values())
+    for start in range(0, len(rows_), size):
+        yield _encode(rows_[start:start + size])
 
 
 def ids(values: Iterable[str]) -> bytes:

@@ -9,12 +9,15 @@ never the truth.
 
 from __future__ import annotations
 
-PROJECTION_SCHEMA_VERSION = 3
+PROJECTION_SCHEMA_VERSION = 4
 """Bump whenever the tables, the row encoding or the meaning of a fold change (2: the *_versions tables;
-3: a session's document carries its newest checkpoint, `session.checkpointed`)."""
+3: a session's document carries its newest checkpoint, `session.checkpointed`; 4: a session version names its
+checkpoint by sequence, the checkpoint itself is in `session_checkpoints`, once; a snapshot notes where the
+lifecycle fold stood, as the heartbeat fold lets go of retired agents' beats)."""
 
 TABLES = ("meta", "checkpoints", "agents", "beats", "sessions", "routes", "pools", "anomalies", "dead_letters",
-          "snapshots", "agent_versions", "session_versions", "route_versions", "pool_versions", "beat_versions")
+          "snapshots", "agent_versions", "session_versions", "session_checkpoints", "route_versions", "pool_versions",
+          "beat_versions")
 
 DDL = """
 CREATE TABLE meta (
@@ -98,13 +101,18 @@ CREATE TABLE dead_letters (
 ) WITHOUT ROWID;
 
 -- Serialised fold state of one stream at `seq` (zlib-compressed msgpack), so a
--- view "as of" the past replays only from the nearest snapshot.
+-- view "as of" the past replays only from the nearest snapshot. `ledger_seq` and
+-- `ledger_ns`: where the lifecycle fold stood when it was taken (a heartbeat
+-- snapshot lacks the beats of agents retired by then: a moment before that
+-- starts from an older one).
 CREATE TABLE snapshots (
     stream     TEXT NOT NULL,
     seq        INTEGER NOT NULL,
     stored_ns  INTEGER NOT NULL,
     created_ns INTEGER NOT NULL,
     data       BLOB NOT NULL,
+    ledger_seq INTEGER NOT NULL,
+    ledger_ns  INTEGER NOT NULL,
     PRIMARY KEY (stream, seq)
 );
 """
@@ -128,6 +136,10 @@ CREATE TABLE agent_versions (
 CREATE INDEX agent_versions_by_id ON agent_versions (agent_id, seq);
 CREATE INDEX agent_versions_first ON agent_versions (seq) WHERE first = 1;
 
+-- A session version's document holds its checkpoint as {"seq": N} only, and `checkpoint` is that N: the
+-- checkpoint itself (up to 16 KiB of data, base64 in JSON) is one row of session_checkpoints, keyed by the
+-- sequence of the event that wrote it. Copied into every version, it made an owner's small writes after one
+-- large checkpoint cost the checkpoint's size each. Reads as of the past put it back (projections.reads).
 CREATE TABLE session_versions (
     seq        INTEGER PRIMARY KEY,
     session_id TEXT NOT NULL,
@@ -135,10 +147,17 @@ CREATE TABLE session_versions (
     pool       TEXT NOT NULL,
     status     TEXT NOT NULL,
     owner      TEXT,
+    checkpoint INTEGER,
     doc        TEXT NOT NULL
 );
 CREATE INDEX session_versions_by_id ON session_versions (session_id, seq);
 CREATE INDEX session_versions_first ON session_versions (seq) WHERE first = 1;
+
+CREATE TABLE session_checkpoints (
+    seq        INTEGER PRIMARY KEY,
+    session_id TEXT NOT NULL,
+    doc        TEXT NOT NULL
+);
 
 CREATE TABLE route_versions (
     seq        INTEGER PRIMARY KEY,

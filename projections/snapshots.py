@@ -61,13 +61,15 @@ class Plan:
         self.taken = {s: sorted((taken or {}).get(s, [])) for s in STREAMS}
 
     def due(self, state: LedgerState, stamp: int) -> tuple[list[tuple[Any, ...]], list[tuple[str, int]]]:
-        """(rows of new snapshots, (stream, seq) of snapshots to drop). Data is encoded, not yet compressed."""
+        """(rows of new snapshots, (stream, seq) of snapshots to drop). Data is encoded, not yet compressed; each
+        row ends with where the lifecycle fold stood (the heartbeats' trim read it: `LedgerState`)."""
         rows, drops = [], []
         for stream in STREAMS:
             part = state.part(stream)
             taken = self.taken[stream]
             if part.seq and due(part.seq, taken[-1] if taken else 0, self.every):
-                rows.append((stream, part.seq, part.stored_ns, stamp, encode(part)))
+                rows.append((stream, part.seq, part.stored_ns, stamp, encode(part), state.ledger.seq,
+                             state.ledger.stored_ns))
                 taken.append(part.seq)
                 for seq in to_delete(taken, self.every, self.recent):
                     drops.append((stream, seq))

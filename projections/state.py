@@ -63,18 +63,30 @@ state stays in the projection's SQLite row, and its history in the log.
   operator's later move to TERMINATED, once it is retired, is flagged and its
   row stays FAILED_TO_START (the log has the move).
 * Time travel folds with the same rule, so a snapshot plus the rest still
-  equals a replay from zero; a view of a past moment does not list what was
-  retired before it (its row and history still do).
-* Beats (LEDGER_HB) are not retired: that fold cannot see whether an agent is
-  gone, and a beat outliving `retain` may still be the one a long-TTL agent is
-  judged by. They grow with the agents ever seen, not with sessions.
+  equals a replay from zero; a view of a past moment lists what was retired
+  before it as it ended, as the version rows do (`projections.timetravel`
+  puts those back into the answer).
+* Beats. The heartbeat fold (`HeartbeatState`) cannot see whether an agent is
+  gone, so `LedgerState`, which holds both, lets go of a beat once it is of the
+  past: the lifecycle fold has read the registration the beat names (its
+  incarnation) and no longer knows the agent (retired, or never registered
+  there), or knows it from a later life (retired, then registered again:
+  `LifecycleState.lives`). Once of the past, a slot stays so, whichever stream
+  moves first; and only the slots no later beat can matter for go
+  (`beats.trimmed`), so the result does not depend on how the two streams
+  were interleaved. What no view reads goes (a view reads the beat of the
+  agent's registered incarnation, or one above it); a beat arriving for such
+  an agent is not kept. The projection's rows are not trimmed: the projector
+  folds each beat onto the agent's stored record (`beats.merged`); the record
+  in memory cannot tell whether it lost slots before (a record dropped, then
+  begun again by a new life), so `Change.before` of a beat is not that row.
 """
 
 from __future__ import annotations
 
 import heapq
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any, NamedTuple, TypeVar, overload
 
@@ -102,7 +114,7 @@ from ledger.lifecycle import (
 )
 from ledger.subjects import HEARTBEAT_STREAM, LEDGER_STREAM
 
-from .beats import Beat, evolve_beat, of_incarnation
+from .beats import KEEP, Beat, evolve_beat, of_incarnation, trimmed
 
 AGENT, SESSION, ROUTE, POOL, HEARTBEAT, DEAD_LETTER = "agent", "session", "route", "pool", "heartbeat", "dead_letter"
 """What a Change touched: an entity kind, the heartbeat of an agent, or a dead letter."""
@@ -204,6 +216,9 @@ class LifecycleState(msgspec.Struct, kw_only=True, dict=True):
     anomalies: int = 0
     retain: float = DEFAULT_RETAIN
     """Seconds of log time a final entity is kept before it is retired (part of the state: snapshots record it)."""
+    lives: dict[str, int] = {}
+    """Agent id -> the incarnation that made it known to this fold (its first registration, or the first after it
+    was retired): a beat of an earlier incarnation is of a life the fold let go of (`LedgerState`'s beats)."""
 
     def __post_init__(self) -> None:  # also after decoding: the heap is rebuilt, never serialised
         self._index()
@@ -246,6 +261,8 @@ class LifecycleState(msgspec.Struct, kw_only=True, dict=True):
             if final is None or final[0] != seq:  # it moved on since (registered again, died then left)
                 continue
             del table[key]
+            if kind == AGENT:
+                self.lives.pop(key, None)
             out.append(Retired(kind, key, entity))
         return tuple(out)
 
@@ -304,6 +321,8 @@ class LifecycleState(msgspec.Struct, kw_only=True, dict=True):
             return self._flagged(item, kind, key, before, anomaly)
         assert after is not None, "a fold returns a state for every event it accepts"
         table[key] = after
+        if kind == AGENT and before is None:
+            self.lives[key] = after.incarnation  # type: ignore[attr-defined]
         if kind != POOL:
             final = final_at(kind, after)
             if final is not None and (before is None or final_at(kind, before) != final):
@@ -345,17 +364,88 @@ class HeartbeatState(msgspec.Struct, kw_only=True):
         return Change(HEARTBEAT, key, before, _flag(item, AGENT, key, anomaly))
 
 
-class LedgerState(msgspec.Struct, kw_only=True):
-    """Both streams folded; `apply` routes each item to its stream's fold."""
+class LedgerState(msgspec.Struct, kw_only=True, dict=True):
+    """Both streams folded; `apply` routes each item to its stream's fold, and lets go of the beats of agents the
+    lifecycle fold let go of (see the module's docstring: beats of the past)."""
 
     ledger: LifecycleState = msgspec.field(default_factory=LifecycleState)
     heartbeats: HeartbeatState = msgspec.field(default_factory=HeartbeatState)
 
+    def __post_init__(self) -> None:  # also after decoding, and for a state put together from two snapshots
+        self.trim_beats()
+
+    def trim_beats(self) -> None:
+        """Trim every record by what the lifecycle fold knows (records filled from the projection's rows, which are
+        the heartbeat stream's fold; `settle` does it too), and rebuild the heap of slots whose registration the
+        lifecycle fold has not reached."""
+        for agent_id in list(self.heartbeats.beats):
+            self._trim(agent_id)
+        self._index_pending()
+
+    def _index_pending(self) -> None:
+        seq = self.ledger.seq
+        self._pending: list[tuple[int, str]] = [(b.incarnation, agent_id)
+                                                for agent_id, beat in self.heartbeats.beats.items()
+                                                for b in beat.slots() if b.incarnation > seq]
+        heapq.heapify(self._pending)
+
+    def settle(self, retain: float | None = None) -> int:
+        """`LifecycleState.settle`, then the beats' trim: for a state whose tables were filled from the rows."""
+        retired = self.ledger.settle(retain)
+        self.trim_beats()
+        return retired
+
+    def _gone(self, agent_id: str) -> Callable[[Beat], bool]:
+        """Whether a slot of the agent is of its past: the lifecycle fold has read the registration it names
+        (incarnation = that sequence) and no longer knows the agent, or knows it from a later life (it was retired
+        and registered again). Once true, true for good, as the fold only moves on: trimming stays deterministic."""
+        ledger = self.ledger
+        agent = ledger.agents.get(agent_id)
+        seq, life = ledger.seq, ledger.lives.get(agent_id, 0) if agent is not None else 0
+        if agent is None:
+            return lambda b: b.incarnation <= seq
+        return lambda b: b.incarnation < life  # (< life <= seq)
+
+    def _trim(self, agent_id: str) -> Beat | None:
+        beats = self.heartbeats.beats
+        beat = beats.get(agent_id)
+        if beat is None:
+            return None
+        kept = trimmed(beat, self._gone(agent_id))
+        if kept is None:
+            del beats[agent_id]
+        elif kept is not beat:
+            beats[agent_id] = kept
+        return kept
+
     def apply(self, item: Recorded | Unreadable) -> Change | None:
         """Fold one stored item; None if its stream's position is already past it."""
         if item.stream == HEARTBEAT_STREAM:
-            return self.heartbeats.apply(item)
-        return self.ledger.apply(item)
+            hb = self.heartbeats
+            change = hb.apply(item)
+            if change is None or change.kind != HEARTBEAT or change.anomaly is not None:
+                return change
+            beat = hb.beats.get(change.id)
+            agent = self.ledger.agents.get(change.id)
+            if beat is not None and (agent is None or beat.earlier or beat.incarnation < self.ledger.lives.get(
+                    change.id, 0)):  # else its one slot is the registered life's: nothing to trim (most beats)
+                beat = self._trim(change.id)
+            if beat is not None and item.event.incarnation > self.ledger.seq:  # type: ignore[union-attr]
+                heapq.heappush(self._pending, (item.event.incarnation, change.id))  # type: ignore[union-attr]
+                if len(self._pending) > 64 and len(self._pending) > 2 * KEEP * len(hb.beats):
+                    self._index_pending()  # forged incarnations: the heap stays within a constant of the slots
+            return change
+        change = self.ledger.apply(item)
+        if change is not None and self.heartbeats.beats:
+            if change.kind == AGENT and change.anomaly is None:
+                self._trim(change.id)
+            for gone in change.retired:
+                if gone.kind == AGENT:
+                    self._trim(gone.id)
+            pending, seq = self._pending, self.ledger.seq
+            while pending and pending[0][0] <= seq:
+                self._trim(heapq.heappop(pending)[1])
+        return change
 
     def apply_all(self, items: Iterable[Recorded | Unreadable]) -> list[Change]:
         apply = self.apply

@@ -20,13 +20,20 @@ Two ways to the same answer:
   it (nothing, before the stream's retention).
 - `state_as_of` (no file, or a moment past what the file has committed): the
   nearest snapshot of each stream, then a replay of the rest from JetStream.
+
+Both list what the fold retired (`retain`) before the moment, as it ended: the
+version rows keep every entity's last state, so the index lists them, and the
+index is the reference. The replay folds with the snapshot's retain (the rule
+decides how a later event on a retired id is judged), notes what retires
+along the way, and puts those back, with the ones retired before the snapshot
+read from the file's version rows as of the snapshot's sequence.
 """
 
 from __future__ import annotations
 
 import asyncio
 from datetime import datetime
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from ledger.codec import from_ns, to_ns
 from ledger.lifecycle import AgentState
@@ -38,7 +45,7 @@ from .beats import Beat
 from .db import ProjectionDB
 from .errors import InvalidQuery
 from .projector import FILTERS
-from .state import AnomalyRecord, HeartbeatState, LedgerState, LifecycleState
+from .state import AGENT, ROUTE, SESSION, AnomalyRecord, HeartbeatState, LedgerState, LifecycleState
 from .stored import last_stored_by
 
 __all__ = ["Beats", "Past", "Rebuilt", "beats_as_of_cut", "last_stored_by", "past_as_of", "state_as_of"]
@@ -46,6 +53,7 @@ __all__ = ["Beats", "Past", "Rebuilt", "beats_as_of_cut", "last_stored_by", "pas
 
 class Rebuilt(NamedTuple):
     state: LedgerState
+    """The fold as of the moment, with what it had retired by then put back (as the version rows list them)."""
     anomalies: list[AnomalyRecord]
     """Anomalies met while replaying (those before the snapshots are in the projection's table)."""
     snapshots: dict[str, int]
@@ -58,17 +66,47 @@ class Rebuilt(NamedTuple):
 
 
 async def _replay_into(store: EventStore, part: LifecycleState | HeartbeatState, stream: str, *,
-                       end_seq: int | None = None, end_time: datetime | None = None) -> tuple[int, list[AnomalyRecord]]:
+                       end_seq: int | None = None, end_time: datetime | None = None,
+                       retired: dict[str, dict[str, Any]] | None = None) -> tuple[int, list[AnomalyRecord]]:
+    """Fold the stream onto `part` up to the end; `retired` (kind -> id -> last state) notes what retires."""
     n, anomalies = 0, []
     apply = part.apply
     async for items in store.replay(FILTERS[stream], stream=stream, start_seq=part.seq + 1, end_seq=end_seq,
                                     end_time=end_time, batch=5000):
         for item in items:
             change = apply(item)
-            if change is not None and change.anomaly is not None:
-                anomalies.append(change.anomaly)
+            if change is not None:
+                if change.anomaly is not None:
+                    anomalies.append(change.anomaly)
+                if retired is not None:
+                    for gone in change.retired:
+                        retired[gone.kind][gone.id] = gone.final
         n += len(items)
     return n, anomalies
+
+
+def _tables(part: LifecycleState) -> dict[str, dict[str, Any]]:
+    return {AGENT: part.agents, SESSION: part.sessions, ROUTE: part.routes}
+
+
+async def _retired_by(db: ProjectionDB, part: LifecycleState) -> dict[str, dict[str, Any]]:
+    """The entities a snapshot's fold had retired, as they ended: those the file's version rows as of its
+    sequence hold and it does not (the file committed the snapshot with its rows, so it covers that far)."""
+    tables = _tables(part)
+    async with db.reading():
+        found: dict[str, dict[str, Any]] = {
+                 AGENT: {a.agent_id: a for a in await db.agent_states(as_of=part.seq)},
+                 SESSION: {s.session_id: s for s in await db.session_states(as_of=part.seq)},
+                 ROUTE: {r.route_id: r for r in await db.route_states(as_of=part.seq)}}
+    return {kind: {k: v for k, v in rows.items() if k not in tables[kind]} for kind, rows in found.items()}
+
+
+def _put_back(part: LifecycleState, retired: dict[str, dict[str, Any]]) -> None:
+    """Retired entities back into the tables for a view of the moment (an id created again since stays the new
+    one). Only for an answer: the state is no longer the fold's, and is folded no further."""
+    for kind, table in _tables(part).items():
+        for key, final in retired[kind].items():
+            table.setdefault(key, final)
 
 
 class Beats(NamedTuple):
@@ -91,10 +129,15 @@ def _lost(hb_facts: StreamFacts) -> str:
     return f"heartbeats stored before {from_ns(hb_facts.first_ns).isoformat()} are no longer kept"
 
 
-async def beats_as_of_cut(store: EventStore, db: ProjectionDB | None, cut_ns: int, hb_facts: StreamFacts) -> Beats:
+async def beats_as_of_cut(store: EventStore, db: ProjectionDB | None, cut_ns: int, hb_facts: StreamFacts,
+                          ledger_seq: int | None = None) -> Beats:
     """The heartbeats as of the moment `cut_ns` (0: none yet), as a replay finds them: the one rule for a moment
-    the file's beat versions do not cover (no file, older than its kept beat history, older than the stream)."""
-    hb_snap = await db.nearest_snapshot(HEARTBEAT_STREAM, stored_ns=cut_ns) if db else None
+    the file's beat versions do not cover (no file, older than its kept beat history, older than the stream).
+    `ledger_seq`: the moment's LEDGER sequence, if it is one. A heartbeat snapshot lacks the beats of agents the
+    lifecycle fold had retired when it was taken, so only one taken while that fold stood within the moment
+    will do (the beats it lacks are then of agents retired by the moment, or of their earlier lives)."""
+    hb_snap = await db.nearest_snapshot(HEARTBEAT_STREAM, stored_ns=cut_ns, ledger_seq=ledger_seq,
+                                        ledger_ns=cut_ns) if db else None
     beats = snapshots.unpack(hb_snap.data, HeartbeatState) if hb_snap else HeartbeatState()
     snap_seq = hb_snap.seq if hb_snap else 0
     gap = bool(hb_facts.messages) and hb_facts.first_seq > beats.seq + 1
@@ -132,10 +175,12 @@ async def state_as_of(store: EventStore, db: ProjectionDB | None, *, seq: int | 
         cut_ns = 0
     snap = await db.nearest_snapshot(LEDGER_STREAM, seq=seq, stored_ns=time_ns) if db else None
     ledger = snapshots.unpack(snap.data, LifecycleState) if snap else LifecycleState()
+    retired = await _retired_by(db, ledger) if db is not None and snap else {AGENT: {}, SESSION: {}, ROUTE: {}}
     hb_facts = await store.stream_facts(HEARTBEAT_STREAM)
     (replayed, anomalies), hb = await asyncio.gather(
-        _replay_into(store, ledger, LEDGER_STREAM, end_seq=seq, end_time=time),
-        beats_as_of_cut(store, db, cut_ns, hb_facts))
+        _replay_into(store, ledger, LEDGER_STREAM, end_seq=seq, end_time=time, retired=retired),
+        beats_as_of_cut(store, db, cut_ns, hb_facts, seq))
+    _put_back(ledger, retired)
     notes = hb.notes + ([_lost(hb_facts)] if hb.lost and ledger.agents else [])
     state = LedgerState(ledger=ledger, heartbeats=hb.state)
     return Rebuilt(state, anomalies + hb.anomalies, {LEDGER_STREAM: snap.seq if snap else 0,
@@ -196,7 +241,7 @@ async def past_as_of(store: EventStore, db: ProjectionDB, *, seq: int | None = N
             beats = await db.beats_as_of(min(hb_seq, committed_hb.seq), agents)
     lagged: list[AnomalyRecord] = []
     if not indexed:  # older than the file's kept beat history (or the stream's): as a replay finds them
-        cut = await beats_as_of_cut(store, db, cut_ns, hb_facts)
+        cut = await beats_as_of_cut(store, db, cut_ns, hb_facts, seq)
         beats = {k: b for k, b in cut.state.beats.items() if k in agents}
         hb_seq, hb_ns, beats_known = cut.state.seq, cut.state.stored_ns, cut.beats_known
         notes = cut.notes + ([_lost(hb_facts)] if cut.lost and agents else [])

@@ -14,6 +14,7 @@ from typing import Any
 from ledger.codec import Unreadable, to_ns
 
 from . import snapshots, versions
+from .beats import Beat, slot_of
 from .db import Batch
 from .state import (
     AGENT,
@@ -36,10 +37,10 @@ def _rows(table: dict[str, Any], dirty: set[str], retired: dict[str, Any]) -> di
 
 
 class Uncommitted:
-    __slots__ = ("dirty", "retired", "anomalies", "dead", "events", "since", "noted")
+    __slots__ = ("dirty", "retired", "anomalies", "dead", "events", "since", "noted", "beat_slots")
 
     def __init__(self) -> None:
-        self.dirty: dict[str, set[str]] = {AGENT: set(), SESSION: set(), ROUTE: set(), POOL: set(), HEARTBEAT: set()}
+        self.dirty: dict[str, set[str]] = {AGENT: set(), SESSION: set(), ROUTE: set(), POOL: set()}
         self.retired: dict[str, dict[str, Any]] = {AGENT: {}, SESSION: {}, ROUTE: {}}
         """The last state of each dirty entity the fold retired before this commit: its row must still land."""
         self.anomalies: list[AnomalyRecord] = []
@@ -49,6 +50,9 @@ class Uncommitted:
         self.since = time.monotonic()
         self.noted: list[versions.Noted] = []
         """Every applied change in order, for the version rows (time travel)."""
+        self.beat_slots: list[tuple[int, str, Beat]] = []
+        """Every accepted beat in order, (seq, agent id, the slot it makes): the writer folds them onto the agents'
+        stored records (the fold in memory trims what retirement lets go of; the rows keep the stream's fold)."""
 
     def note(self, change: Change | None, item: Any) -> None:
         self.events += 1
@@ -56,6 +60,8 @@ class Uncommitted:
             return
         if change.kind == DEAD_LETTER:
             self.dead.append(item)
+        elif change.kind == HEARTBEAT and change.anomaly is None:
+            self.beat_slots.append((item.seq, change.id, slot_of(item)))
         elif change.anomaly is None:
             self.dirty[change.kind].add(change.id)
             self.noted.append((change.kind, change.id, item.seq, change.before))
@@ -69,7 +75,7 @@ class Uncommitted:
     def batch(self, state: LedgerState, plan: snapshots.Plan | None = None, now_ns: int | None = None) -> Batch:
         """Everything to commit for these changes, as of `state` now; `plan` adds any snapshot that is due."""
         stamp = now_ns if now_ns is not None else time.time_ns()
-        ledger, hb = state.ledger, state.heartbeats
+        ledger = state.ledger
         last_dead: dict[tuple[str, str], Unreadable] = {}
         for item in self.dead:
             last_dead[(item.stream, dead_letter_code(item.reason))] = item
@@ -79,7 +85,7 @@ class Uncommitted:
             sessions=_rows(ledger.sessions, self.dirty[SESSION], self.retired[SESSION]),
             routes=_rows(ledger.routes, self.dirty[ROUTE], self.retired[ROUTE]),
             pools={k: ledger.pools[k] for k in self.dirty[POOL]},
-            beats={k: hb.beats[k] for k in self.dirty[HEARTBEAT] if k in hb.beats},
+            beats={},
             anomalies=[(a.stream, a.seq, to_ns(a.stored_at), a.entity_kind, a.entity_id, a.event_type, a.producer,
                         a.kind, a.detail) for a in self.anomalies],
             dead_letters=[(stream, code, state.part(stream).dead_letters[code], item.seq, item.subject,
@@ -88,7 +94,8 @@ class Uncommitted:
                          for s in STREAMS],
             snapshots=snaps,
             drop_snapshots=drops,
+            beat_slots=self.beat_slots,
         )
         committed: dict[str, dict[str, Any]] = {AGENT: batch.agents, SESSION: batch.sessions, ROUTE: batch.routes,
-                                                POOL: batch.pools, HEARTBEAT: batch.beats}
+                                                POOL: batch.pools}
         return batch._replace(versions=versions.versions(self.noted, committed))

@@ -24,10 +24,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .state import AGENT, HEARTBEAT, POOL, ROUTE, SESSION
+from .state import AGENT, POOL, ROUTE, SESSION
 
-VERSIONED = (AGENT, SESSION, ROUTE, POOL, HEARTBEAT)
-"""The kinds of change that leave a version row (every applied change of them)."""
+VERSIONED = (AGENT, SESSION, ROUTE, POOL)
+"""The kinds of change that leave a version row made here (every applied change of them). Beats leave one each
+too, made as their rows are, from the agent's stored record (`beats.merged`): the fold in memory trims them."""
 
 
 Noted = tuple[str, str, int, Any]

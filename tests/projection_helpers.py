@@ -26,6 +26,7 @@ STATE_TABLES = {
     "meta": "SELECT * FROM meta ORDER BY key",
     **{f"{kind}_versions": f"SELECT * FROM {kind}_versions ORDER BY seq" for kind in ("agent", "session", "route",
                                                                                       "pool", "beat")},
+    "session_checkpoints": "SELECT * FROM session_checkpoints ORDER BY seq",
 }
 """Everything a projection holds (checkpoints without their wall-clock commit time)."""
 

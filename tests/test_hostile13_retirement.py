@@ -65,7 +65,7 @@ async def test_one_batch_equals_item_by_item_equals_the_fold(tmp_path: Path, nam
     assert dump(tmp_path / "one.sqlite3") == dump(tmp_path / "each.sqlite3")
     for path in ("one.sqlite3", "each.sqlite3"):
         loaded = await load(tmp_path / path)
-        loaded.ledger.settle(retain)
+        loaded.settle(retain)
         assert loaded == whole, path
 
 

@@ -74,24 +74,73 @@ async def test_seq_zero_and_a_seq_inside_one_commit_equal_the_replay(store: Even
             await indexed.sessions(as_of=2**70)  # past what SQLite can bind: the stream's end says no first
 
 
-@pytest.mark.xfail(strict=True, reason="the replay (state_as_of) starts from a snapshot of the fold, which has "
-                   "retired terminated entities (retain), and replays with the snapshot's retain; the version rows "
-                   "keep them. With retain=0 a session terminated before the moment is in the index's view of the "
-                   "past and missing from the replay's. Fix: make the replay keep retired entities (replay with an "
-                   "infinite retain and fill retired rows from the file), or drop retired ones from as-of reads.")
 async def test_a_past_view_with_retirement_equals_the_replay(store: EventStore, tmp_path: Path):
+    """retain=0: each final entity retires at the next item. The index lists it as it ended; so must the replay,
+    whether it was retired before the snapshot the replay starts from (read back from the file) or during it."""
     db = tmp_path / "p.sqlite3"
-    settings = ProjectionSettings(db=str(db), retain=0, snapshot_every=1, snapshot_recent=2)
+    settings = ProjectionSettings(db=str(db), retain=0, snapshot_every=3, snapshot_recent=2)
     async with Projector(store, settings) as projector:
         await projector.ready(timeout=20)
-        await store.append(ev.AgentRegistered(producer=me("a1"), agent_id="a1", instance_id="i", pool="p"))
+        inc = await store.append(ev.AgentRegistered(producer=me("a1"), agent_id="a1", instance_id="i", pool="p"))
         await store.append(ev.SessionCreated(producer=CLI, session_id="s1", pool="p"))
         await store.append(ev.SessionTerminated(producer=CLI, session_id="s1", token=None))
-        last = await store.append(ev.SessionCreated(producer=CLI, session_id="s2", pool="p"))
+        await store.append(ev.SessionCreated(producer=CLI, session_id="s2", pool="p"))
+        await store.append(ev.AgentGoodbye(producer=me("a1"), agent_id="a1", instance_id="i", incarnation=inc))
+        await store.append(ev.SessionCreated(producer=CLI, session_id="s3", pool="p"))
+        await store.append(ev.SessionTerminated(producer=CLI, session_id="s2", token=None))
+        await store.append(ev.SessionCreated(producer=CLI, session_id="s1", pool="q"))  # a retired id, re-created
+        last = await store.append(ev.SessionCreated(producer=CLI, session_id="s4", pool="p"))
         await projector.wait_for(last, timeout=20)
     async with Query.open(db, store) as indexed:
         assert indexed.db is not None
         from_index = {s.session_id: s.state for s in (await indexed.sessions(as_of=last)).items}
         rebuilt = await state_as_of(store, indexed.db, seq=last)  # the replay past the file: from its snapshots
-    assert from_index == {"s1": "terminated", "s2": "pending"}
-    assert {k: s.status for k, s in rebuilt.state.ledger.sessions.items()} == from_index
+        assert from_index == {"s1": "pending", "s2": "terminated", "s3": "pending", "s4": "pending"}
+        assert {k: s.status for k, s in rebuilt.state.ledger.sessions.items()} == from_index
+        assert rebuilt.state.ledger.sessions["s1"].pool == "q"
+        started = set()
+        for seq in range(1, last + 1):  # every moment, from whichever snapshot is nearest
+            rebuilt = await state_as_of(store, indexed.db, seq=seq)
+            started.add(rebuilt.snapshots[LEDGER_STREAM])
+            async with indexed.db.reading():
+                sessions = {s.session_id: s for s in await indexed.db.session_states(as_of=seq)}
+                agents = {a.agent_id: a for a in await indexed.db.agent_states(as_of=seq)}
+            assert rebuilt.state.ledger.sessions == sessions, seq
+            assert rebuilt.state.ledger.agents == agents, seq
+        assert 0 in started and len(started) > 1  # from zero, and from snapshots taken after retirements
+
+
+async def test_a_replay_never_starts_from_a_heartbeat_snapshot_taken_after_the_moment_s_retirements(
+        store: EventStore, tmp_path: Path):
+    """The heartbeat fold lets go of a retired agent's beats, so a heartbeat snapshot taken while the lifecycle
+    fold stood past a retirement lacks them. A moment before the retirement - when the agent was alive and beating
+    - must not start from it. Here the file folds the lifecycle stream first (as a projector whose LEDGER reader
+    ran ahead would): the heartbeat snapshot has no beat of a1, and a replay of the moment still finds it."""
+    from projection_helpers import commit_batches
+    from test_timetravel import everything
+
+    from ledger.subjects import HEARTBEAT_STREAM
+    from projections.db import ProjectionDB
+    from projections.state import LedgerState, LifecycleState
+
+    inc = await store.append(ev.AgentRegistered(producer=me("a1"), agent_id="a1", instance_id="i", pool="p"))
+    for n in range(3):
+        await store.append(ev.AgentHeartbeat(producer=me("a1"), agent_id="a1", instance_id="i", incarnation=inc,
+                                             beat=n))
+    moment = await store.append(ev.SessionCreated(producer=CLI, session_id="s1", pool="p"))
+    await store.append(ev.AgentGoodbye(producer=me("a1"), agent_id="a1", instance_id="i", incarnation=inc))
+    await store.append(ev.SessionCreated(producer=CLI, session_id="s2", pool="p"))  # retires a1 (retain 0)
+    items = await everything(store)
+    ledger_first = [[i for i in items if i.stream == LEDGER_STREAM], [i for i in items if i.stream != LEDGER_STREAM]]
+    path = tmp_path / "p.sqlite3"
+    folded = await commit_batches(path, ledger_first, snapshot_every=1,
+                                  state=LedgerState(ledger=LifecycleState(retain=0)))
+    assert "a1" not in folded.heartbeats.beats  # retired: its beats left the fold, and the snapshot
+    async with await ProjectionDB.open(path, readonly=True) as db:
+        snap = await db.nearest_snapshot(HEARTBEAT_STREAM)
+        assert snap is not None and snap.seq == 3
+        rebuilt = await state_as_of(store, db, seq=moment)
+        assert (await db.beats())["a1"].seq == 3  # the row keeps it
+    assert rebuilt.snapshots[HEARTBEAT_STREAM] == 0  # not the snapshot taken past the goodbye
+    beat = rebuilt.state.current_beat("a1")
+    assert beat is not None and beat.seq == 3 and rebuilt.state.ledger.agents["a1"].status == "alive"

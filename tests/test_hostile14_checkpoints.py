@@ -111,7 +111,7 @@ def ev_checkpoint(data: bytes):  # type: ignore[no-untyped-def]
 
 async def test_a_flood_of_checkpoints_keeps_the_newest_alone_and_one_version_row_each(tmp_path):  # type: ignore[no-untyped-def]
     """10,000 checkpoints on one session: the fold holds one (the newest), the projection one current row and one
-    version row per checkpoint (linear in the log; each row as large as its own event, see the xfail below)."""
+    version row per checkpoint, and one checkpoint row each (linear in the log)."""
     import sqlite3
 
     from projection_helpers import commit_batches
@@ -134,6 +134,7 @@ async def test_a_flood_of_checkpoints_keeps_the_newest_alone_and_one_version_row
     with sqlite3.connect(path) as conn:
         assert conn.execute("SELECT count(*) FROM sessions").fetchone()[0] == 1
         assert conn.execute("SELECT count(*) FROM session_versions").fetchone()[0] == n + 3  # incl. the first 3
+        assert conn.execute("SELECT count(*) FROM session_checkpoints").fetchone()[0] == n + 1  # and the 16 KiB one
 
 
 # --- the projection ----------------------------------------------------------------------------------------
@@ -162,24 +163,33 @@ def _owner_history(reports: int) -> list[object]:
     return out  # type: ignore[return-value]
 
 
-@pytest.mark.xfail(strict=True, reason="each session version row is the whole state document, so a 16 KiB checkpoint "
-                   "is copied (as 22 KiB of base64) into the version row of every later event of its session: an "
-                   "owner's 300-byte resource reports cost 22 KiB each in session_versions (2.3 MB of version "
-                   "docs for 54 KB of log here, ~40x). Fix: keep a "
-                   "checkpoint's bytes once (a table by seq) and version docs naming it by seq - a schema change of "
-                   "projections/rows.py, writer.py and the time-travel reads")
 async def test_a_checkpoint_is_stored_once_in_the_projection_not_once_per_later_event(tmp_path):  # type: ignore[no-untyped-def]
     import sqlite3
 
     from projection_helpers import commit_batches
 
+    from projections.db import ProjectionDB
+    from projections.state import LedgerState
+
     history = _owner_history(reports=100)
     logged = sum(len(codec.encode(r.event).payload) for r in history)  # type: ignore[attr-defined]
     path = tmp_path / "p.db"
-    await commit_batches(path, [history[i:i + 10] for i in range(0, len(history), 10)])
+    state = await commit_batches(path, [history[i:i + 10] for i in range(0, len(history), 10)])
     with sqlite3.connect(path) as conn:
         versions = conn.execute("SELECT sum(length(doc)) FROM session_versions").fetchone()[0]
-    assert versions < 3 * logged, (versions, logged)  # the log's own bytes, a small factor more at most
+        checkpoints = conn.execute("SELECT count(*), sum(length(doc)) FROM session_checkpoints").fetchone()
+    # Each version names the checkpoint by sequence; its bytes are one row (the schema-3 file held 2.3 MB of
+    # version documents here: the 22 KiB of base64 once per later event).
+    assert checkpoints[0] == 1
+    assert versions + checkpoints[1] < 3 * logged, (versions, checkpoints, logged)
+    cp = state.sessions["s1"].checkpoint
+    assert cp is not None and cp.seq == 4 and len(cp.data) == ev.MAX_CHECKPOINT_BYTES
+    async with await ProjectionDB.open(path, readonly=True) as db, db.reading():  # the past still has it, whole
+        for seq in (3, 4, 5, 60, len(history)):
+            then = LedgerState()
+            then.apply_all(history[:seq])  # type: ignore[arg-type]
+            assert await db.session_states(as_of=seq) == [then.sessions["s1"]], seq
+            assert then.sessions["s1"].checkpoint == (cp if seq >= 4 else None)
 
 
 async def test_an_agent_of_another_pool_may_not_own_nor_checkpoint_a_session(ledger: Writer, uid: str):

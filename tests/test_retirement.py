@@ -24,6 +24,7 @@ from ledger import events as ev
 from ledger.codec import Recorded, Unreadable
 from ledger.subjects import HEARTBEAT_STREAM, LEDGER_STREAM
 from projections import snapshots
+from projections.beats import of_incarnation
 from projections.db import ProjectionDB
 from projections.state import (
     AGENT,
@@ -63,6 +64,8 @@ class Rows:
 
     def __init__(self) -> None:
         self.rows: dict[str, dict[str, Any]] = {AGENT: {}, SESSION: {}, ROUTE: {}}
+        self.lives: dict[str, int] = {}
+        """Agent -> the sequence of its newest creating version (`first` in agent_versions)."""
 
     def note(self, state: LedgerState, change: Any) -> None:
         if change is None:
@@ -71,6 +74,8 @@ class Rows:
             self.rows[gone.kind][gone.id] = gone.final
         if change.kind in self.rows and change.applied and change.id in tables(state.ledger)[change.kind]:
             self.rows[change.kind][change.id] = tables(state.ledger)[change.kind][change.id]
+            if change.kind == AGENT and change.before is None:
+                self.lives[change.id] = state.ledger.agents[change.id].incarnation
 
     def loaded(self, state: LedgerState) -> LedgerState:
         """The state as `load_state` reads it back: rows, pools, checkpoints and counters (then the projector
@@ -78,7 +83,8 @@ class Rows:
         ledger = LifecycleState(agents=dict(self.rows[AGENT]), sessions=dict(self.rows[SESSION]),
                                 routes=dict(self.rows[ROUTE]), pools=dict(state.ledger.pools),
                                 dead_letters=dict(state.ledger.dead_letters), seq=state.ledger.seq,
-                                stored_ns=state.ledger.stored_ns, anomalies=state.ledger.anomalies)
+                                stored_ns=state.ledger.stored_ns, anomalies=state.ledger.anomalies,
+                                lives=dict(self.lives))
         beats = snapshots.unpack(snapshots.pack(state.heartbeats), HeartbeatState)
         return LedgerState(ledger=ledger, heartbeats=beats)
 
@@ -101,7 +107,7 @@ def test_one_go_equals_batches_through_snapshots_equals_a_resume_from_rows(items
     for item in items[:k]:
         rows.note(state, state.apply(item))
     resumed = rows.loaded(state)
-    resumed.ledger.settle(retain)
+    resumed.settle(retain)
     assert resumed == state  # what the projector's file gives back is what the fold had
     for item in items[k:]:
         resumed.apply(item)
@@ -131,6 +137,86 @@ def test_after_every_item_no_entity_final_for_retain_is_left_and_each_retired_on
 def test_retirement_reads_the_lifecycle_stream_only(items: list[Any], retain: float):
     ledger_first = [i for i in items if i.stream == LEDGER_STREAM] + [i for i in items if i.stream == HEARTBEAT_STREAM]
     assert fold(ledger_first, retain) == fold(items, retain)
+
+
+
+def stream_only(items: list[Any]) -> HeartbeatState:
+    """The beats as the heartbeat stream alone folds them: nothing trimmed."""
+    beats = HeartbeatState()
+    for item in items:
+        if item.stream == HEARTBEAT_STREAM:
+            beats.apply(item)
+    return beats
+
+
+def interleaved(data: st.DataObject, items: list[Any]) -> list[Any]:
+    """The two streams merged in an order hypothesis picks, each in its own order (as two consumers read them)."""
+    ledger = [i for i in items if i.stream == LEDGER_STREAM]
+    beats = [i for i in items if i.stream == HEARTBEAT_STREAM]
+    picks = data.draw(st.lists(st.booleans(), min_size=len(items), max_size=len(items)), label="heartbeat next")
+    out: list[Any] = []
+    for pick in picks:
+        first, other = (beats, ledger) if pick else (ledger, beats)
+        out.append((first or other).pop(0))
+    return out
+
+
+@settings(max_examples=120, deadline=None)
+@given(items=histories(max_size=90), retain=RETAINS, data=st.data())
+def test_beats_of_retired_agents_leave_alike_whatever_the_interleaving_and_every_read_of_a_beat_stays(
+        items: list[Any], retain: float, data: st.DataObject):
+    """Beats leave the fold deterministically: any interleaving of the two streams, a fold in batches through
+    snapshots, all give one state; and what anything reads of a beat - the registered incarnation's, or one above
+    it - is what the heartbeat stream alone keeps."""
+    whole = fold(items, retain)
+    state, alone = fresh(retain), HeartbeatState()
+    for item in interleaved(data, items):
+        state.apply(item)
+        if item.stream == HEARTBEAT_STREAM:
+            alone.apply(item)
+        part = state.ledger
+        for agent_id, agent in part.agents.items():
+            full = alone.beats.get(agent_id)
+            assert state.current_beat(agent_id) == of_incarnation(full, agent.incarnation), agent_id
+            above = full is not None and full.incarnation > agent.incarnation and (
+                full.incarnation <= part.seq or part.stored_ns >= full.stored_ns)
+            forged = state.unregistered_beat(agent_id)  # its top slot: the beat above the registered incarnation
+            assert (forged.slots()[0] if forged else None) == (full.slots()[0] if full and above else None), agent_id
+        for agent_id, beat in state.beats.items():  # a trimmed record is the stream's, less some of its slots
+            assert set(beat.slots()) <= set(alone.beats[agent_id].slots())
+    assert state == whole
+    batched = fresh(retain)
+    for start, end in cuts(data, len(items)):
+        batched.apply_all(items[start:end])
+        batched = LedgerState(ledger=snapshots.unpack(snapshots.pack(batched.ledger), LifecycleState),
+                              heartbeats=snapshots.unpack(snapshots.pack(batched.heartbeats), HeartbeatState))
+    assert batched == whole
+
+
+@settings(max_examples=15, deadline=None)
+@given(items=histories(max_size=90), retain=RETAINS, data=st.data())
+def test_retired_beats_leave_the_memory_never_the_file(items: list[Any], retain: float, data: st.DataObject):
+    """The beat rows and versions are the heartbeat stream's fold whatever the fold in memory let go of: the same
+    file as with nothing retired, and every moment's beats as the stream alone had them."""
+    batches = [items[start:end] for start, end in cuts(data, len(items))]
+    hb_end = max((i.seq for i in items if i.stream == HEARTBEAT_STREAM), default=0)
+
+    async def scenario(tmp: Path) -> None:
+        retiring = await commit_batches(tmp / "retiring.sqlite3", batches, state=fresh(retain))
+        await commit_batches(tmp / "keeping.sqlite3", batches, state=fresh(10**9))
+        files = dump(tmp / "retiring.sqlite3"), dump(tmp / "keeping.sqlite3")
+        for table in ("beats", "beat_versions"):
+            assert files[0][table] == files[1][table], table
+        assert retiring.heartbeats == fold(items, retain).heartbeats
+        ever = {i.event.entity_id for i in items if isinstance(i, Recorded)}
+        async with await ProjectionDB.open(tmp / "retiring.sqlite3", readonly=True) as db, db.reading():
+            assert await db.beats() == stream_only(items).beats
+            for hb_seq in range(hb_end + 1):
+                upto = [i for i in items if i.stream == LEDGER_STREAM or i.seq <= hb_seq]
+                assert await db.beats_as_of(hb_seq, ever) == stream_only(upto).beats, hb_seq
+
+    with tempfile.TemporaryDirectory() as tmp:
+        asyncio.run(scenario(Path(tmp)))
 
 
 # --- bounded by what is live and recent, not by history --------------------------------------------------
@@ -203,6 +289,72 @@ def test_20k_sessions_created_and_terminated_leave_the_fold_as_small_as_10k_did(
     assert len(state.ledger._retiring) <= at_20k  # the heap is bounded by what it may still retire
 
 
+
+def beat(agent: str, incarnation: int, seq: int, stored_ns: int) -> Recorded:
+    e = ev.AgentHeartbeat(producer=ev.Producer(id=agent, instance="i"), agent_id=agent, instance_id="i",
+                          incarnation=incarnation, beat=seq)
+    return Recorded(HEARTBEAT_STREAM, seq, codec.subject_of(e), stored_ns, e)
+
+
+def test_agents_that_come_and_go_leave_the_heartbeat_fold_after_retain():
+    """2,000 agents register, beat, say goodbye: their beats stay while they may still be read, and leave with the
+    agents once retired - also beats stored after that (a late one, of the old incarnation), while an agent that
+    registers again keeps the beats of its new life only."""
+    n, retain = 2_000, 600.0  # 4,000 lifecycle items, 50 ms apart: none retires before the clock moves on
+    log, state = Log(), LedgerState(ledger=LifecycleState(retain=retain))
+    hb_seq = 0
+    incarnations = {}
+    for k in range(n):
+        agent = f"a{k}"
+        me = ev.Producer(id=agent, instance="i")
+        registered = log(ev.AgentRegistered(producer=me, agent_id=agent, instance_id="i", pool="p"))
+        state.apply(registered)
+        incarnations[agent] = registered.seq
+        for _ in range(3):
+            hb_seq += 1
+            state.apply(beat(agent, registered.seq, hb_seq, registered.timestamp_ns))
+        state.apply(log(ev.AgentGoodbye(producer=me, agent_id=agent, instance_id="i", incarnation=registered.seq)))
+    assert len(state.heartbeats.beats) == n  # gone, not yet retired: a view of them still shows their last beat
+    assert len(state.ledger.lives) == n
+    clock = T0_NS + log.seq * STEP_NS + int(retain * 1e9)
+    state.apply(Recorded(LEDGER_STREAM, log.seq + 1, "ledger.session.s.created.cli", clock,
+                         ev.SessionCreated(producer=OPERATOR, session_id="s", pool="p")))
+    log.seq += 1
+    assert len(state.agents) == 0 and len(state.ledger.lives) == 0
+    assert len(state.heartbeats.beats) == 0  # the heartbeat fold is back to nothing
+    for k in range(0, n, 100):  # late beats of the retired incarnations are not kept
+        hb_seq += 1
+        state.apply(beat(f"a{k}", incarnations[f"a{k}"], hb_seq, clock))
+    assert len(state.heartbeats.beats) == 0
+    me = ev.Producer(id="a7", instance="i")  # a7 comes back: a new life
+    again = log(ev.AgentRegistered(producer=me, agent_id="a7", instance_id="i", pool="p"))
+    state.apply(again)
+    hb_seq += 1
+    state.apply(beat("a7", incarnations["a7"], hb_seq, clock))  # its old life's beat, after the new registration
+    hb_seq += 1
+    state.apply(beat("a7", again.seq, hb_seq, clock))
+    assert list(state.heartbeats.beats) == ["a7"] and state.beats["a7"].slots() == (state.current_beat("a7"),)
+    assert len(state._pending) <= 4 * len(state.heartbeats.beats)  # the heap of slots ahead of the lifecycle
+
+
+
+async def test_an_agent_back_in_a_new_life_keeps_its_old_beats_in_its_row(tmp_path: Path):
+    """The fold drops a retired agent's record; its next life begins a new one in memory. Its row must still be
+    the stream's record - the old life's beat in `earlier` - batch after batch (the writer reads the row back)."""
+    log, me = Log(), ev.Producer(id="a1", instance="i")
+    first = log(ev.AgentRegistered(producer=me, agent_id="a1", instance_id="i", pool="p"))
+    items: list[Any] = [first, beat("a1", first.seq, 1, first.timestamp_ns),
+                        log(ev.AgentGoodbye(producer=me, agent_id="a1", instance_id="i", incarnation=first.seq))]
+    again = log(ev.AgentRegistered(producer=me, agent_id="a1", instance_id="i", pool="p"))  # retires it (retain 0)
+    items += [again, beat("a1", again.seq, 2, again.timestamp_ns), beat("a1", again.seq, 3, again.timestamp_ns)]
+    state = await commit_batches(tmp_path / "p.sqlite3", [items[:5], items[5:]], state=fresh(0.0))
+    assert state.beats["a1"].slots() == (state.current_beat("a1"),)  # memory: the new life only
+    async with await ProjectionDB.open(tmp_path / "p.sqlite3", readonly=True) as db, db.reading():
+        assert await db.beats() == stream_only(items).beats
+        assert [b.incarnation for b in (await db.beats())["a1"].slots()] == [again.seq, first.seq]
+        assert await db.beats_as_of(3, ["a1"]) == stream_only(items).beats
+
+
 def test_a_late_event_on_a_retired_session_is_an_unknown_entity_and_a_re_creation_a_new_session():
     log = Log()
     items = churn(1)
@@ -248,7 +400,7 @@ async def test_a_projection_loaded_back_is_settled_to_the_fold(tmp_path: Path):
     state = await commit_batches(path, [items[:700], items[700:]], state=fresh(1.0))
     loaded = await load(path)
     assert len(loaded.sessions) == 300  # the file keeps every row
-    loaded.ledger.settle(1.0)  # what Projector.open does with its settings' retain
+    loaded.settle(1.0)  # what Projector.open does with its settings' retain
     assert loaded == state
 
 
@@ -264,7 +416,7 @@ def test_a_projection_committed_in_batches_and_loaded_back_settles_to_the_fold(i
 
     with tempfile.TemporaryDirectory() as tmp:
         loaded = asyncio.run(committed_and_loaded(Path(tmp) / "p.sqlite3"))
-    loaded.ledger.settle(retain)
+    loaded.settle(retain)
     assert loaded == fold(items, retain)
 
 
