@@ -651,3 +651,119 @@ def test_a_claim_for_an_agent_the_whole_log_fold_retired_is_judged_alike_by_ever
     except NotClaimable as e:
         refused = e
     assert folded.state == whole.ledger.sessions["s0"] and refused is None, (folded.state, refused)
+
+
+async def test_ledger_history_and_a_routes_read_judge_a_foreign_claim_as_the_fold_does(store: Any, uid: str):
+    """`ledger history` of a session (and a route's read, which folds its session's history for the token) after a
+    reclaimer's claim for an agent of another region, then an agent that re-registered into the session's
+    placement, then its claim: the foreign one flagged foreign_placement, the second applied, as of any point."""
+    from ledger.writer import Writer
+    from projections.history import entity_history, session_as_of
+
+    sid, agent = f"{uid}-s", f"{uid}-a"
+    operator = Writer(store, ev.Producer(id="operator-test", instance="o"))
+    reclaimer = ev.Producer(id="reclaimer", instance="r")
+    await operator.create_session("p", session_id=sid, region="eu")
+
+    def registration(region: str) -> ev.AgentRegistered:
+        return ev.AgentRegistered(producer=me(agent), agent_id=agent, instance_id=f"i-{region}", pool="p",
+                                  region=region)
+
+    first = await store.append(registration("us"))
+    foreign = await store.append(ev.SessionClaimed(producer=reclaimer, session_id=sid, agent_id=agent,
+                                                   instance_id="i-us", incarnation=first))
+    second = await store.append(registration("eu"))
+    with pytest.raises(NotClaimable, match="p/default/us"):  # the SDK refuses the first incarnation's claim
+        await Writer(store, reclaimer).claim_session(sid, decide.AgentRef(agent, "i-us", first))
+    token = await Writer(store, reclaimer).claim_session(sid, decide.AgentRef(agent, "i-eu", second))
+    await operator.create_route(f"{uid}-r", session_id=sid, endpoint="e")
+    history = await entity_history(store, "session", sid)
+    flags = {e.seq: e.anomaly.kind if e.anomaly else None for e in history.entries}
+    assert flags[foreign] == lc.FOREIGN_PLACEMENT and flags[token] is None
+    assert history.state is not None and history.state["owner"] == agent and history.state["token"] == token
+    before, _ = await session_as_of(store, sid, seq=second)
+    assert before is not None and before.status == lc.S_PENDING
+    route, _ = await operator.route(f"{uid}-r")
+    assert route is not None
+
+
+async def test_a_recalled_death_whose_pool_cannot_be_read_yet_is_filed_once_the_read_succeeds(
+        store: Any, uid: str, monkeypatch: pytest.MonkeyPatch):
+    """The monitor reads the pool of a recalled death's incarnation before judging breakers; a read that fails
+    (an election, an outage) fails that check only (a LedgerError, which its loop logs) and the death stays
+    waiting: the next check files it under the pool it happened in, once, and never under the agent's pool now."""
+    from consumers.follow import Follower
+    from consumers.monitor import LivenessMonitor
+    from ledger.errors import Unavailable
+    from ledger.writer import Writer
+
+    a1 = f"{uid}-a1"
+
+    def registration(pool: str) -> ev.AgentRegistered:
+        return ev.AgentRegistered(producer=me(a1), agent_id=a1, instance_id=f"i-{pool}", pool=pool, ttl=30)
+
+    first = await store.append(registration(f"{uid}-pool-a"))
+    died = await store.append(ev.AgentDeclaredDead(producer=ev.Producer(id="monitor", instance="m"), agent_id=a1,
+                                                   incarnation=first, reason="missed_heartbeats"))
+    second = await store.append(registration(f"{uid}-pool-b"))
+    items = {r.seq: r for r in await store.history("agent", a1) if isinstance(r, Recorded)}
+    follower = Follower(store, heartbeats=False)
+    follower.state.apply_all([items[first], items[died], items[second]])
+    monitor = LivenessMonitor(Writer(store, ev.Producer(id="monitor", instance="m")), follower)
+    monitor._heard("LEDGER", [items[died]], [])
+    real = store.registered
+    failures = [1]
+
+    async def flaky(agent_id: str, **kw: Any) -> list[Recorded]:
+        if failures:
+            failures.pop()
+            raise Unavailable("no leader")
+        return await real(agent_id, **kw)
+
+    monkeypatch.setattr(store, "registered", flaky)
+    with pytest.raises(LedgerError):
+        await monitor.check(ev.utcnow())
+    assert not any(monitor._deaths.values())
+    await monitor.check(ev.utcnow())
+    await monitor.check(ev.utcnow())
+    filed = {pool: [agent for agent, _ in deaths] for pool, deaths in monitor._deaths.items() if deaths}
+    assert filed == {f"{uid}-pool-a": [a1]}
+
+
+async def test_the_reference_agent_claims_the_sessions_of_its_placement_only(server: Any):
+    """`ledger agent`'s self-claimer (p/gpu/eu) among sessions of its pool on other platforms and regions: it
+    claims those of its own placement, never plans (nor tries) one of another, and the log stays clean."""
+    import asyncio
+
+    from fleet import ledger_on
+    from helpers import eventually
+
+    from ledger.agent import Agent
+    from ledger.writer import Writer
+    from ledgerctl.agent_process import SelfClaimer
+
+    async with ledger_on(server.url) as operator:
+        store = operator.store
+        others = [(await operator.create_session("p", session_id=f"plain{i}"))[0] for i in range(2)]
+        others.append((await operator.create_session("p", session_id="gpu-us", platform="gpu", region="us"))[0])
+        mine = [(await operator.create_session("p", session_id=f"gpu{i}", platform="gpu", region="eu"))[0]
+                for i in range(2)]
+        agent = Agent(Writer(store, ev.Producer(id="a-gpu", instance="i")), agent_id="a-gpu", pool="p",
+                      platform="gpu", region="eu", capacity=5, heartbeat=0.2, ttl=5.0)
+        said: list[str] = []
+        async with agent:
+            claimer = SelfClaimer(agent, said.append)
+            task = asyncio.create_task(claimer.run())
+            try:
+                await eventually(lambda: set(agent.owned) == set(mine), what="its own placement's sessions")
+                assert not {c.session_id for c in claimer.wanted()} & set(others)
+            finally:
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+            for sid in others:
+                state, _ = await operator.session(sid)
+                assert state is not None and state.status == lc.S_PENDING and state.claims == 0
+            report = await _check_stream(store)
+    assert report.clean, report.violations
+    assert not report.flagged.get(ck.CLAIM_FOR_UNAVAILABLE_AGENT)
