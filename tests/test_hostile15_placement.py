@@ -29,8 +29,11 @@ from projections.state import LedgerState
 AGENTS = ("a0", "a1", "a2")
 SESSIONS = ("s0", "s1", "s2")
 PLACEMENTS = (("p", "default", "default"), ("p", "gpu", "default"), ("q", "default", "eu"))
+DRAWN = (PLACEMENTS[0], PLACEMENTS[0], PLACEMENTS[0], PLACEMENTS[1], PLACEMENTS[2])
+"""Placements as drawn: mostly the same one (claims that apply, take-overs), often others."""
 ACTIONS = ("register", "register", "forge_registration", "create_session", "claim", "claim", "claim",
-           "decided_claim", "decided_claim", "raced_claim", "release", "goodbye", "dead", "drain", "orphan")
+           "decided_claim", "decided_claim", "decided_claim", "raced_claim", "takeover", "takeover", "release",
+           "goodbye", "dead", "drain", "orphan")
 
 
 def me(agent: str) -> ev.Producer:
@@ -54,12 +57,12 @@ def _step(draw: st.DrawFn, b: Builder, action: str) -> None:
     cur = _current(b, agent)
     match action:
         case "register":
-            _register(b, agent, draw(st.sampled_from(PLACEMENTS)))
+            _register(b, agent, draw(st.sampled_from(DRAWN)))
         case "forge_registration":  # another client registers `agent` somewhere else: every fold flags it
             other = draw(st.sampled_from([a for a in AGENTS if a != agent] + ["cli"]))
-            _register(b, agent, draw(st.sampled_from(PLACEMENTS)), ev.Producer(id=other, instance="x"))
+            _register(b, agent, draw(st.sampled_from(DRAWN)), ev.Producer(id=other, instance="x"))
         case "create_session":
-            pool, platform, region = draw(st.sampled_from(PLACEMENTS))
+            pool, platform, region = draw(st.sampled_from(DRAWN))
             b.add(ev.SessionCreated(producer=CLI, session_id=sid, pool=pool, platform=platform, region=region))
         case "claim":  # anything: any incarnation (also a made-up one), any previous token
             incarnation = draw(st.one_of(st.just(cur.incarnation if cur else 1), st.integers(1, 200)))
@@ -67,6 +70,11 @@ def _step(draw: st.DrawFn, b: Builder, action: str) -> None:
             b.add(ev.SessionClaimed(producer=draw(st.sampled_from((me(agent), RECLAIMER))), session_id=sid,
                                     agent_id=agent, instance_id="i", incarnation=incarnation, previous_token=previous,
                                     reason="failover"))
+        case "takeover":  # naming the current token (the fold asks the owner's history), for any placement
+            if state is not None and state.token is not None and cur is not None:
+                b.add(ev.SessionClaimed(producer=draw(st.sampled_from((me(agent), RECLAIMER))), session_id=sid,
+                                        agent_id=agent, instance_id="i", incarnation=cur.incarnation,
+                                        previous_token=state.token, reason="failover"))
         case "decided_claim" | "raced_claim":
             # What the SDK writes: decided on the session's state and the claimer's current registration (told as
             # AgentRef.placement, as the Agent and the reclaimer tell it). Raced: the agent registers again (maybe
@@ -81,7 +89,7 @@ def _step(draw: st.DrawFn, b: Builder, action: str) -> None:
             except LedgerError:
                 return
             if action == "raced_claim":
-                _register(b, agent, draw(st.sampled_from(PLACEMENTS)))
+                _register(b, agent, draw(st.sampled_from(DRAWN)))
             rec = b.add(event)
             b.registrations.setdefault("decided", []).append(rec.seq)
         case "release":
@@ -111,9 +119,9 @@ def placement_histories(draw: st.DrawFn) -> Builder:
     b = Builder()
     for agent in AGENTS:
         if draw(st.booleans()):
-            _register(b, agent, draw(st.sampled_from(PLACEMENTS)))
+            _register(b, agent, draw(st.sampled_from(DRAWN)))
     for sid in SESSIONS:
-        pool, platform, region = draw(st.sampled_from(PLACEMENTS))
+        pool, platform, region = draw(st.sampled_from(DRAWN))
         b.add(ev.SessionCreated(producer=CLI, session_id=sid, pool=pool, platform=platform, region=region))
     for action in draw(st.lists(st.sampled_from(ACTIONS), min_size=5, max_size=40)):
         _step(draw, b, action)
@@ -174,6 +182,42 @@ def test_session_fold_at_once_and_resumed_agrees_with_the_whole_log_on_every_pla
                                                                     first.timelines))
         assert resumed.state == folded.state
         assert first.anomalies + resumed.anomalies == folded.anomalies
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(b=placement_histories())
+def test_a_fold_event_by_event_on_caches_read_as_far_as_each_event_agrees_with_the_whole_log(b: Builder):
+    """As the agent's watch folds: one event at a time on the state before it, with registrations and owner
+    histories kept across events, each read only as far as the event being judged (`through`) and read on from
+    there when a later event needs more (`AgentTimeline.extend`), registrations of known agents noted as they land:
+    the whole-log fold's state and flags, and no history read twice over the same stretch."""
+    whole, flagged = _whole(b)
+    ledger = _ledger(b)
+    for sid in SESSIONS:
+        registrations: dict[str, list[lc.AgentState]] = {}
+        timelines: dict[str, lc.AgentTimeline] = {}
+        state: lc.SessionState | None = None
+        anomalies: list[tuple[int, lc.Anomaly]] = []
+        for rec in (r for r in ledger if r.event.family == "session" and r.event.entity_id == sid):
+            for agent in registrations:  # the watch notes every registration of a known agent before judging
+                registrations[agent] = lc.as_registered(
+                    r for r in ledger if isinstance(r.event, ev.AgentRegistered) and r.event.entity_id == agent
+                    and r.seq <= rec.seq)
+            folded = lc.SessionFold([rec], state, registrations, timelines)
+            while (need := folded.advance()) is not None:
+                what, agent = need
+                history = [r for r in ledger if r.event.family == "agent" and r.event.entity_id == agent]
+                if what == lc.REGISTRATIONS:
+                    folded.learn(what, agent, [r for r in history if isinstance(r.event, ev.AgentRegistered)
+                                               and r.seq <= rec.seq])
+                else:
+                    after = timelines[agent].through if agent in timelines else 0
+                    assert after < rec.seq  # asked only for what it has not read
+                    folded.learn(what, agent, [r for r in history if after < r.seq <= rec.seq], through=rec.seq)
+            state = folded.state
+            anomalies += folded.anomalies
+        assert state == whole.ledger.sessions.get(sid)
+        assert {(seq, a.kind) for seq, a in anomalies} == flagged.get(sid, set())
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
