@@ -811,3 +811,32 @@ async def test_the_reference_agent_claims_the_sessions_of_its_placement_only(ser
             report = await _check_stream(store)
     assert report.clean, report.violations
     assert not report.flagged.get(ck.CLAIM_FOR_UNAVAILABLE_AGENT)
+
+
+async def test_an_agent_never_runs_a_session_of_another_placement_the_log_claims_for_it(store: Any, uid: str):
+    """A claim for our agent of a session of another region, written raw by a reclaimer (its view wrong, or a
+    forgery under its id): every fold flags it, and the agent's watch neither gains the session nor calls it
+    gained; a claim of its own placement right after it is gained."""
+    from helpers import eventually
+
+    from ledger.agent import Agent
+    from ledger.writer import Writer
+
+    operator = Writer(store, ev.Producer(id="operator-test", instance="o"))
+    reclaimer = ev.Producer(id="reclaimer", instance="r")
+    foreign_sid, _ = await operator.create_session("p", session_id=f"{uid}-us", region="us")
+    own_sid, _ = await operator.create_session("p", session_id=f"{uid}-eu", region="eu")
+    gained: list[str] = []
+    agent = Agent(Writer(store, ev.Producer(id=f"{uid}-a", instance="i")), agent_id=f"{uid}-a", pool="p",
+                  region="eu", capacity=2, heartbeat=0.2, ttl=5.0, on_gained=lambda c, why: gained.append(c.session_id))
+    async with agent:
+        forged = await store.append(ev.SessionClaimed(producer=reclaimer, session_id=foreign_sid,
+                                                      agent_id=agent.agent_id, instance_id=agent.instance_id,
+                                                      incarnation=agent.incarnation))
+        token = await Writer(store, reclaimer).claim_session(own_sid, agent.ref)
+        assert token > forged
+        # (the watch judges the log in order: the forged claim before the real one)
+        await eventually(lambda: own_sid in agent.owned, what="its own placement's session gained")
+        assert foreign_sid not in agent.owned and foreign_sid not in gained
+        state, _ = await operator.session(foreign_sid)
+        assert state is not None and state.status == lc.S_PENDING
