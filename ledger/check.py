@@ -60,8 +60,9 @@ superseded. A later write by the would-be owner is then a stale_token.
 An event that breaks a rule is not applied to the checker's own state where
 the ledger does not apply it either (an overlapping claim, a stale write), so
 one forged event is one violation, not a cascade. Messages that are not
-events at all (not JSON, unknown type, wrong subject) are counted, not judged:
-they are dead letters, which `ledger doctor` reports.
+events at all (not JSON, unknown type, wrong subject, a registration or session
+whose pool, platform or region is no id) are counted, not judged: they are dead
+letters, which `ledger doctor` reports.
 """
 
 from __future__ import annotations
