@@ -60,12 +60,14 @@ superseded. A later write by the would-be owner is then a stale_token.
 An event that breaks a rule is not applied to the checker's own state where
 the ledger does not apply it either (an overlapping claim, a stale write), so
 one forged event is one violation, not a cascade. Messages that are not
-events at all (not JSON, unknown type, wrong subject) are counted, not judged:
-they are dead letters, which `ledger doctor` reports.
+events at all (not JSON, unknown type, wrong subject, a registration or session
+whose pool, platform or region is no id) are counted, not judged: they are dead
+letters, which `ledger doctor` reports.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
@@ -73,6 +75,7 @@ from typing import Any
 import msgspec
 
 from . import authority
+from .ids import TOKEN_PATTERN
 
 LEDGER = "LEDGER"
 HEARTBEATS = "LEDGER_HB"
@@ -143,6 +146,12 @@ _REQUIRED: dict[str, dict[str, type]] = {
     "pool.breaker_tripped": {"pool": _S, "reason": _S},
     "pool.breaker_reset": {"pool": _S, "reason": _S},
 }
+
+
+_PLACED = ("agent.registered", "session.created")
+"""Events whose pool, platform and region the placement rule compares: a reader dead-letters one that names them
+other than as ids (platform and region may be left out: "default")."""
+_TOKEN = re.compile(TOKEN_PATTERN)
 
 
 class RawMessage(msgspec.Struct, frozen=True, gc=False):
@@ -290,6 +299,10 @@ def parse(msg: RawMessage) -> dict[str, Any] | None:
         value = payload.get(key)
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             return None
+    if tag in _PLACED and not all(isinstance(v := payload.get(k, "default"), str) and _TOKEN.match(v)
+                                  for k in ("pool", "platform", "region")):
+        return None  # a placement no reader can read (the checker took it as "default", and applied claims no
+        # fold applies)
     # The codec refuses a payload stored on another subject: so does the checker (it is a dead letter).
     if tokens[1:] != [family, payload.get(entity), verb, producer.get("id")]:
         return None
