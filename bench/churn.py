@@ -8,10 +8,12 @@ by subject layout.
 
 1. SDK churn (deliverable 7): `ledger up` (embedded nats-server, fsync always,
    projector, consumers), and in this process --agents real `Agent`s (pool
-   churn-agents). In rounds of --concurrency sessions: the operator creates
-   them (`Writer.create_session`, pool `churn`, where no agent runs, so the
-   reclaimer leaves them to us), agents claim them (`Agent.claim`) and
-   terminate them (`Agent.terminate`). RSS of `ledger up`, of its
+   churn). In rounds of --concurrency sessions: the operator creates them
+   (`Writer.create_session`, pool `churn`), the agents claim them
+   (`Agent.claim`; a claim must come from an agent of the session's pool, so
+   the reclaimer races them and claims some first, for one of them: either
+   way each session gets one owner) and the owners terminate them
+   (`Agent.terminate`). RSS of `ledger up`, of its
    nats-server and of this process before, every --every sessions and after
    (once the projection has caught up, and again after --settle seconds: the
    server forgets message ids after the stream's 120 s duplicate window), and
@@ -60,13 +62,13 @@ from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfi
 from ledger import codec, subjects
 from ledger import events as ev
 from ledger.agent import Agent
+from ledger.errors import NotClaimable
 from ledger.ids import new_id
 from ledger.settings import Settings
 from ledger.writer import Writer
 from ledgerctl.server import EmbeddedServer, ServerConfig, free_port
 
 SESSION_POOL = "churn"
-AGENT_POOL = "churn-agents"
 
 
 def mib(n: float) -> str:
@@ -74,6 +76,23 @@ def mib(n: float) -> str:
 
 
 # --- 1. through the SDK, against `ledger up` ------------------------------------------------
+
+
+async def claim(agent: Agent, sid: str) -> None:
+    """`agent` claims `sid`, unless the reclaimer was first (for one of the agents: the only eligible ones)."""
+    with contextlib.suppress(NotClaimable):
+        await agent.claim(sid)
+
+
+async def terminate(agents: list[Agent], sid: str) -> None:
+    """The owner terminates `sid` once it knows it owns it (a claim by the reclaimer reaches it by its watch)."""
+    for _ in range(400):  # at most ~20 s
+        for agent in agents:
+            if sid in agent.owned:
+                await agent.terminate(sid)
+                return
+        await asyncio.sleep(0.05)
+    raise SystemExit(f"no agent came to own {sid} within 20 s")
 
 
 async def sdk_churn(args: argparse.Namespace) -> None:
@@ -96,7 +115,7 @@ async def sdk_churn(args: argparse.Namespace) -> None:
                 async with Writer.connect(settings, producer_id="operator-bench") as ledger, \
                         contextlib.AsyncExitStack() as stack:
                     agents = [await stack.enter_async_context(Agent(
-                        ledger, agent_id=f"churner-{i}", pool=AGENT_POOL, capacity=args.concurrency,
+                        ledger, agent_id=f"churner-{i}", pool=SESSION_POOL, capacity=args.concurrency,
                         heartbeat=5.0, ttl=30.0)) for i in range(args.agents)]
                     await asyncio.sleep(1.0)  # the agents' first beats and watches are under way
                     before = await sample("before")
@@ -110,8 +129,8 @@ async def sdk_churn(args: argparse.Namespace) -> None:
                         n = min(args.concurrency, args.sessions - done)
                         ids = [f"c{tag}-{done + i}" for i in range(n)]
                         await asyncio.gather(*(ledger.create_session(SESSION_POOL, session_id=sid) for sid in ids))
-                        await asyncio.gather(*(agents[i % len(agents)].claim(sid) for i, sid in enumerate(ids)))
-                        await asyncio.gather(*(agents[i % len(agents)].terminate(sid) for i, sid in enumerate(ids)))
+                        await asyncio.gather(*(claim(agents[i % len(agents)], sid) for i, sid in enumerate(ids)))
+                        await asyncio.gather(*(terminate(agents, sid) for sid in ids))
                         previous, done = done, done + n
                         if done // args.every != previous // args.every or done == args.sessions:
                             up_rss, srv_rss = await sample(f"{done:,} sessions")
