@@ -33,13 +33,22 @@ import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.errors import ConnectionClosedError, OutboundBufferLimitError
+from nats.errors import ConnectionClosedError, ConnectionDrainingError, MaxPayloadError, OutboundBufferLimitError
 from nats.errors import Error as NatsError
 
 from . import authority, wire
 from .codec import MSG_ID, Outgoing
 from .connection import GONE, INBOX_HINT, watch_of
-from .errors import AppendTimeout, Conflict, EventIdTaken, LedgerError, PermissionDenied, StoreError, Unavailable
+from .errors import (
+    AppendTimeout,
+    Conflict,
+    EventIdTaken,
+    InvalidInput,
+    LedgerError,
+    PermissionDenied,
+    StoreError,
+    Unavailable,
+)
 from .jsapi import ApiError, store_error
 
 log = logging.getLogger(__name__)
@@ -251,6 +260,14 @@ class Appender:
             p.due = time.monotonic() + RETRY_BACKOFF  # disconnected and the buffer is full: try again soon
         except ConnectionClosedError:
             self._settle(token, error=Unavailable("the NATS connection is closed"))
+        # These two would otherwise escape: from submit, leaving the append in flight, and from the sweeper's
+        # re-send, killing it (no append re-sent or timed out after that).
+        except ConnectionDrainingError:
+            self._settle(token, error=Unavailable("the NATS connection is draining: it sends no more appends"))
+        except MaxPayloadError:
+            self._settle(token, error=InvalidInput(
+                f"{p.out.subject}: the event is {len(p.out.payload)} bytes, over the server's max_payload "
+                f"({nc.max_payload})"))
 
     def _settle(self, token: str, *, seq: int | None = None, error: BaseException | None = None) -> None:
         p = self._pending.pop(token, None)

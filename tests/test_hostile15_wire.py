@@ -1,0 +1,355 @@
+"""Hostile tests of the append fast path (ledger/wire.py, the appender's _Window and frames, codec's twin read-back):
+faults while thousands of frames are queued or in flight, the fast path beside other users of one connection,
+and encode() against the read-back it replaced."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import msgspec
+import nats
+import pytest
+from helpers import eventually
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
+from nats.aio.msg import Msg
+from samples import all_samples
+from test_codec_validation import _old_encode, _outcome, _set
+
+from ledger import codec, wire
+from ledger import events as ev
+from ledger.codec import Recorded
+from ledger.errors import AppendTimeout, InvalidInput, Unavailable
+from ledger.ids import TOKEN_PATTERN, new_id
+from ledger.settings import Settings
+from ledger.store import EventStore
+from ledgerctl.server import EmbeddedServer, ServerConfig, free_port
+
+CLI = ev.Producer(id="cli", instance="i")
+
+
+def _report(sid: str, n: int) -> ev.SessionResourceReported:
+    return ev.SessionResourceReported(producer=ev.Producer(id="a1", instance="i"), session_id=sid, agent_id="a1",
+                                      incarnation=1, token=1, platform_resource_id=f"r-{n}")
+
+
+def _own_server(base: Path, extra: str = "") -> EmbeddedServer:
+    """A server of the test's own that fsyncs (a kill -9 then loses nothing the server acknowledged)."""
+    return EmbeddedServer(ServerConfig(data_dir=base, port=free_port(), name=f"h15-{uuid.uuid4().hex[:6]}",
+                                       sync_always=True, extra=extra)).start()
+
+
+@pytest.fixture
+async def crashable(tmp_path: Path) -> AsyncIterator[EmbeddedServer]:
+    s = _own_server(tmp_path / "nats")
+    try:
+        yield s
+    finally:
+        if s.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(s.pid, signal.SIGCONT)
+        s.stop()
+
+
+async def _settled(futures: list[asyncio.Future[int]], timeout: float) -> None:
+    """Every future done within `timeout` (the appender's deadline plus slack), else the test fails naming how many."""
+    if futures:
+        _, not_done = await asyncio.wait(futures, timeout=timeout)
+        assert not not_done, f"{len(not_done)} of {len(futures)} appends never settled"
+
+
+def _outcomes(futures: list[asyncio.Future[int]]) -> tuple[dict[int, int], list[BaseException]]:
+    """{index: seq} of the acknowledged appends, and the errors of the others."""
+    acked: dict[int, int] = {}
+    errors: list[BaseException] = []
+    for i, f in enumerate(futures):
+        if f.exception() is None:
+            acked[i] = f.result()
+        else:
+            errors.append(f.exception())  # type: ignore[arg-type]
+    return acked, errors
+
+
+async def _check_log(store: EventStore, sid: str, events: list[ev.SessionResourceReported],
+                     acked: dict[int, int]) -> None:
+    """Nothing acknowledged is lost (each at the sequence its future gave), nothing is stored twice."""
+    history = await store.history("session", sid)
+    recorded = [r for r in history if isinstance(r, Recorded)]
+    assert len(recorded) == len(history)
+    ids = [r.event.event_id for r in recorded]
+    assert len(ids) == len(set(ids)), "an event was stored twice"
+    by_seq = {r.seq: r.event.event_id for r in recorded}
+    for i, seq in acked.items():
+        assert by_seq.get(seq) == events[i].event_id, f"append {i} acknowledged as #{seq}, which is not it"
+
+
+def _at_least(count: Callable[[], int], n: int) -> Callable[[], bool]:
+    return lambda: count() >= n
+
+
+def _done_at_least(futures: list[asyncio.Future[int]], n: int) -> Callable[[], bool]:
+    return lambda: sum(f.done() for f in futures) >= n
+
+
+# --- faults -----------------------------------------------------------------------------------------------------
+
+async def test_kill_9_and_restart_mid_pipeline_loses_nothing_acknowledged_and_writes_nothing_twice(
+        crashable: EmbeddedServer) -> None:
+    settings = Settings(nats_url=crashable.url, request_timeout=0.5, append_deadline=30)
+    sid = f"s-{uuid.uuid4().hex[:8]}"
+    events = [_report(sid, n) for n in range(1500)]
+    async with EventStore.connect(settings, ensure=True) as store:
+        futures: list[asyncio.Future[int]] = []
+        for n, event in enumerate(events):
+            futures.append(await store.submit(event))
+            if n == 700:
+                crashable.kill()  # frames queued in nats-py's pending buffer and on the wire, acks outstanding
+        await eventually(lambda: not store.nc.is_connected, timeout=10, what="the crash noticed")
+        await asyncio.to_thread(crashable.start)
+        await _settled(futures, 45)
+        acked, errors = _outcomes(futures)
+        assert all(isinstance(e, AppendTimeout | Unavailable) for e in errors), errors[:3]
+        assert len(acked) == len(events)  # a 30 s deadline rides out a restart of a few seconds
+        await _check_log(store, sid, events, acked)
+        assert store.appends_in_flight == 0
+
+
+async def test_a_frozen_server_then_thawed_settles_every_append_once(crashable: EmbeddedServer) -> None:
+    settings = Settings(nats_url=crashable.url, request_timeout=0.3, append_deadline=30)
+    sid = f"s-{uuid.uuid4().hex[:8]}"
+    events = [_report(sid, n) for n in range(800)]
+    async with EventStore.connect(settings, ensure=True) as store:
+        assert crashable.pid is not None
+        futures = [await store.submit(e) for e in events[:200]]
+        os.kill(crashable.pid, signal.SIGSTOP)
+        try:
+            futures += [await store.submit(e) for e in events[200:]]
+            # Re-sent at least once while frozen (the ack timeout is 0.3 s): retries queue behind first attempts.
+            await eventually(lambda: store.nc.stats["out_msgs"] > len(events) + 100, timeout=20,
+                             what="re-sends while the server is frozen")
+        finally:
+            os.kill(crashable.pid, signal.SIGCONT)
+        await _settled(futures, 45)
+        acked, errors = _outcomes(futures)
+        assert all(isinstance(e, AppendTimeout | Unavailable) for e in errors), errors[:3]
+        assert len(acked) == len(events)
+        await _check_log(store, sid, events, acked)
+
+
+async def test_acks_dropped_and_restored_mid_stream_settle_every_append_once(settings: Settings) -> None:
+    """drop_replies toggled while appends are in flight: the late acks of retried attempts go to the direct path
+    or nats-py's as the seam says, each append is settled once, at its own sequence."""
+    sid = f"s-{uuid.uuid4().hex[:8]}"
+    events = [_report(sid, n) for n in range(600)]
+    async with EventStore.connect(settings.replace(request_timeout=0.3, append_deadline=30)) as store:
+        seen: list[Msg] = []
+
+        def drop_odd(msg: Msg) -> bool:
+            seen.append(msg)
+            return int(msg.subject.rsplit(".", 1)[1]) % 2 == 0  # tokens count from 1: odd ones lose their ack
+
+        futures: list[asyncio.Future[int]] = []
+        for b in range(6):
+            dropping = b % 2 == 0
+            store.drop_replies(drop_odd if dropping else None)
+            seen_before = len(seen)
+            batch = [await store.submit(e) for e in events[b * 100:(b + 1) * 100]]
+            futures += batch
+            if dropping:  # every first ack of the batch through the seam (half dropped), then the seam goes
+                await eventually(_at_least(lambda: len(seen), seen_before + 100), timeout=20, what="the acks seen")
+            else:  # the retried ones of the batch before are acked the direct way now
+                await eventually(_done_at_least(batch, 50), timeout=20, what="half done")
+        store.drop_replies(None)
+        await _settled(futures, 45)
+        acked, errors = _outcomes(futures)
+        assert not errors, errors[:3]
+        assert seen  # the seam did see Msgs while set
+        await _check_log(store, sid, events, acked)
+        assert wire._Direct is type(store.nc.__dict__["_process_msg"])
+
+
+async def test_an_event_over_max_payload_fails_alone_and_the_appender_lives_on(tmp_path: Path) -> None:
+    """A payload over the server's max_payload (a server configured below the ledger's 64 KiB): nc.publish raises
+    MaxPayloadError, which escaped submit leaving the append in flight (its place in the window taken) for the
+    sweeper to re-send - raising again inside the sweeper, which died: no append timed out or was re-sent again.
+    Now the append's future fails with InvalidInput and nothing is left behind."""
+    server = _own_server(tmp_path / "nats", extra="max_payload: 8192\n")
+    try:
+        settings = Settings(nats_url=server.url, request_timeout=0.3, append_deadline=2)
+        async with EventStore.connect(settings, ensure=True) as store:
+            sid = f"s-{uuid.uuid4().hex[:8]}"
+            big = ev.SessionCreated(producer=CLI, session_id=sid, pool="p",
+                                    labels={"a": "x" * 4000, "b": "y" * 4000, "c": "z" * 4000})
+            assert len(codec.encode(big).payload) > store.nc.max_payload
+            refused = await store.submit(big)
+            await _settled([refused], 10)
+            assert isinstance(refused.exception(), InvalidInput), refused.exception()  # the SDK's, not nats-py's
+            assert "max_payload" in str(refused.exception())
+            assert store.appends_in_flight == 0, "the refused append stays in flight"
+            # Another append whose ack is lost must still time out (the sweeper alive), not hang.
+            store.drop_replies(lambda msg: False)
+            lost = await store.submit(_report(sid, 1))
+            await _settled([lost], 10)
+            assert isinstance(lost.exception(), AppendTimeout)
+    finally:
+        server.stop()
+
+
+async def test_draining_the_connection_with_appends_in_flight_settles_them_all(crashable: EmbeddedServer) -> None:
+    """nc.drain() while acks are outstanding and the server is frozen: the subscriptions' drain times out, the
+    connection sits in DRAINING_PUBS while its final flush waits, and a re-send then gets ConnectionDrainingError
+    from nc.publish - which the appender must turn into a failed append, not let kill its sweeper."""
+    settings = Settings(nats_url=crashable.url, request_timeout=0.2, append_deadline=5)
+    nc = await nats.connect(crashable.url, drain_timeout=0.5, max_reconnect_attempts=1, reconnect_time_wait=0.2)
+    async with EventStore.connect(settings, ensure=True):
+        pass  # the streams
+    store = EventStore(nc, settings)
+    await store.start()
+    try:
+        sid = f"s-{uuid.uuid4().hex[:8]}"
+        store.drop_replies(lambda msg: False)  # every append stays in flight
+        futures = [await store.submit(_report(sid, n)) for n in range(50)]
+        assert crashable.pid is not None
+        os.kill(crashable.pid, signal.SIGSTOP)
+        drain = asyncio.create_task(nc.drain())
+        try:
+            await _settled(futures, 20)
+        finally:
+            os.kill(crashable.pid, signal.SIGCONT)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(drain, 20)
+        _, errors = _outcomes(futures)
+        assert len(errors) == len(futures)
+        assert all(isinstance(e, AppendTimeout | Unavailable) for e in errors), errors[:3]
+    finally:
+        await store.close()
+        if not nc.is_closed:
+            await nc.close()
+
+
+# --- one connection, several users ------------------------------------------------------------------------------
+
+async def test_two_stores_and_a_plain_subscriber_on_one_connection_each_get_theirs(settings: Settings) -> None:
+    nc = await nats.connect(settings.nats_url)
+    try:
+        a, b = EventStore(nc, settings), EventStore(nc, settings)
+        await a.start()
+        await b.start()
+        subject = f"h15.{uuid.uuid4().hex[:8]}"
+        got: list[Msg] = []
+
+        async def on_msg(msg: Msg) -> None:
+            got.append(msg)
+
+        other = await nc.subscribe(subject, cb=on_msg)
+        sid = f"s-{uuid.uuid4().hex[:8]}"
+        events = [_report(sid, n) for n in range(400)]
+        in_before = nc.stats["in_msgs"]
+        futures: list[asyncio.Future[int]] = []
+        for n, event in enumerate(events):
+            futures.append(await (a if n % 2 else b).submit(event))
+            if n % 10 == 0:  # another part of the program's traffic, with and without headers, replies too
+                await nc.publish(subject, f"m{n}".encode(), reply=f"{subject}.r",
+                                 headers={"K": str(n)} if n % 20 == 0 else None)
+        await _settled(futures, 30)
+        acked, errors = _outcomes(futures)
+        assert not errors, errors[:3]
+        await _check_log(a, sid, events, acked)
+        await eventually(lambda: len(got) == 40, what="the plain subscriber's 40 messages")
+        assert [m.data for m in got] == [f"m{n}".encode() for n in range(0, 400, 10)]
+        assert [m.headers for m in got[::2]] == [{"K": str(n)} for n in range(0, 400, 20)]
+        assert all(m.headers is None for m in got[1::2])
+        assert nc.stats["in_msgs"] - in_before >= len(events) + 40  # the direct acks are counted as nats-py counts
+        await a.close()
+        # b's acks still come straight from the parser; a's subscription is gone from the wrapper
+        direct = nc.__dict__["_process_msg"]
+        assert isinstance(direct, wire._Direct) and len(direct.handlers) == 1
+        more = [_report(sid, n) for n in range(400, 450)]
+        futs = [await b.submit(e) for e in more]
+        await _settled(futs, 30)
+        assert all(f.exception() is None for f in futs)
+        await b.close()
+        assert "_process_msg" not in nc.__dict__  # the class's method again
+        await other.unsubscribe()
+    finally:
+        await nc.close()
+
+
+async def test_fast_path_compare_and_set_conflicts_and_duplicates(store: EventStore, uid: str) -> None:
+    """CAS through the frames: one of many racing expect=0 appends wins, the rest are Conflicts; the same event
+    again is a duplicate resolved as ours; an expect_filter narrower than the entity."""
+    from ledger.errors import Conflict
+
+    first = ev.SessionCreated(producer=CLI, session_id=uid, pool="p")
+    rivals = [ev.SessionCreated(producer=CLI, session_id=uid, pool="p") for _ in range(20)]
+    futs = [await store.submit(e, expect=0) for e in [first, *rivals]]
+    await _settled(futs, 30)
+    wins = [f for f in futs if f.exception() is None]
+    assert len(wins) == 1 and futs[0] in wins  # queued in order: the first frame lands first
+    assert all(isinstance(f.exception(), Conflict) for f in futs[1:])
+    seq = wins[0].result()
+    assert await store.append(first) == seq  # the same id again: de-duplicated, known to be ours
+    claim = ev.SessionClaimed(producer=ev.Producer(id="a1", instance="i"), session_id=uid, agent_id="a1",
+                              instance_id="i", incarnation=1)
+    filt = f"ledger.session.{uid}.claimed.*"
+    s2 = await (await store.submit(claim, expect=0, expect_filter=filt))
+    assert s2 > seq
+    with pytest.raises(Conflict):
+        await (await store.submit(msgspec_replace(claim), expect=0, expect_filter=filt))
+
+
+def msgspec_replace(event: ev.Event) -> ev.Event:
+    return msgspec.structs.replace(event, event_id=new_id())
+
+
+# --- the codec ---------------------------------------------------------------------------------------------------
+
+_LOOKALIKES = ["\u0430", "\uff41", "\u200b", "\u00a0", "\n", "\r", "\t", " ", ".", "*", ">", "\x00", "\u212a", "\u0131",
+               "\U0001d41a", "-", "_"]
+_token_text = st.one_of(
+    st.text(alphabet=st.sampled_from("aZ09_-:@=+~"), min_size=0, max_size=130),
+    st.builds(lambda n, tail: "a" * n + tail, st.integers(125, 129), st.sampled_from(["", *_LOOKALIKES])),
+    st.builds(lambda head, body: head + body, st.sampled_from(["a", *_LOOKALIKES]),
+              st.text(alphabet=st.sampled_from(["b", *_LOOKALIKES]), max_size=8)),
+)
+
+
+class _Sub(str):
+    pass
+
+
+SAMPLES = {type(s): s for s in all_samples()}
+PATHS = [(cls, path) for cls in ev.EVENT_TYPES for path, _ in codec.twin_of(cls)[1]]
+
+
+@hsettings(max_examples=400, deadline=None)
+@given(st.sampled_from(PATHS), _token_text, st.booleans(), st.sampled_from(PATHS), st.booleans())
+def test_encode_accepts_and_refuses_what_the_old_read_back_did(where: tuple[type[ev.Event], tuple[str, ...]],
+                                                              value: str, subclass: bool,
+                                                              elsewhere: tuple[type[ev.Event], tuple[str, ...]],
+                                                              huge: bool) -> None:
+    cls, path = where
+    if huge:
+        value = "x" * 20_000 + value  # (under MAX_EVENT_BYTES, whose check comes before either read-back)
+    v: str = _Sub(value) if subclass else value
+    event = _set(SAMPLES[cls], path, v)
+    for _ in range(2):  # the second time through the memo
+        assert _outcome(codec.encode, event) == _outcome(_old_encode, event)
+    # The value, remembered or not, in another field (of another type) is judged as the old read-back judged it.
+    other_cls, other_path = elsewhere
+    other = _set(SAMPLES[other_cls], other_path, value)
+    assert _outcome(codec.encode, other) == _outcome(_old_encode, other)
+
+
+def test_the_memo_is_only_ever_for_the_one_token_pattern_and_several_patterns_read_back_the_slow_way() -> None:
+    for s in all_samples():
+        codec.encode(s)
+    assert set(codec._token_memo) <= {TOKEN_PATTERN}
+    assert codec._pattern_check([(("a",), r"^x\Z"), (("b",), r"^y\Z")]) is codec._never
