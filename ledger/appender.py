@@ -232,15 +232,21 @@ class Appender:
                 EXPECTED_LAST_SUBJECT_SEQ: str(expect),
                 EXPECTED_LAST_SUBJECT_SEQ_SUBJECT: expect_filter or out.subject,
             }
-        now = time.monotonic()
+        nc = self._nc
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        if len(out.payload) + wire.HEADROOM > nc.max_payload and \
+                (size := wire.message_size(headers, out.payload)) > nc.max_payload:
+            self._window.release()  # never sent: the server would close the connection over it
+            future.set_exception(InvalidInput(f"{out.subject}: the event and its headers are {size} bytes, over the "
+                                              f"server's max_payload ({nc.max_payload})"))
+            return future
+        now = time.monotonic()
         token = str(next(self._tokens))
         frame = wire.frame(out.subject, self._prefix + token, headers, out.payload) if self._framed else None
         p = _Pending(out, headers, frame, expect, expect_filter or out.subject, future, now + self._ack_timeout,
                      now + self._deadline)
         self._pending[token] = p
         self._idle.clear()
-        nc = self._nc
         if frame is not None and wire.enqueue(nc, frame, len(out.payload)):  # _send's fast path, inline
             if wire.kick_due(nc):
                 await wire.kick(nc)

@@ -176,7 +176,7 @@ async def test_acks_dropped_and_restored_mid_stream_settle_every_append_once(set
 
 
 async def test_an_event_over_max_payload_fails_alone_and_the_appender_lives_on(tmp_path: Path) -> None:
-    """A payload over the server's max_payload (a server configured below the ledger's 64 KiB): nc.publish raises
+    """A payload over the server's max_payload (a server configured below the ledger's 64 KiB): nc.publish raised
     MaxPayloadError, which escaped submit leaving the append in flight (its place in the window taken) for the
     sweeper to re-send - raising again inside the sweeper, which died: no append timed out or was re-sent again.
     Now the append's future fails with InvalidInput and nothing is left behind."""
@@ -353,3 +353,27 @@ def test_the_memo_is_only_ever_for_the_one_token_pattern_and_several_patterns_re
         codec.encode(s)
     assert set(codec._token_memo) <= {TOKEN_PATTERN}
     assert codec._pattern_check([(("a",), r"^x\Z"), (("b",), r"^y\Z")]) is codec._never
+
+
+async def test_an_event_whose_headers_take_it_over_max_payload_fails_alone_and_the_connection_lives_on(
+        tmp_path: Path) -> None:
+    """nats-py checks only the payload against max_payload; the server counts headers too, answers
+    'Maximum Payload Violation' and closes the connection - which nats-py then closes for good (no reconnect):
+    every later append of the store fails. An append whose payload fits but not with its headers must fail alone."""
+    server = _own_server(tmp_path / "nats", extra="max_payload: 8192\n")
+    try:
+        settings = Settings(nats_url=server.url, request_timeout=0.3, append_deadline=3)
+        async with EventStore.connect(settings, ensure=True) as store:
+            sid = f"s-{uuid.uuid4().hex[:8]}"
+            base = ev.SessionCreated(producer=CLI, session_id=sid, pool="p", labels={"a": "x" * 4000, "b": ""})
+            room = store.nc.max_payload - len(codec.encode(base).payload)
+            edge = msgspec.structs.replace(base, labels={"a": "x" * 4000, "b": "y" * (room - 10)})
+            out = codec.encode(edge)
+            assert len(out.payload) <= store.nc.max_payload < len(out.payload) + 40  # the headers do not fit beside
+            f = await store.submit(edge, expect=0)
+            await _settled([f], 10)
+            assert isinstance(f.exception(), InvalidInput), f.exception()
+            assert not store.nc.is_closed
+            assert await store.append(_report(sid, 1)) > 0
+    finally:
+        server.stop()
