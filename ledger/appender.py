@@ -223,6 +223,9 @@ class Appender:
         """Send one append; the returned future gives its stream sequence (or raises)."""
         if self._denied is not None:
             raise self._denied
+        if self._sweeper is None or self._sweeper.done():  # not started, or closed: nothing would ever settle it
+            raise Unavailable("the event store is not open: start it before appending (it was closed, or never "
+                              "started)")
         if not self._window.free():
             await self._window.wait()
         headers = out.headers

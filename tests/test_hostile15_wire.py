@@ -508,3 +508,23 @@ async def test_closing_the_connection_under_the_store_settles_every_append_in_fl
             await (await store.submit(_report(sid, 1000)))
     finally:
         await store.close()
+
+
+async def test_an_append_submitted_after_the_store_closed_on_a_shared_connection_never_hangs(
+        settings: Settings) -> None:
+    """The store closed, its connection still open (another part of the program owns it): an append submitted
+    now is refused (with no sweeper and no reply subscription left, it was published - and landed - while its
+    future waited for ever)."""
+    nc = await nats.connect(settings.nats_url)
+    try:
+        store = EventStore(nc, settings.replace(request_timeout=0.2, append_deadline=2))
+        await store.start()
+        await store.close()
+        sid = f"s-{uuid.uuid4().hex[:8]}"
+        with pytest.raises(Unavailable, match="not open"):
+            await store.submit(_report(sid, 1))
+        await store.start()  # opened again, it appends again
+        assert await (await store.submit(_report(sid, 2))) > 0
+        await store.close()
+    finally:
+        await nc.close()
