@@ -237,7 +237,7 @@ class Appender:
             }
         nc = self._nc
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        if len(out.payload) + wire.HEADROOM > nc.max_payload and \
+        if len(out.payload) + wire.HEADROOM + (len(expect_filter) if expect_filter else 0) > nc.max_payload and \
                 (size := wire.message_size(headers, out.payload)) > nc.max_payload:
             self._window.release()  # never sent: the server would close the connection over it
             future.set_exception(InvalidInput(f"{out.subject}: the event and its headers are {size} bytes, over the "

@@ -87,8 +87,9 @@ def frame(subject: str, reply: str, headers: dict[str, str], payload: bytes) -> 
 
 
 HEADROOM = 2048
-"""More than the appender's headers take (an id of at most 200 characters, a sequence, a subject filter): a payload
-this far below max_payload fits with them, and `message_size` need not be asked."""
+"""More than the appender's headers take beside a subject filter's length (an id of at most 200 characters, a
+sequence, the header names): a payload this far below max_payload fits with them, and `message_size` need not be
+asked."""
 
 
 def message_size(headers: dict[str, str], payload: bytes) -> int:

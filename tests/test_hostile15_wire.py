@@ -528,3 +528,14 @@ async def test_an_append_submitted_after_the_store_closed_on_a_shared_connection
         await store.close()
     finally:
         await nc.close()
+
+
+@pytest.mark.parametrize("headers", [{codec.MSG_ID: "evt-1"}, {}, {
+    codec.MSG_ID: "e" * 200, "Nats-Expected-Last-Subject-Sequence": "41",
+    "Nats-Expected-Last-Subject-Sequence-Subject": "ledger.session." + "s" * 3000 + ".>"}], ids=len)
+def test_message_size_is_what_the_frame_says_the_server_counts(headers: dict[str, str]) -> None:
+    payload = b"x" * 1000
+    cmd = wire.frame("ledger.session.s-1.created.cli", "_INBOX.abc.1", headers, payload)
+    assert cmd is not None
+    total = int(cmd.split(b"\r\n", 1)[0].split()[-1])  # HPUB subject reply header-size total-size
+    assert wire.message_size(headers, payload) == total
