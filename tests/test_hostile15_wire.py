@@ -539,3 +539,23 @@ def test_message_size_is_what_the_frame_says_the_server_counts(headers: dict[str
     assert cmd is not None
     total = int(cmd.split(b"\r\n", 1)[0].split()[-1])  # HPUB subject reply header-size total-size
     assert wire.message_size(headers, payload) == total
+
+
+async def test_a_reconnect_while_frames_are_queued_settles_every_append_once(settings: Settings) -> None:
+    """force_reconnect with hundreds of frames in nats-py's pending buffer and acks outstanding: the frames queued
+    before and the appends sent (through nc.publish) while reconnecting all land once, each at its own sequence."""
+    sid = f"s-{uuid.uuid4().hex[:8]}"
+    events = [_report(sid, n) for n in range(1000)]
+    async with EventStore.connect(settings.replace(request_timeout=0.5, append_deadline=30)) as store:
+        nc = store.nc
+        reconnects = nc.stats["reconnects"]
+        futures: list[asyncio.Future[int]] = []
+        for n, event in enumerate(events):
+            futures.append(await store.submit(event))
+            if n == 500:
+                await nc.force_reconnect()
+        await _settled(futures, 45)
+        acked, errors = _outcomes(futures)
+        assert not errors, errors[:3]
+        await _check_log(store, sid, events, acked)
+        assert nc.stats["reconnects"] > reconnects
