@@ -559,3 +559,38 @@ async def test_a_reconnect_while_frames_are_queued_settles_every_append_once(set
         assert not errors, errors[:3]
         await _check_log(store, sid, events, acked)
         assert nc.stats["reconnects"] > reconnects
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.xfail(strict=True, reason=(
+    "nats-py's forced flush (past its 2 MiB pending buffer) waits for the flusher with no timeout (flush_timeout "
+    "None: ledger.connection never sets it); with the server frozen the flusher is stuck in transport.drain(), so "
+    "submit - and the sweeper, whose re-sends go the same way - block until the server thaws, and no append times "
+    "out by its deadline (the same through nc.publish before the fast path). Fix: connect with "
+    "flush_timeout=settings.request_timeout (tried: the appends then time out in time), and make EventStore.close "
+    "survive nc.close raising CancelledError from wait_closed afterwards"))
+async def test_appends_time_out_by_their_deadline_while_the_server_stays_frozen(crashable: EmbeddedServer) -> None:
+    """Frozen server, more than nats-py's 2 MiB pending buffer of frames: every append must still fail with
+    AppendTimeout at its deadline while the server stays frozen (not when it thaws)."""
+    settings = Settings(nats_url=crashable.url, request_timeout=0.3, append_deadline=3)
+    sid = f"s-{uuid.uuid4().hex[:8]}"
+    async with EventStore.connect(settings, ensure=True) as store:
+        assert crashable.pid is not None
+        os.kill(crashable.pid, signal.SIGSTOP)
+        try:
+            futures: list[asyncio.Future[int]] = []
+            submitting = asyncio.ensure_future(_submit_all(store, futures, [
+                ev.SessionCreated(producer=CLI, session_id=f"{sid}-{n}", pool="p", labels={"k": "v" * 2000})
+                for n in range(3000)]))
+            done, _ = await asyncio.wait([submitting], timeout=15)
+            submitting.cancel()
+            assert done, f"submit blocked with {len(futures)} appends submitted and the server frozen"
+            await _settled(futures, 15)
+            assert all(isinstance(f.exception(), AppendTimeout) for f in futures)
+        finally:
+            os.kill(crashable.pid, signal.SIGCONT)
+
+
+async def _submit_all(store: EventStore, futures: list[asyncio.Future[int]], events: list[ev.Event]) -> None:
+    for e in events:
+        futures.append(await store.submit(e))
