@@ -33,13 +33,22 @@ import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.errors import ConnectionClosedError, OutboundBufferLimitError
+from nats.errors import ConnectionClosedError, ConnectionDrainingError, MaxPayloadError, OutboundBufferLimitError
 from nats.errors import Error as NatsError
 
 from . import authority, wire
 from .codec import MSG_ID, Outgoing
 from .connection import GONE, INBOX_HINT, watch_of
-from .errors import AppendTimeout, Conflict, EventIdTaken, LedgerError, PermissionDenied, StoreError, Unavailable
+from .errors import (
+    AppendTimeout,
+    Conflict,
+    EventIdTaken,
+    InvalidInput,
+    LedgerError,
+    PermissionDenied,
+    StoreError,
+    Unavailable,
+)
 from .jsapi import ApiError, store_error
 
 log = logging.getLogger(__name__)
@@ -214,6 +223,9 @@ class Appender:
         """Send one append; the returned future gives its stream sequence (or raises)."""
         if self._denied is not None:
             raise self._denied
+        if self._sweeper is None or self._sweeper.done():  # not started, or closed: nothing would ever settle it
+            raise Unavailable("the event store is not open: start it before appending (it was closed, or never "
+                              "started)")
         if not self._window.free():
             await self._window.wait()
         headers = out.headers
@@ -223,15 +235,21 @@ class Appender:
                 EXPECTED_LAST_SUBJECT_SEQ: str(expect),
                 EXPECTED_LAST_SUBJECT_SEQ_SUBJECT: expect_filter or out.subject,
             }
-        now = time.monotonic()
+        nc = self._nc
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        if len(out.payload) + wire.HEADROOM + (len(expect_filter) if expect_filter else 0) > nc.max_payload and \
+                (size := wire.message_size(headers, out.payload)) > nc.max_payload:
+            self._window.release()  # never sent: the server would close the connection over it
+            future.set_exception(InvalidInput(f"{out.subject}: the event and its headers are {size} bytes, over the "
+                                              f"server's max_payload ({nc.max_payload})"))
+            return future
+        now = time.monotonic()
         token = str(next(self._tokens))
         frame = wire.frame(out.subject, self._prefix + token, headers, out.payload) if self._framed else None
         p = _Pending(out, headers, frame, expect, expect_filter or out.subject, future, now + self._ack_timeout,
                      now + self._deadline)
         self._pending[token] = p
         self._idle.clear()
-        nc = self._nc
         if frame is not None and wire.enqueue(nc, frame, len(out.payload)):  # _send's fast path, inline
             if wire.kick_due(nc):
                 await wire.kick(nc)
@@ -251,6 +269,14 @@ class Appender:
             p.due = time.monotonic() + RETRY_BACKOFF  # disconnected and the buffer is full: try again soon
         except ConnectionClosedError:
             self._settle(token, error=Unavailable("the NATS connection is closed"))
+        # These two would otherwise escape: from submit, leaving the append in flight, and from the sweeper's
+        # re-send, killing it (no append re-sent or timed out after that).
+        except ConnectionDrainingError:
+            self._settle(token, error=Unavailable("the NATS connection is draining: it sends no more appends"))
+        except MaxPayloadError:
+            self._settle(token, error=InvalidInput(
+                f"{p.out.subject}: the event is {len(p.out.payload)} bytes, over the server's max_payload "
+                f"({nc.max_payload})"))
 
     def _settle(self, token: str, *, seq: int | None = None, error: BaseException | None = None) -> None:
         p = self._pending.pop(token, None)

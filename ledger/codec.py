@@ -7,6 +7,7 @@ does not match its payload is treated as unreadable, never trusted.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 import re
@@ -251,7 +252,8 @@ def encode(event: Event) -> Outgoing:
         try:
             validator.decode(payload)
         except Exception as e:  # noqa: BLE001 - ValidationError, or anything else: never written
-            subject_of(event)  # a bad id is refused as the SDK always said it ("invalid session id ...")
+            with contextlib.suppress(AttributeError):  # no producer to take an id from: msgspec's message says so
+                subject_of(event)  # a bad id is refused as the SDK always said it ("invalid session id ...")
             raise InvalidInput(f"event {event.type_tag()} refused: {_field_first(_one_line(str(e)))}") from None
     return Outgoing(subject_of_unchecked(event), {MSG_ID: event.event_id}, payload)
 
@@ -277,7 +279,7 @@ def _non_finite(event: Event) -> str | None:
     for path in _FLOATS.get(type(event), ()):
         value: object = event
         for name in path:
-            value = getattr(value, name)
+            value = getattr(value, name, None)  # (a nested struct of the wrong type: the read-back refuses it)
             if value is None:
                 break
         if isinstance(value, float) and not math.isfinite(value):

@@ -86,6 +86,19 @@ def frame(subject: str, reply: str, headers: dict[str, str], payload: bytes) -> 
     return b"".join((f"HPUB {subject} {reply} {size} {size + len(payload)}\r\n{hdr}".encode(), payload, b"\r\n"))
 
 
+HEADROOM = 2048
+"""More than the appender's headers take beside a subject filter's length (an id of at most 200 characters, a
+sequence, the header names): a payload this far below max_payload fits with them, and `message_size` need not be
+asked."""
+
+
+def message_size(headers: dict[str, str], payload: bytes) -> int:
+    """What the server counts against max_payload: the header block and the payload (nats-py checks only the
+    payload, and a message over the limit makes the server close the connection - which nats-py then closes for
+    good)."""
+    return len(payload) + 12 + sum(len(k.encode()) + len(v.encode()) + 4 for k, v in headers.items())
+
+
 def enqueue(nc: NATS, cmd: bytes, payload_size: int) -> bool:
     """Queue a frame as nats-py's publish does once its checks pass; False (nothing queued) unless CONNECTED.
 
