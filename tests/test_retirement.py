@@ -45,6 +45,16 @@ def fresh(retain: float) -> LedgerState:
     return LedgerState(ledger=LifecycleState(retain=retain))
 
 
+
+def through_snapshots(items: list[Any], retain: float, data: st.DataObject) -> LedgerState:
+    """The fold in batches cut where hypothesis says, each batch's state packed and unpacked as a snapshot is."""
+    batched = fresh(retain)
+    for start, end in cuts(data, len(items)):
+        batched.apply_all(items[start:end])
+        batched = LedgerState(ledger=snapshots.unpack(snapshots.pack(batched.ledger), LifecycleState),
+                              heartbeats=snapshots.unpack(snapshots.pack(batched.heartbeats), HeartbeatState))
+    return batched
+
 def fold(items: list[Any], retain: float) -> LedgerState:
     state = fresh(retain)
     state.apply_all(items)
@@ -95,12 +105,7 @@ def test_one_go_equals_batches_through_snapshots_equals_a_resume_from_rows(items
                                                                           data: st.DataObject):
     whole = fold(items, retain)
 
-    batched = fresh(retain)
-    for start, end in cuts(data, len(items)):
-        batched.apply_all(items[start:end])
-        batched = LedgerState(ledger=snapshots.unpack(snapshots.pack(batched.ledger), LifecycleState),
-                              heartbeats=snapshots.unpack(snapshots.pack(batched.heartbeats), HeartbeatState))
-    assert batched == whole
+    assert through_snapshots(items, retain, data) == whole
 
     k = data.draw(st.integers(0, len(items)))
     state, rows = fresh(retain), Rows()
@@ -185,12 +190,7 @@ def test_beats_of_retired_agents_leave_alike_whatever_the_interleaving_and_every
         for agent_id, beat in state.beats.items():  # a trimmed record is the stream's, less some of its slots
             assert set(beat.slots()) <= set(alone.beats[agent_id].slots())
     assert state == whole
-    batched = fresh(retain)
-    for start, end in cuts(data, len(items)):
-        batched.apply_all(items[start:end])
-        batched = LedgerState(ledger=snapshots.unpack(snapshots.pack(batched.ledger), LifecycleState),
-                              heartbeats=snapshots.unpack(snapshots.pack(batched.heartbeats), HeartbeatState))
-    assert batched == whole
+    assert through_snapshots(items, retain, data) == whole
 
 
 @settings(max_examples=15, deadline=None)
