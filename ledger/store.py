@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime
 from types import TracebackType
 from typing import Any, TypeVar
@@ -349,13 +349,6 @@ class EventStore:
         Only those the agent wrote itself (its id as producer token): the folds flag any other.
         """
         return [r.seq for r in await self.registered(agent_id, min_last_seq=min_last_seq)]
-
-    async def incarnations(self, records: Iterable[Recorded], *,
-                           min_last_seq: int | None = None) -> lifecycle.IncarnationAt:
-        """The incarnation lookup a fold of `records` takes: the registrations of every agent acting in them."""
-        acting = lifecycle.agents_acting(list(records))
-        return lifecycle.registrations_lookup({a: await self.registrations(a, min_last_seq=min_last_seq)
-                                               for a in sorted(acting)})
 
     async def session_fold(self, records: list[Recorded], *,
                            min_last_seq: int | None = None) -> lifecycle.SessionFold:

@@ -16,6 +16,7 @@ from test_store import created
 
 from ledger import codec, dlq, jsapi, subjects
 from ledger import events as ev
+from ledger import lifecycle as lc
 from ledger.codec import Recorded, Unreadable
 from ledger.errors import StoreError, StreamMissing, Unavailable
 from ledger.events import Producer
@@ -91,10 +92,9 @@ def test_the_scan_sees_each_way_past_the_store(tmp_path: Path) -> None:
         "probe.py:9 uses .nc", "probe.py:10 uses .nc", "probe.py:10 uses ._server_info"])
 
 
-LOOKUP_BUILDERS = {"registrations_lookup", "registered_lookup", "agents_acting", "agents_lookup", "SessionFold",
-                   "AgentTimeline"}
-"""What the session lookups are built from: above the store only `EventStore.session_fold` / `session_lookups` /
-`incarnations` do."""
+LOOKUP_BUILDERS = {"registrations_lookup", "registered_lookup", "agents_lookup", "SessionFold", "AgentTimeline"}
+"""What the session lookups are built from: above the store only `EventStore.session_fold` / `session_lookups`
+do."""
 
 
 def test_the_session_lookups_are_built_in_one_place() -> None:
@@ -192,7 +192,7 @@ async def test_registrations_are_the_agents_own_and_give_the_incarnation_lookup(
                               instance_id="i", incarnation=second)
     seq = await store.append(claim)
     [recorded] = [r for r in await store.history("session", uid) if isinstance(r, Recorded)]
-    incarnation_at = await store.incarnations([recorded], min_last_seq=seq)
+    incarnation_at = lc.registrations_lookup({agent: await store.registrations(agent, min_last_seq=seq)})
     assert incarnation_at(agent, seq) == second and incarnation_at(agent, second) == first
     assert incarnation_at(agent, first) is None and incarnation_at(f"{uid}-nobody", seq) is None
 

@@ -94,9 +94,6 @@ class KnownRegistrations:
                 continue
             del self.table[oldest]
 
-    def lookup(self) -> lc.IncarnationAt:
-        return lc.registrations_lookup(self.known)
-
 
 class Registration:
     """This process's registrations: the first, the re-registration in flight, and the check that no other

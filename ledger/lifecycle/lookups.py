@@ -16,7 +16,7 @@ from ledger import events as ev
 from ledger.codec import Recorded
 
 from .agents import AgentAt, AgentState, IncarnationAt, evolve_agent
-from .anomalies import Anomaly, Evolved, writer_problem
+from .anomalies import Anomaly, Evolved
 from .sessions import RegisteredAt, SessionAt, SessionState, evolve_session
 
 
@@ -30,16 +30,6 @@ def fold(evolve: Callable[..., Evolved[Any]], records: Iterable[Recorded],
         if anomaly is not None:
             anomalies.append((rec.seq, anomaly))
     return state, anomalies
-
-
-def agents_acting(records: Iterable[Recorded]) -> set[str]:
-    """Every agent whose registrations a session history's fold may need: those it names as claimers or owners, in
-    events their producers may write (the fold flags any other before it looks at a registration). A superset of
-    what it does need: `SessionFold` reads only those."""
-    return {e.agent_id for e in (r.event for r in records)
-            if isinstance(e, (ev.SessionClaimed, ev.SessionReleased, ev.SessionResourceReported,
-                              ev.SessionCheckpointed))
-            and writer_problem(e) is None}
 
 
 _EVER = 2**63 - 1
