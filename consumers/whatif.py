@@ -475,7 +475,7 @@ def whatif(items: Iterable[Item], settings: rules.LivenessSettings, *, recorded:
         last = max(last, item.timestamp_ns // 1000)
     # Judged up to the bound only if the log goes on past it: after the log's newest item there is no evidence of
     # silence (an --until in the future would kill every live agent at the log's end plus its ttl).
-    end = bound if bound is not None and beyond else min(last, bound) if bound is not None else last
+    end = last if bound is None else bound if beyond else min(last, bound)
     run.finish(end)
     notes = list(notes)
     if pool is not None and not any(a.pool == pool for a in run.agents.values()):
