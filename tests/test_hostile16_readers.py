@@ -5,6 +5,7 @@ nothing in the folds or the index. Pure folds (tests/histories.py)."""
 from __future__ import annotations
 
 import json
+import os
 import types
 from typing import Any
 
@@ -48,7 +49,7 @@ def capacities(state: LedgerState) -> dict[tuple[str, str, str], list[reclaim_ru
     return out
 
 
-def check_plan(items: list[Any], state: LedgerState, r: Reclaimer) -> None:
+def check_plan(items: list[Any], state: LedgerState, r: Reclaimer, retain: float | None = None) -> None:
     """The plan over the index is the plan over every session, and each write it plans the fold accepts."""
     every = reclaim_rules.plan(state.ledger.sessions.values(), state.ledger.agents, capacities(state),
                                state.ledger.pools)
@@ -59,7 +60,7 @@ def check_plan(items: list[Any], state: LedgerState, r: Reclaimer) -> None:
     writes = [a for a in indexed if isinstance(a, (reclaim_rules.ClaimFor, reclaim_rules.Orphan))]
     if not writes:
         return
-    after = LedgerState()
+    after = LedgerState() if retain is None else LedgerState(ledger=LifecycleState(retain=retain))
     after.apply_all(items)
     seq = max((i.seq for i in items if i.stream == LEDGER_STREAM), default=0)
     ns = max((i.timestamp_ns for i in items), default=codec.to_ns(T0))
@@ -70,10 +71,11 @@ def check_plan(items: list[Any], state: LedgerState, r: Reclaimer) -> None:
 
 
 @settings(max_examples=120, deadline=None)
-@given(histories(max_size=60), st.data())
+@given(histories(max_size=60), st.sampled_from((0.0, 3.0, 600.0)), st.data())
 def test_the_index_kept_item_by_item_equals_a_fresh_one_and_plans_only_writes_the_fold_accepts(
-        items: list[Any], data: st.DataObject) -> None:
-    state = LedgerState()
+        items: list[Any], retain: float, data: st.DataObject) -> None:
+    """With retirement too: an ended session leaves the fold, its id may be created again."""
+    state = LedgerState(ledger=LifecycleState(retain=retain))
     kept = reclaimer_over(state)
     kept._count_load()
     steps = sorted(set(data.draw(st.lists(st.integers(0, len(items)), max_size=6))) | {len(items)})
@@ -88,7 +90,7 @@ def test_the_index_kept_item_by_item_equals_a_fresh_one_and_plans_only_writes_th
         fresh = reclaimer_over(state)
         fresh._count_load()
         assert index_of(kept) == index_of(fresh)
-        check_plan(items[:stop], state, kept)
+        check_plan(items[:stop], state, kept, retain)
 
 
 def forged_history() -> Builder:
@@ -393,3 +395,109 @@ def test_beats_of_ids_never_registered_leave_the_memory_after_retain() -> None:
     state = LedgerState(ledger=LifecycleState(retain=3.0))
     state.apply_all(b.items)
     assert len(state.heartbeats.beats) == 0
+
+
+# --- against a real nats-server -------------------------------------------------------------------------------
+
+
+async def test_on_a_server_forged_checkpoints_and_garbage_on_each_subject_change_no_reader(
+        settings: Any, ledger: Any, uid: str, tmp_path: Any) -> None:
+    """An owner's checkpoint, then forged ones from holders of the writers' credentials and garbage published
+    raw on each subject of the session and its agents: the session read (`lc.SessionFold` with lookups), the
+    whole fold and the projection's as_of reads keep the owner's checkpoint at every seq."""
+    import base64
+
+    import nats
+    from helpers import authorized
+
+    from ledger.agent import Agent
+
+    sid, _ = await ledger.create_session("p", session_id=f"{uid}-s")
+    async with Agent(ledger, agent_id=f"{uid}-a1", pool="p", heartbeat=0.1, ttl=5.0, capacity=4) as a1, \
+            Agent(ledger, agent_id=f"{uid}-a2", pool="p", heartbeat=0.1, ttl=5.0, capacity=4) as a2:
+        held = await a1.claim(sid)
+        good = await a1.checkpoint(sid, b"progress=1")
+        for forged in (
+            ev.SessionCheckpointed(producer=CLI, session_id=sid, agent_id=a1.agent_id, incarnation=a1.incarnation,
+                                   token=held.token + 1, data=b"wrong token"),
+            ev.SessionCheckpointed(producer=CLI, session_id=sid, agent_id=a1.agent_id,
+                                   incarnation=a1.incarnation + 1, token=held.token, data=b"another life"),
+            ev.SessionCheckpointed(producer=CLI, session_id=sid, agent_id=a2.agent_id, incarnation=a2.incarnation,
+                                   token=held.token, data=bytes(range(256)) * (ev.MAX_CHECKPOINT_BYTES // 256),
+                                   note="\x00\x1b]0;x\x07" * 50),
+        ):
+            await ledger.store.append(authorized(forged))
+        templates = [
+            ev.SessionCheckpointed(producer=a1.producer, session_id=sid, agent_id=a1.agent_id,
+                                   incarnation=a1.incarnation, token=held.token, data=b"x"),
+            ev.SessionClaimed(producer=a2.producer, session_id=sid, agent_id=a2.agent_id, instance_id=a2.instance_id,
+                              incarnation=a2.incarnation, reason="initial"),
+            ev.SessionReleased(producer=a1.producer, session_id=sid, agent_id=a1.agent_id,
+                               incarnation=a1.incarnation, token=held.token, reason="x"),
+            ev.AgentRegistered(producer=a2.producer, agent_id=a2.agent_id, instance_id="other", pool="q"),
+            ev.AgentHeartbeat(producer=a1.producer, agent_id=a1.agent_id, instance_id=a1.instance_id,
+                              incarnation=a1.incarnation, beat=1),
+        ]
+        nc = await nats.connect(settings.nats_url)
+        try:
+            js = nc.jetstream()
+            for n, event in enumerate(templates):
+                for k, body in enumerate((b"{\x00 not json", wrong_tag(event), deep(10_000),
+                                          base64.b64encode(os.urandom(16_384)))):
+                    await js.publish(codec.subject_of(event), body, headers={"Nats-Msg-Id": f"{uid}-g{n}-{k}"})
+        finally:
+            await nc.close()
+        state, _ = await ledger.session(sid)
+        assert state is not None and state.owner == a1.agent_id and state.token == held.token
+        assert state.checkpoint is not None and (state.checkpoint.seq, state.checkpoint.data) == (good, b"progress=1")
+        items = sorted([*await ledger.store.history("agent", a1.agent_id),
+                        *await ledger.store.history("agent", a2.agent_id),
+                        *await ledger.store.history("session", sid)], key=lambda i: i.seq)
+        assert sum(isinstance(i, Unreadable) for i in items) == 16  # the LEDGER subjects' garbage, each a dead letter
+        whole = LedgerState()
+        changes = whole.apply_all(items)
+        assert whole.ledger.sessions[sid] == state
+        checkpoints = [c for i, c in zip(items, changes, strict=True) if isinstance(i, Recorded)
+                       and isinstance(i.event, ev.SessionCheckpointed)]
+        assert [c.anomaly is not None for c in checkpoints] == [False, True, True, True]  # the 3 forged: flagged
+        assert await as_of_agrees(tmp_path / "p.db", items, 600.0) > 0
+
+
+def with_forged_beats(items: list[Any], data: st.DataObject) -> list[Any]:
+    """`items` with beats forged for its agents (zero, the largest count, the next LEDGER seq, a retired life's)
+    put where hypothesis says, both streams numbered again as stored."""
+    out = list(items)
+    for _ in range(data.draw(st.integers(1, 8))):
+        agent = data.draw(st.sampled_from(("a0", "a1", "a2", "ghost")))
+        at = data.draw(st.integers(0, len(out)))
+        ledger_seq = sum(1 for i in out[:at] if i.stream == LEDGER_STREAM)
+        incarnation = data.draw(st.sampled_from((0, 1, ev.MAX_COUNT, ledger_seq + 1, max(ledger_seq - 1, 0))))
+        e = ev.AgentHeartbeat(producer=ev.Producer(id=agent, instance=f"{agent}-i"), agent_id=agent,
+                              instance_id="i", incarnation=incarnation, beat=at)
+        out.insert(at, Recorded(HEARTBEAT_STREAM, 0, codec.subject_of(e), 0, e))
+    seq = {LEDGER_STREAM: 0, HEARTBEAT_STREAM: 0}
+    renumbered = []
+    for k, item in enumerate(out, 1):
+        seq[item.stream] += 1
+        renumbered.append(msgspec.structs.replace(item, seq=seq[item.stream], timestamp_ns=codec.to_ns(T0) + k * 10**9))
+    return renumbered
+
+
+@settings(max_examples=25, deadline=None)
+@given(histories(max_size=40), st.sampled_from((0.0, 3.0, 600.0)), st.data())
+def test_forged_beats_anywhere_fold_alike_in_batches_and_a_rebuild_and_stay_bounded(
+        tmp_path_factory: Any, items: list[Any], retain: float, data: st.DataObject) -> None:
+    import asyncio
+
+    from projections.beats import KEEP, of_incarnation
+
+    items = with_forged_beats(items, data)
+    tmp = tmp_path_factory.mktemp("beats")
+    state = asyncio.run(batched_equals_rebuilt(tmp, items, retain, data.draw(st.integers(1, 9))))
+    for agent_id, beat in state.heartbeats.beats.items():
+        assert len(beat.slots()) <= KEEP
+        agent = state.ledger.agents.get(agent_id)
+        if agent is not None:  # the beat health reads is of the registered life or none
+            mine = of_incarnation(beat, agent.incarnation)
+            assert mine is None or mine.incarnation == agent.incarnation
+    assert len(state._pending) <= max(64, 2 * KEEP * len(state.heartbeats.beats))
