@@ -411,6 +411,7 @@ async def test_on_a_server_forged_checkpoints_and_garbage_on_each_subject_change
     from helpers import authorized
 
     from ledger.agent import Agent
+    from projections.beats import of_incarnation
 
     sid, _ = await ledger.create_session("p", session_id=f"{uid}-s")
     async with Agent(ledger, agent_id=f"{uid}-a1", pool="p", heartbeat=0.1, ttl=5.0, capacity=4) as a1, \
@@ -461,6 +462,12 @@ async def test_on_a_server_forged_checkpoints_and_garbage_on_each_subject_change
                        and isinstance(i.event, ev.SessionCheckpointed)]
         assert [c.anomaly is not None for c in checkpoints] == [False, True, True, True]  # the 3 forged: flagged
         assert await as_of_agrees(tmp_path / "p.db", items, 600.0) > 0
+        beats = await ledger.store.read(f"ledger.hb.{a1.agent_id}.>")
+        assert sum(isinstance(i, Unreadable) for i in beats) == 4  # the heartbeat subject's: dead letters too
+        hb = LedgerState()
+        hb.apply_all([*items, *beats])
+        beat = of_incarnation(hb.heartbeats.beats.get(a1.agent_id), a1.incarnation)
+        assert beat is not None and beat.instance_id == a1.instance_id  # a real beat, the garbage none
 
 
 def with_forged_beats(items: list[Any], data: st.DataObject) -> list[Any]:
