@@ -85,6 +85,14 @@ async def _replay_into(store: EventStore, part: LifecycleState | HeartbeatState,
     return n, anomalies
 
 
+async def _retain_of(db: ProjectionDB | None) -> float:
+    """The retain a replay from zero folds with: the file's fold's, as its newest snapshot records it (the rule
+    judges a later event on a retired id by it - a re-created id is new with retain 0, a duplicate with the
+    default). No file, or no snapshot yet: the default."""
+    newest = await db.nearest_snapshot(LEDGER_STREAM) if db is not None else None
+    return snapshots.unpack(newest.data, LifecycleState).retain if newest is not None else LifecycleState().retain
+
+
 def _tables(part: LifecycleState) -> dict[str, dict[str, Any]]:
     return {AGENT: part.agents, SESSION: part.sessions, ROUTE: part.routes}
 
@@ -174,7 +182,7 @@ async def state_as_of(store: EventStore, db: ProjectionDB | None, *, seq: int | 
     else:
         cut_ns = 0
     snap = await db.nearest_snapshot(LEDGER_STREAM, seq=seq, stored_ns=time_ns) if db else None
-    ledger = snapshots.unpack(snap.data, LifecycleState) if snap else LifecycleState()
+    ledger = snapshots.unpack(snap.data, LifecycleState) if snap else LifecycleState(retain=await _retain_of(db))
     retired = await _retired_by(db, ledger) if db is not None and snap else {AGENT: {}, SESSION: {}, ROUTE: {}}
     hb_facts = await store.stream_facts(HEARTBEAT_STREAM)
     (replayed, anomalies), hb = await asyncio.gather(
