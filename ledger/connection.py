@@ -331,6 +331,9 @@ async def open_connection(settings: Settings, name: str = "session-ledger",
             ping_interval=settings.ping_interval,  # type: ignore[arg-type]
             max_outstanding_pings=settings.max_outstanding_pings,
             dont_randomize=not settings.randomize_servers,
+            # A forced flush (past the 2 MiB pending buffer) otherwise waits for a frozen server forever, and
+            # with it every append and re-send: bounded, the appends fail by their deadlines instead.
+            flush_timeout=settings.request_timeout,
             error_cb=watch.error_cb, disconnected_cb=disconnected_cb, reconnected_cb=reconnected_cb, **options,
         )
     except nkeys.NkeysError as e:  # read when connecting starts: a file that holds no seed

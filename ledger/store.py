@@ -28,7 +28,7 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import APIError
 
-from . import cancellation, codec, dlq, jsapi, lifecycle, subjects
+from . import cancellation, codec, dlq, jsapi, lifecycle, subjects, wire
 from .appender import Appender
 from .codec import Item, Recorded, Unreadable
 from .connection import GONE, open_connection, watch_of
@@ -143,8 +143,16 @@ class EventStore:
             # settled above, so flushing what is buffered and closing is all that is left.
             with contextlib.suppress(*GONE):
                 await self.nc.flush(timeout=2)
-            with contextlib.suppress(*GONE):
-                await self.nc.close()
+            if dropped := wire.drop_unsendable(self.nc):
+                log.info("closing while disconnected: %d bytes of unsent messages dropped", dropped)
+            try:
+                with contextlib.suppress(*GONE):
+                    await self.nc.close()
+            except asyncio.CancelledError:
+                # nats-py awaits the old socket's close, whose waiter asyncio cancels when the socket dies with
+                # bytes still unsent (a server frozen, then gone): the client is closed all the same. Only a
+                # cancellation of this task itself is passed on.
+                cancellation.raise_if_cancelled()
 
     async def __aenter__(self) -> EventStore:
         await self.start()

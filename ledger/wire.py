@@ -120,6 +120,19 @@ def kick_due(nc: NATS) -> bool:
     return (0 < nc._max_pending_size < nc._pending_data_size) or (queue is not None and queue.empty())
 
 
+def drop_unsendable(nc: NATS) -> int:
+    """Before `nc.close()` on a connection that is not CONNECTED: forget the pending frames, and say how many bytes.
+
+    nats-py's close writes what is pending to the transport it last had; while reconnecting that one is
+    already closed and asyncio fails inside the write (AttributeError from the closed socket), leaving the
+    client half-closed. Nothing pending could reach a server then: the appends it held are settled (timed
+    out) by the appender, so dropping them loses nothing that was promised."""
+    if nc._status == _CONNECTED:
+        return 0
+    dropped, nc._pending, nc._pending_data_size = nc._pending_data_size, [], 0
+    return dropped
+
+
 async def kick(nc: NATS) -> None:
     """What `_send_command` and `_send_publish` do after queueing a command."""
     if 0 < nc._max_pending_size < nc._pending_data_size:

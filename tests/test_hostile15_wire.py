@@ -562,13 +562,6 @@ async def test_a_reconnect_while_frames_are_queued_settles_every_append_once(set
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.xfail(strict=True, reason=(
-    "nats-py's forced flush (past its 2 MiB pending buffer) waits for the flusher with no timeout (flush_timeout "
-    "None: ledger.connection never sets it); with the server frozen the flusher is stuck in transport.drain(), so "
-    "submit - and the sweeper, whose re-sends go the same way - block until the server thaws, and no append times "
-    "out by its deadline (the same through nc.publish before the fast path). Fix: connect with "
-    "flush_timeout=settings.request_timeout (tried: the appends then time out in time), and make EventStore.close "
-    "survive nc.close raising CancelledError from wait_closed afterwards"))
 async def test_appends_time_out_by_their_deadline_while_the_server_stays_frozen(crashable: EmbeddedServer) -> None:
     """Frozen server, more than nats-py's 2 MiB pending buffer of frames: every append must still fail with
     AppendTimeout at its deadline while the server stays frozen (not when it thaws)."""
