@@ -81,14 +81,14 @@ class RouteWatchdog(Reactor):
 
     def _mine(self, route: lc.RouteState) -> bool:
         """Is the route in one of this replica's pools? A route's pool is its session's; one whose session the
-        fold does not know (yet, or any more) falls to the replica of pool "" - and stays with a replica that
+        fold does not know (yet, or any more) goes by `Partition.owns_unplaced` - and stays with a replica that
         held it while its session was known (a session retired as it ended: only that replica is told)."""
         if self.partition.everything:
             return True
         session = self.follower.state.ledger.sessions.get(route.session_id)
         if session is None and route.route_id in self._of_session.get(route.session_id, ()):
             return True
-        return self.partition.owns(session.pool if session is not None else "")
+        return self.partition.owns(session.pool) if session is not None else self.partition.owns_unplaced()
 
     def _forget(self, route_id: str, session_id: str | None) -> None:
         self._due.discard(route_id)
