@@ -384,7 +384,11 @@ async def test_forged_beats_of_a_retired_agent_and_an_early_beat_fold_alike_in_b
                    "forever for an id never registered with an incarnation of MAX_COUNT: one record per forged "
                    "id, never retired (the heap is bounded, the beats are not). Fix: a registration is stored before "
                    "any beat naming it, so once the LEDGER clock is past a beat's stored time and its seq still "
-                   "below the incarnation, the slot is forged: let it go (keeps the fold order-independent).")
+                   "below the incarnation, the slot is forged: let it go. Tried that alone: it breaks "
+                   "interleaving-independence (tests/test_retirement.py finds a beat folded before a later "
+                   "registration at its seq trimmed, and kept when folded after it); a sound rule also judges, "
+                   "when the registration is already folded, whether it was stored too long after the beat, so it "
+                   "needs each registration's stored time by incarnation.")
 def test_beats_of_ids_never_registered_leave_the_memory_after_retain() -> None:
     b = Builder()
     for k in range(200):
