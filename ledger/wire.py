@@ -1,5 +1,6 @@
-"""The appender's publish and acknowledgements, cheaper than nats-py's: the HPUB frame is built once per append and
-queued as nats-py queues its own; the acknowledgements are handed over as the parser reads them (below).
+"""The appender's publish and acknowledgements, and the replay's deliveries, cheaper than nats-py's: the HPUB frame
+is built once per append and queued as nats-py queues its own; acknowledgements and replayed messages are handed
+over as the parser reads them (below).
 
 Why: `nc.publish(subject, payload, reply=..., headers=...)` validates both subjects with a regex, builds the
 header block key by key (a regex, a strip and a translate per header) and goes through three coroutines, for
@@ -147,10 +148,14 @@ async def kick(nc: NATS) -> None:
 # append. The appender's acknowledgements need none of it (they are settled synchronously, never slow), so for
 # its subscription the connection's `_process_msg` is wrapped: a message without headers on a registered sid
 # goes to the appender's handler at once; anything else (a status message, another subscription's message, a
-# handler that declines) goes the usual way.
+# handler that declines) goes the usual way. A replay's deliveries likewise (`deliver_messages_directly`): their
+# reply subject says all it needs, so their headers are never parsed.
 
 DirectHandler = Callable[[bytes, bytes], bool]
 """(subject, payload) of a message without headers -> True when handled (False: deliver it as nats-py does)."""
+
+MessageHandler = Callable[[bytes, bytes, bytes, "bytes | None"], bool]
+"""(subject, reply, payload, the raw header block or None) -> True when handled (False: as nats-py does)."""
 
 
 class _Direct:
@@ -161,16 +166,16 @@ class _Direct:
         self.original = original
         self.own = nc.__dict__.get("_process_msg")
         """What the instance itself had in place of the class's method (put back when the last handler goes)."""
-        self.handlers: dict[int, DirectHandler] = {}
+        self.handlers: dict[int, MessageHandler] = {}
 
     async def __call__(self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
         handler = self.handlers.get(sid)
-        if handler is not None and headers is None:
+        if handler is not None:
             nc = self.nc
             sub = nc._subs.get(sid)
             if sub is not None and sub._max_msgs == 0:  # still subscribed (and no auto-unsubscribe to count)
                 try:
-                    handled = handler(subject, data)
+                    handled = handler(subject, reply, data, headers)
                 except Exception:  # never into the parser: nats-py reports a failing callback, so do we
                     log.exception("handling a message on %s failed", subject[:200])
                     handled = True
@@ -185,6 +190,15 @@ class _Direct:
 
 def deliver_directly(nc: NATS, sid: int, handler: DirectHandler) -> None:
     """Hand the header-less messages of subscription `sid` to `handler` as the parser reads them."""
+
+    def headerless(subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> bool:
+        return headers is None and handler(subject, data)
+
+    deliver_messages_directly(nc, sid, headerless)
+
+
+def deliver_messages_directly(nc: NATS, sid: int, handler: MessageHandler) -> None:
+    """Hand every message of subscription `sid` to `handler` as the parser reads them (its headers unparsed)."""
     direct = nc.__dict__.get("_process_msg")
     if not isinstance(direct, _Direct):
         direct = _Direct(nc, nc._process_msg)

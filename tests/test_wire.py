@@ -21,6 +21,7 @@ from nats.protocol.parser import Parser
 from ledger import codec, wire
 from ledger import events as ev
 from ledger.appender import _Window
+from ledger.codec import Unreadable
 from ledger.settings import Settings
 from ledger.store import EventStore
 
@@ -192,6 +193,35 @@ async def test_acknowledgements_come_from_the_parser_and_other_messages_the_usua
         assert [m.data for m in heard] == [b"plain", b"with headers"] and heard[1].headers == {"K": "v"}
         await other_sub.unsubscribe()
     assert "_process_msg" not in nc.__dict__  # closed: the connection's own method again
+
+
+async def test_a_replay_reads_its_messages_from_the_parser_and_its_statuses_the_usual_way(settings: Settings,
+                                                                                          uid: str) -> None:
+    """Every event a replay delivers bypasses nats-py's Msg, header parse and queue (nothing waits in the
+    subscription's queue, nothing calls its callback for a message); statuses still come as a Msg."""
+    from ledger import replay as replay_module
+
+    async with EventStore.connect(settings, name="wire-replay") as store:
+        sids = [f"{uid}-{i}" for i in range(300)]
+        for f in [await store.submit(ev.SessionCreated(producer=PRODUCER, session_id=s, pool="p")) for s in sids]:
+            await f
+        statuses: list[dict[str, str]] = []
+        messages: list[str] = []
+        to_msg = replay_module.Replay._on_msg
+
+        async def spy(self: replay_module.Replay, msg: Msg) -> None:
+            if msg.reply:
+                messages.append(msg.subject)  # (asserted below: nats-py swallows a callback's failure)
+            statuses.append(dict(msg.headers or {}))
+            await to_msg(self, msg)
+
+        replay = store.replay("ledger.session.*.created.>", batch=64)
+        replay._on_msg = spy.__get__(replay)  # type: ignore[method-assign]
+        got = [item.event.entity_id for batch in [b async for b in replay] for item in batch
+               if not isinstance(item, Unreadable) and item.event.entity_id.startswith(f"{uid}-")]
+        assert got == sids  # in order, none lost or repeated, across pull requests of 64
+        assert messages == []
+        assert all(s.get("Status") in ("100", "404", "408") for s in statuses), statuses
 
 
 async def test_a_reply_filter_sees_every_acknowledgement_as_a_msg(settings: Settings, uid: str) -> None:
