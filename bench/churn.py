@@ -51,7 +51,7 @@ import os
 import tempfile
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,7 +62,7 @@ from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfi
 from ledger import codec, subjects
 from ledger import events as ev
 from ledger.agent import Agent
-from ledger.errors import NotClaimable
+from ledger.errors import AppendTimeout, LedgerError, NotClaimable, Unavailable
 from ledger.ids import new_id
 from ledger.settings import Settings
 from ledger.writer import Writer
@@ -78,21 +78,47 @@ def mib(n: float) -> str:
 # --- 1. through the SDK, against `ledger up` ------------------------------------------------
 
 
+RETRIES = {"count": 0}
+"""Writes tried again after a timeout (a loaded machine: the server answers late, as it may in production)."""
+
+
+async def patiently(write: Callable[[], Awaitable[object]]) -> None:
+    """`write`, tried again (up to 5 times, 1 s apart) when it timed out or the server was unreachable, as a
+    patient client would; on a retry, a refusal means the attempt that timed out landed after all: done."""
+    for attempt in range(6):
+        try:
+            await write()
+            return
+        except (AppendTimeout, Unavailable) as e:
+            if attempt == 5:
+                raise SystemExit(f"a write timed out 6 times: {e}") from e
+            RETRIES["count"] += 1
+            await asyncio.sleep(1.0)
+        except LedgerError:
+            if attempt:
+                return
+            raise
+
+
+async def create(ledger: Writer, sid: str) -> None:
+    await patiently(lambda: ledger.create_session(SESSION_POOL, session_id=sid))
+
+
 async def claim(agent: Agent, sid: str) -> None:
     """`agent` claims `sid`, unless the reclaimer was first (for one of the agents: the only eligible ones)."""
     with contextlib.suppress(NotClaimable):
-        await agent.claim(sid)
+        await patiently(lambda: agent.claim(sid))
 
 
 async def terminate(agents: list[Agent], sid: str) -> None:
     """The owner terminates `sid` once it knows it owns it (a claim by the reclaimer reaches it by its watch)."""
-    for _ in range(400):  # at most ~20 s
+    for _ in range(1200):  # at most ~60 s
         for agent in agents:
             if sid in agent.owned:
-                await agent.terminate(sid)
+                await patiently(lambda: agent.terminate(sid))  # noqa: B023
                 return
         await asyncio.sleep(0.05)
-    raise SystemExit(f"no agent came to own {sid} within 20 s")
+    raise SystemExit(f"no agent came to own {sid} within 60 s")
 
 
 async def sdk_churn(args: argparse.Namespace) -> None:
@@ -128,7 +154,7 @@ async def sdk_churn(args: argparse.Namespace) -> None:
                     while done < args.sessions:
                         n = min(args.concurrency, args.sessions - done)
                         ids = [f"c{tag}-{done + i}" for i in range(n)]
-                        await asyncio.gather(*(ledger.create_session(SESSION_POOL, session_id=sid) for sid in ids))
+                        await asyncio.gather(*(create(ledger, sid) for sid in ids))
                         await asyncio.gather(*(claim(agents[i % len(agents)], sid) for i, sid in enumerate(ids)))
                         await asyncio.gather(*(terminate(agents, sid) for sid in ids))
                         previous, done = done, done + n
@@ -139,8 +165,8 @@ async def sdk_churn(args: argparse.Namespace) -> None:
                             up_samples.append((done, up_rss))
                     elapsed = time.monotonic() - started
                     print(f"  {args.sessions:,} sessions created, claimed and terminated in {elapsed:.1f} s "
-                          f"({args.sessions / elapsed:,.0f}/s, {3 * args.sessions / elapsed:,.0f} appends/s)",
-                          flush=True)
+                          f"({args.sessions / elapsed:,.0f}/s, {3 * args.sessions / elapsed:,.0f} appends/s; "
+                          f"{RETRIES['count']:,} writes tried again after a timeout)", flush=True)
                 last = (await js.stream_info(subjects.LEDGER_STREAM)).state.last_seq
                 for _ in range(600):  # at most 300 s for the projection to catch up
                     if projection_checkpoint(up.db, subjects.LEDGER_STREAM) >= last:
