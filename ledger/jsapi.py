@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import TypeVar
 
@@ -313,6 +313,14 @@ async def direct_batch(nc: NATS, stream: str, subject_filter: str, start_seq: in
     default, or anything that keeps the raw bytes (`ledger check` must see what the codec would refuse).
     `trusted`: the stream is an imported copy, whose messages carry their original stored times.
     """
+    items, on_item = _collector(stream, make, trusted)
+    pending = await _direct(nc, stream, subject_filter, start_seq, batch, min_last_seq, timeout, on_item)
+    return items, pending
+
+
+def _collector(stream: str, make: Callable[[str, int, str, int, bytes], T],
+               trusted: bool) -> tuple[list[T], Callable[[dict[str, str], bytes], None]]:
+    """A list, and the Direct Get callback that appends each message to it as `make` makes it."""
     items: list[T] = []
 
     def on_item(h: dict[str, str], data: bytes) -> None:
@@ -320,8 +328,7 @@ async def direct_batch(nc: NATS, stream: str, subject_filter: str, start_seq: in
         items.append(make(stream, int(h["Nats-Sequence"]), h["Nats-Subject"],
                           imported.stored_ns(h, ns) if trusted else ns, data))
 
-    pending = await _direct(nc, stream, subject_filter, start_seq, batch, min_last_seq, timeout, on_item)
-    return items, pending
+    return items, on_item
 
 
 class RawStored(msgspec.Struct, frozen=True):
@@ -356,10 +363,33 @@ async def raw_batch(nc: NATS, stream: str, start_seq: int, *, batch: int = 1000,
     return items, pending
 
 
+MULTI_LAST_SUBJECTS = 1024
+"""The most subjects one `multi_last` Direct Get may name (nats-server's limit)."""
+
+
+async def direct_last(nc: NATS, stream: str, subjects: Sequence[str], up_to_seq: int, *,
+                      min_last_seq: int | None = None, timeout: float = 5.0,
+                      make: Callable[[str, int, str, int, bytes], T] = codec.read,  # type: ignore[assignment]
+                      trusted: bool = False) -> list[T]:
+    """The newest message at or before `up_to_seq` on each of `subjects` (at most MULTI_LAST_SUBJECTS) that has
+    one, in one request (a batched Direct Get with `multi_last`); a subject with none is left out."""
+    if not 0 < len(subjects) <= MULTI_LAST_SUBJECTS:
+        raise ValueError(f"direct_last takes 1 to {MULTI_LAST_SUBJECTS} subjects, got {len(subjects)}")
+    items, on_item = _collector(stream, make, trusted)
+    req: dict[str, object] = {"multi_last": list(subjects), "up_to_seq": max(up_to_seq, 1), "batch": len(subjects)}
+    await _request_direct(nc, stream, req, min_last_seq, timeout, on_item)
+    return items
+
+
 async def _direct(nc: NATS, stream: str, subject_filter: str, start_seq: int, batch: int, min_last_seq: int | None,
                   timeout: float, on_item: Callable[[dict[str, str], bytes], None]) -> int:
     """One batched Direct Get: `on_item(headers, data)` for each message; returns how many are still pending."""
     req: dict[str, object] = {"seq": max(start_seq, 1), "next_by_subj": subject_filter, "batch": batch}
+    return await _request_direct(nc, stream, req, min_last_seq, timeout, on_item)
+
+
+async def _request_direct(nc: NATS, stream: str, req: dict[str, object], min_last_seq: int | None, timeout: float,
+                          on_item: Callable[[dict[str, str], bytes], None]) -> int:
     if min_last_seq:
         req["min_last_seq"] = min_last_seq
     done: asyncio.Future[int] = asyncio.get_running_loop().create_future()

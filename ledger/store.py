@@ -43,6 +43,9 @@ from .streams import CHANGE_REQUESTS, StreamReport, check_streams, ensure_stream
 
 log = logging.getLogger(__name__)
 
+CLAIMERS_AT_ONCE = 64
+"""Claimers whose registrations a session read asks about in one request (`session_fold`)."""
+
 T = TypeVar("T")
 
 __all__ = ["AccountFacts", "EventStore", "Item", "Replay", "ServerInfo", "StreamFacts", "open_connection"]
@@ -351,6 +354,21 @@ class EventStore:
                                 min_last_seq=min_last_seq)
         return [i for i in items if isinstance(i, Recorded)]
 
+    async def ever_registered(self, agent_ids: Sequence[str], *, up_to_seq: int,
+                              min_last_seq: int | None = None) -> set[str]:
+        """Which of `agent_ids` have anything on their registration subject at or before `up_to_seq` (in requests of
+        up to 1,024 ids): an agent left out has no registration to read there."""
+        subject_of = {subjects.event_subject("agent", a, "registered", a): a for a in agent_ids}
+        names = list(subject_of)
+        found: set[str] = set()
+        for i in range(0, len(names), jsapi.MULTI_LAST_SUBJECTS):
+            stored: list[Item] = await jsapi.direct_last(
+                self.nc, subjects.LEDGER_STREAM, names[i:i + jsapi.MULTI_LAST_SUBJECTS], up_to_seq,
+                min_last_seq=min_last_seq, timeout=self.settings.request_timeout,
+                trusted=await self.is_imported(subjects.LEDGER_STREAM))
+            found.update(subject_of[item.subject] for item in stored if item.subject in subject_of)
+        return found
+
     async def registrations(self, agent_id: str, *, min_last_seq: int | None = None) -> list[int]:
         """Stream sequences of every registration of `agent_id` (its incarnations), oldest first.
 
@@ -369,6 +387,18 @@ class EventStore:
         while (need := folded.advance()) is not None:
             what, agent_id = need
             if what == lifecycle.REGISTRATIONS:
+                claimers = folded.next_claimers(CLAIMERS_AT_ONCE)
+                if len(claimers) > 1:
+                    # Claims for made-up agents would each cost a read, one after the other: one request tells
+                    # which of the next claimers registered at all before the history's end; the others have
+                    # nothing to read (and a later registration answers no question about these records).
+                    registered = await self.ever_registered(claimers, up_to_seq=records[-1].seq,
+                                                            min_last_seq=min_last_seq)
+                    for claimer in claimers:
+                        if claimer not in registered:
+                            folded.learn(what, claimer, [])
+                    if agent_id not in registered:
+                        continue
                 read = await self.registered(agent_id, min_last_seq=min_last_seq)
             else:
                 read = [i for i in await self.history("agent", agent_id, min_last_seq=min_last_seq)

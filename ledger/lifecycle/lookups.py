@@ -203,6 +203,19 @@ class SessionFold:
             self._next += 1
         return None
 
+    def next_claimers(self, limit: int) -> list[str]:
+        """The agents named by claims from the next record on whose registrations are not known yet, first named
+        first (at most `limit`): what a reader may ask about in one request (`EventStore.session_fold`)."""
+        found: dict[str, None] = {}
+        known = self.registrations
+        for rec in self.records[self._next:]:
+            e = rec.event
+            if isinstance(e, ev.SessionClaimed) and e.agent_id not in known and e.agent_id not in found:
+                found[e.agent_id] = None
+                if len(found) >= limit:
+                    break
+        return list(found)
+
     def learn(self, what: str, agent_id: str, records: Iterable[Recorded], through: int | None = None) -> None:
         """What was read of an agent: its registration subject's records (REGISTRATIONS), or its history (what
         follows the part already known, covering events up to `through`; None: all there is)."""
