@@ -72,6 +72,9 @@ def _check_page(limit: int | None, offset: int) -> None:
         raise InvalidQuery(f"offset must be 0 to {MAX_LIMIT}, got {offset}")
 
 
+MMAP_BYTES = 2**31
+"""How much of the projection file a reader maps (SQLite caps it at its own maximum, 2 GiB by default)."""
+
 SMALL_PAGE = 500
 """A page at most this long reads its agents' beats and owned counts by id; a longer one reads them all at once
 (cheaper than a huge IN list, and within SQLite's bound on parameters)."""
@@ -148,6 +151,11 @@ class Query:
         """Open the projection file read-only; DatabaseMissing if the projector never ran."""
         db = await ProjectionDB.open(path, readonly=True)
         try:
+            # A view of the past that counts (a filtered total, owned sessions, the pools) reads each entity's
+            # newest version as of the moment: rows spread over the whole file, mostly outside the page cache.
+            # Mapped, they are read from the OS's cache without a copy each (20-30 % of such a view at 1 M events).
+            # Only a reader maps: nothing truncates the file under it (a rebuild replaces it: os.replace).
+            await db.conn.execute_fetchall(f"PRAGMA mmap_size = {MMAP_BYTES}")
             yield cls(db, store, policy=policy)
         finally:
             await db.close()
@@ -204,7 +212,8 @@ class Query:
                                         notes=r.notes)
                     yield _Frame(position, r.ledger_seq, r)
                     return
-            # The file pruned the moment's beat versions since it was cached: ask again (now a replay's beats).
+            # The file pruned the moment's beat versions since it was cached: ask again. The moment now lies
+            # before the kept beat history, so its beats are rebuilt into the Past and nothing is pruned under it.
             self._cache.pop(self._key(as_of), None)
 
     @staticmethod
