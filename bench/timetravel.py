@@ -19,7 +19,7 @@ sequence (100 rows, what a table shows unless told), a later page of the session
 random id: the next page), the pools at a random moment in time (every agent judged), and every session at
 once (`--all`, 20,000 rows; fewer samples). For each it prints p50 / p99 / max (goal: indexed p99 < 250 ms at
 1 M events), the ratio baseline / indexed where the baseline ran, and the same view "now" for scale: a page of
-the past costs one page of rows, as now, plus finding the moment (a few dozen gets from the server: the
+the past costs one page of rows, as now, plus finding the moment (about twenty gets from the server: the
 LEDGER message, a bisection of LEDGER_HB) and counting its entities (`total`: a pass over each one's version
 as of the moment, unless no filter); the agents page counts their sessions then, and the pools view judges
 every agent and counts every session, so both pay a pass over the moment's sessions. Every row of the past
