@@ -9,14 +9,21 @@ sessions, 5,000 routes; 40 % heartbeats on LEDGER_HB), catches a projector up in
 rows included: its time and the rows it wrote are printed), then asks views of the past at random moments,
 each moment once (no cache hits), in two ways on the same file and the same server:
 
-(a) indexed: `Query.open(file, store)` - what `ledger sessions --as-of` / `--at-seq` does: the version rows;
+(a) indexed: `Query.open(file, store)` - what `ledger sessions --as-of` / `--at-seq` does: the version rows,
+    read a page at a time in SQL, as a view of now is;
 (b) baseline: the same Query answering from the nearest snapshot plus a replay from JetStream
     (`projections.timetravel.state_as_of`, the path before the version rows; fewer samples, it is slow).
 
-For each view - sessions and agents at a random LEDGER sequence, pools at a random moment in time - it prints
-p50 / p99 / max of both and the ratio baseline / indexed (goal: indexed p99 < 250 ms at 1 M events), and the
-same view "now" for scale: a view of 20,000 sessions costs about as much now as in the past (building the
-rows, not finding them).
+The views are those a person asks: the first page of sessions, agents and routes as of a random LEDGER
+sequence (100 rows, what a table shows unless told), a later page of the sessions in one state (`after` a
+random id: the next page), the pools at a random moment in time (every agent judged), and every session at
+once (`--all`, 20,000 rows; fewer samples). For each it prints p50 / p99 / max (goal: indexed p99 < 250 ms at
+1 M events), the ratio baseline / indexed where the baseline ran, and the same view "now" for scale: a page of
+the past costs one page of rows, as now, plus finding the moment (about twenty gets from the server: the
+LEDGER message, a bisection of LEDGER_HB) and counting its entities (`total`: a pass over each one's version
+as of the moment, unless no filter); the agents page counts their sessions then, and the pools view judges
+every agent and counts every session, so both pay a pass over the moment's sessions. Every row of the past
+costs about what every row of now does (building the rows, not finding them).
 """
 
 from __future__ import annotations
@@ -60,8 +67,7 @@ class ReplayQuery(Query):
         return await state_as_of(self.store, self.db, time=as_of)  # type: ignore[arg-type]
 
 
-async def publish(store: EventStore, total: int) -> tuple[int, int, float]:
-    workload = Workload(first_seq=await store.last_seq(LEDGER_STREAM) + 1)
+async def publish(store: EventStore, total: int, workload: Workload) -> tuple[int, int, float]:
     started = time.perf_counter()
     for event in workload.events(total):
         await store.submit(event)
@@ -89,18 +95,31 @@ async def timed(ask: Callable[[Any], Awaitable[Any]], moments: list[Any]) -> lis
     return out
 
 
-def line(name: str, indexed: list[float], baseline: list[float]) -> str:
-    def figures(t: list[float]) -> str:
-        return f"p50 {pct(t, 50) * 1e3:7.1f}  p99 {pct(t, 99) * 1e3:7.1f}  max {max(t) * 1e3:7.1f} ms (n={len(t)})"
-    return (f"  {name:<22} indexed  {figures(indexed)}\n  {'':<22} baseline {figures(baseline)}\n"
-            f"  {'':<22} ratio baseline/indexed: p50 {pct(baseline, 50) / pct(indexed, 50):6.1f}x, "
-            f"p99 {pct(baseline, 99) / pct(indexed, 99):6.1f}x")
+def figures(t: list[float]) -> str:
+    return f"p50 {pct(t, 50) * 1e3:7.1f}  p99 {pct(t, 99) * 1e3:7.1f}  max {max(t) * 1e3:7.1f} ms (n={len(t)})"
 
 
-async def run(url: str, events: int, samples: int, baseline_samples: int, work: Path) -> None:
+def line(name: str, indexed: list[float], baseline: list[float] | None, now: list[float]) -> str:
+    out = f"  {name:<34} indexed  {figures(indexed)}\n"
+    if baseline:
+        out += (f"  {'':<34} baseline {figures(baseline)}\n"
+                f"  {'':<34} ratio baseline/indexed: p50 {pct(baseline, 50) / pct(indexed, 50):6.1f}x, "
+                f"p99 {pct(baseline, 99) / pct(indexed, 99):6.1f}x\n")
+    return out + f"  {'':<34} (the same view now: p50 {pct(now, 50) * 1e3:.1f} ms, max {max(now) * 1e3:.1f} ms)"
+
+
+PAGE = 100
+"""Rows a table shows unless told (`ledger sessions` without --limit or --all)."""
+
+View = tuple[str, str, Callable[[Any], dict[str, Any]], list[Any], bool]
+"""(name, Query method, its arguments for a moment (as_of aside), the moments, whether the baseline runs too)."""
+
+
+async def run(url: str, events: int, samples: int, baseline_samples: int, every_samples: int, work: Path) -> None:
     async with EventStore.connect(Settings(nats_url=url), ensure=True, name="bench-timetravel") as store:
         print(f"publishing {events:,} events (pipelined EventStore.submit) ...", flush=True)
-        ledger_n, hb_n, rate = await publish(store, events)
+        workload = Workload(first_seq=await store.last_seq(LEDGER_STREAM) + 1)
+        ledger_n, hb_n, rate = await publish(store, events, workload)
         print(f"  {ledger_n:,} lifecycle events on {LEDGER_STREAM}, {hb_n:,} heartbeats on {HEARTBEAT_STREAM} "
               f"at {rate:,.0f}/s", flush=True)
         db = work / "timetravel.sqlite3"
@@ -116,19 +135,28 @@ async def run(url: str, events: int, samples: int, baseline_samples: int, work: 
         seqs = rng.sample(range(1, facts.last_seq + 1), min(samples, facts.last_seq))
         first_ns, last_ns = facts.first_ns, await store.stored_ns(facts.last_seq) or facts.first_ns
         moments = [from_ns(rng.randrange(first_ns, last_ns + 1)) for _ in range(samples)]
+        after = {seq: f"session-{rng.randrange(workload.n_sessions)}" for seq in seqs}
+        views: list[View] = [
+            ("sessions as of #seq, first page", "sessions", lambda _: {"limit": PAGE}, seqs, True),
+            ("sessions #seq, assigned, a page on", "sessions",
+             lambda m: {"state": "assigned", "after": after.get(m, "session-5"), "limit": PAGE}, seqs, False),
+            ("agents as of #seq, first page", "agents", lambda _: {"limit": PAGE}, seqs, True),
+            ("routes as of #seq, first page", "routes", lambda _: {"limit": PAGE}, seqs, False),
+            ("pools as of a time", "pools", lambda _: {}, moments, True),
+            ("sessions as of #seq, every row", "sessions", lambda _: {}, seqs[:every_samples], False),
+        ]
         few = baseline_samples
         async with Query.open(db, store) as indexed, ReplayQuery.open(db, store) as replayed:
-            probe = await indexed.sessions(as_of=seqs[0])
+            probe = await indexed.sessions(as_of=seqs[0], limit=PAGE)
             assert probe.position.source.startswith("the projection's versions"), probe.position.source
-            print(f"views of the past ({len(probe.items):,} sessions at #{seqs[0]}; every moment asked once):",
+            print(f"views of the past ({probe.total:,} sessions at #{seqs[0]}; every moment asked once):",
                   flush=True)
-            for name, view, at in (("sessions as of #seq", "sessions", seqs), ("agents as of #seq", "agents", seqs),
-                                   ("pools as of a time", "pools", moments)):
-                fast = await timed(lambda m, v=view: getattr(indexed, v)(as_of=m), at)
-                slow = await timed(lambda m, v=view: getattr(replayed, v)(as_of=m), at[-few:])
-                now = await timed(lambda _, v=view: getattr(indexed, v)(), at[:20])
-                print(line(name, fast, slow) + f"\n  {'':<22} (the same view now: p50 {pct(now, 50) * 1e3:.1f} ms)",
-                      flush=True)
+            for name, view, args, at, baseline in views:
+                fast = await timed(lambda m, v=view, a=args: getattr(indexed, v)(as_of=m, **a(m)), at)
+                slow = (await timed(lambda m, v=view, a=args: getattr(replayed, v)(as_of=m, **a(m)), at[-few:])
+                        if baseline and few else None)
+                now = await timed(lambda m, v=view, a=args: getattr(indexed, v)(**a(m)), at[:20])
+                print(line(name, fast, slow, now), flush=True)
 
 
 def main() -> None:
@@ -138,12 +166,14 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=200, help="moments per view, indexed (default 200)")
     parser.add_argument("--baseline-samples", type=int, default=9,
                         help="moments per view for the snapshot + replay baseline (default 9: seconds each at 1 M)")
+    parser.add_argument("--every-samples", type=int, default=20,
+                        help="moments for the view of every session (default 20)")
     args = parser.parse_args()
     tune_gc()  # what `ledger project` and `ledger up` do
 
     async def go(url: str) -> None:
         with tempfile.TemporaryDirectory() as tmp:
-            await run(url, args.events, args.samples, args.baseline_samples, Path(tmp))
+            await run(url, args.events, args.samples, args.baseline_samples, args.every_samples, Path(tmp))
 
     run_against_server(args, go)
 

@@ -67,6 +67,24 @@ WHERE v.seq IN (
     FROM session_versions AS f WHERE f.first = 1 AND f.seq <= {n}))"""
 """The same for sessions, each version's document given back its checkpoint (kept once, by the sequence that
 wrote it: `session_checkpoints`). A view that does not read `doc` (a count) joins nothing."""
+# One page as of #n, by id: walk the ids in order (each step one seek on (id, seq): the next id after the last,
+# whether or not it existed at #n), take each one's newest version at or before #n (one more seek; none: it did
+# not exist yet - an entity's oldest version is always the one that created it), and stop as soon as the page is
+# full, so a page costs its rows and the ids it passed over, not every entity. SQLite yields a recursive table's
+# rows in the order it queues them, and the walk is the outer loop of the join: the rows come in id order. With
+# given ids (`_LISTED`: a sorted JSON array) it is the same, without the walk.
+_WALK = """WITH RECURSIVE walk(id) AS (
+    SELECT (SELECT min({key}) FROM {kind}_versions{after})
+    UNION ALL
+    SELECT (SELECT min({key}) FROM {kind}_versions WHERE {key} > walk.id) FROM walk WHERE walk.id IS NOT NULL)
+"""
+_LISTED = "WITH walk(id) AS (SELECT value FROM json_each(CAST(? AS TEXT)))\n"
+_LATEST = """SELECT {doc} FROM walk CROSS JOIN {kind}_versions AS v ON v.seq = (
+    SELECT max(w.seq) FROM {kind}_versions AS w WHERE w.{key} = walk.id AND w.seq <= ?){join}
+WHERE 1=1"""
+_DOC = {"session": ("iif(v.checkpoint IS NULL, v.doc, json_set(v.doc, '$.checkpoint', json(c.doc)))",
+                    " LEFT JOIN session_checkpoints AS c ON c.seq = v.checkpoint")}
+"""Kind -> how a version's document is read, and the join it needs (a session's checkpoint, kept apart)."""
 _BEATS_AS_OF = """
 SELECT (SELECT doc FROM beat_versions AS v WHERE v.agent_id = ids.value AND v.seq <= :n ORDER BY v.seq DESC LIMIT 1)
 FROM json_each(CAST(:ids AS TEXT)) AS ids
@@ -95,6 +113,14 @@ def _page(key: str, limit: int | None, offset: int, after: str | None) -> tuple[
     where, args = (f" AND {key} > ?", [after]) if after is not None else ("", [])
     tail = f" ORDER BY {key}" + (" LIMIT ? OFFSET ?" if limit is not None or offset else "")
     return where, tail, args, ([-1 if limit is None else limit, offset] if limit is not None or offset else [])
+
+
+def _counted(kind: str, filtered: bool) -> str | None:
+    """Without a filter, how many entities existed at #`as_of`: the distinct ids created by then (a range of the
+    partial index on creations; an id created again counts once), not a newest version per id."""
+    if filtered:
+        return None
+    return f"SELECT count(DISTINCT {rows.VERSION_COLUMNS[kind][0]}) FROM {kind}_versions WHERE first = 1 AND seq <= ?"
 
 
 def _equal(filters: Iterable[tuple[str, str | None]]) -> tuple[str, list[Any]]:
@@ -179,9 +205,40 @@ class ProjectionReads:
     # Each read below is of the current rows, or with `as_of` (a LEDGER sequence) of the version rows: the
     # state the fold had right after applying it.
 
+    async def _latest(self, kind: str, as_of: int, equal: list[tuple[str, str | None]], *,
+                      among: tuple[str, Iterable[str] | None] = ("", None), ids: Iterable[str] | None = None,
+                      limit: int | None = None, offset: int = 0, after: str | None = None) -> list[str]:
+        """The documents of one page (or of these ids) as of #`as_of`, in id order (`_WALK`, `_LISTED`), of the
+        versions whose columns equal `equal` and have `among`'s column among its values."""
+        key = rows.VERSION_COLUMNS[kind][0]
+        start: list[Any]
+        if ids is not None:
+            head, start = _LISTED, [rows.ids(sorted({i for i in ids if after is None or i > after}))]
+        else:
+            head = _WALK.format(key=key, kind=kind, after=f" WHERE {key} > ?" if after is not None else "")
+            start = [after] if after is not None else []
+        doc, join = _DOC.get(kind, ("v.doc", ""))
+        sql, args = _equal((f"v.{column}", value) for column, value in equal)
+        clause, more = _in(f"v.{among[0]}", among[1])
+        tail, bounds = (" LIMIT ? OFFSET ?", [-1 if limit is None else limit, offset]) if limit is not None or offset \
+            else ("", [])
+        found = await self.conn.execute_fetchall(
+            head + _LATEST.format(doc=doc, kind=kind, key=key, join=join) + sql + clause + tail,
+            [*start, int(as_of), *args, *more, *bounds])
+        return [r[0] for r in found]
+
+    async def has_agents(self, *, as_of: int) -> bool:
+        """Whether any agent had registered by LEDGER #`as_of` (one seek on the partial index on creations)."""
+        found = list(await self.conn.execute_fetchall(
+            "SELECT EXISTS (SELECT 1 FROM agent_versions WHERE first = 1 AND seq <= ?)", (int(as_of),)))
+        return bool(found[0][0])
+
     async def agent_states(self, *, pool: str | None = None, ids: Iterable[str] | None = None,
                            limit: int | None = None, offset: int = 0, after: str | None = None,
                            as_of: int | None = None) -> list[AgentState]:
+        if as_of is not None and (limit is not None or offset or ids is not None):
+            return [rows.agent_of(d) for d in await self._latest("agent", as_of, [("pool", pool)], ids=ids,
+                                                                 limit=limit, offset=offset, after=after)]
         sql, args = _equal([("pool", pool)])
         clause, more = _in("agent_id", ids)
         where, tail, page, bounds = _page("agent_id", limit, offset, after)
@@ -193,10 +250,13 @@ class ProjectionReads:
     async def count_agents(self, *, pool: str | None = None, as_of: int | None = None) -> int:
         """How many agents `agent_states` would give without a page (one COUNT on the same filters)."""
         sql, args = _equal([("pool", pool)])
-        return await self._count(_table("agents", as_of), sql, args)
+        return await self._count("agents", sql, args, as_of)
 
-    async def _count(self, table: str, where: str, args: list[Any]) -> int:
-        found = list(await self.conn.execute_fetchall(f"SELECT count(*) FROM {table} WHERE 1=1" + where, args))
+    async def _count(self, name: str, where: str, args: list[Any], as_of: int | None = None) -> int:
+        """count(*) of table `name`'s rows (as of LEDGER #`as_of`: of the entities then) that match `where`."""
+        fast = _counted(name.removesuffix("s"), bool(where)) if as_of is not None else None
+        sql = fast or f"SELECT count(*) FROM {_table(name, as_of)} WHERE 1=1" + where
+        found = list(await self.conn.execute_fetchall(sql, [as_of] if fast else args))
         return int(found[0][0])
 
     async def beats(self, ids: Iterable[str] | None = None) -> dict[str, Beat]:
@@ -207,6 +267,10 @@ class ProjectionReads:
     async def session_states(self, *, pool: str | None = None, state: str | None = None, owner: str | None = None,
                              ids: Iterable[str] | None = None, limit: int | None = None, offset: int = 0,
                              after: str | None = None, as_of: int | None = None) -> list[SessionState]:
+        if as_of is not None and (limit is not None or offset or ids is not None):
+            return [rows.session_of(d) for d in await self._latest(
+                "session", as_of, [("pool", pool), ("status", state), ("owner", owner)], ids=ids, limit=limit,
+                offset=offset, after=after)]
         sql, args = _equal([("pool", pool), ("status", state), ("owner", owner)])
         clause, more = _in("session_id", ids)
         where, tail, page, bounds = _page("session_id", limit, offset, after)
@@ -219,12 +283,16 @@ class ProjectionReads:
                              owner: str | None = None, as_of: int | None = None) -> int:
         """How many sessions `session_states` would give without a page (one COUNT, indexed by pool or owner)."""
         sql, args = _equal([("pool", pool), ("status", state), ("owner", owner)])
-        return await self._count(_table("sessions", as_of), sql, args)
+        return await self._count("sessions", sql, args, as_of)
 
     async def route_states(self, *, session_id: str | None = None, state: str | None = None,
                            ids: Iterable[str] | None = None, states: Iterable[str] | None = None,
                            limit: int | None = None, offset: int = 0, after: str | None = None,
                            as_of: int | None = None) -> list[RouteState]:
+        if as_of is not None and (limit is not None or offset or ids is not None):
+            return [rows.route_of(d) for d in await self._latest(
+                "route", as_of, [("session_id", session_id), ("state", state)], among=("state", states), ids=ids,
+                limit=limit, offset=offset, after=after)]
         sql, args = _equal([("session_id", session_id), ("state", state)])
         clause, more = _in("route_id", ids)
         among, of = _in("state", states)
@@ -239,7 +307,7 @@ class ProjectionReads:
         """How many routes `route_states` would give without a page (one COUNT on the same filters)."""
         sql, args = _equal([("session_id", session_id), ("state", state)])
         among, of = _in("state", states)
-        return await self._count(_table("routes", as_of), sql + among, args + of)
+        return await self._count("routes", sql + among, args + of, as_of)
 
     async def pool_states(self, *, as_of: int | None = None) -> dict[str, PoolState]:
         found = await self.conn.execute_fetchall(f"SELECT pool, doc FROM {_table('pools', as_of)}")

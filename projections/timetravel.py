@@ -7,17 +7,24 @@ says so when the moment lies beyond it.
 
 Two ways to the same answer:
 
-- `past_as_of` (a projection file that covers the moment): indexed reads of
-  the version rows the projector wrote (`projections.versions`), so the cost
-  grows with the entities, not with the history. A moment is mapped to each
-  stream's last sequence stored at or before it by bisection on the stream's
-  stored times (a few direct gets). Beats come from the beat versions while
+- `past_as_of` (a projection file that covers the moment): where each
+  stream stood then (`Past`), and nothing else; each view then reads what it
+  shows from the version rows the projector wrote (`projections.versions`):
+  one page of entities as of the moment, in SQL like a view of now
+  (`ProjectionReads(as_of=...)`), and the beats of the agents on it
+  (`past_beats`), so a page costs its rows, not every entity's, nor the
+  history's. A moment is mapped to each stream's last sequence stored at or
+  before it by bisection on the stream's stored times (a few direct gets; a
+  time bisects both streams at once). Beats come from the beat versions while
   the moment lies within the file's kept beat history
   (`ProjectionSettings.beat_history`, pruned at heartbeat snapshots: the file
-  notes from which sequence on its beats answer, `beats_from`); for an older
+  notes from which sequence on its beats answer, `beats_from`; a cached moment
+  the pruning has passed since is asked again: `beats_kept`); for an older
   moment, from `beats_as_of_cut`, the one rule a replay uses too: the newest
   heartbeat snapshot at or before it, then what the stream still holds up to
-  it (nothing, before the stream's retention).
+  it (nothing, before the stream's retention). Those beats, and the ones a
+  projector a moment behind has not committed yet (replayed onto the file's),
+  are rebuilt once, for every agent of the moment, and kept in the `Past`.
 - `state_as_of` (no file, or a moment past what the file has committed): the
   nearest snapshot of each stream, then a replay of the rest from JetStream.
 
@@ -32,11 +39,11 @@ read from the file's version rows as of the snapshot's sequence.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any, NamedTuple
 
 from ledger.codec import from_ns, to_ns
-from ledger.lifecycle import AgentState
 from ledger.store import EventStore, StreamFacts
 from ledger.subjects import HEARTBEAT_STREAM, LEDGER_STREAM
 
@@ -48,7 +55,8 @@ from .projector import FILTERS
 from .state import AGENT, ROUTE, SESSION, AnomalyRecord, HeartbeatState, LedgerState, LifecycleState
 from .stored import last_stored_by
 
-__all__ = ["Beats", "Past", "Rebuilt", "beats_as_of_cut", "last_stored_by", "past_as_of", "state_as_of"]
+__all__ = ["Beats", "Past", "Rebuilt", "beats_as_of_cut", "beats_kept", "last_stored_by", "past_as_of", "past_beats",
+           "state_as_of"]
 
 
 class Rebuilt(NamedTuple):
@@ -197,8 +205,9 @@ async def state_as_of(store: EventStore, db: ProjectionDB | None, *, seq: int | 
 
 
 class Past(NamedTuple):
-    """A moment the version rows cover: where each stream stood, the agents and their beats then (sessions,
-    routes and pools are read as of `ledger_seq` by the view that needs them: `ProjectionReads(as_of=...)`)."""
+    """A moment the version rows cover: where each stream stood then. The entities are read as of `ledger_seq` by
+    the view that needs them (`ProjectionReads(as_of=...)`: one page of them, or those a view names), and so are
+    the beats, of the agents it shows: `past_beats`."""
 
     ledger_seq: int
     ledger_ns: int
@@ -206,19 +215,38 @@ class Past(NamedTuple):
     hb_ns: int
     cut_ns: int
     """The moment heartbeats were cut at (and health is judged at)."""
-    agents: dict[str, AgentState]
-    beats: dict[str, Beat]
+    beats: dict[str, Beat] | None
+    """The beats of the moment's agents, rebuilt (older than the file's kept beat history, or replayed onto the
+    committed ones where the file lags the moment); None: read from the beat versions as of `beats_seq`."""
+    beats_seq: int
+    """The LEDGER_HB sequence the file's beat versions answer at (with `beats` None)."""
     beats_known: bool
     notes: list[str]
     lagged: list[AnomalyRecord]
     """Anomalies of heartbeats the file has not committed yet, replayed (the table has the others)."""
 
 
+async def beats_kept(db: ProjectionDB, past: Past) -> bool:
+    """Whether `past_beats` still answers for `past` (inside `db.reading()`): the file prunes its beat versions
+    as its kept beat history moves on, and a moment once inside it may lie before it by now."""
+    return past.beats is not None or past.beats_seq >= await db.beats_from()
+
+
+async def past_beats(db: ProjectionDB, past: Past, ids: Iterable[str]) -> dict[str, Beat]:
+    """The beats of these agents (of the moment's, those with any) as of the moment; read inside `db.reading()`
+    where `beats_kept` said so."""
+    if past.beats is not None:
+        return {k: b for k in ids if (b := past.beats.get(k)) is not None}
+    return await db.beats_as_of(past.beats_seq, ids)
+
+
 async def past_as_of(store: EventStore, db: ProjectionDB, *, seq: int | None = None,
                      time: datetime | None = None) -> Past | None:
-    """The state as of LEDGER sequence `seq` or moment `time` (exactly one), from the version rows; None when
+    """The moment as of LEDGER sequence `seq` or moment `time` (exactly one), from the version rows; None when
     the file has not committed that far on LEDGER (the caller replays instead: `state_as_of`). Heartbeats the
-    file has not committed yet (a projector a moment behind) are replayed onto the committed ones."""
+    file has not committed yet (a projector a moment behind) are replayed onto the committed ones; so are those
+    of a moment older than the file's kept beat history, as a replay finds them. Only then are the moment's
+    agents read here (their beats are the replay's start); otherwise nothing is, but whether there were any."""
     if (seq is None) == (time is None):
         raise InvalidQuery("as of needs exactly one of a sequence or a time")
     if seq is not None and seq < 0:
@@ -227,38 +255,49 @@ async def past_as_of(store: EventStore, db: ProjectionDB, *, seq: int | None = N
                                                   store.stream_facts(HEARTBEAT_STREAM))
     if seq is not None and seq > ledger_facts.last_seq:
         raise InvalidQuery(f"the {LEDGER_STREAM} stream ends at #{ledger_facts.last_seq}; there is no #{seq}")
-    if time is not None:
+    async def heartbeats_by(cut_ns: int) -> tuple[int, int]:
+        """Where LEDGER_HB stood at the cut: (0, 0) before its first kept beat."""
+        if hb_facts.messages and cut_ns >= hb_facts.first_ns:
+            return await last_stored_by(store, HEARTBEAT_STREAM, cut_ns, hb_facts.first_seq, hb_facts.last_seq)
+        return 0, 0
+
+    if time is not None:  # both streams bisected at once: each is a few round trips to the server
         cut_ns = to_ns(time) + 999  # a datetime covers its whole microsecond
-        seq, ledger_ns = await last_stored_by(store, LEDGER_STREAM, cut_ns, ledger_facts.first_seq,
-                                              ledger_facts.last_seq)
+        (seq, ledger_ns), (hb_seq, hb_ns) = await asyncio.gather(
+            last_stored_by(store, LEDGER_STREAM, cut_ns, ledger_facts.first_seq, ledger_facts.last_seq),
+            heartbeats_by(cut_ns))
         seq, ledger_ns = (seq, ledger_ns) if ledger_ns else (0, 0)
     else:
         assert seq is not None
         ledger_ns = cut_ns = (await store.stored_ns(seq, LEDGER_STREAM) or 0) if seq else 0
-    hb_seq = hb_ns = 0
-    if hb_facts.messages and cut_ns >= hb_facts.first_ns:
-        hb_seq, hb_ns = await last_stored_by(store, HEARTBEAT_STREAM, cut_ns, hb_facts.first_seq, hb_facts.last_seq)
+        hb_seq, hb_ns = await heartbeats_by(cut_ns)
     async with db.reading():  # one committed batch: the checkpoints, the agents, and beats not pruned under us
         committed_ledger, committed_hb = await db.checkpoints()
         if seq > committed_ledger.seq:
             return None
-        agents = {a.agent_id: a for a in await db.agent_states(as_of=seq)}
-        indexed = bool(hb_seq) and min(hb_seq, committed_hb.seq) >= await db.beats_from()
+        beats_seq = min(hb_seq, committed_hb.seq)
+        indexed = bool(hb_seq) and beats_seq >= await db.beats_from()
+        lags = indexed and hb_seq > committed_hb.seq
+        agents = [a.agent_id for a in await db.agent_states(as_of=seq)] if lags or not indexed else None
+        any_agents = bool(agents) if agents is not None else await db.has_agents(as_of=seq)
         if indexed:  # the moment lies within the file's kept beat history
             hb_snap = await db.nearest_snapshot(HEARTBEAT_STREAM, stored_ns=cut_ns, with_data=False)
-            beats = await db.beats_as_of(min(hb_seq, committed_hb.seq), agents)
+            committed = await db.beats_as_of(beats_seq, agents) if agents is not None else None
     lagged: list[AnomalyRecord] = []
     if not indexed:  # older than the file's kept beat history (or the stream's): as a replay finds them
+        assert agents is not None
         cut = await beats_as_of_cut(store, db, cut_ns, hb_facts, seq)
-        beats = {k: b for k, b in cut.state.beats.items() if k in agents}
+        beats = {k: b for k in agents if (b := cut.state.beats.get(k)) is not None}
         hb_seq, hb_ns, beats_known = cut.state.seq, cut.state.stored_ns, cut.beats_known
-        notes = cut.notes + ([_lost(hb_facts)] if cut.lost and agents else [])
+        notes = cut.notes + ([_lost(hb_facts)] if cut.lost and any_agents else [])
         lagged = [a for a in cut.anomalies if a.seq > committed_hb.seq]
-        return Past(seq, ledger_ns, hb_seq, hb_ns, cut_ns, agents, beats, beats_known, notes, lagged)
-    if hb_seq > committed_hb.seq:  # the file's beats lag the moment: replay only the lag
-        lag = HeartbeatState(seq=committed_hb.seq, beats=beats)
+        return Past(seq, ledger_ns, hb_seq, hb_ns, cut_ns, beats, 0, beats_known, notes, lagged)
+    found: dict[str, Beat] | None = None
+    if lags:  # the file's beats lag the moment: replay only the lag
+        assert agents is not None and committed is not None
+        lag = HeartbeatState(seq=committed_hb.seq, beats=committed)
         _, lagged = await _replay_into(store, lag, HEARTBEAT_STREAM, end_seq=hb_seq)
-        beats = {k: b for k, b in lag.beats.items() if k in agents}
+        found = {k: b for k in agents if (b := lag.beats.get(k)) is not None}
     gap = hb_facts.first_seq > (hb_snap.seq if hb_snap else 0) + 1
-    return Past(seq, ledger_ns, hb_seq, hb_ns, cut_ns, agents, beats, True, [_lost(hb_facts)] if gap and agents else [],
-                lagged)
+    return Past(seq, ledger_ns, hb_seq, hb_ns, cut_ns, found, beats_seq, True,
+                [_lost(hb_facts)] if gap and any_agents else [], lagged)

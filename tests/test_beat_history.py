@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from projection_contract import fold_and_commit
-from test_time_travel_views import CLI, INDEXED, everything, me, store, views
+from test_time_travel_views import CLI, INDEXED, everything, me, of_the_moment, store, views
 
 from ledger import events as ev
 from ledger.errors import ConfigError
@@ -92,8 +92,9 @@ async def test_views_inside_and_outside_the_beat_history_equal_the_replay(store:
         for seq, time in [*((n, None) for n in range(1, end + 1)), *((None, i.stored_at) for i in items)]:
             past = await past_as_of(store, indexed.db, seq=seq, time=time)  # the same file's snapshots: the same
             rebuilt = await state_as_of(store, indexed.db, seq=seq, time=time)  # notes, positions and beats
-            assert past is not None and past.beats == {k: b for k, b in rebuilt.state.heartbeats.beats.items()
-                                                       if k in past.agents}, (seq, time)
+            assert past is not None
+            agents, beats = await of_the_moment(indexed.db, past)
+            assert beats == {k: b for k, b in rebuilt.state.heartbeats.beats.items() if k in agents}, (seq, time)
             assert (past.hb_seq, past.beats_known, past.notes) == (rebuilt.state.heartbeats.seq,
                                                                     rebuilt.beats_known, rebuilt.notes), (seq, time)
             cuts.add(past.hb_seq >= floor)

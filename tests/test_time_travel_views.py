@@ -16,14 +16,17 @@ from projection_helpers import until
 
 from ledger import events as ev
 from ledger.codec import Recorded
+from ledger.lifecycle import AgentState
 from ledger.settings import Settings
 from ledger.store import EventStore
 from ledger.subjects import HEARTBEAT_STREAM, LEDGER_STREAM
 from ledgerctl.server import EmbeddedServer
+from projections.beats import Beat
+from projections.db import ProjectionDB
 from projections.projector import FILTERS, Projector
 from projections.query import AsOf, Query
 from projections.settings import ProjectionSettings
-from projections.timetravel import past_as_of, state_as_of
+from projections.timetravel import Past, past_as_of, past_beats, state_as_of
 
 CLI = ev.Producer(id="cli", instance="t")
 RECLAIMER = ev.Producer(id="reclaimer", instance="r")
@@ -38,6 +41,13 @@ def me(agent: str) -> ev.Producer:
 async def store(fresh_server: EmbeddedServer) -> AsyncIterator[EventStore]:
     async with EventStore.connect(Settings(nats_url=fresh_server.url), ensure=True) as s:
         yield s
+
+
+async def of_the_moment(db: ProjectionDB, past: Past) -> tuple[dict[str, AgentState], dict[str, Beat]]:
+    """The agents a Past's moment had and their beats, as its views read them (every agent: as the pools view)."""
+    async with db.reading():
+        agents = {a.agent_id: a for a in await db.agent_states(as_of=past.ledger_seq)}
+        return agents, await past_beats(db, past, agents)
 
 
 async def everything(store: EventStore) -> list[Recorded]:
@@ -158,8 +168,10 @@ async def test_beyond_the_heartbeat_retention_the_index_says_what_the_replay_say
                 for moment in (1, registered):  # before any heartbeat snapshot; after the first one
                     past = await past_as_of(store, indexed.db, seq=moment)
                     rebuilt = await state_as_of(store, indexed.db, seq=moment)  # the same file's snapshots
-                    assert past is not None and past.agents == rebuilt.state.ledger.agents
-                    assert past.beats == rebuilt.state.heartbeats.beats and past.notes == rebuilt.notes
+                    assert past is not None
+                    agents, beats = await of_the_moment(indexed.db, past)
+                    assert agents == rebuilt.state.ledger.agents
+                    assert beats == rebuilt.state.heartbeats.beats and past.notes == rebuilt.notes
                     assert (past.hb_seq, past.beats_known) == (rebuilt.state.heartbeats.seq, rebuilt.beats_known)
                 unknown = await indexed.agents(as_of=1)
                 assert unknown.items[0].health == "unknown" and "no heartbeat history" in unknown.position.notes[0]
