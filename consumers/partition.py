@@ -51,10 +51,10 @@ class Partition(msgspec.Struct, frozen=True, kw_only=True):
 
     def owns_unplaced(self) -> bool:
         """Does this replica act on an entity of no known pool (a route whose session is forged, or retired before
-        the replica saw it)? The replica of pool "" by the hash; with named pools, which cannot know each other,
-        every one of them: rare, and overlapping is safe (one compare-and-set lands), where leaving it to none
-        would leave the route unjudged forever."""
-        return self.replicas == 1 or pool_slot("", self.replicas) == self.replica
+        the replica saw it)? The replica of pool "" by the hash alone; a replica that names its pools, which cannot
+        know the others' (nor whether any runs on the slot of ""), judges it too: rare, and overlapping is safe (one
+        compare-and-set lands), where leaving it to none would leave the route unjudged forever."""
+        return self.pools is not None or self.replicas == 1 or pool_slot("", self.replicas) == self.replica
 
     def off_slot(self) -> dict[str, int]:
         """Named pools whose hash falls on another replica's slot, with that slot: this replica never acts on them."""

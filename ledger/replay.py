@@ -76,7 +76,8 @@ class Replay:
     reader is. Deliveries are numbered by the server; a gap, a lost consumer
     (server restart, leader change) or a silent one (no idle heartbeat) makes
     the replay create a new consumer from the message after the last one it
-    received, so nothing is skipped or repeated.
+    received, so nothing is skipped or repeated. A connection closed for good ends
+    the iteration with Unavailable (no consumer can be created on it again).
     """
 
     def __init__(self, nc: NATS, stream: str, filters: Sequence[str], *, start_seq: int | None = None,
@@ -164,13 +165,23 @@ class Replay:
         if not reply or self._trusted:
             return False
         self._last_heard = time.monotonic()
-        if not self._finished and self._receive(subject.decode(), reply.decode(), data, None) and (
+        bad: str | None = None
+        try:
+            text = subject.decode()
+        except UnicodeDecodeError:
+            # Any client may publish any bytes as a subject token: dead-lettered like any unreadable message - were
+            # it to raise here, it would be lost, the next delivery a gap, and the new consumer would deliver it
+            # again, for ever (every replay of the stream stuck at it).
+            text, bad = subject.decode(errors="backslashreplace"), f"subject is not UTF-8: {subject[:200]!r}"
+        if not self._finished and self._receive(text, reply.decode(), data, None, unreadable=bad) and (
                 self._asking is None or self._asking.done()):  # one request on its way is enough
             self._asking = self._in_background(self._top_up())
         return True
 
-    def _receive(self, subject: str, reply: str, data: bytes, headers: dict[str, str] | None) -> bool:
-        """One delivered message (`headers` parsed only for an imported copy); True when more should be asked for."""
+    def _receive(self, subject: str, reply: str, data: bytes, headers: dict[str, str] | None, *,
+                 unreadable: str | None = None) -> bool:
+        """One delivered message (`headers` parsed only for an imported copy); True when more should be asked for.
+        `unreadable`: why the message cannot be read at all (it is handed out as such)."""
         info = codec.parse_ack_subject(reply)
         if self._trusted:
             info = info._replace(timestamp_ns=imported.stored_ns(headers, info.timestamp_ns))
@@ -188,7 +199,8 @@ class Replay:
             self._finish()
             return False
         try:
-            item = codec.read(info.stream, info.seq, subject, info.timestamp_ns, data)
+            item = codec.read(info.stream, info.seq, subject, info.timestamp_ns, data) if unreadable is None \
+                else codec.Unreadable(info.stream, info.seq, subject, info.timestamp_ns, data, unreadable)
         except Exception as e:  # noqa: BLE001 - read() is total; if not, nats-py would swallow this and lose it
             log.error("replay of %s: cannot read #%d (%s); reading again from it", self._stream, info.seq, e)
             self._recreate(f"read of #{info.seq} failed")
@@ -321,6 +333,13 @@ class Replay:
             await self._create()
         except StoreError as e:
             self._error = e
+            self._finish()
+        except GONE as e:
+            if not self._nc.is_closed:
+                raise  # reconnecting: the watchdog starts over again
+            # Closed for good (shut down, or out of reconnects): no consumer ever again, so end the iteration
+            # rather than wait for ever, retrying every heartbeat.
+            self._error = Unavailable(f"cannot read {self._stream}: the connection is closed ({_describe(e)})")
             self._finish()
         finally:
             self._recreating = None
