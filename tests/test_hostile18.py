@@ -12,6 +12,7 @@ from test_past_pages import Replayed, key, plain, project
 from test_reads_attack import _claim, _registered, counting
 from test_time_travel_views import everything
 
+from ledger import events as ev
 from ledger import lifecycle as lc
 from ledger import transfer
 from ledger.codec import Recorded
@@ -152,12 +153,14 @@ async def fresh_store(fresh_server: EmbeddedServer) -> AsyncIterator[EventStore]
         yield s
 
 
-async def test_past_pages_at_edge_values_equal_the_slice_and_the_replay(fresh_store: EventStore, tmp_path: Path):
+@pytest.mark.parametrize("retain", [None, 0.0], ids=["default-retain", "retain-0"])
+async def test_past_pages_at_edge_values_equal_the_slice_and_the_replay(fresh_store: EventStore, tmp_path: Path,
+                                                                       retain: float | None):
     """Limits of 0 and beyond everything, offsets at and past the end, `after` below, between, beyond every id
     and a prefix of ids, filters matching nothing; at the first sequence (before anything existed), the last,
     a time before the first event and a time between two events."""
     store, db = fresh_store, tmp_path / "p.sqlite3"
-    await project(store, db)
+    await project(store, db, **({} if retain is None else {"retain": retain}))  # retain 0: s-33 retired, re-created
     items = await everything(store)
     end = await store.last_seq(LEDGER_STREAM)
     ledger_items = [i for i in items if i.stream == LEDGER_STREAM]
@@ -212,3 +215,65 @@ async def test_an_imported_copy_folds_a_session_read_together_as_alone(ledger: W
     assert together.state == alone.state and together.anomalies == alone.anomalies
     assert together.state is not None and together.state.owner == b and together.state.token == token
     assert counts["read"] <= 4, counts
+
+
+
+async def test_on_a_cluster_a_session_read_with_min_last_seq_asks_any_replica_together(cluster_store: EventStore,
+                                                                                        uid: str):
+    """R3 streams: direct gets go to any replica; with min_last_seq at the history's end, each read (asked
+    together or alone) equals the fold that reads each claimer alone, however often it is asked. (A single
+    nats-server ignores min_last_seq, and a lagging replica cannot be made cheaply here.)"""
+    ledger = Writer(cluster_store, ev.Producer(id="operator-test", instance=uid))
+    sid, _ = await ledger.create_session("p", session_id=f"{uid}-s")
+    for i in range(70):
+        await cluster_store.append(_claim(f"{uid}-g{i}", sid, 1))
+    b = f"{uid}-b"
+    inc = await cluster_store.append(_registered(b))
+    token = await cluster_store.append(_claim(b, sid, inc))
+    records = await _records(cluster_store, sid)
+    for _ in range(5):
+        state, _ = await ledger.session(sid, min_last_seq=token)
+        together = await cluster_store.session_fold(records, min_last_seq=token)
+        assert state == together.state and state is not None and state.owner == b and state.token == token
+    alone = await _alone(cluster_store, records)
+    assert together.anomalies == alone.anomalies and together.state == alone.state
+
+
+async def test_a_long_mix_of_ghosts_garbage_and_real_claimers_past_one_ask_folds_as_alone(ledger: Writer, uid: str):
+    """150 claims cycling through ghosts, agents with garbage on their registration subject, agents registered
+    under another incarnation, agents registering only after the history ends, and take-overs of a live owner by
+    real agents: several asks of 64, registered claimers beyond the first ask, the state and every anomaly as a
+    fold reading each alone."""
+    sid, _ = await ledger.create_session("p", session_id=f"{uid}-s")
+    js = ledger.store.nc.jetstream()
+    real: dict[str, int] = {}
+    for i in range(10):
+        real[f"{uid}-real{i}"] = await ledger.store.append(_registered(f"{uid}-real{i}"))
+        junk = f"{uid}-junk{i}"
+        await js.publish(event_subject("agent", junk, "registered", junk), b"\xff junk")
+    token: int | None = None
+    tokens: list[int] = []
+    for i in range(150):
+        kind = i % 5
+        if kind == 0:
+            await ledger.store.append(_claim(f"{uid}-g{i}", sid, 1, previous_token=token))
+        elif kind == 1:
+            await ledger.store.append(_claim(f"{uid}-junk{i % 10}", sid, 1, previous_token=token))
+        elif kind == 2:
+            await ledger.store.append(_claim(f"{uid}-real{i % 10}", sid, 1, previous_token=token))  # wrong inc
+        elif kind == 3:
+            await ledger.store.append(_claim(f"{uid}-later{i}", sid, 1, previous_token=token))
+        else:
+            a = f"{uid}-real{(i * 7) % 10}"
+            token = await ledger.store.append(_claim(a, sid, real[a], previous_token=token))
+            tokens.append(token)  # a take-over of a live owner: flagged, the first real claim holds
+    for i in range(3, 150, 5):
+        await ledger.store.append(_registered(f"{uid}-later{i}"))
+    records = await _records(ledger.store, sid)
+    with counting(ledger.store) as counts:
+        together = await ledger.store.session_fold(records)
+    alone = await _alone(ledger.store, records)
+    assert together.state == alone.state and together.anomalies == alone.anomalies
+    assert together.state is not None and together.state.token == tokens[0]
+    assert len(together.anomalies) >= 100
+    assert counts["read"] <= 150 // CLAIMERS_AT_ONCE + 1 + 2 * 10 + 10, counts  # asks, real and junk reads
