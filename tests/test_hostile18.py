@@ -22,6 +22,7 @@ from ledger.store import CLAIMERS_AT_ONCE, EventStore
 from ledger.subjects import LEDGER_STREAM, event_subject
 from ledger.writer import Writer
 from ledgerctl.server import EmbeddedServer
+from projections.errors import InvalidQuery
 from projections.query import Query
 from projections.views import paged
 
@@ -153,26 +154,38 @@ async def fresh_store(fresh_server: EmbeddedServer) -> AsyncIterator[EventStore]
         yield s
 
 
+def _plain(page: object) -> dict[str, object]:
+    """`plain`, without the position's `now` at a moment before anything (the wall clock there: it differs)."""
+    out: dict[str, object] = plain(page)
+    position = out["position"]
+    assert isinstance(position, dict)
+    if position["ledger_time"] is None:
+        position.pop("now")
+    return out
+
+
 @pytest.mark.parametrize("retain", [None, 0.0], ids=["default-retain", "retain-0"])
 async def test_past_pages_at_edge_values_equal_the_slice_and_the_replay(fresh_store: EventStore, tmp_path: Path,
                                                                        retain: float | None):
     """Limits of 0 and beyond everything, offsets at and past the end, `after` below, between, beyond every id
     and a prefix of ids, filters matching nothing; at the first sequence (before anything existed), the last,
-    a time before the first event and a time between two events."""
+    a time before the first event, a time between two events and one after the last; seq -1 and end + 1
+    refused alike."""
     store, db = fresh_store, tmp_path / "p.sqlite3"
     await project(store, db, **({} if retain is None else {"retain": retain}))  # retain 0: s-33 retired, re-created
     items = await everything(store)
     end = await store.last_seq(LEDGER_STREAM)
     ledger_items = [i for i in items if i.stream == LEDGER_STREAM]
     between = ledger_items[5].stored_at + (ledger_items[6].stored_at - ledger_items[5].stored_at) / 2
-    moments = [1, end, ledger_items[0].stored_at.replace(year=2000), between]
+    moments = [0, 1, end, ledger_items[0].stored_at.replace(year=2000), between,
+               ledger_items[-1].stored_at + timedelta(days=1)]
     rows = 0
     async with Query.open(db, store) as indexed, Replayed.open(db, store) as replayed:
         for moment in moments:
             for view, filters in WHERE.items():
                 for where in filters:
-                    whole = plain(await getattr(indexed, view)(as_of=moment, **where))
-                    assert whole == plain(await getattr(replayed, view)(as_of=moment, **where)), (view, moment)
+                    whole = _plain(await getattr(indexed, view)(as_of=moment, **where))
+                    assert whole == _plain(await getattr(replayed, view)(as_of=moment, **where)), (view, moment)
                     every = whole["items"]
                     for paging in EDGES:
                         try:
@@ -181,13 +194,18 @@ async def test_past_pages_at_edge_values_equal_the_slice_and_the_replay(fresh_st
                             with pytest.raises(InvalidInput):
                                 await getattr(replayed, view)(as_of=moment, **where, **paging)
                             continue
-                        got = plain(page)
-                        assert got == plain(await getattr(replayed, view)(as_of=moment, **where, **paging)), (
+                        got = _plain(page)
+                        assert got == _plain(await getattr(replayed, view)(as_of=moment, **where, **paging)), (
                             view, moment, where, paging)
                         assert got["items"] == paged(every, lambda i, v=view: key(v, i), **paging), (
                             view, moment, where, paging)
                         assert page.total == len(every)
                         rows += len(got["items"])
+        for beyond in (-1, end + 1):  # refused alike
+            with pytest.raises(InvalidQuery):
+                await indexed.sessions(as_of=beyond, limit=1)
+            with pytest.raises(InvalidQuery):
+                await replayed.sessions(as_of=beyond, limit=1)
     assert rows > 50
 
 
