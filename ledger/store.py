@@ -358,7 +358,9 @@ class EventStore:
                               min_last_seq: int | None = None) -> set[str]:
         """Which of `agent_ids` have anything on their registration subject at or before `up_to_seq` (in requests of
         up to 1,024 ids): an agent left out has no registration to read there."""
-        subject_of = {subjects.event_subject("agent", a, "registered", a): a for a in agent_ids}
+        # An id that is no token (`*`, `>`, a dot) would be a filter matching other agents' subjects.
+        subject_of = {subjects.event_subject("agent", check_token(a, "agent id"), "registered", a): a
+                      for a in agent_ids}
         names = list(subject_of)
         found: set[str] = set()
         for i in range(0, len(names), jsapi.MULTI_LAST_SUBJECTS):
@@ -384,21 +386,23 @@ class EventStore:
         history's last event - a replica lagging behind the one that served the history would miss an agent's
         death before a take-over."""
         folded = lifecycle.SessionFold(records)
+        registered: set[str] = set()  # claimers an ask found registered: read next, not asked about again
         while (need := folded.advance()) is not None:
             what, agent_id = need
-            if what == lifecycle.REGISTRATIONS:
+            if what == lifecycle.REGISTRATIONS and agent_id not in registered:
                 claimers = folded.next_claimers(CLAIMERS_AT_ONCE)
                 if len(claimers) > 1:
                     # Claims for made-up agents would each cost a read, one after the other: one request tells
                     # which of the next claimers registered at all before the history's end; the others have
                     # nothing to read (and a later registration answers no question about these records).
-                    registered = await self.ever_registered(claimers, up_to_seq=records[-1].seq,
-                                                            min_last_seq=min_last_seq)
+                    registered |= await self.ever_registered(claimers, up_to_seq=records[-1].seq,
+                                                             min_last_seq=min_last_seq)
                     for claimer in claimers:
                         if claimer not in registered:
                             folded.learn(what, claimer, [])
-                    if agent_id not in registered:
-                        continue
+                    if agent_id in claimers and agent_id not in registered:
+                        continue  # learnt above (an agent named by no claim is read, or it would be asked forever)
+            if what == lifecycle.REGISTRATIONS:
                 read = await self.registered(agent_id, min_last_seq=min_last_seq)
             else:
                 read = [i for i in await self.history("agent", agent_id, min_last_seq=min_last_seq)
