@@ -237,7 +237,10 @@ def test_no_claim_the_sdk_decides_on_a_registration_is_ever_foreign_and_the_chec
     checker_foreign = {v.seq for v in report.violations
                        if v.kind == ck.CLAIM_FOR_UNAVAILABLE_AGENT and "the session is in" in v.detail}
     assert checker_foreign == foreign
-    assert not any(v.seq in decided for v in report.violations if v.kind != ck.STRANDED), report.violations
+    # A claim decided for an agent that has gone (the generator decides on registrations, not on liveness, which
+    # the reclaimer's own rule checks) is the checker's claim for an unavailable agent: fair, and not this test's.
+    assert not any(v.seq in decided for v in report.violations
+                   if v.kind != ck.STRANDED and ", which is " not in v.detail), report.violations
     checker = ck.fold(_raw(_ledger(b)))
     for sid in SESSIONS:
         s, state = checker.sessions.get(sid), whole.ledger.sessions.get(sid)
