@@ -117,11 +117,17 @@ def _rewrite(node: Any) -> Any:
     return node
 
 
+BASE64_PATTERN = "^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
+"""Padded standard base64, what msgspec decodes as bytes (it refuses "0", which `contentEncoding` alone allows)."""
+
+
 def _time_fields(node: Any) -> None:
-    """Add TIME_PATTERN beside every `format: date-time` (in place)."""
+    """Add TIME_PATTERN beside every `format: date-time`, BASE64_PATTERN beside every base64 string (in place)."""
     if isinstance(node, dict):
         if node.get("format") == "date-time":
             node["pattern"] = TIME_PATTERN
+        if node.get("contentEncoding") == "base64":
+            node["pattern"] = BASE64_PATTERN
         for v in node.values():
             _time_fields(v)
     elif isinstance(node, list):
