@@ -132,7 +132,7 @@ async def sdk_churn(args: argparse.Namespace) -> None:
             async def sample(label: str) -> tuple[int, int]:
                 state = await stream_state(nc, subjects.LEDGER_STREAM)
                 up_rss, srv_rss = rss_bytes(up.proc.pid), rss_bytes(server_pid)
-                print(f"  {label:<22} ledger up {mib(up_rss)}   nats-server {mib(srv_rss)}   "
+                print(f"  {label:<30} ledger up {mib(up_rss)}   nats-server {mib(srv_rss)}   "
                       f"generator {mib(rss_bytes(os.getpid()))}   LEDGER {state['messages']:>9,} msgs "
                       f"{state.get('num_subjects', 0):>9,} subjects", flush=True)
                 return up_rss, srv_rss
@@ -149,6 +149,7 @@ async def sdk_churn(args: argparse.Namespace) -> None:
                     server_samples: list[tuple[int, int]] = []
                     up_samples: list[tuple[int, int]] = []
                     started = time.monotonic()
+                    rate_from = (0, started)  # the rate since the previous sample: does it hold as the log grows?
                     done = 0
                     tag = new_id()[:6]
                     while done < args.sessions:
@@ -159,7 +160,10 @@ async def sdk_churn(args: argparse.Namespace) -> None:
                         await asyncio.gather(*(terminate(agents, sid) for sid in ids))
                         previous, done = done, done + n
                         if done // args.every != previous // args.every or done == args.sessions:
-                            up_rss, srv_rss = await sample(f"{done:,} sessions")
+                            now = time.monotonic()
+                            rate = (done - rate_from[0]) / max(now - rate_from[1], 1e-9)
+                            rate_from = (done, now)
+                            up_rss, srv_rss = await sample(f"{done:,} sessions ({rate:,.0f}/s)")
                             during.append((done, up_rss, srv_rss))
                             server_samples.append((done, srv_rss))
                             up_samples.append((done, up_rss))

@@ -29,6 +29,7 @@ from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import APIError
 
 from . import cancellation, codec, dlq, jsapi, lifecycle, subjects, wire
+from . import events as ev
 from .appender import Appender
 from .codec import Item, Recorded, Unreadable
 from .connection import GONE, open_connection, watch_of
@@ -36,6 +37,7 @@ from .errors import InvalidInput, PermissionDenied, StreamMissing, Unavailable
 from .events import Event
 from .ids import check_token
 from .jsapi import AccountFacts, RawStored, StreamFacts
+from .known_agents import KnownAgents
 from .loader import Loader
 from .replay import Replay
 from .settings import Settings, redact_url
@@ -86,6 +88,8 @@ class EventStore:
         self._listeners: list[Callable[[str], None]] = []
         self._imported: dict[str, bool] = {}
         """Per stream, whether it is an imported copy (`ledger.imported`), as its STREAM.INFO said."""
+        self.known_agents = KnownAgents(self)
+        """What session reads learnt of agents (registrations, histories), kept for the next read."""
 
     def add_connection_listener(self, listener: Callable[[str], None]) -> None:
         """Call `listener("disconnected" | "reconnected")` when the connection drops or comes back."""
@@ -382,32 +386,36 @@ class EventStore:
                            min_last_seq: int | None = None) -> lifecycle.SessionFold:
         """A session history folded with the lookups the whole-log fold has at each event, reading an agent's
         registrations or history only when the fold asks for them (`lifecycle.SessionFold`): claims for made-up
-        agents, or take-overs the fold flags whatever their claimer, cost no read. `min_last_seq`: at least the
-        history's last event - a replica lagging behind the one that served the history would miss an agent's
-        death before a take-over."""
-        folded = lifecycle.SessionFold(records)
+        agents, or take-overs the fold flags whatever their claimer, cost no read. What was read is kept
+        (`known_agents`): the next fold reads only what follows. `min_last_seq`: at least the history's last
+        event - a replica lagging behind the one that served the history would miss an agent's death before a
+        take-over."""
+        end = records[-1].seq if records else 0
+        floor = max(end, min_last_seq or 0)
+        claimers = [r.event.agent_id for r in records if isinstance(r.event, ev.SessionClaimed)]
+        folded = lifecycle.SessionFold(records, registrations=self.known_agents.registrations_known(claimers, floor),
+                                       timelines=self.known_agents.timelines)
         registered: set[str] = set()  # claimers an ask found registered: read next, not asked about again
         while (need := folded.advance()) is not None:
             what, agent_id = need
             if what == lifecycle.REGISTRATIONS and agent_id not in registered:
-                claimers = folded.next_claimers(CLAIMERS_AT_ONCE)
-                if len(claimers) > 1:
+                asked = folded.next_claimers(CLAIMERS_AT_ONCE)
+                if len(asked) > 1:
                     # Claims for made-up agents would each cost a read, one after the other: one request tells
                     # which of the next claimers registered at all before the history's end; the others have
                     # nothing to read (and a later registration answers no question about these records).
-                    registered |= await self.ever_registered(claimers, up_to_seq=records[-1].seq,
-                                                             min_last_seq=min_last_seq)
-                    for claimer in claimers:
-                        if claimer not in registered:
-                            folded.learn(what, claimer, [])
-                    if agent_id in claimers and agent_id not in registered:
+                    registered |= await self.ever_registered(asked, up_to_seq=end, min_last_seq=min_last_seq)
+                    unregistered = [a for a in asked if a not in registered]
+                    self.known_agents.none_registered(unregistered, end)
+                    for claimer in unregistered:
+                        folded.learn(what, claimer, [])
+                    if agent_id in asked and agent_id not in registered:
                         continue  # learnt above (an agent named by no claim is read, or it would be asked forever)
             if what == lifecycle.REGISTRATIONS:
-                read = await self.registered(agent_id, min_last_seq=min_last_seq)
+                folded.registrations[agent_id] = await self.known_agents.registrations(
+                    agent_id, floor, min_last_seq=min_last_seq)
             else:
-                read = [i for i in await self.history("agent", agent_id, min_last_seq=min_last_seq)
-                        if isinstance(i, Recorded)]
-            folded.learn(what, agent_id, read)
+                await self.known_agents.read_history(agent_id, floor, min_last_seq=min_last_seq)
         return folded
 
     async def session_lookups(self, records: list[Recorded], *, min_last_seq: int | None = None,

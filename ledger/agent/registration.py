@@ -177,12 +177,12 @@ class Registration:
 
     async def check_not_superseded(self) -> None:
         """Only a later registration by another process supersedes us. The floor (our own incarnation) keeps a
-        lagging replica from answering: one that has not even seen our registration proves nothing."""
+        lagging replica from answering: one that has not even seen our registration proves nothing. Read on our
+        own subject only, as every fold reads registrations: one another client wrote in our name is no
+        registration (and a wildcard read costs the server a scan of everything since our first registration)."""
         a = self._agent
-        items = await a.store.read(subjects.event_subject("agent", a.agent_id, "registered", "*"),
-                                   min_last_seq=a.incarnation)
-        seen = {i.seq: i.event.instance_id for i in items
-                if isinstance(i, Recorded) and isinstance(i.event, ev.AgentRegistered)}
+        records = await a.store.registered(a.agent_id, min_last_seq=a.incarnation)
+        seen = {r.seq: r.event.instance_id for r in records if isinstance(r.event, ev.AgentRegistered)}
         newer = lc.superseded_by(seen.items(), a.incarnation, a.instance_id)
         if newer is not None:
             a._fence(f"superseded by instance {seen[newer]} (incarnation {newer})", superseded=True)

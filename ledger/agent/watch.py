@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import OrderedDict
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -20,6 +19,7 @@ from ledger import lifecycle as lc
 from ledger import subjects
 from ledger.codec import Recorded, Unreadable
 from ledger.errors import LedgerError
+from ledger.known_agents import KnownAgents
 from ledger.replay import Replay
 
 from .registration import PREFETCH_CONCURRENCY, KnownRegistrations
@@ -49,7 +49,8 @@ class Watch:
         """Last sequence of the batch the watch is judging."""
         self._prefetched: dict[tuple[str, int], lc.SessionState | None] = {}
         """(session, sequence) -> the session's state just before that sequence, read ahead for one batch."""
-        self.timelines: OrderedDict[str, lc.AgentTimeline] = OrderedDict()
+        self._known = KnownAgents(agent.store, limit=MAX_TIMELINES)
+        self.timelines = self._known.timelines
         """agent id -> its history folded so far, for judging take-overs (the owner's state as of the claim): read
         once, then only what follows what was read (an owner's history may be long - anyone may report it
         unreachable - and a take-over claim is cheap to write). At most MAX_TIMELINES, the least recently used let
@@ -266,17 +267,6 @@ class Watch:
                 if agent_id not in self.registrations.table:  # let go already (a flood of learning meanwhile)
                     folded.learn(what, agent_id, await self._agent.store.registered(agent_id, min_last_seq=floor))
             else:
-                await self._read_history(agent_id, floor)
+                await self._known.read_history(agent_id, floor, min_last_seq=floor)
         return folded
 
-    async def _read_history(self, agent_id: str, floor: int) -> None:
-        """Bring the agent's timeline up to `floor`: its whole history the first time, then only what follows
-        the part read (concurrent readers may extend it twice: `AgentTimeline.extend` folds nothing twice)."""
-        timeline = self.timelines.get(agent_id) or lc.AgentTimeline(through=0)
-        if timeline.through < floor:
-            items = await self._agent.store.history("agent", agent_id, after=timeline.through, min_last_seq=floor)
-            timeline.extend([i for i in items if isinstance(i, Recorded)], floor)
-        self.timelines[agent_id] = timeline
-        self.timelines.move_to_end(agent_id)
-        while len(self.timelines) > MAX_TIMELINES:
-            self.timelines.popitem(last=False)
