@@ -98,8 +98,10 @@ class KnownAgents:
 
     async def current(self, agent_id: str, *, min_last_seq: int | None = None) -> lifecycle.AgentState | None:
         """The agent's state now, as `lifecycle.fold` of its whole history gives it: always reads what follows
-        the part known (a take-over is judged on this: a death since must not be missed)."""
-        timeline = await self.read_history(agent_id, min_last_seq or 0, min_last_seq=min_last_seq, fresh=True)
+        the part known (a take-over is judged on this: a death since must not be missed). What it read counts
+        as known up to its newest event only: `min_last_seq` may lie past the stream's end (a single node
+        answers at once), and what lands below it would never be read."""
+        timeline = await self.read_history(agent_id, 0, min_last_seq=min_last_seq, fresh=True)
         return timeline.at(timeline.last_seq + 1)
 
     def _entry(self, agent_id: str) -> _Registrations:

@@ -389,11 +389,13 @@ class EventStore:
         agents, or take-overs the fold flags whatever their claimer, cost no read. What was read is kept
         (`known_agents`): the next fold reads only what follows. `min_last_seq`: at least the history's last
         event - a replica lagging behind the one that served the history would miss an agent's death before a
-        take-over."""
+        take-over. Every read is made at least at the history's end (without min_last_seq too), and what it
+        taught is kept as known up to that end only: the lookups ask nothing later, and a floor past the
+        stream's end (a single node answers at once) must not count as read."""
         end = records[-1].seq if records else 0
         floor = max(end, min_last_seq or 0)
         claimers = [r.event.agent_id for r in records if isinstance(r.event, ev.SessionClaimed)]
-        folded = lifecycle.SessionFold(records, registrations=self.known_agents.registrations_known(claimers, floor),
+        folded = lifecycle.SessionFold(records, registrations=self.known_agents.registrations_known(claimers, end),
                                        timelines=self.known_agents.timelines)
         registered: set[str] = set()  # claimers an ask found registered: read next, not asked about again
         while (need := folded.advance()) is not None:
@@ -404,7 +406,7 @@ class EventStore:
                     # Claims for made-up agents would each cost a read, one after the other: one request tells
                     # which of the next claimers registered at all before the history's end; the others have
                     # nothing to read (and a later registration answers no question about these records).
-                    registered |= await self.ever_registered(asked, up_to_seq=end, min_last_seq=min_last_seq)
+                    registered |= await self.ever_registered(asked, up_to_seq=end, min_last_seq=floor)
                     unregistered = [a for a in asked if a not in registered]
                     self.known_agents.none_registered(unregistered, end)
                     for claimer in unregistered:
@@ -413,9 +415,9 @@ class EventStore:
                         continue  # learnt above (an agent named by no claim is read, or it would be asked forever)
             if what == lifecycle.REGISTRATIONS:
                 folded.registrations[agent_id] = await self.known_agents.registrations(
-                    agent_id, floor, min_last_seq=min_last_seq)
+                    agent_id, end, min_last_seq=floor)
             else:
-                await self.known_agents.read_history(agent_id, floor, min_last_seq=min_last_seq)
+                await self.known_agents.read_history(agent_id, end, min_last_seq=floor)
         return folded
 
     async def session_lookups(self, records: list[Recorded], *, min_last_seq: int | None = None,
