@@ -96,12 +96,15 @@ class KnownAgents:
             self.timelines.popitem(last=False)
         return timeline
 
-    async def current(self, agent_id: str, *, min_last_seq: int | None = None) -> lifecycle.AgentState | None:
+    async def current(self, agent_id: str, through: int, *,
+                      min_last_seq: int | None = None) -> lifecycle.AgentState | None:
         """The agent's state now, as `lifecycle.fold` of its whole history gives it: always reads what follows
-        the part known (a take-over is judged on this: a death since must not be missed). What it read counts
-        as known up to its newest event only: `min_last_seq` may lie past the stream's end (a single node
-        answers at once), and what lands below it would never be read."""
-        timeline = await self.read_history(agent_id, 0, min_last_seq=min_last_seq, fresh=True)
+        the part known (a take-over is judged on this: a death since must not be missed). `through`: a sequence
+        the stream is known to hold (the session history's end): what the read taught counts as known up to it
+        and its newest event. Not `min_last_seq`, which may lie past the stream's end (a single node answers at
+        once), where what lands below it would never be read; and not the newest event alone, which for a quiet
+        agent lies far back: the next read would scan the server's log from there."""
+        timeline = await self.read_history(agent_id, through, min_last_seq=min_last_seq, fresh=True)
         return timeline.at(timeline.last_seq + 1)
 
     def _entry(self, agent_id: str) -> _Registrations:

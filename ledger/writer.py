@@ -195,7 +195,8 @@ class Writer:
         state, last = await self.session(session_id, min_last_seq=min_last_seq)
         owner: Any = lc.NO_OWNER_STATE
         if state is not None and state.status == lc.S_ASSIGNED and state.owner is not None:
-            owner = await self.store.known_agents.current(state.owner, min_last_seq=max(last, min_last_seq or 0))
+            owner = await self.store.known_agents.current(state.owner, last,
+                                                           min_last_seq=max(last, min_last_seq or 0))
         return (state, owner), last
 
     async def claim_session(self, session_id: str, who: decide.AgentRef, *, reason: str = "initial",

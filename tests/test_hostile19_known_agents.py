@@ -234,7 +234,7 @@ async def test_ids_that_are_no_token_are_refused_by_every_read_of_the_cache(ledg
         with pytest.raises(InvalidInput):
             await known.read_history(bad, 10)
         with pytest.raises(InvalidInput):
-            await known.current(bad, min_last_seq=1)
+            await known.current(bad, 1, min_last_seq=1)
         with pytest.raises(InvalidInput):
             await known.registrations(bad, 10)
     assert not known.timelines

@@ -217,5 +217,8 @@ async def test_claims_of_new_sessions_read_no_agent_history_from_the_start_again
             from_start = [(what, after) for what, after in reads
                           if after == 0 and (what.startswith("agent:") or "*" in what or ">" in what)]
             assert i == 0 or not from_start, (i, from_start)
+            # Nor from y's own newest event (its registration, far back for a quiet agent): from what is known.
+            of_y = [after for what, after in reads if what == f"agent:{y}"]
+            assert i == 0 or (of_y and min(of_y) > inc_y), (i, of_y, inc_y)
         state, _ = await ledger.session(f"{uid}-taken-3")
         assert state is not None and state.owner == y
