@@ -42,6 +42,8 @@ class KnownAgents:
     """Registrations and history timelines of the agents a reader has needed (at most MAX_AGENTS of each)."""
 
     def __init__(self, store: EventStore, limit: int = MAX_AGENTS) -> None:
+        if limit < 1:  # a fold would read an agent, let it go at once and ask for it again, forever
+            raise ValueError(f"KnownAgents keeps at least one agent, not {limit}")
         self._store = store
         self._limit = limit
         self._registrations: OrderedDict[str, _Registrations] = OrderedDict()

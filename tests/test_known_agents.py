@@ -222,3 +222,12 @@ async def test_claims_of_new_sessions_read_no_agent_history_from_the_start_again
             assert i == 0 or (of_y and min(of_y) > inc_y), (i, of_y, inc_y)
         state, _ = await ledger.session(f"{uid}-taken-3")
         assert state is not None and state.owner == y
+
+
+def test_a_cache_of_no_agents_is_refused(store: EventStore):
+    """With room for none, a fold would read an agent, let it go at once and ask for it again, forever."""
+    from ledger.known_agents import KnownAgents
+
+    with pytest.raises(ValueError):
+        KnownAgents(store, limit=0)
+    assert KnownAgents(store, limit=1).timelines == {}
