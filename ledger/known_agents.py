@@ -109,6 +109,11 @@ class KnownAgents:
         timeline = await self.read_history(agent_id, through, min_last_seq=min_last_seq, fresh=True)
         return timeline.at(timeline.last_seq + 1)
 
+    def forget(self) -> None:
+        """Let go of everything known (after a reconnect: the server may hold another log now)."""
+        self._registrations.clear()
+        self.timelines.clear()
+
     def _entry(self, agent_id: str) -> _Registrations:
         known = self._registrations.get(agent_id)
         if known is None:

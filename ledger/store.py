@@ -100,6 +100,10 @@ class EventStore:
             self._listeners.remove(listener)
 
     def connection_event(self, kind: str) -> None:
+        if kind == "reconnected":
+            # The server may have been restored from another log meanwhile: what was known of its agents is read
+            # again rather than trusted (a wrong prefix would decide claims).
+            self.known_agents.forget()
         for listener in self._listeners:
             listener(kind)
 

@@ -18,6 +18,7 @@ from ledger.errors import InvalidInput
 from ledger.store import EventStore
 from ledger.subjects import LEDGER_STREAM
 from ledger.writer import Writer
+from ledgerctl.server import EmbeddedServer
 
 
 @contextmanager
@@ -231,3 +232,21 @@ def test_a_cache_of_no_agents_is_refused(store: EventStore):
     with pytest.raises(ValueError):
         KnownAgents(store, limit=0)
     assert KnownAgents(store, limit=1).timelines == {}
+
+
+async def test_a_reconnect_lets_go_of_what_was_known(server: EmbeddedServer):
+    """After the connection comes back the server may hold another log (restored, re-created): what a store
+    and an agent's watch knew of agents is read again, not trusted. A real server restart on the same port."""
+    from fleet import ledger_on
+    from helpers import eventually
+
+    async with ledger_on(server.url) as ledger:
+        store = ledger.store
+        x, y = "x", "y"
+        inc_x, inc_y = await store.append(_registered(x)), await store.append(_registered(y))
+        await _owned_then_taken_over(store, "s", (x, inc_x), (y, inc_y))
+        await _folds_as_alone(store, "s")
+        assert store.known_agents.timelines
+        server.restart()
+        await eventually(lambda: not store.known_agents.timelines, timeout=30, what="the caches let go")
+        await _folds_as_alone(store, "s")  # read again, alike

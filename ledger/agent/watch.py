@@ -67,6 +67,7 @@ class Watch:
         def on_connection(kind: str) -> None:
             # After a reconnect (the server may have restarted and lost our consumer) start again at once.
             if kind == "reconnected":
+                self._known.forget()  # as the store's own: the server may hold another log now
                 for replay in current:
                     replay.interrupt()
 
