@@ -278,3 +278,55 @@ async def test_the_watch_judges_take_overs_from_many_owners_with_one_timeline_ke
         assert given == {sid for sid in tokens if "-live-" not in sid}
         assert set(a.owned) == given
         assert len(a.watch.timelines) <= 1
+
+
+async def test_the_worst_messages_on_the_subjects_the_claim_path_reads_leave_it_working(ledger: Writer, uid: str):
+    """On an agent's own registration and history subjects, published raw by another client: JSON objects nested
+    6 k deep (msgspec raises RecursionError on such input), a payload of 512 KiB, odd headers, and
+    another agent's well-formed registration and goodbye (an event whose entity is not the subject's). The
+    agent's superseded check, its claims, the watch, a session read and the owner's state for a take-over all
+    go on, and fold as alone: none of it is a registration or a goodbye of the agent."""
+    from ledger.agent import Agent
+    from ledger.codec import encode
+    from ledger.decide import AgentRef
+    from ledger.errors import NotClaimable
+
+    store = ledger.store
+    nc = store.nc
+    y = f"{uid}-y"
+    inc_y = await store.append(_registered(y))
+    async with Agent(ledger, agent_id=f"{uid}-x", pool="p", heartbeat=0.2, ttl=5.0) as agent:
+        x = agent.agent_id
+        other = encode(_registered(y)), encode(ev.AgentGoodbye(producer=ev.Producer(id=y, instance=f"i-{y}"),
+                                                               agent_id=y, instance_id=f"i-{y}",
+                                                               incarnation=inc_y))
+        for verb in ("registered", "goodbye"):
+            subject = event_subject("agent", x, verb, x)
+            await nc.publish(subject, b'{"type":' * 6_000 + b"1" + b"}" * 6_000)  # under the size bound
+            await nc.publish(subject, b'{"a":' + b"x" * (512 * 1024) + b"}")
+            await nc.publish(subject, b"{}", headers={"Nats-Msg-Id": "", "X-Junk": "x" * 4096})
+        for out in other:
+            await nc.publish(event_subject("agent", x, out.subject.split(".")[3], x), out.payload,
+                             headers=out.headers)
+        await nc.flush()
+        stored = await store.history("agent", x, min_last_seq=await store.last_seq(LEDGER_STREAM))
+        assert [i.seq for i in stored if isinstance(i, Recorded)] == [agent.incarnation]  # its registration only
+        reasons = {str(getattr(i, "reason", "")).split(":")[0] for i in stored if not isinstance(i, Recorded)}
+        assert {"too-deep", "oversized", "invalid", "wrong-subject"} <= reasons, reasons
+        sid, _ = await ledger.create_session("p", session_id=f"{uid}-s")
+        claim = await agent.claim(sid)  # the superseded check reads the registration subject above
+        assert not agent.superseded and agent.fenced is None
+        records = await _records(store, sid)
+        await _same_as_alone(store, records, await store.session_fold(records))
+        (state, owner), _ = await ledger.session_for_claim(sid)  # the owner's state, its history read
+        assert state is not None and state.owner == x and state.token == claim.token
+        assert isinstance(owner, lc.AgentState) and owner.status == lc.A_ALIVE
+        assert owner == (await ledger.agent(x))[0]
+        reclaimer = Writer(store, ev.Producer(id="reclaimer", instance="r"))
+        with pytest.raises(NotClaimable):  # x is alive: a take-over is refused on its state now
+            await reclaimer.claim_session(sid, AgentRef(agent_id=y, instance_id=f"i-{y}", incarnation=inc_y),
+                                          previous_token=claim.token, reason="failover")
+        await eventually(lambda: sid in agent.owned, what="the watch keeps the agent's session")
+        taken = await _records(store, sid)
+        await _same_as_alone(store, taken, await store.session_fold(taken))
+
