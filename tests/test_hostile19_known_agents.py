@@ -86,16 +86,23 @@ async def test_gathered_folds_sharing_the_cache_fold_as_alone_while_agents_come_
     assert applied and flagged  # neither every take-over refused nor every one applied
 
 
+
+async def _claimed_with_a_floor_past_the_end(ledger: Writer, uid: str, name: str) -> tuple[str, int, str, int]:
+    """x registered, a session `name` it claimed, and a floor 1,000 past the stream's end: (x, its incarnation,
+    the session, the floor)."""
+    x = f"{uid}-x"
+    inc = await ledger.store.append(_registered(x))
+    sid, _ = await ledger.create_session("p", session_id=f"{uid}-{name}")
+    await ledger.store.append(_claim(x, sid, inc))
+    return x, inc, sid, await ledger.store.last_seq(LEDGER_STREAM) + 1000
+
+
 async def test_a_claimers_registration_below_a_floor_past_the_streams_end_is_read(ledger: Writer, uid: str):
     """A session read asked for a replica holding a sequence the stream has not reached: a single node answers
     it at once with what it has. What the cache then knows of the claimer reaches only as far as that, not
     to the floor asked: a registration landing below the floor applies to a later claim, as alone."""
     store = ledger.store
-    x = f"{uid}-x"
-    inc = await store.append(_registered(x))
-    s1, _ = await ledger.create_session("p", session_id=f"{uid}-s1")
-    await store.append(_claim(x, s1, inc))
-    far = await store.last_seq(LEDGER_STREAM) + 1000
+    x, inc, s1, far = await _claimed_with_a_floor_past_the_end(ledger, uid, "s1")
     state, _ = await ledger.session(s1, min_last_seq=far)
     assert state is not None and state.owner == x
     inc2 = await store.append(_registered(x))  # a new incarnation, below `far`
@@ -111,11 +118,7 @@ async def test_an_owners_goodbye_below_a_claim_floor_past_the_streams_end_is_see
     """`session_for_claim` asked past the stream's end: the owner's state it learns must not count as known up
     to that floor, or its goodbye since is never read and a take-over the ledger allows is refused."""
     store = ledger.store
-    x = f"{uid}-x"
-    inc = await store.append(_registered(x))
-    sid, _ = await ledger.create_session("p", session_id=f"{uid}-s")
-    await store.append(_claim(x, sid, inc))
-    far = await store.last_seq(LEDGER_STREAM) + 1000
+    x, inc, sid, far = await _claimed_with_a_floor_past_the_end(ledger, uid, "s")
     (_, owner), _ = await ledger.session_for_claim(sid, min_last_seq=far)
     assert isinstance(owner, lc.AgentState) and owner.status == lc.A_ALIVE
     await _goodbye(store, x, inc)
