@@ -303,15 +303,16 @@ async def test_the_worst_messages_on_the_subjects_the_claim_path_reads_leave_it_
         other = encode(_registered(y)), encode(ev.AgentGoodbye(producer=ev.Producer(id=y, instance=f"i-{y}"),
                                                                agent_id=y, instance_id=f"i-{y}",
                                                                incarnation=inc_y))
+        # A request, not a publish: its reply is the stream's ack, so each message is stored before the read
+        # below asks as far as the stream's last sequence (a publish and a flush do not wait for the store).
         for verb in ("registered", "goodbye"):
             subject = event_subject("agent", x, verb, x)
-            await nc.publish(subject, b'{"type":' * 6_000 + b"1" + b"}" * 6_000)  # under the size bound
-            await nc.publish(subject, b'{"a":' + b"x" * (512 * 1024) + b"}")
-            await nc.publish(subject, b"{}", headers={"Nats-Msg-Id": "", "X-Junk": "x" * 4096})
+            await nc.request(subject, b'{"type":' * 6_000 + b"1" + b"}" * 6_000, timeout=5)  # under the size bound
+            await nc.request(subject, b'{"a":' + b"x" * (512 * 1024) + b"}", timeout=5)
+            await nc.request(subject, b"{}", headers={"Nats-Msg-Id": "", "X-Junk": "x" * 4096}, timeout=5)
         for out in other:
-            await nc.publish(event_subject("agent", x, out.subject.split(".")[3], x), out.payload,
-                             headers=out.headers)
-        await nc.flush()
+            await nc.request(event_subject("agent", x, out.subject.split(".")[3], x), out.payload,
+                             headers=out.headers, timeout=5)
         stored = await store.history("agent", x, min_last_seq=await store.last_seq(LEDGER_STREAM))
         assert [i.seq for i in stored if isinstance(i, Recorded)] == [agent.incarnation]  # its registration only
         reasons = {str(getattr(i, "reason", "")).split(":")[0] for i in stored if not isinstance(i, Recorded)}
