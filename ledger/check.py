@@ -31,12 +31,11 @@ hide itself by being applied twice. The rules are the invariants of the brief
   an incarnation that is no registration of the agent at all is a violation
   at once;
 * claim_for_unavailable_agent - a claim for an agent that is not registered,
-  not in the session's pool, platform and region (not applied: every fold
-  flags it), or drained at that point, or that is dead, gone or fenced
-  since more than `grace` before the claim was stored (a reclaimer whose
-  view is an event behind writes such a claim a moment after the status,
-  and its next step orphans the session: counted, not a violation; one
-  never repaired is stranded);
+  not in the session's pool, platform and region, or dead, gone or fenced at
+  that point (none of these applies: every fold flags it), or drained then
+  (applied). A claim for a dead, gone or fenced agent stored within `grace`
+  of that status is the in-flight race of a reclaimer whose view is an event
+  behind: counted, not a violation;
 * stranded - a session still assigned, at the end of the history ("now"), to
   an owner that was lost (declared dead, gone, fenced, superseded, or silent:
   no beat of its incarnation for its ttl) longer than ttl + grace before;
@@ -504,18 +503,25 @@ class Checker:
             return
         cur = self.current(agent_id)
         assert cur is not None
-        # A claim for an agent that cannot run it still lands (the compare-and-set guards the session only):
-        # it is flagged, and the session is taken as owned, as every reader of the log takes it.
+        # A claim for an agent that cannot run it still lands (the compare-and-set guards the session only).
         if cur.placement != s.placement:
             # Every fold flags it (and the SDK never writes one): not applied, so the session stays as it was.
             self._flag(CLAIM_FOR_UNAVAILABLE_AGENT, f"claim for {agent_id} of {cur.placement!r}; the session is in "
                                                     f"{s.placement!r}", cur.seq)
             return
-        if cur.status in ("dead", "gone", "fenced") and m.stored_ns - cur.status_ns <= int(self.grace * 1e9):
-            # A claimer one event behind the monitor (or the agent's goodbye or fence): the next reclaimer step
-            # orphans it, and the stranded rule catches one that is never repaired.
-            self._count(CLAIM_FOR_UNAVAILABLE_AGENT)
-        elif cur.status not in ("alive", "draining"):
+        if cur.status in ("dead", "gone", "fenced"):
+            # Not applied either (every fold flags it final_claimer): the session stays as it was, for the
+            # reclaimer's next step. A claimer one event behind the monitor (or the agent's goodbye or fence) is
+            # the in-flight race, counted; one long after is flagged.
+            if m.stored_ns - cur.status_ns <= int(self.grace * 1e9):
+                self._count(CLAIM_FOR_UNAVAILABLE_AGENT)
+            else:
+                self._flag(CLAIM_FOR_UNAVAILABLE_AGENT, f"claim for {agent_id}, which is {cur.status} (since "
+                                                        f"#{cur.status_seq}, "
+                                                        f"{(m.stored_ns - cur.status_ns) / 1e9:.1f}s before)",
+                           cur.status_seq)
+            return
+        if cur.status not in ("alive", "draining"):  # drained: flagged, and taken as owned, as the folds take it
             self._flag(CLAIM_FOR_UNAVAILABLE_AGENT, f"claim for {agent_id}, which is {cur.status} (since "
                                                     f"#{cur.status_seq}, {(m.stored_ns - cur.status_ns) / 1e9:.1f}s "
                                                     f"before)", cur.status_seq)

@@ -42,8 +42,10 @@ class KnownAgents:
     """Registrations and history timelines of the agents a reader has needed (at most MAX_AGENTS of each)."""
 
     def __init__(self, store: EventStore, limit: int = MAX_AGENTS) -> None:
-        if limit < 1:  # a fold would read an agent, let it go at once and ask for it again, forever
-            raise ValueError(f"KnownAgents keeps at least one agent, not {limit}")
+        # A take-over is judged on two histories at once, its owner's and its claimer's: with room for fewer, a fold
+        # would read one, let the other go, and ask for it again, forever.
+        if limit < 2:
+            raise ValueError(f"KnownAgents keeps at least two agents, not {limit}")
         self._store = store
         self._limit = limit
         self._registrations: OrderedDict[str, _Registrations] = OrderedDict()

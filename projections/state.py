@@ -95,10 +95,8 @@ import msgspec
 from ledger.codec import Recorded, Unreadable, from_ns, reason_code, to_ns
 from ledger.events import AgentEvent, PoolEvent, RouteEvent, SessionEvent
 from ledger.lifecycle import (
-    A_DEAD,
-    A_FENCED,
-    A_GONE,
     FAILED_TO_START,
+    FINAL_AGENT_STATUSES,
     ILLEGAL_TRANSITION,
     S_TERMINATED,
     TERMINATED,
@@ -137,7 +135,6 @@ class AnomalyRecord(msgspec.Struct, frozen=True, kw_only=True):
 DEFAULT_RETAIN = 600.0
 """Seconds of log time a final entity stays in the fold before it is retired (see the module's docstring)."""
 
-FINAL_AGENT_STATUSES = frozenset({A_GONE, A_DEAD, A_FENCED})
 FINAL_ROUTE_STATES = frozenset({TERMINATED, FAILED_TO_START})
 
 

@@ -282,9 +282,11 @@ LOST = {
 @pytest.mark.parametrize("status", sorted(LOST))
 def test_a_claim_for_an_agent_lost_a_moment_before_is_counted_and_one_later_than_grace_is_a_violation(status: str):
     """A reclaimer whose view is one event behind claims for an agent the log has just declared dead (or that
-    just said goodbye or fenced itself); its next step orphans the session. Within grace: counted, clean."""
+    just said goodbye or fenced itself). Every fold flags it final_claimer and leaves the session as it was, and
+    so does the checker: within grace counted, clean; its next step claims for another agent, which applies."""
     h = History()
     a1 = h.register("a1", ttl=5.0)
+    a2 = h.register("a2", ttl=5.0)
     h.create("s1")
     h.create("s2")
     lost = h.add(LOST[status]("a1", a1))
@@ -292,23 +294,34 @@ def test_a_claim_for_an_agent_lost_a_moment_before_is_counted_and_one_later_than
     report = h.check(grace=2.0)
     assert report.clean, report.violations
     assert report.flagged == {ck.CLAIM_FOR_UNAVAILABLE_AGENT: 1}
+    assert ck.fold(h.messages).sessions["s1"].status == "pending"  # not applied
     h.add(ev.SessionOrphaned(producer=who("reclaimer"), session_id="s1", reason="owner_lost", previous_token=lagging))
-    assert h.check(grace=2.0).clean  # the repair applies: the claim was taken as owned
+    assert found(h.check(grace=2.0)) == [(ck.ILLEGAL_TRANSITION, h.seq[ck.LEDGER])]  # no owner to orphan
+    h.messages.pop()
+    h.seq[ck.LEDGER] -= 1
+    repaired = h.add(ev.SessionClaimed(producer=who("reclaimer"), session_id="s1", agent_id="a2", instance_id="i",
+                                       incarnation=a2))
+    assert h.check(grace=2.0).clean
+    assert ck.fold(h.messages).sessions["s1"].token == repaired
     late = h.claim("s2", "a1", a1, after=0.5)  # 2.5 s after the status: past grace
     report = h.check(grace=2.0)
     assert found(report) == [(ck.CLAIM_FOR_UNAVAILABLE_AGENT, late)] and report.violations[0].related == (lost,)
     assert report.flagged == {ck.CLAIM_FOR_UNAVAILABLE_AGENT: 1}
+    assert ck.fold(h.messages).sessions["s2"].status == "pending"
 
 
-def test_a_lagging_claim_that_is_never_repaired_is_stranded():
+def test_a_lagging_claim_is_never_applied_so_it_strands_nothing():
+    """Before the final_claimer rule a claim for an agent dead a moment before was taken as owned, and stranded its
+    session unless the reclaimer orphaned it; now no fold applies it, the checker neither: nothing is stranded."""
     h = History()
     a1 = h.register("a1", ttl=1.0)
     h.create("s1")
-    dead = h.add(LOST["dead"]("a1", a1))
-    lagging = h.claim("s1", "a1", a1)
+    h.add(LOST["dead"]("a1", a1))
+    h.claim("s1", "a1", a1)
     h.create("s-later", after=1.0 + 2.0 + 0.5)
     report = h.check(grace=2.0)
-    assert found(report) == [(ck.STRANDED, lagging)] and report.violations[0].related == (dead,)
+    assert report.clean and report.flagged == {ck.CLAIM_FOR_UNAVAILABLE_AGENT: 1}, report
+    assert ck.fold(h.messages).sessions["s1"].status == "pending"
 
 
 def test_a_session_left_with_a_lost_owner_beyond_ttl_plus_grace_is_stranded():

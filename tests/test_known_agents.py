@@ -225,13 +225,15 @@ async def test_claims_of_new_sessions_read_no_agent_history_from_the_start_again
         assert state is not None and state.owner == y
 
 
-def test_a_cache_of_no_agents_is_refused(store: EventStore):
-    """With room for none, a fold would read an agent, let it go at once and ask for it again, forever."""
+def test_a_cache_of_fewer_than_two_agents_is_refused(store: EventStore):
+    """With room for fewer than two (a take-over's owner and claimer), a fold would read one agent, let the other
+    go and ask for it again, forever."""
     from ledger.known_agents import KnownAgents
 
-    with pytest.raises(ValueError):
-        KnownAgents(store, limit=0)
-    assert KnownAgents(store, limit=1).timelines == {}
+    for limit in (0, 1):
+        with pytest.raises(ValueError):
+            KnownAgents(store, limit=limit)
+    assert KnownAgents(store, limit=2).timelines == {}
 
 
 async def test_a_reconnect_lets_go_of_what_was_known(server: EmbeddedServer):

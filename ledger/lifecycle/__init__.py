@@ -47,6 +47,7 @@ from .agents import (
     A_DRAINING,
     A_FENCED,
     A_GONE,
+    FINAL_AGENT_STATUSES,
     AgentAt,
     AgentState,
     CurrentIncarnation,
@@ -58,6 +59,7 @@ from .agents import (
 from .anomalies import (
     AFTER_FINAL,
     DUPLICATE,
+    FINAL_CLAIMER,
     FOREIGN_PLACEMENT,
     ILLEGAL_TRANSITION,
     LIVE_OWNER,
@@ -140,6 +142,7 @@ from .sessions import (
 __all__ = [
     "AFTER_FINAL",
     "DUPLICATE",
+    "FINAL_CLAIMER",
     "FOREIGN_PLACEMENT",
     "ILLEGAL_TRANSITION",
     "LIVE_OWNER",
@@ -159,6 +162,7 @@ __all__ = [
     "A_DRAINING",
     "A_FENCED",
     "A_GONE",
+    "FINAL_AGENT_STATUSES",
     "AgentAt",
     "AgentState",
     "CurrentIncarnation",

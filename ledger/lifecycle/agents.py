@@ -23,6 +23,9 @@ from .anomalies import (
 A_ALIVE, A_DRAINING, A_DRAINED, A_DEAD, A_GONE = "alive", "draining", "drained", "dead", "gone"
 A_FENCED = "fenced"
 """Lifecycle status from events; `suspect` is derived (see projections) from a suspicion and later beats."""
+FINAL_AGENT_STATUSES = frozenset({A_GONE, A_DEAD, A_FENCED})
+"""An incarnation in one of these never serves again: a claim for it does not apply (`sessions._claim_problem`),
+and the whole-log fold lets go of the agent once it has been so for `retain` (so the two agree)."""
 
 
 class AgentState(msgspec.Struct, frozen=True, kw_only=True):

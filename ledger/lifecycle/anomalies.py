@@ -40,6 +40,8 @@ LIVE_OWNER = "live_owner"
 """A take-over (a claim naming the current token) while the log says the owner may keep the session."""
 FOREIGN_PLACEMENT = "foreign_placement"
 """A claim for an agent registered in another pool, platform or region than the session's."""
+FINAL_CLAIMER = "final_claimer"
+"""A claim for an incarnation that is gone, dead or fenced at the claim: it will never serve the session."""
 
 
 S = TypeVar("S")

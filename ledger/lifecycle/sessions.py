@@ -24,6 +24,7 @@ from .agents import (
     A_DRAINING,
     A_FENCED,
     A_GONE,
+    FINAL_AGENT_STATUSES,
     AgentAt,
     AgentState,
     CurrentIncarnation,
@@ -33,6 +34,7 @@ from .agents import (
 from .anomalies import (
     AFTER_FINAL,
     DUPLICATE,
+    FINAL_CLAIMER,
     FOREIGN_PLACEMENT,
     ILLEGAL_TRANSITION,
     LIVE_OWNER,
@@ -160,18 +162,27 @@ def claim_problem(state: SessionState | None, agent_id: str, incarnation: int, p
     a take-over naming the current token is not judged against it (a caller that cannot tell). `placement`: the
     claimer's (pool, platform, region) as registered by that incarnation; None, the caller vouches.
     """
-    return _claim_problem(state, agent_id, incarnation, previous_token, current, lambda: owner, lambda: placement)
+    return _claim_problem(state, agent_id, incarnation, previous_token, current, lambda: owner, lambda: placement,
+                          lambda: NO_OWNER_STATE)
 
 
 def _claim_problem(state: SessionState | None, agent_id: str, incarnation: int, previous_token: int | None,
                    current: CurrentIncarnation | None, owner_of: Callable[[], Any],
-                   placement_of_claimer: Callable[[], Placement | None]) -> Anomaly | None:
-    """`claim_problem`, asking for the owner's state and the claimer's placement only when it needs them.
+                   placement_of_claimer: Callable[[], Placement | None],
+                   claimer_of: Callable[[], Any]) -> Anomaly | None:
+    """`claim_problem`, asking for the owner's state, the claimer's placement and its state only when it needs them.
 
     The checks that need the session's state alone come first, then the owner's state (a take-over), then the
-    claimer's registration: a claim flagged whatever its claimer (overlapping, of a live owner) costs a reader
-    who holds only the session's history no read of the claimer's registrations - claims for made-up agents are
-    cheap to forge, and every later read of the session would pay for them.
+    claimer's registration, then its state: a claim flagged whatever its claimer (overlapping, of a live owner)
+    costs a reader who holds only the session's history no read of the claimer's registrations - claims for
+    made-up agents are cheap to forge, and every later read of the session would pay for them - and only a claim
+    for a registered incarnation of the session's placement costs a read of its claimer's history.
+
+    A claim for an incarnation that is gone, dead or fenced at the claim does not apply (`FINAL_CLAIMER`): it
+    would hand the session to an agent that never serves it. It is also what keeps every fold alike once the
+    whole-log fold has let go of such an agent (`retain`): there the claim names an unknown incarnation, a fold of
+    one history reads the agent's registrations from the log and finds it, and both must leave the session as it
+    was, or the SDK and the projections disagree on its owner and the reclaimer's claims are refused for ever.
     """
     if state is None:
         return Anomaly(UNKNOWN_ENTITY, "session.claimed for an unknown session")
@@ -198,6 +209,12 @@ def _claim_problem(state: SessionState | None, agent_id: str, incarnation: int, 
                        f"claim for {agent_id} (pool/platform/region {'/'.join(placement)}) of a session of "
                        f"{'/'.join(placement_of(state))}: only an agent of the session's own pool, platform and "
                        f"region may own it")
+    claimer = claimer_of()
+    if (claimer is not NO_OWNER_STATE and claimer is not None and claimer.incarnation == incarnation
+            and claimer.status in FINAL_AGENT_STATUSES):
+        return Anomaly(FINAL_CLAIMER,
+                       f"claim for {agent_id} (incarnation {incarnation}), which is {claimer.status} since "
+                       f"#{claimer.status_seq}: an incarnation gone, dead or fenced never serves a session again")
     return None
 
 
@@ -273,7 +290,11 @@ def session_event_problem(state: SessionState | None, rec: Recorded,
                 return placement_of(claimer) if claimer is not None and claimer.incarnation == claim.incarnation \
                     else None
 
-            return _claim_problem(state, e.agent_id, e.incarnation, e.previous_token, current, owner, placement)
+            def claimer() -> Any:
+                return agent_at(claim.agent_id, seq) if agent_at is not None else NO_OWNER_STATE
+
+            return _claim_problem(state, e.agent_id, e.incarnation, e.previous_token, current, owner, placement,
+                                  claimer)
         case ev.SessionReleased() | ev.SessionResourceReported() | ev.SessionCheckpointed():
             return owner_write_problem(state, e.agent_id, e.incarnation, e.token, current, e.type_tag())
     if state is None:
