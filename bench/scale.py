@@ -213,6 +213,13 @@ async def verdict_counts(js: Any) -> dict[str, int]:
     return counts
 
 
+async def projection_behind(js: Any, db: Path) -> int:
+    """Messages of both streams the projection has not committed yet."""
+    ends = {stream: (await js.stream_info(stream)).state.last_seq
+            for stream in (subjects.LEDGER_STREAM, subjects.HEARTBEAT_STREAM)}
+    return sum(max(0, end - projection_checkpoint(db, stream)) for stream, end in ends.items())
+
+
 async def sample_lag(js: Any, db: Path) -> tuple[int, float]:
     """(messages, seconds) the projection is behind LEDGER_HB."""
     info = await js.stream_info(subjects.HEARTBEAT_STREAM)
@@ -289,7 +296,7 @@ async def fleet_run(n: int, args: argparse.Namespace) -> None:
                 for g in gens:
                     await g.expect("done", 60 + n / 100)
                     await g.proc.wait()
-                idle = await idle_run(js, meters, args.idle_seconds) if args.idle_seconds > 0 else None
+                idle = await idle_run(js, meters, args.idle_seconds, up.db) if args.idle_seconds > 0 else None
             finally:
                 await nc.close()
     sent = sum(g.stats["beats_sent"] for g in gens)
@@ -328,11 +335,12 @@ async def fleet_run(n: int, args: argparse.Namespace) -> None:
         await baseline_run(n, args, sent / args.seconds, meters, gens)
 
 
-async def idle_run(js: Any, meters: list[Meter], seconds: float) -> tuple[float, float]:
+async def idle_run(js: Any, meters: list[Meter], seconds: float, db: Path) -> tuple[float, float]:
     """CPU share of `ledger up` and its nats-server over `seconds` in which nothing is written.
 
-    Measured once the log is quiet: the goodbyes and the verdicts they lead to are in, and no message arrived in
-    the last second. The goal (issue 13): ~0 % when nothing changes, however many agents came and went.
+    Measured once the log is quiet (the goodbyes and the verdicts they lead to are in, and no message arrived in
+    the last second) and the projection has caught up with it: a projector still working through a backlog is
+    not idle. The goal (issue 13): ~0 % when nothing changes, however many agents came and went.
     """
     last = -1
     for _ in range(60):  # at most a minute for the goodbyes' consequences to settle
@@ -342,6 +350,14 @@ async def idle_run(js: Any, meters: list[Meter], seconds: float) -> tuple[float,
             break
         last = now
         await asyncio.sleep(1.0)
+    give_up = time.monotonic() + 600
+    while (behind := await projection_behind(js, db)) and time.monotonic() < give_up:
+        print(f"  waiting for the projection to catch up before the idle window: {behind:,} messages behind",
+              flush=True)
+        await asyncio.sleep(5.0)
+    if behind:
+        print(f"WARNING  the projection is still {behind:,} messages behind: the idle figure includes catch-up",
+              flush=True)
     for m in meters:
         m.read()
     await asyncio.sleep(seconds)
