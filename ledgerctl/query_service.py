@@ -91,7 +91,7 @@ def error_of(e: BaseException) -> ServiceError:
     if isinstance(e, InvalidInput):  # InvalidQuery: a bad filter, time or sequence
         return ServiceError(qp.BAD_REQUEST, one_line(str(e)))
     if isinstance(e, (DatabaseMissing, NeedsEventStore, NotCaughtUp, StoreError, NatsError, TimeoutError)):
-        return ServiceError(qp.NOT_READY, one_line(f"not ready: {e or type(e).__name__}"))
+        return ServiceError(qp.NOT_READY, one_line(f"not ready: {str(e) or type(e).__name__}"))
     if isinstance(e, LedgerError):
         return ServiceError(qp.NOT_READY, one_line(str(e)))
     return ServiceError(qp.BUG, one_line(f"internal error (a bug): {type(e).__name__}: {e}"))

@@ -352,3 +352,14 @@ async def test_query_service_command_waits_for_its_file_then_answers_and_ends_on
         assert error_of(reply) is None
         assert [s["session_id"] for s in json.loads(reply.data)["items"]] == [projected["session"]]
         assert await stopped_by_sigint(proc) == 0
+
+
+def test_an_error_without_a_message_is_named_by_its_type():
+    """A request that timed out (asyncio's TimeoutError has no message) is answered "not ready: TimeoutError", not
+    "not ready: " with nothing after it."""
+    from ledgerctl import query_service
+
+    error = query_service.error_of(TimeoutError())
+    assert (error.code, error.description) == (qp.NOT_READY, "not ready: TimeoutError")
+    error = query_service.error_of(TimeoutError("no answer in 5 s"))
+    assert error.description == "not ready: no answer in 5 s"

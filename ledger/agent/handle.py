@@ -176,7 +176,7 @@ class Agent:
                 log.info("%s: goodbye (incarnation %d, %s)", self.agent_id, self.incarnation, reason)
             except (TimeoutError, LedgerError) as e:
                 log.warning("%s: goodbye not acknowledged (%s); the liveness monitor will notice",
-                            self.agent_id, e or type(e).__name__)
+                            self.agent_id, str(e) or type(e).__name__)
             self.sessions.drop_all()
 
     def _adopt(self, incarnation: int, started: float, registration: ev.AgentRegistered,
