@@ -180,7 +180,7 @@ def _claim_problem(state: SessionState | None, agent_id: str, incarnation: int, 
 
     A claim for an incarnation that is gone, dead or fenced at the claim does not apply (`FINAL_CLAIMER`): it
     would hand the session to an agent that never serves it. It is also what keeps every fold alike once the
-    whole-log fold has let go of such an agent (`retain`): there the claim names an unknown incarnation, a fold of
+    whole-log fold has let go of such an agent (`retain`): there the claim names an agent it no longer knows, a fold of
     one history reads the agent's registrations from the log and finds it, and both must leave the session as it
     was, or the SDK and the projections disagree on its owner and the reclaimer's claims are refused for ever.
     """
