@@ -35,7 +35,8 @@ hide itself by being applied twice. The rules are the invariants of the brief
   that point (none of these applies: every fold flags it), or drained then
   (applied). A claim for a dead, gone or fenced agent stored within `grace`
   of that status is the in-flight race of a reclaimer whose view is an event
-  behind: counted, not a violation;
+  behind: counted, not a violation. An owner write by an owner dead, gone or
+  fenced at the write is not applied either (counted, `final_owner_write`);
 * stranded - a session still assigned, at the end of the history ("now"), to
   an owner that was lost (declared dead, gone, fenced, superseded, or silent:
   no beat of its incarnation for its ttl) longer than ttl + grace before;
@@ -93,6 +94,8 @@ LIVE_OWNER = "live_owner"
 """A take-over of a session whose owner may keep it: counted in Report.flagged, never a violation (see the doc)."""
 _REPLACEABLE = ("gone", "dead", "fenced", "draining", "drained")
 """Statuses of an owner whose sessions may be taken over by naming their token (or a superseded incarnation)."""
+FINAL_OWNER_WRITE = "final_owner_write"
+"""An owner write by an owner gone, dead or fenced at the write: not applied, counted in Report.flagged."""
 KINDS = (OVERLAPPING_OWNERSHIP, STALE_TOKEN, ILLEGAL_TRANSITION, SUPERSEDED_INCARNATION, CLAIM_FOR_UNAVAILABLE_AGENT,
          STRANDED, MISSING_EVENT_ID, MISSING_TIME)
 
@@ -458,6 +461,12 @@ class Checker:
                     or _int(e, "incarnation") != s.incarnation):
                 self._flag(STALE_TOKEN, f"{tag} by {agent_id} under token {token}; the session is {s.status}"
                                         f"{f' under token {s.token} of {s.owner}' if s.token else ''}", s.token)
+                return
+            cur = self.current(agent_id or "")
+            if cur is not None and cur.status in ("dead", "gone", "fenced"):
+                # Not applied (every fold flags it final_owner): the session stays with its lost owner, for a
+                # take-over. A zombie's write, no violation: nothing takes it as applied.
+                self._count(FINAL_OWNER_WRITE)
                 return
             if tag == "session.released":
                 s.status, s.owner, s.incarnation, s.token = "released", None, None, None

@@ -143,24 +143,9 @@ def test_session_fold_agrees_with_the_whole_log_on_claims_racing_final_statuses(
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(items=histories())
 def test_session_fold_agrees_with_the_whole_log_on_generated_histories_for_either_retain(retain: float, items: list):
-    """Q1 on the general generator (forged producers, duplicates, stale tokens), retain 0 as well - less the owner
-    writes by an agent gone, dead or fenced at the write, which diverge once it is retired (the xfail below)."""
-    _agree(_without_final_owner_writes(items), retain)
-
-
-_OWNER_WRITES = (ev.SessionReleased, ev.SessionResourceReported, ev.SessionCheckpointed)
-
-
-def _without_final_owner_writes(items: list[Any]) -> list[Any]:
-    kept, model = [], LedgerState(ledger=LifecycleState(retain=1e9))
-    for item in items:
-        if isinstance(item, Recorded) and isinstance(item.event, _OWNER_WRITES):
-            writer = model.ledger.agents.get(item.event.agent_id)
-            if writer is not None and writer.status in lc.FINAL_AGENT_STATUSES:
-                continue
-        model.apply(item)
-        kept.append(item)
-    return kept
+    """Q1 on the general generator (forged producers, duplicates, stale tokens), retain 0 as well, owner writes by
+    an agent gone, dead or fenced at the write included."""
+    _agree(items, retain)
 
 
 @_SLOW
@@ -229,27 +214,18 @@ def test_every_claim_the_reclaimer_plans_after_racing_claims_is_written_and_appl
 @_SLOW
 @given(b=race_histories(owner_writes=True))
 def test_owner_writes_by_a_final_owner_leave_every_fold_alike(retain: float, b: Builder):
-    """Q1/Q3 with owner writes (releases, checkpoints) by the owner - less those by an owner gone, dead or fenced
-    at the write, which diverge once it is retired (the strict xfail below)."""
-    b.items = _without_final_owner_writes(b.items)
+    """Q1/Q3 with owner writes (releases, checkpoints) by the owner, those by an owner gone, dead or fenced at the
+    write included (final_owner: not applied by any fold)."""
     _agree(b.items, retain)
     assert _plan_and_decide(b, retain) == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pre-existing, not of 2a070c0: an owner write (release, resource report, checkpoint) by an owner gone, dead or "
-    "fenced is judged on its registrations alone: the whole-log fold, once it retired the owner (`retain`), flags "
-    "it unknown_entity and keeps the session assigned to nobody it knows; lc.SessionFold (Writer.session, the "
-    "watch, `ledger history`) reads the registrations from the log and applies it (released). The projection "
-    "plans a take-over naming the token, decide_claim on the SDK's released state drops the token, the projection "
-    "flags that claim overlapping_claim: the projection says assigned to the retired owner for ever, the SDK says "
-    "owned by the new claimer. Fix: one answer - e.g. an owner write by an incarnation final at the write does not "
-    "apply (as final_claimer; SessionFold then reads the writer's history, incrementally), or the whole-log fold "
-    "does not retire an agent while it owns a session"))
 def test_a_release_by_an_owner_retired_by_the_whole_log_fold_strands_its_session():
     """The sibling of the retired-claimer case, for owner writes: a0 owns s0 and says goodbye; nobody moves the
     session (the reclaimer is down) for longer than `retain`, so the whole-log fold lets go of a0. Then a0's
-    credentials write a release under its token."""
+    credentials write a release under its token. Every fold flags it (final_owner, or an unknown agent's write
+    once the whole-log fold let a0 go) and leaves s0 with a0 for a take-over, which the reclaimer plans and
+    applies. Before the final_owner rule the SDK saw it released and the projection flagged every take-over."""
     b = Builder()
     r0 = _register(b, "a0", PLACEMENTS[0])
     _register(b, "a1", PLACEMENTS[0])
@@ -260,7 +236,7 @@ def test_a_release_by_an_owner_retired_by_the_whole_log_fold_strands_its_session
     b.clock += 700
     b.add(ev.SessionCreated(producer=CLI, session_id="s1", pool="p"))  # the clock moves on: a0 is let go
     b.add(ev.SessionReleased(producer=me("a0"), session_id="s0", agent_id="a0", incarnation=r0, token=token))
-    assert _plan_and_decide(b, 600.0) == []  # fails: [("s0", "overlapping_claim")], at every step
+    assert _plan_and_decide(b, 600.0) == []  # before the rule: [("s0", "overlapping_claim")], at every step
     _agree(b.items, 600.0)
 
 

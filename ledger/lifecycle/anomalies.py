@@ -42,6 +42,8 @@ FOREIGN_PLACEMENT = "foreign_placement"
 """A claim for an agent registered in another pool, platform or region than the session's."""
 FINAL_CLAIMER = "final_claimer"
 """A claim for an incarnation that is gone, dead or fenced at the claim: it will never serve the session."""
+FINAL_OWNER = "final_owner"
+"""An owner write (release, resource report, checkpoint) by an incarnation gone, dead or fenced at the write."""
 
 
 S = TypeVar("S")

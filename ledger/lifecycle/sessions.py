@@ -35,6 +35,7 @@ from .anomalies import (
     AFTER_FINAL,
     DUPLICATE,
     FINAL_CLAIMER,
+    FINAL_OWNER,
     FOREIGN_PLACEMENT,
     ILLEGAL_TRANSITION,
     LIVE_OWNER,
@@ -219,7 +220,8 @@ def _claim_problem(state: SessionState | None, agent_id: str, incarnation: int, 
 
 
 def owner_write_problem(state: SessionState | None, agent_id: str, incarnation: int, token: int | None,
-                        current: CurrentIncarnation | None = None, what: str = "owner write") -> Anomaly | None:
+                        current: CurrentIncarnation | None = None, what: str = "owner write",
+                        writer_of: Callable[[], Any] | None = None) -> Anomaly | None:
     """Why an owner write (release, resource report, checkpoint) by `agent_id`/`incarnation` under `token` must not
     apply.
 
@@ -229,6 +231,8 @@ def owner_write_problem(state: SessionState | None, agent_id: str, incarnation: 
     new incarnation of the same agent does not inherit its predecessor's claims).
     With `current`, the writer must also still be the agent's current incarnation - asked last, so that a
     write by anyone but the owner's claiming incarnation costs a reader no read of the writer's registrations.
+    With `writer_of` (its state at the write), it must not be gone, dead or fenced (`FINAL_OWNER`); left out, the
+    caller vouches (`decide`: an agent writes for itself while it runs).
     """
     if state is None:
         return Anomaly(UNKNOWN_ENTITY, f"{what} for an unknown session")
@@ -247,6 +251,13 @@ def owner_write_problem(state: SessionState | None, agent_id: str, incarnation: 
         problem = incarnation_problem(what, agent_id, incarnation, current(agent_id))
         if problem:
             return problem
+    writer = writer_of() if writer_of is not None else NO_OWNER_STATE
+    if (writer is not NO_OWNER_STATE and writer is not None and writer.incarnation == incarnation
+            and writer.status in FINAL_AGENT_STATUSES):
+        # As for claims (FINAL_CLAIMER), and for the same reason: once the whole-log fold has let go of the owner,
+        # it cannot apply the write, so no fold may (or the SDK sees it released, the projections assigned).
+        return Anomaly(FINAL_OWNER, f"{what} by {agent_id} (incarnation {incarnation}), which is {writer.status} "
+                                    f"since #{writer.status_seq}: its sessions are for others to take over")
     return None
 
 
@@ -296,7 +307,12 @@ def session_event_problem(state: SessionState | None, rec: Recorded,
             return _claim_problem(state, e.agent_id, e.incarnation, e.previous_token, current, owner, placement,
                                   claimer)
         case ev.SessionReleased() | ev.SessionResourceReported() | ev.SessionCheckpointed():
-            return owner_write_problem(state, e.agent_id, e.incarnation, e.token, current, e.type_tag())
+            writer = e
+
+            def writer_state() -> Any:
+                return agent_at(writer.agent_id, seq) if agent_at is not None else NO_OWNER_STATE
+
+            return owner_write_problem(state, e.agent_id, e.incarnation, e.token, current, e.type_tag(), writer_state)
     if state is None:
         return Anomaly(UNKNOWN_ENTITY, f"{e.type_tag()} for unknown session {e.entity_id}")
     if state.status == S_TERMINATED:
