@@ -114,8 +114,9 @@ def _step(draw: st.DrawFn, b: Builder, action: str) -> None:
                                          previous_token=state.token))
 
 
-@st.composite
-def placement_histories(draw: st.DrawFn) -> Builder:
+def populated(draw: st.DrawFn) -> Builder:
+    """A history's start: some of AGENTS registered and every session of SESSIONS created, each in a drawn
+    placement."""
     b = Builder()
     for agent in AGENTS:
         if draw(st.booleans()):
@@ -123,6 +124,12 @@ def placement_histories(draw: st.DrawFn) -> Builder:
     for sid in SESSIONS:
         pool, platform, region = draw(st.sampled_from(DRAWN))
         b.add(ev.SessionCreated(producer=CLI, session_id=sid, pool=pool, platform=platform, region=region))
+    return b
+
+
+@st.composite
+def placement_histories(draw: st.DrawFn) -> Builder:
+    b = populated(draw)
     for action in draw(st.lists(st.sampled_from(ACTIONS), min_size=5, max_size=40)):
         _step(draw, b, action)
     return b

@@ -14,7 +14,17 @@ import pytest
 from histories import CLI, MONITOR, RECLAIMER, Builder, histories
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_hostile15_placement import AGENTS, DRAWN, PLACEMENTS, SESSIONS, _fold_session, _ledger, _raw, _register, me
+from test_hostile15_placement import (
+    AGENTS,
+    PLACEMENTS,
+    SESSIONS,
+    _fold_session,
+    _ledger,
+    _raw,
+    _register,
+    me,
+    populated,
+)
 from test_hostile15_placement import _step as placement_step
 
 from ledger import check as ck
@@ -81,13 +91,7 @@ def _race_step(draw: st.DrawFn, b: Builder, action: str) -> None:
 
 @st.composite
 def race_histories(draw: st.DrawFn, owner_writes: bool = True) -> Builder:
-    b = Builder()
-    for agent in AGENTS:
-        if draw(st.booleans()):
-            _register(b, agent, draw(st.sampled_from(DRAWN)))
-    for sid in SESSIONS:
-        pool, platform, region = draw(st.sampled_from(DRAWN))
-        b.add(ev.SessionCreated(producer=CLI, session_id=sid, pool=pool, platform=platform, region=region))
+    b = populated(draw)
     actions = RACE_ACTIONS if owner_writes else tuple(a for a in RACE_ACTIONS if a not in ("owner_write", "release"))
     for action in draw(st.lists(st.sampled_from(actions), min_size=5, max_size=40)):
         _race_step(draw, b, action)
