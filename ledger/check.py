@@ -92,7 +92,9 @@ UNAUTHORIZED_PRODUCER = "unauthorized_producer"
 """Counted in Report.flagged, never a violation (see the module's doc)."""
 LIVE_OWNER = "live_owner"
 """A take-over of a session whose owner may keep it: counted in Report.flagged, never a violation (see the doc)."""
-_REPLACEABLE = ("gone", "dead", "fenced", "draining", "drained")
+_LOST = ("dead", "gone", "fenced")
+"""Statuses of an incarnation that never serves again: its claims and owner writes are not applied."""
+_REPLACEABLE = (*_LOST, "draining", "drained")
 """Statuses of an owner whose sessions may be taken over by naming their token (or a superseded incarnation)."""
 FINAL_OWNER_WRITE = "final_owner_write"
 """An owner write by an owner gone, dead or fenced at the write: not applied, counted in Report.flagged."""
@@ -463,7 +465,7 @@ class Checker:
                                         f"{f' under token {s.token} of {s.owner}' if s.token else ''}", s.token)
                 return
             cur = self.current(agent_id or "")
-            if cur is not None and cur.status in ("dead", "gone", "fenced"):
+            if cur is not None and cur.status in _LOST:
                 # Not applied (every fold flags it final_owner): the session stays with its lost owner, for a
                 # take-over. A zombie's write, no violation: nothing takes it as applied.
                 self._count(FINAL_OWNER_WRITE)
@@ -518,7 +520,7 @@ class Checker:
             self._flag(CLAIM_FOR_UNAVAILABLE_AGENT, f"claim for {agent_id} of {cur.placement!r}; the session is in "
                                                     f"{s.placement!r}", cur.seq)
             return
-        if cur.status in ("dead", "gone", "fenced"):
+        if cur.status in _LOST:
             # Not applied either (every fold flags it final_claimer): the session stays as it was, for the
             # reclaimer's next step. A claimer one event behind the monitor (or the agent's goodbye or fence) is
             # the in-flight race, counted; one long after is flagged.

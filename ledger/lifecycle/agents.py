@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from datetime import datetime
+from typing import TypeGuard
 
 import msgspec
 
@@ -26,6 +27,11 @@ A_FENCED = "fenced"
 FINAL_AGENT_STATUSES = frozenset({A_GONE, A_DEAD, A_FENCED})
 """An incarnation in one of these never serves again: a claim for it does not apply (`sessions._claim_problem`),
 and the whole-log fold lets go of the agent once it has been so for `retain` (so the two agree)."""
+
+
+def final_incarnation(state: AgentState | None, incarnation: int) -> TypeGuard[AgentState]:
+    """Whether an agent's state (None: not registered) says this incarnation is gone, dead or fenced."""
+    return state is not None and state.incarnation == incarnation and state.status in FINAL_AGENT_STATUSES
 
 
 class AgentState(msgspec.Struct, frozen=True, kw_only=True):

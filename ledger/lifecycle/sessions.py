@@ -24,11 +24,11 @@ from .agents import (
     A_DRAINING,
     A_FENCED,
     A_GONE,
-    FINAL_AGENT_STATUSES,
     AgentAt,
     AgentState,
     CurrentIncarnation,
     IncarnationAt,
+    final_incarnation,
     incarnation_problem,
 )
 from .anomalies import (
@@ -164,13 +164,13 @@ def claim_problem(state: SessionState | None, agent_id: str, incarnation: int, p
     claimer's (pool, platform, region) as registered by that incarnation; None, the caller vouches.
     """
     return _claim_problem(state, agent_id, incarnation, previous_token, current, lambda: owner, lambda: placement,
-                          lambda: NO_OWNER_STATE)
+                          lambda: None)
 
 
 def _claim_problem(state: SessionState | None, agent_id: str, incarnation: int, previous_token: int | None,
                    current: CurrentIncarnation | None, owner_of: Callable[[], Any],
                    placement_of_claimer: Callable[[], Placement | None],
-                   claimer_of: Callable[[], Any]) -> Anomaly | None:
+                   claimer_of: Callable[[], AgentState | None]) -> Anomaly | None:
     """`claim_problem`, asking for the owner's state, the claimer's placement and its state only when it needs them.
 
     The checks that need the session's state alone come first, then the owner's state (a take-over), then the
@@ -211,8 +211,7 @@ def _claim_problem(state: SessionState | None, agent_id: str, incarnation: int, 
                        f"{'/'.join(placement_of(state))}: only an agent of the session's own pool, platform and "
                        f"region may own it")
     claimer = claimer_of()
-    if (claimer is not NO_OWNER_STATE and claimer is not None and claimer.incarnation == incarnation
-            and claimer.status in FINAL_AGENT_STATUSES):
+    if final_incarnation(claimer, incarnation):
         return Anomaly(FINAL_CLAIMER,
                        f"claim for {agent_id} (incarnation {incarnation}), which is {claimer.status} since "
                        f"#{claimer.status_seq}: an incarnation gone, dead or fenced never serves a session again")
@@ -221,7 +220,7 @@ def _claim_problem(state: SessionState | None, agent_id: str, incarnation: int, 
 
 def owner_write_problem(state: SessionState | None, agent_id: str, incarnation: int, token: int | None,
                         current: CurrentIncarnation | None = None, what: str = "owner write",
-                        writer_of: Callable[[], Any] | None = None) -> Anomaly | None:
+                        writer_of: Callable[[], AgentState | None] | None = None) -> Anomaly | None:
     """Why an owner write (release, resource report, checkpoint) by `agent_id`/`incarnation` under `token` must not
     apply.
 
@@ -251,9 +250,8 @@ def owner_write_problem(state: SessionState | None, agent_id: str, incarnation: 
         problem = incarnation_problem(what, agent_id, incarnation, current(agent_id))
         if problem:
             return problem
-    writer = writer_of() if writer_of is not None else NO_OWNER_STATE
-    if (writer is not NO_OWNER_STATE and writer is not None and writer.incarnation == incarnation
-            and writer.status in FINAL_AGENT_STATUSES):
+    writer = writer_of() if writer_of is not None else None
+    if final_incarnation(writer, incarnation):
         # As for claims (FINAL_CLAIMER), and for the same reason: once the whole-log fold has let go of the owner,
         # it cannot apply the write, so no fold may (or the SDK sees it released, the projections assigned).
         return Anomaly(FINAL_OWNER, f"{what} by {agent_id} (incarnation {incarnation}), which is {writer.status} "
@@ -281,6 +279,12 @@ def session_event_problem(state: SessionState | None, rec: Recorded,
     if incarnation_at is not None:
         def current(agent_id: str) -> int | None:
             return incarnation_at(agent_id, seq)
+
+    def state_of(agent_id: str) -> Callable[[], AgentState | None]:
+        """The agent's state just before this event, asked only when the rule needs it (None: not told)."""
+        def at() -> AgentState | None:
+            return agent_at(agent_id, seq) if agent_at is not None else None
+        return at
     match e:
         case ev.SessionCreated():
             if state is not None:
@@ -301,18 +305,11 @@ def session_event_problem(state: SessionState | None, rec: Recorded,
                 return placement_of(claimer) if claimer is not None and claimer.incarnation == claim.incarnation \
                     else None
 
-            def claimer() -> Any:
-                return agent_at(claim.agent_id, seq) if agent_at is not None else NO_OWNER_STATE
-
             return _claim_problem(state, e.agent_id, e.incarnation, e.previous_token, current, owner, placement,
-                                  claimer)
+                                  state_of(e.agent_id))
         case ev.SessionReleased() | ev.SessionResourceReported() | ev.SessionCheckpointed():
-            writer = e
-
-            def writer_state() -> Any:
-                return agent_at(writer.agent_id, seq) if agent_at is not None else NO_OWNER_STATE
-
-            return owner_write_problem(state, e.agent_id, e.incarnation, e.token, current, e.type_tag(), writer_state)
+            return owner_write_problem(state, e.agent_id, e.incarnation, e.token, current, e.type_tag(),
+                                       state_of(e.agent_id))
     if state is None:
         return Anomaly(UNKNOWN_ENTITY, f"{e.type_tag()} for unknown session {e.entity_id}")
     if state.status == S_TERMINATED:
